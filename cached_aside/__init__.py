@@ -1,0 +1,35 @@
+"""cached_aside: the cache-aside pattern on Redis as one decorator."""
+
+from .decorator import CacheAside, cache_aside
+from .engine import CacheEngine, configure, default_engine
+from .errors import (
+    CachedAsideError,
+    CacheUnavailableError,
+    ConfigurationError,
+    KeyArgumentError,
+    KeyTemplateError,
+    UnstorableValueError,
+)
+from .flows import Source
+from .functions import AsyncCachedFunction, BoundCachedFunction, CachedFunction, CacheResult
+from .stats import StatsSnapshot
+
+__all__ = [
+    "AsyncCachedFunction",
+    "BoundCachedFunction",
+    "CacheAside",
+    "CacheEngine",
+    "CacheResult",
+    "CacheUnavailableError",
+    "CachedAsideError",
+    "CachedFunction",
+    "ConfigurationError",
+    "KeyArgumentError",
+    "KeyTemplateError",
+    "Source",
+    "StatsSnapshot",
+    "UnstorableValueError",
+    "cache_aside",
+    "configure",
+    "default_engine",
+]

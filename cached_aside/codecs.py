@@ -1,0 +1,171 @@
+"""How values are laid out in Redis: a hash per record, or one msgpack string.
+
+Each mode has a negative sentinel that no real value can be mistaken for, and a
+decoder that reports foreign or damaged data as CORRUPT instead of trusting it.
+No redis imports here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Final, Literal, Protocol
+
+import msgpack
+
+from .errors import UnstorableValueError
+
+
+class Found(enum.Enum):
+    """What a lookup found when it found no usable value."""
+
+    MISS = "miss"
+    NEGATIVE = "negative"
+    CORRUPT = "corrupt"
+
+
+# The reserved field of every hash record: the field count for a record, or "none"
+# for the negative sentinel. It lets an empty dict be stored and a record that lost
+# a field be recognised.
+META_FIELD: Final = "__cached_aside__"
+NEGATIVE_META: Final = "none"
+_META_FIELD_BYTES: Final = META_FIELD.encode()
+_NEGATIVE_META_BYTES: Final = NEGATIVE_META.encode()
+
+# 0xC1 is the one byte the msgpack format never uses, so no packed value starts with it.
+MSGPACK_NEGATIVE: Final = b"\xc1"
+
+RedisType = Literal["hash", "string"]
+
+
+class Codec(Protocol):
+    """One storage mode: the command that reads it and how values become Redis data."""
+
+    redis_type: RedisType
+    read_command: str
+
+    def decode(self, raw: Any) -> Any:
+        """A stored value, or a Found member when there is none to serve."""
+
+    def encode(self, value: Any, where: str) -> tuple[list[Any], Any]:
+        """Script payload for `value` and the value a caller receives on a hit."""
+
+    def negative_payload(self) -> list[Any]:
+        """Script payload of the negative sentinel."""
+
+    def copy(self, value: Any) -> Any:
+        """An independent copy, for callers that share one in-process load."""
+
+
+class HashCodec:
+    """Flat str -> str records in a Redis hash: fields readable with HGETALL."""
+
+    redis_type: RedisType = "hash"
+    read_command = "HGETALL"
+
+    def decode(self, raw: Any) -> Any:
+        if not raw:
+            return Found.MISS
+        if type(raw) is list:  # a Lua reply: HGETALL as a flat list
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        meta = raw.pop(_META_FIELD_BYTES, None)
+        if meta is None:
+            return Found.CORRUPT
+        if meta == _NEGATIVE_META_BYTES:
+            return Found.NEGATIVE if not raw else Found.CORRUPT
+        try:
+            record = {field.decode(): value.decode() for field, value in raw.items()}
+            complete = int(meta) == len(record)
+        except (ValueError, UnicodeDecodeError):
+            return Found.CORRUPT
+        return record if complete else Found.CORRUPT
+
+    def encode(self, value: Any, where: str) -> tuple[list[Any], Any]:
+        if not isinstance(value, Mapping):
+            raise UnstorableValueError(
+                f"{where}: as_hash=True needs the loader to return a mapping (or None), "
+                f"got {type(value).__name__}; return a dict or use as_hash=False for msgpack"
+            )
+        record = {}
+        for field, item in value.items():
+            record[check_field(field, where)] = field_text(field, item, where)
+        payload: list[Any] = [META_FIELD, len(record)]
+        for field, text in record.items():
+            payload += (field, text)
+        return payload, record
+
+    def negative_payload(self) -> list[Any]:
+        return [META_FIELD, NEGATIVE_META]
+
+    def copy(self, value: Any) -> Any:
+        return None if value is None else dict(value)
+
+
+def check_field(field: object, where: str) -> str:
+    """A hash field name must be text and must not be the reserved meta field."""
+    if not isinstance(field, str):
+        raise UnstorableValueError(
+            f"{where}: hash field names must be str, got {field!r}; convert the keys to str"
+        )
+    if field == META_FIELD:
+        raise UnstorableValueError(
+            f"{where}: field {META_FIELD!r} is reserved by cached_aside; rename it"
+        )
+    return field
+
+
+def field_text(field: str, item: object, where: str) -> str:
+    """Hash values are flat: str, int or float, stored and returned as str."""
+    kind = type(item)
+    if kind is str:
+        return item  # type: ignore[return-value]
+    if kind is int or kind is float:
+        return repr(item)
+    raise UnstorableValueError(
+        f"{where}: field {field!r} holds {kind.__name__} {item!r:.60}; as_hash=True stores "
+        "only str, int and float values (returned as str). Flatten or serialize that "
+        "field, or use as_hash=False to store the whole value with msgpack"
+    )
+
+
+class MsgpackCodec:
+    """Any msgpack-encodable value in one Redis string."""
+
+    redis_type: RedisType = "string"
+    read_command = "GET"
+
+    def decode(self, raw: Any) -> Any:
+        if raw is None:
+            return Found.MISS
+        if raw == MSGPACK_NEGATIVE:
+            return Found.NEGATIVE
+        try:
+            return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception:  # msgpack raises several unrelated types for bad input
+            return Found.CORRUPT
+
+    def encode(self, value: Any, where: str) -> tuple[list[Any], Any]:
+        try:
+            packed = msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnstorableValueError(
+                f"{where}: msgpack cannot encode the loader's result ({exc}); return "
+                "dicts, lists, str, bytes, int, float, bool and None only, e.g. convert "
+                "datetimes with .isoformat() and objects with a to_dict()"
+            ) from exc
+        # The caller gets what a later hit would give (tuples become lists).
+        return [packed], msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+    def negative_payload(self) -> list[Any]:
+        return [MSGPACK_NEGATIVE]
+
+    def copy(self, value: Any) -> Any:
+        if value is None or type(value) in (str, int, float, bool, bytes):
+            return value
+        return msgpack.unpackb(
+            msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=False
+        )
+
+
+HASH_CODEC: Final = HashCodec()
+MSGPACK_CODEC: Final = MsgpackCodec()

@@ -1,0 +1,105 @@
+"""cache_aside(): validate the options, compile the key template, pick the wrapper.
+
+Everything that can be wrong with a decoration is reported here, once, before the
+first call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, overload
+
+from .codecs import HASH_CODEC, MSGPACK_CODEC
+from .engine import CacheEngine
+from .errors import ConfigurationError
+from .flows import Plan
+from .functions import AsyncCachedFunction, CachedFunction
+from .keys import KeyTemplate
+from .options import Duration, build_options
+from .stats import Stats
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CacheAside:
+    """The decorator returned by `cache_aside(...)`; apply it to a loader."""
+
+    def __init__(self, key: str, engine: CacheEngine | None, **options: Any) -> None:
+        if not isinstance(key, str):
+            raise ConfigurationError(
+                f"key must be a template string like 'product:<id>', got {key!r}"
+            )
+        if engine is not None and not isinstance(engine, CacheEngine):
+            raise ConfigurationError(
+                f"engine must be a CacheEngine (or None for the default), got {engine!r}"
+            )
+        self._key = key
+        self._engine = engine
+        self._options = build_options(**options)
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]  # a coroutine function is also Callable[P, R]
+        self, loader: Callable[P, Coroutine[Any, Any, R]]
+    ) -> AsyncCachedFunction[P, R]: ...
+
+    @overload
+    def __call__(self, loader: Callable[P, R]) -> CachedFunction[P, R]: ...
+
+    def __call__(self, loader: Callable[P, Any]) -> Any:
+        if not callable(loader):
+            raise ConfigurationError(f"@cache_aside(...) decorates a function, got {loader!r}")
+        name = getattr(loader, "__qualname__", repr(loader))
+        if inspect.isgeneratorfunction(loader) or inspect.isasyncgenfunction(loader):
+            raise ConfigurationError(
+                f"{name} is a generator function; a generator cannot be cached. Return a "
+                "list instead"
+            )
+        template = KeyTemplate(self._key, loader)
+        codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
+        plan = Plan(name, codec, self._options, Stats(name))
+        if inspect.iscoroutinefunction(loader):
+            return AsyncCachedFunction(loader, template, plan, self._engine)
+        return CachedFunction(loader, template, plan, self._engine)
+
+
+def cache_aside(
+    *,
+    key: str,
+    ttl: Duration,
+    as_hash: bool = False,
+    negative_ttl: Duration | None = None,
+    lock_ttl: Duration | None = None,
+    engine: CacheEngine | None = None,
+    fail_open: bool = True,
+) -> CacheAside:
+    """Cache a loader's results in Redis with the cache-aside pattern.
+
+    Args:
+        key: the entry's name, with `<param>` placeholders naming the loader's
+            parameters, e.g. "user:<user_id>:orders:<page>". Parameters left out are
+            not part of the identity (a db session, say).
+        ttl: how long a value lives, in seconds (int/float) or a timedelta; > 0.
+        as_hash: store a flat mapping as a Redis hash (values come back as str)
+            instead of one msgpack string.
+        negative_ttl: how long a None result is remembered; default 20% of ttl,
+            at most 60 s; 0 turns negative caching off.
+        lock_ttl: lifetime of the single-flight lock; must exceed the slowest load.
+            Default 10 s.
+        engine: the CacheEngine to use; default: the one set by `configure()`.
+        fail_open: when Redis fails, call the loader (True) or raise
+            CacheUnavailableError (False).
+
+    Raises:
+        ConfigurationError: an option is invalid; KeyTemplateError for the key.
+    """
+    return CacheAside(
+        key,
+        engine,
+        ttl=ttl,
+        as_hash=as_hash,
+        negative_ttl=negative_ttl,
+        lock_ttl=lock_ttl,
+        fail_open=fail_open,
+    )

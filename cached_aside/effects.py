@@ -1,0 +1,52 @@
+"""What a flow asks its driver to do, and what the driver throws back into it.
+
+Flows yield these and receive the result; drivers perform them with real clients.
+No redis, asyncio or time imports here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .scripts import ScriptName
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Send one Redis command; the reply comes back parsed by redis-py."""
+
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunScript:
+    """Run a Lua script by name (EVALSHA, reloaded by redis-py after a flush)."""
+
+    script: ScriptName
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+
+class Signal(enum.Enum):
+    """Effects without parameters."""
+
+    LOAD = "load"  # call the user's loader with the call's arguments
+    SEAL = "seal"  # later callers in this process must not join this call any more
+
+
+Effect = Command | RunScript | Signal
+Flow = Generator[Effect, Any, T]
+
+
+class CommandFailed(Exception):
+    """Thrown into a flow when Redis failed to answer; `cause` is redis-py's exception."""
+
+    def __init__(self, cause: BaseException, *, wrong_type: bool) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+        self.wrong_type = wrong_type  # the key holds another Redis type: data, not outage

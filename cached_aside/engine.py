@@ -1,0 +1,326 @@
+"""CacheEngine: the Redis clients, key prefix, in-process flights and stats shared
+by every decorated function; and the process-wide default engine.
+
+Clients are created lazily. An engine built from a URL serves sync and async
+loaders alike, with one redis.asyncio client per event loop (an asyncio client
+cannot cross loops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import ConfigurationError
+from .flights import TaskFlights, ThreadFlights
+from .keys import validate_prefix
+from .scripts import ScriptName
+from .stats import Stats, StatsSnapshot
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
+DEFAULT_PREFIX = "cache"
+DEFAULT_SOCKET_TIMEOUT = 1.0
+DEFAULT_CONNECT_TIMEOUT = 0.5
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_POOL_TIMEOUT = 5.0
+# Without a socket timeout a waiter still wakes up this often to look again.
+DEFAULT_BLOCK_LIMIT_MS = 1000
+
+
+@dataclass(slots=True)
+class SyncSide:
+    """What a sync call needs: the client, its scripts, the thread flights."""
+
+    client: Any
+    scripts: Mapping[ScriptName, Any]
+    flights: ThreadFlights
+    block_limit_ms: int
+
+
+@dataclass(slots=True)
+class AsyncSide:
+    """What an async call needs in one event loop."""
+
+    client: Any
+    scripts: Mapping[ScriptName, Any]
+    flights: TaskFlights = field(default_factory=TaskFlights)
+    block_limit_ms: int = DEFAULT_BLOCK_LIMIT_MS
+
+
+def url_from_environment() -> str:
+    """CACHED_ASIDE_REDIS_URL, else REDIS_URL, else the local default."""
+    for name in URL_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return DEFAULT_URL
+
+
+def _connection_kwargs(client: Any, role: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(getattr(client, "get_connection_kwargs", dict)())
+    if kwargs.get("decode_responses"):
+        raise ConfigurationError(
+            f"the {role} was created with decode_responses=True; cached_aside needs raw "
+            "bytes (msgpack values are binary). Pass a client without decode_responses"
+        )
+    return kwargs
+
+
+def _block_limit_ms(connection_kwargs: Mapping[str, Any]) -> int:
+    """Longest BLPOP a waiter may issue: well inside the client's socket timeout."""
+    timeout = connection_kwargs.get("socket_timeout")
+    if not timeout:
+        return DEFAULT_BLOCK_LIMIT_MS
+    return max(1, min(DEFAULT_BLOCK_LIMIT_MS, int(timeout * 500)))
+
+
+class CacheEngine:
+    """Redis clients, a key prefix and shared state for many decorated functions.
+
+    Args:
+        client: a `redis.Redis` for sync loaders (raw bytes, no decode_responses).
+        async_client: a `redis.asyncio.Redis` for async loaders.
+        prefix: the first part of every key, e.g. "cache" gives `cache:{product:p-001}`.
+
+    Either client may be omitted; calling a loader of the missing kind raises
+    ConfigurationError. Use `CacheEngine.from_url` to get both, created lazily.
+    """
+
+    def __init__(
+        self, client: Any = None, async_client: Any = None, *, prefix: str = DEFAULT_PREFIX
+    ) -> None:
+        self.prefix = validate_prefix(prefix)
+        self._value_key_head = f"{prefix}:{{"
+        self._lock = threading.Lock()
+        self._make_client: Callable[[], Any] | None = None
+        self._make_async_client: Callable[[], Any] | None = None
+        self._owns_clients = False
+        self._sync: SyncSide | None = None
+        self._given_async: AsyncSide | None = None
+        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncSide]
+        self._async_by_loop = weakref.WeakKeyDictionary()
+        self._last_async: tuple[object, AsyncSide | None] = (None, None)
+        self._stats: list[Stats] = []
+        if client is not None:
+            self._sync = self._sync_side(client)
+        if async_client is not None:
+            self._given_async = self._async_side(async_client)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        **client_options: Any,
+    ) -> CacheEngine:
+        """An engine whose sync and async clients are made from `url` on first use.
+
+        Pools block up to `pool_timeout` seconds for a free connection instead of
+        failing, so 500 concurrent tasks queue for `max_connections` connections.
+        `client_options` go to redis-py's pool (e.g. `username`, `ssl_ca_certs`).
+        """
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigurationError(f"url must look like redis://host:6379/0, got {url!r}")
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("socket_connect_timeout", socket_connect_timeout),
+            ("pool_timeout", pool_timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(
+                    f"{name} must be a positive number of seconds, got {value!r}"
+                )
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise ConfigurationError(
+                f"max_connections must be a positive int, got {max_connections!r}"
+            )
+        if client_options.get("decode_responses"):
+            raise ConfigurationError("decode_responses must stay off: cached_aside reads raw bytes")
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": pool_timeout,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+            # One immediate retry heals a pooled connection the server closed (a restart);
+            # redis-py's default backs off for seconds, which a cache must not do.
+            "retry": Retry(NoBackoff(), 1),
+            **client_options,
+        }
+        engine = cls(prefix=prefix)
+        engine._owns_clients = True
+        engine._make_client = lambda: redis.Redis.from_pool(
+            redis.BlockingConnectionPool.from_url(url, **options)
+        )
+        engine._make_async_client = lambda: redis.asyncio.Redis.from_pool(
+            redis.asyncio.BlockingConnectionPool.from_url(url, **options)
+        )
+        return engine
+
+    # -- what the wrappers use -------------------------------------------------
+
+    def value_key(self, rendered: str) -> str:
+        """The Redis key of an entry: `<prefix>:{<rendered template>}`."""
+        return f"{self._value_key_head}{rendered}}}"
+
+    def sync_side(self) -> SyncSide:
+        side = self._sync
+        if side is not None:
+            return side
+        if self._make_client is None:
+            raise ConfigurationError(
+                "this CacheEngine has no sync client; pass client=redis.Redis(...) or use "
+                "CacheEngine.from_url(...) to call plain (non-async) functions"
+            )
+        with self._lock:
+            if self._sync is None:
+                self._sync = self._sync_side(self._make_client())
+            return self._sync
+
+    def async_side(self) -> AsyncSide:
+        if self._given_async is not None:
+            return self._given_async
+        loop = asyncio.get_running_loop()
+        last_loop, side = self._last_async
+        if last_loop is loop and side is not None:
+            return side
+        side = self._async_by_loop.get(loop)
+        if side is None:
+            if self._make_async_client is None:
+                raise ConfigurationError(
+                    "this CacheEngine has no async client; pass async_client="
+                    "redis.asyncio.Redis(...) or use CacheEngine.from_url(...) to call "
+                    "async functions"
+                )
+            side = self._async_by_loop[loop] = self._async_side(self._make_async_client())
+        self._last_async = (loop, side)
+        return side
+
+    def register(self, stats: Stats) -> None:
+        """Include a function's counters in `engine.stats()`."""
+        with self._lock:
+            self._stats.append(stats)
+
+    # -- for users -------------------------------------------------------------
+
+    def stats(self) -> StatsSnapshot:
+        """Counters summed over every function using this engine."""
+        total = StatsSnapshot()
+        for stats in list(self._stats):
+            total += stats.snapshot()
+        return total
+
+    def function_stats(self) -> dict[str, StatsSnapshot]:
+        """Counters per function, by qualified name."""
+        return {stats.name: stats.snapshot() for stats in list(self._stats)}
+
+    def reset_stats(self) -> None:
+        for stats in list(self._stats):
+            stats.reset()
+
+    def close(self) -> None:
+        """Close the sync client's connections, if this engine created the client."""
+        if self._owns_clients and self._sync is not None:
+            self._sync.client.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        """Close this event loop's async client (and the sync one) if the engine made them."""
+        self.close()
+        if not self._owns_clients:
+            return
+        loop = asyncio.get_running_loop()
+        side = self._async_by_loop.pop(loop, None)
+        self._last_async = (None, None)
+        if side is not None:
+            await side.client.aclose()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> CacheEngine:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"CacheEngine(prefix={self.prefix!r})"
+
+    @staticmethod
+    def _sync_side(client: Any) -> SyncSide:
+        kwargs = _connection_kwargs(client, "client")
+        scripts = {name: client.register_script(name.value) for name in ScriptName}
+        return SyncSide(client, scripts, ThreadFlights(), _block_limit_ms(kwargs))
+
+    @staticmethod
+    def _async_side(client: Any) -> AsyncSide:
+        kwargs = _connection_kwargs(client, "async_client")
+        scripts = {name: client.register_script(name.value) for name in ScriptName}
+        return AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs))
+
+
+_default_engine: CacheEngine | None = None
+_default_lock = threading.Lock()
+
+
+def configure(
+    url: str | None = None,
+    *,
+    client: Any = None,
+    async_client: Any = None,
+    prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> CacheEngine:
+    """Set the default engine used by functions decorated without `engine=`.
+
+    Give a `url` (options as for `CacheEngine.from_url`), or ready clients. Without
+    any, the URL comes from CACHED_ASIDE_REDIS_URL, else REDIS_URL, else
+    redis://127.0.0.1:6379/0. Returns the new engine.
+    """
+    global _default_engine
+    if client is not None or async_client is not None:
+        if url is not None or options:
+            raise ConfigurationError("give either url (with options) or clients, not both")
+        engine = CacheEngine(client, async_client, prefix=prefix)
+    else:
+        engine = CacheEngine.from_url(url or url_from_environment(), prefix=prefix, **options)
+    with _default_lock:
+        _default_engine = engine
+    return engine
+
+
+def default_engine() -> CacheEngine:
+    """The engine set by `configure()`, created from the environment on first use."""
+    global _default_engine
+    engine = _default_engine
+    if engine is not None:
+        return engine
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine = CacheEngine.from_url(url_from_environment())
+        return _default_engine

@@ -1,0 +1,219 @@
+"""The cache-aside algorithm, written once as generators that yield effects.
+
+A driver performs each effect and sends the result back, or throws the failure in,
+so sync and async callers run the very same steps and lock release lives in one
+place. No redis, asyncio or time imports here.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
+from .effects import Command, CommandFailed, Flow, RunScript, Signal
+from .errors import CacheUnavailableError, ConfigurationError, UnstorableValueError
+from .keys import EntryKeys, entry_keys
+from .options import Options
+from .scripts import AcquireStatus, ScriptName
+from .stats import Stats
+
+RELEASE_ONLY = "release"
+# A waiter never blocks for less than this, so a lock about to expire is not polled hot.
+MIN_WAIT_MS = 5
+
+
+class Source(str, enum.Enum):
+    """Where a caller's value came from."""
+
+    CACHE = "cache"  # a cached value
+    NEGATIVE = "negative"  # a cached "no such record"
+    LOADER = "loader"  # this call ran the loader
+    WAITED = "waited"  # another caller's load, waited for
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the flows need to know about one decorated function."""
+
+    name: str
+    codec: Codec
+    options: Options
+    stats: Stats
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A flow's answer. lease_kept is False when an invalidation revoked the load's lease."""
+
+    value: Any
+    source: Source
+    lease_kept: bool = True
+
+
+def read_through(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
+    """Serve a call: one read on a hit; on a miss, load once under the lock and store."""
+    try:
+        raw = yield Command((plan.codec.read_command, key))
+        found = plan.codec.decode(raw)
+    except CommandFailed as failure:
+        if not failure.wrong_type:
+            return (yield from _load_uncached(plan, key, failure))
+        found = Found.CORRUPT
+    if type(found) is not Found:
+        plan.stats.hit()
+        return Served(found, Source.CACHE)
+    if found is Found.NEGATIVE:
+        plan.stats.negative_hit()
+        return Served(None, Source.NEGATIVE)
+    return (yield from _miss(plan, key, found is Found.CORRUPT, block_limit_ms))
+
+
+def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Served]:
+    codec, options, stats = plan.codec, plan.options, plan.stats
+    keys = entry_keys(key)
+    token = os.urandom(16).hex()
+    waited = False
+    if corrupt:
+        stats.corrupt(key)
+    while True:
+        try:
+            # Look up and lock in one step: a caller that missed just before another
+            # stored the value finds it here instead of loading a second time.
+            reply = yield RunScript(
+                ScriptName.ACQUIRE,
+                keys[:3],
+                (token, options.lock_ttl_ms, codec.redis_type, "1" if corrupt else "0"),
+            )
+        except CommandFailed as failure:
+            return (yield from _load_uncached(plan, key, failure))
+        status = reply[0]
+        if status == AcquireStatus.OWNED:
+            stats.miss()
+            return (yield from _load_and_store(plan, keys, token))
+        if status == AcquireStatus.FOUND:
+            found = codec.decode(reply[1])
+            if found is Found.CORRUPT or found is Found.MISS:
+                if not corrupt:
+                    stats.corrupt(key)
+                corrupt = True
+                continue
+            value = None if found is Found.NEGATIVE else found
+            if waited:
+                stats.miss(suppressed=True)
+                return Served(value, Source.WAITED)
+            if value is None:
+                stats.negative_hit()
+                return Served(None, Source.NEGATIVE)
+            stats.hit()
+            return Served(value, Source.CACHE)
+        waited = True
+        corrupt = False  # the owner's store replaces whatever was there
+        # Block until the owner's store pushes a token, or until its lock would have
+        # expired (it may have died), then look again.
+        wait_ms = min(max(int(reply[1]), MIN_WAIT_MS), block_limit_ms)
+        try:
+            yield Command(("BLPOP", keys.wake, f"{wait_ms / 1000:.3f}"))
+        except CommandFailed as failure:
+            return (yield from _load_uncached(plan, key, failure))
+
+
+def _load_and_store(plan: Plan, keys: EntryKeys, token: str) -> Flow[Served]:
+    codec, options = plan.codec, plan.options
+    plan.stats.load()
+    try:
+        value = yield Signal.LOAD
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield from _release(plan, keys, token)
+        raise
+    kind: str
+    if value is None:
+        result = None
+        if options.negative_ttl_ms:
+            kind, ttl_ms, payload = (
+                codec.redis_type,
+                options.negative_ttl_ms,
+                codec.negative_payload(),
+            )
+        else:
+            kind, ttl_ms, payload = RELEASE_ONLY, 0, []
+    else:
+        try:
+            payload, result = codec.encode(value, f"{plan.name} (key {keys.value!r})")
+        except UnstorableValueError:
+            yield from _release(plan, keys, token)
+            raise
+        kind, ttl_ms = codec.redis_type, options.ttl_ms
+    # From here on, callers in this process start their own read instead of joining
+    # this one, so none of them is handed a value stored before its call began.
+    yield Signal.SEAL
+    try:
+        stored = yield RunScript(
+            ScriptName.STORE, keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
+        )
+    except CommandFailed as failure:
+        _tolerate(plan, keys.value, failure)
+        return Served(result, Source.LOADER)
+    return Served(result, Source.LOADER, lease_kept=bool(stored))
+
+
+def _release(plan: Plan, keys: EntryKeys, token: str) -> Flow[None]:
+    try:
+        yield RunScript(ScriptName.STORE, keys, (token, RELEASE_ONLY, 0, plan.options.lock_ttl_ms))
+    except CommandFailed as failure:
+        plan.stats.error(keys.value, failure)  # the lock's ttl frees it anyway
+
+
+def _load_uncached(plan: Plan, key: str, failure: CommandFailed) -> Flow[Served]:
+    """Fail open: Redis is unusable, so the loader answers and nothing is cached."""
+    _tolerate(plan, key, failure)
+    plan.stats.miss()
+    plan.stats.load()
+    value = yield Signal.LOAD
+    if value is None:
+        return Served(None, Source.LOADER, lease_kept=False)
+    _, result = plan.codec.encode(value, f"{plan.name} (key {key!r})")
+    return Served(result, Source.LOADER, lease_kept=False)
+
+
+def _tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
+    plan.stats.error(key, failure)
+    if not plan.options.fail_open:
+        raise CacheUnavailableError(
+            f"{plan.name}: Redis failed for {key!r} ({failure}) and fail_open=False"
+        ) from failure.cause
+
+
+def invalidate(plan: Plan, key: str) -> Flow[bool]:
+    """Delete an entry and revoke any load in flight, so its older result is refused."""
+    try:
+        existed = yield RunScript(
+            ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,)
+        )
+    except CommandFailed as failure:
+        _tolerate(plan, key, failure)
+        return False
+    return bool(existed)
+
+
+def update_field(plan: Plan, key: str, field: object, value: object) -> Flow[bool]:
+    """Set one field of a cached record and refresh its ttl, only if a record is cached."""
+    if not isinstance(plan.codec, HashCodec):
+        raise ConfigurationError(
+            f"{plan.name}.update_field needs as_hash=True; with msgpack storage call "
+            f"{plan.name}.invalidate(...) after the write instead"
+        )
+    where = f"{plan.name}.update_field (key {key!r})"
+    text = field_text(check_field(field, where), value, where)
+    try:
+        updated = yield RunScript(
+            ScriptName.UPDATE_FIELD, (key,), (META_FIELD, field, text, plan.options.ttl_ms)
+        )
+    except CommandFailed as failure:
+        _tolerate(plan, key, failure)
+        return False
+    return bool(updated)

@@ -1,0 +1,210 @@
+"""Key templates, compiled once at decoration time and rendered per call.
+
+Rules that keep keys apart: every argument is escaped so it can never contain ':',
+'{', '}' or '#'; a string that looks like a number, bool or None gets its first
+character escaped, so "1" and 1 never share an entry; adjacent placeholders need a
+separator that arguments cannot contain. Every key of one entry shares one hash tag
+(the braces), so a Lua script touching them stays in one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+from urllib.parse import quote
+
+from .errors import ConfigurationError, KeyArgumentError, KeyTemplateError
+
+LOCK_SUFFIX = "lock"
+WAITERS_SUFFIX = "waiters"
+WAKE_SUFFIX = "wake"
+
+# Rendered keys longer than this are shortened to a readable head plus a digest.
+MAX_RENDERED_LENGTH = 256
+KEPT_HEAD_LENGTH = 200
+DIGEST_SEPARATOR = "#"
+
+_PLACEHOLDER = re.compile(r"<([^<>]*)>")
+# Characters an escaped argument may contain: exactly what urllib's quote() leaves alone.
+_UNESCAPED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+# Texts that other types render to; a string equal to one of them is escaped further.
+_TYPED_LOOKING = re.compile(
+    r"-?(?:[0-9]+(?:\.[0-9]+)?(?:e-[0-9]+)?|inf|nan)|True|False|None|0x[0-9a-f]*"
+).fullmatch
+_FORBIDDEN_IN_TEMPLATE = frozenset("{}<>#")
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class EntryKeys(NamedTuple):
+    """The Redis keys of one cache entry; only `value` is touched on a hit."""
+
+    value: str
+    lock: str
+    waiters: str
+    wake: str
+
+
+def entry_keys(value_key: str) -> EntryKeys:
+    """Derive the internal keys of an entry; they end in a suffix, value keys end in '}'."""
+    return EntryKeys(
+        value_key,
+        f"{value_key}:{LOCK_SUFFIX}",
+        f"{value_key}:{WAITERS_SUFFIX}",
+        f"{value_key}:{WAKE_SUFFIX}",
+    )
+
+
+def validate_prefix(prefix: object) -> str:
+    """Check an engine's key prefix: non-empty text free of hash-tag braces and spaces."""
+    if not isinstance(prefix, str) or not prefix:
+        raise ConfigurationError(f"prefix must be a non-empty string, got {prefix!r}")
+    bad = sorted({c for c in prefix if c in "{}" or c.isspace() or not c.isprintable()})
+    if bad:
+        raise ConfigurationError(
+            f"prefix {prefix!r} contains {bad!r}; use letters, digits and ':' '-' '_' '.'"
+        )
+    return prefix
+
+
+def _escape_text(text: str) -> str:
+    if _UNESCAPED(text) is None:
+        text = quote(text, safe="")
+    if _TYPED_LOOKING(text) is not None:
+        text = f"%{ord(text[0]):02X}{text[1:]}"
+    return text
+
+
+def render_argument(value: object) -> str:
+    """Turn one argument value into key text; equal inputs of one type give equal text."""
+    kind = type(value)
+    if kind is str:
+        return _escape_text(value)  # type: ignore[arg-type]
+    if kind is int:
+        return str(value)
+    if value is None or kind is bool:
+        return repr(value)
+    if kind is float:
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return render_argument(value.value)
+    if isinstance(value, bool | int | float | str):
+        return render_argument(kind.__mro__[1](value) if kind is not bool else bool(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "0x" + bytes(value).hex()
+    if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+        raise KeyArgumentError(
+            f"cannot build a cache key from {kind.__qualname__} instance {value!r}: its text "
+            "holds a memory address, so equal calls would never share an entry. Give the "
+            "class a __str__ that names its identity, or pass an id instead"
+        )
+    text = str(value)
+    if _MEMORY_ADDRESS.search(text):
+        raise KeyArgumentError(
+            f"cannot build a cache key from {text!r}: it contains a memory address, so "
+            "equal calls would never share an entry. Pass plain ids or give the objects a "
+            "__str__ that names their identity"
+        )
+    return _escape_text(text)
+
+
+def shorten(rendered: str) -> str:
+    """Bound a rendered key's length, keeping its readable head and adding a digest."""
+    if len(rendered) <= MAX_RENDERED_LENGTH:
+        return rendered
+    digest = hashlib.sha256(rendered.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{rendered[:KEPT_HEAD_LENGTH]}{DIGEST_SEPARATOR}{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    name: str
+    position: int | None  # index in positional arguments, None for keyword-only
+    default: Any
+
+
+class KeyTemplate:
+    """A compiled key template bound to one loader's signature."""
+
+    __slots__ = ("_fast_arity", "_format", "_signature", "_slots", "text")
+
+    def __init__(self, text: object, function: Callable[..., Any]) -> None:
+        name = getattr(function, "__qualname__", repr(function))
+        if not isinstance(text, str) or not text:
+            raise KeyTemplateError(f"key for {name} must be a non-empty string, got {text!r}")
+        self.text = text
+        self._signature = inspect.signature(function)
+        parameters = self._signature.parameters
+        literals = _PLACEHOLDER.split(text)[0::2]
+        names = _PLACEHOLDER.findall(text)
+        _check_literals(text, name, literals, names)
+        positional = [
+            p.name
+            for p in parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        slots = []
+        for placeholder in names:
+            parameter = parameters.get(placeholder)
+            if parameter is None or parameter.kind in (
+                parameter.VAR_POSITIONAL,
+                parameter.VAR_KEYWORD,
+            ):
+                raise KeyTemplateError(
+                    f"key {text!r} of {name} names <{placeholder}>, which is not a named "
+                    f"parameter of {name}{self._signature}; use one of "
+                    f"{', '.join(f'<{p}>' for p in _named(parameters)) or '(none)'}"
+                )
+            position = positional.index(placeholder) if placeholder in positional else None
+            slots.append(_Slot(placeholder, position, parameter.default))
+        self._slots = tuple(slots)
+        self._format = "{}".join(literals)
+        required_keyword_only = any(
+            p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters.values()
+        )
+        all_positional = all(slot.position is not None for slot in slots)
+        # Calls that pass exactly the positional parameters skip inspect's binding.
+        self._fast_arity = -1 if required_keyword_only or not all_positional else len(positional)
+
+    def render(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        """Render the key text (without prefix) for one call's arguments."""
+        if not kwargs and len(args) == self._fast_arity:
+            values = [args[slot.position] for slot in self._slots]  # type: ignore[index]
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            values = [arguments[slot.name] for slot in self._slots]
+        return shorten(self._format.format(*map(render_argument, values)))
+
+
+def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:
+    return [p.name for p in parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _check_literals(text: str, name: str, literals: list[str], names: list[str]) -> None:
+    for literal in literals:
+        bad = sorted({c for c in literal if c in _FORBIDDEN_IN_TEMPLATE or not c.isprintable()})
+        if bad:
+            raise KeyTemplateError(
+                f"key {text!r} of {name} contains {bad!r} outside a placeholder; "
+                "placeholders are written <param>, and '{' '}' '#' are reserved for the "
+                "engine's hash tags and digests"
+            )
+    for placeholder in names:
+        if not placeholder.isidentifier():
+            raise KeyTemplateError(
+                f"key {text!r} of {name} has placeholder <{placeholder}>; "
+                "a placeholder must be a parameter name such as <id>"
+            )
+    for index, separator in enumerate(literals[1:-1], start=1):
+        if _UNESCAPED(separator) is not None:
+            raise KeyTemplateError(
+                f"key {text!r} of {name}: <{names[index - 1]}> and <{names[index]}> need a "
+                f"separator such as ':' or '/' between them (got {separator!r}), otherwise "
+                "different arguments could render the same key"
+            )

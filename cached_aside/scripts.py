@@ -1,0 +1,122 @@
+"""The Lua scripts, with their KEYS/ARGV contracts.
+
+Scripts receive keys and arguments only; their text is constant. Every key a script
+touches belongs to one entry and shares its hash tag, so each script stays in one
+Redis Cluster slot. The wake-up fragment is shared text, not a separate script,
+because EVAL scripts cannot call each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+# Wake every caller counted as waiting: one token each on the wake-up list, which
+# expires so tokens nobody collected cannot pile up.
+_WAKE_WAITERS: Final = """
+local function wake_waiters(waiters_key, wake_key, wake_ttl_ms)
+  local waiting = tonumber(redis.call('GET', waiters_key) or '0')
+  redis.call('DEL', waiters_key)
+  if waiting > 0 then
+    local tokens = {}
+    for i = 1, math.min(waiting, 1000) do tokens[i] = '1' end
+    redis.call('RPUSH', wake_key, unpack(tokens))
+    redis.call('PEXPIRE', wake_key, wake_ttl_ms)
+  end
+end
+"""
+
+ACQUIRE: Final = """
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters counter
+-- ARGV[1] lock token, ARGV[2] lock ttl (ms), ARGV[3] expected type of the value
+-- ('hash' or 'string'), ARGV[4] '1' to ignore a cached value (it was corrupt)
+-- returns {1, value} when a value of the expected type is cached (HGETALL pairs or
+-- GET bytes); {0} when the caller now holds the lock and must load; {2, pttl} when
+-- another caller holds it: this caller is counted as a waiter and should wait for
+-- a token on the wake-up list for at most pttl ms.
+if ARGV[4] ~= '1' then
+  local kind = redis.call('TYPE', KEYS[1]).ok
+  if kind == ARGV[3] then
+    if kind == 'hash' then return {1, redis.call('HGETALL', KEYS[1])} end
+    return {1, redis.call('GET', KEYS[1])}
+  end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return {2, redis.call('PTTL', KEYS[2])}
+"""
+
+STORE: Final = (
+    _WAKE_WAITERS
+    + """
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters counter, KEYS[4] wake-up list
+-- ARGV[1] lock token, ARGV[2] what to do: 'string' or 'hash' to write, 'release' to
+-- only give up the lock, ARGV[3] value ttl (ms), ARGV[4] wake-up list ttl (ms),
+-- ARGV[5..] the payload: one string, or field/value pairs
+-- returns 1 if the caller still held the lock (value written, waiters woken), 0 if
+-- its lease was revoked by an invalidation or expiry: nothing is written, so a value
+-- loaded before an invalidation can never be stored after it.
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[2] == 'string' then
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[3])
+elseif ARGV[2] == 'hash' then
+  redis.call('DEL', KEYS[1])
+  -- in chunks: unpack() of a very large table overflows Lua's stack
+  for first = 5, #ARGV, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('DEL', KEYS[2])
+wake_waiters(KEYS[3], KEYS[4], ARGV[4])
+return 1
+"""
+)
+
+INVALIDATE: Final = (
+    _WAKE_WAITERS
+    + """
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters counter, KEYS[4] wake-up list
+-- ARGV[1] wake-up list ttl (ms)
+-- returns 1 if a value or negative sentinel was deleted, else 0. Deleting the lock
+-- revokes the lease of any load in flight, so its (older) result is refused; the
+-- woken waiters look again and one of them loads afresh.
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+wake_waiters(KEYS[3], KEYS[4], ARGV[1])
+return existed
+"""
+)
+
+UPDATE_FIELD: Final = """
+-- KEYS[1] value key
+-- ARGV[1] the reserved meta field, ARGV[2] field, ARGV[3] value, ARGV[4] ttl (ms)
+-- returns 1 if a cached record was updated and its ttl refreshed; 0 if nothing, a
+-- negative sentinel or foreign data is cached: no partial record is ever created.
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
+local count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if not count then return 0 end
+if redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], count + 1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+class ScriptName(enum.Enum):
+    """The scripts a flow can ask a driver to run."""
+
+    ACQUIRE = ACQUIRE
+    STORE = STORE
+    INVALIDATE = INVALIDATE
+    UPDATE_FIELD = UPDATE_FIELD
+
+
+class AcquireStatus(enum.IntEnum):
+    """First element of ACQUIRE's reply."""
+
+    OWNED = 0
+    FOUND = 1
+    HELD = 2

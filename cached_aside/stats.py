@@ -1,0 +1,115 @@
+"""Hit/miss accounting per decorated function, and burst-limited error logging.
+
+Counters are guarded by a lock because threads share them; an uncontended lock
+costs less than a tenth of a microsecond, far below one Redis round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+logger = logging.getLogger("cached_aside")
+
+# While errors keep coming, one log line per this many seconds summarises them.
+ERROR_LOG_INTERVAL_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Counters at one moment. hit_rate_pct counts negative hits as hits."""
+
+    hits: int = 0
+    misses: int = 0
+    negative_hits: int = 0
+    loads: int = 0
+    stampedes_suppressed: int = 0
+    errors: int = 0
+    corrupt: int = 0
+
+    @property
+    def hit_rate_pct(self) -> float:
+        served = self.hits + self.negative_hits
+        total = served + self.misses
+        return round(100.0 * served / total, 2) if total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "hit_rate_pct": self.hit_rate_pct}
+
+    def __add__(self, other: StatsSnapshot) -> StatsSnapshot:
+        mine, theirs = asdict(self), asdict(other)
+        return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})
+
+
+class Stats:
+    """Live counters of one decorated function."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._negative_hits = self._loads = 0
+        self._suppressed = self._errors = self._corrupt = 0
+        self._unlogged_errors = 0
+        self._last_error_log = float("-inf")
+
+    def hit(self) -> None:
+        with self._lock:
+            self._hits += 1
+
+    def negative_hit(self) -> None:
+        with self._lock:
+            self._negative_hits += 1
+
+    def miss(self, *, suppressed: bool = False) -> None:
+        with self._lock:
+            self._misses += 1
+            self._suppressed += suppressed
+
+    def load(self) -> None:
+        with self._lock:
+            self._loads += 1
+
+    def corrupt(self, key: str) -> None:
+        with self._lock:
+            self._corrupt += 1
+        logger.warning(
+            "%s: foreign or damaged data at %r; treated as a miss and rewritten", self.name, key
+        )
+
+    def error(self, key: str, failure: BaseException) -> None:
+        """Count a Redis failure; log the first of a burst and then a summary per interval."""
+        now = time.monotonic()
+        with self._lock:
+            self._errors += 1
+            self._unlogged_errors += 1
+            if now - self._last_error_log < ERROR_LOG_INTERVAL_SECONDS:
+                return
+            count, self._unlogged_errors = self._unlogged_errors, 0
+            self._last_error_log = now
+        logger.warning(
+            "%s: Redis failed at %r (%s); %d error(s) since the last report, "
+            "serving from the loader",
+            self.name,
+            key,
+            failure,
+            count,
+        )
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            return StatsSnapshot(
+                hits=self._hits,
+                misses=self._misses,
+                negative_hits=self._negative_hits,
+                loads=self._loads,
+                stampedes_suppressed=self._suppressed,
+                errors=self._errors,
+                corrupt=self._corrupt,
+            )
+
+    def reset(self) -> None:
+        with self._lock:
+            self._hits = self._misses = self._negative_hits = self._loads = 0
+            self._suppressed = self._errors = self._corrupt = 0
