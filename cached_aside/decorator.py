@@ -50,7 +50,7 @@ class CacheAside:
     def __call__(self, loader: Callable[P, Any]) -> Any:
         if not callable(loader):
             raise ConfigurationError(f"@cache_aside(...) decorates a function, got {loader!r}")
-        name = getattr(loader, "__qualname__", repr(loader))
+        name = getattr(loader, "__qualname__", None) or type(loader).__qualname__
         if inspect.isgeneratorfunction(loader) or inspect.isasyncgenfunction(loader):
             raise ConfigurationError(
                 f"{name} is a generator function; a generator cannot be cached. Return a "

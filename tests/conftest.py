@@ -1,0 +1,120 @@
+"""Shared fixtures: a harness that runs one scenario in sync and async mode against
+real Redis (when reachable) and fakeredis, under a random key prefix per test."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio
+
+from cached_aside import CacheEngine, cache_aside
+
+
+def reachable_redis_url() -> str | None:
+    """REDIS_URL if set, else the local server if it answers, else None."""
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        client.ping()
+        client.close()
+    except redis.RedisError:
+        return None
+    return url
+
+
+REDIS_URL = reachable_redis_url()
+needs_real_redis = pytest.mark.skipif(
+    REDIS_URL is None, reason="no Redis server reachable at REDIS_URL or 127.0.0.1:6379"
+)
+
+
+def unique_prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    """Remove a test's keys; never FLUSHALL a server the test did not start."""
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.unlink(*keys)
+
+
+class Harness:
+    """Runs one scenario against a sync or an async engine, the same code for both."""
+
+    def __init__(self, mode: str, backend: str, engine: CacheEngine, raw: redis.Redis) -> None:
+        self.mode = mode
+        self.backend = backend
+        self.engine = engine
+        self.raw = raw  # a sync client on the same data, for looking behind the cache
+
+    def cached(self, loader: Callable[..., Any], **options: Any) -> Any:
+        """Decorate `loader` (written as a plain function) for this harness's mode."""
+        options.setdefault("ttl", 30)
+        if self.mode == "async":
+            plain = loader
+
+            @functools.wraps(plain)
+            async def loader(*args: Any, **kwargs: Any) -> Any:
+                return plain(*args, **kwargs)
+
+            loader.__qualname__ = getattr(plain, "__qualname__", type(plain).__qualname__)
+
+        return cache_aside(engine=self.engine, **options)(loader)
+
+    async def run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a wrapper method and await it when this harness is async."""
+        result = method(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+
+BACKENDS = ["redis", "fakeredis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis" and REDIS_URL is None:
+        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
+    return str(request.param)
+
+
+@pytest.fixture
+async def clients(backend: str) -> AsyncIterator[tuple[Any, Any, redis.Redis]]:
+    """A sync client, an async client and a raw sync client on one data set."""
+    if backend == "redis":
+        assert REDIS_URL is not None
+        sync_client = redis.Redis.from_url(REDIS_URL)
+        async_client = redis.asyncio.Redis.from_url(REDIS_URL)
+        raw = redis.Redis.from_url(REDIS_URL)
+    else:
+        server = fakeredis.FakeServer()
+        sync_client = fakeredis.FakeRedis(server=server)
+        async_client = fakeredis.FakeAsyncRedis(server=server)
+        raw = fakeredis.FakeRedis(server=server)
+    yield sync_client, async_client, raw
+    sync_client.close()
+    await async_client.aclose()
+
+
+@pytest.fixture
+async def engine(clients: tuple[Any, Any, redis.Redis]) -> AsyncIterator[CacheEngine]:
+    sync_client, async_client, raw = clients
+    prefix = unique_prefix()
+    yield CacheEngine(sync_client, async_client, prefix=prefix)
+    delete_prefix(raw, prefix)
+    raw.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+async def h(
+    request: pytest.FixtureRequest, backend: str, engine: CacheEngine, clients: Any
+) -> Harness:
+    return Harness(str(request.param), backend, engine, clients[2])

@@ -1,0 +1,136 @@
+"""Every bad option is refused at decoration or construction time, with a message
+that says what to change; engines and the default engine."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+import cached_aside
+from cached_aside import CacheEngine, ConfigurationError, KeyTemplateError, cache_aside
+from cached_aside.engine import url_from_environment
+
+
+def get_product(id: str) -> dict[str, str]:
+    return {"id": id}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ttl": 0}, "ttl must be > 0"),
+        ({"ttl": -1}, "ttl must be > 0"),
+        ({"ttl": "30"}, "number of seconds"),
+        ({"ttl": True}, "number of seconds"),
+        ({"ttl": float("inf")}, "finite"),
+        ({"ttl": 0.0001}, "1 ms resolution"),
+        ({"ttl": 30, "negative_ttl": -1}, "negative_ttl must be >= 0"),
+        ({"ttl": 30, "lock_ttl": 0}, "lock_ttl must be > 0"),
+        ({"ttl": 30, "as_hash": "yes"}, "as_hash must be True or False"),
+        ({"ttl": 30, "fail_open": None}, "fail_open must be True or False"),
+        ({"ttl": 30, "engine": "redis://x"}, "engine must be a CacheEngine"),
+    ],
+)
+def test_bad_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        cache_aside(key="product:<id>", **options)
+
+
+def test_bad_key_is_reported_at_decoration_time() -> None:
+    decorator = cache_aside(key="product:<product_id>", ttl=30)
+    with pytest.raises(KeyTemplateError, match=r"get_product.*<product_id>.*use one of <id>"):
+        decorator(get_product)
+    with pytest.raises(ConfigurationError, match="template string"):
+        cache_aside(key=None, ttl=30)  # type: ignore[arg-type]
+
+
+def test_generators_cannot_be_cached() -> None:
+    def rows(id: str) -> Any:
+        yield id
+
+    with pytest.raises(ConfigurationError, match="generator"):
+        cache_aside(key="rows:<id>", ttl=30)(rows)
+
+
+def test_timedelta_and_float_ttls() -> None:
+    fn = cache_aside(key="p:<id>", ttl=timedelta(minutes=5), negative_ttl=0.5)(get_product)
+    assert fn._plan.options.ttl_ms == 300_000
+    assert fn._plan.options.negative_ttl_ms == 500
+
+
+def test_engine_refuses_decoding_clients() -> None:
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        CacheEngine(fakeredis.FakeRedis(decode_responses=True))
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        CacheEngine.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"url": "localhost"}, "redis://"),
+        ({"url": "redis://x", "socket_timeout": 0}, "socket_timeout"),
+        ({"url": "redis://x", "max_connections": 0}, "max_connections"),
+        ({"url": "redis://x", "prefix": "a b"}, "prefix"),
+    ],
+)
+def test_bad_engine_options(kwargs: dict[str, Any], message: str) -> None:
+    url = kwargs.pop("url")
+    with pytest.raises(ConfigurationError, match=message):
+        CacheEngine.from_url(url, **kwargs)
+
+
+def test_missing_client_kind_is_a_clear_error() -> None:
+    engine = CacheEngine(async_client=fakeredis.FakeAsyncRedis())
+    fn = cache_aside(key="p:<id>", ttl=30, engine=engine)(get_product)
+    with pytest.raises(ConfigurationError, match="no sync client"):
+        fn("a")
+
+
+async def test_missing_async_client_is_a_clear_error() -> None:
+    engine = CacheEngine(client=fakeredis.FakeRedis())
+
+    @cache_aside(key="p:<id>", ttl=30, engine=engine)
+    async def load(id: str) -> str:
+        return id
+
+    with pytest.raises(ConfigurationError, match="no async client"):
+        await load("a")
+
+
+def test_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CACHED_ASIDE_REDIS_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert url_from_environment() == "redis://127.0.0.1:6379/0"
+    monkeypatch.setenv("REDIS_URL", "redis://b:6379/1")
+    assert url_from_environment() == "redis://b:6379/1"
+    monkeypatch.setenv("CACHED_ASIDE_REDIS_URL", "redis://a:6379/2")
+    assert url_from_environment() == "redis://a:6379/2"
+
+
+def test_configure_sets_the_default_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cached_aside.engine, "_default_engine", None)
+    server = fakeredis.FakeServer()
+    fn = cache_aside(key="p:<id>", ttl=30)(get_product)  # decorated before configure()
+    engine = cached_aside.configure(client=fakeredis.FakeRedis(server=server), prefix="app")
+    assert cached_aside.default_engine() is engine
+    assert fn("a") == {"id": "a"}
+    assert fn.key("a") == "app:{p:a}"
+    assert fakeredis.FakeRedis(server=server).exists("app:{p:a}") == 1
+    assert engine.stats().loads == 1
+    with pytest.raises(ConfigurationError, match="not both"):
+        cached_aside.configure("redis://x", client=fakeredis.FakeRedis())
+
+
+def test_default_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cached_aside.engine, "_default_engine", None)
+    monkeypatch.setenv("CACHED_ASIDE_REDIS_URL", "redis://127.0.0.1:1/0")
+    engine = cached_aside.default_engine()
+    client = engine.sync_side().client
+    assert client.get_connection_kwargs()["port"] == 1
+    assert isinstance(client.connection_pool, redis.BlockingConnectionPool)
+    engine.close()

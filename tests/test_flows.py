@@ -1,0 +1,160 @@
+"""The algorithm stepped by hand: scripted Redis replies, no Redis, no event loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from cached_aside import CacheUnavailableError
+from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
+from cached_aside.effects import Command, CommandFailed, RunScript, Signal
+from cached_aside.flows import Plan, Served, Source, invalidate, read_through
+from cached_aside.options import build_options
+from cached_aside.scripts import AcquireStatus, ScriptName
+from cached_aside.stats import Stats
+
+KEY = "cache:{product:1}"
+
+
+def plan(codec: Codec = MSGPACK_CODEC, **options: Any) -> Plan:
+    settings: dict[str, Any] = {"ttl": 30, "negative_ttl": None, "lock_ttl": 10,
+                                "as_hash": codec is HASH_CODEC, "fail_open": True}
+    settings.update(options)
+    return Plan("get_product", codec, build_options(**settings), Stats("get_product"))
+
+
+class Stepper:
+    """Drives a flow one effect at a time."""
+
+    def __init__(self, flow: Any) -> None:
+        self.flow = flow
+        self.effect = next(flow)
+        self.result: Any = None
+
+    def reply(self, value: Any) -> Any:
+        return self._advance(lambda: self.flow.send(value))
+
+    def fail(self, exc: BaseException) -> Any:
+        return self._advance(lambda: self.flow.throw(exc))
+
+    def _advance(self, step: Any) -> Any:
+        try:
+            self.effect = step()
+        except StopIteration as stop:
+            self.effect, self.result = None, stop.value
+        return self.effect
+
+
+def outage() -> CommandFailed:
+    return CommandFailed(ConnectionError("refused"), wrong_type=False)
+
+
+def test_hit_is_one_command() -> None:
+    flow = Stepper(read_through(plan(), KEY, 500))
+    assert flow.effect == Command(("GET", KEY))
+    assert flow.reply(msgpack.packb({"a": 1})) is None
+    assert flow.result == Served({"a": 1}, Source.CACHE)
+
+
+def test_negative_hit() -> None:
+    p = plan()
+    flow = Stepper(read_through(p, KEY, 500))
+    flow.reply(MSGPACK_NEGATIVE)
+    assert flow.result == Served(None, Source.NEGATIVE)
+    assert p.stats.snapshot().negative_hits == 1
+
+
+def test_miss_locks_loads_seals_and_stores() -> None:
+    p = plan(HASH_CODEC)
+    flow = Stepper(read_through(p, KEY, 500))
+    acquire = flow.reply({})
+    assert isinstance(acquire, RunScript) and acquire.script is ScriptName.ACQUIRE
+    assert acquire.keys == (KEY, f"{KEY}:lock", f"{KEY}:waiters")
+    token = acquire.args[0]
+    assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
+    assert flow.reply({"stock": 3}) is Signal.SEAL
+    store = flow.reply(None)
+    assert isinstance(store, RunScript) and store.script is ScriptName.STORE
+    assert store.args[:4] == (token, "hash", 30_000, 10_000)
+    assert store.args[4:] == ("__cached_aside__", 1, "stock", "3")
+    flow.reply(1)
+    assert flow.result == Served({"stock": "3"}, Source.LOADER, lease_kept=True)
+    assert p.stats.snapshot().loads == 1
+
+
+def test_revoked_lease_is_reported() -> None:
+    flow = Stepper(read_through(plan(), KEY, 500))
+    flow.reply(None)
+    flow.reply([AcquireStatus.OWNED])
+    flow.reply("v1")
+    flow.reply(None)
+    flow.reply(0)  # the store script found another token: an invalidation came first
+    assert flow.result == Served("v1", Source.LOADER, lease_kept=False)
+
+
+def test_value_found_under_the_lock_is_not_loaded_again() -> None:
+    p = plan()
+    flow = Stepper(read_through(p, KEY, 500))
+    flow.reply(None)
+    flow.reply([AcquireStatus.FOUND, msgpack.packb("v")])
+    assert flow.result == Served("v", Source.CACHE)
+    assert p.stats.snapshot().loads == 0
+
+
+def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
+    p = plan()
+    flow = Stepper(read_through(p, KEY, 400))
+    flow.reply(None)
+    wait = flow.reply([AcquireStatus.HELD, 9_000])
+    assert wait == Command(("BLPOP", f"{KEY}:wake", "0.400"))
+    again = flow.reply(None)  # timed out: look again
+    assert isinstance(again, RunScript) and again.script is ScriptName.ACQUIRE
+    assert flow.reply([AcquireStatus.HELD, 2]) == Command(("BLPOP", f"{KEY}:wake", "0.005"))
+    flow.reply([b"wake", b"1"])
+    flow.reply([AcquireStatus.FOUND, msgpack.packb([1])])
+    assert flow.result == Served([1], Source.WAITED)
+    stats = p.stats.snapshot()
+    assert (stats.misses, stats.stampedes_suppressed, stats.loads) == (1, 1, 0)
+
+
+def test_loader_error_releases_the_lock_and_propagates() -> None:
+    flow = Stepper(read_through(plan(), KEY, 500))
+    flow.reply(None)
+    token = flow.reply([AcquireStatus.OWNED]) and None
+    release = flow.fail(ValueError("bad row"))
+    assert isinstance(release, RunScript) and release.args[1] == "release"
+    with pytest.raises(ValueError, match="bad row"):
+        flow.reply(1)
+    assert token is None
+
+
+def test_outage_fails_open_to_the_loader() -> None:
+    p = plan()
+    flow = Stepper(read_through(p, KEY, 500))
+    assert flow.fail(outage()) is Signal.LOAD
+    flow.reply(("a", "b"))
+    assert flow.result == Served(["a", "b"], Source.LOADER, lease_kept=False)
+    assert p.stats.snapshot().errors == 1
+
+
+def test_outage_raises_when_fail_open_is_off() -> None:
+    flow = Stepper(read_through(plan(fail_open=False), KEY, 500))
+    with pytest.raises(CacheUnavailableError, match="fail_open=False"):
+        flow.fail(outage())
+
+
+def test_wrong_type_is_corruption_not_outage() -> None:
+    p = plan()
+    flow = Stepper(read_through(p, KEY, 500))
+    acquire = flow.fail(CommandFailed(RuntimeError("WRONGTYPE"), wrong_type=True))
+    assert isinstance(acquire, RunScript) and acquire.args[3] == "1"  # ignore the bad value
+    assert p.stats.snapshot().corrupt == 1
+
+
+def test_invalidate_runs_one_script() -> None:
+    flow = Stepper(invalidate(plan(), KEY))
+    assert isinstance(flow.effect, RunScript) and flow.effect.script is ScriptName.INVALIDATE
+    flow.reply(1)
+    assert flow.result is True

@@ -1,0 +1,131 @@
+"""Key templates and argument escaping."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cached_aside import KeyArgumentError, KeyTemplateError
+from cached_aside.keys import (
+    MAX_RENDERED_LENGTH,
+    KeyTemplate,
+    entry_keys,
+    render_argument,
+    validate_prefix,
+)
+
+
+def orders(user_id: int, page: int = 1, *, db: object = None) -> None: ...
+
+
+def pair(a: object, b: object) -> None: ...
+
+
+def test_render_with_defaults_and_keywords() -> None:
+    template = KeyTemplate("user:<user_id>:orders:<page>", orders)
+    assert template.render((7,), {}) == "user:7:orders:1"
+    assert template.render((7, 2), {"db": object()}) == "user:7:orders:2"
+    assert template.render((), {"user_id": 7, "page": 3}) == "user:7:orders:3"
+
+
+def test_bad_call_raises_like_the_function_would() -> None:
+    with pytest.raises(TypeError):
+        KeyTemplate("user:<user_id>", orders).render((1, 2, 3), {})
+
+
+def test_unknown_placeholder_names_function_and_parameters() -> None:
+    with pytest.raises(KeyTemplateError, match=r"<userid>.*orders.*<user_id>, <page>, <db>"):
+        KeyTemplate("user:<userid>", orders)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "non-empty"),
+        ("a:{<a>}", "reserved"),
+        ("a:<a>#", "reserved"),
+        ("a:<a><b>", "separator"),
+        ("a:<a>-<b>", "separator"),
+        ("a:<a b>", "placeholder"),
+        ("a:<a", "outside a placeholder"),
+        ("a:\n<a>", "outside a placeholder"),
+    ],
+)
+def test_bad_templates(text: str, message: str) -> None:
+    with pytest.raises(KeyTemplateError, match=message):
+        KeyTemplate(text, pair)
+
+
+def test_var_args_cannot_be_placeholders() -> None:
+    def variadic(*ids: int) -> None: ...
+
+    with pytest.raises(KeyTemplateError, match="not a named parameter"):
+        KeyTemplate("x:<ids>", variadic)
+
+
+def test_readable_rendering() -> None:
+    assert render_argument("p-001") == "p-001"
+    assert render_argument(42) == "42"
+    assert render_argument("a:b c") == "a%3Ab%20c"
+    assert render_argument("1") == "%31"  # never the same as the int 1
+    assert render_argument("None") == "%4Eone"
+    assert render_argument(None) == "None"
+    assert render_argument(1.5) == "1.5"
+    assert render_argument(b"\x01") == "0x01"
+    u = uuid.UUID(int=5)
+    assert render_argument(u) == str(u)
+
+    class Colour(enum.Enum):
+        RED = "red"
+
+    assert render_argument(Colour.RED) == "red"
+
+
+def test_objects_without_identity_are_rejected() -> None:
+    with pytest.raises(KeyArgumentError, match="memory address"):
+        render_argument(object())
+    with pytest.raises(KeyArgumentError, match="memory address"):
+        render_argument([object()])
+
+
+def test_long_keys_are_bounded_and_distinct() -> None:
+    template = KeyTemplate("doc:<a>", pair)
+    first = template.render(("x" * 1000, 0), {})
+    second = template.render(("x" * 999 + "y", 0), {})
+    assert len(first) <= MAX_RENDERED_LENGTH and first.startswith("doc:xxxx")
+    assert first != second
+
+
+def test_prefix_validation() -> None:
+    assert validate_prefix("app:cache") == "app:cache"
+    for bad in ("", "a{b", "a b", 3):
+        with pytest.raises(ValueError, match="prefix"):
+            validate_prefix(bad)
+
+
+arguments = st.one_of(
+    st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.binary()
+)
+
+
+def identity(value: object) -> tuple[type, object]:
+    return (type(value), value)
+
+
+@given(st.tuples(arguments, arguments), st.tuples(arguments, arguments))
+def test_different_arguments_give_different_keys(x: tuple[object, object], y: tuple[object, object]) -> None:
+    template = KeyTemplate("p:<a>:<b>", pair)
+    if tuple(map(identity, x)) != tuple(map(identity, y)):
+        assert template.render(x, {}) != template.render(y, {})
+
+
+@given(st.tuples(arguments, arguments), st.tuples(arguments, arguments))
+def test_no_key_is_another_entrys_internal_key(x: tuple[object, object], y: tuple[object, object]) -> None:
+    template = KeyTemplate("p:<a>:<b>", pair)
+    value_key = "cache:{" + template.render(x, {}) + "}"
+    other = entry_keys("cache:{" + template.render(y, {}) + "}")
+    assert value_key not in (other.lock, other.waiters, other.wake)
