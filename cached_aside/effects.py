@@ -16,14 +16,14 @@ from .scripts import ScriptName
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     """Send one Redis command; the reply comes back parsed by redis-py."""
 
     args: tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunScript:
     """Run a Lua script by name (EVALSHA, reloaded by redis-py after a flush)."""
 

@@ -101,7 +101,7 @@ class CacheEngine:
         self, client: Any = None, async_client: Any = None, *, prefix: str = DEFAULT_PREFIX
     ) -> None:
         self.prefix = validate_prefix(prefix)
-        self._value_key_head = f"{prefix}:{{"
+        self.key_head = f"{prefix}:{{"  # value keys are key_head + rendered + "}"
         self._lock = threading.Lock()
         self._make_client: Callable[[], Any] | None = None
         self._make_async_client: Callable[[], Any] | None = None
@@ -177,10 +177,6 @@ class CacheEngine:
         return engine
 
     # -- what the wrappers use -------------------------------------------------
-
-    def value_key(self, rendered: str) -> str:
-        """The Redis key of an entry: `<prefix>:{<rendered template>}`."""
-        return f"{self._value_key_head}{rendered}}}"
 
     def sync_side(self) -> SyncSide:
         side = self._sync

@@ -1,9 +1,14 @@
 """In-process single-flight: concurrent callers of one key share one read.
 
-The first caller leads and runs the flow; later callers join and receive its
-answer. A joiner retries by itself when the leader was cancelled, or when the
-leader's lease was revoked (its value predates an invalidation). Redis's lock then
-coordinates processes; this only spares Redis and the primary the duplicates.
+The first caller leads; later callers join and receive its answer. A joiner reads
+again by itself when the leader was cancelled, or when the leader's lease was
+revoked (its value predates an invalidation). Redis's lock then coordinates
+processes; this only spares Redis and the primary the duplicates.
+
+Threads share only the miss path: a hit costs one command either way, and
+registering every hit would cost more than it saves. Tasks of one event loop
+share the lookup too: each redis.asyncio call costs ~0.2 ms of CPU, and a dict
+entry is all that sharing costs there.
 """
 
 from __future__ import annotations
@@ -11,136 +16,128 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
 from .flows import Served
 
-T = TypeVar("T")
 Answer = tuple[Served, float]
 
 
-class _Outcome:
-    __slots__ = ("answer", "error", "sealed")
+class _Flight:
+    """One read in progress; `seal` stops later callers from joining it."""
 
-    def __init__(self) -> None:
+    __slots__ = ("answer", "done", "error", "joiners", "key", "registry")
+
+    def __init__(self, registry: _Registry, key: str) -> None:
+        self.registry = registry
+        self.key = key
         self.answer: Answer | None = None
         self.error: BaseException | None = None
-        self.sealed = False
+        self.done: Any = None  # a held lock (threads)
+        self.joiners: list[asyncio.Future[None]] | None = None  # (tasks)
 
-    def reusable(self) -> bool:
-        """Whether a joiner may take this outcome instead of reading again."""
-        if self.error is not None:
-            return isinstance(self.error, Exception)  # not cancellation or interrupts
-        return self.answer is not None and self.answer[0].lease_kept
+    def seal(self) -> None:
+        self.registry.close(self)
+
+    def outcome(self) -> Answer | None:
+        """For a joiner: the leader's answer, None to read again, or the leader's error."""
+        error = self.error
+        if error is not None:
+            if isinstance(error, Exception):
+                raise error
+            return None  # the leader was cancelled or interrupted
+        answer = self.answer
+        return answer if answer is not None and answer[0].lease_kept else None
 
 
-class _ThreadFlight(_Outcome):
-    __slots__ = ("done",)
-
+class _Registry:
     def __init__(self) -> None:
-        super().__init__()
-        self.done = threading.Lock()
-        self.done.acquire()
+        self.active: dict[str, _Flight] = {}
+
+    def close(self, flight: _Flight) -> None:
+        if self.active.get(flight.key) is flight:
+            self.active.pop(flight.key, None)
+
+    def forget(self, key: str) -> None:
+        """Let later callers read afresh instead of joining a read already under way."""
+        self.active.pop(key, None)
 
 
-class ThreadFlights:
+class ThreadFlights(_Registry):
     """Coalesces calls made from threads."""
 
     def __init__(self) -> None:
-        self._flights: dict[str, _ThreadFlight] = {}
+        super().__init__()
+        self._lock = threading.Lock()
 
-    def run(self, key: str, lead: Callable[[Callable[[], None]], Answer]) -> tuple[Answer, bool]:
-        """Lead or join the read of `key`; returns the answer and whether it was joined."""
+    def close(self, flight: _Flight) -> None:
+        with self._lock:  # compare-and-delete: never remove a newer flight
+            super().close(flight)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            super().forget(key)
+
+    def run(self, key: str, serve: Callable[..., Answer], *args: Any) -> tuple[Answer, bool]:
+        """Lead (calling `serve(*args, seal)`) or join the read of `key`.
+
+        Returns the answer and whether it was joined.
+        """
         while True:
-            flight = _ThreadFlight()
-            current = self._flights.setdefault(key, flight)  # atomic under the GIL
+            flight = _Flight(self, key)
+            flight.done = done = threading.Lock()
+            done.acquire()
+            current = self.active.setdefault(key, flight)  # atomic under the GIL
             if current is flight:
-                return self._lead(key, flight, lead), False
+                break
             with current.done:
                 pass
-            if current.reusable():
-                if current.error is not None:
-                    raise current.error
-                assert current.answer is not None
-                return current.answer, True
-
-    def _lead(
-        self, key: str, flight: _ThreadFlight, lead: Callable[[Callable[[], None]], Answer]
-    ) -> Answer:
-        def seal() -> None:
-            if not flight.sealed:
-                flight.sealed = True
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-
+            answer = current.outcome()
+            if answer is not None:
+                return answer, True
         try:
-            flight.answer = lead(seal)
-            return flight.answer
+            flight.answer = serve(*args, flight.seal)
+            return flight.answer, False
         except BaseException as exc:
             flight.error = exc
             raise
         finally:
-            seal()
-            flight.done.release()
-
-    def forget(self, key: str) -> None:
-        """Let later callers read afresh instead of joining a read already under way."""
-        self._flights.pop(key, None)
+            self.close(flight)
+            done.release()
 
 
-class _TaskFlight(_Outcome):
-    __slots__ = ("joiners",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.joiners: list[asyncio.Future[None]] = []
-
-
-class TaskFlights:
-    """Coalesces calls made from asyncio tasks of one event loop."""
-
-    def __init__(self) -> None:
-        self._flights: dict[str, _TaskFlight] = {}
+class TaskFlights(_Registry):
+    """Coalesces calls made from asyncio tasks of one event loop (one thread)."""
 
     async def run(
-        self, key: str, lead: Callable[[Callable[[], None]], Awaitable[Answer]]
+        self, key: str, serve: Callable[..., Awaitable[Answer]], *args: Any
     ) -> tuple[Answer, bool]:
-        """Lead or join the read of `key`; returns the answer and whether it was joined."""
+        """Lead (awaiting `serve(*args, seal)`) or join the read of `key`.
+
+        Returns the answer and whether it was joined.
+        """
         while True:
-            current = self._flights.get(key)
+            current = self.active.get(key)
             if current is None:
-                flight = self._flights[key] = _TaskFlight()
-                return await self._lead(key, flight, lead), False
+                break
             joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if current.joiners is None:
+                current.joiners = []
             current.joiners.append(joined)
             await joined
-            if current.reusable():
-                if current.error is not None:
-                    raise current.error
-                assert current.answer is not None
-                return current.answer, True
-
-    async def _lead(
-        self, key: str, flight: _TaskFlight, lead: Callable[[Callable[[], None]], Awaitable[Answer]]
-    ) -> Answer:
-        def seal() -> None:
-            if not flight.sealed:
-                flight.sealed = True
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-
+            answer = current.outcome()
+            if answer is not None:
+                return answer, True
+        flight = self.active[key] = _Flight(self, key)
         try:
-            flight.answer = await lead(seal)
-            return flight.answer
+            flight.answer = await serve(*args, flight.seal)
+            return flight.answer, False
         except BaseException as exc:
             flight.error = exc
             raise
         finally:
-            seal()
-            for joined in flight.joiners:
-                if not joined.done():
-                    joined.set_result(None)
-
-    def forget(self, key: str) -> None:
-        """Let later callers read afresh instead of joining a read already under way."""
-        self._flights.pop(key, None)
+            self.close(flight)
+            if flight.joiners:
+                for joined in flight.joiners:
+                    if not joined.done():
+                        joined.set_result(None)

@@ -44,7 +44,7 @@ class Plan:
     stats: Stats
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Served:
     """A flow's answer. lease_kept is False when an invalidation revoked the load's lease."""
 
@@ -53,22 +53,33 @@ class Served:
     lease_kept: bool = True
 
 
-def read_through(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
-    """Serve a call: one read on a hit; on a miss, load once under the lock and store."""
-    try:
-        raw = yield Command((plan.codec.read_command, key))
-        found = plan.codec.decode(raw)
-    except CommandFailed as failure:
-        if not failure.wrong_type:
-            return (yield from _load_uncached(plan, key, failure))
-        found = Found.CORRUPT
+def on_lookup(plan: Plan, raw: Any) -> Served | None:
+    """Judge the reply to the lookup command: the answer on a hit, None on a miss.
+
+    This is the whole hit path: drivers send the codec's read command themselves
+    and start the `after_miss` flow only when this returns None.
+    """
+    if type(raw) is CommandFailed:
+        return None
+    found = plan.codec.decode(raw)
     if type(found) is not Found:
         plan.stats.hit()
         return Served(found, Source.CACHE)
     if found is Found.NEGATIVE:
         plan.stats.negative_hit()
         return Served(None, Source.NEGATIVE)
-    return (yield from _miss(plan, key, found is Found.CORRUPT, block_limit_ms))
+    return None
+
+
+def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Served]:
+    """The miss path, given the lookup's reply (or its failure) that on_lookup refused."""
+    if type(raw) is CommandFailed:
+        if not raw.wrong_type:
+            return (yield from _load_uncached(plan, key, raw))
+        corrupt = True
+    else:
+        corrupt = plan.codec.decode(raw) is Found.CORRUPT
+    return (yield from _miss(plan, key, corrupt, block_limit_ms))
 
 
 def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Served]:

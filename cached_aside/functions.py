@@ -8,13 +8,13 @@ a flow to its driver. The user's function itself is never modified.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .drivers import run_async, run_sync
+from .drivers import run_async, run_sync, serve_async, serve_sync
 from .engine import CacheEngine, default_engine
-from .flows import Plan, Served, Source, invalidate, read_through, update_field
+from .flows import Plan, Served, Source, invalidate, update_field
 from .keys import KeyTemplate
 from .stats import StatsSnapshot
 
@@ -71,16 +71,17 @@ class _CachedBase(Generic[P, R]):
         self._engine = engine
         self._registered_with: CacheEngine | None = None
 
-    def _current_engine(self) -> CacheEngine:
+    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
+        """The engine to use and the entry's key; the first step of every method."""
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             engine.register(self._plan.stats)
             self._registered_with = engine
-        return engine
+        return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The Redis key these arguments map to, for redis-cli and debugging."""
-        return self._current_engine().value_key(self._template.render(args, kwargs))
+        return self._locate(args, kwargs)[1]
 
     def stats(self) -> StatsSnapshot:
         """This function's counters since start or the last reset_stats()."""
@@ -135,8 +136,7 @@ class CachedFunction(_CachedBase[P, R]):
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the entry (value or negative sentinel); True if one existed."""
-        engine = self._current_engine()
-        key = engine.value_key(self._template.render(args, kwargs))
+        engine, key = self._locate(args, kwargs)
         side = engine.sync_side()
         side.flights.forget(key)
         return run_sync(invalidate(self._plan, key), side.client, side.scripts, _no_load, _no_seal)[
@@ -149,8 +149,7 @@ class CachedFunction(_CachedBase[P, R]):
         Hash mode only. Returns False, and writes nothing, when no record is cached.
         """
         loader_args, field, value = self._split_update(args)
-        engine = self._current_engine()
-        key = engine.value_key(self._template.render(loader_args, kwargs))
+        engine, key = self._locate(loader_args, kwargs)
         side = engine.sync_side()
         side.flights.forget(key)
         return run_sync(
@@ -162,21 +161,10 @@ class CachedFunction(_CachedBase[P, R]):
         )[0]
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
-        engine = self._current_engine()
-        key = engine.value_key(self._template.render(args, kwargs))
-        side = engine.sync_side()
-        plan, loader = self._plan, self.__wrapped__
-
-        def lead(seal: Callable[[], None]) -> tuple[Served, float]:
-            return run_sync(
-                read_through(plan, key, side.block_limit_ms),
-                side.client,
-                side.scripts,
-                lambda: loader(*args, **kwargs),
-                seal,
-            )
-
-        (served, seconds), joined = side.flights.run(key, lead)
+        engine, key = self._locate(args, kwargs)
+        served, seconds, joined = serve_sync(
+            self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
+        )
         return (self._as_joiner(served) if joined else served), seconds
 
 
@@ -196,8 +184,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the entry (value or negative sentinel); True if one existed."""
-        engine = self._current_engine()
-        key = engine.value_key(self._template.render(args, kwargs))
+        engine, key = self._locate(args, kwargs)
         side = engine.async_side()
         side.flights.forget(key)
         return (
@@ -212,8 +199,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         Hash mode only. Returns False, and writes nothing, when no record is cached.
         """
         loader_args, field, value = self._split_update(args)
-        engine = self._current_engine()
-        key = engine.value_key(self._template.render(loader_args, kwargs))
+        engine, key = self._locate(loader_args, kwargs)
         side = engine.async_side()
         side.flights.forget(key)
         return (
@@ -227,22 +213,10 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         )[0]
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
-        engine = self._current_engine()
-        key = engine.value_key(self._template.render(args, kwargs))
-        side = engine.async_side()
-        plan = self._plan
-        loader: Callable[..., Awaitable[Any]] = self.__wrapped__
-
-        def lead(seal: Callable[[], None]) -> Awaitable[tuple[Served, float]]:
-            return run_async(
-                read_through(plan, key, side.block_limit_ms),
-                side.client,
-                side.scripts,
-                lambda: loader(*args, **kwargs),
-                seal,
-            )
-
-        (served, seconds), joined = await side.flights.run(key, lead)
+        engine, key = self._locate(args, kwargs)
+        served, seconds, joined = await serve_async(
+            self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
+        )
         return (self._as_joiner(served) if joined else served), seconds
 
 

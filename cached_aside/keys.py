@@ -71,12 +71,24 @@ def validate_prefix(prefix: object) -> str:
     return prefix
 
 
+# Escaped texts of recent arguments: ids repeat, and escaping costs two regex scans.
+_escaped: dict[str, str] = {}
+_ESCAPED_CACHE_SIZE = 4096
+_ESCAPED_CACHE_MAX_TEXT = 128
+
+
 def _escape_text(text: str) -> str:
-    if _UNESCAPED(text) is None:
-        text = quote(text, safe="")
-    if _TYPED_LOOKING(text) is not None:
-        text = f"%{ord(text[0]):02X}{text[1:]}"
-    return text
+    escaped = _escaped.get(text)
+    if escaped is not None:
+        return escaped
+    escaped = text if _UNESCAPED(text) is not None else quote(text, safe="")
+    if _TYPED_LOOKING(escaped) is not None:
+        escaped = f"%{ord(escaped[0]):02X}{escaped[1:]}"
+    if len(text) <= _ESCAPED_CACHE_MAX_TEXT:
+        if len(_escaped) >= _ESCAPED_CACHE_SIZE:
+            _escaped.clear()
+        _escaped[text] = escaped
+    return escaped
 
 
 def render_argument(value: object) -> str:
@@ -130,7 +142,7 @@ class _Slot:
 class KeyTemplate:
     """A compiled key template bound to one loader's signature."""
 
-    __slots__ = ("_fast_arity", "_format", "_signature", "_slots", "text")
+    __slots__ = ("_fast_arity", "_format", "_positions", "_signature", "_slots", "text")
 
     def __init__(self, text: object, function: Callable[..., Any]) -> None:
         name = getattr(function, "__qualname__", repr(function))
@@ -162,6 +174,7 @@ class KeyTemplate:
             position = positional.index(placeholder) if placeholder in positional else None
             slots.append(_Slot(placeholder, position, parameter.default))
         self._slots = tuple(slots)
+        self._positions = tuple(slot.position or 0 for slot in slots)
         self._format = "{}".join(literals)
         required_keyword_only = any(
             p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters.values()
@@ -173,13 +186,15 @@ class KeyTemplate:
     def render(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Render the key text (without prefix) for one call's arguments."""
         if not kwargs and len(args) == self._fast_arity:
-            values = [args[slot.position] for slot in self._slots]  # type: ignore[index]
+            rendered = self._format.format(*[render_argument(args[i]) for i in self._positions])
         else:
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
-            values = [arguments[slot.name] for slot in self._slots]
-        return shorten(self._format.format(*map(render_argument, values)))
+            rendered = self._format.format(
+                *[render_argument(arguments[slot.name]) for slot in self._slots]
+            )
+        return rendered if len(rendered) <= MAX_RENDERED_LENGTH else shorten(rendered)
 
 
 def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:

@@ -140,7 +140,9 @@ def test_owner_failure_hands_the_load_to_a_waiter(engine: CacheEngine, clients: 
     assert len(errors) == 1
 
 
-def test_invalidation_during_a_load_refuses_the_stale_write(engine: CacheEngine, clients: Any) -> None:
+def test_invalidation_during_a_load_refuses_the_stale_write(
+    engine: CacheEngine, clients: Any
+) -> None:
     primary = {"k": "v1"}
     loading = threading.Event()
     proceed = threading.Event()
@@ -260,7 +262,10 @@ def test_a_value_stored_by_another_process_is_a_hit(redis_url_or_skip: str) -> N
     )
     out = subprocess.run(
         [sys.executable, "-c", script, redis_url_or_skip, prefix],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     assert out.strip() == "loader"
     engine = CacheEngine.from_url(redis_url_or_skip, prefix=prefix)

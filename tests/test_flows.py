@@ -10,7 +10,7 @@ import pytest
 from cached_aside import CacheUnavailableError
 from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
 from cached_aside.effects import Command, CommandFailed, RunScript, Signal
-from cached_aside.flows import Plan, Served, Source, invalidate, read_through
+from cached_aside.flows import Plan, Served, Source, after_miss, invalidate, on_lookup
 from cached_aside.options import build_options
 from cached_aside.scripts import AcquireStatus, ScriptName
 from cached_aside.stats import Stats
@@ -18,9 +18,18 @@ from cached_aside.stats import Stats
 KEY = "cache:{product:1}"
 
 
+def outage() -> CommandFailed:
+    return CommandFailed(ConnectionError("refused"), wrong_type=False)
+
+
 def plan(codec: Codec = MSGPACK_CODEC, **options: Any) -> Plan:
-    settings: dict[str, Any] = {"ttl": 30, "negative_ttl": None, "lock_ttl": 10,
-                                "as_hash": codec is HASH_CODEC, "fail_open": True}
+    settings: dict[str, Any] = {
+        "ttl": 30,
+        "negative_ttl": None,
+        "lock_ttl": 10,
+        "as_hash": codec is HASH_CODEC,
+        "fail_open": True,
+    }
     settings.update(options)
     return Plan("get_product", codec, build_options(**settings), Stats("get_product"))
 
@@ -47,36 +56,39 @@ class Stepper:
         return self.effect
 
 
-def outage() -> CommandFailed:
-    return CommandFailed(ConnectionError("refused"), wrong_type=False)
-
-
-def test_hit_is_one_command() -> None:
-    flow = Stepper(read_through(plan(), KEY, 500))
-    assert flow.effect == Command(("GET", KEY))
-    assert flow.reply(msgpack.packb({"a": 1})) is None
-    assert flow.result == Served({"a": 1}, Source.CACHE)
+def test_hit_is_decided_from_the_lookup_reply_alone() -> None:
+    p = plan()
+    assert p.codec.read_command == "GET"
+    assert on_lookup(p, msgpack.packb({"a": 1})) == Served({"a": 1}, Source.CACHE)
+    assert p.stats.snapshot().hits == 1
 
 
 def test_negative_hit() -> None:
     p = plan()
-    flow = Stepper(read_through(p, KEY, 500))
-    flow.reply(MSGPACK_NEGATIVE)
-    assert flow.result == Served(None, Source.NEGATIVE)
+    assert on_lookup(p, MSGPACK_NEGATIVE) == Served(None, Source.NEGATIVE)
     assert p.stats.snapshot().negative_hits == 1
+
+
+@pytest.mark.parametrize("raw", [None, b"\xc7 not msgpack", outage()])
+def test_misses_corruption_and_outages_leave_the_hit_path(raw: Any) -> None:
+    p = plan()
+    assert on_lookup(p, raw) is None
+    assert p.stats.snapshot().hits == 0
 
 
 def test_miss_locks_loads_seals_and_stores() -> None:
     p = plan(HASH_CODEC)
-    flow = Stepper(read_through(p, KEY, 500))
-    acquire = flow.reply({})
-    assert isinstance(acquire, RunScript) and acquire.script is ScriptName.ACQUIRE
+    flow = Stepper(after_miss(p, KEY, {}, 500))
+    acquire = flow.effect
+    assert isinstance(acquire, RunScript)
+    assert acquire.script is ScriptName.ACQUIRE
     assert acquire.keys == (KEY, f"{KEY}:lock", f"{KEY}:waiters")
     token = acquire.args[0]
     assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
     assert flow.reply({"stock": 3}) is Signal.SEAL
     store = flow.reply(None)
-    assert isinstance(store, RunScript) and store.script is ScriptName.STORE
+    assert isinstance(store, RunScript)
+    assert store.script is ScriptName.STORE
     assert store.args[:4] == (token, "hash", 30_000, 10_000)
     assert store.args[4:] == ("__cached_aside__", 1, "stock", "3")
     flow.reply(1)
@@ -85,8 +97,7 @@ def test_miss_locks_loads_seals_and_stores() -> None:
 
 
 def test_revoked_lease_is_reported() -> None:
-    flow = Stepper(read_through(plan(), KEY, 500))
-    flow.reply(None)
+    flow = Stepper(after_miss(plan(), KEY, None, 500))
     flow.reply([AcquireStatus.OWNED])
     flow.reply("v1")
     flow.reply(None)
@@ -96,8 +107,7 @@ def test_revoked_lease_is_reported() -> None:
 
 def test_value_found_under_the_lock_is_not_loaded_again() -> None:
     p = plan()
-    flow = Stepper(read_through(p, KEY, 500))
-    flow.reply(None)
+    flow = Stepper(after_miss(p, KEY, None, 500))
     flow.reply([AcquireStatus.FOUND, msgpack.packb("v")])
     assert flow.result == Served("v", Source.CACHE)
     assert p.stats.snapshot().loads == 0
@@ -105,12 +115,12 @@ def test_value_found_under_the_lock_is_not_loaded_again() -> None:
 
 def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
     p = plan()
-    flow = Stepper(read_through(p, KEY, 400))
-    flow.reply(None)
+    flow = Stepper(after_miss(p, KEY, None, 400))
     wait = flow.reply([AcquireStatus.HELD, 9_000])
     assert wait == Command(("BLPOP", f"{KEY}:wake", "0.400"))
     again = flow.reply(None)  # timed out: look again
-    assert isinstance(again, RunScript) and again.script is ScriptName.ACQUIRE
+    assert isinstance(again, RunScript)
+    assert again.script is ScriptName.ACQUIRE
     assert flow.reply([AcquireStatus.HELD, 2]) == Command(("BLPOP", f"{KEY}:wake", "0.005"))
     flow.reply([b"wake", b"1"])
     flow.reply([AcquireStatus.FOUND, msgpack.packb([1])])
@@ -120,41 +130,42 @@ def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
 
 
 def test_loader_error_releases_the_lock_and_propagates() -> None:
-    flow = Stepper(read_through(plan(), KEY, 500))
-    flow.reply(None)
-    token = flow.reply([AcquireStatus.OWNED]) and None
+    flow = Stepper(after_miss(plan(), KEY, None, 500))
+    token = flow.effect.args[0]
+    assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
     release = flow.fail(ValueError("bad row"))
-    assert isinstance(release, RunScript) and release.args[1] == "release"
+    assert isinstance(release, RunScript)
+    assert release.args[:2] == (token, "release")
     with pytest.raises(ValueError, match="bad row"):
         flow.reply(1)
-    assert token is None
 
 
 def test_outage_fails_open_to_the_loader() -> None:
     p = plan()
-    flow = Stepper(read_through(p, KEY, 500))
-    assert flow.fail(outage()) is Signal.LOAD
+    flow = Stepper(after_miss(p, KEY, outage(), 500))
+    assert flow.effect is Signal.LOAD
     flow.reply(("a", "b"))
     assert flow.result == Served(["a", "b"], Source.LOADER, lease_kept=False)
     assert p.stats.snapshot().errors == 1
 
 
 def test_outage_raises_when_fail_open_is_off() -> None:
-    flow = Stepper(read_through(plan(fail_open=False), KEY, 500))
     with pytest.raises(CacheUnavailableError, match="fail_open=False"):
-        flow.fail(outage())
+        Stepper(after_miss(plan(fail_open=False), KEY, outage(), 500))
 
 
 def test_wrong_type_is_corruption_not_outage() -> None:
     p = plan()
-    flow = Stepper(read_through(p, KEY, 500))
-    acquire = flow.fail(CommandFailed(RuntimeError("WRONGTYPE"), wrong_type=True))
-    assert isinstance(acquire, RunScript) and acquire.args[3] == "1"  # ignore the bad value
+    wrong_type = CommandFailed(RuntimeError("WRONGTYPE"), wrong_type=True)
+    acquire = Stepper(after_miss(p, KEY, wrong_type, 500)).effect
+    assert isinstance(acquire, RunScript)
+    assert acquire.args[3] == "1"
     assert p.stats.snapshot().corrupt == 1
 
 
 def test_invalidate_runs_one_script() -> None:
     flow = Stepper(invalidate(plan(), KEY))
-    assert isinstance(flow.effect, RunScript) and flow.effect.script is ScriptName.INVALIDATE
+    assert isinstance(flow.effect, RunScript)
+    assert flow.effect.script is ScriptName.INVALIDATE
     flow.reply(1)
     assert flow.result is True

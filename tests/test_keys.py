@@ -96,7 +96,8 @@ def test_long_keys_are_bounded_and_distinct() -> None:
     template = KeyTemplate("doc:<a>", pair)
     first = template.render(("x" * 1000, 0), {})
     second = template.render(("x" * 999 + "y", 0), {})
-    assert len(first) <= MAX_RENDERED_LENGTH and first.startswith("doc:xxxx")
+    assert len(first) <= MAX_RENDERED_LENGTH
+    assert first.startswith("doc:xxxx")
     assert first != second
 
 
@@ -117,14 +118,18 @@ def identity(value: object) -> tuple[type, object]:
 
 
 @given(st.tuples(arguments, arguments), st.tuples(arguments, arguments))
-def test_different_arguments_give_different_keys(x: tuple[object, object], y: tuple[object, object]) -> None:
+def test_different_arguments_give_different_keys(
+    x: tuple[object, object], y: tuple[object, object]
+) -> None:
     template = KeyTemplate("p:<a>:<b>", pair)
     if tuple(map(identity, x)) != tuple(map(identity, y)):
         assert template.render(x, {}) != template.render(y, {})
 
 
 @given(st.tuples(arguments, arguments), st.tuples(arguments, arguments))
-def test_no_key_is_another_entrys_internal_key(x: tuple[object, object], y: tuple[object, object]) -> None:
+def test_no_key_is_another_entrys_internal_key(
+    x: tuple[object, object], y: tuple[object, object]
+) -> None:
     template = KeyTemplate("p:<a>:<b>", pair)
     value_key = "cache:{" + template.render(x, {}) + "}"
     other = entry_keys("cache:{" + template.render(y, {}) + "}")
