@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from .drivers import run_async, run_sync, serve_async, serve_sync
+from .effects import Flow
 from .engine import CacheEngine, default_engine
 from .flows import Plan, Served, Source, invalidate, update_field
 from .keys import KeyTemplate
@@ -137,11 +138,7 @@ class CachedFunction(_CachedBase[P, R]):
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the entry (value or negative sentinel); True if one existed."""
         engine, key = self._locate(args, kwargs)
-        side = engine.sync_side()
-        side.flights.forget(key)
-        return run_sync(invalidate(self._plan, key), side.client, side.scripts, _no_load, _no_seal)[
-            0
-        ]
+        return self._change(engine, key, invalidate(self._plan, key))
 
     def update_field(self, *args: Any, **kwargs: Any) -> bool:
         """`update_field(*loader_args, field, value)`: change one field of a cached record.
@@ -150,15 +147,15 @@ class CachedFunction(_CachedBase[P, R]):
         """
         loader_args, field, value = self._split_update(args)
         engine, key = self._locate(loader_args, kwargs)
+        return self._change(engine, key, update_field(self._plan, key, field, value))
+
+    def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
         side = engine.sync_side()
+        changed = run_sync(flow, side.client, side.scripts, _no_load, _no_seal)[0]
+        # Only now: a read already sharing a lookup made before the change may finish
+        # with it, but no read that starts after this call returns may join it.
         side.flights.forget(key)
-        return run_sync(
-            update_field(self._plan, key, field, value),
-            side.client,
-            side.scripts,
-            _no_load,
-            _no_seal,
-        )[0]
+        return changed
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
@@ -185,13 +182,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the entry (value or negative sentinel); True if one existed."""
         engine, key = self._locate(args, kwargs)
-        side = engine.async_side()
-        side.flights.forget(key)
-        return (
-            await run_async(
-                invalidate(self._plan, key), side.client, side.scripts, _no_async_load, _no_seal
-            )
-        )[0]
+        return await self._change(engine, key, invalidate(self._plan, key))
 
     async def update_field(self, *args: Any, **kwargs: Any) -> bool:
         """`await update_field(*loader_args, field, value)`: change one cached field.
@@ -200,17 +191,13 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         """
         loader_args, field, value = self._split_update(args)
         engine, key = self._locate(loader_args, kwargs)
+        return await self._change(engine, key, update_field(self._plan, key, field, value))
+
+    async def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
         side = engine.async_side()
-        side.flights.forget(key)
-        return (
-            await run_async(
-                update_field(self._plan, key, field, value),
-                side.client,
-                side.scripts,
-                _no_async_load,
-                _no_seal,
-            )
-        )[0]
+        changed = (await run_async(flow, side.client, side.scripts, _no_async_load, _no_seal))[0]
+        side.flights.forget(key)  # after the change, as in CachedFunction._change
+        return changed
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)

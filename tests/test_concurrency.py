@@ -279,3 +279,45 @@ def test_a_value_stored_by_another_process_is_a_hit(redis_url_or_skip: str) -> N
     finally:
         delete_prefix(engine.sync_side().client, prefix)
         engine.close()
+
+
+async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_lookup(
+    engine: CacheEngine, clients: Any
+) -> None:
+    """A task's lookup that Redis answered before the delete must not be shared with a
+    task that starts after invalidate() has returned."""
+    raw = clients[2]
+    version = {"v": 1}
+
+    @cache_aside(key="order:<id>", ttl=30, engine=engine)
+    async def read(id: str) -> int:
+        return version["v"]
+
+    assert await read("k") == 1  # cached: v1
+    side = engine.async_side()
+    real_execute = side.client.execute_command
+    lookup_answered = asyncio.Event()
+    release_reply = asyncio.Event()
+
+    async def slow_reply(*args: Any, **kwargs: Any) -> Any:
+        reply = await real_execute(*args, **kwargs)
+        if args[0] == "GET":  # Redis answered with v1; the reply is still "in flight"
+            lookup_answered.set()
+            await release_reply.wait()
+        return reply
+
+    side.client.execute_command = slow_reply
+    try:
+        early = asyncio.create_task(read("k"))
+        await lookup_answered.wait()
+        side.client.execute_command = real_execute
+        version["v"] = 2
+        assert await read.invalidate("k") is True
+        late = asyncio.create_task(read("k"))  # begins after invalidate() returned
+        await asyncio.sleep(0.01)
+        release_reply.set()
+        assert await early == 1  # began before the invalidation: v1 is a fair answer
+        assert await late == 2
+    finally:
+        side.client.execute_command = real_execute
+    assert raw.exists(read.key("k")) == 1
