@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio
 
 from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside.scripts import ScriptName
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 
@@ -282,11 +283,10 @@ def test_a_value_stored_by_another_process_is_a_hit(redis_url_or_skip: str) -> N
 
 
 async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_lookup(
-    engine: CacheEngine, clients: Any
+    engine: CacheEngine,
 ) -> None:
-    """A task's lookup that Redis answered before the delete must not be shared with a
-    task that starts after invalidate() has returned."""
-    raw = clients[2]
+    """A lookup that Redis answered before the delete may serve the read that made it,
+    but never a read that starts after invalidate() has returned."""
     version = {"v": 1}
 
     @cache_aside(key="order:<id>", ttl=30, engine=engine)
@@ -296,28 +296,37 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
     assert await read("k") == 1  # cached: v1
     side = engine.async_side()
     real_execute = side.client.execute_command
+    real_invalidate = side.scripts[ScriptName.INVALIDATE]
+    send_invalidation = asyncio.Event()
     lookup_answered = asyncio.Event()
-    release_reply = asyncio.Event()
+    deliver_lookup = asyncio.Event()
 
-    async def slow_reply(*args: Any, **kwargs: Any) -> Any:
+    async def held_invalidation(**kwargs: Any) -> Any:
+        await send_invalidation.wait()
+        return await real_invalidate(**kwargs)
+
+    async def held_lookup(*args: Any, **kwargs: Any) -> Any:
         reply = await real_execute(*args, **kwargs)
-        if args[0] == "GET":  # Redis answered with v1; the reply is still "in flight"
-            lookup_answered.set()
-            await release_reply.wait()
+        lookup_answered.set()
+        await deliver_lookup.wait()  # Redis answered v1; the reply is still in flight
         return reply
 
-    side.client.execute_command = slow_reply
+    side.scripts[ScriptName.INVALIDATE] = held_invalidation  # type: ignore[index]
     try:
-        early = asyncio.create_task(read("k"))
+        version["v"] = 2  # the writer updated the primary and now invalidates
+        invalidation = asyncio.create_task(read.invalidate("k"))
+        await asyncio.sleep(0)
+        side.client.execute_command = held_lookup
+        early = asyncio.create_task(read("k"))  # starts while the invalidation is under way
         await lookup_answered.wait()
         side.client.execute_command = real_execute
-        version["v"] = 2
-        assert await read.invalidate("k") is True
-        late = asyncio.create_task(read("k"))  # begins after invalidate() returned
+        send_invalidation.set()
+        assert await invalidation is True
+        late = asyncio.create_task(read("k"))  # starts after invalidate() returned
         await asyncio.sleep(0.01)
-        release_reply.set()
-        assert await early == 1  # began before the invalidation: v1 is a fair answer
+        deliver_lookup.set()
+        assert await early == 1  # began before the invalidation returned: a fair answer
         assert await late == 2
     finally:
         side.client.execute_command = real_execute
-    assert raw.exists(read.key("k")) == 1
+        side.scripts[ScriptName.INVALIDATE] = real_invalidate  # type: ignore[index]
