@@ -58,7 +58,7 @@ class CacheAside:
             )
         template = KeyTemplate(self._key, loader)
         codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
-        plan = Plan(name, codec, self._options, Stats(name))
+        plan = Plan(name, codec, self._options, Stats(name), self._options.refresh_ahead_ms > 0)
         if inspect.iscoroutinefunction(loader):
             return AsyncCachedFunction(loader, template, plan, self._engine)
         return CachedFunction(loader, template, plan, self._engine)
@@ -73,6 +73,7 @@ def cache_aside(
     lock_ttl: Duration | None = None,
     engine: CacheEngine | None = None,
     fail_open: bool = True,
+    refresh_ahead: Duration | None = None,
 ) -> CacheAside:
     """Cache a loader's results in Redis with the cache-aside pattern.
 
@@ -90,6 +91,10 @@ def cache_aside(
         engine: the CacheEngine to use; default: the one set by `configure()`.
         fail_open: when Redis fails, call the loader (True) or raise
             CacheUnavailableError (False).
+        refresh_ahead: a window before expiry (seconds or timedelta, < ttl). A hit
+            inside it still returns the cached value at once, and one caller reloads
+            the entry in the background, so hot keys never expire into a miss. Costs
+            a Lua lookup (value and ttl in one round trip) instead of a plain read.
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.
@@ -102,4 +107,5 @@ def cache_aside(
         negative_ttl=negative_ttl,
         lock_ttl=lock_ttl,
         fail_open=fail_open,
+        refresh_ahead=refresh_ahead,
     )

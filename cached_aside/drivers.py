@@ -1,33 +1,38 @@
-"""Drivers run flows against real clients: the sync ones with redis.Redis, the async
-ones with redis.asyncio. They are twins on purpose, kept side by side so that their
-symmetry shows; the algorithm itself lives in flows.py.
+"""Drivers run flows against real clients: the sync ones with redis.Redis and threads,
+the async ones with redis.asyncio and tasks. They are twins on purpose, kept side by
+side so that their symmetry shows; the algorithm itself lives in flows.py.
 
-serve_sync/serve_async send the lookup command directly, because a hit is the hot
-path and a generator round costs about a microsecond; flows.on_lookup still decides.
+serve_sync/serve_async send the lookup directly, because a hit is the hot path and a
+generator round costs about a microsecond there; flows.on_lookup still decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
-from .effects import Command, CommandFailed, Flow, RunScript, Signal
+from .effects import Command, CommandFailed, Flow, RunScript, Signal, Spawn
 from .flows import Plan, Served, after_miss, on_lookup
 from .scripts import ScriptName
 
 T = TypeVar("T")
-
-SyncScripts = Mapping[ScriptName, Callable[..., Any]]
-AsyncScripts = Mapping[ScriptName, Callable[..., Awaitable[Any]]]
+logger = logging.getLogger("cached_aside")
 
 
 def failed(exc: RedisError) -> CommandFailed:
     """Wrap a redis-py error for the flow, telling bad data apart from an outage."""
     wrong_type = isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
     return CommandFailed(exc, wrong_type=wrong_type)
+
+
+def _no_seal() -> None:
+    return None
 
 
 def serve_sync(
@@ -43,7 +48,10 @@ def serve_sync(
     if key not in side.flights.active:  # else: another thread is loading it; join
         started = perf_counter()
         try:
-            raw = side.client.execute_command(plan.codec.read_command, key)
+            if plan.peek:
+                raw = side.scripts[ScriptName.PEEK](keys=(key,), args=(plan.codec.redis_type,))
+            else:
+                raw = side.client.execute_command(plan.codec.read_command, key)
         except RedisError as exc:
             raw = failed(exc)
         seconds = perf_counter() - started
@@ -59,8 +67,7 @@ def serve_sync(
 def _miss_sync(
     plan: Plan, key: str, side: Any, raw: Any, load: Callable[[], Any], seal: Callable[[], None]
 ) -> tuple[Served, float]:
-    flow = after_miss(plan, key, raw, side.block_limit_ms)
-    return run_sync(flow, side.client, side.scripts, load, seal)
+    return run_sync(after_miss(plan, key, raw, side.block_limit_ms), side, load, seal)
 
 
 async def serve_async(
@@ -88,7 +95,10 @@ async def _read_async(
 ) -> tuple[Served, float]:
     started = perf_counter()
     try:
-        raw = await side.client.execute_command(plan.codec.read_command, key)
+        if plan.peek:
+            raw = await side.scripts[ScriptName.PEEK](keys=(key,), args=(plan.codec.redis_type,))
+        else:
+            raw = await side.client.execute_command(plan.codec.read_command, key)
     except RedisError as exc:
         raw = failed(exc)
     seconds = perf_counter() - started
@@ -96,18 +106,12 @@ async def _read_async(
     if hit is not None:
         return hit, seconds
     flow = after_miss(plan, key, raw, side.block_limit_ms)
-    served, more = await run_async(
-        flow, side.client, side.scripts, lambda: loader(*args, **kwargs), seal
-    )
+    served, more = await run_async(flow, side, lambda: loader(*args, **kwargs), seal)
     return served, seconds + more
 
 
 def run_sync(
-    flow: Flow[T],
-    client: Any,
-    scripts: SyncScripts,
-    load: Callable[[], Any],
-    seal: Callable[[], None],
+    flow: Flow[T], side: Any, load: Callable[[], Any], seal: Callable[[], None]
 ) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent waiting on Redis."""
     redis_seconds = 0.0
@@ -122,21 +126,27 @@ def run_sync(
         if type(effect) is Command:
             started = perf_counter()
             try:
-                reply = client.execute_command(*effect.args)
+                reply = side.client.execute_command(*effect.args)
             except RedisError as exc:
                 failure = failed(exc)
-            except BaseException as exc:  # cancellation too: the flow releases its lock
+            except BaseException as exc:  # interrupts too: the flow releases its lock
                 failure = exc
             redis_seconds += perf_counter() - started
         elif type(effect) is RunScript:
             started = perf_counter()
             try:
-                reply = scripts[effect.script](keys=effect.keys, args=effect.args)
+                reply = side.scripts[effect.script](keys=effect.keys, args=effect.args)
             except RedisError as exc:
                 failure = failed(exc)
-            except BaseException as exc:  # cancellation too: the flow releases its lock
+            except BaseException as exc:
                 failure = exc
             redis_seconds += perf_counter() - started
+        elif type(effect) is Spawn:
+            if effect.key not in side.background:
+                side.background.add(effect.key)
+                threading.Thread(
+                    target=_background_sync, args=(effect, side, load), daemon=True
+                ).start()
         elif effect is Signal.LOAD:
             try:
                 reply = load()
@@ -146,12 +156,17 @@ def run_sync(
             seal()
 
 
+def _background_sync(effect: Spawn, side: Any, load: Callable[[], Any]) -> None:
+    try:
+        run_sync(effect.flow, side, load, _no_seal)
+    except Exception:
+        logger.warning("background work on %r failed", effect.key, exc_info=True)
+    finally:
+        side.background.discard(effect.key)
+
+
 async def run_async(
-    flow: Flow[T],
-    client: Any,
-    scripts: AsyncScripts,
-    load: Callable[[], Awaitable[Any]],
-    seal: Callable[[], None],
+    flow: Flow[T], side: Any, load: Callable[[], Awaitable[Any]], seal: Callable[[], None]
 ) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent waiting on Redis."""
     redis_seconds = 0.0
@@ -166,7 +181,7 @@ async def run_async(
         if type(effect) is Command:
             started = perf_counter()
             try:
-                reply = await client.execute_command(*effect.args)
+                reply = await side.client.execute_command(*effect.args)
             except RedisError as exc:
                 failure = failed(exc)
             except BaseException as exc:  # cancellation too: the flow releases its lock
@@ -175,12 +190,18 @@ async def run_async(
         elif type(effect) is RunScript:
             started = perf_counter()
             try:
-                reply = await scripts[effect.script](keys=effect.keys, args=effect.args)
+                reply = await side.scripts[effect.script](keys=effect.keys, args=effect.args)
             except RedisError as exc:
                 failure = failed(exc)
-            except BaseException as exc:  # cancellation too: the flow releases its lock
+            except BaseException as exc:
                 failure = exc
             redis_seconds += perf_counter() - started
+        elif type(effect) is Spawn:
+            if effect.key not in side.background:
+                side.background.add(effect.key)
+                task = asyncio.get_running_loop().create_task(_background_async(effect, side, load))
+                side.tasks.add(task)  # a task nobody references can be collected mid-run
+                task.add_done_callback(side.tasks.discard)
         elif effect is Signal.LOAD:
             try:
                 reply = await load()
@@ -188,3 +209,12 @@ async def run_async(
                 failure = exc
         elif effect is Signal.SEAL:
             seal()
+
+
+async def _background_async(effect: Spawn, side: Any, load: Callable[[], Awaitable[Any]]) -> None:
+    try:
+        await run_async(effect.flow, side, load, _no_seal)
+    except Exception:
+        logger.warning("background work on %r failed", effect.key, exc_info=True)
+    finally:
+        side.background.discard(effect.key)

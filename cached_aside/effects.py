@@ -32,6 +32,18 @@ class RunScript:
     args: tuple[Any, ...]
 
 
+@dataclass(slots=True)
+class Spawn:
+    """Run `flow` in the background (a thread or a task) and carry on at once.
+
+    At most one background flow per key runs in a process at a time; a second Spawn
+    for the same key while one runs is dropped.
+    """
+
+    key: str
+    flow: Generator[Any, Any, Any]
+
+
 class Signal(enum.Enum):
     """Effects without parameters."""
 
@@ -39,7 +51,7 @@ class Signal(enum.Enum):
     SEAL = "seal"  # later callers in this process must not join this call any more
 
 
-Effect = Command | RunScript | Signal
+Effect = Command | RunScript | Spawn | Signal
 Flow = Generator[Effect, Any, T]
 
 

@@ -47,6 +47,7 @@ class SyncSide:
     scripts: Mapping[ScriptName, Any]
     flights: ThreadFlights
     block_limit_ms: int
+    background: set[str] = field(default_factory=set)  # keys with a background refresh
 
 
 @dataclass(slots=True)
@@ -55,8 +56,10 @@ class AsyncSide:
 
     client: Any
     scripts: Mapping[ScriptName, Any]
-    flights: TaskFlights = field(default_factory=TaskFlights)
-    block_limit_ms: int = DEFAULT_BLOCK_LIMIT_MS
+    flights: TaskFlights
+    block_limit_ms: int
+    background: set[str] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def url_from_environment() -> str:

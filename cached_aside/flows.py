@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
-from .effects import Command, CommandFailed, Flow, RunScript, Signal
+from .effects import Command, CommandFailed, Flow, RunScript, Signal, Spawn
 from .errors import CacheUnavailableError, ConfigurationError, UnstorableValueError
 from .keys import EntryKeys, entry_keys
 from .options import Options
@@ -42,6 +42,7 @@ class Plan:
     codec: Codec
     options: Options
     stats: Stats
+    peek: bool = False  # look up with the PEEK script (value and ttl): refresh_ahead is on
 
 
 @dataclass(slots=True)
@@ -54,14 +55,20 @@ class Served:
 
 
 def on_lookup(plan: Plan, raw: Any) -> Served | None:
-    """Judge the reply to the lookup command: the answer on a hit, None on a miss.
+    """Judge the reply to the lookup: the answer on a hit, None on a miss.
 
-    This is the whole hit path: drivers send the codec's read command themselves
-    and start the `after_miss` flow only when this returns None.
+    This is the whole hit path: drivers send the lookup themselves and start the
+    `after_miss` flow only when this returns None (also for a hit whose entry is due
+    for a refresh_ahead reload).
     """
     if type(raw) is CommandFailed:
         return None
-    found = plan.codec.decode(raw)
+    if plan.peek:
+        found, due = _unpack_peek(plan, raw)
+        if due:
+            return None
+    else:
+        found = plan.codec.decode(raw)
     if type(found) is not Found:
         plan.stats.hit()
         return Served(found, Source.CACHE)
@@ -71,15 +78,61 @@ def on_lookup(plan: Plan, raw: Any) -> Served | None:
     return None
 
 
+def _unpack_peek(plan: Plan, raw: Any) -> tuple[Any, bool]:
+    """The PEEK script's reply as (decoded value or Found, whether a refresh is due)."""
+    if not raw:
+        return Found.MISS, False
+    if len(raw) == 1:
+        return Found.CORRUPT, False  # the key holds another Redis type
+    found = plan.codec.decode(raw[0])
+    due = type(found) is not Found and 0 <= raw[1] <= plan.options.refresh_ahead_ms
+    return found, due
+
+
 def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Served]:
-    """The miss path, given the lookup's reply (or its failure) that on_lookup refused."""
+    """Everything but a plain hit, given the lookup's reply (None: not looked up)."""
     if type(raw) is CommandFailed:
         if not raw.wrong_type:
             return (yield from _load_uncached(plan, key, raw))
-        corrupt = True
+        return (yield from _miss(plan, key, True, block_limit_ms))
+    if plan.peek:
+        found, due = _unpack_peek(plan, raw)
+        if due:
+            # Serve the cached value now; one background reload per process, and one
+            # across processes through the lock, replaces it before it expires.
+            yield Spawn(key, _refresh(plan, key, block_limit_ms))
+            plan.stats.hit()
+            return Served(found, Source.CACHE)
     else:
-        corrupt = plan.codec.decode(raw) is Found.CORRUPT
-    return (yield from _miss(plan, key, corrupt, block_limit_ms))
+        found = plan.codec.decode(raw)
+    return (yield from _miss(plan, key, found is Found.CORRUPT, block_limit_ms))
+
+
+def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[None]:
+    keys = entry_keys(key)
+    token = os.urandom(16).hex()
+    try:
+        # Ignore the cached value: it is the one being replaced.
+        reply = yield RunScript(
+            ScriptName.ACQUIRE,
+            keys[:3],
+            (token, plan.options.lock_ttl_ms, plan.codec.redis_type, "1"),
+        )
+        if reply[0] == AcquireStatus.OWNED:
+            yield from _load_and_store(plan, keys, token)
+            return
+        # Another caller is reloading: wait for its store here, in the background, so
+        # this process does not ask again on every hit until then.
+        yield _wait_for_wake_up(keys, int(reply[1]), block_limit_ms)
+    except CommandFailed as failure:
+        plan.stats.error(key, failure)
+
+
+def _wait_for_wake_up(keys: EntryKeys, lock_pttl_ms: int, block_limit_ms: int) -> Command:
+    """Block until the owner's store pushes a token, or until its lock would have
+    expired (it may have died); never longer than the socket timeout allows."""
+    wait_ms = min(max(lock_pttl_ms, MIN_WAIT_MS), block_limit_ms)
+    return Command(("BLPOP", keys.wake, f"{wait_ms / 1000:.3f}"))
 
 
 def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Served]:
@@ -122,11 +175,8 @@ def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Serv
             return Served(value, Source.CACHE)
         waited = True
         corrupt = False  # the owner's store replaces whatever was there
-        # Block until the owner's store pushes a token, or until its lock would have
-        # expired (it may have died), then look again.
-        wait_ms = min(max(int(reply[1]), MIN_WAIT_MS), block_limit_ms)
         try:
-            yield Command(("BLPOP", keys.wake, f"{wait_ms / 1000:.3f}"))
+            yield _wait_for_wake_up(keys, int(reply[1]), block_limit_ms)
         except CommandFailed as failure:
             return (yield from _load_uncached(plan, key, failure))
 

@@ -151,7 +151,7 @@ class CachedFunction(_CachedBase[P, R]):
 
     def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
         side = engine.sync_side()
-        changed = run_sync(flow, side.client, side.scripts, _no_load, _no_seal)[0]
+        changed = run_sync(flow, side, _no_load, _no_seal)[0]
         # Only now: a read already sharing a lookup made before the change may finish
         # with it, but no read that starts after this call returns may join it.
         side.flights.forget(key)
@@ -195,7 +195,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
 
     async def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
         side = engine.async_side()
-        changed = (await run_async(flow, side.client, side.scripts, _no_async_load, _no_seal))[0]
+        changed = (await run_async(flow, side, _no_async_load, _no_seal))[0]
         side.flights.forget(key)  # after the change, as in CachedFunction._change
         return changed
 

@@ -28,6 +28,7 @@ class Options:
     lock_ttl_ms: int
     as_hash: bool
     fail_open: bool
+    refresh_ahead_ms: int = 0  # 0: off
 
 
 def to_milliseconds(name: str, value: object, *, allow_zero: bool = False) -> int:
@@ -57,6 +58,7 @@ def build_options(
     lock_ttl: Duration | None,
     as_hash: bool,
     fail_open: bool,
+    refresh_ahead: Duration | None = None,
 ) -> Options:
     """Validate the decorator's keyword options and derive the defaults."""
     ttl_ms = to_milliseconds("ttl", ttl)
@@ -74,7 +76,16 @@ def build_options(
         raise ConfigurationError(f"as_hash must be True or False, got {as_hash!r}")
     if not isinstance(fail_open, bool):
         raise ConfigurationError(f"fail_open must be True or False, got {fail_open!r}")
+    refresh_ahead_ms = 0
+    if refresh_ahead is not None:
+        refresh_ahead_ms = to_milliseconds("refresh_ahead", refresh_ahead)
+        if refresh_ahead_ms >= ttl_ms:
+            raise ConfigurationError(
+                f"refresh_ahead ({refresh_ahead!r}) must be shorter than ttl ({ttl!r}): it "
+                "is the window before expiry in which one caller reloads the entry"
+            )
     return Options(
+        refresh_ahead_ms=refresh_ahead_ms,
         ttl_ms=ttl_ms,
         negative_ttl_ms=negative_ttl_ms,
         lock_ttl_ms=lock_ttl_ms,

@@ -105,6 +105,20 @@ return 1
 """
 
 
+PEEK: Final = """
+-- KEYS[1] value key
+-- ARGV[1] expected type of the value ('hash' or 'string')
+-- returns {} when nothing is cached; {false} when the key holds another type;
+-- {value, pttl} otherwise (HGETALL pairs or GET bytes, and the ms left to live).
+-- The lookup of functions with refresh_ahead: one round trip tells value and age.
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'none' then return {} end
+if kind ~= ARGV[1] then return {false} end
+if kind == 'hash' then return {redis.call('HGETALL', KEYS[1]), redis.call('PTTL', KEYS[1])} end
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+
 class ScriptName(enum.Enum):
     """The scripts a flow can ask a driver to run."""
 
@@ -112,6 +126,7 @@ class ScriptName(enum.Enum):
     STORE = STORE
     INVALIDATE = INVALIDATE
     UPDATE_FIELD = UPDATE_FIELD
+    PEEK = PEEK
 
 
 class AcquireStatus(enum.IntEnum):
