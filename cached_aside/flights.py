@@ -33,7 +33,7 @@ class _Flight:
         self.key = key
         self.answer: Answer | None = None
         self.error: BaseException | None = None
-        self.done: Any = None  # a held lock (threads)
+        self.done: threading.Event | None = None  # set when the leader is done (threads)
         self.joiners: list[asyncio.Future[None]] | None = None  # (tasks)
 
     def seal(self) -> None:
@@ -85,13 +85,13 @@ class ThreadFlights(_Registry):
         """
         while True:
             flight = _Flight(self, key)
-            flight.done = done = threading.Lock()
-            done.acquire()
+            # An Event wakes every joiner at once; a held lock would hand over one by one.
+            flight.done = done = threading.Event()
             current = self.active.setdefault(key, flight)  # atomic under the GIL
             if current is flight:
                 break
-            with current.done:
-                pass
+            assert current.done is not None
+            current.done.wait()
             answer = current.outcome()
             if answer is not None:
                 return answer, True
@@ -103,7 +103,7 @@ class ThreadFlights(_Registry):
             raise
         finally:
             self.close(flight)
-            done.release()
+            done.set()
 
 
 class TaskFlights(_Registry):
