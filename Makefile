@@ -28,3 +28,5 @@ test: lint
 
 bench: venv
 	$(BIN)/python -m benchmarks.hit_path
+	$(BIN)/python -m benchmarks.stampede
+	$(BIN)/python -m benchmarks.race
