@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside.scripts import ScriptName
 
 from .conftest import REDIS_URL, delete_prefix, unique_prefix
 
@@ -322,3 +323,34 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
 def test_refresh_ahead_must_be_shorter_than_ttl() -> None:
     with pytest.raises(ValueError, match="refresh_ahead"):
         cache_aside(key="x:<id>", ttl=1, refresh_ahead=1)
+
+
+async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: CacheEngine) -> None:
+    @cache_aside(key="count:<id>", ttl=30, engine=engine)
+    async def load(id: str) -> str:
+        await asyncio.sleep(0.05)
+        return id
+
+    side = engine.async_side()
+    sent: list[str] = []
+    real_execute = side.client.execute_command
+    real_acquire = side.scripts[ScriptName.ACQUIRE]
+
+    async def counted_execute(*args: Any, **kwargs: Any) -> Any:
+        sent.append(str(args[0]))
+        return await real_execute(*args, **kwargs)
+
+    async def counted_acquire(**kwargs: Any) -> Any:
+        sent.append("ACQUIRE")
+        return await real_acquire(**kwargs)
+
+    side.client.execute_command = counted_execute
+    side.scripts[ScriptName.ACQUIRE] = counted_acquire  # type: ignore[index]
+    try:
+        assert await asyncio.gather(*(load("k") for _ in range(500))) == ["k"] * 500
+    finally:
+        side.client.execute_command = real_execute
+        side.scripts[ScriptName.ACQUIRE] = real_acquire  # type: ignore[index]
+    # Script calls reach execute_command as EVALSHA; count the lookups and lock attempts.
+    assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1)
+    assert load.stats().loads == 1
