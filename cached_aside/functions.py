@@ -72,12 +72,15 @@ class _CachedBase(Generic[P, R]):
         self._engine = engine
         self._registered_with: CacheEngine | None = None
 
+    def _register(self, engine: CacheEngine) -> None:
+        engine.register(self._plan.stats)
+        self._registered_with = engine
+
     def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
         """The engine to use and the entry's key; the first step of every method."""
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
-            engine.register(self._plan.stats)
-            self._registered_with = engine
+            self._register(engine)
         return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -125,8 +128,15 @@ class CachedFunction(_CachedBase[P, R]):
     """A cached plain function. Call it like the loader."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        served, _ = self._serve(args, kwargs)
-        return served.value  # type: ignore[no-any-return]
+        # _serve spelled out: on the hit path every Python call costs microseconds.
+        engine = self._engine or default_engine()
+        if engine is not self._registered_with:
+            self._register(engine)
+        key = engine.key_head + self._template.render(args, kwargs) + "}"
+        served, _, joined = serve_sync(
+            self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
+        )
+        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
 
     def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
@@ -169,8 +179,15 @@ class AsyncCachedFunction(_CachedBase[P, R]):
     """A cached `async def` function. Await it like the loader."""
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        served, _ = await self._serve(args, kwargs)
-        return served.value  # type: ignore[no-any-return]
+        # _serve spelled out: on the hit path every Python call costs microseconds.
+        engine = self._engine or default_engine()
+        if engine is not self._registered_with:
+            self._register(engine)
+        key = engine.key_head + self._template.render(args, kwargs) + "}"
+        served, _, joined = await serve_async(
+            self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
+        )
+        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
 
     async def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""

@@ -142,7 +142,17 @@ class _Slot:
 class KeyTemplate:
     """A compiled key template bound to one loader's signature."""
 
-    __slots__ = ("_fast_arity", "_format", "_positions", "_signature", "_slots", "text")
+    __slots__ = (
+        "_fast_arity",
+        "_format",
+        "_head",
+        "_positions",
+        "_signature",
+        "_single",
+        "_slots",
+        "_tail",
+        "text",
+    )
 
     def __init__(self, text: object, function: Callable[..., Any]) -> None:
         name = getattr(function, "__qualname__", repr(function))
@@ -176,6 +186,9 @@ class KeyTemplate:
         self._slots = tuple(slots)
         self._positions = tuple(slot.position or 0 for slot in slots)
         self._format = "{}".join(literals)
+        # Most templates have one placeholder: "product:<id>" renders as head + id + tail.
+        self._single = self._positions[0] if len(slots) == 1 else -1
+        self._head, self._tail = literals[0], literals[-1]
         required_keyword_only = any(
             p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters.values()
         )
@@ -186,7 +199,18 @@ class KeyTemplate:
     def render(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Render the key text (without prefix) for one call's arguments."""
         if not kwargs and len(args) == self._fast_arity:
-            rendered = self._format.format(*[render_argument(args[i]) for i in self._positions])
+            if self._single >= 0:
+                value = args[self._single]
+                kind = type(value)
+                if kind is str:
+                    text = _escaped.get(value) or _escape_text(value)
+                elif kind is int:
+                    text = str(value)
+                else:
+                    text = render_argument(value)
+                rendered = self._head + text + self._tail
+            else:
+                rendered = self._format.format(*[render_argument(args[i]) for i in self._positions])
         else:
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
