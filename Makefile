@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint format test bench
+.PHONY: venv lint format test bench demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +25,9 @@ format: venv
 
 test: lint
 	$(BIN)/python -m pytest
+
+demo: venv
+	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)
 
 bench: venv
 	$(BIN)/python -m benchmarks.hit_path

@@ -1,0 +1,201 @@
+"""The demo's API as plain methods returning (status, JSON body): no HTTP here, so
+the same calls serve the web page, curl and the tests."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import threading
+import time
+from typing import Any
+
+from ..decorator import cache_aside
+from ..engine import CacheEngine
+from .catalogue import FIELDS, Catalogue, CatalogueError, checked_value
+
+MAX_STAMPEDE = 500
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+Reply = tuple[int, dict[str, Any]]
+
+
+class Refused(Exception):
+    """A request the demo turns away; becomes a 4xx reply with a JSON error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def checked_id(id: str) -> str:
+    if not _ID.fullmatch(id):
+        raise Refused(400, "ids are 1 to 64 letters, digits, '-' or '_'")
+    return id
+
+
+class DemoApp:
+    """A cached product repository over the catalogue, and what the page can do with it."""
+
+    def __init__(
+        self, engine: CacheEngine, catalogue: Catalogue, redis_label: str, ttl_seconds: float = 60
+    ) -> None:
+        self.engine = engine
+        self.catalogue = catalogue
+        self.redis_label = redis_label
+        self.ttl_seconds = ttl_seconds
+        self._primary_ms = threading.local()
+
+        @cache_aside(
+            key="product:<id>", ttl=ttl_seconds, as_hash=True, negative_ttl=15, engine=engine
+        )
+        def get_product(id: str) -> dict[str, str | int] | None:
+            started = time.perf_counter()
+            try:
+                return catalogue.read(id)
+            finally:
+                self._primary_ms.value = (time.perf_counter() - started) * 1000
+
+        self.get_product = get_product
+
+    # -- endpoints -------------------------------------------------------------
+
+    def info(self) -> Reply:
+        return 200, {
+            "redis": self.redis_label,
+            "primary_latency_ms": self.catalogue.latency_ms,
+            "ttl_seconds": self.ttl_seconds,
+            "products": self.catalogue.ids(),
+            "fields": list(FIELDS),
+            "max_stampede": MAX_STAMPEDE,
+        }
+
+    def read(self, id: str) -> Reply:
+        checked_id(id)
+        self._primary_ms.value = None
+        result = self.get_product.lookup(id)
+        body = {
+            "id": id,
+            "record": result.value,
+            "hit": result.hit,
+            "source": result.source.value,
+            "redis_ms": round(result.redis_ms, 3),
+            "primary_ms": None
+            if self._primary_ms.value is None
+            else round(self._primary_ms.value, 1),
+            "key": self.get_product.key(id),
+            **self._ttl(id),
+        }
+        if result.value is None:
+            return 404, {"error": f"no product {id!r}", **body}
+        return 200, body
+
+    def ttl(self, id: str) -> Reply:
+        return 200, {"id": checked_id(id), **self._ttl(id)}
+
+    def update_primary(self, id: str, body: Any) -> Reply:
+        """Write to the primary, then invalidate: the next read loads the new row."""
+        field, value = self._field_change(id, body)
+        stored = self.catalogue.update(id, field, value)
+        invalidated = self.get_product.invalidate(id)
+        return 200, {"id": id, "field": field, "value": stored, "invalidated": invalidated}
+
+    def update_primary_route(self, body: Any, id: str) -> Reply:
+        return self.update_primary(id, body)
+
+    def update_cache_route(self, body: Any, id: str) -> Reply:
+        return self.update_hot_field(id, body)
+
+    def update_hot_field(self, id: str, body: Any) -> Reply:
+        """Change one field in the cached record only (update_field), if it is cached."""
+        field, value = self._field_change(id, body)
+        updated = self.get_product.update_field(id, field, value)
+        return 200, {
+            "id": id,
+            "field": field,
+            "value": str(value),
+            "updated": updated,
+            **self._ttl(id),
+        }
+
+    def stampede(self, body: Any) -> Reply:
+        """Invalidate a product, then read it from N threads at once."""
+        if not isinstance(body, dict):
+            raise Refused(400, 'send a JSON object like {"id": "p-001", "n": 50}')
+        id, n = body.get("id", "p-001"), body.get("n", 50)
+        checked_id(id if isinstance(id, str) else "")
+        if isinstance(n, str) and n.strip().isdigit():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise Refused(400, f"n must be a whole number from 1 to {MAX_STAMPEDE}")
+        if not 1 <= n <= MAX_STAMPEDE:
+            raise Refused(400, f"n must be from 1 to {MAX_STAMPEDE}, got {n}")
+        self.get_product.invalidate(id)
+        reads_before = self.catalogue.reads
+        barrier = threading.Barrier(n)
+        latencies: list[float] = []
+        sources: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def reader() -> None:
+            barrier.wait()
+            started = time.perf_counter()
+            result = self.get_product.lookup(id)
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                latencies.append(elapsed)
+                sources[result.source.value] = sources.get(result.source.value, 0) + 1
+
+        threads = [threading.Thread(target=reader) for _ in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ordered = sorted(latencies)
+        return 200, {
+            "id": id,
+            "n": n,
+            "primary_reads": self.catalogue.reads - reads_before,
+            "sources": sources,
+            "latency_ms": {
+                "p50": round(statistics.median(ordered), 1),
+                "p99": round(ordered[min(n - 1, int(n * 0.99))], 1),
+                "max": round(ordered[-1], 1),
+            },
+            "primary_latency_ms": self.catalogue.latency_ms,
+        }
+
+    def stats(self) -> Reply:
+        stats = self.get_product.stats()
+        return 200, {**stats.as_dict(), "primary_reads": self.catalogue.reads}
+
+    def reset_stats(self) -> Reply:
+        self.get_product.reset_stats()
+        self.catalogue.reads = 0
+        return self.stats()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _ttl(self, id: str) -> dict[str, Any]:
+        client = self.engine.sync_side().client
+        key = self.get_product.key(id)
+        ttl_ms = client.pttl(key)
+        negative = ttl_ms > 0 and client.hget(key, "__cached_aside__") == b"none"
+        return {
+            "ttl_ms": ttl_ms if ttl_ms > 0 else None,
+            "cached": ttl_ms > 0,
+            "negative": negative,
+        }
+
+    def _field_change(self, id: str, body: Any) -> tuple[str, str | int]:
+        checked_id(id)
+        if not isinstance(body, dict) or "field" not in body or "value" not in body:
+            raise Refused(400, 'send a JSON object like {"field": "stock", "value": 40}')
+        field, value = body["field"], body["value"]
+        if not isinstance(field, str) or field not in FIELDS:
+            raise Refused(400, f"unknown field {field!r}; use one of {', '.join(FIELDS)}")
+        try:
+            checked = checked_value(field, value)
+        except CatalogueError as exc:
+            raise Refused(400, str(exc)) from None
+        if not self.catalogue.exists(id):
+            raise Refused(404, f"no product {id!r}")
+        return field, checked
