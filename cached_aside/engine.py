@@ -292,25 +292,33 @@ def configure(
     *,
     client: Any = None,
     async_client: Any = None,
+    engine: CacheEngine | None = None,
     prefix: str = DEFAULT_PREFIX,
     **options: Any,
 ) -> CacheEngine:
     """Set the default engine used by functions decorated without `engine=`.
 
-    Give a `url` (options as for `CacheEngine.from_url`), or ready clients. Without
-    any, the URL comes from CACHED_ASIDE_REDIS_URL, else REDIS_URL, else
-    redis://127.0.0.1:6379/0. Returns the new engine.
+    Give a `url` (options as for `CacheEngine.from_url`), ready clients, or an
+    `engine` you built. Without any, the URL comes from CACHED_ASIDE_REDIS_URL, else
+    REDIS_URL, else redis://127.0.0.1:6379/0. Returns the new default engine.
     """
     global _default_engine
+    given = [name for name, value in (("url", url), ("engine", engine)) if value is not None]
     if client is not None or async_client is not None:
-        if url is not None or options:
-            raise ConfigurationError("give either url (with options) or clients, not both")
-        engine = CacheEngine(client, async_client, prefix=prefix)
+        given.append("clients")
+    if len(given) > 1 or (options and "url" not in given and given):
+        raise ConfigurationError(f"give one of url (with options), clients or engine, not {given}")
+    if engine is not None:
+        if not isinstance(engine, CacheEngine):
+            raise ConfigurationError(f"engine must be a CacheEngine, got {engine!r}")
+        chosen = engine
+    elif client is not None or async_client is not None:
+        chosen = CacheEngine(client, async_client, prefix=prefix)
     else:
-        engine = CacheEngine.from_url(url or url_from_environment(), prefix=prefix, **options)
+        chosen = CacheEngine.from_url(url or url_from_environment(), prefix=prefix, **options)
     with _default_lock:
-        _default_engine = engine
-    return engine
+        _default_engine = chosen
+    return chosen
 
 
 def default_engine() -> CacheEngine:

@@ -122,8 +122,11 @@ def test_configure_sets_the_default_engine(monkeypatch: pytest.MonkeyPatch) -> N
     assert fn.key("a") == "app:{p:a}"
     assert fakeredis.FakeRedis(server=server).exists("app:{p:a}") == 1
     assert engine.stats().loads == 1
-    with pytest.raises(ConfigurationError, match="not both"):
+    with pytest.raises(ConfigurationError, match="give one of"):
         cached_aside.configure("redis://x", client=fakeredis.FakeRedis())
+    other = CacheEngine(fakeredis.FakeRedis(server=server), prefix="other")
+    assert cached_aside.configure(engine=other) is cached_aside.default_engine() is other
+    assert fn.key("a") == "other:{p:a}"
 
 
 def test_default_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,6 @@
 over a real SQLite primary with a simulated read latency. Start it with
 `python -m cached_aside.demo` or `make demo`."""
 
-from .server import main
+from .server import choose_engine, main
 
-__all__ = ["main"]
+__all__ = ["choose_engine", "main"]

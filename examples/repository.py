@@ -1,0 +1,87 @@
+"""A product repository over SQLite with cached reads.
+
+Reads go through @cache_aside (hash storage); a write to the primary is followed by
+`invalidate`; a hot counter (stock, after a sale) is patched in the cache with
+`update_field` instead of dropping the whole entry.
+
+    python examples/repository.py            # REDIS_URL, else local Redis, else fakeredis
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from cached_aside import cache_aside, configure
+from cached_aside.demo import choose_engine
+
+
+class ProductRepository:
+    """Products in SQLite; `get` is cached, writes keep the cache honest."""
+
+    def __init__(self, path: Path, latency_ms: float = 50) -> None:
+        self.path = path
+        self.latency_ms = latency_ms
+        self.primary_reads = 0
+        with self._db() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS products "
+                "(id TEXT PRIMARY KEY, name TEXT NOT NULL, stock INTEGER NOT NULL)"
+            )
+            db.execute("INSERT OR REPLACE INTO products VALUES ('p-001', 'Fountain pen', 41)")
+
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path)
+
+    # `self` is not in the key: every repository instance shares the cache entries.
+    @cache_aside(key="product:<product_id>", ttl=60, as_hash=True)
+    def get(self, product_id: str) -> dict[str, str | int] | None:
+        self.primary_reads += 1
+        time.sleep(self.latency_ms / 1000)  # a real database is further away
+        with self._db() as db:
+            row = db.execute(
+                "SELECT id, name, stock FROM products WHERE id = ?", (product_id,)
+            ).fetchone()
+        return None if row is None else {"id": row[0], "name": row[1], "stock": row[2]}
+
+    def rename(self, product_id: str, name: str) -> None:
+        with self._db() as db:
+            db.execute("UPDATE products SET name = ? WHERE id = ?", (name, product_id))
+        self.get.invalidate(product_id)  # after the commit, not before
+
+    def sell(self, product_id: str) -> int:
+        with self._db() as db:
+            db.execute("UPDATE products SET stock = stock - 1 WHERE id = ?", (product_id,))
+            (stock,) = db.execute(
+                "SELECT stock FROM products WHERE id = ?", (product_id,)
+            ).fetchone()
+        # Patch the hot field only if the record is cached; never creates a partial one.
+        self.get.update_field(product_id, "stock", stock)
+        return int(stock)
+
+
+def main() -> None:
+    engine, label = choose_engine(None)
+    configure(engine=engine)
+    print(f"Redis: {label}")
+    repository = ProductRepository(Path(tempfile.mkdtemp()) / "shop.db")
+    repository.get.invalidate("p-001")  # start cold, whatever an earlier run left
+    for step in ("first read", "second read"):
+        result = repository.get.lookup("p-001")
+        print(f"{step}: {result.source.value:<8} {result.value}")
+    repository.rename("p-001", "Fountain pen, blue")
+    print(
+        f"after rename: {repository.get.lookup('p-001').source.value:<8} {repository.get('p-001')}"
+    )
+    stock = repository.sell("p-001")
+    print(f"after a sale: {repository.get.lookup('p-001').source.value:<8} stock {stock}")
+    first = repository.get("p-404")
+    print(f"missing id:   {first} then {repository.get.lookup('p-404').source.value}")
+    print(f"primary reads: {repository.primary_reads}, stats: {repository.get.stats().as_dict()}")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The examples run as a user would run them, and the pytest plugin works for users."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REDIS_URL
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester"]
+
+
+def run_example(name: str) -> str:
+    environment = {**os.environ, "REDIS_URL": REDIS_URL or ""}
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def test_repository_example() -> None:
+    out = run_example("repository.py")
+    assert "first read: loader" in out
+    assert "second read: cache" in out
+    assert "after rename: loader   {'id': 'p-001', 'name': 'Fountain pen, blue'" in out
+    assert "after a sale: cache    stock 40" in out
+    assert "missing id:   None then negative" in out
+
+
+def test_async_service_example() -> None:
+    out = run_example("async_service.py")
+    assert "100 concurrent requests: ['ink', 'pen'], primary reads: 1" in out
+    assert "after add_order: loader ['ink', 'nib', 'pen']" in out
+
+
+def test_the_cache_engine_fixture_for_users(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        """
+        import cached_aside
+        from cached_aside import cache_aside
+
+        calls = []
+
+        @cache_aside(key="user:<id>", ttl=30)   # no engine=: the default engine
+        def get_user(id):
+            calls.append(id)
+            return {"id": id}
+
+        def test_cached_once(cache_engine):
+            assert get_user(1) == {"id": 1}
+            assert get_user(1) == {"id": 1}
+            assert calls == [1]
+            assert get_user.key(1).startswith(cache_engine.prefix)
+            assert cached_aside.default_engine() is cache_engine
+
+        def test_isolated_from_the_previous_test(cache_engine):
+            assert get_user.lookup(1).source == "loader"
+        """
+    )
+    monkeypatch.delenv("CACHED_ASIDE_TEST_REDIS_URL", raising=False)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.skipif(REDIS_URL is None, reason="no Redis server reachable")
+def test_the_cache_engine_fixture_on_real_redis(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        """
+        from cached_aside import cache_aside
+
+        @cache_aside(key="n:<n>", ttl=30)
+        def double(n):
+            return n * 2
+
+        def test_real(cache_engine):
+            assert double(2) == 4
+            assert double.lookup(2).hit
+            assert cache_engine.sync_side().client.exists(double.key(2))
+        """
+    )
+    monkeypatch.setenv("CACHED_ASIDE_TEST_REDIS_URL", REDIS_URL or "")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
