@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint format test bench demo
+.PHONY: venv lint format test bench bench-quick demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,demo,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,6 +30,7 @@ demo: venv
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)
 
 bench: venv
-	$(BIN)/python -m benchmarks.hit_path
-	$(BIN)/python -m benchmarks.stampede
-	$(BIN)/python -m benchmarks.race
+	$(BIN)/python -m benchmarks --chart benchmarks/hit_path.png
+
+bench-quick: venv
+	$(BIN)/python -m benchmarks --quick

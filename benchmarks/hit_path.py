@@ -1,26 +1,25 @@
-"""Hit-path cost: a decorated call on a cached key vs the raw redis-py call it
-replaces, on the same client, interleaved in rounds so drift hits both alike.
+"""Hit path: a decorated call on a cached key vs the raw redis-py call it replaces
+(same client), and vs peer libraries on the same server and record.
 
-    python -m benchmarks.hit_path [--rounds 40] [--calls 250] [--url redis://...]
-
-Prints median and p99 per call and the ratio of medians (ours / raw).
+    python -m benchmarks.hit_path [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import statistics
-import time
+import functools
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import msgpack
 import redis
 import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
+
+from .runner import Settings, Table, latency_table, measure_async, measure_sync
 
 RECORD = {
     "id": "p-001",
@@ -32,168 +31,213 @@ RECORD = {
     "sku": "FP-001-BL",
     "category": "pens",
 }
+BENCH_EXTRA = "pip install 'cached_aside[bench]'"
 
 
-def measure_sync(
-    contenders: dict[str, Callable[[], Any]], rounds: int, calls: int
-) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    order = list(contenders.items())
-    for round_number in range(rounds):
-        for name, call in order if round_number % 2 else reversed(order):
-            sink = samples[name]
-            for _ in range(calls):
-                started = time.perf_counter_ns()
-                call()
-                sink.append((time.perf_counter_ns() - started) / 1000.0)
-    return samples
+class LoadCounter:
+    """Counts loader calls, so a hit-path figure can prove no timed call loaded."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def loader(self, name: str) -> Callable[[str], dict[str, str]]:
+        def load(id: str) -> dict[str, str]:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return dict(RECORD)
+
+        return load
+
+    def check(self) -> None:
+        wrong = {name: n for name, n in self.calls.items() if n != 1}
+        if wrong:
+            raise SystemExit(f"contenders loaded more than once while timing hits: {wrong}")
 
 
-async def measure_async(
-    contenders: dict[str, Callable[[], Awaitable[Any]]], rounds: int, calls: int
-) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    order = list(contenders.items())
-    for round_number in range(rounds):
-        for name, call in order if round_number % 2 else reversed(order):
-            sink = samples[name]
-            for _ in range(calls):
-                started = time.perf_counter_ns()
-                await call()
-                sink.append((time.perf_counter_ns() - started) / 1000.0)
-    return samples
+def decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {field.decode(): value.decode() for field, value in raw.items()}
 
 
-def check_hits_only(loads: int, expected_loads: int) -> None:
-    """A hit-path figure is only honest if the timed calls never loaded."""
-    if loads != expected_loads:
-        raise SystemExit(f"expected {expected_loads} loads (warm-up only), saw {loads}")
+def sync_peers(
+    settings: Settings, prefix: str, counter: LoadCounter
+) -> tuple[dict[str, Any], list[str]]:
+    contenders: dict[str, Any] = {}
+    notes: list[str] = []
+    try:
+        from dogpile.cache import make_region
 
-
-def report(title: str, samples: dict[str, list[float]], baseline: str) -> list[dict[str, Any]]:
-    base = statistics.median(samples[baseline])
-    rows = []
-    print(f"\n{title}")
-    print(f"  {'contender':<34}{'median µs':>11}{'p99 µs':>10}{'ratio':>8}")
-    for name, values in samples.items():
-        values = sorted(values)
-        median = statistics.median(values)
-        p99 = values[int(len(values) * 0.99) - 1]
-        rows.append(
-            {
-                "scenario": title,
-                "contender": name,
-                "median_us": round(median, 2),
-                "p99_us": round(p99, 2),
-                "ratio": round(median / base, 3),
-            }
+        region = make_region(key_mangler=lambda key: f"{prefix}:dogpile:{key}").configure(
+            "dogpile.cache.redis", expiration_time=300, arguments={"url": settings.url}
         )
-        print(f"  {name:<34}{median:>11.1f}{p99:>10.1f}{median / base:>8.3f}")
-    return rows
+        dogpile = region.cache_on_arguments()(counter.loader("dogpile.cache"))
+        dogpile("p-001")
+        contenders["dogpile.cache (redis backend)"] = lambda: dogpile("p-001")
+    except ImportError:
+        notes.append(f"dogpile.cache not installed ({BENCH_EXTRA})")
+    try:
+        from cachetools import TTLCache, cached
+
+        in_process = cached(TTLCache(maxsize=1024, ttl=300))(counter.loader("cachetools"))
+        in_process("p-001")
+        contenders["cachetools TTLCache (in process)"] = lambda: in_process("p-001")
+    except ImportError:
+        notes.append(f"cachetools not installed ({BENCH_EXTRA})")
+    lru = functools.lru_cache(maxsize=1024)(counter.loader("lru_cache"))
+    lru("p-001")
+    contenders["functools.lru_cache (in process)"] = lambda: lru("p-001")
+    return contenders, notes
 
 
-def run(url: str, rounds: int, calls: int) -> list[dict[str, Any]]:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(url)
+def run_sync(settings: Settings, prefix: str) -> list[Table]:
+    client = redis.Redis.from_url(settings.url)
     engine = CacheEngine(client, prefix=prefix)
-
-    @cache_aside(key="product:<id>", ttl=300, as_hash=True, engine=engine)
-    def get_product(id: str) -> dict[str, str]:
-        return dict(RECORD)
-
-    @cache_aside(key="packed:<id>", ttl=300, engine=engine)
-    def get_packed(id: str) -> dict[str, str]:
-        return dict(RECORD)
-
+    counter = LoadCounter()
+    get_product = cache_aside(key="product:<id>", ttl=300, as_hash=True, engine=engine)(
+        counter.loader("cached_aside hash")
+    )
+    get_packed = cache_aside(key="packed:<id>", ttl=300, engine=engine)(
+        counter.loader("cached_aside msgpack")
+    )
     get_product("p-001")
     get_packed("p-001")
     hash_key, packed_key = get_product.key("p-001"), get_packed.key("p-001")
-    rows = report(
-        "sync hit, hash mode",
+    peers, notes = sync_peers(settings, prefix, counter)
+    packed = latency_table(
+        "sync hit, msgpack record",
         measure_sync(
-            {
-                "raw redis-py HGETALL": lambda: client.hgetall(hash_key),
-                "cached_aside (as_hash=True)": lambda: get_product("p-001"),
-            },
-            rounds,
-            calls,
-        ),
-        "raw redis-py HGETALL",
-    )
-    rows += report(
-        "sync hit, msgpack mode",
-        measure_sync(
+            settings,
             {
                 "raw redis-py GET + unpackb": lambda: msgpack.unpackb(client.get(packed_key)),
                 "cached_aside (msgpack)": lambda: get_packed("p-001"),
+                **peers,
             },
-            rounds,
-            calls,
+            "sync hit, msgpack",
         ),
         "raw redis-py GET + unpackb",
     )
-    check_hits_only(get_product.stats().loads + get_packed.stats().loads, expected_loads=2)
-    rows += asyncio.run(run_async(url, prefix, rounds, calls, hash_key, packed_key))
-    client.unlink(hash_key, packed_key)
+    packed.notes = [
+        *notes,
+        "peers use their own client on the same server; in-process caches are the floor",
+    ]
+    hashed = latency_table(
+        "sync hit, hash record (8 fields)",
+        measure_sync(
+            settings,
+            {
+                "raw redis-py HGETALL": lambda: client.hgetall(hash_key),
+                "raw HGETALL + decode to str": lambda: decode_hash(client.hgetall(hash_key)),
+                "cached_aside (as_hash=True)": lambda: get_product("p-001"),
+            },
+            "sync hit, hash",
+        ),
+        "raw redis-py HGETALL",
+    )
+    hashed.notes = ["cached_aside returns str values, as the second row does"]
+    counter.check()
     client.close()
-    return rows
+    return [packed, hashed]
 
 
-async def run_async(
-    url: str, prefix: str, rounds: int, calls: int, hash_key: str, packed_key: str
-) -> list[dict[str, Any]]:
-    client = redis.asyncio.Redis.from_url(url)
+async def run_async(settings: Settings, prefix: str) -> list[Table]:
+    client = redis.asyncio.Redis.from_url(settings.url)
     engine = CacheEngine(async_client=client, prefix=prefix)
+    counter = LoadCounter()
 
-    @cache_aside(key="product:<id>", ttl=300, as_hash=True, engine=engine)
-    async def get_product(id: str) -> dict[str, str]:
-        return dict(RECORD)
+    def async_loader(name: str) -> Callable[[str], Any]:
+        load = counter.loader(name)
 
-    @cache_aside(key="packed:<id>", ttl=300, engine=engine)
-    async def get_packed(id: str) -> dict[str, str]:
-        return dict(RECORD)
+        async def loader(id: str) -> dict[str, str]:
+            return load(id)
+
+        return loader
+
+    get_product = cache_aside(key="product:<id>", ttl=300, as_hash=True, engine=engine)(
+        async_loader("cached_aside hash")
+    )
+    get_packed = cache_aside(key="packed:<id>", ttl=300, engine=engine)(
+        async_loader("cached_aside msgpack")
+    )
+    await get_product("p-001")
+    await get_packed("p-001")
+    hash_key, packed_key = get_product.key("p-001"), get_packed.key("p-001")
+    peers: dict[str, Any] = {}
+    notes: list[str] = []
+    closers: list[Any] = []
+    try:
+        from cashews import Cache as CashewsCache
+
+        cashews = CashewsCache()
+        cashews.setup(settings.url)
+        cashed = cashews(ttl="5m", key=prefix + ":cashews:product:{id}")(async_loader("cashews"))
+        await cashed("p-001")
+        peers["cashews (redis)"] = lambda: cashed("p-001")
+        closers.append(cashews.close)
+    except ImportError:
+        notes.append(f"cashews not installed ({BENCH_EXTRA})")
+    try:
+        from aiocache import Cache, cached
+
+        address = urlparse(settings.url)
+        aio = cached(
+            ttl=300,
+            cache=Cache.REDIS,
+            endpoint=address.hostname or "127.0.0.1",
+            port=address.port or 6379,
+            namespace=f"{prefix}:aiocache",
+        )(async_loader("aiocache"))
+        await aio("p-001")
+        peers["aiocache (redis)"] = lambda: aio("p-001")
+        closers.append(aio.cache.close)  # type: ignore[attr-defined]
+    except ImportError:
+        notes.append(f"aiocache not installed ({BENCH_EXTRA})")
 
     async def raw_packed() -> Any:
         return msgpack.unpackb(await client.get(packed_key))
 
-    rows = report(
-        "async hit, hash mode",
-        await measure_async(
-            {
-                "raw redis.asyncio HGETALL": lambda: client.hgetall(hash_key),
-                "cached_aside (as_hash=True)": lambda: get_product("p-001"),
-            },
-            rounds,
-            calls,
-        ),
-        "raw redis.asyncio HGETALL",
-    )
-    rows += report(
-        "async hit, msgpack mode",
-        await measure_async(
-            {
-                "raw redis.asyncio GET + unpackb": raw_packed,
-                "cached_aside (msgpack)": lambda: get_packed("p-001"),
-            },
-            rounds,
-            calls,
-        ),
-        "raw redis.asyncio GET + unpackb",
-    )
-    check_hits_only(get_product.stats().loads + get_packed.stats().loads, expected_loads=0)
-    await client.aclose()
-    return rows
+    async def raw_decoded() -> Any:
+        return decode_hash(await client.hgetall(hash_key))
+
+    try:
+        packed = latency_table(
+            "async hit, msgpack record",
+            await measure_async(
+                settings,
+                {
+                    "raw redis.asyncio GET + unpackb": raw_packed,
+                    "cached_aside (msgpack)": lambda: get_packed("p-001"),
+                    **peers,
+                },
+                "async hit, msgpack",
+            ),
+            "raw redis.asyncio GET + unpackb",
+        )
+        packed.notes = notes
+        hashed = latency_table(
+            "async hit, hash record (8 fields)",
+            await measure_async(
+                settings,
+                {
+                    "raw redis.asyncio HGETALL": lambda: client.hgetall(hash_key),
+                    "raw HGETALL + decode to str": raw_decoded,
+                    "cached_aside (as_hash=True)": lambda: get_product("p-001"),
+                },
+                "async hit, hash",
+            ),
+            "raw redis.asyncio HGETALL",
+        )
+        counter.check()
+    finally:
+        for close in closers:
+            await close()
+        await client.aclose()
+    return [packed, hashed]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--calls", type=int, default=250)
-    args = parser.parse_args()
-    print(f"hit path on {args.url}: {args.rounds} rounds x {args.calls} calls per contender")
-    run(args.url, args.rounds, args.calls)
-
-
-if __name__ == "__main__":
-    main()
+def run(settings: Settings) -> list[Table]:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        return run_sync(settings, prefix) + asyncio.run(run_async(settings, prefix))
+    finally:
+        cleanup = redis.Redis.from_url(settings.url)
+        for key in cleanup.scan_iter(match=f"{prefix}:*"):
+            cleanup.delete(key)
+        cleanup.close()

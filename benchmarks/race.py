@@ -30,6 +30,8 @@ import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
 
+from .runner import Settings, Table, print_tables
+
 
 class Primary:
     """A table of versions in a real SQLite file; one connection per thread."""
@@ -289,44 +291,59 @@ async def run_ours_async(
     return Outcome(len(log.reads), len(log.invalidations), count_stale_reads(log), stale_entries)
 
 
+def scenario(settings: Settings, reads: int | None = None) -> list[Table]:
+    workload = Workload(reads=reads or settings.scaled(3000, 600))
+    prefix = f"race-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(settings.url)
+    engines = [CacheEngine(redis.Redis.from_url(settings.url), prefix=prefix) for _ in range(2)]
+
+    async def with_tasks(directory: Path) -> Outcome:
+        async_engines = [
+            CacheEngine(
+                async_client=redis.asyncio.Redis.from_url(settings.url), prefix=prefix + "a"
+            )
+            for _ in range(2)
+        ]
+        outcome = await run_ours_async(async_engines, workload, directory)
+        for engine in async_engines:
+            await engine.async_side().client.aclose()
+        return outcome
+
+    with tempfile.TemporaryDirectory() as directory:
+        outcomes = {
+            "plain cache-aside (GET, else load and SET; DEL)": run_plain(
+                client, workload, Path(directory)
+            ),
+            "cached_aside, threads over two engines": run_ours(engines, workload, Path(directory)),
+            "cached_aside, asyncio tasks over two engines": asyncio.run(
+                with_tasks(Path(directory))
+            ),
+        }
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+    table = Table(
+        "stale reads under concurrent writes",
+        ["algorithm", "reads", "writes", "stale reads", "stale entries left"],
+    )
+    for name, outcome in outcomes.items():
+        table.rows.append(
+            [name, outcome.reads, outcome.invalidations, outcome.stale_reads, outcome.stale_entries]
+        )
+    table.notes = [
+        "stale: returned a version older than an invalidation completed before the read began",
+        f"{workload.keys} keys, loads sleep 0-{workload.load_delay_ms:g} "
+        "ms after reading the SQLite primary",
+    ]
+    return [table]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="stale reads: cached_aside vs plain cache-aside")
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--reads", type=int, default=3000)
     args = parser.parse_args()
-    workload = Workload(reads=args.reads)
-    client = redis.Redis.from_url(args.url)
-    prefix = f"race-{uuid.uuid4().hex[:8]}"
-    engines = [CacheEngine(redis.Redis.from_url(args.url), prefix=prefix) for _ in range(2)]
-    with tempfile.TemporaryDirectory() as directory:
-        plain = run_plain(client, workload, Path(directory))
-        ours = run_ours(engines, workload, Path(directory))
-
-        async def run_async() -> Outcome:
-            async_engines = [
-                CacheEngine(
-                    async_client=redis.asyncio.Redis.from_url(args.url), prefix=prefix + "a"
-                )
-                for _ in range(2)
-            ]
-            outcome = await run_ours_async(async_engines, workload, Path(directory))
-            for engine in async_engines:
-                await engine.async_side().client.aclose()
-            return outcome
-
-        ours_async = asyncio.run(run_async())
-    print(f"{'algorithm':<28}{'reads':>7}{'writes':>8}{'stale reads':>13}{'stale entries':>15}")
-    for name, outcome in (
-        ("plain cache-aside (sync)", plain),
-        ("cached_aside (threads)", ours),
-        ("cached_aside (asyncio)", ours_async),
-    ):
-        print(
-            f"{name:<28}{outcome.reads:>7}{outcome.invalidations:>8}"
-            f"{outcome.stale_reads:>13}{outcome.stale_entries:>15}"
-        )
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
+    print_tables(scenario(Settings(url=args.url), reads=args.reads))
 
 
 if __name__ == "__main__":

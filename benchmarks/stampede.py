@@ -25,12 +25,9 @@ import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
 
+from .runner import Settings, Table, percentile, print_tables
+
 LOADER_SECONDS = 0.1
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 class ThreadStampede:
@@ -131,22 +128,46 @@ def run(url: str, trials: int) -> dict[str, list[dict[str, Any]]]:
     return scenarios
 
 
+def scenario(settings: Settings) -> list[Table]:
+    trials = settings.scaled(5, 2)
+    table = Table(
+        f"stampede: cold key, loader {LOADER_SECONDS * 1000:.0f} ms, {trials} trials",
+        [
+            "scenario",
+            "loads per trial",
+            "after the load p50 ms",
+            "after the load p99 ms",
+            "beyond the loader p50 ms",
+            "beyond the loader p99 ms",
+        ],
+    )
+    for name, runs in run(settings.url, trials).items():
+        extra = [value for one in runs for value in one["extra_ms"]]
+        wake = [value for one in runs for value in one["wake_ms"]]
+        loads = ",".join(str(n) for n in sorted({one["loads"] for one in runs}))
+        table.rows.append(
+            [
+                name,
+                loads,
+                round(statistics.median(wake), 1),
+                round(percentile(wake, 0.99), 1),
+                round(statistics.median(extra), 1),
+                round(percentile(extra, 0.99), 1),
+            ]
+        )
+    table.notes = [
+        "after the load: how soon callers had the value once the loader returned",
+        "beyond the loader: latency minus the loader's, including the burst's start",
+    ]
+    return [table]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="stampede: loader calls and waiter latency")
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    scenarios = run(args.url, args.trials)
-    print(f"loader {LOADER_SECONDS * 1000:.0f} ms, {args.trials} trials")
-    header = ("scenario", "loads/trial", "beyond loader p50/p99 ms", "after load p50/p99 ms")
-    print(f"  {header[0]:<26}{header[1]:>12}{header[2]:>27}{header[3]:>24}")
-    for name, runs in scenarios.items():
-        extra = [value for run in runs for value in run["extra_ms"]]
-        wake = [value for run in runs for value in run["wake_ms"]]
-        loads = ",".join(str(n) for n in sorted({run["loads"] for run in runs}))
-        beyond = f"{statistics.median(extra):.1f} / {percentile(extra, 0.99):.1f}"
-        after = f"{statistics.median(wake):.1f} / {percentile(wake, 0.99):.1f}"
-        print(f"  {name:<26}{loads:>12}{beyond:>27}{after:>24}")
+    print_tables(scenario(Settings(url=args.url, quick=args.quick)))
 
 
 if __name__ == "__main__":

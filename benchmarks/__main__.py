@@ -1,0 +1,100 @@
+"""Run the benchmark suite: `python -m benchmarks [--quick] [--only NAME ...]`.
+
+Prints a table per scenario, writes results.json, and with --chart a PNG of the
+hit-path latency distributions (needs matplotlib, in the bench extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from rich.progress import Progress
+
+from . import hit_path, race, round_trips, stampede, throughput
+from .runner import Settings, Table, console, show
+
+SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
+    "hit_path": hit_path.run,
+    "round_trips": round_trips.run,
+    "stampede": stampede.scenario,
+    "throughput": throughput.run,
+    "race": race.scenario,
+}
+
+
+def chart(tables: list[Table], path: Path) -> bool:
+    """Box plots of the latency distributions; False when no scenario measured any."""
+    with_samples = [table for table in tables if table.samples]
+    if not with_samples:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        len(with_samples), 1, figsize=(10, 3.2 * len(with_samples)), squeeze=False
+    )
+    for axis, table in zip(axes[:, 0], with_samples, strict=True):
+        names = list(table.samples)
+        data = [sorted(values)[: int(len(values) * 0.99)] for values in table.samples.values()]
+        axis.boxplot(data, orientation="horizontal", showfliers=False)
+        axis.set_yticks(range(1, len(names) + 1), names, fontsize=8)
+        axis.set_title(table.title, fontsize=10, loc="left")
+        axis.set_xlabel("µs per call (up to p99)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--quick", action="store_true", help="small counts: about a minute")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenarios to run")
+    parser.add_argument("--json", type=Path, default=Path("results.json"))
+    parser.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    args = parser.parse_args()
+    out = console()
+    server = redis.Redis.from_url(args.url).info("server")
+    machine = (
+        f"{platform.node()}: {platform.machine()}, Python {platform.python_version()}, "
+        f"redis-py {redis.__version__}, Redis {server['redis_version']}"
+    )
+    out.print(f"[bold]cached_aside benchmarks[/bold] on {args.url} ({machine})")
+    tables: list[Table] = []
+    with Progress(console=out, transient=True) as progress:
+        settings = Settings(
+            url=args.url,
+            quick=args.quick,
+            progress=progress,
+            rounds=8 if args.quick else 30,
+            calls=100 if args.quick else 200,
+        )
+        for name in args.only or SCENARIOS:
+            started = time.monotonic()
+            results = SCENARIOS[name](settings)
+            progress.console.print(f"[dim]{name}: {time.monotonic() - started:.1f} s[/dim]")
+            for table in results:
+                show(progress.console, table)
+            tables += results
+    args.json.write_text(
+        json.dumps(
+            {"machine": machine, "quick": args.quick, "tables": [t.as_dict() for t in tables]},
+            indent=2,
+        )
+    )
+    out.print(f"results: {args.json}")
+    if args.chart:
+        drawn = chart(tables, args.chart)
+        out.print(f"chart: {args.chart}" if drawn else "chart: no latency samples (run hit_path)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Every benchmark scenario in its quickest form, so the suite cannot rot. Asserts
+structure and counts (one load, one round trip per hit), never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import hit_path, race, round_trips, stampede, throughput
+from benchmarks.runner import Settings, Table
+
+from .conftest import REDIS_URL
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(REDIS_URL is None, reason="the benchmarks measure a real Redis server"),
+]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def settings() -> Settings:
+    assert REDIS_URL is not None
+    return Settings(url=REDIS_URL, quick=True, rounds=2, calls=20)
+
+
+def rows(table: Table) -> dict[str, list[Any]]:
+    return {row[0]: row[1:] for row in table.rows}
+
+
+# aiocache 0.12 calls redis-py methods deprecated since redis 5 (setex, close).
+@pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
+def test_hit_path_has_every_contender(settings: Settings) -> None:
+    tables = {t.title: t for t in hit_path.run(settings)}
+    packed = rows(tables["sync hit, msgpack record"])
+    assert packed["raw redis-py GET + unpackb"][2] == 1.0  # the baseline's ratio
+    assert {
+        "cached_aside (msgpack)",
+        "dogpile.cache (redis backend)",
+        "functools.lru_cache (in process)",
+    } <= set(packed)
+    assert {"cashews (redis)", "aiocache (redis)"} <= set(rows(tables["async hit, msgpack record"]))
+    assert "cached_aside (as_hash=True)" in rows(tables["async hit, hash record (8 fields)"])
+
+
+def test_round_trips_per_operation(settings: Settings) -> None:
+    commands, memory = round_trips.run(settings)
+    sent = {name: row[0] for name, row in rows(commands).items()}
+    assert sent["hit, msgpack"] == sent["hit, hash"] == sent["negative hit"] == 1
+    assert sent["cold miss, msgpack"] == sent["cold miss, hash"] == 3
+    assert sent["invalidate"] == sent["update_field"] == sent["hit, refresh_ahead"] == 1
+    assert rows(commands)["hit, msgpack"][1] == "get 1"
+    assert all(row[0] > 0 for row in rows(memory).values())
+
+
+def test_stampede_loads_once(settings: Settings) -> None:
+    (table,) = stampede.scenario(settings)
+    assert [row[0] for row in rows(table).values()] == ["1", "1", "1"]
+
+
+def test_throughput_counts_both_contenders(settings: Settings) -> None:
+    (table,) = throughput.run(settings)
+    assert all(one > 0 and two > 0 for one, two, _ in rows(table).values())
+
+
+def test_race_finds_stale_reads_only_in_the_plain_algorithm(settings: Settings) -> None:
+    (table,) = race.scenario(settings, reads=300)
+    stale = {name: row[2] for name, row in rows(table).items()}
+    plain = next(name for name in stale if name.startswith("plain"))
+    assert all(count == 0 for name, count in stale.items() if name != plain)
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
+def test_the_runner_writes_results_and_a_chart(tmp_path: Path) -> None:
+    assert REDIS_URL is not None
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "hit_path",
+            "round_trips",
+            "--url",
+            REDIS_URL,
+            "--json",
+            str(tmp_path / "results.json"),
+            "--chart",
+            str(tmp_path / "c.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "round trips per operation" in completed.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    titles = [table["title"] for table in results["tables"]]
+    assert titles[0] == "sync hit, msgpack record"
+    assert "round trips per operation" in titles
+    assert (tmp_path / "c.png").stat().st_size > 10_000
