@@ -132,14 +132,7 @@ def scenario(settings: Settings) -> list[Table]:
     trials = settings.scaled(5, 2)
     table = Table(
         f"stampede: cold key, loader {LOADER_SECONDS * 1000:.0f} ms, {trials} trials",
-        [
-            "scenario",
-            "loads per trial",
-            "after the load p50 ms",
-            "after the load p99 ms",
-            "beyond the loader p50 ms",
-            "beyond the loader p99 ms",
-        ],
+        ["scenario", "loads/trial", "wake p50 ms", "wake p99 ms", "extra p50 ms", "extra p99 ms"],
     )
     for name, runs in run(settings.url, trials).items():
         extra = [value for one in runs for value in one["extra_ms"]]
@@ -156,8 +149,9 @@ def scenario(settings: Settings) -> list[Table]:
             ]
         )
     table.notes = [
-        "after the load: how soon callers had the value once the loader returned",
-        "beyond the loader: latency minus the loader's, including the burst's start",
+        "wake: how soon callers had the value once the loader returned",
+        "extra: a caller's latency minus the loader's, including the burst's start, where "
+        "threads queue for the GIL",
     ]
     return [table]
 
