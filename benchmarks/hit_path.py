@@ -14,12 +14,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 import msgpack
-import redis
-import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
 
-from .runner import Settings, Table, latency_table, measure_async, measure_sync
+from .runner import (
+    Settings,
+    Table,
+    blocking_async_client,
+    blocking_client,
+    latency_table,
+    measure_async,
+    measure_sync,
+)
 
 RECORD = {
     "id": "p-001",
@@ -88,7 +94,7 @@ def sync_peers(
 
 
 def run_sync(settings: Settings, prefix: str) -> list[Table]:
-    client = redis.Redis.from_url(settings.url)
+    client = blocking_client(settings.url)
     engine = CacheEngine(client, prefix=prefix)
     counter = LoadCounter()
     get_product = cache_aside(key="product:<id>", ttl=300, as_hash=True, engine=engine)(
@@ -138,7 +144,7 @@ def run_sync(settings: Settings, prefix: str) -> list[Table]:
 
 
 async def run_async(settings: Settings, prefix: str) -> list[Table]:
-    client = redis.asyncio.Redis.from_url(settings.url)
+    client = blocking_async_client(settings.url)
     engine = CacheEngine(async_client=client, prefix=prefix)
     counter = LoadCounter()
 
@@ -237,7 +243,7 @@ def run(settings: Settings) -> list[Table]:
     try:
         return run_sync(settings, prefix) + asyncio.run(run_async(settings, prefix))
     finally:
-        cleanup = redis.Redis.from_url(settings.url)
+        cleanup = blocking_client(settings.url)
         for key in cleanup.scan_iter(match=f"{prefix}:*"):
             cleanup.delete(key)
         cleanup.close()

@@ -30,7 +30,7 @@ import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
 
-from .runner import Settings, Table, print_tables
+from .runner import Settings, Table, blocking_async_client, blocking_client, print_tables
 
 
 class Primary:
@@ -294,14 +294,12 @@ async def run_ours_async(
 def scenario(settings: Settings, reads: int | None = None) -> list[Table]:
     workload = Workload(reads=reads or settings.scaled(3000, 600))
     prefix = f"race-{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(settings.url)
-    engines = [CacheEngine(redis.Redis.from_url(settings.url), prefix=prefix) for _ in range(2)]
+    client = blocking_client(settings.url)
+    engines = [CacheEngine(blocking_client(settings.url), prefix=prefix) for _ in range(2)]
 
     async def with_tasks(directory: Path) -> Outcome:
         async_engines = [
-            CacheEngine(
-                async_client=redis.asyncio.Redis.from_url(settings.url), prefix=prefix + "a"
-            )
+            CacheEngine(async_client=blocking_async_client(settings.url), prefix=prefix + "a")
             for _ in range(2)
         ]
         outcome = await run_ours_async(async_engines, workload, directory)

@@ -52,7 +52,8 @@ def run(settings: Settings) -> list[Table]:
                 settings.url,
                 "shared server (redis-server not found): counts may include others",
             )
-        client = redis.Redis.from_url(url, connection_class=CountingConnection)
+        pool = redis.BlockingConnectionPool.from_url(url, connection_class=CountingConnection)
+        client = redis.Redis.from_pool(pool)
         try:
             return _measure(client, note)
         finally:

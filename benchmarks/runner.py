@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+import redis.asyncio
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table as RichTable
@@ -45,6 +47,17 @@ class Table:
             "rows": [dict(zip(self.columns, row, strict=True)) for row in self.rows],
             "notes": self.notes,
         }
+
+
+def blocking_client(url: str, max_connections: int = 64) -> redis.Redis:
+    """A client whose pool waits for a free connection, as CacheEngine.from_url makes."""
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections)
+    return redis.Redis.from_pool(pool)
+
+
+def blocking_async_client(url: str, max_connections: int = 64) -> redis.asyncio.Redis:
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=max_connections)
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def _order(contenders: dict[str, Any], round_number: int) -> list[tuple[str, Any]]:

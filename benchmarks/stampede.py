@@ -20,12 +20,16 @@ import time
 import uuid
 from typing import Any
 
-import redis
-import redis.asyncio
-
 from cached_aside import CacheEngine, cache_aside
 
-from .runner import Settings, Table, percentile, print_tables
+from .runner import (
+    Settings,
+    Table,
+    blocking_async_client,
+    blocking_client,
+    percentile,
+    print_tables,
+)
 
 LOADER_SECONDS = 0.1
 
@@ -36,7 +40,7 @@ class ThreadStampede:
     def __init__(self, url: str, prefix: str, callers: int, engines: int) -> None:
         self.callers = callers
         self.engines = [
-            CacheEngine(redis.Redis.from_url(url, max_connections=callers + 10), prefix=prefix)
+            CacheEngine(blocking_client(url, max_connections=callers + 10), prefix=prefix)
             for _ in range(engines)
         ]
         self.loads = 0
@@ -80,7 +84,7 @@ class ThreadStampede:
 
 
 async def task_stampede(url: str, prefix: str, callers: int, trials: int) -> list[dict[str, Any]]:
-    engine = CacheEngine(async_client=redis.asyncio.Redis.from_url(url), prefix=prefix)
+    engine = CacheEngine(async_client=blocking_async_client(url), prefix=prefix)
     loads = 0
     loaded_at = 0.0
 
@@ -121,7 +125,7 @@ def run(url: str, trials: int) -> dict[str, list[dict[str, Any]]]:
         scenarios[name] = [stampede.run(f"k{trial}") for trial in range(trials)]
         stampede.close()
     scenarios["500 asyncio tasks"] = asyncio.run(task_stampede(url, prefix, 500, trials))
-    client = redis.Redis.from_url(url)
+    client = blocking_client(url)
     for key in client.scan_iter(match=f"{prefix}*"):
         client.delete(key)
     client.close()

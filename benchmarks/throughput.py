@@ -12,18 +12,17 @@ import time
 import uuid
 
 import msgpack
-import redis
 
 from cached_aside import CacheEngine, cache_aside
 
 from .hit_path import RECORD
-from .runner import Settings, Table
+from .runner import Settings, Table, blocking_client
 
 KINDS = ("raw redis-py GET + unpackb", "cached_aside (msgpack)")
 
 
 def worker(kind: str, url: str, prefix: str, seconds: float) -> int:
-    client = redis.Redis.from_url(url)
+    client = blocking_client(url)
     engine = CacheEngine(client, prefix=prefix)
     get_packed = cache_aside(key="packed:<id>", ttl=300, engine=engine)(lambda id: dict(RECORD))
     key = get_packed.key("p-001")
@@ -47,7 +46,7 @@ def run(settings: Settings) -> list[Table]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     seconds = 1.0 if settings.quick else 3.0
     rounds = 1 if settings.quick else 3
-    engine = CacheEngine(redis.Redis.from_url(settings.url), prefix=prefix)
+    engine = CacheEngine(blocking_client(settings.url), prefix=prefix)
     cache_aside(key="packed:<id>", ttl=300, engine=engine)(lambda id: dict(RECORD))("p-001")
     results: dict[tuple[str, int], list[float]] = {}
     task = settings.progress.add_task("throughput", total=rounds * 4) if settings.progress else None

@@ -43,25 +43,30 @@ def serve_sync(
 
     Returns the answer, the seconds spent on Redis, and whether it was shared.
     """
-    raw: Any = None
     seconds = 0.0
-    if key not in side.flights.active:  # else: another thread is loading it; join
-        started = perf_counter()
-        try:
-            if plan.peek:
-                raw = side.scripts[ScriptName.PEEK](keys=(key,), args=(plan.codec.redis_type,))
-            else:
-                raw = side.client.execute_command(plan.codec.read_command, key)
-        except RedisError as exc:
-            raw = failed(exc)
-        seconds = perf_counter() - started
-        hit = on_lookup(plan, raw)
-        if hit is not None:
-            return hit, seconds, False
-    (served, more), joined = side.flights.run(
-        key, _miss_sync, plan, key, side, raw, lambda: loader(*args, **kwargs)
-    )
-    return served, seconds + more, joined
+    look = key not in side.flights.active  # else: another thread is loading it; join
+    while True:
+        raw: Any = None
+        if look:
+            started = perf_counter()
+            try:
+                if plan.peek:
+                    raw = side.scripts[ScriptName.PEEK](keys=(key,), args=(plan.codec.redis_type,))
+                else:
+                    raw = side.client.execute_command(plan.codec.read_command, key)
+            except RedisError as exc:
+                raw = failed(exc)
+            seconds += perf_counter() - started
+            hit = on_lookup(plan, raw)
+            if hit is not None:
+                return hit, seconds, False
+        shared = side.flights.run(
+            key, _miss_sync, plan, key, side, raw, lambda: loader(*args, **kwargs)
+        )
+        if shared is not None:
+            (served, more), joined = shared
+            return served, seconds + more, joined
+        look = True  # the flight's answer was not ours to take: look for ourselves
 
 
 def _miss_sync(

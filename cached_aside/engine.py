@@ -9,6 +9,7 @@ cannot cross loops).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import weakref
@@ -27,6 +28,8 @@ from .flights import TaskFlights, ThreadFlights
 from .keys import validate_prefix
 from .scripts import ScriptName
 from .stats import Stats, StatsSnapshot
+
+logger = logging.getLogger("cached_aside")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
@@ -78,6 +81,21 @@ def _connection_kwargs(client: Any, role: str) -> dict[str, Any]:
             "bytes (msgpack values are binary). Pass a client without decode_responses"
         )
     return kwargs
+
+
+def _warn_if_pool_raises(client: Any, role: str) -> None:
+    """A pool that raises past max_connections turns a burst into fail-open loads."""
+    pool = getattr(client, "connection_pool", None)
+    blocking = (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)
+    if pool is None or isinstance(pool, blocking) or not hasattr(pool, "max_connections"):
+        return
+    logger.warning(
+        "the %s's connection pool raises MaxConnectionsError past %s connections instead "
+        "of waiting; in a burst, calls then fail open and load without single-flight. "
+        "Give it a redis.BlockingConnectionPool (CacheEngine.from_url does)",
+        role,
+        pool.max_connections,
+    )
 
 
 def _block_limit_ms(connection_kwargs: Mapping[str, Any]) -> int:
@@ -273,12 +291,14 @@ class CacheEngine:
     @staticmethod
     def _sync_side(client: Any) -> SyncSide:
         kwargs = _connection_kwargs(client, "client")
+        _warn_if_pool_raises(client, "client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
         return SyncSide(client, scripts, ThreadFlights(), _block_limit_ms(kwargs))
 
     @staticmethod
     def _async_side(client: Any) -> AsyncSide:
         kwargs = _connection_kwargs(client, "async_client")
+        _warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
         return AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs))
 

@@ -5,10 +5,12 @@ again by itself when the leader was cancelled, or when the leader's lease was
 revoked (its value predates an invalidation). Redis's lock then coordinates
 processes; this only spares Redis and the primary the duplicates.
 
-Threads share only the miss path: a hit costs one command either way, and
-registering every hit would cost more than it saves. Tasks of one event loop
-share the lookup too: each redis.asyncio call costs ~0.2 ms of CPU, and a dict
-entry is all that sharing costs there.
+Threads share only the miss path, and only values loaded under a lease: a hit
+costs one command either way, and a value merely read from Redis may predate an
+invalidation that completed while the reading thread waited for the GIL. Tasks
+of one event loop share the lookup too: each redis.asyncio call costs ~0.2 ms of
+CPU, a dict entry is all that sharing costs, and a task holds the loop from its
+reply to the end of its flight.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .flows import Served
+from .flows import Served, Source
 
 Answer = tuple[Served, float]
 
@@ -39,15 +41,25 @@ class _Flight:
     def seal(self) -> None:
         self.registry.close(self)
 
-    def outcome(self) -> Answer | None:
-        """For a joiner: the leader's answer, None to read again, or the leader's error."""
+    def outcome(self, *, reads_shared: bool) -> Answer | None:
+        """For a joiner: the leader's answer, None to read again, or the leader's error.
+
+        A value the leader loaded under a lease that held until its store is always
+        fresh for a joiner (the flight was sealed before the store). A value the leader
+        merely read from Redis is shared only when `reads_shared`: the read may have
+        happened before the joiner began.
+        """
         error = self.error
         if error is not None:
             if isinstance(error, Exception):
                 raise error
             return None  # the leader was cancelled or interrupted
         answer = self.answer
-        return answer if answer is not None and answer[0].lease_kept else None
+        if answer is None or not answer[0].lease_kept:
+            return None
+        if not reads_shared and answer[0].source is not Source.LOADER:
+            return None
+        return answer
 
 
 class _Registry:
@@ -78,23 +90,24 @@ class ThreadFlights(_Registry):
         with self._lock:
             super().forget(key)
 
-    def run(self, key: str, serve: Callable[..., Answer], *args: Any) -> tuple[Answer, bool]:
+    def run(self, key: str, serve: Callable[..., Answer], *args: Any) -> tuple[Answer, bool] | None:
         """Lead (calling `serve(*args, seal)`) or join the read of `key`.
 
-        Returns the answer and whether it was joined.
+        Returns the answer and whether it was joined, or None when the caller must
+        read for itself: the leader's answer was not a load it can share.
         """
-        while True:
-            flight = _Flight(self, key)
-            # An Event wakes every joiner at once; a held lock would hand over one by one.
-            flight.done = done = threading.Event()
-            current = self.active.setdefault(key, flight)  # atomic under the GIL
-            if current is flight:
-                break
+        flight = _Flight(self, key)
+        # An Event wakes every joiner at once; a held lock would hand over one by one.
+        flight.done = done = threading.Event()
+        current = self.active.setdefault(key, flight)  # atomic under the GIL
+        if current is not flight:
             assert current.done is not None
             current.done.wait()
-            answer = current.outcome()
-            if answer is not None:
-                return answer, True
+            # A thread can lose the GIL for milliseconds between a reply and its
+            # return, long enough for an invalidation elsewhere to complete: share
+            # only loads, never plain reads.
+            answer = current.outcome(reads_shared=False)
+            return None if answer is None else (answer, True)
         try:
             flight.answer = serve(*args, flight.seal)
             return flight.answer, False
@@ -125,7 +138,9 @@ class TaskFlights(_Registry):
                 current.joiners = []
             current.joiners.append(joined)
             await joined
-            answer = current.outcome()
+            # No await lies between the leader's reply and the end of its flight, so
+            # a shared read is as fresh as the reply itself.
+            answer = current.outcome(reads_shared=True)
             if answer is not None:
                 return answer, True
         flight = self.active[key] = _Flight(self, key)

@@ -235,10 +235,11 @@ def _load_uncached(plan: Plan, key: str, failure: CommandFailed) -> Flow[Served]
     plan.stats.miss()
     plan.stats.load()
     value = yield Signal.LOAD
+    # Shared with this process's joiners: during an outage that makes N callers one load.
     if value is None:
-        return Served(None, Source.LOADER, lease_kept=False)
+        return Served(None, Source.LOADER)
     _, result = plan.codec.encode(value, f"{plan.name} (key {key!r})")
-    return Served(result, Source.LOADER, lease_kept=False)
+    return Served(result, Source.LOADER)
 
 
 def _tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:

@@ -36,6 +36,16 @@ needs_real_redis = pytest.mark.skipif(
 )
 
 
+def blocking(url: str) -> redis.Redis:
+    """A client whose pool waits for a connection, as the README recommends."""
+    return redis.Redis.from_pool(redis.BlockingConnectionPool.from_url(url, max_connections=300))
+
+
+def blocking_async(url: str) -> redis.asyncio.Redis:
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=300)
+    return redis.asyncio.Redis.from_pool(pool)
+
+
 def unique_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
@@ -91,8 +101,8 @@ async def clients(backend: str) -> AsyncIterator[tuple[Any, Any, redis.Redis]]:
     """A sync client, an async client and a raw sync client on one data set."""
     if backend == "redis":
         assert REDIS_URL is not None
-        sync_client = redis.Redis.from_url(REDIS_URL)
-        async_client = redis.asyncio.Redis.from_url(REDIS_URL)
+        sync_client = blocking(REDIS_URL)
+        async_client = blocking_async(REDIS_URL)
         raw = redis.Redis.from_url(REDIS_URL)
     else:
         server = fakeredis.FakeServer()
@@ -102,6 +112,28 @@ async def clients(backend: str) -> AsyncIterator[tuple[Any, Any, redis.Redis]]:
     yield sync_client, async_client, raw
     sync_client.close()
     await async_client.aclose()
+
+
+@pytest.fixture
+async def more_clients(backend: str, clients: Any) -> AsyncIterator[Any]:
+    """Makes further (sync, async) client pairs on the test's data, as another process
+    would have: pools of their own."""
+    made: list[tuple[Any, Any]] = []
+
+    def make() -> tuple[Any, Any]:
+        if backend == "redis":
+            assert REDIS_URL is not None
+            pair = (blocking(REDIS_URL), blocking_async(REDIS_URL))
+        else:
+            server = clients[0].connection_pool.connection_kwargs["server"]
+            pair = (fakeredis.FakeRedis(server=server), fakeredis.FakeAsyncRedis(server=server))
+        made.append(pair)
+        return pair
+
+    yield make
+    for sync_client, async_client in made:
+        sync_client.close()
+        await async_client.aclose()
 
 
 @pytest.fixture

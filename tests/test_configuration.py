@@ -137,3 +137,15 @@ def test_default_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
     assert client.get_connection_kwargs()["port"] == 1
     assert isinstance(client.connection_pool, redis.BlockingConnectionPool)
     engine.close()
+
+
+def test_engine_warns_about_a_pool_that_raises_instead_of_waiting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="cached_aside"):
+        CacheEngine(redis.Redis(max_connections=10))
+    assert "raises MaxConnectionsError past 10 connections" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cached_aside"):
+        CacheEngine(redis.Redis(connection_pool=redis.BlockingConnectionPool(max_connections=10)))
+    assert caplog.text == ""

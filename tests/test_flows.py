@@ -145,7 +145,7 @@ def test_outage_fails_open_to_the_loader() -> None:
     flow = Stepper(after_miss(p, KEY, outage(), 500))
     assert flow.effect is Signal.LOAD
     flow.reply(("a", "b"))
-    assert flow.result == Served(["a", "b"], Source.LOADER, lease_kept=False)
+    assert flow.result == Served(["a", "b"], Source.LOADER)
     assert p.stats.snapshot().errors == 1
 
 

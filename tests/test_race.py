@@ -23,16 +23,20 @@ def test_plain_cache_aside_serves_stale_reads(clients: Any, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_no_stale_reads_with_threads(engine: CacheEngine, clients: Any, tmp_path: Path) -> None:
-    other = CacheEngine(clients[0], clients[1], prefix=engine.prefix)  # "another process"
+def test_no_stale_reads_with_threads(
+    engine: CacheEngine, more_clients: Any, tmp_path: Path
+) -> None:
+    other = CacheEngine(*more_clients(), prefix=engine.prefix)  # "another process"
     outcome = run_ours([engine, other], WORKLOAD, tmp_path)
     assert outcome.invalidations > 50
     assert (outcome.stale_reads, outcome.stale_entries) == (0, 0)
 
 
 @pytest.mark.slow
-async def test_no_stale_reads_with_tasks(engine: CacheEngine, clients: Any, tmp_path: Path) -> None:
-    other = CacheEngine(clients[0], clients[1], prefix=engine.prefix)
+async def test_no_stale_reads_with_tasks(
+    engine: CacheEngine, more_clients: Any, tmp_path: Path
+) -> None:
+    other = CacheEngine(*more_clients(), prefix=engine.prefix)
     outcome = await run_ours_async([engine, other], WORKLOAD, tmp_path)
     assert outcome.invalidations > 50
     assert (outcome.stale_reads, outcome.stale_entries) == (0, 0)
