@@ -5,9 +5,10 @@ again by itself when the leader was cancelled, or when the leader's lease was
 revoked (its value predates an invalidation). Redis's lock then coordinates
 processes; this only spares Redis and the primary the duplicates.
 
-Threads share only the miss path, and only values loaded under a lease: a hit
-costs one command either way, and a value merely read from Redis may predate an
-invalidation that completed while the reading thread waited for the GIL. Tasks
+Threads share only the miss path, and only answers sealed against staleness (a
+load whose lease held, or a read sent after the flight stopped taking joiners): a
+hit costs one command either way, and any other read may predate an invalidation
+that completed while the reading thread waited for the GIL. Tasks
 of one event loop share the lookup too: each redis.asyncio call costs ~0.2 ms of
 CPU, a dict entry is all that sharing costs, and a task holds the loop from its
 reply to the end of its flight.
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .flows import Served, Source
+from .flows import Served
 
 Answer = tuple[Served, float]
 
@@ -44,10 +45,9 @@ class _Flight:
     def outcome(self, *, reads_shared: bool) -> Answer | None:
         """For a joiner: the leader's answer, None to read again, or the leader's error.
 
-        A value the leader loaded under a lease that held until its store is always
-        fresh for a joiner (the flight was sealed before the store). A value the leader
-        merely read from Redis is shared only when `reads_shared`: the read may have
-        happened before the joiner began.
+        A shareable answer (a load whose lease held until the store, or a read sent
+        after the flight was sealed) is fresh for every joiner. Any other read is
+        handed over only when `reads_shared`: it may predate the joiner.
         """
         error = self.error
         if error is not None:
@@ -57,7 +57,7 @@ class _Flight:
         answer = self.answer
         if answer is None or not answer[0].lease_kept:
             return None
-        if not reads_shared and answer[0].source is not Source.LOADER:
+        if not reads_shared and not answer[0].shareable:
             return None
         return answer
 
@@ -104,8 +104,8 @@ class ThreadFlights(_Registry):
             assert current.done is not None
             current.done.wait()
             # A thread can lose the GIL for milliseconds between a reply and its
-            # return, long enough for an invalidation elsewhere to complete: share
-            # only loads, never plain reads.
+            # return, long enough for an invalidation elsewhere to complete: take only
+            # answers that are fresh for anyone who joined before the seal.
             answer = current.outcome(reads_shared=False)
             return None if answer is None else (answer, True)
         try:

@@ -47,11 +47,17 @@ class Plan:
 
 @dataclass(slots=True)
 class Served:
-    """A flow's answer. lease_kept is False when an invalidation revoked the load's lease."""
+    """A flow's answer.
+
+    lease_kept is False when an invalidation revoked the load's lease. shareable is
+    True when the value is fresh for anyone who joined this call before it was sealed:
+    a load whose lease held until the store, or a read sent after the seal.
+    """
 
     value: Any
     source: Source
     lease_kept: bool = True
+    shareable: bool = False
 
 
 def on_lookup(plan: Plan, raw: Any) -> Served | None:
@@ -167,7 +173,7 @@ def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Serv
             value = None if found is Found.NEGATIVE else found
             if waited:
                 stats.miss(suppressed=True)
-                return Served(value, Source.WAITED)
+                return Served(value, Source.WAITED, shareable=True)
             if value is None:
                 stats.negative_hit()
                 return Served(None, Source.NEGATIVE)
@@ -179,6 +185,9 @@ def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Serv
             yield _wait_for_wake_up(keys, int(reply[1]), block_limit_ms)
         except CommandFailed as failure:
             return (yield from _load_uncached(plan, key, failure))
+        # The next look is what this call's joiners will be handed. Everyone who joined
+        # so far began before it is sent; later callers start a read of their own.
+        yield Signal.SEAL
 
 
 def _load_and_store(plan: Plan, keys: EntryKeys, token: str) -> Flow[Served]:
@@ -218,8 +227,8 @@ def _load_and_store(plan: Plan, keys: EntryKeys, token: str) -> Flow[Served]:
         )
     except CommandFailed as failure:
         _tolerate(plan, keys.value, failure)
-        return Served(result, Source.LOADER)
-    return Served(result, Source.LOADER, lease_kept=bool(stored))
+        return Served(result, Source.LOADER, shareable=True)
+    return Served(result, Source.LOADER, lease_kept=bool(stored), shareable=bool(stored))
 
 
 def _release(plan: Plan, keys: EntryKeys, token: str) -> Flow[None]:
@@ -237,9 +246,9 @@ def _load_uncached(plan: Plan, key: str, failure: CommandFailed) -> Flow[Served]
     value = yield Signal.LOAD
     # Shared with this process's joiners: during an outage that makes N callers one load.
     if value is None:
-        return Served(None, Source.LOADER)
+        return Served(None, Source.LOADER, shareable=True)
     _, result = plan.codec.encode(value, f"{plan.name} (key {key!r})")
-    return Served(result, Source.LOADER)
+    return Served(result, Source.LOADER, shareable=True)
 
 
 def _tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:

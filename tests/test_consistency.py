@@ -342,7 +342,12 @@ def test_refresh_ahead_must_be_shorter_than_ttl() -> None:
 async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: CacheEngine) -> None:
     @cache_aside(key="count:<id>", ttl=30, engine=engine)
     async def load(id: str) -> str:
-        await asyncio.sleep(0.05)
+        # Hold the load until every other task has joined, however slow the machine.
+        flight = engine.async_side().flights.active[load.key(id)]
+        for _ in range(500):
+            if len(flight.joiners or ()) == 499:
+                break
+            await asyncio.sleep(0.01)
         return id
 
     side = engine.async_side()

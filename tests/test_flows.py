@@ -92,7 +92,7 @@ def test_miss_locks_loads_seals_and_stores() -> None:
     assert store.args[:4] == (token, "hash", 30_000, 10_000)
     assert store.args[4:] == ("__cached_aside__", 1, "stock", "3")
     flow.reply(1)
-    assert flow.result == Served({"stock": "3"}, Source.LOADER, lease_kept=True)
+    assert flow.result == Served({"stock": "3"}, Source.LOADER, lease_kept=True, shareable=True)
     assert p.stats.snapshot().loads == 1
 
 
@@ -118,13 +118,17 @@ def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
     flow = Stepper(after_miss(p, KEY, None, 400))
     wait = flow.reply([AcquireStatus.HELD, 9_000])
     assert wait == Command(("BLPOP", f"{KEY}:wake", "0.400"))
-    again = flow.reply(None)  # timed out: look again
+    # Timed out: seal (later callers read for themselves), then look again.
+    assert flow.reply(None) is Signal.SEAL
+    again = flow.reply(None)
     assert isinstance(again, RunScript)
     assert again.script is ScriptName.ACQUIRE
     assert flow.reply([AcquireStatus.HELD, 2]) == Command(("BLPOP", f"{KEY}:wake", "0.005"))
-    flow.reply([b"wake", b"1"])
+    assert flow.reply([b"wake", b"1"]) is Signal.SEAL
+    flow.reply(None)
     flow.reply([AcquireStatus.FOUND, msgpack.packb([1])])
-    assert flow.result == Served([1], Source.WAITED)
+    # Read after the seal: fresh for everyone who joined before it.
+    assert flow.result == Served([1], Source.WAITED, shareable=True)
     stats = p.stats.snapshot()
     assert (stats.misses, stats.stampedes_suppressed, stats.loads) == (1, 1, 0)
 
@@ -145,7 +149,7 @@ def test_outage_fails_open_to_the_loader() -> None:
     flow = Stepper(after_miss(p, KEY, outage(), 500))
     assert flow.effect is Signal.LOAD
     flow.reply(("a", "b"))
-    assert flow.result == Served(["a", "b"], Source.LOADER)
+    assert flow.result == Served(["a", "b"], Source.LOADER, shareable=True)
     assert p.stats.snapshot().errors == 1
 
 
