@@ -48,14 +48,24 @@ def serve_sync(
     while True:
         raw: Any = None
         if look:
+            breaker = side.breaker
             started = perf_counter()
-            try:
-                if plan.peek:
-                    raw = side.scripts[ScriptName.PEEK](keys=(key,), args=(plan.codec.redis_type,))
-                else:
-                    raw = side.client.execute_command(plan.codec.read_command, key)
-            except RedisError as exc:
-                raw = failed(exc)
+            if breaker.open_until and not breaker.allow():
+                raw = CommandFailed(breaker.refusal(), wrong_type=False)
+            else:
+                try:
+                    if plan.peek:
+                        raw = side.scripts[ScriptName.PEEK](
+                            keys=(key,), args=(plan.codec.redis_type,)
+                        )
+                    else:
+                        raw = side.client.execute_command(plan.codec.read_command, key)
+                    if breaker.failures:
+                        breaker.success()
+                except RedisError as exc:
+                    raw = failed(exc)
+                    if not raw.wrong_type:
+                        breaker.failure()
             seconds += perf_counter() - started
             hit = on_lookup(plan, raw)
             if hit is not None:
@@ -98,14 +108,24 @@ async def _read_async(
     kwargs: Any,
     seal: Callable[[], None],
 ) -> tuple[Served, float]:
+    breaker = side.breaker
     started = perf_counter()
-    try:
-        if plan.peek:
-            raw = await side.scripts[ScriptName.PEEK](keys=(key,), args=(plan.codec.redis_type,))
-        else:
-            raw = await side.client.execute_command(plan.codec.read_command, key)
-    except RedisError as exc:
-        raw = failed(exc)
+    if breaker.open_until and not breaker.allow():
+        raw = CommandFailed(breaker.refusal(), wrong_type=False)
+    else:
+        try:
+            if plan.peek:
+                raw = await side.scripts[ScriptName.PEEK](
+                    keys=(key,), args=(plan.codec.redis_type,)
+                )
+            else:
+                raw = await side.client.execute_command(plan.codec.read_command, key)
+            if breaker.failures:
+                breaker.success()
+        except RedisError as exc:
+            raw = failed(exc)
+            if not raw.wrong_type:
+                breaker.failure()
     seconds = perf_counter() - started
     hit = on_lookup(plan, raw)
     if hit is not None:
@@ -128,23 +148,9 @@ def run_sync(
         except StopIteration as stop:
             return stop.value, redis_seconds
         reply = failure = None
-        if type(effect) is Command:
+        if type(effect) is Command or type(effect) is RunScript:
             started = perf_counter()
-            try:
-                reply = side.client.execute_command(*effect.args)
-            except RedisError as exc:
-                failure = failed(exc)
-            except BaseException as exc:  # interrupts too: the flow releases its lock
-                failure = exc
-            redis_seconds += perf_counter() - started
-        elif type(effect) is RunScript:
-            started = perf_counter()
-            try:
-                reply = side.scripts[effect.script](keys=effect.keys, args=effect.args)
-            except RedisError as exc:
-                failure = failed(exc)
-            except BaseException as exc:
-                failure = exc
+            reply, failure = _send_sync(side, effect)
             redis_seconds += perf_counter() - started
         elif type(effect) is Spawn:
             if effect.key not in side.background:
@@ -159,6 +165,28 @@ def run_sync(
                 failure = exc
         elif effect is Signal.SEAL:
             seal()
+
+
+def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
+    """One command or script through the breaker; returns the reply or the failure."""
+    breaker = side.breaker
+    if breaker.open_until and not breaker.allow():
+        return None, CommandFailed(breaker.refusal(), wrong_type=False)
+    try:
+        if isinstance(effect, Command):
+            reply = side.client.execute_command(*effect.args)
+        else:
+            reply = side.scripts[effect.script](keys=effect.keys, args=effect.args)
+    except RedisError as exc:
+        failure = failed(exc)
+        if not failure.wrong_type:
+            breaker.failure()
+        return None, failure
+    except BaseException as exc:  # interrupts too: the flow releases its lock
+        return None, exc
+    if breaker.failures:
+        breaker.success()
+    return reply, None
 
 
 def _background_sync(effect: Spawn, side: Any, load: Callable[[], Any]) -> None:
@@ -183,23 +211,9 @@ async def run_async(
         except StopIteration as stop:
             return stop.value, redis_seconds
         reply = failure = None
-        if type(effect) is Command:
+        if type(effect) is Command or type(effect) is RunScript:
             started = perf_counter()
-            try:
-                reply = await side.client.execute_command(*effect.args)
-            except RedisError as exc:
-                failure = failed(exc)
-            except BaseException as exc:  # cancellation too: the flow releases its lock
-                failure = exc
-            redis_seconds += perf_counter() - started
-        elif type(effect) is RunScript:
-            started = perf_counter()
-            try:
-                reply = await side.scripts[effect.script](keys=effect.keys, args=effect.args)
-            except RedisError as exc:
-                failure = failed(exc)
-            except BaseException as exc:
-                failure = exc
+            reply, failure = await _send_async(side, effect)
             redis_seconds += perf_counter() - started
         elif type(effect) is Spawn:
             if effect.key not in side.background:
@@ -214,6 +228,28 @@ async def run_async(
                 failure = exc
         elif effect is Signal.SEAL:
             seal()
+
+
+async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
+    """One command or script through the breaker; returns the reply or the failure."""
+    breaker = side.breaker
+    if breaker.open_until and not breaker.allow():
+        return None, CommandFailed(breaker.refusal(), wrong_type=False)
+    try:
+        if isinstance(effect, Command):
+            reply = await side.client.execute_command(*effect.args)
+        else:
+            reply = await side.scripts[effect.script](keys=effect.keys, args=effect.args)
+    except RedisError as exc:
+        failure = failed(exc)
+        if not failure.wrong_type:
+            breaker.failure()
+        return None, failure
+    except BaseException as exc:  # cancellation too: the flow releases its lock
+        return None, exc
+    if breaker.failures:
+        breaker.success()
+    return reply, None
 
 
 async def _background_async(effect: Spawn, side: Any, load: Callable[[], Awaitable[Any]]) -> None:

@@ -23,6 +23,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from .errors import ConfigurationError
 from .flights import TaskFlights, ThreadFlights
 from .keys import validate_prefix
@@ -34,8 +35,10 @@ logger = logging.getLogger("cached_aside")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
 DEFAULT_PREFIX = "cache"
-DEFAULT_SOCKET_TIMEOUT = 1.0
-DEFAULT_CONNECT_TIMEOUT = 0.5
+# A hung Redis costs a caller at most this (plus one retry), and only until the
+# breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
+DEFAULT_SOCKET_TIMEOUT = 0.25
+DEFAULT_CONNECT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 5.0
 # Without a socket timeout a waiter still wakes up this often to look again.
@@ -50,6 +53,7 @@ class SyncSide:
     scripts: Mapping[ScriptName, Any]
     flights: ThreadFlights
     block_limit_ms: int
+    breaker: CircuitBreaker
     background: set[str] = field(default_factory=set)  # keys with a background refresh
 
 
@@ -61,6 +65,7 @@ class AsyncSide:
     scripts: Mapping[ScriptName, Any]
     flights: TaskFlights
     block_limit_ms: int
+    breaker: CircuitBreaker
     background: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -119,9 +124,33 @@ class CacheEngine:
     """
 
     def __init__(
-        self, client: Any = None, async_client: Any = None, *, prefix: str = DEFAULT_PREFIX
+        self,
+        client: Any = None,
+        async_client: Any = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        breaker_failures: int = DEFAULT_FAILURES,
+        breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
     ) -> None:
         self.prefix = validate_prefix(prefix)
+        if (
+            isinstance(breaker_failures, bool)
+            or not isinstance(breaker_failures, int)
+            or breaker_failures < 1
+        ):
+            raise ConfigurationError(
+                f"breaker_failures must be a whole number >= 1, got {breaker_failures!r}"
+            )
+        if (
+            isinstance(breaker_cooldown, bool)
+            or not isinstance(breaker_cooldown, int | float)
+            or breaker_cooldown <= 0
+        ):
+            raise ConfigurationError(
+                f"breaker_cooldown must be a positive number of seconds, got {breaker_cooldown!r}"
+            )
+        # One breaker per engine: its sync and async clients talk to the same Redis.
+        self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown))
         self.key_head = f"{prefix}:{{"  # value keys are key_head + rendered + "}"
         self._lock = threading.Lock()
         self._make_client: Callable[[], Any] | None = None
@@ -148,6 +177,8 @@ class CacheEngine:
         socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+        breaker_failures: int = DEFAULT_FAILURES,
+        breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
         **client_options: Any,
     ) -> CacheEngine:
         """An engine whose sync and async clients are made from `url` on first use.
@@ -187,7 +218,9 @@ class CacheEngine:
             "retry": Retry(NoBackoff(), 1),
             **client_options,
         }
-        engine = cls(prefix=prefix)
+        engine = cls(
+            prefix=prefix, breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown
+        )
         engine._owns_clients = True
         engine._make_client = lambda: redis.Redis.from_pool(
             redis.BlockingConnectionPool.from_url(url, **options)
@@ -288,19 +321,17 @@ class CacheEngine:
     def __repr__(self) -> str:
         return f"CacheEngine(prefix={self.prefix!r})"
 
-    @staticmethod
-    def _sync_side(client: Any) -> SyncSide:
+    def _sync_side(self, client: Any) -> SyncSide:
         kwargs = _connection_kwargs(client, "client")
         _warn_if_pool_raises(client, "client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        return SyncSide(client, scripts, ThreadFlights(), _block_limit_ms(kwargs))
+        return SyncSide(client, scripts, ThreadFlights(), _block_limit_ms(kwargs), self.breaker)
 
-    @staticmethod
-    def _async_side(client: Any) -> AsyncSide:
+    def _async_side(self, client: Any) -> AsyncSide:
         kwargs = _connection_kwargs(client, "async_client")
         _warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        return AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs))
+        return AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs), self.breaker)
 
 
 _default_engine: CacheEngine | None = None
