@@ -14,7 +14,7 @@ from collections.abc import Callable
 from .errors import CachedAsideError
 
 DEFAULT_FAILURES = 3
-DEFAULT_COOLDOWN_SECONDS = 2.0
+DEFAULT_COOLDOWN_SECONDS = 0.5
 
 
 class CircuitOpenError(CachedAsideError, ConnectionError):

@@ -91,6 +91,10 @@ class _CachedBase(Generic[P, R]):
         """This function's counters since start or the last reset_stats()."""
         return self._plan.stats.snapshot()
 
+    def error_kinds(self) -> dict[str, int]:
+        """This function's Redis errors by exception type, e.g. {"TimeoutError": 2}."""
+        return self._plan.stats.error_kinds()
+
     def reset_stats(self) -> None:
         self._plan.stats.reset()
 

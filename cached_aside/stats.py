@@ -53,6 +53,7 @@ class Stats:
         self._suppressed = self._errors = self._corrupt = 0
         self._unlogged_errors = 0
         self._last_error_log = float("-inf")
+        self._error_kinds: dict[str, int] = {}
 
     def hit(self) -> None:
         with self._lock:
@@ -81,8 +82,11 @@ class Stats:
     def error(self, key: str, failure: BaseException) -> None:
         """Count a Redis failure; log the first of a burst and then a summary per interval."""
         now = time.monotonic()
+        cause = getattr(failure, "cause", failure)
+        kind = type(cause).__name__
         with self._lock:
             self._errors += 1
+            self._error_kinds[kind] = self._error_kinds.get(kind, 0) + 1
             self._unlogged_errors += 1
             if now - self._last_error_log < ERROR_LOG_INTERVAL_SECONDS:
                 return
@@ -109,7 +113,13 @@ class Stats:
                 corrupt=self._corrupt,
             )
 
+    def error_kinds(self) -> dict[str, int]:
+        """Errors by exception type (TimeoutError, ConnectionError, CircuitOpenError...)."""
+        with self._lock:
+            return dict(self._error_kinds)
+
     def reset(self) -> None:
         with self._lock:
             self._hits = self._misses = self._negative_hits = self._loads = 0
             self._suppressed = self._errors = self._corrupt = 0
+            self._error_kinds = {}

@@ -320,3 +320,15 @@ async def test_methods_of_a_repository_class(h: Harness) -> None:
     assert repo.reads == 1
     assert repo.find.key("x").endswith("{repo:x}")
     assert await h.run(repo.find.invalidate, "x") is True
+
+
+async def test_sentinels_in_an_unknown_format_are_corrupt(h: Harness) -> None:
+    loader = Loader({"a": {"v": "1"}})
+    packed = h.cached(loader, key="p:<id>")
+    hashed = h.cached(loader, key="h:<id>", as_hash=True)
+    h.raw.set(packed.key("a"), b"\xc1none-but-longer")  # looks like our sentinel; is not
+    h.raw.hset(hashed.key("a"), mapping={META_FIELD: "garbage", "v": "1"})
+    assert await h.run(packed, "a") == {"v": "1"}
+    assert await h.run(hashed, "a") == {"v": "1"}
+    assert (packed.stats().corrupt, hashed.stats().corrupt) == (1, 1)
+    assert (await h.run(hashed.lookup, "a")).source == Source.CACHE

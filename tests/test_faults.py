@@ -1,0 +1,248 @@
+"""Redis killed, restarted empty, or paused, while threads and tasks keep calling:
+every call still gets the primary's answer, the primary is protected by in-process
+single-flight, and the cache heals by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from cached_aside import CacheEngine, Source, cache_aside
+
+from .servers import REDIS_SERVER, RedisProcess
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH"),
+]
+KEYS = [f"k{i}" for i in range(20)]
+
+
+@pytest.fixture
+def server() -> Iterator[RedisProcess]:
+    process = RedisProcess().start()
+    yield process
+    process.stop()
+
+
+class Primary:
+    """A loader that counts loads per key and how many of one key ran at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.loads: dict[str, int] = defaultdict(int)
+        self.running: dict[str, int] = defaultdict(int)
+        self.most_at_once = 0
+
+    def enter(self, id: str) -> None:
+        with self.lock:
+            self.loads[id] += 1
+            self.running[id] += 1
+            self.most_at_once = max(self.most_at_once, self.running[id])
+
+    def leave(self, id: str) -> str:
+        with self.lock:
+            self.running[id] -= 1
+        return f"value-{id}"
+
+
+@dataclass
+class Run:
+    calls: list[tuple[float, str, Any, Source]] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def check(self, recovered_at: float) -> float:
+        """Assert every answer was right; returns seconds to the first hit after recovery."""
+        assert self.errors == []
+        assert self.calls
+        assert all(value == f"value-{id}" for _, id, value, _ in self.calls)
+        hits = [
+            at for at, _, _, source in self.calls if at > recovered_at and source is Source.CACHE
+        ]
+        assert hits, "no hits after Redis came back"
+        return min(hits) - recovered_at
+
+
+def call_in_threads(
+    function: Any, run: Run, stop: threading.Event, workers: int = 8
+) -> list[threading.Thread]:
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            id = rng.choice(KEYS)
+            started = time.monotonic()
+            try:
+                result = function.lookup(id)
+            except Exception as exc:  # the test is that this never happens
+                run.errors.append(exc)
+                continue
+            run.calls.append((started, id, result.value, result.source))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_killed_and_restarted_under_threads(server: RedisProcess) -> None:
+    engine = CacheEngine.from_url(server.url, prefix="fault")
+    primary = Primary()
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    def load(id: str) -> str:
+        primary.enter(id)
+        time.sleep(0.005)
+        return primary.leave(id)
+
+    run, stop = Run(), threading.Event()
+    threads = call_in_threads(load, run, stop)
+    time.sleep(0.8)
+    server.kill()
+    loads_before = sum(primary.loads.values())
+    time.sleep(1.5)
+    loads_during = sum(primary.loads.values()) - loads_before
+    server.start()  # same port, empty
+    restarted = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    to_first_hit = run.check(restarted)
+    assert primary.most_at_once == 1  # one load per key per process, outage included
+    assert engine.breaker.opened >= 1
+    assert to_first_hit < 1.0
+    print(
+        f"\nthreads: {len(run.calls)} calls, 0 errors seen by callers, {loads_during} loads "
+        f"during the 1.5 s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
+        f"Redis errors by kind {load.error_kinds()}"
+    )
+    engine.close()
+
+
+async def test_killed_and_restarted_under_tasks(server: RedisProcess) -> None:
+    engine = CacheEngine.from_url(server.url, prefix="fault")
+    primary = Primary()
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def load(id: str) -> str:
+        primary.enter(id)
+        await asyncio.sleep(0.005)
+        return primary.leave(id)
+
+    run, stopping = Run(), asyncio.Event()
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stopping.is_set():
+            id = rng.choice(KEYS)
+            started = time.monotonic()
+            try:
+                result = await load.lookup(id)
+            except Exception as exc:  # the test is that this never happens
+                run.errors.append(exc)
+                continue
+            run.calls.append((started, id, result.value, result.source))
+            await asyncio.sleep(0)
+
+    workers = [asyncio.create_task(worker(i)) for i in range(50)]
+    await asyncio.sleep(0.8)
+    server.kill()
+    loads_before = sum(primary.loads.values())
+    await asyncio.sleep(1.5)
+    loads_during = sum(primary.loads.values()) - loads_before
+    await asyncio.to_thread(server.start)
+    restarted = time.monotonic()
+    await asyncio.sleep(1.5)
+    stopping.set()
+    await asyncio.gather(*workers)
+    to_first_hit = run.check(restarted)
+    assert primary.most_at_once == 1
+    assert to_first_hit < 1.0
+    print(
+        f"\ntasks: {len(run.calls)} calls, 0 errors seen by callers, {loads_during} loads "
+        f"during the 1.5 s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
+        f"Redis errors by kind {load.error_kinds()}"
+    )
+    await engine.aclose()
+
+
+def test_paused_server_costs_callers_a_few_timeouts_then_nothing(server: RedisProcess) -> None:
+    engine = CacheEngine.from_url(server.url, prefix="pause")
+    primary = Primary()
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    def load(id: str) -> str:
+        primary.enter(id)
+        return primary.leave(id)
+
+    run, stop = Run(), threading.Event()
+    threads = call_in_threads(load, run, stop)
+    time.sleep(0.5)
+    server.pause()
+    paused = time.monotonic()
+    time.sleep(2.0)
+    server.resume()
+    resumed = time.monotonic()
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    run.check(resumed)
+    kinds = load.error_kinds()
+    during = [call for call in run.calls if paused <= call[0] < resumed]
+    # The breaker turned a hung server into quick answers: a handful of calls waited
+    # for a socket timeout, every other call during the pause skipped Redis.
+    assert kinds.get("CircuitOpenError", 0) > 10 * kinds.get("TimeoutError", 0)
+    assert len(during) > 100
+    print(f"\npaused 2 s: {len(during)} calls answered during the pause; errors by kind {kinds}")
+    engine.close()
+
+
+def test_scripts_survive_a_script_flush_and_a_restart(server: RedisProcess) -> None:
+    engine = CacheEngine.from_url(server.url, prefix="scripts")
+    calls: list[str] = []
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    def load(id: str) -> str:
+        calls.append(id)
+        return id
+
+    assert load("a") == "a"
+    engine.sync_side().client.script_flush()
+    assert load("b") == "b"  # NOSCRIPT: redis-py's Script loads it again
+    server.kill()
+    server.start()
+    time.sleep(engine.breaker.cooldown)  # the breaker may have opened; let it probe
+    assert load("c") == "c"
+    assert load.lookup("c").source is Source.CACHE
+    assert calls == ["a", "b", "c"]
+    engine.close()
+
+
+def test_fail_open_false_raises_cache_unavailable(server: RedisProcess) -> None:
+    from cached_aside import CacheUnavailableError
+
+    engine = CacheEngine.from_url(server.url, prefix="strict")
+    calls: list[str] = []
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine, fail_open=False)
+    def load(id: str) -> str:
+        calls.append(id)
+        return id
+
+    assert load("a") == "a"
+    server.kill()
+    with pytest.raises(CacheUnavailableError, match="fail_open=False"):
+        load("a")
+    with pytest.raises(CacheUnavailableError):
+        load.invalidate("a")
+    assert calls == ["a"]  # the loader was not called behind the caller's back
+    engine.close()
