@@ -196,6 +196,11 @@ class KeyTemplate:
         # Calls that pass exactly the positional parameters skip inspect's binding.
         self._fast_arity = -1 if required_keyword_only or not all_positional else len(positional)
 
+    @staticmethod
+    def placeholders(text: str) -> list[str]:
+        """The placeholder names of a template, in order."""
+        return _PLACEHOLDER.findall(text)
+
     def render(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Render the key text (without prefix) for one call's arguments."""
         if not kwargs and len(args) == self._fast_arity:

@@ -1,0 +1,180 @@
+"""The operations command line: `python -m cached_aside ping|inspect|invalidate`.
+
+Exit codes: 0 done, 1 nothing cached under that key (inspect), 2 bad usage,
+3 Redis unreachable or failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from typing import Any
+
+import msgpack
+import redis
+
+from .codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
+from .engine import DEFAULT_PREFIX, url_from_environment
+from .errors import CachedAsideError
+from .keys import KeyTemplate, entry_keys
+from .scripts import INVALIDATE
+
+NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
+
+
+def parse_argument(text: str) -> Any:
+    """A JSON scalar where the text is one (42, 1.5, true, null, "42"), else the text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str | int | float | bool) or value is None else text
+
+
+def resolve_key(prefix: str, key_or_template: str, arguments: list[str]) -> str:
+    """A full key as given, or a template such as 'product:<id>' rendered like the library."""
+    if "<" not in key_or_template:
+        if arguments:
+            raise CachedAsideError(f"{key_or_template!r} has no <placeholders> for {arguments}")
+        return key_or_template
+    names = KeyTemplate.placeholders(key_or_template)
+    if len(names) != len(arguments):
+        raise CachedAsideError(
+            f"{key_or_template!r} has {len(names)} placeholder(s), got {len(arguments)} value(s)"
+        )
+
+    def signature_holder(*args: Any) -> None: ...
+
+    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    signature_holder.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    template = KeyTemplate(key_or_template, signature_holder)
+    rendered = template.render(tuple(parse_argument(a) for a in arguments), {})
+    return f"{prefix}:{{{rendered}}}"
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
+    """What is stored under an entry's key, decoded as cached_aside reads it."""
+    keys = entry_keys(key)
+    kind = _text(client.type(key))
+    lock_ms = client.pttl(keys.lock)
+    report: dict[str, Any] = {
+        "key": key,
+        "type": kind,
+        "ttl_ms": client.pttl(key) if kind != "none" else None,
+        "lock": {
+            "held": lock_ms > 0,
+            "ttl_ms": lock_ms if lock_ms > 0 else None,
+            "waiters": int(client.get(keys.waiters) or 0),
+        },
+    }
+    if kind == "string":
+        raw = client.get(key) or b""
+        if raw == MSGPACK_NEGATIVE:
+            report["entry"] = "negative sentinel (the loader returned None)"
+        else:
+            try:
+                report["value"] = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                report["entry"] = "msgpack value"
+            except Exception:
+                report["entry"] = f"not msgpack: foreign or damaged ({len(raw)} bytes)"
+    elif kind == "hash":
+        fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        meta = fields.pop(META_FIELD, None)
+        if meta == NEGATIVE_META:
+            report["entry"] = "negative sentinel (the loader returned None)"
+        elif meta is not None and meta.isdigit() and int(meta) == len(fields):
+            report["entry"] = "hash record"
+            report["value"] = fields
+        else:
+            report["entry"] = "hash without a valid field count: foreign or damaged"
+            report["value"] = fields
+    elif kind != "none":
+        report["entry"] = f"a {kind}: not written by cached_aside"
+    if kind == "none" and not report["lock"]["held"]:
+        return None
+    return report
+
+
+def command_ping(client: redis.Redis) -> int:
+    info = client.info("server")
+    scripts = client.eval("return 1", 0) == 1
+    print(
+        json.dumps(
+            {
+                "reachable": True,
+                "redis_version": info.get("redis_version"),
+                "mode": info.get("redis_mode"),
+                "scripts": scripts,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def command_inspect(client: redis.Redis, key: str) -> int:
+    report = describe(client, key)
+    if report is None:
+        print(json.dumps({"key": key, "cached": False}, indent=2))
+        return NOT_FOUND
+    print(json.dumps(report, indent=2, default=repr))
+    return 0
+
+
+def command_invalidate(client: redis.Redis, key: str, lock_ttl_ms: int = 10_000) -> int:
+    keys = entry_keys(key)
+    existed = client.register_script(INVALIDATE)(keys=list(keys), args=[lock_ttl_ms])
+    print(json.dumps({"key": key, "existed": bool(existed)}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cached-aside", description="inspect and manage cached_aside entries in Redis"
+    )
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="default: CACHED_ASIDE_REDIS_URL, REDIS_URL, else redis://127.0.0.1:6379/0",
+    )
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="the engine's key prefix")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ping", help="reachability, server version, script support")
+    for name, text in (
+        ("inspect", "show what is cached for a key"),
+        ("invalidate", "delete an entry and revoke loads in flight"),
+    ):
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=(
+                f"{text}. Give a full key (cache:{{product:p-001}}) or a template and its "
+                'values (product:<id> p-001); values that are JSON scalars (42, true, "42") '
+                "are read as such."
+            ),
+        )
+        sub.add_argument("key", help="a key, or a template with <placeholders>")
+        sub.add_argument("values", nargs="*", help="values for the placeholders, in order")
+    args = parser.parse_args(argv)
+    try:
+        client = redis.Redis.from_url(
+            args.url or url_from_environment(), socket_timeout=2, socket_connect_timeout=2
+        )
+        if args.command == "ping":
+            return command_ping(client)
+        key = resolve_key(args.prefix, args.key, args.values)
+        if args.command == "inspect":
+            return command_inspect(client, key)
+        return command_invalidate(client, key)
+    except CachedAsideError as exc:
+        print(f"cached-aside: {exc}", file=sys.stderr)
+        return USAGE
+    except redis.RedisError as exc:
+        print(f"cached-aside: Redis failed: {exc}", file=sys.stderr)
+        return UNAVAILABLE
