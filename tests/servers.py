@@ -26,24 +26,67 @@ def free_port() -> int:
 class RedisProcess:
     """One redis-server we own: start, SIGKILL, SIGSTOP/SIGCONT, restart on its port."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, tls: bool = False) -> None:
         assert REDIS_SERVER is not None, "redis-server is not on PATH"
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="cached_aside_redis_"))
         self.extra = extra
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
+        if tls:  # a self-signed certificate for 127.0.0.1, its own CA
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-keyout",
+                    str(self.directory / "key.pem"),
+                    "-out",
+                    str(self.ca_file),
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                ],
+                check=True,
+                capture_output=True,
+            )
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "cert.pem"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
         assert REDIS_SERVER is not None
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ports = [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                str(self.ca_file),
+                "--tls-key-file",
+                str(self.directory / "key.pem"),
+                "--tls-ca-cert-file",
+                str(self.ca_file),
+            ]
         self.process = subprocess.Popen(
             [
                 REDIS_SERVER,
-                "--port",
-                str(self.port),
+                *ports,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -60,12 +103,24 @@ class RedisProcess:
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                self.admin().ping()
                 return self
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
                 time.sleep(0.02)
+
+    def admin(self) -> redis.Redis:
+        """A plain client for the test itself (over TLS when the server speaks TLS)."""
+        if self.tls:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                socket_connect_timeout=0.5,
+                ssl=True,
+                ssl_ca_certs=str(self.ca_file),
+            )
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes, with everything it held."""
