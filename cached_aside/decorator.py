@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, overload
 
-from .codecs import HASH_CODEC, MSGPACK_CODEC
+from .codecs import HASH_CODEC, MSGPACK_CODEC, Codec, Serializer, SerializerCodec
 from .engine import CacheEngine
 from .errors import ConfigurationError
 from .flows import Plan
@@ -26,7 +26,9 @@ R = TypeVar("R")
 class CacheAside:
     """The decorator returned by `cache_aside(...)`; apply it to a loader."""
 
-    def __init__(self, key: str, engine: CacheEngine | None, **options: Any) -> None:
+    def __init__(
+        self, key: str, engine: CacheEngine | None, serializer: Serializer | None, **options: Any
+    ) -> None:
         if not isinstance(key, str):
             raise ConfigurationError(
                 f"key must be a template string like 'product:<id>', got {key!r}"
@@ -38,6 +40,21 @@ class CacheAside:
         self._key = key
         self._engine = engine
         self._options = build_options(**options)
+        self._codec: Codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
+        if serializer is not None:
+            if self._options.as_hash:
+                raise ConfigurationError(
+                    "serializer= applies to whole values; drop as_hash=True to use it"
+                )
+            if not (
+                callable(getattr(serializer, "dumps", None))
+                and callable(getattr(serializer, "loads", None))
+            ):
+                raise ConfigurationError(
+                    f"serializer must have dumps(value) -> bytes and loads(bytes), got "
+                    f"{serializer!r}"
+                )
+            self._codec = SerializerCodec(serializer)
 
     @overload
     def __call__(  # type: ignore[overload-overlap]  # a coroutine function is also Callable[P, R]
@@ -57,8 +74,9 @@ class CacheAside:
                 "list instead"
             )
         template = KeyTemplate(self._key, loader)
-        codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
-        plan = Plan(name, codec, self._options, Stats(name), self._options.refresh_ahead_ms > 0)
+        plan = Plan(
+            name, self._codec, self._options, Stats(name), self._options.refresh_ahead_ms > 0
+        )
         if inspect.iscoroutinefunction(loader):
             return AsyncCachedFunction(loader, template, plan, self._engine)
         return CachedFunction(loader, template, plan, self._engine)
@@ -74,6 +92,7 @@ def cache_aside(
     engine: CacheEngine | None = None,
     fail_open: bool = True,
     refresh_ahead: Duration | None = None,
+    serializer: Serializer | None = None,
 ) -> CacheAside:
     """Cache a loader's results in Redis with the cache-aside pattern.
 
@@ -95,6 +114,9 @@ def cache_aside(
             inside it still returns the cached value at once, and one caller reloads
             the entry in the background, so hot keys never expire into a miss. Costs
             a Lua lookup (value and ttl in one round trip) instead of a plain read.
+        serializer: an object with dumps(value) -> bytes and loads(bytes), used instead
+            of msgpack. Its loads() runs on whatever Redis holds: never plug in one that
+            executes code (pickle) unless you trust everyone who can write to Redis.
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.
@@ -102,6 +124,7 @@ def cache_aside(
     return CacheAside(
         key,
         engine,
+        serializer,
         ttl=ttl,
         as_hash=as_hash,
         negative_ttl=negative_ttl,

@@ -3,6 +3,7 @@ Redis and fakeredis."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -332,3 +333,38 @@ async def test_sentinels_in_an_unknown_format_are_corrupt(h: Harness) -> None:
     assert await h.run(hashed, "a") == {"v": "1"}
     assert (packed.stats().corrupt, hashed.stats().corrupt) == (1, 1)
     assert (await h.run(hashed.lookup, "a")).source == Source.CACHE
+
+
+class JsonSerializer:
+    """A serializer a user might plug in: JSON, safe on untrusted bytes."""
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+async def test_a_pluggable_serializer(h: Harness) -> None:
+    loader = Loader({"a": {"when": "2026-01-01", "n": (1, 2)}})
+    fn = h.cached(loader, key="json:<id>", serializer=JsonSerializer())
+    first = await h.run(fn.lookup, "a")
+    second = await h.run(fn.lookup, "a")
+    assert first.value == second.value == {"when": "2026-01-01", "n": [1, 2]}
+    assert second.source == Source.CACHE
+    assert h.raw.get(fn.key("a")) == b'={"when": "2026-01-01", "n": [1, 2]}'
+    missing = await h.run(fn.lookup, "nope")
+    assert (await h.run(fn.lookup, "nope")).source == Source.NEGATIVE
+    assert missing.value is None
+    h.raw.set(fn.key("a"), msgpack.packb({"x": 1}))  # written by another mode: foreign
+    assert await h.run(fn, "a") == {"when": "2026-01-01", "n": [1, 2]}
+    assert fn.stats().corrupt == 1
+
+
+def test_serializer_options_are_checked() -> None:
+    from cached_aside import cache_aside
+
+    with pytest.raises(ConfigurationError, match="drop as_hash=True"):
+        cache_aside(key="x:<id>", ttl=1, as_hash=True, serializer=JsonSerializer())
+    with pytest.raises(ConfigurationError, match="dumps"):
+        cache_aside(key="x:<id>", ttl=1, serializer=object())  # type: ignore[arg-type]
