@@ -35,6 +35,32 @@ def _no_seal() -> None:
     return None
 
 
+def _timed(plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any) -> Callable[[], Any]:
+    """The call's load, timed into the function's loader-latency histogram."""
+
+    def load() -> Any:
+        started = perf_counter()
+        try:
+            return loader(*args, **kwargs)
+        finally:
+            plan.stats.loaded_in(perf_counter() - started)
+
+    return load
+
+
+def _timed_async(
+    plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any
+) -> Callable[[], Awaitable[Any]]:
+    async def load() -> Any:
+        started = perf_counter()
+        try:
+            return await loader(*args, **kwargs)
+        finally:
+            plan.stats.loaded_in(perf_counter() - started)
+
+    return load
+
+
 def serve_sync(
     plan: Plan, key: str, side: Any, loader: Callable[..., Any], args: Any, kwargs: Any
 ) -> tuple[Served, float, bool]:
@@ -71,7 +97,7 @@ def serve_sync(
             if hit is not None:
                 return hit, seconds, False
         shared = side.flights.run(
-            key, _miss_sync, plan, key, side, raw, lambda: loader(*args, **kwargs)
+            key, _miss_sync, plan, key, side, raw, _timed(plan, loader, args, kwargs)
         )
         if shared is not None:
             (served, more), joined = shared
@@ -131,7 +157,7 @@ async def _read_async(
     if hit is not None:
         return hit, seconds
     flow = after_miss(plan, key, raw, side.block_limit_ms)
-    served, more = await run_async(flow, side, lambda: loader(*args, **kwargs), seal)
+    served, more = await run_async(flow, side, _timed_async(plan, loader, args, kwargs), seal)
     return served, seconds + more
 
 

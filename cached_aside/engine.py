@@ -283,6 +283,10 @@ class CacheEngine:
         """Counters per function, by qualified name."""
         return {stats.name: stats.snapshot() for stats in list(self._stats)}
 
+    def tracked(self) -> list[Stats]:
+        """The live counters of every function that has used this engine."""
+        return list(self._stats)
+
     def reset_stats(self) -> None:
         for stats in list(self._stats):
             stats.reset()

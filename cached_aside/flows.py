@@ -179,6 +179,8 @@ def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Serv
                 return Served(None, Source.NEGATIVE)
             stats.hit()
             return Served(value, Source.CACHE)
+        if not waited:
+            stats.lock_wait()
         waited = True
         corrupt = False  # the owner's store replaces whatever was there
         try:

@@ -6,6 +6,7 @@ costs less than a tenth of a microsecond, far below one Redis round trip.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -15,6 +16,8 @@ logger = logging.getLogger("cached_aside")
 
 # While errors keep coming, one log line per this many seconds summarises them.
 ERROR_LOG_INTERVAL_SECONDS = 10.0
+# Upper bounds (seconds) of the loader-latency histogram: Prometheus's defaults.
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,7 @@ class StatsSnapshot:
     stampedes_suppressed: int = 0
     errors: int = 0
     corrupt: int = 0
+    lock_waits: int = 0
 
     @property
     def hit_rate_pct(self) -> float:
@@ -51,9 +55,12 @@ class Stats:
         self._lock = threading.Lock()
         self._hits = self._misses = self._negative_hits = self._loads = 0
         self._suppressed = self._errors = self._corrupt = 0
+        self._lock_waits = 0
         self._unlogged_errors = 0
         self._last_error_log = float("-inf")
         self._error_kinds: dict[str, int] = {}
+        self._load_counts = [0] * len(LOAD_BUCKETS)
+        self._load_seconds = 0.0
 
     def hit(self) -> None:
         with self._lock:
@@ -71,6 +78,11 @@ class Stats:
     def load(self) -> None:
         with self._lock:
             self._loads += 1
+
+    def lock_wait(self) -> None:
+        """A caller began waiting on Redis for another caller's load."""
+        with self._lock:
+            self._lock_waits += 1
 
     def corrupt(self, key: str) -> None:
         with self._lock:
@@ -111,7 +123,25 @@ class Stats:
                 stampedes_suppressed=self._suppressed,
                 errors=self._errors,
                 corrupt=self._corrupt,
+                lock_waits=self._lock_waits,
             )
+
+    def loaded_in(self, seconds: float) -> None:
+        """Record how long one loader call took."""
+        bucket = bisect.bisect_left(LOAD_BUCKETS, seconds)
+        with self._lock:
+            self._load_counts[bucket] += 1
+            self._load_seconds += seconds
+
+    def load_histogram(self) -> tuple[list[tuple[float, int]], float]:
+        """Cumulative (upper bound, count) pairs and the total seconds, Prometheus-style."""
+        with self._lock:
+            counts, total = list(self._load_counts), self._load_seconds
+        cumulative, running = [], 0
+        for bound, count in zip(LOAD_BUCKETS, counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        return cumulative, total
 
     def error_kinds(self) -> dict[str, int]:
         """Errors by exception type (TimeoutError, ConnectionError, CircuitOpenError...)."""
@@ -121,5 +151,7 @@ class Stats:
     def reset(self) -> None:
         with self._lock:
             self._hits = self._misses = self._negative_hits = self._loads = 0
-            self._suppressed = self._errors = self._corrupt = 0
+            self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
             self._error_kinds = {}
+            self._load_counts = [0] * len(LOAD_BUCKETS)
+            self._load_seconds = 0.0

@@ -131,6 +131,7 @@ def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
     assert flow.result == Served([1], Source.WAITED, shareable=True)
     stats = p.stats.snapshot()
     assert (stats.misses, stats.stampedes_suppressed, stats.loads) == (1, 1, 0)
+    assert stats.lock_waits == 1  # once per call, however many times it looked again
 
 
 def test_loader_error_releases_the_lock_and_propagates() -> None:

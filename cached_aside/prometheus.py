@@ -1,0 +1,87 @@
+"""Prometheus metrics for an engine (the `prometheus` extra).
+
+A collector that reads the engine's counters when Prometheus scrapes, so the hot path
+pays nothing for metrics. `register(engine)` adds it to a registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+
+from .engine import CacheEngine
+
+COUNTERS = {
+    "hits": "Calls served a cached value",
+    "misses": "Calls not served from the cache",
+    "negative_hits": "Calls served a cached 'no such record'",
+    "loads": "Loader calls",
+    "stampedes_suppressed": "Misses served by another caller's load",
+    "lock_waits": "Misses that waited on Redis for another process's load",
+    "corrupt": "Foreign or damaged entries found, treated as misses and rewritten",
+}
+
+
+class CacheCollector(Collector):
+    """Exports every function of one engine, labelled by the function's name."""
+
+    def __init__(self, engine: CacheEngine, namespace: str = "cached_aside") -> None:
+        self.engine = engine
+        self.namespace = namespace
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            name: CounterMetricFamily(f"{self.namespace}_{name}", text, labels=["function"])
+            for name, text in COUNTERS.items()
+        }
+        errors = CounterMetricFamily(
+            f"{self.namespace}_errors",
+            "Redis errors, by exception type",
+            labels=["function", "kind"],
+        )
+        latency = HistogramMetricFamily(
+            f"{self.namespace}_loader_seconds", "Loader call duration", labels=["function"]
+        )
+        for stats in self.engine.tracked():
+            snapshot = stats.snapshot().as_dict()
+            for name, family in families.items():
+                family.add_metric([stats.name], snapshot[name])
+            for kind, count in stats.error_kinds().items():
+                errors.add_metric([stats.name, kind], count)
+            buckets, total = stats.load_histogram()
+            latency.add_metric(
+                [stats.name],
+                [
+                    ("+Inf" if bound == float("inf") else repr(bound), count)
+                    for bound, count in buckets
+                ],
+                sum_value=total,
+            )
+        yield from families.values()
+        yield errors
+        yield latency
+        breaker = self.engine.breaker
+        state = GaugeMetricFamily(
+            f"{self.namespace}_breaker_open", "1 while Redis is being skipped (open or half-open)"
+        )
+        state.add_metric([], 0 if breaker.state == "closed" else 1)
+        yield state
+        openings = CounterMetricFamily(
+            f"{self.namespace}_breaker_openings", "Times the circuit breaker opened"
+        )
+        openings.add_metric([], breaker.opened)
+        yield openings
+
+
+def register(engine: CacheEngine, registry: CollectorRegistry = REGISTRY) -> CacheCollector:
+    """Export `engine`'s counters from `registry` (the default one unless given)."""
+    collector = CacheCollector(engine)
+    registry.register(collector)
+    return collector
