@@ -298,11 +298,22 @@ class CacheEngine:
             self._sync = None
 
     async def aclose(self) -> None:
-        """Close this event loop's async client (and the sync one) if the engine made them."""
+        """Let this loop's background refreshes finish, then close the connections the
+        engine made (clients you passed in stay yours to close)."""
+        loop = asyncio.get_running_loop()
+        sides = [self._given_async, self._async_by_loop.get(loop)]
+        pending = [
+            task
+            for side in sides
+            if side is not None
+            for task in side.tasks
+            if task.get_loop() is loop
+        ]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         self.close()
         if not self._owns_clients:
             return
-        loop = asyncio.get_running_loop()
         side = self._async_by_loop.pop(loop, None)
         self._last_async = (None, None)
         if side is not None:

@@ -140,9 +140,26 @@ async def more_clients(backend: str, clients: Any) -> AsyncIterator[Any]:
 async def engine(clients: tuple[Any, Any, redis.Redis]) -> AsyncIterator[CacheEngine]:
     sync_client, async_client, raw = clients
     prefix = unique_prefix()
-    yield CacheEngine(sync_client, async_client, prefix=prefix)
+    engine = CacheEngine(sync_client, async_client, prefix=prefix)
+    yield engine
+    await engine.aclose()  # background refreshes of this loop finish first
     delete_prefix(raw, prefix)
     raw.close()
+
+
+@pytest.fixture
+async def twin(engine: CacheEngine, more_clients: Any) -> AsyncIterator[Any]:
+    """Makes another engine on the same Redis and prefix, with clients of its own: no
+    in-process state shared with `engine`, exactly as in another process."""
+    made: list[CacheEngine] = []
+
+    def make() -> CacheEngine:
+        made.append(CacheEngine(*more_clients(), prefix=engine.prefix))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await each.aclose()
 
 
 @pytest.fixture(params=["sync", "async"])

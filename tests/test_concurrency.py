@@ -68,14 +68,8 @@ async def test_joined_callers_get_independent_copies(engine: CacheEngine) -> Non
     assert second == {"items": [1, 2]}
 
 
-def _twin_engines(engine: CacheEngine, more_clients: Any) -> CacheEngine:
-    """A second engine on the same Redis and prefix, with clients of its own: it shares
-    no in-process state, exactly like another process would."""
-    return CacheEngine(*more_clients(), prefix=engine.prefix)
-
-
-def test_engines_sharing_only_redis_load_once(engine: CacheEngine, more_clients: Any) -> None:
-    engines = [engine, *(_twin_engines(engine, more_clients) for _ in range(3))]
+def test_engines_sharing_only_redis_load_once(engine: CacheEngine, twin: Any) -> None:
+    engines = [engine, *(twin() for _ in range(3))]
     calls = []
     functions = []
     for each in engines:
@@ -106,8 +100,8 @@ def test_engines_sharing_only_redis_load_once(engine: CacheEngine, more_clients:
     assert sum(s.loads for s in stats) == 1
 
 
-def test_owner_failure_hands_the_load_to_a_waiter(engine: CacheEngine, more_clients: Any) -> None:
-    other = _twin_engines(engine, more_clients)
+def test_owner_failure_hands_the_load_to_a_waiter(engine: CacheEngine, twin: Any) -> None:
+    other = twin()
     started = threading.Event()
     calls = []
 

@@ -25,12 +25,6 @@ from .conftest import REDIS_URL, delete_prefix, unique_prefix
 TRIALS = 30
 
 
-def twin(engine: CacheEngine, more_clients: Any) -> CacheEngine:
-    """Another engine on the same Redis and prefix, with clients of its own: no shared
-    in-process state, as in another process."""
-    return CacheEngine(*more_clients(), prefix=engine.prefix)
-
-
 def run_threads(count: int, target: Any) -> None:
     threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
     for thread in threads:
@@ -40,9 +34,9 @@ def run_threads(count: int, target: Any) -> None:
 
 
 def test_fifty_threads_on_two_engines_load_once_in_every_trial(
-    engine: CacheEngine, more_clients: Any
+    engine: CacheEngine, twin: Any
 ) -> None:
-    engines = [engine, twin(engine, more_clients)]
+    engines = [engine, twin()]
     loads: list[str] = []
     functions = []
     for each in engines:
@@ -79,12 +73,12 @@ async def test_five_hundred_tasks_load_once_in_every_trial(engine: CacheEngine) 
     assert loads == [f"k{t}" for t in range(TRIALS)]
 
 
-def test_two_hundred_waiters_finish_after_one_load(engine: CacheEngine, more_clients: Any) -> None:
+def test_two_hundred_waiters_finish_after_one_load(engine: CacheEngine, twin: Any) -> None:
     engines = [
         engine,
-        twin(engine, more_clients),
-        twin(engine, more_clients),
-        twin(engine, more_clients),
+        twin(),
+        twin(),
+        twin(),
     ]
     loaded_at: list[float] = []
     functions = []
@@ -118,9 +112,9 @@ def test_two_hundred_waiters_finish_after_one_load(engine: CacheEngine, more_cli
 
 
 async def test_owner_failure_hands_the_load_to_a_waiting_task(
-    engine: CacheEngine, more_clients: Any
+    engine: CacheEngine, twin: Any
 ) -> None:
-    other = twin(engine, more_clients)
+    other = twin()
     started = asyncio.Event()
     calls: list[str] = []
 
@@ -145,12 +139,10 @@ async def test_owner_failure_hands_the_load_to_a_waiting_task(
     assert calls == ["owner", "waiter"]
 
 
-def test_loader_slower_than_its_lock_cannot_store_late(
-    engine: CacheEngine, more_clients: Any
-) -> None:
+def test_loader_slower_than_its_lock_cannot_store_late(engine: CacheEngine, twin: Any) -> None:
     """Fencing, not renewal: the slow owner's lock expires, another caller loads, and
     the slow owner's late write is refused."""
-    other = twin(engine, more_clients)
+    other = twin()
 
     @cache_aside(key="slow:<id>", ttl=30, lock_ttl=0.3, engine=engine)
     def slow(id: str) -> str:
@@ -275,10 +267,8 @@ def test_four_processes_of_twenty_threads_load_once_in_every_trial(tmp_path: Pat
         cleanup.close()
 
 
-def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(
-    engine: CacheEngine, more_clients: Any
-) -> None:
-    engines = [engine, twin(engine, more_clients)]
+def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, twin: Any) -> None:
+    engines = [engine, twin()]
     versions = iter(range(1, 1000))
     loads: list[int] = []
     functions = []
@@ -371,5 +361,5 @@ async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: C
         side.client.execute_command = real_execute
         side.scripts[ScriptName.ACQUIRE] = real_acquire  # type: ignore[index]
     # Script calls reach execute_command as EVALSHA; count the lookups and lock attempts.
-    assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1)
+    assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1), sent
     assert load.stats().loads == 1
