@@ -119,6 +119,8 @@ async def serve_async(
 
     Returns the answer, the seconds spent on Redis, and whether it was shared.
     """
+    if not side.ready:
+        await side.prepare()
     (served, seconds), joined = await side.flights.run(
         key, _read_async, plan, key, side, loader, args, kwargs
     )

@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -33,6 +35,7 @@ from .stats import Stats, StatsSnapshot
 logger = logging.getLogger("cached_aside")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+CLUSTER_SCHEME = "redis+cluster://"
 URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
 DEFAULT_PREFIX = "cache"
 # A hung Redis costs a caller at most this (plus one retry), and only until the
@@ -68,6 +71,18 @@ class AsyncSide:
     breaker: CircuitBreaker
     background: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # An asyncio RedisCluster sent many commands before its first initialize() can
+    # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
+    ready: bool = True
+    _initializing: asyncio.Lock | None = None
+
+    async def prepare(self) -> None:
+        if self._initializing is None:
+            self._initializing = asyncio.Lock()
+        async with self._initializing:
+            if not self.ready:
+                await self.client.initialize()
+                self.ready = True
 
 
 def url_from_environment() -> str:
@@ -221,6 +236,20 @@ class CacheEngine:
         engine = cls(
             prefix=prefix, breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown
         )
+        if url.startswith(CLUSTER_SCHEME):
+            # One node's address is enough: the client discovers the others.
+            node_url = "redis" + url[len(CLUSTER_SCHEME) - len("://") :]
+            timeouts = {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": socket_connect_timeout,
+                **client_options,
+            }
+            engine._owns_clients = True
+            engine._make_client = lambda: redis.cluster.RedisCluster.from_url(node_url, **timeouts)
+            engine._make_async_client = lambda: redis.asyncio.cluster.RedisCluster.from_url(
+                node_url, **timeouts
+            )
+            return engine
         engine._owns_clients = True
         engine._make_client = lambda: redis.Redis.from_pool(
             redis.BlockingConnectionPool.from_url(url, **options)
@@ -346,7 +375,9 @@ class CacheEngine:
         kwargs = _connection_kwargs(client, "async_client")
         _warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        return AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs), self.breaker)
+        side = AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs), self.breaker)
+        side.ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        return side
 
 
 _default_engine: CacheEngine | None = None

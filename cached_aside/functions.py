@@ -216,6 +216,8 @@ class AsyncCachedFunction(_CachedBase[P, R]):
 
     async def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
         side = engine.async_side()
+        if not side.ready:
+            await side.prepare()
         changed = (await run_async(flow, side, _no_async_load, _no_seal))[0]
         side.flights.forget(key)  # after the change, as in CachedFunction._change
         return changed

@@ -17,10 +17,20 @@ import redis
 REDIS_SERVER = shutil.which("redis-server")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port nothing listens on, never the same twice in one test run (a port just
+    released can be handed out again, and a cluster needs several at once)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        # Cluster nodes also listen on port + 10000 (the bus); keep both free.
+        if port not in _handed_out and port + 10000 < 65536:
+            _handed_out.add(port)
+            return port
 
 
 class RedisProcess:
@@ -142,3 +152,57 @@ class RedisProcess:
             self.process.terminate()
             self.process.wait(10)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RedisClusterProcesses:
+    """A Redis Cluster of our own: `masters` masters (and `replicas` each), on free
+    ports in temporary directories, joined with redis-cli, stopped by PID."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        self.nodes = [
+            RedisProcess(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+            )
+            for _ in range(masters * (1 + replicas))
+        ]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> RedisClusterProcesses:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while any(
+            b"cluster_state:ok" not in node.admin().execute_command("CLUSTER", "INFO")
+            for node in self.nodes
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
