@@ -31,7 +31,8 @@ def failed(exc: RedisError) -> CommandFailed:
     return CommandFailed(exc, wrong_type=wrong_type)
 
 
-def _no_seal() -> None:
+def no_seal() -> None:
+    """The seal of a flow nobody can join (background work, writes)."""
     return None
 
 
@@ -219,7 +220,7 @@ def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseExcepti
 
 def _background_sync(effect: Spawn, side: Any, load: Callable[[], Any]) -> None:
     try:
-        run_sync(effect.flow, side, load, _no_seal)
+        run_sync(effect.flow, side, load, no_seal)
     except Exception:
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:
@@ -282,7 +283,7 @@ async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, Base
 
 async def _background_async(effect: Spawn, side: Any, load: Callable[[], Awaitable[Any]]) -> None:
     try:
-        await run_async(effect.flow, side, load, _no_seal)
+        await run_async(effect.flow, side, load, no_seal)
     except Exception:
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .drivers import run_async, run_sync, serve_async, serve_sync
+from .drivers import no_seal, run_async, run_sync, serve_async, serve_sync
 from .effects import Flow
 from .engine import CacheEngine, default_engine
 from .flows import Plan, Served, Source, invalidate, update_field
@@ -45,10 +45,6 @@ class CacheResult(Generic[R]):
 
 def _no_load() -> Any:
     raise AssertionError("this flow never loads")
-
-
-def _no_seal() -> None:
-    return None
 
 
 async def _no_async_load() -> Any:
@@ -165,7 +161,7 @@ class CachedFunction(_CachedBase[P, R]):
 
     def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
         side = engine.sync_side()
-        changed = run_sync(flow, side, _no_load, _no_seal)[0]
+        changed = run_sync(flow, side, _no_load, no_seal)[0]
         # Only now: a read already sharing a lookup made before the change may finish
         # with it, but no read that starts after this call returns may join it.
         side.flights.forget(key)
@@ -218,7 +214,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         side = engine.async_side()
         if not side.ready:
             await side.prepare()
-        changed = (await run_async(flow, side, _no_async_load, _no_seal))[0]
+        changed = (await run_async(flow, side, _no_async_load, no_seal))[0]
         side.flights.forget(key)  # after the change, as in CachedFunction._change
         return changed
 
