@@ -39,7 +39,10 @@ def test_fifty_threads_on_a_cold_key_load_once(engine: CacheEngine) -> None:
     assert calls == ["k"]
     assert results == [{"id": "k"}] * 50
     stats = slow.stats()
-    assert (stats.loads, stats.stampedes_suppressed, stats.misses) == (1, 49, 50)
+    assert stats.loads == 1
+    # the others waited for that load, or (late starters) found it stored
+    assert stats.stampedes_suppressed + stats.hits == 49
+    assert stats.misses == stats.stampedes_suppressed + 1
 
 
 async def test_five_hundred_tasks_on_a_cold_key_load_once(engine: CacheEngine) -> None:
