@@ -13,8 +13,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +29,13 @@ from .errors import ConfigurationError
 from .flights import TaskFlights, ThreadFlights
 from .keys import validate_prefix
 from .scripts import ScriptName
+from .sides import (
+    AsyncSide,
+    SyncSide,
+    block_limit_ms,
+    connection_kwargs,
+    warn_if_pool_raises,
+)
 from .stats import Stats, StatsSnapshot
 
 logger = logging.getLogger("cached_aside")
@@ -44,45 +50,6 @@ DEFAULT_SOCKET_TIMEOUT = 0.25
 DEFAULT_CONNECT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 5.0
-# Without a socket timeout a waiter still wakes up this often to look again.
-DEFAULT_BLOCK_LIMIT_MS = 1000
-
-
-@dataclass(slots=True)
-class SyncSide:
-    """What a sync call needs: the client, its scripts, the thread flights."""
-
-    client: Any
-    scripts: Mapping[ScriptName, Any]
-    flights: ThreadFlights
-    block_limit_ms: int
-    breaker: CircuitBreaker
-    background: set[str] = field(default_factory=set)  # keys with a background refresh
-
-
-@dataclass(slots=True)
-class AsyncSide:
-    """What an async call needs in one event loop."""
-
-    client: Any
-    scripts: Mapping[ScriptName, Any]
-    flights: TaskFlights
-    block_limit_ms: int
-    breaker: CircuitBreaker
-    background: set[str] = field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    # An asyncio RedisCluster sent many commands before its first initialize() can
-    # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
-    ready: bool = True
-    _initializing: asyncio.Lock | None = None
-
-    async def prepare(self) -> None:
-        if self._initializing is None:
-            self._initializing = asyncio.Lock()
-        async with self._initializing:
-            if not self.ready:
-                await self.client.initialize()
-                self.ready = True
 
 
 def url_from_environment() -> str:
@@ -91,39 +58,6 @@ def url_from_environment() -> str:
         if os.environ.get(name):
             return os.environ[name]
     return DEFAULT_URL
-
-
-def _connection_kwargs(client: Any, role: str) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(getattr(client, "get_connection_kwargs", dict)())
-    if kwargs.get("decode_responses"):
-        raise ConfigurationError(
-            f"the {role} was created with decode_responses=True; cached_aside needs raw "
-            "bytes (msgpack values are binary). Pass a client without decode_responses"
-        )
-    return kwargs
-
-
-def _warn_if_pool_raises(client: Any, role: str) -> None:
-    """A pool that raises past max_connections turns a burst into fail-open loads."""
-    pool = getattr(client, "connection_pool", None)
-    blocking = (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)
-    if pool is None or isinstance(pool, blocking) or not hasattr(pool, "max_connections"):
-        return
-    logger.warning(
-        "the %s's connection pool raises MaxConnectionsError past %s connections instead "
-        "of waiting; in a burst, calls then fail open and load without single-flight. "
-        "Give it a redis.BlockingConnectionPool (CacheEngine.from_url does)",
-        role,
-        pool.max_connections,
-    )
-
-
-def _block_limit_ms(connection_kwargs: Mapping[str, Any]) -> int:
-    """Longest BLPOP a waiter may issue: well inside the client's socket timeout."""
-    timeout = connection_kwargs.get("socket_timeout")
-    if not timeout:
-        return DEFAULT_BLOCK_LIMIT_MS
-    return max(1, min(DEFAULT_BLOCK_LIMIT_MS, int(timeout * 500)))
 
 
 class CacheEngine:
@@ -366,16 +300,16 @@ class CacheEngine:
         return f"CacheEngine(prefix={self.prefix!r})"
 
     def _sync_side(self, client: Any) -> SyncSide:
-        kwargs = _connection_kwargs(client, "client")
-        _warn_if_pool_raises(client, "client")
+        kwargs = connection_kwargs(client, "client")
+        warn_if_pool_raises(client, "client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        return SyncSide(client, scripts, ThreadFlights(), _block_limit_ms(kwargs), self.breaker)
+        return SyncSide(client, scripts, ThreadFlights(), block_limit_ms(kwargs), self.breaker)
 
     def _async_side(self, client: Any) -> AsyncSide:
-        kwargs = _connection_kwargs(client, "async_client")
-        _warn_if_pool_raises(client, "async_client")
+        kwargs = connection_kwargs(client, "async_client")
+        warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        side = AsyncSide(client, scripts, TaskFlights(), _block_limit_ms(kwargs), self.breaker)
+        side = AsyncSide(client, scripts, TaskFlights(), block_limit_ms(kwargs), self.breaker)
         side.ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         return side
 

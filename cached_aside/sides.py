@@ -1,0 +1,95 @@
+"""What a call needs from its engine, per concurrency model: a SyncSide (client,
+scripts, thread flights) or an AsyncSide per event loop (client, scripts, task
+flights, background tasks); and the checks made on clients a user passes in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from .breaker import CircuitBreaker
+from .errors import ConfigurationError
+from .flights import TaskFlights, ThreadFlights
+from .scripts import ScriptName
+
+logger = logging.getLogger("cached_aside")
+
+# Without a socket timeout a waiter still wakes up this often to look again.
+DEFAULT_BLOCK_LIMIT_MS = 1000
+
+
+@dataclass(slots=True)
+class SyncSide:
+    """What a sync call needs: the client, its scripts, the thread flights."""
+
+    client: Any
+    scripts: Mapping[ScriptName, Any]
+    flights: ThreadFlights
+    block_limit_ms: int
+    breaker: CircuitBreaker
+    background: set[str] = field(default_factory=set)  # keys with a background refresh
+
+
+@dataclass(slots=True)
+class AsyncSide:
+    """What an async call needs in one event loop."""
+
+    client: Any
+    scripts: Mapping[ScriptName, Any]
+    flights: TaskFlights
+    block_limit_ms: int
+    breaker: CircuitBreaker
+    background: set[str] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # An asyncio RedisCluster sent many commands before its first initialize() can
+    # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
+    ready: bool = True
+    _initializing: asyncio.Lock | None = None
+
+    async def prepare(self) -> None:
+        if self._initializing is None:
+            self._initializing = asyncio.Lock()
+        async with self._initializing:
+            if not self.ready:
+                await self.client.initialize()
+                self.ready = True
+
+
+def connection_kwargs(client: Any, role: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(getattr(client, "get_connection_kwargs", dict)())
+    if kwargs.get("decode_responses"):
+        raise ConfigurationError(
+            f"the {role} was created with decode_responses=True; cached_aside needs raw "
+            "bytes (msgpack values are binary). Pass a client without decode_responses"
+        )
+    return kwargs
+
+
+def warn_if_pool_raises(client: Any, role: str) -> None:
+    """A pool that raises past max_connections turns a burst into fail-open loads."""
+    pool = getattr(client, "connection_pool", None)
+    blocking = (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)
+    if pool is None or isinstance(pool, blocking) or not hasattr(pool, "max_connections"):
+        return
+    logger.warning(
+        "the %s's connection pool raises MaxConnectionsError past %s connections instead "
+        "of waiting; in a burst, calls then fail open and load without single-flight. "
+        "Give it a redis.BlockingConnectionPool (CacheEngine.from_url does)",
+        role,
+        pool.max_connections,
+    )
+
+
+def block_limit_ms(connection_kwargs: Mapping[str, Any]) -> int:
+    """Longest BLPOP a waiter may issue: well inside the client's socket timeout."""
+    timeout = connection_kwargs.get("socket_timeout")
+    if not timeout:
+        return DEFAULT_BLOCK_LIMIT_MS
+    return max(1, min(DEFAULT_BLOCK_LIMIT_MS, int(timeout * 500)))
