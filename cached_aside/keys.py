@@ -136,7 +136,6 @@ def shorten(rendered: str) -> str:
 class _Slot:
     name: str
     position: int | None  # index in positional arguments, None for keyword-only
-    default: Any
 
 
 class KeyTemplate:
@@ -182,7 +181,7 @@ class KeyTemplate:
                     f"{', '.join(f'<{p}>' for p in _named(parameters)) or '(none)'}"
                 )
             position = positional.index(placeholder) if placeholder in positional else None
-            slots.append(_Slot(placeholder, position, parameter.default))
+            slots.append(_Slot(placeholder, position))
         self._slots = tuple(slots)
         self._positions = tuple(slot.position or 0 for slot in slots)
         self._format = "{}".join(literals)
