@@ -3,6 +3,7 @@
 from .decorator import CacheAside, cache_aside
 from .engine import CacheEngine, configure, default_engine
 from .errors import (
+    BatchLoaderError,
     CachedAsideError,
     CacheUnavailableError,
     ConfigurationError,
@@ -16,6 +17,7 @@ from .stats import StatsSnapshot
 
 __all__ = [
     "AsyncCachedFunction",
+    "BatchLoaderError",
     "BoundCachedFunction",
     "CacheAside",
     "CacheEngine",

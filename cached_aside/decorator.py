@@ -27,7 +27,12 @@ class CacheAside:
     """The decorator returned by `cache_aside(...)`; apply it to a loader."""
 
     def __init__(
-        self, key: str, engine: CacheEngine | None, serializer: Serializer | None, **options: Any
+        self,
+        key: str,
+        engine: CacheEngine | None,
+        serializer: Serializer | None,
+        batch_loader: Callable[[list[Any]], Any] | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(key, str):
             raise ConfigurationError(
@@ -37,8 +42,13 @@ class CacheAside:
             raise ConfigurationError(
                 f"engine must be a CacheEngine (or None for the default), got {engine!r}"
             )
+        if batch_loader is not None and not callable(batch_loader):
+            raise ConfigurationError(
+                f"batch_loader must be a function taking a list of items, got {batch_loader!r}"
+            )
         self._key = key
         self._engine = engine
+        self._batch_loader = batch_loader
         self._options = build_options(**options)
         self._codec: Codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
         if serializer is not None:
@@ -77,9 +87,17 @@ class CacheAside:
         plan = Plan(
             name, self._codec, self._options, Stats(name), self._options.refresh_ahead_ms > 0
         )
-        if inspect.iscoroutinefunction(loader):
-            return AsyncCachedFunction(loader, template, plan, self._engine)
-        return CachedFunction(loader, template, plan, self._engine)
+        is_async = inspect.iscoroutinefunction(loader)
+        batch_loader = self._batch_loader
+        if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:
+            wanted = "an async def" if is_async else "a plain (non-async)"
+            raise ConfigurationError(
+                f"{name} is {'async' if is_async else 'not async'}, so its batch_loader "
+                f"must be {wanted} function too; got {batch_loader!r}"
+            )
+        if is_async:
+            return AsyncCachedFunction(loader, template, plan, self._engine, batch_loader)
+        return CachedFunction(loader, template, plan, self._engine, batch_loader)
 
 
 def cache_aside(
@@ -93,6 +111,7 @@ def cache_aside(
     fail_open: bool = True,
     refresh_ahead: Duration | None = None,
     serializer: Serializer | None = None,
+    batch_loader: Callable[[list[Any]], Any] | None = None,
 ) -> CacheAside:
     """Cache a loader's results in Redis with the cache-aside pattern.
 
@@ -117,6 +136,10 @@ def cache_aside(
         serializer: an object with dumps(value) -> bytes and loads(bytes), used instead
             of msgpack. Its loads() runs on whatever Redis holds: never plug in one that
             executes code (pickle) unless you trust everyone who can write to Redis.
+        batch_loader: loads many entries in one primary query for `fn.many(items)`.
+            It receives the missing items (as passed to many()) and returns a list
+            with one value per item in order, or a dict keyed by item (absent means
+            None). Must be async exactly when the loader is.
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.
@@ -125,6 +148,7 @@ def cache_aside(
         key,
         engine,
         serializer,
+        batch_loader,
         ttl=ttl,
         as_hash=as_hash,
         negative_ttl=negative_ttl,

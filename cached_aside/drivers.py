@@ -15,20 +15,26 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from .effects import Command, CommandFailed, Flow, RunScript, Signal, Spawn
+from .effects import (
+    Batch,
+    Command,
+    CommandFailed,
+    Flow,
+    LoadOne,
+    LoadSome,
+    RunScript,
+    Scan,
+    Signal,
+    Spawn,
+)
 from .flows import Plan, Served, after_miss, on_lookup
+from .pipelines import failed, scan_async, scan_sync, send_batch_async, send_batch_sync
 from .scripts import ScriptName
 
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")
-
-
-def failed(exc: RedisError) -> CommandFailed:
-    """Wrap a redis-py error for the flow, telling bad data apart from an outage."""
-    wrong_type = isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
-    return CommandFailed(exc, wrong_type=wrong_type)
 
 
 def no_seal() -> None:
@@ -36,7 +42,16 @@ def no_seal() -> None:
     return None
 
 
-def _timed(plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any) -> Callable[[], Any]:
+def no_load(*_: Any) -> Any:
+    """The load of a flow that never loads (writes, invalidations)."""
+    raise AssertionError("this flow never loads")
+
+
+async def no_load_async(*_: Any) -> Any:
+    raise AssertionError("this flow never loads")
+
+
+def timed_load(plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any) -> Callable[[], Any]:
     """The call's load, timed into the function's loader-latency histogram."""
 
     def load() -> Any:
@@ -49,7 +64,7 @@ def _timed(plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any) -> Ca
     return load
 
 
-def _timed_async(
+def timed_load_async(
     plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any
 ) -> Callable[[], Awaitable[Any]]:
     async def load() -> Any:
@@ -98,7 +113,7 @@ def serve_sync(
             if hit is not None:
                 return hit, seconds, False
         shared = side.flights.run(
-            key, _miss_sync, plan, key, side, raw, _timed(plan, loader, args, kwargs)
+            key, miss_sync, plan, key, side, raw, timed_load(plan, loader, args, kwargs)
         )
         if shared is not None:
             (served, more), joined = shared
@@ -106,10 +121,21 @@ def serve_sync(
         look = True  # the flight's answer was not ours to take: look for ourselves
 
 
-def _miss_sync(
+def miss_sync(
     plan: Plan, key: str, side: Any, raw: Any, load: Callable[[], Any], seal: Callable[[], None]
 ) -> tuple[Served, float]:
     return run_sync(after_miss(plan, key, raw, side.block_limit_ms), side, load, seal)
+
+
+async def miss_async(
+    plan: Plan,
+    key: str,
+    side: Any,
+    raw: Any,
+    load: Callable[[], Awaitable[Any]],
+    seal: Callable[[], None],
+) -> tuple[Served, float]:
+    return await run_async(after_miss(plan, key, raw, side.block_limit_ms), side, load, seal)
 
 
 async def serve_async(
@@ -160,12 +186,12 @@ async def _read_async(
     if hit is not None:
         return hit, seconds
     flow = after_miss(plan, key, raw, side.block_limit_ms)
-    served, more = await run_async(flow, side, _timed_async(plan, loader, args, kwargs), seal)
+    served, more = await run_async(flow, side, timed_load_async(plan, loader, args, kwargs), seal)
     return served, seconds + more
 
 
 def run_sync(
-    flow: Flow[T], side: Any, load: Callable[[], Any], seal: Callable[[], None]
+    flow: Flow[T], side: Any, load: Callable[..., Any], seal: Callable[[], None]
 ) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent waiting on Redis."""
     redis_seconds = 0.0
@@ -194,6 +220,22 @@ def run_sync(
                 failure = exc
         elif effect is Signal.SEAL:
             seal()
+        elif type(effect) is Batch:
+            started = perf_counter()
+            reply = send_batch_sync(side, effect)
+            redis_seconds += perf_counter() - started
+        elif type(effect) is Scan:
+            try:
+                reply = scan_sync(side, effect)
+            except RedisError as exc:
+                failure = failed(exc)
+        elif type(effect) is LoadSome or type(effect) is LoadOne:
+            try:
+                reply = load(effect.positions)
+                if type(effect) is LoadOne:
+                    reply = reply[0]
+            except BaseException as exc:
+                failure = exc
 
 
 def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
@@ -228,7 +270,7 @@ def _background_sync(effect: Spawn, side: Any, load: Callable[[], Any]) -> None:
 
 
 async def run_async(
-    flow: Flow[T], side: Any, load: Callable[[], Awaitable[Any]], seal: Callable[[], None]
+    flow: Flow[T], side: Any, load: Callable[..., Awaitable[Any]], seal: Callable[[], None]
 ) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent waiting on Redis."""
     redis_seconds = 0.0
@@ -257,6 +299,22 @@ async def run_async(
                 failure = exc
         elif effect is Signal.SEAL:
             seal()
+        elif type(effect) is Batch:
+            started = perf_counter()
+            reply = await send_batch_async(side, effect)
+            redis_seconds += perf_counter() - started
+        elif type(effect) is Scan:
+            try:
+                reply = await scan_async(side, effect)
+            except RedisError as exc:
+                failure = failed(exc)
+        elif type(effect) is LoadSome or type(effect) is LoadOne:
+            try:
+                reply = await load(effect.positions)
+                if type(effect) is LoadOne:
+                    reply = reply[0]
+            except BaseException as exc:
+                failure = exc
 
 
 async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:

@@ -44,6 +44,48 @@ class Spawn:
     flow: Generator[Any, Any, Any]
 
 
+@dataclass(slots=True)
+class Batch:
+    """Send many commands and scripts in one pipeline: one round trip per node.
+
+    The reply is a list in the same order, with a CommandFailed in place of each one
+    that failed; a batch never throws, because some entries may succeed.
+    """
+
+    effects: list[Command | RunScript]
+
+
+@dataclass(slots=True)
+class LoadSome:
+    """Call the batch loader once for these positions of the batch; the reply is their
+    values in the same order."""
+
+    positions: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class LoadOne:
+    """Load one position of a batch (an entry whose lock was held by another caller,
+    which then gave it up); the reply is its value."""
+
+    position: int
+
+    @property
+    def positions(self) -> tuple[int]:
+        return (self.position,)
+
+
+@dataclass(slots=True)
+class Scan:
+    """The next keys matching a glob pattern, from every master; `position` is the
+    driver's opaque place (None: start). The reply is (position, keys); position None
+    means the scan is complete."""
+
+    match: str
+    position: Any = None
+    count: int = 1000  # keys per page, and SCAN's COUNT hint
+
+
 class Signal(enum.Enum):
     """Effects without parameters."""
 
@@ -51,7 +93,7 @@ class Signal(enum.Enum):
     SEAL = "seal"  # later callers in this process must not join this call any more
 
 
-Effect = Command | RunScript | Spawn | Signal
+Effect = Command | RunScript | Spawn | Signal | Batch | LoadSome | LoadOne | Scan
 Flow = Generator[Effect, Any, T]
 
 

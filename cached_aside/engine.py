@@ -24,10 +24,13 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .batches import invalidate_matching
 from .breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
-from .errors import ConfigurationError
+from .drivers import no_load, no_load_async, no_seal, run_async, run_sync
+from .effects import CommandFailed, Flow
+from .errors import CacheUnavailableError, ConfigurationError
 from .flights import TaskFlights, ThreadFlights
-from .keys import validate_prefix
+from .keys import glob_escape, split_entry_key, validate_prefix
 from .scripts import ScriptName
 from .sides import (
     AsyncSide,
@@ -254,6 +257,47 @@ class CacheEngine:
         for stats in list(self._stats):
             stats.reset()
 
+    def invalidate_prefix(self, text: str = "") -> int:
+        """Delete every entry whose key, inside the braces, starts with `text` ("" for
+        all of this engine's entries), on every node; returns how many.
+
+        SCAN + UNLINK: Redis is never blocked. Raises CacheUnavailableError if Redis
+        fails part way; call it again.
+        """
+        side = self.sync_side()
+        try:
+            return run_sync(self._matching(text), side, no_load, no_seal)[0]
+        except CommandFailed as failure:
+            raise _bulk_failed(text, failure) from failure.cause
+        finally:
+            side.flights.forget_all()
+
+    async def ainvalidate_prefix(self, text: str = "") -> int:
+        """invalidate_prefix() for async code, on this event loop's client."""
+        side = self.async_side()
+        if not side.ready:
+            await side.prepare()
+        try:
+            return (await run_async(self._matching(text), side, no_load_async, no_seal))[0]
+        except CommandFailed as failure:
+            raise _bulk_failed(text, failure) from failure.cause
+        finally:
+            side.flights.forget_all()
+
+    def _matching(self, text: str) -> Flow[int]:
+        if not isinstance(text, str) or any(c in text for c in "{}"):
+            raise ConfigurationError(
+                f"invalidate_prefix takes the start of a rendered key such as 'product:', "
+                f"without the engine prefix or braces; got {text!r}"
+            )
+        head = self.key_head
+
+        def belongs(key: str) -> bool:
+            parts = split_entry_key(key, head)
+            return parts is not None and parts[0].startswith(text)
+
+        return invalidate_matching(glob_escape(head + text) + "*", belongs)
+
     def close(self) -> None:
         """Close the sync client's connections, if this engine created the client."""
         if self._owns_clients and self._sync is not None:
@@ -312,6 +356,13 @@ class CacheEngine:
         side = AsyncSide(client, scripts, TaskFlights(), block_limit_ms(kwargs), self.breaker)
         side.ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         return side
+
+
+def _bulk_failed(text: str, failure: CommandFailed) -> CacheUnavailableError:
+    return CacheUnavailableError(
+        f"invalidate_prefix({text!r}) stopped: Redis failed ({failure}); some entries may "
+        "remain. Call it again once Redis answers"
+    )
 
 
 _default_engine: CacheEngine | None = None

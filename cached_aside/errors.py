@@ -29,3 +29,7 @@ class UnstorableValueError(CachedAsideError, TypeError):
 
 class CacheUnavailableError(CachedAsideError):
     """Redis failed and the function was configured with fail_open=False."""
+
+
+class BatchLoaderError(CachedAsideError, TypeError):
+    """A batch_loader returned something other than one value per item."""

@@ -74,6 +74,10 @@ class _Registry:
         """Let later callers read afresh instead of joining a read already under way."""
         self.active.pop(key, None)
 
+    def forget_all(self) -> None:
+        """forget() for every key: after a bulk invalidation."""
+        self.active.clear()
+
 
 class ThreadFlights(_Registry):
     """Coalesces calls made from threads."""
@@ -89,6 +93,10 @@ class ThreadFlights(_Registry):
     def forget(self, key: str) -> None:
         with self._lock:
             super().forget(key)
+
+    def forget_all(self) -> None:
+        with self._lock:
+            super().forget_all()
 
     def run(self, key: str, serve: Callable[..., Answer], *args: Any) -> tuple[Answer, bool] | None:
         """Lead (calling `serve(*args, seal)`) or join the read of `key`.

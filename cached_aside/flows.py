@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
-from .effects import Command, CommandFailed, Flow, RunScript, Signal, Spawn
+from .effects import Command, CommandFailed, Effect, Flow, RunScript, Signal, Spawn
 from .errors import CacheUnavailableError, ConfigurationError, UnstorableValueError
 from .keys import EntryKeys, entry_keys
 from .options import Options
@@ -84,6 +84,12 @@ def on_lookup(plan: Plan, raw: Any) -> Served | None:
     return None
 
 
+def refresh_due(plan: Plan, raw: Any) -> bool:
+    """True when a lookup reply is a hit that on_lookup declined only because its
+    entry is due for a refresh_ahead reload."""
+    return plan.peek and type(raw) is not CommandFailed and _unpack_peek(plan, raw)[1]
+
+
 def _unpack_peek(plan: Plan, raw: Any) -> tuple[Any, bool]:
     """The PEEK script's reply as (decoded value or Found, whether a refresh is due)."""
     if not raw:
@@ -100,7 +106,7 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
     if type(raw) is CommandFailed:
         if not raw.wrong_type:
             return (yield from _load_uncached(plan, key, raw))
-        return (yield from _miss(plan, key, True, block_limit_ms))
+        return (yield from miss(plan, key, True, block_limit_ms))
     if plan.peek:
         found, due = _unpack_peek(plan, raw)
         if due:
@@ -111,7 +117,7 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
             return Served(found, Source.CACHE)
     else:
         found = plan.codec.decode(raw)
-    return (yield from _miss(plan, key, found is Found.CORRUPT, block_limit_ms))
+    return (yield from miss(plan, key, found is Found.CORRUPT, block_limit_ms))
 
 
 def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[None]:
@@ -141,7 +147,14 @@ def _wait_for_wake_up(keys: EntryKeys, lock_pttl_ms: int, block_limit_ms: int) -
     return Command(("BLPOP", keys.wake, f"{wait_ms / 1000:.3f}"))
 
 
-def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Served]:
+def miss(
+    plan: Plan, key: str, corrupt: bool, block_limit_ms: int, load: Effect = Signal.LOAD
+) -> Flow[Served]:
+    """Look and lock in one step, then load (owner), take the value (found) or wait.
+
+    `load` is the effect that runs the loader: Signal.LOAD for a single call, LoadOne
+    for one entry of a batch.
+    """
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
     token = os.urandom(16).hex()
@@ -158,11 +171,11 @@ def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Serv
                 (token, options.lock_ttl_ms, codec.redis_type, "1" if corrupt else "0"),
             )
         except CommandFailed as failure:
-            return (yield from _load_uncached(plan, key, failure))
+            return (yield from _load_uncached(plan, key, failure, load))
         status = reply[0]
         if status == AcquireStatus.OWNED:
             stats.miss()
-            return (yield from _load_and_store(plan, keys, token))
+            return (yield from _load_and_store(plan, keys, token, load))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
             if found is Found.CORRUPT or found is Found.MISS:
@@ -186,17 +199,19 @@ def _miss(plan: Plan, key: str, corrupt: bool, block_limit_ms: int) -> Flow[Serv
         try:
             yield _wait_for_wake_up(keys, int(reply[1]), block_limit_ms)
         except CommandFailed as failure:
-            return (yield from _load_uncached(plan, key, failure))
+            return (yield from _load_uncached(plan, key, failure, load))
         # The next look is what this call's joiners will be handed. Everyone who joined
         # so far began before it is sent; later callers start a read of their own.
         yield Signal.SEAL
 
 
-def _load_and_store(plan: Plan, keys: EntryKeys, token: str) -> Flow[Served]:
+def _load_and_store(
+    plan: Plan, keys: EntryKeys, token: str, load: Effect = Signal.LOAD
+) -> Flow[Served]:
     codec, options = plan.codec, plan.options
     plan.stats.load()
     try:
-        value = yield Signal.LOAD
+        value = yield load
     except GeneratorExit:
         raise
     except BaseException:
@@ -228,7 +243,7 @@ def _load_and_store(plan: Plan, keys: EntryKeys, token: str) -> Flow[Served]:
             ScriptName.STORE, keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
         )
     except CommandFailed as failure:
-        _tolerate(plan, keys.value, failure)
+        tolerate(plan, keys.value, failure)
         return Served(result, Source.LOADER, shareable=True)
     return Served(result, Source.LOADER, lease_kept=bool(stored), shareable=bool(stored))
 
@@ -240,12 +255,14 @@ def _release(plan: Plan, keys: EntryKeys, token: str) -> Flow[None]:
         plan.stats.error(keys.value, failure)  # the lock's ttl frees it anyway
 
 
-def _load_uncached(plan: Plan, key: str, failure: CommandFailed) -> Flow[Served]:
+def _load_uncached(
+    plan: Plan, key: str, failure: CommandFailed, load: Effect = Signal.LOAD
+) -> Flow[Served]:
     """Fail open: Redis is unusable, so the loader answers and nothing is cached."""
-    _tolerate(plan, key, failure)
+    tolerate(plan, key, failure)
     plan.stats.miss()
     plan.stats.load()
-    value = yield Signal.LOAD
+    value = yield load
     # Shared with this process's joiners: during an outage that makes N callers one load.
     if value is None:
         return Served(None, Source.LOADER, shareable=True)
@@ -253,7 +270,7 @@ def _load_uncached(plan: Plan, key: str, failure: CommandFailed) -> Flow[Served]
     return Served(result, Source.LOADER, shareable=True)
 
 
-def _tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
+def tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
     plan.stats.error(key, failure)
     if not plan.options.fail_open:
         raise CacheUnavailableError(
@@ -268,7 +285,7 @@ def invalidate(plan: Plan, key: str) -> Flow[bool]:
             ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,)
         )
     except CommandFailed as failure:
-        _tolerate(plan, key, failure)
+        tolerate(plan, key, failure)
         return False
     return bool(existed)
 
@@ -287,6 +304,6 @@ def update_field(plan: Plan, key: str, field: object, value: object) -> Flow[boo
             ScriptName.UPDATE_FIELD, (key,), (META_FIELD, field, text, plan.options.ttl_ms)
         )
     except CommandFailed as failure:
-        _tolerate(plan, key, failure)
+        tolerate(plan, key, failure)
         return False
     return bool(updated)

@@ -23,6 +23,7 @@ from .errors import ConfigurationError, KeyArgumentError, KeyTemplateError
 LOCK_SUFFIX = "lock"
 WAITERS_SUFFIX = "waiters"
 WAKE_SUFFIX = "wake"
+_INTERNAL_SUFFIXES = frozenset(f":{s}" for s in (LOCK_SUFFIX, WAITERS_SUFFIX, WAKE_SUFFIX))
 
 # Rendered keys longer than this are shortened to a readable head plus a digest.
 MAX_RENDERED_LENGTH = 256
@@ -37,6 +38,10 @@ _TYPED_LOOKING = re.compile(
     r"-?(?:[0-9]+(?:\.[0-9]+)?(?:e-[0-9]+)?|inf|nan)|True|False|None|0x[0-9a-f]*"
 ).fullmatch
 _FORBIDDEN_IN_TEMPLATE = frozenset("{}<>#")
+# What render_argument can produce: quote()'s safe characters, '%' escapes, and the
+# '+' of a float such as 1e+20.
+_RENDERED_ARGUMENT = r"[A-Za-z0-9_.~%+-]*"
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 _MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -57,6 +62,25 @@ def entry_keys(value_key: str) -> EntryKeys:
         f"{value_key}:{WAITERS_SUFFIX}",
         f"{value_key}:{WAKE_SUFFIX}",
     )
+
+
+def glob_escape(text: str) -> str:
+    """Text for a SCAN MATCH pattern that matches itself literally."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def split_entry_key(key: str, key_head: str) -> tuple[str, str] | None:
+    """(rendered, suffix) of one of an engine's keys, or None for a foreign key; the
+    suffix is '' for a value key, else ':lock', ':waiters' or ':wake'."""
+    if not key.startswith(key_head):
+        return None
+    end = key.find("}", len(key_head))
+    if end < 0:
+        return None
+    suffix = key[end + 1 :]
+    if suffix and suffix not in _INTERNAL_SUFFIXES:
+        return None
+    return key[len(key_head) : end], suffix
 
 
 def validate_prefix(prefix: object) -> str:
@@ -145,6 +169,8 @@ class KeyTemplate:
         "_fast_arity",
         "_format",
         "_head",
+        "_owned_head",
+        "_owned_text",
         "_positions",
         "_signature",
         "_single",
@@ -194,6 +220,29 @@ class KeyTemplate:
         all_positional = all(slot.position is not None for slot in slots)
         # Calls that pass exactly the positional parameters skip inspect's binding.
         self._fast_arity = -1 if required_keyword_only or not all_positional else len(positional)
+        tokens = [re.escape(c) for c in literals[0]]
+        for literal in literals[1:]:
+            tokens.append(_RENDERED_ARGUMENT)
+            tokens.extend(re.escape(c) for c in literal)
+        self._owned_text = re.compile("".join(tokens)).fullmatch
+        # A shortened key keeps only a head: accept any head a full rendering could have.
+        nested = ""
+        for token in reversed(tokens):
+            nested = f"{token}(?:{nested})?" if nested else token
+        self._owned_head = re.compile(nested).fullmatch
+
+    def owns(self, rendered: str) -> bool:
+        """True if `rendered` (a key without prefix and braces) is one this template
+        can produce: how invalidate_all tells its entries from other functions'."""
+        head, separator, _ = rendered.partition(DIGEST_SEPARATOR)
+        if not separator:
+            return self._owned_text(rendered) is not None
+        return len(head) == KEPT_HEAD_LENGTH and self._owned_head(head) is not None
+
+    @property
+    def literal_head(self) -> str:
+        """The template's text before its first placeholder: every key starts with it."""
+        return self._head
 
     @staticmethod
     def placeholders(text: str) -> list[str]:

@@ -77,6 +77,13 @@ class Harness:
                 return plain(*args, **kwargs)
 
             loader.__qualname__ = getattr(plain, "__qualname__", type(plain).__qualname__)
+            plain_batch = options.get("batch_loader")
+            if plain_batch is not None:
+
+                async def batch_loader(items: list[Any]) -> Any:
+                    return plain_batch(items)
+
+                options["batch_loader"] = batch_loader
 
         return cache_aside(engine=self.engine, **options)(loader)
 

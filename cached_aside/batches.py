@@ -1,0 +1,227 @@
+"""Flows for many entries at once: many() with a batch loader, invalidate_many, and
+dropping every entry whose key matches a pattern.
+
+Each step sends one Batch (a pipeline: one round trip per node) instead of one
+command per entry; the per-entry rules are the ones in flows.py. No redis, asyncio
+or time imports here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .codecs import Found
+from .effects import Batch, Command, CommandFailed, Flow, LoadOne, LoadSome, RunScript, Scan
+from .errors import BatchLoaderError
+from .flows import RELEASE_ONLY, Plan, Served, Source, miss, tolerate
+from .keys import entry_keys
+from .scripts import AcquireStatus, ScriptName
+
+# Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
+SCAN_BATCH = 1000
+
+
+def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
+    """The lookups of many entries, replied to exactly like single lookups."""
+    if plan.peek:
+        kind = (plan.codec.redis_type,)
+        return Batch([RunScript(ScriptName.PEEK, (key,), kind) for key in keys])
+    return Batch([Command((plan.codec.read_command, key)) for key in keys])
+
+
+def load_batch(
+    plan: Plan, keys: Sequence[str], raws: Sequence[Any], block_limit_ms: int
+) -> Flow[list[Served]]:
+    """Serve the misses of a many() call through its batch loader.
+
+    Locks every missing entry in one batch, calls the batch loader once for the
+    entries this call owns (plus those Redis failed on: fail open), and stores them in
+    one batch under the same lease rule as a single load. Entries another caller is
+    loading are waited for one by one, as a single call would.
+    """
+    codec, options, stats = plan.codec, plan.options, plan.stats
+    answers: list[Served | None] = [None] * len(keys)
+    uncached: list[int] = []  # Redis failed: load, but store nothing
+    lockable: list[int] = []
+    corrupt: set[int] = set()
+    for position, (key, raw) in enumerate(zip(keys, raws, strict=True)):
+        if type(raw) is CommandFailed and not raw.wrong_type:
+            tolerate(plan, key, raw)
+            uncached.append(position)
+            continue
+        if type(raw) is CommandFailed or codec.decode(raw) is Found.CORRUPT:
+            stats.corrupt(key)
+            corrupt.add(position)
+        lockable.append(position)
+    tokens = {position: os.urandom(16).hex() for position in lockable}
+    replies = yield Batch(
+        [
+            RunScript(
+                ScriptName.ACQUIRE,
+                entry_keys(keys[p])[:3],
+                (tokens[p], options.lock_ttl_ms, codec.redis_type, "1" if p in corrupt else "0"),
+            )
+            for p in lockable
+        ]
+    )
+    owned: list[int] = []
+    held: list[int] = []
+    failed: list[tuple[int, CommandFailed]] = []
+    for position, reply in zip(lockable, replies, strict=True):
+        if type(reply) is CommandFailed:
+            failed.append((position, reply))
+        elif reply[0] == AcquireStatus.OWNED:
+            owned.append(position)
+        elif reply[0] == AcquireStatus.FOUND:
+            found = codec.decode(reply[1])
+            if found is Found.NEGATIVE:
+                stats.negative_hit()
+                answers[position] = Served(None, Source.NEGATIVE)
+            elif type(found) is not Found:
+                stats.hit()
+                answers[position] = Served(found, Source.CACHE)
+            else:
+                held.append(position)  # corrupt after all: the single path repairs it
+        else:
+            held.append(position)
+    if failed and not options.fail_open:
+        yield from _release_all(plan, keys, owned, tokens)  # before tolerate() raises
+    for position, failure in failed:
+        tolerate(plan, keys[position], failure)
+        uncached.append(position)
+    if owned or uncached:
+        yield from _load_and_store_many(plan, keys, owned, sorted(uncached), tokens, answers)
+    for position in held:
+        answers[position] = yield from miss(
+            plan, keys[position], False, block_limit_ms, LoadOne(position)
+        )
+    served = [answer for answer in answers if answer is not None]
+    assert len(served) == len(keys), "every entry of a batch is answered"
+    return served
+
+
+def _load_and_store_many(
+    plan: Plan,
+    keys: Sequence[str],
+    owned: list[int],
+    uncached: list[int],
+    tokens: Mapping[int, str],
+    answers: list[Served | None],
+) -> Flow[None]:
+    codec, options, stats = plan.codec, plan.options, plan.stats
+    to_load = tuple(sorted(owned + uncached))
+    for _ in to_load:
+        stats.miss()
+        stats.load()
+    try:
+        values = yield LoadSome(to_load)
+        stores: list[Command | RunScript] = []
+        results: dict[int, Any] = {}
+        for position, value in zip(to_load, values, strict=True):
+            kind, ttl_ms, payload = RELEASE_ONLY, 0, []
+            if value is None:
+                results[position] = None
+                if options.negative_ttl_ms:
+                    kind, ttl_ms = codec.redis_type, options.negative_ttl_ms
+                    payload = codec.negative_payload()
+            else:
+                where = f"{plan.name} (key {keys[position]!r})"
+                payload, results[position] = codec.encode(value, where)
+                kind, ttl_ms = codec.redis_type, options.ttl_ms
+            if position in tokens:
+                token = tokens[position]
+                store_args = (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
+                stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield from _release_all(plan, keys, owned, tokens)
+        raise
+    replies = yield Batch(stores)
+    for position, reply in zip(owned, replies, strict=True):
+        kept = True  # a store that failed is no sign of an invalidation
+        if type(reply) is CommandFailed:
+            tolerate(plan, keys[position], reply)
+        else:
+            kept = bool(reply)
+        answers[position] = Served(results[position], Source.LOADER, lease_kept=kept)
+    for position in uncached:
+        answers[position] = Served(results[position], Source.LOADER)
+
+
+def _release_all(
+    plan: Plan, keys: Sequence[str], owned: list[int], tokens: Mapping[int, str]
+) -> Flow[None]:
+    release = (RELEASE_ONLY, 0, plan.options.lock_ttl_ms)
+    replies = yield Batch(
+        [RunScript(ScriptName.STORE, entry_keys(keys[p]), (tokens[p], *release)) for p in owned]
+    )
+    for position, reply in zip(owned, replies, strict=True):
+        if type(reply) is CommandFailed:
+            plan.stats.error(keys[position], reply)  # the lock's ttl frees it anyway
+
+
+def align(name: str, items: Sequence[Any], returned: object) -> list[Any]:
+    """The batch loader's answer as one value per item, in the items' order.
+
+    It may return a sequence of the same length, or a mapping from item to value in
+    which a missing item means None ("no such record").
+    """
+    if isinstance(returned, Mapping):
+        return [returned.get(item) for item in items]
+    if isinstance(returned, Sequence) and not isinstance(returned, str | bytes):
+        if len(returned) != len(items):
+            raise BatchLoaderError(
+                f"{name}: the batch_loader returned {len(returned)} values for "
+                f"{len(items)} items; return one value per item, in order (None for a "
+                "missing record), or a dict keyed by item"
+            )
+        return list(returned)
+    raise BatchLoaderError(
+        f"{name}: the batch_loader returned {type(returned).__qualname__}; return a list "
+        "with one value per item, in order, or a dict keyed by item"
+    )
+
+
+def invalidate_many(plan: Plan, keys: Sequence[str]) -> Flow[int]:
+    """Delete many entries and revoke their loads in flight; returns how many existed."""
+    replies = yield Batch(
+        [
+            RunScript(ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,))
+            for key in keys
+        ]
+    )
+    existed = 0
+    for key, reply in zip(keys, replies, strict=True):
+        if type(reply) is CommandFailed:
+            tolerate(plan, key, reply)
+        else:
+            existed += int(reply)
+    return existed
+
+
+def invalidate_matching(match: str, belongs: Callable[[str], bool]) -> Flow[int]:
+    """UNLINK every key that matches the glob and `belongs`, a batch at a time; returns
+    how many value keys were deleted.
+
+    SCAN never blocks Redis the way KEYS does, and UNLINK frees memory off the main
+    thread. The entries' locks go too, which revokes the leases of loads in flight.
+    Raises the first CommandFailed: a bulk invalidation that stopped half way must
+    not look complete.
+    """
+    deleted = 0
+    position: Any = None
+    while True:
+        position, found = yield Scan(match, position)
+        doomed = [key for key in found if belongs(key)]
+        if doomed:
+            replies = yield Batch([Command(("UNLINK", key)) for key in doomed])
+            for key, reply in zip(doomed, replies, strict=True):
+                if type(reply) is CommandFailed:
+                    raise reply
+                if key.endswith("}"):
+                    deleted += int(reply)
+        if position is None:
+            return deleted
