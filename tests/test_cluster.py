@@ -108,3 +108,56 @@ async def test_cluster_async_from_a_cluster_url(cluster: RedisClusterProcesses) 
     assert await asyncio.gather(*(read("cold") for _ in range(500))) == [{"id": "cold"}] * 500
     assert loads == ["cold"]
     await engine.aclose()
+
+
+def test_cluster_batches_sync(client: redis.cluster.RedisCluster) -> None:
+    engine = CacheEngine(client, prefix="batch")
+    batches: list[list[str]] = []
+
+    def load_many(ids: list[str]) -> dict[str, dict[str, str]]:
+        batches.append(ids)
+        return {id: {"id": id} for id in ids if not id.startswith("missing")}
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine, batch_loader=load_many)
+    def read(id: str) -> dict[str, str]:
+        raise AssertionError("many() with a batch_loader never calls the single loader")
+
+    @cache_aside(key="other:<id>", ttl=60, engine=engine)
+    def other(id: str) -> str:
+        return id
+
+    items = [*KEYS, "missing-1"]
+    expected = [{"id": id} for id in KEYS] + [None]
+    assert read.many(items) == expected  # entries on all three masters
+    assert batches == [items]
+    assert read.many(items) == expected
+    assert batches == [items]  # all hits
+    assert other.many(KEYS[:40]) == KEYS[:40]
+    assert read.invalidate_many(KEYS[:30]) == 30
+    assert [client.exists(read.key(id)) for id in KEYS[28:32]] == [0, 0, 1, 1]
+    assert read.invalidate_all() == len(items) - 30  # SCAN on every master
+    assert other.many(KEYS[:40]) == KEYS[:40]
+    assert engine.invalidate_prefix("other:") == 40
+    assert not [key for key in client.scan_iter(match="batch:*")]
+
+
+async def test_cluster_batches_async(cluster: RedisClusterProcesses) -> None:
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    engine = CacheEngine.from_url(url, prefix="abatch")
+    loads: list[str] = []
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def read(id: str) -> str:
+        loads.append(id)
+        await asyncio.sleep(0.01)
+        return id.upper()
+
+    # many() as the first command a fresh cluster client sends
+    assert await read.many(KEYS) == [id.upper() for id in KEYS]
+    assert sorted(loads) == sorted(KEYS)
+    assert await read.many(KEYS) == [id.upper() for id in KEYS]
+    assert len(loads) == len(KEYS)
+    assert await read.invalidate_many(KEYS[:10]) == 10
+    assert await read.invalidate_all() == len(KEYS) - 10
+    assert await engine.ainvalidate_prefix() == 0
+    await engine.aclose()
