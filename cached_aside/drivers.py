@@ -15,8 +15,6 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
-
 from .effects import (
     Batch,
     Command,
@@ -104,7 +102,7 @@ def serve_sync(
                         raw = side.client.execute_command(plan.codec.read_command, key)
                     if breaker.failures:
                         breaker.success()
-                except RedisError as exc:
+                except side.failures as exc:
                     raw = failed(exc)
                     if not raw.wrong_type:
                         breaker.failure()
@@ -177,7 +175,7 @@ async def _read_async(
                 raw = await side.client.execute_command(plan.codec.read_command, key)
             if breaker.failures:
                 breaker.success()
-        except RedisError as exc:
+        except side.failures as exc:
             raw = failed(exc)
             if not raw.wrong_type:
                 breaker.failure()
@@ -227,7 +225,7 @@ def run_sync(
         elif type(effect) is Scan:
             try:
                 reply = scan_sync(side, effect)
-            except RedisError as exc:
+            except side.failures as exc:
                 failure = failed(exc)
         elif type(effect) is LoadSome or type(effect) is LoadOne:
             try:
@@ -248,7 +246,7 @@ def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseExcepti
             reply = side.client.execute_command(*effect.args)
         else:
             reply = side.scripts[effect.script](keys=effect.keys, args=effect.args)
-    except RedisError as exc:
+    except side.failures as exc:
         failure = failed(exc)
         if not failure.wrong_type:
             breaker.failure()
@@ -306,7 +304,7 @@ async def run_async(
         elif type(effect) is Scan:
             try:
                 reply = await scan_async(side, effect)
-            except RedisError as exc:
+            except side.failures as exc:
                 failure = failed(exc)
         elif type(effect) is LoadSome or type(effect) is LoadOne:
             try:
@@ -327,7 +325,7 @@ async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, Base
             reply = await side.client.execute_command(*effect.args)
         else:
             reply = await side.scripts[effect.script](keys=effect.keys, args=effect.args)
-    except RedisError as exc:
+    except side.failures as exc:
         failure = failed(exc)
         if not failure.wrong_type:
             breaker.failure()

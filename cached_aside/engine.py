@@ -33,6 +33,7 @@ from .flights import TaskFlights, ThreadFlights
 from .keys import glob_escape, split_entry_key, validate_prefix
 from .scripts import ScriptName
 from .sides import (
+    ASYNC_CLUSTER_FAILURES,
     AsyncSide,
     SyncSide,
     block_limit_ms,
@@ -354,7 +355,9 @@ class CacheEngine:
         warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
         side = AsyncSide(client, scripts, TaskFlights(), block_limit_ms(kwargs), self.breaker)
-        side.ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            side.ready = False
+            side.failures = ASYNC_CLUSTER_FAILURES
         return side
 
 

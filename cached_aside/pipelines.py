@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from itertools import islice
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .effects import Batch, Command, CommandFailed, RunScript, Scan
 
 
-def failed(exc: RedisError) -> CommandFailed:
+def failed(exc: BaseException) -> CommandFailed:
     """Wrap a redis-py error for a flow, telling bad data apart from an outage."""
     wrong_type = isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
     return CommandFailed(exc, wrong_type=wrong_type)
@@ -40,7 +40,7 @@ def _settle(side: Any, replies: list[Any]) -> list[Any]:
     breaker = side.breaker
     if breaker.failures:
         breaker.success()
-    return [failed(reply) if isinstance(reply, RedisError) else reply for reply in replies]
+    return [failed(reply) if isinstance(reply, side.failures) else reply for reply in replies]
 
 
 def _refused(side: Any, count: int) -> list[Any] | None:
@@ -50,7 +50,7 @@ def _refused(side: Any, count: int) -> list[Any] | None:
     return None
 
 
-def _outage(side: Any, exc: RedisError, count: int) -> list[Any]:
+def _outage(side: Any, exc: BaseException, count: int) -> list[Any]:
     failure = failed(exc)
     if not failure.wrong_type:
         side.breaker.failure()
@@ -77,7 +77,7 @@ def send_batch_sync(side: Any, batch: Batch) -> list[Any]:
             _queue(pipe, side, [effects[i] for i in unknown])
             for i, reply in zip(unknown, pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
-    except RedisError as exc:
+    except side.failures as exc:
         return _outage(side, exc, len(effects))
     return _settle(side, replies)
 
@@ -102,7 +102,7 @@ async def send_batch_async(side: Any, batch: Batch) -> list[Any]:
             _queue(pipe, side, [effects[i] for i in unknown])
             for i, reply in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
-    except RedisError as exc:
+    except side.failures as exc:
         return _outage(side, exc, len(effects))
     return _settle(side, replies)
 

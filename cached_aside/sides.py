@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.exceptions import RedisClusterException, RedisError
 
 from .breaker import CircuitBreaker
 from .errors import ConfigurationError
@@ -23,6 +24,14 @@ logger = logging.getLogger("cached_aside")
 
 # Without a socket timeout a waiter still wakes up this often to look again.
 DEFAULT_BLOCK_LIMIT_MS = 1000
+# What a failing Redis raises: RedisClusterException (no cluster node reachable) is
+# not a RedisError.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
+# redis-py 8.1's asyncio RedisCluster also raises AttributeError ("'NoneType' object
+# has no attribute 'writelines'") when tasks use connections that a topology refresh
+# during a failover has just closed (see redis/redis-py#3835): an outage, not a bug
+# of the caller's.
+ASYNC_CLUSTER_FAILURES = (*REDIS_FAILURES, AttributeError)
 
 
 @dataclass(slots=True)
@@ -35,6 +44,7 @@ class SyncSide:
     block_limit_ms: int
     breaker: CircuitBreaker
     background: set[str] = field(default_factory=set)  # keys with a background refresh
+    failures: tuple[type[BaseException], ...] = REDIS_FAILURES
 
 
 @dataclass(slots=True)
@@ -48,6 +58,7 @@ class AsyncSide:
     breaker: CircuitBreaker
     background: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    failures: tuple[type[BaseException], ...] = REDIS_FAILURES
     # An asyncio RedisCluster sent many commands before its first initialize() can
     # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
     ready: bool = True

@@ -167,6 +167,9 @@ class RedisClusterProcesses:
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "1000",
+                # A replica that never finished its first sync cannot be promoted.
+                "--repl-diskless-sync-delay",
+                "0",
             )
             for _ in range(masters * (1 + replicas))
         ]
@@ -201,7 +204,17 @@ class RedisClusterProcesses:
             if time.monotonic() > deadline:
                 raise TimeoutError("the cluster did not reach cluster_state:ok")
             time.sleep(0.1)
+        while not all(self._in_sync(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the replicas did not finish their first sync")
+            time.sleep(0.1)
         return self
+
+    @staticmethod
+    def _in_sync(node: RedisProcess) -> bool:
+        """A master, or a replica whose link to its master is up."""
+        info = node.admin().info("replication")
+        return info["role"] == "master" or info.get("master_link_status") == "up"
 
     def stop(self) -> None:
         for node in self.nodes:

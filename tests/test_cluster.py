@@ -138,7 +138,7 @@ def test_cluster_batches_sync(client: redis.cluster.RedisCluster) -> None:
     assert read.invalidate_all() == len(items) - 30  # SCAN on every master
     assert other.many(KEYS[:40]) == KEYS[:40]
     assert engine.invalidate_prefix("other:") == 40
-    assert not [key for key in client.scan_iter(match="batch:*")]
+    assert not list(client.scan_iter(match="batch:*"))
 
 
 async def test_cluster_batches_async(cluster: RedisClusterProcesses) -> None:
@@ -161,3 +161,111 @@ async def test_cluster_batches_async(cluster: RedisClusterProcesses) -> None:
     assert await read.invalidate_all() == len(KEYS) - 10
     assert await engine.ainvalidate_prefix() == 0
     await engine.aclose()
+
+
+def _victim(cluster: RedisClusterProcesses, engine: CacheEngine, key: str) -> Any:
+    """The server process of the master that holds `key`."""
+    port = engine.sync_side().client.get_node_from_key(key).port
+    return next(node for node in cluster.nodes if node.port == port)
+
+
+def test_failover_sync_callers_keep_correct_answers_and_hits_resume() -> None:
+    cluster = RedisClusterProcesses(masters=3, replicas=1).start()
+    try:
+        engine = CacheEngine.from_url(cluster.url.replace("redis://", "redis+cluster://"))
+
+        @cache_aside(key="item:<id>", ttl=60, engine=engine)
+        def read(id: str) -> dict[str, str]:
+            time.sleep(0.002)
+            return {"id": id}
+
+        assert read.many(KEYS) == [{"id": id} for id in KEYS]
+        victim_key = KEYS[0]
+        victim = _victim(cluster, engine, read.key(victim_key))
+        stop = threading.Event()
+        wrong: list[Any] = []
+        errors: list[BaseException] = []
+        calls = [0]
+
+        def caller(offset: int) -> None:
+            while not stop.is_set():
+                for id in KEYS[offset::4]:
+                    try:
+                        value = read(id)
+                    except BaseException as exc:  # any error seen by a caller fails the test
+                        errors.append(exc)
+                        return
+                    calls[0] += 1
+                    if value != {"id": id}:
+                        wrong.append((id, value))
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        victim.kill()
+        resumed = None
+        while time.monotonic() - killed_at < 20:
+            if read.lookup(victim_key).hit:
+                resumed = time.monotonic() - killed_at
+                break
+            time.sleep(0.05)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        print(f"\nfailover: {calls[0]} calls, hits resumed {resumed} s after SIGKILL")
+        assert (errors, wrong) == ([], [])
+        assert resumed is not None, "hits never resumed on the killed master's slots"
+        assert engine.sync_side().client.get_node_from_key(read.key(victim_key)).port != (
+            victim.port
+        )
+        engine.close()
+    finally:
+        cluster.stop()
+
+
+async def test_failover_async_callers_keep_correct_answers_and_hits_resume() -> None:
+    cluster = RedisClusterProcesses(masters=3, replicas=1).start()
+    try:
+        engine = CacheEngine.from_url(cluster.url.replace("redis://", "redis+cluster://"))
+
+        @cache_aside(key="item:<id>", ttl=60, engine=engine)
+        async def read(id: str) -> dict[str, str]:
+            await asyncio.sleep(0.002)
+            return {"id": id}
+
+        assert await read.many(KEYS) == [{"id": id} for id in KEYS]
+        side = engine.async_side()
+        port = side.client.get_node_from_key(read.key(KEYS[0])).port
+        victim = next(node for node in cluster.nodes if node.port == port)
+        stop = asyncio.Event()
+        wrong: list[Any] = []
+        calls = [0]
+
+        async def caller(offset: int) -> None:
+            while not stop.is_set():
+                for id in KEYS[offset::20]:
+                    value = await read(id)  # an error here fails the test
+                    calls[0] += 1
+                    if value != {"id": id}:
+                        wrong.append((id, value))
+
+        tasks = [asyncio.ensure_future(caller(n)) for n in range(20)]
+        await asyncio.sleep(0.3)
+        killed_at = time.monotonic()
+        victim.kill()
+        resumed = None
+        while time.monotonic() - killed_at < 20:
+            if (await read.lookup(KEYS[0])).hit:
+                resumed = time.monotonic() - killed_at
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*tasks)
+        print(f"\nfailover (asyncio): {calls[0]} calls, hits resumed {resumed} s after SIGKILL")
+        assert wrong == []
+        assert resumed is not None, "hits never resumed on the killed master's slots"
+        await engine.aclose()
+    finally:
+        cluster.stop()
