@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 from rich.progress import Progress
 
-from . import hit_path, race, round_trips, stampede, throughput
+from . import batches, hit_path, race, round_trips, stampede, throughput
 from .runner import Settings, Table, console, show
 
 SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
@@ -25,6 +25,7 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "stampede": stampede.scenario,
     "throughput": throughput.run,
     "race": race.scenario,
+    "batches": batches.run,
 }
 
 

@@ -21,13 +21,13 @@ from .runner import Settings, Table
 
 
 class CountingConnection(Connection):
-    """A connection that counts the requests it sends."""
+    """A connection that counts the requests it sends: a command, or a whole pipeline."""
 
     sent = 0
 
-    def send_command(self, *args: Any, **kwargs: Any) -> None:
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
         CountingConnection.sent += 1
-        super().send_command(*args, **kwargs)
+        super().send_packed_command(*args, **kwargs)
 
 
 def executed(client: redis.Redis) -> dict[str, int]:
@@ -70,31 +70,40 @@ def _measure(client: redis.Redis, note: str) -> list[Table]:
         return dict(RECORD)
 
     packed = cache_aside(key="packed:<id>", ttl=300, engine=engine)(load)
+    batched = cache_aside(
+        key="batched:<id>",
+        ttl=300,
+        engine=engine,
+        batch_loader=lambda ids: [dict(RECORD) for _ in ids],
+    )(load)
+    hundred = [f"p-{n:03d}" for n in range(100)]
     hashed = cache_aside(key="product:<id>", ttl=300, as_hash=True, engine=engine)(load)
     ahead = cache_aside(key="ahead:<id>", ttl=300, refresh_ahead=5, engine=engine)(load)
     for function in (packed, hashed, ahead):  # load every script once, outside the counts
         function("warm")
         function.invalidate("warm")
+    batched.many(["warm"])
+    batched.invalidate_many(["warm"])
     hashed("warm")
     hashed.update_field("warm", "stock", "1")
     hashed.invalidate("warm")
     table = Table("round trips per operation", ["operation", "round trips", "executed by Redis"])
-    for label, action in [
-        ("cold miss, msgpack", lambda: packed("p-001")),
-        ("hit, msgpack", lambda: packed("p-001")),
-        ("cold miss, hash", lambda: hashed("p-001")),
-        ("hit, hash", lambda: hashed("p-001")),
-        ("update_field", lambda: hashed.update_field("p-001", "stock", "40")),
-        ("invalidate", lambda: hashed.invalidate("p-001")),
-        ("hit, refresh_ahead", lambda: (ahead("p-001"), ahead("p-001"))[1]),
-        ("negative hit", lambda: (packed("missing"), packed("missing"))[1]),
+    nothing: Any = lambda: None  # noqa: E731
+    for label, prepare, action in [
+        ("cold miss, msgpack", nothing, lambda: packed("p-001")),
+        ("hit, msgpack", nothing, lambda: packed("p-001")),
+        ("cold miss, hash", nothing, lambda: hashed("p-001")),
+        ("hit, hash", nothing, lambda: hashed("p-001")),
+        ("update_field", nothing, lambda: hashed.update_field("p-001", "stock", "40")),
+        ("invalidate", nothing, lambda: hashed.invalidate("p-001")),
+        ("hit, refresh_ahead", lambda: ahead("p-001"), lambda: ahead("p-001")),
+        ("negative hit", lambda: packed("missing"), lambda: packed("missing")),
+        ("many() of 100, cold, batch_loader", nothing, lambda: batched.many(hundred)),
+        ("many() of 100, all hits", nothing, lambda: batched.many(hundred)),
+        ("invalidate_many() of 100", nothing, lambda: batched.invalidate_many(hundred)),
+        ("invalidate_all(), 100 entries", lambda: batched.many(hundred), batched.invalidate_all),
     ]:
-        if label in ("hit, refresh_ahead", "negative hit"):
-            action()  # the first call loads; count the second
-            action = {
-                "hit, refresh_ahead": lambda: ahead("p-001"),
-                "negative hit": lambda: packed("missing"),
-            }[label]
+        prepare()
         sent, ran = measure(client, action)
         table.rows.append([label, sent, ran])
     table.notes = [note, "a cold miss is: lookup, lock-and-look script, store script"]

@@ -348,7 +348,10 @@ class CacheEngine:
         kwargs = connection_kwargs(client, "client")
         warn_if_pool_raises(client, "client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        return SyncSide(client, scripts, ThreadFlights(), block_limit_ms(kwargs), self.breaker)
+        side = SyncSide(client, scripts, ThreadFlights(), block_limit_ms(kwargs), self.breaker)
+        if isinstance(client, redis.cluster.RedisCluster):
+            side.route = client.get_node_from_key
+        return side
 
     def _async_side(self, client: Any) -> AsyncSide:
         kwargs = connection_kwargs(client, "async_client")
@@ -358,6 +361,7 @@ class CacheEngine:
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
             side.ready = False
             side.failures = ASYNC_CLUSTER_FAILURES
+            side.route = client.get_node_from_key
         return side
 
 

@@ -23,12 +23,20 @@ def failed(exc: BaseException) -> CommandFailed:
 
 
 def _queue(pipe: Any, side: Any, effects: Sequence[Command | RunScript]) -> None:
+    route = side.route
     for effect in effects:
         if isinstance(effect, Command):
-            pipe.execute_command(*effect.args)
+            args, key = effect.args, effect.args[1]
         else:
             sha = side.scripts[effect.script].sha
-            pipe.execute_command("EVALSHA", sha, len(effect.keys), *effect.keys, *effect.args)
+            args = ("EVALSHA", sha, len(effect.keys), *effect.keys, *effect.args)
+            key = effect.keys[0]
+        if route is None:
+            pipe.execute_command(*args)
+        else:
+            # Name the node: redis-py 8.1's sync cluster pipeline otherwise asks the
+            # server (COMMAND GETKEYS) where every EVALSHA goes, one round trip each.
+            pipe.execute_command(*args, target_nodes=route(key))
 
 
 def _unknown_scripts(replies: list[Any]) -> list[int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ class SyncSide:
     breaker: CircuitBreaker
     background: set[str] = field(default_factory=set)  # keys with a background refresh
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
+    route: Callable[[str], Any] | None = None  # a cluster's key -> node, for pipelines
 
 
 @dataclass(slots=True)
@@ -59,6 +60,7 @@ class AsyncSide:
     background: set[str] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
+    route: Callable[[str], Any] | None = None
     # An asyncio RedisCluster sent many commands before its first initialize() can
     # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
     ready: bool = True

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import hit_path, race, round_trips, stampede, throughput
+from benchmarks import batches, hit_path, race, round_trips, stampede, throughput
 from benchmarks.runner import Settings, Table
 
 from .conftest import REDIS_URL
@@ -54,6 +54,9 @@ def test_round_trips_per_operation(settings: Settings) -> None:
     assert sent["hit, msgpack"] == sent["hit, hash"] == sent["negative hit"] == 1
     assert sent["cold miss, msgpack"] == sent["cold miss, hash"] == 3
     assert sent["invalidate"] == sent["update_field"] == sent["hit, refresh_ahead"] == 1
+    assert sent["many() of 100, cold, batch_loader"] == 3
+    assert sent["many() of 100, all hits"] == sent["invalidate_many() of 100"] == 1
+    assert sent["invalidate_all(), 100 entries"] == 2  # one SCAN page, one UNLINK pipeline
     assert rows(commands)["hit, msgpack"][1] == "get 1"
     assert all(row[0] > 0 for row in rows(memory).values())
 
@@ -66,6 +69,19 @@ def test_stampede_loads_once(settings: Settings) -> None:
 def test_throughput_counts_both_contenders(settings: Settings) -> None:
     (table,) = throughput.run(settings)
     assert all(one > 0 and two > 0 for one, two, _ in rows(table).values())
+
+
+def test_batches_compare_many_with_sequential_calls(settings: Settings) -> None:
+    assert REDIS_URL is not None
+    tables = batches.many_vs_sequential(settings, REDIS_URL, "one Redis")
+    assert [set(rows(table)) for table in tables] == [
+        {"100 sequential calls", "many() of 100"},
+        {"100 sequential awaits", "await many() of 100"},
+    ]
+    entries, _, _, per_second, *pings = batches.invalidate_all_timing(REDIS_URL, 1500)
+    assert entries == 1500  # invalidate_all deleted every one (asserted inside too)
+    assert per_second > 0
+    assert all(ping > 0 for ping in pings)
 
 
 def test_race_finds_stale_reads_only_in_the_plain_algorithm(settings: Settings) -> None:
