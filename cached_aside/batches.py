@@ -210,6 +210,10 @@ def invalidate_matching(match: str, belongs: Callable[[str], bool]) -> Flow[int]
     thread. The entries' locks go too, which revokes the leases of loads in flight.
     Raises the first CommandFailed: a bulk invalidation that stopped half way must
     not look complete.
+
+    Why not a generation number in every key: a hit would need the current
+    generation first, either one more round trip on every hit or a per-process copy
+    that other processes' bumps leave stale. Bulk invalidation is rare; hits are not.
     """
     deleted = 0
     position: Any = None
