@@ -13,6 +13,7 @@ from .errors import (
 )
 from .flows import Source
 from .functions import AsyncCachedFunction, BoundCachedFunction, CachedFunction, CacheResult
+from .near import NearCache
 from .stats import StatsSnapshot
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigurationError",
     "KeyArgumentError",
     "KeyTemplateError",
+    "NearCache",
     "Source",
     "StatsSnapshot",
     "UnstorableValueError",

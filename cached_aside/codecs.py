@@ -36,6 +36,19 @@ _NEGATIVE_META_BYTES: Final = NEGATIVE_META.encode()
 MSGPACK_NEGATIVE: Final = b"\xc1"
 
 RedisType = Literal["hash", "string"]
+_IMMUTABLE: Final = frozenset({str, int, float, bool, bytes})
+
+
+class _Packed(bytes):
+    """A frozen value's bytes, told apart from a value that is itself bytes."""
+
+
+class _FlatDict(dict[Any, Any]):
+    """A frozen dict of immutable values: copied with dict() on the way out."""
+
+
+class _FlatList(list[Any]):
+    """A frozen list of immutable values: copied with list() on the way out."""
 
 
 class Codec(Protocol):
@@ -55,6 +68,12 @@ class Codec(Protocol):
 
     def copy(self, value: Any) -> Any:
         """An independent copy, for callers that share one in-process load."""
+
+    def freeze(self, value: Any) -> Any:
+        """What the near cache keeps of a value, so that `thaw` can hand out copies."""
+
+    def thaw(self, frozen: Any) -> Any:
+        """A fresh value from a frozen one: callers may mutate it freely."""
 
 
 class HashCodec:
@@ -99,6 +118,12 @@ class HashCodec:
 
     def copy(self, value: Any) -> Any:
         return None if value is None else dict(value)
+
+    def freeze(self, value: Any) -> Any:
+        return None if value is None else dict(value)  # str -> str: shallow is enough
+
+    def thaw(self, frozen: Any) -> Any:
+        return None if frozen is None else dict(frozen)
 
 
 def check_field(field: object, where: str) -> str:
@@ -166,6 +191,28 @@ class MsgpackCodec:
             msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=False
         )
 
+    def freeze(self, value: Any) -> Any:
+        kind = type(value)
+        if value is None or kind in _IMMUTABLE:
+            return value
+        # A flat record (the common case) is fully copied by a shallow copy, which
+        # costs a tenth of unpacking it again.
+        if kind is dict and all(v is None or type(v) in _IMMUTABLE for v in value.values()):
+            return _FlatDict(value)
+        if kind is list and all(v is None or type(v) in _IMMUTABLE for v in value):
+            return _FlatList(value)
+        return _Packed(msgpack.packb(value, use_bin_type=True))
+
+    def thaw(self, frozen: Any) -> Any:
+        kind = type(frozen)
+        if kind is _FlatDict:
+            return dict(frozen)
+        if kind is _FlatList:
+            return list(frozen)
+        if kind is _Packed:  # nested containers: unpacking is a deep copy
+            return msgpack.unpackb(frozen, raw=False, strict_map_key=False)
+        return frozen
+
 
 class Serializer(Protocol):
     """What `serializer=` takes: bytes out, the value back."""
@@ -219,6 +266,12 @@ class SerializerCodec:
 
     def copy(self, value: Any) -> Any:
         return None if value is None else self.serializer.loads(self.serializer.dumps(value))
+
+    def freeze(self, value: Any) -> Any:
+        return None if value is None else _Packed(self.serializer.dumps(value))
+
+    def thaw(self, frozen: Any) -> Any:
+        return None if frozen is None else self.serializer.loads(frozen)
 
 
 HASH_CODEC: Final = HashCodec()

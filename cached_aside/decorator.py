@@ -16,6 +16,7 @@ from .errors import ConfigurationError
 from .flows import Plan
 from .functions import AsyncCachedFunction, CachedFunction
 from .keys import KeyTemplate
+from .near import NearCache
 from .options import Duration, build_options
 from .stats import Stats
 
@@ -32,6 +33,7 @@ class CacheAside:
         engine: CacheEngine | None,
         serializer: Serializer | None,
         batch_loader: Callable[[list[Any]], Any] | None = None,
+        near: NearCache | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(key, str):
@@ -46,9 +48,15 @@ class CacheAside:
             raise ConfigurationError(
                 f"batch_loader must be a function taking a list of items, got {batch_loader!r}"
             )
+        if near is not None and not isinstance(near, NearCache):
+            raise ConfigurationError(
+                f"near must be a NearCache, e.g. near=NearCache(max_entries=10_000, ttl=5); "
+                f"got {near!r}"
+            )
         self._key = key
         self._engine = engine
         self._batch_loader = batch_loader
+        self._near = near
         self._options = build_options(**options)
         self._codec: Codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
         if serializer is not None:
@@ -84,9 +92,8 @@ class CacheAside:
                 "list instead"
             )
         template = KeyTemplate(self._key, loader)
-        plan = Plan(
-            name, self._codec, self._options, Stats(name), self._options.refresh_ahead_ms > 0
-        )
+        peek = self._options.refresh_ahead_ms > 0 or self._near is not None
+        plan = Plan(name, self._codec, self._options, Stats(name), peek)
         is_async = inspect.iscoroutinefunction(loader)
         batch_loader = self._batch_loader
         if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:
@@ -95,9 +102,8 @@ class CacheAside:
                 f"{name} is {'async' if is_async else 'not async'}, so its batch_loader "
                 f"must be {wanted} function too; got {batch_loader!r}"
             )
-        if is_async:
-            return AsyncCachedFunction(loader, template, plan, self._engine, batch_loader)
-        return CachedFunction(loader, template, plan, self._engine, batch_loader)
+        wrapper = AsyncCachedFunction if is_async else CachedFunction
+        return wrapper(loader, template, plan, self._engine, batch_loader, self._near)
 
 
 def cache_aside(
@@ -112,6 +118,7 @@ def cache_aside(
     refresh_ahead: Duration | None = None,
     serializer: Serializer | None = None,
     batch_loader: Callable[[list[Any]], Any] | None = None,
+    near: NearCache | None = None,
 ) -> CacheAside:
     """Cache a loader's results in Redis with the cache-aside pattern.
 
@@ -140,6 +147,9 @@ def cache_aside(
             It receives the missing items (as passed to many()) and returns a list
             with one value per item in order, or a dict keyed by item (absent means
             None). Must be async exactly when the loader is.
+        near: a NearCache: keep hits in process too, for about a microsecond a hit.
+            Redis reports every change to the engine's keys, which drops the local
+            copy in every process; see the README's "Near cache".
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.
@@ -149,6 +159,7 @@ def cache_aside(
         engine,
         serializer,
         batch_loader,
+        near,
         ttl=ttl,
         as_hash=as_hash,
         negative_ttl=negative_ttl,

@@ -21,16 +21,20 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .batches import invalidate_matching
 from .breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
+from .codecs import Codec
 from .drivers import no_load, no_load_async, no_seal, run_async, run_sync
 from .effects import CommandFailed, Flow
 from .errors import CacheUnavailableError, ConfigurationError
 from .flights import TaskFlights, ThreadFlights
 from .keys import glob_escape, split_entry_key, validate_prefix
+from .listener import InvalidationListener
+from .near import NearCache, NearStore
 from .scripts import ScriptName
 from .sides import (
     ASYNC_CLUSTER_FAILURES,
@@ -54,6 +58,26 @@ DEFAULT_SOCKET_TIMEOUT = 0.25
 DEFAULT_CONNECT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 5.0
+# What the invalidation listener's connection copies from the client's pool.
+_LISTENER_SETTINGS = frozenset(
+    {
+        "host",
+        "port",
+        "path",
+        "db",
+        "username",
+        "password",
+        "credential_provider",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "client_name",
+        "server",  # fakeredis's in-memory server
+    }
+)
+# How long a near cache's first use waits for the listener's handshake.
+NEAR_HANDSHAKE_SECONDS = 2.0
 
 
 def url_from_environment() -> str:
@@ -115,6 +139,7 @@ class CacheEngine:
         self._async_by_loop = weakref.WeakKeyDictionary()
         self._last_async: tuple[object, AsyncSide | None] = (None, None)
         self._stats: list[Stats] = []
+        self._listener: InvalidationListener | None = None
         if client is not None:
             self._sync = self._sync_side(client)
         if async_client is not None:
@@ -258,6 +283,68 @@ class CacheEngine:
         for stats in list(self._stats):
             stats.reset()
 
+    def near_store(self, config: NearCache, codec: Codec, name: str) -> NearStore:
+        """A near cache for one function, attached to this engine's invalidation
+        listener (started on first use).
+
+        Raises ConfigurationError when the server cannot track keys and the config
+        does not accept TTL-only staleness.
+        """
+        store = NearStore(config, codec.freeze, codec.thaw)
+        connect = self._listener_connection()  # outside the lock: it may make the client
+        with self._lock:
+            if self._listener is None:
+                self._listener = InvalidationListener(connect, self.prefix)
+            listener = self._listener
+        listener.attach(store)
+        state = listener.wait_settled(NEAR_HANDSHAKE_SECONDS)
+        if state == "unsupported" and not config.allow_untracked:
+            listener.detach(store)
+            raise ConfigurationError(
+                f"{name}: near cache refused: this Redis cannot track keys for it "
+                f"({listener.reason}), so another process's change would go unseen "
+                "until the entry expires. Use a Redis 6+ server that allows CLIENT "
+                "TRACKING, or accept that with NearCache(ttl=..., allow_untracked=True)"
+            )
+        return store
+
+    def near_state(self) -> str:
+        """The invalidation listener's state: "tracking", "down", "unsupported",
+        "starting", or "off" when no function uses a near cache."""
+        listener = self._listener
+        return "off" if listener is None else listener.state
+
+    def _listener_connection(self) -> Callable[[], Any]:
+        """Makes the listener's connection: the engine's server and credentials, RESP2."""
+        client = self._sync.client if self._sync is not None else None
+        if client is None and self._make_client is not None:
+            client = self.sync_side().client
+        if client is None and self._given_async is not None:
+            client = self._given_async.client
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:
+            raise ConfigurationError(
+                "a near cache needs a single Redis server (with replicas or not); Redis "
+                "Cluster is not supported yet, because tracking is per node"
+            )
+        kind = pool.connection_class
+        # Where and who, not how: the pool's own machinery (retry objects, handlers of
+        # RESP3-only notifications) stays with the pool.
+        kwargs = {
+            name: value
+            for name, value in pool.connection_kwargs.items()
+            if name in _LISTENER_SETTINGS or name.startswith("ssl_")
+        }
+        if kind.__module__.startswith("redis.asyncio"):
+            # The listener is a thread: the sync twin of the async connection class.
+            kind = getattr(redis.connection, kind.__name__, None)
+            if kind is None:
+                raise ConfigurationError(
+                    f"a near cache cannot listen through {pool.connection_class!r}"
+                )
+        kwargs["protocol"] = 2  # invalidations arrive as Pub/Sub messages
+        return lambda: kind(**kwargs)
+
     def invalidate_prefix(self, text: str = "") -> int:
         """Delete every entry whose key, inside the braces, starts with `text` ("" for
         all of this engine's entries), on every node; returns how many.
@@ -272,6 +359,7 @@ class CacheEngine:
             raise _bulk_failed(text, failure) from failure.cause
         finally:
             side.flights.forget_all()
+            self._clear_near()
 
     async def ainvalidate_prefix(self, text: str = "") -> int:
         """invalidate_prefix() for async code, on this event loop's client."""
@@ -284,6 +372,12 @@ class CacheEngine:
             raise _bulk_failed(text, failure) from failure.cause
         finally:
             side.flights.forget_all()
+            self._clear_near()
+
+    def _clear_near(self) -> None:
+        """Read-your-writes: Redis's reports of the deletions arrive a moment later."""
+        if self._listener is not None:
+            self._listener.clear_all()
 
     def _matching(self, text: str) -> Flow[int]:
         if not isinstance(text, str) or any(c in text for c in "{}"):
@@ -300,7 +394,11 @@ class CacheEngine:
         return invalidate_matching(glob_escape(head + text) + "*", belongs)
 
     def close(self) -> None:
-        """Close the sync client's connections, if this engine created the client."""
+        """Stop the invalidation listener, and close the sync client's connections if
+        this engine created the client."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
         if self._owns_clients and self._sync is not None:
             self._sync.client.close()
             self._sync = None

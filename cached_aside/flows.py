@@ -28,6 +28,7 @@ MIN_WAIT_MS = 5
 class Source(str, enum.Enum):
     """Where a caller's value came from."""
 
+    NEAR = "near"  # the in-process near cache
     CACHE = "cache"  # a cached value
     NEGATIVE = "negative"  # a cached "no such record"
     LOADER = "loader"  # this call ran the loader
@@ -42,7 +43,8 @@ class Plan:
     codec: Codec
     options: Options
     stats: Stats
-    peek: bool = False  # look up with the PEEK script (value and ttl): refresh_ahead is on
+    # Look up with the PEEK script (value and ttl): refresh_ahead or a near cache is on.
+    peek: bool = False
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class Served:
     source: Source
     lease_kept: bool = True
     shareable: bool = False
+    ttl_ms: int = -1  # the entry's remaining ttl, when the lookup told (PEEK)
 
 
 def on_lookup(plan: Plan, raw: Any) -> Served | None:
@@ -73,8 +76,14 @@ def on_lookup(plan: Plan, raw: Any) -> Served | None:
         found, due = _unpack_peek(plan, raw)
         if due:
             return None
-    else:
-        found = plan.codec.decode(raw)
+        if type(found) is not Found:
+            plan.stats.hit()
+            return Served(found, Source.CACHE, ttl_ms=raw[1])
+        if found is Found.NEGATIVE:
+            plan.stats.negative_hit()
+            return Served(None, Source.NEGATIVE, ttl_ms=raw[1])
+        return None
+    found = plan.codec.decode(raw)
     if type(found) is not Found:
         plan.stats.hit()
         return Served(found, Source.CACHE)
@@ -97,7 +106,8 @@ def _unpack_peek(plan: Plan, raw: Any) -> tuple[Any, bool]:
     if len(raw) == 1:
         return Found.CORRUPT, False  # the key holds another Redis type
     found = plan.codec.decode(raw[0])
-    due = type(found) is not Found and 0 <= raw[1] <= plan.options.refresh_ahead_ms
+    window = plan.options.refresh_ahead_ms
+    due = window > 0 and type(found) is not Found and 0 <= raw[1] <= window
     return found, due
 
 

@@ -1,5 +1,5 @@
 """What the user holds: CachedFunction and AsyncCachedFunction wrap a loader and
-offer call, lookup, invalidate, update_field, key and stats.
+offer call, lookup, many, invalidate (one, many, all), update_field, key and stats.
 
 Both are thin: they render the key, pick the engine's sync or async side, and hand
 a flow to its driver. The user's function itself is never modified.
@@ -7,184 +7,25 @@ a flow to its driver. The user's function itself is never modified.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Iterable
+from typing import Any, ParamSpec, TypeVar
 
-from .batch_drivers import BatchLoader, serve_many_async, serve_many_sync
-from .batches import invalidate_many, invalidate_matching
+from .batch_drivers import serve_many_async, serve_many_sync
+from .batches import invalidate_many
 from .drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
 from .effects import CommandFailed, Flow
 from .engine import CacheEngine, default_engine
-from .errors import CacheUnavailableError
-from .flows import Plan, Served, Source, invalidate, update_field
-from .keys import KeyTemplate, glob_escape, split_entry_key
-from .stats import StatsSnapshot
+from .flows import Served, Source, invalidate, update_field
+from .near import MISSING
+from .wrapping import HIT_SOURCES, BoundCachedFunction, CachedBase, CacheResult
+
+__all__ = ["AsyncCachedFunction", "BoundCachedFunction", "CacheResult", "CachedFunction"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_HIT_SOURCES = frozenset({Source.CACHE, Source.NEGATIVE})
 
-
-@dataclass(frozen=True, slots=True)
-class CacheResult(Generic[R]):
-    """One call's value and how it was served.
-
-    Attributes:
-        value: what the call returns.
-        hit: True when served from Redis (a value or a cached "none").
-        source: "cache", "negative", "loader" (this call loaded) or "waited"
-            (another caller's load).
-        redis_ms: time spent waiting on Redis for this call, in milliseconds.
-    """
-
-    value: R
-    hit: bool
-    source: Source
-    redis_ms: float
-
-
-class _CachedBase(Generic[P, R]):
-    """The parts shared by sync and async wrappers: keys, engine choice, stats."""
-
-    def __init__(
-        self,
-        loader: Callable[P, Any],
-        template: KeyTemplate,
-        plan: Plan,
-        engine: CacheEngine | None,
-        batch_loader: BatchLoader | None = None,
-    ) -> None:
-        functools.update_wrapper(self, loader)  # type: ignore[arg-type]  # callable subclasses
-        self.__wrapped__ = loader
-        self._template = template
-        self._plan = plan
-        self._engine = engine
-        self._batch_loader = batch_loader
-        self._registered_with: CacheEngine | None = None
-
-    def _register(self, engine: CacheEngine) -> None:
-        engine.register(self._plan.stats)
-        self._registered_with = engine
-
-    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
-        """The engine to use and the entry's key; the first step of every method."""
-        engine = self._engine or default_engine()
-        if engine is not self._registered_with:
-            self._register(engine)
-        return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
-
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key these arguments map to, for redis-cli and debugging."""
-        return self._locate(args, kwargs)[1]
-
-    def stats(self) -> StatsSnapshot:
-        """This function's counters since start or the last reset_stats()."""
-        return self._plan.stats.snapshot()
-
-    def error_kinds(self) -> dict[str, int]:
-        """This function's Redis errors by exception type, e.g. {"TimeoutError": 2}."""
-        return self._plan.stats.error_kinds()
-
-    def reset_stats(self) -> None:
-        self._plan.stats.reset()
-
-    def _distinct(
-        self, items: Iterable[Any]
-    ) -> tuple[CacheEngine, list[str], list[tuple[Any, ...]], list[Any], list[int]]:
-        """The engine, and the distinct keys of a batch with their arguments and items;
-        plus, for each item, the position of its key."""
-        if isinstance(items, str | bytes) or not isinstance(items, Iterable):
-            raise TypeError(
-                f"{self._plan.name}.many/invalidate_many take a list of items (one "
-                f"argument, or a tuple of positional arguments, per call), got {items!r}"
-            )
-        engine = self._engine or default_engine()
-        if engine is not self._registered_with:
-            self._register(engine)
-        head = engine.key_head
-        keys: list[str] = []
-        calls: list[tuple[Any, ...]] = []
-        distinct_items: list[Any] = []
-        where: dict[str, int] = {}
-        positions: list[int] = []
-        for item in items:
-            args = item if type(item) is tuple else (item,)
-            key = f"{head}{self._template.render(args, {})}}}"
-            position = where.get(key)
-            if position is None:
-                position = where[key] = len(keys)
-                keys.append(key)
-                calls.append(args)
-                distinct_items.append(item)
-            positions.append(position)
-        return engine, keys, calls, distinct_items, positions
-
-    def _spread(self, answers: list[tuple[Served, bool]], positions: list[int]) -> list[Any]:
-        """Each item's value; an item repeated in the batch gets its own copy."""
-        values: list[Any] = []
-        given: set[int] = set()
-        for position in positions:
-            served, joined = answers[position]
-            if joined:
-                served = self._as_joiner(served)
-            if position in given:
-                values.append(self._plan.codec.copy(served.value))
-            else:
-                given.add(position)
-                values.append(served.value)
-        return values
-
-    def _everything(self, engine: CacheEngine) -> Flow[int]:
-        """The flow that drops every entry this function's template can produce."""
-        head, template = engine.key_head, self._template
-
-        def belongs(key: str) -> bool:
-            parts = split_entry_key(key, head)
-            return parts is not None and template.owns(parts[0])
-
-        return invalidate_matching(glob_escape(head + template.literal_head) + "*", belongs)
-
-    def _bulk_failed(self, failure: CommandFailed) -> CacheUnavailableError:
-        self._plan.stats.error(self._template.text, failure)
-        return CacheUnavailableError(
-            f"{self._plan.name}.invalidate_all stopped: Redis failed ({failure}); some "
-            "entries may remain. Call it again once Redis answers"
-        )
-
-    def _as_joiner(self, served: Served) -> Served:
-        """Account for a caller that shared another caller's read, and copy its value."""
-        stats = self._plan.stats
-        if served.source is Source.CACHE:
-            stats.hit()
-        elif served.source is Source.NEGATIVE:
-            stats.negative_hit()
-        else:
-            stats.miss(suppressed=True)
-            return Served(self._plan.codec.copy(served.value), Source.WAITED)
-        return Served(self._plan.codec.copy(served.value), served.source)
-
-    def _split_update(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, Any]:
-        if len(args) < 2:
-            raise TypeError(
-                f"{self._plan.name}.update_field(*loader_args, field, value) needs the "
-                "field name and value after the loader's arguments"
-            )
-        return args[:-2], args[-2], args[-1]
-
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        """Decorating a method: bind the instance like a function would."""
-        if instance is None:
-            return self
-        return BoundCachedFunction(self, instance)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
-
-
-class CachedFunction(_CachedBase[P, R]):
+class CachedFunction(CachedBase[P, R]):
     """A cached plain function. Call it like the loader."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -193,6 +34,13 @@ class CachedFunction(_CachedBase[P, R]):
         if engine is not self._registered_with:
             self._register(engine)
         key = engine.key_head + self._template.render(args, kwargs) + "}"
+        near = self._near
+        if near is not None:
+            value = near.get(key)
+            if value is not MISSING:
+                self._plan.stats.near_hit()
+                return value  # type: ignore[no-any-return]
+            return self._near_serve(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
         served, _, joined = serve_sync(
             self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
         )
@@ -202,7 +50,7 @@ class CachedFunction(_CachedBase[P, R]):
         """Like calling, but also tells how the value was served and the Redis time."""
         served, seconds = self._serve(args, kwargs)
         return CacheResult(
-            served.value, served.source in _HIT_SOURCES, served.source, seconds * 1000.0
+            served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
         )
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
@@ -228,16 +76,17 @@ class CachedFunction(_CachedBase[P, R]):
         through the loader one at a time, each under the single-flight lock.
         """
         engine, keys, calls, items, positions = self._distinct(items)
+        found, rest, tickets = self._near_split(keys)
         answers = serve_many_sync(
             self._plan,
-            keys,
+            [keys[p] for p in rest],
             engine.sync_side(),
             self.__wrapped__,
-            calls,
-            items,
+            [calls[p] for p in rest],
+            [items[p] for p in rest],
             self._batch_loader,
         )
-        return self._spread(answers, positions)
+        return self._spread(self._near_merge(keys, found, rest, tickets, answers), positions)
 
     def invalidate_many(self, items: Iterable[Any]) -> int:
         """Delete many entries in one pipeline; returns how many existed. Items as for
@@ -247,6 +96,7 @@ class CachedFunction(_CachedBase[P, R]):
         existed = run_sync(invalidate_many(self._plan, keys), side, no_load, no_seal)[0]
         for key in keys:
             side.flights.forget(key)
+        self._near_drop(keys)
         return existed
 
     def invalidate_all(self) -> int:
@@ -261,7 +111,9 @@ class CachedFunction(_CachedBase[P, R]):
             deleted = run_sync(self._everything(engine), side, no_load, no_seal)[0]
         except CommandFailed as failure:
             raise self._bulk_failed(failure) from failure.cause
-        side.flights.forget_all()
+        finally:
+            side.flights.forget_all()
+            self._near_clear()
         return deleted
 
     def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
@@ -270,17 +122,40 @@ class CachedFunction(_CachedBase[P, R]):
         # Only now: a read already sharing a lookup made before the change may finish
         # with it, but no read that starts after this call returns may join it.
         side.flights.forget(key)
+        self._near_drop((key,))
         return changed
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
+        if self._near is not None:
+            return self._near_serve(engine, key, args, kwargs)
         served, seconds, joined = serve_sync(
             self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
         )
         return (self._as_joiner(served) if joined else served), seconds
 
+    def _near_serve(
+        self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Served, float]:
+        """The near tier first; on a near miss, Redis, and a hit there is kept."""
+        store = self._near
+        assert store is not None
+        value = store.get(key)
+        if value is not MISSING:
+            self._plan.stats.near_hit()
+            return Served(value, Source.NEAR), 0.0
+        ticket = store.expect(key)  # before the read: a change reported meanwhile voids it
+        served, seconds, joined = serve_sync(
+            self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
+        )
+        if joined:
+            return self._as_joiner(served), seconds
+        if served.ttl_ms > 0:
+            store.fill(key, ticket, served.value, served.ttl_ms)
+        return served, seconds
 
-class AsyncCachedFunction(_CachedBase[P, R]):
+
+class AsyncCachedFunction(CachedBase[P, R]):
     """A cached `async def` function. Await it like the loader."""
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -289,6 +164,13 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         if engine is not self._registered_with:
             self._register(engine)
         key = engine.key_head + self._template.render(args, kwargs) + "}"
+        near = self._near
+        if near is not None:
+            value = near.get(key)
+            if value is not MISSING:
+                self._plan.stats.near_hit()
+                return value  # type: ignore[no-any-return]
+            return (await self._near_serve(engine, key, args, kwargs))[0].value  # type: ignore[no-any-return]
         served, _, joined = await serve_async(
             self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
         )
@@ -298,7 +180,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         """Like calling, but also tells how the value was served and the Redis time."""
         served, seconds = await self._serve(args, kwargs)
         return CacheResult(
-            served.value, served.source in _HIT_SOURCES, served.source, seconds * 1000.0
+            served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
         )
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
@@ -319,16 +201,17 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         """Values for many calls at once, in the items' order; as CachedFunction.many,
         with the misses loaded concurrently when there is no batch_loader."""
         engine, keys, calls, items, positions = self._distinct(items)
+        found, rest, tickets = self._near_split(keys)
         answers = await serve_many_async(
             self._plan,
-            keys,
+            [keys[p] for p in rest],
             engine.async_side(),
             self.__wrapped__,
-            calls,
-            items,
+            [calls[p] for p in rest],
+            [items[p] for p in rest],
             self._batch_loader,
         )
-        return self._spread(answers, positions)
+        return self._spread(self._near_merge(keys, found, rest, tickets, answers), positions)
 
     async def invalidate_many(self, items: Iterable[Any]) -> int:
         """Delete many entries in one pipeline; returns how many existed."""
@@ -340,6 +223,7 @@ class AsyncCachedFunction(_CachedBase[P, R]):
         existed = (await run_async(flow, side, no_load_async, no_seal))[0]
         for key in keys:
             side.flights.forget(key)
+        self._near_drop(keys)
         return existed
 
     async def invalidate_all(self) -> int:
@@ -352,7 +236,9 @@ class AsyncCachedFunction(_CachedBase[P, R]):
             deleted = (await run_async(self._everything(engine), side, no_load_async, no_seal))[0]
         except CommandFailed as failure:
             raise self._bulk_failed(failure) from failure.cause
-        side.flights.forget_all()
+        finally:
+            side.flights.forget_all()
+            self._near_clear()
         return deleted
 
     async def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
@@ -361,54 +247,34 @@ class AsyncCachedFunction(_CachedBase[P, R]):
             await side.prepare()
         changed = (await run_async(flow, side, no_load_async, no_seal))[0]
         side.flights.forget(key)  # after the change, as in CachedFunction._change
+        self._near_drop((key,))
         return changed
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
+        if self._near is not None:
+            return await self._near_serve(engine, key, args, kwargs)
         served, seconds, joined = await serve_async(
             self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
         )
         return (self._as_joiner(served) if joined else served), seconds
 
-
-class BoundCachedFunction:
-    """A cached function decorated as a method, bound to one instance."""
-
-    __slots__ = ("_function", "_instance")
-
-    def __init__(self, function: _CachedBase[..., Any], instance: object) -> None:
-        self._function = function
-        self._instance = instance
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function(self._instance, *args, **kwargs)  # type: ignore[operator]
-
-    def lookup(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.lookup(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
-
-    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.invalidate(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
-
-    def update_field(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.update_field(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
-
-    def key(self, *args: Any, **kwargs: Any) -> str:
-        return self._function.key(self._instance, *args, **kwargs)
-
-    def many(self, items: Iterable[Any]) -> Any:
-        """Items as for many(), without the instance: it is prepended to each."""
-        bound = [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
-        return self._function.many(bound)  # type: ignore[attr-defined]
-
-    def invalidate_many(self, items: Iterable[Any]) -> Any:
-        bound = [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
-        return self._function.invalidate_many(bound)  # type: ignore[attr-defined]
-
-    def invalidate_all(self) -> Any:
-        return self._function.invalidate_all()  # type: ignore[attr-defined]
-
-    def stats(self) -> StatsSnapshot:
-        return self._function.stats()
-
-    def reset_stats(self) -> None:
-        self._function.reset_stats()
+    async def _near_serve(
+        self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Served, float]:
+        """As CachedFunction._near_serve."""
+        store = self._near
+        assert store is not None
+        value = store.get(key)
+        if value is not MISSING:
+            self._plan.stats.near_hit()
+            return Served(value, Source.NEAR), 0.0
+        ticket = store.expect(key)
+        served, seconds, joined = await serve_async(
+            self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
+        )
+        if joined:
+            return self._as_joiner(served), seconds
+        if served.ttl_ms > 0:
+            store.fill(key, ticket, served.value, served.ttl_ms)
+        return served, seconds

@@ -22,9 +22,11 @@ LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, f
 
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
-    """Counters at one moment. hit_rate_pct counts negative hits as hits."""
+    """Counters at one moment. `hits` were served by Redis, `near_hits` by the
+    in-process near cache; hit_rate_pct counts both, and negative hits, as hits."""
 
     hits: int = 0
+    near_hits: int = 0
     misses: int = 0
     negative_hits: int = 0
     loads: int = 0
@@ -35,7 +37,7 @@ class StatsSnapshot:
 
     @property
     def hit_rate_pct(self) -> float:
-        served = self.hits + self.negative_hits
+        served = self.hits + self.near_hits + self.negative_hits
         total = served + self.misses
         return round(100.0 * served / total, 2) if total else 0.0
 
@@ -54,6 +56,7 @@ class Stats:
         self.name = name
         self._lock = threading.Lock()
         self._hits = self._misses = self._negative_hits = self._loads = 0
+        self._near_hits = 0
         self._suppressed = self._errors = self._corrupt = 0
         self._lock_waits = 0
         self._unlogged_errors = 0
@@ -65,6 +68,10 @@ class Stats:
     def hit(self) -> None:
         with self._lock:
             self._hits += 1
+
+    def near_hit(self) -> None:
+        with self._lock:
+            self._near_hits += 1
 
     def negative_hit(self) -> None:
         with self._lock:
@@ -117,6 +124,7 @@ class Stats:
         with self._lock:
             return StatsSnapshot(
                 hits=self._hits,
+                near_hits=self._near_hits,
                 misses=self._misses,
                 negative_hits=self._negative_hits,
                 loads=self._loads,
@@ -151,6 +159,7 @@ class Stats:
     def reset(self) -> None:
         with self._lock:
             self._hits = self._misses = self._negative_hits = self._loads = 0
+            self._near_hits = 0
             self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
             self._error_kinds = {}
             self._load_counts = [0] * len(LOAD_BUCKETS)

@@ -1,0 +1,172 @@
+"""The engine's invalidation listener: one connection that asks Redis to report every
+change under the engine's prefix, and drops those keys from the engine's near caches.
+
+The connection enables `CLIENT TRACKING on REDIRECT <its own id> BCAST PREFIX <prefix>`
+and subscribes to `__redis__:invalidate` (RESP2, so Redis 6 and 7 both speak it).
+Any change by anyone reaches it: invalidate, update_field, expiry, eviction, a DEL
+typed into redis-cli. One daemon thread serves sync and async functions alike.
+Correctness first: whenever it is not connected and tracking, every near cache of
+the engine is off and empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from .near import NearStore, TrackingState
+
+logger = logging.getLogger("cached_aside")
+
+INVALIDATION_CHANNEL = b"__redis__:invalidate"
+# A PING this often, answered within PONG_DEADLINE, proves a quiet connection alive.
+PING_INTERVAL_SECONDS = 0.5
+PONG_DEADLINE_SECONDS = 1.0
+POLL_SECONDS = 0.05
+FIRST_RETRY_SECONDS = 0.05
+MAX_RETRY_SECONDS = 1.0
+
+
+class ListenerLostError(ConnectionError):
+    """The listener's connection stopped answering its PINGs."""
+
+
+class InvalidationListener:
+    """Tracks one key prefix for the near caches attached to it."""
+
+    def __init__(self, connect: Callable[[], Any], prefix: str) -> None:
+        self._connect = connect
+        self.prefix = prefix
+        self._stores: list[NearStore] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._settled = threading.Event()  # the first attempt ended, one way or another
+        self.state: TrackingState = "starting"
+        self.reason = ""
+        self.connections = 0  # times tracking was (re-)established
+
+    def attach(self, store: NearStore) -> None:
+        """Serve `store` from now on, starting the listener on first use."""
+        with self._lock:
+            self._stores.append(store)
+            if self.state == "tracking" or (
+                self.state == "unsupported" and store.config.allow_untracked
+            ):
+                store.switch(True)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="cached_aside-invalidations", daemon=True
+                )
+                self._thread.start()
+
+    def detach(self, store: NearStore) -> None:
+        with self._lock:
+            if store in self._stores:
+                self._stores.remove(store)
+
+    def clear_all(self) -> None:
+        """Empty every attached near cache: a bulk invalidation by this process."""
+        with self._lock:
+            stores = list(self._stores)
+        for store in stores:
+            store.clear()
+
+    def wait_settled(self, timeout: float) -> TrackingState:
+        """Wait for the first connection attempt to end; the state it left."""
+        self._settled.wait(timeout)
+        return self.state
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        self._switch("down", "stopped")
+
+    def _switch(self, state: TrackingState, reason: str = "") -> None:
+        with self._lock:
+            changed = state != self.state
+            self.state, self.reason = state, reason
+            for store in self._stores:
+                untracked = state == "unsupported" and store.config.allow_untracked
+                store.switch(state == "tracking" or untracked)
+        if changed and state == "down" and reason != "stopped":
+            logger.warning(
+                "near cache off: the invalidation listener lost Redis (%s); reconnecting", reason
+            )
+
+    def _run(self) -> None:
+        delay = FIRST_RETRY_SECONDS
+        while not self._stop.is_set():
+            connection = None
+            try:
+                connection = self._connect()
+                connection.connect()
+                self._track(connection)
+                self.connections += 1
+                self._switch("tracking")
+                self._settled.set()
+                delay = FIRST_RETRY_SECONDS
+                self._listen(connection)
+            except ResponseError as exc:  # no tracking here (or no permission for it)
+                self._switch("unsupported", str(exc))
+                self._settled.set()
+                return
+            except Exception as exc:  # any failure means: nothing vouches for the caches
+                self._switch("down", f"{type(exc).__name__}: {exc}")
+                self._settled.set()
+            finally:
+                if connection is not None:
+                    connection.disconnect()
+            self._stop.wait(delay)
+            delay = min(MAX_RETRY_SECONDS, delay * 2)
+
+    def _track(self, connection: Any) -> None:
+        connection.send_command("CLIENT", "ID")
+        own_id = connection.read_response()
+        connection.send_command(
+            "CLIENT", "TRACKING", "on", "REDIRECT", own_id, "BCAST", "PREFIX", self.prefix
+        )
+        connection.read_response()
+        connection.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)
+        connection.read_response()
+
+    def _listen(self, connection: Any) -> None:
+        last_ping = monotonic()
+        awaiting_pong_since: float | None = None
+        while not self._stop.is_set():
+            if connection.can_read(timeout=POLL_SECONDS):
+                message = connection.read_response()
+                if message[0] == b"pong":
+                    awaiting_pong_since = None
+                elif message[0] == b"message" and message[1] == INVALIDATION_CHANNEL:
+                    self._invalidate(message[2])
+                continue
+            now = monotonic()
+            if (
+                awaiting_pong_since is not None
+                and now - awaiting_pong_since > PONG_DEADLINE_SECONDS
+            ):
+                raise ListenerLostError("no answer to PING")
+            if now - last_ping >= PING_INTERVAL_SECONDS:
+                connection.send_command("PING")
+                last_ping = now
+                if awaiting_pong_since is None:
+                    awaiting_pong_since = now
+
+    def _invalidate(self, keys: list[bytes] | None) -> None:
+        with self._lock:
+            stores = list(self._stores)
+        if keys is None:  # FLUSHALL / FLUSHDB: everything is gone
+            for store in stores:
+                store.clear()
+            return
+        names = [key.decode("utf-8", "replace") for key in keys]
+        for store in stores:
+            store.drop(names)

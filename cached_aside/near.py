@@ -1,0 +1,159 @@
+"""NearCache: an in-process tier in front of Redis, kept honest by Redis itself.
+
+A bounded LRU of frozen values, each expiring no later than its Redis entry. The
+engine's invalidation listener drops entries the moment Redis reports a change, and
+empties the whole tier whenever it cannot vouch for that (no connection, no
+tracking). No redis or asyncio imports here.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Final, Literal
+
+from .errors import ConfigurationError
+from .options import Duration, to_milliseconds
+
+
+class Near(enum.Enum):
+    MISSING = "missing"
+
+
+MISSING: Final = Near.MISSING
+DEFAULT_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class NearCache:
+    """Configuration of a function's in-process tier: `near=NearCache(...)`.
+
+    Args:
+        max_entries: entries kept per function; the least recently used go first.
+        ttl: the longest an entry lives in process (seconds or timedelta); never longer
+            than what its Redis entry has left. None: only that bound.
+        allow_untracked: where the server cannot track keys (fakeredis, some managed
+            services), serve near entries anyway, accepting that another process's
+            change is seen only when the entry expires. Needs a `ttl`.
+    """
+
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    ttl: Duration | None = None
+    allow_untracked: bool = False
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_entries, bool)
+            or not isinstance(self.max_entries, int)
+            or self.max_entries < 1
+        ):
+            raise ConfigurationError(
+                f"NearCache(max_entries=...) must be a whole number >= 1, got {self.max_entries!r}"
+            )
+        if self.ttl is not None:
+            to_milliseconds("NearCache ttl", self.ttl)
+        if not isinstance(self.allow_untracked, bool):
+            raise ConfigurationError(
+                "NearCache(allow_untracked=...) must be True or False, got "
+                f"{self.allow_untracked!r}"
+            )
+        if self.allow_untracked and self.ttl is None:
+            raise ConfigurationError(
+                "NearCache(allow_untracked=True) needs a ttl: without tracking, the ttl is "
+                "the only bound on how long another process's change stays unseen"
+            )
+
+    @property
+    def ttl_seconds(self) -> float | None:
+        return None if self.ttl is None else to_milliseconds("ttl", self.ttl) / 1000.0
+
+
+class NearStore:
+    """One function's entries. Reads take no lock; fills, drops and clears do, so
+    that a fill checked against its ticket cannot land after a drop or a clear.
+
+    A reader takes a ticket (`expect`) before it asks Redis; a change to that key
+    reported meanwhile, or a clear, cancels the ticket, and `fill` then refuses the
+    value read before the change.
+    """
+
+    def __init__(self, config: NearCache, freeze: Callable[[Any], Any], thaw: Callable[[Any], Any]):
+        self.config = config
+        self._freeze = freeze
+        self._thaw = thaw
+        self._ttl = config.ttl_seconds
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._tickets: dict[str, int] = {}
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        # Off until the engine's listener confirms that Redis reports changes.
+        self.enabled = False
+
+    def get(self, key: str) -> Any:
+        """The value (a fresh copy), or MISSING."""
+        entry = self._data.get(key)
+        if entry is None:
+            return MISSING
+        if entry[0] <= monotonic():
+            self._data.pop(key, None)
+            return MISSING
+        try:  # noqa: SIM105 - contextlib.suppress costs a microsecond on the hot path
+            self._data.move_to_end(key)
+        except KeyError:  # dropped by the listener just now: it was still valid then
+            pass
+        return self._thaw(entry[1])
+
+    def expect(self, key: str) -> int | None:
+        """A ticket for a read about to be sent to Redis; None while the tier is off."""
+        if not self.enabled:
+            return None
+        number = next(self._numbers)
+        self._tickets[key] = number
+        return number
+
+    def fill(self, key: str, ticket: int | None, value: Any, redis_ttl_ms: int) -> None:
+        """Keep a value read from Redis, if nothing changed since the ticket was taken."""
+        if ticket is None or redis_ttl_ms <= 0:  # -1: no expiry; never keep those here
+            return
+        lifetime = redis_ttl_ms / 1000.0
+        if self._ttl is not None and self._ttl < lifetime:
+            lifetime = self._ttl
+        frozen = self._freeze(value)
+        with self._lock:
+            if not self.enabled or self._tickets.get(key) != ticket:
+                return
+            del self._tickets[key]
+            self._data[key] = (monotonic() + lifetime, frozen)
+            self._data.move_to_end(key)
+            while len(self._data) > self.config.max_entries:
+                self._data.popitem(last=False)
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Forget these keys and cancel tickets for them: Redis changed them."""
+        with self._lock:
+            for key in keys:
+                self._data.pop(key, None)
+                self._tickets.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._tickets.clear()
+
+    def switch(self, on: bool) -> None:
+        """Turn the tier on (tracking confirmed) or off (emptied: nothing vouches for it)."""
+        with self._lock:
+            self.enabled = on
+            self._data.clear()
+            self._tickets.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+TrackingState = Literal["starting", "tracking", "down", "unsupported", "untracked"]

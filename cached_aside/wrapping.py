@@ -1,0 +1,280 @@
+"""What sync and async wrappers share: choosing the engine, rendering keys, the
+near tier, batch bookkeeping, stats, and binding to an instance when decorating a
+method. No I/O happens here; functions.py hands flows to the drivers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from .batch_drivers import BatchLoader
+from .batches import invalidate_matching
+from .effects import CommandFailed, Flow
+from .engine import CacheEngine, default_engine
+from .errors import CacheUnavailableError
+from .flows import Plan, Served, Source
+from .keys import KeyTemplate, glob_escape, split_entry_key
+from .near import MISSING, NearCache, NearStore
+from .stats import StatsSnapshot
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+HIT_SOURCES = frozenset({Source.NEAR, Source.CACHE, Source.NEGATIVE})
+# (answer, whether it was shared with another caller of this process)
+Answer = tuple[Served, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheResult(Generic[R]):
+    """One call's value and how it was served.
+
+    Attributes:
+        value: what the call returns.
+        hit: True when served from Redis (a value or a cached "none").
+        source: "cache", "negative", "loader" (this call loaded) or "waited"
+            (another caller's load).
+        redis_ms: time spent waiting on Redis for this call, in milliseconds.
+    """
+
+    value: R
+    hit: bool
+    source: Source
+    redis_ms: float
+
+
+class CachedBase(Generic[P, R]):
+    """The parts shared by sync and async wrappers: keys, engine choice, stats."""
+
+    def __init__(
+        self,
+        loader: Callable[P, Any],
+        template: KeyTemplate,
+        plan: Plan,
+        engine: CacheEngine | None,
+        batch_loader: BatchLoader | None = None,
+        near: NearCache | None = None,
+    ) -> None:
+        functools.update_wrapper(self, loader)  # type: ignore[arg-type]  # callable subclasses
+        self.__wrapped__ = loader
+        self._template = template
+        self._plan = plan
+        self._engine = engine
+        self._batch_loader = batch_loader
+        self._near_config = near
+        self._near: NearStore | None = None  # this engine's near tier, when configured
+        self._registered_with: CacheEngine | None = None
+
+    def _register(self, engine: CacheEngine) -> None:
+        if self._near_config is not None:  # first: it may refuse the engine
+            plan = self._plan
+            self._near = engine.near_store(self._near_config, plan.codec, plan.name)
+        engine.register(self._plan.stats)
+        self._registered_with = engine
+
+    # -- the near tier ---------------------------------------------------------
+
+    def _near_split(self, keys: list[str]) -> tuple[dict[int, Served], list[int], list[int | None]]:
+        """Near hits by position; the positions that must ask Redis, with tickets."""
+        store = self._near
+        if store is None:
+            return {}, list(range(len(keys))), []
+        found: dict[int, Served] = {}
+        rest: list[int] = []
+        tickets: list[int | None] = []
+        for position, key in enumerate(keys):
+            value = store.get(key)
+            if value is MISSING:
+                rest.append(position)
+                tickets.append(store.expect(key))
+            else:
+                self._plan.stats.near_hit()
+                found[position] = Served(value, Source.NEAR)
+        return found, rest, tickets
+
+    def _near_merge(
+        self,
+        keys: list[str],
+        found: dict[int, Served],
+        rest: list[int],
+        tickets: list[int | None],
+        answers: list[Answer],
+    ) -> list[Answer]:
+        """All answers in order; Redis hits among them are kept in the near tier."""
+        by_position: dict[int, Answer] = {p: (s, False) for p, s in found.items()}
+        store = self._near
+        for number, (position, answer) in enumerate(zip(rest, answers, strict=True)):
+            by_position[position] = answer
+            served, joined = answer
+            if store is not None and not joined and served.ttl_ms > 0:
+                store.fill(keys[position], tickets[number], served.value, served.ttl_ms)
+        return [by_position[position] for position in range(len(keys))]
+
+    def _near_clear(self) -> None:
+        if self._near is not None:
+            self._near.clear()
+
+    def _near_drop(self, keys: Iterable[str]) -> None:
+        """Read-your-writes in this process: Redis's report of the change comes later."""
+        if self._near is not None:
+            self._near.drop(keys)
+
+    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
+        """The engine to use and the entry's key; the first step of every method."""
+        engine = self._engine or default_engine()
+        if engine is not self._registered_with:
+            self._register(engine)
+        return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The Redis key these arguments map to, for redis-cli and debugging."""
+        return self._locate(args, kwargs)[1]
+
+    def stats(self) -> StatsSnapshot:
+        """This function's counters since start or the last reset_stats()."""
+        return self._plan.stats.snapshot()
+
+    def error_kinds(self) -> dict[str, int]:
+        """This function's Redis errors by exception type, e.g. {"TimeoutError": 2}."""
+        return self._plan.stats.error_kinds()
+
+    def reset_stats(self) -> None:
+        self._plan.stats.reset()
+
+    def _distinct(
+        self, items: Iterable[Any]
+    ) -> tuple[CacheEngine, list[str], list[tuple[Any, ...]], list[Any], list[int]]:
+        """The engine, and the distinct keys of a batch with their arguments and items;
+        plus, for each item, the position of its key."""
+        if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+            raise TypeError(
+                f"{self._plan.name}.many/invalidate_many take a list of items (one "
+                f"argument, or a tuple of positional arguments, per call), got {items!r}"
+            )
+        engine = self._engine or default_engine()
+        if engine is not self._registered_with:
+            self._register(engine)
+        head = engine.key_head
+        keys: list[str] = []
+        calls: list[tuple[Any, ...]] = []
+        distinct_items: list[Any] = []
+        where: dict[str, int] = {}
+        positions: list[int] = []
+        for item in items:
+            args = item if type(item) is tuple else (item,)
+            key = f"{head}{self._template.render(args, {})}}}"
+            position = where.get(key)
+            if position is None:
+                position = where[key] = len(keys)
+                keys.append(key)
+                calls.append(args)
+                distinct_items.append(item)
+            positions.append(position)
+        return engine, keys, calls, distinct_items, positions
+
+    def _spread(self, answers: list[tuple[Served, bool]], positions: list[int]) -> list[Any]:
+        """Each item's value; an item repeated in the batch gets its own copy."""
+        values: list[Any] = []
+        given: set[int] = set()
+        for position in positions:
+            served, joined = answers[position]
+            if joined:
+                served = self._as_joiner(served)
+            if position in given:
+                values.append(self._plan.codec.copy(served.value))
+            else:
+                given.add(position)
+                values.append(served.value)
+        return values
+
+    def _everything(self, engine: CacheEngine) -> Flow[int]:
+        """The flow that drops every entry this function's template can produce."""
+        head, template = engine.key_head, self._template
+
+        def belongs(key: str) -> bool:
+            parts = split_entry_key(key, head)
+            return parts is not None and template.owns(parts[0])
+
+        return invalidate_matching(glob_escape(head + template.literal_head) + "*", belongs)
+
+    def _bulk_failed(self, failure: CommandFailed) -> CacheUnavailableError:
+        self._plan.stats.error(self._template.text, failure)
+        return CacheUnavailableError(
+            f"{self._plan.name}.invalidate_all stopped: Redis failed ({failure}); some "
+            "entries may remain. Call it again once Redis answers"
+        )
+
+    def _as_joiner(self, served: Served) -> Served:
+        """Account for a caller that shared another caller's read, and copy its value."""
+        stats = self._plan.stats
+        if served.source is Source.CACHE:
+            stats.hit()
+        elif served.source is Source.NEGATIVE:
+            stats.negative_hit()
+        else:
+            stats.miss(suppressed=True)
+            return Served(self._plan.codec.copy(served.value), Source.WAITED)
+        return Served(self._plan.codec.copy(served.value), served.source)
+
+    def _split_update(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, Any]:
+        if len(args) < 2:
+            raise TypeError(
+                f"{self._plan.name}.update_field(*loader_args, field, value) needs the "
+                "field name and value after the loader's arguments"
+            )
+        return args[:-2], args[-2], args[-1]
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """Decorating a method: bind the instance like a function would."""
+        if instance is None:
+            return self
+        return BoundCachedFunction(self, instance)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
+
+
+class BoundCachedFunction:
+    """A cached function decorated as a method, bound to one instance."""
+
+    __slots__ = ("_function", "_instance")
+
+    def __init__(self, function: CachedBase[..., Any], instance: object) -> None:
+        self._function = function
+        self._instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(self._instance, *args, **kwargs)  # type: ignore[operator]
+
+    def lookup(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function.lookup(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function.invalidate(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def update_field(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function.update_field(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        return self._function.key(self._instance, *args, **kwargs)
+
+    def many(self, items: Iterable[Any]) -> Any:
+        """Items as for many(), without the instance: it is prepended to each."""
+        bound = [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
+        return self._function.many(bound)  # type: ignore[attr-defined]
+
+    def invalidate_many(self, items: Iterable[Any]) -> Any:
+        bound = [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
+        return self._function.invalidate_many(bound)  # type: ignore[attr-defined]
+
+    def invalidate_all(self) -> Any:
+        return self._function.invalidate_all()  # type: ignore[attr-defined]
+
+    def stats(self) -> StatsSnapshot:
+        return self._function.stats()
+
+    def reset_stats(self) -> None:
+        self._function.reset_stats()
