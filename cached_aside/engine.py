@@ -133,6 +133,7 @@ class CacheEngine:
         self._make_client: Callable[[], Any] | None = None
         self._make_async_client: Callable[[], Any] | None = None
         self._owns_clients = False
+        self._cluster = False  # made from a redis+cluster:// URL
         self._sync: SyncSide | None = None
         self._given_async: AsyncSide | None = None
         self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncSide]
@@ -207,7 +208,7 @@ class CacheEngine:
                 "socket_connect_timeout": socket_connect_timeout,
                 **client_options,
             }
-            engine._owns_clients = True
+            engine._owns_clients = engine._cluster = True
             engine._make_client = lambda: redis.cluster.RedisCluster.from_url(node_url, **timeouts)
             engine._make_async_client = lambda: redis.asyncio.cluster.RedisCluster.from_url(
                 node_url, **timeouts
@@ -316,6 +317,13 @@ class CacheEngine:
 
     def _listener_connection(self) -> Callable[[], Any]:
         """Makes the listener's connection: the engine's server and credentials, RESP2."""
+        given = [side.client for side in (self._sync, self._given_async) if side is not None]
+        clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+        if self._cluster or any(isinstance(client, clusters) for client in given):
+            raise ConfigurationError(
+                "a near cache needs a single Redis server (with replicas or not); Redis "
+                "Cluster is not supported yet, because tracking is per node"
+            )
         client = self._sync.client if self._sync is not None else None
         if client is None and self._make_client is not None:
             client = self.sync_side().client
@@ -323,10 +331,7 @@ class CacheEngine:
             client = self._given_async.client
         pool = getattr(client, "connection_pool", None)
         if pool is None:
-            raise ConfigurationError(
-                "a near cache needs a single Redis server (with replicas or not); Redis "
-                "Cluster is not supported yet, because tracking is per node"
-            )
+            raise ConfigurationError(f"a near cache cannot listen through {client!r}")
         kind = pool.connection_class
         # Where and who, not how: the pool's own machinery (retry objects, handlers of
         # RESP3-only notifications) stays with the pool.

@@ -50,6 +50,7 @@ class InvalidationListener:
         self.state: TrackingState = "starting"
         self.reason = ""
         self.connections = 0  # times tracking was (re-)established
+        self.client_id: int | None = None  # the connection's CLIENT ID, for CLIENT KILL
 
     def attach(self, store: NearStore) -> None:
         """Serve `store` from now on, starting the listener on first use."""
@@ -129,7 +130,7 @@ class InvalidationListener:
 
     def _track(self, connection: Any) -> None:
         connection.send_command("CLIENT", "ID")
-        own_id = connection.read_response()
+        own_id = self.client_id = connection.read_response()
         connection.send_command(
             "CLIENT", "TRACKING", "on", "REDIRECT", own_id, "BCAST", "PREFIX", self.prefix
         )
