@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 from rich.progress import Progress
 
-from . import batches, hit_path, race, round_trips, stampede, throughput
+from . import batches, hit_path, near, race, round_trips, stampede, throughput
 from .runner import Settings, Table, console, show
 
 SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
@@ -26,6 +26,7 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "throughput": throughput.run,
     "race": race.scenario,
     "batches": batches.run,
+    "near": near.run,
 }
 
 

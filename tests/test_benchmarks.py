@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import batches, hit_path, race, round_trips, stampede, throughput
+from benchmarks import batches, hit_path, near, race, round_trips, stampede, throughput
 from benchmarks.runner import Settings, Table
 
 from .conftest import REDIS_URL
@@ -82,6 +82,15 @@ def test_batches_compare_many_with_sequential_calls(settings: Settings) -> None:
     assert entries == 1500  # invalidate_all deleted every one (asserted inside too)
     assert per_second > 0
     assert all(ping > 0 for ping in pings)
+
+
+def test_near_cache_scenario_measures_hits_and_propagation(settings: Settings) -> None:
+    assert REDIS_URL is not None
+    hits = rows(near.near_hit(settings))
+    assert {"cachetools @cached(TTLCache) hit", "cached_aside near hit (copy per hit)"} <= set(hits)
+    (spread,) = near.propagation(REDIS_URL, changes=5).rows
+    assert spread[0] == 5  # every change reached the other process (asserted per change)
+    assert spread[4] > 0  # which was answering from its near cache in between
 
 
 def test_race_finds_stale_reads_only_in_the_plain_algorithm(settings: Settings) -> None:
