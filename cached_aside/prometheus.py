@@ -19,7 +19,8 @@ from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 from .engine import CacheEngine
 
 COUNTERS = {
-    "hits": "Calls served a cached value",
+    "hits": "Calls served a cached value by Redis",
+    "near_hits": "Calls served by the in-process near cache",
     "misses": "Calls not served from the cache",
     "negative_hits": "Calls served a cached 'no such record'",
     "loads": "Loader calls",

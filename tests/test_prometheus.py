@@ -30,6 +30,7 @@ def test_metrics_per_function() -> None:
     assert f"cached_aside_hits_total{{{name}}} 1.0" in text
     assert f"cached_aside_misses_total{{{name}}} 2.0" in text
     assert f"cached_aside_negative_hits_total{{{name}}} 1.0" in text
+    assert f"cached_aside_near_hits_total{{{name}}} 0.0" in text
     assert f"cached_aside_loads_total{{{name}}} 2.0" in text
     assert f"cached_aside_loader_seconds_count{{{name}}} 2.0" in text
     assert f'cached_aside_loader_seconds_bucket{{{name},le="+Inf"}} 2.0' in text
