@@ -1,7 +1,8 @@
 """cached_aside: the cache-aside pattern on Redis as one decorator."""
 
 from .decorator import CacheAside, cache_aside
-from .engine import CacheEngine, configure, default_engine
+from .defaults import configure, default_engine
+from .engine import CacheEngine
 from .errors import (
     BatchLoaderError,
     CachedAsideError,

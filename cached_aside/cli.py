@@ -16,7 +16,8 @@ import msgpack
 import redis
 
 from .codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
-from .engine import DEFAULT_PREFIX, url_from_environment
+from .defaults import url_from_environment
+from .engine import DEFAULT_PREFIX
 from .errors import CachedAsideError
 from .keys import KeyTemplate, entry_keys
 from .scripts import INVALIDATE

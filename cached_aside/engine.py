@@ -1,5 +1,5 @@
-"""CacheEngine: the Redis clients, key prefix, in-process flights and stats shared
-by every decorated function; and the process-wide default engine.
+"""CacheEngine: the Redis clients, key prefix, in-process flights, near-cache
+listener and stats shared by every decorated function.
 
 Clients are created lazily. An engine built from a URL serves sync and async
 loaders alike, with one redis.asyncio client per event loop (an asyncio client
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -21,7 +20,6 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
-import redis.connection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -33,7 +31,7 @@ from .effects import CommandFailed, Flow
 from .errors import CacheUnavailableError, ConfigurationError
 from .flights import TaskFlights, ThreadFlights
 from .keys import glob_escape, split_entry_key, validate_prefix
-from .listener import InvalidationListener
+from .listener import InvalidationListener, connection_factory
 from .near import NearCache, NearStore
 from .scripts import ScriptName
 from .sides import (
@@ -48,9 +46,7 @@ from .stats import Stats, StatsSnapshot
 
 logger = logging.getLogger("cached_aside")
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 CLUSTER_SCHEME = "redis+cluster://"
-URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
 DEFAULT_PREFIX = "cache"
 # A hung Redis costs a caller at most this (plus one retry), and only until the
 # breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
@@ -58,34 +54,8 @@ DEFAULT_SOCKET_TIMEOUT = 0.25
 DEFAULT_CONNECT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 5.0
-# What the invalidation listener's connection copies from the client's pool.
-_LISTENER_SETTINGS = frozenset(
-    {
-        "host",
-        "port",
-        "path",
-        "db",
-        "username",
-        "password",
-        "credential_provider",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "socket_keepalive",
-        "socket_keepalive_options",
-        "client_name",
-        "server",  # fakeredis's in-memory server
-    }
-)
 # How long a near cache's first use waits for the listener's handshake.
 NEAR_HANDSHAKE_SECONDS = 2.0
-
-
-def url_from_environment() -> str:
-    """CACHED_ASIDE_REDIS_URL, else REDIS_URL, else the local default."""
-    for name in URL_VARIABLES:
-        if os.environ.get(name):
-            return os.environ[name]
-    return DEFAULT_URL
 
 
 class CacheEngine:
@@ -316,7 +286,7 @@ class CacheEngine:
         return "off" if listener is None else listener.state
 
     def _listener_connection(self) -> Callable[[], Any]:
-        """Makes the listener's connection: the engine's server and credentials, RESP2."""
+        """Makes the listener's connection, to the server the engine's clients use."""
         given = [side.client for side in (self._sync, self._given_async) if side is not None]
         clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
         if self._cluster or any(isinstance(client, clusters) for client in given):
@@ -329,26 +299,7 @@ class CacheEngine:
             client = self.sync_side().client
         if client is None and self._given_async is not None:
             client = self._given_async.client
-        pool = getattr(client, "connection_pool", None)
-        if pool is None:
-            raise ConfigurationError(f"a near cache cannot listen through {client!r}")
-        kind = pool.connection_class
-        # Where and who, not how: the pool's own machinery (retry objects, handlers of
-        # RESP3-only notifications) stays with the pool.
-        kwargs = {
-            name: value
-            for name, value in pool.connection_kwargs.items()
-            if name in _LISTENER_SETTINGS or name.startswith("ssl_")
-        }
-        if kind.__module__.startswith("redis.asyncio"):
-            # The listener is a thread: the sync twin of the async connection class.
-            kind = getattr(redis.connection, kind.__name__, None)
-            if kind is None:
-                raise ConfigurationError(
-                    f"a near cache cannot listen through {pool.connection_class!r}"
-                )
-        kwargs["protocol"] = 2  # invalidations arrive as Pub/Sub messages
-        return lambda: kind(**kwargs)
+        return connection_factory(client)
 
     def invalidate_prefix(self, text: str = "") -> int:
         """Delete every entry whose key, inside the braces, starts with `text` ("" for
@@ -473,53 +424,3 @@ def _bulk_failed(text: str, failure: CommandFailed) -> CacheUnavailableError:
         f"invalidate_prefix({text!r}) stopped: Redis failed ({failure}); some entries may "
         "remain. Call it again once Redis answers"
     )
-
-
-_default_engine: CacheEngine | None = None
-_default_lock = threading.Lock()
-
-
-def configure(
-    url: str | None = None,
-    *,
-    client: Any = None,
-    async_client: Any = None,
-    engine: CacheEngine | None = None,
-    prefix: str = DEFAULT_PREFIX,
-    **options: Any,
-) -> CacheEngine:
-    """Set the default engine used by functions decorated without `engine=`.
-
-    Give a `url` (options as for `CacheEngine.from_url`), ready clients, or an
-    `engine` you built. Without any, the URL comes from CACHED_ASIDE_REDIS_URL, else
-    REDIS_URL, else redis://127.0.0.1:6379/0. Returns the new default engine.
-    """
-    global _default_engine
-    given = [name for name, value in (("url", url), ("engine", engine)) if value is not None]
-    if client is not None or async_client is not None:
-        given.append("clients")
-    if len(given) > 1 or (options and "url" not in given and given):
-        raise ConfigurationError(f"give one of url (with options), clients or engine, not {given}")
-    if engine is not None:
-        if not isinstance(engine, CacheEngine):
-            raise ConfigurationError(f"engine must be a CacheEngine, got {engine!r}")
-        chosen = engine
-    elif client is not None or async_client is not None:
-        chosen = CacheEngine(client, async_client, prefix=prefix)
-    else:
-        chosen = CacheEngine.from_url(url or url_from_environment(), prefix=prefix, **options)
-    with _default_lock:
-        _default_engine = chosen
-    return chosen
-
-
-def default_engine() -> CacheEngine:
-    """The engine set by `configure()`, created from the environment on first use."""
-    global _default_engine
-    engine = _default_engine
-    if engine is not None:
-        return engine
-    with _default_lock:
-        if _default_engine is None:
-            _default_engine = CacheEngine.from_url(url_from_environment())
-        return _default_engine

@@ -12,9 +12,10 @@ from typing import Any, ParamSpec, TypeVar
 
 from .batch_drivers import serve_many_async, serve_many_sync
 from .batches import invalidate_many
+from .defaults import default_engine
 from .drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
 from .effects import CommandFailed, Flow
-from .engine import CacheEngine, default_engine
+from .engine import CacheEngine
 from .flows import Served, Source, invalidate, update_field
 from .near import MISSING
 from .wrapping import HIT_SOURCES, BoundCachedFunction, CachedBase, CacheResult

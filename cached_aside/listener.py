@@ -17,8 +17,10 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
+import redis.connection
 from redis.exceptions import ResponseError
 
+from .errors import ConfigurationError
 from .near import NearStore, TrackingState
 
 logger = logging.getLogger("cached_aside")
@@ -30,6 +32,50 @@ PONG_DEADLINE_SECONDS = 1.0
 POLL_SECONDS = 0.05
 FIRST_RETRY_SECONDS = 0.05
 MAX_RETRY_SECONDS = 1.0
+
+
+# What the invalidation listener's connection copies from the client's pool.
+_LISTENER_SETTINGS = frozenset(
+    {
+        "host",
+        "port",
+        "path",
+        "db",
+        "username",
+        "password",
+        "credential_provider",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "client_name",
+        "server",  # fakeredis's in-memory server
+    }
+)
+
+
+def connection_factory(client: Any) -> Callable[[], Any]:
+    """Makes connections to the server `client` uses: its address and credentials,
+    not its pool's machinery (retry objects, handlers of RESP3-only notifications),
+    and RESP2, in which invalidations arrive as Pub/Sub messages."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        raise ConfigurationError(f"a near cache cannot listen through {client!r}")
+    kind = pool.connection_class
+    kwargs = {
+        name: value
+        for name, value in pool.connection_kwargs.items()
+        if name in _LISTENER_SETTINGS or name.startswith("ssl_")
+    }
+    if kind.__module__.startswith("redis.asyncio"):
+        # The listener is a thread: the sync twin of the async connection class.
+        kind = getattr(redis.connection, kind.__name__, None)
+        if kind is None:
+            raise ConfigurationError(
+                f"a near cache cannot listen through {pool.connection_class!r}"
+            )
+    kwargs["protocol"] = 2
+    return lambda: kind(**kwargs)
 
 
 class ListenerLostError(ConnectionError):

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import engine as engine_module
+from . import defaults as defaults_module
 from .engine import CacheEngine
 from .errors import ConfigurationError
 
@@ -45,12 +45,12 @@ def cache_engine() -> Iterator[CacheEngine]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     url = os.environ.get(TEST_URL_VARIABLE)
     engine = CacheEngine.from_url(url, prefix=prefix) if url else _fakeredis_engine(prefix)
-    previous = engine_module._default_engine
-    engine_module.configure(engine=engine)
+    previous = defaults_module._default_engine
+    defaults_module.configure(engine=engine)
     try:
         yield engine
     finally:
-        engine_module._default_engine = previous
+        defaults_module._default_engine = previous
         client = engine.sync_side().client
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:

@@ -12,8 +12,9 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from .batch_drivers import BatchLoader
 from .batches import invalidate_matching
+from .defaults import default_engine
 from .effects import CommandFailed, Flow
-from .engine import CacheEngine, default_engine
+from .engine import CacheEngine
 from .errors import CacheUnavailableError
 from .flows import Plan, Served, Source
 from .keys import KeyTemplate, glob_escape, split_entry_key

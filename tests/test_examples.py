@@ -96,3 +96,14 @@ def test_the_cache_engine_fixture_on_real_redis(
     monkeypatch.setenv("CACHED_ASIDE_TEST_REDIS_URL", REDIS_URL or "")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_catalogue_batches_example() -> None:
+    out = run_example("catalogue_batches.py")
+    assert "cold page: 51 items (1 missing)" in out
+    assert "51 items (1 missing) in" in out
+    cold, warm = (line for line in out.splitlines() if " page: " in line)
+    assert cold.endswith("1 SQL queries")  # every miss in one query
+    assert warm.endswith("0 SQL queries")
+    assert "price list changed: 51 entries dropped; 1 SQL query" in out
+    assert "now: [1.1, 2.2, 3.3]" in out

@@ -22,7 +22,8 @@ from typing import Any
 
 import redis
 
-from ..engine import DEFAULT_URL, CacheEngine
+from ..defaults import DEFAULT_URL
+from ..engine import CacheEngine
 from .app import DemoApp, Refused, Reply
 from .catalogue import Catalogue
 

@@ -1,0 +1,73 @@
+"""The process-wide default engine: set by configure(), else made from the
+environment on first use, for functions decorated without `engine=`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from .engine import DEFAULT_PREFIX, CacheEngine
+from .errors import ConfigurationError
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
+
+
+def url_from_environment() -> str:
+    """CACHED_ASIDE_REDIS_URL, else REDIS_URL, else the local default."""
+    for name in URL_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return DEFAULT_URL
+
+
+_default_engine: CacheEngine | None = None
+_default_lock = threading.Lock()
+
+
+def configure(
+    url: str | None = None,
+    *,
+    client: Any = None,
+    async_client: Any = None,
+    engine: CacheEngine | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    **options: Any,
+) -> CacheEngine:
+    """Set the default engine used by functions decorated without `engine=`.
+
+    Give a `url` (options as for `CacheEngine.from_url`), ready clients, or an
+    `engine` you built. Without any, the URL comes from CACHED_ASIDE_REDIS_URL, else
+    REDIS_URL, else redis://127.0.0.1:6379/0. Returns the new default engine.
+    """
+    global _default_engine
+    given = [name for name, value in (("url", url), ("engine", engine)) if value is not None]
+    if client is not None or async_client is not None:
+        given.append("clients")
+    if len(given) > 1 or (options and "url" not in given and given):
+        raise ConfigurationError(f"give one of url (with options), clients or engine, not {given}")
+    if engine is not None:
+        if not isinstance(engine, CacheEngine):
+            raise ConfigurationError(f"engine must be a CacheEngine, got {engine!r}")
+        chosen = engine
+    elif client is not None or async_client is not None:
+        chosen = CacheEngine(client, async_client, prefix=prefix)
+    else:
+        chosen = CacheEngine.from_url(url or url_from_environment(), prefix=prefix, **options)
+    with _default_lock:
+        _default_engine = chosen
+    return chosen
+
+
+def default_engine() -> CacheEngine:
+    """The engine set by `configure()`, created from the environment on first use."""
+    global _default_engine
+    engine = _default_engine
+    if engine is not None:
+        return engine
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine = CacheEngine.from_url(url_from_environment())
+        return _default_engine
