@@ -265,7 +265,7 @@ class CacheEngine:
         connect = self._listener_connection()  # outside the lock: it may make the client
         with self._lock:
             if self._listener is None:
-                self._listener = InvalidationListener(connect, self.prefix)
+                self._listener = InvalidationListener(connect, self.key_head)
             listener = self._listener
         listener.attach(store)
         state = listener.wait_settled(NEAR_HANDSHAKE_SECONDS)

@@ -12,7 +12,9 @@ the engine is off and empty.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -78,6 +80,17 @@ def connection_factory(client: Any) -> Callable[[], Any]:
     return lambda: kind(**kwargs)
 
 
+_listeners: weakref.WeakSet[InvalidationListener] = weakref.WeakSet()
+
+
+def _restart_after_fork() -> None:
+    for listener in list(_listeners):
+        listener.restart_in_child()
+
+
+os.register_at_fork(after_in_child=_restart_after_fork)
+
+
 class ListenerLostError(ConnectionError):
     """The listener's connection stopped answering its PINGs."""
 
@@ -86,6 +99,7 @@ class InvalidationListener:
     """Tracks one key prefix for the near caches attached to it."""
 
     def __init__(self, connect: Callable[[], Any], prefix: str) -> None:
+        _listeners.add(self)
         self._connect = connect
         self.prefix = prefix
         self._stores: list[NearStore] = []
@@ -206,6 +220,22 @@ class InvalidationListener:
                 last_ping = now
                 if awaiting_pong_since is None:
                     awaiting_pong_since = now
+
+    def restart_in_child(self) -> None:
+        """After fork(): the thread did not come along, and the caches were filled
+        while the parent's connection vouched for them. Empty them and listen anew."""
+        self._lock = threading.Lock()  # it may have been held by a thread now gone
+        self._stop = threading.Event()
+        self._settled = threading.Event()
+        self.state, self.reason = "starting", "forked"
+        for store in self._stores:
+            store.reset_after_fork()
+        self._thread = None
+        if self._stores:
+            self._thread = threading.Thread(
+                target=self._run, name="cached_aside-invalidations", daemon=True
+            )
+            self._thread.start()
 
     def _invalidate(self, keys: list[bytes] | None) -> None:
         with self._lock:

@@ -152,6 +152,13 @@ class NearStore:
             self._data.clear()
             self._tickets.clear()
 
+    def reset_after_fork(self) -> None:
+        """Off and empty, with a fresh lock: called in a forked child."""
+        self._lock = threading.Lock()
+        self.enabled = False
+        self._data.clear()
+        self._tickets.clear()
+
     def __len__(self) -> int:
         return len(self._data)
 

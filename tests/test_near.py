@@ -4,6 +4,7 @@ honest. Tracking needs a real Redis; the store's rules are also tested without o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -396,3 +397,43 @@ def test_another_process_sees_invalidate_update_field_and_del() -> None:
         delete_prefix(raw, prefix)
         raw.delete(primary)
         raw.close()
+
+
+@needs_real_redis
+def test_a_forked_child_starts_empty_and_listens_for_itself(near_engine: CacheEngine) -> None:
+    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())
+    def read(id: str) -> str:
+        return "v"
+
+    read("x")
+    until_near(read, "x")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it saw, then leave without running pytest
+        verdict = "ok"
+        try:
+            if read.lookup("x").source is Source.NEAR:
+                verdict = "served the parent's copy: nothing vouched for it"
+            else:
+                until_near(read, "x")  # its own listener took over
+        except BaseException as exc:
+            verdict = repr(exc)
+        os.write(writer, verdict.encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        verdict = pipe.read()
+    os.waitpid(pid, 0)
+    assert verdict == "ok"
+
+
+@needs_real_redis
+def test_closing_the_engine_stops_its_listener(near_engine: CacheEngine) -> None:
+    fn = cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())(lambda id: id)
+    fn("x")
+    listener = near_engine._listener
+    assert listener is not None
+    assert listener._thread is not None
+    near_engine.close()
+    assert not listener._thread.is_alive()
+    assert near_engine.near_state() == "off"
