@@ -16,7 +16,7 @@ from .defaults import default_engine
 from .drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
 from .effects import CommandFailed, Flow
 from .engine import CacheEngine
-from .flows import Served, Source, invalidate, update_field
+from .flows import Served, invalidate, update_field
 from .near import MISSING
 from .wrapping import HIT_SOURCES, BoundCachedFunction, CachedBase, CacheResult
 
@@ -139,21 +139,13 @@ class CachedFunction(CachedBase[P, R]):
         self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Served, float]:
         """The near tier first; on a near miss, Redis, and a hit there is kept."""
-        store = self._near
-        assert store is not None
-        value = store.get(key)
-        if value is not MISSING:
-            self._plan.stats.near_hit()
-            return Served(value, Source.NEAR), 0.0
-        ticket = store.expect(key)  # before the read: a change reported meanwhile voids it
+        hit, ticket = self._near_look(key)
+        if hit is not None:
+            return hit, 0.0
         served, seconds, joined = serve_sync(
             self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
         )
-        if joined:
-            return self._as_joiner(served), seconds
-        if served.ttl_ms > 0:
-            store.fill(key, ticket, served.value, served.ttl_ms)
-        return served, seconds
+        return self._near_keep(key, ticket, served, joined), seconds
 
 
 class AsyncCachedFunction(CachedBase[P, R]):
@@ -264,18 +256,10 @@ class AsyncCachedFunction(CachedBase[P, R]):
         self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Served, float]:
         """As CachedFunction._near_serve."""
-        store = self._near
-        assert store is not None
-        value = store.get(key)
-        if value is not MISSING:
-            self._plan.stats.near_hit()
-            return Served(value, Source.NEAR), 0.0
-        ticket = store.expect(key)
+        hit, ticket = self._near_look(key)
+        if hit is not None:
+            return hit, 0.0
         served, seconds, joined = await serve_async(
             self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
         )
-        if joined:
-            return self._as_joiner(served), seconds
-        if served.ttl_ms > 0:
-            store.fill(key, ticket, served.value, served.ttl_ms)
-        return served, seconds
+        return self._near_keep(key, ticket, served, joined), seconds

@@ -114,6 +114,25 @@ class CachedBase(Generic[P, R]):
                 store.fill(keys[position], tickets[number], served.value, served.ttl_ms)
         return [by_position[position] for position in range(len(keys))]
 
+    def _near_look(self, key: str) -> tuple[Served | None, int | None]:
+        """A near hit, or a ticket for the read that must go to Redis (taken before
+        the read: a change reported meanwhile voids it)."""
+        store = self._near
+        assert store is not None
+        value = store.get(key)
+        if value is not MISSING:
+            self._plan.stats.near_hit()
+            return Served(value, Source.NEAR), None
+        return None, store.expect(key)
+
+    def _near_keep(self, key: str, ticket: int | None, served: Served, joined: bool) -> Served:
+        """The call's answer; a Redis hit is kept in the near tier."""
+        if joined:
+            return self._as_joiner(served)
+        if served.ttl_ms > 0 and self._near is not None:
+            self._near.fill(key, ticket, served.value, served.ttl_ms)
+        return served
+
     def _near_clear(self) -> None:
         if self._near is not None:
             self._near.clear()
