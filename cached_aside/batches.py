@@ -67,7 +67,7 @@ def load_batch(
         ]
     )
     owned: list[int] = []
-    held: list[int] = []
+    held: dict[int, int | None] = {}  # position -> the lock's pttl, when it was held
     failed: list[tuple[int, CommandFailed]] = []
     for position, reply in zip(lockable, replies, strict=True):
         if type(reply) is CommandFailed:
@@ -83,9 +83,9 @@ def load_batch(
                 stats.hit()
                 answers[position] = Served(found, Source.CACHE)
             else:
-                held.append(position)  # corrupt after all: the single path repairs it
+                held[position] = None  # corrupt after all: the single path repairs it
         else:
-            held.append(position)
+            held[position] = int(reply[1])  # counted as a waiter: wait first
     if failed and not options.fail_open:
         yield from _release_all(plan, keys, owned, tokens)  # before tolerate() raises
     for position, failure in failed:
@@ -93,9 +93,9 @@ def load_batch(
         uncached.append(position)
     if owned or uncached:
         yield from _load_and_store_many(plan, keys, owned, sorted(uncached), tokens, answers)
-    for position in held:
+    for position, held_ms in held.items():
         answers[position] = yield from miss(
-            plan, keys[position], False, block_limit_ms, LoadOne(position)
+            plan, keys[position], False, block_limit_ms, LoadOne(position), held_ms
         )
     served = [answer for answer in answers if answer is not None]
     assert len(served) == len(keys), "every entry of a batch is answered"
@@ -112,6 +112,7 @@ def _load_and_store_many(
 ) -> Flow[None]:
     codec, options, stats = plan.codec, plan.options, plan.stats
     to_load = tuple(sorted(owned + uncached))
+    owning = set(owned)  # a failed lock attempt has a token too, but no lock
     for _ in to_load:
         stats.miss()
         stats.load()
@@ -130,7 +131,7 @@ def _load_and_store_many(
                 where = f"{plan.name} (key {keys[position]!r})"
                 payload, results[position] = codec.encode(value, where)
                 kind, ttl_ms = codec.redis_type, options.ttl_ms
-            if position in tokens:
+            if position in owning:
                 token = tokens[position]
                 store_args = (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
                 stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))

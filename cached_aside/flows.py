@@ -158,12 +158,18 @@ def _wait_for_wake_up(keys: EntryKeys, lock_pttl_ms: int, block_limit_ms: int) -
 
 
 def miss(
-    plan: Plan, key: str, corrupt: bool, block_limit_ms: int, load: Effect = Signal.LOAD
+    plan: Plan,
+    key: str,
+    corrupt: bool,
+    block_limit_ms: int,
+    load: Effect = Signal.LOAD,
+    held_ms: int | None = None,
 ) -> Flow[Served]:
     """Look and lock in one step, then load (owner), take the value (found) or wait.
 
     `load` is the effect that runs the loader: Signal.LOAD for a single call, LoadOne
-    for one entry of a batch.
+    for one entry of a batch. `held_ms`: a batch's lock script already found the lock
+    held for that long (and counted this caller as a waiter), so wait first.
     """
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
@@ -171,6 +177,14 @@ def miss(
     waited = False
     if corrupt:
         stats.corrupt(key)
+    if held_ms is not None:
+        stats.lock_wait()
+        waited = True
+        try:
+            yield _wait_for_wake_up(keys, held_ms, block_limit_ms)
+        except CommandFailed as failure:
+            return (yield from _load_uncached(plan, key, failure, load))
+        yield Signal.SEAL
     while True:
         try:
             # Look up and lock in one step: a caller that missed just before another

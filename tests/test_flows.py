@@ -8,8 +8,18 @@ import msgpack
 import pytest
 
 from cached_aside import CacheUnavailableError
+from cached_aside.batches import invalidate_matching, load_batch
 from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
-from cached_aside.effects import Command, CommandFailed, RunScript, Signal
+from cached_aside.effects import (
+    Batch,
+    Command,
+    CommandFailed,
+    LoadOne,
+    LoadSome,
+    RunScript,
+    Scan,
+    Signal,
+)
 from cached_aside.flows import Plan, Served, Source, after_miss, invalidate, on_lookup
 from cached_aside.options import build_options
 from cached_aside.scripts import AcquireStatus, ScriptName
@@ -174,3 +184,79 @@ def test_invalidate_runs_one_script() -> None:
     assert flow.effect.script is ScriptName.INVALIDATE
     flow.reply(1)
     assert flow.result is True
+
+
+# -- batches --------------------------------------------------------------------
+
+KEYS = ["cache:{p:1}", "cache:{p:2}", "cache:{p:3}", "cache:{p:4}"]
+
+
+def test_a_batch_locks_in_one_pipeline_loads_once_and_stores_in_one_pipeline() -> None:
+    p = plan()
+    flow = Stepper(load_batch(p, KEYS, [None, None, None, outage()], 500))
+    locks = flow.effect
+    assert isinstance(locks, Batch)
+    # the fourth lookup failed: Redis is not asked to lock it, only the loader
+    assert [e.keys[0] for e in locks.effects] == KEYS[:3]  # type: ignore[union-attr]
+    replies = [
+        [AcquireStatus.OWNED],
+        [AcquireStatus.FOUND, msgpack.packb("cached")],
+        outage(),  # this lock attempt failed: load it, store nothing
+    ]
+    load = flow.reply(replies)
+    assert load == LoadSome((0, 2, 3))
+    stores = flow.reply(["one", None, "four"])
+    assert isinstance(stores, Batch)
+    assert [e.keys[0] for e in stores.effects] == [KEYS[0]]  # type: ignore[union-attr]
+    flow.reply([0])  # the store found another token: invalidated meanwhile
+    assert flow.result == [
+        Served("one", Source.LOADER, lease_kept=False),
+        Served("cached", Source.CACHE),
+        Served(None, Source.LOADER),
+        Served("four", Source.LOADER),
+    ]
+    stats = p.stats.snapshot()
+    assert (stats.loads, stats.misses, stats.hits, stats.errors) == (3, 3, 1, 2)
+
+
+def test_a_held_entry_in_a_batch_is_waited_for_and_loaded_alone_if_its_owner_vanished() -> None:
+    p = plan()
+    flow = Stepper(load_batch(p, KEYS[:1], [None], 500))
+    wait = flow.reply([[AcquireStatus.HELD, 50]])
+    assert wait == Command(("BLPOP", f"{KEYS[0]}:wake", "0.050"))
+    assert flow.reply(None) is Signal.SEAL  # timed out: look again
+    again = flow.reply(None)
+    assert isinstance(again, RunScript)
+    assert again.script is ScriptName.ACQUIRE
+    assert flow.reply([AcquireStatus.OWNED]) == LoadOne(0)  # one entry, not the batch
+    flow.reply("v")  # SEAL
+    flow.reply(None)  # STORE
+    flow.reply(1)
+    assert flow.result == [Served("v", Source.LOADER, shareable=True)]
+
+
+def test_a_failing_batch_loader_releases_every_lock_it_took() -> None:
+    flow = Stepper(load_batch(plan(), KEYS[:2], [None, None], 500))
+    flow.reply([[AcquireStatus.OWNED], [AcquireStatus.OWNED]])
+    release = flow.fail(LookupError("primary down"))
+    assert isinstance(release, Batch)
+    assert [e.args[1] for e in release.effects] == ["release", "release"]  # type: ignore[union-attr]
+    with pytest.raises(LookupError):
+        flow.reply([1, 1])
+
+
+def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
+    flow = Stepper(invalidate_matching("cache:{p:*", lambda key: not key.endswith("x}")))
+    assert flow.effect == Scan("cache:{p:*")
+    page = flow.reply(("cursor", ["cache:{p:1}", "cache:{p:1}:lock", "cache:{p:x}"]))
+    assert page == Batch(
+        [Command(("UNLINK", "cache:{p:1}")), Command(("UNLINK", "cache:{p:1}:lock"))]
+    )
+    assert flow.reply([1, 1]) == Scan("cache:{p:*", "cursor")
+    flow.reply((None, ["cache:{p:2}"]))
+    flow.reply([1])
+    assert flow.result == 2  # value keys only: locks are not entries
+    failing = Stepper(invalidate_matching("cache:{*", lambda key: True))
+    failing.reply((None, ["cache:{a}"]))
+    with pytest.raises(CommandFailed):
+        failing.reply([outage()])
