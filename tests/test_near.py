@@ -21,6 +21,7 @@ from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC
 from cached_aside.near import MISSING, NearStore
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
+from .servers import REDIS_SERVER, RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -437,3 +438,17 @@ def test_closing_the_engine_stops_its_listener(near_engine: CacheEngine) -> None
     near_engine.close()
     assert not listener._thread.is_alive()
     assert near_engine.near_state() == "off"
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+def test_the_listener_speaks_tls_and_credentials_like_the_client() -> None:
+    server = RedisProcess(tls=True).start()
+    try:
+        engine = CacheEngine.from_url(server.url, prefix="tls", ssl_ca_certs=str(server.ca_file))
+        fn = cache_aside(key="p:<id>", ttl=30, engine=engine, near=NearCache())(lambda id: [id])
+        fn("a")
+        until_near(fn, "a")
+        assert engine.near_state() == "tracking"
+        engine.close()
+    finally:
+        server.stop()
