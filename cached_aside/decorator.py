@@ -33,7 +33,7 @@ class CacheAside:
         engine: CacheEngine | None,
         serializer: Serializer | None,
         batch_loader: Callable[[list[Any]], Any] | None = None,
-        near: NearCache | None = None,
+        near: NearCache | bool | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(key, str):
@@ -48,10 +48,12 @@ class CacheAside:
             raise ConfigurationError(
                 f"batch_loader must be a function taking a list of items, got {batch_loader!r}"
             )
-        if near is not None and not isinstance(near, NearCache):
+        if near is True:
+            near = NearCache()
+        if near is not None and near is not False and not isinstance(near, NearCache):
             raise ConfigurationError(
-                f"near must be a NearCache, e.g. near=NearCache(max_entries=10_000, ttl=5); "
-                f"got {near!r}"
+                f"near must be a NearCache, e.g. near=NearCache(max_entries=10_000, ttl=5), "
+                f"True for the defaults, or False to opt out of the engine's; got {near!r}"
             )
         self._key = key
         self._engine = engine
@@ -92,7 +94,8 @@ class CacheAside:
                 "list instead"
             )
         template = KeyTemplate(self._key, loader)
-        peek = self._options.refresh_ahead_ms > 0 or self._near is not None
+        # An engine-wide near cache turns peek on when the function first meets it.
+        peek = self._options.refresh_ahead_ms > 0 or isinstance(self._near, NearCache)
         plan = Plan(name, self._codec, self._options, Stats(name), peek)
         is_async = inspect.iscoroutinefunction(loader)
         batch_loader = self._batch_loader
@@ -118,7 +121,7 @@ def cache_aside(
     refresh_ahead: Duration | None = None,
     serializer: Serializer | None = None,
     batch_loader: Callable[[list[Any]], Any] | None = None,
-    near: NearCache | None = None,
+    near: NearCache | bool | None = None,
 ) -> CacheAside:
     """Cache a loader's results in Redis with the cache-aside pattern.
 
@@ -147,9 +150,11 @@ def cache_aside(
             It receives the missing items (as passed to many()) and returns a list
             with one value per item in order, or a dict keyed by item (absent means
             None). Must be async exactly when the loader is.
-        near: a NearCache: keep hits in process too, for about a microsecond a hit.
-            Redis reports every change to the engine's keys, which drops the local
-            copy in every process; see the README's "Near cache".
+        near: a NearCache (or True for its defaults): keep hits in process too, for
+            a couple of microseconds a hit. Redis reports every change to the
+            engine's keys, which drops the local copy in every process; see the
+            README's "Near cache". None (default): the engine's `near`, if any;
+            False: none, even if the engine has one.
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.

@@ -65,6 +65,7 @@ class CacheEngine:
         client: a `redis.Redis` for sync loaders (raw bytes, no decode_responses).
         async_client: a `redis.asyncio.Redis` for async loaders.
         prefix: the first part of every key, e.g. "cache" gives `cache:{product:p-001}`.
+        near: a NearCache for every function on this engine decorated without near=.
 
     Either client may be omitted; calling a loader of the missing kind raises
     ConfigurationError. Use `CacheEngine.from_url` to get both, created lazily.
@@ -78,8 +79,13 @@ class CacheEngine:
         prefix: str = DEFAULT_PREFIX,
         breaker_failures: int = DEFAULT_FAILURES,
         breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
+        near: NearCache | None = None,
     ) -> None:
         self.prefix = validate_prefix(prefix)
+        if near is not None and not isinstance(near, NearCache):
+            raise ConfigurationError(f"near must be a NearCache or None, got {near!r}")
+        # The near cache of functions decorated without near= (near=False opts out).
+        self.near = near
         if (
             isinstance(breaker_failures, bool)
             or not isinstance(breaker_failures, int)
@@ -128,6 +134,7 @@ class CacheEngine:
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
         breaker_failures: int = DEFAULT_FAILURES,
         breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
+        near: NearCache | None = None,
         **client_options: Any,
     ) -> CacheEngine:
         """An engine whose sync and async clients are made from `url` on first use.
@@ -168,7 +175,10 @@ class CacheEngine:
             **client_options,
         }
         engine = cls(
-            prefix=prefix, breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown
+            prefix=prefix,
+            breaker_failures=breaker_failures,
+            breaker_cooldown=breaker_cooldown,
+            near=near,
         )
         if url.startswith(CLUSTER_SCHEME):
             # One node's address is enough: the client discovers the others.

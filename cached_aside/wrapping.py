@@ -5,6 +5,7 @@ method. No I/O happens here; functions.py hands flows to the drivers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class CachedBase(Generic[P, R]):
         plan: Plan,
         engine: CacheEngine | None,
         batch_loader: BatchLoader | None = None,
-        near: NearCache | None = None,
+        near: NearCache | bool | None = None,
     ) -> None:
         functools.update_wrapper(self, loader)  # type: ignore[arg-type]  # callable subclasses
         self.__wrapped__ = loader
@@ -70,9 +71,13 @@ class CachedBase(Generic[P, R]):
         self._registered_with: CacheEngine | None = None
 
     def _register(self, engine: CacheEngine) -> None:
-        if self._near_config is not None:  # first: it may refuse the engine
+        config = engine.near if self._near_config is None else self._near_config
+        self._near = None
+        if isinstance(config, NearCache):  # first: it may refuse the engine
+            if not self._plan.peek:  # the near tier needs the remaining ttl with the value
+                self._plan = dataclasses.replace(self._plan, peek=True)
             plan = self._plan
-            self._near = engine.near_store(self._near_config, plan.codec, plan.name)
+            self._near = engine.near_store(config, plan.codec, plan.name)
         engine.register(self._plan.stats)
         self._registered_with = engine
 

@@ -452,3 +452,23 @@ def test_the_listener_speaks_tls_and_credentials_like_the_client() -> None:
         engine.close()
     finally:
         server.stop()
+
+
+@needs_real_redis
+def test_an_engine_wide_near_cache_with_a_per_function_opt_out() -> None:
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=unique_prefix(), near=NearCache(ttl=5))
+    try:
+        default = cache_aside(key="a:<id>", ttl=30, engine=engine)(lambda id: id)
+        opted_out = cache_aside(key="b:<id>", ttl=30, engine=engine, near=False)(lambda id: id)
+        own = cache_aside(key="c:<id>", ttl=30, engine=engine, near=True)(lambda id: id)
+        for fn in (default, opted_out, own):
+            fn("x")
+        until_near(default, "x")
+        until_near(own, "x")
+        assert {opted_out.lookup("x").source for _ in range(20)} == {Source.CACHE}
+    finally:
+        engine.invalidate_prefix()
+        engine.close()
+    with pytest.raises(ConfigurationError, match="near must be a NearCache or None"):
+        CacheEngine(prefix="x", near=True)  # type: ignore[arg-type]
