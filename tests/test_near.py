@@ -125,7 +125,7 @@ def test_bad_near_settings_are_refused_at_decoration() -> None:
     with pytest.raises(ConfigurationError, match="ttl must be"):
         NearCache(ttl=-1)
     with pytest.raises(ConfigurationError, match="near must be a NearCache"):
-        cache_aside(key="p:<id>", ttl=5, near=True)  # type: ignore[arg-type]
+        cache_aside(key="p:<id>", ttl=5, near="yes")  # type: ignore[arg-type]
 
 
 # -- where the server cannot track ------------------------------------------------
