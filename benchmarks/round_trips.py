@@ -14,9 +14,9 @@ import redis
 from redis.connection import Connection
 
 from cached_aside import CacheEngine, cache_aside
+from tests.servers import REDIS_SERVER, RedisProcess
 
 from .hit_path import RECORD
-from .private_redis import private_redis
 from .runner import Settings, Table
 
 
@@ -45,19 +45,23 @@ def measure(client: redis.Redis, action: Any) -> tuple[int, str]:
 
 
 def run(settings: Settings) -> list[Table]:
-    with private_redis() as url:
-        note = "private redis-server"
-        if url is None:
-            url, note = (
-                settings.url,
-                "shared server (redis-server not found): counts may include others",
-            )
-        pool = redis.BlockingConnectionPool.from_url(url, connection_class=CountingConnection)
-        client = redis.Redis.from_pool(pool)
-        try:
-            return _measure(client, note)
-        finally:
-            client.close()
+    server = RedisProcess().start() if REDIS_SERVER is not None else None
+    url, note = (
+        (server.url, "private redis-server")
+        if server is not None
+        else (
+            settings.url,
+            "shared server (redis-server not found): counts may include others",
+        )
+    )
+    pool = redis.BlockingConnectionPool.from_url(url, connection_class=CountingConnection)
+    client = redis.Redis.from_pool(pool)
+    try:
+        return _measure(client, note)
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()
 
 
 def _measure(client: redis.Redis, note: str) -> list[Table]:
