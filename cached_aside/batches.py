@@ -219,7 +219,7 @@ def invalidate_matching(match: str, belongs: Callable[[str], bool]) -> Flow[int]
     deleted = 0
     position: Any = None
     while True:
-        position, found = yield Scan(match, position)
+        position, found = yield Scan(match, position, SCAN_BATCH)
         doomed = [key for key in found if belongs(key)]
         if doomed:
             replies = yield Batch([Command(("UNLINK", key)) for key in doomed])

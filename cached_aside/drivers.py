@@ -227,6 +227,7 @@ def run_sync(
                 reply = scan_sync(side, effect)
             except side.failures as exc:
                 failure = failed(exc)
+                side.breaker.failure()  # as for any other command
         elif type(effect) is LoadSome or type(effect) is LoadOne:
             try:
                 reply = load(effect.positions)
@@ -306,6 +307,7 @@ async def run_async(
                 reply = await scan_async(side, effect)
             except side.failures as exc:
                 failure = failed(exc)
+                side.breaker.failure()  # as for any other command
         elif type(effect) is LoadSome or type(effect) is LoadOne:
             try:
                 reply = await load(effect.positions)

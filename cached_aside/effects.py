@@ -82,8 +82,8 @@ class Scan:
     means the scan is complete."""
 
     match: str
-    position: Any = None
-    count: int = 1000  # keys per page, and SCAN's COUNT hint
+    position: Any
+    count: int  # keys per page, and SCAN's COUNT hint
 
 
 class Signal(enum.Enum):

@@ -159,8 +159,5 @@ class NearStore:
         self._data.clear()
         self._tickets.clear()
 
-    def __len__(self) -> int:
-        return len(self._data)
 
-
-TrackingState = Literal["starting", "tracking", "down", "unsupported", "untracked"]
+TrackingState = Literal["starting", "tracking", "down", "unsupported"]

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .batch_drivers import BatchLoader
+from .batch_drivers import Answer, BatchLoader
 from .batches import invalidate_matching
 from .defaults import default_engine
 from .effects import CommandFailed, Flow
@@ -26,8 +26,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 HIT_SOURCES = frozenset({Source.NEAR, Source.CACHE, Source.NEGATIVE})
-# (answer, whether it was shared with another caller of this process)
-Answer = tuple[Served, bool]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from cached_aside import CacheUnavailableError
-from cached_aside.batches import invalidate_matching, load_batch
+from cached_aside.batches import SCAN_BATCH, invalidate_matching, load_batch
 from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
 from cached_aside.effects import (
     Batch,
@@ -247,12 +247,12 @@ def test_a_failing_batch_loader_releases_every_lock_it_took() -> None:
 
 def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
     flow = Stepper(invalidate_matching("cache:{p:*", lambda key: not key.endswith("x}")))
-    assert flow.effect == Scan("cache:{p:*")
+    assert flow.effect == Scan("cache:{p:*", None, SCAN_BATCH)
     page = flow.reply(("cursor", ["cache:{p:1}", "cache:{p:1}:lock", "cache:{p:x}"]))
     assert page == Batch(
         [Command(("UNLINK", "cache:{p:1}")), Command(("UNLINK", "cache:{p:1}:lock"))]
     )
-    assert flow.reply([1, 1]) == Scan("cache:{p:*", "cursor")
+    assert flow.reply([1, 1]) == Scan("cache:{p:*", "cursor", SCAN_BATCH)
     flow.reply((None, ["cache:{p:2}"]))
     flow.reply([1])
     assert flow.result == 2  # value keys only: locks are not entries
