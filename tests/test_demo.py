@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +23,32 @@ from cached_aside.demo.catalogue import Catalogue
 from cached_aside.demo.server import build_server
 
 
-@pytest.fixture
-def demo(engine: CacheEngine, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def serving(engine: CacheEngine, tmp_path: Path, **options: Any) -> Iterator[str]:
     """The demo server on a free port, on this test's engine and a fresh SQLite file."""
     app = DemoApp(engine, Catalogue(tmp_path / "shop.db", latency_ms=30), "test redis")
-    server = build_server("127.0.0.1", 0, app)
+    server = build_server("127.0.0.1", 0, app, **options)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def demo(engine: CacheEngine, tmp_path: Path) -> Iterator[str]:
+    with serving(engine, tmp_path) as base:
+        yield base
+
+
+IMPATIENCE = 0.5  # seconds: the request timeout of the impatient demo
+
+
+@pytest.fixture
+def impatient_demo(engine: CacheEngine, tmp_path: Path) -> Iterator[str]:
+    """The demo with a short request timeout, so stalled clients are dropped quickly."""
+    with serving(engine, tmp_path, request_timeout=IMPATIENCE) as base:
+        yield base
 
 
 def call(
@@ -152,6 +172,79 @@ def test_bad_input_is_a_4xx_with_a_json_error(
 def test_body_that_is_not_json(demo: str) -> None:
     code, reply = call(demo, "POST", "/api/stampede", raw=b"{not json")
     assert (code, reply["error"]) == (400, "the request body must be JSON")
+
+
+def exchange(
+    base: str, request: bytes, wait: float = 10, hang_up: bool = False
+) -> tuple[bytes, float]:
+    """Sends raw bytes (then ends the stream if hang_up), reads until the server closes
+    the connection: (reply, seconds)."""
+    url = urllib.parse.urlsplit(base)
+    started = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=wait) as connection:
+        connection.sendall(request)
+        if hang_up:
+            connection.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := connection.recv(65_536):
+            received += chunk
+    return received, time.monotonic() - started
+
+
+def parsed(reply: bytes) -> tuple[int, Any]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def post_head(path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"POST {path} HTTP/1.1", "Host: demo", *headers, "", ""]).encode()
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "+2", "1_0", ""])
+def test_invalid_content_length_is_a_400(demo: str, length: str) -> None:
+    head = post_head("/api/stats/reset", f"Content-Length: {length}")
+    code, reply = parsed(exchange(demo, head)[0])
+    assert (code, reply["error"]) == (400, "the Content-Length header is invalid")
+
+
+def test_repeated_content_lengths_must_agree(demo: str) -> None:
+    head = post_head("/api/stampede", "Content-Length: 8", "Content-Length: 9")
+    code, reply = parsed(exchange(demo, head)[0])
+    assert (code, reply["error"]) == (400, "the Content-Length header is invalid")
+    head = post_head("/api/stampede", "Content-Length: 8", "Content-Length: 8")
+    code, reply = parsed(exchange(demo, head + b'{"n": 3}')[0])
+    assert (code, reply["n"]) == (200, 3)
+
+
+def test_chunked_body_is_a_411(demo: str) -> None:
+    head = post_head("/api/stats/reset", "Transfer-Encoding: chunked")
+    code, reply = parsed(exchange(demo, head)[0])
+    assert code == 411
+    assert "Content-Length" in reply["error"]
+
+
+def test_body_cut_short_by_the_client_is_a_400(demo: str) -> None:
+    head = post_head("/api/stats/reset", "Content-Length: 100")
+    code, reply = parsed(exchange(demo, head + b"{}", hang_up=True)[0])
+    assert (code, reply["error"]) == (400, "the request body is shorter than its Content-Length")
+
+
+def test_a_stalled_body_is_answered_408_and_frees_the_thread(
+    impatient_demo: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    head = post_head("/api/stampede", "Content-Length: 100")
+    reply, seconds = exchange(impatient_demo, head + b'{"n": 1}  ', wait=IMPATIENCE * 10)
+    code, body = parsed(reply)
+    assert (code, body["error"]) == (408, "timed out waiting for the request body")
+    assert IMPATIENCE <= seconds < IMPATIENCE * 5  # closed by the timeout, not by us
+    assert "Traceback" not in capfd.readouterr().err
+    assert call(impatient_demo, "GET", "/api/info")[0] == 200
+
+
+def test_stalled_headers_are_dropped_after_the_timeout(impatient_demo: str) -> None:
+    reply, seconds = exchange(impatient_demo, b"GET /api/info HTTP/1.1\r\n", wait=IMPATIENCE * 10)
+    assert reply == b""  # the server hung up without a reply
+    assert IMPATIENCE <= seconds < IMPATIENCE * 5
 
 
 def test_demo_falls_back_to_fakeredis_when_no_redis_answers(

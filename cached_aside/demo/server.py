@@ -29,6 +29,11 @@ from .catalogue import Catalogue
 
 PREFIX = "cached_aside_demo"
 MAX_BODY_BYTES = 16_384
+# A client that stalls mid-request (a body shorter than its Content-Length, headers
+# never finished) would otherwise hold a server thread forever. Local requests take
+# milliseconds, so 5 s is generous yet frees a stuck thread soon.
+REQUEST_TIMEOUT_SECONDS = 5.0
+_DIGITS = re.compile(r"[0-9]+")
 
 Route = tuple[str, re.Pattern[str], Callable[..., Reply]]
 
@@ -46,12 +51,15 @@ def routes(app: DemoApp) -> list[Route]:
     ]
 
 
-def make_handler(app: DemoApp) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    app: DemoApp, request_timeout: float = REQUEST_TIMEOUT_SECONDS
+) -> type[BaseHTTPRequestHandler]:
     table = routes(app)
     page = resources.files("cached_aside.demo").joinpath("static/index.html").read_bytes()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cached_aside-demo"
+        timeout = request_timeout  # StreamRequestHandler sets it on the connection
 
         def do_GET(self) -> None:
             if self.path in ("/", "/index.html"):
@@ -89,14 +97,30 @@ def make_handler(app: DemoApp) -> type[BaseHTTPRequestHandler]:
         def _body(self, method: str) -> Any:
             if method != "POST":
                 return None
-            length = int(self.headers.get("Content-Length") or 0)
+            length = self._content_length()
             if length > MAX_BODY_BYTES:
                 raise Refused(413, f"request bodies are limited to {MAX_BODY_BYTES} bytes")
-            raw = self.rfile.read(length) if length else b"{}"
+            try:
+                raw = self.rfile.read(length) if length else b"{}"
+            except TimeoutError:
+                raise Refused(408, "timed out waiting for the request body") from None
+            if len(raw) < length:
+                raise Refused(400, "the request body is shorter than its Content-Length")
             try:
                 return json.loads(raw)
             except ValueError:
                 raise Refused(400, "the request body must be JSON") from None
+
+        def _content_length(self) -> int:
+            if "Transfer-Encoding" in self.headers:
+                raise Refused(411, "send the body with a Content-Length, not a Transfer-Encoding")
+            values = [value.strip() for value in self.headers.get_all("Content-Length", [])]
+            if not values:
+                return 0
+            # int() would take "-1", "+1" and "1_0"; repeated headers must agree.
+            if not _DIGITS.fullmatch(values[0]) or len(set(values)) > 1:
+                raise Refused(400, "the Content-Length header is invalid")
+            return int(values[0])
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
             self.send_response(status, HTTPStatus(status).phrase)
@@ -140,8 +164,10 @@ def choose_engine(url: str | None) -> tuple[CacheEngine, str]:
     return engine, "embedded fakeredis (no Redis server found)"
 
 
-def build_server(host: str, port: int, app: DemoApp) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(app))
+def build_server(
+    host: str, port: int, app: DemoApp, request_timeout: float = REQUEST_TIMEOUT_SECONDS
+) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), make_handler(app, request_timeout))
     server.daemon_threads = True
     return server
 
