@@ -132,6 +132,7 @@ def check_field(field: object, where: str) -> str:
         raise UnstorableValueError(
             f"{where}: hash field names must be str, got {field!r}; convert the keys to str"
         )
+    _check_utf8(field, where, "field name")
     if field == META_FIELD:
         raise UnstorableValueError(
             f"{where}: field {META_FIELD!r} is reserved by cached_aside; rename it"
@@ -143,6 +144,7 @@ def field_text(field: str, item: object, where: str) -> str:
     """Hash values are flat: str, int or float, stored and returned as str."""
     kind = type(item)
     if kind is str:
+        _check_utf8(item, where, f"field {field!r}")  # type: ignore[arg-type]
         return item  # type: ignore[return-value]
     if kind is int or kind is float:
         return repr(item)
@@ -151,6 +153,19 @@ def field_text(field: str, item: object, where: str) -> str:
         "only str, int and float values (returned as str). Flatten or serialize that "
         "field, or use as_hash=False to store the whole value with msgpack"
     )
+
+
+def _check_utf8(text: str, where: str, what: str) -> None:
+    """Redis receives UTF-8: a lone surrogate (as os.fsdecode makes of bad bytes)
+    cannot be sent, and must be refused before the store, not inside redis-py."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise UnstorableValueError(
+                f"{where}: the {what} holds {text!r:.60}, which is not valid text "
+                f"({exc.reason}); decode the bytes it came from with errors='replace'"
+            ) from None
 
 
 class MsgpackCodec:
@@ -172,14 +187,15 @@ class MsgpackCodec:
     def encode(self, value: Any, where: str) -> tuple[list[Any], Any]:
         try:
             packed = msgpack.packb(value, use_bin_type=True)
+            # The caller gets what a later hit would give (tuples become lists); a
+            # value whose keys would come back unhashable ({(1, 2): ...}) fails here.
+            return [packed], msgpack.unpackb(packed, raw=False, strict_map_key=False)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnstorableValueError(
-                f"{where}: msgpack cannot encode the loader's result ({exc}); return "
-                "dicts, lists, str, bytes, int, float, bool and None only, e.g. convert "
-                "datetimes with .isoformat() and objects with a to_dict()"
+                f"{where}: msgpack cannot store the loader's result ({exc}); return "
+                "dicts with str or int keys, lists, str, bytes, int, float, bool and None "
+                "only, e.g. convert datetimes with .isoformat() and objects with a to_dict()"
             ) from exc
-        # The caller gets what a later hit would give (tuples become lists).
-        return [packed], msgpack.unpackb(packed, raw=False, strict_map_key=False)
 
     def negative_payload(self) -> list[Any]:
         return [MSGPACK_NEGATIVE]

@@ -15,6 +15,9 @@ from .errors import ConfigurationError
 Duration = int | float | timedelta
 
 DEFAULT_LOCK_TTL_SECONDS = 10.0
+# The longest duration Redis's PX and PEXPIRE take with room to spare (their limit
+# is the largest 64-bit integer of milliseconds, minus the current time).
+MAX_SECONDS = 100 * 365 * 24 * 3600
 MAX_DEFAULT_NEGATIVE_TTL_SECONDS = 60.0
 NEGATIVE_TTL_SHARE = 0.2
 
@@ -40,6 +43,11 @@ def to_milliseconds(name: str, value: object, *, allow_zero: bool = False) -> in
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
     if math.isnan(seconds) or math.isinf(seconds):
         raise ConfigurationError(f"{name} must be a finite duration, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ConfigurationError(
+            f"{name}={value!r} is longer than Redis can expire (at most {MAX_SECONDS} "
+            "seconds, 100 years); for entries that should never expire use a long ttl"
+        )
     if seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0 (0 turns it off)" if allow_zero else "> 0"
         raise ConfigurationError(f"{name} must be {bound} seconds, got {value!r}")
