@@ -1,5 +1,6 @@
 """cached_aside: the cache-aside pattern on Redis as one decorator."""
 
+from .breaker import CircuitOpenError
 from .decorator import CacheAside, cache_aside
 from .defaults import configure, default_engine
 from .engine import CacheEngine
@@ -12,25 +13,34 @@ from .errors import (
     KeyTemplateError,
     UnstorableValueError,
 )
-from .flows import Source
-from .functions import AsyncCachedFunction, BoundCachedFunction, CachedFunction, CacheResult
+from .functions import (
+    AsyncCachedFunction,
+    BoundAsyncCachedFunction,
+    BoundCachedFunction,
+    CachedFunction,
+)
 from .near import NearCache
+from .results import BulkOutcome, CacheResult, Outcome, Source
 from .stats import StatsSnapshot
 
 __all__ = [
     "AsyncCachedFunction",
     "BatchLoaderError",
+    "BoundAsyncCachedFunction",
     "BoundCachedFunction",
+    "BulkOutcome",
     "CacheAside",
     "CacheEngine",
     "CacheResult",
     "CacheUnavailableError",
     "CachedAsideError",
     "CachedFunction",
+    "CircuitOpenError",
     "ConfigurationError",
     "KeyArgumentError",
     "KeyTemplateError",
     "NearCache",
+    "Outcome",
     "Source",
     "StatsSnapshot",
     "UnstorableValueError",

@@ -22,7 +22,7 @@ from .drivers import (
     timed_load,
     timed_load_async,
 )
-from .flows import Plan, Served, after_miss, on_lookup, refresh_due
+from .flows import Plan, Served, after_miss, bypass, on_lookup, refresh_due
 from .pipelines import send_batch_async, send_batch_sync
 
 # Misses of one async many() call loaded at once without a batch loader: enough to
@@ -63,14 +63,26 @@ def _batch_load_async(
     return load
 
 
+def _blocked(side: Any, keys: Sequence[str]) -> set[int]:
+    """Positions whose invalidation still waits in the outbox: served by the loader."""
+    outbox = side.outbox
+    if not outbox.active:
+        return set()
+    return {position for position, key in enumerate(keys) if outbox.blocks(key)}
+
+
 def _judge(
-    plan: Plan, raws: list[Any], batch_loader: BatchLoader | None
+    plan: Plan, raws: list[Any], batch_loader: BatchLoader | None, blocked: set[int]
 ) -> tuple[list[Answer | None], list[int], list[int]]:
     """Hits answered; the positions for the batch loader; those for the single path."""
     answers: list[Answer | None] = []
     batched: list[int] = []
     single: list[int] = []
     for position, raw in enumerate(raws):
+        if position in blocked:
+            answers.append(None)
+            single.append(position)
+            continue
         hit = on_lookup(plan, raw)
         answers.append(None if hit is None else (hit, False))
         if hit is None:
@@ -93,7 +105,8 @@ def serve_many_sync(
     """Serve distinct keys; `calls` holds each key's loader arguments, `items` what
     the user passed for it (the batch loader receives those)."""
     raws = send_batch_sync(side, lookups(plan, keys))
-    answers, batched, single = _judge(plan, raws, batch_loader)
+    blocked = _blocked(side, keys)
+    answers, batched, single = _judge(plan, raws, batch_loader, blocked)
     if batched and batch_loader is not None:
         flow = load_batch(
             plan, [keys[i] for i in batched], [raws[i] for i in batched], side.block_limit_ms
@@ -105,11 +118,14 @@ def serve_many_sync(
     for position in single:
         key, raw, args = keys[position], raws[position], calls[position]
         load = timed_load(plan, loader, args, {})
+        if position in blocked:
+            answers[position] = (run_sync(bypass(plan, key), side, load, no_seal)[0], False)
+            continue
         if refresh_due(plan, raw):
             refresh = after_miss(plan, key, raw, side.block_limit_ms)
             answers[position] = (run_sync(refresh, side, load, no_seal)[0], False)
             continue
-        shared = side.flights.run(key, miss_sync, plan, key, side, raw, load)
+        shared = side.flights.run(key, plan.patience, miss_sync, plan, key, side, raw, load)
         if shared is None:  # the flight's answer was not ours to take: the whole path
             single_answer, _, joined = serve_sync(plan, key, side, loader, args, {})
             answers[position] = (single_answer, joined)
@@ -132,7 +148,8 @@ async def serve_many_async(
     if not side.ready:
         await side.prepare()
     raws = await send_batch_async(side, lookups(plan, keys))
-    answers, batched, single = _judge(plan, raws, batch_loader)
+    blocked = _blocked(side, keys)
+    answers, batched, single = _judge(plan, raws, batch_loader, blocked)
     if batched and batch_loader is not None:
         flow = load_batch(
             plan, [keys[i] for i in batched], [raws[i] for i in batched], side.block_limit_ms
@@ -151,10 +168,14 @@ async def serve_many_async(
     async def single_miss(position: int) -> Answer:
         key, raw, args = keys[position], raws[position], calls[position]
         load = timed_load_async(plan, loader, args, {})
+        if position in blocked:
+            return (await run_async(bypass(plan, key), side, load, no_seal))[0], False
         if refresh_due(plan, raw):
             flow = after_miss(plan, key, raw, side.block_limit_ms)
             return (await run_async(flow, side, load, no_seal))[0], False
-        (answer, _), joined = await side.flights.run(key, miss_async, plan, key, side, raw, load)
+        (answer, _), joined = await side.flights.run(
+            key, plan.patience, miss_async, plan, key, side, raw, load
+        )
         return answer, joined
 
     if single:

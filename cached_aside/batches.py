@@ -13,10 +13,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .codecs import Found
-from .effects import Batch, Command, CommandFailed, Flow, LoadOne, LoadSome, RunScript, Scan
+from .effects import (
+    Batch,
+    Command,
+    CommandFailed,
+    Flow,
+    Free,
+    Hold,
+    LoadOne,
+    LoadSome,
+    Postpone,
+    RunScript,
+    Scan,
+)
 from .errors import BatchLoaderError
-from .flows import RELEASE_ONLY, Plan, Served, Source, miss, tolerate
+from .flows import RELEASE_ONLY, Plan, Served, lock_hold, miss, tolerate
 from .keys import entry_keys
+from .outbox import Delivery, PendingKey, PendingPattern
+from .results import BulkOutcome, Source
 from .scripts import AcquireStatus, ScriptName
 
 # Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
@@ -55,23 +69,37 @@ def load_batch(
             stats.corrupt(key)
             corrupt.add(position)
         lockable.append(position)
-    tokens = {position: os.urandom(16).hex() for position in lockable}
+    holds = {
+        position: lock_hold(plan, entry_keys(keys[position]), os.urandom(16).hex())
+        for position in lockable
+    }
+    # Armed before the lock scripts leave: a reply may be lost after Redis granted.
+    attempt = Hold(tuple(r for hold in holds.values() for r in hold.releases), options.lock_ttl_ms)
+    yield attempt
     replies = yield Batch(
         [
             RunScript(
                 ScriptName.ACQUIRE,
                 entry_keys(keys[p])[:3],
-                (tokens[p], options.lock_ttl_ms, codec.redis_type, "1" if p in corrupt else "0"),
+                (
+                    _token(holds[p]),
+                    options.lock_ttl_ms,
+                    codec.redis_type,
+                    "1" if p in corrupt else "0",
+                ),
             )
             for p in lockable
         ]
     )
     owned: list[int] = []
-    held: dict[int, int | None] = {}  # position -> the lock's pttl, when it was held
+    unsure: list[int] = []  # the lock script failed: the lock may have been granted
+    held: dict[int, tuple[int, Hold] | None] = {}  # the lock's pttl and the entry's Hold
     failed: list[tuple[int, CommandFailed]] = []
     for position, reply in zip(lockable, replies, strict=True):
         if type(reply) is CommandFailed:
             failed.append((position, reply))
+            if reply.sent:
+                unsure.append(position)
         elif reply[0] == AcquireStatus.OWNED:
             owned.append(position)
         elif reply[0] == AcquireStatus.FOUND:
@@ -85,21 +113,34 @@ def load_batch(
             else:
                 held[position] = None  # corrupt after all: the single path repairs it
         else:
-            held[position] = int(reply[1])  # counted as a waiter: wait first
-    if failed and not options.fail_open:
-        yield from _release_all(plan, keys, owned, tokens)  # before tolerate() raises
+            held[position] = (int(reply[1]), holds[position])  # registered as a waiter
+    # Narrow the Hold to the locks this call holds, those it may hold, and each
+    # registration as a waiter (handed to the single path below).
+    locked = Hold(tuple(holds[p].releases[0] for p in owned), options.lock_ttl_ms)
+    yield locked
+    if unsure:
+        yield Hold(tuple(r for p in unsure for r in holds[p].releases), options.lock_ttl_ms)
+    for wait in held.values():
+        if wait is not None:
+            yield wait[1]
+    yield Free(attempt)
     for position, failure in failed:
         tolerate(plan, keys[position], failure)
         uncached.append(position)
     if owned or uncached:
-        yield from _load_and_store_many(plan, keys, owned, sorted(uncached), tokens, answers)
-    for position, held_ms in held.items():
+        yield from _load_and_store_many(plan, keys, owned, sorted(uncached), holds, answers)
+    yield Free(locked)
+    for position, wait in held.items():
         answers[position] = yield from miss(
-            plan, keys[position], False, block_limit_ms, LoadOne(position), held_ms
+            plan, keys[position], False, block_limit_ms, LoadOne(position), wait
         )
     served = [answer for answer in answers if answer is not None]
     assert len(served) == len(keys), "every entry of a batch is answered"
     return served
+
+
+def _token(hold: Hold) -> str:
+    return str(hold.releases[0].args[0])
 
 
 def _load_and_store_many(
@@ -107,61 +148,49 @@ def _load_and_store_many(
     keys: Sequence[str],
     owned: list[int],
     uncached: list[int],
-    tokens: Mapping[int, str],
+    holds: Mapping[int, Hold],
     answers: list[Served | None],
 ) -> Flow[None]:
+    """Load every owned and uncached entry in one batch loader call and store the
+    owned ones in one pipeline. A failure before the stores leaves the locks' Hold
+    to the driver; a store Redis did not take keeps its lock in a Hold of its own."""
     codec, options, stats = plan.codec, plan.options, plan.stats
     to_load = tuple(sorted(owned + uncached))
     owning = set(owned)  # a failed lock attempt has a token too, but no lock
     for _ in to_load:
         stats.miss()
         stats.load()
-    try:
-        values = yield LoadSome(to_load)
-        stores: list[Command | RunScript] = []
-        results: dict[int, Any] = {}
-        for position, value in zip(to_load, values, strict=True):
-            kind, ttl_ms, payload = RELEASE_ONLY, 0, []
-            if value is None:
-                results[position] = None
-                if options.negative_ttl_ms:
-                    kind, ttl_ms = codec.redis_type, options.negative_ttl_ms
-                    payload = codec.negative_payload()
-            else:
-                where = f"{plan.name} (key {keys[position]!r})"
-                payload, results[position] = codec.encode(value, where)
-                kind, ttl_ms = codec.redis_type, options.ttl_ms
-            if position in owning:
-                token = tokens[position]
-                store_args = (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
-                stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
-    except GeneratorExit:
-        raise
-    except BaseException:
-        yield from _release_all(plan, keys, owned, tokens)
-        raise
+    values = yield LoadSome(to_load)
+    stores: list[Command | RunScript] = []
+    results: dict[int, Any] = {}
+    for position, value in zip(to_load, values, strict=True):
+        kind, ttl_ms, payload = RELEASE_ONLY, 0, []
+        if value is None:
+            results[position] = None
+            if options.negative_ttl_ms:
+                kind, ttl_ms = codec.redis_type, options.negative_ttl_ms
+                payload = codec.negative_payload()
+        else:
+            where = f"{plan.name} (key {keys[position]!r})"
+            payload, results[position] = codec.encode(value, where)
+            kind, ttl_ms = codec.redis_type, options.ttl_ms
+        if position in owning:
+            store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
+            stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
     replies = yield Batch(stores)
+    refused: list[int] = []
     for position, reply in zip(owned, replies, strict=True):
         kept = True  # a store that failed is no sign of an invalidation
         if type(reply) is CommandFailed:
+            refused.append(position)
             tolerate(plan, keys[position], reply)
         else:
             kept = bool(reply)
         answers[position] = Served(results[position], Source.LOADER, lease_kept=kept)
+    if refused:  # released by the driver when the flow ends
+        yield Hold(tuple(holds[p].releases[0] for p in refused), options.lock_ttl_ms)
     for position in uncached:
         answers[position] = Served(results[position], Source.LOADER)
-
-
-def _release_all(
-    plan: Plan, keys: Sequence[str], owned: list[int], tokens: Mapping[int, str]
-) -> Flow[None]:
-    release = (RELEASE_ONLY, 0, plan.options.lock_ttl_ms)
-    replies = yield Batch(
-        [RunScript(ScriptName.STORE, entry_keys(keys[p]), (tokens[p], *release)) for p in owned]
-    )
-    for position, reply in zip(owned, replies, strict=True):
-        if type(reply) is CommandFailed:
-            plan.stats.error(keys[position], reply)  # the lock's ttl frees it anyway
 
 
 def align(name: str, items: Sequence[Any], returned: object) -> list[Any]:
@@ -186,31 +215,51 @@ def align(name: str, items: Sequence[Any], returned: object) -> list[Any]:
     )
 
 
-def invalidate_many(plan: Plan, keys: Sequence[str]) -> Flow[int]:
-    """Delete many entries and revoke their loads in flight; returns how many existed."""
+def invalidate_many(plan: Plan, keys: Sequence[str], whole: PendingPattern) -> Flow[BulkOutcome]:
+    """Delete many entries and revoke their loads in flight. Those Redis did not take
+    go to the outbox; raises after queueing them when the function does not fail open."""
+    wake_ttl_ms = plan.options.lock_ttl_ms
     replies = yield Batch(
-        [
-            RunScript(ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,))
-            for key in keys
-        ]
+        [RunScript(ScriptName.INVALIDATE, entry_keys(key), (wake_ttl_ms,)) for key in keys]
     )
     existed = 0
+    failed: list[tuple[str, CommandFailed]] = []
     for key, reply in zip(keys, replies, strict=True):
         if type(reply) is CommandFailed:
-            tolerate(plan, key, reply)
+            failed.append((key, reply))
         else:
             existed += int(reply)
-    return existed
+    if failed:
+        for _ in failed:
+            plan.stats.postponed()
+        yield Postpone(tuple(PendingKey(key, wake_ttl_ms, whole) for key, _ in failed))
+        for key, failure in failed:
+            tolerate(plan, key, failure)
+    return BulkOutcome(existed, len(failed))
 
 
-def invalidate_matching(match: str, belongs: Callable[[str], bool]) -> Flow[int]:
+def invalidate_pattern(pattern: PendingPattern, plan: Plan | None = None) -> Flow[BulkOutcome]:
+    """invalidate_matching() for a function (`plan`) or a whole engine; what Redis
+    did not finish goes to the outbox, and with a plan that does not fail open,
+    raises after queueing."""
+    deleted, failure = yield from invalidate_matching(pattern.match, pattern.belongs)
+    if failure is None:
+        return BulkOutcome(deleted)
+    yield Postpone((pattern,))
+    if plan is not None:
+        plan.stats.postponed()
+        tolerate(plan, pattern.name or pattern.match, failure)
+    return BulkOutcome(deleted, 1)
+
+
+def invalidate_matching(
+    match: str, belongs: Callable[[str], bool]
+) -> Flow[tuple[int, CommandFailed | None]]:
     """UNLINK every key that matches the glob and `belongs`, a batch at a time; returns
-    how many value keys were deleted.
+    how many value keys were deleted, and the failure that stopped it part way.
 
     SCAN never blocks Redis the way KEYS does, and UNLINK frees memory off the main
     thread. The entries' locks go too, which revokes the leases of loads in flight.
-    Raises the first CommandFailed: a bulk invalidation that stopped half way must
-    not look complete.
 
     Why not a generation number in every key: a hit would need the current
     generation first, either one more round trip on every hit or a per-process copy
@@ -219,14 +268,42 @@ def invalidate_matching(match: str, belongs: Callable[[str], bool]) -> Flow[int]
     deleted = 0
     position: Any = None
     while True:
-        position, found = yield Scan(match, position, SCAN_BATCH)
+        try:
+            position, found = yield Scan(match, position, SCAN_BATCH)
+        except CommandFailed as failure:
+            return deleted, failure
         doomed = [key for key in found if belongs(key)]
         if doomed:
             replies = yield Batch([Command(("UNLINK", key)) for key in doomed])
             for key, reply in zip(doomed, replies, strict=True):
                 if type(reply) is CommandFailed:
-                    raise reply
+                    return deleted, reply
                 if key.endswith("}"):
                     deleted += int(reply)
         if position is None:
-            return deleted
+            return deleted, None
+
+
+def deliver(delivery: Delivery) -> Flow[Delivery]:
+    """Send what the outbox holds, keys and releases in one pipeline, then each
+    pattern; returns what landed."""
+    landed = Delivery([], [], [])
+    effects: list[Command | RunScript] = [
+        RunScript(ScriptName.INVALIDATE, entry_keys(item.key), (item.wake_ttl_ms,))
+        for item in delivery.keys
+    ]
+    effects += [release.effect for release in delivery.releases]
+    if effects:
+        replies = yield Batch(effects)
+        for item, reply in zip(delivery.keys, replies, strict=False):
+            if type(reply) is not CommandFailed:
+                landed.keys.append(item)
+        for release, reply in zip(delivery.releases, replies[len(delivery.keys) :], strict=True):
+            if type(reply) is not CommandFailed:
+                landed.releases.append(release)
+    for pattern in delivery.patterns:
+        _, failure = yield from invalidate_matching(pattern.match, pattern.belongs)
+        if failure is not None:
+            break  # Redis is failing again: the rest waits for the next attempt
+        landed.patterns.append(pattern)
+    return landed

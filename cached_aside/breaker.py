@@ -71,6 +71,11 @@ class CircuitBreaker:
                 self.open_until = self.clock() + self.cooldown
                 self._probing = False
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: the lock may have been held by a thread now gone."""
+        self._lock = threading.Lock()
+        self._probing = False
+
     def refusal(self) -> CircuitOpenError:
         return CircuitOpenError(
             f"Redis skipped for {max(0.0, self.open_until - self.clock()):.1f} s more after "

@@ -96,7 +96,8 @@ class CacheAside:
         template = KeyTemplate(self._key, loader)
         # An engine-wide near cache turns peek on when the function first meets it.
         peek = self._options.refresh_ahead_ms > 0 or isinstance(self._near, NearCache)
-        plan = Plan(name, self._codec, self._options, Stats(name), peek)
+        stats = Stats(name, fail_open=self._options.fail_open)
+        plan = Plan(name, self._codec, self._options, stats, peek)
         is_async = inspect.iscoroutinefunction(loader)
         batch_loader = self._batch_loader
         if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -20,14 +20,17 @@ from .effects import (
     Command,
     CommandFailed,
     Flow,
+    Free,
+    Hold,
     LoadOne,
     LoadSome,
+    Postpone,
     RunScript,
     Scan,
     Signal,
     Spawn,
 )
-from .flows import Plan, Served, after_miss, on_lookup
+from .flows import Plan, Served, after_miss, bypass, on_lookup
 from .pipelines import failed, scan_async, scan_sync, send_batch_async, send_batch_sync
 from .scripts import ScriptName
 
@@ -83,6 +86,10 @@ def serve_sync(
 
     Returns the answer, the seconds spent on Redis, and whether it was shared.
     """
+    outbox = side.outbox
+    if outbox.active and outbox.blocks(key):
+        load = timed_load(plan, loader, args, kwargs)
+        return (*run_sync(bypass(plan, key), side, load, no_seal), False)
     seconds = 0.0
     look = key not in side.flights.active  # else: another thread is loading it; join
     while True:
@@ -111,7 +118,14 @@ def serve_sync(
             if hit is not None:
                 return hit, seconds, False
         shared = side.flights.run(
-            key, miss_sync, plan, key, side, raw, timed_load(plan, loader, args, kwargs)
+            key,
+            plan.patience,
+            miss_sync,
+            plan,
+            key,
+            side,
+            raw,
+            timed_load(plan, loader, args, kwargs),
         )
         if shared is not None:
             (served, more), joined = shared
@@ -146,8 +160,12 @@ async def serve_async(
     """
     if not side.ready:
         await side.prepare()
+    outbox = side.outbox
+    if outbox.active and outbox.blocks(key):
+        load = timed_load_async(plan, loader, args, kwargs)
+        return (*(await run_async(bypass(plan, key), side, load, no_seal)), False)
     (served, seconds), joined = await side.flights.run(
-        key, _read_async, plan, key, side, loader, args, kwargs
+        key, plan.patience, _read_async, plan, key, side, loader, args, kwargs
     )
     return served, seconds, joined
 
@@ -191,57 +209,89 @@ async def _read_async(
 def run_sync(
     flow: Flow[T], side: Any, load: Callable[..., Any], seal: Callable[[], None]
 ) -> tuple[T, float]:
-    """Run a flow to its end; returns its result and the seconds spent waiting on Redis."""
+    """Run a flow to its end; returns its result and the seconds spent waiting on Redis.
+
+    Every Hold still standing when the flow ends, however it ends, is released here:
+    the one place that guarantees no lock outlives its flow.
+    """
     redis_seconds = 0.0
     reply: Any = None
     failure: BaseException | None = None
-    while True:
-        try:
-            effect = flow.send(reply) if failure is None else flow.throw(failure)
-        except StopIteration as stop:
-            return stop.value, redis_seconds
-        reply = failure = None
-        if type(effect) is Command or type(effect) is RunScript:
-            started = perf_counter()
-            reply, failure = _send_sync(side, effect)
-            redis_seconds += perf_counter() - started
-        elif type(effect) is Spawn:
-            if effect.key not in side.background:
-                side.background.add(effect.key)
-                threading.Thread(
-                    target=_background_sync, args=(effect, side, load), daemon=True
-                ).start()
-        elif effect is Signal.LOAD:
+    holds: list[Hold] = []
+    try:
+        while True:
             try:
-                reply = load()
-            except BaseException as exc:
-                failure = exc
-        elif effect is Signal.SEAL:
-            seal()
-        elif type(effect) is Batch:
-            started = perf_counter()
-            reply = send_batch_sync(side, effect)
-            redis_seconds += perf_counter() - started
-        elif type(effect) is Scan:
-            try:
-                reply = scan_sync(side, effect)
-            except side.failures as exc:
-                failure = failed(exc)
-                side.breaker.failure()  # as for any other command
-        elif type(effect) is LoadSome or type(effect) is LoadOne:
-            try:
-                reply = load(effect.positions)
-                if type(effect) is LoadOne:
-                    reply = reply[0]
-            except BaseException as exc:
-                failure = exc
+                effect = flow.send(reply) if failure is None else flow.throw(failure)
+            except StopIteration as stop:
+                return stop.value, redis_seconds
+            reply = failure = None
+            if type(effect) is Command or type(effect) is RunScript:
+                started = perf_counter()
+                reply, failure = _send_sync(side, effect)
+                redis_seconds += perf_counter() - started
+            elif type(effect) is Hold:
+                holds.append(effect)
+            elif type(effect) is Free:
+                holds.remove(effect.hold)
+            elif type(effect) is Spawn:
+                if side.background.claim(effect.key):
+                    threading.Thread(
+                        target=_background_sync, args=(effect, side, load), daemon=True
+                    ).start()
+            elif effect is Signal.LOAD:
+                try:
+                    reply = load()
+                except BaseException as exc:
+                    failure = exc
+            elif effect is Signal.SEAL:
+                seal()
+            elif type(effect) is Batch:
+                started = perf_counter()
+                reply = send_batch_sync(side, effect)
+                redis_seconds += perf_counter() - started
+            elif type(effect) is Postpone:
+                side.outbox.add(effect.items)
+            elif type(effect) is Scan:
+                try:
+                    reply = scan_sync(side, effect)
+                except side.failures as exc:
+                    failure = failed(exc)
+                    side.breaker.failure()  # as for any other command
+            elif type(effect) is LoadSome or type(effect) is LoadOne:
+                try:
+                    reply = load(effect.positions)
+                    if type(effect) is LoadOne:
+                        reply = reply[0]
+                except BaseException as exc:
+                    failure = exc
+    finally:
+        if holds:
+            _release_sync(side, holds)
+
+
+def _release_sync(side: Any, holds: list[Hold]) -> None:
+    """Perform the releases of a flow's standing Holds; the outbox retries those
+    Redis does not take."""
+    for hold in holds:
+        if len(hold.releases) == 1:
+            replies = [_send_sync(side, hold.releases[0])[1]]
+        else:
+            replies = send_batch_sync(side, Batch(list(hold.releases)))
+        _queue_refused(side, hold, replies)
+
+
+def _queue_refused(side: Any, hold: Hold, replies: list[Any]) -> None:
+    """Hand the releases Redis did not take to the outbox, which retries them."""
+    for release, reply in zip(hold.releases, replies, strict=True):
+        if isinstance(reply, BaseException):
+            side.outbox.add_release(release, hold.ttl_ms)
 
 
 def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
     """One command or script through the breaker; returns the reply or the failure."""
     breaker = side.breaker
     if breaker.open_until and not breaker.allow():
-        return None, CommandFailed(breaker.refusal(), wrong_type=False)
+        return None, CommandFailed(breaker.refusal(), wrong_type=False, sent=False)
     try:
         if isinstance(effect, Command):
             reply = side.client.execute_command(*effect.args)
@@ -252,7 +302,7 @@ def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseExcepti
         if not failure.wrong_type:
             breaker.failure()
         return None, failure
-    except BaseException as exc:  # interrupts too: the flow releases its lock
+    except BaseException as exc:  # interrupts too: the flow's Holds are released
         return None, exc
     if breaker.failures:
         breaker.success()
@@ -260,68 +310,100 @@ def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseExcepti
 
 
 def _background_sync(effect: Spawn, side: Any, load: Callable[[], Any]) -> None:
+    ok = False
     try:
-        run_sync(effect.flow, side, load, no_seal)
-    except Exception:
+        ok = run_sync(effect.flow, side, load, no_seal)[0] is not False
+    except BaseException:  # a thread has nobody to raise to
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:
-        side.background.discard(effect.key)
+        side.background.finish(effect.key, ok)
 
 
 async def run_async(
     flow: Flow[T], side: Any, load: Callable[..., Awaitable[Any]], seal: Callable[[], None]
 ) -> tuple[T, float]:
-    """Run a flow to its end; returns its result and the seconds spent waiting on Redis."""
+    """Run a flow to its end; returns its result and the seconds spent waiting on Redis.
+
+    As run_sync, every Hold standing when the flow ends is released here, a
+    cancelled task's too: the release is shielded from a second cancellation.
+    """
     redis_seconds = 0.0
     reply: Any = None
     failure: BaseException | None = None
-    while True:
-        try:
-            effect = flow.send(reply) if failure is None else flow.throw(failure)
-        except StopIteration as stop:
-            return stop.value, redis_seconds
-        reply = failure = None
-        if type(effect) is Command or type(effect) is RunScript:
-            started = perf_counter()
-            reply, failure = await _send_async(side, effect)
-            redis_seconds += perf_counter() - started
-        elif type(effect) is Spawn:
-            if effect.key not in side.background:
-                side.background.add(effect.key)
-                task = asyncio.get_running_loop().create_task(_background_async(effect, side, load))
-                side.tasks.add(task)  # a task nobody references can be collected mid-run
-                task.add_done_callback(side.tasks.discard)
-        elif effect is Signal.LOAD:
+    holds: list[Hold] = []
+    try:
+        while True:
             try:
-                reply = await load()
-            except BaseException as exc:
-                failure = exc
-        elif effect is Signal.SEAL:
-            seal()
-        elif type(effect) is Batch:
-            started = perf_counter()
-            reply = await send_batch_async(side, effect)
-            redis_seconds += perf_counter() - started
-        elif type(effect) is Scan:
-            try:
-                reply = await scan_async(side, effect)
-            except side.failures as exc:
-                failure = failed(exc)
-                side.breaker.failure()  # as for any other command
-        elif type(effect) is LoadSome or type(effect) is LoadOne:
-            try:
-                reply = await load(effect.positions)
-                if type(effect) is LoadOne:
-                    reply = reply[0]
-            except BaseException as exc:
-                failure = exc
+                effect = flow.send(reply) if failure is None else flow.throw(failure)
+            except StopIteration as stop:
+                return stop.value, redis_seconds
+            reply = failure = None
+            if type(effect) is Command or type(effect) is RunScript:
+                started = perf_counter()
+                reply, failure = await _send_async(side, effect)
+                redis_seconds += perf_counter() - started
+            elif type(effect) is Hold:
+                holds.append(effect)
+            elif type(effect) is Free:
+                holds.remove(effect.hold)
+            elif type(effect) is Spawn:
+                if side.background.claim(effect.key):
+                    _keep(side, _background_async(effect, side, load))
+            elif effect is Signal.LOAD:
+                try:
+                    reply = await load()
+                except BaseException as exc:
+                    failure = exc
+            elif effect is Signal.SEAL:
+                seal()
+            elif type(effect) is Batch:
+                started = perf_counter()
+                reply = await send_batch_async(side, effect)
+                redis_seconds += perf_counter() - started
+            elif type(effect) is Postpone:
+                side.outbox.add(effect.items)
+            elif type(effect) is Scan:
+                try:
+                    reply = await scan_async(side, effect)
+                except side.failures as exc:
+                    failure = failed(exc)
+                    side.breaker.failure()  # as for any other command
+            elif type(effect) is LoadSome or type(effect) is LoadOne:
+                try:
+                    reply = await load(effect.positions)
+                    if type(effect) is LoadOne:
+                        reply = reply[0]
+                except BaseException as exc:
+                    failure = exc
+    finally:
+        if holds:
+            # A task of its own, awaited through a shield: a second cancellation of
+            # this one stops the waiting, never the release.
+            await asyncio.shield(_keep(side, _release_async(side, holds)))
+
+
+def _keep(side: Any, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run `work` as a task of this loop that aclose() waits for."""
+    task = asyncio.get_running_loop().create_task(work)
+    side.tasks.add(task)  # a task nobody references can be collected mid-run
+    task.add_done_callback(side.tasks.discard)
+    return task
+
+
+async def _release_async(side: Any, holds: list[Hold]) -> None:
+    for hold in holds:
+        if len(hold.releases) == 1:
+            replies = [(await _send_async(side, hold.releases[0]))[1]]
+        else:
+            replies = await send_batch_async(side, Batch(list(hold.releases)))
+        _queue_refused(side, hold, replies)
 
 
 async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
     """One command or script through the breaker; returns the reply or the failure."""
     breaker = side.breaker
     if breaker.open_until and not breaker.allow():
-        return None, CommandFailed(breaker.refusal(), wrong_type=False)
+        return None, CommandFailed(breaker.refusal(), wrong_type=False, sent=False)
     try:
         if isinstance(effect, Command):
             reply = await side.client.execute_command(*effect.args)
@@ -332,7 +414,7 @@ async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, Base
         if not failure.wrong_type:
             breaker.failure()
         return None, failure
-    except BaseException as exc:  # cancellation too: the flow releases its lock
+    except BaseException as exc:  # cancellation too: the flow's Holds are released
         return None, exc
     if breaker.failures:
         breaker.success()
@@ -340,9 +422,10 @@ async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, Base
 
 
 async def _background_async(effect: Spawn, side: Any, load: Callable[[], Awaitable[Any]]) -> None:
+    ok = False
     try:
-        await run_async(effect.flow, side, load, no_seal)
+        ok = (await run_async(effect.flow, side, load, no_seal))[0] is not False
     except Exception:
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:
-        side.background.discard(effect.key)
+        side.background.finish(effect.key, ok)

@@ -11,6 +11,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .outbox import PendingKey, PendingPattern
 from .scripts import ScriptName
 
 T = TypeVar("T")
@@ -86,6 +87,37 @@ class Scan:
     count: int  # keys per page, and SCAN's COUNT hint
 
 
+@dataclass(slots=True, eq=False)
+class Hold:
+    """From here until its Free, the flow may hold a lock, or be counted as a waiter.
+
+    However the flow ends while a Hold stands (a return, an exception from Redis, the
+    loader or a codec, a cancellation), the driver runs `releases` (one pipeline for
+    several); what Redis does not take, the engine's outbox retries for up to
+    `ttl_ms`, after which the lock has expired by itself. Flows never release on
+    their error paths themselves.
+    """
+
+    releases: tuple[RunScript, ...]
+    ttl_ms: int
+
+
+@dataclass(slots=True)
+class Free:
+    """The Hold given no longer stands: its lock was consumed or never taken."""
+
+    hold: Hold
+
+
+@dataclass(slots=True)
+class Postpone:
+    """Invalidations Redis did not take: the driver queues them in the engine's
+    outbox, which retries them until they land. Until then this process serves the
+    keys they cover from the loader only."""
+
+    items: tuple[PendingKey | PendingPattern, ...]
+
+
 class Signal(enum.Enum):
     """Effects without parameters."""
 
@@ -93,14 +125,27 @@ class Signal(enum.Enum):
     SEAL = "seal"  # later callers in this process must not join this call any more
 
 
-Effect = Command | RunScript | Spawn | Signal | Batch | LoadSome | LoadOne | Scan
+Effect = (
+    Command
+    | RunScript
+    | Spawn
+    | Signal
+    | Batch
+    | LoadSome
+    | LoadOne
+    | Scan
+    | Hold
+    | Free
+    | Postpone
+)
 Flow = Generator[Effect, Any, T]
 
 
 class CommandFailed(Exception):
     """Thrown into a flow when Redis failed to answer; `cause` is redis-py's exception."""
 
-    def __init__(self, cause: BaseException, *, wrong_type: bool) -> None:
+    def __init__(self, cause: BaseException, *, wrong_type: bool, sent: bool = True) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
         self.wrong_type = wrong_type  # the key holds another Redis type: data, not outage
+        self.sent = sent  # False: refused before it left (the breaker is open)

@@ -9,10 +9,14 @@ cannot cross loops).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from time import monotonic
 from types import TracebackType
 from typing import Any
 
@@ -23,20 +27,22 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .batches import invalidate_matching
+from .batches import deliver, invalidate_pattern
 from .breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from .codecs import Codec
 from .drivers import no_load, no_load_async, no_seal, run_async, run_sync
-from .effects import CommandFailed, Flow
-from .errors import CacheUnavailableError, ConfigurationError
+from .errors import ConfigurationError
 from .flights import TaskFlights, ThreadFlights
 from .keys import glob_escape, split_entry_key, validate_prefix
 from .listener import InvalidationListener, connection_factory
 from .near import NearCache, NearStore
+from .outbox import Delivery, Outbox, PendingPattern
+from .results import BulkOutcome
 from .scripts import ScriptName
 from .sides import (
     ASYNC_CLUSTER_FAILURES,
     AsyncSide,
+    Background,
     SyncSide,
     block_limit_ms,
     connection_kwargs,
@@ -56,6 +62,14 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 5.0
 # How long a near cache's first use waits for the listener's handshake.
 NEAR_HANDSHAKE_SECONDS = 2.0
+# The outbox's retries: soon after a failure, then at most this far apart, so a
+# pending invalidation lands within ~50 ms of Redis answering again.
+FIRST_RETRY_SECONDS = 0.005
+MAX_RETRY_SECONDS = 0.05
+# How long close() and aclose() keep trying to deliver what the outbox holds.
+CLOSE_FLUSH_SECONDS = 1.0
+# The outbox's own deliveries never open a breaker: they are how Redis is found back.
+_NEVER_OPENS = 2**62
 
 
 class CacheEngine:
@@ -112,11 +126,15 @@ class CacheEngine:
         self._cluster = False  # made from a redis+cluster:// URL
         self._sync: SyncSide | None = None
         self._given_async: AsyncSide | None = None
-        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncSide]
-        self._async_by_loop = weakref.WeakKeyDictionary()
+        # Dropped by the side's closer when its loop shuts down (asyncio.run does).
+        self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncSide] = {}
         self._last_async: tuple[object, AsyncSide | None] = (None, None)
         self._stats: list[Stats] = []
         self._listener: InvalidationListener | None = None
+        self.outbox = Outbox()
+        self.outbox.start_flusher = self._start_flusher
+        self._stopping = threading.Event()  # close(): the flusher stops retrying
+        _engines.add(self)
         if client is not None:
             self._sync = self._sync_side(client)
         if async_client is not None:
@@ -234,9 +252,23 @@ class CacheEngine:
                     "redis.asyncio.Redis(...) or use CacheEngine.from_url(...) to call "
                     "async functions"
                 )
+            self._sweep_closed_loops()
             side = self._async_by_loop[loop] = self._async_side(self._make_async_client())
+            _close_with_loop(self, loop, side)
         self._last_async = (loop, side)
         return side
+
+    def _sweep_closed_loops(self) -> None:
+        """Drop the sides of loops closed without shutting down their async generators
+        (a hand-made loop.close()): nothing can run on them any more."""
+        for loop in [loop for loop in self._async_by_loop if loop.is_closed()]:
+            del self._async_by_loop[loop]
+
+    def _forget_loop(self, loop: asyncio.AbstractEventLoop, side: AsyncSide) -> None:
+        if self._async_by_loop.get(loop) is side:
+            del self._async_by_loop[loop]
+        if self._last_async[1] is side:
+            self._last_async = (None, None)
 
     def register(self, stats: Stats) -> None:
         """Include a function's counters in `engine.stats()`."""
@@ -311,41 +343,43 @@ class CacheEngine:
             client = self._given_async.client
         return connection_factory(client)
 
-    def invalidate_prefix(self, text: str = "") -> int:
+    def invalidate_prefix(self, text: str = "") -> BulkOutcome:
         """Delete every entry whose key, inside the braces, starts with `text` ("" for
-        all of this engine's entries), on every node; returns how many.
+        all of this engine's entries), on every node.
 
-        SCAN + UNLINK: Redis is never blocked. Raises CacheUnavailableError if Redis
-        fails part way; call it again.
+        SCAN + UNLINK: Redis is never blocked. If Redis fails part way, the rest waits
+        in the outbox (`pending=1`) and is retried until it lands.
         """
         side = self.sync_side()
         try:
-            return run_sync(self._matching(text), side, no_load, no_seal)[0]
-        except CommandFailed as failure:
-            raise _bulk_failed(text, failure) from failure.cause
+            return run_sync(invalidate_pattern(self._matching(text)), side, no_load, no_seal)[0]
         finally:
             side.flights.forget_all()
             self._clear_near()
 
-    async def ainvalidate_prefix(self, text: str = "") -> int:
+    async def ainvalidate_prefix(self, text: str = "") -> BulkOutcome:
         """invalidate_prefix() for async code, on this event loop's client."""
         side = self.async_side()
         if not side.ready:
             await side.prepare()
+        flow = invalidate_pattern(self._matching(text))
         try:
-            return (await run_async(self._matching(text), side, no_load_async, no_seal))[0]
-        except CommandFailed as failure:
-            raise _bulk_failed(text, failure) from failure.cause
+            return (await run_async(flow, side, no_load_async, no_seal))[0]
         finally:
             side.flights.forget_all()
             self._clear_near()
+
+    def pending_invalidations(self) -> list[str]:
+        """Invalidations Redis has not taken yet (keys, and patterns of bulk ones),
+        which the outbox keeps retrying; empty when all is well."""
+        return self.outbox.pending()
 
     def _clear_near(self) -> None:
         """Read-your-writes: Redis's reports of the deletions arrive a moment later."""
         if self._listener is not None:
             self._listener.clear_all()
 
-    def _matching(self, text: str) -> Flow[int]:
+    def _matching(self, text: str) -> PendingPattern:
         if not isinstance(text, str) or any(c in text for c in "{}"):
             raise ConfigurationError(
                 f"invalidate_prefix takes the start of a rendered key such as 'product:', "
@@ -357,11 +391,123 @@ class CacheEngine:
             parts = split_entry_key(key, head)
             return parts is not None and parts[0].startswith(text)
 
-        return invalidate_matching(glob_escape(head + text) + "*", belongs)
+        start = head + text
+        return PendingPattern(start, glob_escape(start) + "*", belongs, f"{start}*")
 
-    def close(self) -> None:
-        """Stop the invalidation listener, and close the sync client's connections if
-        this engine created the client."""
+    # -- the outbox's flusher ----------------------------------------------------
+
+    def _start_flusher(self) -> None:
+        if self._sync is not None or self._make_client is not None:
+            threading.Thread(
+                target=self._flush_in_thread, name="cached_aside-outbox", daemon=True
+            ).start()
+            return
+        side = self._given_async  # an async-only engine: its client's loop
+        assert side is not None
+        task = asyncio.get_running_loop().create_task(self._flush_in_task(side))
+        side.tasks.add(task)
+        task.add_done_callback(side.tasks.discard)
+
+    def _flush_in_thread(self) -> None:
+        side = dataclasses.replace(self.sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
+        delay = FIRST_RETRY_SECONDS
+        while True:
+            delivery = self.outbox.take()
+            if not delivery:
+                return
+            if self._settle(delivery, run_sync(deliver(delivery), side, no_load, no_seal)[0]):
+                delay = FIRST_RETRY_SECONDS
+                continue
+            if self._stopping.is_set():
+                self.outbox.stand_down()
+                return
+            self.outbox.wake.wait(delay)
+            self.outbox.wake.clear()
+            delay = min(MAX_RETRY_SECONDS, delay * 2)
+
+    async def _flush_in_task(self, given: AsyncSide) -> None:
+        side = dataclasses.replace(given, breaker=CircuitBreaker(_NEVER_OPENS))
+        delay = FIRST_RETRY_SECONDS
+        while True:
+            delivery = self.outbox.take()
+            if not delivery:
+                return
+            landed = (await run_async(deliver(delivery), side, no_load_async, no_seal))[0]
+            if self._settle(delivery, landed):
+                delay = FIRST_RETRY_SECONDS
+                continue
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_SECONDS, delay * 2)
+
+    def _settle(self, delivery: Delivery, landed: Delivery) -> bool:
+        """Record a flush; True when all of it landed."""
+        self.outbox.landed(landed)
+        complete = (
+            len(landed.keys) == len(delivery.keys)
+            and len(landed.patterns) == len(delivery.patterns)
+            and len(landed.releases) == len(delivery.releases)
+        )
+        if complete and self.breaker.failures:
+            self.breaker.success()  # Redis answers: callers need not wait for a probe
+        return complete
+
+    def _flush_before_close(self, timeout: float) -> None:
+        """close(): a last attempt to deliver the outbox, for `timeout` seconds."""
+        if not self.outbox.pending_any():
+            return
+        side = dataclasses.replace(self.sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
+        deadline = monotonic() + timeout
+        while monotonic() < deadline:
+            delivery = self.outbox.peek()
+            if not delivery or self._settle(
+                delivery, run_sync(deliver(delivery), side, no_load, no_seal)[0]
+            ):
+                break
+            self._stopping.wait(MAX_RETRY_SECONDS)
+        self._log_undelivered()
+
+    async def _aflush_before_close(self, given: AsyncSide, timeout: float) -> None:
+        if not self.outbox.pending_any():
+            return
+        side = dataclasses.replace(given, breaker=CircuitBreaker(_NEVER_OPENS))
+        deadline = monotonic() + timeout
+        while monotonic() < deadline:
+            delivery = self.outbox.peek()
+            if not delivery:
+                break
+            try:
+                flow = run_async(deliver(delivery), side, no_load_async, no_seal)
+                landed = (await asyncio.wait_for(flow, deadline - monotonic()))[0]
+            except asyncio.TimeoutError:
+                break
+            if self._settle(delivery, landed):
+                break
+            await asyncio.sleep(MAX_RETRY_SECONDS)
+        self._log_undelivered()
+
+    def _log_undelivered(self) -> None:
+        left = self.outbox.pending()
+        if left:
+            logger.error(
+                "closing with %d invalidation(s) Redis never took (%s%s); those entries "
+                "stay in Redis until their ttl runs out",
+                len(left),
+                ", ".join(left[:5]),
+                ", ..." if len(left) > 5 else "",
+            )
+
+    def close(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
+        """Try once more, for up to `timeout` seconds, to deliver the invalidations the
+        outbox holds (logging those Redis never took), stop the invalidation listener,
+        and close the sync client's connections if this engine created the client."""
+        self._stopping.set()
+        self.outbox.wake.set()
+        try:
+            if self._sync is not None or self._make_client is not None:
+                self._flush_before_close(timeout)
+        finally:
+            self._stopping.clear()
+            self.outbox.kick()  # anything left is still retried while the process runs
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.stop()
@@ -369,9 +515,10 @@ class CacheEngine:
             self._sync.client.close()
             self._sync = None
 
-    async def aclose(self) -> None:
-        """Let this loop's background refreshes finish, then close the connections the
-        engine made (clients you passed in stay yours to close)."""
+    async def aclose(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
+        """Let this loop's background work finish, try to deliver what the outbox holds
+        (as close()), then close the connections the engine made (clients you passed
+        in stay yours to close)."""
         loop = asyncio.get_running_loop()
         sides = [self._given_async, self._async_by_loop.get(loop)]
         pending = [
@@ -383,13 +530,34 @@ class CacheEngine:
         ]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        self.close()
+        side = self._given_async or self._async_by_loop.get(loop)
+        if side is not None and self._sync is None and self._make_client is None:
+            await self._aflush_before_close(side, timeout)
+        self.close(timeout)
         if not self._owns_clients:
             return
         side = self._async_by_loop.pop(loop, None)
         self._last_async = (None, None)
         if side is not None:
             await side.client.aclose()
+
+    def _after_fork_in_child(self) -> None:
+        """Reset what fork() copied but cannot work in the child: locks a thread of the
+        parent may have held, flights whose leaders stayed behind, event loops."""
+        self._lock = threading.Lock()
+        self.breaker.reset_after_fork()
+        for stats in self._stats:
+            stats.reset_after_fork()
+        for side in (self._sync, self._given_async):
+            if side is not None:
+                side.flights.reset_after_fork()
+                side.background = Background()
+        if self._given_async is not None:
+            self._given_async.tasks = set()
+        self._async_by_loop = {}
+        self._last_async = (None, None)
+        self._stopping = threading.Event()
+        self.outbox.reset_after_fork()
 
     def __enter__(self) -> CacheEngine:
         return self
@@ -412,7 +580,9 @@ class CacheEngine:
         kwargs = connection_kwargs(client, "client")
         warn_if_pool_raises(client, "client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        side = SyncSide(client, scripts, ThreadFlights(), block_limit_ms(kwargs), self.breaker)
+        side = SyncSide(
+            client, scripts, ThreadFlights(), block_limit_ms(kwargs), self.breaker, self.outbox
+        )
         if isinstance(client, redis.cluster.RedisCluster):
             side.route = client.get_node_from_key
         return side
@@ -421,7 +591,9 @@ class CacheEngine:
         kwargs = connection_kwargs(client, "async_client")
         warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
-        side = AsyncSide(client, scripts, TaskFlights(), block_limit_ms(kwargs), self.breaker)
+        side = AsyncSide(
+            client, scripts, TaskFlights(), block_limit_ms(kwargs), self.breaker, self.outbox
+        )
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
             side.ready = False
             side.failures = ASYNC_CLUSTER_FAILURES
@@ -429,8 +601,38 @@ class CacheEngine:
         return side
 
 
-def _bulk_failed(text: str, failure: CommandFailed) -> CacheUnavailableError:
-    return CacheUnavailableError(
-        f"invalidate_prefix({text!r}) stopped: Redis failed ({failure}); some entries may "
-        "remain. Call it again once Redis answers"
-    )
+_engines: weakref.WeakSet[CacheEngine] = weakref.WeakSet()
+
+
+def _reset_engines_after_fork() -> None:
+    for engine in list(_engines):
+        engine._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_engines_after_fork)
+
+
+def _close_with_loop(engine: CacheEngine, loop: asyncio.AbstractEventLoop, side: AsyncSide) -> None:
+    """Close `side`'s client and drop it from `engine` when `loop` shuts down.
+
+    asyncio.run(), asyncio.Runner and asgiref's async_to_sync close every async
+    generator of a loop before closing it (loop.shutdown_asyncgens()): a generator
+    started here, suspended at its only yield, runs its finally block then, on the
+    loop, where the client can still be closed properly.
+    """
+    owner = weakref.ref(engine)
+
+    async def closer() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            alive = owner()
+            if alive is not None:
+                alive._forget_loop(loop, side)
+            await side.client.aclose()
+
+    generator = closer()
+    step: Any = generator.__anext__()  # registers the generator with the running loop
+    with contextlib.suppress(StopIteration):
+        step.send(None)  # runs it to its yield: nothing in between awaits
+    side.closer = generator  # the loop holds its generators weakly

@@ -5,6 +5,9 @@ again by itself when the leader was cancelled, or when the leader's lease was
 revoked (its value predates an invalidation). Redis's lock then coordinates
 processes; this only spares Redis and the primary the duplicates.
 
+A joiner waits at most `patience` (the lock's ttl): a leader stuck longer is
+treated as another process would treat it, and the joiner reads by itself.
+
 Threads share only the miss path, and only answers sealed against staleness (a
 load whose lease held, or a read sent after the flight stopped taking joiners): a
 hit costs one command either way, and any other read may predate an invalidation
@@ -26,6 +29,13 @@ from .flows import Served
 Answer = tuple[Served, float]
 
 
+def _no_seal() -> None:
+    """The seal of a read nobody can join."""
+
+
+_EXPIRED = "expired"  # a task joiner's patience ran out
+
+
 class _Flight:
     """One read in progress; `seal` stops later callers from joining it."""
 
@@ -37,7 +47,7 @@ class _Flight:
         self.answer: Answer | None = None
         self.error: BaseException | None = None
         self.done: threading.Event | None = None  # set when the leader is done (threads)
-        self.joiners: list[asyncio.Future[None]] | None = None  # (tasks)
+        self.joiners: list[asyncio.Future[Any]] | None = None  # (tasks)
 
     def seal(self) -> None:
         self.registry.close(self)
@@ -78,6 +88,10 @@ class _Registry:
         """forget() for every key: after a bulk invalidation."""
         self.active.clear()
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: the leaders of these flights did not come along."""
+        self.active = {}
+
 
 class ThreadFlights(_Registry):
     """Coalesces calls made from threads."""
@@ -98,11 +112,18 @@ class ThreadFlights(_Registry):
         with self._lock:
             super().forget_all()
 
-    def run(self, key: str, serve: Callable[..., Answer], *args: Any) -> tuple[Answer, bool] | None:
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()  # it may have been held by a thread now gone
+        super().reset_after_fork()
+
+    def run(
+        self, key: str, patience: float, serve: Callable[..., Answer], *args: Any
+    ) -> tuple[Answer, bool] | None:
         """Lead (calling `serve(*args, seal)`) or join the read of `key`.
 
         Returns the answer and whether it was joined, or None when the caller must
-        read for itself: the leader's answer was not a load it can share.
+        read for itself: the leader's answer was not a load it can share. A joiner
+        whose leader takes longer than `patience` seconds reads alone.
         """
         flight = _Flight(self, key)
         # An Event wakes every joiner at once; a held lock would hand over one by one.
@@ -110,7 +131,8 @@ class ThreadFlights(_Registry):
         current = self.active.setdefault(key, flight)  # atomic under the GIL
         if current is not flight:
             assert current.done is not None
-            current.done.wait()
+            if not current.done.wait(patience):
+                return serve(*args, _no_seal), False
             # A thread can lose the GIL for milliseconds between a reply and its
             # return, long enough for an invalidation elsewhere to complete: take only
             # answers that are fresh for anyone who joined before the seal.
@@ -127,25 +149,37 @@ class ThreadFlights(_Registry):
             done.set()
 
 
+def _expire(joined: asyncio.Future[Any]) -> None:
+    if not joined.done():
+        joined.set_result(_EXPIRED)
+
+
 class TaskFlights(_Registry):
     """Coalesces calls made from asyncio tasks of one event loop (one thread)."""
 
     async def run(
-        self, key: str, serve: Callable[..., Awaitable[Answer]], *args: Any
+        self, key: str, patience: float, serve: Callable[..., Awaitable[Answer]], *args: Any
     ) -> tuple[Answer, bool]:
         """Lead (awaiting `serve(*args, seal)`) or join the read of `key`.
 
-        Returns the answer and whether it was joined.
+        Returns the answer and whether it was joined. A joiner whose leader takes
+        longer than `patience` seconds reads alone.
         """
         while True:
             current = self.active.get(key)
             if current is None:
                 break
-            joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            joined: asyncio.Future[Any] = loop.create_future()
             if current.joiners is None:
                 current.joiners = []
             current.joiners.append(joined)
-            await joined
+            expiry = loop.call_later(patience, _expire, joined)
+            try:
+                if await joined == _EXPIRED:
+                    return await serve(*args, _no_seal), False
+            finally:
+                expiry.cancel()
             # No await lies between the leader's reply and the end of its flight, so
             # a shared read is as fresh as the reply itself.
             answer = current.outcome(reads_shared=True)

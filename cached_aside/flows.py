@@ -7,32 +7,34 @@ place. No redis, asyncio or time imports here.
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from .codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
-from .effects import Command, CommandFailed, Effect, Flow, RunScript, Signal, Spawn
-from .errors import CacheUnavailableError, ConfigurationError, UnstorableValueError
+from .effects import (
+    Command,
+    CommandFailed,
+    Effect,
+    Flow,
+    Free,
+    Hold,
+    Postpone,
+    RunScript,
+    Signal,
+    Spawn,
+)
+from .errors import CacheUnavailableError, ConfigurationError
 from .keys import EntryKeys, entry_keys
 from .options import Options
+from .outbox import PendingKey, PendingPattern
+from .results import Outcome, Source
 from .scripts import AcquireStatus, ScriptName
 from .stats import Stats
 
 RELEASE_ONLY = "release"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
-
-
-class Source(str, enum.Enum):
-    """Where a caller's value came from."""
-
-    NEAR = "near"  # the in-process near cache
-    CACHE = "cache"  # a cached value
-    NEGATIVE = "negative"  # a cached "no such record"
-    LOADER = "loader"  # this call ran the loader
-    WAITED = "waited"  # another caller's load, waited for
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,12 @@ class Plan:
     stats: Stats
     # Look up with the PEEK script (value and ttl): refresh_ahead or a near cache is on.
     peek: bool = False
+
+    @property
+    def patience(self) -> float:
+        """How long a caller waits for another caller of its process: the lock's
+        ttl, after which a process that is not sharing would take over too."""
+        return self.options.lock_ttl_ms / 1000.0
 
 
 @dataclass(slots=True)
@@ -130,9 +138,13 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
     return (yield from miss(plan, key, found is Found.CORRUPT, block_limit_ms))
 
 
-def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[None]:
+def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
+    """Reload an entry in the background; False when its loader failed (callers keep
+    getting the cached value, and the driver waits before trying again)."""
     keys = entry_keys(key)
     token = os.urandom(16).hex()
+    hold = lock_hold(plan, keys, token)
+    yield hold
     try:
         # Ignore the cached value: it is the one being replaced.
         reply = yield RunScript(
@@ -141,20 +153,42 @@ def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[None]:
             (token, plan.options.lock_ttl_ms, plan.codec.redis_type, "1"),
         )
         if reply[0] == AcquireStatus.OWNED:
-            yield from _load_and_store(plan, keys, token)
-            return
+            try:
+                yield from _load_and_store(plan, keys, hold)
+            except (CommandFailed, CacheUnavailableError):
+                raise  # Redis, not the loader: counted where it failed
+            except Exception as exc:  # the loader or the codec
+                plan.stats.loader_error(key, exc)
+                return False
+            return True
         # Another caller is reloading: wait for its store here, in the background, so
         # this process does not ask again on every hit until then.
-        yield _wait_for_wake_up(keys, int(reply[1]), block_limit_ms)
+        yield _wait_for_wake_up(keys, token, int(reply[1]), block_limit_ms)
     except CommandFailed as failure:
         plan.stats.error(key, failure)
+    except CacheUnavailableError:
+        pass  # the store failed with fail_open=False: counted, and nobody to tell
+    return True
 
 
-def _wait_for_wake_up(keys: EntryKeys, lock_pttl_ms: int, block_limit_ms: int) -> Command:
-    """Block until the owner's store pushes a token, or until its lock would have
-    expired (it may have died); never longer than the socket timeout allows."""
+def lock_hold(plan: Plan, keys: EntryKeys, token: str) -> Hold:
+    """The Hold of a caller about to ask for the lock with `token`: released, it
+    gives back the lock if it has it, and its place among the waiters and its
+    wake-up token if the lock script registered it as a waiter."""
+    options = plan.options
+    release = RunScript(ScriptName.STORE, keys, (token, RELEASE_ONLY, 0, options.lock_ttl_ms))
+    leave = RunScript(ScriptName.LEAVE, (keys.waiters, keys.wake_list(token)), (token,))
+    return Hold((release, leave), options.lock_ttl_ms)
+
+
+def _wait_for_wake_up(
+    keys: EntryKeys, token: str, lock_pttl_ms: int, block_limit_ms: int
+) -> Command:
+    """Block until the owner's store pushes a token on this waiter's list, or until
+    its lock would have expired (it may have died); never longer than the socket
+    timeout allows."""
     wait_ms = min(max(lock_pttl_ms, MIN_WAIT_MS), block_limit_ms)
-    return Command(("BLPOP", keys.wake, f"{wait_ms / 1000:.3f}"))
+    return Command(("BLPOP", keys.wake_list(token), f"{wait_ms / 1000:.3f}"))
 
 
 def miss(
@@ -163,25 +197,33 @@ def miss(
     corrupt: bool,
     block_limit_ms: int,
     load: Effect = Signal.LOAD,
-    held_ms: int | None = None,
+    held: tuple[int, Hold] | None = None,
 ) -> Flow[Served]:
     """Look and lock in one step, then load (owner), take the value (found) or wait.
 
     `load` is the effect that runs the loader: Signal.LOAD for a single call, LoadOne
-    for one entry of a batch. `held_ms`: a batch's lock script already found the lock
-    held for that long (and counted this caller as a waiter), so wait first.
+    for one entry of a batch. `held`: a batch's lock script already found the lock
+    held (for that many ms) and registered this caller as a waiter under the token of
+    the Hold given, which stands: wait first.
     """
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
-    token = os.urandom(16).hex()
     waited = False
     if corrupt:
         stats.corrupt(key)
-    if held_ms is not None:
+    if held is None:
+        token = os.urandom(16).hex()
+        # Armed before the lock script is sent: its reply may be lost (a timeout, a
+        # cancellation) after Redis granted the lock or registered a waiter.
+        hold = lock_hold(plan, keys, token)
+        yield hold
+    else:
+        held_ms, hold = held
+        token = hold.releases[0].args[0]
         stats.lock_wait()
         waited = True
         try:
-            yield _wait_for_wake_up(keys, held_ms, block_limit_ms)
+            yield _wait_for_wake_up(keys, token, held_ms, block_limit_ms)
         except CommandFailed as failure:
             return (yield from _load_uncached(plan, key, failure, load))
         yield Signal.SEAL
@@ -195,11 +237,13 @@ def miss(
                 (token, options.lock_ttl_ms, codec.redis_type, "1" if corrupt else "0"),
             )
         except CommandFailed as failure:
+            if not failure.sent and not waited:
+                yield Free(hold)  # refused before it left: nothing of ours in Redis
             return (yield from _load_uncached(plan, key, failure, load))
         status = reply[0]
         if status == AcquireStatus.OWNED:
             stats.miss()
-            return (yield from _load_and_store(plan, keys, token, load))
+            return (yield from _load_and_store(plan, keys, hold, load))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
             if found is Found.CORRUPT or found is Found.MISS:
@@ -207,6 +251,7 @@ def miss(
                     stats.corrupt(key)
                 corrupt = True
                 continue
+            yield Free(hold)  # the lock script took this caller off the waiters
             value = None if found is Found.NEGATIVE else found
             if waited:
                 stats.miss(suppressed=True)
@@ -221,7 +266,7 @@ def miss(
         waited = True
         corrupt = False  # the owner's store replaces whatever was there
         try:
-            yield _wait_for_wake_up(keys, int(reply[1]), block_limit_ms)
+            yield _wait_for_wake_up(keys, token, int(reply[1]), block_limit_ms)
         except CommandFailed as failure:
             return (yield from _load_uncached(plan, key, failure, load))
         # The next look is what this call's joiners will be handed. Everyone who joined
@@ -230,17 +275,15 @@ def miss(
 
 
 def _load_and_store(
-    plan: Plan, keys: EntryKeys, token: str, load: Effect = Signal.LOAD
+    plan: Plan, keys: EntryKeys, hold: Hold, load: Effect = Signal.LOAD
 ) -> Flow[Served]:
+    """Load and store under the lock `hold` stands for. Whatever goes wrong before
+    the store script answers (the loader, the codec, Redis) leaves the Hold to the
+    driver, which releases the lock."""
     codec, options = plan.codec, plan.options
+    token = hold.releases[0].args[0]
     plan.stats.load()
-    try:
-        value = yield load
-    except GeneratorExit:
-        raise
-    except BaseException:
-        yield from _release(plan, keys, token)
-        raise
+    value = yield load
     kind: str
     if value is None:
         result = None
@@ -253,11 +296,7 @@ def _load_and_store(
         else:
             kind, ttl_ms, payload = RELEASE_ONLY, 0, []
     else:
-        try:
-            payload, result = codec.encode(value, f"{plan.name} (key {keys.value!r})")
-        except UnstorableValueError:
-            yield from _release(plan, keys, token)
-            raise
+        payload, result = codec.encode(value, f"{plan.name} (key {keys.value!r})")
         kind, ttl_ms = codec.redis_type, options.ttl_ms
     # From here on, callers in this process start their own read instead of joining
     # this one, so none of them is handed a value stored before its call began.
@@ -267,23 +306,21 @@ def _load_and_store(
             ScriptName.STORE, keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
         )
     except CommandFailed as failure:
+        # The lock may still stand (an OOM or READONLY refusal, a lost reply): the
+        # Hold stays, and the driver releases it when this flow returns.
         tolerate(plan, keys.value, failure)
         return Served(result, Source.LOADER, shareable=True)
+    yield Free(hold)  # stored, or refused because the lease was revoked: nothing left
     return Served(result, Source.LOADER, lease_kept=bool(stored), shareable=bool(stored))
 
 
-def _release(plan: Plan, keys: EntryKeys, token: str) -> Flow[None]:
-    try:
-        yield RunScript(ScriptName.STORE, keys, (token, RELEASE_ONLY, 0, plan.options.lock_ttl_ms))
-    except CommandFailed as failure:
-        plan.stats.error(keys.value, failure)  # the lock's ttl frees it anyway
-
-
 def _load_uncached(
-    plan: Plan, key: str, failure: CommandFailed, load: Effect = Signal.LOAD
+    plan: Plan, key: str, failure: CommandFailed | None, load: Effect = Signal.LOAD
 ) -> Flow[Served]:
-    """Fail open: Redis is unusable, so the loader answers and nothing is cached."""
-    tolerate(plan, key, failure)
+    """Fail open (Redis is unusable) or bypass the cache (an invalidation of `key`
+    is still on its way): the loader answers and nothing is cached."""
+    if failure is not None:
+        tolerate(plan, key, failure)
     plan.stats.miss()
     plan.stats.load()
     value = yield load
@@ -294,6 +331,12 @@ def _load_uncached(
     return Served(result, Source.LOADER, shareable=True)
 
 
+def bypass(plan: Plan, key: str, load: Effect = Signal.LOAD) -> Flow[Served]:
+    """Serve `key` from the loader alone while its invalidation waits in the outbox:
+    Redis may still hold the value it meant to delete."""
+    return _load_uncached(plan, key, None, load)
+
+
 def tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
     plan.stats.error(key, failure)
     if not plan.options.fail_open:
@@ -302,20 +345,39 @@ def tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
         ) from failure.cause
 
 
-def invalidate(plan: Plan, key: str) -> Flow[bool]:
-    """Delete an entry and revoke any load in flight, so its older result is refused."""
+def invalidate(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome]:
+    """Delete an entry and revoke any load in flight, so its older result is refused.
+
+    If Redis does not take it, the invalidation goes to the outbox (`whole` covers the
+    key should the outbox be full) and the answer is PENDING, never ABSENT.
+    """
     try:
         existed = yield RunScript(
             ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,)
         )
     except CommandFailed as failure:
-        tolerate(plan, key, failure)
-        return False
-    return bool(existed)
+        return (yield from postpone(plan, key, whole, failure))
+    return Outcome.DELETED if existed else Outcome.ABSENT
 
 
-def update_field(plan: Plan, key: str, field: object, value: object) -> Flow[bool]:
-    """Set one field of a cached record and refresh its ttl, only if a record is cached."""
+def postpone(plan: Plan, key: str, whole: PendingPattern, failure: CommandFailed) -> Flow[Outcome]:
+    """Queue an invalidation Redis did not take; raises after queueing when the
+    function does not fail open."""
+    plan.stats.postponed()
+    yield Postpone((PendingKey(key, plan.options.lock_ttl_ms, whole),))
+    tolerate(plan, key, failure)
+    return Outcome.PENDING
+
+
+def update_field(
+    plan: Plan, key: str, field: object, value: object, whole: PendingPattern
+) -> Flow[Outcome]:
+    """Set one field of a cached record and refresh its ttl, only if a record is
+    cached; either way, revoke the lease of any load in flight.
+
+    If Redis does not take it, the cached record may disagree with the primary: the
+    entry's invalidation goes to the outbox instead, and the answer is PENDING.
+    """
     if not isinstance(plan.codec, HashCodec):
         raise ConfigurationError(
             f"{plan.name}.update_field needs as_hash=True; with msgpack storage call "
@@ -323,11 +385,13 @@ def update_field(plan: Plan, key: str, field: object, value: object) -> Flow[boo
         )
     where = f"{plan.name}.update_field (key {key!r})"
     text = field_text(check_field(field, where), value, where)
+    options = plan.options
     try:
         updated = yield RunScript(
-            ScriptName.UPDATE_FIELD, (key,), (META_FIELD, field, text, plan.options.ttl_ms)
+            ScriptName.UPDATE_FIELD,
+            entry_keys(key),
+            (META_FIELD, field, text, options.ttl_ms, options.lock_ttl_ms),
         )
     except CommandFailed as failure:
-        tolerate(plan, key, failure)
-        return False
-    return bool(updated)
+        return (yield from postpone(plan, key, whole, failure))
+    return Outcome.UPDATED if updated else Outcome.ABSENT

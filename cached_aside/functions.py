@@ -8,22 +8,33 @@ a flow to its driver. The user's function itself is never modified.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from .batch_drivers import serve_many_async, serve_many_sync
-from .batches import invalidate_many
+from .batches import invalidate_many, invalidate_pattern
 from .defaults import default_engine
 from .drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
-from .effects import CommandFailed, Flow
+from .effects import Flow
 from .engine import CacheEngine
 from .flows import Served, invalidate, update_field
 from .near import MISSING
-from .wrapping import HIT_SOURCES, BoundCachedFunction, CachedBase, CacheResult
+from .results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome
+from .stats import StatsSnapshot
+from .wrapping import _NOT_GIVEN, CachedBase
 
-__all__ = ["AsyncCachedFunction", "BoundCachedFunction", "CacheResult", "CachedFunction"]
+__all__ = [
+    "AsyncCachedFunction",
+    "BoundAsyncCachedFunction",
+    "BoundCachedFunction",
+    "CachedFunction",
+]
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 R = TypeVar("R")
+S = TypeVar("S")  # the instance a decorated method is bound to
+Sync = TypeVar("Sync", bound="CachedFunction[Any, Any]")
+Async = TypeVar("Async", bound="AsyncCachedFunction[Any, Any]")
 
 
 class CachedFunction(CachedBase[P, R]):
@@ -54,19 +65,31 @@ class CachedFunction(CachedBase[P, R]):
             served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
         )
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Delete the entry (value or negative sentinel); True if one existed."""
-        engine, key = self._locate(args, kwargs)
-        return self._change(engine, key, invalidate(self._plan, key))
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
+        """Delete the entry (value or negative sentinel) and fence loads in flight.
 
-    def update_field(self, *args: Any, **kwargs: Any) -> bool:
-        """`update_field(*loader_args, field, value)`: change one field of a cached record.
-
-        Hash mode only. Returns False, and writes nothing, when no record is cached.
+        Returns Outcome.DELETED, Outcome.ABSENT (nothing was cached), or
+        Outcome.PENDING: Redis did not take it, so it waits in the engine's outbox,
+        retried until it lands, and this process serves the key from the loader
+        meanwhile. With fail_open=False, PENDING raises CacheUnavailableError instead.
         """
-        loader_args, field, value = self._split_update(args)
+        engine, key = self._locate(args, kwargs)
+        return self._change(engine, key, invalidate(self._plan, key, self._covering(engine)))
+
+    def update_field(
+        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+    ) -> Outcome:
+        """`update_field(*loader_args, field, value)`: change one field of a cached
+        record (also `update_field(*loader_args, field=..., value=...)`).
+
+        Hash mode only. Loads in flight are fenced as by invalidate(). Returns
+        Outcome.UPDATED, Outcome.ABSENT (nothing cached: nothing written), or
+        Outcome.PENDING: Redis failed, and the entry's invalidation waits in the outbox.
+        """
+        loader_args, field, value = self._split_update(args, field, value)
         engine, key = self._locate(loader_args, kwargs)
-        return self._change(engine, key, update_field(self._plan, key, field, value))
+        flow = update_field(self._plan, key, field, value, self._covering(engine))
+        return self._change(engine, key, flow)
 
     def many(self, items: Iterable[Any]) -> list[R]:
         """Values for many calls at once, in the items' order.
@@ -89,42 +112,58 @@ class CachedFunction(CachedBase[P, R]):
         )
         return self._spread(self._near_merge(keys, found, rest, tickets, answers), positions)
 
-    def invalidate_many(self, items: Iterable[Any]) -> int:
-        """Delete many entries in one pipeline; returns how many existed. Items as for
-        many()."""
+    def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
+        """Delete many entries in one pipeline. Items as for many(). Those Redis did
+        not take wait in the outbox (`pending`), as for invalidate()."""
         engine, keys, _, _, _ = self._distinct(items)
         side = engine.sync_side()
-        existed = run_sync(invalidate_many(self._plan, keys), side, no_load, no_seal)[0]
-        for key in keys:
-            side.flights.forget(key)
-        self._near_drop(keys)
-        return existed
+        flow = invalidate_many(self._plan, keys, self._covering(engine))
+        try:
+            return run_sync(flow, side, no_load, no_seal)[0]
+        finally:
+            for key in keys:
+                side.flights.forget(key)
+            self._near_drop(keys)
 
-    def invalidate_all(self) -> int:
-        """Delete every entry this function cached, on every node; returns how many.
+    def invalidate_all(self) -> BulkOutcome:
+        """Delete every entry this function cached, on every node.
 
         Pages through the keys with SCAN and deletes them with UNLINK, so Redis is
-        never blocked. Raises CacheUnavailableError if Redis fails part way.
+        never blocked. If Redis fails part way, the rest waits in the outbox
+        (`pending=1`) and this process serves the function from the loader meanwhile.
         """
         engine = self._engine or default_engine()
         side = engine.sync_side()
+        flow = invalidate_pattern(self._covering(engine), self._plan)
         try:
-            deleted = run_sync(self._everything(engine), side, no_load, no_seal)[0]
-        except CommandFailed as failure:
-            raise self._bulk_failed(failure) from failure.cause
+            return run_sync(flow, side, no_load, no_seal)[0]
         finally:
             side.flights.forget_all()
             self._near_clear()
-        return deleted
 
-    def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
+    @overload
+    def __get__(self: Sync, instance: None, owner: type | None = None) -> Sync: ...
+
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[S, Q], R], instance: S, owner: type | None = None
+    ) -> BoundCachedFunction[Q, R]: ...
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """Decorating a method: bind the instance like a function would."""
+        if instance is None:
+            return self
+        return BoundCachedFunction(self, instance)
+
+    def _change(self, engine: CacheEngine, key: str, flow: Flow[Outcome]) -> Outcome:
         side = engine.sync_side()
-        changed = run_sync(flow, side, no_load, no_seal)[0]
-        # Only now: a read already sharing a lookup made before the change may finish
-        # with it, but no read that starts after this call returns may join it.
-        side.flights.forget(key)
-        self._near_drop((key,))
-        return changed
+        try:
+            return run_sync(flow, side, no_load, no_seal)[0]
+        finally:
+            # Only now: a read already sharing a lookup made before the change may
+            # finish with it, but no read that starts after this call returns joins it.
+            side.flights.forget(key)
+            self._near_drop((key,))
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
@@ -176,19 +215,21 @@ class AsyncCachedFunction(CachedBase[P, R]):
             served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
         )
 
-    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Delete the entry (value or negative sentinel); True if one existed."""
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
+        """Delete the entry and fence loads in flight; as CachedFunction.invalidate."""
         engine, key = self._locate(args, kwargs)
-        return await self._change(engine, key, invalidate(self._plan, key))
+        flow = invalidate(self._plan, key, self._covering(engine))
+        return await self._change(engine, key, flow)
 
-    async def update_field(self, *args: Any, **kwargs: Any) -> bool:
-        """`await update_field(*loader_args, field, value)`: change one cached field.
-
-        Hash mode only. Returns False, and writes nothing, when no record is cached.
-        """
-        loader_args, field, value = self._split_update(args)
+    async def update_field(
+        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+    ) -> Outcome:
+        """`await update_field(*loader_args, field, value)`: change one cached field;
+        as CachedFunction.update_field."""
+        loader_args, field, value = self._split_update(args, field, value)
         engine, key = self._locate(loader_args, kwargs)
-        return await self._change(engine, key, update_field(self._plan, key, field, value))
+        flow = update_field(self._plan, key, field, value, self._covering(engine))
+        return await self._change(engine, key, flow)
 
     async def many(self, items: Iterable[Any]) -> list[R]:
         """Values for many calls at once, in the items' order; as CachedFunction.many,
@@ -206,42 +247,56 @@ class AsyncCachedFunction(CachedBase[P, R]):
         )
         return self._spread(self._near_merge(keys, found, rest, tickets, answers), positions)
 
-    async def invalidate_many(self, items: Iterable[Any]) -> int:
-        """Delete many entries in one pipeline; returns how many existed."""
+    async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
+        """Delete many entries in one pipeline; as CachedFunction.invalidate_many."""
         engine, keys, _, _, _ = self._distinct(items)
         side = engine.async_side()
         if not side.ready:
             await side.prepare()
-        flow = invalidate_many(self._plan, keys)
-        existed = (await run_async(flow, side, no_load_async, no_seal))[0]
-        for key in keys:
-            side.flights.forget(key)
-        self._near_drop(keys)
-        return existed
+        flow = invalidate_many(self._plan, keys, self._covering(engine))
+        try:
+            return (await run_async(flow, side, no_load_async, no_seal))[0]
+        finally:
+            for key in keys:
+                side.flights.forget(key)
+            self._near_drop(keys)
 
-    async def invalidate_all(self) -> int:
+    async def invalidate_all(self) -> BulkOutcome:
         """Delete every entry this function cached; as CachedFunction.invalidate_all."""
         engine = self._engine or default_engine()
         side = engine.async_side()
         if not side.ready:
             await side.prepare()
+        flow = invalidate_pattern(self._covering(engine), self._plan)
         try:
-            deleted = (await run_async(self._everything(engine), side, no_load_async, no_seal))[0]
-        except CommandFailed as failure:
-            raise self._bulk_failed(failure) from failure.cause
+            return (await run_async(flow, side, no_load_async, no_seal))[0]
         finally:
             side.flights.forget_all()
             self._near_clear()
-        return deleted
 
-    async def _change(self, engine: CacheEngine, key: str, flow: Flow[bool]) -> bool:
+    @overload
+    def __get__(self: Async, instance: None, owner: type | None = None) -> Async: ...
+
+    @overload
+    def __get__(
+        self: AsyncCachedFunction[Concatenate[S, Q], R], instance: S, owner: type | None = None
+    ) -> BoundAsyncCachedFunction[Q, R]: ...
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """Decorating a method: bind the instance like a function would."""
+        if instance is None:
+            return self
+        return BoundAsyncCachedFunction(self, instance)
+
+    async def _change(self, engine: CacheEngine, key: str, flow: Flow[Outcome]) -> Outcome:
         side = engine.async_side()
         if not side.ready:
             await side.prepare()
-        changed = (await run_async(flow, side, no_load_async, no_seal))[0]
-        side.flights.forget(key)  # after the change, as in CachedFunction._change
-        self._near_drop((key,))
-        return changed
+        try:
+            return (await run_async(flow, side, no_load_async, no_seal))[0]
+        finally:
+            side.flights.forget(key)  # after the change, as in CachedFunction._change
+            self._near_drop((key,))
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
@@ -263,3 +318,103 @@ class AsyncCachedFunction(CachedBase[P, R]):
             self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
         )
         return self._near_keep(key, ticket, served, joined), seconds
+
+
+class _Bound(Generic[Q, R]):
+    """What bound sync and async methods share: the instance goes first."""
+
+    def __init__(self, function: CachedBase[..., R], instance: object) -> None:
+        self._shared = function
+        self._instance = instance
+        self.__name__: str = getattr(function, "__name__", type(function).__name__)
+        self.__qualname__: str = getattr(function, "__qualname__", self.__name__)
+        self.__doc__ = function.__doc__
+        self.__wrapped__ = function.__wrapped__
+
+    def key(self, *args: Q.args, **kwargs: Q.kwargs) -> str:
+        """The Redis key these arguments map to, for redis-cli and debugging."""
+        return self._shared.key(self._instance, *args, **kwargs)
+
+    def _items(self, items: Iterable[Any]) -> list[tuple[Any, ...]]:
+        """Batch items with the instance prepended to each."""
+        return [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
+
+    def stats(self) -> StatsSnapshot:
+        return self._shared.stats()
+
+    def error_kinds(self) -> dict[str, int]:
+        return self._shared.error_kinds()
+
+    def reset_stats(self) -> None:
+        self._shared.reset_stats()
+
+    def __repr__(self) -> str:
+        return f"<bound {self._shared!r} of {self._instance!r}>"
+
+
+class BoundCachedFunction(_Bound[Q, R]):
+    """A CachedFunction decorated as a method, bound to one instance: the same API,
+    without the instance in the arguments."""
+
+    def __init__(self, function: CachedFunction[..., R], instance: object) -> None:
+        super().__init__(function, instance)
+        self._function = function
+
+    def __call__(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
+        return self._function(self._instance, *args, **kwargs)
+
+    def lookup(self, *args: Q.args, **kwargs: Q.kwargs) -> CacheResult[R]:
+        return self._function.lookup(self._instance, *args, **kwargs)
+
+    def invalidate(self, *args: Q.args, **kwargs: Q.kwargs) -> Outcome:
+        return self._function.invalidate(self._instance, *args, **kwargs)
+
+    def update_field(
+        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+    ) -> Outcome:
+        return self._function.update_field(
+            self._instance, *args, field=field, value=value, **kwargs
+        )
+
+    def many(self, items: Iterable[Any]) -> list[R]:
+        """Items as for many(), without the instance: it is prepended to each."""
+        return self._function.many(self._items(items))
+
+    def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
+        return self._function.invalidate_many(self._items(items))
+
+    def invalidate_all(self) -> BulkOutcome:
+        return self._function.invalidate_all()
+
+
+class BoundAsyncCachedFunction(_Bound[Q, R]):
+    """An AsyncCachedFunction decorated as a method, bound to one instance."""
+
+    def __init__(self, function: AsyncCachedFunction[..., R], instance: object) -> None:
+        super().__init__(function, instance)
+        self._function = function
+
+    async def __call__(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
+        return await self._function(self._instance, *args, **kwargs)
+
+    async def lookup(self, *args: Q.args, **kwargs: Q.kwargs) -> CacheResult[R]:
+        return await self._function.lookup(self._instance, *args, **kwargs)
+
+    async def invalidate(self, *args: Q.args, **kwargs: Q.kwargs) -> Outcome:
+        return await self._function.invalidate(self._instance, *args, **kwargs)
+
+    async def update_field(
+        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+    ) -> Outcome:
+        return await self._function.update_field(
+            self._instance, *args, field=field, value=value, **kwargs
+        )
+
+    async def many(self, items: Iterable[Any]) -> list[R]:
+        return await self._function.many(self._items(items))
+
+    async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
+        return await self._function.invalidate_many(self._items(items))
+
+    async def invalidate_all(self) -> BulkOutcome:
+        return await self._function.invalidate_all()

@@ -24,6 +24,7 @@ LOCK_SUFFIX = "lock"
 WAITERS_SUFFIX = "waiters"
 WAKE_SUFFIX = "wake"
 _INTERNAL_SUFFIXES = frozenset(f":{s}" for s in (LOCK_SUFFIX, WAITERS_SUFFIX, WAKE_SUFFIX))
+_WAITER_WAKE = re.compile(rf":{WAKE_SUFFIX}:[0-9a-f]+").fullmatch
 
 # Rendered keys longer than this are shortened to a readable head plus a digest.
 MAX_RENDERED_LENGTH = 256
@@ -46,12 +47,17 @@ _MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class EntryKeys(NamedTuple):
-    """The Redis keys of one cache entry; only `value` is touched on a hit."""
+    """The Redis keys of one cache entry; only `value` is touched on a hit. `wake` is
+    the prefix of the waiters' own wake-up lists (see `wake_list`)."""
 
     value: str
     lock: str
     waiters: str
     wake: str
+
+    def wake_list(self, token: str) -> str:
+        """The wake-up list of the waiter with this token."""
+        return f"{self.wake}:{token}"
 
 
 def entry_keys(value_key: str) -> EntryKeys:
@@ -71,14 +77,14 @@ def glob_escape(text: str) -> str:
 
 def split_entry_key(key: str, key_head: str) -> tuple[str, str] | None:
     """(rendered, suffix) of one of an engine's keys, or None for a foreign key; the
-    suffix is '' for a value key, else ':lock', ':waiters' or ':wake'."""
+    suffix is '' for a value key, else ':lock', ':waiters' or a waiter's ':wake:<token>'."""
     if not key.startswith(key_head):
         return None
     end = key.find("}", len(key_head))
     if end < 0:
         return None
     suffix = key[end + 1 :]
-    if suffix and suffix not in _INTERNAL_SUFFIXES:
+    if suffix and suffix not in _INTERNAL_SUFFIXES and _WAITER_WAKE(suffix) is None:
         return None
     return key[len(key_head) : end], suffix
 
@@ -105,7 +111,14 @@ def _escape_text(text: str) -> str:
     escaped = _escaped.get(text)
     if escaped is not None:
         return escaped
-    escaped = text if _UNESCAPED(text) is not None else quote(text, safe="")
+    try:
+        escaped = text if _UNESCAPED(text) is not None else quote(text, safe="")
+    except UnicodeEncodeError as exc:
+        raise KeyArgumentError(
+            f"cannot build a cache key from {text!r:.60}: it is not valid text "
+            f"({exc.reason}, as os.fsdecode makes of undecodable bytes); decode the "
+            "bytes it came from with errors='replace', or pass the bytes themselves"
+        ) from None
     if _TYPED_LOOKING(escaped) is not None:
         escaped = f"%{ord(escaped[0]):02X}{escaped[1:]}"
     if len(text) <= _ESCAPED_CACHE_MAX_TEXT:
@@ -148,12 +161,22 @@ def render_argument(value: object) -> str:
     return _escape_text(text)
 
 
-def shorten(rendered: str) -> str:
-    """Bound a rendered key's length, keeping its readable head and adding a digest."""
+def shorten(rendered: str, template_tag: str) -> str:
+    """Bound a rendered key's length, keeping its readable head and adding a digest.
+
+    The digest part starts with the template's tag: two templates can share a head
+    (`doc:<url>` and `doc:<url>:reviews` with a long url), and invalidate_all must
+    tell whose a shortened key is.
+    """
     if len(rendered) <= MAX_RENDERED_LENGTH:
         return rendered
     digest = hashlib.sha256(rendered.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"{rendered[:KEPT_HEAD_LENGTH]}{DIGEST_SEPARATOR}{digest}"
+    return f"{rendered[:KEPT_HEAD_LENGTH]}{DIGEST_SEPARATOR}{template_tag}.{digest}"
+
+
+def template_tag(text: str) -> str:
+    """A short fingerprint of a key template, kept in its shortened keys."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +198,7 @@ class KeyTemplate:
         "_signature",
         "_single",
         "_slots",
+        "_tag",
         "_tail",
         "text",
     )
@@ -184,6 +208,7 @@ class KeyTemplate:
         if not isinstance(text, str) or not text:
             raise KeyTemplateError(f"key for {name} must be a non-empty string, got {text!r}")
         self.text = text
+        self._tag = template_tag(text)
         self._signature = inspect.signature(function)
         parameters = self._signature.parameters
         literals = _PLACEHOLDER.split(text)[0::2]
@@ -234,10 +259,14 @@ class KeyTemplate:
     def owns(self, rendered: str) -> bool:
         """True if `rendered` (a key without prefix and braces) is one this template
         can produce: how invalidate_all tells its entries from other functions'."""
-        head, separator, _ = rendered.partition(DIGEST_SEPARATOR)
+        head, separator, digest = rendered.partition(DIGEST_SEPARATOR)
         if not separator:
             return self._owned_text(rendered) is not None
-        return len(head) == KEPT_HEAD_LENGTH and self._owned_head(head) is not None
+        return (
+            digest.startswith(self._tag + ".")
+            and len(head) == KEPT_HEAD_LENGTH
+            and self._owned_head(head) is not None
+        )
 
     @property
     def literal_head(self) -> str:
@@ -271,7 +300,7 @@ class KeyTemplate:
             rendered = self._format.format(
                 *[render_argument(arguments[slot.name]) for slot in self._slots]
             )
-        return rendered if len(rendered) <= MAX_RENDERED_LENGTH else shorten(rendered)
+        return rendered if len(rendered) <= MAX_RENDERED_LENGTH else shorten(rendered, self._tag)
 
 
 def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:

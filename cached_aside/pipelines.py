@@ -54,7 +54,7 @@ def _settle(side: Any, replies: list[Any]) -> list[Any]:
 def _refused(side: Any, count: int) -> list[Any] | None:
     breaker = side.breaker
     if breaker.open_until and not breaker.allow():
-        return [CommandFailed(breaker.refusal(), wrong_type=False)] * count
+        return [CommandFailed(breaker.refusal(), wrong_type=False, sent=False)] * count
     return None
 
 

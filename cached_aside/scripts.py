@@ -2,8 +2,9 @@
 
 Scripts receive keys and arguments only; their text is constant. Every key a script
 touches belongs to one entry and shares its hash tag, so each script stays in one
-Redis Cluster slot. The wake-up fragment is shared text, not a separate script,
-because EVAL scripts cannot call each other.
+Redis Cluster slot (the waiters' wake-up lists, named from the waiters set, too).
+The wake-up fragment is shared text, not a separate script, because EVAL scripts
+cannot call each other.
 """
 
 from __future__ import annotations
@@ -11,38 +12,45 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-# Wake every caller counted as waiting: one token each on the wake-up list, which
-# expires so tokens nobody collected cannot pile up.
+# Wake every registered waiter: one token on each waiter's own wake-up list (KEYS[4]
+# .. ':' .. its token, in the entry's hash slot), which expires so a token nobody
+# collected cannot linger. Per-waiter lists let a waiter that gives up take back
+# exactly its own registration and token (LEAVE), whatever happened meanwhile.
 _WAKE_WAITERS: Final = """
-local function wake_waiters(waiters_key, wake_key, wake_ttl_ms)
-  local waiting = tonumber(redis.call('GET', waiters_key) or '0')
+local function wake_waiters(waiters_key, wake_prefix, wake_ttl_ms)
+  local waiting = redis.call('SMEMBERS', waiters_key)
+  if #waiting == 0 then return end
   redis.call('DEL', waiters_key)
-  if waiting > 0 then
-    local tokens = {}
-    for i = 1, math.min(waiting, 1000) do tokens[i] = '1' end
-    redis.call('RPUSH', wake_key, unpack(tokens))
+  for i = 1, #waiting do
+    local wake_key = wake_prefix .. ':' .. waiting[i]
+    redis.call('RPUSH', wake_key, '1')
     redis.call('PEXPIRE', wake_key, wake_ttl_ms)
   end
 end
 """
 
 ACQUIRE: Final = """
--- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters counter
--- ARGV[1] lock token, ARGV[2] lock ttl (ms), ARGV[3] expected type of the value
--- ('hash' or 'string'), ARGV[4] '1' to ignore a cached value (it was corrupt)
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set
+-- ARGV[1] the caller's token, ARGV[2] lock ttl (ms), ARGV[3] expected type of the
+-- value ('hash' or 'string'), ARGV[4] '1' to ignore a cached value (it was corrupt)
 -- returns {1, value} when a value of the expected type is cached (HGETALL pairs or
 -- GET bytes); {0} when the caller now holds the lock and must load; {2, pttl} when
--- another caller holds it: this caller is counted as a waiter and should wait for
--- a token on the wake-up list for at most pttl ms.
+-- another caller holds it: the caller's token joins the waiters set, and it should
+-- wait for a token on its own wake-up list (KEYS[3]'s entry .. ':wake:' .. token)
+-- for at most pttl ms. Found or owned, the caller is no waiter any more.
 if ARGV[4] ~= '1' then
   local kind = redis.call('TYPE', KEYS[1]).ok
   if kind == ARGV[3] then
+    redis.call('SREM', KEYS[3], ARGV[1])
     if kind == 'hash' then return {1, redis.call('HGETALL', KEYS[1])} end
     return {1, redis.call('GET', KEYS[1])}
   end
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
-redis.call('INCR', KEYS[3])
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return {0}
+end
+redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return {2, redis.call('PTTL', KEYS[2])}
 """
@@ -50,7 +58,8 @@ return {2, redis.call('PTTL', KEYS[2])}
 STORE: Final = (
     _WAKE_WAITERS
     + """
--- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters counter, KEYS[4] wake-up list
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
+-- prefix (each waiter's list is KEYS[4] .. ':' .. its token)
 -- ARGV[1] lock token, ARGV[2] what to do: 'string' or 'hash' to write, 'release' to
 -- only give up the lock, ARGV[3] value ttl (ms), ARGV[4] wake-up list ttl (ms),
 -- ARGV[5..] the payload: one string, or field/value pairs
@@ -77,7 +86,8 @@ return 1
 INVALIDATE: Final = (
     _WAKE_WAITERS
     + """
--- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters counter, KEYS[4] wake-up list
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
+-- prefix
 -- ARGV[1] wake-up list ttl (ms)
 -- returns 1 if a value or negative sentinel was deleted, else 0. Deleting the lock
 -- revokes the lease of any load in flight, so its (older) result is refused; the
@@ -89,11 +99,19 @@ return existed
 """
 )
 
-UPDATE_FIELD: Final = """
--- KEYS[1] value key
--- ARGV[1] the reserved meta field, ARGV[2] field, ARGV[3] value, ARGV[4] ttl (ms)
+UPDATE_FIELD: Final = (
+    _WAKE_WAITERS
+    + """
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
+-- prefix
+-- ARGV[1] the reserved meta field, ARGV[2] field, ARGV[3] value, ARGV[4] ttl (ms),
+-- ARGV[5] wake-up list ttl (ms)
 -- returns 1 if a cached record was updated and its ttl refreshed; 0 if nothing, a
 -- negative sentinel or foreign data is cached: no partial record is ever created.
+-- Either way the lock goes, as in INVALIDATE: a load in flight read the row before
+-- this write, so its lease is revoked and its older result refused.
+redis.call('DEL', KEYS[2])
+wake_waiters(KEYS[3], KEYS[4], ARGV[5])
 if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
 local count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
 if not count then return 0 end
@@ -101,6 +119,18 @@ if redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], count + 1)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+)
+
+LEAVE: Final = """
+-- KEYS[1] waiters set, KEYS[2] this waiter's wake-up list
+-- ARGV[1] the waiter's token
+-- returns 1. A caller that gives up (cancelled, failed) takes back exactly what the
+-- lock script registered for it, and the token a store may have pushed for it:
+-- nothing of it is left to wake, or to be woken for, later.
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
 return 1
 """
 
@@ -127,6 +157,7 @@ class ScriptName(enum.Enum):
     INVALIDATE = INVALIDATE
     UPDATE_FIELD = UPDATE_FIELD
     PEEK = PEEK
+    LEAVE = LEAVE
 
 
 class AcquireStatus(enum.IntEnum):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
 
 import redis
@@ -18,6 +20,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from .breaker import CircuitBreaker
 from .errors import ConfigurationError
 from .flights import TaskFlights, ThreadFlights
+from .outbox import Outbox
 from .scripts import ScriptName
 
 logger = logging.getLogger("cached_aside")
@@ -32,6 +35,44 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterExcep
 # during a failover has just closed (see redis/redis-py#3835): an outage, not a bug
 # of the caller's.
 ASYNC_CLUSTER_FAILURES = (*REDIS_FAILURES, AttributeError)
+# After a background reload failed, hits of that key start no other for this long:
+# a primary that keeps failing is not asked again on every hit.
+REFRESH_RETRY_SECONDS = 1.0
+_MAX_RESTING_KEYS = 10_000
+
+
+class Background:
+    """The background reloads (Spawn) of one side: at most one per key at a time,
+    and none for REFRESH_RETRY_SECONDS after one failed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+        self._resting: dict[str, float] = {}
+
+    def claim(self, key: str) -> bool:
+        with self._lock:
+            if key in self._running:
+                return False
+            until = self._resting.get(key)
+            if until is not None:
+                if monotonic() < until:
+                    return False
+                del self._resting[key]
+            self._running.add(key)
+            return True
+
+    def busy(self) -> bool:
+        """Whether a background reload is running."""
+        return bool(self._running)
+
+    def finish(self, key: str, ok: bool) -> None:
+        with self._lock:
+            self._running.discard(key)
+            if not ok:
+                if len(self._resting) >= _MAX_RESTING_KEYS:
+                    self._resting.clear()
+                self._resting[key] = monotonic() + REFRESH_RETRY_SECONDS
 
 
 @dataclass(slots=True)
@@ -43,7 +84,8 @@ class SyncSide:
     flights: ThreadFlights
     block_limit_ms: int
     breaker: CircuitBreaker
-    background: set[str] = field(default_factory=set)  # keys with a background refresh
+    outbox: Outbox
+    background: Background = field(default_factory=Background)
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
     route: Callable[[str], Any] | None = None  # a cluster's key -> node, for pipelines
 
@@ -57,7 +99,10 @@ class AsyncSide:
     flights: TaskFlights
     block_limit_ms: int
     breaker: CircuitBreaker
-    background: set[str] = field(default_factory=set)
+    outbox: Outbox
+    background: Background = field(default_factory=Background)
+    # Background work of this loop (refreshes, releases after a cancellation): held
+    # here because a task nobody references can be collected mid-run.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
     route: Callable[[str], Any] | None = None
@@ -65,6 +110,7 @@ class AsyncSide:
     # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
     ready: bool = True
     _initializing: asyncio.Lock | None = None
+    closer: Any = None  # an async generator that closes the client with its loop
 
     async def prepare(self) -> None:
         if self._initializing is None:

@@ -34,6 +34,8 @@ class StatsSnapshot:
     errors: int = 0
     corrupt: int = 0
     lock_waits: int = 0
+    loader_errors: int = 0  # loader failures in background reloads
+    postponed: int = 0  # invalidations Redis did not take, queued in the outbox
 
     @property
     def hit_rate_pct(self) -> float:
@@ -49,18 +51,38 @@ class StatsSnapshot:
         return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})
 
 
+class _Burst:
+    """Says when to log an event that may repeat fast: the first of a burst, then at
+    most once per interval, with the count since the last line."""
+
+    def __init__(self) -> None:
+        self._unlogged = 0
+        self._last = float("-inf")
+
+    def due(self, now: float) -> int:
+        """The count to report now, or 0 to stay quiet. Call under a lock."""
+        self._unlogged += 1
+        if now - self._last < ERROR_LOG_INTERVAL_SECONDS:
+            return 0
+        count, self._unlogged, self._last = self._unlogged, 0, now
+        return count
+
+
 class Stats:
     """Live counters of one decorated function."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, fail_open: bool = True) -> None:
         self.name = name
+        self.after_error = (
+            "callers are served by the loader" if fail_open else "callers get CacheUnavailableError"
+        )
         self._lock = threading.Lock()
         self._hits = self._misses = self._negative_hits = self._loads = 0
         self._near_hits = 0
         self._suppressed = self._errors = self._corrupt = 0
-        self._lock_waits = 0
-        self._unlogged_errors = 0
-        self._last_error_log = float("-inf")
+        self._lock_waits = self._loader_errors = self._postponed = 0
+        self._error_burst = _Burst()
+        self._loader_burst = _Burst()
         self._error_kinds: dict[str, int] = {}
         self._load_counts = [0] * len(LOAD_BUCKETS)
         self._load_seconds = 0.0
@@ -100,25 +122,46 @@ class Stats:
 
     def error(self, key: str, failure: BaseException) -> None:
         """Count a Redis failure; log the first of a burst and then a summary per interval."""
-        now = time.monotonic()
         cause = getattr(failure, "cause", failure)
         kind = type(cause).__name__
         with self._lock:
             self._errors += 1
             self._error_kinds[kind] = self._error_kinds.get(kind, 0) + 1
-            self._unlogged_errors += 1
-            if now - self._last_error_log < ERROR_LOG_INTERVAL_SECONDS:
-                return
-            count, self._unlogged_errors = self._unlogged_errors, 0
-            self._last_error_log = now
-        logger.warning(
-            "%s: Redis failed at %r (%s); %d error(s) since the last report, "
-            "serving from the loader",
-            self.name,
-            key,
-            failure,
-            count,
-        )
+            count = self._error_burst.due(time.monotonic())
+        if count:
+            logger.warning(
+                "%s: Redis failed at %r (%s); %d error(s) since the last report, %s",
+                self.name,
+                key,
+                failure,
+                count,
+                self.after_error,
+            )
+
+    def loader_error(self, key: str, failure: BaseException) -> None:
+        """Count a loader failure nobody sees raised (a background reload); log it
+        like Redis errors, once per burst, with its traceback."""
+        with self._lock:
+            self._loader_errors += 1
+            count = self._loader_burst.due(time.monotonic())
+        if count:
+            logger.warning(
+                "%s: background reload of %r failed (%r); %d failure(s) since the last "
+                "report; the cached value is served until it expires",
+                self.name,
+                key,
+                failure,
+                count,
+                exc_info=failure,
+            )
+
+    def postponed(self) -> None:
+        with self._lock:
+            self._postponed += 1
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the lock may have been held by a thread now gone."""
+        self._lock = threading.Lock()
 
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
@@ -132,6 +175,8 @@ class Stats:
                 errors=self._errors,
                 corrupt=self._corrupt,
                 lock_waits=self._lock_waits,
+                loader_errors=self._loader_errors,
+                postponed=self._postponed,
             )
 
     def loaded_in(self, seconds: float) -> None:
@@ -161,6 +206,7 @@ class Stats:
             self._hits = self._misses = self._negative_hits = self._loads = 0
             self._near_hits = 0
             self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
+            self._loader_errors = self._postponed = 0
             self._error_kinds = {}
             self._load_counts = [0] * len(LOAD_BUCKETS)
             self._load_seconds = 0.0

@@ -8,42 +8,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from .batch_drivers import Answer, BatchLoader
-from .batches import invalidate_matching
 from .defaults import default_engine
-from .effects import CommandFailed, Flow
 from .engine import CacheEngine
-from .errors import CacheUnavailableError
-from .flows import Plan, Served, Source
+from .flows import Plan, Served
 from .keys import KeyTemplate, glob_escape, split_entry_key
 from .near import MISSING, NearCache, NearStore
+from .outbox import PendingPattern
+from .results import Source
 from .stats import StatsSnapshot
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-HIT_SOURCES = frozenset({Source.NEAR, Source.CACHE, Source.NEGATIVE})
-
-
-@dataclass(frozen=True, slots=True)
-class CacheResult(Generic[R]):
-    """One call's value and how it was served.
-
-    Attributes:
-        value: what the call returns.
-        hit: True when served from Redis (a value or a cached "none").
-        source: "cache", "negative", "loader" (this call loaded) or "waited"
-            (another caller's load).
-        redis_ms: time spent waiting on Redis for this call, in milliseconds.
-    """
-
-    value: R
-    hit: bool
-    source: Source
-    redis_ms: float
+# update_field's keywords, when the field and value are not its last two arguments.
+_NOT_GIVEN: Any = object()
 
 
 class CachedBase(Generic[P, R]):
@@ -67,6 +48,7 @@ class CachedBase(Generic[P, R]):
         self._near_config = near
         self._near: NearStore | None = None  # this engine's near tier, when configured
         self._registered_with: CacheEngine | None = None
+        self._whole: PendingPattern | None = None  # every key of this function, there
 
     def _register(self, engine: CacheEngine) -> None:
         config = engine.near if self._near_config is None else self._near_config
@@ -77,7 +59,29 @@ class CachedBase(Generic[P, R]):
             plan = self._plan
             self._near = engine.near_store(config, plan.codec, plan.name)
         engine.register(self._plan.stats)
+        self._whole = self._every_key(engine)
         self._registered_with = engine
+
+    def _every_key(self, engine: CacheEngine) -> PendingPattern:
+        """What covers every entry this function can have on `engine`: for
+        invalidate_all, and for the outbox when it must collapse this function's keys."""
+        head, template = engine.key_head, self._template
+
+        def belongs(key: str) -> bool:
+            parts = split_entry_key(key, head)
+            return parts is not None and template.owns(parts[0])
+
+        start = head + template.literal_head
+        return PendingPattern(
+            start, glob_escape(start) + "*", belongs, f"{self._plan.name}.invalidate_all()"
+        )
+
+    def _covering(self, engine: CacheEngine) -> PendingPattern:
+        """The pattern of every key of this function on `engine` (registered first)."""
+        if engine is not self._registered_with:
+            self._register(engine)
+        assert self._whole is not None
+        return self._whole
 
     # -- the near tier ---------------------------------------------------------
 
@@ -213,23 +217,6 @@ class CachedBase(Generic[P, R]):
                 values.append(served.value)
         return values
 
-    def _everything(self, engine: CacheEngine) -> Flow[int]:
-        """The flow that drops every entry this function's template can produce."""
-        head, template = engine.key_head, self._template
-
-        def belongs(key: str) -> bool:
-            parts = split_entry_key(key, head)
-            return parts is not None and template.owns(parts[0])
-
-        return invalidate_matching(glob_escape(head + template.literal_head) + "*", belongs)
-
-    def _bulk_failed(self, failure: CommandFailed) -> CacheUnavailableError:
-        self._plan.stats.error(self._template.text, failure)
-        return CacheUnavailableError(
-            f"{self._plan.name}.invalidate_all stopped: Redis failed ({failure}); some "
-            "entries may remain. Call it again once Redis answers"
-        )
-
     def _as_joiner(self, served: Served) -> Served:
         """Account for a caller that shared another caller's read, and copy its value."""
         stats = self._plan.stats
@@ -242,7 +229,19 @@ class CachedBase(Generic[P, R]):
             return Served(self._plan.codec.copy(served.value), Source.WAITED)
         return Served(self._plan.codec.copy(served.value), served.source)
 
-    def _split_update(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, Any]:
+    def _split_update(
+        self, args: tuple[Any, ...], field: Any, value: Any
+    ) -> tuple[tuple[Any, ...], Any, Any]:
+        """The loader's arguments, the field and the value of an update_field call:
+        `field=` and `value=` keywords, or else its last two positional arguments."""
+        given = (field is not _NOT_GIVEN) + (value is not _NOT_GIVEN)
+        if given == 2:
+            return args, field, value
+        if given == 1:
+            raise TypeError(
+                f"{self._plan.name}.update_field takes field= and value= together, or the "
+                "field name and value as its last two positional arguments"
+            )
         if len(args) < 2:
             raise TypeError(
                 f"{self._plan.name}.update_field(*loader_args, field, value) needs the "
@@ -250,54 +249,5 @@ class CachedBase(Generic[P, R]):
             )
         return args[:-2], args[-2], args[-1]
 
-    def __get__(self, instance: object, owner: type | None = None) -> Any:
-        """Decorating a method: bind the instance like a function would."""
-        if instance is None:
-            return self
-        return BoundCachedFunction(self, instance)
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
-
-
-class BoundCachedFunction:
-    """A cached function decorated as a method, bound to one instance."""
-
-    __slots__ = ("_function", "_instance")
-
-    def __init__(self, function: CachedBase[..., Any], instance: object) -> None:
-        self._function = function
-        self._instance = instance
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function(self._instance, *args, **kwargs)  # type: ignore[operator]
-
-    def lookup(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.lookup(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
-
-    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.invalidate(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
-
-    def update_field(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.update_field(self._instance, *args, **kwargs)  # type: ignore[attr-defined]
-
-    def key(self, *args: Any, **kwargs: Any) -> str:
-        return self._function.key(self._instance, *args, **kwargs)
-
-    def many(self, items: Iterable[Any]) -> Any:
-        """Items as for many(), without the instance: it is prepended to each."""
-        bound = [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
-        return self._function.many(bound)  # type: ignore[attr-defined]
-
-    def invalidate_many(self, items: Iterable[Any]) -> Any:
-        bound = [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
-        return self._function.invalidate_many(bound)  # type: ignore[attr-defined]
-
-    def invalidate_all(self) -> Any:
-        return self._function.invalidate_all()  # type: ignore[attr-defined]
-
-    def stats(self) -> StatsSnapshot:
-        return self._function.stats()
-
-    def reset_stats(self) -> None:
-        self._function.reset_stats()

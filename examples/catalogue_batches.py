@@ -64,7 +64,7 @@ def main() -> None:
         )
     with sqlite3.connect(DATABASE) as db:
         db.execute("UPDATE products SET price = price * 1.1")  # a new price list
-    dropped = get_product.invalidate_all()
+    dropped = get_product.invalidate_all().deleted
     before = queries
     repriced = get_product.many(page[:3])
     print(f"price list changed: {dropped} entries dropped; {queries - before} SQL query")

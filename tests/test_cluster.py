@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.cluster
 
-from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside import BulkOutcome, CacheEngine, Outcome, Source, cache_aside
 from cached_aside.keys import entry_keys
 
 from .servers import REDIS_SERVER, RedisClusterProcesses
@@ -70,10 +70,10 @@ def test_cluster_sync(client: redis.cluster.RedisCluster) -> None:
     assert all(read.lookup(id).source is Source.CACHE for id in KEYS)
     assert read("missing-1") is None
     assert read.lookup("missing-1").source is Source.NEGATIVE
-    assert all(read.invalidate(id) for id in KEYS[:30])
+    assert all(read.invalidate(id) is Outcome.DELETED for id in KEYS[:30])
     assert read.lookup(KEYS[0]).source is Source.LOADER
     record("p")
-    assert record.update_field("p", "stock", "7") is True
+    assert record.update_field("p", "stock", "7") is Outcome.UPDATED
     assert record("p") == {"id": "p", "stock": "7"}
     loads.clear()
     results: list[Any] = []
@@ -103,7 +103,7 @@ async def test_cluster_async_from_a_cluster_url(cluster: RedisClusterProcesses) 
     assert results == [{"id": KEYS[i % 60]} for i in range(600)]
     assert sorted(loads) == sorted(KEYS[:60])
     assert (await read.lookup(KEYS[5])).source is Source.CACHE
-    assert await read.invalidate(KEYS[5]) is True
+    assert await read.invalidate(KEYS[5]) is Outcome.DELETED
     loads.clear()
     assert await asyncio.gather(*(read("cold") for _ in range(500))) == [{"id": "cold"}] * 500
     assert loads == ["cold"]
@@ -133,11 +133,11 @@ def test_cluster_batches_sync(client: redis.cluster.RedisCluster) -> None:
     assert read.many(items) == expected
     assert batches == [items]  # all hits
     assert other.many(KEYS[:40]) == KEYS[:40]
-    assert read.invalidate_many(KEYS[:30]) == 30
+    assert read.invalidate_many(KEYS[:30]) == BulkOutcome(30)
     assert [client.exists(read.key(id)) for id in KEYS[28:32]] == [0, 0, 1, 1]
-    assert read.invalidate_all() == len(items) - 30  # SCAN on every master
+    assert read.invalidate_all() == BulkOutcome(len(items) - 30)  # SCAN on every master
     assert other.many(KEYS[:40]) == KEYS[:40]
-    assert engine.invalidate_prefix("other:") == 40
+    assert engine.invalidate_prefix("other:") == BulkOutcome(40)
     assert not list(client.scan_iter(match="batch:*"))
 
 
@@ -157,9 +157,9 @@ async def test_cluster_batches_async(cluster: RedisClusterProcesses) -> None:
     assert sorted(loads) == sorted(KEYS)
     assert await read.many(KEYS) == [id.upper() for id in KEYS]
     assert len(loads) == len(KEYS)
-    assert await read.invalidate_many(KEYS[:10]) == 10
-    assert await read.invalidate_all() == len(KEYS) - 10
-    assert await engine.ainvalidate_prefix() == 0
+    assert await read.invalidate_many(KEYS[:10]) == BulkOutcome(10)
+    assert await read.invalidate_all() == BulkOutcome(len(KEYS) - 10)
+    assert await engine.ainvalidate_prefix() == BulkOutcome(0)
     await engine.aclose()
 
 

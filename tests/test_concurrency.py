@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside import CacheEngine, Outcome, Source, cache_aside
 from cached_aside.scripts import ScriptName
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
@@ -159,7 +159,7 @@ def test_invalidation_during_a_load_refuses_the_stale_write(
     reader.start()
     assert loading.wait(5)
     primary["k"] = "v2"  # the writer updates the primary ...
-    assert read.invalidate("k") is False  # ... and invalidates while the read is loading
+    assert read.invalidate("k") is Outcome.ABSENT  # ... and invalidates while the read loads
     proceed.set()
     reader.join()
     assert results == ["v1"]  # the reader began before the write: v1 is its answer
@@ -321,7 +321,7 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
         await lookup_answered.wait()
         side.client.execute_command = real_execute
         send_invalidation.set()
-        assert await invalidation is True
+        assert await invalidation is Outcome.DELETED
         late = asyncio.create_task(read("k"))  # starts after invalidate() returned
         await asyncio.sleep(0.01)
         deliver_lookup.set()

@@ -99,17 +99,17 @@ def test_write_to_primary_invalidates(demo: str) -> None:
     status, reply = call(
         demo, "POST", "/api/products/p-002/primary", {"field": "stock", "value": "3"}
     )
-    assert (status, reply["invalidated"], reply["value"]) == (200, True, 3)
+    assert (status, reply["invalidation"], reply["value"]) == (200, "deleted", 3)
     _, after = call(demo, "GET", "/api/products/p-002")
     assert (after["source"], after["record"]["stock"]) == ("loader", "3")
 
 
 def test_hot_field_updates_the_cache_only(demo: str) -> None:
     status, reply = call(demo, "POST", "/api/products/p-003/cache", {"field": "stock", "value": 9})
-    assert (status, reply["updated"]) == (200, False)  # not cached: nothing written
+    assert (status, reply["update"]) == (200, "absent")  # not cached: nothing written
     call(demo, "GET", "/api/products/p-003")
     _, reply = call(demo, "POST", "/api/products/p-003/cache", {"field": "stock", "value": 9})
-    assert reply["updated"] is True
+    assert reply["update"] == "updated"
     _, after = call(demo, "GET", "/api/products/p-003")
     assert (after["source"], after["record"]["stock"]) == ("cache", "9")
 

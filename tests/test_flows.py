@@ -14,14 +14,19 @@ from cached_aside.effects import (
     Batch,
     Command,
     CommandFailed,
+    Free,
+    Hold,
     LoadOne,
     LoadSome,
+    Postpone,
     RunScript,
     Scan,
     Signal,
 )
-from cached_aside.flows import Plan, Served, Source, after_miss, invalidate, on_lookup
+from cached_aside.flows import Plan, Served, after_miss, invalidate, on_lookup, update_field
 from cached_aside.options import build_options
+from cached_aside.outbox import PendingKey, PendingPattern
+from cached_aside.results import Outcome, Source
 from cached_aside.scripts import AcquireStatus, ScriptName
 from cached_aside.stats import Stats
 
@@ -45,12 +50,15 @@ def plan(codec: Codec = MSGPACK_CODEC, **options: Any) -> Plan:
 
 
 class Stepper:
-    """Drives a flow one effect at a time."""
+    """Drives a flow one effect at a time. Hold and Free are kept as a driver keeps
+    them (`holds`: what a driver would release if the flow ended now), not shown."""
 
     def __init__(self, flow: Any) -> None:
         self.flow = flow
-        self.effect = next(flow)
+        self.holds: list[Hold] = []
         self.result: Any = None
+        self.effect: Any = None
+        self._advance(lambda: next(flow))
 
     def reply(self, value: Any) -> Any:
         return self._advance(lambda: self.flow.send(value))
@@ -58,9 +66,20 @@ class Stepper:
     def fail(self, exc: BaseException) -> Any:
         return self._advance(lambda: self.flow.throw(exc))
 
+    def released(self) -> list[tuple[Any, ...]]:
+        """(script, first key, first argument) of each release a driver would run."""
+        return [(r.script, r.keys[0], r.args[:1]) for hold in self.holds for r in hold.releases]
+
     def _advance(self, step: Any) -> Any:
         try:
-            self.effect = step()
+            effect = step()
+            while type(effect) in (Hold, Free):
+                if type(effect) is Hold:
+                    self.holds.append(effect)
+                else:
+                    self.holds.remove(effect.hold)
+                effect = self.flow.send(None)
+            self.effect = effect
         except StopIteration as stop:
             self.effect, self.result = None, stop.value
         return self.effect
@@ -101,9 +120,11 @@ def test_miss_locks_loads_seals_and_stores() -> None:
     assert store.script is ScriptName.STORE
     assert store.args[:4] == (token, "hash", 30_000, 10_000)
     assert store.args[4:] == ("__cached_aside__", 1, "stock", "3")
+    assert [r[0] for r in flow.released()] == [ScriptName.STORE, ScriptName.LEAVE]
     flow.reply(1)
     assert flow.result == Served({"stock": "3"}, Source.LOADER, lease_kept=True, shareable=True)
     assert p.stats.snapshot().loads == 1
+    assert flow.holds == []  # the store consumed the lock: nothing left to release
 
 
 def test_revoked_lease_is_reported() -> None:
@@ -118,22 +139,27 @@ def test_revoked_lease_is_reported() -> None:
 def test_value_found_under_the_lock_is_not_loaded_again() -> None:
     p = plan()
     flow = Stepper(after_miss(p, KEY, None, 500))
+    assert len(flow.holds) == 1  # armed before the lock script left: its reply may be lost
     flow.reply([AcquireStatus.FOUND, msgpack.packb("v")])
     assert flow.result == Served("v", Source.CACHE)
     assert p.stats.snapshot().loads == 0
+    assert flow.holds == []
 
 
 def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
     p = plan()
     flow = Stepper(after_miss(p, KEY, None, 400))
+    token = flow.effect.args[0]
     wait = flow.reply([AcquireStatus.HELD, 9_000])
-    assert wait == Command(("BLPOP", f"{KEY}:wake", "0.400"))
+    # Its own wake-up list: given up, it takes back exactly its registration.
+    assert wait == Command(("BLPOP", f"{KEY}:wake:{token}", "0.400"))
+    assert flow.released()[-1] == (ScriptName.LEAVE, f"{KEY}:waiters", (token,))
     # Timed out: seal (later callers read for themselves), then look again.
     assert flow.reply(None) is Signal.SEAL
     again = flow.reply(None)
     assert isinstance(again, RunScript)
     assert again.script is ScriptName.ACQUIRE
-    assert flow.reply([AcquireStatus.HELD, 2]) == Command(("BLPOP", f"{KEY}:wake", "0.005"))
+    assert flow.reply([AcquireStatus.HELD, 2]) == Command(("BLPOP", f"{KEY}:wake:{token}", "0.005"))
     assert flow.reply([b"wake", b"1"]) is Signal.SEAL
     flow.reply(None)
     flow.reply([AcquireStatus.FOUND, msgpack.packb([1])])
@@ -144,15 +170,55 @@ def test_waiter_blocks_on_the_wake_list_bounded_by_lock_and_socket() -> None:
     assert stats.lock_waits == 1  # once per call, however many times it looked again
 
 
-def test_loader_error_releases_the_lock_and_propagates() -> None:
-    flow = Stepper(after_miss(plan(), KEY, None, 500))
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ValueError("bad row"),
+        KeyboardInterrupt(),
+        GeneratorExit(),
+        CommandFailed(OSError(), wrong_type=False),
+    ],
+    ids=["loader", "interrupt", "exit", "redis"],
+)
+def test_whatever_ends_a_load_leaves_the_lock_to_the_drivers_release(
+    failure: BaseException,
+) -> None:
+    flow = Stepper(after_miss(plan(fail_open=False), KEY, None, 500))
     token = flow.effect.args[0]
     assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
-    release = flow.fail(ValueError("bad row"))
-    assert isinstance(release, RunScript)
-    assert release.args[:2] == (token, "release")
-    with pytest.raises(ValueError, match="bad row"):
-        flow.reply(1)
+    with pytest.raises(type(failure)):
+        flow.fail(failure)
+    # The flow released nothing itself: its Hold stands, and a driver releases it.
+    assert flow.released() == [
+        (ScriptName.STORE, KEY, (token,)),
+        (ScriptName.LEAVE, f"{KEY}:waiters", (token,)),
+    ]
+
+
+def test_a_lost_lock_reply_keeps_the_lock_armed_and_fails_open() -> None:
+    flow = Stepper(after_miss(plan(), KEY, None, 500))
+    assert flow.fail(CommandFailed(TimeoutError(), wrong_type=False)) is Signal.LOAD
+    flow.reply("v")
+    assert flow.result == Served("v", Source.LOADER, shareable=True)
+    assert len(flow.released()) == 2  # Redis may have granted it before the timeout
+
+
+def test_a_lock_the_breaker_never_sent_is_not_released() -> None:
+    flow = Stepper(after_miss(plan(), KEY, None, 500))
+    flow.fail(CommandFailed(ConnectionError(), wrong_type=False, sent=False))
+    flow.reply("v")
+    assert flow.holds == []
+
+
+def test_a_refused_store_leaves_the_lock_armed() -> None:
+    p = plan()
+    flow = Stepper(after_miss(p, KEY, None, 500))
+    flow.reply([AcquireStatus.OWNED])
+    flow.reply("v")
+    flow.reply(None)  # SEAL
+    flow.fail(CommandFailed(RuntimeError("OOM command not allowed"), wrong_type=False))
+    assert flow.result == Served("v", Source.LOADER, shareable=True)
+    assert [r[0] for r in flow.released()] == [ScriptName.STORE, ScriptName.LEAVE]
 
 
 def test_outage_fails_open_to_the_loader() -> None:
@@ -178,12 +244,45 @@ def test_wrong_type_is_corruption_not_outage() -> None:
     assert p.stats.snapshot().corrupt == 1
 
 
+WHOLE = PendingPattern("cache:{product:", "cache:{product:*", lambda key: True)
+
+
 def test_invalidate_runs_one_script() -> None:
-    flow = Stepper(invalidate(plan(), KEY))
+    flow = Stepper(invalidate(plan(), KEY, WHOLE))
     assert isinstance(flow.effect, RunScript)
     assert flow.effect.script is ScriptName.INVALIDATE
     flow.reply(1)
-    assert flow.result is True
+    assert flow.result is Outcome.DELETED
+    absent = Stepper(invalidate(plan(), KEY, WHOLE))
+    absent.reply(0)
+    assert absent.result is Outcome.ABSENT
+
+
+def test_an_invalidation_redis_did_not_take_is_postponed_never_absent() -> None:
+    p = plan()
+    flow = Stepper(invalidate(p, KEY, WHOLE))
+    postpone = flow.fail(outage())
+    assert postpone == Postpone((PendingKey(KEY, 10_000, WHOLE),))
+    flow.reply(None)
+    assert flow.result is Outcome.PENDING
+    assert (p.stats.snapshot().postponed, p.stats.snapshot().errors) == (1, 1)
+    strict = Stepper(invalidate(plan(fail_open=False), KEY, WHOLE))
+    assert isinstance(strict.fail(outage()), Postpone)  # queued first, then raised
+    with pytest.raises(CacheUnavailableError):
+        strict.reply(None)
+
+
+def test_update_field_fences_loads_and_is_postponed_as_an_invalidation() -> None:
+    flow = Stepper(update_field(plan(HASH_CODEC), KEY, "stock", 2, WHOLE))
+    script = flow.effect
+    assert script.script is ScriptName.UPDATE_FIELD
+    assert script.keys == (KEY, f"{KEY}:lock", f"{KEY}:waiters", f"{KEY}:wake")
+    flow.reply(0)
+    assert flow.result is Outcome.ABSENT
+    failing = Stepper(update_field(plan(HASH_CODEC), KEY, "stock", 2, WHOLE))
+    assert isinstance(failing.fail(outage()), Postpone)
+    failing.reply(None)
+    assert failing.result is Outcome.PENDING
 
 
 # -- batches --------------------------------------------------------------------
@@ -208,7 +307,10 @@ def test_a_batch_locks_in_one_pipeline_loads_once_and_stores_in_one_pipeline() -
     stores = flow.reply(["one", None, "four"])
     assert isinstance(stores, Batch)
     assert [e.keys[0] for e in stores.effects] == [KEYS[0]]  # type: ignore[union-attr]
+    # Armed: the owned lock, and the lock whose script failed (it may have been granted).
+    assert sorted(r[1] for r in flow.released() if r[0] is ScriptName.STORE) == [KEYS[0], KEYS[2]]
     flow.reply([0])  # the store found another token: invalidated meanwhile
+    assert [r[1] for r in flow.released()] == [KEYS[2], f"{KEYS[2]}:waiters"]
     assert flow.result == [
         Served("one", Source.LOADER, lease_kept=False),
         Served("cached", Source.CACHE),
@@ -222,8 +324,11 @@ def test_a_batch_locks_in_one_pipeline_loads_once_and_stores_in_one_pipeline() -
 def test_a_held_entry_in_a_batch_is_waited_for_and_loaded_alone_if_its_owner_vanished() -> None:
     p = plan()
     flow = Stepper(load_batch(p, KEYS[:1], [None], 500))
+    token = flow.effect.effects[0].args[0]
     wait = flow.reply([[AcquireStatus.HELD, 50]])
-    assert wait == Command(("BLPOP", f"{KEYS[0]}:wake", "0.050"))
+    # The single path waits under the batch's token: one registration, one list.
+    assert wait == Command(("BLPOP", f"{KEYS[0]}:wake:{token}", "0.050"))
+    assert [r[0] for r in flow.released()] == [ScriptName.STORE, ScriptName.LEAVE]
     assert flow.reply(None) is Signal.SEAL  # timed out: look again
     again = flow.reply(None)
     assert isinstance(again, RunScript)
@@ -235,14 +340,17 @@ def test_a_held_entry_in_a_batch_is_waited_for_and_loaded_alone_if_its_owner_van
     assert flow.result == [Served("v", Source.LOADER, shareable=True)]
 
 
-def test_a_failing_batch_loader_releases_every_lock_it_took() -> None:
-    flow = Stepper(load_batch(plan(), KEYS[:2], [None, None], 500))
-    flow.reply([[AcquireStatus.OWNED], [AcquireStatus.OWNED]])
-    release = flow.fail(LookupError("primary down"))
-    assert isinstance(release, Batch)
-    assert [e.args[1] for e in release.effects] == ["release", "release"]  # type: ignore[union-attr]
+def test_a_failing_batch_loader_leaves_every_lock_it_took_to_the_drivers_release() -> None:
+    flow = Stepper(load_batch(plan(), KEYS[:3], [None, None, None], 500))
+    flow.reply([[AcquireStatus.OWNED], [AcquireStatus.OWNED], [AcquireStatus.HELD, 90]])
     with pytest.raises(LookupError):
-        flow.reply([1, 1])
+        flow.fail(LookupError("primary down"))
+    assert [(r[0], r[1]) for r in flow.released()] == [
+        (ScriptName.STORE, KEYS[0]),
+        (ScriptName.STORE, KEYS[1]),
+        (ScriptName.STORE, KEYS[2]),  # registered as a waiter: its whole Hold stands
+        (ScriptName.LEAVE, f"{KEYS[2]}:waiters"),
+    ]
 
 
 def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
@@ -255,8 +363,9 @@ def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
     assert flow.reply([1, 1]) == Scan("cache:{p:*", "cursor", SCAN_BATCH)
     flow.reply((None, ["cache:{p:2}"]))
     flow.reply([1])
-    assert flow.result == 2  # value keys only: locks are not entries
+    assert flow.result == (2, None)  # value keys only: locks are not entries
     failing = Stepper(invalidate_matching("cache:{*", lambda key: True))
-    failing.reply((None, ["cache:{a}"]))
-    with pytest.raises(CommandFailed):
-        failing.reply([outage()])
+    failing.reply((None, ["cache:{a}", "cache:{b}"]))
+    failure = outage()
+    failing.reply([1, failure])
+    assert failing.result == (1, failure)  # stopped part way: said, never hidden

@@ -16,7 +16,7 @@ import fakeredis
 import pytest
 import redis
 
-from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
+from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
 from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC
 from cached_aside.near import MISSING, NearStore
 
@@ -212,7 +212,7 @@ def test_this_processes_own_changes_are_seen_at_once(near_engine: CacheEngine) -
     read.invalidate("x")
     assert read("x") == {"v": "2"}  # no wait for Redis's report
     until_near(read, "x")
-    assert read.update_field("x", "v", "3") is True
+    assert read.update_field("x", "v", "3") is Outcome.UPDATED
     assert read("x") == {"v": "3"}
     until_near(read, "x")
     read.invalidate_many(["x"])

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from cached_aside import ConfigurationError, Source, UnstorableValueError
+from cached_aside import ConfigurationError, Outcome, Source, UnstorableValueError
 from cached_aside.codecs import META_FIELD, MSGPACK_NEGATIVE
 
 from .conftest import Harness
@@ -85,9 +85,9 @@ async def test_ttl_is_applied(h: Harness) -> None:
 async def test_invalidate(h: Harness) -> None:
     loader = Loader({"a": 1})
     fn = h.cached(loader, key="inv:<id>")
-    assert await h.run(fn.invalidate, "a") is False
+    assert await h.run(fn.invalidate, "a") is Outcome.ABSENT
     await h.run(fn, "a")
-    assert await h.run(fn.invalidate, "a") is True
+    assert await h.run(fn.invalidate, "a") is Outcome.DELETED
     assert h.raw.exists(fn.key("a")) == 0
     await h.run(fn, "a")
     assert loader.calls == ["a", "a"]
@@ -97,7 +97,7 @@ async def test_invalidate_removes_negative_sentinel(h: Harness) -> None:
     loader = Loader()
     fn = h.cached(loader, key="inv:<id>")
     assert await h.run(fn, "nope") is None
-    assert await h.run(fn.invalidate, "nope") is True
+    assert await h.run(fn.invalidate, "nope") is Outcome.DELETED
     assert await h.run(fn, "nope") is None
     assert loader.calls == ["nope", "nope"]
 
@@ -147,8 +147,8 @@ async def test_update_field_on_cached_record(h: Harness) -> None:
     fn = h.cached(loader, key="product:<id>", as_hash=True, ttl=30)
     await h.run(fn, "p")
     h.raw.pexpire(fn.key("p"), 5_000)
-    assert await h.run(fn.update_field, "p", "stock", "41") is True
-    assert await h.run(fn.update_field, "p", "colour", "red") is True
+    assert await h.run(fn.update_field, "p", "stock", "41") is Outcome.UPDATED
+    assert await h.run(fn.update_field, "p", "colour", "red") is Outcome.UPDATED
     assert await h.run(fn, "p") == {"stock": "41", "name": "Pen", "colour": "red"}
     assert h.raw.pttl(fn.key("p")) > 25_000  # the ttl was refreshed
     assert loader.calls == ["p"]
@@ -156,14 +156,14 @@ async def test_update_field_on_cached_record(h: Harness) -> None:
 
 async def test_update_field_when_not_cached_creates_nothing(h: Harness) -> None:
     fn = h.cached(Loader({"p": {"stock": 1}}), key="product:<id>", as_hash=True)
-    assert await h.run(fn.update_field, "p", "stock", 5) is False
+    assert await h.run(fn.update_field, "p", "stock", 5) is Outcome.ABSENT
     assert h.raw.exists(fn.key("p")) == 0
 
 
 async def test_update_field_never_writes_into_a_negative_sentinel(h: Harness) -> None:
     fn = h.cached(Loader(), key="product:<id>", as_hash=True)
     await h.run(fn, "gone")
-    assert await h.run(fn.update_field, "gone", "stock", 5) is False
+    assert await h.run(fn.update_field, "gone", "stock", 5) is Outcome.ABSENT
     assert h.raw.hgetall(fn.key("gone")) == {META_FIELD.encode(): b"none"}
     assert (await h.run(fn.lookup, "gone")).source == Source.NEGATIVE
 
@@ -320,7 +320,7 @@ async def test_methods_of_a_repository_class(h: Harness) -> None:
     assert await h.run(repo.find, "x") == {"id": "x"}
     assert repo.reads == 1
     assert repo.find.key("x").endswith("{repo:x}")
-    assert await h.run(repo.find.invalidate, "x") is True
+    assert await h.run(repo.find.invalidate, "x") is Outcome.DELETED
 
 
 async def test_sentinels_in_an_unknown_format_are_corrupt(h: Harness) -> None:

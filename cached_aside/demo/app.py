@@ -95,8 +95,8 @@ class DemoApp:
         """Write to the primary, then invalidate: the next read loads the new row."""
         field, value = self._field_change(id, body)
         stored = self.catalogue.update(id, field, value)
-        invalidated = self.get_product.invalidate(id)
-        return 200, {"id": id, "field": field, "value": stored, "invalidated": invalidated}
+        outcome = self.get_product.invalidate(id)
+        return 200, {"id": id, "field": field, "value": stored, "invalidation": outcome.value}
 
     def update_primary_route(self, body: Any, id: str) -> Reply:
         return self.update_primary(id, body)
@@ -107,12 +107,12 @@ class DemoApp:
     def update_hot_field(self, id: str, body: Any) -> Reply:
         """Change one field in the cached record only (update_field), if it is cached."""
         field, value = self._field_change(id, body)
-        updated = self.get_product.update_field(id, field, value)
+        outcome = self.get_product.update_field(id, field, value)
         return 200, {
             "id": id,
             "field": field,
             "value": str(value),
-            "updated": updated,
+            "update": outcome.value,
             **self._ttl(id),
         }
 

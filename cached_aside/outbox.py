@@ -1,0 +1,214 @@
+"""The engine's outbox: invalidations and lock releases that Redis did not take, kept
+until a background flusher delivers them.
+
+While an invalidation waits here, this process must not serve the keys it covers
+from Redis or the near cache, nor store them (`blocks`), so its own readers never see
+the value it meant to delete. Bounded: past `limit` keys, one function's keys
+collapse into a single pattern that covers them all, so nothing is ever dropped.
+No redis or asyncio imports here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .effects import RunScript
+
+logger = logging.getLogger("cached_aside")
+
+DEFAULT_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPattern:
+    """Every key of a function, or under a prefix: delivered with SCAN + UNLINK."""
+
+    start: str  # every key it covers starts with this text
+    match: str  # the SCAN MATCH glob that finds them
+    belongs: Callable[[str], bool] = field(compare=False)  # which matches it covers
+    name: str = field(default="", compare=False)  # for logs and pending_invalidations()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingKey:
+    """One entry's invalidation: delivered with the INVALIDATE script."""
+
+    key: str
+    wake_ttl_ms: int = field(compare=False)
+    whole: PendingPattern = field(compare=False)  # covers it when the outbox is full
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRelease:
+    """A lock (or a waiter's count) to give back; worthless after `until`."""
+
+    effect: RunScript
+    until: float = field(compare=False)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One flush: what the outbox held when it began."""
+
+    keys: list[PendingKey]
+    patterns: list[PendingPattern]
+    releases: list[PendingRelease]
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.patterns or self.releases)
+
+
+class Outbox:
+    """Pending writes of one engine; thread-safe.
+
+    `active` is the one attribute the hot path reads: False whenever no invalidation
+    is pending, so a healthy engine pays a single attribute read per call.
+    """
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        self.limit = limit
+        self.active = False
+        # Called (outside the lock) when work arrives and no flusher runs.
+        self.start_flusher: Callable[[], None] = lambda: None
+        self.queued = 0  # invalidations that had to wait here
+        self.delivered = 0  # invalidations that landed later
+        self.collapsed = 0  # times a function's keys collapsed into one pattern
+        self._lock = threading.Lock()
+        self._keys: dict[str, PendingKey] = {}
+        self._patterns: dict[str, PendingPattern] = {}
+        self._starts: tuple[str, ...] = ()  # the patterns' starts, read without the lock
+        self._releases: dict[tuple[Any, ...], PendingRelease] = {}
+        self._flushing = False
+        self.wake = threading.Event()  # set when work arrives: retry at once
+
+    def add(self, items: tuple[PendingKey | PendingPattern, ...]) -> None:
+        with self._lock:
+            for item in items:
+                self.queued += 1
+                if isinstance(item, PendingPattern):
+                    self._add_pattern(item)
+                elif not self._covered(item.key):
+                    self._keys[item.key] = item
+                    if len(self._keys) > self.limit:
+                        self._collapse(item.whole)
+            self.active = True
+            start = self._claim_flusher()
+        self.wake.set()
+        if start:
+            self.start_flusher()
+
+    def add_release(self, effect: RunScript, ttl_ms: int) -> None:
+        pending = PendingRelease(effect, monotonic() + ttl_ms / 1000.0)
+        with self._lock:
+            self._releases[(effect.keys, effect.args)] = pending
+            if len(self._releases) > self.limit:  # the oldest expire first anyway
+                del self._releases[next(iter(self._releases))]
+            start = self._claim_flusher()
+        self.wake.set()
+        if start:
+            self.start_flusher()
+
+    def blocks(self, key: str) -> bool:
+        """True while an invalidation covering `key` has not reached Redis."""
+        return key in self._keys or self._covered(key)
+
+    def take(self) -> Delivery:
+        """What to deliver now; an empty Delivery also ends the flusher's turn, so the
+        next add() starts a new one."""
+        delivery = self.peek()
+        with self._lock:
+            if not delivery:
+                self._flushing = False
+        return delivery
+
+    def peek(self) -> Delivery:
+        """What a delivery would hold now, without taking the flusher's turn."""
+        with self._lock:
+            now = monotonic()
+            expired = [name for name, r in self._releases.items() if r.until <= now]
+            for name in expired:
+                del self._releases[name]  # the lock's own ttl has freed it
+            return Delivery(
+                list(self._keys.values()),
+                list(self._patterns.values()),
+                list(self._releases.values()),
+            )
+
+    def pending_any(self) -> bool:
+        return bool(self._keys or self._patterns or self._releases)
+
+    def stand_down(self) -> None:
+        """The flusher stops with work left (the engine is closing); kick() or the
+        next add() starts another."""
+        with self._lock:
+            self._flushing = False
+
+    def kick(self) -> None:
+        """Start a flusher if work waits and none runs."""
+        with self._lock:
+            start = self.pending_any() and self._claim_flusher()
+        if start:
+            self.start_flusher()
+
+    def landed(self, delivery: Delivery) -> None:
+        """Forget what Redis took (exactly those items; one queued again since is
+        the same item, equal by key, and was covered by this delivery too)."""
+        with self._lock:
+            for item in delivery.keys:
+                if self._keys.get(item.key) is item:
+                    del self._keys[item.key]
+                    self.delivered += 1
+            for pattern in delivery.patterns:
+                if self._patterns.get(pattern.match) is pattern:
+                    del self._patterns[pattern.match]
+                    self.delivered += 1
+            for release in delivery.releases:
+                self._releases.pop((release.effect.keys, release.effect.args), None)
+            self._starts = tuple(p.start for p in self._patterns.values())
+            self.active = bool(self._keys or self._patterns)
+
+    def pending(self) -> list[str]:
+        """The keys, and the SCAN patterns of bulk invalidations, still waiting."""
+        with self._lock:
+            return [*self._keys, *self._patterns]
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: keep the pending work (the child must not serve those
+        keys either), with a fresh lock and no flusher (threads do not survive fork)."""
+        self._lock = threading.Lock()
+        self.wake = threading.Event()
+        self._flushing = False
+        if self._keys or self._patterns or self._releases:
+            self._flushing = True
+            self.start_flusher()
+
+    def _claim_flusher(self) -> bool:
+        if self._flushing:
+            return False
+        self._flushing = True
+        return True
+
+    def _covered(self, key: str) -> bool:
+        return any(key.startswith(start) for start in self._starts)
+
+    def _add_pattern(self, pattern: PendingPattern) -> None:
+        self._patterns[pattern.match] = pattern
+        self._starts = tuple(p.start for p in self._patterns.values())
+        for key in [key for key in self._keys if key.startswith(pattern.start)]:
+            del self._keys[key]
+
+    def _collapse(self, whole: PendingPattern) -> None:
+        self.collapsed += 1
+        self._add_pattern(whole)
+        logger.warning(
+            "outbox full (%d keys waiting for Redis): %s is now invalidated as a whole "
+            "once Redis answers",
+            self.limit,
+            whole.name or whole.match,
+        )
