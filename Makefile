@@ -17,7 +17,7 @@ venv: $(STAMP)
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict cached_aside
+	$(BIN)/mypy --strict cached_aside tests/typing_checks.py
 
 format: venv
 	$(BIN)/ruff check --fix .

@@ -27,6 +27,8 @@ COUNTERS = {
     "stampedes_suppressed": "Misses served by another caller's load",
     "lock_waits": "Misses that waited on Redis for another process's load",
     "corrupt": "Foreign or damaged entries found, treated as misses and rewritten",
+    "loader_errors": "Loader failures in background reloads (the cached value was served)",
+    "postponed": "Invalidations Redis did not take, queued in the engine's outbox",
 }
 
 
@@ -79,6 +81,25 @@ class CacheCollector(Collector):
         )
         openings.add_metric([], breaker.opened)
         yield openings
+        outbox = self.engine.outbox
+        pending = GaugeMetricFamily(
+            f"{self.namespace}_pending_invalidations",
+            "Invalidations waiting in the outbox for Redis (keys and bulk patterns)",
+        )
+        pending.add_metric([], len(outbox.pending()))
+        yield pending
+        delivered = CounterMetricFamily(
+            f"{self.namespace}_outbox_delivered",
+            "Invalidations the outbox delivered after Redis had failed to take them",
+        )
+        delivered.add_metric([], outbox.delivered)
+        yield delivered
+        collapsed = CounterMetricFamily(
+            f"{self.namespace}_outbox_collapsed",
+            "Times a full outbox replaced a function's keys by one bulk invalidation",
+        )
+        collapsed.add_metric([], outbox.collapsed)
+        yield collapsed
 
 
 def register(engine: CacheEngine, registry: CollectorRegistry = REGISTRY) -> CacheCollector:

@@ -71,6 +71,11 @@ class Injector:
     plan: dict[int, Fault] = field(default_factory=dict)
     ops: list[str] = field(default_factory=list)
     injected: list[tuple[int, str, str]] = field(default_factory=list)  # (index, op, fault)
+    # Async clients only: after Redis performed this operation, the caller is held
+    # here (`reached` is set) until `resume` is set, or until it is cancelled.
+    hold_after: str = ""
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def arm(self, plan: dict[int, Fault]) -> None:
@@ -141,8 +146,13 @@ class _AsyncFaults:
     injector: Injector
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        fault = self.injector.before(describe(args))
+        op = describe(args)
+        fault = self.injector.before(op)
         result = await super().execute_command(*args, **options)  # type: ignore[misc]
+        if op == self.injector.hold_after:
+            self.injector.hold_after = ""
+            self.injector.reached.set()
+            await self.injector.resume.wait()  # a real await, where a real cancel lands
         self.injector.after(fault)
         return result
 

@@ -181,6 +181,7 @@ async def rig(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Any
     yield injector, engine, raw, prefix
     await engine.aclose()
     delete_prefix(raw, prefix)
+    raw.close()
     sync.close()
     await asynchronous.aclose()
 
@@ -230,6 +231,7 @@ async def _run(
 ) -> list[str]:
     """A dry run: the operations the flow performs when nothing fails."""
     ids = [f"e{next(_ids)}" for _ in range(scenario.entries)]
+    h.engine.breaker.success()
     if scenario.prepare is not None:
         await scenario.prepare(h, fn, ids)
     injector.arm(plan)
@@ -250,6 +252,7 @@ async def _check_run(
     loader: Loader,
 ) -> list[str]:
     ids = [f"e{next(_ids)}" for _ in range(scenario.entries)]
+    h.engine.breaker.success()  # each run starts healthy: an open breaker sends nothing
     if scenario.prepare is not None:
         failure, loader.failure = loader.failure, ""
         await scenario.prepare(h, fn, ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from cached_aside import CacheEngine, cache_aside
+from cached_aside import CacheEngine, Outcome, cache_aside
 
 prometheus_client = pytest.importorskip("prometheus_client", reason="the prometheus extra")
 
@@ -56,4 +56,9 @@ def test_errors_by_kind_and_breaker() -> None:
     assert 'kind="CircuitOpenError"} 1.0' in text
     assert "cached_aside_breaker_open 1.0" in text
     assert "cached_aside_breaker_openings_total 1.0" in text
-    engine.close()
+    assert "cached_aside_pending_invalidations 0.0" in text
+    assert read.invalidate("a") is Outcome.PENDING  # the backlog shows
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "cached_aside_pending_invalidations 1.0" in text
+    assert 'cached_aside_postponed_total{function="' in text
+    engine.close(timeout=0.05)

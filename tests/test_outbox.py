@@ -1,0 +1,194 @@
+"""Invalidations Redis did not take: said to be PENDING, kept in the engine's outbox,
+never served around in this process, and delivered as soon as Redis answers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cached_aside import (
+    BulkOutcome,
+    CacheEngine,
+    CacheUnavailableError,
+    Outcome,
+    Source,
+    cache_aside,
+)
+from cached_aside.outbox import Outbox, PendingKey, PendingPattern
+
+from .conftest import unique_prefix
+from .servers import REDIS_SERVER, RedisProcess
+
+DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every command fails at once
+
+
+def pattern(start: str) -> PendingPattern:
+    return PendingPattern(start, start + "*", lambda key: key.startswith(start), start)
+
+
+def test_the_outbox_dedupes_blocks_and_collapses_instead_of_dropping(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    outbox = Outbox(limit=3)
+    started: list[bool] = []
+    outbox.start_flusher = lambda: started.append(True)
+    whole = pattern("c:{p:")
+    for key in ["c:{p:1}", "c:{p:2}", "c:{p:1}"]:
+        outbox.add((PendingKey(key, 1000, whole),))
+    assert outbox.pending() == ["c:{p:1}", "c:{p:2}"]  # one entry per key
+    assert started == [True]  # one flusher, however much arrives
+    assert outbox.active
+    assert outbox.blocks("c:{p:1}")
+    assert not outbox.blocks("c:{p:3}")
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        for key in ["c:{p:3}", "c:{p:4}"]:
+            outbox.add((PendingKey(key, 1000, whole),))
+    # Past the limit, the function's keys become one pattern: more is invalidated
+    # than asked, nothing is lost, and the outbox stays small.
+    assert outbox.pending() == ["c:{p:*"]
+    assert outbox.blocks("c:{p:99}")
+    assert not outbox.blocks("c:{q:1}")
+    assert outbox.collapsed == 1
+    assert "outbox full" in caplog.text
+    delivery = outbox.take()
+    outbox.landed(delivery)
+    assert outbox.pending() == []
+    assert not outbox.active
+    assert outbox.delivered == 1
+
+
+def test_a_key_queued_again_during_a_delivery_stays_queued() -> None:
+    outbox = Outbox()
+    whole = pattern("c:{p:")
+    outbox.add((PendingKey("c:{p:1}", 1000, whole),))
+    delivery = outbox.take()
+    outbox.landed(delivery)  # landed...
+    outbox.add((PendingKey("c:{p:1}", 1000, whole),))  # ...and failed again since
+    assert outbox.pending() == ["c:{p:1}"]
+
+
+def test_pending_keys_are_served_by_the_loader_until_redis_takes_them() -> None:
+    engine = CacheEngine.from_url(DOWN, prefix=unique_prefix())
+    calls: list[str] = []
+
+    @cache_aside(key="row:<id>", ttl=30, engine=engine)
+    def read(id: str) -> str:
+        calls.append(id)
+        return id
+
+    strict = cache_aside(key="strict:<id>", ttl=30, engine=engine, fail_open=False)(read)
+    assert read.invalidate("a") is Outcome.PENDING  # never ABSENT: nothing was checked
+    assert read.invalidate_many(["b", "c"]) == BulkOutcome(0, pending=2)
+    with pytest.raises(CacheUnavailableError, match="fail_open=False"):
+        strict.invalidate("a")  # raises, and the invalidation is queued all the same
+    assert sorted(engine.pending_invalidations()) == [
+        read.key("a"),
+        read.key("b"),
+        read.key("c"),
+        strict.key("a"),
+    ]
+    assert read.lookup("a").source is Source.LOADER  # no Redis asked
+    assert read.stats().postponed == 3
+    assert read.stats().errors == 3  # the invalidations; the bypassed read sent nothing
+    engine.close(timeout=0.05)
+
+
+def test_close_logs_what_redis_never_took(caplog: pytest.LogCaptureFixture) -> None:
+    engine = CacheEngine.from_url(DOWN, prefix=unique_prefix())
+    read = cache_aside(key="row:<id>", ttl=30, engine=engine)(lambda id: id)
+    read.invalidate("a")
+    with caplog.at_level(logging.ERROR, logger="cached_aside"):
+        engine.close(timeout=0.1)
+    assert "closing with 1 invalidation(s) Redis never took" in caplog.text
+    assert read.key("a") in caplog.text
+
+
+@pytest.fixture
+def server() -> Iterator[RedisProcess]:
+    if REDIS_SERVER is None:
+        pytest.fail("redis-server is not on PATH")
+    process = RedisProcess().start()
+    yield process
+    process.stop()
+
+
+@pytest.mark.slow
+def test_an_invalidation_sent_while_redis_is_paused_lands_when_it_resumes(
+    server: RedisProcess, record_property: Any
+) -> None:
+    """The issue's outage: Redis is paused with SIGSTOP, the primary changes and the
+    writer invalidates; this process never serves the old row, and once Redis
+    resumes another process (an engine of its own) reads the new row within 1 s."""
+    prefix = unique_prefix()
+    here = CacheEngine.from_url(server.url, prefix=prefix)
+    there = CacheEngine.from_url(server.url, prefix=prefix)
+    primary = {"a": 1}
+
+    def row(id: str) -> int:
+        return primary[id]
+
+    read = cache_aside(key="row:<id>", ttl=60, engine=here)(row)
+    read_there = cache_aside(key="row:<id>", ttl=60, engine=there)(row)
+    assert read("a") == read_there("a") == 1  # cached in Redis
+    server.pause()
+    try:
+        primary["a"] = 2  # the write to the primary...
+        started = time.monotonic()
+        outcome = read.invalidate("a")  # ...and its invalidation, while Redis hangs
+        took = time.monotonic() - started
+        assert outcome is Outcome.PENDING
+        assert here.pending_invalidations() == [read.key("a")]
+        assert read("a") == 2  # this process: straight to the primary, never the old row
+        time.sleep(0.3)
+    finally:
+        server.resume()
+    resumed = time.monotonic()
+    landed = seen_there = None
+    while time.monotonic() - resumed < 1.0 and (landed is None or seen_there is None):
+        if landed is None and not here.pending_invalidations():
+            landed = time.monotonic() - resumed
+        if seen_there is None and read_there("a") == 2:
+            seen_there = time.monotonic() - resumed
+        time.sleep(0.002)
+    assert landed is not None, "the outbox did not deliver within 1 s of Redis resuming"
+    assert seen_there is not None, "another process still read the old row after 1 s"
+    assert read("a") == 2
+    assert read.lookup("a").source is Source.CACHE
+    record_property("invalidate_seconds", round(took, 3))
+    record_property("landed_after_resume_ms", round(landed * 1000, 1))
+    record_property("other_process_after_resume_ms", round(seen_there * 1000, 1))
+    print(  # the closing note quotes these
+        f"\noutage: invalidate() answered PENDING in {took * 1000:.0f} ms; outbox landed "
+        f"{landed * 1000:.1f} ms after resume; another engine read the new row "
+        f"{seen_there * 1000:.1f} ms after resume"
+    )
+    here.close()
+    there.close()
+
+
+@pytest.mark.slow
+def test_the_flusher_delivers_within_a_retry_interval_of_redis_coming_back(
+    server: RedisProcess,
+) -> None:
+    """Killed, not paused: every retry fails at once until the server is back on
+    its port; then the backlog lands within the retry interval (50 ms) plus a
+    connect."""
+    prefix = unique_prefix()
+    engine = CacheEngine.from_url(server.url, prefix=prefix)
+    read = cache_aside(key="row:<id>", ttl=60, engine=engine)(lambda id: id)
+    read("a")
+    server.kill()
+    assert read.invalidate("a") is Outcome.PENDING
+    assert read.invalidate_all() == BulkOutcome(0, pending=1)
+    time.sleep(0.3)  # the flusher keeps retrying, 20 times a second at most
+    server.start()  # empty: a restart
+    back = time.monotonic()
+    while engine.pending_invalidations() and time.monotonic() - back < 2:
+        time.sleep(0.002)
+    assert engine.pending_invalidations() == []
+    assert time.monotonic() - back < 1.0
+    engine.close()
