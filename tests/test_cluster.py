@@ -46,8 +46,8 @@ def test_an_entrys_keys_share_one_slot_and_entries_spread(
     owners = set()
     for id in KEYS:
         keys = entry_keys(fn.key(id))
-        slots = {client.keyslot(key) for key in keys}
-        assert len(slots) == 1  # value, lock, waiters, wake-up list: one slot
+        slots = {client.keyslot(key) for key in (*keys, keys.wake_list("0123abcd"))}
+        assert len(slots) == 1  # value, lock, waiters, each waiter's wake-up list: one slot
         owners.add(client.get_node_from_key(keys.value).name)
     assert len(owners) == 3  # the entries live on every master
 
@@ -84,6 +84,41 @@ def test_cluster_sync(client: redis.cluster.RedisCluster) -> None:
         thread.join()
     assert (loads, len(results)) == (["cold"], 50)
     client.delete(*(key for id in KEYS for key in entry_keys(read.key(id))), "x")
+
+
+def test_cluster_a_waiter_in_another_process_is_woken_by_the_store(
+    client: redis.cluster.RedisCluster, cluster: RedisClusterProcesses
+) -> None:
+    """The store script wakes each waiter on its own list, named from the waiters
+    set: keys the script derives, in the entry's slot, which a cluster node accepts."""
+    other_client = redis.cluster.RedisCluster.from_url(cluster.url)
+    here, there = CacheEngine(client, prefix="wake"), CacheEngine(other_client, prefix="wake")
+    loading, go = threading.Event(), threading.Event()
+
+    @cache_aside(key="w:<id>", ttl=60, engine=here)
+    def slow(id: str) -> str:
+        loading.set()
+        go.wait(5)
+        return "the owner's load"
+
+    waiting = cache_aside(key="w:<id>", ttl=60, engine=there)(lambda id: "a second load")
+    owner = threading.Thread(target=slow, args=("k",))
+    owner.start()
+    loading.wait(5)
+    results: list[Any] = []
+    waiter = threading.Thread(target=lambda: results.append(waiting.lookup("k")))
+    waiter.start()
+    keys = entry_keys(slow.key("k"))
+    deadline = time.monotonic() + 5
+    while not client.scard(keys.waiters) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.set()
+    owner.join(5)
+    waiter.join(5)
+    assert [(r.value, r.source) for r in results] == [("the owner's load", Source.WAITED)]
+    assert client.exists(keys.lock, keys.waiters) == 0
+    client.delete(keys.value)
+    other_client.close()
 
 
 async def test_cluster_async_from_a_cluster_url(cluster: RedisClusterProcesses) -> None:
