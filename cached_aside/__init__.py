@@ -1,10 +1,10 @@
 """cached_aside: the cache-aside pattern on Redis as one decorator."""
 
-from .breaker import CircuitOpenError
-from .decorator import CacheAside, cache_aside
-from .defaults import configure, default_engine
-from .engine import CacheEngine
-from .errors import (
+from ._breaker import CircuitOpenError
+from ._decorator import CacheAside, cache_aside
+from ._defaults import configure, default_engine
+from ._engine import CacheEngine
+from ._errors import (
     BatchLoaderError,
     CachedAsideError,
     CacheUnavailableError,
@@ -13,15 +13,15 @@ from .errors import (
     KeyTemplateError,
     UnstorableValueError,
 )
-from .functions import (
+from ._functions import (
     AsyncCachedFunction,
     BoundAsyncCachedFunction,
     BoundCachedFunction,
     CachedFunction,
 )
-from .near import NearCache
-from .results import BulkOutcome, CacheResult, Outcome, Source
-from .stats import StatsSnapshot
+from ._near import NearCache
+from ._results import BulkOutcome, CacheResult, Outcome, Source
+from ._stats import StatsSnapshot
 
 __all__ = [
     "AsyncCachedFunction",

@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from .engine import CacheEngine
+from ._engine import CacheEngine
 
 COUNTERS = {
     "hits": "Calls served a cached value by Redis",

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import defaults as defaults_module
-from .engine import CacheEngine
-from .errors import ConfigurationError
+from . import _defaults as defaults_module
+from ._engine import CacheEngine
+from ._errors import ConfigurationError
 
 TEST_URL_VARIABLE = "CACHED_ASIDE_TEST_REDIS_URL"
 

@@ -17,7 +17,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError, OutOfMemoryError, TimeoutError
 
-from cached_aside.scripts import ScriptName
+from cached_aside._scripts import ScriptName
 
 SCRIPTS_BY_SHA = {hashlib.sha1(name.value.encode()).hexdigest(): name.name for name in ScriptName}
 # The outbox's flusher retries in a thread of its own; its operations are not the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cached_aside import CacheEngine, ConfigurationError
-from cached_aside.breaker import CircuitBreaker
+from cached_aside._breaker import CircuitBreaker
 
 
 class Clock:

@@ -13,7 +13,7 @@ import pytest
 import redis.cluster
 
 from cached_aside import BulkOutcome, CacheEngine, Outcome, Source, cache_aside
-from cached_aside.keys import entry_keys
+from cached_aside._keys import entry_keys
 
 from .servers import REDIS_SERVER, RedisClusterProcesses
 

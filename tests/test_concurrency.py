@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio
 
 from cached_aside import CacheEngine, Outcome, Source, cache_aside
-from cached_aside.scripts import ScriptName
+from cached_aside._scripts import ScriptName
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 

@@ -11,9 +11,9 @@ import pytest
 import redis
 
 import cached_aside
-import cached_aside.defaults
+import cached_aside._defaults
 from cached_aside import CacheEngine, ConfigurationError, KeyTemplateError, cache_aside
-from cached_aside.defaults import url_from_environment
+from cached_aside._defaults import url_from_environment
 
 
 def get_product(id: str) -> dict[str, str]:
@@ -114,7 +114,7 @@ def test_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_configure_sets_the_default_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cached_aside.defaults, "_default_engine", None)
+    monkeypatch.setattr(cached_aside._defaults, "_default_engine", None)
     server = fakeredis.FakeServer()
     fn = cache_aside(key="p:<id>", ttl=30)(get_product)  # decorated before configure()
     engine = cached_aside.configure(client=fakeredis.FakeRedis(server=server), prefix="app")
@@ -131,7 +131,7 @@ def test_configure_sets_the_default_engine(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_default_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cached_aside.defaults, "_default_engine", None)
+    monkeypatch.setattr(cached_aside._defaults, "_default_engine", None)
     monkeypatch.setenv("CACHED_ASIDE_REDIS_URL", "redis://127.0.0.1:1/0")
     engine = cached_aside.default_engine()
     client = engine.sync_side().client

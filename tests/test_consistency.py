@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from cached_aside import CacheEngine, Source, cache_aside
-from cached_aside.scripts import ScriptName
+from cached_aside._scripts import ScriptName
 
 from .conftest import REDIS_URL, delete_prefix, unique_prefix
 

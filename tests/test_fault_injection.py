@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from cached_aside import CacheEngine, Outcome, Source, UnstorableValueError, cache_aside
-from cached_aside.scripts import ScriptName
+from cached_aside._scripts import ScriptName
 
 from .conftest import REDIS_URL, Harness, delete_prefix, unique_prefix
 from .injection import FAULTS, Abandon, Fault, Injector, faulty_clients

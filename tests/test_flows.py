@@ -8,9 +8,9 @@ import msgpack
 import pytest
 
 from cached_aside import CacheUnavailableError
-from cached_aside.batches import SCAN_BATCH, invalidate_matching, load_batch
-from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
-from cached_aside.effects import (
+from cached_aside._batches import SCAN_BATCH, invalidate_matching, load_batch
+from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
+from cached_aside._effects import (
     Batch,
     Command,
     CommandFailed,
@@ -23,12 +23,12 @@ from cached_aside.effects import (
     Scan,
     Signal,
 )
-from cached_aside.flows import Plan, Served, after_miss, invalidate, on_lookup, update_field
-from cached_aside.options import build_options
-from cached_aside.outbox import PendingKey, PendingPattern
-from cached_aside.results import Outcome, Source
-from cached_aside.scripts import AcquireStatus, ScriptName
-from cached_aside.stats import Stats
+from cached_aside._flows import Plan, Served, after_miss, invalidate, on_lookup, update_field
+from cached_aside._options import build_options
+from cached_aside._outbox import PendingKey, PendingPattern
+from cached_aside._results import Outcome, Source
+from cached_aside._scripts import AcquireStatus, ScriptName
+from cached_aside._stats import Stats
 
 KEY = "cache:{product:1}"
 

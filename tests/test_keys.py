@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cached_aside import KeyArgumentError, KeyTemplateError
-from cached_aside.keys import (
+from cached_aside._keys import (
     MAX_RENDERED_LENGTH,
     KeyTemplate,
     entry_keys,

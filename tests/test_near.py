@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
-from cached_aside.codecs import HASH_CODEC, MSGPACK_CODEC
-from cached_aside.near import MISSING, NearStore
+from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC
+from cached_aside._near import MISSING, NearStore
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 from .servers import REDIS_SERVER, RedisProcess

@@ -18,7 +18,7 @@ from cached_aside import (
     Source,
     cache_aside,
 )
-from cached_aside.outbox import Outbox, PendingKey, PendingPattern
+from cached_aside._outbox import Outbox, PendingKey, PendingPattern
 
 from .conftest import unique_prefix
 from .servers import REDIS_SERVER, RedisProcess

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from cached_aside import ConfigurationError, Outcome, Source, UnstorableValueError
-from cached_aside.codecs import META_FIELD, MSGPACK_NEGATIVE
+from cached_aside._codecs import META_FIELD, MSGPACK_NEGATIVE
 
 from .conftest import Harness
 

@@ -9,8 +9,8 @@ import threading
 import time
 from typing import Any
 
-from ..decorator import cache_aside
-from ..engine import CacheEngine
+from .._decorator import cache_aside
+from .._engine import CacheEngine
 from .catalogue import FIELDS, Catalogue, CatalogueError, checked_value
 
 MAX_STAMPEDE = 500

@@ -22,8 +22,8 @@ from typing import Any
 
 import redis
 
-from ..defaults import DEFAULT_URL
-from ..engine import CacheEngine
+from .._defaults import DEFAULT_URL
+from .._engine import CacheEngine
 from .app import DemoApp, Refused, Reply
 from .catalogue import Catalogue
 

@@ -12,8 +12,8 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .codecs import Found
-from .effects import (
+from ._codecs import Found
+from ._effects import (
     Batch,
     Command,
     CommandFailed,
@@ -26,12 +26,12 @@ from .effects import (
     RunScript,
     Scan,
 )
-from .errors import BatchLoaderError
-from .flows import RELEASE_ONLY, Plan, Served, lock_hold, miss, tolerate
-from .keys import entry_keys
-from .outbox import Delivery, PendingKey, PendingPattern
-from .results import BulkOutcome, Source
-from .scripts import AcquireStatus, ScriptName
+from ._errors import BatchLoaderError
+from ._flows import RELEASE_ONLY, Plan, Served, lock_hold, miss, tolerate
+from ._keys import entry_keys
+from ._outbox import Delivery, PendingKey, PendingPattern
+from ._results import BulkOutcome, Source
+from ._scripts import AcquireStatus, ScriptName
 
 # Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
 SCAN_BATCH = 1000

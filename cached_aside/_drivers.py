@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
 from typing import Any, TypeVar
 
-from .effects import (
+from ._effects import (
     Batch,
     Command,
     CommandFailed,
@@ -30,9 +30,9 @@ from .effects import (
     Signal,
     Spawn,
 )
-from .flows import Plan, Served, after_miss, bypass, on_lookup
-from .pipelines import failed, scan_async, scan_sync, send_batch_async, send_batch_sync
-from .scripts import ScriptName
+from ._flows import Plan, Served, after_miss, bypass, on_lookup
+from ._pipelines import failed, scan_async, scan_sync, send_batch_async, send_batch_sync
+from ._scripts import ScriptName
 
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")

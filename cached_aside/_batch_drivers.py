@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 from typing import Any
 
-from .batches import align, load_batch, lookups
-from .drivers import (
+from ._batches import align, load_batch, lookups
+from ._drivers import (
     miss_async,
     miss_sync,
     no_seal,
@@ -22,8 +22,8 @@ from .drivers import (
     timed_load,
     timed_load_async,
 )
-from .flows import Plan, Served, after_miss, bypass, on_lookup, refresh_due
-from .pipelines import send_batch_async, send_batch_sync
+from ._flows import Plan, Served, after_miss, bypass, on_lookup, refresh_due
+from ._pipelines import send_batch_async, send_batch_sync
 
 # Misses of one async many() call loaded at once without a batch loader: enough to
 # overlap loads, few enough not to drain the connection pool or flood the primary.

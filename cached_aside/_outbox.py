@@ -18,7 +18,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .effects import RunScript
+    from ._effects import RunScript
 
 logger = logging.getLogger("cached_aside")
 

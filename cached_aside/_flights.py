@@ -24,7 +24,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .flows import Served
+from ._flows import Served
 
 Answer = tuple[Served, float]
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from .batch_drivers import serve_many_async, serve_many_sync
-from .batches import invalidate_many, invalidate_pattern
-from .defaults import default_engine
-from .drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
-from .effects import Flow
-from .engine import CacheEngine
-from .flows import Served, invalidate, update_field
-from .near import MISSING
-from .results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome
-from .stats import StatsSnapshot
-from .wrapping import _NOT_GIVEN, CachedBase
+from ._batch_drivers import serve_many_async, serve_many_sync
+from ._batches import invalidate_many, invalidate_pattern
+from ._defaults import default_engine
+from ._drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
+from ._effects import Flow
+from ._engine import CacheEngine
+from ._flows import Served, invalidate, update_field
+from ._near import MISSING
+from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome
+from ._stats import StatsSnapshot
+from ._wrapping import _NOT_GIVEN, CachedBase
 
 __all__ = [
     "AsyncCachedFunction",

@@ -15,12 +15,12 @@ from typing import Any
 import msgpack
 import redis
 
-from .codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
-from .defaults import url_from_environment
-from .engine import DEFAULT_PREFIX
-from .errors import CachedAsideError
-from .keys import KeyTemplate, entry_keys
-from .scripts import INVALIDATE
+from ._codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
+from ._defaults import url_from_environment
+from ._engine import DEFAULT_PREFIX
+from ._errors import CachedAsideError
+from ._keys import KeyTemplate, entry_keys
+from ._scripts import INVALIDATE
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 

@@ -11,8 +11,8 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .outbox import PendingKey, PendingPattern
-from .scripts import ScriptName
+from ._outbox import PendingKey, PendingPattern
+from ._scripts import ScriptName
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from .effects import Batch, Command, CommandFailed, RunScript, Scan
+from ._effects import Batch, Command, CommandFailed, RunScript, Scan
 
 
 def failed(exc: BaseException) -> CommandFailed:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from .errors import ConfigurationError, KeyArgumentError, KeyTemplateError
+from ._errors import ConfigurationError, KeyArgumentError, KeyTemplateError
 
 LOCK_SUFFIX = "lock"
 WAITERS_SUFFIX = "waiters"

@@ -17,11 +17,11 @@ import redis
 import redis.asyncio
 from redis.exceptions import RedisClusterException, RedisError
 
-from .breaker import CircuitBreaker
-from .errors import ConfigurationError
-from .flights import TaskFlights, ThreadFlights
-from .outbox import Outbox
-from .scripts import ScriptName
+from ._breaker import CircuitBreaker
+from ._errors import ConfigurationError
+from ._flights import TaskFlights, ThreadFlights
+from ._outbox import Outbox
+from ._scripts import ScriptName
 
 logger = logging.getLogger("cached_aside")
 

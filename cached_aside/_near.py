@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Final, Literal
 
-from .errors import ConfigurationError
-from .options import Duration, to_milliseconds
+from ._errors import ConfigurationError
+from ._options import Duration, to_milliseconds
 
 
 class Near(enum.Enum):

@@ -27,19 +27,19 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .batches import deliver, invalidate_pattern
-from .breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
-from .codecs import Codec
-from .drivers import no_load, no_load_async, no_seal, run_async, run_sync
-from .errors import ConfigurationError
-from .flights import TaskFlights, ThreadFlights
-from .keys import glob_escape, split_entry_key, validate_prefix
-from .listener import InvalidationListener, connection_factory
-from .near import NearCache, NearStore
-from .outbox import Delivery, Outbox, PendingPattern
-from .results import BulkOutcome
-from .scripts import ScriptName
-from .sides import (
+from ._batches import deliver, invalidate_pattern
+from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
+from ._codecs import Codec
+from ._drivers import no_load, no_load_async, no_seal, run_async, run_sync
+from ._errors import ConfigurationError
+from ._flights import TaskFlights, ThreadFlights
+from ._keys import glob_escape, split_entry_key, validate_prefix
+from ._listener import InvalidationListener, connection_factory
+from ._near import NearCache, NearStore
+from ._outbox import Delivery, Outbox, PendingPattern
+from ._results import BulkOutcome
+from ._scripts import ScriptName
+from ._sides import (
     ASYNC_CLUSTER_FAILURES,
     AsyncSide,
     Background,
@@ -48,7 +48,7 @@ from .sides import (
     connection_kwargs,
     warn_if_pool_raises,
 )
-from .stats import Stats, StatsSnapshot
+from ._stats import Stats, StatsSnapshot
 
 logger = logging.getLogger("cached_aside")
 
@@ -539,7 +539,7 @@ class CacheEngine:
         side = self._async_by_loop.pop(loop, None)
         self._last_async = (None, None)
         if side is not None:
-            await side.client.aclose()
+            await side.closer.aclose()  # closes the client, once: not again at loop end
 
     def _after_fork_in_child(self) -> None:
         """Reset what fork() copied but cannot work in the child: locks a thread of the

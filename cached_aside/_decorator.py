@@ -10,15 +10,15 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, overload
 
-from .codecs import HASH_CODEC, MSGPACK_CODEC, Codec, Serializer, SerializerCodec
-from .engine import CacheEngine
-from .errors import ConfigurationError
-from .flows import Plan
-from .functions import AsyncCachedFunction, CachedFunction
-from .keys import KeyTemplate
-from .near import NearCache
-from .options import Duration, build_options
-from .stats import Stats
+from ._codecs import HASH_CODEC, MSGPACK_CODEC, Codec, Serializer, SerializerCodec
+from ._engine import CacheEngine
+from ._errors import ConfigurationError
+from ._flows import Plan
+from ._functions import AsyncCachedFunction, CachedFunction
+from ._keys import KeyTemplate
+from ._near import NearCache
+from ._options import Duration, build_options
+from ._stats import Stats
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .errors import CachedAsideError
+from ._errors import CachedAsideError
 
 DEFAULT_FAILURES = 3
 DEFAULT_COOLDOWN_SECONDS = 0.5

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
-from .effects import (
+from ._codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
+from ._effects import (
     Command,
     CommandFailed,
     Effect,
@@ -24,13 +24,13 @@ from .effects import (
     Signal,
     Spawn,
 )
-from .errors import CacheUnavailableError, ConfigurationError
-from .keys import EntryKeys, entry_keys
-from .options import Options
-from .outbox import PendingKey, PendingPattern
-from .results import Outcome, Source
-from .scripts import AcquireStatus, ScriptName
-from .stats import Stats
+from ._errors import CacheUnavailableError, ConfigurationError
+from ._keys import EntryKeys, entry_keys
+from ._options import Options
+from ._outbox import PendingKey, PendingPattern
+from ._results import Outcome, Source
+from ._scripts import AcquireStatus, ScriptName
+from ._stats import Stats
 
 RELEASE_ONLY = "release"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.

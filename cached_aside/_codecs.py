@@ -13,7 +13,7 @@ from typing import Any, Final, Literal, Protocol
 
 import msgpack
 
-from .errors import UnstorableValueError
+from ._errors import UnstorableValueError
 
 
 class Found(enum.Enum):

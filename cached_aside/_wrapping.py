@@ -10,15 +10,15 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .batch_drivers import Answer, BatchLoader
-from .defaults import default_engine
-from .engine import CacheEngine
-from .flows import Plan, Served
-from .keys import KeyTemplate, glob_escape, split_entry_key
-from .near import MISSING, NearCache, NearStore
-from .outbox import PendingPattern
-from .results import Source
-from .stats import StatsSnapshot
+from ._batch_drivers import Answer, BatchLoader
+from ._defaults import default_engine
+from ._engine import CacheEngine
+from ._flows import Plan, Served
+from ._keys import KeyTemplate, glob_escape, split_entry_key
+from ._near import MISSING, NearCache, NearStore
+from ._outbox import PendingPattern
+from ._results import Source
+from ._stats import StatsSnapshot
 
 P = ParamSpec("P")
 R = TypeVar("R")

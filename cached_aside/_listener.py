@@ -22,8 +22,8 @@ from typing import Any
 import redis.connection
 from redis.exceptions import ResponseError
 
-from .errors import ConfigurationError
-from .near import NearStore, TrackingState
+from ._errors import ConfigurationError
+from ._near import NearStore, TrackingState
 
 logger = logging.getLogger("cached_aside")
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .errors import ConfigurationError
+from ._errors import ConfigurationError
 
 Duration = int | float | timedelta
 

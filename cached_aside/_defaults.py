@@ -8,8 +8,8 @@ import os
 import threading
 from typing import Any
 
-from .engine import DEFAULT_PREFIX, CacheEngine
-from .errors import ConfigurationError
+from ._engine import DEFAULT_PREFIX, CacheEngine
+from ._errors import ConfigurationError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
