@@ -190,7 +190,7 @@ class OurCache:
 
     def __init__(self, engine: CacheEngine, load: Callable[[str], dict[str, int]]) -> None:
         self.function = cache_aside(key="item:<key>", ttl=60, engine=engine)(load)
-        self.client = engine.sync_side().client
+        self.client = engine.client()
 
     def get(self, key: str) -> int:
         return int(self.function(key)["version"])
@@ -282,7 +282,7 @@ async def run_ours_async(
     await asyncio.gather(*(reader(i) for i in range(workload.readers)))
     done.set()
     await asyncio.gather(*writers)
-    client = engines[0].async_side().client
+    client = engines[0].async_client()
     stale_entries = 0
     for key in keys:
         raw = await client.get(functions[0].key(key))
@@ -304,7 +304,7 @@ def scenario(settings: Settings, reads: int | None = None) -> list[Table]:
         ]
         outcome = await run_ours_async(async_engines, workload, directory)
         for engine in async_engines:
-            await engine.async_side().client.aclose()
+            await engine.async_client().aclose()
         return outcome
 
     with tempfile.TemporaryDirectory() as directory:

@@ -80,7 +80,7 @@ class ThreadStampede:
 
     def close(self) -> None:
         for engine in self.engines:
-            engine.sync_side().client.close()
+            engine.client().close()
 
 
 async def task_stampede(url: str, prefix: str, callers: int, trials: int) -> list[dict[str, Any]]:
@@ -109,7 +109,7 @@ async def task_stampede(url: str, prefix: str, callers: int, trials: int) -> lis
             extra = [(end - start - LOADER_SECONDS) * 1000 for start, end in times]
             wake = [(end - loaded_at) * 1000 for _, end in times]
             runs.append({"loads": loads, "extra_ms": extra, "wake_ms": wake})
-    await engine.async_side().client.aclose()
+    await engine.async_client().aclose()
     return runs
 
 

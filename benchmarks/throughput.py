@@ -70,7 +70,7 @@ def run(settings: Settings) -> list[Table]:
             results.setdefault((kind, processes), []).append(total / seconds)
             if task is not None and settings.progress:
                 settings.progress.advance(task)
-    engine.sync_side().client.delete(f"{prefix}:{{packed:p-001}}")
+    engine.client().delete(f"{prefix}:{{packed:p-001}}")
     engine.close()
     table = Table(
         "throughput, cached calls per second (sync)",

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from time import monotonic
@@ -66,6 +67,7 @@ NEAR_HANDSHAKE_SECONDS = 2.0
 # pending invalidation lands within ~50 ms of Redis answering again.
 FIRST_RETRY_SECONDS = 0.005
 MAX_RETRY_SECONDS = 0.05
+SETTLE_POLL_SECONDS = 0.005
 # How long close() and aclose() keep trying to deliver what the outbox holds.
 CLOSE_FLUSH_SECONDS = 1.0
 # The outbox's own deliveries never open a breaker: they are how Redis is found back.
@@ -136,9 +138,9 @@ class CacheEngine:
         self._stopping = threading.Event()  # close(): the flusher stops retrying
         _engines.add(self)
         if client is not None:
-            self._sync = self._sync_side(client)
+            self._sync = self._make_sync_side(client)
         if async_client is not None:
-            self._given_async = self._async_side(async_client)
+            self._given_async = self._make_async_side(async_client)
 
     @classmethod
     def from_url(
@@ -223,7 +225,24 @@ class CacheEngine:
 
     # -- what the wrappers use -------------------------------------------------
 
-    def sync_side(self) -> SyncSide:
+    def client(self) -> Any:
+        """The engine's sync Redis client (made on first use by an engine built from a
+        URL): for your own commands on the same server, with the same settings.
+
+        Raises:
+            ConfigurationError: the engine was given no sync client and has no URL.
+        """
+        return self._sync_side().client
+
+    def async_client(self) -> Any:
+        """This event loop's asyncio Redis client (one per loop; call it inside one).
+
+        Raises:
+            ConfigurationError: the engine was given no async client and has no URL.
+        """
+        return self._async_side().client
+
+    def _sync_side(self) -> SyncSide:
         side = self._sync
         if side is not None:
             return side
@@ -234,10 +253,10 @@ class CacheEngine:
             )
         with self._lock:
             if self._sync is None:
-                self._sync = self._sync_side(self._make_client())
+                self._sync = self._make_sync_side(self._make_client())
             return self._sync
 
-    def async_side(self) -> AsyncSide:
+    def _async_side(self) -> AsyncSide:
         if self._given_async is not None:
             return self._given_async
         loop = asyncio.get_running_loop()
@@ -253,7 +272,7 @@ class CacheEngine:
                     "async functions"
                 )
             self._sweep_closed_loops()
-            side = self._async_by_loop[loop] = self._async_side(self._make_async_client())
+            side = self._async_by_loop[loop] = self._make_async_side(self._make_async_client())
             _close_with_loop(self, loop, side)
         self._last_async = (loop, side)
         return side
@@ -270,7 +289,7 @@ class CacheEngine:
         if self._last_async[1] is side:
             self._last_async = (None, None)
 
-    def register(self, stats: Stats) -> None:
+    def _register_stats(self, stats: Stats) -> None:
         """Include a function's counters in `engine.stats()`."""
         with self._lock:
             self._stats.append(stats)
@@ -288,7 +307,7 @@ class CacheEngine:
         """Counters per function, by qualified name."""
         return {stats.name: stats.snapshot() for stats in list(self._stats)}
 
-    def tracked(self) -> list[Stats]:
+    def _tracked(self) -> list[Stats]:
         """The live counters of every function that has used this engine."""
         return list(self._stats)
 
@@ -296,7 +315,7 @@ class CacheEngine:
         for stats in list(self._stats):
             stats.reset()
 
-    def near_store(self, config: NearCache, codec: Codec, name: str) -> NearStore:
+    def _near_store(self, config: NearCache, codec: Codec, name: str) -> NearStore:
         """A near cache for one function, attached to this engine's invalidation
         listener (started on first use).
 
@@ -338,7 +357,7 @@ class CacheEngine:
             )
         client = self._sync.client if self._sync is not None else None
         if client is None and self._make_client is not None:
-            client = self.sync_side().client
+            client = self.client()
         if client is None and self._given_async is not None:
             client = self._given_async.client
         return connection_factory(client)
@@ -350,7 +369,7 @@ class CacheEngine:
         SCAN + UNLINK: Redis is never blocked. If Redis fails part way, the rest waits
         in the outbox (`pending=1`) and is retried until it lands.
         """
-        side = self.sync_side()
+        side = self._sync_side()
         try:
             return run_sync(invalidate_pattern(self._matching(text)), side, no_load, no_seal)[0]
         finally:
@@ -359,7 +378,7 @@ class CacheEngine:
 
     async def ainvalidate_prefix(self, text: str = "") -> BulkOutcome:
         """invalidate_prefix() for async code, on this event loop's client."""
-        side = self.async_side()
+        side = self._async_side()
         if not side.ready:
             await side.prepare()
         flow = invalidate_pattern(self._matching(text))
@@ -368,6 +387,38 @@ class CacheEngine:
         finally:
             side.flights.forget_all()
             self._clear_near()
+
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Wait until the engine's background work is done: refresh_ahead reloads in
+        threads and the outbox's deliveries. Returns False if `timeout` seconds were
+        not enough (Redis down, say). For tests and orderly shutdowns."""
+        deadline = monotonic() + timeout
+        while self._busy():
+            if monotonic() >= deadline:
+                return False
+            time.sleep(SETTLE_POLL_SECONDS)
+        return True
+
+    async def asettle(self, timeout: float = 5.0) -> bool:
+        """settle() for async code: also waits for this loop's background tasks
+        (reloads, and releases after a cancellation)."""
+        deadline = monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            side = self._given_async or self._async_by_loop.get(loop)
+            tasks = [task for task in side.tasks if not task.done()] if side else []
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - monotonic()))
+            if not self._busy() and not any(not task.done() for task in tasks):
+                return True
+            if monotonic() >= deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
+
+    def _busy(self) -> bool:
+        sides = [self._sync, self._given_async, *self._async_by_loop.values()]
+        busy = any(side.background.busy() for side in sides if side is not None)
+        return busy or self.outbox.pending_any()
 
     def pending_invalidations(self) -> list[str]:
         """Invalidations Redis has not taken yet (keys, and patterns of bulk ones),
@@ -409,7 +460,7 @@ class CacheEngine:
         task.add_done_callback(side.tasks.discard)
 
     def _flush_in_thread(self) -> None:
-        side = dataclasses.replace(self.sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
+        side = dataclasses.replace(self._sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
         delay = FIRST_RETRY_SECONDS
         while True:
             delivery = self.outbox.take()
@@ -455,7 +506,7 @@ class CacheEngine:
         """close(): a last attempt to deliver the outbox, for `timeout` seconds."""
         if not self.outbox.pending_any():
             return
-        side = dataclasses.replace(self.sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
+        side = dataclasses.replace(self._sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
         deadline = monotonic() + timeout
         while monotonic() < deadline:
             delivery = self.outbox.peek()
@@ -576,7 +627,7 @@ class CacheEngine:
     def __repr__(self) -> str:
         return f"CacheEngine(prefix={self.prefix!r})"
 
-    def _sync_side(self, client: Any) -> SyncSide:
+    def _make_sync_side(self, client: Any) -> SyncSide:
         kwargs = connection_kwargs(client, "client")
         warn_if_pool_raises(client, "client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}
@@ -587,7 +638,7 @@ class CacheEngine:
             side.route = client.get_node_from_key
         return side
 
-    def _async_side(self, client: Any) -> AsyncSide:
+    def _make_async_side(self, client: Any) -> AsyncSide:
         kwargs = connection_kwargs(client, "async_client")
         warn_if_pool_raises(client, "async_client")
         scripts = {name: client.register_script(name.value) for name in ScriptName}

@@ -54,7 +54,7 @@ class CachedFunction(CachedBase[P, R]):
                 return value  # type: ignore[no-any-return]
             return self._near_serve(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
         served, _, joined = serve_sync(
-            self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
+            self._plan, key, engine._sync_side(), self.__wrapped__, args, kwargs
         )
         return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
 
@@ -104,7 +104,7 @@ class CachedFunction(CachedBase[P, R]):
         answers = serve_many_sync(
             self._plan,
             [keys[p] for p in rest],
-            engine.sync_side(),
+            engine._sync_side(),
             self.__wrapped__,
             [calls[p] for p in rest],
             [items[p] for p in rest],
@@ -116,7 +116,7 @@ class CachedFunction(CachedBase[P, R]):
         """Delete many entries in one pipeline. Items as for many(). Those Redis did
         not take wait in the outbox (`pending`), as for invalidate()."""
         engine, keys, _, _, _ = self._distinct(items)
-        side = engine.sync_side()
+        side = engine._sync_side()
         flow = invalidate_many(self._plan, keys, self._covering(engine))
         try:
             return run_sync(flow, side, no_load, no_seal)[0]
@@ -133,7 +133,7 @@ class CachedFunction(CachedBase[P, R]):
         (`pending=1`) and this process serves the function from the loader meanwhile.
         """
         engine = self._engine or default_engine()
-        side = engine.sync_side()
+        side = engine._sync_side()
         flow = invalidate_pattern(self._covering(engine), self._plan)
         try:
             return run_sync(flow, side, no_load, no_seal)[0]
@@ -156,7 +156,7 @@ class CachedFunction(CachedBase[P, R]):
         return BoundCachedFunction(self, instance)
 
     def _change(self, engine: CacheEngine, key: str, flow: Flow[Outcome]) -> Outcome:
-        side = engine.sync_side()
+        side = engine._sync_side()
         try:
             return run_sync(flow, side, no_load, no_seal)[0]
         finally:
@@ -170,7 +170,7 @@ class CachedFunction(CachedBase[P, R]):
         if self._near is not None:
             return self._near_serve(engine, key, args, kwargs)
         served, seconds, joined = serve_sync(
-            self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
+            self._plan, key, engine._sync_side(), self.__wrapped__, args, kwargs
         )
         return (self._as_joiner(served) if joined else served), seconds
 
@@ -182,7 +182,7 @@ class CachedFunction(CachedBase[P, R]):
         if hit is not None:
             return hit, 0.0
         served, seconds, joined = serve_sync(
-            self._plan, key, engine.sync_side(), self.__wrapped__, args, kwargs
+            self._plan, key, engine._sync_side(), self.__wrapped__, args, kwargs
         )
         return self._near_keep(key, ticket, served, joined), seconds
 
@@ -204,7 +204,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
                 return value  # type: ignore[no-any-return]
             return (await self._near_serve(engine, key, args, kwargs))[0].value  # type: ignore[no-any-return]
         served, _, joined = await serve_async(
-            self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
+            self._plan, key, engine._async_side(), self.__wrapped__, args, kwargs
         )
         return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
 
@@ -239,7 +239,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         answers = await serve_many_async(
             self._plan,
             [keys[p] for p in rest],
-            engine.async_side(),
+            engine._async_side(),
             self.__wrapped__,
             [calls[p] for p in rest],
             [items[p] for p in rest],
@@ -250,7 +250,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
     async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
         """Delete many entries in one pipeline; as CachedFunction.invalidate_many."""
         engine, keys, _, _, _ = self._distinct(items)
-        side = engine.async_side()
+        side = engine._async_side()
         if not side.ready:
             await side.prepare()
         flow = invalidate_many(self._plan, keys, self._covering(engine))
@@ -264,7 +264,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
     async def invalidate_all(self) -> BulkOutcome:
         """Delete every entry this function cached; as CachedFunction.invalidate_all."""
         engine = self._engine or default_engine()
-        side = engine.async_side()
+        side = engine._async_side()
         if not side.ready:
             await side.prepare()
         flow = invalidate_pattern(self._covering(engine), self._plan)
@@ -289,7 +289,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         return BoundAsyncCachedFunction(self, instance)
 
     async def _change(self, engine: CacheEngine, key: str, flow: Flow[Outcome]) -> Outcome:
-        side = engine.async_side()
+        side = engine._async_side()
         if not side.ready:
             await side.prepare()
         try:
@@ -303,7 +303,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         if self._near is not None:
             return await self._near_serve(engine, key, args, kwargs)
         served, seconds, joined = await serve_async(
-            self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
+            self._plan, key, engine._async_side(), self.__wrapped__, args, kwargs
         )
         return (self._as_joiner(served) if joined else served), seconds
 
@@ -315,7 +315,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         if hit is not None:
             return hit, 0.0
         served, seconds, joined = await serve_async(
-            self._plan, key, engine.async_side(), self.__wrapped__, args, kwargs
+            self._plan, key, engine._async_side(), self.__wrapped__, args, kwargs
         )
         return self._near_keep(key, ticket, served, joined), seconds
 

@@ -57,8 +57,8 @@ class CachedBase(Generic[P, R]):
             if not self._plan.peek:  # the near tier needs the remaining ttl with the value
                 self._plan = dataclasses.replace(self._plan, peek=True)
             plan = self._plan
-            self._near = engine.near_store(config, plan.codec, plan.name)
-        engine.register(self._plan.stats)
+            self._near = engine._near_store(config, plan.codec, plan.name)
+        engine._register_stats(self._plan.stats)
         self._whole = self._every_key(engine)
         self._registered_with = engine
 

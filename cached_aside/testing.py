@@ -51,7 +51,7 @@ def cache_engine() -> Iterator[CacheEngine]:
         yield engine
     finally:
         defaults_module._default_engine = previous
-        client = engine.sync_side().client
+        client = engine.client()
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.unlink(*keys)

@@ -200,7 +200,7 @@ async def test_cluster_batches_async(cluster: RedisClusterProcesses) -> None:
 
 def _victim(cluster: RedisClusterProcesses, engine: CacheEngine, key: str) -> Any:
     """The server process of the master that holds `key`."""
-    port = engine.sync_side().client.get_node_from_key(key).port
+    port = engine.client().get_node_from_key(key).port
     return next(node for node in cluster.nodes if node.port == port)
 
 
@@ -252,9 +252,7 @@ def test_failover_sync_callers_keep_correct_answers_and_hits_resume() -> None:
         print(f"\nfailover: {calls[0]} calls, hits resumed {resumed} s after SIGKILL")
         assert (errors, wrong) == ([], [])
         assert resumed is not None, "hits never resumed on the killed master's slots"
-        assert engine.sync_side().client.get_node_from_key(read.key(victim_key)).port != (
-            victim.port
-        )
+        assert engine.client().get_node_from_key(read.key(victim_key)).port != (victim.port)
         engine.close()
     finally:
         cluster.stop()
@@ -271,7 +269,7 @@ async def test_failover_async_callers_keep_correct_answers_and_hits_resume() -> 
             return {"id": id}
 
         assert await read.many(KEYS) == [{"id": id} for id in KEYS]
-        side = engine.async_side()
+        side = engine._async_side()
         port = side.client.get_node_from_key(read.key(KEYS[0])).port
         victim = next(node for node in cluster.nodes if node.port == port)
         stop = asyncio.Event()

@@ -179,7 +179,7 @@ async def test_pool_queues_instead_of_failing(redis_url_or_skip: str) -> None:
     try:
         results = await asyncio.gather(*(load(i) for i in range(500)))
         assert results == list(range(500))
-        assert engine.async_side().client.connection_pool.max_connections == 4
+        assert engine.async_client().connection_pool.max_connections == 4
     finally:
         await engine.aclose()
         cleanup = redis.Redis.from_url(redis_url_or_skip)
@@ -278,7 +278,7 @@ def test_a_value_stored_by_another_process_is_a_hit(redis_url_or_skip: str) -> N
     try:
         assert get_product("p-1") == {"id": "p-1", "stock": "7"}
     finally:
-        delete_prefix(engine.sync_side().client, prefix)
+        delete_prefix(engine.client(), prefix)
         engine.close()
 
 
@@ -294,7 +294,7 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
         return version["v"]
 
     assert await read("k") == 1  # cached: v1
-    side = engine.async_side()
+    side = engine._async_side()
     real_execute = side.client.execute_command
     real_invalidate = side.scripts[ScriptName.INVALIDATE]
     send_invalidation = asyncio.Event()

@@ -134,7 +134,7 @@ def test_default_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cached_aside._defaults, "_default_engine", None)
     monkeypatch.setenv("CACHED_ASIDE_REDIS_URL", "redis://127.0.0.1:1/0")
     engine = cached_aside.default_engine()
-    client = engine.sync_side().client
+    client = engine.client()
     assert client.get_connection_kwargs()["port"] == 1
     assert isinstance(client.connection_pool, redis.BlockingConnectionPool)
     engine.close()

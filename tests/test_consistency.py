@@ -202,14 +202,14 @@ def test_owner_killed_mid_load_is_replaced_after_the_lock_expires(tmp_path: Path
         def load(id: str) -> str:
             return "recovered"
 
-        assert engine.sync_side().client.exists(load.key("k") + ":lock") == 1
+        assert engine.client().exists(load.key("k") + ":lock") == 1
         result = load.lookup("k")  # waits for the dead owner's lock to expire
         assert (result.value, result.source) == ("recovered", Source.LOADER)
         assert load.stats().loads == 1
     finally:
         if owner.poll() is None:
             owner.kill()
-        delete_prefix(engine.sync_side().client, prefix)
+        delete_prefix(engine.client(), prefix)
         engine.close()
 
 
@@ -321,7 +321,7 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
     await asyncio.gather(*(reader() for _ in range(5)))
     assert sources == {Source.CACHE}
     assert len(loads) >= 4
-    assert len(engine.async_side().tasks) <= 1  # background refreshes finish
+    assert len(engine._async_side().tasks) <= 1  # background refreshes finish
 
 
 def test_refresh_ahead_must_be_shorter_than_ttl() -> None:
@@ -333,14 +333,14 @@ async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: C
     @cache_aside(key="count:<id>", ttl=30, engine=engine)
     async def load(id: str) -> str:
         # Hold the load until every other task has joined, however slow the machine.
-        flight = engine.async_side().flights.active[load.key(id)]
+        flight = engine._async_side().flights.active[load.key(id)]
         for _ in range(500):
             if len(flight.joiners or ()) == 499:
                 break
             await asyncio.sleep(0.01)
         return id
 
-    side = engine.async_side()
+    side = engine._async_side()
     sent: list[str] = []
     real_execute = side.client.execute_command
     real_acquire = side.scripts[ScriptName.ACQUIRE]

@@ -256,7 +256,7 @@ def test_demo_falls_back_to_fakeredis_when_no_redis_answers(
     monkeypatch.setattr(server, "DEFAULT_URL", "redis://127.0.0.1:1/0")  # nothing listens
     engine, label = server.choose_engine(None)
     assert label.startswith("embedded fakeredis")
-    assert engine.sync_side().client.ping()
+    assert engine.client().ping()
 
 
 def test_demo_uses_the_named_redis_or_says_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,13 +36,6 @@ from .injection import Injector, faulty_clients
 from .servers import REDIS_SERVER, RedisProcess
 
 
-async def _until_idle(side: Any) -> None:
-    """Until no background reload runs on this side."""
-    deadline = time.monotonic() + 5
-    while side.background.busy() and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.005)  # a thread's work has no event to await
-
-
 def leftovers(raw: Any, prefix: str) -> list[str]:
     """Locks, waiter sets and wake-up lists under a prefix: none may outlive a call."""
     found = []
@@ -72,7 +65,7 @@ async def test_timed_out_requests_leave_no_key_stuck(engine: CacheEngine, client
     answers = await asyncio.gather(*(request(n) for n in range(800)))
     assert answers.count(None) > 100  # many were cancelled mid-call
     assert all(a == f"k{n % 40}" for n, a in enumerate(answers) if a is not None)
-    await asyncio.gather(*engine.async_side().tasks)  # releases run shielded
+    assert await engine.asettle()  # releases run shielded, in tasks of their own
     assert leftovers(clients[2], engine.prefix) == []
     slow.reset_stats()
     for number in range(40):
@@ -255,7 +248,7 @@ def test_a_child_forked_during_a_load_does_not_hang() -> None:
         time.sleep(0.01)
     assert json.loads(os.read(reading, 1000)) == f"k-from-{owner}"  # the parent's load
     os.close(reading)
-    delete_prefix(engine.sync_side().client, prefix)
+    delete_prefix(engine.client(), prefix)
     engine.close()
 
 
@@ -326,10 +319,7 @@ def test_update_field_fences_a_refresh_in_flight(engine: CacheEngine, clients: A
     primary["stock"] = "2"
     assert item.update_field("p", "stock", "2") is Outcome.UPDATED
     go.set()
-    side = engine.sync_side()
-    deadline = time.monotonic() + 5
-    while side.background.busy() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    assert engine.settle()  # the reload has finished
     assert clients[2].hget(item.key("p"), "stock") == b"2"  # not overwritten by the reload
 
 
@@ -365,9 +355,7 @@ async def test_a_failing_reload_is_tried_once_not_on_every_hit(
         for _ in range(10):
             assert await h.run(fn, "a") == "a"  # the cached value, however the reload fares
             await asyncio.sleep(0.02)
-        sides = [h.engine.sync_side(), h.engine.async_side()] if h.mode == "async" else []
-        for side in sides or [h.engine.sync_side()]:
-            await _until_idle(side)
+        assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
     assert calls == ["a"]  # one reload in 0.2 s, not one per hit
     assert fn.stats().loader_errors == 1
     assert caplog.text.count("background reload of") == 1

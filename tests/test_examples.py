@@ -90,7 +90,7 @@ def test_the_cache_engine_fixture_on_real_redis(
         def test_real(cache_engine):
             assert double(2) == 4
             assert double.lookup(2).hit
-            assert cache_engine.sync_side().client.exists(double.key(2))
+            assert cache_engine.client().exists(double.key(2))
         """
     )
     monkeypatch.setenv("CACHED_ASIDE_TEST_REDIS_URL", REDIS_URL or "")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -314,19 +313,8 @@ def _judge_outcome(
 async def _settle(h: Harness, fn: Any, scenario: Scenario, ids: list[str]) -> None:
     """Wait for background reloads, releases and the outbox, and for another
     process's lock to expire as it would."""
-    engine = h.engine
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        sides: list[Any] = [engine.sync_side()]
-        if h.mode == "async":
-            sides.append(engine.async_side())
-            tasks = list(sides[-1].tasks)
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-        busy = any(side.background.busy() for side in sides)
-        if not busy and not engine.outbox.pending_any():
-            break
-        await asyncio.sleep(0.005)
+    settled = await h.engine.asettle() if h.mode == "async" else h.engine.settle()
+    assert settled, "background work did not finish"
     if scenario.foreign_lock:
         await asyncio.sleep(FOREIGN_LOCK_MS / 1000 + 0.01)
 

@@ -216,7 +216,7 @@ def test_scripts_survive_a_script_flush_and_a_restart(server: RedisProcess) -> N
         return id
 
     assert load("a") == "a"
-    engine.sync_side().client.script_flush()
+    engine.client().script_flush()
     assert load("b") == "b"  # NOSCRIPT: redis-py's Script loads it again
     server.kill()
     server.start()

@@ -175,7 +175,7 @@ class DemoApp:
     # -- helpers ---------------------------------------------------------------
 
     def _ttl(self, id: str) -> dict[str, Any]:
-        client = self.engine.sync_side().client
+        client = self.engine.client()
         key = self.get_product.key(id)
         ttl_ms = client.pttl(key)
         negative = ttl_ms > 0 and client.hget(key, "__cached_aside__") == b"none"
