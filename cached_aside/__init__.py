@@ -1,7 +1,7 @@
 """cached_aside: the cache-aside pattern on Redis as one decorator."""
 
 from ._breaker import CircuitOpenError
-from ._decorator import CacheAside, cache_aside
+from ._decorator import cache_aside
 from ._defaults import configure, default_engine
 from ._engine import CacheEngine
 from ._errors import (
@@ -29,7 +29,6 @@ __all__ = [
     "BoundAsyncCachedFunction",
     "BoundCachedFunction",
     "BulkOutcome",
-    "CacheAside",
     "CacheEngine",
     "CacheResult",
     "CacheUnavailableError",

@@ -1,13 +1,15 @@
-"""cache_aside(): validate the options, compile the key template, pick the wrapper.
+"""cache_aside: the options, declared once, validated at decoration, applied to a
+loader.
 
 Everything that can be wrong with a decoration is reported here, once, before the
-first call.
+first call, with a message that says what to change.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ._codecs import HASH_CODEC, MSGPACK_CODEC, Codec, Serializer, SerializerCodec
@@ -17,64 +19,107 @@ from ._flows import Plan
 from ._functions import AsyncCachedFunction, CachedFunction
 from ._keys import KeyTemplate
 from ._near import NearCache
-from ._options import Duration, build_options
+from ._options import Options
 from ._stats import Stats
+from ._validate import Duration, instance
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class CacheAside:
-    """The decorator returned by `cache_aside(...)`; apply it to a loader."""
+@dataclass(frozen=True, kw_only=True, eq=False)
+class cache_aside:  # noqa: N801 - a decorator, named and used like a function
+    """Cache a loader's results in Redis with the cache-aside pattern.
 
-    def __init__(
-        self,
-        key: str,
-        engine: CacheEngine | None,
-        serializer: Serializer | None,
-        batch_loader: Callable[[list[Any]], Any] | None = None,
-        near: NearCache | bool | None = None,
-        **options: Any,
-    ) -> None:
-        if not isinstance(key, str):
+    `@cache_aside(key="product:<id>", ttl=30)` above a function (sync or `async
+    def`) returns a `CachedFunction` or `AsyncCachedFunction`: call it like the
+    loader; it also offers `invalidate`, `update_field`, `many` and more.
+
+    Args:
+        key: the entry's name, with `<param>` placeholders naming the loader's
+            parameters, e.g. "user:<user_id>:orders:<page>". Parameters left out are
+            not part of the identity (a db session, say).
+        ttl: how long a value lives, in seconds (int/float) or a timedelta; > 0.
+        as_hash: store a flat mapping as a Redis hash (values come back as str)
+            instead of one msgpack string.
+        negative_ttl: how long a None result is remembered; default 20% of ttl,
+            at most 60 s; 0 turns negative caching off.
+        lock_ttl: lifetime of the single-flight lock; should exceed the slowest
+            load (a slower load is fenced, not trusted). Default 10 s.
+        engine: the CacheEngine to use; default: the one set by `configure()`.
+        fail_open: when Redis fails, call the loader (True) or raise
+            CacheUnavailableError (False).
+        refresh_ahead: a window before expiry (seconds or timedelta, < ttl). A hit
+            inside it still returns the cached value at once, and one caller reloads
+            the entry in the background, so hot keys never expire into a miss. Costs
+            a Lua lookup (value and ttl in one round trip) instead of a plain read.
+        serializer: an object with dumps(value) -> bytes and loads(bytes), used instead
+            of msgpack. Its loads() runs on whatever Redis holds: never plug in one that
+            executes code (pickle) unless you trust everyone who can write to Redis.
+        batch_loader: loads many entries in one primary query for `fn.many(items)`.
+            It receives the missing items (as passed to many()) and returns a list
+            with one value per item in order, or a dict keyed by item (absent means
+            None). Must be async exactly when the loader is.
+        near: a NearCache (or True for its defaults): keep hits in process too, for
+            a couple of microseconds a hit. Redis reports every change to the
+            engine's keys, which drops the local copy in every process. None
+            (default): the engine's `near`, if any; False: none, even if the engine
+            has one.
+
+    Raises:
+        ConfigurationError: an option is invalid; KeyTemplateError for the key.
+    """
+
+    key: str
+    ttl: Duration
+    as_hash: bool = False
+    negative_ttl: Duration | None = None
+    lock_ttl: Duration | None = None
+    engine: CacheEngine | None = None
+    fail_open: bool = True
+    refresh_ahead: Duration | None = None
+    serializer: Serializer | None = None
+    batch_loader: Callable[[list[Any]], Any] | None = None
+    near: NearCache | bool | None = None
+    _options: Options = field(init=False, repr=False)
+    _codec: Codec = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str):
             raise ConfigurationError(
-                f"key must be a template string like 'product:<id>', got {key!r}"
+                f"key must be a template string like 'product:<id>', got {self.key!r}"
             )
-        if engine is not None and not isinstance(engine, CacheEngine):
+        instance("engine", self.engine, CacheEngine, "a CacheEngine (or None for the default)")
+        if self.batch_loader is not None and not callable(self.batch_loader):
             raise ConfigurationError(
-                f"engine must be a CacheEngine (or None for the default), got {engine!r}"
+                f"batch_loader must be a function taking a list of items, got {self.batch_loader!r}"
             )
-        if batch_loader is not None and not callable(batch_loader):
-            raise ConfigurationError(
-                f"batch_loader must be a function taking a list of items, got {batch_loader!r}"
+        if self.near is not True and self.near is not False:
+            instance(
+                "near",
+                self.near,
+                NearCache,
+                "a NearCache, e.g. near=NearCache(max_entries=10_000, ttl=5), True for the "
+                "defaults, or False to opt out of the engine's",
             )
-        if near is True:
-            near = NearCache()
-        if near is not None and near is not False and not isinstance(near, NearCache):
-            raise ConfigurationError(
-                f"near must be a NearCache, e.g. near=NearCache(max_entries=10_000, ttl=5), "
-                f"True for the defaults, or False to opt out of the engine's; got {near!r}"
-            )
-        self._key = key
-        self._engine = engine
-        self._batch_loader = batch_loader
-        self._near = near
-        self._options = build_options(**options)
-        self._codec: Codec = HASH_CODEC if self._options.as_hash else MSGPACK_CODEC
-        if serializer is not None:
-            if self._options.as_hash:
+        options = Options.of(self)
+        codec: Codec = HASH_CODEC if options.as_hash else MSGPACK_CODEC
+        if self.serializer is not None:
+            if options.as_hash:
                 raise ConfigurationError(
                     "serializer= applies to whole values; drop as_hash=True to use it"
                 )
             if not (
-                callable(getattr(serializer, "dumps", None))
-                and callable(getattr(serializer, "loads", None))
+                callable(getattr(self.serializer, "dumps", None))
+                and callable(getattr(self.serializer, "loads", None))
             ):
                 raise ConfigurationError(
                     f"serializer must have dumps(value) -> bytes and loads(bytes), got "
-                    f"{serializer!r}"
+                    f"{self.serializer!r}"
                 )
-            self._codec = SerializerCodec(serializer)
+            codec = SerializerCodec(self.serializer)
+        object.__setattr__(self, "_options", options)
+        object.__setattr__(self, "_codec", codec)
 
     @overload
     def __call__(  # type: ignore[overload-overlap]  # a coroutine function is also Callable[P, R]
@@ -93,13 +138,14 @@ class CacheAside:
                 f"{name} is a generator function; a generator cannot be cached. Return a "
                 "list instead"
             )
-        template = KeyTemplate(self._key, loader)
+        template = KeyTemplate(self.key, loader)
+        near = NearCache() if self.near is True else self.near
         # An engine-wide near cache turns peek on when the function first meets it.
-        peek = self._options.refresh_ahead_ms > 0 or isinstance(self._near, NearCache)
+        peek = self._options.refresh_ahead_ms > 0 or isinstance(near, NearCache)
         stats = Stats(name, fail_open=self._options.fail_open)
         plan = Plan(name, self._codec, self._options, stats, peek)
         is_async = inspect.iscoroutinefunction(loader)
-        batch_loader = self._batch_loader
+        batch_loader = self.batch_loader
         if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:
             wanted = "an async def" if is_async else "a plain (non-async)"
             raise ConfigurationError(
@@ -107,69 +153,4 @@ class CacheAside:
                 f"must be {wanted} function too; got {batch_loader!r}"
             )
         wrapper = AsyncCachedFunction if is_async else CachedFunction
-        return wrapper(loader, template, plan, self._engine, batch_loader, self._near)
-
-
-def cache_aside(
-    *,
-    key: str,
-    ttl: Duration,
-    as_hash: bool = False,
-    negative_ttl: Duration | None = None,
-    lock_ttl: Duration | None = None,
-    engine: CacheEngine | None = None,
-    fail_open: bool = True,
-    refresh_ahead: Duration | None = None,
-    serializer: Serializer | None = None,
-    batch_loader: Callable[[list[Any]], Any] | None = None,
-    near: NearCache | bool | None = None,
-) -> CacheAside:
-    """Cache a loader's results in Redis with the cache-aside pattern.
-
-    Args:
-        key: the entry's name, with `<param>` placeholders naming the loader's
-            parameters, e.g. "user:<user_id>:orders:<page>". Parameters left out are
-            not part of the identity (a db session, say).
-        ttl: how long a value lives, in seconds (int/float) or a timedelta; > 0.
-        as_hash: store a flat mapping as a Redis hash (values come back as str)
-            instead of one msgpack string.
-        negative_ttl: how long a None result is remembered; default 20% of ttl,
-            at most 60 s; 0 turns negative caching off.
-        lock_ttl: lifetime of the single-flight lock; must exceed the slowest load.
-            Default 10 s.
-        engine: the CacheEngine to use; default: the one set by `configure()`.
-        fail_open: when Redis fails, call the loader (True) or raise
-            CacheUnavailableError (False).
-        refresh_ahead: a window before expiry (seconds or timedelta, < ttl). A hit
-            inside it still returns the cached value at once, and one caller reloads
-            the entry in the background, so hot keys never expire into a miss. Costs
-            a Lua lookup (value and ttl in one round trip) instead of a plain read.
-        serializer: an object with dumps(value) -> bytes and loads(bytes), used instead
-            of msgpack. Its loads() runs on whatever Redis holds: never plug in one that
-            executes code (pickle) unless you trust everyone who can write to Redis.
-        batch_loader: loads many entries in one primary query for `fn.many(items)`.
-            It receives the missing items (as passed to many()) and returns a list
-            with one value per item in order, or a dict keyed by item (absent means
-            None). Must be async exactly when the loader is.
-        near: a NearCache (or True for its defaults): keep hits in process too, for
-            a couple of microseconds a hit. Redis reports every change to the
-            engine's keys, which drops the local copy in every process; see the
-            README's "Near cache". None (default): the engine's `near`, if any;
-            False: none, even if the engine has one.
-
-    Raises:
-        ConfigurationError: an option is invalid; KeyTemplateError for the key.
-    """
-    return CacheAside(
-        key,
-        engine,
-        serializer,
-        batch_loader,
-        near,
-        ttl=ttl,
-        as_hash=as_hash,
-        negative_ttl=negative_ttl,
-        lock_ttl=lock_ttl,
-        fail_open=fail_open,
-        refresh_ahead=refresh_ahead,
-    )
+        return wrapper(loader, template, plan, self.engine, batch_loader, near)

@@ -50,6 +50,7 @@ from ._sides import (
     warn_if_pool_raises,
 )
 from ._stats import Stats, StatsSnapshot
+from ._validate import instance, seconds, whole
 
 logger = logging.getLogger("cached_aside")
 
@@ -98,26 +99,11 @@ class CacheEngine:
         near: NearCache | None = None,
     ) -> None:
         self.prefix = validate_prefix(prefix)
-        if near is not None and not isinstance(near, NearCache):
-            raise ConfigurationError(f"near must be a NearCache or None, got {near!r}")
+        instance("near", near, NearCache, "a NearCache or None")
         # The near cache of functions decorated without near= (near=False opts out).
         self.near = near
-        if (
-            isinstance(breaker_failures, bool)
-            or not isinstance(breaker_failures, int)
-            or breaker_failures < 1
-        ):
-            raise ConfigurationError(
-                f"breaker_failures must be a whole number >= 1, got {breaker_failures!r}"
-            )
-        if (
-            isinstance(breaker_cooldown, bool)
-            or not isinstance(breaker_cooldown, int | float)
-            or breaker_cooldown <= 0
-        ):
-            raise ConfigurationError(
-                f"breaker_cooldown must be a positive number of seconds, got {breaker_cooldown!r}"
-            )
+        whole("breaker_failures", breaker_failures)
+        seconds("breaker_cooldown", breaker_cooldown)
         # One breaker per engine: its sync and async clients talk to the same Redis.
         self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown))
         self.key_head = f"{prefix}:{{"  # value keys are key_head + rendered + "}"
@@ -165,23 +151,10 @@ class CacheEngine:
         """
         if not isinstance(url, str) or "://" not in url:
             raise ConfigurationError(f"url must look like redis://host:6379/0, got {url!r}")
-        for name, value in (
-            ("socket_timeout", socket_timeout),
-            ("socket_connect_timeout", socket_connect_timeout),
-            ("pool_timeout", pool_timeout),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(
-                    f"{name} must be a positive number of seconds, got {value!r}"
-                )
-        if (
-            isinstance(max_connections, bool)
-            or not isinstance(max_connections, int)
-            or max_connections < 1
-        ):
-            raise ConfigurationError(
-                f"max_connections must be a positive int, got {max_connections!r}"
-            )
+        seconds("socket_timeout", socket_timeout)
+        seconds("socket_connect_timeout", socket_connect_timeout)
+        seconds("pool_timeout", pool_timeout)
+        whole("max_connections", max_connections)
         if client_options.get("decode_responses"):
             raise ConfigurationError("decode_responses must stay off: cached_aside reads raw bytes")
         options: dict[str, Any] = {

@@ -18,7 +18,7 @@ from time import monotonic
 from typing import Any, Final, Literal
 
 from ._errors import ConfigurationError
-from ._options import Duration, to_milliseconds
+from ._validate import Duration, flag, milliseconds, whole
 
 
 class Near(enum.Enum):
@@ -47,21 +47,10 @@ class NearCache:
     allow_untracked: bool = False
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_entries, bool)
-            or not isinstance(self.max_entries, int)
-            or self.max_entries < 1
-        ):
-            raise ConfigurationError(
-                f"NearCache(max_entries=...) must be a whole number >= 1, got {self.max_entries!r}"
-            )
+        whole("NearCache(max_entries=...)", self.max_entries)
         if self.ttl is not None:
-            to_milliseconds("NearCache ttl", self.ttl)
-        if not isinstance(self.allow_untracked, bool):
-            raise ConfigurationError(
-                "NearCache(allow_untracked=...) must be True or False, got "
-                f"{self.allow_untracked!r}"
-            )
+            milliseconds("NearCache(ttl=...)", self.ttl)
+        flag("NearCache(allow_untracked=...)", self.allow_untracked)
         if self.allow_untracked and self.ttl is None:
             raise ConfigurationError(
                 "NearCache(allow_untracked=True) needs a ttl: without tracking, the ttl is "
@@ -70,7 +59,7 @@ class NearCache:
 
     @property
     def ttl_seconds(self) -> float | None:
-        return None if self.ttl is None else to_milliseconds("ttl", self.ttl) / 1000.0
+        return None if self.ttl is None else milliseconds("ttl", self.ttl) / 1000.0
 
 
 class NearStore:

@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from cached_aside import CacheUnavailableError
+from cached_aside import CacheUnavailableError, cache_aside
 from cached_aside._batches import SCAN_BATCH, invalidate_matching, load_batch
 from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
 from cached_aside._effects import (
@@ -24,7 +24,7 @@ from cached_aside._effects import (
     Signal,
 )
 from cached_aside._flows import Plan, Served, after_miss, invalidate, on_lookup, update_field
-from cached_aside._options import build_options
+from cached_aside._options import Options
 from cached_aside._outbox import PendingKey, PendingPattern
 from cached_aside._results import Outcome, Source
 from cached_aside._scripts import AcquireStatus, ScriptName
@@ -38,15 +38,10 @@ def outage() -> CommandFailed:
 
 
 def plan(codec: Codec = MSGPACK_CODEC, **options: Any) -> Plan:
-    settings: dict[str, Any] = {
-        "ttl": 30,
-        "negative_ttl": None,
-        "lock_ttl": 10,
-        "as_hash": codec is HASH_CODEC,
-        "fail_open": True,
-    }
+    settings: dict[str, Any] = {"ttl": 30, "lock_ttl": 10, "as_hash": codec is HASH_CODEC}
     settings.update(options)
-    return Plan("get_product", codec, build_options(**settings), Stats("get_product"))
+    decorator = cache_aside(key="product:<id>", **settings)
+    return Plan("get_product", codec, Options.of(decorator), Stats("get_product"))
 
 
 class Stepper:

@@ -122,7 +122,7 @@ def test_bad_near_settings_are_refused_at_decoration() -> None:
         NearCache(max_entries=0)
     with pytest.raises(ConfigurationError, match="needs a ttl"):
         NearCache(allow_untracked=True)
-    with pytest.raises(ConfigurationError, match="ttl must be"):
+    with pytest.raises(ConfigurationError, match=r"ttl=...\) must be"):
         NearCache(ttl=-1)
     with pytest.raises(ConfigurationError, match="near must be a NearCache"):
         cache_aside(key="p:<id>", ttl=5, near="yes")  # type: ignore[arg-type]
