@@ -28,7 +28,7 @@ R = TypeVar("R")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class cache_aside:  # noqa: N801 - a decorator, named and used like a function
+class cache_aside:  # lower case: a decorator, named and used like a function
     """Cache a loader's results in Redis with the cache-aside pattern.
 
     `@cache_aside(key="product:<id>", ttl=30)` above a function (sync or `async
