@@ -17,6 +17,7 @@ from ._effects import (
     Batch,
     Command,
     CommandFailed,
+    Each,
     Flow,
     Free,
     Hold,
@@ -27,7 +28,16 @@ from ._effects import (
     Scan,
 )
 from ._errors import BatchLoaderError
-from ._flows import RELEASE_ONLY, Plan, Served, lock_hold, miss, tolerate
+from ._flows import (
+    RELEASE_ONLY,
+    Plan,
+    Served,
+    lock_hold,
+    miss,
+    on_lookup,
+    refresh_due,
+    tolerate,
+)
 from ._keys import entry_keys
 from ._outbox import Delivery, PendingKey, PendingPattern
 from ._results import BulkOutcome, Source
@@ -35,6 +45,9 @@ from ._scripts import AcquireStatus, ScriptName
 
 # Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
 SCAN_BATCH = 1000
+# Misses of one async many() call loaded at once without a batch loader: enough to
+# overlap loads, few enough not to drain the connection pool or flood the primary.
+MAX_CONCURRENT_MISSES = 32
 
 
 def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
@@ -46,15 +59,21 @@ def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
 
 
 def load_batch(
-    plan: Plan, keys: Sequence[str], raws: Sequence[Any], block_limit_ms: int
+    plan: Plan,
+    keys: Sequence[str],
+    raws: Sequence[Any],
+    block_limit_ms: int,
+    at: Sequence[int] | None = None,
 ) -> Flow[list[Served]]:
     """Serve the misses of a many() call through its batch loader.
 
     Locks every missing entry in one batch, calls the batch loader once for the
     entries this call owns (plus those Redis failed on: fail open), and stores them in
     one batch under the same lease rule as a single load. Entries another caller is
-    loading are waited for one by one, as a single call would.
+    loading are waited for one by one, as a single call would. `at` gives each
+    entry's position in the many() call (its loads name those); default: in order.
     """
+    at = range(len(keys)) if at is None else at
     codec, options, stats = plan.codec, plan.options, plan.stats
     answers: list[Served | None] = [None] * len(keys)
     uncached: list[int] = []  # Redis failed: load, but store nothing
@@ -128,15 +147,57 @@ def load_batch(
         tolerate(plan, keys[position], failure)
         uncached.append(position)
     if owned or uncached:
-        yield from _load_and_store_many(plan, keys, owned, sorted(uncached), holds, answers)
+        yield from _load_and_store_many(plan, keys, owned, sorted(uncached), holds, answers, at)
     yield Free(locked)
     for position, wait in held.items():
         answers[position] = yield from miss(
-            plan, keys[position], False, block_limit_ms, LoadOne(position), wait
+            plan, keys[position], False, block_limit_ms, LoadOne(at[position]), wait
         )
     served = [answer for answer in answers if answer is not None]
     assert len(served) == len(keys), "every entry of a batch is answered"
     return served
+
+
+def many(
+    plan: Plan,
+    keys: Sequence[str],
+    batched: bool,
+    blocked: frozenset[int],
+    block_limit_ms: int,
+) -> Flow[list[tuple[Served, bool]]]:
+    """Serve distinct keys at once: one pipeline of lookups, then the misses through
+    the batch loader when there is one (`batched`), else one by one as single calls
+    would be (shared with this process's callers of the same key). Entries due for
+    a refresh_ahead reload, and `blocked` ones (their invalidation waits in the
+    outbox), always take the single path, which knows how. Answers are in order,
+    each with whether it was shared with another caller.
+    """
+    raws = yield lookups(plan, keys)
+    answers: list[tuple[Served, bool] | None] = [None] * len(keys)
+    to_batch: list[int] = []
+    one_by_one: list[int] = []
+    for position, raw in enumerate(raws):
+        hit = None if position in blocked else on_lookup(plan, raw)
+        if hit is not None:
+            answers[position] = (hit, False)
+        elif batched and position not in blocked and not refresh_due(plan, raw):
+            to_batch.append(position)
+        else:
+            one_by_one.append(position)
+    if to_batch:
+        served = yield from load_batch(
+            plan, [keys[p] for p in to_batch], [raws[p] for p in to_batch], block_limit_ms, to_batch
+        )
+        for position, answer in zip(to_batch, served, strict=True):
+            answers[position] = (answer, False)
+    if one_by_one:
+        entries = tuple((p, keys[p], raws[p]) for p in one_by_one)
+        replies = yield Each(plan, entries, MAX_CONCURRENT_MISSES)
+        for position, reply in zip(one_by_one, replies, strict=True):
+            answers[position] = reply
+    done = [answer for answer in answers if answer is not None]
+    assert len(done) == len(keys), "every entry of many() is answered"
+    return done
 
 
 def _token(hold: Hold) -> str:
@@ -150,6 +211,7 @@ def _load_and_store_many(
     uncached: list[int],
     holds: Mapping[int, Hold],
     answers: list[Served | None],
+    at: Sequence[int],
 ) -> Flow[None]:
     """Load every owned and uncached entry in one batch loader call and store the
     owned ones in one pipeline. A failure before the stores leaves the locks' Hold
@@ -160,7 +222,7 @@ def _load_and_store_many(
     for _ in to_load:
         stats.miss()
         stats.load()
-    values = yield LoadSome(to_load)
+    values = yield LoadSome(tuple(at[p] for p in to_load))
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):

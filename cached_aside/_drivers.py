@@ -1,8 +1,10 @@
-"""Drivers run flows against real clients: the sync ones with redis.Redis and threads,
-the async ones with redis.asyncio and tasks. They are twins on purpose, kept side by
-side so that their symmetry shows; the algorithm itself lives in flows.py.
+"""The drivers: run flows against real clients, the sync ones with redis.Redis and
+threads, the async ones with redis.asyncio and tasks. They perform effects and
+decide nothing; the algorithm lives in _flows.py and _batches.py. Twins on purpose,
+kept side by side so that their symmetry shows; what they share (the effects that
+need no I/O, what a failed release becomes) is written once below them.
 
-serve_sync/serve_async send the lookup directly, because a hit is the hot path and a
+serve/aserve send a call's lookup themselves, because a hit is the hot path and a
 generator round costs about a microsecond there; flows.on_lookup still decides.
 """
 
@@ -11,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from ._effects import (
     Batch,
     Command,
     CommandFailed,
+    Each,
+    Effect,
     Flow,
     Free,
     Hold,
@@ -31,185 +34,68 @@ from ._effects import (
     Spawn,
 )
 from ._flows import Plan, Served, after_miss, bypass, on_lookup
-from ._pipelines import failed, scan_async, scan_sync, send_batch_async, send_batch_sync
+from ._loads import Loads
+from ._pipelines import scan, scan_async, send_batch, send_batch_async
+from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._scripts import ScriptName
 
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")
+LOOK: Final[Any] = object()  # serve()'s raw when the lookup is still to be sent
 
 
 def no_seal() -> None:
     """The seal of a flow nobody can join (background work, writes)."""
-    return None
 
 
-def no_load(*_: Any) -> Any:
-    """The load of a flow that never loads (writes, invalidations)."""
-    raise AssertionError("this flow never loads")
+def lookup(plan: Plan, key: str) -> Command | RunScript:
+    """The effect that looks an entry up: its read command, or PEEK (value and ttl)."""
+    if plan.peek:
+        return RunScript(ScriptName.PEEK, (key,), (plan.codec.redis_type,))
+    return Command((plan.codec.read_command, key))
 
 
-async def no_load_async(*_: Any) -> Any:
-    raise AssertionError("this flow never loads")
+# -- sync ---------------------------------------------------------------------------
 
 
-def timed_load(plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any) -> Callable[[], Any]:
-    """The call's load, timed into the function's loader-latency histogram."""
-
-    def load() -> Any:
-        started = perf_counter()
-        try:
-            return loader(*args, **kwargs)
-        finally:
-            plan.stats.loaded_in(perf_counter() - started)
-
-    return load
-
-
-def timed_load_async(
-    plan: Plan, loader: Callable[..., Any], args: Any, kwargs: Any
-) -> Callable[[], Awaitable[Any]]:
-    async def load() -> Any:
-        started = perf_counter()
-        try:
-            return await loader(*args, **kwargs)
-        finally:
-            plan.stats.loaded_in(perf_counter() - started)
-
-    return load
-
-
-def serve_sync(
-    plan: Plan, key: str, side: Any, loader: Callable[..., Any], args: Any, kwargs: Any
+def serve(
+    plan: Plan, key: str, rt: SyncRuntime, loads: Loads, raw: Any = LOOK
 ) -> tuple[Served, float, bool]:
-    """Serve one call from a thread: the lookup, then, on a miss, the miss flow shared
-    with the other threads of this process that miss the same key.
-
-    Returns the answer, the seconds spent on Redis, and whether it was shared.
-    """
-    outbox = side.outbox
-    if outbox.active and outbox.blocks(key):
-        load = timed_load(plan, loader, args, kwargs)
-        return (*run_sync(bypass(plan, key), side, load, no_seal), False)
+    """Serve one call from a thread: the lookup (unless `raw` is its reply already),
+    then, on a miss, the miss flow shared with the other threads of this process
+    that miss the same key. Returns the answer, the seconds spent on Redis, and
+    whether it was shared."""
+    if rt.outbox.active and rt.outbox.blocks(key):
+        return (*run(bypass(plan, key), rt, loads, no_seal), False)
     seconds = 0.0
-    look = key not in side.flights.active  # else: another thread is loading it; join
+    look = raw is LOOK and key not in rt.flights.active  # else: join the thread loading it
     while True:
-        raw: Any = None
         if look:
-            breaker = side.breaker
             started = perf_counter()
-            if breaker.open_until and not breaker.allow():
-                raw = CommandFailed(breaker.refusal(), wrong_type=False)
-            else:
-                try:
-                    if plan.peek:
-                        raw = side.scripts[ScriptName.PEEK](
-                            keys=(key,), args=(plan.codec.redis_type,)
-                        )
-                    else:
-                        raw = side.client.execute_command(plan.codec.read_command, key)
-                    if breaker.failures:
-                        breaker.success()
-                except side.failures as exc:
-                    raw = failed(exc)
-                    if not raw.wrong_type:
-                        breaker.failure()
+            raw, failure = send(rt, lookup(plan, key))
             seconds += perf_counter() - started
+            if failure is not None:
+                raw = _as_reply(failure)
             hit = on_lookup(plan, raw)
             if hit is not None:
                 return hit, seconds, False
-        shared = side.flights.run(
-            key,
-            plan.patience,
-            miss_sync,
-            plan,
-            key,
-            side,
-            raw,
-            timed_load(plan, loader, args, kwargs),
-        )
+        shared = rt.flights.run(key, plan.patience, _miss, plan, key, rt, raw, loads)
         if shared is not None:
             (served, more), joined = shared
             return served, seconds + more, joined
         look = True  # the flight's answer was not ours to take: look for ourselves
 
 
-def miss_sync(
-    plan: Plan, key: str, side: Any, raw: Any, load: Callable[[], Any], seal: Callable[[], None]
+def _miss(
+    plan: Plan, key: str, rt: SyncRuntime, raw: Any, loads: Loads, seal: Any
 ) -> tuple[Served, float]:
-    return run_sync(after_miss(plan, key, raw, side.block_limit_ms), side, load, seal)
-
-
-async def miss_async(
-    plan: Plan,
-    key: str,
-    side: Any,
-    raw: Any,
-    load: Callable[[], Awaitable[Any]],
-    seal: Callable[[], None],
-) -> tuple[Served, float]:
-    return await run_async(after_miss(plan, key, raw, side.block_limit_ms), side, load, seal)
-
-
-async def serve_async(
-    plan: Plan, key: str, side: Any, loader: Callable[..., Any], args: Any, kwargs: Any
-) -> tuple[Served, float, bool]:
-    """Serve one call from a task: the lookup and, on a miss, the miss flow, both
-    shared with the tasks of this event loop that ask for the same key.
-
-    Returns the answer, the seconds spent on Redis, and whether it was shared.
-    """
-    if not side.ready:
-        await side.prepare()
-    outbox = side.outbox
-    if outbox.active and outbox.blocks(key):
-        load = timed_load_async(plan, loader, args, kwargs)
-        return (*(await run_async(bypass(plan, key), side, load, no_seal)), False)
-    (served, seconds), joined = await side.flights.run(
-        key, plan.patience, _read_async, plan, key, side, loader, args, kwargs
+    return run(
+        after_miss(plan, key, None if raw is LOOK else raw, rt.block_limit_ms), rt, loads, seal
     )
-    return served, seconds, joined
 
 
-async def _read_async(
-    plan: Plan,
-    key: str,
-    side: Any,
-    loader: Callable[..., Any],
-    args: Any,
-    kwargs: Any,
-    seal: Callable[[], None],
-) -> tuple[Served, float]:
-    breaker = side.breaker
-    started = perf_counter()
-    if breaker.open_until and not breaker.allow():
-        raw = CommandFailed(breaker.refusal(), wrong_type=False)
-    else:
-        try:
-            if plan.peek:
-                raw = await side.scripts[ScriptName.PEEK](
-                    keys=(key,), args=(plan.codec.redis_type,)
-                )
-            else:
-                raw = await side.client.execute_command(plan.codec.read_command, key)
-            if breaker.failures:
-                breaker.success()
-        except side.failures as exc:
-            raw = failed(exc)
-            if not raw.wrong_type:
-                breaker.failure()
-    seconds = perf_counter() - started
-    hit = on_lookup(plan, raw)
-    if hit is not None:
-        return hit, seconds
-    flow = after_miss(plan, key, raw, side.block_limit_ms)
-    served, more = await run_async(flow, side, timed_load_async(plan, loader, args, kwargs), seal)
-    return served, seconds + more
-
-
-def run_sync(
-    flow: Flow[T], side: Any, load: Callable[..., Any], seal: Callable[[], None]
-) -> tuple[T, float]:
-    """Run a flow to its end; returns its result and the seconds spent waiting on Redis.
+def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Any) -> tuple[T, float]:
+    """Run a flow to its end; returns its result and the seconds spent on Redis.
 
     Every Hold still standing when the flow ends, however it ends, is released here:
     the one place that guarantees no lock outlives its flow.
@@ -225,108 +111,128 @@ def run_sync(
             except StopIteration as stop:
                 return stop.value, redis_seconds
             reply = failure = None
-            if type(effect) is Command or type(effect) is RunScript:
-                started = perf_counter()
-                reply, failure = _send_sync(side, effect)
-                redis_seconds += perf_counter() - started
-            elif type(effect) is Hold:
-                holds.append(effect)
-            elif type(effect) is Free:
-                holds.remove(effect.hold)
-            elif type(effect) is Spawn:
-                if side.background.claim(effect.key):
-                    threading.Thread(
-                        target=_background_sync, args=(effect, side, load), daemon=True
-                    ).start()
-            elif effect is Signal.LOAD:
+            kind = type(effect)
+            started = perf_counter()
+            if kind is Command or kind is RunScript:
+                reply, failure = send(rt, effect)  # type: ignore[arg-type]
+            elif kind is Batch:
+                reply = send_batch(rt, effect)  # type: ignore[arg-type]
+            elif kind is Scan:
                 try:
-                    reply = load()
+                    reply = scan(rt, effect)  # type: ignore[arg-type]
+                except rt.failures as exc:
+                    failure = rt.failure(exc)
+            elif kind is Each:
+                reply = _each(effect, rt, loads)  # type: ignore[arg-type]
+            elif kind is Spawn:
+                if rt.background.claim(effect.key):  # type: ignore[union-attr]
+                    spawned = threading.Thread(target=_background, args=(effect, rt, loads))
+                    spawned.daemon = True
+                    spawned.start()
+            elif effect is Signal.LOAD or kind is LoadSome or kind is LoadOne:
+                try:
+                    reply = loads.run(effect)  # type: ignore[arg-type]
                 except BaseException as exc:
                     failure = exc
-            elif effect is Signal.SEAL:
-                seal()
-            elif type(effect) is Batch:
-                started = perf_counter()
-                reply = send_batch_sync(side, effect)
+            else:
+                _perform_locally(effect, rt, holds, seal)
+            if kind is Command or kind is RunScript or kind is Batch:
                 redis_seconds += perf_counter() - started
-            elif type(effect) is Postpone:
-                side.outbox.add(effect.items)
-            elif type(effect) is Scan:
-                try:
-                    reply = scan_sync(side, effect)
-                except side.failures as exc:
-                    failure = failed(exc)
-                    side.breaker.failure()  # as for any other command
-            elif type(effect) is LoadSome or type(effect) is LoadOne:
-                try:
-                    reply = load(effect.positions)
-                    if type(effect) is LoadOne:
-                        reply = reply[0]
-                except BaseException as exc:
-                    failure = exc
     finally:
         if holds:
-            _release_sync(side, holds)
+            for hold in holds:
+                _queue_refused(rt, hold, _release(rt, hold))
 
 
-def _release_sync(side: Any, holds: list[Hold]) -> None:
-    """Perform the releases of a flow's standing Holds; the outbox retries those
-    Redis does not take."""
-    for hold in holds:
-        if len(hold.releases) == 1:
-            replies = [_send_sync(side, hold.releases[0])[1]]
-        else:
-            replies = send_batch_sync(side, Batch(list(hold.releases)))
-        _queue_refused(side, hold, replies)
-
-
-def _queue_refused(side: Any, hold: Hold, replies: list[Any]) -> None:
-    """Hand the releases Redis did not take to the outbox, which retries them."""
-    for release, reply in zip(hold.releases, replies, strict=True):
-        if isinstance(reply, BaseException):
-            side.outbox.add_release(release, hold.ttl_ms)
-
-
-def _send_sync(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
-    """One command or script through the breaker; returns the reply or the failure."""
-    breaker = side.breaker
-    if breaker.open_until and not breaker.allow():
-        return None, CommandFailed(breaker.refusal(), wrong_type=False, sent=False)
+def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
+    """One command or script through the breaker; returns the reply or the failure
+    (a CommandFailed, or an interrupt, which the flow gets to release its Holds)."""
+    refused = rt.refusal()
+    if refused is not None:
+        return None, refused[0]
     try:
-        if isinstance(effect, Command):
-            reply = side.client.execute_command(*effect.args)
+        if type(effect) is Command:
+            reply = rt.client.execute_command(*effect.args)
         else:
-            reply = side.scripts[effect.script](keys=effect.keys, args=effect.args)
-    except side.failures as exc:
-        failure = failed(exc)
-        if not failure.wrong_type:
-            breaker.failure()
-        return None, failure
-    except BaseException as exc:  # interrupts too: the flow's Holds are released
+            reply = rt.scripts[effect.script](keys=effect.keys, args=effect.args)  # type: ignore[union-attr]
+    except rt.failures as exc:
+        return None, rt.failure(exc)
+    except BaseException as exc:
         return None, exc
-    if breaker.failures:
-        breaker.success()
+    rt.answered()
     return reply, None
 
 
-def _background_sync(effect: Spawn, side: Any, load: Callable[[], Any]) -> None:
+def _each(effect: Each, rt: SyncRuntime, loads: Loads) -> list[tuple[Served, bool]]:
+    answers = []
+    for position, key, raw in effect.entries:
+        served, _, joined = serve(effect.plan, key, rt, loads.at(position), raw)
+        answers.append((served, joined))
+    return answers
+
+
+def _release(rt: SyncRuntime, hold: Hold) -> list[Any]:
+    if len(hold.releases) == 1:
+        return [send(rt, hold.releases[0])[1]]
+    return send_batch(rt, Batch(list(hold.releases)))
+
+
+def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
     ok = False
     try:
-        ok = run_sync(effect.flow, side, load, no_seal)[0] is not False
+        ok = run(effect.flow, rt, loads, no_seal)[0] is not False
     except BaseException:  # a thread has nobody to raise to
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:
-        side.background.finish(effect.key, ok)
+        rt.background.finish(effect.key, ok)
 
 
-async def run_async(
-    flow: Flow[T], side: Any, load: Callable[..., Awaitable[Any]], seal: Callable[[], None]
-) -> tuple[T, float]:
-    """Run a flow to its end; returns its result and the seconds spent waiting on Redis.
+# -- async --------------------------------------------------------------------------
 
-    As run_sync, every Hold standing when the flow ends is released here, a
-    cancelled task's too: the release is shielded from a second cancellation.
+
+async def aserve(
+    plan: Plan, key: str, rt: AsyncRuntime, loads: Loads, raw: Any = LOOK
+) -> tuple[Served, float, bool]:
+    """Serve one call from a task: the lookup (unless `raw` is its reply already)
+    and, on a miss, the miss flow, both shared with the tasks of this event loop
+    that ask for the same key. Returns the answer, the seconds spent on Redis, and
+    whether it was shared."""
+    if not rt.ready:
+        await rt.prepare()
+    if rt.outbox.active and rt.outbox.blocks(key):
+        return (*(await arun(bypass(plan, key), rt, loads, no_seal)), False)
+    (served, seconds), joined = await rt.flights.run(
+        key, plan.patience, _aread, plan, key, rt, raw, loads
+    )
+    return served, seconds, joined
+
+
+async def _aread(
+    plan: Plan, key: str, rt: AsyncRuntime, raw: Any, loads: Loads, seal: Any
+) -> tuple[Served, float]:
+    seconds = 0.0
+    if raw is LOOK:
+        started = perf_counter()
+        raw, failure = await asend(rt, lookup(plan, key))
+        seconds = perf_counter() - started
+        if failure is not None:
+            raw = _as_reply(failure)
+        hit = on_lookup(plan, raw)
+        if hit is not None:
+            return hit, seconds
+    served, more = await arun(after_miss(plan, key, raw, rt.block_limit_ms), rt, loads, seal)
+    return served, seconds + more
+
+
+async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Any) -> tuple[T, float]:
+    """Run a flow to its end; returns its result and the seconds spent on Redis.
+
+    As run(), every Hold standing when the flow ends is released here, a cancelled
+    task's too: the release runs in a task of its own, shielded from a second
+    cancellation.
     """
+    if not rt.ready:
+        await rt.prepare()
     redis_seconds = 0.0
     reply: Any = None
     failure: BaseException | None = None
@@ -338,94 +244,110 @@ async def run_async(
             except StopIteration as stop:
                 return stop.value, redis_seconds
             reply = failure = None
-            if type(effect) is Command or type(effect) is RunScript:
-                started = perf_counter()
-                reply, failure = await _send_async(side, effect)
-                redis_seconds += perf_counter() - started
-            elif type(effect) is Hold:
-                holds.append(effect)
-            elif type(effect) is Free:
-                holds.remove(effect.hold)
-            elif type(effect) is Spawn:
-                if side.background.claim(effect.key):
-                    _keep(side, _background_async(effect, side, load))
-            elif effect is Signal.LOAD:
+            kind = type(effect)
+            started = perf_counter()
+            if kind is Command or kind is RunScript:
+                reply, failure = await asend(rt, effect)  # type: ignore[arg-type]
+            elif kind is Batch:
+                reply = await send_batch_async(rt, effect)  # type: ignore[arg-type]
+            elif kind is Scan:
                 try:
-                    reply = await load()
+                    reply = await scan_async(rt, effect)  # type: ignore[arg-type]
+                except rt.failures as exc:
+                    failure = rt.failure(exc)
+            elif kind is Each:
+                reply = await _aeach(effect, rt, loads)  # type: ignore[arg-type]
+            elif kind is Spawn:
+                if rt.background.claim(effect.key):  # type: ignore[union-attr]
+                    rt.keep(_abackground(effect, rt, loads))  # type: ignore[arg-type]
+            elif effect is Signal.LOAD or kind is LoadSome or kind is LoadOne:
+                try:
+                    reply = await loads.arun(effect)  # type: ignore[arg-type]
                 except BaseException as exc:
                     failure = exc
-            elif effect is Signal.SEAL:
-                seal()
-            elif type(effect) is Batch:
-                started = perf_counter()
-                reply = await send_batch_async(side, effect)
+            else:
+                _perform_locally(effect, rt, holds, seal)
+            if kind is Command or kind is RunScript or kind is Batch:
                 redis_seconds += perf_counter() - started
-            elif type(effect) is Postpone:
-                side.outbox.add(effect.items)
-            elif type(effect) is Scan:
-                try:
-                    reply = await scan_async(side, effect)
-                except side.failures as exc:
-                    failure = failed(exc)
-                    side.breaker.failure()  # as for any other command
-            elif type(effect) is LoadSome or type(effect) is LoadOne:
-                try:
-                    reply = await load(effect.positions)
-                    if type(effect) is LoadOne:
-                        reply = reply[0]
-                except BaseException as exc:
-                    failure = exc
     finally:
         if holds:
-            # A task of its own, awaited through a shield: a second cancellation of
-            # this one stops the waiting, never the release.
-            await asyncio.shield(_keep(side, _release_async(side, holds)))
+            await asyncio.shield(rt.keep(_arelease(rt, holds)))
 
 
-def _keep(side: Any, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """Run `work` as a task of this loop that aclose() waits for."""
-    task = asyncio.get_running_loop().create_task(work)
-    side.tasks.add(task)  # a task nobody references can be collected mid-run
-    task.add_done_callback(side.tasks.discard)
-    return task
-
-
-async def _release_async(side: Any, holds: list[Hold]) -> None:
-    for hold in holds:
-        if len(hold.releases) == 1:
-            replies = [(await _send_async(side, hold.releases[0]))[1]]
-        else:
-            replies = await send_batch_async(side, Batch(list(hold.releases)))
-        _queue_refused(side, hold, replies)
-
-
-async def _send_async(side: Any, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
-    """One command or script through the breaker; returns the reply or the failure."""
-    breaker = side.breaker
-    if breaker.open_until and not breaker.allow():
-        return None, CommandFailed(breaker.refusal(), wrong_type=False, sent=False)
+async def asend(rt: AsyncRuntime, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
+    """As send(); a cancellation comes back as the failure, for the flow's Holds."""
+    refused = rt.refusal()
+    if refused is not None:
+        return None, refused[0]
     try:
-        if isinstance(effect, Command):
-            reply = await side.client.execute_command(*effect.args)
+        if type(effect) is Command:
+            reply = await rt.client.execute_command(*effect.args)
         else:
-            reply = await side.scripts[effect.script](keys=effect.keys, args=effect.args)
-    except side.failures as exc:
-        failure = failed(exc)
-        if not failure.wrong_type:
-            breaker.failure()
-        return None, failure
-    except BaseException as exc:  # cancellation too: the flow's Holds are released
+            reply = await rt.scripts[effect.script](keys=effect.keys, args=effect.args)  # type: ignore[union-attr]
+    except rt.failures as exc:
+        return None, rt.failure(exc)
+    except BaseException as exc:
         return None, exc
-    if breaker.failures:
-        breaker.success()
+    rt.answered()
     return reply, None
 
 
-async def _background_async(effect: Spawn, side: Any, load: Callable[[], Awaitable[Any]]) -> None:
+async def _aeach(effect: Each, rt: AsyncRuntime, loads: Loads) -> list[tuple[Served, bool]]:
+    at_once = asyncio.Semaphore(effect.at_once)
+
+    async def one(position: int, key: str, raw: Any) -> tuple[Served, bool]:
+        async with at_once:
+            served, _, joined = await aserve(effect.plan, key, rt, loads.at(position), raw)
+            return served, joined
+
+    return list(await asyncio.gather(*(one(*entry) for entry in effect.entries)))
+
+
+async def _arelease(rt: AsyncRuntime, holds: list[Hold]) -> None:
+    for hold in holds:
+        if len(hold.releases) == 1:
+            replies = [(await asend(rt, hold.releases[0]))[1]]
+        else:
+            replies = await send_batch_async(rt, Batch(list(hold.releases)))
+        _queue_refused(rt, hold, replies)
+
+
+async def _abackground(effect: Spawn, rt: AsyncRuntime, loads: Loads) -> None:
     ok = False
     try:
-        ok = (await run_async(effect.flow, side, load, no_seal))[0] is not False
+        ok = (await arun(effect.flow, rt, loads, no_seal))[0] is not False
     except Exception:
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:
-        side.background.finish(effect.key, ok)
+        rt.background.finish(effect.key, ok)
+
+
+# -- shared by both -----------------------------------------------------------------
+
+
+def _perform_locally(effect: Effect, rt: Runtime, holds: list[Hold], seal: Any) -> None:
+    """The effects that need no I/O: the same for both drivers."""
+    if effect is Signal.SEAL:
+        seal()
+    elif type(effect) is Hold:
+        holds.append(effect)
+    elif type(effect) is Free:
+        holds.remove(effect.hold)
+    elif type(effect) is Postpone:
+        rt.outbox.add(effect.items)
+    else:
+        raise AssertionError(f"no driver performs {effect!r}")
+
+
+def _queue_refused(rt: Runtime, hold: Hold, replies: list[Any]) -> None:
+    """Hand the releases Redis did not take to the outbox, which retries them."""
+    for release, reply in zip(hold.releases, replies, strict=True):
+        if isinstance(reply, BaseException):
+            rt.outbox.add_release(release, hold.ttl_ms)
+
+
+def _as_reply(failure: BaseException) -> CommandFailed:
+    """A lookup's failure as the reply the flows judge; an interrupt propagates."""
+    if type(failure) is not CommandFailed:
+        raise failure
+    return failure

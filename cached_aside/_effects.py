@@ -77,6 +77,19 @@ class LoadOne:
 
 
 @dataclass(slots=True)
+class Each:
+    """Serve these entries of a many() call one by one, each exactly as a single call
+    whose lookup returned `raw` (shared with this process's callers of the same key,
+    fenced by the same lock): `entries` holds (position, key, raw). At most `at_once`
+    run at a time where the driver can overlap them (tasks; threads go in order).
+    The reply is, per entry, (Served, whether it was shared)."""
+
+    plan: Any  # the function's Plan (flows.py imports this module)
+    entries: tuple[tuple[int, str, Any], ...]
+    at_once: int
+
+
+@dataclass(slots=True)
 class Scan:
     """The next keys matching a glob pattern, from every master; `position` is the
     driver's opaque place (None: start). The reply is (position, keys); position None
@@ -137,6 +150,7 @@ Effect = (
     | Hold
     | Free
     | Postpone
+    | Each
 )
 Flow = Generator[Effect, Any, T]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -28,27 +27,29 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ._batches import deliver, invalidate_pattern
+from ._batches import invalidate_pattern
 from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from ._codecs import Codec
-from ._drivers import no_load, no_load_async, no_seal, run_async, run_sync
+from ._drivers import arun, no_seal, run
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
+from ._flusher import Flusher
 from ._keys import glob_escape, split_entry_key, validate_prefix
 from ._listener import InvalidationListener, connection_factory
+from ._loads import NO_LOADS
 from ._near import NearCache, NearStore
-from ._outbox import Delivery, Outbox, PendingPattern
+from ._outbox import Outbox, PendingPattern
 from ._results import BulkOutcome
-from ._scripts import ScriptName
-from ._sides import (
+from ._runtime import (
     ASYNC_CLUSTER_FAILURES,
-    AsyncSide,
+    AsyncRuntime,
     Background,
-    SyncSide,
+    SyncRuntime,
     block_limit_ms,
     connection_kwargs,
     warn_if_pool_raises,
 )
+from ._scripts import ScriptName
 from ._stats import Stats, StatsSnapshot
 from ._validate import instance, seconds, whole
 
@@ -64,15 +65,9 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_POOL_TIMEOUT = 5.0
 # How long a near cache's first use waits for the listener's handshake.
 NEAR_HANDSHAKE_SECONDS = 2.0
-# The outbox's retries: soon after a failure, then at most this far apart, so a
-# pending invalidation lands within ~50 ms of Redis answering again.
-FIRST_RETRY_SECONDS = 0.005
-MAX_RETRY_SECONDS = 0.05
 SETTLE_POLL_SECONDS = 0.005
 # How long close() and aclose() keep trying to deliver what the outbox holds.
 CLOSE_FLUSH_SECONDS = 1.0
-# The outbox's own deliveries never open a breaker: they are how Redis is found back.
-_NEVER_OPENS = 2**62
 
 
 class CacheEngine:
@@ -112,21 +107,22 @@ class CacheEngine:
         self._make_async_client: Callable[[], Any] | None = None
         self._owns_clients = False
         self._cluster = False  # made from a redis+cluster:// URL
-        self._sync: SyncSide | None = None
-        self._given_async: AsyncSide | None = None
+        self._sync: SyncRuntime | None = None
+        self._given_async: AsyncRuntime | None = None
         # Dropped by the side's closer when its loop shuts down (asyncio.run does).
-        self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncSide] = {}
-        self._last_async: tuple[object, AsyncSide | None] = (None, None)
+        self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
+        self._last_async: tuple[object, AsyncRuntime | None] = (None, None)
         self._stats: list[Stats] = []
         self._listener: InvalidationListener | None = None
         self.outbox = Outbox()
-        self.outbox.start_flusher = self._start_flusher
-        self._stopping = threading.Event()  # close(): the flusher stops retrying
         _engines.add(self)
         if client is not None:
             self._sync = self._make_sync_side(client)
         if async_client is not None:
             self._given_async = self._make_async_side(async_client)
+        self._flusher = Flusher(self.outbox, self.breaker, None, lambda: self._given_async)
+        if client is not None:
+            self._flusher.sync_runtime = self._sync_side
 
     @classmethod
     def from_url(
@@ -182,12 +178,14 @@ class CacheEngine:
                 **client_options,
             }
             engine._owns_clients = engine._cluster = True
+            engine._flusher.sync_runtime = engine._sync_side
             engine._make_client = lambda: redis.cluster.RedisCluster.from_url(node_url, **timeouts)
             engine._make_async_client = lambda: redis.asyncio.cluster.RedisCluster.from_url(
                 node_url, **timeouts
             )
             return engine
         engine._owns_clients = True
+        engine._flusher.sync_runtime = engine._sync_side
         engine._make_client = lambda: redis.Redis.from_pool(
             redis.BlockingConnectionPool.from_url(url, **options)
         )
@@ -215,7 +213,7 @@ class CacheEngine:
         """
         return self._async_side().client
 
-    def _sync_side(self) -> SyncSide:
+    def _sync_side(self) -> SyncRuntime:
         side = self._sync
         if side is not None:
             return side
@@ -229,7 +227,7 @@ class CacheEngine:
                 self._sync = self._make_sync_side(self._make_client())
             return self._sync
 
-    def _async_side(self) -> AsyncSide:
+    def _async_side(self) -> AsyncRuntime:
         if self._given_async is not None:
             return self._given_async
         loop = asyncio.get_running_loop()
@@ -256,7 +254,7 @@ class CacheEngine:
         for loop in [loop for loop in self._async_by_loop if loop.is_closed()]:
             del self._async_by_loop[loop]
 
-    def _forget_loop(self, loop: asyncio.AbstractEventLoop, side: AsyncSide) -> None:
+    def _forget_loop(self, loop: asyncio.AbstractEventLoop, side: AsyncRuntime) -> None:
         if self._async_by_loop.get(loop) is side:
             del self._async_by_loop[loop]
         if self._last_async[1] is side:
@@ -342,23 +340,21 @@ class CacheEngine:
         SCAN + UNLINK: Redis is never blocked. If Redis fails part way, the rest waits
         in the outbox (`pending=1`) and is retried until it lands.
         """
-        side = self._sync_side()
+        runtime = self._sync_side()
         try:
-            return run_sync(invalidate_pattern(self._matching(text)), side, no_load, no_seal)[0]
+            return run(invalidate_pattern(self._matching(text)), runtime, NO_LOADS, no_seal)[0]
         finally:
-            side.flights.forget_all()
+            runtime.flights.forget_all()
             self._clear_near()
 
     async def ainvalidate_prefix(self, text: str = "") -> BulkOutcome:
         """invalidate_prefix() for async code, on this event loop's client."""
-        side = self._async_side()
-        if not side.ready:
-            await side.prepare()
+        runtime = self._async_side()
         flow = invalidate_pattern(self._matching(text))
         try:
-            return (await run_async(flow, side, no_load_async, no_seal))[0]
+            return (await arun(flow, runtime, NO_LOADS, no_seal))[0]
         finally:
-            side.flights.forget_all()
+            runtime.flights.forget_all()
             self._clear_near()
 
     def settle(self, timeout: float = 5.0) -> bool:
@@ -418,119 +414,16 @@ class CacheEngine:
         start = head + text
         return PendingPattern(start, glob_escape(start) + "*", belongs, f"{start}*")
 
-    # -- the outbox's flusher ----------------------------------------------------
-
-    def _start_flusher(self) -> None:
-        if self._sync is not None or self._make_client is not None:
-            threading.Thread(
-                target=self._flush_in_thread, name="cached_aside-outbox", daemon=True
-            ).start()
-            return
-        side = self._given_async  # an async-only engine: its client's loop
-        assert side is not None
-        task = asyncio.get_running_loop().create_task(self._flush_in_task(side))
-        side.tasks.add(task)
-        task.add_done_callback(side.tasks.discard)
-
-    def _flush_in_thread(self) -> None:
-        side = dataclasses.replace(self._sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
-        delay = FIRST_RETRY_SECONDS
-        while True:
-            delivery = self.outbox.take()
-            if not delivery:
-                return
-            if self._settle(delivery, run_sync(deliver(delivery), side, no_load, no_seal)[0]):
-                delay = FIRST_RETRY_SECONDS
-                continue
-            if self._stopping.is_set():
-                self.outbox.stand_down()
-                return
-            self.outbox.wake.wait(delay)
-            self.outbox.wake.clear()
-            delay = min(MAX_RETRY_SECONDS, delay * 2)
-
-    async def _flush_in_task(self, given: AsyncSide) -> None:
-        side = dataclasses.replace(given, breaker=CircuitBreaker(_NEVER_OPENS))
-        delay = FIRST_RETRY_SECONDS
-        while True:
-            delivery = self.outbox.take()
-            if not delivery:
-                return
-            landed = (await run_async(deliver(delivery), side, no_load_async, no_seal))[0]
-            if self._settle(delivery, landed):
-                delay = FIRST_RETRY_SECONDS
-                continue
-            await asyncio.sleep(delay)
-            delay = min(MAX_RETRY_SECONDS, delay * 2)
-
-    def _settle(self, delivery: Delivery, landed: Delivery) -> bool:
-        """Record a flush; True when all of it landed."""
-        self.outbox.landed(landed)
-        complete = (
-            len(landed.keys) == len(delivery.keys)
-            and len(landed.patterns) == len(delivery.patterns)
-            and len(landed.releases) == len(delivery.releases)
-        )
-        if complete and self.breaker.failures:
-            self.breaker.success()  # Redis answers: callers need not wait for a probe
-        return complete
-
-    def _flush_before_close(self, timeout: float) -> None:
-        """close(): a last attempt to deliver the outbox, for `timeout` seconds."""
-        if not self.outbox.pending_any():
-            return
-        side = dataclasses.replace(self._sync_side(), breaker=CircuitBreaker(_NEVER_OPENS))
-        deadline = monotonic() + timeout
-        while monotonic() < deadline:
-            delivery = self.outbox.peek()
-            if not delivery or self._settle(
-                delivery, run_sync(deliver(delivery), side, no_load, no_seal)[0]
-            ):
-                break
-            self._stopping.wait(MAX_RETRY_SECONDS)
-        self._log_undelivered()
-
-    async def _aflush_before_close(self, given: AsyncSide, timeout: float) -> None:
-        if not self.outbox.pending_any():
-            return
-        side = dataclasses.replace(given, breaker=CircuitBreaker(_NEVER_OPENS))
-        deadline = monotonic() + timeout
-        while monotonic() < deadline:
-            delivery = self.outbox.peek()
-            if not delivery:
-                break
-            try:
-                flow = run_async(deliver(delivery), side, no_load_async, no_seal)
-                landed = (await asyncio.wait_for(flow, deadline - monotonic()))[0]
-            except asyncio.TimeoutError:
-                break
-            if self._settle(delivery, landed):
-                break
-            await asyncio.sleep(MAX_RETRY_SECONDS)
-        self._log_undelivered()
-
-    def _log_undelivered(self) -> None:
-        left = self.outbox.pending()
-        if left:
-            logger.error(
-                "closing with %d invalidation(s) Redis never took (%s%s); those entries "
-                "stay in Redis until their ttl runs out",
-                len(left),
-                ", ".join(left[:5]),
-                ", ..." if len(left) > 5 else "",
-            )
-
     def close(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
         """Try once more, for up to `timeout` seconds, to deliver the invalidations the
         outbox holds (logging those Redis never took), stop the invalidation listener,
         and close the sync client's connections if this engine created the client."""
-        self._stopping.set()
+        self._flusher.stopping.set()
         self.outbox.wake.set()
         try:
-            if self._sync is not None or self._make_client is not None:
-                self._flush_before_close(timeout)
+            self._flusher.flush(timeout)
         finally:
-            self._stopping.clear()
+            self._flusher.stopping.clear()
             self.outbox.kick()  # anything left is still retried while the process runs
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -555,8 +448,8 @@ class CacheEngine:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         side = self._given_async or self._async_by_loop.get(loop)
-        if side is not None and self._sync is None and self._make_client is None:
-            await self._aflush_before_close(side, timeout)
+        if side is not None and self._flusher.sync_runtime is None:
+            await self._flusher.aflush(side, timeout)
         self.close(timeout)
         if not self._owns_clients:
             return
@@ -580,7 +473,7 @@ class CacheEngine:
             self._given_async.tasks = set()
         self._async_by_loop = {}
         self._last_async = (None, None)
-        self._stopping = threading.Event()
+        self._flusher.stopping = threading.Event()
         self.outbox.reset_after_fork()
 
     def __enter__(self) -> CacheEngine:
@@ -600,23 +493,31 @@ class CacheEngine:
     def __repr__(self) -> str:
         return f"CacheEngine(prefix={self.prefix!r})"
 
-    def _make_sync_side(self, client: Any) -> SyncSide:
+    def _make_sync_side(self, client: Any) -> SyncRuntime:
         kwargs = connection_kwargs(client, "client")
         warn_if_pool_raises(client, "client")
-        scripts = {name: client.register_script(name.value) for name in ScriptName}
-        side = SyncSide(
-            client, scripts, ThreadFlights(), block_limit_ms(kwargs), self.breaker, self.outbox
+        side = SyncRuntime(
+            client=client,
+            scripts={name: client.register_script(name.value) for name in ScriptName},
+            block_limit_ms=block_limit_ms(kwargs),
+            breaker=self.breaker,
+            outbox=self.outbox,
+            flights=ThreadFlights(),
         )
         if isinstance(client, redis.cluster.RedisCluster):
             side.route = client.get_node_from_key
         return side
 
-    def _make_async_side(self, client: Any) -> AsyncSide:
+    def _make_async_side(self, client: Any) -> AsyncRuntime:
         kwargs = connection_kwargs(client, "async_client")
         warn_if_pool_raises(client, "async_client")
-        scripts = {name: client.register_script(name.value) for name in ScriptName}
-        side = AsyncSide(
-            client, scripts, TaskFlights(), block_limit_ms(kwargs), self.breaker, self.outbox
+        side = AsyncRuntime(
+            client=client,
+            scripts={name: client.register_script(name.value) for name in ScriptName},
+            block_limit_ms=block_limit_ms(kwargs),
+            breaker=self.breaker,
+            outbox=self.outbox,
+            flights=TaskFlights(),
         )
         if isinstance(client, redis.asyncio.cluster.RedisCluster):
             side.ready = False
@@ -636,7 +537,9 @@ def _reset_engines_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_engines_after_fork)
 
 
-def _close_with_loop(engine: CacheEngine, loop: asyncio.AbstractEventLoop, side: AsyncSide) -> None:
+def _close_with_loop(
+    engine: CacheEngine, loop: asyncio.AbstractEventLoop, side: AsyncRuntime
+) -> None:
     """Close `side`'s client and drop it from `engine` when `loop` shuts down.
 
     asyncio.run(), asyncio.Runner and asgiref's async_to_sync close every async

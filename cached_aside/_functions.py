@@ -1,8 +1,10 @@
 """What the user holds: CachedFunction and AsyncCachedFunction wrap a loader and
-offer call, lookup, many, invalidate (one, many, all), update_field, key and stats.
+offer call, lookup, many, invalidate (one, many, all), update_field, key and stats;
+and their bound forms, for decorated methods.
 
-Both are thin: they render the key, pick the engine's sync or async side, and hand
-a flow to its driver. The user's function itself is never modified.
+Both are thin: _wrapping.CachedBase builds each operation's flow; these hand it to
+their driver. Twins for the type checker's sake (a call returns R or a coroutine of
+R); each method is one step. The user's function itself is never modified.
 """
 
 from __future__ import annotations
@@ -10,17 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from ._batch_drivers import serve_many_async, serve_many_sync
-from ._batches import invalidate_many, invalidate_pattern
-from ._defaults import default_engine
-from ._drivers import no_load, no_load_async, no_seal, run_async, run_sync, serve_async, serve_sync
-from ._effects import Flow
-from ._engine import CacheEngine
-from ._flows import Served, invalidate, update_field
-from ._near import MISSING
-from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome
+from ._drivers import arun, aserve, no_seal, run, serve
+from ._flows import Served
+from ._results import BulkOutcome, CacheResult, Outcome
 from ._stats import StatsSnapshot
-from ._wrapping import _NOT_GIVEN, CachedBase
+from ._wrapping import _NOT_GIVEN, CachedBase, Write
 
 __all__ = [
     "AsyncCachedFunction",
@@ -33,6 +29,7 @@ P = ParamSpec("P")
 Q = ParamSpec("Q")
 R = TypeVar("R")
 S = TypeVar("S")  # the instance a decorated method is bound to
+T = TypeVar("T")
 Sync = TypeVar("Sync", bound="CachedFunction[Any, Any]")
 Async = TypeVar("Async", bound="AsyncCachedFunction[Any, Any]")
 
@@ -41,29 +38,11 @@ class CachedFunction(CachedBase[P, R]):
     """A cached plain function. Call it like the loader."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        # _serve spelled out: on the hit path every Python call costs microseconds.
-        engine = self._engine or default_engine()
-        if engine is not self._registered_with:
-            self._register(engine)
-        key = engine.key_head + self._template.render(args, kwargs) + "}"
-        near = self._near
-        if near is not None:
-            value = near.get(key)
-            if value is not MISSING:
-                self._plan.stats.near_hit()
-                return value  # type: ignore[no-any-return]
-            return self._near_serve(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
-        served, _, joined = serve_sync(
-            self._plan, key, engine._sync_side(), self.__wrapped__, args, kwargs
-        )
-        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+        return self._serve(args, kwargs)[0].value  # type: ignore[no-any-return]
 
     def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
-        served, seconds = self._serve(args, kwargs)
-        return CacheResult(
-            served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
-        )
+        return self._result(*self._serve(args, kwargs))
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
         """Delete the entry (value or negative sentinel) and fence loads in flight.
@@ -73,8 +52,7 @@ class CachedFunction(CachedBase[P, R]):
         retried until it lands, and this process serves the key from the loader
         meanwhile. With fail_open=False, PENDING raises CacheUnavailableError instead.
         """
-        engine, key = self._locate(args, kwargs)
-        return self._change(engine, key, invalidate(self._plan, key, self._covering(engine)))
+        return self._write(self._invalidation(args, kwargs))
 
     def update_field(
         self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
@@ -86,10 +64,7 @@ class CachedFunction(CachedBase[P, R]):
         Outcome.UPDATED, Outcome.ABSENT (nothing cached: nothing written), or
         Outcome.PENDING: Redis failed, and the entry's invalidation waits in the outbox.
         """
-        loader_args, field, value = self._split_update(args, field, value)
-        engine, key = self._locate(loader_args, kwargs)
-        flow = update_field(self._plan, key, field, value, self._covering(engine))
-        return self._change(engine, key, flow)
+        return self._write(self._field_update(args, kwargs, field, value))
 
     def many(self, items: Iterable[Any]) -> list[R]:
         """Values for many calls at once, in the items' order.
@@ -99,31 +74,14 @@ class CachedFunction(CachedBase[P, R]):
         misses go to the decorator's batch_loader in one call when it has one, else
         through the loader one at a time, each under the single-flight lock.
         """
-        engine, keys, calls, items, positions = self._distinct(items)
-        found, rest, tickets = self._near_split(keys)
-        answers = serve_many_sync(
-            self._plan,
-            [keys[p] for p in rest],
-            engine._sync_side(),
-            self.__wrapped__,
-            [calls[p] for p in rest],
-            [items[p] for p in rest],
-            self._batch_loader,
-        )
-        return self._spread(self._near_merge(keys, found, rest, tickets, answers), positions)
+        call = self._many(items)
+        runtime = call.engine._sync_side()
+        return call.values(run(call.flow(runtime), runtime, call.loads, no_seal)[0])
 
     def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
         """Delete many entries in one pipeline. Items as for many(). Those Redis did
         not take wait in the outbox (`pending`), as for invalidate()."""
-        engine, keys, _, _, _ = self._distinct(items)
-        side = engine._sync_side()
-        flow = invalidate_many(self._plan, keys, self._covering(engine))
-        try:
-            return run_sync(flow, side, no_load, no_seal)[0]
-        finally:
-            for key in keys:
-                side.flights.forget(key)
-            self._near_drop(keys)
+        return self._write(self._invalidations(items))
 
     def invalidate_all(self) -> BulkOutcome:
         """Delete every entry this function cached, on every node.
@@ -132,14 +90,7 @@ class CachedFunction(CachedBase[P, R]):
         never blocked. If Redis fails part way, the rest waits in the outbox
         (`pending=1`) and this process serves the function from the loader meanwhile.
         """
-        engine = self._engine or default_engine()
-        side = engine._sync_side()
-        flow = invalidate_pattern(self._covering(engine), self._plan)
-        try:
-            return run_sync(flow, side, no_load, no_seal)[0]
-        finally:
-            side.flights.forget_all()
-            self._near_clear()
+        return self._write(self._invalidation_of_all())
 
     @overload
     def __get__(self: Sync, instance: None, owner: type | None = None) -> Sync: ...
@@ -151,128 +102,60 @@ class CachedFunction(CachedBase[P, R]):
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """Decorating a method: bind the instance like a function would."""
-        if instance is None:
-            return self
-        return BoundCachedFunction(self, instance)
-
-    def _change(self, engine: CacheEngine, key: str, flow: Flow[Outcome]) -> Outcome:
-        side = engine._sync_side()
-        try:
-            return run_sync(flow, side, no_load, no_seal)[0]
-        finally:
-            # Only now: a read already sharing a lookup made before the change may
-            # finish with it, but no read that starts after this call returns joins it.
-            side.flights.forget(key)
-            self._near_drop((key,))
+        return self if instance is None else BoundCachedFunction(self, instance)
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
-        if self._near is not None:
-            return self._near_serve(engine, key, args, kwargs)
-        served, seconds, joined = serve_sync(
-            self._plan, key, engine._sync_side(), self.__wrapped__, args, kwargs
-        )
-        return (self._as_joiner(served) if joined else served), seconds
-
-    def _near_serve(
-        self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Served, float]:
-        """The near tier first; on a near miss, Redis, and a hit there is kept."""
         hit, ticket = self._near_look(key)
         if hit is not None:
             return hit, 0.0
-        served, seconds, joined = serve_sync(
-            self._plan, key, engine._sync_side(), self.__wrapped__, args, kwargs
-        )
-        return self._near_keep(key, ticket, served, joined), seconds
+        runtime = engine._sync_side()
+        served, seconds, joined = serve(self._plan, key, runtime, self._loads(args, kwargs))
+        return self._answer(key, ticket, served, joined), seconds
+
+    def _write(self, write: Write[T]) -> T:
+        runtime = write.engine._sync_side()
+        try:
+            return run(write.flow, runtime, write.loads, no_seal)[0]
+        finally:
+            self._written(runtime, write.keys)
 
 
 class AsyncCachedFunction(CachedBase[P, R]):
-    """A cached `async def` function. Await it like the loader."""
+    """A cached `async def` function. Await it like the loader; every method is a
+    coroutine, as CachedFunction's."""
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        # _serve spelled out: on the hit path every Python call costs microseconds.
-        engine = self._engine or default_engine()
-        if engine is not self._registered_with:
-            self._register(engine)
-        key = engine.key_head + self._template.render(args, kwargs) + "}"
-        near = self._near
-        if near is not None:
-            value = near.get(key)
-            if value is not MISSING:
-                self._plan.stats.near_hit()
-                return value  # type: ignore[no-any-return]
-            return (await self._near_serve(engine, key, args, kwargs))[0].value  # type: ignore[no-any-return]
-        served, _, joined = await serve_async(
-            self._plan, key, engine._async_side(), self.__wrapped__, args, kwargs
-        )
-        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+        return (await self._serve(args, kwargs))[0].value  # type: ignore[no-any-return]
 
     async def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
-        served, seconds = await self._serve(args, kwargs)
-        return CacheResult(
-            served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
-        )
+        return self._result(*(await self._serve(args, kwargs)))
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
         """Delete the entry and fence loads in flight; as CachedFunction.invalidate."""
-        engine, key = self._locate(args, kwargs)
-        flow = invalidate(self._plan, key, self._covering(engine))
-        return await self._change(engine, key, flow)
+        return await self._write(self._invalidation(args, kwargs))
 
     async def update_field(
         self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
     ) -> Outcome:
-        """`await update_field(*loader_args, field, value)`: change one cached field;
-        as CachedFunction.update_field."""
-        loader_args, field, value = self._split_update(args, field, value)
-        engine, key = self._locate(loader_args, kwargs)
-        flow = update_field(self._plan, key, field, value, self._covering(engine))
-        return await self._change(engine, key, flow)
+        """Change one cached field; as CachedFunction.update_field."""
+        return await self._write(self._field_update(args, kwargs, field, value))
 
     async def many(self, items: Iterable[Any]) -> list[R]:
-        """Values for many calls at once, in the items' order; as CachedFunction.many,
-        with the misses loaded concurrently when there is no batch_loader."""
-        engine, keys, calls, items, positions = self._distinct(items)
-        found, rest, tickets = self._near_split(keys)
-        answers = await serve_many_async(
-            self._plan,
-            [keys[p] for p in rest],
-            engine._async_side(),
-            self.__wrapped__,
-            [calls[p] for p in rest],
-            [items[p] for p in rest],
-            self._batch_loader,
-        )
-        return self._spread(self._near_merge(keys, found, rest, tickets, answers), positions)
+        """Values for many calls at once; as CachedFunction.many, with the misses
+        loaded concurrently (at most 32 at a time) when there is no batch_loader."""
+        call = self._many(items)
+        runtime = call.engine._async_side()
+        return call.values((await arun(call.flow(runtime), runtime, call.loads, no_seal))[0])
 
     async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
         """Delete many entries in one pipeline; as CachedFunction.invalidate_many."""
-        engine, keys, _, _, _ = self._distinct(items)
-        side = engine._async_side()
-        if not side.ready:
-            await side.prepare()
-        flow = invalidate_many(self._plan, keys, self._covering(engine))
-        try:
-            return (await run_async(flow, side, no_load_async, no_seal))[0]
-        finally:
-            for key in keys:
-                side.flights.forget(key)
-            self._near_drop(keys)
+        return await self._write(self._invalidations(items))
 
     async def invalidate_all(self) -> BulkOutcome:
         """Delete every entry this function cached; as CachedFunction.invalidate_all."""
-        engine = self._engine or default_engine()
-        side = engine._async_side()
-        if not side.ready:
-            await side.prepare()
-        flow = invalidate_pattern(self._covering(engine), self._plan)
-        try:
-            return (await run_async(flow, side, no_load_async, no_seal))[0]
-        finally:
-            side.flights.forget_all()
-            self._near_clear()
+        return await self._write(self._invalidation_of_all())
 
     @overload
     def __get__(self: Async, instance: None, owner: type | None = None) -> Async: ...
@@ -284,40 +167,23 @@ class AsyncCachedFunction(CachedBase[P, R]):
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """Decorating a method: bind the instance like a function would."""
-        if instance is None:
-            return self
-        return BoundAsyncCachedFunction(self, instance)
-
-    async def _change(self, engine: CacheEngine, key: str, flow: Flow[Outcome]) -> Outcome:
-        side = engine._async_side()
-        if not side.ready:
-            await side.prepare()
-        try:
-            return (await run_async(flow, side, no_load_async, no_seal))[0]
-        finally:
-            side.flights.forget(key)  # after the change, as in CachedFunction._change
-            self._near_drop((key,))
+        return self if instance is None else BoundAsyncCachedFunction(self, instance)
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
-        if self._near is not None:
-            return await self._near_serve(engine, key, args, kwargs)
-        served, seconds, joined = await serve_async(
-            self._plan, key, engine._async_side(), self.__wrapped__, args, kwargs
-        )
-        return (self._as_joiner(served) if joined else served), seconds
-
-    async def _near_serve(
-        self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Served, float]:
-        """As CachedFunction._near_serve."""
         hit, ticket = self._near_look(key)
         if hit is not None:
             return hit, 0.0
-        served, seconds, joined = await serve_async(
-            self._plan, key, engine._async_side(), self.__wrapped__, args, kwargs
-        )
-        return self._near_keep(key, ticket, served, joined), seconds
+        runtime = engine._async_side()
+        served, seconds, joined = await aserve(self._plan, key, runtime, self._loads(args, kwargs))
+        return self._answer(key, ticket, served, joined), seconds
+
+    async def _write(self, write: Write[T]) -> T:
+        runtime = write.engine._async_side()
+        try:
+            return (await arun(write.flow, runtime, write.loads, no_seal))[0]
+        finally:
+            self._written(runtime, write.keys)
 
 
 class _Bound(Generic[Q, R]):

@@ -1,8 +1,9 @@
 """Performing the bulk effects: a Batch as one pipeline (one round trip per node, on a
 Redis Cluster too) and a Scan page, with redis-py's sync and asyncio clients.
 
-Like drivers.py, sync and async twins side by side; failures come back as
-CommandFailed values, because in a batch some entries may succeed.
+Sync and async twins side by side, as in _drivers.py; failures come back as
+CommandFailed values in place of their replies, because in a batch some entries
+may succeed.
 """
 
 from __future__ import annotations
@@ -11,24 +12,85 @@ from collections.abc import Sequence
 from itertools import islice
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
-from ._effects import Batch, Command, CommandFailed, RunScript, Scan
-
-
-def failed(exc: BaseException) -> CommandFailed:
-    """Wrap a redis-py error for a flow, telling bad data apart from an outage."""
-    wrong_type = isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
-    return CommandFailed(exc, wrong_type=wrong_type)
+from ._effects import Batch, Command, RunScript, Scan
+from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 
 
-def _queue(pipe: Any, side: Any, effects: Sequence[Command | RunScript]) -> None:
-    route = side.route
+def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
+    """Replies in order, a CommandFailed in place of each failure."""
+    effects = batch.effects
+    refused = rt.refusal(len(effects))
+    if not effects or refused is not None:
+        return refused or []
+    try:
+        replies = _pipeline(rt, effects).execute(raise_on_error=False)
+        unknown = _unknown_scripts(replies)
+        if unknown:  # the server restarted or flushed its scripts: load, send those again
+            for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
+                rt.client.script_load(name.value)
+            again = _pipeline(rt, [effects[i] for i in unknown]).execute(raise_on_error=False)
+            for i, reply in zip(unknown, again, strict=True):
+                replies[i] = reply
+    except rt.failures as exc:
+        return [rt.failure(exc)] * len(effects)
+    return _settled(rt, replies)
+
+
+async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
+    """Replies in order, a CommandFailed in place of each failure."""
+    effects = batch.effects
+    refused = rt.refusal(len(effects))
+    if not effects or refused is not None:
+        return refused or []
+    try:
+        replies = await _pipeline(rt, effects).execute(raise_on_error=False)
+        unknown = _unknown_scripts(replies)
+        if unknown:
+            for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
+                await rt.client.script_load(name.value)
+            pipe = _pipeline(rt, [effects[i] for i in unknown])
+            for i, reply in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+    except rt.failures as exc:
+        return [rt.failure(exc)] * len(effects)
+    return _settled(rt, replies)
+
+
+def scan(rt: SyncRuntime, effect: Scan) -> tuple[Any, list[str]]:
+    """The next page of a scan over every master: (position or None when done, keys).
+
+    redis-py's scan_iter visits each master of a cluster in turn; the position is
+    the iterator itself.
+    """
+    cursor = effect.position
+    if cursor is None:
+        cursor = rt.client.scan_iter(match=effect.match, count=effect.count)
+    keys = list(islice(cursor, effect.count))
+    return (cursor if len(keys) == effect.count else None), _text(keys)
+
+
+async def scan_async(rt: AsyncRuntime, effect: Scan) -> tuple[Any, list[str]]:
+    cursor = effect.position
+    if cursor is None:
+        cursor = rt.client.scan_iter(match=effect.match, count=effect.count)
+    keys: list[Any] = []
+    async for key in cursor:
+        keys.append(key)
+        if len(keys) == effect.count:
+            return cursor, _text(keys)
+    return None, _text(keys)
+
+
+def _pipeline(rt: Runtime, effects: Sequence[Command | RunScript]) -> Any:
+    pipe = rt.client.pipeline(transaction=False)
+    route = rt.route
     for effect in effects:
         if isinstance(effect, Command):
             args, key = effect.args, effect.args[1]
         else:
-            sha = side.scripts[effect.script].sha
+            sha = rt.scripts[effect.script].sha
             args = ("EVALSHA", sha, len(effect.keys), *effect.keys, *effect.args)
             key = effect.keys[0]
         if route is None:
@@ -37,6 +99,7 @@ def _queue(pipe: Any, side: Any, effects: Sequence[Command | RunScript]) -> None
             # Name the node: redis-py 8.1's sync cluster pipeline otherwise asks the
             # server (COMMAND GETKEYS) where every EVALSHA goes, one round trip each.
             pipe.execute_command(*args, target_nodes=route(key))
+    return pipe
 
 
 def _unknown_scripts(replies: list[Any]) -> list[int]:
@@ -44,101 +107,10 @@ def _unknown_scripts(replies: list[Any]) -> list[int]:
     return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
 
 
-def _settle(side: Any, replies: list[Any]) -> list[Any]:
-    breaker = side.breaker
-    if breaker.failures:
-        breaker.success()
-    return [failed(reply) if isinstance(reply, side.failures) else reply for reply in replies]
-
-
-def _refused(side: Any, count: int) -> list[Any] | None:
-    breaker = side.breaker
-    if breaker.open_until and not breaker.allow():
-        return [CommandFailed(breaker.refusal(), wrong_type=False, sent=False)] * count
-    return None
-
-
-def _outage(side: Any, exc: BaseException, count: int) -> list[Any]:
-    failure = failed(exc)
-    if not failure.wrong_type:
-        side.breaker.failure()
-    return [failure] * count
-
-
-def send_batch_sync(side: Any, batch: Batch) -> list[Any]:
-    """Replies in order, a CommandFailed in place of each failure."""
-    effects = batch.effects
-    if not effects:
-        return []
-    refused = _refused(side, len(effects))
-    if refused is not None:
-        return refused
-    try:
-        pipe = side.client.pipeline(transaction=False)
-        _queue(pipe, side, effects)
-        replies = pipe.execute(raise_on_error=False)
-        unknown = _unknown_scripts(replies)
-        if unknown:
-            for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
-                side.client.script_load(name.value)
-            pipe = side.client.pipeline(transaction=False)
-            _queue(pipe, side, [effects[i] for i in unknown])
-            for i, reply in zip(unknown, pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = reply
-    except side.failures as exc:
-        return _outage(side, exc, len(effects))
-    return _settle(side, replies)
-
-
-async def send_batch_async(side: Any, batch: Batch) -> list[Any]:
-    """Replies in order, a CommandFailed in place of each failure."""
-    effects = batch.effects
-    if not effects:
-        return []
-    refused = _refused(side, len(effects))
-    if refused is not None:
-        return refused
-    try:
-        pipe = side.client.pipeline(transaction=False)
-        _queue(pipe, side, effects)
-        replies = await pipe.execute(raise_on_error=False)
-        unknown = _unknown_scripts(replies)
-        if unknown:
-            for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
-                await side.client.script_load(name.value)
-            pipe = side.client.pipeline(transaction=False)
-            _queue(pipe, side, [effects[i] for i in unknown])
-            for i, reply in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
-                replies[i] = reply
-    except side.failures as exc:
-        return _outage(side, exc, len(effects))
-    return _settle(side, replies)
+def _settled(rt: Runtime, replies: list[Any]) -> list[Any]:
+    rt.answered()
+    return [rt.failure(r) if isinstance(r, rt.failures) else r for r in replies]
 
 
 def _text(keys: list[Any]) -> list[str]:
     return [key.decode("utf-8", "replace") if isinstance(key, bytes) else key for key in keys]
-
-
-def scan_sync(side: Any, effect: Scan) -> tuple[Any, list[str]]:
-    """The next page of a scan over every master: (position or None when done, keys).
-
-    redis-py's scan_iter visits each master of a cluster in turn; the position is
-    the iterator itself.
-    """
-    cursor = effect.position
-    if cursor is None:
-        cursor = side.client.scan_iter(match=effect.match, count=effect.count)
-    keys = list(islice(cursor, effect.count))
-    return (cursor if len(keys) == effect.count else None), _text(keys)
-
-
-async def scan_async(side: Any, effect: Scan) -> tuple[Any, list[str]]:
-    cursor = effect.position
-    if cursor is None:
-        cursor = side.client.scan_iter(match=effect.match, count=effect.count)
-    keys: list[Any] = []
-    async for key in cursor:
-        keys.append(key)
-        if len(keys) == effect.count:
-            return cursor, _text(keys)
-    return None, _text(keys)

@@ -22,6 +22,9 @@ class Source(str, enum.Enum):
     LOADER = "loader"  # this call ran the loader
     WAITED = "waited"  # another caller's load, waited for
 
+    def __str__(self) -> str:
+        return self.value  # print(result.source) shows "cache", as the docs write it
+
 
 HIT_SOURCES = frozenset({Source.NEAR, Source.CACHE, Source.NEGATIVE})
 

@@ -1,34 +1,52 @@
-"""What sync and async wrappers share: choosing the engine, rendering keys, the
-near tier, batch bookkeeping, stats, and binding to an instance when decorating a
-method. No I/O happens here; functions.py hands flows to the drivers.
+"""What sync and async wrappers share: choosing the engine, rendering keys, building
+each operation's flow, the near tier, and turning answers into what callers get.
+No I/O happens here; _functions.py hands the flows to the drivers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from ._batch_drivers import Answer, BatchLoader
+from ._batches import invalidate_many, invalidate_pattern, many
 from ._defaults import default_engine
+from ._effects import Flow
 from ._engine import CacheEngine
-from ._flows import Plan, Served
+from ._flows import Plan, Served, invalidate, update_field
 from ._keys import KeyTemplate, glob_escape, split_entry_key
+from ._loads import NO_LOADS, BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
 from ._outbox import PendingPattern
-from ._results import Source
+from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
+from ._runtime import Runtime
 from ._stats import StatsSnapshot
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 # update_field's keywords, when the field and value are not its last two arguments.
 _NOT_GIVEN: Any = object()
+Answer = tuple[Served, bool]  # and whether it was shared with another caller
+
+
+class Write(Generic[T]):
+    """An invalidation or field update, ready to run: its flow, and the keys whose
+    in-process state must be forgotten once it ran (None: every key)."""
+
+    __slots__ = ("engine", "flow", "keys", "loads")
+
+    def __init__(
+        self, engine: CacheEngine, flow: Flow[T], keys: Sequence[str] | None, loads: Loads
+    ) -> None:
+        self.engine, self.flow, self.keys, self.loads = engine, flow, keys, loads
 
 
 class CachedBase(Generic[P, R]):
-    """The parts shared by sync and async wrappers: keys, engine choice, stats."""
+    """The parts shared by sync and async wrappers: keys, engine choice, the flow of
+    every operation, the near tier, stats."""
 
     def __init__(
         self,
@@ -49,6 +67,15 @@ class CachedBase(Generic[P, R]):
         self._near: NearStore | None = None  # this engine's near tier, when configured
         self._registered_with: CacheEngine | None = None
         self._whole: PendingPattern | None = None  # every key of this function, there
+
+    # -- engine and keys -----------------------------------------------------------
+
+    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
+        """The engine to use and the entry's key; the first step of every call."""
+        engine = self._engine or default_engine()
+        if engine is not self._registered_with:
+            self._register(engine)
+        return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
 
     def _register(self, engine: CacheEngine) -> None:
         config = engine.near if self._near_config is None else self._near_config
@@ -76,6 +103,51 @@ class CachedBase(Generic[P, R]):
             start, glob_escape(start) + "*", belongs, f"{self._plan.name}.invalidate_all()"
         )
 
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The Redis key these arguments map to, for redis-cli and debugging."""
+        return self._locate(args, kwargs)[1]
+
+    # -- operations: each one's flow -----------------------------------------------
+
+    def _loads(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Loads:
+        return Loads(self._plan, self.__wrapped__, (args,), kwargs)
+
+    def _invalidation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Write[Outcome]:
+        engine, key = self._locate(args, kwargs)
+        flow = invalidate(self._plan, key, self._covering(engine))
+        return Write(engine, flow, (key,), NO_LOADS)
+
+    def _field_update(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], field: Any, value: Any
+    ) -> Write[Outcome]:
+        loader_args, field, value = self._split_update(args, field, value)
+        engine, key = self._locate(loader_args, kwargs)
+        flow = update_field(self._plan, key, field, value, self._covering(engine))
+        return Write(engine, flow, (key,), NO_LOADS)
+
+    def _invalidations(self, items: Iterable[Any]) -> Write[BulkOutcome]:
+        engine, keys, _, _, _ = self._distinct(items)
+        flow = invalidate_many(self._plan, keys, self._covering(engine))
+        return Write(engine, flow, keys, NO_LOADS)
+
+    def _invalidation_of_all(self) -> Write[BulkOutcome]:
+        engine = self._engine or default_engine()
+        flow = invalidate_pattern(self._covering(engine), self._plan)
+        return Write(engine, flow, None, NO_LOADS)
+
+    def _written(self, runtime: Runtime, keys: Sequence[str] | None) -> None:
+        """After a write: no read that starts now may join a read made before it, and
+        this process's near tier forgets the keys (Redis's report comes later)."""
+        if keys is None:
+            runtime.flights.forget_all()  # type: ignore[attr-defined]
+            if self._near is not None:
+                self._near.clear()
+            return
+        for key in keys:
+            runtime.flights.forget(key)  # type: ignore[attr-defined]
+        if self._near is not None:
+            self._near.drop(keys)
+
     def _covering(self, engine: CacheEngine) -> PendingPattern:
         """The pattern of every key of this function on `engine` (registered first)."""
         if engine is not self._registered_with:
@@ -83,93 +155,8 @@ class CachedBase(Generic[P, R]):
         assert self._whole is not None
         return self._whole
 
-    # -- the near tier ---------------------------------------------------------
-
-    def _near_split(self, keys: list[str]) -> tuple[dict[int, Served], list[int], list[int | None]]:
-        """Near hits by position; the positions that must ask Redis, with tickets."""
-        store = self._near
-        if store is None:
-            return {}, list(range(len(keys))), []
-        found: dict[int, Served] = {}
-        rest: list[int] = []
-        tickets: list[int | None] = []
-        for position, key in enumerate(keys):
-            value = store.get(key)
-            if value is MISSING:
-                rest.append(position)
-                tickets.append(store.expect(key))
-            else:
-                self._plan.stats.near_hit()
-                found[position] = Served(value, Source.NEAR)
-        return found, rest, tickets
-
-    def _near_merge(
-        self,
-        keys: list[str],
-        found: dict[int, Served],
-        rest: list[int],
-        tickets: list[int | None],
-        answers: list[Answer],
-    ) -> list[Answer]:
-        """All answers in order; Redis hits among them are kept in the near tier."""
-        by_position: dict[int, Answer] = {p: (s, False) for p, s in found.items()}
-        store = self._near
-        for number, (position, answer) in enumerate(zip(rest, answers, strict=True)):
-            by_position[position] = answer
-            served, joined = answer
-            if store is not None and not joined and served.ttl_ms > 0:
-                store.fill(keys[position], tickets[number], served.value, served.ttl_ms)
-        return [by_position[position] for position in range(len(keys))]
-
-    def _near_look(self, key: str) -> tuple[Served | None, int | None]:
-        """A near hit, or a ticket for the read that must go to Redis (taken before
-        the read: a change reported meanwhile voids it)."""
-        store = self._near
-        assert store is not None
-        value = store.get(key)
-        if value is not MISSING:
-            self._plan.stats.near_hit()
-            return Served(value, Source.NEAR), None
-        return None, store.expect(key)
-
-    def _near_keep(self, key: str, ticket: int | None, served: Served, joined: bool) -> Served:
-        """The call's answer; a Redis hit is kept in the near tier."""
-        if joined:
-            return self._as_joiner(served)
-        if served.ttl_ms > 0 and self._near is not None:
-            self._near.fill(key, ticket, served.value, served.ttl_ms)
-        return served
-
-    def _near_clear(self) -> None:
-        if self._near is not None:
-            self._near.clear()
-
-    def _near_drop(self, keys: Iterable[str]) -> None:
-        """Read-your-writes in this process: Redis's report of the change comes later."""
-        if self._near is not None:
-            self._near.drop(keys)
-
-    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
-        """The engine to use and the entry's key; the first step of every method."""
-        engine = self._engine or default_engine()
-        if engine is not self._registered_with:
-            self._register(engine)
-        return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
-
-    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The Redis key these arguments map to, for redis-cli and debugging."""
-        return self._locate(args, kwargs)[1]
-
-    def stats(self) -> StatsSnapshot:
-        """This function's counters since start or the last reset_stats()."""
-        return self._plan.stats.snapshot()
-
-    def error_kinds(self) -> dict[str, int]:
-        """This function's Redis errors by exception type, e.g. {"TimeoutError": 2}."""
-        return self._plan.stats.error_kinds()
-
-    def reset_stats(self) -> None:
-        self._plan.stats.reset()
+    def _many(self, items: Iterable[Any]) -> ManyCall:
+        return ManyCall(self, *self._distinct(items))
 
     def _distinct(
         self, items: Iterable[Any]
@@ -202,20 +189,32 @@ class CachedBase(Generic[P, R]):
             positions.append(position)
         return engine, keys, calls, distinct_items, positions
 
-    def _spread(self, answers: list[tuple[Served, bool]], positions: list[int]) -> list[Any]:
-        """Each item's value; an item repeated in the batch gets its own copy."""
-        values: list[Any] = []
-        given: set[int] = set()
-        for position in positions:
-            served, joined = answers[position]
-            if joined:
-                served = self._as_joiner(served)
-            if position in given:
-                values.append(self._plan.codec.copy(served.value))
-            else:
-                given.add(position)
-                values.append(served.value)
-        return values
+    # -- answers and the near tier -------------------------------------------------
+
+    def _near_look(self, key: str) -> tuple[Served | None, int | None]:
+        """A near hit, or the ticket of a read that must go to Redis (taken before
+        the read: a change reported meanwhile voids it); (None, None) with no tier."""
+        store = self._near
+        if store is None:
+            return None, None
+        value = store.get(key)
+        if value is not MISSING:
+            self._plan.stats.near_hit()
+            return Served(value, Source.NEAR), None
+        return None, store.expect(key)
+
+    def _answer(self, key: str, ticket: int | None, served: Served, joined: bool) -> Served:
+        """The call's answer; a Redis hit is kept in the near tier."""
+        if joined:
+            return self._as_joiner(served)
+        if ticket is not None and served.ttl_ms > 0 and self._near is not None:
+            self._near.fill(key, ticket, served.value, served.ttl_ms)
+        return served
+
+    def _result(self, served: Served, seconds: float) -> CacheResult[R]:
+        return CacheResult(
+            served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
+        )
 
     def _as_joiner(self, served: Served) -> Served:
         """Account for a caller that shared another caller's read, and copy its value."""
@@ -228,6 +227,19 @@ class CachedBase(Generic[P, R]):
             stats.miss(suppressed=True)
             return Served(self._plan.codec.copy(served.value), Source.WAITED)
         return Served(self._plan.codec.copy(served.value), served.source)
+
+    # -- stats and the rest --------------------------------------------------------
+
+    def stats(self) -> StatsSnapshot:
+        """This function's counters since start or the last reset_stats()."""
+        return self._plan.stats.snapshot()
+
+    def error_kinds(self) -> dict[str, int]:
+        """This function's Redis errors by exception type, e.g. {"TimeoutError": 2}."""
+        return self._plan.stats.error_kinds()
+
+    def reset_stats(self) -> None:
+        self._plan.stats.reset()
 
     def _split_update(
         self, args: tuple[Any, ...], field: Any, value: Any
@@ -251,3 +263,63 @@ class CachedBase(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
+
+
+class ManyCall:
+    """One many() call: its distinct keys, those the near tier answered, the flow and
+    the loads for the rest, and how answers become the values callers get."""
+
+    def __init__(
+        self,
+        function: CachedBase[Any, Any],
+        engine: CacheEngine,
+        keys: list[str],
+        calls: list[tuple[Any, ...]],
+        items: list[Any],
+        positions: list[int],
+    ) -> None:
+        self.function = function
+        self.engine = engine
+        self.keys = keys
+        self.positions = positions  # each item's key
+        self.found: dict[int, Served] = {}
+        self.rest: list[int] = []  # positions that must ask Redis...
+        self.tickets: list[int | None] = []  # ...with their near tickets
+        for position, key in enumerate(keys):
+            hit, ticket = function._near_look(key)
+            if hit is not None:
+                self.found[position] = hit
+            else:
+                self.rest.append(position)
+                self.tickets.append(ticket)
+        self.loads = Loads(
+            function._plan,
+            function.__wrapped__,
+            [calls[p] for p in self.rest],
+            batch_loader=function._batch_loader,
+            items=[items[p] for p in self.rest],
+        )
+
+    def flow(self, runtime: Runtime) -> Flow[list[Answer]]:
+        """The flow that serves what the near tier did not, on `runtime`."""
+        keys = [self.keys[p] for p in self.rest]
+        outbox = runtime.outbox
+        blocked = frozenset(p for p, key in enumerate(keys) if outbox.active and outbox.blocks(key))
+        batched = self.function._batch_loader is not None
+        return many(self.function._plan, keys, batched, blocked, runtime.block_limit_ms)
+
+    def values(self, answers: list[Answer]) -> list[Any]:
+        """Each item's value, in order; Redis hits are kept in the near tier, and an
+        item repeated in the batch gets its own copy."""
+        function = self.function
+        served_at = dict(self.found)
+        for number, (position, (served, joined)) in enumerate(zip(self.rest, answers, strict=True)):
+            ticket = self.tickets[number]
+            served_at[position] = function._answer(self.keys[position], ticket, served, joined)
+        values: list[Any] = []
+        given: set[int] = set()
+        for position in self.positions:
+            value = served_at[position].value
+            values.append(function._plan.codec.copy(value) if position in given else value)
+            given.add(position)
+        return values

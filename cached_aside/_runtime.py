@@ -1,6 +1,7 @@
-"""What a call needs from its engine, per concurrency model: a SyncSide (client,
-scripts, thread flights) or an AsyncSide per event loop (client, scripts, task
-flights, background tasks); and the checks made on clients a user passes in.
+"""What a driver needs from its engine, per concurrency model: a SyncRuntime (client,
+scripts, thread flights) or an AsyncRuntime per event loop (client, scripts, task
+flights, background tasks), both with the engine's breaker and outbox; how a
+command's failure is told to a flow; and the checks made on clients a user passes.
 """
 
 from __future__ import annotations
@@ -8,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any
 
 import redis
 import redis.asyncio
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ._breaker import CircuitBreaker
+from ._effects import CommandFailed
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
 from ._outbox import Outbox
@@ -75,13 +77,14 @@ class Background:
                 self._resting[key] = monotonic() + REFRESH_RETRY_SECONDS
 
 
-@dataclass(slots=True)
-class SyncSide:
-    """What a sync call needs: the client, its scripts, the thread flights."""
+@dataclass(slots=True, kw_only=True)
+class Runtime:
+    """What both drivers need: a client, its scripts, and the engine's breaker and
+    outbox. Also how a command ends, so that both drivers (and pipelines) count and
+    report failures the same way."""
 
     client: Any
     scripts: Mapping[ScriptName, Any]
-    flights: ThreadFlights
     block_limit_ms: int
     breaker: CircuitBreaker
     outbox: Outbox
@@ -89,28 +92,47 @@ class SyncSide:
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
     route: Callable[[str], Any] | None = None  # a cluster's key -> node, for pipelines
 
+    def refusal(self, count: int = 1) -> list[CommandFailed] | None:
+        """While the breaker is open: a refusal for each command, none of them sent."""
+        breaker = self.breaker
+        if breaker.open_until and not breaker.allow():
+            return [CommandFailed(breaker.refusal(), wrong_type=False, sent=False)] * count
+        return None
 
-@dataclass(slots=True)
-class AsyncSide:
+    def failure(self, exc: BaseException) -> CommandFailed:
+        """A redis-py error as a flow sees it, counted on the breaker unless it is
+        bad data (a key of another type) rather than an outage."""
+        failure = failed(exc)
+        if not failure.wrong_type:
+            self.breaker.failure()
+        return failure
+
+    def answered(self) -> None:
+        """Redis answered: a breaker counting failures starts over."""
+        if self.breaker.failures:
+            self.breaker.success()
+
+
+@dataclass(slots=True, kw_only=True)
+class SyncRuntime(Runtime):
+    """What a sync call needs: the above, and the thread flights."""
+
+    flights: ThreadFlights = field(default_factory=ThreadFlights)
+
+
+@dataclass(slots=True, kw_only=True)
+class AsyncRuntime(Runtime):
     """What an async call needs in one event loop."""
 
-    client: Any
-    scripts: Mapping[ScriptName, Any]
-    flights: TaskFlights
-    block_limit_ms: int
-    breaker: CircuitBreaker
-    outbox: Outbox
-    background: Background = field(default_factory=Background)
+    flights: TaskFlights = field(default_factory=TaskFlights)
     # Background work of this loop (refreshes, releases after a cancellation): held
     # here because a task nobody references can be collected mid-run.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    failures: tuple[type[BaseException], ...] = REDIS_FAILURES
-    route: Callable[[str], Any] | None = None
     # An asyncio RedisCluster sent many commands before its first initialize() can
     # route some to no node at all (redis-py 8.1): initialize it once, under a lock.
     ready: bool = True
-    _initializing: asyncio.Lock | None = None
     closer: Any = None  # an async generator that closes the client with its loop
+    _initializing: asyncio.Lock | None = None
 
     async def prepare(self) -> None:
         if self._initializing is None:
@@ -119,6 +141,19 @@ class AsyncSide:
             if not self.ready:
                 await self.client.initialize()
                 self.ready = True
+
+    def keep(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` as a task of this loop that aclose() and asettle() wait for."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)  # a task nobody references can be collected mid-run
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+
+def failed(exc: BaseException) -> CommandFailed:
+    """Wrap a redis-py error for a flow, telling bad data apart from an outage."""
+    wrong_type = isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
+    return CommandFailed(exc, wrong_type=wrong_type)
 
 
 def connection_kwargs(client: Any, role: str) -> dict[str, Any]:
