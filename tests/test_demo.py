@@ -16,17 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from cached_aside import CacheEngine
 from cached_aside.demo.app import DemoApp
 from cached_aside.demo.catalogue import Catalogue
 from cached_aside.demo.server import build_server
+from cached_aside.demo.stampede import burst
+
+from .conftest import unique_prefix
+
+LATENCY_MS = 30  # the test primary's read latency
 
 
 @contextmanager
 def serving(engine: CacheEngine, tmp_path: Path, **options: Any) -> Iterator[str]:
     """The demo server on a free port, on this test's engine and a fresh SQLite file."""
-    app = DemoApp(engine, Catalogue(tmp_path / "shop.db", latency_ms=30), "test redis")
+    app = DemoApp(engine, Catalogue(tmp_path / "shop.db", LATENCY_MS), "test redis")
     server = build_server("127.0.0.1", 0, app, **options)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -122,6 +128,98 @@ def test_stampede_reads_the_primary_once(demo: str) -> None:
     assert reply["latency_ms"]["p50"] >= 30
 
 
+def test_stampede_times_each_caller_on_one_axis_and_names_the_one_load(demo: str) -> None:
+    status, reply = call(demo, "POST", "/api/stampede", {"id": "p-004", "n": 20})
+    assert status == 200
+    callers = reply["callers"]
+    assert [caller["caller"] for caller in callers] == list(range(20))
+    sources = [caller["source"] for caller in callers]
+    assert sources.count("loader") == 1
+    assert set(sources) <= {"loader", "waited", "cache"}
+    assert reply["sources"] == {source: sources.count(source) for source in set(sources)}
+    assert all(caller["start_ms"] >= 0 and caller["duration_ms"] >= 0 for caller in callers)
+    load = callers[sources.index("loader")]
+    assert load["duration_ms"] >= LATENCY_MS  # the primary's read is inside the load's bar
+    # Offsets share the burst's clock: nobody had the value before the load's primary
+    # read, which began after the load itself started.
+    for caller in callers:
+        if caller["source"] == "waited":
+            assert caller["start_ms"] + caller["duration_ms"] >= load["start_ms"] + LATENCY_MS
+    assert reply["latency_ms"]["max"] == round(max(c["duration_ms"] for c in callers), 1)
+
+
+def test_stampede_answers_the_fresh_record_and_its_restarted_ttl(demo: str) -> None:
+    call(demo, "GET", "/api/products/p-004")
+    call(demo, "POST", "/api/products/p-004/cache", {"field": "stock", "value": 9})
+    _, cached = call(demo, "GET", "/api/products/p-004")
+    assert cached["record"]["stock"] == "9"  # the cache now disagrees with the primary
+    _, reply = call(demo, "POST", "/api/stampede", {"id": "p-004", "n": 5})
+    assert reply["record"] == {
+        "id": "p-004",
+        "name": "Ink bottle",
+        "price": "8.20",
+        "stock": "64",
+        "colour": "blue",
+    }
+    assert reply["primary_ms"] >= LATENCY_MS
+    assert reply["cached"] is True
+    assert 55_000 < reply["ttl_ms"] <= 60_000
+    assert reply["key"].endswith("product:p-004}")
+
+
+def test_a_burst_caller_that_raises_is_reported_not_lost() -> None:
+    timed = burst(lambda: 1 // 0, 3)
+    assert [(each.value, each.error) for each in timed] == [
+        (None, "ZeroDivisionError: integer division or modulo by zero")
+    ] * 3
+
+
+def test_ttl_of_an_unknown_id_is_a_404(demo: str) -> None:
+    status, reply = call(demo, "GET", "/api/products/p-404/ttl")
+    assert (status, reply["error"], reply["cached"]) == (404, "no product 'p-404'", False)
+    assert call(demo, "GET", "/api/products/p-001/ttl")[0] == 200
+
+
+def test_stampede_on_an_unknown_id_is_a_404_that_reads_nothing(demo: str) -> None:
+    status, reply = call(demo, "POST", "/api/stampede", {"id": "p-404", "n": 5})
+    assert (status, reply["error"]) == (404, "no product 'p-404'")
+    _, stats = call(demo, "GET", "/api/stats")
+    assert (stats["primary_reads"], stats["misses"]) == (0, 0)
+
+
+def test_invalidate_answers_deleted_then_absent(demo: str) -> None:
+    call(demo, "GET", "/api/products/p-001")
+    status, reply = call(demo, "POST", "/api/products/p-001/invalidate")
+    assert (status, reply) == (200, {"id": "p-001", "invalidation": "deleted"})
+    assert call(demo, "GET", "/api/products/p-001/ttl")[1]["cached"] is False
+    status, reply = call(demo, "POST", "/api/products/p-001/invalidate")
+    assert (status, reply["invalidation"]) == (200, "absent")
+    _, after = call(demo, "GET", "/api/products/p-001")
+    assert after["source"] == "loader"
+
+
+def test_invalidate_an_unknown_id_drops_its_negative_sentinel_and_answers_404(
+    demo: str,
+) -> None:
+    call(demo, "GET", "/api/products/p-404")
+    assert call(demo, "GET", "/api/products/p-404")[1]["source"] == "negative"
+    status, reply = call(demo, "POST", "/api/products/p-404/invalidate")
+    assert (status, reply["invalidation"], reply["error"]) == (404, "deleted", "no product 'p-404'")
+    assert call(demo, "GET", "/api/products/p-404")[1]["source"] == "loader"
+
+
+def test_invalidate_while_redis_is_down_is_pending(tmp_path: Path) -> None:
+    nothing_listens = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    engine = CacheEngine(nothing_listens, prefix=unique_prefix())
+    try:
+        with serving(engine, tmp_path) as base:
+            status, reply = call(base, "POST", "/api/products/p-001/invalidate")
+        assert (status, reply["invalidation"]) == (200, "pending")
+        assert engine.pending_invalidations() == [engine.prefix + ":{product:p-001}"]
+    finally:
+        engine.close(timeout=0.1)
+
+
 def test_stats_and_reset(demo: str) -> None:
     call(demo, "GET", "/api/products/p-005")
     call(demo, "GET", "/api/products/p-005")
@@ -158,6 +256,9 @@ def test_stats_and_reset(demo: str) -> None:
         ("POST", "/api/stampede", {"n": 0}, 400, "from 1 to 500"),
         ("POST", "/api/stampede", [1, 2], 400, "JSON object"),
         ("GET", "/api/stampede", None, 405, "takes POST"),
+        ("GET", "/api/products/p-001/invalidate", None, 405, "takes POST"),
+        ("POST", "/api/products/bad%20id/invalidate", None, 400, "ids are"),
+        ("GET", "/api/products/bad%20id/ttl", None, 400, "ids are"),
         ("GET", "/api/nothing", None, 404, "no such endpoint"),
     ],
 )

@@ -7,15 +7,23 @@ import re
 import statistics
 import threading
 import time
+from collections import Counter
 from typing import Any
 
-from .._decorator import cache_aside
-from .._engine import CacheEngine
+from cached_aside import CacheEngine, CacheResult, Source, cache_aside
+
 from .catalogue import FIELDS, Catalogue, CatalogueError, checked_value
+from .stampede import Timed, burst
 
 MAX_STAMPEDE = 500
+# The hash's reserved field (README, "Redis holds"): "none" marks the negative sentinel.
+META_FIELD = "__cached_aside__"
+NEGATIVE_MARK = b"none"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 Reply = tuple[int, dict[str, Any]]
+Product = dict[str, str | int]
+# One stampede caller's lookup and, when it ran the loader, the primary's time in ms.
+Read = tuple[CacheResult[Product | None], float | None]
 
 
 class Refused(Exception):
@@ -47,7 +55,7 @@ class DemoApp:
         @cache_aside(
             key="product:<id>", ttl=ttl_seconds, as_hash=True, negative_ttl=15, engine=engine
         )
-        def get_product(id: str) -> dict[str, str | int] | None:
+        def get_product(id: str) -> Product | None:
             started = time.perf_counter()
             try:
                 return catalogue.read(id)
@@ -89,7 +97,23 @@ class DemoApp:
         return 200, body
 
     def ttl(self, id: str) -> Reply:
-        return 200, {"id": checked_id(id), **self._ttl(id)}
+        body = {"id": checked_id(id), **self._ttl(id)}
+        if not self.catalogue.exists(id):
+            return 404, {"error": f"no product {id!r}", **body}
+        return 200, body
+
+    def invalidate(self, id: str) -> Reply:
+        """Delete the cached entry (value or negative sentinel): the next read loads.
+
+        Answers the Outcome's value: "deleted", "absent" (nothing was cached) or
+        "pending" (Redis did not take it; the engine's outbox retries it). An unknown
+        id is still invalidated, as it may hold a negative sentinel, and answers 404.
+        """
+        checked_id(id)
+        body = {"id": id, "invalidation": self.get_product.invalidate(id).value}
+        if not self.catalogue.exists(id):
+            return 404, {"error": f"no product {id!r}", **body}
+        return 200, body
 
     def update_primary(self, id: str, body: Any) -> Reply:
         """Write to the primary, then invalidate: the next read loads the new row."""
@@ -117,50 +141,48 @@ class DemoApp:
         }
 
     def stampede(self, body: Any) -> Reply:
-        """Invalidate a product, then read it from N threads at once."""
-        if not isinstance(body, dict):
-            raise Refused(400, 'send a JSON object like {"id": "p-001", "n": 50}')
-        id, n = body.get("id", "p-001"), body.get("n", 50)
-        checked_id(id if isinstance(id, str) else "")
-        if isinstance(n, str) and n.strip().isdigit():
-            n = int(n)
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise Refused(400, f"n must be a whole number from 1 to {MAX_STAMPEDE}")
-        if not 1 <= n <= MAX_STAMPEDE:
-            raise Refused(400, f"n must be from 1 to {MAX_STAMPEDE}, got {n}")
+        """Invalidate a product, then read it from N threads at once.
+
+        Besides the summary, answers each caller's timing (offsets from the burst's
+        release, in thread order) and what the readers got, for the record card.
+        """
+        id, n = self._stampede_request(body)
         self.get_product.invalidate(id)
         reads_before = self.catalogue.reads
-        barrier = threading.Barrier(n)
-        latencies: list[float] = []
-        sources: dict[str, int] = {}
-        lock = threading.Lock()
-
-        def reader() -> None:
-            barrier.wait()
-            started = time.perf_counter()
-            result = self.get_product.lookup(id)
-            elapsed = (time.perf_counter() - started) * 1000
-            with lock:
-                latencies.append(elapsed)
-                sources[result.source.value] = sources.get(result.source.value, 0) + 1
-
-        threads = [threading.Thread(target=reader) for _ in range(n)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        ordered = sorted(latencies)
+        timed = burst(lambda: self._timed_read(id), n)
+        ordered = sorted(each.duration_ms for each in timed)
+        served = [each.value for each in timed if each.value is not None]
+        # The card shows the load's result: the loader's own read, else any reader's.
+        result, primary_ms = next(
+            (read for read in served if read[0].source is Source.LOADER),
+            served[0] if served else (None, None),
+        )
         return 200, {
             "id": id,
             "n": n,
             "primary_reads": self.catalogue.reads - reads_before,
-            "sources": sources,
+            "sources": dict(Counter(_source(each) for each in timed)),
             "latency_ms": {
                 "p50": round(statistics.median(ordered), 1),
                 "p99": round(ordered[min(n - 1, int(n * 0.99))], 1),
                 "max": round(ordered[-1], 1),
             },
             "primary_latency_ms": self.catalogue.latency_ms,
+            "callers": [
+                {
+                    "caller": index,
+                    "source": _source(each),
+                    "start_ms": round(each.start_ms, 3),
+                    "duration_ms": round(each.duration_ms, 3),
+                    **({"error": each.error} if each.error else {}),
+                }
+                for index, each in enumerate(timed)
+            ],
+            "record": None if result is None else result.value,
+            "redis_ms": None if result is None else round(result.redis_ms, 3),
+            "primary_ms": None if primary_ms is None else round(primary_ms, 1),
+            "key": self.get_product.key(id),
+            **self._ttl(id),
         }
 
     def stats(self) -> Reply:
@@ -174,11 +196,32 @@ class DemoApp:
 
     # -- helpers ---------------------------------------------------------------
 
+    def _stampede_request(self, body: Any) -> tuple[str, int]:
+        if not isinstance(body, dict):
+            raise Refused(400, 'send a JSON object like {"id": "p-001", "n": 50}')
+        id, n = body.get("id", "p-001"), body.get("n", 50)
+        checked_id(id if isinstance(id, str) else "")
+        if isinstance(n, str) and n.strip().isdigit():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise Refused(400, f"n must be a whole number from 1 to {MAX_STAMPEDE}")
+        if not 1 <= n <= MAX_STAMPEDE:
+            raise Refused(400, f"n must be from 1 to {MAX_STAMPEDE}, got {n}")
+        if not self.catalogue.exists(id):
+            raise Refused(404, f"no product {id!r}")
+        return id, n
+
+    def _timed_read(self, id: str) -> Read:
+        self._primary_ms.value = None  # set by the loader, in this thread, if it runs
+        result = self.get_product.lookup(id)
+        primary_ms: float | None = self._primary_ms.value
+        return result, primary_ms
+
     def _ttl(self, id: str) -> dict[str, Any]:
         client = self.engine.client()
         key = self.get_product.key(id)
         ttl_ms = client.pttl(key)
-        negative = ttl_ms > 0 and client.hget(key, "__cached_aside__") == b"none"
+        negative = ttl_ms > 0 and client.hget(key, META_FIELD) == NEGATIVE_MARK
         return {
             "ttl_ms": ttl_ms if ttl_ms > 0 else None,
             "cached": ttl_ms > 0,
@@ -199,3 +242,8 @@ class DemoApp:
         if not self.catalogue.exists(id):
             raise Refused(404, f"no product {id!r}")
         return field, checked
+
+
+def _source(timed: Timed[Read]) -> str:
+    """A stampede caller's source: "loader", "waited", "cache"..., or "error"."""
+    return "error" if timed.value is None else timed.value[0].source.value

@@ -22,11 +22,12 @@ from typing import Any
 
 import redis
 
-from .._defaults import DEFAULT_URL
-from .._engine import CacheEngine
+from cached_aside import CacheEngine
+
 from .app import DemoApp, Refused, Reply
 from .catalogue import Catalogue
 
+DEFAULT_URL = "redis://127.0.0.1:6379/0"  # tried when neither --redis-url nor REDIS_URL
 PREFIX = "cached_aside_demo"
 MAX_BODY_BYTES = 16_384
 # A client that stalls mid-request (a body shorter than its Content-Length, headers
@@ -45,6 +46,11 @@ def routes(app: DemoApp) -> list[Route]:
         ("GET", re.compile(r"/api/products/([^/]+)"), lambda body, id: app.read(id)),
         ("POST", re.compile(r"/api/products/([^/]+)/primary"), app.update_primary_route),
         ("POST", re.compile(r"/api/products/([^/]+)/cache"), app.update_cache_route),
+        (
+            "POST",
+            re.compile(r"/api/products/([^/]+)/invalidate"),
+            lambda body, id: app.invalidate(id),
+        ),
         ("POST", re.compile(r"/api/stampede"), lambda body: app.stampede(body)),
         ("GET", re.compile(r"/api/stats"), lambda body: app.stats()),
         ("POST", re.compile(r"/api/stats/reset"), lambda body: app.reset_stats()),
