@@ -1,7 +1,9 @@
 """Run the benchmark suite: `python -m benchmarks [--quick] [--only NAME ...]`.
 
-Prints a table per scenario, writes results.json, and with --chart a PNG of the
-hit-path latency distributions (needs matplotlib, in the bench extra).
+Prints a line as each section starts and ends and its progress meanwhile (live bars
+on a terminal, plain lines in a log), a table per scenario, writes results.json, and
+with --chart a PNG of the hit-path latency distributions (needs matplotlib, in the
+bench extra).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from rich.progress import Progress
 
 from . import batches, hit_path, near, race, round_trips, stampede, throughput
-from .runner import Settings, Table, console, show
+from .runner import BenchProgress, Settings, Table, console, show
 
 SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "hit_path": hit_path.run,
@@ -71,7 +72,9 @@ def main() -> None:
     )
     out.print(f"[bold]cached_aside benchmarks[/bold] on {args.url} ({machine})")
     tables: list[Table] = []
-    with Progress(console=out, transient=True) as progress:
+    names = args.only or list(SCENARIOS)
+    started = time.monotonic()
+    with BenchProgress(out) as progress:
         settings = Settings(
             url=args.url,
             quick=args.quick,
@@ -79,10 +82,9 @@ def main() -> None:
             rounds=8 if args.quick else 30,
             calls=100 if args.quick else 200,
         )
-        for name in args.only or SCENARIOS:
-            started = time.monotonic()
-            results = SCENARIOS[name](settings)
-            progress.console.print(f"[dim]{name}: {time.monotonic() - started:.1f} s[/dim]")
+        for number, name in enumerate(names, 1):
+            with progress.section(f"{name} ({number} of {len(names)})"):
+                results = SCENARIOS[name](settings)
             for table in results:
                 show(progress.console, table)
             tables += results
@@ -92,7 +94,9 @@ def main() -> None:
             indent=2,
         )
     )
-    out.print(f"results: {args.json}")
+    out.print(
+        f"all {len(names)} section(s) in {time.monotonic() - started:.0f} s; results: {args.json}"
+    )
     if args.chart:
         drawn = chart(tables, args.chart)
         out.print(f"chart: {args.chart}" if drawn else "chart: no latency samples (run hit_path)")

@@ -10,15 +10,123 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import redis.asyncio
 from rich.console import Console
-from rich.progress import Progress
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table as RichTable
+from rich.text import Text
+
+
+class BenchProgress(Progress):
+    """What the run is doing: a line as each section starts and ends (with its
+    duration) and as each measurement ends; between them, live bars on a terminal,
+    and on a log (CI, a pipe) a plain line as a measurement starts and every
+    PLAIN_EVERY_SECONDS while it runs. Lines are printed between rounds, outside the
+    timed calls, so the results are the same with or without a terminal.
+    """
+
+    PLAIN_EVERY_SECONDS = 10.0
+
+    def __init__(self, console: Console) -> None:
+        self.live_bars = console.is_terminal and not console.is_dumb_terminal
+        super().__init__(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            _CountColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not self.live_bars,
+            refresh_per_second=4,  # the display thread competes with the timed calls
+        )
+        self._section_tasks: list[TaskID] = []
+        self._last_line: dict[TaskID, float] = {}
+
+    def _line(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        """Announce a section, show it running (spinner and time on a terminal), and
+        report its duration; the measurements it started leave the display with it."""
+        started = time.monotonic()
+        self._line(f"[bold]{escape(name)}[/bold]: started")
+        spinner = super().add_task(f"[bold]{escape(name)}[/bold]", total=None)
+        try:
+            yield
+        except BaseException:
+            self._line(f"[bold]{escape(name)}[/bold]: failed after {_seconds(started)}")
+            raise
+        finally:
+            for task in [*self._section_tasks, spinner]:
+                self.remove_task(task)
+                self._last_line.pop(task, None)
+            self._section_tasks.clear()
+        self._line(f"[bold]{escape(name)}[/bold]: done in {_seconds(started)}")
+
+    def add_task(
+        self,
+        description: str,
+        start: bool = True,
+        total: float | None = 100.0,
+        completed: int = 0,
+        visible: bool = True,
+        **fields: Any,
+    ) -> TaskID:
+        task = super().add_task(description, start, total, completed, visible, **fields)
+        self._section_tasks.append(task)
+        self._last_line[task] = time.monotonic()
+        if not self.live_bars:
+            self._line(f"  {escape(description)}: {completed}/{_count(total)}")
+        return task
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        task = self._tasks[task_id]
+        was_finished = task.finished
+        super().advance(task_id, advance)
+        count = f"{_count(task.completed)}/{_count(task.total)}"
+        if task.finished and not was_finished:
+            self._line(f"  {escape(task.description)}: {count} in {task.finished_time:.1f} s")
+        elif (
+            not self.live_bars
+            and time.monotonic() - self._last_line[task_id] >= self.PLAIN_EVERY_SECONDS
+        ):
+            self._last_line[task_id] = time.monotonic()
+            self._line(f"  {escape(task.description)}: {count}, {task.elapsed or 0:.0f} s so far")
+
+
+class _CountColumn(ProgressColumn):
+    """Done/total, or nothing for a task of unknown size (a section's own row)."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        return Text(f"{_count(task.completed)}/{_count(task.total)}", style="progress.download")
+
+
+def _count(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+def _seconds(started: float) -> str:
+    return f"{time.monotonic() - started:.1f} s"
 
 
 @dataclass

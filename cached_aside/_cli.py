@@ -1,7 +1,7 @@
 """The operations command line: `python -m cached_aside ping|inspect|invalidate`.
 
-Exit codes: 0 done, 1 nothing cached under that key (inspect), 2 bad usage,
-3 Redis unreachable or failing.
+Exit codes: 0 done; 1 nothing was cached under the key (inspect found nothing,
+invalidate deleted nothing); 2 bad usage; 3 Redis unreachable or failing.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 from typing import Any
 
@@ -16,13 +17,33 @@ import msgpack
 import redis
 
 from ._codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
-from ._defaults import url_from_environment
+from ._defaults import DEFAULT_URL, URL_VARIABLES, url_from_environment
 from ._engine import DEFAULT_PREFIX
 from ._errors import CachedAsideError
-from ._keys import KeyTemplate, entry_keys
+from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
+PREFIX_VARIABLE = "CACHED_ASIDE_PREFIX"
+
+EPILOG = f"""\
+environment:
+  {" or ".join(URL_VARIABLES)}  the Redis URL when --url is not given
+      (the first one set; else {DEFAULT_URL})
+  {PREFIX_VARIABLE}  the key prefix when --prefix is not given (else "{DEFAULT_PREFIX}",
+      the library's default); give the prefix your engine was built with
+
+exit codes:
+  0  done
+  1  nothing cached under the key: inspect found nothing, invalidate deleted nothing
+  2  bad usage (a template without its values, a bad prefix)
+  3  Redis unreachable or failing
+"""
+
+
+def prefix_from_environment() -> str:
+    """CACHED_ASIDE_PREFIX, else the library's default prefix."""
+    return os.environ.get(PREFIX_VARIABLE) or DEFAULT_PREFIX
 
 
 def parse_argument(text: str) -> Any:
@@ -71,7 +92,8 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
         "lock": {
             "held": lock_ms > 0,
             "ttl_ms": lock_ms if lock_ms > 0 else None,
-            "waiters": int(client.get(keys.waiters) or 0),
+            # a set of the waiting callers' tokens (the ACQUIRE script adds them)
+            "waiters": client.scard(keys.waiters),
         },
     }
     if kind == "string":
@@ -130,26 +152,33 @@ def command_inspect(client: redis.Redis, key: str) -> int:
 
 def command_invalidate(client: redis.Redis, key: str, lock_ttl_ms: int = 10_000) -> int:
     keys = entry_keys(key)
-    existed = client.register_script(INVALIDATE)(keys=list(keys), args=[lock_ttl_ms])
-    print(json.dumps({"key": key, "existed": bool(existed)}, indent=2))
-    return 0
+    existed = bool(client.register_script(INVALIDATE)(keys=list(keys), args=[lock_ttl_ms]))
+    print(json.dumps({"key": key, "existed": existed}, indent=2))
+    return 0 if existed else NOT_FOUND
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="cached-aside", description="inspect and manage cached_aside entries in Redis"
+        prog="cached-aside",
+        description="inspect and manage cached_aside entries in Redis",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--url",
         default=None,
-        help="default: CACHED_ASIDE_REDIS_URL, REDIS_URL, else redis://127.0.0.1:6379/0",
+        help=f"the Redis URL (default: ${', else $'.join(URL_VARIABLES)}, else {DEFAULT_URL})",
     )
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="the engine's key prefix")
+    parser.add_argument(
+        "--prefix",
+        default=None,
+        help=f"the engine's key prefix (default: ${PREFIX_VARIABLE}, else {DEFAULT_PREFIX!r})",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("ping", help="reachability, server version, script support")
-    for name, text in (
-        ("inspect", "show what is cached for a key"),
-        ("invalidate", "delete an entry and revoke loads in flight"),
+    for name, text, nothing in (
+        ("inspect", "show what is cached for a key", "nothing is cached there"),
+        ("invalidate", "delete an entry and revoke loads in flight", "nothing was deleted"),
     ):
         sub = commands.add_parser(
             name,
@@ -157,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             description=(
                 f"{text}. Give a full key (cache:{{product:p-001}}) or a template and its "
                 'values (product:<id> p-001); values that are JSON scalars (42, true, "42") '
-                "are read as such."
+                f"are read as such. Exits 1 when {nothing}."
             ),
         )
         sub.add_argument("key", help="a key, or a template with <placeholders>")
@@ -169,10 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "ping":
             return command_ping(client)
-        key = resolve_key(args.prefix, args.key, args.values)
+        prefix = validate_prefix(prefix_from_environment() if args.prefix is None else args.prefix)
+        key = resolve_key(prefix, args.key, args.values)
         if args.command == "inspect":
-            return command_inspect(client, key)
-        return command_invalidate(client, key)
+            code = command_inspect(client, key)
+        else:
+            code = command_invalidate(client, key)
+        if code == NOT_FOUND and key != args.key:
+            print(
+                f"cached-aside: nothing under {key}; is {prefix!r} your engine's prefix? "
+                f"(--prefix or ${PREFIX_VARIABLE})",
+                file=sys.stderr,
+            )
+        return code
     except CachedAsideError as exc:
         print(f"cached-aside: {exc}", file=sys.stderr)
         return USAGE

@@ -1,21 +1,29 @@
 """The same repository with `async def` loaders under asyncio.
 
 The SQLite calls run in a worker thread (sqlite3 blocks); everything else is async,
-and concurrent requests for one cold product cost the primary a single read.
+and concurrent requests for one cold page of orders cost the primary a single read.
 
-    python examples/async_service.py         # REDIS_URL, else local Redis, else fakeredis
+    .venv/bin/python examples/async_service.py    # from the repository root, after `make venv`
+
+Redis is REDIS_URL, else the local server. The entries live under this example's own
+prefix, so they never mix with the demo's or another example's; the run starts cold
+and deletes them when it ends (their ttl removes them if it is interrupted).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import tempfile
 from pathlib import Path
 
-from cached_aside import cache_aside, configure
-from cached_aside.demo import choose_engine
+import redis
 
+from cached_aside import CacheEngine, cache_aside
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+engine = CacheEngine.from_url(REDIS_URL, prefix="cached_aside_example_async_service")
 DATABASE = Path(tempfile.mkdtemp()) / "shop.db"
 primary_reads = 0
 
@@ -38,7 +46,7 @@ def _query(user_id: int, page: int) -> list[str]:
     return [row[0] for row in rows]
 
 
-@cache_aside(key="user:<user_id>:orders:<page>", ttl=300)  # msgpack storage
+@cache_aside(key="service:orders:<user_id>:<page>", ttl=300, engine=engine)  # msgpack
 async def list_orders(user_id: int, page: int = 1) -> list[str]:
     global primary_reads
     primary_reads += 1
@@ -56,11 +64,15 @@ async def add_order(user_id: int, page: int, item: str) -> None:
 
 
 async def main() -> None:
-    engine, label = choose_engine(None)
-    configure(engine=engine)
-    print(f"Redis: {label}")
+    try:
+        await engine.async_client().ping()
+    except redis.RedisError as exc:
+        raise SystemExit(
+            f"cannot reach Redis at {REDIS_URL} ({exc}): start it or set REDIS_URL"
+        ) from None
+    print(f"Redis: {REDIS_URL}, keys such as {list_orders.key(7, 1)}")
     _setup()
-    await list_orders.invalidate(7)  # start cold, whatever an earlier run left
+    await engine.ainvalidate_prefix()  # start cold, whatever an interrupted run left
     pages = await asyncio.gather(*(list_orders(7) for _ in range(100)))
     print(f"100 concurrent requests: {pages[0]}, primary reads: {primary_reads}")
     print(f"again: {(await list_orders.lookup(7, 1)).source.value}")
@@ -68,7 +80,7 @@ async def main() -> None:
     result = await list_orders.lookup(7)
     print(f"after add_order: {result.source.value} {result.value}")
     print(f"primary reads: {primary_reads}, stats: {list_orders.stats().as_dict()}")
-    await list_orders.invalidate(7)
+    await engine.ainvalidate_prefix()  # leave nothing behind
     await engine.aclose()
 
 

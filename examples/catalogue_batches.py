@@ -2,20 +2,28 @@
 (batch_loader), and a price-list change that drops every cached product with
 invalidate_all().
 
-    python examples/catalogue_batches.py     # REDIS_URL, else local Redis, else fakeredis
+    .venv/bin/python examples/catalogue_batches.py    # from the repository root, after `make venv`
+
+Redis is REDIS_URL, else the local server. The entries live under this example's own
+prefix, so they never mix with the demo's or another example's; the run starts cold
+and deletes them when it ends (their ttl removes them if it is interrupted).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from cached_aside import cache_aside, configure
-from cached_aside.demo import choose_engine
+import redis
 
+from cached_aside import CacheEngine, cache_aside
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+engine = CacheEngine.from_url(REDIS_URL, prefix="cached_aside_example_catalogue_batches")
 DATABASE = Path(tempfile.mkdtemp()) / "catalogue.db"
 LATENCY_SECONDS = 0.02  # a real database is further away
 queries = 0
@@ -36,16 +44,20 @@ def load_products(ids: list[str]) -> dict[str, dict[str, Any]]:
     return {id: {"id": id, "name": name, "price": price} for id, name, price in rows}
 
 
-@cache_aside(key="catalogue:<id>", ttl=300, batch_loader=load_products)
+@cache_aside(key="catalogue:product:<id>", ttl=300, batch_loader=load_products, engine=engine)
 def get_product(id: str) -> dict[str, Any] | None:
     rows = _query("SELECT id, name, price FROM products WHERE id = ?", (id,))
     return {"id": rows[0][0], "name": rows[0][1], "price": rows[0][2]} if rows else None
 
 
 def main() -> None:
-    engine, label = choose_engine(None)
-    configure(engine=engine)
-    print(f"Redis: {label}")
+    try:
+        engine.client().ping()
+    except redis.RedisError as exc:
+        raise SystemExit(
+            f"cannot reach Redis at {REDIS_URL} ({exc}): start it or set REDIS_URL"
+        ) from None
+    print(f"Redis: {REDIS_URL}, keys such as {get_product.key('p-000')}")
     with sqlite3.connect(DATABASE) as db:
         db.execute("CREATE TABLE products (id TEXT PRIMARY KEY, name TEXT, price REAL)")
         db.executemany(
@@ -53,13 +65,13 @@ def main() -> None:
             [(f"p-{n:03d}", f"Product {n}", 1.0 + n) for n in range(200)],
         )
     page = [f"p-{n:03d}" for n in range(50)] + ["p-999"]  # one id that does not exist
-    get_product.invalidate_all()  # start cold, whatever an earlier run left
-    for label_ in ("cold page", "warm page"):
+    get_product.invalidate_all()  # start cold, whatever an interrupted run left
+    for label in ("cold page", "warm page"):
         before, started = queries, time.perf_counter()
         products = get_product.many(page)
         elapsed = (time.perf_counter() - started) * 1000
         print(
-            f"{label_}: {len(products)} items ({products.count(None)} missing) in "
+            f"{label}: {len(products)} items ({products.count(None)} missing) in "
             f"{elapsed:.1f} ms, {queries - before} SQL queries"
         )
     with sqlite3.connect(DATABASE) as db:
@@ -70,6 +82,7 @@ def main() -> None:
     print(f"price list changed: {dropped} entries dropped; {queries - before} SQL query")
     print(f"now: {[round(p['price'], 2) for p in repriced if p]}")
     print(f"stats: {get_product.stats().as_dict()}")
+    get_product.invalidate_all()  # leave nothing behind
     engine.close()
 
 

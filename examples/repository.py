@@ -4,18 +4,27 @@ Reads go through @cache_aside (hash storage); a write to the primary is followed
 `invalidate`; a hot counter (stock, after a sale) is patched in the cache with
 `update_field` instead of dropping the whole entry.
 
-    python examples/repository.py            # REDIS_URL, else local Redis, else fakeredis
+    .venv/bin/python examples/repository.py    # from the repository root, after `make venv`
+
+Redis is REDIS_URL, else the local server. The entries live under this example's own
+prefix, so they never mix with the demo's or another example's; the run starts cold
+and deletes them when it ends (their ttl removes them if it is interrupted).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
-from cached_aside import cache_aside, configure
-from cached_aside.demo import choose_engine
+import redis
+
+from cached_aside import CacheEngine, cache_aside
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+engine = CacheEngine.from_url(REDIS_URL, prefix="cached_aside_example_repository")
 
 
 class ProductRepository:
@@ -36,7 +45,7 @@ class ProductRepository:
         return sqlite3.connect(self.path)
 
     # `self` is not in the key: every repository instance shares the cache entries.
-    @cache_aside(key="product:<product_id>", ttl=60, as_hash=True)
+    @cache_aside(key="repository:product:<product_id>", ttl=60, as_hash=True, engine=engine)
     def get(self, product_id: str) -> dict[str, str | int] | None:
         self.primary_reads += 1
         time.sleep(self.latency_ms / 1000)  # a real database is further away
@@ -63,11 +72,15 @@ class ProductRepository:
 
 
 def main() -> None:
-    engine, label = choose_engine(None)
-    configure(engine=engine)
-    print(f"Redis: {label}")
+    try:
+        engine.client().ping()
+    except redis.RedisError as exc:
+        raise SystemExit(
+            f"cannot reach Redis at {REDIS_URL} ({exc}): start it or set REDIS_URL"
+        ) from None
     repository = ProductRepository(Path(tempfile.mkdtemp()) / "shop.db")
-    repository.get.invalidate("p-001")  # start cold, whatever an earlier run left
+    print(f"Redis: {REDIS_URL}, keys such as {repository.get.key('p-001')}")
+    engine.invalidate_prefix()  # start cold, whatever an interrupted run left
     for step in ("first read", "second read"):
         result = repository.get.lookup("p-001")
         print(f"{step}: {result.source.value:<8} {result.value}")
@@ -80,6 +93,7 @@ def main() -> None:
     first = repository.get("p-404")
     print(f"missing id:   {first} then {repository.get.lookup('p-404').source.value}")
     print(f"primary reads: {repository.primary_reads}, stats: {repository.get.stats().as_dict()}")
+    engine.invalidate_prefix()  # leave nothing behind
     engine.close()
 
 

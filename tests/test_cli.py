@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import redis
 
 from cached_aside import CacheEngine, cache_aside
+from cached_aside._keys import entry_keys
 
 from .conftest import REDIS_URL, delete_prefix, unique_prefix
 
 pytestmark = pytest.mark.skipif(REDIS_URL is None, reason="no Redis server reachable")
 
 
-def cli(*args: str) -> tuple[int, dict[str, object] | str]:
+def cli(*args: str, prefix: str | None = None) -> tuple[int, dict[str, object] | str]:
+    """Run the command line; `prefix` sets CACHED_ASIDE_PREFIX, else it is unset."""
+    environment = {k: v for k, v in os.environ.items() if k != "CACHED_ASIDE_PREFIX"}
+    if prefix is not None:
+        environment["CACHED_ASIDE_PREFIX"] = prefix
     completed = subprocess.run(
         [sys.executable, "-m", "cached_aside", *args],
         capture_output=True,
         text=True,
         timeout=30,
+        env=environment,
         check=False,
     )
     try:
@@ -76,6 +85,111 @@ def test_inspect_and_invalidate(prefix: str) -> None:
     code, report = cli(*base, "inspect", "product:<id>", "p-1")
     assert (code, report["cached"]) == (1, False)  # type: ignore[index]
     engine.close()
+
+
+def test_invalidate_exits_1_when_nothing_existed(prefix: str) -> None:
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    product = cache_aside(key="product:<id>", ttl=60, engine=engine)(lambda id: {"id": id})
+    product("p-1")
+    base = ("--url", REDIS_URL, "--prefix", prefix)
+    assert cli(*base, "invalidate", "product:<id>", "p-1") == (
+        0,
+        {"key": product.key("p-1"), "existed": True},
+    )
+    assert cli(*base, "invalidate", "product:<id>", "p-1") == (
+        1,
+        {"key": product.key("p-1"), "existed": False},
+    )
+    assert cli(*base, "invalidate", "product:<id>", "never-cached") == (
+        1,
+        {"key": product.key("never-cached"), "existed": False},
+    )
+    engine.close()
+
+
+def test_prefix_comes_from_the_environment(prefix: str) -> None:
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    product = cache_aside(key="product:<id>", ttl=60, engine=engine)(lambda id: {"id": id})
+    product("p-1")
+    code, report = cli("--url", REDIS_URL, "inspect", "product:<id>", "p-1", prefix=prefix)
+    assert (code, report["key"], report["value"]) == (  # type: ignore[index]
+        0,
+        product.key("p-1"),
+        {"id": "p-1"},
+    )
+    # --prefix wins over the environment; the library's default "cache" without either
+    code, report = cli(
+        "--url", REDIS_URL, "--prefix", f"{prefix}-other", "inspect", "product:<id>", "p-1",
+        prefix=prefix,
+    )  # fmt: skip
+    assert (code, report) == (1, {"key": f"{prefix}-other:{{product:p-1}}", "cached": False})
+    code, report = cli("--url", REDIS_URL, "inspect", "product:<id>", f"{prefix}-absent")
+    assert (code, report) == (1, {"key": f"cache:{{product:{prefix}-absent}}", "cached": False})
+    code, message = cli("--url", REDIS_URL, "inspect", "product:<id>", "p-1", prefix="a b")
+    assert code == 2
+    assert "prefix 'a b'" in str(message)
+    engine.close()
+
+
+def test_help_names_the_environment_and_exit_codes() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "cached_aside", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 0
+    for text in ("CACHED_ASIDE_PREFIX", "CACHED_ASIDE_REDIS_URL", "REDIS_URL", "exit codes"):
+        assert text in completed.stdout
+    assert "1  nothing cached under the key" in completed.stdout
+
+
+def test_inspect_counts_the_waiters_of_a_held_lock(prefix: str) -> None:
+    """One engine holds the lock while loading; another (as another process would)
+    registers as a waiter in Redis. Same-engine callers would wait in process."""
+    assert REDIS_URL is not None
+    engines = [CacheEngine.from_url(REDIS_URL, prefix=prefix) for _ in range(2)]
+    raw = redis.Redis.from_url(REDIS_URL)
+    release = threading.Event()
+    loads: list[str] = []
+
+    def load(id: str) -> dict[str, str]:
+        loads.append(id)
+        release.wait(10)
+        return {"id": id}
+
+    holding, waiting = (
+        cache_aside(key="product:<id>", ttl=60, lock_ttl=20, engine=engine)(load)
+        for engine in engines
+    )
+    results: list[object] = []
+    holder = threading.Thread(target=lambda: results.append(holding("p-1")))
+    holder.start()
+    deadline = time.monotonic() + 5
+    while not loads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiter = threading.Thread(target=lambda: results.append(waiting("p-1")))
+    waiter.start()
+    waiters_key = entry_keys(holding.key("p-1")).waiters
+    while not raw.exists(waiters_key) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        code, report = cli("--url", REDIS_URL, "--prefix", prefix, "inspect", holding.key("p-1"))
+        assert (code, report["type"]) == (0, "none")  # type: ignore[index]
+        lock = report["lock"]  # type: ignore[index]
+        assert (lock["held"], lock["waiters"]) == (True, 1)  # type: ignore[index]
+        assert 0 < lock["ttl_ms"] <= 20_000  # type: ignore[index]
+    finally:
+        release.set()
+        holder.join(10)
+        waiter.join(10)
+    assert (loads, results) == (["p-1"], [{"id": "p-1"}, {"id": "p-1"}])
+    raw.close()
+    for engine in engines:
+        engine.close()
 
 
 def test_usage_and_unreachable_errors() -> None:

@@ -8,27 +8,40 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, needs_real_redis
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_PREFIX = "cached_aside_demo"
 pytest_plugins = ["pytester"]
 
 
 def run_example(name: str) -> str:
-    environment = {**os.environ, "REDIS_URL": REDIS_URL or ""}
+    """Run examples/NAME.py as its docstring says; check that its keys live under its
+    own prefix, none under the demo's, and that it leaves none behind."""
+    assert REDIS_URL is not None
+    prefix = f"cached_aside_example_{name.removesuffix('.py')}"
+    client = redis.Redis.from_url(REDIS_URL)
+    demo_before = set(client.scan_iter(match=f"{DEMO_PREFIX}:*", count=1000))
     completed = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name)],
         capture_output=True,
         text=True,
         timeout=60,
-        env=environment,
+        env={**os.environ, "REDIS_URL": REDIS_URL},
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
+    assert f"keys such as {prefix}:{{" in completed.stdout
+    demo_after = set(client.scan_iter(match=f"{DEMO_PREFIX}:*", count=1000))
+    assert demo_after <= demo_before, "the example wrote under the demo's prefix (or a demo ran)"
+    assert list(client.scan_iter(match=f"{prefix}:*", count=1000)) == []
+    client.close()
     return completed.stdout
 
 
+@needs_real_redis
 def test_repository_example() -> None:
     out = run_example("repository.py")
     assert "first read: loader" in out
@@ -38,6 +51,7 @@ def test_repository_example() -> None:
     assert "missing id:   None then negative" in out
 
 
+@needs_real_redis
 def test_async_service_example() -> None:
     out = run_example("async_service.py")
     assert "100 concurrent requests: ['ink', 'pen'], primary reads: 1" in out
@@ -98,6 +112,7 @@ def test_the_cache_engine_fixture_on_real_redis(
     result.assert_outcomes(passed=1)
 
 
+@needs_real_redis
 def test_catalogue_batches_example() -> None:
     out = run_example("catalogue_batches.py")
     assert "cold page: 51 items (1 missing)" in out
