@@ -1,15 +1,17 @@
-# The habits: make test, make lint, make bench.
+# The habits: make test, make lint, make docs, make bench.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Material for MkDocs prints a banner about MkDocs 2.0 on every build; it is not ours.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv lint format test bench bench-quick demo
+.PHONY: venv lint format test docs docs-serve bench bench-quick demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,demo,bench,prometheus]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,demo,bench,prometheus,docs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,7 +25,14 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# --strict: a broken link, anchor or API reference fails the build.
+docs: venv
+	$(BIN)/python -m mkdocs build --strict --site-dir site
+
+docs-serve: venv
+	$(BIN)/python -m mkdocs serve --dev-addr 127.0.0.1:8001
+
+test: lint docs
 	$(BIN)/python -m pytest
 
 demo: venv
