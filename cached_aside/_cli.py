@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import sys
 from typing import Any
 
@@ -17,14 +16,19 @@ import msgpack
 import redis
 
 from ._codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
-from ._defaults import DEFAULT_URL, URL_VARIABLES, url_from_environment
+from ._defaults import (
+    DEFAULT_URL,
+    PREFIX_VARIABLE,
+    URL_VARIABLES,
+    prefix_from_environment,
+    url_from_environment,
+)
 from ._engine import DEFAULT_PREFIX
 from ._errors import CachedAsideError
 from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
-PREFIX_VARIABLE = "CACHED_ASIDE_PREFIX"
 
 EPILOG = f"""\
 environment:
@@ -39,11 +43,6 @@ exit codes:
   2  bad usage (a template without its values, a bad prefix)
   3  Redis unreachable or failing
 """
-
-
-def prefix_from_environment() -> str:
-    """CACHED_ASIDE_PREFIX, else the library's default prefix."""
-    return os.environ.get(PREFIX_VARIABLE) or DEFAULT_PREFIX
 
 
 def parse_argument(text: str) -> Any:

@@ -13,6 +13,7 @@ from ._errors import ConfigurationError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 URL_VARIABLES = ("CACHED_ASIDE_REDIS_URL", "REDIS_URL")
+PREFIX_VARIABLE = "CACHED_ASIDE_PREFIX"
 
 
 def url_from_environment() -> str:
@@ -21,6 +22,11 @@ def url_from_environment() -> str:
         if os.environ.get(name):
             return os.environ[name]
     return DEFAULT_URL
+
+
+def prefix_from_environment() -> str:
+    """CACHED_ASIDE_PREFIX, else the library's default prefix ("cache")."""
+    return os.environ.get(PREFIX_VARIABLE) or DEFAULT_PREFIX
 
 
 _default_engine: CacheEngine | None = None
@@ -33,14 +39,26 @@ def configure(
     client: Any = None,
     async_client: Any = None,
     engine: CacheEngine | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    prefix: str | None = None,
     **options: Any,
 ) -> CacheEngine:
     """Set the default engine used by functions decorated without `engine=`.
 
-    Give a `url` (options as for `CacheEngine.from_url`), ready clients, or an
-    `engine` you built. Without any, the URL comes from CACHED_ASIDE_REDIS_URL, else
-    REDIS_URL, else redis://127.0.0.1:6379/0. Returns the new default engine.
+    Args:
+        url: the Redis URL; default: CACHED_ASIDE_REDIS_URL, else REDIS_URL, else
+            redis://127.0.0.1:6379/0.
+        client: a ready `redis.Redis` (instead of a URL).
+        async_client: a ready `redis.asyncio.Redis` (instead of a URL).
+        engine: a CacheEngine you built (instead of all of the above).
+        prefix: the key prefix; default: CACHED_ASIDE_PREFIX, else "cache".
+        **options: with a URL, the options of `CacheEngine.from_url`.
+
+    Returns:
+        The new default engine.
+
+    Raises:
+        ConfigurationError: more than one of url, clients and engine, or options
+            that only a URL takes.
     """
     global _default_engine
     given = [name for name, value in (("url", url), ("engine", engine)) if value is not None]
@@ -53,21 +71,26 @@ def configure(
             raise ConfigurationError(f"engine must be a CacheEngine, got {engine!r}")
         chosen = engine
     elif client is not None or async_client is not None:
-        chosen = CacheEngine(client, async_client, prefix=prefix)
+        chosen = CacheEngine(client, async_client, prefix=prefix or prefix_from_environment())
     else:
-        chosen = CacheEngine.from_url(url or url_from_environment(), prefix=prefix, **options)
+        chosen = CacheEngine.from_url(
+            url or url_from_environment(), prefix=prefix or prefix_from_environment(), **options
+        )
     with _default_lock:
         _default_engine = chosen
     return chosen
 
 
 def default_engine() -> CacheEngine:
-    """The engine set by `configure()`, created from the environment on first use."""
+    """The engine set by `configure()`, else one made on first use from the
+    environment (CACHED_ASIDE_REDIS_URL or REDIS_URL, and CACHED_ASIDE_PREFIX)."""
     global _default_engine
     engine = _default_engine
     if engine is not None:
         return engine
     with _default_lock:
         if _default_engine is None:
-            _default_engine = CacheEngine.from_url(url_from_environment())
+            _default_engine = CacheEngine.from_url(
+                url_from_environment(), prefix=prefix_from_environment()
+            )
         return _default_engine

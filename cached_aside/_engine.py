@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from time import monotonic
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -32,7 +32,6 @@ from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from ._codecs import Codec
 from ._drivers import arun, no_seal, run
 from ._errors import ConfigurationError
-from ._flights import TaskFlights, ThreadFlights
 from ._flusher import Flusher
 from ._keys import glob_escape, split_entry_key, validate_prefix
 from ._listener import InvalidationListener, connection_factory
@@ -54,6 +53,7 @@ from ._stats import Stats, StatsSnapshot
 from ._validate import instance, seconds, whole
 
 logger = logging.getLogger("cached_aside")
+R = TypeVar("R", SyncRuntime, AsyncRuntime)
 
 CLUSTER_SCHEME = "redis+cluster://"
 DEFAULT_PREFIX = "cache"
@@ -77,10 +77,24 @@ class CacheEngine:
         client: a `redis.Redis` for sync loaders (raw bytes, no decode_responses).
         async_client: a `redis.asyncio.Redis` for async loaders.
         prefix: the first part of every key, e.g. "cache" gives `cache:{product:p-001}`.
+        breaker_failures: Redis failures in a row that open the circuit breaker
+            (default 3): calls then skip Redis for `breaker_cooldown`.
+        breaker_cooldown: seconds the breaker stays open before one call probes
+            Redis again (default 0.5).
         near: a NearCache for every function on this engine decorated without near=.
 
     Either client may be omitted; calling a loader of the missing kind raises
     ConfigurationError. Use `CacheEngine.from_url` to get both, created lazily.
+
+    Attributes:
+        prefix: the key prefix given.
+        near: the engine-wide NearCache, or None.
+        breaker: the circuit breaker shared by the engine's clients; its `state`
+            is "closed", "open" or "half-open", and `opened` counts openings.
+
+    Raises:
+        ConfigurationError: a bad prefix or option, or a client made with
+            decode_responses=True.
     """
 
     def __init__(
@@ -141,9 +155,26 @@ class CacheEngine:
     ) -> CacheEngine:
         """An engine whose sync and async clients are made from `url` on first use.
 
-        Pools block up to `pool_timeout` seconds for a free connection instead of
-        failing, so 500 concurrent tasks queue for `max_connections` connections.
-        `client_options` go to redis-py's pool (e.g. `username`, `ssl_ca_certs`).
+        Args:
+            url: `redis://`, `rediss://` (TLS), `unix://`, or `redis+cluster://` for
+                a Redis Cluster (one node's address; the others are discovered).
+            prefix: the first part of every key (default "cache").
+            socket_timeout: seconds a command may take (default 0.25): a hung Redis
+                costs a caller this, plus one retry, until the breaker opens.
+            socket_connect_timeout: seconds to connect (default 0.25).
+            max_connections: connections per pool (default 64; one pool for sync
+                calls, one per event loop for async calls).
+            pool_timeout: seconds a call waits for a free connection (default 5):
+                pools block instead of failing, so 500 concurrent tasks queue.
+            breaker_failures: as for CacheEngine (default 3).
+            breaker_cooldown: as for CacheEngine (default 0.5 s).
+            near: as for CacheEngine.
+            **client_options: passed to redis-py's connection pool, e.g.
+                `username`, `password`, `ssl_ca_certs`, `client_name`.
+
+        Raises:
+            ConfigurationError: a malformed URL, a non-positive timeout or size, or
+                decode_responses=True.
         """
         if not isinstance(url, str) or "://" not in url:
             raise ConfigurationError(f"url must look like redis://host:6379/0, got {url!r}")
@@ -283,6 +314,7 @@ class CacheEngine:
         return list(self._stats)
 
     def reset_stats(self) -> None:
+        """Set every function's counters on this engine back to zero."""
         for stats in list(self._stats):
             stats.reset()
 
@@ -494,36 +526,30 @@ class CacheEngine:
         return f"CacheEngine(prefix={self.prefix!r})"
 
     def _make_sync_side(self, client: Any) -> SyncRuntime:
-        kwargs = connection_kwargs(client, "client")
-        warn_if_pool_raises(client, "client")
-        side = SyncRuntime(
-            client=client,
-            scripts={name: client.register_script(name.value) for name in ScriptName},
-            block_limit_ms=block_limit_ms(kwargs),
-            breaker=self.breaker,
-            outbox=self.outbox,
-            flights=ThreadFlights(),
-        )
+        runtime = self._runtime(SyncRuntime, client, "client")
         if isinstance(client, redis.cluster.RedisCluster):
-            side.route = client.get_node_from_key
-        return side
+            runtime.route = client.get_node_from_key
+        return runtime
 
     def _make_async_side(self, client: Any) -> AsyncRuntime:
-        kwargs = connection_kwargs(client, "async_client")
-        warn_if_pool_raises(client, "async_client")
-        side = AsyncRuntime(
+        runtime = self._runtime(AsyncRuntime, client, "async_client")
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            runtime.ready = False
+            runtime.failures = ASYNC_CLUSTER_FAILURES
+            runtime.route = client.get_node_from_key
+        return runtime
+
+    def _runtime(self, kind: type[R], client: Any, role: str) -> R:
+        """A runtime around `client`, after checking it suits the library."""
+        kwargs = connection_kwargs(client, role)
+        warn_if_pool_raises(client, role)
+        return kind(
             client=client,
             scripts={name: client.register_script(name.value) for name in ScriptName},
             block_limit_ms=block_limit_ms(kwargs),
             breaker=self.breaker,
             outbox=self.outbox,
-            flights=TaskFlights(),
         )
-        if isinstance(client, redis.asyncio.cluster.RedisCluster):
-            side.ready = False
-            side.failures = ASYNC_CLUSTER_FAILURES
-            side.route = client.get_node_from_key
-        return side
 
 
 _engines: weakref.WeakSet[CacheEngine] = weakref.WeakSet()

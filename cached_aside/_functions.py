@@ -14,9 +14,10 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from ._drivers import arun, aserve, no_seal, run, serve
 from ._flows import Served
+from ._loads import NO_LOADS
 from ._results import BulkOutcome, CacheResult, Outcome
 from ._stats import StatsSnapshot
-from ._wrapping import _NOT_GIVEN, CachedBase, Write
+from ._wrapping import CachedBase, Write
 
 __all__ = [
     "AsyncCachedFunction",
@@ -55,7 +56,7 @@ class CachedFunction(CachedBase[P, R]):
         return self._write(self._invalidation(args, kwargs))
 
     def update_field(
-        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+        self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
     ) -> Outcome:
         """`update_field(*loader_args, field, value)`: change one field of a cached
         record (also `update_field(*loader_args, field=..., value=...)`).
@@ -116,7 +117,7 @@ class CachedFunction(CachedBase[P, R]):
     def _write(self, write: Write[T]) -> T:
         runtime = write.engine._sync_side()
         try:
-            return run(write.flow, runtime, write.loads, no_seal)[0]
+            return run(write.flow, runtime, NO_LOADS, no_seal)[0]
         finally:
             self._written(runtime, write.keys)
 
@@ -137,7 +138,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         return await self._write(self._invalidation(args, kwargs))
 
     async def update_field(
-        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+        self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
     ) -> Outcome:
         """Change one cached field; as CachedFunction.update_field."""
         return await self._write(self._field_update(args, kwargs, field, value))
@@ -181,7 +182,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
     async def _write(self, write: Write[T]) -> T:
         runtime = write.engine._async_side()
         try:
-            return (await arun(write.flow, runtime, write.loads, no_seal))[0]
+            return (await arun(write.flow, runtime, NO_LOADS, no_seal))[0]
         finally:
             self._written(runtime, write.keys)
 
@@ -206,12 +207,15 @@ class _Bound(Generic[Q, R]):
         return [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
 
     def stats(self) -> StatsSnapshot:
+        """The method's counters (shared by every instance)."""
         return self._shared.stats()
 
     def error_kinds(self) -> dict[str, int]:
+        """The method's Redis errors by exception type."""
         return self._shared.error_kinds()
 
     def reset_stats(self) -> None:
+        """Set the method's counters back to zero."""
         self._shared.reset_stats()
 
     def __repr__(self) -> str:
@@ -227,17 +231,21 @@ class BoundCachedFunction(_Bound[Q, R]):
         self._function = function
 
     def __call__(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
+        """The cached value, as calling the method."""
         return self._function(self._instance, *args, **kwargs)
 
     def lookup(self, *args: Q.args, **kwargs: Q.kwargs) -> CacheResult[R]:
+        """As CachedFunction.lookup, for this instance."""
         return self._function.lookup(self._instance, *args, **kwargs)
 
     def invalidate(self, *args: Q.args, **kwargs: Q.kwargs) -> Outcome:
+        """As CachedFunction.invalidate, for this instance."""
         return self._function.invalidate(self._instance, *args, **kwargs)
 
     def update_field(
-        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+        self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
     ) -> Outcome:
+        """As CachedFunction.update_field, for this instance."""
         return self._function.update_field(
             self._instance, *args, field=field, value=value, **kwargs
         )
@@ -247,9 +255,11 @@ class BoundCachedFunction(_Bound[Q, R]):
         return self._function.many(self._items(items))
 
     def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
+        """As CachedFunction.invalidate_many; the instance is prepended to each item."""
         return self._function.invalidate_many(self._items(items))
 
     def invalidate_all(self) -> BulkOutcome:
+        """As CachedFunction.invalidate_all: every instance's entries."""
         return self._function.invalidate_all()
 
 
@@ -261,26 +271,33 @@ class BoundAsyncCachedFunction(_Bound[Q, R]):
         self._function = function
 
     async def __call__(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
+        """The cached value, as awaiting the method."""
         return await self._function(self._instance, *args, **kwargs)
 
     async def lookup(self, *args: Q.args, **kwargs: Q.kwargs) -> CacheResult[R]:
+        """As AsyncCachedFunction.lookup, for this instance."""
         return await self._function.lookup(self._instance, *args, **kwargs)
 
     async def invalidate(self, *args: Q.args, **kwargs: Q.kwargs) -> Outcome:
+        """As AsyncCachedFunction.invalidate, for this instance."""
         return await self._function.invalidate(self._instance, *args, **kwargs)
 
     async def update_field(
-        self, *args: Any, field: Any = _NOT_GIVEN, value: Any = _NOT_GIVEN, **kwargs: Any
+        self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
     ) -> Outcome:
+        """As AsyncCachedFunction.update_field, for this instance."""
         return await self._function.update_field(
             self._instance, *args, field=field, value=value, **kwargs
         )
 
     async def many(self, items: Iterable[Any]) -> list[R]:
+        """Items as for many(), without the instance: it is prepended to each."""
         return await self._function.many(self._items(items))
 
     async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
+        """As AsyncCachedFunction.invalidate_many; the instance goes first in each item."""
         return await self._function.invalidate_many(self._items(items))
 
     async def invalidate_all(self) -> BulkOutcome:
+        """As AsyncCachedFunction.invalidate_all: every instance's entries."""
         return await self._function.invalidate_all()

@@ -59,6 +59,7 @@ class NearCache:
 
     @property
     def ttl_seconds(self) -> float | None:
+        """`ttl` in seconds, or None when only the Redis entry's ttl bounds it."""
         return None if self.ttl is None else milliseconds("ttl", self.ttl) / 1000.0
 
 

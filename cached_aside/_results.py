@@ -16,11 +16,16 @@ R = TypeVar("R")
 class Source(str, enum.Enum):
     """Where a caller's value came from."""
 
-    NEAR = "near"  # the in-process near cache
-    CACHE = "cache"  # a cached value
-    NEGATIVE = "negative"  # a cached "no such record"
-    LOADER = "loader"  # this call ran the loader
-    WAITED = "waited"  # another caller's load, waited for
+    NEAR = "near"
+    """The in-process near cache."""
+    CACHE = "cache"
+    """A value cached in Redis."""
+    NEGATIVE = "negative"
+    """A cached "no such record" (the loader returned None)."""
+    LOADER = "loader"
+    """This call ran the loader."""
+    WAITED = "waited"
+    """Another caller's load, waited for."""
 
     def __str__(self) -> str:
         return self.value  # print(result.source) shows "cache", as the docs write it
@@ -54,12 +59,15 @@ class Outcome(enum.Enum):
     different answers, so compare with a member (`is Outcome.PENDING`).
     """
 
-    DELETED = "deleted"  # an entry (value or negative sentinel) existed and is gone
-    UPDATED = "updated"  # update_field: the cached record now has the new value
-    ABSENT = "absent"  # nothing was cached; loads in flight were fenced all the same
-    # Redis did not answer: the invalidation waits in the engine's outbox and is
-    # retried until it lands; meanwhile this process serves the key from the loader.
+    DELETED = "deleted"
+    """An entry (a value or a negative sentinel) existed and is gone."""
+    UPDATED = "updated"
+    """update_field: the cached record now has the new value."""
+    ABSENT = "absent"
+    """Nothing was cached (nothing written); loads in flight were fenced all the same."""
     PENDING = "pending"
+    """Redis did not take it: the invalidation waits in the engine's outbox and is
+    retried until it lands; meanwhile this process serves the key from the loader."""
 
     def __bool__(self) -> bool:
         raise TypeError(

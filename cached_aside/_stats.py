@@ -22,8 +22,22 @@ LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, f
 
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
-    """Counters at one moment. `hits` were served by Redis, `near_hits` by the
-    in-process near cache; hit_rate_pct counts both, and negative hits, as hits."""
+    """A function's (or an engine's, summed) counters at one moment.
+
+    Attributes:
+        hits: calls served a value cached in Redis.
+        near_hits: calls served by the in-process near cache.
+        misses: calls not served from the cache.
+        negative_hits: calls served a cached "no such record".
+        loads: loader calls.
+        stampedes_suppressed: misses that got another caller's load instead of loading.
+        errors: Redis failures (the call was still answered when fail_open).
+        corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten.
+        lock_waits: misses that waited on Redis for another process's load.
+        loader_errors: loader failures in background reloads (refresh_ahead); callers
+            got the cached value.
+        postponed: invalidations Redis did not take, queued in the engine's outbox.
+    """
 
     hits: int = 0
     near_hits: int = 0
@@ -34,16 +48,18 @@ class StatsSnapshot:
     errors: int = 0
     corrupt: int = 0
     lock_waits: int = 0
-    loader_errors: int = 0  # loader failures in background reloads
-    postponed: int = 0  # invalidations Redis did not take, queued in the outbox
+    loader_errors: int = 0
+    postponed: int = 0
 
     @property
     def hit_rate_pct(self) -> float:
+        """(hits + near_hits + negative_hits) / (those + misses), in percent."""
         served = self.hits + self.near_hits + self.negative_hits
         total = served + self.misses
         return round(100.0 * served / total, 2) if total else 0.0
 
     def as_dict(self) -> dict[str, float]:
+        """Every counter and hit_rate_pct, for metrics exporters and logs."""
         return {**asdict(self), "hit_rate_pct": self.hit_rate_pct}
 
     def __add__(self, other: StatsSnapshot) -> StatsSnapshot:
@@ -202,6 +218,7 @@ class Stats:
             return dict(self._error_kinds)
 
     def reset(self) -> None:
+        """Every counter back to zero."""
         with self._lock:
             self._hits = self._misses = self._negative_hits = self._loads = 0
             self._near_hits = 0

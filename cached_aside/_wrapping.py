@@ -16,7 +16,7 @@ from ._effects import Flow
 from ._engine import CacheEngine
 from ._flows import Plan, Served, invalidate, update_field
 from ._keys import KeyTemplate, glob_escape, split_entry_key
-from ._loads import NO_LOADS, BatchLoader, Loads
+from ._loads import BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
 from ._outbox import PendingPattern
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
@@ -27,8 +27,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-# update_field's keywords, when the field and value are not its last two arguments.
-_NOT_GIVEN: Any = object()
 Answer = tuple[Served, bool]  # and whether it was shared with another caller
 
 
@@ -36,12 +34,10 @@ class Write(Generic[T]):
     """An invalidation or field update, ready to run: its flow, and the keys whose
     in-process state must be forgotten once it ran (None: every key)."""
 
-    __slots__ = ("engine", "flow", "keys", "loads")
+    __slots__ = ("engine", "flow", "keys")
 
-    def __init__(
-        self, engine: CacheEngine, flow: Flow[T], keys: Sequence[str] | None, loads: Loads
-    ) -> None:
-        self.engine, self.flow, self.keys, self.loads = engine, flow, keys, loads
+    def __init__(self, engine: CacheEngine, flow: Flow[T], keys: Sequence[str] | None) -> None:
+        self.engine, self.flow, self.keys = engine, flow, keys
 
 
 class CachedBase(Generic[P, R]):
@@ -70,11 +66,16 @@ class CachedBase(Generic[P, R]):
 
     # -- engine and keys -----------------------------------------------------------
 
-    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
-        """The engine to use and the entry's key; the first step of every call."""
+    def _engine_in_use(self) -> CacheEngine:
+        """The engine (given, else the default), met and registered with."""
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
+        return engine
+
+    def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
+        """The engine to use and the entry's key; the first step of every call."""
+        engine = self._engine_in_use()
         return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
 
     def _register(self, engine: CacheEngine) -> None:
@@ -115,7 +116,7 @@ class CachedBase(Generic[P, R]):
     def _invalidation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Write[Outcome]:
         engine, key = self._locate(args, kwargs)
         flow = invalidate(self._plan, key, self._covering(engine))
-        return Write(engine, flow, (key,), NO_LOADS)
+        return Write(engine, flow, (key,))
 
     def _field_update(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], field: Any, value: Any
@@ -123,17 +124,17 @@ class CachedBase(Generic[P, R]):
         loader_args, field, value = self._split_update(args, field, value)
         engine, key = self._locate(loader_args, kwargs)
         flow = update_field(self._plan, key, field, value, self._covering(engine))
-        return Write(engine, flow, (key,), NO_LOADS)
+        return Write(engine, flow, (key,))
 
     def _invalidations(self, items: Iterable[Any]) -> Write[BulkOutcome]:
         engine, keys, _, _, _ = self._distinct(items)
         flow = invalidate_many(self._plan, keys, self._covering(engine))
-        return Write(engine, flow, keys, NO_LOADS)
+        return Write(engine, flow, keys)
 
     def _invalidation_of_all(self) -> Write[BulkOutcome]:
-        engine = self._engine or default_engine()
+        engine = self._engine_in_use()
         flow = invalidate_pattern(self._covering(engine), self._plan)
-        return Write(engine, flow, None, NO_LOADS)
+        return Write(engine, flow, None)
 
     def _written(self, runtime: Runtime, keys: Sequence[str] | None) -> None:
         """After a write: no read that starts now may join a read made before it, and
@@ -149,10 +150,9 @@ class CachedBase(Generic[P, R]):
             self._near.drop(keys)
 
     def _covering(self, engine: CacheEngine) -> PendingPattern:
-        """The pattern of every key of this function on `engine` (registered first)."""
-        if engine is not self._registered_with:
-            self._register(engine)
+        """The pattern of every key of this function on `engine`, met already."""
         assert self._whole is not None
+        assert engine is self._registered_with
         return self._whole
 
     def _many(self, items: Iterable[Any]) -> ManyCall:
@@ -168,9 +168,7 @@ class CachedBase(Generic[P, R]):
                 f"{self._plan.name}.many/invalidate_many take a list of items (one "
                 f"argument, or a tuple of positional arguments, per call), got {items!r}"
             )
-        engine = self._engine or default_engine()
-        if engine is not self._registered_with:
-            self._register(engine)
+        engine = self._engine_in_use()
         head = engine.key_head
         keys: list[str] = []
         calls: list[tuple[Any, ...]] = []
@@ -239,14 +237,16 @@ class CachedBase(Generic[P, R]):
         return self._plan.stats.error_kinds()
 
     def reset_stats(self) -> None:
+        """Set this function's counters back to zero."""
         self._plan.stats.reset()
 
     def _split_update(
         self, args: tuple[Any, ...], field: Any, value: Any
     ) -> tuple[tuple[Any, ...], Any, Any]:
         """The loader's arguments, the field and the value of an update_field call:
-        `field=` and `value=` keywords, or else its last two positional arguments."""
-        given = (field is not _NOT_GIVEN) + (value is not _NOT_GIVEN)
+        `field=` and `value=` keywords, or else its last two positional arguments.
+        (None cannot be either: a hash field holds text.)"""
+        given = (field is not None) + (value is not None)
         if given == 2:
             return args, field, value
         if given == 1:

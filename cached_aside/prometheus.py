@@ -103,7 +103,15 @@ class CacheCollector(Collector):
 
 
 def register(engine: CacheEngine, registry: CollectorRegistry = REGISTRY) -> CacheCollector:
-    """Export `engine`'s counters from `registry` (the default one unless given)."""
+    """Export `engine`'s counters from a Prometheus registry.
+
+    Args:
+        engine: the engine whose functions to export, labelled by function name.
+        registry: prometheus_client's registry; default: its global REGISTRY.
+
+    Returns:
+        The collector, already registered (`registry.unregister(it)` to stop).
+    """
     collector = CacheCollector(engine)
     registry.register(collector)
     return collector
