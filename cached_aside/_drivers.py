@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import Any, Final, TypeVar
 
@@ -42,6 +43,10 @@ from ._scripts import ScriptName
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")
 LOOK: Final[Any] = object()  # serve()'s raw when the lookup is still to be sent
+# A single call's loader, arguments and keyword arguments: made into Loads on a miss
+# only, so a hit does not pay for them.
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+Seal = Callable[[], None]  # stops later callers of this process joining the flow
 
 
 def no_seal() -> None:
@@ -59,14 +64,14 @@ def lookup(plan: Plan, key: str) -> Command | RunScript:
 
 
 def serve(
-    plan: Plan, key: str, rt: SyncRuntime, loads: Loads, raw: Any = LOOK
+    plan: Plan, key: str, rt: SyncRuntime, loads: Loads | Call, raw: object = LOOK
 ) -> tuple[Served, float, bool]:
     """Serve one call from a thread: the lookup (unless `raw` is its reply already),
     then, on a miss, the miss flow shared with the other threads of this process
     that miss the same key. Returns the answer, the seconds spent on Redis, and
-    whether it was shared."""
+    whether it was shared. A Call is made into Loads only on a miss."""
     if rt.outbox.active and rt.outbox.blocks(key):
-        return (*run(bypass(plan, key), rt, loads, no_seal), False)
+        return (*run(bypass(plan, key), rt, _loads(plan, loads), no_seal), False)
     seconds = 0.0
     look = raw is LOOK and key not in rt.flights.active  # else: join the thread loading it
     while True:
@@ -79,7 +84,7 @@ def serve(
             hit = on_lookup(plan, raw)
             if hit is not None:
                 return hit, seconds, False
-        shared = rt.flights.run(key, plan.patience, _miss, plan, key, rt, raw, loads)
+        shared = rt.flights.run(key, plan.patience, _miss, plan, key, rt, raw, _loads(plan, loads))
         if shared is not None:
             (served, more), joined = shared
             return served, seconds + more, joined
@@ -87,14 +92,14 @@ def serve(
 
 
 def _miss(
-    plan: Plan, key: str, rt: SyncRuntime, raw: Any, loads: Loads, seal: Any
+    plan: Plan, key: str, rt: SyncRuntime, raw: object, loads: Loads, seal: Seal
 ) -> tuple[Served, float]:
     return run(
         after_miss(plan, key, None if raw is LOOK else raw, rt.block_limit_ms), rt, loads, seal
     )
 
 
-def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Any) -> tuple[T, float]:
+def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent on Redis.
 
     Every Hold still standing when the flow ends, however it ends, is released here:
@@ -144,12 +149,13 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Any) -> tuple[T, flo
                 _queue_refused(rt, hold, _release(rt, hold))
 
 
-def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
+def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseException | None]:
     """One command or script through the breaker; returns the reply or the failure
     (a CommandFailed, or an interrupt, which the flow gets to release its Holds)."""
-    refused = rt.refusal()
-    if refused is not None:
-        return None, refused[0]
+    if rt.breaker.open_until:  # one attribute read while all is well
+        refused = rt.refusal()
+        if refused is not None:
+            return None, refused[0]
     try:
         if type(effect) is Command:
             reply = rt.client.execute_command(*effect.args)
@@ -159,7 +165,8 @@ def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[Any, BaseExcepti
         return None, rt.failure(exc)
     except BaseException as exc:
         return None, exc
-    rt.answered()
+    if rt.breaker.failures:
+        rt.answered()
     return reply, None
 
 
@@ -171,7 +178,7 @@ def _each(effect: Each, rt: SyncRuntime, loads: Loads) -> list[tuple[Served, boo
     return answers
 
 
-def _release(rt: SyncRuntime, hold: Hold) -> list[Any]:
+def _release(rt: SyncRuntime, hold: Hold) -> list[object]:
     if len(hold.releases) == 1:
         return [send(rt, hold.releases[0])[1]]
     return send_batch(rt, Batch(list(hold.releases)))
@@ -191,7 +198,7 @@ def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
 
 
 async def aserve(
-    plan: Plan, key: str, rt: AsyncRuntime, loads: Loads, raw: Any = LOOK
+    plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call, raw: object = LOOK
 ) -> tuple[Served, float, bool]:
     """Serve one call from a task: the lookup (unless `raw` is its reply already)
     and, on a miss, the miss flow, both shared with the tasks of this event loop
@@ -200,7 +207,7 @@ async def aserve(
     if not rt.ready:
         await rt.prepare()
     if rt.outbox.active and rt.outbox.blocks(key):
-        return (*(await arun(bypass(plan, key), rt, loads, no_seal)), False)
+        return (*(await arun(bypass(plan, key), rt, _loads(plan, loads), no_seal)), False)
     (served, seconds), joined = await rt.flights.run(
         key, plan.patience, _aread, plan, key, rt, raw, loads
     )
@@ -208,7 +215,7 @@ async def aserve(
 
 
 async def _aread(
-    plan: Plan, key: str, rt: AsyncRuntime, raw: Any, loads: Loads, seal: Any
+    plan: Plan, key: str, rt: AsyncRuntime, raw: object, loads: Loads | Call, seal: Seal
 ) -> tuple[Served, float]:
     seconds = 0.0
     if raw is LOOK:
@@ -220,11 +227,12 @@ async def _aread(
         hit = on_lookup(plan, raw)
         if hit is not None:
             return hit, seconds
-    served, more = await arun(after_miss(plan, key, raw, rt.block_limit_ms), rt, loads, seal)
+    flow = after_miss(plan, key, raw, rt.block_limit_ms)
+    served, more = await arun(flow, rt, _loads(plan, loads), seal)
     return served, seconds + more
 
 
-async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Any) -> tuple[T, float]:
+async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Seal) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent on Redis.
 
     As run(), every Hold standing when the flow ends is released here, a cancelled
@@ -274,11 +282,14 @@ async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Any) -> tupl
             await asyncio.shield(rt.keep(_arelease(rt, holds)))
 
 
-async def asend(rt: AsyncRuntime, effect: Command | RunScript) -> tuple[Any, BaseException | None]:
+async def asend(
+    rt: AsyncRuntime, effect: Command | RunScript
+) -> tuple[object, BaseException | None]:
     """As send(); a cancellation comes back as the failure, for the flow's Holds."""
-    refused = rt.refusal()
-    if refused is not None:
-        return None, refused[0]
+    if rt.breaker.open_until:  # one attribute read while all is well
+        refused = rt.refusal()
+        if refused is not None:
+            return None, refused[0]
     try:
         if type(effect) is Command:
             reply = await rt.client.execute_command(*effect.args)
@@ -288,14 +299,15 @@ async def asend(rt: AsyncRuntime, effect: Command | RunScript) -> tuple[Any, Bas
         return None, rt.failure(exc)
     except BaseException as exc:
         return None, exc
-    rt.answered()
+    if rt.breaker.failures:
+        rt.answered()
     return reply, None
 
 
 async def _aeach(effect: Each, rt: AsyncRuntime, loads: Loads) -> list[tuple[Served, bool]]:
     at_once = asyncio.Semaphore(effect.at_once)
 
-    async def one(position: int, key: str, raw: Any) -> tuple[Served, bool]:
+    async def one(position: int, key: str, raw: object) -> tuple[Served, bool]:
         async with at_once:
             served, _, joined = await aserve(effect.plan, key, rt, loads.at(position), raw)
             return served, joined
@@ -325,7 +337,7 @@ async def _abackground(effect: Spawn, rt: AsyncRuntime, loads: Loads) -> None:
 # -- shared by both -----------------------------------------------------------------
 
 
-def _perform_locally(effect: Effect, rt: Runtime, holds: list[Hold], seal: Any) -> None:
+def _perform_locally(effect: Effect, rt: Runtime, holds: list[Hold], seal: Seal) -> None:
     """The effects that need no I/O: the same for both drivers."""
     if effect is Signal.SEAL:
         seal()
@@ -339,11 +351,18 @@ def _perform_locally(effect: Effect, rt: Runtime, holds: list[Hold], seal: Any) 
         raise AssertionError(f"no driver performs {effect!r}")
 
 
-def _queue_refused(rt: Runtime, hold: Hold, replies: list[Any]) -> None:
+def _queue_refused(rt: Runtime, hold: Hold, replies: Sequence[object]) -> None:
     """Hand the releases Redis did not take to the outbox, which retries them."""
     for release, reply in zip(hold.releases, replies, strict=True):
         if isinstance(reply, BaseException):
             rt.outbox.add_release(release, hold.ttl_ms)
+
+
+def _loads(plan: Plan, loads: Loads | Call) -> Loads:
+    if type(loads) is Loads:
+        return loads
+    loader, args, kwargs = loads  # type: ignore[misc]
+    return Loads(plan, loader, (args,), kwargs)
 
 
 def _as_reply(failure: BaseException) -> CommandFailed:

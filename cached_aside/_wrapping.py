@@ -110,9 +110,6 @@ class CachedBase(Generic[P, R]):
 
     # -- operations: each one's flow -----------------------------------------------
 
-    def _loads(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Loads:
-        return Loads(self._plan, self.__wrapped__, (args,), kwargs)
-
     def _invalidation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Write[Outcome]:
         engine, key = self._locate(args, kwargs)
         flow = invalidate(self._plan, key, self._covering(engine))
