@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ._flows import Served
@@ -51,6 +52,23 @@ class _Flight:
 
     def seal(self) -> None:
         self.registry.close(self)
+
+    @contextmanager
+    def leading(self) -> Iterator[None]:
+        """The leader's read: its error is kept for the joiners, and however it ends,
+        the flight closes and its joiners wake (threads and tasks alike)."""
+        try:
+            yield
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.registry.close(self)
+            if self.done is not None:
+                self.done.set()
+            for joined in self.joiners or ():
+                if not joined.done():
+                    joined.set_result(None)
 
     def outcome(self, *, reads_shared: bool) -> Answer | None:
         """For a joiner: the leader's answer, None to read again, or the leader's error.
@@ -127,7 +145,7 @@ class ThreadFlights(_Registry):
         """
         flight = _Flight(self, key)
         # An Event wakes every joiner at once; a held lock would hand over one by one.
-        flight.done = done = threading.Event()
+        flight.done = threading.Event()
         current = self.active.setdefault(key, flight)  # atomic under the GIL
         if current is not flight:
             assert current.done is not None
@@ -138,15 +156,9 @@ class ThreadFlights(_Registry):
             # answers that are fresh for anyone who joined before the seal.
             answer = current.outcome(reads_shared=False)
             return None if answer is None else (answer, True)
-        try:
+        with flight.leading():
             flight.answer = serve(*args, flight.seal)
-            return flight.answer, False
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            self.close(flight)
-            done.set()
+        return flight.answer, False
 
 
 def _expire(joined: asyncio.Future[Any]) -> None:
@@ -186,15 +198,6 @@ class TaskFlights(_Registry):
             if answer is not None:
                 return answer, True
         flight = self.active[key] = _Flight(self, key)
-        try:
+        with flight.leading():
             flight.answer = await serve(*args, flight.seal)
-            return flight.answer, False
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        finally:
-            self.close(flight)
-            if flight.joiners:
-                for joined in flight.joiners:
-                    if not joined.done():
-                        joined.set_result(None)
+        return flight.answer, False
