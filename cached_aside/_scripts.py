@@ -37,7 +37,8 @@ ACQUIRE: Final = """
 -- GET bytes); {0} when the caller now holds the lock and must load; {2, pttl} when
 -- another caller holds it: the caller's token joins the waiters set, and it should
 -- wait for a token on its own wake-up list (KEYS[3]'s entry .. ':wake:' .. token)
--- for at most pttl ms. Found or owned, the caller is no waiter any more.
+-- for at most pttl ms. Found or owned, the caller is no waiter any more. Idempotent:
+-- the same token asking again (a retry after a lost reply) gets the same answer.
 if ARGV[4] ~= '1' then
   local kind = redis.call('TYPE', KEYS[1]).ok
   if kind == ARGV[3] then
@@ -46,7 +47,9 @@ if ARGV[4] ~= '1' then
     return {1, redis.call('GET', KEYS[1])}
   end
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+-- Sent again after a lost reply (a client's retry), the caller may hold it already.
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] or (not holder and redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])) then
   redis.call('SREM', KEYS[3], ARGV[1])
   return {0}
 end
