@@ -14,6 +14,7 @@ from typing import Any
 
 from ._codecs import Found
 from ._effects import (
+    UNREAD,
     Batch,
     Command,
     CommandFailed,
@@ -32,10 +33,12 @@ from ._flows import (
     RELEASE_ONLY,
     Plan,
     Served,
+    found_in,
     lock_hold,
     miss,
     on_lookup,
     refresh_due,
+    release_now,
     tolerate,
 )
 from ._keys import entry_keys
@@ -84,7 +87,7 @@ def load_batch(
             tolerate(plan, key, raw)
             uncached.append(position)
             continue
-        if type(raw) is CommandFailed or codec.decode(raw) is Found.CORRUPT:
+        if type(raw) is CommandFailed or found_in(plan, raw) is Found.CORRUPT:
             stats.corrupt(key)
             corrupt.add(position)
         lockable.append(position)
@@ -137,8 +140,10 @@ def load_batch(
     # registration as a waiter (handed to the single path below).
     locked = Hold(tuple(holds[p].releases[0] for p in owned), options.lock_ttl_ms)
     yield locked
-    if unsure:
-        yield Hold(tuple(r for p in unsure for r in holds[p].releases), options.lock_ttl_ms)
+    if unsure:  # loaded without a lock: any such lock is useless, and others wait on it
+        yield from release_now(
+            Hold(tuple(r for p in unsure for r in holds[p].releases), options.lock_ttl_ms)
+        )
     for wait in held.values():
         if wait is not None:
             yield wait[1]
@@ -191,7 +196,9 @@ def many(
         for position, answer in zip(to_batch, served, strict=True):
             answers[position] = (answer, False)
     if one_by_one:
-        entries = tuple((p, keys[p], raws[p]) for p in one_by_one)
+        # A reply read while its key was blocked is never used: by the time the entry
+        # is served the outbox may have delivered, and the reply predates that.
+        entries = tuple((p, keys[p], UNREAD if p in blocked else raws[p]) for p in one_by_one)
         replies = yield Each(plan, entries, MAX_CONCURRENT_MISSES)
         for position, reply in zip(one_by_one, replies, strict=True):
             answers[position] = reply
@@ -249,8 +256,10 @@ def _load_and_store_many(
         else:
             kept = bool(reply)
         answers[position] = Served(results[position], Source.LOADER, lease_kept=kept)
-    if refused:  # released by the driver when the flow ends
-        yield Hold(tuple(holds[p].releases[0] for p in refused), options.lock_ttl_ms)
+    if refused:  # now: this flow may go on to wait for other entries
+        yield from release_now(
+            Hold(tuple(holds[p].releases[0] for p in refused), options.lock_ttl_ms)
+        )
     for position in uncached:
         answers[position] = Served(results[position], Source.LOADER)
 
@@ -349,7 +358,7 @@ def invalidate_matching(
 def deliver(delivery: Delivery) -> Flow[Delivery]:
     """Send what the outbox holds, keys and releases in one pipeline, then each
     pattern; returns what landed."""
-    landed = Delivery([], [], [])
+    landed = Delivery([], [], [], delivery.sequence)
     effects: list[Command | RunScript] = [
         RunScript(ScriptName.INVALIDATE, entry_keys(item.key), (item.wake_ttl_ms,))
         for item in delivery.keys

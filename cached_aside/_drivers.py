@@ -11,13 +11,17 @@ generator round costs about a microsecond there; flows.on_lookup still decides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import Any, Final, TypeVar
 
+from redis.exceptions import NoScriptError
+
 from ._effects import (
+    UNREAD,
     Batch,
     Command,
     CommandFailed,
@@ -36,13 +40,13 @@ from ._effects import (
 )
 from ._flows import Plan, Served, after_miss, bypass, on_lookup
 from ._loads import Loads
-from ._pipelines import scan, scan_async, send_batch, send_batch_async
+from ._pipelines import scan, scan_async, send_batch, send_batch_async, wire_args
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._scripts import ScriptName
 
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")
-LOOK: Final[Any] = object()  # serve()'s raw when the lookup is still to be sent
+LOOK: Final[Any] = UNREAD  # serve()'s raw when the lookup is still to be sent
 # A single call's loader, arguments and keyword arguments: made into Loads on a miss
 # only, so a hit does not pay for them.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -145,8 +149,7 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, fl
                 redis_seconds += perf_counter() - started
     finally:
         if holds:
-            for hold in holds:
-                _queue_refused(rt, hold, _release(rt, hold))
+            _release_all(rt, holds)
 
 
 def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseException | None]:
@@ -157,10 +160,13 @@ def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseExce
         if refused is not None:
             return None, refused[0]
     try:
-        if type(effect) is Command:
-            reply = rt.client.execute_command(*effect.args)
-        else:
-            reply = rt.scripts[effect.script](keys=effect.keys, args=effect.args)  # type: ignore[union-attr]
+        answered = False
+        held = rt.held
+        if held is not None and (type(effect) is RunScript or not effect.blocks):  # type: ignore[union-attr]
+            with contextlib.suppress(NoScriptError):  # the client's Script loads it
+                answered, reply = held.call(wire_args(rt, effect))
+        if not answered:
+            reply = _through_client(rt, effect)
     except rt.failures as exc:
         return None, rt.failure(exc)
     except BaseException as exc:
@@ -168,6 +174,12 @@ def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseExce
     if rt.breaker.failures:
         rt.answered()
     return reply, None
+
+
+def _through_client(rt: SyncRuntime, effect: Command | RunScript) -> object:
+    if type(effect) is Command:
+        return rt.client.execute_command(*effect.args)
+    return rt.scripts[effect.script](keys=effect.keys, args=effect.args)  # type: ignore[union-attr]
 
 
 def _each(effect: Each, rt: SyncRuntime, loads: Loads) -> list[tuple[Served, bool]]:
@@ -178,10 +190,23 @@ def _each(effect: Each, rt: SyncRuntime, loads: Loads) -> list[tuple[Served, boo
     return answers
 
 
-def _release(rt: SyncRuntime, hold: Hold) -> list[object]:
-    if len(hold.releases) == 1:
-        return [send(rt, hold.releases[0])[1]]
-    return send_batch(rt, Batch(list(hold.releases)))
+def _release_all(rt: SyncRuntime, holds: list[Hold]) -> None:
+    """Every Hold's releases, however each ends: what Redis did not take goes to the
+    outbox, and an interrupt (a signal handler's exception) is raised only once
+    every Hold has been released or handed over."""
+    interrupt: BaseException | None = None
+    for hold in holds:
+        try:
+            if len(hold.releases) == 1:
+                replies: list[object] = [send(rt, hold.releases[0])[1]]
+            else:
+                replies = send_batch(rt, Batch(list(hold.releases)))
+        except BaseException as exc:
+            interrupt = interrupt or exc
+            replies = [exc] * len(hold.releases)
+        _queue_refused(rt, hold, replies)
+    if interrupt is not None:
+        raise interrupt
 
 
 def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
@@ -279,7 +304,7 @@ async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Seal) -> tup
                 redis_seconds += perf_counter() - started
     finally:
         if holds:
-            await asyncio.shield(rt.keep(_arelease(rt, holds)))
+            await asyncio.shield(_release_in_task(rt, holds))
 
 
 async def asend(
@@ -291,10 +316,14 @@ async def asend(
         if refused is not None:
             return None, refused[0]
     try:
-        if type(effect) is Command:
-            reply = await rt.client.execute_command(*effect.args)
+        pipeline = rt.pipeline
+        if pipeline is None or (type(effect) is Command and effect.blocks):
+            reply = await _athrough_client(rt, effect)
         else:
-            reply = await rt.scripts[effect.script](keys=effect.keys, args=effect.args)  # type: ignore[union-attr]
+            try:
+                reply = await pipeline.call(wire_args(rt, effect))
+            except NoScriptError:
+                reply = await _athrough_client(rt, effect)  # the client's Script loads it
     except rt.failures as exc:
         return None, rt.failure(exc)
     except BaseException as exc:
@@ -302,6 +331,12 @@ async def asend(
     if rt.breaker.failures:
         rt.answered()
     return reply, None
+
+
+async def _athrough_client(rt: AsyncRuntime, effect: Command | RunScript) -> object:
+    if type(effect) is Command:
+        return await rt.client.execute_command(*effect.args)
+    return await rt.scripts[effect.script](keys=effect.keys, args=effect.args)  # type: ignore[union-attr]
 
 
 async def _aeach(effect: Each, rt: AsyncRuntime, loads: Loads) -> list[tuple[Served, bool]]:
@@ -312,15 +347,38 @@ async def _aeach(effect: Each, rt: AsyncRuntime, loads: Loads) -> list[tuple[Ser
             served, _, joined = await aserve(effect.plan, key, rt, loads.at(position), raw)
             return served, joined
 
-    return list(await asyncio.gather(*(one(*entry) for entry in effect.entries)))
+    # All finish before one's error is raised: none keeps loading for a caller gone.
+    answers = await asyncio.gather(
+        *(one(*entry) for entry in effect.entries), return_exceptions=True
+    )
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return answers  # type: ignore[return-value]
 
 
-async def _arelease(rt: AsyncRuntime, holds: list[Hold]) -> None:
-    for hold in holds:
+def _release_in_task(rt: AsyncRuntime, holds: list[Hold]) -> asyncio.Task[None]:
+    """The releases, in a task of their own; whatever it has not settled when it ends
+    (cancelled before it ran, say, as its loop shut down) goes to the outbox."""
+    unsettled = list(holds)
+    task = rt.keep(_arelease(rt, unsettled))
+
+    def hand_over_the_rest(_: asyncio.Task[None]) -> None:
+        for hold in unsettled:
+            _queue_refused(rt, hold, [ConnectionError("never sent")] * len(hold.releases))
+
+    task.add_done_callback(hand_over_the_rest)
+    return task
+
+
+async def _arelease(rt: AsyncRuntime, unsettled: list[Hold]) -> None:
+    while unsettled:
+        hold = unsettled[0]
         if len(hold.releases) == 1:
-            replies = [(await asend(rt, hold.releases[0]))[1]]
+            replies: list[object] = [(await asend(rt, hold.releases[0]))[1]]
         else:
             replies = await send_batch_async(rt, Batch(list(hold.releases)))
+        unsettled.pop(0)
         _queue_refused(rt, hold, replies)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from ._outbox import PendingKey, PendingPattern
 from ._scripts import ScriptName
@@ -19,9 +19,11 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Command:
-    """Send one Redis command; the reply comes back parsed by redis-py."""
+    """Send one Redis command; the reply comes back parsed by redis-py. A command that
+    `blocks` its connection (BLPOP) takes one of the pool's, not a shared one."""
 
     args: tuple[Any, ...]
+    blocks: bool = False
 
 
 @dataclass(slots=True)
@@ -76,13 +78,23 @@ class LoadOne:
         return (self.position,)
 
 
+class Unread(enum.Enum):
+    """An entry whose lookup is still to be sent (its raw reply, where one goes)."""
+
+    REPLY = "unread"
+
+
+UNREAD: Final = Unread.REPLY
+
+
 @dataclass(slots=True)
 class Each:
     """Serve these entries of a many() call one by one, each exactly as a single call
-    whose lookup returned `raw` (shared with this process's callers of the same key,
-    fenced by the same lock): `entries` holds (position, key, raw). At most `at_once`
-    run at a time where the driver can overlap them (tasks; threads go in order).
-    The reply is, per entry, (Served, whether it was shared)."""
+    whose lookup returned `raw` (UNREAD: look it up first), shared with this
+    process's callers of the same key and fenced by the same lock: `entries` holds
+    (position, key, raw). At most `at_once` run at a time where the driver can
+    overlap them (tasks; threads go in order). The reply is, per entry, (Served,
+    whether it was shared); if one raises, the others still finish first."""
 
     plan: Any  # the function's Plan (flows.py imports this module)
     entries: tuple[tuple[int, str, Any], ...]

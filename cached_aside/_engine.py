@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.retry
 import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -30,6 +31,7 @@ from redis.retry import Retry
 from ._batches import invalidate_pattern
 from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from ._codecs import Codec
+from ._connections import HeldConnections, Pipeline
 from ._drivers import arun, no_seal, run
 from ._errors import ConfigurationError
 from ._flusher import Flusher
@@ -117,6 +119,8 @@ class CacheEngine:
         self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown))
         self.key_head = f"{prefix}:{{"  # value keys are key_head + rendered + "}"
         self._lock = threading.Lock()
+        # Functions meet the engine under this one: their first calls may race.
+        self._meeting = threading.RLock()
         self._make_client: Callable[[], Any] | None = None
         self._make_async_client: Callable[[], Any] | None = None
         self._owns_clients = False
@@ -189,11 +193,13 @@ class CacheEngine:
             "timeout": pool_timeout,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_connect_timeout,
-            # One immediate retry heals a pooled connection the server closed (a restart);
-            # redis-py's default backs off for seconds, which a cache must not do.
-            "retry": Retry(NoBackoff(), 1),
             **client_options,
         }
+        # One immediate retry heals a pooled connection the server closed (a restart);
+        # redis-py's default backs off for seconds, which a cache must not do. The
+        # asyncio client runs only its own Retry class.
+        sync_options = {"retry": Retry(NoBackoff(), 1), **options}
+        async_options = {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **options}
         engine = cls(
             prefix=prefix,
             breaker_failures=breaker_failures,
@@ -218,10 +224,10 @@ class CacheEngine:
         engine._owns_clients = True
         engine._flusher.sync_runtime = engine._sync_side
         engine._make_client = lambda: redis.Redis.from_pool(
-            redis.BlockingConnectionPool.from_url(url, **options)
+            redis.BlockingConnectionPool.from_url(url, **sync_options)
         )
         engine._make_async_client = lambda: redis.asyncio.Redis.from_pool(
-            redis.asyncio.BlockingConnectionPool.from_url(url, **options)
+            redis.asyncio.BlockingConnectionPool.from_url(url, **async_options)
         )
         return engine
 
@@ -292,8 +298,8 @@ class CacheEngine:
             self._last_async = (None, None)
 
     def _register_stats(self, stats: Stats) -> None:
-        """Include a function's counters in `engine.stats()`."""
-        with self._lock:
+        """Include a function's counters in `engine.stats()`, once."""
+        if all(known is not stats for known in self._stats):
             self._stats.append(stats)
 
     # -- for users -------------------------------------------------------------
@@ -465,24 +471,28 @@ class CacheEngine:
             self._sync = None
 
     async def aclose(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
-        """Let this loop's background work finish, try to deliver what the outbox holds
-        (as close()), then close the connections the engine made (clients you passed
-        in stay yours to close)."""
+        """Let this loop's background work finish (for up to `timeout` seconds), try
+        to deliver what the outbox holds (as close()), then close the connections the
+        engine made (clients you passed in stay yours to close)."""
         loop = asyncio.get_running_loop()
+        self._flusher.stopping.set()  # an async flusher hands over to the last attempt
         sides = [self._given_async, self._async_by_loop.get(loop)]
         pending = [
             task
             for side in sides
             if side is not None
             for task in side.tasks
-            if task.get_loop() is loop
+            if task.get_loop() is loop and task is not self._flusher.task
         ]
         if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(pending, timeout=timeout)
         side = self._given_async or self._async_by_loop.get(loop)
         if side is not None and self._flusher.sync_runtime is None:
             await self._flusher.aflush(side, timeout)
+        self._flusher.stopping.clear()
         self.close(timeout)
+        if self._given_async is not None and self._given_async.pipeline is not None:
+            await self._given_async.pipeline.close()  # its connection goes back to your pool
         if not self._owns_clients:
             return
         side = self._async_by_loop.pop(loop, None)
@@ -494,6 +504,7 @@ class CacheEngine:
         """Reset what fork() copied but cannot work in the child: locks a thread of the
         parent may have held, flights whose leaders stayed behind, event loops."""
         self._lock = threading.Lock()
+        self._meeting = threading.RLock()
         self.breaker.reset_after_fork()
         for stats in self._stats:
             stats.reset_after_fork()
@@ -506,7 +517,8 @@ class CacheEngine:
         self._async_by_loop = {}
         self._last_async = (None, None)
         self._flusher.stopping = threading.Event()
-        self.outbox.reset_after_fork()
+        self._flusher.task = None
+        self.outbox.reset_after_fork(can_flush=self._flusher.sync_runtime is not None)
 
     def __enter__(self) -> CacheEngine:
         return self
@@ -529,6 +541,8 @@ class CacheEngine:
         runtime = self._runtime(SyncRuntime, client, "client")
         if isinstance(client, redis.cluster.RedisCluster):
             runtime.route = client.get_node_from_key
+        elif hasattr(client, "connection_pool"):
+            runtime.held = HeldConnections(client.connection_pool)
         return runtime
 
     def _make_async_side(self, client: Any) -> AsyncRuntime:
@@ -537,6 +551,8 @@ class CacheEngine:
             runtime.ready = False
             runtime.failures = ASYNC_CLUSTER_FAILURES
             runtime.route = client.get_node_from_key
+        elif hasattr(client, "connection_pool"):
+            runtime.pipeline = Pipeline(client.connection_pool)
         return runtime
 
     def _runtime(self, kind: type[R], client: Any, role: str) -> R:
@@ -557,7 +573,10 @@ _engines: weakref.WeakSet[CacheEngine] = weakref.WeakSet()
 
 def _reset_engines_after_fork() -> None:
     for engine in list(_engines):
-        engine._after_fork_in_child()
+        try:
+            engine._after_fork_in_child()
+        except Exception:  # one engine's trouble must not leave the others as they were
+            logger.exception("resetting %r after fork() failed", engine)
 
 
 os.register_at_fork(after_in_child=_reset_engines_after_fork)
@@ -582,6 +601,10 @@ def _close_with_loop(
             alive = owner()
             if alive is not None:
                 alive._forget_loop(loop, side)
+            if side.tasks:  # releases after cancellations: let them reach Redis
+                await asyncio.wait(list(side.tasks), timeout=CLOSE_FLUSH_SECONDS)
+            if side.pipeline is not None:
+                await side.pipeline.close()
             await side.client.aclose()
 
     generator = closer()

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
 from ._effects import (
+    Batch,
     Command,
     CommandFailed,
     Effect,
@@ -101,6 +102,12 @@ def on_lookup(plan: Plan, raw: Any) -> Served | None:
     return None
 
 
+def found_in(plan: Plan, raw: Any) -> Any:
+    """What a lookup reply holds: a decoded value, or a Found member (a PEEK reply is
+    unpacked first)."""
+    return _unpack_peek(plan, raw)[0] if plan.peek else plan.codec.decode(raw)
+
+
 def refresh_due(plan: Plan, raw: Any) -> bool:
     """True when a lookup reply is a hit that on_lookup declined only because its
     entry is due for a refresh_ahead reload."""
@@ -181,6 +188,20 @@ def lock_hold(plan: Plan, keys: EntryKeys, token: str) -> Hold:
     return Hold((release, leave), options.lock_ttl_ms)
 
 
+def release_now(hold: Hold) -> Flow[None]:
+    """Give back what `hold` stands for now, not when the flow ends: others may be
+    waiting for it while this flow still waits on something else. What Redis does
+    not take stays held, for the driver (and the outbox) to give back."""
+    yield hold
+    replies = yield Batch(list(hold.releases))
+    refused = tuple(
+        r for r, reply in zip(hold.releases, replies, strict=True) if type(reply) is CommandFailed
+    )
+    yield Free(hold)
+    if refused:
+        yield Hold(refused, hold.ttl_ms)
+
+
 def _wait_for_wake_up(
     keys: EntryKeys, token: str, lock_pttl_ms: int, block_limit_ms: int
 ) -> Command:
@@ -188,7 +209,7 @@ def _wait_for_wake_up(
     its lock would have expired (it may have died); never longer than the socket
     timeout allows."""
     wait_ms = min(max(lock_pttl_ms, MIN_WAIT_MS), block_limit_ms)
-    return Command(("BLPOP", keys.wake_list(token), f"{wait_ms / 1000:.3f}"))
+    return Command(("BLPOP", keys.wake_list(token), f"{wait_ms / 1000:.3f}"), blocks=True)
 
 
 def miss(

@@ -50,6 +50,7 @@ class Flusher:
         self.sync_runtime = sync_runtime
         self.async_runtime = async_runtime
         self.stopping = threading.Event()  # close(): stop retrying
+        self.task: asyncio.Task[None] | None = None  # the async flusher, if one runs
         outbox.start_flusher = self.start
 
     def start(self) -> None:
@@ -58,7 +59,17 @@ class Flusher:
             return
         runtime = self.async_runtime()
         assert runtime is not None, "an engine without clients has nothing to flush"
-        runtime.keep(self._aretry(runtime))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # outside its loop (close(), a forked child): the next add() in it
+            self.outbox.stand_down()
+            return
+        self.task = runtime.keep(self._aretry(runtime))
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():  # maybe before it ran (its loop ended): it kept its turn
+            self.outbox.stand_down()
 
     def _retry(self) -> None:
         assert self.sync_runtime is not None
@@ -73,6 +84,8 @@ class Flusher:
                 continue
             if self.stopping.is_set():
                 self.outbox.stand_down()
+                if not self.stopping.is_set():  # close() finished meanwhile: carry on
+                    self.outbox.kick()
                 return
             self.outbox.wake.wait(delay)
             self.outbox.wake.clear()
@@ -81,16 +94,23 @@ class Flusher:
     async def _aretry(self, given: AsyncRuntime) -> None:
         runtime = self._own(given)
         delay = FIRST_RETRY_SECONDS
-        while True:
-            delivery = self.outbox.take()
-            if not delivery:
-                return
-            landed = (await arun(deliver(delivery), runtime, NO_LOADS, no_seal))[0]
-            if self._settle(delivery, landed):
-                delay = FIRST_RETRY_SECONDS
-                continue
-            await asyncio.sleep(delay)
-            delay = min(MAX_RETRY_SECONDS, delay * 2)
+        try:
+            while True:
+                delivery = self.outbox.take()
+                if not delivery:
+                    return
+                landed = (await arun(deliver(delivery), runtime, NO_LOADS, no_seal))[0]
+                if self._settle(delivery, landed):
+                    delay = FIRST_RETRY_SECONDS
+                    continue
+                if self.stopping.is_set():  # aclose() takes over
+                    self.outbox.stand_down()
+                    return
+                await asyncio.sleep(delay)
+                delay = min(MAX_RETRY_SECONDS, delay * 2)
+        except BaseException:
+            self.outbox.stand_down()  # cancelled with its loop: the next add() starts one
+            raise
 
     def flush(self, timeout: float) -> None:
         """close(): a last attempt to deliver everything, for `timeout` seconds."""

@@ -117,7 +117,7 @@ class CachedFunction(CachedBase[P, R]):
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
-        hit, ticket = self._near_look(key)
+        hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0
         runtime = engine._sync_side()
@@ -191,7 +191,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
         engine, key = self._locate(args, kwargs)
-        hit, ticket = self._near_look(key)
+        hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0
         runtime = engine._async_side()

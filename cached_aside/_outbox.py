@@ -54,11 +54,14 @@ class PendingRelease:
 
 @dataclass(slots=True)
 class Delivery:
-    """One flush: what the outbox held when it began."""
+    """One flush: what the outbox held when it began, and the sequence number then:
+    what was queued after it (even the same key or pattern again) stays queued when
+    this delivery lands."""
 
     keys: list[PendingKey]
     patterns: list[PendingPattern]
     releases: list[PendingRelease]
+    sequence: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.patterns or self.releases)
@@ -68,7 +71,9 @@ class Outbox:
     """Pending writes of one engine; thread-safe.
 
     `active` is the one attribute the hot path reads: False whenever no invalidation
-    is pending, so a healthy engine pays a single attribute read per call.
+    is pending, so a healthy engine pays a single attribute read per call. Every
+    item carries the sequence number of its latest queueing, so a delivery forgets
+    only what it carried, never what was queued while it ran.
     """
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
@@ -80,10 +85,11 @@ class Outbox:
         self.delivered = 0  # invalidations that landed later
         self.collapsed = 0  # times a function's keys collapsed into one pattern
         self._lock = threading.Lock()
-        self._keys: dict[str, PendingKey] = {}
-        self._patterns: dict[str, PendingPattern] = {}
+        self._sequence = 0
+        self._keys: dict[str, tuple[PendingKey, int]] = {}
+        self._patterns: dict[str, tuple[PendingPattern, int]] = {}
         self._starts: tuple[str, ...] = ()  # the patterns' starts, read without the lock
-        self._releases: dict[tuple[Any, ...], PendingRelease] = {}
+        self._releases: dict[tuple[Any, ...], tuple[PendingRelease, int]] = {}
         self._flushing = False
         self.wake = threading.Event()  # set when work arrives: retry at once
 
@@ -91,10 +97,13 @@ class Outbox:
         with self._lock:
             for item in items:
                 self.queued += 1
+                self._sequence += 1
                 if isinstance(item, PendingPattern):
                     self._add_pattern(item)
-                elif not self._covered(item.key):
-                    self._keys[item.key] = item
+                else:
+                    # Kept even when a pending pattern covers it: that pattern's scan
+                    # may be past this key already.
+                    self._keys[item.key] = (item, self._sequence)
                     if len(self._keys) > self.limit:
                         self._collapse(item.whole)
             self.active = True
@@ -106,9 +115,11 @@ class Outbox:
     def add_release(self, effect: RunScript, ttl_ms: int) -> None:
         pending = PendingRelease(effect, monotonic() + ttl_ms / 1000.0)
         with self._lock:
-            self._releases[(effect.keys, effect.args)] = pending
-            if len(self._releases) > self.limit:  # the oldest expire first anyway
-                del self._releases[next(iter(self._releases))]
+            self._sequence += 1
+            self._releases[(effect.keys, effect.args)] = (pending, self._sequence)
+            if len(self._releases) > self.limit:  # the one whose lock expires first
+                soonest = min(self._releases, key=lambda name: self._releases[name][0].until)
+                del self._releases[soonest]
             start = self._claim_flusher()
         self.wake.set()
         if start:
@@ -119,26 +130,18 @@ class Outbox:
         return key in self._keys or self._covered(key)
 
     def take(self) -> Delivery:
-        """What to deliver now; an empty Delivery also ends the flusher's turn, so the
-        next add() starts a new one."""
-        delivery = self.peek()
+        """What to deliver now. An empty Delivery ends the flusher's turn, in the same
+        step, so that an add() racing with it starts a new flusher."""
         with self._lock:
+            delivery = self._delivery()
             if not delivery:
                 self._flushing = False
-        return delivery
+            return delivery
 
     def peek(self) -> Delivery:
         """What a delivery would hold now, without taking the flusher's turn."""
         with self._lock:
-            now = monotonic()
-            expired = [name for name, r in self._releases.items() if r.until <= now]
-            for name in expired:
-                del self._releases[name]  # the lock's own ttl has freed it
-            return Delivery(
-                list(self._keys.values()),
-                list(self._patterns.values()),
-                list(self._releases.values()),
-            )
+            return self._delivery()
 
     def pending_any(self) -> bool:
         return bool(self._keys or self._patterns or self._releases)
@@ -157,20 +160,25 @@ class Outbox:
             self.start_flusher()
 
     def landed(self, delivery: Delivery) -> None:
-        """Forget what Redis took (exactly those items; one queued again since is
-        the same item, equal by key, and was covered by this delivery too)."""
+        """Forget what Redis took: the items of `delivery`, unless queued again since
+        it was taken."""
         with self._lock:
             for item in delivery.keys:
-                if self._keys.get(item.key) is item:
+                queued = self._keys.get(item.key)
+                if queued is not None and queued[1] <= delivery.sequence:
                     del self._keys[item.key]
                     self.delivered += 1
             for pattern in delivery.patterns:
-                if self._patterns.get(pattern.match) is pattern:
+                queued_pattern = self._patterns.get(pattern.match)
+                if queued_pattern is not None and queued_pattern[1] <= delivery.sequence:
                     del self._patterns[pattern.match]
                     self.delivered += 1
             for release in delivery.releases:
-                self._releases.pop((release.effect.keys, release.effect.args), None)
-            self._starts = tuple(p.start for p in self._patterns.values())
+                name = (release.effect.keys, release.effect.args)
+                queued_release = self._releases.get(name)
+                if queued_release is not None and queued_release[1] <= delivery.sequence:
+                    del self._releases[name]
+            self._starts = tuple(p.start for p, _ in self._patterns.values())
             self.active = bool(self._keys or self._patterns)
 
     def pending(self) -> list[str]:
@@ -178,15 +186,27 @@ class Outbox:
         with self._lock:
             return [*self._keys, *self._patterns]
 
-    def reset_after_fork(self) -> None:
+    def reset_after_fork(self, can_flush: bool) -> None:
         """In a forked child: keep the pending work (the child must not serve those
-        keys either), with a fresh lock and no flusher (threads do not survive fork)."""
+        keys either), with a fresh lock and no flusher (threads do not survive
+        fork); start one if the engine can (a sync client), else the next add()."""
         self._lock = threading.Lock()
         self.wake = threading.Event()
         self._flushing = False
-        if self._keys or self._patterns or self._releases:
-            self._flushing = True
-            self.start_flusher()
+        if can_flush:
+            self.kick()
+
+    def _delivery(self) -> Delivery:
+        now = monotonic()
+        expired = [name for name, (r, _) in self._releases.items() if r.until <= now]
+        for name in expired:
+            del self._releases[name]  # the lock's own ttl has freed it
+        return Delivery(
+            [item for item, _ in self._keys.values()],
+            [pattern for pattern, _ in self._patterns.values()],
+            [release for release, _ in self._releases.values()],
+            self._sequence,
+        )
 
     def _claim_flusher(self) -> bool:
         if self._flushing:
@@ -198,10 +218,10 @@ class Outbox:
         return any(key.startswith(start) for start in self._starts)
 
     def _add_pattern(self, pattern: PendingPattern) -> None:
-        self._patterns[pattern.match] = pattern
-        self._starts = tuple(p.start for p in self._patterns.values())
+        self._patterns[pattern.match] = (pattern, self._sequence)
+        self._starts = tuple(p.start for p, _ in self._patterns.values())
         for key in [key for key in self._keys if key.startswith(pattern.start)]:
-            del self._keys[key]
+            del self._keys[key]  # queued before the pattern: it covers them
 
     def _collapse(self, whole: PendingPattern) -> None:
         self.collapsed += 1

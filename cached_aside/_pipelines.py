@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from ._effects import Batch, Command, RunScript, Scan
-from ._runtime import AsyncRuntime, Runtime, SyncRuntime
+from ._runtime import AsyncRuntime, Runtime, SyncRuntime, failed
 
 
 def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
@@ -25,17 +25,26 @@ def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
     if not effects or refused is not None:
         return refused or []
     try:
-        replies = _pipeline(rt, effects).execute(raise_on_error=False)
+        replies = _send_together(rt, effects)
         unknown = _unknown_scripts(replies)
         if unknown:  # the server restarted or flushed its scripts: load, send those again
             for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
                 rt.client.script_load(name.value)
-            again = _pipeline(rt, [effects[i] for i in unknown]).execute(raise_on_error=False)
+            again = _send_together(rt, [effects[i] for i in unknown])
             for i, reply in zip(unknown, again, strict=True):
                 replies[i] = reply
     except rt.failures as exc:
         return [rt.failure(exc)] * len(effects)
     return _settled(rt, replies)
+
+
+def _send_together(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
+    """In one write on the thread's held connection, else through a client pipeline."""
+    if rt.held is not None:
+        answered, replies = rt.held.call_many([wire_args(rt, effect) for effect in effects])
+        if answered:
+            return replies
+    return list(_pipeline(rt, effects).execute(raise_on_error=False))
 
 
 async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
@@ -45,17 +54,33 @@ async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
     if not effects or refused is not None:
         return refused or []
     try:
-        replies = await _pipeline(rt, effects).execute(raise_on_error=False)
+        replies = await _asend_together(rt, effects)
         unknown = _unknown_scripts(replies)
         if unknown:
             for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
                 await rt.client.script_load(name.value)
-            pipe = _pipeline(rt, [effects[i] for i in unknown])
-            for i, reply in zip(unknown, await pipe.execute(raise_on_error=False), strict=True):
+            again = await _asend_together(rt, [effects[i] for i in unknown])
+            for i, reply in zip(unknown, again, strict=True):
                 replies[i] = reply
     except rt.failures as exc:
         return [rt.failure(exc)] * len(effects)
     return _settled(rt, replies)
+
+
+async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
+    """Through the loop's shared connection (with whatever else goes out), else
+    through a client pipeline (a cluster's, one per node)."""
+    if rt.pipeline is not None:
+        return await rt.pipeline.call_many([wire_args(rt, effect) for effect in effects])
+    return list(await _pipeline(rt, effects).execute(raise_on_error=False))
+
+
+def wire_args(rt: Runtime, effect: Command | RunScript) -> tuple[Any, ...]:
+    """The arguments of the command that performs `effect`: a script by its sha."""
+    if type(effect) is Command:
+        return effect.args
+    script = rt.scripts[effect.script]  # type: ignore[union-attr]
+    return ("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args)  # type: ignore[union-attr]
 
 
 def scan(rt: SyncRuntime, effect: Scan) -> tuple[Any, list[str]]:
@@ -109,7 +134,10 @@ def _unknown_scripts(replies: list[Any]) -> list[int]:
 
 def _settled(rt: Runtime, replies: list[Any]) -> list[Any]:
     rt.answered()
-    return [rt.failure(r) if isinstance(r, rt.failures) else r for r in replies]
+    return [
+        rt.failure(r) if isinstance(r, rt.failures) else failed(r) if isinstance(r, OSError) else r
+        for r in replies
+    ]
 
 
 def _text(keys: list[Any]) -> list[str]:

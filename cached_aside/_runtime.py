@@ -19,6 +19,7 @@ import redis.asyncio
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ._breaker import CircuitBreaker
+from ._connections import HeldConnections, Pipeline
 from ._effects import CommandFailed
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
@@ -115,9 +116,11 @@ class Runtime:
 
 @dataclass(slots=True, kw_only=True)
 class SyncRuntime(Runtime):
-    """What a sync call needs: the above, and the thread flights."""
+    """What a sync call needs: the above, the thread flights, and the connections
+    threads hold for commands that answer at once (None: through the client)."""
 
     flights: ThreadFlights = field(default_factory=ThreadFlights)
+    held: HeldConnections | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -125,6 +128,9 @@ class AsyncRuntime(Runtime):
     """What an async call needs in one event loop."""
 
     flights: TaskFlights = field(default_factory=TaskFlights)
+    # The loop's shared connection for commands that answer at once (None: through
+    # the client).
+    pipeline: Pipeline | None = None
     # Background work of this loop (refreshes, releases after a cancellation): held
     # here because a task nobody references can be collected mid-run.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)

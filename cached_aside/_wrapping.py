@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -63,6 +64,8 @@ class CachedBase(Generic[P, R]):
         self._near: NearStore | None = None  # this engine's near tier, when configured
         self._registered_with: CacheEngine | None = None
         self._whole: PendingPattern | None = None  # every key of this function, there
+        self._near_stores: weakref.WeakKeyDictionary[CacheEngine, NearStore]
+        self._near_stores = weakref.WeakKeyDictionary()
 
     # -- engine and keys -----------------------------------------------------------
 
@@ -79,13 +82,25 @@ class CachedBase(Generic[P, R]):
         return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
 
     def _register(self, engine: CacheEngine) -> None:
+        """Meet `engine`: its near tier for this function, and its stats. Once per
+        engine, however many threads make their first call at once."""
+        with engine._meeting:
+            if engine is not self._registered_with:
+                self._meet(engine)
+
+    def _meet(self, engine: CacheEngine) -> None:
         config = engine.near if self._near_config is None else self._near_config
         self._near = None
         if isinstance(config, NearCache):  # first: it may refuse the engine
             if not self._plan.peek:  # the near tier needs the remaining ttl with the value
                 self._plan = dataclasses.replace(self._plan, peek=True)
             plan = self._plan
-            self._near = engine._near_store(config, plan.codec, plan.name)
+            store = self._near_stores.get(engine)  # met before: the same tier again
+            if store is None:
+                store = self._near_stores[engine] = engine._near_store(
+                    config, plan.codec, plan.name
+                )
+            self._near = store
         engine._register_stats(self._plan.stats)
         self._whole = self._every_key(engine)
         self._registered_with = engine
@@ -186,11 +201,13 @@ class CachedBase(Generic[P, R]):
 
     # -- answers and the near tier -------------------------------------------------
 
-    def _near_look(self, key: str) -> tuple[Served | None, int | None]:
+    def _near_look(self, engine: CacheEngine, key: str) -> tuple[Served | None, int | None]:
         """A near hit, or the ticket of a read that must go to Redis (taken before
-        the read: a change reported meanwhile voids it); (None, None) with no tier."""
+        the read: a change reported meanwhile voids it); (None, None) with no tier,
+        or while an invalidation of the key waits in the outbox (Redis never reported
+        it, so another function's near tier may still hold the old value)."""
         store = self._near
-        if store is None:
+        if store is None or (engine.outbox.active and engine.outbox.blocks(key)):
             return None, None
         value = store.get(key)
         if value is not MISSING:
@@ -283,7 +300,7 @@ class ManyCall:
         self.rest: list[int] = []  # positions that must ask Redis...
         self.tickets: list[int | None] = []  # ...with their near tickets
         for position, key in enumerate(keys):
-            hit, ticket = function._near_look(key)
+            hit, ticket = function._near_look(engine, key)
             if hit is not None:
                 self.found[position] = hit
             else:

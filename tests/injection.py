@@ -1,7 +1,8 @@
-"""Redis clients that fail on purpose: the n-th Redis operation a test performs raises
-a chosen exception, before it reaches Redis (refused, never sent) or after Redis
-performed it (its reply lost). Real redis-py and fakeredis clients, sync and async,
-subclassed so that the library's own code paths (scripts, pipelines, SCAN) run."""
+"""Redis connections that fail on purpose: the n-th write a test makes raises a chosen
+exception, before it reaches Redis (refused, never sent) or after Redis performed
+it (its reply lost). Faults are injected in redis-py's (and fakeredis's) connection
+classes, under every path the library takes: the client, its pipelines and scripts,
+held connections and the shared asyncio connection; redis-py's own retries run."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Any
 import fakeredis
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, OutOfMemoryError, TimeoutError
+from redis.retry import Retry
 
 from cached_aside._scripts import ScriptName
 
@@ -23,6 +26,8 @@ SCRIPTS_BY_SHA = {hashlib.sha1(name.value.encode()).hexdigest(): name.name for n
 # The outbox's flusher retries in a thread of its own; its operations are not the
 # ones a test steps through.
 UNCOUNTED_THREADS = frozenset({"cached_aside-outbox"})
+# What the tests' own code sends on connections: not the library's operations.
+UNCOUNTED_COMMANDS = frozenset({"SCRIPT LOAD", "CLIENT", "HELLO", "SELECT", "PING"})
 
 
 class Abandon(BaseException):
@@ -54,25 +59,43 @@ FAULTS = [
 ]
 
 
-def describe(args: tuple[Any, ...]) -> str:
-    name = str(args[0]).upper()
-    if name == "EVALSHA":
-        sha = args[1].decode() if isinstance(args[1], bytes) else str(args[1])
-        return SCRIPTS_BY_SHA.get(sha, "EVALSHA")
+def describe(args: tuple[str, ...]) -> str:
+    name = args[0].upper()
+    if name == "EVALSHA" and len(args) > 1:
+        return SCRIPTS_BY_SHA.get(args[1], "EVALSHA")
+    if name == "SCRIPT" and len(args) > 1:
+        return f"SCRIPT {args[1].upper()}"
     return name
+
+
+def commands_in(packed: Any) -> list[str]:
+    """The operations in a packed write (RESP arrays of bulk strings)."""
+    data = packed if isinstance(packed, bytes) else b"".join(packed)
+    names, at = [], 0
+    while at < len(data):
+        end = data.index(b"\r\n", at)
+        count, at = int(data[at + 1 : end]), end + 2
+        args = []
+        for _ in range(count):
+            end = data.index(b"\r\n", at)
+            length = int(data[at + 1 : end])
+            args.append(data[end + 2 : end + 2 + length].decode(errors="replace"))
+            at = end + 2 + length + 2
+        names.append(describe(tuple(args[:2])))
+    return names
 
 
 @dataclass
 class Injector:
-    """Counts the operations of an armed test and raises the planned fault at one."""
+    """Counts the writes of an armed test and raises the planned fault at one."""
 
     mode: str = "sync"
     armed: bool = False
     plan: dict[int, Fault] = field(default_factory=dict)
     ops: list[str] = field(default_factory=list)
     injected: list[tuple[int, str, str]] = field(default_factory=list)  # (index, op, fault)
-    # Async clients only: after Redis performed this operation, the caller is held
-    # here (`reached` is set) until `resume` is set, or until it is cancelled.
+    # Async clients only: after Redis performed this operation, its caller is held
+    # (`reached` is set) until `resume` is set, or until it is cancelled.
     hold_after: str = ""
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     resume: asyncio.Event = field(default_factory=asyncio.Event)
@@ -85,110 +108,133 @@ class Injector:
     def disarm(self) -> None:
         self.armed = False
 
-    def before(self, op: str) -> Fault | None:
-        if not self.armed or threading.current_thread().name in UNCOUNTED_THREADS:
-            return None
+    def on_write(self, packed: Any) -> tuple[str, Fault | None]:
+        names = [n for n in commands_in(packed) if n not in UNCOUNTED_COMMANDS]
+        if not names or not self.armed:
+            return (names[0] if names else ""), None
+        if threading.current_thread().name in UNCOUNTED_THREADS:
+            return names[0], None
+        op = names[0] if len(names) == 1 else f"pipeline[{','.join(sorted(set(names)))}]"
         with self._lock:
             index = len(self.ops)
             self.ops.append(op)
             fault = self.plan.get(index)
             if fault is not None:
                 self.injected.append((index, op, fault.name))
-        if fault is not None and not fault.after:
-            raise fault.make(self.mode)
-        return fault
+        return op, fault
 
-    def after(self, fault: Fault | None) -> None:
+
+class _Faults:
+    """Mixed into a connection class: the fault planned for a write is raised at the
+    write (not sent) or at the first read after it (sent, reply lost)."""
+
+    injector: Injector
+    _fault_at_read: Fault | None = None
+
+    def _before_write(self, packed: Any) -> tuple[str, bool]:
+        op, fault = self.injector.on_write(packed)
+        self._fault_at_read = None
+        if fault is None:
+            return op, True
+        if fault.after:
+            self._fault_at_read = fault
+            return op, True
+        single = not op.startswith("pipeline[")
+        if single and isinstance(fault.make(self.injector.mode), OutOfMemoryError):
+            self._fault_at_read = fault  # an error reply instead of its reply: not run
+            return op, False
+        raise fault.make(self.injector.mode)
+
+    def _at_read(self) -> None:
+        fault, self._fault_at_read = self._fault_at_read, None
         if fault is not None:
-            raise fault.make(self.mode)
+            raise fault.make(self.injector.mode)
 
 
-class _SyncPipe:
-    def __init__(self, pipe: Any, injector: Injector) -> None:
-        self._pipe, self._injector, self._ops = pipe, injector, []
+class _SyncFaults(_Faults):
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        _, send = self._before_write(command)
+        if send:
+            super().send_packed_command(command, check_health)  # type: ignore[misc]
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self._ops.append(describe(args))
-        return self._pipe.execute_command(*args, **options)
-
-    def execute(self, raise_on_error: bool = True) -> Any:
-        fault = self._injector.before(f"pipeline[{','.join(sorted(set(self._ops)))}]")
-        result = self._pipe.execute(raise_on_error=raise_on_error)
-        self._injector.after(fault)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fault_at_read is not None and not self._fault_at_read.after:
+            self._at_read()  # the error reply of a write that never went out
+        reply = super().read_response(*args, **kwargs)  # type: ignore[misc]
+        self._at_read()
+        return reply
 
 
-class _AsyncPipe(_SyncPipe):
-    async def execute(self, raise_on_error: bool = True) -> Any:  # type: ignore[override]
-        fault = self._injector.before(f"pipeline[{','.join(sorted(set(self._ops)))}]")
-        result = await self._pipe.execute(raise_on_error=raise_on_error)
-        self._injector.after(fault)
-        return result
+class _AsyncFaults(_Faults):
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        op, send = self._before_write(command)
+        if send:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        self._held_op = op
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fault_at_read is not None and not self._fault_at_read.after:
+            self._at_read()
+        reply = await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        injector = self.injector
+        if injector.hold_after and getattr(self, "_held_op", "") == injector.hold_after:
+            injector.hold_after = ""
+            injector.reached.set()
+            await injector.resume.wait()  # a real await, where a real cancel lands
+        self._at_read()
+        return reply
 
 
-class _SyncFaults:
-    injector: Injector
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        fault = self.injector.before(describe(args))
-        result = super().execute_command(*args, **options)  # type: ignore[misc]
-        self.injector.after(fault)
-        return result
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        return _SyncPipe(super().pipeline(transaction, shard_hint), self.injector)  # type: ignore[misc]
-
-
-class _AsyncFaults:
-    injector: Injector
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        op = describe(args)
-        fault = self.injector.before(op)
-        result = await super().execute_command(*args, **options)  # type: ignore[misc]
-        if op == self.injector.hold_after:
-            self.injector.hold_after = ""
-            self.injector.reached.set()
-            await self.injector.resume.wait()  # a real await, where a real cancel lands
-        self.injector.after(fault)
-        return result
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        return _AsyncPipe(super().pipeline(transaction, shard_hint), self.injector)  # type: ignore[misc]
-
-
-class FaultyRedis(_SyncFaults, redis.Redis):
-    pass
-
-
-class FaultyAsyncRedis(_AsyncFaults, redis.asyncio.Redis):
-    pass
-
-
-class FaultyFakeRedis(_SyncFaults, fakeredis.FakeRedis):
-    pass
-
-
-class FaultyFakeAsyncRedis(_AsyncFaults, fakeredis.FakeAsyncRedis):
-    pass
+def _faulty(pool: Any, mixin: type, injector: Injector) -> None:
+    """New connections of `pool` inject `injector`'s faults, and so do those it has."""
+    base = pool.connection_class
+    faulty = type(f"Faulty{base.__name__}", (mixin, base), {"injector": injector})
+    pool.connection_class = faulty
+    for name in ("_connections", "_available_connections", "_in_use_connections"):
+        for connection in list(getattr(pool, name, ()) or ()):
+            if connection is not None and type(connection) is base:
+                connection.__class__ = faulty
 
 
 def faulty_clients(backend: str, url: str | None, injector: Injector) -> tuple[Any, Any, Any]:
     """(sync, async, raw) clients on one data set; the first two inject `injector`'s
-    faults, the raw one looks behind the cache."""
+    faults, the raw one looks behind the cache. One immediate retry, as engines
+    built from a URL have."""
     if backend == "redis":
         assert url is not None
-        sync = FaultyRedis.from_pool(redis.BlockingConnectionPool.from_url(url, max_connections=50))
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=50)
-        asynchronous = FaultyAsyncRedis.from_pool(pool)
+        retry = Retry(NoBackoff(), 1)
+        sync = redis.Redis.from_pool(
+            redis.BlockingConnectionPool.from_url(url, max_connections=50, retry=retry)
+        )
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=50, retry=redis.asyncio.retry.Retry(NoBackoff(), 1)
+        )
+        asynchronous = redis.asyncio.Redis.from_pool(pool)
         raw = redis.Redis.from_url(url)
     else:
         server = fakeredis.FakeServer()
-        sync = FaultyFakeRedis(server=server)
-        asynchronous = FaultyFakeAsyncRedis(server=server)
+        sync = fakeredis.FakeRedis(server=server)
+        asynchronous = fakeredis.FakeAsyncRedis(server=server)
         raw = fakeredis.FakeRedis(server=server)
-    sync.injector = asynchronous.injector = injector
+    _faulty(sync.connection_pool, _SyncFaults, injector)
+    _faulty(asynchronous.connection_pool, _AsyncFaults, injector)
     return sync, asynchronous, raw
+
+
+def counting_writes(*clients: Any) -> Injector:
+    """Count the writes (round trips) made on these clients' new connections: the
+    returned injector's `ops` lists them, one per write ("GET", "ACQUIRE",
+    "pipeline[GET]", ...). It injects nothing."""
+    injector = Injector()
+    for client in clients:
+        mixin = (
+            _AsyncFaults
+            if client.__class__.__module__.startswith(
+                ("redis.asyncio", "fakeredis._clients._async")
+            )
+            or "Async" in type(client).__name__
+            else _SyncFaults
+        )
+        _faulty(client.connection_pool, mixin, injector)
+    injector.arm({})
+    return injector

@@ -23,6 +23,7 @@ from cached_aside import (
 )
 
 from .conftest import Harness
+from .injection import counting_writes
 
 
 class Rows:
@@ -252,44 +253,9 @@ def test_methods_batch_with_the_instance(engine: CacheEngine) -> None:
     assert repo.get.invalidate_all() == BulkOutcome(1)
 
 
-class Counting:
-    """A sync client proxy that counts round trips: commands, scripts, pipelines."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.round_trips = 0
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.round_trips += 1
-        return self._client.execute_command(*args, **options)
-
-    def evalsha(self, *args: Any) -> Any:
-        self.round_trips += 1
-        return self._client.evalsha(*args)
-
-    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
-        pipe = self._client.pipeline(*args, **kwargs)
-        execute = pipe.execute
-
-        def counted(*a: Any, **k: Any) -> Any:
-            self.round_trips += 1
-            return execute(*a, **k)
-
-        pipe.execute = counted
-        return pipe
-
-    def register_script(self, text: str) -> Any:
-        script = self._client.register_script(text)
-        script.registered_client = self
-        return script
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 def test_round_trips_of_batches(clients: Any) -> None:
-    counting = Counting(clients[0])
-    engine = CacheEngine(counting, prefix=f"rt-{time.monotonic_ns()}")
+    counting = counting_writes(clients[0])
+    engine = CacheEngine(clients[0], prefix=f"rt-{time.monotonic_ns()}")
     rows = Rows(ROWS)
     batched = cache_aside(key="b:<id>", ttl=30, engine=engine, batch_loader=rows.load_many)(
         rows.load
@@ -298,16 +264,16 @@ def test_round_trips_of_batches(clients: Any) -> None:
     batched.many(items[:1])  # the server learns the scripts (one extra round trip each)
     batched.invalidate_many(items[:1])
     batched.many(items[:1])
-    counting.round_trips = 0
+    counting.ops.clear()
     batched.many(items)  # 19 cold misses: lookups, locks, one load, stores
-    assert counting.round_trips == 3
+    assert counting.ops == ["pipeline[GET]", "pipeline[ACQUIRE]", "pipeline[STORE]"]
     assert len(rows.batches) == 3
-    counting.round_trips = 0
+    counting.ops.clear()
     batched.many(items)  # 20 hits
-    assert counting.round_trips == 1
-    counting.round_trips = 0
+    assert counting.ops == ["pipeline[GET]"]
+    counting.ops.clear()
     assert batched.invalidate_many(items) == BulkOutcome(20)
-    assert counting.round_trips == 1
+    assert counting.ops == ["pipeline[INVALIDATE]"]
     engine.invalidate_prefix()
 
 

@@ -295,31 +295,32 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
 
     assert await read("k") == 1  # cached: v1
     side = engine._async_side()
-    real_execute = side.client.execute_command
-    real_invalidate = side.scripts[ScriptName.INVALIDATE]
+    assert side.pipeline is not None  # commands that answer at once share its connection
+    real_call = side.pipeline.call
+    invalidate_sha = side.scripts[ScriptName.INVALIDATE].sha
     send_invalidation = asyncio.Event()
     lookup_answered = asyncio.Event()
     deliver_lookup = asyncio.Event()
+    hold_lookups = False
 
-    async def held_invalidation(**kwargs: Any) -> Any:
-        await send_invalidation.wait()
-        return await real_invalidate(**kwargs)
-
-    async def held_lookup(*args: Any, **kwargs: Any) -> Any:
-        reply = await real_execute(*args, **kwargs)
-        lookup_answered.set()
-        await deliver_lookup.wait()  # Redis answered v1; the reply is still in flight
+    async def held(args: tuple[Any, ...]) -> Any:
+        if args[0] == "EVALSHA" and args[1] == invalidate_sha:
+            await send_invalidation.wait()
+        reply = await real_call(args)
+        if args[0] == "GET" and hold_lookups:
+            lookup_answered.set()
+            await deliver_lookup.wait()  # Redis answered v1; the reply is still in flight
         return reply
 
-    side.scripts[ScriptName.INVALIDATE] = held_invalidation  # type: ignore[index]
+    side.pipeline.call = held  # type: ignore[method-assign]
     try:
         version["v"] = 2  # the writer updated the primary and now invalidates
         invalidation = asyncio.create_task(read.invalidate("k"))
         await asyncio.sleep(0)
-        side.client.execute_command = held_lookup
+        hold_lookups = True
         early = asyncio.create_task(read("k"))  # starts while the invalidation is under way
         await lookup_answered.wait()
-        side.client.execute_command = real_execute
+        hold_lookups = False
         send_invalidation.set()
         assert await invalidation is Outcome.DELETED
         late = asyncio.create_task(read("k"))  # starts after invalidate() returned
@@ -328,5 +329,4 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
         assert await early == 1  # began before the invalidation returned: a fair answer
         assert await late == 2
     finally:
-        side.client.execute_command = real_execute
-        side.scripts[ScriptName.INVALIDATE] = real_invalidate  # type: ignore[index]
+        side.pipeline.call = real_call  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ from cached_aside import CacheEngine, Source, cache_aside
 from cached_aside._scripts import ScriptName
 
 from .conftest import REDIS_URL, delete_prefix, unique_prefix
+from .injection import counting_writes
 
 TRIALS = 30
 
@@ -340,26 +341,10 @@ async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: C
             await asyncio.sleep(0.01)
         return id
 
-    side = engine._async_side()
-    sent: list[str] = []
-    real_execute = side.client.execute_command
-    real_acquire = side.scripts[ScriptName.ACQUIRE]
-
-    async def counted_execute(*args: Any, **kwargs: Any) -> Any:
-        sent.append(str(args[0]))
-        return await real_execute(*args, **kwargs)
-
-    async def counted_acquire(**kwargs: Any) -> Any:
-        sent.append("ACQUIRE")
-        return await real_acquire(**kwargs)
-
-    side.client.execute_command = counted_execute
-    side.scripts[ScriptName.ACQUIRE] = counted_acquire  # type: ignore[index]
-    try:
-        assert await asyncio.gather(*(load("k") for _ in range(500))) == ["k"] * 500
-    finally:
-        side.client.execute_command = real_execute
-        side.scripts[ScriptName.ACQUIRE] = real_acquire  # type: ignore[index]
-    # Script calls reach execute_command as EVALSHA; count the lookups and lock attempts.
+    for script in ScriptName:  # known to the server: no NOSCRIPT round trips counted
+        await engine.async_client().script_load(script.value)
+    counted = counting_writes(engine.async_client())
+    assert await asyncio.gather(*(load("k") for _ in range(500))) == ["k"] * 500
+    sent = counted.ops
     assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1), sent
     assert load.stats().loads == 1

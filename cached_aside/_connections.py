@@ -1,0 +1,353 @@
+"""Commands that skip the client's per-call machinery (dispatch, pool checkout and
+release, response callbacks) but nothing of redis-py's connection: its connection
+classes (TLS, auth, RESP parser), packing, and, on any failure, its client path
+with its retries.
+
+- Threads: each thread holds one connection of the client's pool between calls
+  (HeldConnections); a command is packed once per key and sent as is.
+- Event loops: the tasks of one loop share round trips (Pipeline): while one batch
+  of commands is on the wire, the others queue, and go out together in one write as
+  soon as the loop gets to them; a lone caller goes straight out. Replies come back
+  in order on the one connection.
+
+Only commands that answer at once come here; BLPOP (it blocks its connection),
+pipelines and scans keep using the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import weakref
+from collections import deque
+from typing import Any
+
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+# Commands packed per key are kept up to this many; then the memo starts over.
+PACKED_MEMO_SIZE = 4096
+# A thread may hold a connection while at least this share of the pool stays free:
+# held connections never go back while their threads live.
+HELD_SHARE = 0.5
+_LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
+
+
+class _Memo:
+    """Packed commands by their arguments: a hot key's command is packed once."""
+
+    __slots__ = ("_packed",)
+
+    def __init__(self) -> None:
+        self._packed: dict[tuple[Any, ...], list[bytes]] = {}
+
+    def pack(self, connection: Any, args: tuple[Any, ...]) -> list[bytes]:
+        packed = self._packed.get(args)
+        if packed is None:
+            packed = connection.pack_command(*args)
+            if len(self._packed) >= PACKED_MEMO_SIZE:
+                self._packed.clear()
+            self._packed[args] = packed
+        return packed
+
+
+class _Held:
+    """A thread's connection; goes back to its pool when the thread ends."""
+
+    __slots__ = ("connection", "owner", "pool")
+
+    def __init__(self, owner: HeldConnections, pool: Any, connection: Any) -> None:
+        self.owner, self.pool, self.connection = owner, pool, connection
+
+    def __del__(self) -> None:
+        self.owner.held -= 1
+        with contextlib.suppress(Exception):  # at thread or interpreter exit: nobody to tell
+            self.pool.release(self.connection)
+
+
+class HeldConnections:
+    """One connection per thread, held between calls, for a sync client's pool.
+
+    `call` returns the reply, or None when this path cannot serve the command (the
+    caller then uses the client): no connection to spare, or the connection failed
+    (redis-py closed it; the client's retry gets the next try).
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.limit = max(1, int((getattr(pool, "max_connections", None) or 2**31) * HELD_SHARE))
+        self.held = 0
+        self._local = threading.local()
+        self._memo = _Memo()
+        _held_everywhere.add(self)
+
+    def call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
+        """(True, reply) when answered here; (False, None) to use the client. An
+        error reply raises, as redis-py's would."""
+        answered, replies = self.call_many([args], raise_error=True)
+        return answered, replies[0] if answered else None
+
+    def call_many(
+        self, commands: list[tuple[Any, ...]], raise_error: bool = False
+    ) -> tuple[bool, list[Any]]:
+        """Several commands in one write: (True, replies in order, an error reply's
+        exception in its place), or (False, []) to use the client's pipeline."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._hold()
+            if held is None:
+                return False, []
+        connection = held.connection
+        memo = self._memo
+        try:
+            packed = [part for args in commands for part in memo.pack(connection, args)]
+            connection.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except _LOST:
+                    raise
+                except Exception as exc:  # an error reply: consumed, the stream is fine
+                    if raise_error:
+                        self._drain(connection, len(commands) - len(replies) - 1)
+                        raise
+                    replies.append(exc)
+            return True, replies
+        except (*_LOST, AttributeError):  # AttributeError: the pool closed it meanwhile
+            # Whatever is left unread would answer the next command: a new socket
+            # (redis-py has usually closed it already). The client retries this one.
+            connection.disconnect()
+            return False, []
+        except BaseException:
+            # Interrupted between a write and its replies: the same, and no retry.
+            connection.disconnect()
+            raise
+
+    @staticmethod
+    def _drain(connection: Any, count: int) -> None:
+        for _ in range(count):
+            with contextlib.suppress(Exception):
+                connection.read_response()
+
+    def _hold(self) -> _Held | None:
+        if self.held >= self.limit:
+            return None
+        self.held += 1
+        try:
+            connection = self.pool.get_connection()
+        except BaseException:
+            self.held -= 1
+            raise
+        held = self._local.held = _Held(self, self.pool, connection)
+        return held
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: these connections are the parent's sockets."""
+        self._local = threading.local()
+        self.held = 0
+
+
+_held_everywhere: weakref.WeakSet[HeldConnections] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for connections in list(_held_everywhere):
+        connections.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class Pipeline:
+    """The round trips of one event loop's tasks, shared on one connection.
+
+    The first caller sends its command and reads replies; callers that come while
+    it waits queue, and the reader sends them all in one write before its next
+    read. When the first caller has its own reply and others still wait, a task
+    takes over the reading, so no caller waits for more than its own batch. A
+    failure of the connection fails what was on the wire (the callers fail open);
+    what was only queued goes out on a new connection.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._connection: Any = None
+        self._memo = _Memo()
+        self._queued: list[tuple[list[bytes], asyncio.Future[Any]]] = []
+        self._on_wire: deque[tuple[list[bytes], asyncio.Future[Any]]] = deque()
+        self._retried: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+        self._reading = False
+        self._reader: asyncio.Task[None] | None = None
+        self._discarding: set[asyncio.Task[None]] = set()
+        self._connecting: asyncio.Lock | None = None
+
+    async def call(self, args: tuple[Any, ...]) -> Any:
+        """The reply to one command (an error reply raises, as redis-py's would)."""
+        return (await self.call_many([args], raise_error=True))[0]
+
+    async def call_many(
+        self, commands: list[tuple[Any, ...]], raise_error: bool = False
+    ) -> list[Any]:
+        """Replies to several commands sent together, in order; an error reply's
+        exception stands in its place (or raises, with `raise_error`)."""
+        connection = self._connection or await self._connect()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for args in commands:
+            future: asyncio.Future[Any] = loop.create_future()
+            self._queued.append((self._memo.pack(connection, args), future))
+            futures.append(future)
+        if not self._reading:
+            self._reading = True
+            try:
+                await self._read_until(futures[-1])
+            except BaseException:
+                self._hand_over()
+                raise
+            if self._queued or self._on_wire:
+                self._hand_over()
+            else:
+                self._reading = False
+        if raise_error:
+            return [await future for future in futures]
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    async def _connect(self) -> Any:
+        """The pipeline's one connection: taken from the pool once, by one caller at
+        a time (others arriving meanwhile wait for it, never take another)."""
+        if self._connection is None:
+            if self._connecting is None:
+                self._connecting = asyncio.Lock()
+            async with self._connecting:
+                if self._connection is None:
+                    self._connection = await self.pool.get_connection()
+        return self._connection
+
+    async def _read_until(self, mine: asyncio.Future[Any] | None) -> None:
+        """Send what is queued and read replies, until `mine` has its reply (or,
+        for the taking-over task, until nothing waits)."""
+        while self._queued or self._on_wire:
+            if mine is not None and mine.done():
+                return
+            try:
+                connection = await self._connect()
+            except Exception as exc:  # Redis cannot be reached: all that waits fails
+                self._fail_everything(exc)
+                continue
+            try:
+                if self._queued:
+                    batch, self._queued = self._queued, []
+                    self._on_wire.extend(batch)
+                    await connection.send_packed_command(
+                        [part for packed, _ in batch for part in packed], check_health=False
+                    )
+            except Exception as exc:  # nothing, or part, went out: all on the wire is lost
+                await self._lost(connection, exc)
+                continue
+            except BaseException:
+                self._drop(connection, ConnectionError("the writing task was cancelled"))
+                raise
+            try:
+                reply = await connection.read_response()
+            except _LOST as exc:
+                await self._lost(connection, exc)
+                continue
+            except Exception as exc:  # an error reply: the first caller's on the wire alone
+                self._settle_first(None, exc)
+                continue
+            except BaseException:
+                # Cancelled mid-read: where the stream stands is unknown. Drop it all.
+                self._drop(connection, ConnectionError("the reading task was cancelled"))
+                raise
+            self._settle_first(reply, None)
+
+    async def _lost(self, connection: Any, exc: Exception) -> None:
+        """The connection failed: what it carried goes out once more on a new socket
+        (every command sent this way is safe to repeat), as redis-py's one immediate
+        retry would; failed again, it fails (and its caller fails open)."""
+        failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
+        again = [
+            (packed, future)
+            for packed, future in self._on_wire
+            if future not in self._retried and not future.done()
+        ]
+        self._retried.update(future for _, future in again)
+        self._on_wire = deque(entry for entry in self._on_wire if entry not in again)
+        self._fail_on_wire(failure)
+        self._queued[:0] = again
+        if connection is not None:
+            # Its own socket again, not another pooled one: after a restart or a
+            # CLIENT KILL the pool's idle connections are dead too.
+            self._connection = connection
+            await connection.disconnect(nowait=True)
+
+    def _fail_everything(self, exc: Exception) -> None:
+        failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
+        self._on_wire.extend(self._queued)
+        self._queued = []
+        self._fail_on_wire(failure)
+
+    def _settle_first(self, reply: Any, error: BaseException | None) -> None:
+        _, future = self._on_wire.popleft()
+        if future.done():  # its caller was cancelled meanwhile: the reply goes unread
+            return
+        if error is None:
+            future.set_result(reply)
+        else:
+            future.set_exception(error)
+
+    def _fail_on_wire(self, exc: BaseException) -> None:
+        """What the connection carried is lost (it failed, or the loop closes)."""
+        self._connection = None
+        while self._on_wire:
+            _, future = self._on_wire.popleft()
+            if not future.done():
+                future.set_exception(exc)
+
+    def _drop(self, connection: Any, exc: BaseException) -> None:
+        """Give up a connection that failed, or whose state is unknown: fail what it
+        carried, and hand it back to its pool closed (it reconnects when next used)."""
+        self._fail_on_wire(exc)
+        if connection is not None:
+            pool = self.pool
+
+            async def discard() -> None:
+                await connection.disconnect(nowait=True)
+                await pool.release(connection)
+
+            task = asyncio.get_running_loop().create_task(discard())
+            self._discarding.add(task)  # a task nobody references can be collected
+            task.add_done_callback(self._discarding.discard)
+
+    def _hand_over(self) -> None:
+        """Others still wait: a task reads for them."""
+        if not (self._queued or self._on_wire):
+            self._reading = False
+            return
+        self._reader = asyncio.get_running_loop().create_task(self._read_for_others())
+
+    async def _read_for_others(self) -> None:
+        try:
+            await self._read_until(None)
+        finally:
+            self._reading = False
+            if self._queued or self._on_wire:  # cancelled itself (loop shutdown)
+                self._drop(self._connection, ConnectionError("the loop closed"))
+                for _, future in self._queued:
+                    if not future.done():
+                        future.set_exception(ConnectionError("the loop closed"))
+                self._queued = []
+
+    async def close(self) -> None:
+        """Give the connection back (the loop is closing)."""
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()  # it drops (and hands back) the connection it reads from
+            await asyncio.gather(reader, return_exceptions=True)
+        if self._discarding:
+            await asyncio.gather(*self._discarding, return_exceptions=True)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self.pool.release(connection)
