@@ -160,6 +160,33 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+async def _write(connection: Any, parts: list[bytes]) -> None:
+    """Hand the bytes to the connection's stream. redis-py's send_packed_command
+    wraps every write in asyncio.wait_for (a task per call: ~25 µs here); a write to
+    a socket that has room does not wait, so only a write that must wait for room
+    is bounded by the socket timeout, as redis-py bounds it."""
+    writer = getattr(connection, "_writer", None)
+    if _timeout is None or not isinstance(writer, asyncio.StreamWriter) or writer.is_closing():
+        # Not connected (send_packed_command connects), or another kind of stream
+        # (fakeredis's): redis-py's way.
+        await connection.send_packed_command(parts, check_health=False)
+        return
+    try:
+        writer.writelines(parts)
+        if writer.transport.get_write_buffer_size():
+            async with _timeout(connection.socket_timeout):
+                await writer.drain()
+    except asyncio.TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise TimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        await connection.disconnect(nowait=True)
+        raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+_timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+; 3.10 takes redis-py's way
+
+
 class Pipeline:
     """The round trips of one event loop's tasks, shared on one connection.
 
@@ -240,9 +267,7 @@ class Pipeline:
                 if self._queued:
                     batch, self._queued = self._queued, []
                     self._on_wire.extend(batch)
-                    await connection.send_packed_command(
-                        [part for packed, _ in batch for part in packed], check_health=False
-                    )
+                    await _write(connection, [part for packed, _ in batch for part in packed])
             except Exception as exc:  # nothing, or part, went out: all on the wire is lost
                 await self._lost(connection, exc)
                 continue

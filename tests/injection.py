@@ -165,12 +165,27 @@ class _SyncFaults(_Faults):
         return reply
 
 
-class _AsyncFaults(_Faults):
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        op, send = self._before_write(command)
+class _WriterFaults:
+    """Mixed into an asyncio connection's stream writer: the library writes to it
+    directly (redis-py's send_packed_command writes to it too)."""
+
+    faulty_connection: _AsyncFaults
+
+    def writelines(self, data: Any) -> None:
+        parts = list(data)
+        connection = self.faulty_connection
+        op, send = connection._before_write(parts)
+        connection._held_op = op
         if send:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
-        self._held_op = op
+            super().writelines(parts)  # type: ignore[misc]
+
+
+class _AsyncFaults(_Faults):
+    _held_op: str = ""
+
+    async def _connect(self) -> None:
+        await super()._connect()  # type: ignore[misc]
+        _faulty_writer(self)
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         if self._fault_at_read is not None and not self._fault_at_read.after:
@@ -185,6 +200,15 @@ class _AsyncFaults(_Faults):
         return reply
 
 
+def _faulty_writer(connection: Any) -> None:
+    writer = getattr(connection, "_writer", None)
+    if writer is None or isinstance(writer, _WriterFaults):
+        return
+    base = type(writer)
+    writer.__class__ = type(f"Faulty{base.__name__}", (_WriterFaults, base), {})
+    writer.faulty_connection = connection
+
+
 def _faulty(pool: Any, mixin: type, injector: Injector) -> None:
     """New connections of `pool` inject `injector`'s faults, and so do those it has."""
     base = pool.connection_class
@@ -194,6 +218,8 @@ def _faulty(pool: Any, mixin: type, injector: Injector) -> None:
         for connection in list(getattr(pool, name, ()) or ()):
             if connection is not None and type(connection) is base:
                 connection.__class__ = faulty
+                if mixin is _AsyncFaults:
+                    _faulty_writer(connection)
 
 
 def faulty_clients(backend: str, url: str | None, injector: Injector) -> tuple[Any, Any, Any]:

@@ -57,7 +57,7 @@ async def test_timed_out_requests_leave_no_key_stuck(engine: CacheEngine, client
     async def request(number: int) -> str | None:
         await asyncio.sleep(rng.uniform(0, 0.2))  # arrivals spread over 200 ms
         try:
-            return await asyncio.wait_for(slow(f"k{number % 40}"), rng.uniform(0.0005, 0.04))
+            return await asyncio.wait_for(slow(f"k{number % 40}"), rng.uniform(0.0002, 0.025))
         except asyncio.TimeoutError:
             return None
 

@@ -1,0 +1,316 @@
+"""The connection-level path (cached_aside/_connections.py) on its own: what it
+shares, what it hands back, and that a reply can never answer another command,
+whatever happens between a write and its reply."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+
+from cached_aside._connections import HeldConnections, Pipeline
+from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis
+from tests.injection import FAULTS, Abandon, counting_writes
+from tests.servers import RedisProcess
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def async_client(backend: str, prefix: str) -> AsyncIterator[Any]:
+    if backend == "redis":
+        assert REDIS_URL is not None
+        client: Any = redis.asyncio.Redis.from_url(REDIS_URL)
+    else:
+        client = fakeredis.FakeAsyncRedis()
+    yield client
+    await client.delete(*[key async for key in client.scan_iter(match=f"{prefix}:*")] or ["-"])
+    await client.aclose()
+
+
+@pytest.fixture
+def sync_client(backend: str, prefix: str) -> Iterator[Any]:
+    if backend == "redis":
+        assert REDIS_URL is not None
+        client: Any = redis.Redis.from_pool(
+            redis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=4)
+        )
+    else:
+        client = fakeredis.FakeRedis()
+        client.connection_pool.max_connections = 4
+    yield client
+    delete_prefix(client, prefix)
+    client.close()
+
+
+# --- the tasks of one event loop ---------------------------------------------
+
+
+async def test_concurrent_tasks_share_round_trips(async_client: Any, prefix: str) -> None:
+    keys = [f"{prefix}:{n}" for n in range(200)]
+    await async_client.mset({key: key.encode() for key in keys})
+    writes = counting_writes(async_client)
+    pipeline = Pipeline(async_client.connection_pool)
+
+    replies = await asyncio.gather(*(pipeline.call(("GET", key)) for key in keys))
+
+    assert replies == [key.encode() for key in keys]
+    # The first task goes out alone; the 199 that came while it waited go in one write.
+    assert len(writes.ops) == 2, writes.ops
+    await pipeline.close()
+
+
+async def test_a_lone_caller_goes_straight_out(async_client: Any, prefix: str) -> None:
+    await async_client.set(f"{prefix}:k", b"v")
+    writes = counting_writes(async_client)
+    pipeline = Pipeline(async_client.connection_pool)
+    for _ in range(5):
+        assert await pipeline.call(("GET", f"{prefix}:k")) == b"v"
+    assert writes.ops == ["GET"] * 5
+    await pipeline.close()
+
+
+async def test_an_error_reply_fails_only_its_own_caller(async_client: Any, prefix: str) -> None:
+    await async_client.hset(f"{prefix}:hash", "f", "v")
+    await async_client.set(f"{prefix}:string", b"s")
+    pipeline = Pipeline(async_client.connection_pool)
+    calls = [("GET", f"{prefix}:string"), ("GET", f"{prefix}:hash")] * 10
+
+    replies = await asyncio.gather(*(pipeline.call(c) for c in calls), return_exceptions=True)
+
+    for call, reply in zip(calls, replies, strict=True):
+        if call[1].endswith("hash"):
+            assert isinstance(reply, ResponseError)
+            assert "WRONGTYPE" in str(reply)
+        else:
+            assert reply == b"s"
+    mixed = await pipeline.call_many(calls[:2])
+    assert mixed[0] == b"s"
+    assert isinstance(mixed[1], ResponseError)
+    await pipeline.close()
+
+
+async def test_a_cancelled_caller_never_lets_its_reply_answer_another(
+    async_client: Any, prefix: str, backend: str
+) -> None:
+    await async_client.mset({f"{prefix}:a": b"a", f"{prefix}:b": b"b"})
+    pipeline = Pipeline(async_client.connection_pool)
+    for _ in range(20):
+        first = asyncio.ensure_future(pipeline.call(("GET", f"{prefix}:a")))
+        await asyncio.sleep(0)  # it has written and waits for its reply
+        first.cancel()
+        (outcome,) = await asyncio.gather(first, return_exceptions=True)
+        if backend == "redis":  # (fakeredis answers before the task ever waits)
+            assert isinstance(outcome, asyncio.CancelledError)
+        else:
+            assert outcome in (b"a",) or isinstance(outcome, asyncio.CancelledError)
+        assert await pipeline.call(("GET", f"{prefix}:b")) == b"b"
+    await pipeline.close()
+
+
+async def test_a_caller_cancelled_while_others_wait_leaves_them_their_replies(
+    async_client: Any, prefix: str, backend: str
+) -> None:
+    keys = [f"{prefix}:{n}" for n in range(50)]
+    await async_client.mset({key: key.encode() for key in keys})
+    pipeline = Pipeline(async_client.connection_pool)
+    tasks = [asyncio.ensure_future(pipeline.call(("GET", key))) for key in keys]
+    await asyncio.sleep(0)
+    tasks[0].cancel()  # the task reading for the others
+    tasks[25].cancel()  # one only queued
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for key, result in zip(keys, results, strict=True):
+        # Each answer is its own key's, or a failure (the caller fails open): never
+        # another key's value.
+        assert result == key.encode() or isinstance(result, BaseException), (key, result)
+    if backend == "redis":  # (fakeredis answers before a task ever waits)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert isinstance(results[25], asyncio.CancelledError)
+        # Only the first was on the wire: the queued ones go out on a new socket.
+        assert sum(result == key.encode() for key, result in zip(keys, results, strict=True)) == 48
+    assert await pipeline.call(("GET", keys[7])) == keys[7].encode()
+    await pipeline.close()
+
+
+async def test_fakeredis_streams_keep_their_connection(prefix: str) -> None:
+    """fakeredis's stream writer is not asyncio's: its writes take redis-py's way,
+    and the connection is never taken for lost."""
+    client = fakeredis.FakeAsyncRedis()
+    await client.set(f"{prefix}:k", b"v")
+    pipeline = Pipeline(client.connection_pool)
+    lost: list[BaseException] = []
+    real_lost = pipeline._lost
+
+    async def spy(connection: Any, exc: Exception) -> None:
+        lost.append(exc)
+        await real_lost(connection, exc)
+
+    pipeline._lost = spy  # type: ignore[method-assign]
+    for _ in range(10):
+        assert await pipeline.call(("GET", f"{prefix}:k")) == b"v"
+    assert lost == []
+    await pipeline.close()
+    await client.aclose()
+
+
+@needs_real_redis
+async def test_a_killed_connection_is_tried_once_more_on_a_new_socket(prefix: str) -> None:
+    assert REDIS_URL is not None
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        await client.set(f"{prefix}:k", b"v")
+        pipeline = Pipeline(client.connection_pool)
+        name = f"{prefix}-pipeline"
+        await pipeline.call(("CLIENT", "SETNAME", name))
+        for _ in range(3):
+            ids = [c["id"] for c in admin.client_list() if c.get("name") == name]
+            assert len(ids) == 1
+            admin.client_kill_filter(_id=ids[0])
+            # The write may still succeed on the dead socket; the read fails; the
+            # command goes out again on a new one, which the caller never notices.
+            assert await pipeline.call(("GET", f"{prefix}:k")) == b"v"
+            await pipeline.call(("CLIENT", "SETNAME", name))
+        await pipeline.close()
+    finally:
+        await client.delete(f"{prefix}:k")
+        await client.aclose()
+        admin.close()
+
+
+@needs_real_redis
+async def test_a_write_that_cannot_drain_times_out_and_drops_the_socket() -> None:
+    """A paused server stops reading: once the socket's buffers fill, the write waits,
+    bounded by the socket timeout as redis-py's own writes are."""
+    server = RedisProcess().start()
+    client = redis.asyncio.Redis.from_url(server.url, socket_timeout=0.3)
+    try:
+        pipeline = Pipeline(client.connection_pool)
+        assert await pipeline.call(("PING",)) in (b"PONG", True)
+        server.pause()
+        big = b"x" * (64 << 20)  # more than the kernel buffers hold
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises((TimeoutError, ConnectionError)):
+            await pipeline.call(("SET", "big", big))
+        assert loop.time() - started < 5
+        server.resume()
+        assert await pipeline.call(("GET", "nothing-here")) is None
+        await pipeline.close()
+    finally:
+        server.resume()
+        await client.aclose()
+        server.stop()
+
+
+async def test_close_hands_the_connection_back(async_client: Any, prefix: str) -> None:
+    pool = async_client.connection_pool
+    pipeline = Pipeline(pool)
+    await pipeline.call(("GET", f"{prefix}:k"))
+    assert len(pool._in_use_connections) == 1
+    await pipeline.close()
+    assert len(pool._in_use_connections) == 0
+
+
+# --- threads --------------------------------------------------------------------
+
+
+def test_a_thread_holds_one_connection(sync_client: Any, prefix: str) -> None:
+    sync_client.set(f"{prefix}:k", b"v")
+    writes = counting_writes(sync_client)
+    held = HeldConnections(sync_client.connection_pool)
+    for _ in range(5):
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")
+    assert writes.ops == ["GET"] * 5
+    assert held.held == 1
+
+
+def test_threads_hold_at_most_half_the_pool(sync_client: Any, prefix: str) -> None:
+    held = HeldConnections(sync_client.connection_pool)  # a pool of 4: 2 may be held
+    answers: list[tuple[bool, Any]] = []
+    barrier = threading.Barrier(3)
+    done = threading.Event()
+
+    def call() -> None:
+        answers.append(held.call(("GET", f"{prefix}:k")))
+        barrier.wait()
+        done.wait()  # the thread (and the connection it holds) lives on
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+        thread.join(0.2)
+    try:
+        assert sorted(answer[0] for answer in answers) == [False, True, True]
+        assert held.held == 2
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    del threads
+
+    gc.collect()
+    assert held.held == 0  # threads ended: their connections went back
+
+
+def test_an_error_reply_raises_and_the_stream_stays_usable(sync_client: Any, prefix: str) -> None:
+    sync_client.hset(f"{prefix}:hash", "f", "v")
+    sync_client.set(f"{prefix}:string", b"s")
+    held = HeldConnections(sync_client.connection_pool)
+    with pytest.raises(ResponseError):
+        held.call_many([("GET", f"{prefix}:hash"), ("GET", f"{prefix}:string")], raise_error=True)
+    assert held.call(("GET", f"{prefix}:string")) == (True, b"s")
+    answered, replies = held.call_many([("GET", f"{prefix}:hash"), ("GET", f"{prefix}:string")])
+    assert answered
+    assert isinstance(replies[0], ResponseError)
+    assert replies[1] == b"s"
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f.after], ids=lambda f: f.name)
+def test_a_reply_lost_between_write_and_read_never_answers_the_next_command(
+    sync_client: Any, prefix: str, fault: Any
+) -> None:
+    sync_client.mset({f"{prefix}:a": b"a", f"{prefix}:b": b"b"})
+    held = HeldConnections(sync_client.connection_pool)
+    held.call(("GET", f"{prefix}:a"))
+    injector = counting_writes(sync_client)
+    injector.arm({0: fault})
+    if fault.redis_error:  # the client's path (and its retry) takes it
+        assert held.call(("GET", f"{prefix}:a")) == (False, None)
+    else:  # an interrupt propagates, with no retry
+        with pytest.raises(Abandon):
+            held.call(("GET", f"{prefix}:a"))
+    injector.disarm()
+    assert held.call(("GET", f"{prefix}:b")) == (True, b"b")
+
+
+@needs_real_redis
+def test_a_killed_held_connection_falls_back_then_reconnects(prefix: str) -> None:
+    assert REDIS_URL is not None
+    client = redis.Redis.from_url(REDIS_URL)
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.set(f"{prefix}:k", b"v")
+        held = HeldConnections(client.connection_pool)
+        name = f"{prefix}-held"
+        assert held.call(("CLIENT", "SETNAME", name))[0]
+        ids = [c["id"] for c in admin.client_list() if c.get("name") == name]
+        admin.client_kill_filter(_id=ids[0])
+        assert held.call(("GET", f"{prefix}:k")) == (False, None)  # the client retries it
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")  # a new socket
+    finally:
+        client.delete(f"{prefix}:k")
+        client.close()
+        admin.close()
