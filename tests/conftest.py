@@ -4,10 +4,11 @@ real Redis (when reachable) and fakeredis, under a random key prefix per test.""
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import fakeredis
@@ -94,6 +95,15 @@ class Harness:
 
 
 BACKENDS = ["redis", "fakeredis"]
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test() -> Iterator[None]:
+    """A socket dropped without being closed warns when the garbage collector finds
+    it, which would otherwise happen in whichever later test it happens to run:
+    collecting after every test blames the test that leaked."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(params=BACKENDS)
