@@ -8,7 +8,8 @@ No redis imports here.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Protocol
 
 import msgpack
@@ -39,16 +40,17 @@ RedisType = Literal["hash", "string"]
 _IMMUTABLE: Final = frozenset({str, int, float, bool, bytes})
 
 
-class _Packed(bytes):
-    """A frozen value's bytes, told apart from a value that is itself bytes."""
+Frozen = tuple[Callable[[Any], Any], Any]
+"""What the near cache keeps of a value: a copier and what it copies. A near hit
+calls one on the other, so the choice of copy is made once, at the fill."""
 
 
-class _FlatDict(dict[Any, Any]):
-    """A frozen dict of immutable values: copied with dict() on the way out."""
+def _same(value: Any) -> Any:
+    """The copy of an immutable value is the value."""
+    return value
 
 
-class _FlatList(list[Any]):
-    """A frozen list of immutable values: copied with list() on the way out."""
+_unpack: Final = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
 
 
 class Codec(Protocol):
@@ -69,11 +71,9 @@ class Codec(Protocol):
     def copy(self, value: Any) -> Any:
         """An independent copy, for callers that share one in-process load."""
 
-    def freeze(self, value: Any) -> Any:
-        """What the near cache keeps of a value, so that `thaw` can hand out copies."""
-
-    def thaw(self, frozen: Any) -> Any:
-        """A fresh value from a frozen one: callers may mutate it freely."""
+    def freeze(self, value: Any) -> Frozen:
+        """What the near cache keeps of a value: each hit hands out a fresh copy,
+        which callers may mutate freely."""
 
 
 class HashCodec:
@@ -119,11 +119,8 @@ class HashCodec:
     def copy(self, value: Any) -> Any:
         return None if value is None else dict(value)
 
-    def freeze(self, value: Any) -> Any:
-        return None if value is None else dict(value)  # str -> str: shallow is enough
-
-    def thaw(self, frozen: Any) -> Any:
-        return None if frozen is None else dict(frozen)
+    def freeze(self, value: Any) -> Frozen:
+        return (_same, None) if value is None else (dict, dict(value))  # str -> str: flat
 
 
 def check_field(field: object, where: str) -> str:
@@ -207,27 +204,17 @@ class MsgpackCodec:
             msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=False
         )
 
-    def freeze(self, value: Any) -> Any:
+    def freeze(self, value: Any) -> Frozen:
         kind = type(value)
         if value is None or kind in _IMMUTABLE:
-            return value
+            return _same, value
         # A flat record (the common case) is fully copied by a shallow copy, which
         # costs a tenth of unpacking it again.
         if kind is dict and all(v is None or type(v) in _IMMUTABLE for v in value.values()):
-            return _FlatDict(value)
+            return dict, dict(value)
         if kind is list and all(v is None or type(v) in _IMMUTABLE for v in value):
-            return _FlatList(value)
-        return _Packed(msgpack.packb(value, use_bin_type=True))
-
-    def thaw(self, frozen: Any) -> Any:
-        kind = type(frozen)
-        if kind is _FlatDict:
-            return dict(frozen)
-        if kind is _FlatList:
-            return list(frozen)
-        if kind is _Packed:  # nested containers: unpacking is a deep copy
-            return msgpack.unpackb(frozen, raw=False, strict_map_key=False)
-        return frozen
+            return list, list(value)
+        return _unpack, msgpack.packb(value, use_bin_type=True)  # unpacking: a deep copy
 
 
 class Serializer(Protocol):
@@ -283,11 +270,12 @@ class SerializerCodec:
     def copy(self, value: Any) -> Any:
         return None if value is None else self.serializer.loads(self.serializer.dumps(value))
 
-    def freeze(self, value: Any) -> Any:
-        return None if value is None else _Packed(self.serializer.dumps(value))
-
-    def thaw(self, frozen: Any) -> Any:
-        return None if frozen is None else self.serializer.loads(frozen)
+    def freeze(self, value: Any) -> Frozen:
+        return (
+            (_same, None)
+            if value is None
+            else (self.serializer.loads, self.serializer.dumps(value))
+        )
 
 
 HASH_CODEC: Final = HashCodec()

@@ -331,7 +331,7 @@ class CacheEngine:
         Raises ConfigurationError when the server cannot track keys and the config
         does not accept TTL-only staleness.
         """
-        store = NearStore(config, codec.freeze, codec.thaw)
+        store = NearStore(config, codec.freeze)
         connect = self._listener_connection()  # outside the lock: it may make the client
         with self._lock:
             if self._listener is None:

@@ -10,15 +10,19 @@ R); each method is one step. The user's function itself is never modified.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from ._defaults import default_engine
 from ._drivers import arun, aserve, no_seal, run, serve
 from ._flows import Served
 from ._loads import NO_LOADS
+from ._near import MISSING
 from ._results import BulkOutcome, CacheResult, Outcome
 from ._stats import StatsSnapshot
 from ._wrapping import CachedBase, Write
+
+if TYPE_CHECKING:
+    from ._engine import CacheEngine
 
 __all__ = [
     "AsyncCachedFunction",
@@ -44,9 +48,20 @@ class CachedFunction(CachedBase[P, R]):
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
-        key = engine.key_head + self._template.render(args, kwargs) + "}"
-        if self._near is not None:
-            return self._serve(args, kwargs)[0].value  # type: ignore[no-any-return]
+        rendered = (
+            self._by_text.get(args[0])
+            if len(args) == 1 and not kwargs and type(args[0]) is str
+            else None
+        ) or self._template.render(args, kwargs)
+        key = engine.key_head + rendered + "}"
+        near = self._near
+        if near is not None:
+            if not engine.outbox.active:  # _near_look spelled out, for the near hit
+                value = near.get(key)
+                if value is not MISSING:
+                    self._plan.stats.near_hit()
+                    return value  # type: ignore[no-any-return]
+            return self._serve_at(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
         call = (self.__wrapped__, args, kwargs)
         served, _, joined = serve(self._plan, key, engine._sync_side(), call)
         return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
@@ -116,7 +131,11 @@ class CachedFunction(CachedBase[P, R]):
         return self if instance is None else BoundCachedFunction(self, instance)
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
-        engine, key = self._locate(args, kwargs)
+        return self._serve_at(*self._locate(args, kwargs), args, kwargs)
+
+    def _serve_at(
+        self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Served, float]:
         hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0
@@ -141,9 +160,20 @@ class AsyncCachedFunction(CachedBase[P, R]):
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
-        key = engine.key_head + self._template.render(args, kwargs) + "}"
-        if self._near is not None:
-            return (await self._serve(args, kwargs))[0].value  # type: ignore[no-any-return]
+        rendered = (
+            self._by_text.get(args[0])
+            if len(args) == 1 and not kwargs and type(args[0]) is str
+            else None
+        ) or self._template.render(args, kwargs)
+        key = engine.key_head + rendered + "}"
+        near = self._near
+        if near is not None:
+            if not engine.outbox.active:  # _near_look spelled out, for the near hit
+                value = near.get(key)
+                if value is not MISSING:
+                    self._plan.stats.near_hit()
+                    return value  # type: ignore[no-any-return]
+            return (await self._serve_at(engine, key, args, kwargs))[0].value  # type: ignore[no-any-return]
         call = (self.__wrapped__, args, kwargs)
         served, _, joined = await aserve(self._plan, key, engine._async_side(), call)
         return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
@@ -190,7 +220,11 @@ class AsyncCachedFunction(CachedBase[P, R]):
         return self if instance is None else BoundAsyncCachedFunction(self, instance)
 
     async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
-        engine, key = self._locate(args, kwargs)
+        return await self._serve_at(*self._locate(args, kwargs), args, kwargs)
+
+    async def _serve_at(
+        self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Served, float]:
         hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0

@@ -200,6 +200,7 @@ class KeyTemplate:
         "_slots",
         "_tag",
         "_tail",
+        "by_text",
         "text",
     )
 
@@ -238,6 +239,9 @@ class KeyTemplate:
         self._format = "{}".join(literals)
         # Most templates have one placeholder: "product:<id>" renders as head + id + tail.
         self._single = self._positions[0] if len(slots) == 1 else -1
+        # A one-parameter function called with a str: rendered keys by that str, so
+        # that the hit path can skip render() (a third of a near hit).
+        self.by_text: dict[str, str] = {}
         self._head, self._tail = literals[0], literals[-1]
         required_keyword_only = any(
             p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters.values()
@@ -291,6 +295,10 @@ class KeyTemplate:
                 else:
                     text = render_argument(value)
                 rendered = self._head + text + self._tail
+                if kind is str and self._fast_arity == 1 and len(rendered) <= MAX_RENDERED_LENGTH:
+                    if len(self.by_text) >= _ESCAPED_CACHE_SIZE:
+                        self.by_text.clear()
+                    self.by_text[value] = rendered
             else:
                 rendered = self._format.format(*[render_argument(args[i]) for i in self._positions])
         else:

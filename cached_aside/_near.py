@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Final, Literal
 
+from ._codecs import Frozen
 from ._errors import ConfigurationError
 from ._validate import Duration, flag, milliseconds, whole
 
@@ -72,12 +73,12 @@ class NearStore:
     value read before the change.
     """
 
-    def __init__(self, config: NearCache, freeze: Callable[[Any], Any], thaw: Callable[[Any], Any]):
+    def __init__(self, config: NearCache, freeze: Callable[[Any], Frozen]):
         self.config = config
         self._freeze = freeze
-        self._thaw = thaw
         self._ttl = config.ttl_seconds
-        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        # key -> (expires at, copier, frozen): a hit hands out copier(frozen).
+        self._data: OrderedDict[str, tuple[float, Callable[[Any], Any], Any]] = OrderedDict()
         self._tickets: dict[str, int] = {}
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
@@ -96,7 +97,7 @@ class NearStore:
             self._data.move_to_end(key)
         except KeyError:  # dropped by the listener just now: it was still valid then
             pass
-        return self._thaw(entry[1])
+        return entry[1](entry[2])
 
     def expect(self, key: str) -> int | None:
         """A ticket for a read about to be sent to Redis; None while the tier is off."""
@@ -113,12 +114,12 @@ class NearStore:
         lifetime = redis_ttl_ms / 1000.0
         if self._ttl is not None and self._ttl < lifetime:
             lifetime = self._ttl
-        frozen = self._freeze(value)
+        copier, frozen = self._freeze(value)
         with self._lock:
             if not self.enabled or self._tickets.get(key) != ticket:
                 return
             del self._tickets[key]
-            self._data[key] = (monotonic() + lifetime, frozen)
+            self._data[key] = (monotonic() + lifetime, copier, frozen)
             self._data.move_to_end(key)
             while len(self._data) > self.config.max_entries:
                 self._data.popitem(last=False)

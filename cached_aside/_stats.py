@@ -1,15 +1,19 @@
 """Hit/miss accounting per decorated function, and burst-limited error logging.
 
-Counters are guarded by a lock because threads share them; an uncontended lock
-costs less than a tenth of a microsecond, far below one Redis round trip.
+Counters are guarded by a lock because threads share them, except the hit
+counters: a near hit costs about a microsecond, and an uncontended lock would add a
+fifth to it, so hits are counted by `itertools.count`, whose `next()` is one C call
+(atomic under the GIL).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 logger = logging.getLogger("cached_aside")
@@ -67,6 +71,12 @@ class StatsSnapshot:
         return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})
 
 
+def _counted(counter: itertools.count[int]) -> int:
+    """How many times `next()` was called on a counter started at 0: its repr is
+    `count(N)`, the one way to read it without counting once more."""
+    return int(repr(counter)[6:-1])
+
+
 class _Burst:
     """Says when to log an event that may repeat fast: the first of a burst, then at
     most once per interval, with the count since the last line."""
@@ -93,8 +103,8 @@ class Stats:
             "callers are served by the loader" if fail_open else "callers get CacheUnavailableError"
         )
         self._lock = threading.Lock()
-        self._hits = self._misses = self._negative_hits = self._loads = 0
-        self._near_hits = 0
+        self._start_hit_counts()
+        self._misses = self._negative_hits = self._loads = 0
         self._suppressed = self._errors = self._corrupt = 0
         self._lock_waits = self._loader_errors = self._postponed = 0
         self._error_burst = _Burst()
@@ -103,13 +113,12 @@ class Stats:
         self._load_counts = [0] * len(LOAD_BUCKETS)
         self._load_seconds = 0.0
 
-    def hit(self) -> None:
-        with self._lock:
-            self._hits += 1
-
-    def near_hit(self) -> None:
-        with self._lock:
-            self._near_hits += 1
+    def _start_hit_counts(self) -> None:
+        """Fresh hit counters; `hit()` and `near_hit()` count one each."""
+        self._hit_count = itertools.count()
+        self._near_hit_count = itertools.count()
+        self.hit: Callable[[], int] = self._hit_count.__next__
+        self.near_hit: Callable[[], int] = self._near_hit_count.__next__
 
     def negative_hit(self) -> None:
         with self._lock:
@@ -182,8 +191,8 @@ class Stats:
     def snapshot(self) -> StatsSnapshot:
         with self._lock:
             return StatsSnapshot(
-                hits=self._hits,
-                near_hits=self._near_hits,
+                hits=_counted(self._hit_count),
+                near_hits=_counted(self._near_hit_count),
                 misses=self._misses,
                 negative_hits=self._negative_hits,
                 loads=self._loads,
@@ -220,8 +229,8 @@ class Stats:
     def reset(self) -> None:
         """Every counter back to zero."""
         with self._lock:
-            self._hits = self._misses = self._negative_hits = self._loads = 0
-            self._near_hits = 0
+            self._start_hit_counts()
+            self._misses = self._negative_hits = self._loads = 0
             self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
             self._loader_errors = self._postponed = 0
             self._error_kinds = {}

@@ -57,6 +57,7 @@ class CachedBase(Generic[P, R]):
         functools.update_wrapper(self, loader)  # type: ignore[arg-type]  # callable subclasses
         self.__wrapped__ = loader
         self._template = template
+        self._by_text = template.by_text
         self._plan = plan
         self._engine = engine
         self._batch_loader = batch_loader

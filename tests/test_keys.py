@@ -134,3 +134,27 @@ def test_no_key_is_another_entrys_internal_key(
     value_key = "cache:{" + template.render(x, {}) + "}"
     other = entry_keys("cache:{" + template.render(y, {}) + "}")
     assert value_key not in (other.lock, other.waiters, other.wake)
+
+
+def test_keys_remembered_by_text_match_rendering_and_stay_bounded() -> None:
+    """The hit path looks a one-str-argument key up by its text instead of rendering
+    it: what it finds must be what rendering gives, for text and for nothing else."""
+
+    def read(id: object) -> None: ...
+
+    template = KeyTemplate("p:<id>", read)
+    for text in ("plain", "with space", "ü", "a:b"):
+        rendered = template.render((text,), {})
+        assert template.by_text[text] == rendered
+    template.render((7,), {})
+    template.render(("x" * 300,), {})  # shortened: never remembered
+    assert set(template.by_text) == {"plain", "with space", "ü", "a:b"}
+    for number in range(5_000):
+        template.render((f"id-{number}",), {})
+    assert 0 < len(template.by_text) <= 4096
+
+    def two(a: str, b: str) -> None: ...
+
+    pair = KeyTemplate("p:<a>", two)
+    pair.render(("x", "y"), {})
+    assert pair.by_text == {}  # a call of one argument could not mean the same key

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def store(**config: Any) -> NearStore:
-    made = NearStore(NearCache(**config), MSGPACK_CODEC.freeze, MSGPACK_CODEC.thaw)
+    made = NearStore(NearCache(**config), MSGPACK_CODEC.freeze)
     made.switch(True)
     return made
 
@@ -108,7 +109,7 @@ def test_every_near_hit_is_a_fresh_copy(value: Any) -> None:
 
 
 def test_hash_records_are_copied_too() -> None:
-    near = NearStore(NearCache(), HASH_CODEC.freeze, HASH_CODEC.thaw)
+    near = NearStore(NearCache(), HASH_CODEC.freeze)
     near.switch(True)
     record = {"name": "Pen"}
     near.fill("k", near.expect("k"), record, 10_000)
@@ -196,6 +197,29 @@ def test_near_hits_are_counted_apart_and_return_copies(near_engine: CacheEngine)
     assert stats.hits >= 1  # the Redis hits that filled it
     assert loads == ["x"]
     assert near_engine.near_state() == "tracking"
+
+
+@needs_real_redis
+def test_near_hits_from_many_threads_are_all_counted_and_reset(near_engine: CacheEngine) -> None:
+    """Hits are counted without a lock (itertools.count): none may be lost."""
+
+    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())
+    def read(id: str) -> dict[str, str]:
+        return {"id": id}
+
+    read("x")
+    until_near(read, "x")
+    read.reset_stats()
+    threads = [threading.Thread(target=lambda: [read("x") for _ in range(5_000)]) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = read.stats()
+    assert stats.near_hits + stats.hits == 40_000  # a fill voided by a report hits Redis
+    assert stats.misses == 0
+    read.reset_stats()
+    assert (read.stats().near_hits, read.stats().hits) == (0, 0)
 
 
 @needs_real_redis
