@@ -11,6 +11,8 @@ from ._errors import (
     ConfigurationError,
     KeyArgumentError,
     KeyTemplateError,
+    LoaderCircuitOpenError,
+    LoaderTimeoutError,
     UnstorableValueError,
 )
 from ._functions import (
@@ -38,6 +40,8 @@ __all__ = [
     "ConfigurationError",
     "KeyArgumentError",
     "KeyTemplateError",
+    "LoaderCircuitOpenError",
+    "LoaderTimeoutError",
     "NearCache",
     "Outcome",
     "Source",

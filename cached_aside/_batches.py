@@ -30,16 +30,16 @@ from ._effects import (
 )
 from ._errors import BatchLoaderError
 from ._flows import (
-    RELEASE_ONLY,
     Plan,
     Served,
+    aged,
     found_in,
     lock_hold,
     miss,
     on_lookup,
-    refresh_due,
     release_now,
     tolerate,
+    what_to_store,
 )
 from ._keys import entry_keys
 from ._outbox import Delivery, PendingKey, PendingPattern
@@ -108,6 +108,7 @@ def load_batch(
                     options.lock_ttl_ms,
                     codec.redis_type,
                     "1" if p in corrupt else "0",
+                    options.keep_ms,
                 ),
             )
             for p in lockable
@@ -185,7 +186,7 @@ def many(
         hit = None if position in blocked else on_lookup(plan, raw)
         if hit is not None:
             answers[position] = (hit, False)
-        elif batched and position not in blocked and not refresh_due(plan, raw):
+        elif batched and position not in blocked and not aged(plan, raw):
             to_batch.append(position)
         else:
             one_by_one.append(position)
@@ -223,7 +224,7 @@ def _load_and_store_many(
     """Load every owned and uncached entry in one batch loader call and store the
     owned ones in one pipeline. A failure before the stores leaves the locks' Hold
     to the driver; a store Redis did not take keeps its lock in a Hold of its own."""
-    codec, options, stats = plan.codec, plan.options, plan.stats
+    options, stats = plan.options, plan.stats
     to_load = tuple(sorted(owned + uncached))
     owning = set(owned)  # a failed lock attempt has a token too, but no lock
     for _ in to_load:
@@ -233,16 +234,7 @@ def _load_and_store_many(
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):
-        kind, ttl_ms, payload = RELEASE_ONLY, 0, []
-        if value is None:
-            results[position] = None
-            if options.negative_ttl_ms:
-                kind, ttl_ms = codec.redis_type, options.negative_ttl_ms
-                payload = codec.negative_payload()
-        else:
-            where = f"{plan.name} (key {keys[position]!r})"
-            payload, results[position] = codec.encode(value, where)
-            kind, ttl_ms = codec.redis_type, options.ttl_ms
+        kind, ttl_ms, payload, results[position] = what_to_store(plan, value, keys[position])
         if position in owning:
             store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
             stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))

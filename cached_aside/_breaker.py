@@ -76,8 +76,12 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._probing = False
 
+    def time_left(self) -> float:
+        """Seconds until the breaker lets a probe through (0 when closed or due)."""
+        return max(0.0, self.open_until - self.clock()) if self.open_until else 0.0
+
     def refusal(self) -> CircuitOpenError:
         return CircuitOpenError(
-            f"Redis skipped for {max(0.0, self.open_until - self.clock()):.1f} s more after "
+            f"Redis skipped for {self.time_left():.1f} s more after "
             f"{self.failures} failures in a row"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Protocol
 
@@ -35,6 +36,26 @@ _NEGATIVE_META_BYTES: Final = NEGATIVE_META.encode()
 
 # 0xC1 is the one byte the msgpack format never uses, so no packed value starts with it.
 MSGPACK_NEGATIVE: Final = b"\xc1"
+# A compressed value: 0xC1 "Z", then a zlib stream (whose checksum catches damage).
+COMPRESSED_MARK: Final = b"\xc1Z"
+COMPRESSION_LEVEL: Final = 6  # zlib's default: most of level 9's ratio at a third of its cost
+# Foreign data behind the mark could be a decompression bomb: no cached value
+# needs more than this, decompressed.
+MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024
+
+
+def _decompressed(raw: bytes) -> bytes | None:
+    """The packed bytes behind COMPRESSED_MARK, or None if they are not a whole,
+    intact zlib stream of at most MAX_DECOMPRESSED_BYTES."""
+    inflater = zlib.decompressobj()
+    try:
+        packed = inflater.decompress(raw[2:], MAX_DECOMPRESSED_BYTES)
+    except zlib.error:
+        return None
+    if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        return None
+    return packed
+
 
 RedisType = Literal["hash", "string"]
 _IMMUTABLE: Final = frozenset({str, int, float, bool, bytes})
@@ -166,16 +187,28 @@ def _check_utf8(text: str, where: str, what: str) -> None:
 
 
 class MsgpackCodec:
-    """Any msgpack-encodable value in one Redis string."""
+    """Any msgpack-encodable value in one Redis string; with `compress_over`, a
+    packed value longer than that many bytes is stored zlib-compressed behind
+    COMPRESSED_MARK. Every instance reads both forms, so turning compression on or
+    off never strands what is already cached."""
 
     redis_type: RedisType = "string"
     read_command = "GET"
 
+    def __init__(self, compress_over: int = 0) -> None:
+        self.compress_over = compress_over  # 0: never compress
+
     def decode(self, raw: Any) -> Any:
         if raw is None:
             return Found.MISS
-        if raw == MSGPACK_NEGATIVE:
-            return Found.NEGATIVE
+        if raw[:1] == MSGPACK_NEGATIVE:  # no msgpack value starts with it
+            if raw == MSGPACK_NEGATIVE:
+                return Found.NEGATIVE
+            if raw[:2] != COMPRESSED_MARK:
+                return Found.CORRUPT
+            raw = _decompressed(raw)
+            if raw is None:
+                return Found.CORRUPT
         try:
             return msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception:  # msgpack raises several unrelated types for bad input
@@ -186,13 +219,16 @@ class MsgpackCodec:
             packed = msgpack.packb(value, use_bin_type=True)
             # The caller gets what a later hit would give (tuples become lists); a
             # value whose keys would come back unhashable ({(1, 2): ...}) fails here.
-            return [packed], msgpack.unpackb(packed, raw=False, strict_map_key=False)
+            result = msgpack.unpackb(packed, raw=False, strict_map_key=False)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnstorableValueError(
                 f"{where}: msgpack cannot store the loader's result ({exc}); return "
                 "dicts with str or int keys, lists, str, bytes, int, float, bool and None "
                 "only, e.g. convert datetimes with .isoformat() and objects with a to_dict()"
             ) from exc
+        if self.compress_over and len(packed) > self.compress_over:
+            packed = COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
+        return [packed], result
 
     def negative_payload(self) -> list[Any]:
         return [MSGPACK_NEGATIVE]

@@ -12,7 +12,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, overload
 
-from ._codecs import HASH_CODEC, MSGPACK_CODEC, Codec, Serializer, SerializerCodec
+from ._breaker import CircuitBreaker
+from ._codecs import (
+    HASH_CODEC,
+    MSGPACK_CODEC,
+    Codec,
+    MsgpackCodec,
+    Serializer,
+    SerializerCodec,
+)
 from ._engine import CacheEngine
 from ._errors import ConfigurationError
 from ._flows import Plan
@@ -21,10 +29,15 @@ from ._keys import KeyTemplate
 from ._near import NearCache
 from ._options import Options
 from ._stats import Stats
-from ._validate import Duration, instance
+from ._validate import Duration, instance, whole
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# The loader breaker of functions with stale_if_error: this many failures in a row
+# skip the loader for this long, then one call probes it.
+LOADER_BREAKER_FAILURES = 5
+LOADER_BREAKER_COOLDOWN_SECONDS = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -61,10 +74,31 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             with one value per item in order, or a dict keyed by item (absent means
             None). Must be async exactly when the loader is.
         near: a NearCache (or True for its defaults): keep hits in process too, for
-            a couple of microseconds a hit. Redis reports every change to the
-            engine's keys, which drops the local copy in every process. None
-            (default): the engine's `near`, if any; False: none, even if the engine
-            has one.
+            a microsecond a hit. Redis reports every change to the engine's keys,
+            which drops the local copy in every process. None (default): the
+            engine's `near`, if any; False: none, even if the engine has one.
+        grace: stale-while-revalidate (seconds or timedelta). For this long after
+            `ttl` an entry is still served (source "stale") while one caller, across
+            processes, reloads it in the background. invalidate() removes it at
+            once: stale serving is for expiry only.
+        stale_if_error: when a load fails (or passes `loader_timeout`), answer with
+            the entry if it expired no longer ago than this (source "stale"); the
+            failure is counted and logged once per burst, and after 5 failures in a
+            row the loader is skipped for 1 s at a time (callers with no stale value
+            get LoaderCircuitOpenError meanwhile). Without a stale value the error
+            propagates.
+        loader_timeout: seconds the loader may run; past it the call fails with
+            LoaderTimeoutError (or is answered stale, with `stale_if_error`). Async
+            loaders are cancelled; a sync loader runs in a worker thread (with a copy
+            of the caller's contextvars) and is abandoned, not stopped. < lock_ttl.
+        cache_if: a predicate on the loader's result; False means return it but do
+            not store it (e.g. `cache_if=lambda order: order["status"] == "final"`).
+        ttl_jitter: a fraction in [0, 1): each store's ttl is shortened by a random
+            part of it up to this share, so entries written together do not expire
+            together. 0 (default): every entry lives exactly `ttl`.
+        compress_over: bytes; a msgpack payload longer than this is stored
+            zlib-compressed (marked, so foreign data never decodes as compressed).
+            None (default): never. Not with as_hash or a serializer.
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.
@@ -81,6 +115,12 @@ class cache_aside:  # lower case: a decorator, named and used like a function
     serializer: Serializer | None = None
     batch_loader: Callable[[list[Any]], Any] | None = None
     near: NearCache | bool | None = None
+    grace: Duration | None = None
+    stale_if_error: Duration | None = None
+    loader_timeout: Duration | None = None
+    cache_if: Callable[[Any], object] | None = None
+    ttl_jitter: float = 0.0
+    compress_over: int | None = None
     _options: Options = field(init=False, repr=False)
     _codec: Codec = field(init=False, repr=False)
 
@@ -118,6 +158,14 @@ class cache_aside:  # lower case: a decorator, named and used like a function
                     f"{self.serializer!r}"
                 )
             codec = SerializerCodec(self.serializer)
+        if self.compress_over is not None:
+            threshold = whole("compress_over", self.compress_over)
+            if codec is not MSGPACK_CODEC:
+                raise ConfigurationError(
+                    "compress_over= compresses msgpack values; with as_hash=True fields "
+                    "stay readable text, and a serializer= can compress inside dumps()"
+                )
+            codec = MsgpackCodec(compress_over=threshold)
         object.__setattr__(self, "_options", options)
         object.__setattr__(self, "_codec", codec)
 
@@ -141,9 +189,15 @@ class cache_aside:  # lower case: a decorator, named and used like a function
         template = KeyTemplate(self.key, loader)
         near = NearCache() if self.near is True else self.near
         # An engine-wide near cache turns peek on when the function first meets it.
-        peek = self._options.refresh_ahead_ms > 0 or isinstance(near, NearCache)
-        stats = Stats(name, fail_open=self._options.fail_open)
-        plan = Plan(name, self._codec, self._options, stats, peek)
+        options = self._options
+        peek = options.refresh_ahead_ms > 0 or options.keep_ms > 0 or isinstance(near, NearCache)
+        stats = Stats(name, fail_open=options.fail_open)
+        breaker = (
+            CircuitBreaker(LOADER_BREAKER_FAILURES, LOADER_BREAKER_COOLDOWN_SECONDS)
+            if options.stale_if_error_ms
+            else None
+        )
+        plan = Plan(name, self._codec, options, stats, peek, breaker)
         is_async = inspect.iscoroutinefunction(loader)
         batch_loader = self.batch_loader
         if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:

@@ -31,5 +31,15 @@ class CacheUnavailableError(CachedAsideError):
     """Redis failed and the function was configured with fail_open=False."""
 
 
+class LoaderTimeoutError(CachedAsideError, TimeoutError):
+    """The loader ran past the function's loader_timeout (and no stale value was
+    left to serve instead)."""
+
+
+class LoaderCircuitOpenError(CachedAsideError):
+    """The loader was skipped: it failed repeatedly, and no stale value was left to
+    serve. The function's loader breaker lets one call probe it again after a pause."""
+
+
 class BatchLoaderError(CachedAsideError, TypeError):
     """A batch_loader returned something other than one value per item."""

@@ -7,10 +7,12 @@ place. No redis, asyncio or time imports here.
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+from ._breaker import CircuitBreaker
 from ._codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
 from ._effects import (
     Batch,
@@ -25,7 +27,7 @@ from ._effects import (
     Signal,
     Spawn,
 )
-from ._errors import CacheUnavailableError, ConfigurationError
+from ._errors import CacheUnavailableError, ConfigurationError, LoaderCircuitOpenError
 from ._keys import EntryKeys, entry_keys
 from ._options import Options
 from ._outbox import PendingKey, PendingPattern
@@ -46,8 +48,11 @@ class Plan:
     codec: Codec
     options: Options
     stats: Stats
-    # Look up with the PEEK script (value and ttl): refresh_ahead or a near cache is on.
+    # Look up with the PEEK script (value and ttl): refresh_ahead, grace,
+    # stale_if_error or a near cache is on.
     peek: bool = False
+    # With stale_if_error: skips a loader that keeps failing, serving stale values.
+    loader_breaker: CircuitBreaker | None = None
 
     @property
     def patience(self) -> float:
@@ -82,15 +87,15 @@ def on_lookup(plan: Plan, raw: Any) -> Served | None:
     if type(raw) is CommandFailed:
         return None
     if plan.peek:
-        found, due = _unpack_peek(plan, raw)
-        if due:
+        found, age, left = _peeked(plan, raw)
+        if age is not Age.FRESH:
             return None
         if type(found) is not Found:
             plan.stats.hit()
-            return Served(found, Source.CACHE, ttl_ms=raw[1])
+            return Served(found, Source.CACHE, ttl_ms=left)
         if found is Found.NEGATIVE:
             plan.stats.negative_hit()
-            return Served(None, Source.NEGATIVE, ttl_ms=raw[1])
+            return Served(None, Source.NEGATIVE, ttl_ms=left)
         return None
     found = plan.codec.decode(raw)
     if type(found) is not Found:
@@ -105,25 +110,56 @@ def on_lookup(plan: Plan, raw: Any) -> Served | None:
 def found_in(plan: Plan, raw: Any) -> Any:
     """What a lookup reply holds: a decoded value, or a Found member (a PEEK reply is
     unpacked first)."""
-    return _unpack_peek(plan, raw)[0] if plan.peek else plan.codec.decode(raw)
+    return _peeked(plan, raw)[0] if plan.peek else plan.codec.decode(raw)
 
 
-def refresh_due(plan: Plan, raw: Any) -> bool:
-    """True when a lookup reply is a hit that on_lookup declined only because its
-    entry is due for a refresh_ahead reload."""
-    return plan.peek and type(raw) is not CommandFailed and _unpack_peek(plan, raw)[1]
+def aged(plan: Plan, raw: Any) -> bool:
+    """True when a lookup reply holds an entry that on_lookup declined for its age
+    alone (due for a refresh_ahead reload, in its grace, or kept for stale_if_error):
+    the single path knows how to serve it."""
+    return plan.peek and type(raw) is not CommandFailed and _peeked(plan, raw)[1] is not Age.FRESH
 
 
-def _unpack_peek(plan: Plan, raw: Any) -> tuple[Any, bool]:
-    """The PEEK script's reply as (decoded value or Found, whether a refresh is due)."""
+class Age(enum.Enum):
+    """How old a cached entry is, told by the PEEK script's pttl."""
+
+    FRESH = "fresh"
+    DUE = "due"  # fresh, inside the refresh_ahead window: serve, and reload behind
+    STALE = "stale"  # past ttl, inside grace: serve as stale, and reload behind
+    EXPIRED = "expired"  # past ttl and grace, kept for stale_if_error: a miss
+
+
+class _NoStale(enum.Enum):
+    NO_STALE = "no stale value"
+
+
+NO_STALE: Final = _NoStale.NO_STALE  # a miss with no stale value to fall back on
+
+
+def _peeked(plan: Plan, raw: Any) -> tuple[Any, Age, int]:
+    """The PEEK script's reply as (decoded value or Found, its age, the ms it stays
+    fresh: -1 when it never expires, 0 when it is past its ttl).
+
+    An entry is stored for ttl + keep_ms (grace, stale_if_error): while no more than
+    keep_ms are left it is past its ttl, and how far past tells stale from expired.
+    """
     if not raw:
-        return Found.MISS, False
+        return Found.MISS, Age.FRESH, -1
     if len(raw) == 1:
-        return Found.CORRUPT, False  # the key holds another Redis type
+        return Found.CORRUPT, Age.FRESH, -1  # the key holds another Redis type
     found = plan.codec.decode(raw[0])
-    window = plan.options.refresh_ahead_ms
-    due = window > 0 and type(found) is not Found and 0 <= raw[1] <= window
-    return found, due
+    left = raw[1]
+    if left < 0 or (type(found) is Found and found is not Found.NEGATIVE):
+        return found, Age.FRESH, left
+    options = plan.options
+    keep = options.keep_ms
+    if left <= keep:
+        return found, Age.STALE if keep - left < options.grace_ms else Age.EXPIRED, 0
+    left -= keep
+    window = options.refresh_ahead_ms
+    if window and left <= window and type(found) is not Found:
+        return found, Age.DUE, left
+    return found, Age.FRESH, left
 
 
 def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Served]:
@@ -132,17 +168,24 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
         if not raw.wrong_type:
             return (yield from _load_uncached(plan, key, raw))
         return (yield from miss(plan, key, True, block_limit_ms))
+    stale: Any = NO_STALE
     if plan.peek:
-        found, due = _unpack_peek(plan, raw)
-        if due:
+        found, age, _ = _peeked(plan, raw)
+        value = None if found is Found.NEGATIVE else found
+        if age is Age.DUE or age is Age.STALE:
             # Serve the cached value now; one background reload per process, and one
-            # across processes through the lock, replaces it before it expires.
+            # across processes through the lock, replaces it.
             yield Spawn(key, _refresh(plan, key, block_limit_ms))
-            plan.stats.hit()
-            return Served(found, Source.CACHE)
+            if age is Age.DUE:
+                plan.stats.hit()
+                return Served(value, Source.CACHE)
+            plan.stats.stale()
+            return Served(value, Source.STALE)
+        if age is Age.EXPIRED:
+            stale = value  # past grace: load, and answer with it only if the load fails
     else:
         found = plan.codec.decode(raw)
-    return (yield from miss(plan, key, found is Found.CORRUPT, block_limit_ms))
+    return (yield from miss(plan, key, found is Found.CORRUPT, block_limit_ms, stale=stale))
 
 
 def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
@@ -164,6 +207,8 @@ def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
                 yield from _load_and_store(plan, keys, hold)
             except (CommandFailed, CacheUnavailableError):
                 raise  # Redis, not the loader: counted where it failed
+            except LoaderCircuitOpenError:
+                return False  # the loader keeps failing: try again later
             except Exception as exc:  # the loader or the codec
                 plan.stats.loader_error(key, exc)
                 return False
@@ -219,13 +264,17 @@ def miss(
     block_limit_ms: int,
     load: Effect = Signal.LOAD,
     held: tuple[int, Hold] | None = None,
+    stale: Any = NO_STALE,
+    replace: bool = False,
 ) -> Flow[Served]:
     """Look and lock in one step, then load (owner), take the value (found) or wait.
 
     `load` is the effect that runs the loader: Signal.LOAD for a single call, LoadOne
     for one entry of a batch. `held`: a batch's lock script already found the lock
     held (for that many ms) and registered this caller as a waiter under the token of
-    the Hold given, which stands: wait first.
+    the Hold given, which stands: wait first. `stale`: the value kept past its ttl,
+    the answer if the load fails (stale_if_error). `replace`: ignore what is cached
+    (fn.refresh()), unless another caller's load is waited for first.
     """
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
@@ -255,7 +304,13 @@ def miss(
             reply = yield RunScript(
                 ScriptName.ACQUIRE,
                 keys[:3],
-                (token, options.lock_ttl_ms, codec.redis_type, "1" if corrupt else "0"),
+                (
+                    token,
+                    options.lock_ttl_ms,
+                    codec.redis_type,
+                    "1" if corrupt or replace else "0",
+                    options.keep_ms,
+                ),
             )
         except CommandFailed as failure:
             if not failure.sent and not waited:
@@ -264,7 +319,7 @@ def miss(
         status = reply[0]
         if status == AcquireStatus.OWNED:
             stats.miss()
-            return (yield from _load_and_store(plan, keys, hold, load))
+            return (yield from _load_and_store(plan, keys, hold, load, stale))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
             if found is Found.CORRUPT or found is Found.MISS:
@@ -285,7 +340,7 @@ def miss(
         if not waited:
             stats.lock_wait()
         waited = True
-        corrupt = False  # the owner's store replaces whatever was there
+        corrupt = replace = False  # the owner's store replaces whatever was there
         try:
             yield _wait_for_wake_up(keys, token, int(reply[1]), block_limit_ms)
         except CommandFailed as failure:
@@ -296,29 +351,18 @@ def miss(
 
 
 def _load_and_store(
-    plan: Plan, keys: EntryKeys, hold: Hold, load: Effect = Signal.LOAD
+    plan: Plan, keys: EntryKeys, hold: Hold, load: Effect = Signal.LOAD, stale: Any = NO_STALE
 ) -> Flow[Served]:
     """Load and store under the lock `hold` stands for. Whatever goes wrong before
     the store script answers (the loader, the codec, Redis) leaves the Hold to the
-    driver, which releases the lock."""
-    codec, options = plan.codec, plan.options
+    driver, which releases the lock; a failed load answers with `stale` if there is
+    one (stale_if_error)."""
+    options = plan.options
     token = hold.releases[0].args[0]
-    plan.stats.load()
-    value = yield load
-    kind: str
-    if value is None:
-        result = None
-        if options.negative_ttl_ms:
-            kind, ttl_ms, payload = (
-                codec.redis_type,
-                options.negative_ttl_ms,
-                codec.negative_payload(),
-            )
-        else:
-            kind, ttl_ms, payload = RELEASE_ONLY, 0, []
-    else:
-        payload, result = codec.encode(value, f"{plan.name} (key {keys.value!r})")
-        kind, ttl_ms = codec.redis_type, options.ttl_ms
+    value = yield from _guarded_load(plan, keys.value, load, stale)
+    if value is _STALE_SERVED:
+        return Served(stale, Source.STALE)
+    kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
     # From here on, callers in this process start their own read instead of joining
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
@@ -333,6 +377,59 @@ def _load_and_store(
         return Served(result, Source.LOADER, shareable=True)
     yield Free(hold)  # stored, or refused because the lease was revoked: nothing left
     return Served(result, Source.LOADER, lease_kept=bool(stored), shareable=bool(stored))
+
+
+class _Stale(enum.Enum):
+    SERVED = "the load failed and the stale value answers"
+
+
+_STALE_SERVED: Final = _Stale.SERVED
+
+
+def _guarded_load(plan: Plan, key: str, load: Effect, stale: Any) -> Flow[Any]:
+    """Run the loader, through the function's loader breaker if it has one. With a
+    stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
+    without one, the failure propagates (LoaderCircuitOpenError while skipped)."""
+    stats, breaker = plan.stats, plan.loader_breaker
+    if breaker is not None and not breaker.allow():
+        if stale is NO_STALE:
+            raise LoaderCircuitOpenError(
+                f"{plan.name}: the loader is skipped for {breaker.time_left():.1f} s more "
+                f"after {breaker.failures} failures in a row, and no stale value of "
+                f"{key!r} is left to serve"
+            )
+        stats.stale()
+        return _STALE_SERVED
+    stats.load()
+    try:
+        value = yield load
+    except Exception as exc:  # the loader failed (or timed out); never CancelledError
+        if breaker is not None:
+            breaker.failure()
+        if stale is NO_STALE:
+            raise
+        stats.loader_error(key, exc, served="the stale value is served (stale_if_error)")
+        stats.stale()
+        return _STALE_SERVED
+    if breaker is not None and (breaker.failures or breaker.open_until):
+        breaker.success()
+    return value
+
+
+def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:
+    """What a load's result becomes in Redis: (the store script's kind, ttl in ms,
+    payload, the value callers get). The one place that applies negative caching,
+    cache_if, ttl_jitter and the time kept past the ttl, for single and batch loads."""
+    codec, options = plan.codec, plan.options
+    if value is None:
+        if options.negative_ttl_ms:
+            negative_ttl_ms = options.negative_ttl_ms + options.keep_ms
+            return codec.redis_type, negative_ttl_ms, codec.negative_payload(), None
+        return RELEASE_ONLY, 0, [], None
+    payload, result = codec.encode(value, f"{plan.name} (key {key!r})")
+    if options.cache_if is not None and not options.cache_if(value):
+        return RELEASE_ONLY, 0, [], result
+    return codec.redis_type, options.value_ttl_ms(), payload, result
 
 
 def _load_uncached(
@@ -411,8 +508,31 @@ def update_field(
         updated = yield RunScript(
             ScriptName.UPDATE_FIELD,
             entry_keys(key),
-            (META_FIELD, field, text, options.ttl_ms, options.lock_ttl_ms),
+            (META_FIELD, field, text, options.ttl_ms + options.keep_ms, options.lock_ttl_ms),
         )
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
     return Outcome.UPDATED if updated else Outcome.ABSENT
+
+
+def reload(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
+    """fn.refresh(): load now and store, whatever is cached; a load already under
+    way in another caller is waited for and its value taken instead (single-flight)."""
+    return (yield from miss(plan, key, False, block_limit_ms, replace=True))
+
+
+def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome]:
+    """fn.set(): store `value` after a write the caller made, revoking the lease of any
+    load in flight (it read the row before the write). A value cache_if refuses, or
+    None without negative caching, deletes the entry instead. If Redis does not take
+    it, the entry's invalidation goes to the outbox and the answer is PENDING."""
+    kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
+    if kind == RELEASE_ONLY:
+        return (yield from invalidate(plan, key, whole))
+    try:
+        yield RunScript(
+            ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)
+        )
+    except CommandFailed as failure:
+        return (yield from postpone(plan, key, whole, failure))
+    return Outcome.UPDATED

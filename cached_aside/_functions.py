@@ -80,6 +80,27 @@ class CachedFunction(CachedBase[P, R]):
         """
         return self._write(self._invalidation(args, kwargs))
 
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Load now and store, whatever is cached, and return the value: after a change
+        you know of, or to warm a key. Single-flight like a miss: if another caller is
+        already loading the key, its value is taken instead of loading twice."""
+        runtime = self._engine_in_use()._sync_side()
+        reloading = self._reload(args, kwargs, runtime)
+        try:
+            return run(reloading.flow, runtime, reloading.loads, no_seal)[0].value  # type: ignore[no-any-return]
+        finally:
+            self._written(runtime, reloading.keys)
+
+    def set(self, *args: Any, value: Any, **kwargs: Any) -> Outcome:
+        """`set(*loader_args, value=...)`: store `value` as the entry (a cache-put after
+        a write you made to the primary), revoking the lease of any load in flight so
+        its older result cannot overwrite it. `value` is what the loader would return
+        (None: a cached "no such record"); cache_if applies. Returns Outcome.UPDATED,
+        Outcome.DELETED/ABSENT when it was not storable as a value (cache_if said
+        no, or None without negative caching: the entry was invalidated instead), or
+        Outcome.PENDING (Redis failed; the invalidation waits in the outbox)."""
+        return self._write(self._put(args, kwargs, value))
+
     def update_field(
         self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
     ) -> Outcome:
@@ -185,6 +206,19 @@ class AsyncCachedFunction(CachedBase[P, R]):
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
         """Delete the entry and fence loads in flight; as CachedFunction.invalidate."""
         return await self._write(self._invalidation(args, kwargs))
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Load now and store, whatever is cached; as CachedFunction.refresh."""
+        runtime = self._engine_in_use()._async_side()
+        reloading = self._reload(args, kwargs, runtime)
+        try:
+            return (await arun(reloading.flow, runtime, reloading.loads, no_seal))[0].value  # type: ignore[no-any-return]
+        finally:
+            self._written(runtime, reloading.keys)
+
+    async def set(self, *args: Any, value: Any, **kwargs: Any) -> Outcome:
+        """Store `value` as the entry, fencing loads in flight; as CachedFunction.set."""
+        return await self._write(self._put(args, kwargs, value))
 
     async def update_field(
         self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
@@ -296,6 +330,14 @@ class BoundCachedFunction(_Bound[Q, R]):
         """As CachedFunction.invalidate, for this instance."""
         return self._function.invalidate(self._instance, *args, **kwargs)
 
+    def refresh(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
+        """As CachedFunction.refresh, for this instance."""
+        return self._function.refresh(self._instance, *args, **kwargs)
+
+    def set(self, *args: Any, value: Any, **kwargs: Any) -> Outcome:
+        """As CachedFunction.set, for this instance."""
+        return self._function.set(self._instance, *args, value=value, **kwargs)
+
     def update_field(
         self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any
     ) -> Outcome:
@@ -335,6 +377,14 @@ class BoundAsyncCachedFunction(_Bound[Q, R]):
     async def invalidate(self, *args: Q.args, **kwargs: Q.kwargs) -> Outcome:
         """As AsyncCachedFunction.invalidate, for this instance."""
         return await self._function.invalidate(self._instance, *args, **kwargs)
+
+    async def refresh(self, *args: Q.args, **kwargs: Q.kwargs) -> R:
+        """As AsyncCachedFunction.refresh, for this instance."""
+        return await self._function.refresh(self._instance, *args, **kwargs)
+
+    async def set(self, *args: Any, value: Any, **kwargs: Any) -> Outcome:
+        """As AsyncCachedFunction.set, for this instance."""
+        return await self._function.set(self._instance, *args, value=value, **kwargs)
 
     async def update_field(
         self, *args: Any, field: str | None = None, value: Any = None, **kwargs: Any

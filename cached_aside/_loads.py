@@ -1,17 +1,25 @@
 """The loader calls a flow may ask for (Signal.LOAD, LoadOne, LoadSome): the call's
 own, one item's of a many() call, or a batch through the batch loader; timed into
-the function's loader-latency histogram. No Redis here.
+the function's loader-latency histogram, and bounded by its loader_timeout. No
+Redis here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from contextlib import contextmanager
 from time import perf_counter
 from typing import Any
 
 from ._batches import align
 from ._effects import LoadOne, LoadSome, Signal
+from ._errors import LoaderTimeoutError
 from ._flows import Plan
 
 BatchLoader = Callable[[list[Any]], Any]
@@ -61,25 +69,47 @@ class Loads:
         """Perform a load effect with a plain loader."""
         with self._timed():
             if effect is Signal.LOAD:
-                return self._loader(*self._calls[self.position], **self._kwargs)
-            returned = self._batch_loader(self._chosen(effect))  # type: ignore[misc]
-        return self._aligned(effect, returned)
+                call: Callable[[], Any] = functools.partial(
+                    self._loader, *self._calls[self.position], **self._kwargs
+                )
+            else:
+                call = functools.partial(self._batch_loader, self._chosen(effect))  # type: ignore[arg-type, misc]
+            timeout = self._timeout()
+            returned = call() if timeout is None else _within(call, timeout, self._name())
+        return returned if effect is Signal.LOAD else self._aligned(effect, returned)
 
     async def arun(self, effect: Signal | LoadOne | LoadSome) -> Any:
         """Perform a load effect with an `async def` loader."""
         with self._timed():
             if effect is Signal.LOAD:
-                return await self._loader(*self._calls[self.position], **self._kwargs)
-            returned = await self._batch_loader(self._chosen(effect))  # type: ignore[misc]
-        return self._aligned(effect, returned)
+                loading = self._loader(*self._calls[self.position], **self._kwargs)
+            else:
+                loading = self._batch_loader(self._chosen(effect))  # type: ignore[misc]
+            timeout = self._timeout()
+            if timeout is None:
+                returned = await loading
+            else:
+                try:
+                    returned = await asyncio.wait_for(loading, timeout)
+                except asyncio.TimeoutError:  # not yet TimeoutError itself on 3.10
+                    raise _timed_out(self._name(), timeout) from None
+        return returned if effect is Signal.LOAD else self._aligned(effect, returned)
+
+    def _timeout(self) -> float | None:
+        """The function's loader_timeout in seconds, if it has one."""
+        if self._plan is None or not self._plan.options.loader_timeout_ms:
+            return None
+        return self._plan.options.loader_timeout_ms / 1000.0
+
+    def _name(self) -> str:
+        return "?" if self._plan is None else self._plan.name
 
     def _chosen(self, effect: Any) -> list[Any]:
         """The items of a LoadOne or LoadSome, for the batch loader."""
         return [self._items[p] for p in effect.positions]
 
     def _aligned(self, effect: Any, returned: object) -> Any:
-        name = "?" if self._plan is None else self._plan.name
-        values = align(name, self._chosen(effect), returned)
+        values = align(self._name(), self._chosen(effect), returned)
         return values[0] if type(effect) is LoadOne else values
 
     @contextmanager
@@ -90,6 +120,31 @@ class Loads:
         finally:
             if self._plan is not None:
                 self._plan.stats.loaded_in(perf_counter() - started)
+
+
+def _within(call: Callable[[], Any], timeout: float, name: str) -> Any:
+    """Run a sync loader in a thread of its own and wait at most `timeout` for it. A
+    thread cannot be stopped: past the timeout it is abandoned (its result dropped),
+    and the caller gets LoaderTimeoutError. It runs in a copy of the caller's
+    contextvars, so context-bound state (a request id, a db session) goes along."""
+    outcome: Future[Any] = Future()
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            outcome.set_result(context.run(call))
+        except BaseException as exc:  # handed to the caller, who re-raises it
+            outcome.set_exception(exc)
+
+    threading.Thread(target=target, name=f"cached_aside loader {name}", daemon=True).start()
+    try:
+        return outcome.result(timeout)
+    except FutureTimeoutError:
+        raise _timed_out(name, timeout) from None
+
+
+def _timed_out(name: str, timeout: float) -> LoaderTimeoutError:
+    return LoaderTimeoutError(f"{name}: the loader ran past loader_timeout ({timeout:g} s)")
 
 
 def _never(*_: object) -> Any:

@@ -26,6 +26,9 @@ class Source(str, enum.Enum):
     """This call ran the loader."""
     WAITED = "waited"
     """Another caller's load, waited for."""
+    STALE = "stale"
+    """A value past its ttl: inside `grace` (a reload runs behind it), or kept for
+    `stale_if_error` and served because the load failed."""
 
     def __str__(self) -> str:
         return self.value  # print(result.source) shows "cache", as the docs write it
@@ -41,8 +44,9 @@ class CacheResult(Generic[R]):
     Attributes:
         value: what the call returns.
         hit: True when served from the cache (a value or a cached "none").
-        source: "near", "cache", "negative", "loader" (this call loaded) or
-            "waited" (another caller's load).
+        source: "near", "cache", "negative", "loader" (this call loaded),
+            "waited" (another caller's load) or "stale" (past its ttl: grace, or
+            stale_if_error after a failed load).
         redis_ms: time spent waiting on Redis for this call, in milliseconds.
     """
 
@@ -53,7 +57,7 @@ class CacheResult(Generic[R]):
 
 
 class Outcome(enum.Enum):
-    """What `invalidate()` or `update_field()` did.
+    """What `invalidate()`, `update_field()` or `set()` did.
 
     Deliberately neither true nor false: "Redis failed" and "nothing was cached" are
     different answers, so compare with a member (`is Outcome.PENDING`).
@@ -62,7 +66,7 @@ class Outcome(enum.Enum):
     DELETED = "deleted"
     """An entry (a value or a negative sentinel) existed and is gone."""
     UPDATED = "updated"
-    """update_field: the cached record now has the new value."""
+    """update_field or set: the cache now holds the new value."""
     ABSENT = "absent"
     """Nothing was cached (nothing written); loads in flight were fenced all the same."""
     PENDING = "pending"

@@ -32,16 +32,23 @@ end
 ACQUIRE: Final = """
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set
 -- ARGV[1] the caller's token, ARGV[2] lock ttl (ms), ARGV[3] expected type of the
--- value ('hash' or 'string'), ARGV[4] '1' to ignore a cached value (it was corrupt)
--- returns {1, value} when a value of the expected type is cached (HGETALL pairs or
--- GET bytes); {0} when the caller now holds the lock and must load; {2, pttl} when
--- another caller holds it: the caller's token joins the waiters set, and it should
--- wait for a token on its own wake-up list (KEYS[3]'s entry .. ':wake:' .. token)
--- for at most pttl ms. Found or owned, the caller is no waiter any more. Idempotent:
--- the same token asking again (a retry after a lost reply) gets the same answer.
+-- value ('hash' or 'string'), ARGV[4] '1' to ignore a cached value (it was corrupt,
+-- or is being replaced), ARGV[5] (optional) how long entries are kept past their
+-- ttl (ms; grace, stale_if_error): a value with no more than that left is stale,
+-- and counts as not cached here
+-- returns {1, value} when a fresh value of the expected type is cached (HGETALL
+-- pairs or GET bytes); {0} when the caller now holds the lock and must load; {2,
+-- pttl} when another caller holds it: the caller's token joins the waiters set, and
+-- it should wait for a token on its own wake-up list (KEYS[3]'s entry .. ':wake:' ..
+-- token) for at most pttl ms. Found or owned, the caller is no waiter any more.
+-- Idempotent: the same token asking again (a retry after a lost reply) gets the
+-- same answer.
 if ARGV[4] ~= '1' then
   local kind = redis.call('TYPE', KEYS[1]).ok
-  if kind == ARGV[3] then
+  local keep = tonumber(ARGV[5] or '0')
+  local left = -1
+  if kind == ARGV[3] and keep > 0 then left = redis.call('PTTL', KEYS[1]) end
+  if kind == ARGV[3] and (left < 0 or left > keep) then
     redis.call('SREM', KEYS[3], ARGV[1])
     if kind == 'hash' then return {1, redis.call('HGETALL', KEYS[1])} end
     return {1, redis.call('GET', KEYS[1])}
@@ -58,8 +65,27 @@ redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return {2, redis.call('PTTL', KEYS[2])}
 """
 
+# Write an entry: 'string' (one payload argument) or 'hash' (field/value pairs from
+# ARGV[first] on, replacing the whole record), with its ttl. Anything else writes
+# nothing.
+_WRITE_VALUE: Final = """
+local function write_value(key, kind, ttl_ms, first)
+  if kind == 'string' then
+    redis.call('SET', key, ARGV[first], 'PX', ttl_ms)
+  elseif kind == 'hash' then
+    redis.call('DEL', key)
+    -- in chunks: unpack() of a very large table overflows Lua's stack
+    for at = first, #ARGV, 1000 do
+      redis.call('HSET', key, unpack(ARGV, at, math.min(at + 999, #ARGV)))
+    end
+    redis.call('PEXPIRE', key, ttl_ms)
+  end
+end
+"""
+
 STORE: Final = (
     _WAKE_WAITERS
+    + _WRITE_VALUE
     + """
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
 -- prefix (each waiter's list is KEYS[4] .. ':' .. its token)
@@ -70,16 +96,7 @@ STORE: Final = (
 -- its lease was revoked by an invalidation or expiry: nothing is written, so a value
 -- loaded before an invalidation can never be stored after it.
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-if ARGV[2] == 'string' then
-  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[3])
-elseif ARGV[2] == 'hash' then
-  redis.call('DEL', KEYS[1])
-  -- in chunks: unpack() of a very large table overflows Lua's stack
-  for first = 5, #ARGV, 1000 do
-    redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
-  end
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
+write_value(KEYS[1], ARGV[2], ARGV[3], 5)
 redis.call('DEL', KEYS[2])
 wake_waiters(KEYS[3], KEYS[4], ARGV[4])
 return 1
@@ -126,6 +143,24 @@ return 1
 """
 )
 
+PUT: Final = (
+    _WAKE_WAITERS
+    + _WRITE_VALUE
+    + """
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
+-- prefix
+-- ARGV[1] 'string' or 'hash', ARGV[2] value ttl (ms), ARGV[3] wake-up list ttl (ms),
+-- ARGV[4..] the payload
+-- returns 1. A cache-put after a write the caller made itself: the lock goes first,
+-- as in INVALIDATE, so a load in flight (it read the row before this write) cannot
+-- store its older result over this one; the woken waiters find the new value.
+redis.call('DEL', KEYS[2])
+write_value(KEYS[1], ARGV[1], ARGV[2], 4)
+wake_waiters(KEYS[3], KEYS[4], ARGV[3])
+return 1
+"""
+)
+
 LEAVE: Final = """
 -- KEYS[1] waiters set, KEYS[2] this waiter's wake-up list
 -- ARGV[1] the waiter's token
@@ -161,6 +196,7 @@ class ScriptName(enum.Enum):
     UPDATE_FIELD = UPDATE_FIELD
     PEEK = PEEK
     LEAVE = LEAVE
+    PUT = PUT
 
 
 class AcquireStatus(enum.IntEnum):

@@ -38,9 +38,11 @@ class StatsSnapshot:
         errors: Redis failures (the call was still answered when fail_open).
         corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten.
         lock_waits: misses that waited on Redis for another process's load.
-        loader_errors: loader failures in background reloads (refresh_ahead); callers
-            got the cached value.
+        loader_errors: loader failures nobody saw raised: background reloads
+            (refresh_ahead, grace), and loads answered with a stale value
+            (stale_if_error).
         postponed: invalidations Redis did not take, queued in the engine's outbox.
+        stale: calls answered with a value past its ttl (grace, stale_if_error).
     """
 
     hits: int = 0
@@ -54,6 +56,7 @@ class StatsSnapshot:
     lock_waits: int = 0
     loader_errors: int = 0
     postponed: int = 0
+    stale: int = 0
 
     @property
     def hit_rate_pct(self) -> float:
@@ -106,7 +109,7 @@ class Stats:
         self._start_hit_counts()
         self._misses = self._negative_hits = self._loads = 0
         self._suppressed = self._errors = self._corrupt = 0
-        self._lock_waits = self._loader_errors = self._postponed = 0
+        self._lock_waits = self._loader_errors = self._postponed = self._stale = 0
         self._error_burst = _Burst()
         self._loader_burst = _Burst()
         self._error_kinds: dict[str, int] = {}
@@ -163,26 +166,36 @@ class Stats:
                 self.after_error,
             )
 
-    def loader_error(self, key: str, failure: BaseException) -> None:
-        """Count a loader failure nobody sees raised (a background reload); log it
-        like Redis errors, once per burst, with its traceback."""
+    def loader_error(
+        self,
+        key: str,
+        failure: BaseException,
+        served: str = "the cached value is served until it expires",
+    ) -> None:
+        """Count a loader failure nobody sees raised (a background reload, or a load
+        answered with a stale value); log it like Redis errors, once per burst, with
+        its traceback. `served` says what callers got instead."""
         with self._lock:
             self._loader_errors += 1
             count = self._loader_burst.due(time.monotonic())
         if count:
             logger.warning(
-                "%s: background reload of %r failed (%r); %d failure(s) since the last "
-                "report; the cached value is served until it expires",
+                "%s: loading %r failed (%r); %d failure(s) since the last report; %s",
                 self.name,
                 key,
                 failure,
                 count,
+                served,
                 exc_info=failure,
             )
 
     def postponed(self) -> None:
         with self._lock:
             self._postponed += 1
+
+    def stale(self) -> None:
+        with self._lock:
+            self._stale += 1
 
     def reset_after_fork(self) -> None:
         """In a forked child: the lock may have been held by a thread now gone."""
@@ -202,6 +215,7 @@ class Stats:
                 lock_waits=self._lock_waits,
                 loader_errors=self._loader_errors,
                 postponed=self._postponed,
+                stale=self._stale,
             )
 
     def loaded_in(self, seconds: float) -> None:
@@ -232,7 +246,7 @@ class Stats:
             self._start_hit_counts()
             self._misses = self._negative_hits = self._loads = 0
             self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
-            self._loader_errors = self._postponed = 0
+            self._loader_errors = self._postponed = self._stale = 0
             self._error_kinds = {}
             self._load_counts = [0] * len(LOAD_BUCKETS)
             self._load_seconds = 0.0

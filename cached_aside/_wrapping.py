@@ -15,7 +15,7 @@ from ._batches import invalidate_many, invalidate_pattern, many
 from ._defaults import default_engine
 from ._effects import Flow
 from ._engine import CacheEngine
-from ._flows import Plan, Served, invalidate, update_field
+from ._flows import Plan, Served, bypass, invalidate, put, reload, update_field
 from ._keys import KeyTemplate, glob_escape, split_entry_key
 from ._loads import BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
@@ -39,6 +39,15 @@ class Write(Generic[T]):
 
     def __init__(self, engine: CacheEngine, flow: Flow[T], keys: Sequence[str] | None) -> None:
         self.engine, self.flow, self.keys = engine, flow, keys
+
+
+class Reload:
+    """fn.refresh(), ready to run: its flow, its loads, and the key it rewrites."""
+
+    __slots__ = ("flow", "keys", "loads")
+
+    def __init__(self, flow: Flow[Served], loads: Loads, keys: Sequence[str]) -> None:
+        self.flow, self.loads, self.keys = flow, loads, keys
 
 
 class CachedBase(Generic[P, R]):
@@ -138,6 +147,20 @@ class CachedBase(Generic[P, R]):
         engine, key = self._locate(loader_args, kwargs)
         flow = update_field(self._plan, key, field, value, self._covering(engine))
         return Write(engine, flow, (key,))
+
+    def _put(self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any) -> Write[Outcome]:
+        engine, key = self._locate(args, kwargs)
+        return Write(engine, put(self._plan, key, value, self._covering(engine)), (key,))
+
+    def _reload(self, args: tuple[Any, ...], kwargs: dict[str, Any], runtime: Runtime) -> Reload:
+        """fn.refresh()'s flow and loads: bypassing the cache, like a call, while the
+        key's invalidation waits in the outbox."""
+        engine, key = self._locate(args, kwargs)
+        if engine.outbox.active and engine.outbox.blocks(key):
+            flow = bypass(self._plan, key)
+        else:
+            flow = reload(self._plan, key, runtime.block_limit_ms)
+        return Reload(flow, Loads(self._plan, self.__wrapped__, (args,), kwargs), (key,))
 
     def _invalidations(self, items: Iterable[Any]) -> Write[BulkOutcome]:
         engine, keys, _, _, _ = self._distinct(items)

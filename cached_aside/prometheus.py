@@ -27,8 +27,9 @@ COUNTERS = {
     "stampedes_suppressed": "Misses served by another caller's load",
     "lock_waits": "Misses that waited on Redis for another process's load",
     "corrupt": "Foreign or damaged entries found, treated as misses and rewritten",
-    "loader_errors": "Loader failures in background reloads (the cached value was served)",
+    "loader_errors": "Loader failures nobody saw raised (background reloads, stale answers)",
     "postponed": "Invalidations Redis did not take, queued in the engine's outbox",
+    "stale": "Calls answered with a value past its ttl (grace, stale_if_error)",
 }
 
 

@@ -1,0 +1,259 @@
+"""Serving through expiry and primary failures: grace (stale-while-revalidate),
+stale_if_error, loader_timeout and the loader breaker; each sync and async, on real
+Redis and fakeredis. An entry's age is set with PEXPIRE: an entry stored for ttl +
+kept time with N ms left is (kept - N) ms past its ttl."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from cached_aside import (
+    CacheEngine,
+    ConfigurationError,
+    LoaderCircuitOpenError,
+    LoaderTimeoutError,
+    NearCache,
+    Outcome,
+    Source,
+    cache_aside,
+)
+
+from .conftest import Harness, needs_real_redis
+from .test_near import near_engine, until_near  # noqa: F401  # a fixture, and its helper
+
+
+class Versioned:
+    """A loader returning the primary's current version of a row; it can be made to
+    fail, and counts its calls."""
+
+    def __init__(self) -> None:
+        self.version = 1
+        self.calls = 0
+        self.failing = False
+
+    def __call__(self, id: str) -> dict[str, Any]:
+        self.calls += 1
+        if self.failing:
+            raise RuntimeError("the primary is down")
+        return {"id": id, "v": self.version}
+
+
+def age(h: Harness, key: str, left_ms: int) -> None:
+    """Make the entry at `key` have `left_ms` to live."""
+    assert h.raw.pexpire(key, left_ms)
+
+
+async def settle(h: Harness) -> None:
+    assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
+
+
+async def test_grace_serves_stale_while_one_caller_reloads(h: Harness) -> None:
+    rows = Versioned()
+    fn = h.cached(rows, key="g:<id>", ttl=30, grace=10)
+    assert (await h.run(fn, "a"))["v"] == 1
+    assert 30_000 < h.raw.pttl(fn.key("a")) <= 40_000  # stored for ttl + grace
+    rows.version = 2
+    age(h, fn.key("a"), 9_000)  # 1 s past its ttl: inside the grace
+    first = await h.run(fn.lookup, "a")
+    assert (first.source, first.value["v"], first.hit) == (Source.STALE, 1, False)
+    await settle(h)
+    after = await h.run(fn.lookup, "a")
+    assert (after.source, after.value["v"]) == (Source.CACHE, 2)
+    assert rows.calls == 2  # the first load and one reload
+    stats = fn.stats()
+    assert (stats.stale, stats.loads) == (1, 2)
+
+
+async def test_past_the_grace_a_call_loads(h: Harness) -> None:
+    rows = Versioned()
+    fn = h.cached(rows, key="g:<id>", ttl=30, grace=2, stale_if_error=10)
+    await h.run(fn, "a")
+    rows.version = 2
+    age(h, fn.key("a"), 5_000)  # 5 s past its ttl: beyond grace, kept for errors only
+    result = await h.run(fn.lookup, "a")
+    assert (result.source, result.value["v"]) == (Source.LOADER, 2)
+
+
+async def test_invalidate_removes_the_entry_and_its_grace(h: Harness) -> None:
+    rows = Versioned()
+    fn = h.cached(rows, key="g:<id>", ttl=30, grace=60)
+    await h.run(fn, "a")
+    age(h, fn.key("a"), 30_000)
+    rows.version = 2
+    assert await h.run(fn.invalidate, "a") is Outcome.DELETED
+    result = await h.run(fn.lookup, "a")
+    assert (result.source, result.value["v"]) == (Source.LOADER, 2)  # never stale
+
+
+async def test_stale_if_error_answers_a_failed_load_with_the_kept_value(
+    h: Harness, twin: Any
+) -> None:
+    rows = Versioned()
+    fn = h.cached(rows, key="s:<id>", ttl=30, stale_if_error=60)
+    await h.run(fn, "a")
+    rows.failing = True
+    age(h, fn.key("a"), 50_000)  # 10 s past its ttl
+    result = await h.run(fn.lookup, "a")
+    assert (result.source, result.value["v"]) == (Source.STALE, 1)
+    # Another process, which never saw the value, is answered the same way.
+    other = cache_aside(key="s:<id>", ttl=30, stale_if_error=60, engine=twin())(fn.__wrapped__)
+    other_result = await h.run(other.lookup, "a")
+    assert (other_result.source, other_result.value["v"]) == (Source.STALE, 1)
+    stats = fn.stats()
+    assert (stats.stale, stats.loader_errors) == (1, 1)
+    # The lock went with the failed load: once the primary is back, a call loads.
+    rows.failing = False
+    rows.version = 2
+    assert (await h.run(fn, "a"))["v"] == 2
+
+
+async def test_without_a_stale_value_the_loader_error_propagates(h: Harness) -> None:
+    rows = Versioned()
+    rows.failing = True
+    fn = h.cached(rows, key="s:<id>", ttl=30, stale_if_error=60)
+    with pytest.raises(RuntimeError, match="primary is down"):
+        await h.run(fn, "never-cached")
+    # A value past even stale_if_error is gone from Redis: the same.
+    other_rows = Versioned()
+    plain = h.cached(other_rows, key="t:<id>", ttl=30, stale_if_error=1)
+    await h.run(plain, "a")
+    h.raw.delete(plain.key("a"))
+    other_rows.failing = True
+    with pytest.raises(RuntimeError):
+        await h.run(plain, "a")
+
+
+async def test_the_loader_breaker_stops_hammering_and_then_probes(h: Harness) -> None:
+    rows = Versioned()
+    fn = h.cached(rows, key="b:<id>", ttl=30, stale_if_error=60)
+    await h.run(fn, "a")
+    rows.failing = True
+    calls_before = rows.calls
+    for _ in range(8):
+        age(h, fn.key("a"), 50_000)
+        assert (await h.run(fn.lookup, "a")).source is Source.STALE
+    assert rows.calls - calls_before == 5  # then skipped: the breaker opened
+    with pytest.raises(LoaderCircuitOpenError, match="no stale value"):
+        await h.run(fn, "never-cached")
+    fn._plan.loader_breaker.open_until = 1.0  # type: ignore[union-attr]  # cooled down
+    rows.failing = False
+    rows.version = 2
+    assert (await h.run(fn, "a"))["v"] == 2  # the probe loads, and closes it
+    assert fn._plan.loader_breaker.state == "closed"  # type: ignore[union-attr]
+
+
+async def test_a_load_past_loader_timeout_fails_and_frees_the_lock(engine: CacheEngine) -> None:
+    release = threading.Event()
+
+    @cache_aside(key="slow:<id>", ttl=30, loader_timeout=0.05, engine=engine)
+    def slow(id: str) -> str:
+        if not release.is_set():
+            release.wait(5)  # abandoned by the timeout; ends when released
+        return "ok"
+
+    @cache_aside(key="aslow:<id>", ttl=30, loader_timeout=0.05, engine=engine)
+    async def aslow(id: str) -> str:
+        if not release.is_set():
+            await asyncio.sleep(5)  # cancelled by the timeout
+        return "ok"
+
+    started = time.monotonic()
+    with pytest.raises(LoaderTimeoutError, match="loader_timeout"):
+        slow("a")
+    with pytest.raises(LoaderTimeoutError):
+        await aslow("a")
+    release.set()
+    # The locks went with the timed-out calls: nobody waits out lock_ttl (10 s).
+    assert slow("a") == "ok"
+    assert await aslow("a") == "ok"
+    assert time.monotonic() - started < 2
+
+
+async def test_a_load_past_loader_timeout_answers_with_the_kept_value(
+    engine: CacheEngine,
+) -> None:
+    slow_now = threading.Event()
+
+    @cache_aside(key="slow:<id>", ttl=30, loader_timeout=0.05, stale_if_error=60, engine=engine)
+    def slow(id: str) -> str:
+        if slow_now.is_set():
+            time.sleep(0.5)
+        return "v"
+
+    assert slow("a") == "v"
+    slow_now.set()
+    engine.client().pexpire(slow.key("a"), 50_000)  # 10 s past its ttl
+    result = slow.lookup("a")
+    assert (result.source, result.value) == (Source.STALE, "v")
+    assert slow.stats().loader_errors == 1
+
+
+async def test_an_invalidation_during_a_stale_serving_reload_stores_nothing(
+    h: Harness,
+) -> None:
+    reading = threading.Event()
+    release = threading.Event()
+    rows = Versioned()
+
+    def loader(id: str) -> dict[str, Any]:
+        row = rows(id)
+        if rows.calls > 1:  # the background reload: hold it after its read
+            reading.set()
+            release.wait(5)
+        return row
+
+    fn = h.cached(loader, key="r:<id>", ttl=30, grace=10)
+    await h.run(fn, "a")
+    rows.version = 2
+    age(h, fn.key("a"), 9_000)
+    assert (await h.run(fn.lookup, "a")).source is Source.STALE
+    await asyncio.to_thread(reading.wait, 5)  # the reload read version 2
+    rows.version = 3  # the writer: update the primary, then invalidate
+    assert await h.run(fn.invalidate, "a") is Outcome.DELETED
+    release.set()
+    await settle(h)
+    assert not h.raw.exists(fn.key("a"))  # the reload's older row was refused
+    result = await h.run(fn.lookup, "a")
+    assert (result.source, result.value["v"]) == (Source.LOADER, 3)
+
+
+async def test_many_serves_entries_in_their_grace_and_reloads_them(h: Harness) -> None:
+    rows = Versioned()
+    fn = h.cached(rows, key="m:<id>", ttl=30, grace=10)
+    assert [r["v"] for r in await h.run(fn.many, ["a", "b"])] == [1, 1]
+    rows.version = 2
+    age(h, fn.key("a"), 9_000)
+    assert [r["v"] for r in await h.run(fn.many, ["a", "b"])] == [1, 1]
+    await settle(h)
+    assert [r["v"] for r in await h.run(fn.many, ["a", "b"])] == [2, 1]
+
+
+def test_bad_stale_options_are_refused_at_decoration() -> None:
+    def load(id: str) -> None: ...
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"grace": -1}, "grace must be >= 0"),
+        ({"stale_if_error": "1m"}, "stale_if_error must be a number of seconds"),
+        ({"loader_timeout": 20}, "loader_timeout .* must be shorter than lock_ttl"),
+        ({"loader_timeout": 0.5, "lock_ttl": 0.5}, "shorter than lock_ttl"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigurationError, match=message):
+            cache_aside(key="k:<id>", ttl=30, **options)(load)
+
+
+@needs_real_redis
+def test_near_copies_live_no_longer_than_the_fresh_part(near_engine: CacheEngine) -> None:  # noqa: F811
+    @cache_aside(key="n:<id>", ttl=0.3, grace=30, engine=near_engine, near=NearCache())
+    def read(id: str) -> dict[str, str]:
+        return {"id": id}
+
+    read("a")
+    until_near(read, "a")
+    time.sleep(0.35)  # past the ttl: the near copy is gone, Redis serves it stale
+    assert read.lookup("a").source is Source.STALE
