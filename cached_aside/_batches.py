@@ -30,10 +30,12 @@ from ._effects import (
 )
 from ._errors import BatchLoaderError
 from ._flows import (
+    RELEASE_ONLY,
     Plan,
     Served,
     aged,
     found_in,
+    join_tags,
     lock_hold,
     miss,
     on_lookup,
@@ -41,8 +43,8 @@ from ._flows import (
     tolerate,
     what_to_store,
 )
-from ._keys import entry_keys
-from ._outbox import Delivery, PendingKey, PendingPattern
+from ._keys import entry_keys, split_entry_key, tag_key
+from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
 from ._results import BulkOutcome, Source
 from ._scripts import AcquireStatus, ScriptName
 
@@ -227,6 +229,10 @@ def _load_and_store_many(
     options, stats = plan.options, plan.stats
     to_load = tuple(sorted(owned + uncached))
     owning = set(owned)  # a failed lock attempt has a token too, but no lock
+    unfenced: set[int] = set()  # owned, but not in their tags' sets: loaded, not stored
+    if plan.tags and owned:
+        unjoined = yield from join_tags(plan, [(keys[p], LoadOne(at[p])) for p in owned])
+        unfenced = {p for p in owned if keys[p] in unjoined}
     for _ in to_load:
         stats.miss()
         stats.load()
@@ -235,6 +241,8 @@ def _load_and_store_many(
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):
         kind, ttl_ms, payload, results[position] = what_to_store(plan, value, keys[position])
+        if position in unfenced:
+            kind, ttl_ms, payload = RELEASE_ONLY, 0, []
         if position in owning:
             store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
             stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
@@ -347,6 +355,55 @@ def invalidate_matching(
             return deleted, None
 
 
+def invalidate_tags(
+    key_head: str,
+    texts: Sequence[str],
+    wake_ttl_ms: int,
+    covering: Callable[[str], tuple[PendingPattern, ...]],
+    everything: PendingPattern,
+) -> Flow[tuple[BulkOutcome, list[str]]]:
+    """Delete every entry carrying any of these tags, on every node, without a scan:
+    read each tag's set, invalidate its entries (revoking loads in flight, as
+    invalidate() does), then take them out of the set. A load that joins a set after
+    it was read began after the write that called this, so it read the new row.
+
+    What Redis did not take goes to the outbox: an entry as a PendingKey, a tag whose
+    set could not be read as a PendingTag covering the functions that can carry it
+    (`covering`). Returns the outcome and the keys invalidated."""
+    tag_keys = [tag_key(key_head, text) for text in texts]
+    replies = yield Batch([Command(("SMEMBERS", key)) for key in tag_keys])
+    members: dict[str, list[str]] = {}  # entry key -> the sets it was read from
+    unread: list[PendingTag] = []
+    for text, key, reply in zip(texts, tag_keys, replies, strict=True):
+        if type(reply) is CommandFailed:
+            unread.append(PendingTag(key, wake_ttl_ms, covering(text)))
+            continue
+        for member in reply:
+            entry = member.decode() if isinstance(member, bytes) else str(member)
+            parts = split_entry_key(entry, key_head)
+            if parts is not None and not parts[1]:  # never trust a foreign member
+                members.setdefault(entry, []).append(key)
+    entries = list(members)
+    replies = yield Batch(
+        [RunScript(ScriptName.INVALIDATE, entry_keys(entry), (wake_ttl_ms,)) for entry in entries]
+    )
+    deleted = 0
+    done: dict[str, list[str]] = {}  # tag set -> its members now invalidated
+    failed: list[PendingKey] = []
+    for entry, reply in zip(entries, replies, strict=True):
+        if type(reply) is CommandFailed:
+            failed.append(PendingKey(entry, wake_ttl_ms, everything))
+            continue
+        deleted += int(reply)
+        for key in members[entry]:
+            done.setdefault(key, []).append(entry)
+    if done:  # tidy only: a member left behind is invalidated again, harmlessly
+        yield Batch([Command(("SREM", key, *gone)) for key, gone in done.items()])
+    if failed or unread:
+        yield Postpone((*failed, *unread))
+    return BulkOutcome(deleted, len(failed) + len(unread)), entries
+
+
 def deliver(delivery: Delivery) -> Flow[Delivery]:
     """Send what the outbox holds, keys and releases in one pipeline, then each
     pattern; returns what landed."""
@@ -367,6 +424,38 @@ def deliver(delivery: Delivery) -> Flow[Delivery]:
     for pattern in delivery.patterns:
         _, failure = yield from invalidate_matching(pattern.match, pattern.belongs)
         if failure is not None:
-            break  # Redis is failing again: the rest waits for the next attempt
+            return landed  # Redis is failing again: the rest waits for the next attempt
         landed.patterns.append(pattern)
+    for tag in delivery.tags:
+        if (yield from _deliver_tag(tag)):
+            landed.tags.append(tag)
+        else:
+            break
     return landed
+
+
+def _deliver_tag(tag: PendingTag) -> Flow[bool]:
+    """One pending tag: read its set and invalidate every entry in it; True if all of
+    it landed. The entries' keys are checked against the tag's own engine head."""
+    try:
+        members = yield Command(("SMEMBERS", tag.key))
+    except CommandFailed:
+        return False
+    head = tag.key[: tag.key.index("tag:{")] + "{"
+    entries = []
+    for member in members:
+        entry = member.decode() if isinstance(member, bytes) else str(member)
+        parts = split_entry_key(entry, head)
+        if parts is not None and not parts[1]:
+            entries.append(entry)
+    replies = yield Batch(
+        [
+            RunScript(ScriptName.INVALIDATE, entry_keys(entry), (tag.wake_ttl_ms,))
+            for entry in entries
+        ]
+    )
+    if any(type(reply) is CommandFailed for reply in replies):
+        return False
+    if entries:
+        yield Batch([Command(("SREM", tag.key, *entries))])
+    return True

@@ -22,7 +22,7 @@ from ._codecs import (
     SerializerCodec,
 )
 from ._engine import CacheEngine
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, KeyTemplateError
 from ._flows import Plan
 from ._functions import AsyncCachedFunction, CachedFunction
 from ._keys import KeyTemplate
@@ -96,6 +96,11 @@ class cache_aside:  # lower case: a decorator, named and used like a function
         ttl_jitter: a fraction in [0, 1): each store's ttl is shortened by a random
             part of it up to this share, so entries written together do not expire
             together. 0 (default): every entry lives exactly `ttl`.
+        tags: templates over the loader's parameters, like `key`, e.g.
+            `tags=("shop:<shop_id>", "catalog")`: `engine.invalidate_tags("shop:7")`
+            drops every entry carrying one, on every node, without a scan. Each tag
+            costs a load one more Redis command (its set gains the entry before the
+            loader runs, so an invalidation after a write fences that load).
         compress_over: bytes; a msgpack payload longer than this is stored
             zlib-compressed (marked, so foreign data never decodes as compressed).
             None (default): never. Not with as_hash or a serializer.
@@ -121,6 +126,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
     cache_if: Callable[[Any], object] | None = None
     ttl_jitter: float = 0.0
     compress_over: int | None = None
+    tags: tuple[str, ...] = ()
     _options: Options = field(init=False, repr=False)
     _codec: Codec = field(init=False, repr=False)
 
@@ -187,6 +193,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
                 "list instead"
             )
         template = KeyTemplate(self.key, loader)
+        tags = _tag_templates(self.tags, loader, name)
         near = NearCache() if self.near is True else self.near
         # An engine-wide near cache turns peek on when the function first meets it.
         options = self._options
@@ -197,7 +204,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             if options.stale_if_error_ms
             else None
         )
-        plan = Plan(name, self._codec, options, stats, peek, breaker)
+        plan = Plan(name, self._codec, options, stats, peek, breaker, tags)
         is_async = inspect.iscoroutinefunction(loader)
         batch_loader = self.batch_loader
         if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:
@@ -208,3 +215,20 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             )
         wrapper = AsyncCachedFunction if is_async else CachedFunction
         return wrapper(loader, template, plan, self.engine, batch_loader, near)
+
+
+def _tag_templates(tags: object, loader: Callable[..., Any], name: str) -> tuple[KeyTemplate, ...]:
+    """tags= as templates over the loader's parameters, checked like the key."""
+    if isinstance(tags, str) or not isinstance(tags, tuple | list):
+        raise ConfigurationError(
+            f"tags must be a tuple of templates such as ('shop:<shop_id>', 'catalog'), got {tags!r}"
+        )
+    templates = []
+    for text in tags:
+        try:
+            templates.append(KeyTemplate(text, loader))
+        except KeyTemplateError as exc:
+            raise ConfigurationError(f"tags of {name}: {exc}") from None
+    if len({t.text for t in templates}) != len(templates):
+        raise ConfigurationError(f"tags of {name} repeat a template: {tags!r}")
+    return tuple(templates)

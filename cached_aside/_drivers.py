@@ -37,6 +37,7 @@ from ._effects import (
     Scan,
     Signal,
     Spawn,
+    TagsOf,
 )
 from ._flows import Plan, Served, after_miss, bypass, on_lookup
 from ._loads import Loads
@@ -142,6 +143,11 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, fl
                 try:
                     reply = loads.run(effect)  # type: ignore[arg-type]
                 except BaseException as exc:
+                    failure = exc
+            elif kind is TagsOf:
+                try:
+                    reply = loads.tags(effect.load)  # type: ignore[union-attr]
+                except Exception as exc:  # an argument that cannot be rendered
                     failure = exc
             else:
                 _perform_locally(effect, rt, holds, seal)
@@ -297,6 +303,11 @@ async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Seal) -> tup
                 try:
                     reply = await loads.arun(effect)  # type: ignore[arg-type]
                 except BaseException as exc:
+                    failure = exc
+            elif kind is TagsOf:
+                try:
+                    reply = loads.tags(effect.load)  # type: ignore[union-attr]
+                except Exception as exc:  # an argument that cannot be rendered
                     failure = exc
             else:
                 _perform_locally(effect, rt, holds, seal)

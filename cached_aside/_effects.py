@@ -11,7 +11,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from ._outbox import PendingKey, PendingPattern
+from ._outbox import PendingKey, PendingPattern, PendingTag
 from ._scripts import ScriptName
 
 T = TypeVar("T")
@@ -140,7 +140,15 @@ class Postpone:
     outbox, which retries them until they land. Until then this process serves the
     keys they cover from the loader only."""
 
-    items: tuple[PendingKey | PendingPattern, ...]
+    items: tuple[PendingKey | PendingPattern | PendingTag, ...]
+
+
+@dataclass(slots=True)
+class TagsOf:
+    """The tags of the entry `load` loads, rendered from its call's arguments (no
+    I/O: the driver holds the arguments)."""
+
+    load: Signal | LoadOne
 
 
 class Signal(enum.Enum):
@@ -163,6 +171,7 @@ Effect = (
     | Free
     | Postpone
     | Each
+    | TagsOf
 )
 Flow = Generator[Effect, Any, T]
 

@@ -28,14 +28,15 @@ import redis.cluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ._batches import invalidate_pattern
+from ._batches import invalidate_pattern, invalidate_tags
 from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
 from ._codecs import Codec
 from ._connections import HeldConnections, Pipeline
 from ._drivers import arun, no_seal, run
+from ._effects import Flow
 from ._errors import ConfigurationError
 from ._flusher import Flusher
-from ._keys import glob_escape, split_entry_key, validate_prefix
+from ._keys import KeyTemplate, glob_escape, split_entry_key, validate_prefix
 from ._listener import InvalidationListener, connection_factory
 from ._loads import NO_LOADS
 from ._near import NearCache, NearStore
@@ -131,6 +132,9 @@ class CacheEngine:
         self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
         self._last_async: tuple[object, AsyncRuntime | None] = (None, None)
         self._stats: list[Stats] = []
+        # Functions with tags=, by name: their tag templates, every key they own, and
+        # their lock ttl (a pending tag blocks their keys; its waiters' wake-ups).
+        self._tagged: dict[str, tuple[tuple[KeyTemplate, ...], PendingPattern, int]] = {}
         self._listener: InvalidationListener | None = None
         self.outbox = Outbox()
         _engines.add(self)
@@ -395,6 +399,64 @@ class CacheEngine:
             runtime.flights.forget_all()
             self._clear_near()
 
+    def invalidate_tags(self, *tags: str) -> BulkOutcome:
+        """Delete every entry carrying any of these tags (as rendered: "shop:7" for
+        tags=("shop:<shop_id>",) and shop_id=7), on every node, and revoke their
+        loads in flight, as invalidate() would each.
+
+        Costs one SMEMBERS per tag, one INVALIDATE script per entry and one SREM
+        per tag, pipelined (per node on a Cluster); no scan. What Redis did not take
+        waits in the outbox (`pending`), and is retried until it lands.
+        """
+        texts = _tag_texts(tags)
+        runtime = self._sync_side()
+        outcome, keys = BulkOutcome(0), list[str]()
+        try:
+            outcome, keys = run(self._tags_flow(texts), runtime, NO_LOADS, no_seal)[0]
+        finally:
+            self._forget(runtime, keys, bool(outcome.pending))
+        return outcome
+
+    async def ainvalidate_tags(self, *tags: str) -> BulkOutcome:
+        """invalidate_tags() for async code, on this event loop's client."""
+        texts = _tag_texts(tags)
+        runtime = self._async_side()
+        outcome, keys = BulkOutcome(0), list[str]()
+        try:
+            outcome, keys = (await arun(self._tags_flow(texts), runtime, NO_LOADS, no_seal))[0]
+        finally:
+            self._forget(runtime, keys, bool(outcome.pending))
+        return outcome
+
+    def _tags_flow(self, texts: list[str]) -> Flow[tuple[BulkOutcome, list[str]]]:
+        tagged = list(self._tagged.values())
+        wake_ttl_ms = max((lock_ttl_ms for _, _, lock_ttl_ms in tagged), default=10_000)
+
+        def covering(text: str) -> tuple[PendingPattern, ...]:
+            return tuple(
+                whole for templates, whole, _ in tagged if any(t.owns(text) for t in templates)
+            )
+
+        return invalidate_tags(self.key_head, texts, wake_ttl_ms, covering, self._matching(""))
+
+    def _forget(self, runtime: Any, keys: list[str], everything: bool) -> None:
+        """Read-your-writes after a bulk invalidation: this process's readers start
+        afresh, and its near tier drops the keys (Redis's reports come later)."""
+        if everything:
+            runtime.flights.forget_all()
+            self._clear_near()
+            return
+        for key in keys:
+            runtime.flights.forget(key)
+        if self._listener is not None and keys:
+            self._listener.drop(keys)
+
+    def _register_tagged(
+        self, name: str, tags: tuple[KeyTemplate, ...], whole: PendingPattern, lock_ttl_ms: int
+    ) -> None:
+        with self._lock:
+            self._tagged[name] = (tags, whole, lock_ttl_ms)
+
     def settle(self, timeout: float = 5.0) -> bool:
         """Wait until the engine's background work is done: refresh_ahead reloads in
         threads and the outbox's deliveries. Returns False if `timeout` seconds were
@@ -612,3 +674,16 @@ def _close_with_loop(
     with contextlib.suppress(StopIteration):
         step.send(None)  # runs it to its yield: nothing in between awaits
     side.closer = generator  # the loop holds its generators weakly
+
+
+def _tag_texts(tags: tuple[object, ...]) -> list[str]:
+    """The tags of an invalidate_tags() call, checked: rendered text, no braces."""
+    if not tags:
+        raise ConfigurationError("invalidate_tags needs at least one tag, e.g. 'shop:7'")
+    for tag in tags:
+        if not isinstance(tag, str) or not tag or "{" in tag or "}" in tag:
+            raise ConfigurationError(
+                f"invalidate_tags takes tags as their templates render them, e.g. "
+                f"'shop:7' for tags=('shop:<shop_id>',); got {tag!r}"
+            )
+    return list(dict.fromkeys(tags))  # type: ignore[arg-type]

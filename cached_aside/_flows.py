@@ -18,17 +18,18 @@ from ._effects import (
     Batch,
     Command,
     CommandFailed,
-    Effect,
     Flow,
     Free,
     Hold,
+    LoadOne,
     Postpone,
     RunScript,
     Signal,
     Spawn,
+    TagsOf,
 )
 from ._errors import CacheUnavailableError, ConfigurationError, LoaderCircuitOpenError
-from ._keys import EntryKeys, entry_keys
+from ._keys import EntryKeys, KeyTemplate, entry_keys, tag_key
 from ._options import Options
 from ._outbox import PendingKey, PendingPattern
 from ._results import Outcome, Source
@@ -53,6 +54,8 @@ class Plan:
     peek: bool = False
     # With stale_if_error: skips a loader that keeps failing, serving stale values.
     loader_breaker: CircuitBreaker | None = None
+    # tags=: templates over the loader's arguments; each entry joins its tags' sets.
+    tags: tuple[KeyTemplate, ...] = ()
 
     @property
     def patience(self) -> float:
@@ -262,7 +265,7 @@ def miss(
     key: str,
     corrupt: bool,
     block_limit_ms: int,
-    load: Effect = Signal.LOAD,
+    load: Signal | LoadOne = Signal.LOAD,
     held: tuple[int, Hold] | None = None,
     stale: Any = NO_STALE,
     replace: bool = False,
@@ -351,7 +354,11 @@ def miss(
 
 
 def _load_and_store(
-    plan: Plan, keys: EntryKeys, hold: Hold, load: Effect = Signal.LOAD, stale: Any = NO_STALE
+    plan: Plan,
+    keys: EntryKeys,
+    hold: Hold,
+    load: Signal | LoadOne = Signal.LOAD,
+    stale: Any = NO_STALE,
 ) -> Flow[Served]:
     """Load and store under the lock `hold` stands for. Whatever goes wrong before
     the store script answers (the loader, the codec, Redis) leaves the Hold to the
@@ -359,10 +366,13 @@ def _load_and_store(
     one (stale_if_error)."""
     options = plan.options
     token = hold.releases[0].args[0]
+    fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
     value = yield from _guarded_load(plan, keys.value, load, stale)
     if value is _STALE_SERVED:
         return Served(stale, Source.STALE)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
+    if not fenced:  # a tag invalidation could not reach this load: store nothing
+        kind, ttl_ms, payload = RELEASE_ONLY, 0, []
     # From here on, callers in this process start their own read instead of joining
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
@@ -386,7 +396,7 @@ class _Stale(enum.Enum):
 _STALE_SERVED: Final = _Stale.SERVED
 
 
-def _guarded_load(plan: Plan, key: str, load: Effect, stale: Any) -> Flow[Any]:
+def _guarded_load(plan: Plan, key: str, load: Signal | LoadOne, stale: Any) -> Flow[Any]:
     """Run the loader, through the function's loader breaker if it has one. With a
     stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
     without one, the failure propagates (LoaderCircuitOpenError while skipped)."""
@@ -416,6 +426,27 @@ def _guarded_load(plan: Plan, key: str, load: Effect, stale: Any) -> Flow[Any]:
     return value
 
 
+def join_tags(plan: Plan, entries: list[tuple[str, Signal | LoadOne]]) -> Flow[set[str]]:
+    """Add entries about to load to their tags' sets, before the loader reads the
+    primary: an invalidate_tags() sent after a write then finds them and revokes
+    their leases. Returns the keys Redis did not add (counted, tolerated): those
+    loads must not store, since a tag invalidation could miss them."""
+    added: list[tuple[str, RunScript]] = []
+    alive_ms = plan.options.ttl_ms + plan.options.keep_ms + plan.options.lock_ttl_ms
+    for key, load in entries:
+        for text in (yield TagsOf(load)):
+            added.append(
+                (key, RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms)))
+            )
+    replies = yield Batch([effect for _, effect in added])
+    refused: set[str] = set()
+    for (key, _), reply in zip(added, replies, strict=True):
+        if type(reply) is CommandFailed and key not in refused:
+            refused.add(key)
+            tolerate(plan, key, reply)
+    return refused
+
+
 def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:
     """What a load's result becomes in Redis: (the store script's kind, ttl in ms,
     payload, the value callers get). The one place that applies negative caching,
@@ -433,7 +464,7 @@ def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any]
 
 
 def _load_uncached(
-    plan: Plan, key: str, failure: CommandFailed | None, load: Effect = Signal.LOAD
+    plan: Plan, key: str, failure: CommandFailed | None, load: Signal | LoadOne = Signal.LOAD
 ) -> Flow[Served]:
     """Fail open (Redis is unusable) or bypass the cache (an invalidation of `key`
     is still on its way): the loader answers and nothing is cached."""
@@ -449,7 +480,7 @@ def _load_uncached(
     return Served(result, Source.LOADER, shareable=True)
 
 
-def bypass(plan: Plan, key: str, load: Effect = Signal.LOAD) -> Flow[Served]:
+def bypass(plan: Plan, key: str, load: Signal | LoadOne = Signal.LOAD) -> Flow[Served]:
     """Serve `key` from the loader alone while its invalidation waits in the outbox:
     Redis may still hold the value it meant to delete."""
     return _load_uncached(plan, key, None, load)

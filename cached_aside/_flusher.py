@@ -154,6 +154,7 @@ class Flusher:
             len(landed.keys) == len(delivery.keys)
             and len(landed.patterns) == len(delivery.patterns)
             and len(landed.releases) == len(delivery.releases)
+            and len(landed.tags) == len(delivery.tags)
         )
         if complete and self.breaker.failures:
             self.breaker.success()  # Redis answers: callers need not wait for a probe

@@ -70,6 +70,13 @@ def entry_keys(value_key: str) -> EntryKeys:
     )
 
 
+def tag_key(entry_key: str, text: str) -> str:
+    """The set of a tag's entries, beside the engine's value keys: "<prefix>:tag:{shop:7}"
+    for "<prefix>:{...}" (its own hash tag: one Cluster slot per tag; outside the
+    value keys' "<prefix>:{", so bulk invalidation and client tracking skip it)."""
+    return f"{entry_key[: entry_key.index('{')]}tag:{{{text}}}"
+
+
 def glob_escape(text: str) -> str:
     """Text for a SCAN MATCH pattern that matches itself literally."""
     return _GLOB_SPECIAL.sub(r"\\\1", text)
@@ -282,8 +289,11 @@ class KeyTemplate:
         """The placeholder names of a template, in order."""
         return _PLACEHOLDER.findall(text)
 
-    def render(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-        """Render the key text (without prefix) for one call's arguments."""
+    def render(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, whole: bool = False
+    ) -> str:
+        """Render the key text (without prefix) for one call's arguments; a long one is
+        shortened to a head and a digest, unless `whole` (a tag's text)."""
         if not kwargs and len(args) == self._fast_arity:
             if self._single >= 0:
                 value = args[self._single]
@@ -308,7 +318,9 @@ class KeyTemplate:
             rendered = self._format.format(
                 *[render_argument(arguments[slot.name]) for slot in self._slots]
             )
-        return rendered if len(rendered) <= MAX_RENDERED_LENGTH else shorten(rendered, self._tag)
+        if whole or len(rendered) <= MAX_RENDERED_LENGTH:
+            return rendered
+        return shorten(rendered, self._tag)
 
 
 def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:

@@ -138,6 +138,13 @@ class InvalidationListener:
         for store in stores:
             store.clear()
 
+    def drop(self, keys: list[str]) -> None:
+        """Drop these keys from every attached store: this process changed them."""
+        with self._lock:
+            stores = list(self._stores)
+        for store in stores:
+            store.drop(keys)
+
     def wait_settled(self, timeout: float) -> TrackingState:
         """Wait for the first connection attempt to end; the state it left."""
         self._settled.wait(timeout)

@@ -95,6 +95,16 @@ class Loads:
                     raise _timed_out(self._name(), timeout) from None
         return returned if effect is Signal.LOAD else self._aligned(effect, returned)
 
+    def tags(self, load: Signal | LoadOne) -> tuple[str, ...]:
+        """The rendered tags of the entry `load` loads (TagsOf)."""
+        if self._plan is None or not self._plan.tags:
+            return ()
+        if load is Signal.LOAD:
+            args, kwargs = self._calls[self.position], self._kwargs
+        else:
+            args, kwargs = self._calls[load.position], NO_KWARGS  # type: ignore[union-attr]
+        return tuple(tag.render(args, kwargs, whole=True) for tag in self._plan.tags)
+
     def _timeout(self) -> float | None:
         """The function's loader_timeout in seconds, if it has one."""
         if self._plan is None or not self._plan.options.loader_timeout_ms:

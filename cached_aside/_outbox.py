@@ -45,6 +45,17 @@ class PendingKey:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingTag:
+    """A tag's invalidation whose entries Redis could not name: delivered by reading
+    the tag's set and invalidating each entry in it. Until then, this process does
+    not serve the keys of the functions that can carry the tag (`covers`)."""
+
+    key: str  # the tag's set
+    wake_ttl_ms: int = field(compare=False)
+    covers: tuple[PendingPattern, ...] = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
 class PendingRelease:
     """A lock (or a waiter's count) to give back; worthless after `until`."""
 
@@ -62,9 +73,10 @@ class Delivery:
     patterns: list[PendingPattern]
     releases: list[PendingRelease]
     sequence: int = 0
+    tags: list[PendingTag] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.patterns or self.releases)
+        return bool(self.keys or self.patterns or self.releases or self.tags)
 
 
 class Outbox:
@@ -90,16 +102,20 @@ class Outbox:
         self._patterns: dict[str, tuple[PendingPattern, int]] = {}
         self._starts: tuple[str, ...] = ()  # the patterns' starts, read without the lock
         self._releases: dict[tuple[Any, ...], tuple[PendingRelease, int]] = {}
+        self._tags: dict[str, tuple[PendingTag, int]] = {}
         self._flushing = False
         self.wake = threading.Event()  # set when work arrives: retry at once
 
-    def add(self, items: tuple[PendingKey | PendingPattern, ...]) -> None:
+    def add(self, items: tuple[PendingKey | PendingPattern | PendingTag, ...]) -> None:
         with self._lock:
             for item in items:
                 self.queued += 1
                 self._sequence += 1
                 if isinstance(item, PendingPattern):
                     self._add_pattern(item)
+                elif isinstance(item, PendingTag):
+                    self._tags[item.key] = (item, self._sequence)
+                    self._starts = self._pattern_starts()
                 else:
                     # Kept even when a pending pattern covers it: that pattern's scan
                     # may be past this key already.
@@ -144,7 +160,7 @@ class Outbox:
             return self._delivery()
 
     def pending_any(self) -> bool:
-        return bool(self._keys or self._patterns or self._releases)
+        return bool(self._keys or self._patterns or self._releases or self._tags)
 
     def stand_down(self) -> None:
         """The flusher stops with work left (the engine is closing); kick() or the
@@ -178,13 +194,19 @@ class Outbox:
                 queued_release = self._releases.get(name)
                 if queued_release is not None and queued_release[1] <= delivery.sequence:
                     del self._releases[name]
-            self._starts = tuple(p.start for p, _ in self._patterns.values())
-            self.active = bool(self._keys or self._patterns)
+            for tag in delivery.tags:
+                queued_tag = self._tags.get(tag.key)
+                if queued_tag is not None and queued_tag[1] <= delivery.sequence:
+                    del self._tags[tag.key]
+                    self.delivered += 1
+            self._starts = self._pattern_starts()
+            self.active = bool(self._keys or self._patterns or self._tags)
 
     def pending(self) -> list[str]:
-        """The keys, and the SCAN patterns of bulk invalidations, still waiting."""
+        """The keys, the SCAN patterns of bulk invalidations and the tags' sets still
+        waiting."""
         with self._lock:
-            return [*self._keys, *self._patterns]
+            return [*self._keys, *self._patterns, *self._tags]
 
     def reset_after_fork(self, can_flush: bool) -> None:
         """In a forked child: keep the pending work (the child must not serve those
@@ -206,6 +228,7 @@ class Outbox:
             [pattern for pattern, _ in self._patterns.values()],
             [release for release, _ in self._releases.values()],
             self._sequence,
+            [tag for tag, _ in self._tags.values()],
         )
 
     def _claim_flusher(self) -> bool:
@@ -217,9 +240,16 @@ class Outbox:
     def _covered(self, key: str) -> bool:
         return any(key.startswith(start) for start in self._starts)
 
+    def _pattern_starts(self) -> tuple[str, ...]:
+        """What `blocks` checks without the lock: the starts of pending patterns, and
+        of the functions a pending tag may cover."""
+        starts = [p.start for p, _ in self._patterns.values()]
+        starts += [p.start for tag, _ in self._tags.values() for p in tag.covers]
+        return tuple(starts)
+
     def _add_pattern(self, pattern: PendingPattern) -> None:
         self._patterns[pattern.match] = (pattern, self._sequence)
-        self._starts = tuple(p.start for p, _ in self._patterns.values())
+        self._starts = self._pattern_starts()
         for key in [key for key in self._keys if key.startswith(pattern.start)]:
             del self._keys[key]  # queued before the pattern: it covers them
 

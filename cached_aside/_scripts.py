@@ -1,10 +1,10 @@
 """The Lua scripts, with their KEYS/ARGV contracts.
 
 Scripts receive keys and arguments only; their text is constant. Every key a script
-touches belongs to one entry and shares its hash tag, so each script stays in one
-Redis Cluster slot (the waiters' wake-up lists, named from the waiters set, too).
-The wake-up fragment is shared text, not a separate script, because EVAL scripts
-cannot call each other.
+touches belongs to one entry and shares its hash tag (or is one tag's set, alone),
+so each script stays in one Redis Cluster slot (the waiters' wake-up lists, named
+from the waiters set, too). The shared fragments (waking waiters, writing a value)
+are text, not separate scripts, because EVAL scripts cannot call each other.
 """
 
 from __future__ import annotations
@@ -187,6 +187,19 @@ return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
 
+TAG_ADD: Final = """
+-- KEYS[1] a tag's set
+-- ARGV[1] an entry's value key, ARGV[2] how long the set must live at least (ms)
+-- returns 1. Run before the entry's load reads the primary, so that a tag
+-- invalidation sent after a write finds the entry, and revokes the load's lease.
+-- The set lives as long as its longest-lived entry could, then goes by itself.
+redis.call('SADD', KEYS[1], ARGV[1])
+local left = redis.call('PTTL', KEYS[1])
+if left < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
 class ScriptName(enum.Enum):
     """The scripts a flow can ask a driver to run."""
 
@@ -197,6 +210,7 @@ class ScriptName(enum.Enum):
     PEEK = PEEK
     LEAVE = LEAVE
     PUT = PUT
+    TAG_ADD = TAG_ADD
 
 
 class AcquireStatus(enum.IntEnum):

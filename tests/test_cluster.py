@@ -176,6 +176,39 @@ def test_cluster_batches_sync(client: redis.cluster.RedisCluster) -> None:
     assert not list(client.scan_iter(match="batch:*"))
 
 
+def test_cluster_tags_span_masters_without_cross_slot_scripts(
+    client: redis.cluster.RedisCluster,
+) -> None:
+    engine = CacheEngine(client, prefix="tags")
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine, tags=("group:<group>", "all"))
+    def read(group: int, id: str) -> dict[str, Any]:
+        return {"group": group, "id": id}
+
+    for index, id in enumerate(KEYS):
+        read(index % 3, id)
+    slots = {client.keyslot(read.key(index % 3, id)) for index, id in enumerate(KEYS)}
+    assert len({client.nodes_manager.get_node_from_slot(slot).name for slot in slots}) == 3
+    assert engine.invalidate_tags("group:1") == BulkOutcome(len(KEYS[1::3]))
+    assert not any(client.exists(read.key(1, id)) for id in KEYS[1::3])
+    assert client.exists(read.key(0, KEYS[0])) == 1
+    assert engine.invalidate_tags("all") == BulkOutcome(len(KEYS) - len(KEYS[1::3]))
+    assert not list(client.scan_iter(match="tags:{*"))  # every entry gone, on every node
+
+
+async def test_cluster_tags_async(cluster: RedisClusterProcesses) -> None:
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    engine = CacheEngine.from_url(url, prefix="atags")
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine, tags=("all",))
+    async def read(id: str) -> str:
+        return id
+
+    await read.many(KEYS[:30])
+    assert await engine.ainvalidate_tags("all") == BulkOutcome(30)
+    await engine.aclose()
+
+
 async def test_cluster_batches_async(cluster: RedisClusterProcesses) -> None:
     url = cluster.url.replace("redis://", "redis+cluster://")
     engine = CacheEngine.from_url(url, prefix="abatch")

@@ -86,6 +86,10 @@ class Scenario:
     stale_answers: bool = False  # a failed load is answered with the kept value
 
 
+async def _now(value: Any) -> Any:
+    return value
+
+
 async def _call(h: Harness, fn: Any, ids: list[str]) -> Any:
     return await h.run(fn, ids[0])
 
@@ -156,6 +160,21 @@ SCENARIOS = [
         "set",
         lambda h, fn, ids: h.run(fn.set, ids[0], value=row(ids[0], False)),
         _fill,
+        loads=False,
+        returns_rows=False,
+    ),
+    Scenario("tagged miss", _call, options={"tags": ("all", "one:<id>")}),
+    Scenario("tagged many, batch loader", _many, batch=True, entries=2, options={"tags": ("all",)}),
+    Scenario(
+        "invalidate_tags",
+        lambda h, fn, ids: (
+            h.engine.ainvalidate_tags("all")
+            if h.mode == "async"
+            else _now(h.engine.invalidate_tags("all"))
+        ),
+        _fill,
+        options={"tags": ("all",)},
+        entries=2,
         loads=False,
         returns_rows=False,
     ),
@@ -369,7 +388,12 @@ async def _judge_redis(
         left = [suffix for suffix in ("lock", "waiters", "wake") if h.raw.exists(f"{key}:{suffix}")]
         if left:
             problems.append(f"{id}: left {left} in Redis")
-    invalidation = scenario.name in ("invalidate", "invalidate_many", "invalidate_all")
+    invalidation = scenario.name in (
+        "invalidate",
+        "invalidate_many",
+        "invalidate_all",
+        "invalidate_tags",
+    )
     if completed and invalidation and any(h.raw.exists(fn.key(id)) for id in ids):
         problems.append("an invalidation that returned left its entry in Redis")
     # The next caller, in another process: never waits, gets the loader's row.
