@@ -30,6 +30,10 @@ T = TypeVar("T")
 
 Answer = tuple[Served, bool]  # and whether it was shared with another caller
 
+# Every decorated function alive, for integrations that instrument them all (an
+# OpenTelemetry instrumentor swaps their class): a set the hit path never reads.
+decorated: weakref.WeakSet[CachedBase[Any, Any]] = weakref.WeakSet()
+
 
 class Write(Generic[T]):
     """An invalidation or field update, ready to run: its flow, and the keys whose
@@ -76,6 +80,7 @@ class CachedBase(Generic[P, R]):
         self._whole: PendingPattern | None = None  # every key of this function, there
         self._near_stores: weakref.WeakKeyDictionary[CacheEngine, NearStore]
         self._near_stores = weakref.WeakKeyDictionary()
+        decorated.add(self)
 
     # -- engine and keys -----------------------------------------------------------
 
