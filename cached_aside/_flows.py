@@ -322,7 +322,7 @@ def miss(
         status = reply[0]
         if status == AcquireStatus.OWNED:
             stats.miss()
-            return (yield from _load_and_store(plan, keys, hold, load, stale))
+            return (yield from _load_and_store(plan, keys, hold, load, stale, probe=replace))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
             if found is Found.CORRUPT or found is Found.MISS:
@@ -359,15 +359,18 @@ def _load_and_store(
     hold: Hold,
     load: Signal | LoadOne = Signal.LOAD,
     stale: Any = NO_STALE,
+    *,
+    probe: bool = False,
 ) -> Flow[Served]:
     """Load and store under the lock `hold` stands for. Whatever goes wrong before
     the store script answers (the loader, the codec, Redis) leaves the Hold to the
     driver, which releases the lock; a failed load answers with `stale` if there is
-    one (stale_if_error)."""
+    one (stale_if_error). `probe`: a deliberate reload (fn.refresh()) calls the
+    loader even while its breaker is open, as the breaker's probe would."""
     options = plan.options
     token = hold.releases[0].args[0]
     fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
-    value = yield from _guarded_load(plan, keys.value, load, stale)
+    value = yield from _guarded_load(plan, keys.value, load, stale, probe)
     if value is _STALE_SERVED:
         return Served(stale, Source.STALE)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
@@ -396,12 +399,14 @@ class _Stale(enum.Enum):
 _STALE_SERVED: Final = _Stale.SERVED
 
 
-def _guarded_load(plan: Plan, key: str, load: Signal | LoadOne, stale: Any) -> Flow[Any]:
+def _guarded_load(
+    plan: Plan, key: str, load: Signal | LoadOne, stale: Any, probe: bool = False
+) -> Flow[Any]:
     """Run the loader, through the function's loader breaker if it has one. With a
     stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
     without one, the failure propagates (LoaderCircuitOpenError while skipped)."""
     stats, breaker = plan.stats, plan.loader_breaker
-    if breaker is not None and not breaker.allow():
+    if breaker is not None and not probe and not breaker.allow():
         if stale is NO_STALE:
             raise LoaderCircuitOpenError(
                 f"{plan.name}: the loader is skipped for {breaker.time_left():.1f} s more "

@@ -196,6 +196,37 @@ def test_cluster_tags_span_masters_without_cross_slot_scripts(
     assert not list(client.scan_iter(match="tags:{*"))  # every entry gone, on every node
 
 
+def test_cluster_grace_stale_if_error_set_and_refresh(client: redis.cluster.RedisCluster) -> None:
+    engine = CacheEngine(client, prefix="stale")
+    rows = dict.fromkeys(KEYS, 1)
+    failing = False
+
+    @cache_aside(key="item:<id>", ttl=30, grace=10, stale_if_error=60, engine=engine)
+    def read(id: str) -> int:
+        if failing:
+            raise RuntimeError("the primary is down")
+        return rows[id]
+
+    assert read.many(KEYS[:30]) == [1] * 30
+    for id in KEYS[:30]:
+        rows[id] = 2
+        client.pexpire(read.key(id), 55_000)  # 5 s past its ttl: inside the grace
+    assert [read.lookup(id).source for id in KEYS[:30]] == [Source.STALE] * 30
+    assert engine.settle()
+    assert [read(id) for id in KEYS[:30]] == [2] * 30  # reloaded on every master
+    failing = True
+    for id in KEYS[:30]:
+        client.pexpire(read.key(id), 45_000)  # 15 s past: beyond grace, kept for errors
+    assert {read.lookup(id).source for id in KEYS[:30]} == {Source.STALE}
+    failing = False
+    assert read.set(KEYS[0], value=7) is Outcome.UPDATED
+    assert read(KEYS[0]) == 7
+    rows[KEYS[0]] = 8
+    assert read.refresh(KEYS[0]) == 8
+    assert read.lookup(KEYS[0]).source is Source.CACHE
+    read.invalidate_all()
+
+
 async def test_cluster_tags_async(cluster: RedisClusterProcesses) -> None:
     url = cluster.url.replace("redis://", "redis+cluster://")
     engine = CacheEngine.from_url(url, prefix="atags")

@@ -140,11 +140,11 @@ async def test_the_loader_breaker_stops_hammering_and_then_probes(h: Harness) ->
     assert rows.calls - calls_before == 5  # then skipped: the breaker opened
     with pytest.raises(LoaderCircuitOpenError, match="no stale value"):
         await h.run(fn, "never-cached")
-    fn._plan.loader_breaker.open_until = 1.0  # type: ignore[union-attr]  # cooled down
     rows.failing = False
     rows.version = 2
-    assert (await h.run(fn, "a"))["v"] == 2  # the probe loads, and closes it
+    assert (await h.run(fn.refresh, "a"))["v"] == 2  # a deliberate reload probes at once
     assert fn._plan.loader_breaker.state == "closed"  # type: ignore[union-attr]
+    assert (await h.run(fn, "b"))["v"] == 2
 
 
 async def test_a_load_past_loader_timeout_fails_and_frees_the_lock(engine: CacheEngine) -> None:
