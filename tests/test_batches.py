@@ -350,3 +350,30 @@ def test_batches_survive_a_server_that_forgot_its_scripts() -> None:
     assert fn.many(["b", "c"]) == ["b", "c"]
     assert fn.lookup("c").source is Source.CACHE
     assert fn.invalidate_many(["a", "b"]) == BulkOutcome(2)
+
+
+async def test_two_processes_batching_overlapping_keys_load_each_once_async(
+    engine: CacheEngine, twin: Any
+) -> None:
+    loads: Counter[str] = Counter()
+
+    async def slow_batch(ids: list[str]) -> list[str]:
+        loads.update(ids)
+        await asyncio.sleep(0.1)
+        return [id.upper() for id in ids]
+
+    async def single(id: str) -> str:
+        loads[id] += 1
+        await asyncio.sleep(0.1)
+        return id.upper()
+
+    functions = [
+        cache_aside(key="w:<id>", ttl=30, engine=e, batch_loader=slow_batch)(single)
+        for e in (engine, twin(), twin())
+    ]
+    ids = [f"k{i}" for i in range(30)]
+    results = await asyncio.gather(
+        *(f.many(ids[n * 5 : n * 5 + 20]) for n, f in enumerate(functions))
+    )
+    assert results == [[id.upper() for id in ids[n * 5 : n * 5 + 20]] for n in range(3)]
+    assert set(loads.values()) == {1}  # every key loaded once, across all three engines

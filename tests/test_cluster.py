@@ -227,6 +227,46 @@ def test_cluster_grace_stale_if_error_set_and_refresh(client: redis.cluster.Redi
     read.invalidate_all()
 
 
+def _upper(id: str) -> str:
+    raise AssertionError("many() with a batch_loader never calls the single loader")
+
+
+def test_cluster_many_in_three_processes_loads_each_key_once(
+    client: redis.cluster.RedisCluster, cluster: RedisClusterProcesses
+) -> None:
+    loads: list[str] = []
+    lock = threading.Lock()
+
+    def slow_batch(ids: list[str]) -> list[str]:
+        with lock:
+            loads.extend(ids)
+        time.sleep(0.1)
+        return [id.upper() for id in ids]
+
+    clients = [redis.cluster.RedisCluster.from_url(cluster.url) for _ in range(3)]
+    engines = [CacheEngine(c, prefix="manyx") for c in clients]  # three "processes"
+    functions = [
+        cache_aside(key="w:<id>", ttl=30, engine=e, batch_loader=slow_batch)(_upper)
+        for e in engines
+    ]
+    results: list[list[str]] = []
+    threads = [
+        threading.Thread(target=lambda f=f, n=n: results.append(f.many(KEYS[n * 10 : n * 10 + 40])))
+        for n, f in enumerate(functions)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3
+    assert sorted(loads) == sorted(set(loads))  # no key loaded twice, on any master
+    assert set(loads) == set(KEYS[:60])
+    functions[0].invalidate_all()
+    for engine, each in zip(engines, clients, strict=True):
+        engine.close()
+        each.close()
+
+
 async def test_cluster_tags_async(cluster: RedisClusterProcesses) -> None:
     url = cluster.url.replace("redis://", "redis+cluster://")
     engine = CacheEngine.from_url(url, prefix="atags")
