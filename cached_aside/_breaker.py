@@ -85,3 +85,72 @@ class CircuitBreaker:
             f"Redis skipped for {self.time_left():.1f} s more after "
             f"{self.failures} failures in a row"
         )
+
+
+class NodeBreakers(CircuitBreaker):
+    """A Redis Cluster engine's breakers: one per node, so a dead master costs only
+    its own slots. Seen as one breaker (what the hot path reads, `engine.breaker`),
+    it is open while any node's is, and counts failures while any node does; calls
+    that name a key go through their node's breaker (`node`)."""
+
+    def __init__(
+        self,
+        failures: int = DEFAULT_FAILURES,
+        cooldown: float = DEFAULT_COOLDOWN_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(failures, cooldown, clock)
+        self.nodes: dict[str, CircuitBreaker] = {}
+
+    def node(self, name: str) -> CircuitBreaker:
+        """The breaker of one node (by redis-py's name, "host:port")."""
+        breaker = self.nodes.get(name)
+        if breaker is None:
+            with self._lock:
+                breaker = self.nodes.setdefault(name, _NodeBreaker(self))
+        return breaker
+
+    @property
+    def state(self) -> str:
+        states = {breaker.state for breaker in list(self.nodes.values())}
+        return "open" if "open" in states else "half-open" if "half-open" in states else "closed"
+
+    def allow(self) -> bool:
+        return True  # a call that names no key is not held back by one node
+
+    def success(self) -> None:
+        """Every node answers (the outbox delivered everything, a test resets)."""
+        for breaker in list(self.nodes.values()):
+            CircuitBreaker.success(breaker)
+        self.sum_up()
+
+    def failure(self) -> None:
+        """A failure that names no node (a scan across nodes): not held against any."""
+
+    def reset_after_fork(self) -> None:
+        super().reset_after_fork()
+        for breaker in list(self.nodes.values()):
+            breaker.reset_after_fork()
+
+    def sum_up(self) -> None:
+        """Recompute what the hot path reads, after a node's breaker changed."""
+        breakers = list(self.nodes.values())
+        self.open_until = max((b.open_until for b in breakers), default=0.0)
+        self.failures = sum(b.failures for b in breakers)
+        self.opened = sum(b.opened for b in breakers)
+
+
+class _NodeBreaker(CircuitBreaker):
+    """One node's breaker, which keeps its engine's sums up to date."""
+
+    def __init__(self, engine_wide: NodeBreakers) -> None:
+        super().__init__(engine_wide.threshold, engine_wide.cooldown, engine_wide.clock)
+        self._engine_wide = engine_wide
+
+    def success(self) -> None:
+        super().success()
+        self._engine_wide.sum_up()
+
+    def failure(self) -> None:
+        super().failure()
+        self._engine_wide.sum_up()

@@ -41,7 +41,7 @@ from ._effects import (
 )
 from ._flows import Plan, Served, after_miss, bypass, on_lookup
 from ._loads import Loads
-from ._pipelines import scan, scan_async, send_batch, send_batch_async, wire_args
+from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._scripts import ScriptName
 
@@ -162,7 +162,7 @@ def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseExce
     """One command or script through the breaker; returns the reply or the failure
     (a CommandFailed, or an interrupt, which the flow gets to release its Holds)."""
     if rt.breaker.open_until:  # one attribute read while all is well
-        refused = rt.refusal()
+        refused = rt.refusal(1, key_of(effect))
         if refused is not None:
             return None, refused[0]
     try:
@@ -174,11 +174,11 @@ def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseExce
         if not answered:
             reply = _through_client(rt, effect)
     except rt.failures as exc:
-        return None, rt.failure(exc)
+        return None, rt.failure(exc, key_of(effect))
     except BaseException as exc:
         return None, exc
     if rt.breaker.failures:
-        rt.answered()
+        rt.answered(key_of(effect))
     return reply, None
 
 
@@ -323,7 +323,7 @@ async def asend(
 ) -> tuple[object, BaseException | None]:
     """As send(); a cancellation comes back as the failure, for the flow's Holds."""
     if rt.breaker.open_until:  # one attribute read while all is well
-        refused = rt.refusal()
+        refused = rt.refusal(1, key_of(effect))
         if refused is not None:
             return None, refused[0]
     try:
@@ -336,11 +336,11 @@ async def asend(
             except NoScriptError:
                 reply = await _athrough_client(rt, effect)  # the client's Script loads it
     except rt.failures as exc:
-        return None, rt.failure(exc)
+        return None, rt.failure(exc, key_of(effect))
     except BaseException as exc:
         return None, exc
     if rt.breaker.failures:
-        rt.answered()
+        rt.answered(key_of(effect))
     return reply, None
 
 

@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._batches import invalidate_pattern, invalidate_tags
-from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker
+from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker, NodeBreakers
 from ._codecs import Codec
 from ._connections import HeldConnections, Pipeline
 from ._drivers import arun, no_seal, run
@@ -93,7 +93,9 @@ class CacheEngine:
         prefix: the key prefix given.
         near: the engine-wide NearCache, or None.
         breaker: the circuit breaker shared by the engine's clients; its `state`
-            is "closed", "open" or "half-open", and `opened` counts openings.
+            is "closed", "open" or "half-open", and `opened` counts openings. On a
+            Redis Cluster it holds one breaker per node (`breaker.nodes`): a dead
+            master costs only its own slots, and `state` is "open" while any is.
 
     Raises:
         ConfigurationError: a bad prefix or option, or a client made with
@@ -116,8 +118,13 @@ class CacheEngine:
         self.near = near
         whole("breaker_failures", breaker_failures)
         seconds("breaker_cooldown", breaker_cooldown)
-        # One breaker per engine: its sync and async clients talk to the same Redis.
-        self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown))
+        # One breaker per engine (its sync and async clients talk to the same Redis),
+        # and on a Redis Cluster one per node within it: a dead master costs only its
+        # own slots.
+        clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
+        on_cluster = isinstance(client, clusters) or isinstance(async_client, clusters)
+        kind = NodeBreakers if on_cluster else CircuitBreaker
+        self.breaker = kind(breaker_failures, float(breaker_cooldown))
         self.key_head = f"{prefix}:{{"  # value keys are key_head + rendered + "}"
         self._lock = threading.Lock()
         # Functions meet the engine under this one: their first calls may race.
@@ -219,10 +226,18 @@ class CacheEngine:
                 **client_options,
             }
             engine._owns_clients = engine._cluster = True
+            engine.breaker = engine._flusher.breaker = NodeBreakers(
+                breaker_failures, float(breaker_cooldown)
+            )
             engine._flusher.sync_runtime = engine._sync_side
-            engine._make_client = lambda: redis.cluster.RedisCluster.from_url(node_url, **timeouts)
+            # redis-py's cluster default retries a timed-out command for about 7 s
+            # (backoff, and a topology refresh that asks the hung node too): a cache
+            # must fail open long before; one immediate retry, as for one Redis.
+            engine._make_client = lambda: redis.cluster.RedisCluster.from_url(
+                node_url, **{"retry": Retry(NoBackoff(), 1), **timeouts}
+            )
             engine._make_async_client = lambda: redis.asyncio.cluster.RedisCluster.from_url(
-                node_url, **timeouts
+                node_url, **{"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **timeouts}
             )
             return engine
         engine._owns_clients = True

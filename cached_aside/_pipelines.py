@@ -21,6 +21,8 @@ from ._runtime import AsyncRuntime, Runtime, SyncRuntime, failed
 def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
     """Replies in order, a CommandFailed in place of each failure."""
     effects = batch.effects
+    if rt.breaker.open_until and rt.route is not None and effects:
+        return _around_open_nodes(rt, effects, lambda some: send_batch(rt, Batch(some)))
     refused = rt.refusal(len(effects))
     if not effects or refused is not None:
         return refused or []
@@ -34,8 +36,8 @@ def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
             for i, reply in zip(unknown, again, strict=True):
                 replies[i] = reply
     except rt.failures as exc:
-        return [rt.failure(exc)] * len(effects)
-    return _settled(rt, replies)
+        return _failed_together(rt, effects, exc)
+    return _settled(rt, effects, replies)
 
 
 def _send_together(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
@@ -50,9 +52,15 @@ def _send_together(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> l
 async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
     """Replies in order, a CommandFailed in place of each failure."""
     effects = batch.effects
-    refused = rt.refusal(len(effects))
-    if not effects or refused is not None:
-        return refused or []
+    if rt.breaker.open_until and rt.route is not None and effects:
+        refused = _refused_by_node(rt, effects)
+        if refused:
+            rest = [effect for i, effect in enumerate(effects) if i not in refused]
+            sent = iter(await send_batch_async(rt, Batch(rest)) if rest else [])
+            return [refused[i] if i in refused else next(sent) for i in range(len(effects))]
+    refused_all = rt.refusal(len(effects))
+    if not effects or refused_all is not None:
+        return refused_all or []
     try:
         replies = await _asend_together(rt, effects)
         unknown = _unknown_scripts(replies)
@@ -63,8 +71,8 @@ async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
             for i, reply in zip(unknown, again, strict=True):
                 replies[i] = reply
     except rt.failures as exc:
-        return [rt.failure(exc)] * len(effects)
-    return _settled(rt, replies)
+        return _failed_together(rt, effects, exc)
+    return _settled(rt, effects, replies)
 
 
 async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
@@ -73,6 +81,46 @@ async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScrip
     if rt.pipeline is not None:
         return await rt.pipeline.call_many([wire_args(rt, effect) for effect in effects])
     return list(await _pipeline(rt, effects).execute(raise_on_error=False))
+
+
+def key_of(effect: Command | RunScript) -> str:
+    """The key a command or script works on (every command sent names its key
+    first), for the breaker of its node on a cluster."""
+    if type(effect) is Command:
+        return effect.args[1]  # type: ignore[no-any-return]
+    return effect.keys[0]  # type: ignore[union-attr]
+
+
+def _refused_by_node(rt: Runtime, effects: Sequence[Command | RunScript]) -> dict[int, Any]:
+    """On a cluster with a node's breaker open: the refusals of the effects bound for
+    open nodes, by position; the others go out."""
+    refused: dict[int, Any] = {}
+    for i, effect in enumerate(effects):
+        refusal = rt.refusal(1, key_of(effect))
+        if refusal is not None:
+            refused[i] = refusal[0]
+    return refused
+
+
+def _around_open_nodes(rt: Runtime, effects: Sequence[Command | RunScript], send: Any) -> list[Any]:
+    """Send only what is bound for nodes whose breaker lets it through."""
+    refused = _refused_by_node(rt, effects)
+    if not refused:
+        return send(list(effects))  # type: ignore[no-any-return]
+    rest = [effect for i, effect in enumerate(effects) if i not in refused]
+    replies = iter(send(rest) if rest else [])
+    return [refused[i] if i in refused else next(replies) for i in range(len(effects))]
+
+
+def _failed_together(
+    rt: Runtime, effects: Sequence[Command | RunScript], exc: BaseException
+) -> list[Any]:
+    """The whole batch failed: held against the node when the batch had one (or
+    there are no nodes), never against healthy nodes a mixed batch also touched."""
+    keys = {key_of(effect) for effect in effects}
+    nodes = {getattr(rt.route(key), "name", None) for key in keys} if rt.route else set()
+    failure = rt.failure(exc, next(iter(keys)) if len(nodes) <= 1 else None)
+    return [failure] * len(effects)
 
 
 def wire_args(rt: Runtime, effect: Command | RunScript) -> tuple[Any, ...]:
@@ -132,12 +180,28 @@ def _unknown_scripts(replies: list[Any]) -> list[int]:
     return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
 
 
-def _settled(rt: Runtime, replies: list[Any]) -> list[Any]:
-    rt.answered()
-    return [
-        rt.failure(r) if isinstance(r, rt.failures) else failed(r) if isinstance(r, OSError) else r
-        for r in replies
-    ]
+def _settled(rt: Runtime, effects: Sequence[Command | RunScript], replies: list[Any]) -> list[Any]:
+    """Each reply as the flow sees it; each failure held against its own node."""
+    if rt.route is None:
+        rt.answered()
+        return [
+            rt.failure(r)
+            if isinstance(r, rt.failures)
+            else failed(r)
+            if isinstance(r, OSError)
+            else r
+            for r in replies
+        ]
+    settled = []
+    for effect, reply in zip(effects, replies, strict=True):
+        if isinstance(reply, rt.failures):
+            reply = rt.failure(reply, key_of(effect))
+        elif isinstance(reply, OSError):
+            reply = failed(reply)
+        else:
+            rt.answered(key_of(effect))
+        settled.append(reply)
+    return settled
 
 
 def _text(keys: list[Any]) -> list[str]:

@@ -18,7 +18,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from ._breaker import CircuitBreaker
+from ._breaker import CircuitBreaker, NodeBreakers
 from ._connections import HeldConnections, Pipeline
 from ._effects import CommandFailed
 from ._errors import ConfigurationError
@@ -93,25 +93,38 @@ class Runtime:
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
     route: Callable[[str], Any] | None = None  # a cluster's key -> node, for pipelines
 
-    def refusal(self, count: int = 1) -> list[CommandFailed] | None:
-        """While the breaker is open: a refusal for each command, none of them sent."""
-        breaker = self.breaker
+    def refusal(self, count: int = 1, key: str | None = None) -> list[CommandFailed] | None:
+        """While the breaker (of `key`'s node, on a cluster) is open: a refusal for
+        each command, none of them sent."""
+        breaker = self.breaker_of(key)
         if breaker.open_until and not breaker.allow():
             return [CommandFailed(breaker.refusal(), wrong_type=False, sent=False)] * count
         return None
 
-    def failure(self, exc: BaseException) -> CommandFailed:
-        """A redis-py error as a flow sees it, counted on the breaker unless it is
-        bad data (a key of another type) rather than an outage."""
+    def failure(self, exc: BaseException, key: str | None = None) -> CommandFailed:
+        """A redis-py error as a flow sees it, counted on the breaker (of `key`'s
+        node) unless it is bad data (a key of another type) rather than an outage."""
         failure = failed(exc)
         if not failure.wrong_type:
-            self.breaker.failure()
+            self.breaker_of(key).failure()
         return failure
 
-    def answered(self) -> None:
+    def answered(self, key: str | None = None) -> None:
         """Redis answered: a breaker counting failures starts over."""
-        if self.breaker.failures:
-            self.breaker.success()
+        breaker = self.breaker_of(key)
+        if breaker.failures:
+            breaker.success()
+
+    def breaker_of(self, key: str | None) -> CircuitBreaker:
+        """The breaker a command on `key` goes through: its node's on a cluster."""
+        breaker = self.breaker
+        if key is None or self.route is None or type(breaker) is not NodeBreakers:
+            return breaker
+        try:
+            node = self.route(key)
+        except self.failures:  # no node known for the slot (mid-failover): the sum
+            return breaker
+        return breaker if node is None else breaker.node(node.name)
 
 
 @dataclass(slots=True, kw_only=True)

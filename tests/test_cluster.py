@@ -406,3 +406,46 @@ async def test_failover_async_callers_keep_correct_answers_and_hits_resume() -> 
         await engine.aclose()
     finally:
         cluster.stop()
+
+
+def test_a_hung_master_costs_only_its_own_slots() -> None:
+    """One breaker per node: while one master hangs, its keys skip Redis once its
+    breaker opens, and every other master's keys are still served from Redis."""
+    cluster = RedisClusterProcesses(masters=3).start()
+    try:
+        for node in cluster.nodes:  # the healthy masters keep serving their slots
+            node.admin().config_set("cluster-require-full-coverage", "no")
+        engine = CacheEngine.from_url(cluster.url.replace("redis://", "redis+cluster://"))
+
+        @cache_aside(key="item:<id>", ttl=60, engine=engine)
+        def read(id: str) -> dict[str, str]:
+            return {"id": id}
+
+        read.many(KEYS)
+        victim = _victim(cluster, engine, read.key(KEYS[0]))
+        on_victim = [id for id in KEYS if _victim(cluster, engine, read.key(id)) is victim]
+        elsewhere = [id for id in KEYS if id not in on_victim]
+        victim.pause()
+        try:
+            for id in on_victim[:5]:  # each fails open; the third opens its breaker
+                assert read(id) == {"id": id}
+            assert engine.breaker.state == "open"
+            states = {name: b.state for name, b in engine.breaker.nodes.items()}
+            assert sorted(states.values()) == ["closed", "closed", "open"], states
+            started = time.monotonic()
+            skipped = [read.lookup(id) for id in on_victim[5:25]]
+            assert time.monotonic() - started < 0.5  # skipped, not timed out
+            assert {result.source for result in skipped} == {Source.LOADER}
+            served = [read.lookup(id) for id in elsewhere]
+            assert {result.source for result in served} == {Source.CACHE}
+        finally:
+            victim.resume()
+        time.sleep(engine.breaker.cooldown + 0.1)
+        deadline = time.monotonic() + 10
+        while not read.lookup(on_victim[0]).hit:  # the probe heals it
+            assert time.monotonic() < deadline, "the healed master's keys never hit again"
+            time.sleep(0.05)
+        assert engine.breaker.state == "closed"
+        engine.close()
+    finally:
+        cluster.stop()
