@@ -30,6 +30,7 @@ from redis.retry import Retry
 
 from ._batches import invalidate_pattern, invalidate_tags
 from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES, CircuitBreaker, NodeBreakers
+from ._cluster_listener import ClusterListener
 from ._codecs import Codec
 from ._connections import HeldConnections, Pipeline
 from ._drivers import arun, no_seal, run
@@ -142,7 +143,7 @@ class CacheEngine:
         # Functions with tags=, by name: their tag templates, every key they own, and
         # their lock ttl (a pending tag blocks their keys; its waiters' wake-ups).
         self._tagged: dict[str, tuple[tuple[KeyTemplate, ...], PendingPattern, int]] = {}
-        self._listener: InvalidationListener | None = None
+        self._listener: InvalidationListener | ClusterListener | None = None
         self.outbox = Outbox()
         _engines.add(self)
         if client is not None:
@@ -351,10 +352,10 @@ class CacheEngine:
         does not accept TTL-only staleness.
         """
         store = NearStore(config, codec.freeze)
-        connect = self._listener_connection()  # outside the lock: it may make the client
+        make = self._listener_maker()  # outside the lock: it may make the client
         with self._lock:
             if self._listener is None:
-                self._listener = InvalidationListener(connect, self.key_head)
+                self._listener = make()
             listener = self._listener
         listener.attach(store)
         state = listener.wait_settled(NEAR_HANDSHAKE_SECONDS)
@@ -374,15 +375,24 @@ class CacheEngine:
         listener = self._listener
         return "off" if listener is None else listener.state
 
+    def _listener_maker(self) -> Callable[[], InvalidationListener | ClusterListener]:
+        """Makes the engine's invalidation listener: of the server the engine's clients
+        use, or of every master of its cluster."""
+        given = [side.client for side in (self._sync, self._given_async) if side is not None]
+        if self._cluster or any(isinstance(client, redis.cluster.RedisCluster) for client in given):
+            client = self.client()  # a sync cluster client: the topology, node settings
+            return lambda: ClusterListener(client, self.key_head)
+        if any(isinstance(client, redis.asyncio.cluster.RedisCluster) for client in given):
+            raise ConfigurationError(
+                "a near cache on Redis Cluster reads the cluster's topology with a sync "
+                "client: build the engine with CacheEngine.from_url('redis+cluster://...') "
+                "or give it a redis.cluster.RedisCluster too"
+            )
+        connect = self._listener_connection()
+        return lambda: InvalidationListener(connect, self.key_head)
+
     def _listener_connection(self) -> Callable[[], Any]:
         """Makes the listener's connection, to the server the engine's clients use."""
-        given = [side.client for side in (self._sync, self._given_async) if side is not None]
-        clusters = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
-        if self._cluster or any(isinstance(client, clusters) for client in given):
-            raise ConfigurationError(
-                "a near cache needs a single Redis server (with replicas or not); Redis "
-                "Cluster is not supported yet, because tracking is per node"
-            )
         client = self._sync.client if self._sync is not None else None
         if client is None and self._make_client is not None:
             client = self.client()

@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from time import monotonic
-from typing import Any
+from typing import Any, Protocol
 
 import redis.connection
 from redis.exceptions import ResponseError
@@ -56,10 +56,11 @@ _LISTENER_SETTINGS = frozenset(
 )
 
 
-def connection_factory(client: Any) -> Callable[[], Any]:
-    """Makes connections to the server `client` uses: its address and credentials,
-    not its pool's machinery (retry objects, handlers of RESP3-only notifications),
-    and RESP2, in which invalidations arrive as Pub/Sub messages."""
+def connection_factory(client: Any, **address: Any) -> Callable[[], Any]:
+    """Makes connections to the server `client` uses (or to `address`, host and port,
+    with its settings): its address and credentials, not its pool's machinery (retry
+    objects, handlers of RESP3-only notifications), and RESP2, in which
+    invalidations arrive as Pub/Sub messages."""
     pool = getattr(client, "connection_pool", None)
     if pool is None:
         raise ConfigurationError(f"a near cache cannot listen through {client!r}")
@@ -77,6 +78,7 @@ def connection_factory(client: Any) -> Callable[[], Any]:
                 f"a near cache cannot listen through {pool.connection_class!r}"
             )
     kwargs["protocol"] = 2
+    kwargs.update(address)
     return lambda: kind(**kwargs)
 
 
@@ -95,11 +97,23 @@ class ListenerLostError(ConnectionError):
     """The listener's connection stopped answering its PINGs."""
 
 
-class InvalidationListener:
-    """Tracks one key prefix for the near caches attached to it."""
+class Tier(Protocol):
+    """What a listener of one node of a cluster reports to: its state changes and the
+    keys its node reports changed."""
 
-    def __init__(self, connect: Callable[[], Any], prefix: str) -> None:
-        _listeners.add(self)
+    def node_changed(self) -> None: ...
+
+    def invalidate(self, keys: list[bytes] | None) -> None: ...
+
+
+class InvalidationListener:
+    """Tracks one key prefix for the near caches attached to it; or, for a cluster's
+    listener (`tier`), on one node, reporting to the tier, which owns the caches."""
+
+    def __init__(self, connect: Callable[[], Any], prefix: str, tier: Tier | None = None) -> None:
+        self._tier = tier
+        if tier is None:
+            _listeners.add(self)  # a tier restarts its own nodes' listeners after fork
         self._connect = connect
         self.prefix = prefix
         self._stores: list[NearStore] = []
@@ -120,6 +134,15 @@ class InvalidationListener:
                 self.state == "unsupported" and store.config.allow_untracked
             ):
                 store.switch(True)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="cached_aside-invalidations", daemon=True
+                )
+                self._thread.start()
+
+    def start(self) -> None:
+        """Listen for a tier (which attaches no stores)."""
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="cached_aside-invalidations", daemon=True
@@ -158,6 +181,10 @@ class InvalidationListener:
         self._switch("down", "stopped")
 
     def _switch(self, state: TrackingState, reason: str = "") -> None:
+        if self._tier is not None:
+            self.state, self.reason = state, reason
+            self._tier.node_changed()
+            return
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
@@ -245,6 +272,9 @@ class InvalidationListener:
             self._thread.start()
 
     def _invalidate(self, keys: list[bytes] | None) -> None:
+        if self._tier is not None:
+            self._tier.invalidate(keys)
+            return
         with self._lock:
             stores = list(self._stores)
         if keys is None:  # FLUSHALL / FLUSHDB: everything is gone

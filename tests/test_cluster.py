@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.cluster
 
-from cached_aside import BulkOutcome, CacheEngine, Outcome, Source, cache_aside
+from cached_aside import BulkOutcome, CacheEngine, NearCache, Outcome, Source, cache_aside
 from cached_aside._keys import entry_keys
 
 from .servers import REDIS_SERVER, RedisClusterProcesses
@@ -447,5 +447,117 @@ def test_a_hung_master_costs_only_its_own_slots() -> None:
             time.sleep(0.05)
         assert engine.breaker.state == "closed"
         engine.close()
+    finally:
+        cluster.stop()
+
+
+def _until(predicate: Any, seconds: float = 10.0, what: str = "") -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < seconds, f"never: {what}"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def test_near_cache_on_a_cluster_tracks_every_master(cluster: RedisClusterProcesses) -> None:
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    here = CacheEngine.from_url(url, prefix="near", near=NearCache())
+    there = CacheEngine.from_url(url, prefix="near", near=NearCache())  # another process
+    version = {"v": 1}
+
+    def make(engine: CacheEngine) -> Any:
+        @cache_aside(key="item:<id>", ttl=60, engine=engine)
+        def read(id: str) -> dict[str, Any]:
+            return {"id": id, **version}
+
+        return read
+
+    read, other = make(here), make(there)
+    try:
+        ids = KEYS[:30]  # on all three masters
+        for id in ids:
+            read(id)
+            _until(lambda id=id: read.lookup(id).source is Source.NEAR, what="near fill")
+        assert here.near_state() == "tracking"
+        assert len(here._listener.nodes()) == 3  # type: ignore[union-attr]
+        version["v"] = 2
+        for id in ids:
+            assert other.invalidate(id) is Outcome.DELETED
+        # Every master reports to this process: no near copy of the old value survives.
+        took = max(_until(lambda id=id: read(id)["v"] == 2, 2, "report") for id in ids)
+        print(f"\ncluster near cache: reports from 3 masters within {took * 1000:.1f} ms")
+    finally:
+        here.close()
+        there.close()
+
+
+def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
+    cluster: RedisClusterProcesses, client: redis.cluster.RedisCluster
+) -> None:
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    engine = CacheEngine.from_url(url, prefix="nearkill", near=NearCache())
+    version = {"v": 1}
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    def read(id: str) -> dict[str, Any]:
+        return {"id": id, **version}
+
+    try:
+        read(KEYS[0])
+        _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, what="near fill")
+        listener = engine._listener
+        name, node = next(iter(listener.nodes().items()))  # type: ignore[union-attr]
+        host, port = name.rsplit(":", 1)
+        killer = redis.Redis(host=host, port=int(port))
+        killer.client_kill_filter(_id=node.client_id)
+        killer.close()
+        _until(lambda: engine.near_state() == "down", 3, "near off after the kill")
+        assert read.lookup(KEYS[0]).source is not Source.NEAR  # emptied at once
+        version["v"] = 2
+        client.delete(read.key(KEYS[0]))  # a change nobody may miss
+        _until(lambda: engine.near_state() == "tracking", 5, "tracking again")
+        assert read(KEYS[0])["v"] == 2
+    finally:
+        engine.close()
+
+
+def test_near_cache_on_a_cluster_follows_a_failover() -> None:
+    cluster = RedisClusterProcesses(masters=3, replicas=1).start()
+    try:
+        url = cluster.url.replace("redis://", "redis+cluster://")
+        engine = CacheEngine.from_url(url, prefix="nearfail", near=NearCache())
+        writer = CacheEngine.from_url(url, prefix="nearfail")
+        version = {"v": 1}
+
+        def make(engine: CacheEngine) -> Any:
+            @cache_aside(key="item:<id>", ttl=60, engine=engine)
+            def read(id: str) -> dict[str, Any]:
+                return {"id": id, **version}
+
+            return read
+
+        read, write = make(engine), make(writer)
+        read(KEYS[0])
+        _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, what="near fill")
+        before = set(engine._listener.nodes())  # type: ignore[union-attr]
+        victim = _victim(cluster, engine, read.key(KEYS[0]))
+        killed_at = time.monotonic()
+        victim.kill()
+        _until(lambda: engine.near_state() != "tracking", 5, "near off after the kill")
+        assert read(KEYS[0])["v"] == 1  # answered: Redis or the loader, never stuck
+        _until(lambda: set(engine._listener.nodes()) != before, 20, "the new master")  # type: ignore[union-attr]
+        back = _until(lambda: engine.near_state() == "tracking", 20, "tracking again")
+        _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, 5, "near again")
+        version["v"] = 2
+        if write.invalidate(KEYS[0]) is Outcome.PENDING:  # its client had the old map
+            assert writer.settle()
+        # The promoted master reports the change: the near copy goes.
+        _until(lambda: read(KEYS[0])["v"] == 2, 2, "the change on the new master")
+        print(
+            f"\ncluster near cache: tracking again {time.monotonic() - killed_at:.2f} s "
+            f"after SIGKILL of a master ({back:.2f} s after the new master appeared)"
+        )
+        engine.close()
+        writer.close()
     finally:
         cluster.stop()

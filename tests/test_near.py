@@ -148,13 +148,6 @@ def test_fakeredis_is_refused_unless_ttl_only_staleness_is_accepted() -> None:
     engine.close()
 
 
-def test_a_cluster_engine_is_refused() -> None:
-    engine = CacheEngine.from_url("redis+cluster://127.0.0.1:1", prefix="near-cluster")
-    fn = cache_aside(key="p:<id>", ttl=30, engine=engine, near=NearCache())(lambda id: id)
-    with pytest.raises(ConfigurationError, match="Cluster is not supported"):
-        fn("a")
-
-
 # -- against real Redis ------------------------------------------------------------
 
 

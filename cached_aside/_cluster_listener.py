@@ -1,0 +1,225 @@
+"""The near cache on Redis Cluster: one tracking listener per master, and a watch on
+the cluster's topology.
+
+Client tracking is per node: a master reports changes to the keys it holds, and no
+others. So every master gets its own listener (an InvalidationListener of one node,
+BCAST with the engine's prefix), and the near caches are on only while the set of
+listeners is exactly the set of masters and every one of them is tracking. Any loss
+(a listener's connection, a failover, a master added or gone, a topology nobody can
+tell) empties every near cache of the engine and keeps them off until tracking
+covers every master again: a value is never served from process memory unless the
+node that owns its slot is tracking us. Coarse (one lost master empties the slots of
+all), but simple enough to be right.
+
+The topology is read every TOPOLOGY_SECONDS with CLUSTER SLOTS: a master added to
+the cluster and given slots in between is the one window in which a change could
+go unreported, and it is at most that long.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+from ._listener import InvalidationListener, connection_factory
+from ._near import NearStore, TrackingState
+
+logger = logging.getLogger("cached_aside")
+
+TOPOLOGY_SECONDS = 0.5
+
+_cluster_listeners: weakref.WeakSet[ClusterListener] = weakref.WeakSet()
+
+
+def _restart_after_fork() -> None:
+    for listener in list(_cluster_listeners):
+        listener.restart_in_child()
+
+
+os.register_at_fork(after_in_child=_restart_after_fork)
+
+
+class ClusterListener:
+    """The engine's listener on a Redis Cluster; the same face as InvalidationListener
+    (attach, detach, drop, clear_all, state, stop) for the engine and its stores."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        _cluster_listeners.add(self)
+        self._client = client  # a sync RedisCluster: for CLUSTER SLOTS and node settings
+        self.prefix = prefix
+        self._stores: list[NearStore] = []
+        self._lock = threading.Lock()
+        self._judging = threading.Lock()  # one verdict at a time, from any thread
+        self._nodes: dict[str, InvalidationListener] = {}  # by "host:port"
+        self._masters: frozenset[str] = frozenset()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._settled = threading.Event()
+        self.state: TrackingState = "starting"
+        self.reason = ""
+        self.topology_changes = 0
+
+    @property
+    def connections(self) -> int:
+        """Times tracking was (re-)established, over every master's listener."""
+        return sum(node.connections for node in list(self._nodes.values()))
+
+    def nodes(self) -> dict[str, InvalidationListener]:
+        """The listener of each master, by "host:port" (for tests and diagnostics)."""
+        return dict(self._nodes)
+
+    def attach(self, store: NearStore) -> None:
+        with self._lock:
+            self._stores.append(store)
+            if self.state == "tracking":
+                store.switch(True)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="cached_aside-cluster-topology", daemon=True
+                )
+                self._thread.start()
+
+    def detach(self, store: NearStore) -> None:
+        with self._lock:
+            if store in self._stores:
+                self._stores.remove(store)
+
+    def clear_all(self) -> None:
+        for store in self._attached():
+            store.clear()
+
+    def drop(self, keys: list[str]) -> None:
+        for store in self._attached():
+            store.drop(keys)
+
+    def wait_settled(self, timeout: float) -> TrackingState:
+        """Wait until every master's listener has tried once; the state it left."""
+        self._settled.wait(timeout)
+        return self.state
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        for node in list(self._nodes.values()):
+            node.stop()
+        self._nodes.clear()
+        self._set("down", "stopped")
+
+    # -- what each master's listener reports --------------------------------------
+
+    def node_changed(self) -> None:
+        self._judge()
+
+    def invalidate(self, keys: list[bytes] | None) -> None:
+        stores = self._attached()
+        if keys is None:  # FLUSHALL on a master: its slots are empty
+            for store in stores:
+                store.clear()
+            return
+        names = [key.decode("utf-8", "replace") for key in keys]
+        for store in stores:
+            store.drop(names)
+
+    # -- the topology --------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                masters = self._discover()
+            except Exception as exc:  # no node answers: nothing vouches for the caches
+                self._set("down", f"cluster topology unknown ({type(exc).__name__}: {exc})")
+                self._settled.set()
+                self._stop.wait(TOPOLOGY_SECONDS)
+                continue
+            if frozenset(masters) != self._masters:
+                self._follow(masters)
+            self._judge()
+            self._stop.wait(TOPOLOGY_SECONDS)
+
+    def _discover(self) -> dict[str, tuple[str, int]]:
+        """The masters serving slots now, by "host:port"."""
+        masters: dict[str, tuple[str, int]] = {}
+        for entry in self._client.execute_command("CLUSTER", "SLOTS"):
+            host, port = entry[2][0], int(entry[2][1])
+            host = host.decode() if isinstance(host, bytes) else str(host)
+            masters[f"{host}:{port}"] = (host, port)
+        return masters
+
+    def _follow(self, masters: dict[str, tuple[str, int]]) -> None:
+        """A listener for each master, none for a node that is no master any more.
+        Off until all of them track (the verdict that follows says so)."""
+        self.topology_changes += 1
+        with self._lock:
+            self._masters = frozenset(masters)
+        self._set("down", "the cluster's masters changed")
+        for name in [name for name in self._nodes if name not in masters]:
+            self._nodes.pop(name).stop()
+        template = self._client.get_primaries()[0].redis_connection
+        for name, (host, port) in masters.items():
+            if name not in self._nodes:
+                connect = connection_factory(template, host=host, port=port)
+                node = InvalidationListener(connect, self.prefix, tier=self)
+                self._nodes[name] = node
+                node.start()
+
+    def _judge(self) -> None:
+        """On only while every master, and no other node, is tracking us."""
+        with self._judging:
+            nodes = dict(self._nodes)
+            states = {name: node.state for name, node in nodes.items()}
+            if (
+                self._masters
+                and set(nodes) == self._masters
+                and set(states.values()) == {"tracking"}
+            ):
+                self._set("tracking")
+                self._settled.set()
+                return
+            if "unsupported" in states.values():
+                reason = next(n.reason for n in nodes.values() if n.state == "unsupported")
+                self._set("unsupported", reason)
+                self._settled.set()
+                return
+            waiting = sorted(name for name, state in states.items() if state != "tracking")
+            self._set("down", f"not tracking on {', '.join(waiting) or 'some master'}")
+            if all(state != "starting" for state in states.values()):
+                self._settled.set()
+
+    def _set(self, state: TrackingState, reason: str = "") -> None:
+        """Switch the caches on or off when the verdict changes (each switch empties
+        them, so an unchanged verdict must not switch again)."""
+        with self._lock:
+            changed = state != self.state
+            self.state, self.reason = state, reason
+            stores = list(self._stores) if changed else []
+        for store in stores:
+            store.switch(state == "tracking")
+        if changed and state == "down" and reason != "stopped":
+            logger.warning("near cache off on the cluster: %s", reason)
+
+    def _attached(self) -> list[NearStore]:
+        with self._lock:
+            return list(self._stores)
+
+    def restart_in_child(self) -> None:
+        """After fork(): no thread came along; empty the caches and listen anew."""
+        self._lock = threading.Lock()
+        self._judging = threading.Lock()
+        self._stop = threading.Event()
+        self._settled = threading.Event()
+        self.state, self.reason = "starting", "forked"
+        self._nodes = {}
+        self._masters = frozenset()
+        for store in self._stores:
+            store.reset_after_fork()
+        self._thread = None
+        if self._stores:
+            self._thread = threading.Thread(
+                target=self._watch, name="cached_aside-cluster-topology", daemon=True
+            )
+            self._thread.start()
