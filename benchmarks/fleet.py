@@ -113,8 +113,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             except Exception:  # a caller's error: the fleet must see none
                 mine["errors"] += 1
         with lock:
-            for name, value in mine.items():
-                counts[name] += value
+            for name, count in mine.items():
+                counts[name] += count
 
     threads = [
         threading.Thread(target=run, args=(config["seed"] * 1000 + n,))
