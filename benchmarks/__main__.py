@@ -2,8 +2,9 @@
 
 Prints a line as each section starts and ends and its progress meanwhile (live bars
 on a terminal, plain lines in a log), a table per scenario, writes results.json, and
-with --chart a PNG of the hit-path latency distributions (needs matplotlib, in the
-bench extra).
+with --chart a PNG of the hit-path latency distributions, plus concurrency.png (hits/s
+against tasks and threads) and fleet.png (hits/s and primary reads against processes)
+beside it (needs matplotlib, in the bench extra).
 """
 
 from __future__ import annotations
@@ -17,7 +18,19 @@ from pathlib import Path
 
 import redis
 
-from . import batches, hit_path, near, race, round_trips, stampede, throughput
+from . import (
+    batches,
+    compression,
+    concurrency,
+    fleet,
+    hit_path,
+    near,
+    race,
+    round_trips,
+    stampede,
+    thread_sharing,
+    throughput,
+)
 from .runner import BenchProgress, Settings, Table, console, show
 
 SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
@@ -28,6 +41,10 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "race": race.scenario,
     "batches": batches.run,
     "near": near.run,
+    "concurrency": concurrency.run,
+    "thread_sharing": thread_sharing.run,
+    "compression": compression.run,
+    "fleet": fleet.run,
 }
 
 
@@ -100,6 +117,10 @@ def main() -> None:
     if args.chart:
         drawn = chart(tables, args.chart)
         out.print(f"chart: {args.chart}" if drawn else "chart: no latency samples (run hit_path)")
+        for name, draw in (("concurrency.png", concurrency.chart), ("fleet.png", fleet.chart)):
+            path = args.chart.with_name(name)
+            if draw(tables, path):
+                out.print(f"chart: {path}")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,32 @@ def run(settings: Settings) -> list[Table]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     print(json.dumps(worker(json.loads(sys.argv[2]))))
+
+
+def chart(tables: list[Table], path: Path) -> bool:
+    """hits/s and primary reads per write against the number of processes."""
+    fleet_table = next((t for t in tables if t.title.startswith("fleet:")), None)
+    if fleet_table is None or len(fleet_table.columns) < 3:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rates, reads) = plt.subplots(1, 2, figsize=(10, 4))
+    for server in ("one Redis", "3-master cluster"):
+        rows = [row for row in fleet_table.rows if row[0] == server]
+        if not rows:
+            continue
+        processes = [row[1] for row in rows]
+        rates.plot(processes, [row[2] for row in rows], marker="o", label=server)
+        reads.plot(processes, [row[3] for row in rows], marker="o", label=server)
+    rates.set_title("hits/s (near and Redis)", fontsize=10)
+    reads.set_title("primary reads per invalidating write", fontsize=10)
+    for axis in (rates, reads):
+        axis.set_xlabel("processes")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return True

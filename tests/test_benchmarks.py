@@ -11,7 +11,19 @@ from typing import Any
 
 import pytest
 
-from benchmarks import batches, hit_path, near, race, round_trips, stampede, throughput
+from benchmarks import (
+    batches,
+    compression,
+    concurrency,
+    fleet,
+    hit_path,
+    near,
+    race,
+    round_trips,
+    stampede,
+    thread_sharing,
+    throughput,
+)
 from benchmarks.runner import Settings, Table
 
 from .conftest import REDIS_URL
@@ -132,3 +144,47 @@ def test_the_runner_writes_results_and_a_chart(tmp_path: Path) -> None:
     assert titles[0] == "sync hit, msgpack record"
     assert "round trips per operation" in titles
     assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
+def test_concurrency_measures_every_contender_and_draws(settings: Settings, tmp_path: Path) -> None:
+    tables = concurrency.run(settings)
+    distinct, hot, threads = tables
+    for table in (distinct, hot):
+        named = {(row[0], row[1]) for row in table.rows}
+        assert {("cached_aside", 200), ("raw redis.asyncio, 50-conn blocking pool", 200)} <= named
+        for row in table.rows:
+            assert row[2] > 0, row  # every contender served hits
+            if row[0] == "cached_aside":
+                assert row[6] == 0  # no errors
+                assert row[5] <= 2  # one shared connection per loop (and a loader's pool)
+    assert {row[0] for row in threads.rows} == {"raw redis-py, default pool", "cached_aside"}
+    assert concurrency.chart(tables, tmp_path / "concurrency.png")
+    assert (tmp_path / "concurrency.png").stat().st_size > 10_000
+
+
+def test_thread_sharing_reports_a_verdict(settings: Settings) -> None:
+    (table,) = thread_sharing.run(settings)
+    assert all(row[2] > 0 and row[5] == 0 for row in table.rows)
+    assert any(note.startswith("adopt: ") for note in table.notes)
+
+
+def test_compression_compares_bytes_and_hits(settings: Settings) -> None:
+    (table,) = compression.run(settings)
+    sizes = {row[0]: row[4] for row in table.rows}
+    plain, packed = sizes["plain msgpack"], sizes["compress_over=1024 (zlib)"]
+    assert plain > 19_000
+    assert packed < plain / 5
+
+
+def test_fleet_runs_processes_without_stale_reads_or_errors() -> None:
+    server = fleet.RedisProcess().start()
+    try:
+        total = fleet.one_run(server.url, [server.url], 2, 2, 0.5)
+    finally:
+        server.stop()
+    assert total["reads"] > 0
+    assert total["writes"] > 0
+    assert (total["stale"], total["errors"]) == (0, 0)
+    assert total["loads"] <= 2 * total["writes"] + 10  # warm: loads follow the writes
+    assert total["commands"] > 0
