@@ -79,6 +79,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 
     counts = {"reads": 0, "writes": 0, "stale_in_window": 0, "stale": 0, "errors": 0}
     lock = threading.Lock()
+    kinds: list[str] = []  # the first few errors, for the log
     start_at = config["start_at"]
     deadline = start_at + config["seconds"]
 
@@ -110,8 +111,10 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
                 if value["v"] < before:
                     late = time.time() - since
                     mine["stale_in_window" if late < TRACKING_WINDOW_S else "stale"] += 1
-            except Exception:  # a caller's error: the fleet must see none
+            except Exception as exc:  # a caller's error: the fleet must see none
                 mine["errors"] += 1
+                if len(kinds) < 5:
+                    kinds.append(f"{type(exc).__name__}: {exc}"[:200])
         with lock:
             for name, count in mine.items():
                 counts[name] += count
@@ -131,6 +134,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         "near_hits": stats.near_hits,
         "hits": stats.hits,
     }
+    if kinds:
+        print("fleet worker errors:", *kinds, sep="\n  ", file=sys.stderr)
     engine.close()
     for shared in (versions, published_at, view):
         shared.release()

@@ -22,10 +22,20 @@ def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
     """Replies in order, a CommandFailed in place of each failure."""
     effects = batch.effects
     if rt.breaker.open_until and rt.route is not None and effects:
-        return _around_open_nodes(rt, effects, lambda some: send_batch(rt, Batch(some)))
-    refused = rt.refusal(len(effects))
-    if not effects or refused is not None:
-        return refused or []
+        refused = _refused_by_node(rt, effects)  # a node's breaker is open: not to it
+        if refused:
+            rest = [effect for i, effect in enumerate(effects) if i not in refused]
+            sent = iter(_send_batch(rt, rest) if rest else [])
+            return [refused[i] if i in refused else next(sent) for i in range(len(effects))]
+        return _send_batch(rt, effects)
+    refused_all = rt.refusal(len(effects))
+    if not effects or refused_all is not None:
+        return refused_all or []
+    return _send_batch(rt, effects)
+
+
+def _send_batch(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
+    """Send a batch the breakers let through."""
     try:
         replies = _send_together(rt, effects)
         unknown = _unknown_scripts(replies)
@@ -53,14 +63,20 @@ async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
     """Replies in order, a CommandFailed in place of each failure."""
     effects = batch.effects
     if rt.breaker.open_until and rt.route is not None and effects:
-        refused = _refused_by_node(rt, effects)
+        refused = _refused_by_node(rt, effects)  # a node's breaker is open: not to it
         if refused:
             rest = [effect for i, effect in enumerate(effects) if i not in refused]
-            sent = iter(await send_batch_async(rt, Batch(rest)) if rest else [])
+            sent = iter(await _send_batch_async(rt, rest) if rest else [])
             return [refused[i] if i in refused else next(sent) for i in range(len(effects))]
+        return await _send_batch_async(rt, effects)
     refused_all = rt.refusal(len(effects))
     if not effects or refused_all is not None:
         return refused_all or []
+    return await _send_batch_async(rt, effects)
+
+
+async def _send_batch_async(rt: AsyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
+    """Send a batch the breakers let through."""
     try:
         replies = await _asend_together(rt, effects)
         unknown = _unknown_scripts(replies)
@@ -100,16 +116,6 @@ def _refused_by_node(rt: Runtime, effects: Sequence[Command | RunScript]) -> dic
         if refusal is not None:
             refused[i] = refusal[0]
     return refused
-
-
-def _around_open_nodes(rt: Runtime, effects: Sequence[Command | RunScript], send: Any) -> list[Any]:
-    """Send only what is bound for nodes whose breaker lets it through."""
-    refused = _refused_by_node(rt, effects)
-    if not refused:
-        return send(list(effects))  # type: ignore[no-any-return]
-    rest = [effect for i, effect in enumerate(effects) if i not in refused]
-    replies = iter(send(rest) if rest else [])
-    return [refused[i] if i in refused else next(replies) for i in range(len(effects))]
 
 
 def _failed_together(
