@@ -419,7 +419,8 @@ def test_a_waiter_in_another_process_returns_right_after_the_store() -> None:
     assert REDIS_URL is not None
     prefix = unique_prefix()
     raw = redis.Redis.from_url(REDIS_URL)
-    engine = CacheEngine(redis.Redis.from_url(REDIS_URL), prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    engine = CacheEngine(client, prefix=prefix)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     waiter: Any = None
@@ -442,6 +443,8 @@ def test_a_waiter_in_another_process_returns_right_after_the_store() -> None:
     waiter.join(10)
     assert (value, source) == ("loaded by the owner", "waited")
     assert woke - stored < 0.3, f"the waiter returned {woke - stored:.3f} s after the store"
+    engine.close()
+    client.close()  # the engine's client is ours: the engine does not close it
     delete_prefix(raw, prefix)
     raw.close()
     engine.close()
