@@ -38,6 +38,7 @@ test: lint docs
 demo: venv
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)
 
+# bench: results.json, benchmarks/hit_path.png, and beside it concurrency.png and fleet.png.
 bench: venv
 	$(BIN)/python -m benchmarks --chart benchmarks/hit_path.png
 

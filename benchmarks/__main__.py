@@ -70,7 +70,23 @@ def chart(tables: list[Table], path: Path) -> bool:
         axis.set_xlabel("µs per call (up to p99)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
     return True
+
+
+def write_charts(tables: list[Table], path: Path) -> list[Path]:
+    """The hit-path chart at `path`, and beside it (same folder) concurrency.png and
+    fleet.png, each only when its section ran; the paths written."""
+    written = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, draw in (
+        (path, chart),
+        (path.with_name("concurrency.png"), concurrency.chart),
+        (path.with_name("fleet.png"), fleet.chart),
+    ):
+        if draw(tables, target):
+            written.append(target)
+    return written
 
 
 def main() -> None:
@@ -79,7 +95,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts: about a minute")
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenarios to run")
     parser.add_argument("--json", type=Path, default=Path("results.json"))
-    parser.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help="write the hit-path PNG chart here, and concurrency.png and fleet.png beside "
+        "it (for the sections that ran)",
+    )
     args = parser.parse_args()
     out = console()
     server = redis.Redis.from_url(args.url).info("server")
@@ -115,12 +137,8 @@ def main() -> None:
         f"all {len(names)} section(s) in {time.monotonic() - started:.0f} s; results: {args.json}"
     )
     if args.chart:
-        drawn = chart(tables, args.chart)
-        out.print(f"chart: {args.chart}" if drawn else "chart: no latency samples (run hit_path)")
-        for name, draw in (("concurrency.png", concurrency.chart), ("fleet.png", fleet.chart)):
-            path = args.chart.with_name(name)
-            if draw(tables, path):
-                out.print(f"chart: {path}")
+        for path in write_charts(tables, args.chart):
+            out.print(f"chart: {path}")
 
 
 if __name__ == "__main__":

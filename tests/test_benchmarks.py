@@ -4,6 +4,8 @@ structure and counts (one load, one round trip per hit), never timings."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from benchmarks import (
     thread_sharing,
     throughput,
 )
+from benchmarks.__main__ import write_charts
 from benchmarks.runner import Settings, Table
 
 from .conftest import REDIS_URL
@@ -54,10 +57,21 @@ def test_hit_path_has_every_contender(settings: Settings) -> None:
     assert {
         "cached_aside (msgpack)",
         "dogpile.cache (redis backend)",
+        "cachetools TTLCache (in process)",
         "functools.lru_cache (in process)",
     } <= set(packed)
-    assert {"cashews (redis)", "aiocache (redis)"} <= set(rows(tables["async hit, msgpack record"]))
+    async_packed = rows(tables["async hit, msgpack record"])
+    assert {"cached_aside (msgpack)", "cashews (redis)", "aiocache (redis)"} <= set(async_packed)
     assert "cached_aside (as_hash=True)" in rows(tables["async hit, hash record (8 fields)"])
+    for table in tables.values():
+        assert all(median > 0 and p99 >= median for median, p99, _ in rows(table).values())
+        # Every table judges cached_aside against its target, in this run's figures.
+        (target,) = [note for note in table.notes if note.startswith("target: cached_aside")]
+        assert target.endswith((", met", ", missed"))
+    floors = [note for t in tables.values() for note in t.notes if note.startswith("floor: C")]
+    assert len(floors) == 2  # sync and async msgpack: a figure, or why there is none
+    if shutil.which("redis-benchmark"):
+        assert all(" µs per GET (" in note for note in floors)
 
 
 def test_round_trips_per_operation(settings: Settings) -> None:
@@ -147,26 +161,64 @@ def test_the_runner_writes_results_and_a_chart(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
-def test_concurrency_measures_every_contender_and_draws(settings: Settings, tmp_path: Path) -> None:
+def test_concurrency_measures_every_contender_and_draws(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(concurrency, "QUICK_TASKS", (1, 200, 500))  # the targets' levels
     tables = concurrency.run(settings)
     distinct, hot, threads = tables
+    makers, _ = concurrency.contenders()
     for table in (distinct, hot):
-        named = {(row[0], row[1]) for row in table.rows}
-        assert {("cached_aside", 200), ("raw redis.asyncio, 50-conn blocking pool", 200)} <= named
-        for row in table.rows:
-            assert row[2] > 0, row  # every contender served hits
-            if row[0] == "cached_aside":
-                assert row[6] == 0  # no errors
-                assert row[5] <= 2  # one shared connection per loop (and a loader's pool)
-    assert {row[0] for row in threads.rows} == {"raw redis-py, default pool", "cached_aside"}
-    assert concurrency.chart(tables, tmp_path / "concurrency.png")
-    assert (tmp_path / "concurrency.png").stat().st_size > 10_000
+        assert sorted((row[0], row[1]) for row in table.rows) == sorted(
+            (name, tasks) for name in makers for tasks in (1, 200, 500)
+        )
+        for name, tasks, hits, p50, p99, connections, errors, _ in table.rows:
+            assert hits > 0, (name, tasks)  # every contender served hits at every level
+            assert 0 < p50 <= p99
+            if name == concurrency.CACHED:
+                assert errors == 0
+                assert 1 <= connections <= 2  # one shared connection per loop
+            if name == concurrency.RAW_BLOCKING:
+                assert errors == 0
+                assert connections <= 50  # its bound
+    assert any(note.startswith("target: 200 tasks") for note in distinct.notes)
+    assert (
+        "target: 500 tasks never see MaxConnectionsError: cached_aside 0 error(s) "
+        "(distinct and hot key), met"
+    ) in distinct.notes
+    assert sorted((row[0], row[1]) for row in threads.rows) == sorted(
+        (name, n) for name in (concurrency.RAW_SYNC, concurrency.CACHED) for n in (1, 8, 32)
+    )
+    for name, n, hits, _, _, connections, errors, _ in threads.rows:
+        assert hits > 0
+        assert errors == 0
+        assert 1 <= connections <= n + 1, (name, n)  # a connection per thread at most
+    # The runner's charts: the hit-path chart needs samples, concurrency.png its curves.
+    written = write_charts(tables, tmp_path / "charts" / "hit_path.png")
+    assert written == [tmp_path / "charts" / "concurrency.png"]
+    assert written[0].stat().st_size > 10_000
 
 
 def test_thread_sharing_reports_a_verdict(settings: Settings) -> None:
-    (table,) = thread_sharing.run(settings)
-    assert all(row[2] > 0 and row[5] == 0 for row in table.rows)
-    assert any(note.startswith("adopt: ") for note in table.notes)
+    table, lone = thread_sharing.run(settings)
+    names = {
+        thread_sharing.RAW,
+        thread_sharing.CACHED,
+        thread_sharing.SHARED,
+        thread_sharing.TWIN,
+        thread_sharing.PATCHED,
+    }
+    assert sorted((row[0], row[1]) for row in table.rows) == sorted(
+        (name, n) for name in names for n in thread_sharing.THREADS
+    )
+    assert all(row[2] > 0 and row[5] == 0 for row in table.rows)  # hits, no errors
+    assert set(rows(lone)) == names
+    assert rows(lone)[thread_sharing.CACHED][2] == 1.0
+    (adopt,) = [note for note in table.notes if note.startswith("adopt: ")]
+    assert re.fullmatch(
+        r"adopt: (yes|no) \(\d+\.\d\d× at 32 threads, lone-thread latency [+-]\d+\.\d%\)",  # noqa: RUF001
+        adopt,
+    )
 
 
 def test_compression_compares_bytes_and_hits(settings: Settings) -> None:
