@@ -762,8 +762,14 @@ async def test_a_replica_refusing_writes_fails_open(
     engine = CacheEngine.from_url(replica.url, prefix=unique_prefix())
     admin = replica.admin()
     try:
+        # Redis waits repl-diskless-sync-delay (5 s) before a replica's first sync:
+        # as long as this test would wait for it.
+        primary = master.admin()
+        primary.config_set("repl-diskless-sync-delay", 0)
+        primary.close()
         admin.replicaof("127.0.0.1", master.port)
-        assert wait_until(lambda: admin.info("replication")["master_link_status"] == "up")
+        link_up = lambda: admin.info("replication")["master_link_status"] == "up"  # noqa: E731
+        assert wait_until(link_up, timeout=20)
 
         @cache_aside(key="readonly:<id>", ttl=30, engine=engine)
         def plain(id: str) -> str:
