@@ -2,7 +2,7 @@
 
 from ._breaker import CircuitOpenError
 from ._decorator import cache_aside
-from ._defaults import configure, default_engine
+from ._defaults import configure, default_engine, using_engine
 from ._engine import CacheEngine
 from ._errors import (
     BatchLoaderError,
@@ -50,4 +50,5 @@ __all__ = [
     "cache_aside",
     "configure",
     "default_engine",
+    "using_engine",
 ]

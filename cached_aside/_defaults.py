@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ._engine import DEFAULT_PREFIX, CacheEngine
@@ -103,3 +105,26 @@ def default_engine() -> CacheEngine:
                 url_from_environment(), prefix=prefix_from_environment()
             )
         return _default_engine
+
+
+@contextmanager
+def using_engine(engine: CacheEngine) -> Iterator[CacheEngine]:
+    """Make `engine` the default engine inside a `with` block; the previous default
+    (or none yet, then made from the environment on next use) comes back after it.
+
+    For a framework's lifespan or a test's fixture: functions decorated without
+    `engine=` use `engine` meanwhile. The engine is not closed here.
+
+    Raises:
+        ConfigurationError: `engine` is not a CacheEngine.
+    """
+    global _default_engine
+    if not isinstance(engine, CacheEngine):
+        raise ConfigurationError(f"engine must be a CacheEngine, got {engine!r}")
+    with _default_lock:
+        previous, _default_engine = _default_engine, engine
+    try:
+        yield engine
+    finally:
+        with _default_lock:
+            _default_engine = previous

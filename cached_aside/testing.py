@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import _defaults as defaults_module
+from ._defaults import using_engine
 from ._engine import CacheEngine
 from ._errors import ConfigurationError
 
@@ -45,12 +45,10 @@ def cache_engine() -> Iterator[CacheEngine]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     url = os.environ.get(TEST_URL_VARIABLE)
     engine = CacheEngine.from_url(url, prefix=prefix) if url else _fakeredis_engine(prefix)
-    previous = defaults_module._default_engine
-    defaults_module.configure(engine=engine)
     try:
-        yield engine
+        with using_engine(engine):
+            yield engine
     finally:
-        defaults_module._default_engine = previous
         client = engine.client()
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
