@@ -33,6 +33,8 @@ Answer = tuple[Served, bool]  # and whether it was shared with another caller
 # Every decorated function alive, for integrations that instrument them all (an
 # OpenTelemetry instrumentor swaps their class): a set the hit path never reads.
 decorated: weakref.WeakSet[CachedBase[Any, Any]] = weakref.WeakSet()
+# Called with each function as it is decorated, by such an integration while it is on.
+on_decorated: list[Callable[[CachedBase[Any, Any]], None]] = []
 
 
 class Write(Generic[T]):
@@ -81,6 +83,8 @@ class CachedBase(Generic[P, R]):
         self._near_stores: weakref.WeakKeyDictionary[CacheEngine, NearStore]
         self._near_stores = weakref.WeakKeyDictionary()
         decorated.add(self)
+        for hook in on_decorated:
+            hook(self)
 
     # -- engine and keys -----------------------------------------------------------
 
