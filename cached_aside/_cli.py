@@ -23,7 +23,7 @@ from ._defaults import (
     prefix_from_environment,
     url_from_environment,
 )
-from ._engine import DEFAULT_PREFIX
+from ._engine import DEFAULT_PREFIX, CacheEngine
 from ._errors import CachedAsideError
 from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
@@ -33,7 +33,8 @@ NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 EPILOG = f"""\
 environment:
   {" or ".join(URL_VARIABLES)}  the Redis URL when --url is not given
-      (the first one set; else {DEFAULT_URL})
+      (the first one set; else {DEFAULT_URL}); redis://, rediss://, unix://,
+      redis+cluster:// (one node) and redis+sentinel:// (the service's master)
   {PREFIX_VARIABLE}  the key prefix when --prefix is not given (else "{DEFAULT_PREFIX}",
       the library's default); give the prefix your engine was built with
 
@@ -191,28 +192,38 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("key", help="a key, or a template with <placeholders>")
         sub.add_argument("values", nargs="*", help="values for the placeholders, in order")
     args = parser.parse_args(argv)
+    engine: CacheEngine | None = None
     try:
-        client = redis.Redis.from_url(
+        # Any URL an engine takes: redis://, rediss://, unix://, redis+cluster://,
+        # redis+sentinel://.
+        engine = CacheEngine.from_url(
             args.url or url_from_environment(), socket_timeout=2, socket_connect_timeout=2
         )
-        if args.command == "ping":
-            return command_ping(client)
-        prefix = validate_prefix(prefix_from_environment() if args.prefix is None else args.prefix)
-        key = resolve_key(prefix, args.key, args.values)
-        if args.command == "inspect":
-            code = command_inspect(client, key)
-        else:
-            code = command_invalidate(client, key)
-        if code == NOT_FOUND and key != args.key:
-            print(
-                f"cached-aside: nothing under {key}; is {prefix!r} your engine's prefix? "
-                f"(--prefix or ${PREFIX_VARIABLE})",
-                file=sys.stderr,
-            )
-        return code
+        return run_command(args, engine.client())
     except CachedAsideError as exc:
         print(f"cached-aside: {exc}", file=sys.stderr)
         return USAGE
     except redis.RedisError as exc:
         print(f"cached-aside: Redis failed: {exc}", file=sys.stderr)
         return UNAVAILABLE
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def run_command(args: argparse.Namespace, client: Any) -> int:
+    if args.command == "ping":
+        return command_ping(client)
+    prefix = validate_prefix(prefix_from_environment() if args.prefix is None else args.prefix)
+    key = resolve_key(prefix, args.key, args.values)
+    if args.command == "inspect":
+        code = command_inspect(client, key)
+    else:
+        code = command_invalidate(client, key)
+    if code == NOT_FOUND and key != args.key:
+        print(
+            f"cached-aside: nothing under {key}; is {prefix!r} your engine's prefix? "
+            f"(--prefix or ${PREFIX_VARIABLE})",
+            file=sys.stderr,
+        )
+    return code

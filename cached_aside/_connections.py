@@ -106,6 +106,11 @@ class HeldConnections:
             # One write: redis-py's sync send_packed_command calls sendall() per item,
             # which made many() of 100 hits 100 system calls (1.3 ms against 0.9 ms).
             joined = packed if len(packed) == 1 else [b"".join(packed)]
+            if not connection.is_connected:
+                # connect(), not send_packed_command's own reconnect, which goes back
+                # to the old address: a Sentinel connection asks where the master is
+                # now only in connect().
+                connection.connect()
             connection.send_packed_command(joined, check_health=False)
             replies: list[Any] = []
             for _ in commands:
@@ -170,6 +175,11 @@ async def _write(connection: Any, parts: list[bytes]) -> None:
     a socket that has room does not wait, so only a write that must wait for room
     is bounded by the socket timeout, as redis-py bounds it."""
     writer = getattr(connection, "_writer", None)
+    if writer is None and not connection.is_connected:
+        # As in HeldConnections.call_many: a Sentinel connection finds the current
+        # master only in connect().
+        await connection.connect()
+        writer = getattr(connection, "_writer", None)
     if _timeout is None or not isinstance(writer, asyncio.StreamWriter) or writer.is_closing():
         # Not connected (send_packed_command connects), or another kind of stream
         # (fakeredis's): redis-py's way.

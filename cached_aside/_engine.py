@@ -53,6 +53,7 @@ from ._runtime import (
     warn_if_pool_raises,
 )
 from ._scripts import ScriptName
+from ._sentinel import SentinelClients, is_sentinel_url
 from ._stats import Stats, StatsSnapshot
 from ._validate import instance, seconds, whole
 
@@ -172,8 +173,10 @@ class CacheEngine:
         """An engine whose sync and async clients are made from `url` on first use.
 
         Args:
-            url: `redis://`, `rediss://` (TLS), `unix://`, or `redis+cluster://` for
-                a Redis Cluster (one node's address; the others are discovered).
+            url: `redis://`, `rediss://` (TLS), `unix://`, `redis+cluster://` for
+                a Redis Cluster (one node's address; the others are discovered), or
+                `redis+sentinel://[:password@]host:26379,host2:26379/<service>[/<db>]`
+                for the master of a Sentinel service (`rediss+sentinel://`: TLS).
             prefix: the first part of every key (default "cache").
             socket_timeout: seconds a command may take (default 0.25): a hung Redis
                 costs a caller this, plus one retry, until the breaker opens.
@@ -186,7 +189,8 @@ class CacheEngine:
             breaker_cooldown: as for CacheEngine (default 0.5 s).
             near: as for CacheEngine.
             **client_options: passed to redis-py's connection pool, e.g.
-                `username`, `password`, `ssl_ca_certs`, `client_name`.
+                `username`, `password`, `ssl_ca_certs`, `client_name`; with Sentinel,
+                `sentinel_kwargs` for the connections to the sentinels.
 
         Raises:
             ConfigurationError: a malformed URL, a non-positive timeout or size, or
@@ -212,12 +216,21 @@ class CacheEngine:
         # asyncio client runs only its own Retry class.
         sync_options = {"retry": Retry(NoBackoff(), 1), **options}
         async_options = {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **options}
+        # Checked before the engine exists: a bad Sentinel URL fails here, not on use.
+        sentinel = (
+            SentinelClients(url, sync_options, async_options) if is_sentinel_url(url) else None
+        )
         engine = cls(
             prefix=prefix,
             breaker_failures=breaker_failures,
             breaker_cooldown=breaker_cooldown,
             near=near,
         )
+        if sentinel is not None:
+            engine._owns_clients = True
+            engine._flusher.sync_runtime = engine._sync_side
+            engine._make_client, engine._make_async_client = sentinel.makers()
+            return engine
         if url.startswith(CLUSTER_SCHEME):
             # One node's address is enough: the client discovers the others.
             node_url = "redis" + url[len(CLUSTER_SCHEME) - len("://") :]

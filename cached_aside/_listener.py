@@ -19,7 +19,9 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any, Protocol
 
+import redis.asyncio.sentinel
 import redis.connection
+import redis.sentinel
 from redis.exceptions import ResponseError
 
 from ._errors import ConfigurationError
@@ -70,6 +72,12 @@ def connection_factory(client: Any, **address: Any) -> Callable[[], Any]:
         for name, value in pool.connection_kwargs.items()
         if name in _LISTENER_SETTINGS or name.startswith("ssl_")
     }
+    if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
+        raise ConfigurationError(
+            "a near cache listens with a sync connection, and an asyncio Sentinel "
+            "client has none to offer: build the engine from a redis+sentinel:// URL, "
+            "or give it a sync master_for() client too"
+        )
     if kind.__module__.startswith("redis.asyncio"):
         # The listener is a thread: the sync twin of the async connection class.
         kind = getattr(redis.connection, kind.__name__, None)
@@ -77,6 +85,9 @@ def connection_factory(client: Any, **address: Any) -> Callable[[], Any]:
             raise ConfigurationError(
                 f"a near cache cannot listen through {pool.connection_class!r}"
             )
+    if issubclass(kind, redis.sentinel.SentinelManagedConnection) and not address:
+        # It asks its pool, which asks the sentinels, where the master is now.
+        kwargs["connection_pool"] = pool
     kwargs["protocol"] = 2
     kwargs.update(address)
     return lambda: kind(**kwargs)

@@ -219,3 +219,183 @@ class RedisClusterProcesses:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+REDIS_SENTINEL = shutil.which("redis-sentinel")
+SENTINEL_SERVICE = "mymaster"
+
+
+class SentinelProcess(RedisProcess):
+    """One redis-sentinel we own, watching `service` at a master's port; its
+    configuration file (which Sentinel rewrites) lives in its temporary directory.
+    With `tls_of`, a TLS server's certificate: the sentinel speaks TLS to its clients
+    and to the servers, as that server does."""
+
+    def __init__(
+        self,
+        master_port: int,
+        *,
+        service: str = SENTINEL_SERVICE,
+        quorum: int = 2,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 3000,
+        tls_of: RedisProcess | None = None,
+    ) -> None:
+        super().__init__()
+        ports = [f"port {self.port}"]
+        if tls_of is not None:
+            self.tls = True
+            for name in ("cert.pem", "key.pem"):
+                shutil.copy(tls_of.directory / name, self.directory / name)
+            ports = [
+                "port 0",
+                f"tls-port {self.port}",
+                "tls-auth-clients no",
+                "tls-replication yes",
+                f"tls-cert-file {self.ca_file}",
+                f"tls-key-file {self.directory / 'key.pem'}",
+                f"tls-ca-cert-file {self.ca_file}",
+            ]
+        self.settings = [
+            *ports,
+            "bind 127.0.0.1",
+            f"dir {self.directory}",
+            f"sentinel monitor {service} 127.0.0.1 {master_port} {quorum}",
+            f"sentinel down-after-milliseconds {service} {down_after_ms}",
+            f"sentinel failover-timeout {service} {failover_timeout_ms}",
+            f"sentinel parallel-syncs {service} 1",
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> SentinelProcess:
+        assert REDIS_SENTINEL is not None, "redis-sentinel is not on PATH"
+        config = self.directory / "sentinel.conf"
+        if not config.exists():  # a restart keeps what Sentinel learnt and wrote
+            config.write_text("\n".join(self.settings) + "\n")
+        self.process = subprocess.Popen(
+            [REDIS_SENTINEL, str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.admin().ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.02)
+
+
+class RedisSentinelProcesses:
+    """A master, `replicas` replicas (--replicaof) and `sentinels` redis-sentinel
+    processes with `quorum`, all on free ports, stopped by PID. start() returns once
+    every sentinel sees the replicas and the other sentinels: a failover can then
+    run."""
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        *,
+        quorum: int = 2,
+        service: str = SENTINEL_SERVICE,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        self.service = service
+        # A replica that never finished its first sync cannot be promoted.
+        self.master = RedisProcess("--repl-diskless-sync-delay", "0")
+        self.replicas = [
+            RedisProcess("--replicaof", "127.0.0.1", str(self.master.port)) for _ in range(replicas)
+        ]
+        self.sentinels = [
+            SentinelProcess(
+                self.master.port,
+                service=service,
+                quorum=quorum,
+                down_after_ms=down_after_ms,
+                failover_timeout_ms=failover_timeout_ms,
+            )
+            for _ in range(sentinels)
+        ]
+
+    @property
+    def servers(self) -> list[RedisProcess]:
+        return [self.master, *self.replicas]
+
+    def url(self, scheme: str = "redis+sentinel", db: int = 0) -> str:
+        hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+        return f"{scheme}://{hosts}/{self.service}/{db}"
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", sentinel.port) for sentinel in self.sentinels]
+
+    def start(self, timeout: float = 20.0) -> RedisSentinelProcesses:
+        try:
+            for server in self.servers:
+                server.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            deadline = time.monotonic() + timeout
+            while not self._ready():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the sentinels did not see the replicas and each other")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        for server in self.replicas:
+            if server.admin().info("replication").get("master_link_status") != "up":
+                return False
+        for sentinel in self.sentinels:
+            admin = sentinel.admin()
+            replicas = admin.sentinel_slaves(self.service)
+            healthy = [r for r in replicas if not (r["is_sdown"] or r["is_odown"])]
+            if len(healthy) < len(self.replicas):
+                return False
+            if len(admin.sentinel_sentinels(self.service)) < len(self.sentinels) - 1:
+                return False
+        return True
+
+    def master_port(self) -> int:
+        """The master's port, as the first sentinel that answers reports it."""
+        for sentinel in self.sentinels:
+            try:
+                _, port = sentinel.admin().sentinel_get_master_addr_by_name(self.service)
+                return int(port)
+            except redis.ConnectionError:
+                continue
+        raise redis.ConnectionError("no sentinel answered")
+
+    def server_on(self, port: int) -> RedisProcess:
+        return next(server for server in self.servers if server.port == port)
+
+    def wait_for_new_master(self, old_port: int, timeout: float = 15.0) -> RedisProcess:
+        """Wait until every sentinel names a master other than `old_port`, and that
+        server says it is one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ports = {
+                int(sentinel.admin().sentinel_get_master_addr_by_name(self.service)[1])
+                for sentinel in self.sentinels
+            }
+            if len(ports) == 1 and old_port not in ports:
+                promoted = self.server_on(ports.pop())
+                if promoted.admin().info("replication")["role"] == "master":
+                    return promoted
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no failover away from port {old_port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, *self.servers]:
+            process.stop()

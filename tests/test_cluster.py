@@ -16,6 +16,7 @@ from cached_aside import BulkOutcome, CacheEngine, NearCache, Outcome, Source, c
 from cached_aside._keys import entry_keys
 
 from .servers import REDIS_SERVER, RedisClusterProcesses
+from .test_cli import cli
 
 pytestmark = [
     pytest.mark.slow,
@@ -575,3 +576,20 @@ def test_near_cache_on_a_cluster_follows_a_failover() -> None:
         writer.close()
     finally:
         cluster.stop()
+
+
+def test_the_command_line_takes_a_cluster_url(cluster: RedisClusterProcesses) -> None:
+    url = "redis+cluster" + cluster.url.removeprefix("redis")
+    engine = CacheEngine.from_url(url, prefix="cli")
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(lambda id: [id, 1])
+    read("a")
+    code, report = cli("--url", url, "ping")
+    assert code == 0
+    assert isinstance(report, dict)
+    assert (report["reachable"], report["scripts"], report["mode"]) == (True, True, "cluster")
+    code, report = cli("--url", url, "--prefix", "cli", "inspect", "item:<id>", "a")
+    assert (code, report["value"]) == (0, ["a", 1])  # type: ignore[index]
+    code, report = cli("--url", url, "--prefix", "cli", "invalidate", "item:<id>", "a")
+    assert (code, report["existed"]) == (0, True)  # type: ignore[index]
+    assert read.lookup("a").source is Source.LOADER
+    engine.close()
