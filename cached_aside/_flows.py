@@ -37,6 +37,9 @@ from ._scripts import AcquireStatus, ScriptName
 from ._stats import Stats
 
 RELEASE_ONLY = "release"
+# Store nothing and delete what is cached (under the lease): a reload whose result is
+# not to be cached must not leave the older value it was meant to replace.
+DROP = "drop"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 
@@ -156,7 +159,7 @@ def _peeked(plan: Plan, raw: Any) -> tuple[Any, Age, int]:
         return found, Age.FRESH, left
     options = plan.options
     keep = options.keep_ms
-    if left <= keep:
+    if keep and left <= keep:
         return found, Age.STALE if keep - left < options.grace_ms else Age.EXPIRED, 0
     left -= keep
     window = options.refresh_ahead_ms
@@ -406,6 +409,7 @@ def _guarded_load(
     stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
     without one, the failure propagates (LoaderCircuitOpenError while skipped)."""
     stats, breaker = plan.stats, plan.loader_breaker
+    probing = breaker is not None and breaker.open_until != 0  # half-open: a probe
     if breaker is not None and not probe and not breaker.allow():
         if stale is NO_STALE:
             raise LoaderCircuitOpenError(
@@ -426,6 +430,10 @@ def _guarded_load(
         stats.loader_error(key, exc, served="the stale value is served (stale_if_error)")
         stats.stale()
         return _STALE_SERVED
+    except BaseException:  # cancelled: no verdict, but the next caller may probe
+        if probing and breaker is not None:
+            breaker.abandon()
+        raise
     if breaker is not None and (breaker.failures or breaker.open_until):
         breaker.success()
     return value
@@ -461,10 +469,10 @@ def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any]
         if options.negative_ttl_ms:
             negative_ttl_ms = options.negative_ttl_ms + options.keep_ms
             return codec.redis_type, negative_ttl_ms, codec.negative_payload(), None
-        return RELEASE_ONLY, 0, [], None
+        return DROP, 0, [], None
     payload, result = codec.encode(value, f"{plan.name} (key {key!r})")
     if options.cache_if is not None and not options.cache_if(value):
-        return RELEASE_ONLY, 0, [], result
+        return DROP, 0, [], result
     return codec.redis_type, options.value_ttl_ms(), payload, result
 
 
@@ -563,7 +571,7 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
     None without negative caching, deletes the entry instead. If Redis does not take
     it, the entry's invalidation goes to the outbox and the answer is PENDING."""
     kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
-    if kind == RELEASE_ONLY:
+    if kind == DROP:
         return (yield from invalidate(plan, key, whole))
     try:
         yield RunScript(

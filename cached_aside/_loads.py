@@ -89,9 +89,12 @@ class Loads:
             if timeout is None:
                 returned = await loading
             else:
+                started = perf_counter()
                 try:
                     returned = await asyncio.wait_for(loading, timeout)
                 except asyncio.TimeoutError:  # not yet TimeoutError itself on 3.10
+                    if perf_counter() - started < timeout:
+                        raise  # the loader's own (a driver's statement timeout, say)
                     raise _timed_out(self._name(), timeout) from None
         return returned if effect is Signal.LOAD else self._aligned(effect, returned)
 
@@ -149,7 +152,9 @@ def _within(call: Callable[[], Any], timeout: float, name: str) -> Any:
     threading.Thread(target=target, name=f"cached_aside loader {name}", daemon=True).start()
     try:
         return outcome.result(timeout)
-    except FutureTimeoutError:
+    except FutureTimeoutError as exc:
+        if outcome.done() and outcome.exception() is exc:
+            raise  # the loader's own TimeoutError (3.11+: the same class), not ours
         raise _timed_out(name, timeout) from None
 
 

@@ -79,6 +79,8 @@ local function write_value(key, kind, ttl_ms, first)
       redis.call('HSET', key, unpack(ARGV, at, math.min(at + 999, #ARGV)))
     end
     redis.call('PEXPIRE', key, ttl_ms)
+  elseif kind == 'drop' then
+    redis.call('DEL', key)
   end
 end
 """
@@ -90,7 +92,8 @@ STORE: Final = (
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
 -- prefix (each waiter's list is KEYS[4] .. ':' .. its token)
 -- ARGV[1] lock token, ARGV[2] what to do: 'string' or 'hash' to write, 'release' to
--- only give up the lock, ARGV[3] value ttl (ms), ARGV[4] wake-up list ttl (ms),
+-- only give up the lock, 'drop' to delete what is cached and give it up,
+-- ARGV[3] value ttl (ms), ARGV[4] wake-up list ttl (ms),
 -- ARGV[5..] the payload: one string, or field/value pairs
 -- returns 1 if the caller still held the lock (value written, waiters woken), 0 if
 -- its lease was revoked by an invalidation or expiry: nothing is written, so a value

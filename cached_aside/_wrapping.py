@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -33,6 +34,18 @@ Answer = tuple[Served, bool]  # and whether it was shared with another caller
 # Every decorated function alive, for integrations that instrument them all (an
 # OpenTelemetry instrumentor swaps their class): a set the hit path never reads.
 decorated: weakref.WeakSet[CachedBase[Any, Any]] = weakref.WeakSet()
+
+
+def _reset_loader_breakers_after_fork() -> None:
+    """A child forked while a thread probed a loader breaker would wait for ever for
+    that probe's verdict: no thread of its own is probing."""
+    for function in list(decorated):
+        breaker = function._plan.loader_breaker
+        if breaker is not None:
+            breaker.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_loader_breakers_after_fork)
 
 
 class Write(Generic[T]):

@@ -7,14 +7,11 @@ pin subtle behaviour that matters. Sync and async, real Redis and fakeredis."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any
 
-import msgpack
 import pytest
 
 from cached_aside import (
@@ -27,15 +24,9 @@ from cached_aside import (
 )
 from cached_aside import _engine as engine_module
 from cached_aside._batches import invalidate_tags as tags_flow
-from cached_aside._codecs import MSGPACK_CODEC
-from cached_aside._effects import Batch, Command, CommandFailed, Signal
-from cached_aside._flows import Plan, after_miss
-from cached_aside._options import Options
-from cached_aside._scripts import AcquireStatus, ScriptName
-from cached_aside._stats import Stats
+from cached_aside._effects import Batch, Command, CommandFailed
 
-from .conftest import REDIS_URL, Harness, delete_prefix, needs_real_redis, unique_prefix
-from .test_flows import KEY, Stepper
+from .conftest import Harness
 
 
 async def invalidate_tags(h: Harness, *tags: str) -> Any:
@@ -344,51 +335,6 @@ async def test_update_field_does_not_make_a_kept_entry_fresh(h: Harness) -> None
     assert result.value == {"name": "y", "price": "2"}
 
 
-async def test_a_reload_whose_result_is_not_storable_does_not_leave_the_old_value(
-    h: Harness,
-) -> None:
-    # DEFECT (medium): what_to_store answers RELEASE_ONLY for a result that is not to
-    # be stored (cache_if says no; None with negative_ttl=0; _flows.py:460-467), and
-    # the store script then only gives the lock back: whatever was cached stays.
-    # For a plain miss nothing was cached, but a reload REPLACES an entry:
-    # fn.refresh() (documented "reload now and store, whatever is cached") returns
-    # "no such record" and leaves the deleted row cached and fresh for its ttl; a
-    # grace reload leaves the stale value served to the end of the grace (and
-    # every hit starts another load whose answer is dropped). fn.set() gets this
-    # right: it invalidates instead. Fix: a STORE kind that deletes the value under
-    # the lease ('delete': DEL KEYS[1] if the lock is still ours) for reloads
-    # (replace=True and _refresh) and for loads that had a kept value.
-    rows: dict[str, Any] = {"a": {"v": 1}}
-    fn = h.cached(lambda id: rows.get(id), key="rr:<id>", ttl=30, negative_ttl=0)
-    assert await h.run(fn, "a") == {"v": 1}
-    del rows["a"]  # the row is deleted; the writer refreshes the entry
-    assert await h.run(fn.refresh, "a") is None
-    assert await h.run(fn, "a") is None, "refresh() left the deleted row cached"
-
-
-async def test_a_grace_reload_refused_by_cache_if_does_not_keep_serving_the_old_value(
-    h: Harness,
-) -> None:
-    # The same defect through grace: the background reload's result fails cache_if
-    # (an order that is no longer final), so it is not stored, and the old value
-    # keeps being served as "stale" until the grace runs out.
-    rows = {"a": {"status": "final", "v": 1}}
-    loads = []
-
-    def load(id: str) -> dict[str, Any]:
-        loads.append(id)
-        return dict(rows[id])
-
-    fn = h.cached(load, key="rc:<id>", ttl=30, grace=10, cache_if=lambda o: o["status"] == "final")
-    await h.run(fn, "a")
-    rows["a"] = {"status": "reopened", "v": 2}
-    assert h.raw.pexpire(fn.key("a"), 9_000)  # 1 s into its grace
-    assert (await h.run(fn.lookup, "a")).source is Source.STALE
-    assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
-    result = await h.run(fn.lookup, "a")
-    assert result.value == {"status": "reopened", "v": 2}, "the refused reload left it stale"
-
-
 async def test_update_field_does_not_cache_a_record_cache_if_refuses(h: Harness) -> None:
     # DEFECT (low-medium): set() applies cache_if (what_to_store), update_field()
     # does not (_flows.py:526-551): updating a field so that the record fails the
@@ -411,67 +357,6 @@ async def test_update_field_does_not_cache_a_record_cache_if_refuses(h: Harness)
 
 
 # -- the loader breaker, loader_timeout --------------------------------------------
-
-
-async def test_a_cancelled_probe_does_not_keep_the_loader_breaker_open(
-    engine: CacheEngine,
-) -> None:
-    # DEFECT (high for asyncio services): in the breaker's half-open state, allow()
-    # lets one call probe and sets _probing (_breaker.py:56). _guarded_load
-    # (_flows.py:418-431) calls success()/failure() only when the loader returns or
-    # raises an Exception; a CancelledError (asyncio.wait_for/timeouts in a web
-    # handler, a client disconnect) or any BaseException in the probe leaves
-    # _probing True for ever: allow() then refuses every later call, so the loader
-    # is skipped until a fn.refresh() succeeds: every call without a kept value
-    # raises LoaderCircuitOpenError, every other gets stale data, indefinitely.
-    # Fix: in _guarded_load, `except BaseException` (re-raised) releases the probe
-    # (a `breaker.abandon()` that clears _probing and leaves the state open).
-    mode = {"now": "fail"}
-
-    @cache_aside(key="b:<id>", ttl=30, stale_if_error=60, engine=engine)
-    async def load(id: str) -> str:
-        if mode["now"] == "fail":
-            raise RuntimeError("the primary is down")
-        if mode["now"] == "hang":
-            await asyncio.sleep(5)
-        return "ok"
-
-    breaker = load._plan.loader_breaker
-    assert breaker is not None
-    breaker.cooldown = 0.05
-    for id in range(5):
-        with pytest.raises(RuntimeError):
-            await load(str(id))
-    assert breaker.state == "open"
-    await asyncio.sleep(0.06)  # half-open: the next call probes
-    mode["now"] = "hang"
-    with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(load("probe"), 0.1)  # the probe is cancelled
-    mode["now"] = "ok"  # the primary is back
-    await asyncio.sleep(0.2)
-    assert await load("after") == "ok", "the breaker stays open after a cancelled probe"
-
-
-async def test_a_loaders_own_timeout_error_is_not_reported_as_loader_timeout(
-    h: Harness,
-) -> None:
-    # DEFECT (low, diagnostics): on Python 3.11+ asyncio.TimeoutError and
-    # concurrent.futures.TimeoutError ARE the builtin TimeoutError, so the
-    # `except asyncio.TimeoutError` around wait_for (_loads.py:94) and `except
-    # FutureTimeoutError` around future.result (_loads.py:152) also catch a
-    # TimeoutError the loader raised itself at once (a DB driver's statement or
-    # socket timeout): it is reported as "ran past loader_timeout (5 s)" and, with
-    # `from None`, the loader's own exception and traceback are lost. Fix: tell the
-    # two apart (sync: `outcome.done()` after the wait; async: asyncio.timeout()
-    # and check whether the deadline expired) and re-raise the loader's own error.
-    def load(id: str) -> str:
-        raise TimeoutError("database statement timeout")
-
-    fn = h.cached(load, key="t:<id>", loader_timeout=5)
-    with pytest.raises(TimeoutError) as raised:
-        await h.run(fn, "a")
-    assert not isinstance(raised.value, LoaderTimeoutError), str(raised.value)
-    assert "database statement timeout" in str(raised.value)
 
 
 def test_a_hung_primary_does_not_pile_up_abandoned_loader_threads(engine: CacheEngine) -> None:
@@ -502,70 +387,6 @@ def test_a_hung_primary_does_not_pile_up_abandoned_loader_threads(engine: CacheE
         assert ours() - before <= 16, f"{ours() - before} loader threads left running"
     finally:
         hung.set()
-
-
-@needs_real_redis
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_a_child_forked_during_a_probe_can_load() -> None:
-    # DEFECT (medium-low): the per-function loader breakers are not reset after
-    # fork (CacheEngine._after_fork_in_child resets the Redis breaker, flights and
-    # stats, not Plan.loader_breaker; _engine.py:590 at HEAD). A child forked while a
-    # parent thread was the half-open probe inherits _probing=True, with no thread
-    # left to clear it: every call of that function in the child without a kept
-    # value raises LoaderCircuitOpenError for the life of the child (gunicorn
-    # --preload, multiprocessing); its lock may also be copied held. Fix: keep the
-    # loader breakers reachable (the weak `decorated` set) and reset_after_fork()
-    # them in the child.
-    assert REDIS_URL is not None
-    prefix = unique_prefix()
-    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
-    mode = {"now": "fail"}
-    probing, release = threading.Event(), threading.Event()
-
-    @cache_aside(key="f:<id>", ttl=30, stale_if_error=60, engine=engine)
-    def load(id: str) -> str:
-        if mode["now"] == "fail":
-            raise RuntimeError("the primary is down")
-        if mode["now"] == "hang":
-            probing.set()
-            release.wait(5)
-        return "ok"
-
-    breaker = load._plan.loader_breaker
-    assert breaker is not None
-    breaker.cooldown = 0.05
-    try:
-        for id in range(5):
-            with pytest.raises(RuntimeError):
-                load(str(id))
-        time.sleep(0.06)
-        mode["now"] = "hang"
-        thread = threading.Thread(target=load, args=("probe",))
-        thread.start()
-        assert probing.wait(5)
-        reading, writing = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child
-            try:
-                mode["now"] = "ok"
-                time.sleep(0.1)
-                try:
-                    answer = load("child")
-                except Exception as exc:
-                    answer = type(exc).__name__
-                os.write(writing, json.dumps(answer).encode())
-            finally:
-                os._exit(0)
-        os.close(writing)
-        release.set()
-        thread.join()
-        os.waitpid(pid, 0)
-        answer = json.loads(os.read(reading, 1000))
-        os.close(reading)
-        assert answer == "ok", f"the child got {answer}"
-    finally:
-        delete_prefix(engine.client(), prefix)
-        engine.close()
 
 
 async def test_the_batch_loader_ignores_the_loader_breaker(h: Harness) -> None:
@@ -617,31 +438,6 @@ async def test_a_large_compressed_value_is_cached_or_refused_not_silently_droppe
     result = await h.run(fn.lookup, "a")
     assert len(result.value) == len(big)
     assert (result.source, fn.stats().corrupt) == (Source.CACHE, 0), "stored, never read back"
-
-
-def test_without_stale_if_error_a_failed_load_is_never_answered_stale() -> None:
-    # DEFECT (low, a 1 ms window): _peeked (_flows.py:159) takes `left <= keep` as
-    # "past its ttl" also when nothing is kept (keep 0, a function that peeks for
-    # refresh_ahead or a near cache): PTTL 0 (under 1 ms left) makes the entry
-    # EXPIRED, after_miss hands it to miss() as `stale`, and a loader error is then
-    # answered with that value, source "stale", on a function that never asked
-    # for stale_if_error. Fix: `if keep and left <= keep:` (and keep the stale
-    # fallback to functions with stale_if_error_ms).
-    stepped = Plan(
-        "get_product",
-        MSGPACK_CODEC,
-        Options.of(cache_aside(key="product:<id>", ttl=30, refresh_ahead=5)),
-        Stats("get_product"),
-        peek=True,
-    )
-    flow = Stepper(after_miss(stepped, KEY, [msgpack.packb({"v": 1}), 0], 1000))
-    assert flow.effect.script is ScriptName.ACQUIRE
-    assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
-    try:
-        flow.fail(RuntimeError("the primary is down"))
-    except RuntimeError:
-        return  # the loader's error propagates: right
-    pytest.fail(f"answered {flow.result!r} instead of raising")
 
 
 # -- pinned: behaviour that holds and matters --------------------------------------

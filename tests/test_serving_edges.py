@@ -1,0 +1,212 @@
+"""Edges of serving through failures, found by a review of issue 15: a cancelled
+probe of the loader breaker, a child forked during a probe, a loader's own
+TimeoutError, a reload whose result is not to be cached, and an entry with under a
+millisecond left on a function that keeps nothing past its ttl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import msgpack
+import pytest
+
+from cached_aside import CacheEngine, LoaderTimeoutError, Source, cache_aside
+from cached_aside._codecs import MSGPACK_CODEC
+from cached_aside._flows import Age, Plan, _peeked
+from cached_aside._options import Options
+from cached_aside._stats import Stats
+
+from .conftest import REDIS_URL, Harness, delete_prefix, needs_real_redis, unique_prefix
+
+
+async def test_a_cancelled_probe_does_not_keep_the_loader_breaker_open(
+    engine: CacheEngine,
+) -> None:
+    # Was a defect: in the breaker's half-open state, allow()
+    # lets one call probe and sets _probing (_breaker.py:56). _guarded_load
+    # (_flows.py:418-431) calls success()/failure() only when the loader returns or
+    # raises an Exception; a CancelledError (asyncio.wait_for/timeouts in a web
+    # handler, a client disconnect) or any BaseException in the probe leaves
+    # _probing True for ever: allow() then refuses every later call, so the loader
+    # is skipped until a fn.refresh() succeeds: every call without a kept value
+    # raises LoaderCircuitOpenError, every other gets stale data, indefinitely.
+    # Fix: in _guarded_load, `except BaseException` (re-raised) releases the probe
+    # (a `breaker.abandon()` that clears _probing and leaves the state open).
+    mode = {"now": "fail"}
+
+    @cache_aside(key="b:<id>", ttl=30, stale_if_error=60, engine=engine)
+    async def load(id: str) -> str:
+        if mode["now"] == "fail":
+            raise RuntimeError("the primary is down")
+        if mode["now"] == "hang":
+            await asyncio.sleep(5)
+        return "ok"
+
+    breaker = load._plan.loader_breaker
+    assert breaker is not None
+    breaker.cooldown = 0.05
+    for id in range(5):
+        with pytest.raises(RuntimeError):
+            await load(str(id))
+    assert breaker.state == "open"
+    await asyncio.sleep(0.06)  # half-open: the next call probes
+    mode["now"] = "hang"
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(load("probe"), 0.1)  # the probe is cancelled
+    mode["now"] = "ok"  # the primary is back
+    await asyncio.sleep(0.2)
+    assert await load("after") == "ok", "the breaker stays open after a cancelled probe"
+
+
+async def test_a_loaders_own_timeout_error_is_not_reported_as_loader_timeout(
+    h: Harness,
+) -> None:
+    # Was a defect: on Python 3.11+ asyncio.TimeoutError and
+    # concurrent.futures.TimeoutError ARE the builtin TimeoutError, so the
+    # `except asyncio.TimeoutError` around wait_for (_loads.py:94) and `except
+    # FutureTimeoutError` around future.result (_loads.py:152) also catch a
+    # TimeoutError the loader raised itself at once (a DB driver's statement or
+    # socket timeout): it is reported as "ran past loader_timeout (5 s)" and, with
+    # `from None`, the loader's own exception and traceback are lost. Fix: tell the
+    # two apart (sync: `outcome.done()` after the wait; async: asyncio.timeout()
+    # and check whether the deadline expired) and re-raise the loader's own error.
+    def load(id: str) -> str:
+        raise TimeoutError("database statement timeout")
+
+    fn = h.cached(load, key="t:<id>", loader_timeout=5)
+    with pytest.raises(TimeoutError) as raised:
+        await h.run(fn, "a")
+    assert not isinstance(raised.value, LoaderTimeoutError), str(raised.value)
+    assert "database statement timeout" in str(raised.value)
+
+
+@needs_real_redis
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_during_a_probe_can_load() -> None:
+    # Was a defect: the per-function loader breakers are not reset after
+    # fork (CacheEngine._after_fork_in_child resets the Redis breaker, flights and
+    # stats, not Plan.loader_breaker; _engine.py:590 at HEAD). A child forked while a
+    # parent thread was the half-open probe inherits _probing=True, with no thread
+    # left to clear it: every call of that function in the child without a kept
+    # value raises LoaderCircuitOpenError for the life of the child (gunicorn
+    # --preload, multiprocessing); its lock may also be copied held. Fix: keep the
+    # loader breakers reachable (the weak `decorated` set) and reset_after_fork()
+    # them in the child.
+    assert REDIS_URL is not None
+    prefix = unique_prefix()
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    mode = {"now": "fail"}
+    probing, release = threading.Event(), threading.Event()
+
+    @cache_aside(key="f:<id>", ttl=30, stale_if_error=60, engine=engine)
+    def load(id: str) -> str:
+        if mode["now"] == "fail":
+            raise RuntimeError("the primary is down")
+        if mode["now"] == "hang":
+            probing.set()
+            release.wait(5)
+        return "ok"
+
+    breaker = load._plan.loader_breaker
+    assert breaker is not None
+    breaker.cooldown = 0.05
+    try:
+        for id in range(5):
+            with pytest.raises(RuntimeError):
+                load(str(id))
+        time.sleep(0.06)
+        mode["now"] = "hang"
+        thread = threading.Thread(target=load, args=("probe",))
+        thread.start()
+        assert probing.wait(5)
+        reading, writing = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                mode["now"] = "ok"
+                time.sleep(0.1)
+                try:
+                    answer = load("child")
+                except Exception as exc:
+                    answer = type(exc).__name__
+                os.write(writing, json.dumps(answer).encode())
+            finally:
+                os._exit(0)
+        os.close(writing)
+        release.set()
+        thread.join()
+        os.waitpid(pid, 0)
+        answer = json.loads(os.read(reading, 1000))
+        os.close(reading)
+        assert answer == "ok", f"the child got {answer}"
+    finally:
+        delete_prefix(engine.client(), prefix)
+        engine.close()
+
+
+async def test_a_reload_whose_result_is_not_storable_does_not_leave_the_old_value(
+    h: Harness,
+) -> None:
+    # Was a defect: what_to_store answers RELEASE_ONLY for a result that is not to
+    # be stored (cache_if says no; None with negative_ttl=0; _flows.py:460-467), and
+    # the store script then only gives the lock back: whatever was cached stays.
+    # For a plain miss nothing was cached, but a reload REPLACES an entry:
+    # fn.refresh() (documented "reload now and store, whatever is cached") returns
+    # "no such record" and leaves the deleted row cached and fresh for its ttl; a
+    # grace reload leaves the stale value served to the end of the grace (and
+    # every hit starts another load whose answer is dropped). fn.set() gets this
+    # right: it invalidates instead. Fix: a STORE kind that deletes the value under
+    # the lease ('delete': DEL KEYS[1] if the lock is still ours) for reloads
+    # (replace=True and _refresh) and for loads that had a kept value.
+    rows: dict[str, Any] = {"a": {"v": 1}}
+    fn = h.cached(lambda id: rows.get(id), key="rr:<id>", ttl=30, negative_ttl=0)
+    assert await h.run(fn, "a") == {"v": 1}
+    del rows["a"]  # the row is deleted; the writer refreshes the entry
+    assert await h.run(fn.refresh, "a") is None
+    assert await h.run(fn, "a") is None, "refresh() left the deleted row cached"
+
+
+async def test_a_grace_reload_refused_by_cache_if_does_not_keep_serving_the_old_value(
+    h: Harness,
+) -> None:
+    # Was the same defect through grace: the background reload's result fails cache_if
+    # (an order that is no longer final), so it is not stored, and the old value
+    # keeps being served as "stale" until the grace runs out.
+    rows = {"a": {"status": "final", "v": 1}}
+    loads = []
+
+    def load(id: str) -> dict[str, Any]:
+        loads.append(id)
+        return dict(rows[id])
+
+    fn = h.cached(load, key="rc:<id>", ttl=30, grace=10, cache_if=lambda o: o["status"] == "final")
+    await h.run(fn, "a")
+    rows["a"] = {"status": "reopened", "v": 2}
+    assert h.raw.pexpire(fn.key("a"), 9_000)  # 1 s into its grace
+    assert (await h.run(fn.lookup, "a")).source is Source.STALE
+    assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
+    result = await h.run(fn.lookup, "a")
+    assert result.value == {"status": "reopened", "v": 2}, "the refused reload left it stale"
+
+
+@pytest.mark.parametrize(("options", "age"), [({"refresh_ahead": 5}, Age.DUE), ({}, Age.FRESH)])
+def test_an_entry_with_under_a_millisecond_left_is_not_past_its_ttl(
+    options: dict[str, int], age: Age
+) -> None:
+    """PTTL 0 means under 1 ms left. With nothing kept past the ttl (no grace, no
+    stale_if_error) that entry is still fresh: taken for expired, a loader error
+    was answered with it as stale, on a function that never asked for that."""
+    plan = Plan(
+        "get_product",
+        MSGPACK_CODEC,
+        Options.of(cache_aside(key="product:<id>", ttl=30, **options)),
+        Stats("get_product"),
+        peek=True,
+    )
+    found, seen, left = _peeked(plan, [msgpack.packb({"v": 1}), 0])
+    assert (found, seen, left) == ({"v": 1}, age, 0)
