@@ -16,7 +16,12 @@ import msgpack
 import pytest
 
 from cached_aside import CacheEngine, LoaderTimeoutError, Source, cache_aside
-from cached_aside._codecs import MSGPACK_CODEC
+from cached_aside._codecs import (
+    COMPRESSED_MARK,
+    MAX_DECOMPRESSED_BYTES,
+    MSGPACK_CODEC,
+    MsgpackCodec,
+)
 from cached_aside._flows import Age, Plan, _peeked
 from cached_aside._options import Options
 from cached_aside._stats import Stats
@@ -210,3 +215,15 @@ def test_an_entry_with_under_a_millisecond_left_is_not_past_its_ttl(
     )
     found, seen, left = _peeked(plan, [msgpack.packb({"v": 1}), 0])
     assert (found, seen, left) == ({"v": 1}, age, 0)
+
+
+def test_a_value_past_the_decompression_cap_is_stored_plain() -> None:
+    """Compressed, a value over the 64 MiB cap on decompression (a guard against
+    foreign bombs) would be stored and never read back: every call a corrupt miss."""
+    codec = MsgpackCodec(compress_over=1024)
+    big = "x" * (MAX_DECOMPRESSED_BYTES + 16)
+    payload, _ = codec.encode(big, "t")
+    assert not payload[0].startswith(COMPRESSED_MARK)
+    assert codec.decode(payload[0]) == big
+    small, _ = codec.encode("y" * 4096, "t")
+    assert small[0].startswith(COMPRESSED_MARK)  # under the cap: compressed as before
