@@ -548,11 +548,22 @@ def update_field(
     where = f"{plan.name}.update_field (key {key!r})"
     text = field_text(check_field(field, where), value, where)
     options = plan.options
+    if options.cache_if is not None:
+        # cache_if judges whole records, and this one is in Redis, not here: drop it
+        # (the next call loads and judges the row) rather than keep what it may refuse.
+        return (yield from invalidate(plan, key, whole))
     try:
         updated = yield RunScript(
             ScriptName.UPDATE_FIELD,
             entry_keys(key),
-            (META_FIELD, field, text, options.ttl_ms + options.keep_ms, options.lock_ttl_ms),
+            (
+                META_FIELD,
+                field,
+                text,
+                options.ttl_ms + options.keep_ms,
+                options.lock_ttl_ms,
+                options.keep_ms,
+            ),
         )
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))

@@ -110,6 +110,8 @@ class CachedFunction(CachedBase[P, R]):
         Hash mode only. Loads in flight are fenced as by invalidate(). Returns
         Outcome.UPDATED, Outcome.ABSENT (nothing cached: nothing written), or
         Outcome.PENDING: Redis failed, and the entry's invalidation waits in the outbox.
+        With cache_if, it invalidates instead (DELETED or ABSENT): the predicate
+        judges whole records.
         """
         return self._write(self._field_update(args, kwargs, field, value))
 

@@ -128,9 +128,12 @@ UPDATE_FIELD: Final = (
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
 -- prefix
 -- ARGV[1] the reserved meta field, ARGV[2] field, ARGV[3] value, ARGV[4] ttl (ms),
--- ARGV[5] wake-up list ttl (ms)
+-- ARGV[5] wake-up list ttl (ms), ARGV[6] the time kept past the ttl (ms; grace,
+-- stale_if_error)
 -- returns 1 if a cached record was updated and its ttl refreshed; 0 if nothing, a
 -- negative sentinel or foreign data is cached: no partial record is ever created.
+-- A record already past its ttl (kept for grace or errors) is updated but not made
+-- fresh: its other fields are as old as they were.
 -- Either way the lock goes, as in INVALIDATE: a load in flight read the row before
 -- this write, so its lease is revoked and its older result refused.
 redis.call('DEL', KEYS[2])
@@ -141,7 +144,10 @@ if not count then return 0 end
 if redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], count + 1)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 or left > tonumber(ARGV[6]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 return 1
 """
 )

