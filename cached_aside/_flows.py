@@ -571,8 +571,14 @@ def update_field(
 
 
 def reload(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
-    """fn.refresh(): load now and store, whatever is cached; a load already under
-    way in another caller is waited for and its value taken instead (single-flight)."""
+    """fn.refresh(): load now and store, whatever is cached. A load already under way
+    in another caller may have read the primary before the write that prompted this
+    refresh: its lease is revoked first (its result is refused, its waiters look
+    again), then this caller takes the lock, loads and stores."""
+    try:
+        yield RunScript(ScriptName.REVOKE, entry_keys(key), (plan.options.lock_ttl_ms,))
+    except CommandFailed as failure:  # Redis failing: the load below fails open too
+        tolerate(plan, key, failure)
     return (yield from miss(plan, key, False, block_limit_ms, replace=True))
 
 

@@ -82,8 +82,9 @@ class CachedFunction(CachedBase[P, R]):
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Load now and store, whatever is cached, and return the value: after a change
-        you know of, or to warm a key. Single-flight like a miss: if another caller is
-        already loading the key, its value is taken instead of loading twice."""
+        you know of, or to warm a key. A load already under way elsewhere may have read
+        the row before that change: its lease is revoked (its result is not stored)
+        and this call loads; callers arriving meanwhile wait for this load."""
         runtime = self._engine_in_use()._sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:

@@ -196,6 +196,21 @@ return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
 
+REVOKE: Final = (
+    _WAKE_WAITERS
+    + """
+-- KEYS[1] value key (untouched), KEYS[2] lock key, KEYS[3] waiters set, KEYS[4]
+-- wake-up lists' prefix
+-- ARGV[1] wake-up list ttl (ms)
+-- returns 1. Revokes the lease of a load in flight, keeping what is cached: that load
+-- read the primary before a write the caller knows of, so its result is refused;
+-- its waiters are woken to look again (fn.refresh() takes the lock next).
+redis.call('DEL', KEYS[2])
+wake_waiters(KEYS[3], KEYS[4], ARGV[1])
+return 1
+"""
+)
+
 TAG_ADD: Final = """
 -- KEYS[1] a tag's set
 -- ARGV[1] an entry's value key, ARGV[2] how long the set must live at least (ms)
@@ -219,6 +234,7 @@ class ScriptName(enum.Enum):
     PEEK = PEEK
     LEAVE = LEAVE
     PUT = PUT
+    REVOKE = REVOKE
     TAG_ADD = TAG_ADD
 
 
