@@ -22,6 +22,7 @@ from ._effects import (
     Free,
     Hold,
     LoadOne,
+    LoadSome,
     Postpone,
     RunScript,
     Signal,
@@ -373,7 +374,7 @@ def _load_and_store(
     options = plan.options
     token = hold.releases[0].args[0]
     fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
-    value = yield from _guarded_load(plan, keys.value, load, stale, probe)
+    value = yield from guarded_load(plan, keys.value, load, stale, probe)
     if value is _STALE_SERVED:
         return Served(stale, Source.STALE)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
@@ -402,8 +403,13 @@ class _Stale(enum.Enum):
 _STALE_SERVED: Final = _Stale.SERVED
 
 
-def _guarded_load(
-    plan: Plan, key: str, load: Signal | LoadOne, stale: Any, probe: bool = False
+def guarded_load(
+    plan: Plan,
+    key: str,
+    load: Signal | LoadOne | LoadSome,
+    stale: Any,
+    probe: bool = False,
+    counted: bool = False,
 ) -> Flow[Any]:
     """Run the loader, through the function's loader breaker if it has one. With a
     stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
@@ -419,7 +425,8 @@ def _guarded_load(
             )
         stats.stale()
         return _STALE_SERVED
-    stats.load()
+    if not counted:  # a batch counts one load per entry itself
+        stats.load()
     try:
         value = yield load
     except Exception as exc:  # the loader failed (or timed out); never CancelledError

@@ -15,7 +15,13 @@ from typing import Any
 import msgpack
 import pytest
 
-from cached_aside import CacheEngine, LoaderTimeoutError, Source, cache_aside
+from cached_aside import (
+    CacheEngine,
+    LoaderCircuitOpenError,
+    LoaderTimeoutError,
+    Source,
+    cache_aside,
+)
 from cached_aside._codecs import (
     COMPRESSED_MARK,
     MAX_DECOMPRESSED_BYTES,
@@ -316,3 +322,30 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
     assert await loading == {"v": 1}
     assert refreshed == {"v": 2}, "refresh() after a write returned the row read before it"
     assert await h.run(fn, 1) == {"v": 2}
+
+
+async def test_the_batch_loader_goes_through_the_loader_breaker(h: Harness) -> None:
+    # Was a defect: with stale_if_error, "after 5 failures in a row the loader is
+    # skipped for 1 s". many()'s batch path calls the batch loader directly
+    # (_batches.py:239, LoadSome), never through _guarded_load: it neither counts
+    # its failures nor respects an open breaker, so a failing primary keeps being
+    # hammered by every many() call. Fix: route LoadSome through the breaker too
+    # (skip: raise LoaderCircuitOpenError for the misses; count failures/successes).
+    calls = {"single": 0, "batch": 0}
+
+    def load(id: str) -> str:
+        calls["single"] += 1
+        raise RuntimeError("the primary is down")
+
+    def batch(ids: list[str]) -> list[str]:
+        calls["batch"] += 1
+        raise RuntimeError("the primary is down")
+
+    fn = h.cached(load, key="bb:<id>", stale_if_error=60, batch_loader=batch)
+    for id in range(5):
+        with pytest.raises(RuntimeError):
+            await h.run(fn, str(id))
+    assert fn._plan.loader_breaker.state == "open"
+    with pytest.raises(LoaderCircuitOpenError):
+        await h.run(fn.many, ["x", "y"])
+    assert calls["batch"] == 0, "the batch loader was called while the breaker was open"
