@@ -29,6 +29,7 @@ from cached_aside._codecs import (
     MsgpackCodec,
 )
 from cached_aside._flows import Age, Plan, _peeked
+from cached_aside._loads import MAX_ABANDONED_LOADS
 from cached_aside._options import Options
 from cached_aside._stats import Stats
 
@@ -349,3 +350,33 @@ async def test_the_batch_loader_goes_through_the_loader_breaker(h: Harness) -> N
     with pytest.raises(LoaderCircuitOpenError):
         await h.run(fn.many, ["x", "y"])
     assert calls["batch"] == 0, "the batch loader was called while the breaker was open"
+
+
+def test_a_hung_primary_does_not_pile_up_abandoned_loader_threads(engine: CacheEngine) -> None:
+    # Was a defect: loader_timeout runs each sync load in a
+    # new thread (_loads.py:_within, :149) and abandons it on timeout. Exactly when
+    # loader_timeout matters (the primary hangs), every call starts one more thread
+    # that stays blocked in the driver: nothing bounds them (without stale_if_error
+    # there is no loader breaker either), so a busy service accumulates thousands
+    # of stuck threads (and DB connections) and dies of it. Fix: bound the
+    # abandoned loads per function (a counter/semaphore: past N still running,
+    # fail at once with LoaderTimeoutError instead of starting another thread), or
+    # run them on a bounded executor.
+    hung = threading.Event()
+
+    @cache_aside(key="h:<id>", ttl=30, loader_timeout=0.01, engine=engine)
+    def load(id: int) -> str:
+        hung.wait(5)
+        return "late"
+
+    def ours() -> int:
+        return sum(t.name.startswith("cached_aside loader") for t in threading.enumerate())
+
+    before = ours()
+    try:
+        for id in range(40):
+            with pytest.raises(LoaderTimeoutError):
+                load(id)
+        assert ours() - before <= MAX_ABANDONED_LOADS, f"{ours() - before} loader threads left"
+    finally:
+        hung.set()
