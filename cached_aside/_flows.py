@@ -577,15 +577,20 @@ def update_field(
     return Outcome.UPDATED if updated else Outcome.ABSENT
 
 
-def reload(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
+def reload(plan: Plan, key: str, block_limit_ms: int, whole: PendingPattern) -> Flow[Served]:
     """fn.refresh(): load now and store, whatever is cached. A load already under way
     in another caller may have read the primary before the write that prompted this
     refresh: its lease is revoked first (its result is refused, its waiters look
-    again), then this caller takes the lock, loads and stores."""
+    again), then this caller takes the lock, loads and stores. If Redis does not take
+    the revocation, the entry's invalidation goes to the outbox and the loader answers
+    alone, as for a call while an invalidation is pending."""
     try:
         yield RunScript(ScriptName.REVOKE, entry_keys(key), (plan.options.lock_ttl_ms,))
-    except CommandFailed as failure:  # Redis failing: the load below fails open too
-        tolerate(plan, key, failure)
+    except CommandFailed as failure:
+        # The load in flight may still store what it read before the write: only an
+        # invalidation fences it now.
+        yield from postpone(plan, key, whole, failure)
+        return (yield from bypass(plan, key))
     return (yield from miss(plan, key, False, block_limit_ms, replace=True))
 
 

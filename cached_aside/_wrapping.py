@@ -180,7 +180,7 @@ class CachedBase(Generic[P, R]):
         if engine.outbox.active and engine.outbox.blocks(key):
             flow = bypass(self._plan, key)
         else:
-            flow = reload(self._plan, key, runtime.block_limit_ms)
+            flow = reload(self._plan, key, runtime.block_limit_ms, self._covering(engine))
         return Reload(flow, Loads(self._plan, self.__wrapped__, (args,), kwargs), (key,))
 
     def _invalidations(self, items: Iterable[Any]) -> Write[BulkOutcome]:
