@@ -30,11 +30,13 @@ from ._effects import (
 )
 from ._errors import BatchLoaderError
 from ._flows import (
+    NO_STALE,
     RELEASE_ONLY,
     Plan,
     Served,
     aged,
     found_in,
+    guarded_load,
     join_tags,
     lock_hold,
     miss,
@@ -236,7 +238,14 @@ def _load_and_store_many(
     for _ in to_load:
         stats.miss()
         stats.load()
-    values = yield LoadSome(tuple(at[p] for p in to_load))
+    # Through the loader breaker, as a single load: skipped while it is open.
+    values = yield from guarded_load(
+        plan,
+        f"{len(to_load)} keys",
+        LoadSome(tuple(at[p] for p in to_load)),
+        NO_STALE,
+        counted=True,
+    )
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):

@@ -71,6 +71,12 @@ class CircuitBreaker:
                 self.open_until = self.clock() + self.cooldown
                 self._probing = False
 
+    def abandon(self) -> None:
+        """The probe ended without a verdict (it was cancelled): the breaker stays
+        as it is, and the next caller past the cooldown probes instead."""
+        with self._lock:
+            self._probing = False
+
     def reset_after_fork(self) -> None:
         """In a forked child: the lock may have been held by a thread now gone."""
         self._lock = threading.Lock()

@@ -226,7 +226,8 @@ class MsgpackCodec:
                 "dicts with str or int keys, lists, str, bytes, int, float, bool and None "
                 "only, e.g. convert datetimes with .isoformat() and objects with a to_dict()"
             ) from exc
-        if self.compress_over and len(packed) > self.compress_over:
+        # Past the cap a compressed value could not be read back: it goes plain.
+        if self.compress_over and self.compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
             packed = COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
         return [packed], result
 

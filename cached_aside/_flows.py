@@ -22,6 +22,7 @@ from ._effects import (
     Free,
     Hold,
     LoadOne,
+    LoadSome,
     Postpone,
     RunScript,
     Signal,
@@ -37,6 +38,9 @@ from ._scripts import AcquireStatus, ScriptName
 from ._stats import Stats
 
 RELEASE_ONLY = "release"
+# Store nothing and delete what is cached (under the lease): a reload whose result is
+# not to be cached must not leave the older value it was meant to replace.
+DROP = "drop"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 
@@ -156,7 +160,7 @@ def _peeked(plan: Plan, raw: Any) -> tuple[Any, Age, int]:
         return found, Age.FRESH, left
     options = plan.options
     keep = options.keep_ms
-    if left <= keep:
+    if keep and left <= keep:
         return found, Age.STALE if keep - left < options.grace_ms else Age.EXPIRED, 0
     left -= keep
     window = options.refresh_ahead_ms
@@ -370,7 +374,7 @@ def _load_and_store(
     options = plan.options
     token = hold.releases[0].args[0]
     fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
-    value = yield from _guarded_load(plan, keys.value, load, stale, probe)
+    value = yield from guarded_load(plan, keys.value, load, stale, probe)
     if value is _STALE_SERVED:
         return Served(stale, Source.STALE)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
@@ -399,13 +403,19 @@ class _Stale(enum.Enum):
 _STALE_SERVED: Final = _Stale.SERVED
 
 
-def _guarded_load(
-    plan: Plan, key: str, load: Signal | LoadOne, stale: Any, probe: bool = False
+def guarded_load(
+    plan: Plan,
+    key: str,
+    load: Signal | LoadOne | LoadSome,
+    stale: Any,
+    probe: bool = False,
+    counted: bool = False,
 ) -> Flow[Any]:
     """Run the loader, through the function's loader breaker if it has one. With a
     stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
     without one, the failure propagates (LoaderCircuitOpenError while skipped)."""
     stats, breaker = plan.stats, plan.loader_breaker
+    probing = breaker is not None and breaker.open_until != 0  # half-open: a probe
     if breaker is not None and not probe and not breaker.allow():
         if stale is NO_STALE:
             raise LoaderCircuitOpenError(
@@ -415,7 +425,8 @@ def _guarded_load(
             )
         stats.stale()
         return _STALE_SERVED
-    stats.load()
+    if not counted:  # a batch counts one load per entry itself
+        stats.load()
     try:
         value = yield load
     except Exception as exc:  # the loader failed (or timed out); never CancelledError
@@ -426,6 +437,10 @@ def _guarded_load(
         stats.loader_error(key, exc, served="the stale value is served (stale_if_error)")
         stats.stale()
         return _STALE_SERVED
+    except BaseException:  # cancelled: no verdict, but the next caller may probe
+        if probing and breaker is not None:
+            breaker.abandon()
+        raise
     if breaker is not None and (breaker.failures or breaker.open_until):
         breaker.success()
     return value
@@ -461,10 +476,10 @@ def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any]
         if options.negative_ttl_ms:
             negative_ttl_ms = options.negative_ttl_ms + options.keep_ms
             return codec.redis_type, negative_ttl_ms, codec.negative_payload(), None
-        return RELEASE_ONLY, 0, [], None
+        return DROP, 0, [], None
     payload, result = codec.encode(value, f"{plan.name} (key {key!r})")
     if options.cache_if is not None and not options.cache_if(value):
-        return RELEASE_ONLY, 0, [], result
+        return DROP, 0, [], result
     return codec.redis_type, options.value_ttl_ms(), payload, result
 
 
@@ -540,20 +555,42 @@ def update_field(
     where = f"{plan.name}.update_field (key {key!r})"
     text = field_text(check_field(field, where), value, where)
     options = plan.options
+    if options.cache_if is not None:
+        # cache_if judges whole records, and this one is in Redis, not here: drop it
+        # (the next call loads and judges the row) rather than keep what it may refuse.
+        return (yield from invalidate(plan, key, whole))
     try:
         updated = yield RunScript(
             ScriptName.UPDATE_FIELD,
             entry_keys(key),
-            (META_FIELD, field, text, options.ttl_ms + options.keep_ms, options.lock_ttl_ms),
+            (
+                META_FIELD,
+                field,
+                text,
+                options.ttl_ms + options.keep_ms,
+                options.lock_ttl_ms,
+                options.keep_ms,
+            ),
         )
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
     return Outcome.UPDATED if updated else Outcome.ABSENT
 
 
-def reload(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
-    """fn.refresh(): load now and store, whatever is cached; a load already under
-    way in another caller is waited for and its value taken instead (single-flight)."""
+def reload(plan: Plan, key: str, block_limit_ms: int, whole: PendingPattern) -> Flow[Served]:
+    """fn.refresh(): load now and store, whatever is cached. A load already under way
+    in another caller may have read the primary before the write that prompted this
+    refresh: its lease is revoked first (its result is refused, its waiters look
+    again), then this caller takes the lock, loads and stores. If Redis does not take
+    the revocation, the entry's invalidation goes to the outbox and the loader answers
+    alone, as for a call while an invalidation is pending."""
+    try:
+        yield RunScript(ScriptName.REVOKE, entry_keys(key), (plan.options.lock_ttl_ms,))
+    except CommandFailed as failure:
+        # The load in flight may still store what it read before the write: only an
+        # invalidation fences it now.
+        yield from postpone(plan, key, whole, failure)
+        return (yield from bypass(plan, key))
     return (yield from miss(plan, key, False, block_limit_ms, replace=True))
 
 
@@ -563,7 +600,7 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
     None without negative caching, deletes the entry instead. If Redis does not take
     it, the entry's invalidation goes to the outbox and the answer is PENDING."""
     kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
-    if kind == RELEASE_ONLY:
+    if kind == DROP:
         return (yield from invalidate(plan, key, whole))
     try:
         yield RunScript(

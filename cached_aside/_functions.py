@@ -82,8 +82,9 @@ class CachedFunction(CachedBase[P, R]):
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Load now and store, whatever is cached, and return the value: after a change
-        you know of, or to warm a key. Single-flight like a miss: if another caller is
-        already loading the key, its value is taken instead of loading twice."""
+        you know of, or to warm a key. A load already under way elsewhere may have read
+        the row before that change: its lease is revoked (its result is not stored)
+        and this call loads; callers arriving meanwhile wait for this load."""
         runtime = self._engine_in_use()._sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
@@ -110,6 +111,8 @@ class CachedFunction(CachedBase[P, R]):
         Hash mode only. Loads in flight are fenced as by invalidate(). Returns
         Outcome.UPDATED, Outcome.ABSENT (nothing cached: nothing written), or
         Outcome.PENDING: Redis failed, and the entry's invalidation waits in the outbox.
+        With cache_if, it invalidates instead (DELETED or ABSENT): the predicate
+        judges whole records.
         """
         return self._write(self._field_update(args, kwargs, field, value))
 

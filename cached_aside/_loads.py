@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -75,7 +76,9 @@ class Loads:
             else:
                 call = functools.partial(self._batch_loader, self._chosen(effect))  # type: ignore[arg-type, misc]
             timeout = self._timeout()
-            returned = call() if timeout is None else _within(call, timeout, self._name())
+            returned = (
+                call() if timeout is None else _within(call, timeout, self._name(), self._plan)
+            )
         return returned if effect is Signal.LOAD else self._aligned(effect, returned)
 
     async def arun(self, effect: Signal | LoadOne | LoadSome) -> Any:
@@ -89,9 +92,12 @@ class Loads:
             if timeout is None:
                 returned = await loading
             else:
+                started = perf_counter()
                 try:
                     returned = await asyncio.wait_for(loading, timeout)
                 except asyncio.TimeoutError:  # not yet TimeoutError itself on 3.10
+                    if perf_counter() - started < timeout:
+                        raise  # the loader's own (a driver's statement timeout, say)
                     raise _timed_out(self._name(), timeout) from None
         return returned if effect is Signal.LOAD else self._aligned(effect, returned)
 
@@ -132,24 +138,65 @@ class Loads:
                 self._plan.stats.loaded_in(perf_counter() - started)
 
 
-def _within(call: Callable[[], Any], timeout: float, name: str) -> Any:
+# Loader threads left running past their loader_timeout, per function (by id of its
+# Plan): a hung primary must not pile up a thread (and a database connection) per call.
+MAX_ABANDONED_LOADS = 8
+_abandoned: dict[int, int] = {}
+_abandoned_lock = threading.Lock()
+
+
+def _forget_abandoned_after_fork() -> None:
+    """A child has none of its parent's threads, so none of their abandoned loads."""
+    global _abandoned_lock
+    _abandoned.clear()
+    _abandoned_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_abandoned_after_fork)
+
+
+def _within(call: Callable[[], Any], timeout: float, name: str, owner: object) -> Any:
     """Run a sync loader in a thread of its own and wait at most `timeout` for it. A
     thread cannot be stopped: past the timeout it is abandoned (its result dropped),
-    and the caller gets LoaderTimeoutError. It runs in a copy of the caller's
-    contextvars, so context-bound state (a request id, a db session) goes along."""
+    and the caller gets LoaderTimeoutError. While MAX_ABANDONED_LOADS of the function's
+    loads still run so, a call fails at once rather than start another. It runs in a
+    copy of the caller's contextvars, so context-bound state (a request id, a db
+    session) goes along."""
+    function = id(owner)
+    with _abandoned_lock:
+        if _abandoned.get(function, 0) >= MAX_ABANDONED_LOADS:
+            raise LoaderTimeoutError(
+                f"{name}: {MAX_ABANDONED_LOADS} of its loads still run past loader_timeout "
+                f"({timeout:g} s); not starting another until one of them ends"
+            )
     outcome: Future[Any] = Future()
     context = contextvars.copy_context()
+    abandoned = [False]
 
     def target() -> None:
         try:
             outcome.set_result(context.run(call))
         except BaseException as exc:  # handed to the caller, who re-raises it
             outcome.set_exception(exc)
+        finally:
+            with _abandoned_lock:
+                if abandoned[0]:
+                    left = _abandoned.get(function, 1) - 1
+                    if left > 0:
+                        _abandoned[function] = left
+                    else:
+                        _abandoned.pop(function, None)
 
     threading.Thread(target=target, name=f"cached_aside loader {name}", daemon=True).start()
     try:
         return outcome.result(timeout)
-    except FutureTimeoutError:
+    except FutureTimeoutError as exc:
+        if outcome.done() and outcome.exception() is exc:
+            raise  # the loader's own TimeoutError (3.11+: the same class), not ours
+        with _abandoned_lock:
+            if not outcome.done():
+                abandoned[0] = True
+                _abandoned[function] = _abandoned.get(function, 0) + 1
         raise _timed_out(name, timeout) from None
 
 

@@ -79,6 +79,8 @@ local function write_value(key, kind, ttl_ms, first)
       redis.call('HSET', key, unpack(ARGV, at, math.min(at + 999, #ARGV)))
     end
     redis.call('PEXPIRE', key, ttl_ms)
+  elseif kind == 'drop' then
+    redis.call('DEL', key)
   end
 end
 """
@@ -90,7 +92,8 @@ STORE: Final = (
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
 -- prefix (each waiter's list is KEYS[4] .. ':' .. its token)
 -- ARGV[1] lock token, ARGV[2] what to do: 'string' or 'hash' to write, 'release' to
--- only give up the lock, ARGV[3] value ttl (ms), ARGV[4] wake-up list ttl (ms),
+-- only give up the lock, 'drop' to delete what is cached and give it up,
+-- ARGV[3] value ttl (ms), ARGV[4] wake-up list ttl (ms),
 -- ARGV[5..] the payload: one string, or field/value pairs
 -- returns 1 if the caller still held the lock (value written, waiters woken), 0 if
 -- its lease was revoked by an invalidation or expiry: nothing is written, so a value
@@ -125,9 +128,12 @@ UPDATE_FIELD: Final = (
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
 -- prefix
 -- ARGV[1] the reserved meta field, ARGV[2] field, ARGV[3] value, ARGV[4] ttl (ms),
--- ARGV[5] wake-up list ttl (ms)
+-- ARGV[5] wake-up list ttl (ms), ARGV[6] the time kept past the ttl (ms; grace,
+-- stale_if_error)
 -- returns 1 if a cached record was updated and its ttl refreshed; 0 if nothing, a
 -- negative sentinel or foreign data is cached: no partial record is ever created.
+-- A record already past its ttl (kept for grace or errors) is updated but not made
+-- fresh: its other fields are as old as they were.
 -- Either way the lock goes, as in INVALIDATE: a load in flight read the row before
 -- this write, so its lease is revoked and its older result refused.
 redis.call('DEL', KEYS[2])
@@ -138,7 +144,10 @@ if not count then return 0 end
 if redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], count + 1)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 or left > tonumber(ARGV[6]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 return 1
 """
 )
@@ -187,6 +196,21 @@ return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 
 
+REVOKE: Final = (
+    _WAKE_WAITERS
+    + """
+-- KEYS[1] value key (untouched), KEYS[2] lock key, KEYS[3] waiters set, KEYS[4]
+-- wake-up lists' prefix
+-- ARGV[1] wake-up list ttl (ms)
+-- returns 1. Revokes the lease of a load in flight, keeping what is cached: that load
+-- read the primary before a write the caller knows of, so its result is refused;
+-- its waiters are woken to look again (fn.refresh() takes the lock next).
+redis.call('DEL', KEYS[2])
+wake_waiters(KEYS[3], KEYS[4], ARGV[1])
+return 1
+"""
+)
+
 TAG_ADD: Final = """
 -- KEYS[1] a tag's set
 -- ARGV[1] an entry's value key, ARGV[2] how long the set must live at least (ms)
@@ -210,6 +234,7 @@ class ScriptName(enum.Enum):
     PEEK = PEEK
     LEAVE = LEAVE
     PUT = PUT
+    REVOKE = REVOKE
     TAG_ADD = TAG_ADD
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -35,6 +36,18 @@ Answer = tuple[Served, bool]  # and whether it was shared with another caller
 decorated: weakref.WeakSet[CachedBase[Any, Any]] = weakref.WeakSet()
 # Called with each function as it is decorated, by such an integration while it is on.
 on_decorated: list[Callable[[CachedBase[Any, Any]], None]] = []
+
+
+def _reset_loader_breakers_after_fork() -> None:
+    """A child forked while a thread probed a loader breaker would wait for ever for
+    that probe's verdict: no thread of its own is probing."""
+    for function in list(decorated):
+        breaker = function._plan.loader_breaker
+        if breaker is not None:
+            breaker.reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_loader_breakers_after_fork)
 
 
 class Write(Generic[T]):
@@ -171,7 +184,7 @@ class CachedBase(Generic[P, R]):
         if engine.outbox.active and engine.outbox.blocks(key):
             flow = bypass(self._plan, key)
         else:
-            flow = reload(self._plan, key, runtime.block_limit_ms)
+            flow = reload(self._plan, key, runtime.block_limit_ms, self._covering(engine))
         return Reload(flow, Loads(self._plan, self.__wrapped__, (args,), kwargs), (key,))
 
     def _invalidations(self, items: Iterable[Any]) -> Write[BulkOutcome]:

@@ -3,7 +3,6 @@ and compress_over; each sync and async, on real Redis and fakeredis."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import zlib
 from typing import Any
@@ -47,31 +46,6 @@ async def test_refresh_reloads_and_stores_whatever_is_cached(h: Harness) -> None
     assert rows.reads == ["a", "a"]
     assert await h.run(fn.refresh, "new") is None  # a missing row: cached as such
     assert (await h.run(fn.lookup, "new")).source is Source.NEGATIVE
-
-
-async def test_refresh_takes_a_load_already_under_way(engine: CacheEngine) -> None:
-    reading, release = threading.Event(), threading.Event()
-    reads: list[str] = []
-
-    @cache_aside(key="r:<id>", ttl=30, engine=engine)
-    def read(id: str) -> str:
-        reads.append(id)
-        reading.set()
-        release.wait(5)
-        return f"row {len(reads)}"
-
-    loading = threading.Thread(target=read, args=("a",))
-    loading.start()
-    assert reading.wait(5)
-    refreshed: list[str] = []
-    refreshing = threading.Thread(target=lambda: refreshed.append(read.refresh("a")))
-    refreshing.start()
-    await asyncio.sleep(0.05)
-    release.set()
-    loading.join(5)
-    refreshing.join(5)
-    assert refreshed == ["row 1"]
-    assert reads == ["a"]  # one load for both
 
 
 async def test_set_stores_the_value_and_fences_a_load_in_flight(h: Harness) -> None:

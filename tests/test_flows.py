@@ -23,7 +23,15 @@ from cached_aside._effects import (
     Scan,
     Signal,
 )
-from cached_aside._flows import Plan, Served, after_miss, invalidate, on_lookup, update_field
+from cached_aside._flows import (
+    Plan,
+    Served,
+    after_miss,
+    invalidate,
+    on_lookup,
+    reload,
+    update_field,
+)
 from cached_aside._options import Options
 from cached_aside._outbox import PendingKey, PendingPattern
 from cached_aside._results import Outcome, Source
@@ -280,6 +288,33 @@ def test_update_field_fences_loads_and_is_postponed_as_an_invalidation() -> None
     assert isinstance(failing.fail(outage()), Postpone)
     failing.reply(None)
     assert failing.result is Outcome.PENDING
+
+
+def test_refresh_revokes_the_load_in_flight_before_it_takes_the_lock() -> None:
+    # A load in flight may have read the row before the write that prompted the
+    # refresh: its lease goes first, so its older result is refused and this one stands.
+    flow = Stepper(reload(plan(), KEY, 500, WHOLE))
+    revoke = flow.effect
+    assert revoke.script is ScriptName.REVOKE
+    assert revoke.keys == (KEY, f"{KEY}:lock", f"{KEY}:waiters", f"{KEY}:wake")
+    acquire = flow.reply(1)
+    assert acquire.script is ScriptName.ACQUIRE
+    assert acquire.args[3] == "1"  # whatever is cached is being replaced
+    assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
+
+
+def test_a_refresh_redis_could_not_revoke_is_postponed_and_served_by_the_loader() -> None:
+    p = plan()
+    flow = Stepper(reload(p, KEY, 500, WHOLE))
+    assert flow.fail(outage()) == Postpone((PendingKey(KEY, 10_000, WHOLE),))
+    assert flow.reply(None) is Signal.LOAD  # no lock: the old load could still store
+    flow.reply({"a": 1})
+    assert flow.result == Served({"a": 1}, Source.LOADER, shareable=True)
+    assert (p.stats.snapshot().postponed, p.stats.snapshot().errors) == (1, 1)
+    strict = Stepper(reload(plan(fail_open=False), KEY, 500, WHOLE))
+    assert isinstance(strict.fail(outage()), Postpone)
+    with pytest.raises(CacheUnavailableError):
+        strict.reply(None)
 
 
 # -- batches --------------------------------------------------------------------
