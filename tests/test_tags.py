@@ -153,3 +153,17 @@ def test_a_tag_drops_near_copies_here_at_once_and_elsewhere_by_tracking(
             time.sleep(0.005)
     finally:
         other.close()
+
+
+async def test_a_text_id_is_reached_by_the_tag_text_the_docs_show(h: Harness) -> None:
+    # Keys tell "7" from 7 (f("7") and f(7) never share an entry); tags need not:
+    # two entries sharing a tag are only ever invalidated together. So a str id from
+    # a URL is reached by "shop:7", as the docs show.
+    rows = {"v": 1}
+    fn = h.cached(lambda shop_id: dict(rows), key="tt:<shop_id>", tags=("shop:<shop_id>",))
+    await h.run(fn, "7")  # a path parameter: text
+    await h.run(fn, 7)
+    assert fn.key("7") != fn.key(7)
+    assert (await invalidate_tags(h, "shop:7")).deleted == 2
+    await h.run(fn, "a:b/c d")  # separators are still escaped, as in keys
+    assert (await invalidate_tags(h, "shop:a%3Ab%2Fc%20d")).deleted == 1
