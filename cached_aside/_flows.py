@@ -37,6 +37,10 @@ from ._scripts import AcquireStatus, ScriptName
 from ._stats import Stats
 
 RELEASE_ONLY = "release"
+# Members of expired entries one TAG_ADD drops from a tag's set, at most: each add
+# removes more than it adds, so a busy tag's set stays bounded, at a bounded cost.
+TAG_TRIM_LIMIT = 100
+TAG_REPLACED_FOREIGN = 2  # TAG_ADD's reply when it deleted foreign data first
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 
@@ -436,19 +440,34 @@ def join_tags(plan: Plan, entries: list[tuple[str, Signal | LoadOne]]) -> Flow[s
     primary: an invalidate_tags() sent after a write then finds them and revokes
     their leases. Returns the keys Redis did not add (counted, tolerated): those
     loads must not store, since a tag invalidation could miss them."""
-    added: list[tuple[str, RunScript]] = []
-    alive_ms = plan.options.ttl_ms + plan.options.keep_ms + plan.options.lock_ttl_ms
+    tagged: list[tuple[str, str]] = []
     for key, load in entries:
-        for text in (yield TagsOf(load)):
-            added.append(
-                (key, RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms)))
-            )
-    replies = yield Batch([effect for _, effect in added])
-    refused: set[str] = set()
-    for (key, _), reply in zip(added, replies, strict=True):
-        if type(reply) is CommandFailed and key not in refused:
-            refused.add(key)
-            tolerate(plan, key, reply)
+        tagged += [(key, text) for text in (yield TagsOf(load))]
+    refused = yield from add_to_tags(plan, tagged)
+    for key, failure in refused.items():
+        tolerate(plan, key, failure)
+    return set(refused)
+
+
+def add_to_tags(plan: Plan, tagged: list[tuple[str, str]]) -> Flow[dict[str, CommandFailed]]:
+    """Add each (entry key, tag text) to the tag's set, in one pipeline; each entry's
+    membership lasts as long as it could live if stored now (its ttl and kept time),
+    plus the lock's ttl (a load may store that much later). Returns the first failure
+    of each entry Redis did not add to every one of its tags' sets."""
+    options = plan.options
+    alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
+    replies = yield Batch(
+        [
+            RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms, TAG_TRIM_LIMIT))
+            for key, text in tagged
+        ]
+    )
+    refused: dict[str, CommandFailed] = {}
+    for (key, text), reply in zip(tagged, replies, strict=True):
+        if type(reply) is CommandFailed:
+            refused.setdefault(key, reply)
+        elif reply == TAG_REPLACED_FOREIGN:
+            plan.stats.corrupt(tag_key(key, text))
     return refused
 
 

