@@ -368,49 +368,68 @@ def invalidate_tags(
     key_head: str,
     texts: Sequence[str],
     wake_ttl_ms: int,
-    covering: Callable[[str], tuple[PendingPattern, ...]],
     everything: PendingPattern,
+    foreign: Callable[[str], None],
 ) -> Flow[tuple[BulkOutcome, list[str]]]:
     """Delete every entry carrying any of these tags, on every node, without a scan:
     read each tag's set, invalidate its entries (revoking loads in flight, as
-    invalidate() does), then take them out of the set. A load that joins a set after
-    it was read began after the write that called this, so it read the new row.
+    invalidate() does), then take them out of the set, each only if it did not join
+    again since it was read. A load that joins a set after it was read began after
+    the write that called this, so it read the new row; it stays in the set, for the
+    next invalidation to find.
 
     What Redis did not take goes to the outbox: an entry as a PendingKey, a tag whose
-    set could not be read as a PendingTag covering the functions that can carry it
-    (`covering`). Returns the outcome and the keys invalidated."""
+    set could not be read as a PendingTag (blocking, here, the functions that can
+    carry it). Foreign data where a set belongs is deleted by the script and told to
+    `foreign`. Returns the outcome and the keys invalidated."""
     tag_keys = [tag_key(key_head, text) for text in texts]
-    replies = yield Batch([Command(("SMEMBERS", key)) for key in tag_keys])
-    members: dict[str, list[str]] = {}  # entry key -> the sets it was read from
+    replies = yield Batch([RunScript(ScriptName.TAG_MEMBERS, (key,), ()) for key in tag_keys])
+    members: dict[str, list[tuple[str, bytes]]] = {}  # entry -> (tag set, score read)
     unread: list[PendingTag] = []
     for text, key, reply in zip(texts, tag_keys, replies, strict=True):
         if type(reply) is CommandFailed:
-            unread.append(PendingTag(key, wake_ttl_ms, covering(text)))
+            unread.append(PendingTag(key, text, wake_ttl_ms, foreign))
             continue
-        for member in reply:
-            entry = member.decode() if isinstance(member, bytes) else str(member)
-            parts = split_entry_key(entry, key_head)
-            if parts is not None and not parts[1]:  # never trust a foreign member
-                members.setdefault(entry, []).append(key)
+        for entry, score in _tag_members(reply, key, key_head, foreign):
+            members.setdefault(entry, []).append((key, score))
     entries = list(members)
     replies = yield Batch(
         [RunScript(ScriptName.INVALIDATE, entry_keys(entry), (wake_ttl_ms,)) for entry in entries]
     )
     deleted = 0
-    done: dict[str, list[str]] = {}  # tag set -> its members now invalidated
+    done: dict[str, list[Any]] = {}  # tag set -> its members now invalidated, with scores
     failed: list[PendingKey] = []
     for entry, reply in zip(entries, replies, strict=True):
         if type(reply) is CommandFailed:
             failed.append(PendingKey(entry, wake_ttl_ms, everything))
             continue
         deleted += int(reply)
-        for key in members[entry]:
-            done.setdefault(key, []).append(entry)
+        for key, score in members[entry]:
+            done.setdefault(key, []).extend((entry, score))
     if done:  # tidy only: a member left behind is invalidated again, harmlessly
-        yield Batch([Command(("SREM", key, *gone)) for key, gone in done.items()])
+        yield Batch(
+            [RunScript(ScriptName.TAG_PRUNE, (key,), tuple(gone)) for key, gone in done.items()]
+        )
     if failed or unread:
         yield Postpone((*failed, *unread))
     return BulkOutcome(deleted, len(failed) + len(unread)), entries
+
+
+def _tag_members(
+    reply: Sequence[Any], key: str, key_head: str, foreign: Callable[[str], None]
+) -> list[tuple[str, bytes]]:
+    """The entries a TAG_MEMBERS reply names, with their scores; members that are
+    not value keys of the engine (`key_head`) are never trusted."""
+    if reply[0] == 1:
+        foreign(key)
+        return []
+    found = []
+    for member, score in zip(reply[1::2], reply[2::2], strict=True):
+        entry = member.decode() if isinstance(member, bytes) else str(member)
+        parts = split_entry_key(entry, key_head)
+        if parts is not None and not parts[1]:
+            found.append((entry, score))
+    return found
 
 
 def deliver(delivery: Delivery) -> Flow[Delivery]:
@@ -447,24 +466,20 @@ def _deliver_tag(tag: PendingTag) -> Flow[bool]:
     """One pending tag: read its set and invalidate every entry in it; True if all of
     it landed. The entries' keys are checked against the tag's own engine head."""
     try:
-        members = yield Command(("SMEMBERS", tag.key))
+        reply = yield RunScript(ScriptName.TAG_MEMBERS, (tag.key,), ())
     except CommandFailed:
         return False
     head = tag.key[: tag.key.index("tag:{")] + "{"
-    entries = []
-    for member in members:
-        entry = member.decode() if isinstance(member, bytes) else str(member)
-        parts = split_entry_key(entry, head)
-        if parts is not None and not parts[1]:
-            entries.append(entry)
+    members = _tag_members(reply, tag.key, head, tag.foreign)
     replies = yield Batch(
         [
             RunScript(ScriptName.INVALIDATE, entry_keys(entry), (tag.wake_ttl_ms,))
-            for entry in entries
+            for entry, _ in members
         ]
     )
     if any(type(reply) is CommandFailed for reply in replies):
         return False
-    if entries:
-        yield Batch([Command(("SREM", tag.key, *entries))])
+    if members:
+        pairs = tuple(part for member in members for part in member)
+        yield Batch([RunScript(ScriptName.TAG_PRUNE, (tag.key,), pairs)])
     return True

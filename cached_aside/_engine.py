@@ -59,6 +59,9 @@ from ._validate import instance, seconds, whole
 
 logger = logging.getLogger("cached_aside")
 R = TypeVar("R", SyncRuntime, AsyncRuntime)
+# A tagged function as the engine knows it: its tag templates, the pattern of every
+# key it owns, its lock ttl, its counters.
+_Tagged = tuple[tuple[KeyTemplate, ...], PendingPattern, int, Stats]
 
 CLUSTER_SCHEME = "redis+cluster://"
 DEFAULT_PREFIX = "cache"
@@ -141,11 +144,13 @@ class CacheEngine:
         self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
         self._last_async: tuple[object, AsyncRuntime | None] = (None, None)
         self._stats: list[Stats] = []
-        # Functions with tags=, by name: their tag templates, every key they own, and
-        # their lock ttl (a pending tag blocks their keys; its waiters' wake-ups).
-        self._tagged: dict[str, tuple[tuple[KeyTemplate, ...], PendingPattern, int]] = {}
+        # Functions with tags=, by name: their tag templates, every key they own, their
+        # lock ttl and their counters (a pending tag blocks their keys; its waiters'
+        # wake-ups; foreign data where a tag's set belongs is counted as theirs).
+        self._tagged: dict[str, _Tagged] = {}
         self._listener: InvalidationListener | ClusterListener | None = None
         self.outbox = Outbox()
+        self.outbox.tag_covers = self._tag_covers
         _engines.add(self)
         if client is not None:
             self._sync = self._make_sync_side(client)
@@ -439,12 +444,13 @@ class CacheEngine:
 
     def invalidate_tags(self, *tags: str) -> BulkOutcome:
         """Delete every entry carrying any of these tags (as rendered: "shop:7" for
-        tags=("shop:<shop_id>",) and shop_id=7), on every node, and revoke their
-        loads in flight, as invalidate() would each.
+        tags=("shop:<shop_id>",) and shop_id=7 or "7"), on every node, and revoke
+        their loads in flight, as invalidate() would each.
 
-        Costs one SMEMBERS per tag, one INVALIDATE script per entry and one SREM
-        per tag, pipelined (per node on a Cluster); no scan. What Redis did not take
-        waits in the outbox (`pending`), and is retried until it lands.
+        Costs one TAG_MEMBERS script per tag, one INVALIDATE script per entry and one
+        TAG_PRUNE script per tag, pipelined (per node on a Cluster); no scan. What
+        Redis did not take waits in the outbox (`pending`), and is retried until it
+        lands.
         """
         texts = _tag_texts(tags)
         runtime = self._sync_side()
@@ -468,14 +474,33 @@ class CacheEngine:
 
     def _tags_flow(self, texts: list[str]) -> Flow[tuple[BulkOutcome, list[str]]]:
         tagged = list(self._tagged.values())
-        wake_ttl_ms = max((lock_ttl_ms for _, _, lock_ttl_ms in tagged), default=10_000)
+        wake_ttl_ms = max((lock_ttl_ms for _, _, lock_ttl_ms, _ in tagged), default=10_000)
+        return invalidate_tags(
+            self.key_head, texts, wake_ttl_ms, self._matching(""), self._foreign_tag
+        )
 
-        def covering(text: str) -> tuple[PendingPattern, ...]:
-            return tuple(
-                whole for templates, whole, _ in tagged if any(t.owns(text) for t in templates)
-            )
+    def _carrying(self, text: str) -> list[_Tagged]:
+        """The functions met so far that can carry the tag `text`."""
+        tagged = list(self._tagged.values())  # one step: registrations may race
+        return [each for each in tagged if any(t.owns(text) for t in each[0])]
 
-        return invalidate_tags(self.key_head, texts, wake_ttl_ms, covering, self._matching(""))
+    def _tag_covers(self, text: str) -> tuple[PendingPattern, ...]:
+        """What a pending tag blocks: every key of each function that can carry it."""
+        return tuple(whole for _, whole, _, _ in self._carrying(text))
+
+    def _foreign_tag(self, key: str) -> None:
+        """Foreign data stood where a tag's set belongs (another type; the script
+        deleted it): counted as corrupt data of each function that can carry the tag,
+        and logged once."""
+        text = key[key.index("{") + 1 : -1]
+        for _, _, _, stats in self._carrying(text):
+            stats.corrupt(key, log=False)
+        logger.warning(
+            "foreign data at %r, where the set of tag %r belongs; deleted: entries it may "
+            "have named are no longer reached by that tag until they expire",
+            key,
+            text,
+        )
 
     def _forget(self, runtime: Any, keys: list[str], everything: bool) -> None:
         """Read-your-writes after a bulk invalidation: this process's readers start
@@ -490,10 +515,18 @@ class CacheEngine:
             self._listener.drop(keys)
 
     def _register_tagged(
-        self, name: str, tags: tuple[KeyTemplate, ...], whole: PendingPattern, lock_ttl_ms: int
+        self,
+        name: str,
+        tags: tuple[KeyTemplate, ...],
+        whole: PendingPattern,
+        lock_ttl_ms: int,
+        stats: Stats,
     ) -> None:
+        """A function with tags= met the engine: pending tags it can carry, queued
+        before, now block its keys too (and every tag queued from now on does)."""
         with self._lock:
-            self._tagged[name] = (tags, whole, lock_ttl_ms)
+            self._tagged[name] = (tags, whole, lock_ttl_ms, stats)
+        self.outbox.cover_tags(lambda text: any(t.owns(text) for t in tags), whole)
 
     def settle(self, timeout: float = 5.0) -> bool:
         """Wait until the engine's background work is done: refresh_ahead reloads in

@@ -41,6 +41,10 @@ RELEASE_ONLY = "release"
 # Store nothing and delete what is cached (under the lease): a reload whose result is
 # not to be cached must not leave the older value it was meant to replace.
 DROP = "drop"
+# Members of expired entries one TAG_ADD drops from a tag's set, at most: each add
+# removes more than it adds, so a busy tag's set stays bounded, at a bounded cost.
+TAG_TRIM_LIMIT = 100
+TAG_REPLACED_FOREIGN = 2  # TAG_ADD's reply when it deleted foreign data first
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 
@@ -451,20 +455,51 @@ def join_tags(plan: Plan, entries: list[tuple[str, Signal | LoadOne]]) -> Flow[s
     primary: an invalidate_tags() sent after a write then finds them and revokes
     their leases. Returns the keys Redis did not add (counted, tolerated): those
     loads must not store, since a tag invalidation could miss them."""
-    added: list[tuple[str, RunScript]] = []
-    alive_ms = plan.options.ttl_ms + plan.options.keep_ms + plan.options.lock_ttl_ms
+    tagged: list[tuple[str, str]] = []
     for key, load in entries:
-        for text in (yield TagsOf(load)):
-            added.append(
-                (key, RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms)))
-            )
-    replies = yield Batch([effect for _, effect in added])
-    refused: set[str] = set()
-    for (key, _), reply in zip(added, replies, strict=True):
-        if type(reply) is CommandFailed and key not in refused:
-            refused.add(key)
-            tolerate(plan, key, reply)
+        tagged += [(key, text) for text in (yield TagsOf(load))]
+    refused = yield from add_to_tags(plan, tagged)
+    for key, failure in refused.items():
+        tolerate(plan, key, failure)
+    return set(refused)
+
+
+def add_to_tags(plan: Plan, tagged: list[tuple[str, str]]) -> Flow[dict[str, CommandFailed]]:
+    """Add each (entry key, tag text) to the tag's set, in one pipeline; each entry's
+    membership lasts as long as it could live if stored now (its ttl and kept time),
+    plus the lock's ttl (a load may store that much later). Returns the first failure
+    of each entry Redis did not add to every one of its tags' sets."""
+    options = plan.options
+    alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
+    replies = yield Batch(
+        [
+            RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms, TAG_TRIM_LIMIT))
+            for key, text in tagged
+        ]
+    )
+    refused: dict[str, CommandFailed] = {}
+    for (key, text), reply in zip(tagged, replies, strict=True):
+        if type(reply) is CommandFailed:
+            refused.setdefault(key, reply)
+        elif reply == TAG_REPLACED_FOREIGN:
+            plan.stats.corrupt(tag_key(key, text))
     return refused
+
+
+def join_before_write(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome | None]:
+    """Before set() or update_field() writes an entry (and renews its ttl), add it to
+    its tags' sets for that long, as a load does. If Redis does not add it, the entry
+    is invalidated instead, as a tag invalidation could miss it: returns that outcome
+    (then raises, when the function does not fail open); None when the write may go."""
+    if not plan.tags:
+        return None
+    texts = yield TagsOf(Signal.LOAD)
+    refused = yield from add_to_tags(plan, [(key, text) for text in texts])
+    if not refused:
+        return None
+    outcome = yield from invalidate(plan, key, whole)
+    tolerate(plan, key, refused[key])
+    return outcome
 
 
 def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:
@@ -559,6 +594,9 @@ def update_field(
         # cache_if judges whole records, and this one is in Redis, not here: drop it
         # (the next call loads and judges the row) rather than keep what it may refuse.
         return (yield from invalidate(plan, key, whole))
+    instead = yield from join_before_write(plan, key, whole)
+    if instead is not None:
+        return instead
     try:
         updated = yield RunScript(
             ScriptName.UPDATE_FIELD,
@@ -597,11 +635,15 @@ def reload(plan: Plan, key: str, block_limit_ms: int, whole: PendingPattern) -> 
 def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome]:
     """fn.set(): store `value` after a write the caller made, revoking the lease of any
     load in flight (it read the row before the write). A value cache_if refuses, or
-    None without negative caching, deletes the entry instead. If Redis does not take
-    it, the entry's invalidation goes to the outbox and the answer is PENDING."""
+    None without negative caching, deletes the entry instead; so does a refusal to
+    add it to its tags' sets, which come first. If Redis does not take it, the
+    entry's invalidation goes to the outbox and the answer is PENDING."""
     kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
     if kind == DROP:
         return (yield from invalidate(plan, key, whole))
+    instead = yield from join_before_write(plan, key, whole)
+    if instead is not None:
+        return instead
     try:
         yield RunScript(
             ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 from ._defaults import default_engine
 from ._drivers import arun, aserve, no_seal, run, serve
 from ._flows import Served
-from ._loads import NO_LOADS
 from ._near import MISSING
 from ._results import BulkOutcome, CacheResult, Outcome
 from ._stats import StatsSnapshot
@@ -98,8 +97,9 @@ class CachedFunction(CachedBase[P, R]):
         its older result cannot overwrite it. `value` is what the loader would return
         (None: a cached "no such record"); cache_if applies. Returns Outcome.UPDATED,
         Outcome.DELETED/ABSENT when it was not storable as a value (cache_if said
-        no, or None without negative caching: the entry was invalidated instead), or
-        Outcome.PENDING (Redis failed; the invalidation waits in the outbox)."""
+        no, or None without negative caching, or Redis did not add it to a tag's
+        set: the entry was invalidated instead), or Outcome.PENDING (Redis failed;
+        the invalidation waits in the outbox)."""
         return self._write(self._put(args, kwargs, value))
 
     def update_field(
@@ -113,6 +113,8 @@ class CachedFunction(CachedBase[P, R]):
         Outcome.PENDING: Redis failed, and the entry's invalidation waits in the outbox.
         With cache_if, it invalidates instead (DELETED or ABSENT): the predicate
         judges whole records.
+        With tags=, Outcome.DELETED/ABSENT when Redis did not add the entry to a
+        tag's set: it was invalidated instead.
         """
         return self._write(self._field_update(args, kwargs, field, value))
 
@@ -170,7 +172,7 @@ class CachedFunction(CachedBase[P, R]):
     def _write(self, write: Write[T]) -> T:
         runtime = write.engine._sync_side()
         try:
-            return run(write.flow, runtime, NO_LOADS, no_seal)[0]
+            return run(write.flow, runtime, write.loads, no_seal)[0]
         finally:
             self._written(runtime, write.keys)
 
@@ -273,7 +275,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
     async def _write(self, write: Write[T]) -> T:
         runtime = write.engine._async_side()
         try:
-            return (await arun(write.flow, runtime, NO_LOADS, no_seal))[0]
+            return (await arun(write.flow, runtime, write.loads, no_seal))[0]
         finally:
             self._written(runtime, write.keys)
 

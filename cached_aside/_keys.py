@@ -118,14 +118,7 @@ def _escape_text(text: str) -> str:
     escaped = _escaped.get(text)
     if escaped is not None:
         return escaped
-    try:
-        escaped = text if _UNESCAPED(text) is not None else quote(text, safe="")
-    except UnicodeEncodeError as exc:
-        raise KeyArgumentError(
-            f"cannot build a cache key from {text!r:.60}: it is not valid text "
-            f"({exc.reason}, as os.fsdecode makes of undecodable bytes); decode the "
-            "bytes it came from with errors='replace', or pass the bytes themselves"
-        ) from None
+    escaped = _quoted(text)
     if _TYPED_LOOKING(escaped) is not None:
         escaped = f"%{ord(escaped[0]):02X}{escaped[1:]}"
     if len(text) <= _ESCAPED_CACHE_MAX_TEXT:
@@ -135,11 +128,29 @@ def _escape_text(text: str) -> str:
     return escaped
 
 
-def render_argument(value: object) -> str:
-    """Turn one argument value into key text; equal inputs of one type give equal text."""
+def _quoted(text: str) -> str:
+    """Text with every character outside A-Za-z0-9_.~- percent-encoded (UTF-8)."""
+    try:
+        return text if _UNESCAPED(text) is not None else quote(text, safe="")
+    except UnicodeEncodeError as exc:
+        raise KeyArgumentError(
+            f"cannot build a cache key from {text!r:.60}: it is not valid text "
+            f"({exc.reason}, as os.fsdecode makes of undecodable bytes); decode the "
+            "bytes it came from with errors='replace', or pass the bytes themselves"
+        ) from None
+
+
+def render_argument(value: object, *, typed: bool = True) -> str:
+    """Turn one argument value into key text; equal inputs of one type give equal text.
+
+    Not `typed` (a tag's text): a string that looks like a number, bool or None is
+    not marked, so "7" and 7 give the same text. Two entries sharing a tag are only
+    ever invalidated together, so a tag need not tell them apart; and a tag is then
+    the text a caller writes ("shop:7"), whatever type its id had.
+    """
     kind = type(value)
     if kind is str:
-        return _escape_text(value)  # type: ignore[arg-type]
+        return _escape_text(value) if typed else _quoted(value)  # type: ignore[arg-type]
     if kind is int:
         return str(value)
     if value is None or kind is bool:
@@ -147,9 +158,10 @@ def render_argument(value: object) -> str:
     if kind is float:
         return repr(value)
     if isinstance(value, enum.Enum):
-        return render_argument(value.value)
+        return render_argument(value.value, typed=typed)
     if isinstance(value, bool | int | float | str):
-        return render_argument(kind.__mro__[1](value) if kind is not bool else bool(value))
+        plain = kind.__mro__[1](value) if kind is not bool else bool(value)
+        return render_argument(plain, typed=typed)
     if isinstance(value, bytes | bytearray | memoryview):
         return "0x" + bytes(value).hex()
     if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
@@ -165,7 +177,7 @@ def render_argument(value: object) -> str:
             "equal calls would never share an entry. Pass plain ids or give the objects a "
             "__str__ that names their identity"
         )
-    return _escape_text(text)
+    return _escape_text(text) if typed else _quoted(text)
 
 
 def shorten(rendered: str, template_tag: str) -> str:
@@ -289,11 +301,9 @@ class KeyTemplate:
         """The placeholder names of a template, in order."""
         return _PLACEHOLDER.findall(text)
 
-    def render(
-        self, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, whole: bool = False
-    ) -> str:
+    def render(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Render the key text (without prefix) for one call's arguments; a long one is
-        shortened to a head and a digest, unless `whole` (a tag's text)."""
+        shortened to a head and a digest."""
         if not kwargs and len(args) == self._fast_arity:
             if self._single >= 0:
                 value = args[self._single]
@@ -318,9 +328,20 @@ class KeyTemplate:
             rendered = self._format.format(
                 *[render_argument(arguments[slot.name]) for slot in self._slots]
             )
-        if whole or len(rendered) <= MAX_RENDERED_LENGTH:
+        if len(rendered) <= MAX_RENDERED_LENGTH:
             return rendered
         return shorten(rendered, self._tag)
+
+    def render_tag(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+        """Render a tag's text for one call's arguments: as a key, but with text
+        arguments not marked as text (see render_argument), and never shortened."""
+        if not kwargs and len(args) == self._fast_arity:
+            values = [args[i] for i in self._positions]
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = [bound.arguments[slot.name] for slot in self._slots]
+        return self._format.format(*[render_argument(value, typed=False) for value in values])
 
 
 def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:

@@ -109,7 +109,7 @@ class Loads:
             args, kwargs = self._calls[self.position], self._kwargs
         else:
             args, kwargs = self._calls[load.position], NO_KWARGS  # type: ignore[union-attr]
-        return tuple(tag.render(args, kwargs, whole=True) for tag in self._plan.tags)
+        return tuple(tag.render_tag(args, kwargs) for tag in self._plan.tags)
 
     def _timeout(self) -> float | None:
         """The function's loader_timeout in seconds, if it has one."""

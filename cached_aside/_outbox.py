@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +48,16 @@ class PendingKey:
 class PendingTag:
     """A tag's invalidation whose entries Redis could not name: delivered by reading
     the tag's set and invalidating each entry in it. Until then, this process does
-    not serve the keys of the functions that can carry the tag (`covers`)."""
+    not serve the keys of the functions that can carry the tag (`covers`: filled in
+    by the outbox, from the functions the engine knows, and from each function it
+    meets later)."""
 
     key: str  # the tag's set
+    text: str = field(compare=False)  # the tag, as invalidate_tags() was given it
     wake_ttl_ms: int = field(compare=False)
-    covers: tuple[PendingPattern, ...] = field(compare=False)
+    # Told the key of a tag's set where foreign data stood (deleted by the script).
+    foreign: Callable[[str], None] = field(compare=False)
+    covers: tuple[PendingPattern, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,8 @@ class Outbox:
         self.active = False
         # Called (outside the lock) when work arrives and no flusher runs.
         self.start_flusher: Callable[[], None] = lambda: None
+        # What a pending tag covers: every function known to carry the tag's text.
+        self.tag_covers: Callable[[str], tuple[PendingPattern, ...]] = lambda text: ()
         self.queued = 0  # invalidations that had to wait here
         self.delivered = 0  # invalidations that landed later
         self.collapsed = 0  # times a function's keys collapsed into one pattern
@@ -114,6 +121,10 @@ class Outbox:
                 if isinstance(item, PendingPattern):
                     self._add_pattern(item)
                 elif isinstance(item, PendingTag):
+                    # Under the lock, as cover_tags(): a function met at this moment
+                    # is either in tag_covers' answer or finds this tag queued.
+                    covers = (*item.covers, *self.tag_covers(item.text))
+                    item = replace(item, covers=tuple(dict.fromkeys(covers)))
                     self._tags[item.key] = (item, self._sequence)
                     self._starts = self._pattern_starts()
                 else:
@@ -140,6 +151,15 @@ class Outbox:
         self.wake.set()
         if start:
             self.start_flusher()
+
+    def cover_tags(self, carries: Callable[[str], bool], whole: PendingPattern) -> None:
+        """A function met after some tags were queued: the pending tags it `carries`
+        (by their text) cover its keys too, so it is not served from Redis either."""
+        with self._lock:
+            for name, (tag, sequence) in list(self._tags.items()):
+                if carries(tag.text) and whole not in tag.covers:
+                    self._tags[name] = (replace(tag, covers=(*tag.covers, whole)), sequence)
+            self._starts = self._pattern_starts()
 
     def blocks(self, key: str) -> bool:
         """True while an invalidation covering `key` has not reached Redis."""

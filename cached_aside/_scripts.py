@@ -211,16 +211,83 @@ return 1
 """
 )
 
-TAG_ADD: Final = """
+# The Redis clock in ms, as the scores of tags' sets: one clock for every process.
+_NOW_MS: Final = """
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+"""
+
+# A tag's set is a sorted set of entries' value keys, each scored by the Redis time
+# (ms) until which that entry may live. Anything else at its key is foreign data:
+# it names no entry the engine can trust, and is deleted.
+_FOREIGN_TAG: Final = """
+local function foreign_tag(key)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'zset' or kind == 'none' then return false end
+  redis.call('DEL', key)
+  return true
+end
+"""
+
+TAG_ADD: Final = (
+    _NOW_MS
+    + _FOREIGN_TAG
+    + """
 -- KEYS[1] a tag's set
--- ARGV[1] an entry's value key, ARGV[2] how long the set must live at least (ms)
--- returns 1. Run before the entry's load reads the primary, so that a tag
--- invalidation sent after a write finds the entry, and revokes the load's lease.
--- The set lives as long as its longest-lived entry could, then goes by itself.
-redis.call('SADD', KEYS[1], ARGV[1])
-local left = redis.call('PTTL', KEYS[1])
-if left < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+-- ARGV[1] an entry's value key, ARGV[2] how long the entry may live from now, at most
+-- (ms), ARGV[3] how many members of expired entries to drop, at most
+-- returns 1; 2 if the key held foreign data, deleted first. Run before the entry's
+-- load reads the primary (or before set() or update_field() writes it), so that a
+-- tag invalidation sent after a write finds the entry, and revokes the load's lease.
+-- The member's score only grows, and changes on every add (at least by 1): a tag
+-- invalidation prunes what it read only if unchanged (TAG_PRUNE). Members of expired
+-- entries leave a few at a time, and the set expires with its longest-lived entry.
+local foreign = foreign_tag(KEYS[1])
+local now = now_ms()
+local alive_until = now + tonumber(ARGV[2])
+local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if score and score >= alive_until then alive_until = score + 1 end
+redis.call('ZADD', KEYS[1], alive_until, ARGV[1])
+local dead = math.min(redis.call('ZCOUNT', KEYS[1], '-inf', now), tonumber(ARGV[3]))
+if dead > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, dead - 1) end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(last)))
+if foreign then return 2 end
 return 1
+"""
+)
+
+TAG_MEMBERS: Final = (
+    _NOW_MS
+    + _FOREIGN_TAG
+    + """
+-- KEYS[1] a tag's set
+-- returns {0, member, score, member, score, ...}: the value keys of the entries that
+-- may still live, each with its score as Redis writes it (for TAG_PRUNE); {1} if the
+-- key held foreign data, now deleted (no member can be trusted).
+if foreign_tag(KEYS[1]) then return {1} end
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf', 'WITHSCORES')
+table.insert(members, 1, 0)
+return members
+"""
+)
+
+TAG_PRUNE: Final = """
+-- KEYS[1] a tag's set
+-- ARGV[1], ARGV[2], ...: pairs of a member and the score TAG_MEMBERS read for it
+-- returns how many members were removed. After a tag invalidation: a member whose
+-- score changed since it was read joined again (a load that began after the
+-- invalidation, which read the new row), and stays.
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then return 0 end
+local removed = 0
+for at = 1, #ARGV, 2 do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[at])) == tonumber(ARGV[at + 1]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[at])
+  end
+end
+return removed
 """
 
 
@@ -236,6 +303,8 @@ class ScriptName(enum.Enum):
     PUT = PUT
     REVOKE = REVOKE
     TAG_ADD = TAG_ADD
+    TAG_MEMBERS = TAG_MEMBERS
+    TAG_PRUNE = TAG_PRUNE
 
 
 class AcquireStatus(enum.IntEnum):

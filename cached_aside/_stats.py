@@ -36,7 +36,8 @@ class StatsSnapshot:
         loads: loader calls.
         stampedes_suppressed: misses that got another caller's load instead of loading.
         errors: Redis failures (the call was still answered when fail_open).
-        corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten.
+        corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten
+            (where a tag's set belongs: deleted).
         lock_waits: misses that waited on Redis for another process's load.
         loader_errors: loader failures nobody saw raised: background reloads
             (refresh_ahead, grace), and loads answered with a stale value
@@ -141,12 +142,16 @@ class Stats:
         with self._lock:
             self._lock_waits += 1
 
-    def corrupt(self, key: str) -> None:
+    def corrupt(self, key: str, *, log: bool = True) -> None:
+        """Count foreign or damaged data at `key`; log it unless the caller does."""
         with self._lock:
             self._corrupt += 1
-        logger.warning(
-            "%s: foreign or damaged data at %r; treated as a miss and rewritten", self.name, key
-        )
+        if log:
+            logger.warning(
+                "%s: foreign or damaged data at %r; treated as a miss and rewritten",
+                self.name,
+                key,
+            )
 
     def error(self, key: str, failure: BaseException) -> None:
         """Count a Redis failure; log the first of a burst and then a summary per interval."""

@@ -18,7 +18,7 @@ from ._effects import Flow
 from ._engine import CacheEngine
 from ._flows import Plan, Served, bypass, invalidate, put, reload, update_field
 from ._keys import KeyTemplate, glob_escape, split_entry_key
-from ._loads import BatchLoader, Loads
+from ._loads import NO_LOADS, BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
 from ._outbox import PendingPattern
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
@@ -51,13 +51,20 @@ os.register_at_fork(after_in_child=_reset_loader_breakers_after_fork)
 
 
 class Write(Generic[T]):
-    """An invalidation or field update, ready to run: its flow, and the keys whose
-    in-process state must be forgotten once it ran (None: every key)."""
+    """An invalidation, field update or put, ready to run: its flow, the keys whose
+    in-process state must be forgotten once it ran (None: every key), and the call's
+    arguments, for the flow to render the entry's tags (TagsOf)."""
 
-    __slots__ = ("engine", "flow", "keys")
+    __slots__ = ("engine", "flow", "keys", "loads")
 
-    def __init__(self, engine: CacheEngine, flow: Flow[T], keys: Sequence[str] | None) -> None:
-        self.engine, self.flow, self.keys = engine, flow, keys
+    def __init__(
+        self,
+        engine: CacheEngine,
+        flow: Flow[T],
+        keys: Sequence[str] | None,
+        loads: Loads = NO_LOADS,
+    ) -> None:
+        self.engine, self.flow, self.keys, self.loads = engine, flow, keys, loads
 
 
 class Reload:
@@ -137,7 +144,9 @@ class CachedBase(Generic[P, R]):
         self._whole = self._every_key(engine)
         if self._plan.tags:
             lock_ttl_ms = self._plan.options.lock_ttl_ms
-            engine._register_tagged(self._plan.name, self._plan.tags, self._whole, lock_ttl_ms)
+            engine._register_tagged(
+                self._plan.name, self._plan.tags, self._whole, lock_ttl_ms, self._plan.stats
+            )
         self._registered_with = engine
 
     def _every_key(self, engine: CacheEngine) -> PendingPattern:
@@ -171,11 +180,16 @@ class CachedBase(Generic[P, R]):
         loader_args, field, value = self._split_update(args, field, value)
         engine, key = self._locate(loader_args, kwargs)
         flow = update_field(self._plan, key, field, value, self._covering(engine))
-        return Write(engine, flow, (key,))
+        return Write(engine, flow, (key,), self._call_of(loader_args, kwargs))
 
     def _put(self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any) -> Write[Outcome]:
         engine, key = self._locate(args, kwargs)
-        return Write(engine, put(self._plan, key, value, self._covering(engine)), (key,))
+        flow = put(self._plan, key, value, self._covering(engine))
+        return Write(engine, flow, (key,), self._call_of(args, kwargs))
+
+    def _call_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Loads:
+        """One call's arguments, as a flow's TagsOf renders them (never loaded)."""
+        return Loads(self._plan, self.__wrapped__, (args,), kwargs)
 
     def _reload(self, args: tuple[Any, ...], kwargs: dict[str, Any], runtime: Runtime) -> Reload:
         """fn.refresh()'s flow and loads: bypassing the cache, like a call, while the

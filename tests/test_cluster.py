@@ -195,6 +195,10 @@ def test_cluster_tags_span_masters_without_cross_slot_scripts(
     assert client.exists(read.key(0, KEYS[0])) == 1
     assert engine.invalidate_tags("all") == BulkOutcome(len(KEYS) - len(KEYS[1::3]))
     assert not list(client.scan_iter(match="tags:{*"))  # every entry gone, on every node
+    # set() joins its tags' sets too, each on its own node; "7" and 7 share a tag.
+    assert read.set("2", "x", value={"group": 2, "id": "x"}) is Outcome.UPDATED
+    assert engine.invalidate_tags("group:2").deleted == 1
+    assert not client.exists(read.key("2", "x"))
 
 
 def test_cluster_grace_stale_if_error_set_and_refresh(client: redis.cluster.RedisCluster) -> None:
