@@ -113,7 +113,10 @@ class RedisProcess:
         deadline = time.monotonic() + 10
         while True:
             try:
-                self.admin().ping()
+                # Closed at once: a server loading its data answers BusyLoadingError
+                # for a while, and a client per try left open is a socket leaked.
+                with self.admin() as client:
+                    client.ping()
                 return self
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
@@ -283,7 +286,10 @@ class SentinelProcess(RedisProcess):
         deadline = time.monotonic() + 10
         while True:
             try:
-                self.admin().ping()
+                # Closed at once: a server loading its data answers BusyLoadingError
+                # for a while, and a client per try left open is a socket leaked.
+                with self.admin() as client:
+                    client.ping()
                 return self
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
