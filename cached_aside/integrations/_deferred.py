@@ -22,6 +22,7 @@ __all__ = [
     "arun_all",
     "deferred",
     "deferred_many",
+    "refuse_async",
     "run_all",
 ]
 
@@ -72,6 +73,17 @@ class DeferredInvalidation:
 
     def __repr__(self) -> str:
         return f"<DeferredInvalidation {self.name}>"
+
+
+def refuse_async(fn: Any, instead: str) -> None:
+    """A sync commit cannot await an `async def` function's invalidation: say so at the
+    write, where the caller sees it, not in a log line after the commit."""
+    for method in ("invalidate", "invalidate_many"):
+        if inspect.iscoroutinefunction(getattr(fn, method, None)):
+            raise TypeError(
+                f"{getattr(fn, '__qualname__', fn)!r} is an async def function: its "
+                f"invalidation cannot run after a sync commit; {instead}"
+            )
 
 
 def deferred(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DeferredInvalidation:

@@ -14,7 +14,7 @@ from typing import Any, ParamSpec
 
 from sqlalchemy import event
 from sqlalchemy.exc import MissingGreenlet
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
 from .._results import BulkOutcome, Outcome
@@ -28,6 +28,7 @@ from ._deferred import (
     deferred,
     deferred_many,
     logger,
+    refuse_async,
     run_all,
 )
 
@@ -81,6 +82,7 @@ def invalidate_on_commit(
         CacheUnavailableError: Redis failed now and `fn` has fail_open=False; the
             invalidation after the commit stays registered.
     """
+    refuse_async(fn, "use ainvalidate_on_commit with an AsyncSession")
     _hold(_current(session), deferred(fn, args, kwargs), asynchronous=False)
     return fn.invalidate(*args, **kwargs)
 
@@ -90,13 +92,17 @@ def invalidate_many_on_commit(
 ) -> BulkOutcome:
     """`fn.invalidate_many(items)` now and again after `session` commits; dropped
     on rollback, as for `invalidate_on_commit`. Items as for `fn.many()`."""
+    refuse_async(fn, "use ainvalidate_many_on_commit with an AsyncSession")
     listed = list(items)
     _hold(_current(session), deferred_many(fn, listed), asynchronous=False)
     return fn.invalidate_many(listed)
 
 
 async def ainvalidate_on_commit(
-    session: AsyncSession, fn: AsyncInvalidates[P], *args: P.args, **kwargs: P.kwargs
+    session: AsyncSession | async_scoped_session[Any],
+    fn: AsyncInvalidates[P],
+    *args: P.args,
+    **kwargs: P.kwargs,
 ) -> Outcome:
     """`invalidate_on_commit` for an `AsyncSession` and an `async def` function.
 
@@ -105,16 +111,18 @@ async def ainvalidate_on_commit(
     and then reads gets the new row. If the task is cancelled meanwhile, the
     invalidations still complete in the background.
     """
-    _hold(session.sync_session, deferred(fn, args, kwargs), asynchronous=True)
+    _hold(_current_async(session).sync_session, deferred(fn, args, kwargs), asynchronous=True)
     return await fn.invalidate(*args, **kwargs)
 
 
 async def ainvalidate_many_on_commit(
-    session: AsyncSession, fn: AsyncInvalidatesMany, items: Iterable[Any]
+    session: AsyncSession | async_scoped_session[Any],
+    fn: AsyncInvalidatesMany,
+    items: Iterable[Any],
 ) -> BulkOutcome:
     """`invalidate_many_on_commit` for an `AsyncSession` and an `async def` function."""
     listed = list(items)
-    _hold(session.sync_session, deferred_many(fn, listed), asynchronous=True)
+    _hold(_current_async(session).sync_session, deferred_many(fn, listed), asynchronous=True)
     return await fn.invalidate_many(listed)
 
 
@@ -133,6 +141,10 @@ class _Held:
 
 def _current(session: Session | scoped_session[Any]) -> Session:
     return session() if isinstance(session, scoped_session) else session
+
+
+def _current_async(session: AsyncSession | async_scoped_session[Any]) -> AsyncSession:
+    return session() if isinstance(session, async_scoped_session) else session
 
 
 def _hold(session: Session, invalidation: DeferredInvalidation, asynchronous: bool) -> None:

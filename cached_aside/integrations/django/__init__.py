@@ -22,10 +22,16 @@ from .._deferred import (
     InvalidatesMany,
     deferred,
     deferred_many,
+    refuse_async,
     run_all,
 )
 
 __all__ = ["invalidate_many_on_commit", "invalidate_on_commit"]
+
+ASYNC_REFUSED = (
+    "Django's on_commit runs plain functions: use this helper with plain def "
+    "functions, or await fn.invalidate(...) yourself once the transaction has committed"
+)
 
 
 def invalidate_on_commit(
@@ -58,6 +64,7 @@ def invalidate_on_commit(
         CacheUnavailableError: Redis failed now and `fn` has fail_open=False; the
             invalidation after the commit stays registered.
     """
+    refuse_async(fn, ASYNC_REFUSED)
     invalidation = deferred(fn, args, kwargs)
     if _committed_already(using):
         return fn.invalidate(*args, **kwargs)
@@ -70,6 +77,7 @@ def invalidate_many_on_commit(
 ) -> BulkOutcome:
     """`fn.invalidate_many(items)` now and again after the transaction commits;
     dropped on rollback, as for `invalidate_on_commit`. Items as for `fn.many()`."""
+    refuse_async(fn, ASYNC_REFUSED)
     listed = list(items)
     if not _committed_already(using):
         _register(deferred_many(fn, listed), using)
