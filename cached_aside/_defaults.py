@@ -71,7 +71,7 @@ def configure(
         ConfigurationError: more than one of url, clients and engine, or options
             that only a URL takes.
     """
-    global _default_engine
+    global _default_engine, _before_overrides
     given = [name for name, value in (("url", url), ("engine", engine)) if value is not None]
     if client is not None or async_client is not None:
         given.append("clients")
@@ -89,6 +89,8 @@ def configure(
         )
     with _default_lock:
         _default_engine = chosen
+        if _overrides:  # inside using_engine() blocks: the default after them all
+            _before_overrides = chosen
     return chosen
 
 
@@ -107,24 +109,48 @@ def default_engine() -> CacheEngine:
         return _default_engine
 
 
+class _Override:
+    """One open using_engine() block (compared by identity: one engine may be in two)."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: CacheEngine) -> None:
+        self.engine = engine
+
+
+# using_engine() blocks still open, oldest first, and the default engine from before
+# the first of them.
+_overrides: list[_Override] = []
+_before_overrides: CacheEngine | None = None
+
+
 @contextmanager
 def using_engine(engine: CacheEngine) -> Iterator[CacheEngine]:
     """Make `engine` the default engine inside a `with` block; the previous default
     (or none yet, then made from the environment on next use) comes back after it.
 
     For a framework's lifespan or a test's fixture: functions decorated without
-    `engine=` use `engine` meanwhile. The engine is not closed here.
+    `engine=` use `engine` meanwhile. Blocks may end in any order (two apps' lifespans
+    in one process): the default is always the engine of the newest block still
+    open, else the one from before them all. The engine is not closed here.
 
     Raises:
         ConfigurationError: `engine` is not a CacheEngine.
     """
-    global _default_engine
+    global _default_engine, _before_overrides
     if not isinstance(engine, CacheEngine):
         raise ConfigurationError(f"engine must be a CacheEngine, got {engine!r}")
+    token = _Override(engine)
     with _default_lock:
-        previous, _default_engine = _default_engine, engine
+        if not _overrides:
+            _before_overrides = _default_engine
+        _overrides.append(token)
+        _default_engine = engine
     try:
         yield engine
     finally:
         with _default_lock:
-            _default_engine = previous
+            _overrides.remove(token)  # identity: _Override has no __eq__ of its own
+            _default_engine = _overrides[-1].engine if _overrides else _before_overrides
+            if not _overrides:
+                _before_overrides = None
