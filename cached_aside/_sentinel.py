@@ -6,7 +6,6 @@ with blocking pools. No command is sent here: clients ask the sentinels on conne
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -57,6 +56,15 @@ class SentinelURL:
 
 def parse_sentinel_url(url: str) -> SentinelURL:
     """Parse `url`, raising ConfigurationError with what to change."""
+    userinfo = _userinfo(url)
+    if any(mark in userinfo for mark in "@/?#"):
+        # Unencoded, these cut the URL inside the password: any part quoted from it
+        # could be the secret, so say what is wrong without quoting anything.
+        raise _bad(
+            url,
+            "the user or password holds an unencoded '@', '/', '?' or '#': "
+            "percent-encode them (%40, %2F, %3F, %23)",
+        )
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -85,9 +93,24 @@ def _bad(url: str, why: str) -> ConfigurationError:
     return ConfigurationError(f"bad Sentinel URL {_redacted(url)!r}: {why}; expected {EXAMPLE}")
 
 
+def _userinfo(url: str) -> str:
+    """Everything between "://" and the last "@" (the user and password, however they
+    are written), or "" when there is no "@"."""
+    start = url.find("://") + 3
+    at = url.rfind("@")
+    return url[start:at] if start >= 3 and at >= start else ""
+
+
 def _redacted(url: str) -> str:
-    """The URL without its password, for error messages."""
-    return re.sub(r"(://[^:/@]*:)[^/@]*@", r"\1***@", url)
+    """The URL without its password, for error messages: all that can be the password,
+    up to the last "@", however the password is written."""
+    userinfo = _userinfo(url)
+    if not userinfo:
+        return url
+    start = url.find("://") + 3
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon and not any(mark in user for mark in "@/?#") else "***"
+    return url[:start] + shown + url[start + len(userinfo) :]
 
 
 def _addresses(url: str, hosts: str) -> list[tuple[str, int]]:
