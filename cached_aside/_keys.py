@@ -322,11 +322,8 @@ class KeyTemplate:
             else:
                 rendered = self._format.format(*[render_argument(args[i]) for i in self._positions])
         else:
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
             rendered = self._format.format(
-                *[render_argument(arguments[slot.name]) for slot in self._slots]
+                *[render_argument(v) for v in self._values(args, kwargs)]
             )
         if len(rendered) <= MAX_RENDERED_LENGTH:
             return rendered
@@ -335,13 +332,16 @@ class KeyTemplate:
     def render_tag(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         """Render a tag's text for one call's arguments: as a key, but with text
         arguments not marked as text (see render_argument), and never shortened."""
-        if not kwargs and len(args) == self._fast_arity:
-            values = [args[i] for i in self._positions]
-        else:
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = [bound.arguments[slot.name] for slot in self._slots]
+        values = self._values(args, kwargs)
         return self._format.format(*[render_argument(value, typed=False) for value in values])
+
+    def _values(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
+        """The placeholders' values, in order, for one call's arguments."""
+        if not kwargs and len(args) == self._fast_arity:
+            return [args[i] for i in self._positions]
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return [bound.arguments[slot.name] for slot in self._slots]
 
 
 def _named(parameters: Mapping[str, inspect.Parameter]) -> list[str]:
