@@ -188,7 +188,10 @@ class CachedBase(Generic[P, R]):
         return Write(engine, flow, (key,), self._call_of(args, kwargs))
 
     def _call_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Loads:
-        """One call's arguments, as a flow's TagsOf renders them (never loaded)."""
+        """One call's arguments, as a flow's TagsOf renders them (never loaded); a
+        function without tags never asks."""
+        if not self._plan.tags:
+            return NO_LOADS
         return Loads(self._plan, self.__wrapped__, (args,), kwargs)
 
     def _reload(self, args: tuple[Any, ...], kwargs: dict[str, Any], runtime: Runtime) -> Reload:
