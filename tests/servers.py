@@ -110,6 +110,12 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self._wait_until_answering()
+        return self
+
+    def _wait_until_answering(self) -> None:
+        """Until the process answers PING (10 s at most, or until it exits)."""
+        assert self.process is not None
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -117,7 +123,7 @@ class RedisProcess:
                 # for a while, and a client per try left open is a socket leaked.
                 with self.admin() as client:
                     client.ping()
-                return self
+                return
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
@@ -283,18 +289,8 @@ class SentinelProcess(RedisProcess):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                # Closed at once: a server loading its data answers BusyLoadingError
-                # for a while, and a client per try left open is a socket leaked.
-                with self.admin() as client:
-                    client.ping()
-                return self
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise
-                time.sleep(0.02)
+        self._wait_until_answering()
+        return self
 
 
 class RedisSentinelProcesses:

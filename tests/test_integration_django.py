@@ -12,12 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
-import re
-import subprocess
-import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +39,7 @@ from cached_aside.integrations.django import invalidate_many_on_commit, invalida
 from cached_aside.integrations.django.apps import configure_from_settings
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
+from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_PREFIX = unique_prefix()  # the default engine's, from CACHED_ASIDE
@@ -410,43 +406,20 @@ def test_settings_are_checked() -> None:
 # -- the documentation's example runs as written ------------------------------------
 
 DOC = ROOT / "docs" / "integrations" / "django.md"
-PREFIX_SETTING = '"PREFIX": "django_example"'  # the test swaps in a prefix of its own
 
 
 @needs_real_redis
 def test_the_documented_example_runs(tmp_path: Path) -> None:
-    found = re.search(
-        r"<!-- --8<-- \[start:example\] -->\n```python\n(.*?)^```\n",
-        DOC.read_text(encoding="utf-8"),
-        re.DOTALL | re.MULTILINE,
+    completed = run_documented(
+        tmp_path,
+        fenced(marked(DOC, "example"), "python"),
+        '"PREFIX": "django_example"',
+        lambda prefix: f'"PREFIX": "{prefix}"',
     )
-    assert found, "docs/integrations/django.md has no example between snippet markers"
-    code = found.group(1)
-    assert code.count(PREFIX_SETTING) == 1
-    prefix = f"t-doc-{uuid.uuid4().hex[:12]}"
-    script = tmp_path / "django_example.py"
-    script.write_text(code.replace(PREFIX_SETTING, f'"PREFIX": "{prefix}"'))
-    environment = {**os.environ, "REDIS_URL": REDIS_URL or ""}
-    environment.pop("CACHED_ASIDE_REDIS_URL", None)
-    environment.pop("DJANGO_SETTINGS_MODULE", None)
-    client = redis.Redis.from_url(REDIS_URL or "")
-    try:
-        completed = subprocess.run(
-            [sys.executable, str(script)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=environment,
-            cwd=tmp_path,
-            check=False,
-        )
-        assert completed.returncode == 0, completed.stderr
-        assert completed.stdout == (
-            "before: {'name': 'Fountain pen', 'stock': 41}\n"
-            "rolled back: {'name': 'Fountain pen', 'stock': 41}\n"
-            "committed: {'name': 'Fountain pen, blue', 'stock': 41}\n"
-        )
-        assert completed.stderr == ""
-    finally:
-        delete_prefix(client, prefix)
-        client.close()
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == (
+        "before: {'name': 'Fountain pen', 'stock': 41}\n"
+        "rolled back: {'name': 'Fountain pen', 'stock': 41}\n"
+        "committed: {'name': 'Fountain pen, blue', 'stock': 41}\n"
+    )
+    assert completed.stderr == ""

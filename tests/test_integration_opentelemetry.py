@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import re
 import subprocess
 import sys
 import uuid
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -46,7 +43,8 @@ from cached_aside.integrations.opentelemetry import (
     uninstrument,
 )
 
-from .conftest import REDIS_URL, Harness, delete_prefix, needs_real_redis
+from .conftest import Harness, needs_real_redis
+from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bucket bounds given as advice: opentelemetry-api 1.30 and later.
@@ -446,43 +444,16 @@ def test_importing_cached_aside_does_not_import_opentelemetry() -> None:
 # -- the documentation's example runs as written ------------------------------------
 
 DOC = ROOT / "docs" / "integrations" / "opentelemetry.md"
-CONFIGURE = 'configure(prefix="otel_example")'  # the test swaps in a prefix of its own
-
-
-def doc_snippet(marker: str) -> str:
-    text = DOC.read_text(encoding="utf-8")
-    found = re.search(
-        rf"<!-- --8<-- \[start:{marker}\] -->\n```\w+\n(.*?)^```\n<!-- --8<-- \[end:{marker}\] -->",
-        text,
-        re.DOTALL | re.MULTILINE,
-    )
-    assert found, f"{DOC.name} has no {marker} between snippet markers"
-    return found.group(1)
 
 
 @needs_real_redis
 def test_the_documented_example_runs(tmp_path: Path) -> None:
-    prefix = f"t-doc-{uuid.uuid4().hex[:12]}"
-    code = doc_snippet("example")
-    assert code.count(CONFIGURE) == 1
-    script = tmp_path / "otel_example.py"
-    script.write_text(code.replace(CONFIGURE, f'configure(prefix="{prefix}")'))
-    environment = {**os.environ, "REDIS_URL": REDIS_URL or ""}
-    environment.pop("CACHED_ASIDE_REDIS_URL", None)
-    client = redis.Redis.from_url(REDIS_URL or "")
-    try:
-        completed = subprocess.run(
-            [sys.executable, str(script)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=environment,
-            cwd=tmp_path,
-            check=False,
-        )
-        assert completed.returncode == 0, completed.stderr
-        assert completed.stdout == doc_snippet("output")
-        assert completed.stderr == ""
-    finally:
-        delete_prefix(client, prefix)
-        client.close()
+    completed = run_documented(
+        tmp_path,
+        fenced(marked(DOC, "example"), r"\w+"),
+        'configure(prefix="otel_example")',
+        lambda prefix: f'configure(prefix="{prefix}")',
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == fenced(marked(DOC, "output"), r"\w+")
+    assert completed.stderr == ""

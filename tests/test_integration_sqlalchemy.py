@@ -8,10 +8,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
-import re
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +37,8 @@ from cached_aside.integrations.sqlalchemy import (
     invalidate_on_commit,
 )
 
-from .conftest import REDIS_URL, delete_prefix, needs_real_redis
+from .conftest import needs_real_redis
+from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE_SECONDS = 5.0  # how long a gated loader or the test waits for the other side
@@ -558,47 +555,20 @@ def test_a_sync_commit_of_an_async_registration_is_reported(
 # -- the documentation's example runs as written ------------------------------------
 
 DOC = ROOT / "docs" / "integrations" / "sqlalchemy.md"
-CONFIGURE = 'configure(prefix="sqlalchemy_example")'  # the test swaps in a prefix of its own
-
-
-def doc_example(path: Path) -> str:
-    text = path.read_text(encoding="utf-8")
-    found = re.search(
-        r"<!-- --8<-- \[start:example\] -->\n```python\n(.*?)^```\n<!-- --8<-- \[end:example\] -->",
-        text,
-        re.DOTALL | re.MULTILINE,
-    )
-    assert found, f"{path.name} has no example between snippet markers"
-    return found.group(1)
 
 
 @needs_real_redis
 def test_the_documented_example_runs(tmp_path: Path) -> None:
-    prefix = f"t-doc-{uuid.uuid4().hex[:12]}"
-    script = tmp_path / "example.py"
-    code = doc_example(DOC)
-    assert code.count(CONFIGURE) == 1
-    script.write_text(code.replace(CONFIGURE, f'configure(prefix="{prefix}")'))
-    environment = {**os.environ, "REDIS_URL": REDIS_URL or ""}
-    environment.pop("CACHED_ASIDE_REDIS_URL", None)
-    client = redis.Redis.from_url(REDIS_URL or "")
-    try:
-        completed = subprocess.run(
-            [sys.executable, str(script)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=environment,
-            cwd=tmp_path,
-            check=False,
-        )
-        assert completed.returncode == 0, completed.stderr
-        assert completed.stdout == (
-            "before: {'name': 'Fountain pen', 'stock': 41}\n"
-            "rolled back: {'name': 'Fountain pen', 'stock': 41}\n"
-            "committed: {'name': 'Fountain pen, blue', 'stock': 41}\n"
-        )
-        assert completed.stderr == ""
-    finally:
-        delete_prefix(client, prefix)
-        client.close()
+    completed = run_documented(
+        tmp_path,
+        fenced(marked(DOC, "example"), "python"),
+        'configure(prefix="sqlalchemy_example")',
+        lambda prefix: f'configure(prefix="{prefix}")',
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == (
+        "before: {'name': 'Fountain pen', 'stock': 41}\n"
+        "rolled back: {'name': 'Fountain pen', 'stock': 41}\n"
+        "committed: {'name': 'Fountain pen, blue', 'stock': 41}\n"
+    )
+    assert completed.stderr == ""
