@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo needs only the library and the demo extra (fakeredis, for when no Redis
+# answers): `make demo` on a fresh machine installs that much, not every extra.
+DEMO_STAMP := $(VENV)/.installed-demo
 # Material for MkDocs prints a banner about MkDocs 2.0 on every build; it is not ours.
 export NO_MKDOCS_2_WARNING := 1
 
@@ -35,7 +38,12 @@ docs-serve: venv
 test: lint docs
 	$(BIN)/python -m pytest
 
-demo: venv
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)
 
 # bench: results.json, benchmarks/hit_path.png, and beside it concurrency.png and fleet.png.
