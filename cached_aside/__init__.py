@@ -6,9 +6,11 @@ from ._defaults import configure, default_engine, using_engine
 from ._engine import CacheEngine
 from ._errors import (
     BatchLoaderError,
+    BlockingCallWarning,
     CachedAsideError,
     CacheUnavailableError,
     ConfigurationError,
+    ConfigurationWarning,
     KeyArgumentError,
     KeyTemplateError,
     LoaderCircuitOpenError,
@@ -28,6 +30,7 @@ from ._stats import StatsSnapshot
 __all__ = [
     "AsyncCachedFunction",
     "BatchLoaderError",
+    "BlockingCallWarning",
     "BoundAsyncCachedFunction",
     "BoundCachedFunction",
     "BulkOutcome",
@@ -38,6 +41,7 @@ __all__ = [
     "CachedFunction",
     "CircuitOpenError",
     "ConfigurationError",
+    "ConfigurationWarning",
     "KeyArgumentError",
     "KeyTemplateError",
     "LoaderCircuitOpenError",

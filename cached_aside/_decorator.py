@@ -186,6 +186,12 @@ class cache_aside:  # lower case: a decorator, named and used like a function
     def __call__(self, loader: Callable[P, R]) -> CachedFunction[P, R]: ...
 
     def __call__(self, loader: Callable[P, Any]) -> Any:
+        if isinstance(loader, classmethod | staticmethod):
+            kind = type(loader).__name__
+            raise ConfigurationError(
+                f"@cache_aside(...) is above @{kind} on {loader.__func__.__qualname__}; put "
+                f"it below: @{kind} on top, @cache_aside(...) under it, next to the def"
+            )
         if not callable(loader):
             raise ConfigurationError(f"@cache_aside(...) decorates a function, got {loader!r}")
         name = getattr(loader, "__qualname__", None) or type(loader).__qualname__

@@ -288,6 +288,35 @@ class CacheEngine:
         """
         return self._async_side().client
 
+    def check(self, *, tags: bool = True, near: bool | None = None) -> None:
+        """Check now, loudly, that Redis answers and lets this engine do its work.
+
+        Calls otherwise fail open: a bad URL, a server down at start-up or a missing
+        ACL permission shows only as errors counted while the loader serves. This
+        tries, on scratch keys under the prefix, every command the features send and
+        every command their scripts call (with the sync client), and raises if any
+        is refused. For a start-up probe: `configure(..., check=True)` runs it.
+
+        Args:
+            tags: check what functions with `tags=` need too (TIME, sorted sets).
+            near: check the near cache's listener (CLIENT TRACKING, the invalidation
+                channel); default: when the engine has an engine-wide near cache.
+
+        Raises:
+            ConfigurationError: the server cannot be reached or logged in to, or the
+                user may not run a command a feature needs (each one named).
+        """
+        from ._check import check  # the check's module is needed only here
+
+        near = self.near is not None if near is None else near
+        check(
+            self.client(),
+            self.prefix,
+            tags=tags,
+            near=near,
+            listener_connection=self._listener_connection() if near else None,
+        )
+
     def _sync_side(self) -> SyncRuntime:
         side = self._sync
         if side is not None:

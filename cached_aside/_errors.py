@@ -43,3 +43,14 @@ class LoaderCircuitOpenError(CachedAsideError):
 
 class BatchLoaderError(CachedAsideError, TypeError):
     """A batch_loader returned something other than one value per item."""
+
+
+class BlockingCallWarning(UserWarning):
+    """A plain (sync) cached function ran on a thread whose event loop is running:
+    its Redis round trip and its loader block every other task of that loop."""
+
+
+class ConfigurationWarning(UserWarning):
+    """A setting that works but is probably not what was meant, such as a worker
+    process using the default engine while the process that started it configured
+    another one."""

@@ -9,11 +9,14 @@ R); each method is one step. The user's function itself is never modified.
 
 from __future__ import annotations
 
+import warnings
+from asyncio import _get_running_loop  # no exception when none: cheap on every call
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from ._defaults import default_engine
 from ._drivers import arun, aserve, no_seal, run, serve
+from ._errors import BlockingCallWarning
 from ._flows import Served
 from ._near import MISSING
 from ._results import BulkOutcome, CacheResult, Outcome
@@ -42,6 +45,8 @@ Async = TypeVar("Async", bound="AsyncCachedFunction[Any, Any]")
 class CachedFunction(CachedBase[P, R]):
     """A cached plain function. Call it like the loader."""
 
+    _warned_of_loop = False
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         # _serve spelled out: the hit path, where each Python call costs ~0.1 µs.
         engine = self._engine or default_engine()
@@ -61,6 +66,8 @@ class CachedFunction(CachedBase[P, R]):
                     self._plan.stats.near_hit()
                     return value  # type: ignore[no-any-return]
             return self._serve_at(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
+        if _get_running_loop() is not None:
+            self._on_event_loop()
         call = (self.__wrapped__, args, kwargs)
         served, _, joined = serve(self._plan, key, engine._sync_side(), call)
         return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
@@ -84,6 +91,8 @@ class CachedFunction(CachedBase[P, R]):
         you know of, or to warm a key. A load already under way elsewhere may have read
         the row before that change: its lease is revoked (its result is not stored)
         and this call loads; callers arriving meanwhile wait for this load."""
+        if _get_running_loop() is not None:
+            self._on_event_loop()
         runtime = self._engine_in_use()._sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
@@ -126,6 +135,8 @@ class CachedFunction(CachedBase[P, R]):
         misses go to the decorator's batch_loader in one call when it has one, else
         through the loader one at a time, each under the single-flight lock.
         """
+        if _get_running_loop() is not None:
+            self._on_event_loop()
         call = self._many(items)
         runtime = call.engine._sync_side()
         return call.values(run(call.flow(runtime), runtime, call.loads, no_seal)[0])
@@ -165,16 +176,39 @@ class CachedFunction(CachedBase[P, R]):
         hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0
+        if _get_running_loop() is not None:
+            self._on_event_loop()
         runtime = engine._sync_side()
         served, seconds, joined = serve(self._plan, key, runtime, (self.__wrapped__, args, kwargs))
         return self._answer(key, ticket, served, joined), seconds
 
     def _write(self, write: Write[T]) -> T:
+        if _get_running_loop() is not None:
+            self._on_event_loop()
         runtime = write.engine._sync_side()
         try:
             return run(write.flow, runtime, write.loads, no_seal)[0]
         finally:
             self._written(runtime, write.keys)
+
+    def _on_event_loop(self) -> None:
+        """Warn once per function: on a thread running an event loop, a Redis round
+        trip or a loader here stalls every task of that loop (and awaiting the result
+        then fails with a bare TypeError)."""
+        if self._warned_of_loop:
+            return
+        self._warned_of_loop = True
+        name = self._plan.name
+        warnings.warn(
+            BlockingCallWarning(
+                f"{name} is a plain (sync) cached function called on a thread whose event "
+                "loop is running: its Redis round trip and its loader block every task of "
+                f"that loop. Declare it `async def {name.rsplit('.', 1)[-1]}(...)` (with an "
+                "async loader body) so that @cache_aside makes an AsyncCachedFunction you "
+                f"await, or call it off the loop: `await asyncio.to_thread({name}, ...)`"
+            ),
+            stacklevel=3,
+        )
 
 
 class AsyncCachedFunction(CachedBase[P, R]):

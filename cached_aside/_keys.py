@@ -211,6 +211,7 @@ class KeyTemplate:
         "_fast_arity",
         "_format",
         "_head",
+        "_name",
         "_owned_head",
         "_owned_text",
         "_positions",
@@ -228,6 +229,7 @@ class KeyTemplate:
         if not isinstance(text, str) or not text:
             raise KeyTemplateError(f"key for {name} must be a non-empty string, got {text!r}")
         self.text = text
+        self._name = name
         self._tag = template_tag(text)
         self._signature = inspect.signature(function)
         parameters = self._signature.parameters
@@ -339,7 +341,13 @@ class KeyTemplate:
         """The placeholders' values, in order, for one call's arguments."""
         if not kwargs and len(args) == self._fast_arity:
             return [args[i] for i in self._positions]
-        bound = self._signature.bind(*args, **kwargs)
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:  # inspect's text names no function: name it
+            parameters = ", ".join(
+                str(p.replace(annotation=p.empty)) for p in self._signature.parameters.values()
+            )
+            raise KeyArgumentError(f"{self._name}({parameters}): {exc}") from None
         bound.apply_defaults()
         return [bound.arguments[slot.name] for slot in self._slots]
 

@@ -106,6 +106,13 @@ def collect_garbage_after_each_test() -> Iterator[None]:
     gc.collect()
 
 
+@pytest.fixture(autouse=True)
+def no_configured_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure() tells the processes it starts what it set (an environment
+    variable); one test's configure() must not make a later test a "child" of it."""
+    monkeypatch.setenv("CACHED_ASIDE_CONFIGURED", "")
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "redis" and REDIS_URL is None:
