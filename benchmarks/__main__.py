@@ -10,11 +10,16 @@ beside it (needs matplotlib, in the bench extra).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import importlib.metadata
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -89,6 +94,37 @@ def write_charts(tables: list[Table], path: Path) -> list[Path]:
     return written
 
 
+def environment(url: str) -> dict[str, Any]:
+    """What the figures depend on: the machine, the date, and the versions of Python,
+    redis-py, hiredis, msgpack and the server, written beside the results."""
+    server = redis.Redis.from_url(url).info("server")
+    versions = {}
+    for package in ("hiredis", "msgpack", "cached_aside"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "node": platform.node(),
+        "machine": platform.machine(),
+        "cpu": cpu or platform.processor(),
+        "cpus": os.cpu_count(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "redis_py": redis.__version__,
+        **versions,
+        "server": "Valkey" if "valkey_version" in server else "Redis",
+        "server_version": server.get("valkey_version", server["redis_version"]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
@@ -104,10 +140,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = console()
-    server = redis.Redis.from_url(args.url).info("server")
+    about = environment(args.url)
     machine = (
-        f"{platform.node()}: {platform.machine()}, Python {platform.python_version()}, "
-        f"redis-py {redis.__version__}, Redis {server['redis_version']}"
+        f"{about['node']}: {about['machine']}, Python {about['python']}, "
+        f"redis-py {about['redis_py']}, {about['server']} {about['server_version']}"
     )
     out.print(f"[bold]cached_aside benchmarks[/bold] on {args.url} ({machine})")
     tables: list[Table] = []
@@ -129,7 +165,13 @@ def main() -> None:
             tables += results
     args.json.write_text(
         json.dumps(
-            {"machine": machine, "quick": args.quick, "tables": [t.as_dict() for t in tables]},
+            {
+                "machine": machine,
+                "environment": about,
+                "quick": args.quick,
+                "sections": names,
+                "tables": [t.as_dict() for t in tables],
+            },
             indent=2,
         )
     )

@@ -366,3 +366,25 @@ def test_demo_uses_the_named_redis_or_says_it_cannot(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     with pytest.raises(SystemExit, match=r"cannot reach the Redis at redis://127\.0\.0\.1:1/0"):
         server.choose_engine(None)
+
+
+def test_make_demo_installs_only_what_the_demo_needs() -> None:
+    """A first `make demo` installs the demo extra, not every dev/docs/bench extra
+    (which took minutes); `make -n` prints the commands without running them."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as fresh:  # a checkout without .venv
+        for name in ("Makefile", "pyproject.toml"):
+            (Path(fresh) / name).write_bytes((root / name).read_bytes())
+        completed = subprocess.run(
+            ["make", "-n", "demo"], cwd=fresh, capture_output=True, text=True, check=True
+        )
+    installs = [line for line in completed.stdout.splitlines() if "pip install" in line]
+    assert installs, completed.stdout
+    assert all("'.[demo]'" in line for line in installs), installs
+    assert "examples/demo_server.py" in completed.stdout
+    extras = __import__("tomllib").loads((root / "pyproject.toml").read_text())
+    demo_extra = extras["project"]["optional-dependencies"]["demo"]
+    assert all(not name.startswith(("mkdocs", "pytest", "ruff")) for name in demo_extra)
