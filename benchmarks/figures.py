@@ -50,10 +50,15 @@ def machine(results: dict[str, Any]) -> str:
 
 
 def _table(results: dict[str, Any], title: str) -> dict[str, Any]:
-    for table in results["tables"]:
-        if table["title"] == title:
-            return dict(table)
-    raise FigureError(f"no table titled {title!r} in the results file")
+    """The table titled `title`, else the one table whose title starts with it (some
+    titles name the run's counts, which --quick changes)."""
+    tables = results["tables"]
+    found = [t for t in tables if t["title"] == title] or [
+        t for t in tables if t["title"].startswith(title)
+    ]
+    if len(found) != 1:
+        raise FigureError(f"{len(found)} tables titled {title!r} in the results file, not one")
+    return dict(found[0])
 
 
 def _format(cell: object) -> str:

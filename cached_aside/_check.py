@@ -131,7 +131,7 @@ def check(
         raise ConfigurationError(
             f"the start-up check found that Redis user {user!r} may not run what "
             f"cached_aside needs under the prefix {prefix!r}: " + "; ".join(refused) + ". "
-            "Grant them (ACL SETUSER ... ), see the least-privilege ACL in the Security docs"
+            "Grant them with ACL SETUSER; the Security docs list a least-privilege grant"
         )
 
 

@@ -4,6 +4,7 @@ structure and counts (one load, one round trip per hit), never timings."""
 from __future__ import annotations
 
 import json
+import platform
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from benchmarks import (
     batches,
@@ -158,6 +160,13 @@ def test_the_runner_writes_results_and_a_chart(tmp_path: Path) -> None:
     assert titles[0] == "sync hit, msgpack record"
     assert "round trips per operation" in titles
     assert (tmp_path / "c.png").stat().st_size > 10_000
+    # Where and with what: the figures the docs quote are only true with these.
+    about = results["environment"]
+    assert about["redis_py"] == redis.__version__
+    assert about["python"] == platform.python_version()
+    assert about["server"] in ("Redis", "Valkey")
+    assert about["server_version"]
+    assert {"hiredis", "msgpack", "cpu", "cpus", "date"} <= set(about)
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
