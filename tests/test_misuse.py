@@ -214,3 +214,8 @@ def test_configure_with_check_fails_loudly_and_keeps_the_default() -> None:
     with pytest.raises(ConfigurationError, match="could not reach Redis"):
         configure(url=f"redis://127.0.0.1:{free_port()}/0", prefix="checked", check=True)
     assert cached_aside._defaults._default_engine is before
+
+
+def test_check_passes_where_everything_is_allowed(engine: Any) -> None:
+    engine.check(tags=True)  # fakeredis: every command, every script call
+    assert engine.client().keys("misuse:*") == []  # the scratch keys are gone
