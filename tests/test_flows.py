@@ -16,6 +16,7 @@ from cached_aside._effects import (
     CommandFailed,
     Free,
     Hold,
+    Leased,
     LoadOne,
     LoadSome,
     Postpone,
@@ -54,11 +55,13 @@ def plan(codec: Codec = MSGPACK_CODEC, **options: Any) -> Plan:
 
 class Stepper:
     """Drives a flow one effect at a time. Hold and Free are kept as a driver keeps
-    them (`holds`: what a driver would release if the flow ended now), not shown."""
+    them (`holds`: what a driver would release if the flow ended now), not shown. A
+    Leased load is shown as its load; the Leased itself is kept in `leases`."""
 
     def __init__(self, flow: Any) -> None:
         self.flow = flow
         self.holds: list[Hold] = []
+        self.leases: list[Leased] = []
         self.result: Any = None
         self.effect: Any = None
         self._advance(lambda: next(flow))
@@ -82,6 +85,9 @@ class Stepper:
                 else:
                     self.holds.remove(effect.hold)
                 effect = self.flow.send(None)
+            if type(effect) is Leased:
+                self.leases.append(effect)
+                effect = effect.load
             self.effect = effect
         except StopIteration as stop:
             self.effect, self.result = None, stop.value
