@@ -38,10 +38,8 @@ import redis
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    import cached_aside
     from cached_aside import CacheEngine, cache_aside
     url, prefix, marker, lock_ttl = sys.argv[1:5]
-    print(cached_aside.__file__, file=sys.stderr, flush=True)
     options = {} if lock_ttl == "default" else {"lock_ttl": float(lock_ttl)}
     engine = CacheEngine.from_url(url, prefix=prefix)
 
@@ -137,6 +135,8 @@ def trial(args: argparse.Namespace, url: str, env: dict[str, str]) -> dict[str, 
                 if process.poll() is None:
                     process.kill()
                     process.wait()
+                if process.stdout is not None:
+                    process.stdout.close()
             keys = list(raw.scan_iter(match=f"{prefix}:*"))
             if keys:
                 raw.unlink(*keys)

@@ -171,6 +171,15 @@ def test_owner_killed_mid_load_is_replaced_after_the_lock_expires(tmp_path: Path
             assert owner.poll() is None
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        # While it lives, the owner renews its 1 s lease: seen rising, twice.
+        lock, last, rises = engine.key_head + "dies:k}:lock", None, 0
+        while rises < 2:
+            assert time.monotonic() < deadline, "the owner's lease was not renewed"
+            left = engine.client().pttl(lock)
+            assert left > 0, "the owner's lock lapsed while it lived"
+            rises += last is not None and left > last
+            last = left
+            time.sleep(0.02)
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
 
