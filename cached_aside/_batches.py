@@ -38,6 +38,7 @@ from ._flows import (
     found_in,
     guarded_load,
     join_tags,
+    leased,
     lock_hold,
     miss,
     on_lookup,
@@ -239,13 +240,9 @@ def _load_and_store_many(
         stats.miss()
         stats.load()
     # Through the loader breaker, as a single load: skipped while it is open.
-    values = yield from guarded_load(
-        plan,
-        f"{len(to_load)} keys",
-        LoadSome(tuple(at[p] for p in to_load)),
-        NO_STALE,
-        counted=True,
-    )
+    locks = [(entry_keys(keys[p]), _token(holds[p]), LoadOne(at[p])) for p in owned]
+    load = yield from leased(plan, locks, LoadSome(tuple(at[p] for p in to_load)))
+    values = yield from guarded_load(plan, f"{len(to_load)} keys", load, NO_STALE, counted=True)
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):

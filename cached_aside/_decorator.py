@@ -57,8 +57,9 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             instead of one msgpack string.
         negative_ttl: how long a None result is remembered; default 20% of ttl,
             at most 60 s; 0 turns negative caching off.
-        lock_ttl: lifetime of the single-flight lock; should exceed the slowest
-            load (a slower load is fenced, not trusted). Default 10 s.
+        lock_ttl: the lease of the single-flight lock, renewed every third of it
+            while the loader runs (fenced by its token): a slow loader keeps it, and
+            a holder that dies frees the key within one lease. Default 1 s.
         engine: the CacheEngine to use; default: the one set by `configure()`.
         fail_open: when Redis fails, call the loader (True) or raise
             CacheUnavailableError (False).
@@ -90,7 +91,8 @@ class cache_aside:  # lower case: a decorator, named and used like a function
         loader_timeout: seconds the loader may run; past it the call fails with
             LoaderTimeoutError (or is answered stale, with `stale_if_error`). Async
             loaders are cancelled; a sync loader runs in a worker thread (with a copy
-            of the caller's contextvars) and is abandoned, not stopped. < lock_ttl.
+            of the caller's contextvars) and is abandoned, not stopped. It bounds a
+            loader that hangs, which otherwise keeps its renewed lease.
         cache_if: a predicate on the loader's result; False means return it but do
             not store it (e.g. `cache_if=lambda order: order["status"] == "final"`).
         ttl_jitter: a fraction in [0, 1): each store's ttl is shortened by a random

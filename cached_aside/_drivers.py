@@ -30,6 +30,7 @@ from ._effects import (
     Flow,
     Free,
     Hold,
+    Leased,
     LoadOne,
     LoadSome,
     Postpone,
@@ -40,6 +41,7 @@ from ._effects import (
     TagsOf,
 )
 from ._flows import Plan, Served, after_miss, bypass, on_lookup
+from ._leases import arenew, renew
 from ._loads import Loads
 from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
@@ -144,6 +146,14 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, fl
                     reply = loads.run(effect)  # type: ignore[arg-type]
                 except BaseException as exc:
                     failure = exc
+            elif kind is Leased:
+                renewal = renew(rt, effect)  # type: ignore[arg-type]
+                try:
+                    reply = loads.run(effect.load)  # type: ignore[union-attr]
+                except BaseException as exc:
+                    failure = exc
+                finally:
+                    renewal.stop()
             elif kind is TagsOf:
                 try:
                     reply = loads.tags(effect.load)  # type: ignore[union-attr]
@@ -304,6 +314,14 @@ async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Seal) -> tup
                     reply = await loads.arun(effect)  # type: ignore[arg-type]
                 except BaseException as exc:
                     failure = exc
+            elif kind is Leased:
+                arenewal = arenew(rt, effect)  # type: ignore[arg-type]
+                try:
+                    reply = await loads.arun(effect.load)  # type: ignore[union-attr]
+                except BaseException as exc:
+                    failure = exc
+                finally:
+                    arenewal.stop()
             elif kind is TagsOf:
                 try:
                     reply = loads.tags(effect.load)  # type: ignore[union-attr]

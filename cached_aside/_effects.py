@@ -78,6 +78,20 @@ class LoadOne:
         return (self.position,)
 
 
+@dataclass(slots=True)
+class Leased:
+    """Perform `load` (a load effect) while keeping the leases of the locks it loads
+    under: every `every_ms` until it ends, however it ends, the driver sends every
+    group of `renewals` in one Batch (a lock's RENEW, then whatever must last as
+    long, such as its entry's tag memberships). A group with a reply of 0 or a
+    failure is renewed no more: its lease was revoked, or may not be covered any
+    more, and then expires, so its store is refused. The reply is the load's."""
+
+    load: Any  # Signal.LOAD, LoadOne or LoadSome
+    renewals: tuple[tuple[RunScript, ...], ...]
+    every_ms: int
+
+
 class Unread(enum.Enum):
     """An entry whose lookup is still to be sent (its raw reply, where one goes)."""
 
@@ -172,6 +186,7 @@ Effect = (
     | Postpone
     | Each
     | TagsOf
+    | Leased
 )
 Flow = Generator[Effect, Any, T]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ from ._effects import (
     Flow,
     Free,
     Hold,
+    Leased,
     LoadOne,
     LoadSome,
     Postpone,
@@ -67,8 +69,9 @@ class Plan:
 
     @property
     def patience(self) -> float:
-        """How long a caller waits for another caller of its process: the lock's
-        ttl, after which a process that is not sharing would take over too."""
+        """How long a caller waits for another caller of its process before it reads
+        by itself (and waits through Redis, as another process does): the lock's
+        ttl."""
         return self.options.lock_ttl_ms / 1000.0
 
 
@@ -378,7 +381,8 @@ def _load_and_store(
     options = plan.options
     token = hold.releases[0].args[0]
     fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
-    value = yield from guarded_load(plan, keys.value, load, stale, probe)
+    kept = yield from leased(plan, [(keys, token, load)], load)
+    value = yield from guarded_load(plan, keys.value, kept, stale, probe)
     if value is _STALE_SERVED:
         return Served(stale, Source.STALE)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
@@ -407,10 +411,39 @@ class _Stale(enum.Enum):
 _STALE_SERVED: Final = _Stale.SERVED
 
 
+def leased(
+    plan: Plan,
+    locks: Sequence[tuple[EntryKeys, str, Signal | LoadOne]],
+    load: Signal | LoadOne | LoadSome,
+) -> Flow[Leased]:
+    """`load`, run under the locks given (each entry's keys, its token, and the load
+    of that entry alone) with their leases kept while it runs: each lock is renewed
+    every third of lock_ttl, fenced by its token, so a slow loader still loads once
+    and a dead holder's lock lapses within one lock_ttl. A tagged entry's tag
+    memberships are renewed with its lock: the load may store later than the
+    membership taken before it covers."""
+    options = plan.options
+    alive_ms = options.ttl_ms + options.keep_ms + 2 * options.lock_ttl_ms
+    renewals: list[tuple[RunScript, ...]] = []
+    for keys, token, one in locks:
+        renew = RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms))
+        texts = (yield TagsOf(one)) if plan.tags else ()
+        memberships = tuple(
+            RunScript(
+                ScriptName.TAG_ADD,
+                (tag_key(keys.value, t),),
+                (keys.value, alive_ms, TAG_TRIM_LIMIT),
+            )
+            for t in texts
+        )
+        renewals.append((renew, *memberships))
+    return Leased(load, tuple(renewals), max(1, options.lock_ttl_ms // 3))
+
+
 def guarded_load(
     plan: Plan,
     key: str,
-    load: Signal | LoadOne | LoadSome,
+    load: Signal | LoadOne | LoadSome | Leased,
     stale: Any,
     probe: bool = False,
     counted: bool = False,
@@ -467,10 +500,11 @@ def join_tags(plan: Plan, entries: list[tuple[str, Signal | LoadOne]]) -> Flow[s
 def add_to_tags(plan: Plan, tagged: list[tuple[str, str]]) -> Flow[dict[str, CommandFailed]]:
     """Add each (entry key, tag text) to the tag's set, in one pipeline; each entry's
     membership lasts as long as it could live if stored now (its ttl and kept time),
-    plus the lock's ttl (a load may store that much later). Returns the first failure
-    of each entry Redis did not add to every one of its tags' sets."""
+    plus two leases: a load may store up to a lease after its lock's last renewal,
+    which renews the membership too, less than a lease after this one. Returns the
+    first failure of each entry Redis did not add to every one of its tags' sets."""
     options = plan.options
-    alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
+    alive_ms = options.ttl_ms + options.keep_ms + 2 * options.lock_ttl_ms
     replies = yield Batch(
         [
             RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms, TAG_TRIM_LIMIT))

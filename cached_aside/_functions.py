@@ -179,7 +179,13 @@ class CachedFunction(CachedBase[P, R]):
         if _get_running_loop() is not None:
             self._on_event_loop()
         runtime = engine._sync_side()
-        served, seconds, joined = serve(self._plan, key, runtime, (self.__wrapped__, args, kwargs))
+        try:
+            served, seconds, joined = serve(
+                self._plan, key, runtime, (self.__wrapped__, args, kwargs)
+            )
+        except BaseException:
+            self._forget_ticket(key, ticket)
+            raise
         return self._answer(key, ticket, served, joined), seconds
 
     def _write(self, write: Write[T]) -> T:
@@ -303,7 +309,11 @@ class AsyncCachedFunction(CachedBase[P, R]):
             return hit, 0.0
         runtime = engine._async_side()
         call = (self.__wrapped__, args, kwargs)
-        served, seconds, joined = await aserve(self._plan, key, runtime, call)
+        try:
+            served, seconds, joined = await aserve(self._plan, key, runtime, call)
+        except BaseException:
+            self._forget_ticket(key, ticket)
+            raise
         return self._answer(key, ticket, served, joined), seconds
 
     async def _write(self, write: Write[T]) -> T:

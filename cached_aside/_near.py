@@ -35,7 +35,9 @@ class NearCache:
     """Configuration of a function's in-process tier: `near=NearCache(...)`.
 
     Args:
-        max_entries: entries kept per function; the least recently used go first.
+        max_entries: what the tier keeps per function, at most: its values and the
+            tickets of reads in flight together; tickets go first (the oldest), then
+            the least recently used values.
         ttl: the longest an entry lives in process (seconds or timedelta); never longer
             than what its Redis entry has left. None: only that bound.
         allow_untracked: where the server cannot track keys (fakeredis, some managed
@@ -70,7 +72,9 @@ class NearStore:
 
     A reader takes a ticket (`expect`) before it asks Redis; a change to that key
     reported meanwhile, or a clear, cancels the ticket, and `fill` then refuses the
-    value read before the change.
+    value read before the change. A read that keeps nothing gives its ticket back
+    (`forget`); tickets count against max_entries with the values, so reads that end
+    some other way (an exception) cannot grow the store either.
     """
 
     def __init__(self, config: NearCache, freeze: Callable[[Any], Frozen]):
@@ -79,7 +83,8 @@ class NearStore:
         self._ttl = config.ttl_seconds
         # key -> (expires at, copier, frozen): a hit hands out copier(frozen).
         self._data: OrderedDict[str, tuple[float, Callable[[Any], Any], Any]] = OrderedDict()
-        self._tickets: dict[str, int] = {}
+        # key -> ticket, oldest first; written without the lock (one atomic step each)
+        self._tickets: OrderedDict[str, int] = OrderedDict()
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         # Off until the engine's listener confirms that Redis reports changes.
@@ -104,8 +109,40 @@ class NearStore:
         if not self.enabled:
             return None
         number = next(self._numbers)
-        self._tickets[key] = number
+        tickets = self._tickets
+        tickets.pop(key, None)  # to the end: the oldest tickets are the first to go
+        tickets[key] = number
+        if len(tickets) + len(self._data) > self.config.max_entries:
+            self._shrink()
         return number
+
+    def forget(self, key: str, ticket: int | None) -> None:
+        """Give back the ticket of a read that keeps nothing here (a load, a miss, a
+        value not stored): unless a newer read took the key's ticket since."""
+        if ticket is None or self._tickets.get(key) != ticket:
+            return
+        with self._lock:
+            if self._tickets.get(key) == ticket:
+                self._tickets.pop(key, None)
+
+    def size(self) -> int:
+        """What the tier keeps: values and the tickets of reads in flight."""
+        return len(self._data) + len(self._tickets)
+
+    def _shrink(self) -> None:
+        """Back within max_entries: the oldest tickets first (losing one costs a
+        refused fill, one more Redis read later), then the least recently used
+        values."""
+        limit = self.config.max_entries
+        with self._lock:
+            tickets, data = self._tickets, self._data
+            while len(tickets) > 1 and len(tickets) + len(data) > limit:
+                try:
+                    tickets.popitem(last=False)
+                except KeyError:  # taken by a reader meanwhile (expect takes no lock)
+                    break
+            while data and len(tickets) + len(data) > limit:
+                data.popitem(last=False)
 
     def fill(self, key: str, ticket: int | None, value: Any, redis_ttl_ms: int) -> None:
         """Keep a value read from Redis, if nothing changed since the ticket was taken."""
@@ -118,10 +155,10 @@ class NearStore:
         with self._lock:
             if not self.enabled or self._tickets.get(key) != ticket:
                 return
-            del self._tickets[key]
+            self._tickets.pop(key, None)
             self._data[key] = (monotonic() + lifetime, copier, frozen)
             self._data.move_to_end(key)
-            while len(self._data) > self.config.max_entries:
+            while self._data and len(self._data) + len(self._tickets) > self.config.max_entries:
                 self._data.popitem(last=False)
 
     def drop(self, keys: Iterable[str]) -> None:

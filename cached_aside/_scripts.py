@@ -182,6 +182,21 @@ return 1
 """
 
 
+RENEW: Final = """
+-- KEYS[1] lock key, KEYS[2] waiters set (the entry's, in the same slot)
+-- ARGV[1] the holder's token, ARGV[2] the lease (ms): the lock's ttl
+-- returns 1 if the caller still holds the lock: it now lives ARGV[2] ms more, and so
+-- does its waiters' registration; 0 if the lease was revoked (an invalidation) or
+-- expired: nothing changes, and the holder renews no more. Sent every third of the
+-- lease while the holder's loader runs, so that a holder that dies frees the key
+-- within one lease however slow its loader.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 PEEK: Final = """
 -- KEYS[1] value key
 -- ARGV[1] expected type of the value ('hash' or 'string')
@@ -300,6 +315,7 @@ class ScriptName(enum.Enum):
     UPDATE_FIELD = UPDATE_FIELD
     PEEK = PEEK
     LEAVE = LEAVE
+    RENEW = RENEW
     PUT = PUT
     REVOKE = REVOKE
     TAG_ADD = TAG_ADD

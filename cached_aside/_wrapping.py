@@ -282,12 +282,22 @@ class CachedBase(Generic[P, R]):
         return None, store.expect(key)
 
     def _answer(self, key: str, ticket: int | None, served: Served, joined: bool) -> Served:
-        """The call's answer; a Redis hit is kept in the near tier."""
+        """The call's answer; a Redis hit is kept in the near tier, and any other read
+        gives its ticket back."""
+        near = self._near
+        if ticket is not None and near is not None:
+            if joined or served.ttl_ms <= 0:
+                near.forget(key, ticket)
+            else:
+                near.fill(key, ticket, served.value, served.ttl_ms)
         if joined:
             return self._as_joiner(served)
-        if ticket is not None and served.ttl_ms > 0 and self._near is not None:
-            self._near.fill(key, ticket, served.value, served.ttl_ms)
         return served
+
+    def _forget_ticket(self, key: str, ticket: int | None) -> None:
+        """A read that raised keeps nothing in the near tier: its ticket goes back."""
+        if ticket is not None and self._near is not None:
+            self._near.forget(key, ticket)
 
     def _result(self, served: Served, seconds: float) -> CacheResult[R]:
         return CacheResult(

@@ -249,3 +249,18 @@ def test_fleet_runs_processes_without_stale_reads_or_errors() -> None:
     assert (total["stale"], total["errors"]) == (0, 0)
     assert total["loads"] <= 2 * total["writes"] + 10  # warm: loads follow the writes
     assert total["commands"] > 0
+
+
+def test_dead_holder_measures_every_waiter_after_the_kill() -> None:
+    import argparse
+    import os
+
+    from benchmarks import dead_holder
+
+    assert REDIS_URL is not None
+    args = argparse.Namespace(lock_ttl=0.3, processes=2, threads=2)
+    root = Path(__file__).resolve().parent.parent
+    result = dead_holder.trial(args, REDIS_URL, {**os.environ, "PYTHONPATH": str(root)})
+    assert len(result["delays_s"]) == 4  # every waiting caller answered, after the kill
+    assert all(delay > 0 for delay in result["delays_s"])
+    assert result["loads_after_kill"] == 1  # one of them loaded, the others waited for it

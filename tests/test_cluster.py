@@ -201,6 +201,41 @@ def test_cluster_tags_span_masters_without_cross_slot_scripts(
     assert not client.exists(read.key("2", "x"))
 
 
+def test_cluster_a_slow_tagged_batch_renews_its_leases_and_memberships(
+    client: redis.cluster.RedisCluster,
+) -> None:
+    """Renewals go to every master in one pipeline each: a lock's RENEW with its
+    entry's keys, the tag memberships on the tags' own nodes."""
+    engine = CacheEngine(client, prefix="leases")
+    ids = KEYS[:6]
+    renewed: list[int] = []
+
+    def rows(items: list[str]) -> list[dict[str, str]]:
+        lock = read.key(items[0]) + ":lock"
+        deadline, last = time.monotonic() + 10, client.pttl(lock)
+        while len(renewed) < 2:  # two renewals of the first lock, seen from outside
+            assert time.monotonic() < deadline, "the lease was not renewed"
+            left = client.pttl(lock)
+            assert left > 0, "the lock lapsed while its loader ran"
+            if left > last:
+                renewed.append(left)
+            last = left
+            time.sleep(0.01)
+        return [{"id": id} for id in items]
+
+    @cache_aside(
+        key="r:<id>", ttl=60, lock_ttl=0.3, engine=engine, batch_loader=rows, tags=("all",)
+    )
+    def read(id: str) -> dict[str, str]:
+        return {"id": id}
+
+    slots = {client.keyslot(read.key(id)) for id in ids}
+    assert len({client.nodes_manager.get_node_from_slot(slot).name for slot in slots}) > 1
+    assert read.many(ids) == [{"id": id} for id in ids]
+    assert all(client.exists(read.key(id)) for id in ids)  # stored: every lease held
+    assert engine.invalidate_tags("all") == BulkOutcome(len(ids))
+
+
 def test_cluster_grace_stale_if_error_set_and_refresh(client: redis.cluster.RedisCluster) -> None:
     engine = CacheEngine(client, prefix="stale")
     rows = dict.fromkeys(KEYS, 1)

@@ -161,54 +161,6 @@ def test_a_key_argument_that_is_not_valid_text_is_a_key_error() -> None:
         fn.key("report\udcff.pdf")  # as os.fsdecode makes of undecodable bytes
 
 
-def test_a_thread_waits_for_another_no_longer_than_lock_ttl(engine: CacheEngine) -> None:
-    """Another process takes over a stuck load once its lock expires; a thread of
-    the same process must not wait longer than that."""
-    stuck, release = threading.Event(), threading.Event()
-    calls: list[int] = []
-
-    @cache_aside(key="stuck:<id>", ttl=30, lock_ttl=0.3, engine=engine)
-    def load(id: str) -> str:
-        calls.append(1)
-        if len(calls) == 1:
-            stuck.set()
-            release.wait(3)  # stuck far beyond lock_ttl
-        return id
-
-    first = threading.Thread(target=load, args=("a",))
-    first.start()
-    stuck.wait(2)
-    started = time.monotonic()
-    assert load("a") == "a"
-    waited = time.monotonic() - started
-    release.set()
-    first.join()
-    assert len(calls) == 2  # the second caller loaded by itself...
-    assert waited < 1.5  # ...after lock_ttl (0.3 s), not after the 3 s stuck load
-
-
-async def test_a_task_waits_for_another_no_longer_than_lock_ttl(engine: CacheEngine) -> None:
-    release = asyncio.Event()
-    calls: list[int] = []
-
-    @cache_aside(key="stuck:<id>", ttl=30, lock_ttl=0.3, engine=engine)
-    async def load(id: str) -> str:
-        calls.append(1)
-        if len(calls) == 1:
-            await asyncio.wait_for(release.wait(), 3)
-        return id
-
-    leader = asyncio.create_task(load("a"))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    assert await load("a") == "a"
-    waited = time.monotonic() - started
-    release.set()
-    assert await leader == "a"
-    assert len(calls) == 2
-    assert waited < 1.5
-
-
 @needs_real_redis
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_during_a_load_does_not_hang() -> None:

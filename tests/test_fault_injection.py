@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from cached_aside import CacheEngine, Outcome, Source, UnstorableValueError, cache_aside
+from cached_aside import (
+    CacheEngine,
+    Outcome,
+    Source,
+    UnstorableValueError,
+    _leases,
+    cache_aside,
+)
 from cached_aside._scripts import ScriptName
 
 from .conftest import REDIS_URL, Harness, delete_prefix, unique_prefix
@@ -32,6 +40,7 @@ from .injection import FAULTS, Abandon, Fault, Injector, faulty_clients
 pytestmark = pytest.mark.slow
 LOCK_TTL = 2  # seconds: long enough that a lock left behind is seen, not expired
 FOREIGN_LOCK_MS = 60  # another process's lock, that expires while we wait
+RENEWED_LOCK_TTL = 0.15  # seconds: renewed every 50 ms while a slow loader runs
 _ids = itertools.count()
 COVERED: set[str] = set()  # every operation a fault was injected at, across the module
 
@@ -85,6 +94,7 @@ class Scenario:
     foreign_lock: bool = False  # prepare leaves another process's lock on ids[0]
     background: bool = False  # the loader runs in the background: callers never see it
     stale_answers: bool = False  # a failed load is answered with the kept value
+    renews: bool = False  # the loader runs until its lease was renewed (RENEW sent)
 
 
 async def _now(value: Any) -> Any:
@@ -165,6 +175,23 @@ SCENARIOS = [
         returns_rows=False,
     ),
     Scenario("tagged miss", _call, options={"tags": ("all", "one:<id>")}),
+    Scenario(
+        "slow miss, lease renewed", _call, options={"lock_ttl": RENEWED_LOCK_TTL}, renews=True
+    ),
+    Scenario(
+        "slow tagged miss, lease renewed",
+        _call,
+        options={"lock_ttl": RENEWED_LOCK_TTL, "tags": ("all",)},
+        renews=True,
+    ),
+    Scenario(
+        "slow many, lease renewed",
+        _many,
+        batch=True,
+        entries=2,
+        options={"lock_ttl": RENEWED_LOCK_TTL},
+        renews=True,
+    ),
     Scenario(
         "tagged set",
         lambda h, fn, ids: h.run(fn.set, ids[0], value=row(ids[0], False)),
@@ -269,6 +296,8 @@ async def test_no_fault_leaves_a_key_stuck_or_a_wrong_value(
         options["batch_loader"] = loader.batch
     template = scenario.name.replace(" ", "-").replace(",", "") + ":<id>"
     fn = h.cached(loader.one, key=template, **options)
+    if scenario.renews:
+        fn = _renewed_loader(h, loader, injector, template, options)
 
     operations = await _run(h, fn, scenario, injector, {})
     assert operations, "the flow performed no Redis operation"
@@ -294,6 +323,57 @@ async def test_no_fault_leaves_a_key_stuck_or_a_wrong_value(
         plan = {index: abandoned, index + 1: then}
         problems += await _check_run(h, fn, scenario, injector, plan, loader)
     assert not problems, f"{len(problems)} of {runs} runs went wrong:\n" + "\n".join(problems)
+
+
+def _renewed_loader(
+    h: Harness, loader: Loader, injector: Injector, template: str, options: dict[str, Any]
+) -> Any:
+    """A function whose loader runs until its lease's renewal was sent (or, holding
+    no lease, failing open, three leases at most): so a fault meets RENEW too."""
+
+    def renewed() -> bool:
+        return any("RENEW" in op for op in injector.ops) or not injector.armed
+
+    if "batch_loader" in options:
+        if h.mode == "async":
+
+            async def batch(ids: list[str]) -> list[Any]:
+                await _until_async(renewed)
+                return loader.batch(ids)
+        else:
+
+            def batch(ids: list[str]) -> list[Any]:  # type: ignore[misc]
+                _until(renewed)
+                return loader.batch(ids)
+
+        options = {**options, "batch_loader": batch}
+    if h.mode == "async":
+
+        async def one(id: str) -> Any:
+            await _until_async(renewed)
+            return loader.one(id)
+
+        return cache_aside(engine=h.engine, key=template, **options)(one)
+
+    def one_sync(id: str) -> Any:
+        _until(renewed)
+        return loader.one(id)
+
+    return cache_aside(engine=h.engine, key=template, **options)(one_sync)
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 3 * RENEWED_LOCK_TTL
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+async def _until_async(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 3 * RENEWED_LOCK_TTL
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.005)
 
 
 async def _run(
@@ -398,6 +478,8 @@ async def _judge_redis(
     h: Harness, fn: Any, scenario: Scenario, ids: list[str], completed: bool
 ) -> list[str]:
     problems: list[str] = []
+    if _leases.running():
+        problems.append(f"{_leases.running()} loads' leases are still being renewed")
     if h.engine.pending_invalidations():
         problems.append(f"outbox still holds {h.engine.pending_invalidations()}")
     for id in ids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -16,14 +17,17 @@ from cached_aside._effects import (
     CommandFailed,
     Free,
     Hold,
+    Leased,
     LoadOne,
     LoadSome,
     Postpone,
     RunScript,
     Scan,
     Signal,
+    TagsOf,
 )
 from cached_aside._flows import (
+    TAG_TRIM_LIMIT,
     Plan,
     Served,
     after_miss,
@@ -32,6 +36,7 @@ from cached_aside._flows import (
     reload,
     update_field,
 )
+from cached_aside._keys import KeyTemplate
 from cached_aside._options import Options
 from cached_aside._outbox import PendingKey, PendingPattern
 from cached_aside._results import Outcome, Source
@@ -54,11 +59,13 @@ def plan(codec: Codec = MSGPACK_CODEC, **options: Any) -> Plan:
 
 class Stepper:
     """Drives a flow one effect at a time. Hold and Free are kept as a driver keeps
-    them (`holds`: what a driver would release if the flow ended now), not shown."""
+    them (`holds`: what a driver would release if the flow ended now), not shown. A
+    Leased load is shown as its load; the Leased itself is kept in `leases`."""
 
     def __init__(self, flow: Any) -> None:
         self.flow = flow
         self.holds: list[Hold] = []
+        self.leases: list[Leased] = []
         self.result: Any = None
         self.effect: Any = None
         self._advance(lambda: next(flow))
@@ -82,6 +89,9 @@ class Stepper:
                 else:
                     self.holds.remove(effect.hold)
                 effect = self.flow.send(None)
+            if type(effect) is Leased:
+                self.leases.append(effect)
+                effect = effect.load
             self.effect = effect
         except StopIteration as stop:
             self.effect, self.result = None, stop.value
@@ -411,3 +421,43 @@ def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
     failure = outage()
     failing.reply([1, failure])
     assert failing.result == (1, failure)  # stopped part way: said, never hidden
+
+
+def test_a_load_under_a_lock_renews_its_lease_every_third_of_lock_ttl() -> None:
+    p = plan()
+    flow = Stepper(after_miss(p, KEY, None, 500))
+    token = flow.effect.args[0]
+    assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
+    (lease,) = flow.leases
+    assert lease.load is Signal.LOAD
+    assert lease.every_ms == 10_000 // 3
+    renew = RunScript(ScriptName.RENEW, (f"{KEY}:lock", f"{KEY}:waiters"), (token, 10_000))
+    assert lease.renewals == ((renew,),)  # fenced by the token; the waiters' set too
+
+
+def test_a_tagged_load_renews_its_tag_memberships_with_its_lease() -> None:
+    """A load may store up to a lease after its last renewal: its entry's tag
+    memberships must cover that, so they are renewed with the lock, for two leases."""
+    p = dataclasses.replace(plan(), tags=(KeyTemplate("shop:<id>", lambda id: None),))
+    flow = Stepper(after_miss(p, KEY, None, 500))
+    flow.reply([AcquireStatus.OWNED])
+    assert type(flow.effect) is TagsOf  # join_tags
+    assert isinstance(flow.reply(("shop:1",)), Batch)
+    assert type(flow.reply([1])) is TagsOf  # the renewal's own
+    assert flow.reply(("shop:1",)) is Signal.LOAD
+    (renew, tag_add) = flow.leases[0].renewals[0]
+    assert renew.script is ScriptName.RENEW
+    assert tag_add.script is ScriptName.TAG_ADD
+    assert tag_add.args == (KEY, 30_000 + 2 * 10_000, TAG_TRIM_LIMIT)
+
+
+def test_a_batch_renews_the_lease_of_each_lock_it_owns_and_no_other() -> None:
+    flow = Stepper(load_batch(plan(), KEYS[:3], [None, None, None], 500))
+    tokens = [e.args[0] for e in flow.effect.effects]
+    load = flow.reply([[AcquireStatus.OWNED], [AcquireStatus.OWNED], outage()])
+    if isinstance(load, Batch):  # the failed lock attempt is given back first
+        load = flow.reply([1, 1])
+    assert load == LoadSome((0, 1, 2))
+    (lease,) = flow.leases
+    assert [group[0].keys[0] for group in lease.renewals] == [f"{k}:lock" for k in KEYS[:2]]
+    assert [group[0].args[0] for group in lease.renewals] == tokens[:2]

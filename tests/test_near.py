@@ -78,6 +78,22 @@ def test_least_recently_used_entries_go_first() -> None:
     assert (near.get("a"), near.get("b"), near.get("c")) == ("a", MISSING, "c")
 
 
+def test_tickets_count_against_the_bound_oldest_first() -> None:
+    near = store(max_entries=3)
+    near.fill("a", near.expect("a"), "a", 10_000)
+    first = near.expect("x")  # reads that never come back (they raised, say)
+    for key in ("y", "z", "w"):
+        near.expect(key)
+    assert near.size() == 3  # the oldest tickets went first...
+    near.fill("x", first, "x", 10_000)
+    assert near.get("x") is MISSING  # ...and a fill without its ticket is refused
+    assert near.get("a") == "a"  # values stay while there are tickets to give up
+    newer = near.expect("y")
+    near.forget("y", first)  # not its ticket any more: kept
+    near.fill("y", newer, "y", 10_000)
+    assert near.get("y") == "y"
+
+
 def test_off_means_empty_and_no_fills() -> None:
     near = store()
     near.fill("a", near.expect("a"), 1, 10_000)
@@ -145,6 +161,47 @@ def test_fakeredis_is_refused_unless_ttl_only_staleness_is_accepted() -> None:
     assert engine.near_state() == "unsupported"
     untracked.invalidate("a")  # this process's own change is seen at once
     assert untracked.lookup("a").source is Source.LOADER
+    engine.close()
+
+
+def test_misses_never_stored_stay_within_the_near_bound() -> None:
+    """A read that stores nothing (cache_if refused, the loader raised, None without
+    negative caching) gives its ticket back, and whatever is left behind counts
+    against max_entries: 100,000 distinct such misses keep the tier within it."""
+    engine = CacheEngine(fakeredis.FakeRedis(), prefix=unique_prefix())
+    near = NearCache(max_entries=500, ttl=30, allow_untracked=True)
+
+    def load(id: int) -> Any:
+        if id % 3 == 0:
+            raise LookupError("the primary failed")
+        return None if id % 3 == 1 else {"draft": id}
+
+    fn = cache_aside(
+        key="miss:<id>",
+        ttl=30,
+        negative_ttl=0,
+        cache_if=lambda row: "draft" not in row,
+        near=near,
+        engine=engine,
+    )(load)
+    for id in range(3_000):  # through the decorated function, every way a read stores nothing
+        if id % 3 == 0:
+            with pytest.raises(LookupError):
+                fn(id)
+        else:
+            fn(id)
+    tier = fn._near
+    assert tier is not None
+    assert tier.size() == 0  # every read gave its ticket back
+    for id in range(3_000, 100_000):  # the bulk: reads that never come back at all
+        tier.expect(fn.key(id))
+    assert tier.size() <= 500
+    assert fn(1) is None  # still served
+    assert fn.lookup(2).value == {"draft": 2}
+    fn.set(7, value={"id": 7})
+    assert fn.lookup(7).source is Source.CACHE
+    assert fn.lookup(7).source is Source.NEAR  # and still a near cache
+    assert tier.size() <= 500
     engine.close()
 
 

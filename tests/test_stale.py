@@ -239,12 +239,13 @@ def test_bad_stale_options_are_refused_at_decoration() -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"grace": -1}, "grace must be >= 0"),
         ({"stale_if_error": "1m"}, "stale_if_error must be a number of seconds"),
-        ({"loader_timeout": 20}, "loader_timeout .* must be shorter than lock_ttl"),
-        ({"loader_timeout": 0.5, "lock_ttl": 0.5}, "shorter than lock_ttl"),
+        ({"loader_timeout": -1}, "loader_timeout must be >= 0"),
     ]
     for options, message in cases:
         with pytest.raises(ConfigurationError, match=message):
             cache_aside(key="k:<id>", ttl=30, **options)(load)
+    # The lease is renewed while the loader runs: a timeout may outlast it.
+    cache_aside(key="k:<id>", ttl=30, loader_timeout=20, lock_ttl=0.5)(load)
 
 
 @needs_real_redis

@@ -166,7 +166,7 @@ async def test_tags_cost_one_command_each_per_load_and_sets_expire(h: Harness) -
     fn = h.cached(lambda id: {"id": id}, key="c:<id>", ttl=30, lock_ttl=5, tags=("t:<id>", "all"))
     await h.run(fn, "x")
     ttl = h.raw.pttl(tag_set(h, "all"))
-    assert 30_000 < ttl <= 35_000  # the entry's ttl plus its lock's: then the set goes
+    assert 30_000 < ttl <= 40_000  # the entry's ttl plus two leases: then the set goes
     await h.run(fn, "x")  # a hit touches no tag
     assert h.raw.zcard(tag_set(h, "all")) == 1
 
@@ -387,16 +387,16 @@ async def test_a_pending_tag_over_foreign_data_is_delivered(
 
 async def test_a_busy_tags_set_drops_the_members_of_expired_entries(h: Harness) -> None:
     # A tag loaded all the time renews its set's expiry for ever: its members must
-    # still leave once their entries can no longer live (ttl + lock_ttl after joining).
+    # still leave once their entries can no longer live (ttl + 2 lock_ttl after joining).
     fn = h.cached(lambda id: {"id": id}, key="gr:<id>", ttl=0.05, lock_ttl=0.05, tags=("all",))
     for id in range(60):
         await h.run(fn, id)
     assert h.raw.zcard(tag_set(h, "all")) == 60
-    await asyncio.sleep(0.15)  # every one of those entries has expired
+    await asyncio.sleep(0.2)  # every one of those entries has expired
     await h.run(fn, "now")
     assert sum(h.raw.exists(fn.key(id)) for id in [*range(60), "now"]) == 1
     assert h.raw.zrange(tag_set(h, "all"), 0, -1) == [fn.key("now").encode()]
-    assert 0 < h.raw.pttl(tag_set(h, "all")) <= 100  # the set goes with its last entry
+    assert 0 < h.raw.pttl(tag_set(h, "all")) <= 150  # the set goes with its last entry
     assert (await invalidate_tags(h, "all")).deleted == 1
 
 
@@ -404,7 +404,7 @@ def test_one_tag_add_drops_a_bounded_number_of_expired_members() -> None:
     flow = Stepper(join_tags(tagged_plan(), [(KEY, Signal.LOAD)]))
     tag_add = flow.reply(("shop:7",)).effects[0]
     assert tag_add.script is ScriptName.TAG_ADD
-    assert tag_add.args == (KEY, 30_000 + 10_000, TAG_TRIM_LIMIT)  # ttl + lock_ttl
+    assert tag_add.args == (KEY, 30_000 + 20_000, TAG_TRIM_LIMIT)  # ttl + 2 lock_ttl
     assert 1 < TAG_TRIM_LIMIT <= 1000  # more than it adds: the set shrinks to its live part
 
 

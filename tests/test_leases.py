@@ -1,0 +1,313 @@
+"""Leases renewed while the loader runs: a slow loader keeps its lock and loads once,
+a lease taken away is renewed no more (and its late write is refused), renewal ends
+however the load ends, and a forked child renews nothing of its parent's. Against
+real Redis and fakeredis, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from cached_aside import CacheEngine, LoaderTimeoutError, Source, _leases, cache_aside
+
+from .conftest import needs_real_redis
+
+LEASE = 0.3  # seconds: renewed every 0.1 s
+SLOW_LEASE = 0.5  # the slow-loader test's: renewed every 0.17 s, lost after 0.5 s unrenewed
+HANG = 10.0  # seconds: a generous upper bound on a hang, never reached when all is well
+
+
+class Renewals:
+    """Watches a lock's pttl from outside: a renewal shows as a rise."""
+
+    def __init__(self, raw: Any, lock_key: str) -> None:
+        self.raw = raw
+        self.lock_key = lock_key
+
+    def wait(self, count: int) -> None:
+        """Block until the lock was renewed `count` times (it must stay held)."""
+        deadline = time.monotonic() + HANG
+        seen, last = 0, None
+        while seen < count:
+            assert time.monotonic() < deadline, f"renewed {seen} times, not {count}"
+            left = self.raw.pttl(self.lock_key)
+            assert left > 0, "the lock lapsed while its loader ran"
+            if last is not None and left > last:
+                seen += 1
+            last = left
+            time.sleep(0.01)
+
+    async def await_(self, count: int) -> None:
+        """As wait(), from a task (the pttl reads are short sync calls)."""
+        deadline = time.monotonic() + HANG
+        seen, last = 0, None
+        while seen < count:
+            assert time.monotonic() < deadline, f"renewed {seen} times, not {count}"
+            left = self.raw.pttl(self.lock_key)
+            assert left > 0, "the lock lapsed while its loader ran"
+            if last is not None and left > last:
+                seen += 1
+            last = left
+            await asyncio.sleep(0.01)
+
+
+def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.005)
+
+
+def test_a_slow_loader_keeps_its_lease_and_loads_once_while_many_wait(
+    engine: CacheEngine, twin: Any, clients: Any
+) -> None:
+    """The loader runs for many leases (8 renewals of a 0.5 s lease, then more while
+    the callers pile up); 12 callers in two engines (two processes, as far as Redis
+    can tell) wait for its one load."""
+    other = twin()
+    release, loading = threading.Event(), threading.Event()
+    loads: list[str] = []
+
+    def load(id: str) -> str:
+        loads.append(id)
+        loading.set()
+        assert release.wait(HANG)
+        return f"row {id}"
+
+    mine = cache_aside(key="slow:<id>", ttl=30, lock_ttl=SLOW_LEASE, engine=engine)(load)
+    theirs = cache_aside(key="slow:<id>", ttl=30, lock_ttl=SLOW_LEASE, engine=other)(load)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(mine.lookup("a")))
+    first.start()
+    assert loading.wait(HANG)
+    renewals = Renewals(clients[2], mine.key("a") + ":lock")
+    renewals.wait(4)
+    callers = [
+        threading.Thread(target=lambda fn=fn: results.append(fn.lookup("a")))
+        for fn in [mine, theirs] * 6
+    ]
+    for caller in callers:
+        caller.start()
+    renewals.wait(4)  # the callers wait through more leases
+    assert loads == ["a"]
+    release.set()
+    for thread in [first, *callers]:
+        thread.join(HANG)
+    assert loads == ["a"]
+    assert [r.value for r in results] == ["row a"] * 13
+    assert sorted(r.source.value for r in results).count(Source.LOADER.value) == 1
+    assert _leases.running() == 0
+    assert clients[2].exists(mine.key("a") + ":lock") == 0
+
+
+async def test_a_slow_async_loader_keeps_its_lease_and_loads_once_while_many_wait(
+    engine: CacheEngine, twin: Any, clients: Any
+) -> None:
+    other = twin()
+    release, loading = asyncio.Event(), asyncio.Event()
+    loads: list[str] = []
+
+    async def load(id: str) -> str:
+        loads.append(id)
+        loading.set()
+        await asyncio.wait_for(release.wait(), HANG)
+        return f"row {id}"
+
+    mine = cache_aside(key="slow:<id>", ttl=30, lock_ttl=SLOW_LEASE, engine=engine)(load)
+    theirs = cache_aside(key="slow:<id>", ttl=30, lock_ttl=SLOW_LEASE, engine=other)(load)
+    first = asyncio.create_task(mine.lookup("a"))
+    await asyncio.wait_for(loading.wait(), HANG)
+    renewals = Renewals(clients[2], mine.key("a") + ":lock")
+    await renewals.await_(4)
+    callers = [asyncio.create_task(fn.lookup("a")) for fn in [mine, theirs] * 6]
+    await renewals.await_(4)
+    assert loads == ["a"]
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *callers), HANG)
+    assert loads == ["a"]
+    assert [r.value for r in results] == ["row a"] * 13
+    assert [r.source for r in results].count(Source.LOADER) == 1
+    assert _leases.running() == 0
+
+
+def test_a_lease_taken_away_is_renewed_no_more_and_its_late_write_is_refused(
+    engine: CacheEngine, twin: Any, clients: Any
+) -> None:
+    """Fenced, not trusted: when the lock changes hands under a loader (its lease
+    lapsed, say its process stalled longer than a lease), its renewal is refused and
+    stops, and its late write is refused; the cache keeps the newer value."""
+    raw = clients[2]
+    release, loading = threading.Event(), threading.Event()
+
+    @cache_aside(key="taken:<id>", ttl=30, lock_ttl=LEASE, engine=engine)
+    def slow(id: str) -> str:
+        loading.set()
+        assert release.wait(HANG)
+        return "old"
+
+    @cache_aside(key="taken:<id>", ttl=30, lock_ttl=LEASE, engine=twin())
+    def fast(id: str) -> str:
+        return "new"
+
+    results: list[str] = []
+    owner = threading.Thread(target=lambda: results.append(slow("k")))
+    owner.start()
+    assert loading.wait(HANG)
+    lock = slow.key("k") + ":lock"
+    Renewals(raw, lock).wait(1)
+    raw.set(lock, "another-holder", px=60_000)
+    until(lambda: _leases.running() == 0)  # the next renewal was refused: no more
+    assert raw.get(lock) == b"another-holder"
+    assert raw.pttl(lock) > 50_000  # and it did not touch the other holder's lock
+    raw.delete(lock)  # the other holder is done with it
+    assert fast.lookup("k").source is Source.LOADER
+    release.set()
+    owner.join(HANG)
+    assert results == ["old"]  # the slow caller gets what it loaded ...
+    assert slow.lookup("k").value == "new"  # ... but the cache keeps the newer value
+
+
+class Interrupt(BaseException):
+    """Stands for KeyboardInterrupt and its kin."""
+
+
+ENDINGS = ["returns", "raises", "interrupted", "times out", "store refused"]
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_renewal_stops_however_the_load_ends(
+    ending: str, engine: CacheEngine, clients: Any
+) -> None:
+    raw = clients[2]
+    give_up = threading.Event()
+    options: dict[str, Any] = {"loader_timeout": 0.6} if ending == "times out" else {}
+
+    @cache_aside(key="ends:<id>", ttl=30, lock_ttl=LEASE, engine=engine, **options)
+    def load(id: str) -> str:
+        Renewals(raw, load.key(id) + ":lock").wait(1)
+        assert _leases.running() == 1
+        if ending == "raises":
+            raise LookupError("the primary failed")
+        if ending == "interrupted":
+            raise Interrupt
+        if ending == "times out":
+            give_up.wait(HANG)  # abandoned by the caller past loader_timeout
+        if ending == "store refused":
+            load.invalidate(id)  # revokes the lease: the store will be refused
+        return "row"
+
+    expected: dict[str, type[BaseException]] = {
+        "raises": LookupError,
+        "interrupted": Interrupt,
+        "times out": LoaderTimeoutError,
+    }
+    try:
+        if ending in expected:
+            with pytest.raises(expected[ending]):
+                load("a")
+        else:
+            result = load.lookup("a")
+            assert result.value == "row"
+        assert _leases.running() == 0
+        assert raw.exists(load.key("a") + ":lock") == 0
+        assert raw.exists(load.key("a")) == (ending == "returns")
+    finally:
+        give_up.set()
+
+
+@pytest.mark.parametrize("ending", [*ENDINGS[:2], "times out", "store refused", "cancelled"])
+async def test_async_renewal_stops_however_the_load_ends(
+    ending: str, engine: CacheEngine, clients: Any
+) -> None:
+    raw = clients[2]
+    options: dict[str, Any] = {"loader_timeout": 0.6} if ending == "times out" else {}
+    renewing = asyncio.Event()
+
+    @cache_aside(key="ends:<id>", ttl=30, lock_ttl=LEASE, engine=engine, **options)
+    async def load(id: str) -> str:
+        await Renewals(raw, load.key(id) + ":lock").await_(1)
+        renewing.set()
+        if ending == "raises":
+            raise LookupError("the primary failed")
+        if ending in ("times out", "cancelled"):
+            await asyncio.sleep(HANG)
+        if ending == "store refused":
+            await load.invalidate(id)
+        return "row"
+
+    call: Callable[[], Awaitable[Any]] = lambda: load.lookup("a")  # noqa: E731
+    if ending == "raises":
+        with pytest.raises(LookupError):
+            await call()
+    elif ending == "times out":
+        with pytest.raises(LoaderTimeoutError):
+            await call()
+    elif ending == "cancelled":
+        task = asyncio.create_task(call())
+        await asyncio.wait_for(renewing.wait(), HANG)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await engine.asettle()  # the release runs in a task of its own
+    else:
+        assert (await call()).value == "row"
+    assert _leases.running() == 0
+    assert raw.exists(load.key("a") + ":lock") == 0
+    assert raw.exists(load.key("a")) == (ending == "returns")
+
+
+def test_a_hit_and_a_fast_load_renew_nothing(engine: CacheEngine, clients: Any) -> None:
+    """No renewal is due before a third of the lease: a load faster than that (and
+    any hit) costs no RENEW."""
+    sent: list[Any] = []
+    renew = _leases.Renewal.settle
+
+    def counting(self: Any, replies: list[Any]) -> bool:
+        sent.append(replies)
+        return renew(self, replies)
+
+    fn = cache_aside(key="fast:<id>", ttl=30, lock_ttl=30, engine=engine)(lambda id: id)
+    _leases.Renewal.settle = counting  # type: ignore[method-assign]
+    try:
+        assert [fn.lookup("a").source for _ in range(3)] == [Source.LOADER, *[Source.CACHE] * 2]
+    finally:
+        _leases.Renewal.settle = renew  # type: ignore[method-assign]
+    assert sent == []
+    assert _leases.running() == 0
+
+
+@needs_real_redis
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_during_a_load_renews_nothing_of_its_parents(
+    engine: CacheEngine, clients: Any
+) -> None:
+    raw = clients[2]
+    release, loading = threading.Event(), threading.Event()
+
+    @cache_aside(key="forked:<id>", ttl=30, lock_ttl=LEASE, engine=engine)
+    def load(id: str) -> str:
+        loading.set()
+        assert release.wait(HANG)
+        return id
+
+    owner = threading.Thread(target=load, args=("a",))
+    owner.start()
+    assert loading.wait(HANG)
+    Renewals(raw, load.key("a") + ":lock").wait(1)
+    assert _leases.running() == 1
+    pid = os.fork()
+    if pid == 0:  # the child: no renewal, no renewer thread; its own loads renew
+        ok = _leases.running() == 0 and _leases._renewer._thread is None
+        ok = ok and not any(t.name == "cached_aside-leases" for t in threading.enumerate())
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    owner.join(HANG)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _leases.running() == 0
