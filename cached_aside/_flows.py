@@ -330,6 +330,10 @@ def miss(
         status = reply[0]
         if status == AcquireStatus.OWNED:
             stats.miss()
+            if replace:
+                # fn.refresh() promises a load begun after its call: later refreshes of
+                # this process wait for this one to end instead of joining it.
+                yield Signal.SEAL
             return (yield from _load_and_store(plan, keys, hold, load, stale, probe=replace))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
@@ -380,7 +384,8 @@ def _load_and_store(
     fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
     value = yield from guarded_load(plan, keys.value, load, stale, probe)
     if value is _STALE_SERVED:
-        return Served(stale, Source.STALE)
+        # This load's outcome: its joiners get the same stale answer, not a load each.
+        return Served(stale, Source.STALE, shareable=True)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
     if not fenced:  # a tag invalidation could not reach this load: store nothing
         kind, ttl_ms, payload = RELEASE_ONLY, 0, []

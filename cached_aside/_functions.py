@@ -87,7 +87,10 @@ class CachedFunction(CachedBase[P, R]):
         runtime = self._engine_in_use()._sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
-            return run(reloading.flow, runtime, reloading.loads, no_seal)[0].value  # type: ignore[no-any-return]
+            (served, _), joined = runtime.flights.reload(
+                reloading.keys[0], self._plan.patience, run, *reloading.run_args(runtime)
+            )
+            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
         finally:
             self._written(runtime, reloading.keys)
 
@@ -217,7 +220,10 @@ class AsyncCachedFunction(CachedBase[P, R]):
         runtime = self._engine_in_use()._async_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
-            return (await arun(reloading.flow, runtime, reloading.loads, no_seal))[0].value  # type: ignore[no-any-return]
+            (served, _), joined = await runtime.flights.reload(
+                reloading.keys[0], self._plan.patience, arun, *reloading.run_args(runtime)
+            )
+            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
         finally:
             self._written(runtime, reloading.keys)
 
