@@ -99,10 +99,20 @@ class _Flight:
 
 
 class _Reload(_Flight):
-    """An fn.refresh() flight: joinable until its load begins (it seals itself then),
-    and known to its registry until it ends, so later refreshes wait for it."""
+    """An fn.refresh() flight: joinable by other refreshes until its load begins (it
+    seals itself then), and known to its registry until it ends, so later refreshes
+    wait for it. Plain calls never join it: they keep their own outcome (a stale
+    value, say), and Redis's lock makes them wait for its load."""
 
-    __slots__ = ()
+    __slots__ = ("open", "refresh")
+
+    def __init__(self, registry: _Registry, key: str) -> None:
+        super().__init__(registry, key)
+        self.open = True
+        self.refresh = True  # False: a background reload
+
+    def seal(self) -> None:
+        self.open = False
 
     def end(self) -> None:
         self.registry.end_reload(self)
@@ -129,18 +139,32 @@ class _Registry:
         """What a refresh of `key` does now: ("join", the reload to join, None), or
         ("lead", its new reload, the flight to wait for first, if any)."""
         current = self.reloading.get(key)
-        if current is not None and self.active.get(key) is current:
+        if current is not None and current.open:
             return "join", current, None  # its load has not begun: it is fresh for us
         before = current or self.active.get(key)
         if before is None:
             flight = self.reloading[key] = _Reload(self, key)
-            self.active[key] = flight
             return "lead", flight, None
         following = self.following.get(key)
         if following is not None:
             return "join", following, None
         following = self.following[key] = _Reload(self, key)
         return "lead", following, before
+
+    def behind(self, key: str) -> _Reload | None:
+        """A background reload (refresh_ahead, grace) of `key`, known until it ends so
+        that fn.refresh() waits for it; None while a refresh is under way instead."""
+        if key in self.reloading or key in self.following:
+            return None
+        flight = self.reloading[key] = _Reload(self, key)
+        flight.open = flight.refresh = False  # nothing to join: it reloads for nobody
+        return flight
+
+    def refreshing(self, key: str) -> _Reload | None:
+        """The fn.refresh() of `key` under way, which a call about to load waits for
+        (then looks again) rather than load beside it."""
+        flight = self.reloading.get(key)
+        return flight if flight is not None and flight.refresh else None
 
     def _take_turn(self, flight: _Reload) -> _Flight | None:
         """The reload `flight` starts if no flight of its key runs: None; else the
@@ -152,7 +176,6 @@ class _Registry:
         if self.following.get(key) is flight:
             del self.following[key]
         self.reloading[key] = flight
-        self.active[key] = flight
         return None
 
     def forget(self, key: str) -> None:
@@ -194,12 +217,22 @@ class ThreadFlights(_Registry):
         with self._lock:
             super().end_reload(flight)
 
+    def behind(self, key: str) -> _Reload | None:
+        with self._lock:
+            flight = super().behind(key)
+            if flight is not None:
+                flight.done = threading.Event()
+            return flight
+
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()  # it may have been held by a thread now gone
         super().reset_after_fork()
 
-    def _wait(self, flight: _Flight, patience: float) -> bool:
+    def wait_for(self, flight: _Flight, patience: float) -> bool:
         """Wait for `flight` to end; False when `patience` ran out first."""
+        return self._wait(flight, patience)
+
+    def _wait(self, flight: _Flight, patience: float) -> bool:
         assert flight.done is not None
         with self._lock:
             self.waiting += 1
@@ -261,7 +294,7 @@ class ThreadFlights(_Registry):
                 if before is not None:  # stuck past the lock's ttl: go ahead regardless
                     with self._lock:
                         self.following.pop(key, None)
-                        self.reloading[key] = self.active[key] = flight
+                        self.reloading[key] = flight
                 flight.answer = serve(*args, flight.seal)
             return flight.answer, False
 
@@ -316,12 +349,15 @@ class TaskFlights(_Registry):
                     before = self._take_turn(flight)
                 if before is not None:  # stuck past the lock's ttl: go ahead regardless
                     self.following.pop(key, None)
-                    self.reloading[key] = self.active[key] = flight
+                    self.reloading[key] = flight
                 flight.answer = await serve(*args, flight.seal)
             return flight.answer, False
 
-    async def _wait(self, flight: _Flight, patience: float) -> bool:
+    async def wait_for(self, flight: _Flight, patience: float) -> bool:
         """Wait for `flight` to end; False when `patience` ran out first."""
+        return await self._wait(flight, patience)
+
+    async def _wait(self, flight: _Flight, patience: float) -> bool:
         loop = asyncio.get_running_loop()
         joined: asyncio.Future[Any] = loop.create_future()
         if flight.joiners is None:

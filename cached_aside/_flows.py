@@ -131,6 +131,15 @@ def aged(plan: Plan, raw: Any) -> bool:
     return plan.peek and type(raw) is not CommandFailed and _peeked(plan, raw)[1] is not Age.FRESH
 
 
+def served_aged(plan: Plan, raw: Any) -> bool:
+    """True when after_miss answers this lookup reply from the cache at once (due for
+    a refresh_ahead reload, or in its grace) and reloads behind: no load to wait for."""
+    if not plan.peek or type(raw) is CommandFailed:
+        return False
+    age = _peeked(plan, raw)[1]
+    return age is Age.DUE or age is Age.STALE
+
+
 class Age(enum.Enum):
     """How old a cached entry is, told by the PEEK script's pttl."""
 
