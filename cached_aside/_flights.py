@@ -10,8 +10,10 @@ treated as another process would treat it, and the joiner reads by itself.
 
 fn.refresh() calls share a reload too, but only one whose load has not begun (its
 flow seals it then): a refresh arriving later waits for the key's flight in
-progress, whatever it is, and leads or joins the next reload. So a process runs at
-most one load per key at a time, and every caller joined to it gets its outcome.
+progress, whatever it is, and leads or joins the next reload; a call about to load
+waits for a refresh under way, then looks again. So a process runs at most one load
+per key at a time (background reloads included), and every caller joined to a load
+gets its outcome.
 
 Threads share only the miss path, and only answers sealed against staleness (a
 load whose lease held, or a read sent after the flight stopped taking joiners): a
@@ -58,9 +60,6 @@ class _Flight:
     def seal(self) -> None:
         self.registry.close(self)
 
-    def end(self) -> None:
-        self.registry.close(self)
-
     @contextmanager
     def leading(self) -> Iterator[None]:
         """The leader's read: its error is kept for the joiners, and however it ends,
@@ -71,7 +70,7 @@ class _Flight:
             self.error = exc
             raise
         finally:
-            self.end()
+            self.registry.close(self)
             if self.done is not None:
                 self.done.set()
             for joined in self.joiners or ():
@@ -101,8 +100,9 @@ class _Flight:
 class _Reload(_Flight):
     """An fn.refresh() flight: joinable by other refreshes until its load begins (it
     seals itself then), and known to its registry until it ends, so later refreshes
-    wait for it. Plain calls never join it: they keep their own outcome (a stale
-    value, say), and Redis's lock makes them wait for its load."""
+    wait for it. Plain calls never join it, as they keep outcomes of their own (a
+    stale value on a failure, say): a call about to load waits for it (refreshing)
+    and then looks again."""
 
     __slots__ = ("open", "refresh")
 
@@ -114,8 +114,23 @@ class _Reload(_Flight):
     def seal(self) -> None:
         self.open = False
 
-    def end(self) -> None:
-        self.registry.end_reload(self)
+    @contextmanager
+    def leading(self) -> Iterator[None]:
+        """As a read's, but the registry forgets the reload before its joiners wake,
+        so that a refresh woken to take its turn finds the key free. (Not shared with
+        _Flight.leading, which every async call runs, hits included.)"""
+        try:
+            yield
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.registry.end_reload(self)
+            if self.done is not None:
+                self.done.set()
+            for joined in self.joiners or ():
+                if not joined.done():
+                    joined.set_result(None)
 
 
 class _Registry:
@@ -130,7 +145,6 @@ class _Registry:
             self.active.pop(flight.key, None)
 
     def end_reload(self, flight: _Reload) -> None:
-        _Registry.close(self, flight)  # under the caller's lock, if it has one
         for place in (self.reloading, self.following):
             if place.get(flight.key) is flight:
                 del place[flight.key]

@@ -83,7 +83,9 @@ class CachedFunction(CachedBase[P, R]):
         """Load now and store, whatever is cached, and return the value: after a change
         you know of, or to warm a key. A load already under way elsewhere may have read
         the row before that change: its lease is revoked (its result is not stored)
-        and this call loads; callers arriving meanwhile wait for this load."""
+        and this call loads; callers arriving meanwhile wait for this load. Refreshes
+        of this process at once share one load begun after their calls; one arriving
+        while a load of the key runs here waits for it to end, then loads."""
         runtime = self._engine_in_use()._sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
