@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from cached_aside import LoaderTimeoutError, Source, cache_aside
@@ -28,7 +28,6 @@ GRACE = 60  # seconds, when drawn
 STALE_IF_ERROR = 120  # longer than GRACE: an entry kept past both is "expired"
 REFRESH_AHEAD = 10
 _examples = itertools.count()
-FIGURES: dict[str, int] = {"examples": 0, "callers": 0, "runs": 0}
 
 
 class LoadError(Exception):
@@ -81,13 +80,19 @@ class Probe:
     in_loader: int = 0
     most_at_once: int = 0
     starts: list[float] = field(default_factory=list)
+    first: float | None = None  # when the first run began
+    opened: float | None = None  # when the gate opened
     lock: threading.Lock = field(default_factory=threading.Lock)
     sequence: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__)
 
     def start(self) -> tuple[int, float]:
         with self.lock:
             now = time.perf_counter()
-            margin = 0.1
+            if self.first is None:
+                self.first = now
+            # A hanging run counts until half its timeout has passed: the library gives
+            # up on it at the timeout, counted from a moment a little before `s`.
+            margin = 0 if self.timeout is None else self.timeout / 2
             live = [
                 s for s in self.starts if self.timeout is None or now - s < self.timeout - margin
             ]
@@ -96,6 +101,12 @@ class Probe:
             self.runs += 1
             self.in_loader += 1
             return self.sequence(), now
+
+    def joined_in_time(self) -> bool:
+        """Whether every caller had joined before a hanging first run timed out."""
+        if self.timeout is None or self.first is None or self.opened is None:
+            return True
+        return self.opened - self.first < self.timeout
 
     def end(self, started: float) -> None:
         with self.lock:
@@ -243,6 +254,7 @@ def run_threads(h: Harness, fn: Any, scenario: Scenario, probe: Probe, gate: Gat
         if parked(h, fn, scenario, probe, sum(r is not None for r in results)):
             break
         time.sleep(0.002)
+    probe.opened = time.perf_counter()
     gate.release()
     for thread in threads:
         thread.join(HANG)
@@ -269,6 +281,7 @@ async def run_tasks(h: Harness, fn: Any, scenario: Scenario, probe: Probe, gate:
         if parked(h, fn, scenario, probe, sum(t.done() for t in tasks)):
             break
         await asyncio.sleep(0.002)
+    probe.opened = time.perf_counter()
     gate.release()
     done = await asyncio.wait_for(asyncio.gather(*tasks), HANG)
     assert await h.engine.asettle(HANG)
@@ -303,9 +316,8 @@ async def test_one_load_per_key_at_a_time_and_one_outcome_for_its_callers(
     h: Harness, scenario: Scenario
 ) -> None:
     probe, results = await run_scenario(h, scenario)
-    FIGURES["examples"] += 1
-    FIGURES["callers"] += len(results)
-    FIGURES["runs"] += probe.runs
+    # A hang the loader_timeout cut before every caller had joined is another example.
+    assume(probe.joined_in_time())
     event(f"prior={scenario.prior} outcome={scenario.outcome}")
     event("with refresh()" if "refresh" in scenario.callers else "calls and many() only")
 
@@ -391,6 +403,8 @@ async def test_eight_callers_of_an_expired_key_share_the_stale_answer_of_one_fai
     probe, results = await run_scenario(
         h, Scenario(options(**given), "expired", outcome, ["call"] * 8)
     )
+    if not probe.joined_in_time():
+        pytest.skip(f"8 callers took over loader_timeout ({SLOW_TIMEOUT} s) to join")
     assert probe.runs == 1
     assert [got for _, _, got in results] == [("ok", "old", Source.STALE)] * 8
 
