@@ -40,7 +40,7 @@ from ._effects import (
     Spawn,
     TagsOf,
 )
-from ._flows import Plan, Served, after_miss, bypass, on_lookup
+from ._flows import Plan, Served, after_miss, bypass, on_lookup, served_aged
 from ._leases import arenew, renew
 from ._loads import Loads
 from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
@@ -101,9 +101,23 @@ def serve(
 def _miss(
     plan: Plan, key: str, rt: SyncRuntime, raw: object, loads: Loads, seal: Seal
 ) -> tuple[Served, float]:
-    return run(
-        after_miss(plan, key, None if raw is LOOK else raw, rt.block_limit_ms), rt, loads, seal
-    )
+    seconds = 0.0
+    refresh = rt.flights.refreshing(key)
+    if refresh is not None and (raw is LOOK or not served_aged(plan, raw)):
+        # An fn.refresh() of this process is loading the key: its result, not a load
+        # beside it (the refresh revoked the lock it would take).
+        rt.flights.wait_for(refresh, plan.patience)
+        started = perf_counter()
+        raw, failure = send(rt, lookup(plan, key))
+        seconds = perf_counter() - started
+        if failure is not None:
+            raw = _as_reply(failure)
+        hit = on_lookup(plan, raw)
+        if hit is not None:
+            return hit, seconds
+    flow = after_miss(plan, key, None if raw is LOOK else raw, rt.block_limit_ms)
+    served, more = run(flow, rt, loads, seal)
+    return served, seconds + more
 
 
 def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, float]:
@@ -228,7 +242,12 @@ def _release_all(rt: SyncRuntime, holds: list[Hold]) -> None:
 def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
     ok = False
     try:
-        ok = run(effect.flow, rt, loads, no_seal)[0] is not False
+        flight = rt.flights.behind(effect.key)
+        if flight is None:  # fn.refresh() is reloading the key already
+            ok = True
+            return
+        with flight.leading():
+            ok = run(effect.flow, rt, loads, no_seal)[0] is not False
     except BaseException:  # a thread has nobody to raise to
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:
@@ -263,6 +282,18 @@ async def _aread(
         started = perf_counter()
         raw, failure = await asend(rt, lookup(plan, key))
         seconds = perf_counter() - started
+        if failure is not None:
+            raw = _as_reply(failure)
+        hit = on_lookup(plan, raw)
+        if hit is not None:
+            return hit, seconds
+    refresh = rt.flights.refreshing(key)
+    if refresh is not None and not served_aged(plan, raw):
+        # As in _miss: wait for this loop's fn.refresh() of the key, then look again.
+        await rt.flights.wait_for(refresh, plan.patience)
+        started = perf_counter()
+        raw, failure = await asend(rt, lookup(plan, key))
+        seconds += perf_counter() - started
         if failure is not None:
             raw = _as_reply(failure)
         hit = on_lookup(plan, raw)
@@ -414,7 +445,12 @@ async def _arelease(rt: AsyncRuntime, unsettled: list[Hold]) -> None:
 async def _abackground(effect: Spawn, rt: AsyncRuntime, loads: Loads) -> None:
     ok = False
     try:
-        ok = (await arun(effect.flow, rt, loads, no_seal))[0] is not False
+        flight = rt.flights.behind(effect.key)
+        if flight is None:  # fn.refresh() is reloading the key already
+            ok = True
+            return
+        with flight.leading():
+            ok = (await arun(effect.flow, rt, loads, no_seal))[0] is not False
     except Exception:
         logger.warning("background work on %r failed", effect.key, exc_info=True)
     finally:

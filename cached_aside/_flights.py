@@ -8,6 +8,13 @@ processes; this only spares Redis and the primary the duplicates.
 A joiner waits at most `patience` (the lock's ttl): a leader stuck longer is
 treated as another process would treat it, and the joiner reads by itself.
 
+fn.refresh() calls share a reload too, but only one whose load has not begun (its
+flow seals it then): a refresh arriving later waits for the key's flight in
+progress, whatever it is, and leads or joins the next reload; a call about to load
+waits for a refresh under way, then looks again. So a process runs at most one load
+per key at a time (background reloads included), and every caller joined to a load
+gets its outcome.
+
 Threads share only the miss path, and only answers sealed against staleness (a
 load whose lease held, or a read sent after the flight stopped taking joiners): a
 hit costs one command either way, and any other read may predate an invalidation
@@ -90,13 +97,100 @@ class _Flight:
         return answer
 
 
+class _Reload(_Flight):
+    """An fn.refresh() flight: joinable by other refreshes until its load begins (it
+    seals itself then), and known to its registry until it ends, so later refreshes
+    wait for it. Plain calls never join it, as they keep outcomes of their own (a
+    stale value on a failure, say): a call about to load waits for it (refreshing)
+    and then looks again."""
+
+    __slots__ = ("open", "refresh")
+
+    def __init__(self, registry: _Registry, key: str) -> None:
+        super().__init__(registry, key)
+        self.open = True
+        self.refresh = True  # False: a background reload
+
+    def seal(self) -> None:
+        self.open = False
+
+    @contextmanager
+    def leading(self) -> Iterator[None]:
+        """As a read's, but the registry forgets the reload before its joiners wake,
+        so that a refresh woken to take its turn finds the key free. (Not shared with
+        _Flight.leading, which every async call runs, hits included.)"""
+        try:
+            yield
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.registry.end_reload(self)
+            if self.done is not None:
+                self.done.set()
+            for joined in self.joiners or ():
+                if not joined.done():
+                    joined.set_result(None)
+
+
 class _Registry:
     def __init__(self) -> None:
-        self.active: dict[str, _Flight] = {}
+        self.active: dict[str, _Flight] = {}  # the flight a caller of the key joins
+        self.reloading: dict[str, _Reload] = {}  # a refresh in progress, until it ends
+        self.following: dict[str, _Reload] = {}  # the refresh to run after the flight
+        self.waiting = 0  # callers waiting for another's flight now (for observers)
 
     def close(self, flight: _Flight) -> None:
         if self.active.get(flight.key) is flight:
             self.active.pop(flight.key, None)
+
+    def end_reload(self, flight: _Reload) -> None:
+        for place in (self.reloading, self.following):
+            if place.get(flight.key) is flight:
+                del place[flight.key]
+
+    def _reload_turn(self, key: str) -> tuple[str, _Reload, _Flight | None]:
+        """What a refresh of `key` does now: ("join", the reload to join, None), or
+        ("lead", its new reload, the flight to wait for first, if any)."""
+        current = self.reloading.get(key)
+        if current is not None and current.open:
+            return "join", current, None  # its load has not begun: it is fresh for us
+        before = current or self.active.get(key)
+        if before is None:
+            flight = self.reloading[key] = _Reload(self, key)
+            return "lead", flight, None
+        following = self.following.get(key)
+        if following is not None:
+            return "join", following, None
+        following = self.following[key] = _Reload(self, key)
+        return "lead", following, before
+
+    def behind(self, key: str) -> _Reload | None:
+        """A background reload (refresh_ahead, grace) of `key`, known until it ends so
+        that fn.refresh() waits for it; None while a refresh is under way instead."""
+        if key in self.reloading or key in self.following:
+            return None
+        flight = self.reloading[key] = _Reload(self, key)
+        flight.open = flight.refresh = False  # nothing to join: it reloads for nobody
+        return flight
+
+    def refreshing(self, key: str) -> _Reload | None:
+        """The fn.refresh() of `key` under way, which a call about to load waits for
+        (then looks again) rather than load beside it."""
+        flight = self.reloading.get(key)
+        return flight if flight is not None and flight.refresh else None
+
+    def _take_turn(self, flight: _Reload) -> _Flight | None:
+        """The reload `flight` starts if no flight of its key runs: None; else the
+        flight to wait for first."""
+        key = flight.key
+        before = self.reloading.get(key) or self.active.get(key)
+        if before is not None and before is not flight:
+            return before
+        if self.following.get(key) is flight:
+            del self.following[key]
+        self.reloading[key] = flight
+        return None
 
     def forget(self, key: str) -> None:
         """Let later callers read afresh instead of joining a read already under way."""
@@ -109,6 +203,9 @@ class _Registry:
     def reset_after_fork(self) -> None:
         """In a forked child: the leaders of these flights did not come along."""
         self.active = {}
+        self.reloading = {}
+        self.following = {}
+        self.waiting = 0
 
 
 class ThreadFlights(_Registry):
@@ -130,9 +227,34 @@ class ThreadFlights(_Registry):
         with self._lock:
             super().forget_all()
 
+    def end_reload(self, flight: _Reload) -> None:
+        with self._lock:
+            super().end_reload(flight)
+
+    def behind(self, key: str) -> _Reload | None:
+        with self._lock:
+            flight = super().behind(key)
+            if flight is not None:
+                flight.done = threading.Event()
+            return flight
+
     def reset_after_fork(self) -> None:
         self._lock = threading.Lock()  # it may have been held by a thread now gone
         super().reset_after_fork()
+
+    def wait_for(self, flight: _Flight, patience: float) -> bool:
+        """Wait for `flight` to end; False when `patience` ran out first."""
+        return self._wait(flight, patience)
+
+    def _wait(self, flight: _Flight, patience: float) -> bool:
+        assert flight.done is not None
+        with self._lock:
+            self.waiting += 1
+        try:
+            return flight.done.wait(patience)
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
     def run(
         self, key: str, patience: float, serve: Callable[..., Answer], *args: Any
@@ -146,10 +268,10 @@ class ThreadFlights(_Registry):
         flight = _Flight(self, key)
         # An Event wakes every joiner at once; a held lock would hand over one by one.
         flight.done = threading.Event()
-        current = self.active.setdefault(key, flight)  # atomic under the GIL
+        with self._lock:  # a refresh may be taking its turn (_reload_turn) right now
+            current = self.active.setdefault(key, flight)
         if current is not flight:
-            assert current.done is not None
-            if not current.done.wait(patience):
+            if not self._wait(current, patience):
                 return serve(*args, _no_seal), False
             # A thread can lose the GIL for milliseconds between a reply and its
             # return, long enough for an invalidation elsewhere to complete: take only
@@ -159,6 +281,36 @@ class ThreadFlights(_Registry):
         with flight.leading():
             flight.answer = serve(*args, flight.seal)
         return flight.answer, False
+
+    def reload(
+        self, key: str, patience: float, serve: Callable[..., Answer], *args: Any
+    ) -> tuple[Answer, bool]:
+        """fn.refresh(): join a reload of `key` whose load has not begun, or lead the
+        next one once the key's flight in progress has ended. Returns the answer and
+        whether it was joined."""
+        while True:
+            with self._lock:
+                role, flight, before = self._reload_turn(key)
+                if flight.done is None:
+                    flight.done = threading.Event()
+            if role == "join":
+                # Twice the patience: its leader may wait for the flight before it first.
+                if not self._wait(flight, 2 * patience):
+                    return serve(*args, _no_seal), False
+                answer = flight.outcome(reads_shared=False)
+                if answer is not None:
+                    return answer, True
+                continue
+            with flight.leading():
+                while before is not None and self._wait(before, patience):
+                    with self._lock:
+                        before = self._take_turn(flight)
+                if before is not None:  # stuck past the lock's ttl: go ahead regardless
+                    with self._lock:
+                        self.following.pop(key, None)
+                        self.reloading[key] = flight
+                flight.answer = serve(*args, flight.seal)
+            return flight.answer, False
 
 
 def _expire(joined: asyncio.Future[Any]) -> None:
@@ -181,17 +333,8 @@ class TaskFlights(_Registry):
             current = self.active.get(key)
             if current is None:
                 break
-            loop = asyncio.get_running_loop()
-            joined: asyncio.Future[Any] = loop.create_future()
-            if current.joiners is None:
-                current.joiners = []
-            current.joiners.append(joined)
-            expiry = loop.call_later(patience, _expire, joined)
-            try:
-                if await joined == _EXPIRED:
-                    return await serve(*args, _no_seal), False
-            finally:
-                expiry.cancel()
+            if not await self._wait(current, patience):
+                return await serve(*args, _no_seal), False
             # No await lies between the leader's reply and the end of its flight, so
             # a shared read is as fresh as the reply itself.
             answer = current.outcome(reads_shared=True)
@@ -201,3 +344,43 @@ class TaskFlights(_Registry):
         with flight.leading():
             flight.answer = await serve(*args, flight.seal)
         return flight.answer, False
+
+    async def reload(
+        self, key: str, patience: float, serve: Callable[..., Awaitable[Answer]], *args: Any
+    ) -> tuple[Answer, bool]:
+        """As ThreadFlights.reload, for tasks."""
+        while True:
+            role, flight, before = self._reload_turn(key)
+            if role == "join":
+                if not await self._wait(flight, 2 * patience):
+                    return await serve(*args, _no_seal), False
+                answer = flight.outcome(reads_shared=False)
+                if answer is not None:
+                    return answer, True
+                continue
+            with flight.leading():
+                while before is not None and await self._wait(before, patience):
+                    before = self._take_turn(flight)
+                if before is not None:  # stuck past the lock's ttl: go ahead regardless
+                    self.following.pop(key, None)
+                    self.reloading[key] = flight
+                flight.answer = await serve(*args, flight.seal)
+            return flight.answer, False
+
+    async def wait_for(self, flight: _Flight, patience: float) -> bool:
+        """Wait for `flight` to end; False when `patience` ran out first."""
+        return await self._wait(flight, patience)
+
+    async def _wait(self, flight: _Flight, patience: float) -> bool:
+        loop = asyncio.get_running_loop()
+        joined: asyncio.Future[Any] = loop.create_future()
+        if flight.joiners is None:
+            flight.joiners = []
+        flight.joiners.append(joined)
+        expiry = loop.call_later(patience, _expire, joined)
+        self.waiting += 1
+        try:
+            return bool(await joined != _EXPIRED)
+        finally:
+            expiry.cancel()
+            self.waiting -= 1

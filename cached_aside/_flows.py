@@ -134,6 +134,15 @@ def aged(plan: Plan, raw: Any) -> bool:
     return plan.peek and type(raw) is not CommandFailed and _peeked(plan, raw)[1] is not Age.FRESH
 
 
+def served_aged(plan: Plan, raw: Any) -> bool:
+    """True when after_miss answers this lookup reply from the cache at once (due for
+    a refresh_ahead reload, or in its grace) and reloads behind: no load to wait for."""
+    if not plan.peek or type(raw) is CommandFailed:
+        return False
+    age = _peeked(plan, raw)[1]
+    return age is Age.DUE or age is Age.STALE
+
+
 class Age(enum.Enum):
     """How old a cached entry is, told by the PEEK script's pttl."""
 
@@ -333,6 +342,10 @@ def miss(
         status = reply[0]
         if status == AcquireStatus.OWNED:
             stats.miss()
+            if replace:
+                # fn.refresh() promises a load begun after its call: later refreshes of
+                # this process wait for this one to end instead of joining it.
+                yield Signal.SEAL
             return (yield from _load_and_store(plan, keys, hold, load, stale, probe=replace))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
@@ -384,7 +397,8 @@ def _load_and_store(
     kept = yield from leased(plan, [(keys, token, load)], load)
     value = yield from guarded_load(plan, keys.value, kept, stale, probe)
     if value is _STALE_SERVED:
-        return Served(stale, Source.STALE)
+        # This load's outcome: its joiners get the same stale answer, not a load each.
+        return Served(stale, Source.STALE, shareable=True)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
     if not fenced:  # a tag invalidation could not reach this load: store nothing
         kind, ttl_ms, payload = RELEASE_ONLY, 0, []

@@ -90,13 +90,18 @@ class CachedFunction(CachedBase[P, R]):
         """Load now and store, whatever is cached, and return the value: after a change
         you know of, or to warm a key. A load already under way elsewhere may have read
         the row before that change: its lease is revoked (its result is not stored)
-        and this call loads; callers arriving meanwhile wait for this load."""
+        and this call loads; callers arriving meanwhile wait for this load. Refreshes
+        of this process at once share one load begun after their calls; one arriving
+        while a load of the key runs here waits for it to end, then loads."""
         if _get_running_loop() is not None:
             self._on_event_loop()
         runtime = self._engine_in_use()._sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
-            return run(reloading.flow, runtime, reloading.loads, no_seal)[0].value  # type: ignore[no-any-return]
+            (served, _), joined = runtime.flights.reload(
+                reloading.keys[0], self._plan.patience, run, *reloading.run_args(runtime)
+            )
+            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
         finally:
             self._written(runtime, reloading.keys)
 
@@ -257,7 +262,10 @@ class AsyncCachedFunction(CachedBase[P, R]):
         runtime = self._engine_in_use()._async_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
-            return (await arun(reloading.flow, runtime, reloading.loads, no_seal))[0].value  # type: ignore[no-any-return]
+            (served, _), joined = await runtime.flights.reload(
+                reloading.keys[0], self._plan.patience, arun, *reloading.run_args(runtime)
+            )
+            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
         finally:
             self._written(runtime, reloading.keys)
 

@@ -75,6 +75,10 @@ class Reload:
     def __init__(self, flow: Flow[Served], loads: Loads, keys: Sequence[str]) -> None:
         self.flow, self.loads, self.keys = flow, loads, keys
 
+    def run_args(self, runtime: Runtime) -> tuple[Flow[Served], Runtime, Loads]:
+        """What a driver's run (or arun) takes, but the seal: the flights add it."""
+        return self.flow, runtime, self.loads
+
 
 class CachedBase(Generic[P, R]):
     """The parts shared by sync and async wrappers: keys, engine choice, the flow of
@@ -311,6 +315,8 @@ class CachedBase(Generic[P, R]):
             stats.hit()
         elif served.source is Source.NEGATIVE:
             stats.negative_hit()
+        elif served.source is Source.STALE:  # a stale answer stays one for every joiner
+            stats.stale()
         else:
             stats.miss(suppressed=True)
             return Served(self._plan.codec.copy(served.value), Source.WAITED)

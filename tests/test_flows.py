@@ -310,7 +310,10 @@ def test_refresh_revokes_the_load_in_flight_before_it_takes_the_lock() -> None:
     acquire = flow.reply(1)
     assert acquire.script is ScriptName.ACQUIRE
     assert acquire.args[3] == "1"  # whatever is cached is being replaced
-    assert flow.reply([AcquireStatus.OWNED]) is Signal.LOAD
+    # Sealed before the load: a later refresh of this process must not join a load
+    # that may have begun before its own write.
+    assert flow.reply([AcquireStatus.OWNED]) is Signal.SEAL
+    assert flow.reply(None) is Signal.LOAD
 
 
 def test_a_refresh_redis_could_not_revoke_is_postponed_and_served_by_the_loader() -> None:

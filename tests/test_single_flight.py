@@ -1,0 +1,470 @@
+"""Single flight as one invariant: whatever the options, a process runs at most one
+load of a key at a time, and every caller joined to it gets its outcome (value,
+stale value or error) with the right Source. A property test draws the options and
+the callers; plain tests name the defects it was written for (issue 22)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+
+from cached_aside import LoaderTimeoutError, Source, cache_aside
+
+from .conftest import Harness
+
+HANG = 30.0  # a generous bound on a hang, never a speed claim
+SLOW_TIMEOUT = 0.5  # loader_timeout of the "slow" loaders
+TTL = 30
+GRACE = 60  # seconds, when drawn
+STALE_IF_ERROR = 120  # longer than GRACE: an entry kept past both is "expired"
+REFRESH_AHEAD = 10
+_examples = itertools.count()
+
+
+class LoadError(Exception):
+    """The loader's own failure."""
+
+
+@dataclass
+class Scenario:
+    options: dict[str, Any]
+    prior: str  # cold, stale (in grace), expired (kept for stale_if_error), due
+    outcome: str  # value, none, raises, slow
+    callers: list[str]  # call (lookup), many, refresh
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    options: dict[str, Any] = {
+        "ttl": TTL,
+        "grace": draw(st.sampled_from([None, GRACE])),
+        "stale_if_error": draw(st.sampled_from([None, STALE_IF_ERROR])),
+        "loader_timeout": draw(st.sampled_from([None, SLOW_TIMEOUT])),
+        "refresh_ahead": draw(st.sampled_from([None, REFRESH_AHEAD])),
+        "negative_ttl": draw(st.sampled_from([0, 30])),
+    }
+    if draw(st.booleans()):
+        options["cache_if"] = lambda value: False  # nothing is stored
+    priors = ["cold"]
+    if options["grace"]:
+        priors.append("stale")
+    if options["stale_if_error"]:
+        priors.append("expired")
+    if options["refresh_ahead"]:
+        priors.append("due")
+    prior = draw(st.sampled_from(priors))
+    outcomes = ["value", "none", "raises"] + (["slow"] if options["loader_timeout"] else [])
+    kinds = ["call", "many"]
+    if prior in ("cold", "expired"):
+        kinds.append("refresh")
+    callers = draw(st.lists(st.sampled_from(kinds), min_size=2, max_size=8))
+    return Scenario(options, prior, draw(st.sampled_from(outcomes)), callers)
+
+
+@dataclass
+class Probe:
+    """The loader's runs of one key: how many, and how many at once at most. A load
+    past its loader_timeout counts as ended: the library abandoned it."""
+
+    timeout: float | None
+    runs: int = 0
+    in_loader: int = 0
+    most_at_once: int = 0
+    starts: list[float] = field(default_factory=list)
+    first: float | None = None  # when the first run began
+    opened: float | None = None  # when the gate opened
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sequence: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__)
+
+    def start(self) -> tuple[int, float]:
+        with self.lock:
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now
+            # A hanging run counts until half its timeout has passed: the library gives
+            # up on it at the timeout, counted from a moment a little before `s`.
+            margin = 0 if self.timeout is None else self.timeout / 2
+            live = [
+                s for s in self.starts if self.timeout is None or now - s < self.timeout - margin
+            ]
+            self.most_at_once = max(self.most_at_once, len(live) + 1)
+            self.starts.append(now)
+            self.runs += 1
+            self.in_loader += 1
+            return self.sequence(), now
+
+    def joined_in_time(self) -> bool:
+        """Whether every caller had joined before a hanging first run timed out."""
+        if self.timeout is None or self.first is None or self.opened is None:
+            return True
+        return self.opened - self.first < self.timeout
+
+    def end(self, started: float) -> None:
+        with self.lock:
+            self.starts.remove(started)
+            self.in_loader -= 1
+
+
+class Gate:
+    """What the loaders block on until every caller has joined (or finished)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.open_sync = threading.Event()
+        self.never_sync = threading.Event()
+        self.open_async: asyncio.Event | None = asyncio.Event() if mode == "async" else None
+        self.never_async: asyncio.Event | None = asyncio.Event() if mode == "async" else None
+
+    def release(self) -> None:
+        self.open_sync.set()
+        if self.open_async is not None:
+            self.open_async.set()
+
+    def finish(self) -> None:
+        self.release()
+        self.never_sync.set()
+        if self.never_async is not None:
+            self.never_async.set()
+
+
+def _result_of(outcome: str, run: int, sequence: int) -> Any:
+    if outcome == "value":
+        return f"v{run}:{sequence}"
+    if outcome == "none":
+        return None
+    raise LoadError("the primary failed")
+
+
+def loader_for(h: Harness, scenario: Scenario, probe: Probe, gate: Gate) -> Callable[..., Any]:
+    """A loader whose every run waits at the gate, then answers as drawn."""
+    outcome = scenario.outcome
+    if h.mode == "sync":
+
+        def load(id: str) -> Any:
+            sequence, started = probe.start()
+            try:
+                assert gate.open_sync.wait(HANG)
+                if outcome == "slow":
+                    gate.never_sync.wait(HANG)
+                    return "late"
+                return _result_of(outcome, probe.runs, sequence)
+            finally:
+                probe.end(started)
+
+        return load
+
+    async def aload(id: str) -> Any:
+        sequence, started = probe.start()
+        try:
+            assert gate.open_async is not None
+            assert gate.never_async is not None
+            await asyncio.wait_for(gate.open_async.wait(), HANG)
+            if outcome == "slow":
+                await asyncio.wait_for(gate.never_async.wait(), HANG)
+                return "late"
+            return _result_of(outcome, probe.runs, sequence)
+        finally:
+            probe.end(started)
+
+    return aload
+
+
+def prime(h: Harness, name: str, scenario: Scenario) -> None:
+    """Cache "old" for the key, aged as the scenario's prior says."""
+    if scenario.prior == "cold":
+        return
+    options = {k: v for k, v in scenario.options.items() if k != "cache_if"}
+
+    def old(id: str) -> str:
+        return "old"
+
+    primer = cache_aside(key=f"{name}:<id>", engine=h.engine, **options)(old)
+    assert primer("k") == "old"
+    keep_ms = max(options["grace"] or 0, options["stale_if_error"] or 0) * 1000
+    left = {
+        "stale": keep_ms - 1000,  # past ttl by a second: in grace
+        "expired": keep_ms - (options["grace"] or 0) * 1000 - 1000,  # past grace too
+        "due": keep_ms + REFRESH_AHEAD * 1000 // 2,  # fresh, in the refresh_ahead window
+    }[scenario.prior]
+    assert h.raw.pexpire(primer.key("k"), left)
+
+
+def _value_and_source(result: Any) -> tuple[Any, Source]:
+    return result.value, result.source
+
+
+def outcome_of(call: Callable[[], Any]) -> tuple[str, Any, Any]:
+    try:
+        return "ok", *call()
+    except (LoadError, LoaderTimeoutError) as exc:
+        return "error", type(exc), str(exc)
+
+
+Outcomes = list[tuple[str, int, tuple[str, Any, Any]]]  # (kind, its ticket, outcome)
+
+
+def parked(h: Harness, fn: Any, scenario: Scenario, probe: Probe, finished: int) -> bool:
+    """Whether every caller has joined a flight, waits on the Redis lock, runs the
+    loader, or has its answer: the moment to open the gate."""
+    if scenario.prior in ("stale", "due"):
+        return finished == len(scenario.callers)  # answered from the cache, reloads behind
+    side = h.engine._sync_side() if h.mode == "sync" else h.engine._async_side()
+    busy = side.flights.waiting + fn.stats().lock_waits + probe.in_loader
+    return finished + busy >= len(scenario.callers)
+
+
+async def run_callers(
+    h: Harness, fn: Any, scenario: Scenario, probe: Probe, gate: Gate
+) -> Outcomes:
+    """Run every caller at once, and open the gate once they are all parked. Returns
+    (kind, the sequence number taken as it began, outcome) per caller."""
+    if h.mode == "sync":
+        return run_threads(h, fn, scenario, probe, gate)
+    return await run_tasks(h, fn, scenario, probe, gate)
+
+
+def run_threads(h: Harness, fn: Any, scenario: Scenario, probe: Probe, gate: Gate) -> Outcomes:
+    kinds = scenario.callers
+    results: list[Any] = [None] * len(kinds)
+
+    def caller(position: int, kind: str) -> None:
+        ticket = probe.sequence()
+        if kind == "call":
+            got = outcome_of(lambda: _value_and_source(fn.lookup("k")))
+        elif kind == "many":
+            got = outcome_of(lambda: (fn.many(["k"])[0], None))
+        else:
+            got = outcome_of(lambda: (fn.refresh("k"), "refresh"))
+        results[position] = (kind, ticket, got)
+
+    threads = [threading.Thread(target=caller, args=pair) for pair in enumerate(kinds)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + HANG
+    while time.monotonic() < deadline:
+        if parked(h, fn, scenario, probe, sum(r is not None for r in results)):
+            break
+        time.sleep(0.002)
+    probe.opened = time.perf_counter()
+    gate.release()
+    for thread in threads:
+        thread.join(HANG)
+    assert not any(thread.is_alive() for thread in threads)
+    assert h.engine.settle(HANG)
+    return results
+
+
+async def run_tasks(h: Harness, fn: Any, scenario: Scenario, probe: Probe, gate: Gate) -> Outcomes:
+    async def acaller(kind: str) -> tuple[str, int, tuple[str, Any, Any]]:
+        ticket = probe.sequence()
+        try:
+            if kind == "call":
+                r = await fn.lookup("k")
+                return kind, ticket, ("ok", r.value, r.source)
+            if kind == "many":
+                return kind, ticket, ("ok", (await fn.many(["k"]))[0], None)
+            return kind, ticket, ("ok", await fn.refresh("k"), "refresh")
+        except (LoadError, LoaderTimeoutError) as exc:
+            return kind, ticket, ("error", type(exc), str(exc))
+
+    tasks = [asyncio.ensure_future(acaller(kind)) for kind in scenario.callers]
+    for _ in range(int(HANG / 0.002)):
+        if parked(h, fn, scenario, probe, sum(t.done() for t in tasks)):
+            break
+        await asyncio.sleep(0.002)
+    probe.opened = time.perf_counter()
+    gate.release()
+    done = await asyncio.wait_for(asyncio.gather(*tasks), HANG)
+    assert await h.engine.asettle(HANG)
+    return list(done)
+
+
+def expected_for_cache_callers(scenario: Scenario) -> tuple[str, Any, set[Any]]:
+    """What a call or many() caller must get: (status, value or error type, Sources
+    allowed); a value of "v" means any loaded value."""
+    loaded = {Source.LOADER, Source.WAITED, None}
+    stale = scenario.options["stale_if_error"] is not None and scenario.prior == "expired"
+    if scenario.prior == "stale":
+        return "ok", "old", {Source.STALE, None}
+    if scenario.prior == "due":
+        return "ok", "old", {Source.CACHE, None}
+    if scenario.outcome == "value":
+        return "ok", "v", loaded
+    if scenario.outcome == "none":
+        return "ok", None, loaded
+    if stale:
+        return "ok", "old", {Source.STALE, None}
+    return "error", LoadError if scenario.outcome == "raises" else LoaderTimeoutError, set()
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=scenarios())
+async def test_one_load_per_key_at_a_time_and_one_outcome_for_its_callers(
+    h: Harness, scenario: Scenario
+) -> None:
+    probe, results = await run_scenario(h, scenario)
+    # A hang the loader_timeout cut before every caller had joined is another example.
+    assume(probe.joined_in_time())
+    event(f"prior={scenario.prior} outcome={scenario.outcome}")
+    event("with refresh()" if "refresh" in scenario.callers else "calls and many() only")
+
+    # One load of the key at a time, whatever the options and callers.
+    assert probe.most_at_once == 1, (probe.most_at_once, scenario)
+    refreshes = [r for r in results if r[0] == "refresh"]
+    if not refreshes:
+        # Callers that missed together (or were answered from the cache while one
+        # reload ran behind) share exactly one load.
+        assert probe.runs == 1, (probe.runs, results, scenario)
+    status, value, sources = expected_for_cache_callers(scenario)
+    if refreshes and Source.LOADER in sources:
+        sources = sources | {Source.CACHE, Source.NEGATIVE}  # it waited for a refresh, looked
+    others = [r[2] for r in results if r[0] != "refresh"]
+    for got in others:
+        assert got[0] == status, (got, scenario)
+        if status == "error":
+            assert got[1] is value, (got, scenario)
+        elif value == "v":
+            assert str(got[1]).startswith("v"), (got, scenario)
+        else:
+            assert got[1] == value, (got, scenario)
+        assert status == "error" or got[2] in sources, (got, scenario)
+    if not refreshes:
+        # Joined callers got the very same outcome, and at most one was the loader.
+        assert len({(got[0], got[1]) for got in others}) == 1, (others, scenario)
+        assert sum(got[2] is Source.LOADER for got in others) <= 1, (others, scenario)
+    for _, ticket, got in refreshes:
+        if scenario.outcome == "value":
+            assert got[0] == "ok", (got, scenario)
+            # A refresh answers with a load begun after it was called.
+            assert int(got[1].split(":")[1]) > ticket, (got, ticket, scenario)
+        elif scenario.outcome == "none":
+            assert got[:2] == ("ok", None), (got, scenario)
+        else:
+            expected = LoadError if scenario.outcome == "raises" else LoaderTimeoutError
+            assert got[:2] == ("error", expected), (got, scenario)
+
+
+# -- the defects of issue 22, by name ------------------------------------------------
+
+
+async def run_scenario(h: Harness, scenario: Scenario) -> tuple[Probe, Outcomes]:
+    """One scenario, as an example of the property test runs it."""
+    name = f"sf{next(_examples)}"
+    probe = Probe(scenario.options["loader_timeout"] if scenario.outcome == "slow" else None)
+    gate = Gate(h.mode)
+    prime(h, name, scenario)
+    loader = loader_for(h, scenario, probe, gate)
+    loader.__qualname__ = f"{name}_loader"
+    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **scenario.options)(loader)
+    try:
+        return probe, await run_callers(h, fn, scenario, probe, gate)
+    finally:
+        gate.finish()
+
+
+def options(**given: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "ttl": TTL,
+        "grace": None,
+        "stale_if_error": None,
+        "loader_timeout": None,
+        "refresh_ahead": None,
+        "negative_ttl": 0,
+    }
+    return base | given
+
+
+@pytest.mark.parametrize(
+    ("given", "outcome"),
+    [
+        ({"stale_if_error": STALE_IF_ERROR}, "raises"),
+        ({"stale_if_error": STALE_IF_ERROR, "loader_timeout": SLOW_TIMEOUT}, "slow"),
+    ],
+    ids=["loader-raises", "loader-times-out"],
+)
+async def test_eight_callers_of_an_expired_key_share_the_stale_answer_of_one_failed_load(
+    h: Harness, given: dict[str, Any], outcome: str
+) -> None:
+    # Before: each joiner, handed a stale answer it could not take, loaded again in
+    # turn (the loader ran 5 times for 8 threads).
+    probe, results = await run_scenario(
+        h, Scenario(options(**given), "expired", outcome, ["call"] * 8)
+    )
+    if not probe.joined_in_time():
+        pytest.skip(f"8 callers took over loader_timeout ({SLOW_TIMEOUT} s) to join")
+    assert probe.runs == 1
+    assert [got for _, _, got in results] == [("ok", "old", Source.STALE)] * 8
+
+
+async def test_eight_refreshes_at_once_load_one_at_a_time_each_after_its_call(h: Harness) -> None:
+    # Before: each refresh revoked the one before it and loaded beside it.
+    probe, results = await run_scenario(h, Scenario(options(), "cold", "value", ["refresh"] * 8))
+    assert probe.most_at_once == 1
+    # The first load, and at most one more for the refreshes that came while it ran.
+    assert probe.runs <= 2
+    for _, ticket, got in results:
+        assert got[0] == "ok"
+        assert int(got[1].split(":")[1]) > ticket  # loaded after the refresh was called
+
+
+async def test_callers_that_joined_a_grace_answer_are_told_it_is_stale(h: Harness) -> None:
+    # Before: tasks that joined the leader's stale answer were reported as WAITED.
+    given = options(grace=GRACE)
+    probe, results = await run_scenario(h, Scenario(given, "stale", "value", ["call"] * 8))
+    assert [got for _, _, got in results] == [("ok", "old", Source.STALE)] * 8
+    assert probe.runs == 1  # the one reload behind
+
+
+async def test_a_refresh_waits_for_the_reload_behind_instead_of_loading_beside_it(
+    h: Harness,
+) -> None:
+    scenario = Scenario(options(grace=GRACE), "stale", "value", ["call", "refresh"])
+    name = f"sf{next(_examples)}"
+    probe, gate = Probe(None), Gate(h.mode)
+    prime(h, name, scenario)
+    loader = loader_for(h, scenario, probe, gate)
+    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **scenario.options)(loader)
+    side = h.engine._sync_side() if h.mode == "sync" else h.engine._async_side()
+    try:
+        assert (await h.run(fn.lookup, "k")).source is Source.STALE  # and reloads behind
+        await until(h, lambda: probe.in_loader == 1)
+        if h.mode == "sync":
+            refreshed: list[Any] = []
+            thread = threading.Thread(target=lambda: refreshed.append(fn.refresh("k")))
+            thread.start()
+            await until(h, lambda: side.flights.waiting == 1 or probe.in_loader == 2)
+            gate.release()
+            thread.join(HANG)
+            value = refreshed[0]
+        else:
+            task = asyncio.ensure_future(fn.refresh("k"))
+            await until(h, lambda: side.flights.waiting == 1 or probe.in_loader == 2)
+            gate.release()
+            value = await asyncio.wait_for(task, HANG)
+    finally:
+        gate.finish()
+    assert probe.most_at_once == 1
+    assert probe.runs == 2
+    assert value.startswith("v2:")
+
+
+async def until(h: Harness, condition: Callable[[], bool]) -> None:
+    """Wait (a generous bound, never a speed claim) until `condition` holds."""
+    for _ in range(int(HANG / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)  # threads run on meanwhile; tasks need the loop
+    raise AssertionError("the condition never held")
