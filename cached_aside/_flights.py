@@ -5,7 +5,7 @@ again by itself when the leader was cancelled, or when the leader's lease was
 revoked (its value predates an invalidation). Redis's lock then coordinates
 processes; this only spares Redis and the primary the duplicates.
 
-A joiner waits at most `patience` (the lock's ttl): a leader stuck longer is
+A joiner waits at most `patience` (Plan.patience): a leader stuck longer is
 treated as another process would treat it, and the joiner reads by itself.
 
 fn.refresh() calls share a reload too, but only one whose load has not begun (its

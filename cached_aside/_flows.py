@@ -49,6 +49,10 @@ TAG_TRIM_LIMIT = 100
 TAG_REPLACED_FOREIGN = 2  # TAG_ADD's reply when it deleted foreign data first
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
+# Seconds a joiner of this process waits for its leader beyond the lease and the
+# loader_timeout: the leader renews its lease while it lives, so a long load is no
+# sign of a dead leader; past this bound the joiner waits through Redis instead.
+PATIENCE_FLOOR_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +74,12 @@ class Plan:
     @property
     def patience(self) -> float:
         """How long a caller waits for another caller of its process before it reads
-        by itself (and waits through Redis, as another process does): the lock's
-        ttl."""
-        return self.options.lock_ttl_ms / 1000.0
+        by itself (and waits through Redis, as another process does). A leader renews
+        its lease while it lives, so this is not the lease: it waits as long as Redis
+        waiters would (the loader_timeout, if any), and at least PATIENCE_FLOOR_S, which
+        only keeps a stuck leader from holding its joiners for ever."""
+        options = self.options
+        return max(options.lock_ttl_ms, options.loader_timeout_ms) / 1000.0 + PATIENCE_FLOOR_S
 
 
 @dataclass(slots=True)
