@@ -55,6 +55,7 @@ from ._runtime import (
 from ._scripts import ScriptName
 from ._sentinel import SentinelClients, is_sentinel_url
 from ._stats import Stats, StatsSnapshot
+from ._urls import check_keywords, check_url
 from ._validate import instance, seconds, whole
 
 logger = logging.getLogger("cached_aside")
@@ -209,6 +210,10 @@ class CacheEngine:
         whole("max_connections", max_connections)
         if client_options.get("decode_responses"):
             raise ConfigurationError("decode_responses must stay off: cached_aside reads raw bytes")
+        on_cluster = url.lower().startswith(CLUSTER_SCHEME)
+        if not is_sentinel_url(url):
+            check_url(url)  # here, not in every call: redis-py reads the URL on connect
+            check_keywords(client_options, on_cluster)
         options: dict[str, Any] = {
             "max_connections": max_connections,
             "timeout": pool_timeout,
@@ -225,6 +230,8 @@ class CacheEngine:
         sentinel = (
             SentinelClients(url, sync_options, async_options) if is_sentinel_url(url) else None
         )
+        if sentinel is not None:
+            check_keywords(client_options, False, extra=("sentinel_kwargs",))
         engine = cls(
             prefix=prefix,
             breaker_failures=breaker_failures,
@@ -236,7 +243,7 @@ class CacheEngine:
             engine._flusher.sync_runtime = engine._sync_side
             engine._make_client, engine._make_async_client = sentinel.makers()
             return engine
-        if url.startswith(CLUSTER_SCHEME):
+        if on_cluster:
             # One node's address is enough: the client discovers the others.
             node_url = "redis" + url[len(CLUSTER_SCHEME) - len("://") :]
             timeouts = {
