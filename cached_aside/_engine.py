@@ -45,11 +45,15 @@ from ._outbox import Outbox, PendingPattern
 from ._results import BulkOutcome
 from ._runtime import (
     ASYNC_CLUSTER_FAILURES,
+    DEFAULT_BLOCK_LIMIT_MS,
+    REDIS_FAILURES,
     AsyncRuntime,
     Background,
     SyncRuntime,
+    Unreached,
     block_limit_ms,
     connection_kwargs,
+    unrouted,
     warn_if_pool_raises,
 )
 from ._scripts import ScriptName
@@ -140,6 +144,7 @@ class CacheEngine:
         self._owns_clients = False
         self._cluster = False  # made from a redis+cluster:// URL
         self._sync: SyncRuntime | None = None
+        self._unreached: SyncRuntime | None = None  # while a cluster cannot be reached
         self._given_async: AsyncRuntime | None = None
         # Dropped by the side's closer when its loop shuts down (asyncio.run does).
         self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
@@ -304,10 +309,41 @@ class CacheEngine:
                 "this CacheEngine has no sync client; pass client=redis.Redis(...) or use "
                 "CacheEngine.from_url(...) to call plain (non-async) functions"
             )
+        unreached = self._unreached
+        if unreached is not None and unreached.breaker.time_left():
+            return unreached  # the breaker spaces the attempts to reach the cluster
         with self._lock:
             if self._sync is None:
-                self._sync = self._make_sync_side(self._make_client())
+                try:
+                    client = self._make_client()
+                except REDIS_FAILURES as exc:
+                    # A cluster client asks the cluster for its topology when it is
+                    # built: fail open until it can, trying again as the breaker lets.
+                    return self._unreached_side(exc)
+                self._sync = self._make_sync_side(client)
+                self._unreached = None
+                gate = unrouted(self.breaker)
+                if gate.failures:
+                    gate.success()
+                if isinstance(self.breaker, NodeBreakers):
+                    self.breaker.reached()
             return self._sync
+
+    def _unreached_side(self, failure: BaseException) -> SyncRuntime:
+        """The side sync calls use while the cluster cannot be reached: every command
+        fails as Redis trouble, counted on the breaker; calls are served by loaders."""
+        side = self._unreached
+        if side is None:
+            stub = Unreached(failure)
+            side = self._unreached = SyncRuntime(
+                client=stub,
+                scripts=dict.fromkeys(ScriptName, stub),
+                block_limit_ms=DEFAULT_BLOCK_LIMIT_MS,
+                breaker=unrouted(self.breaker),
+                outbox=self.outbox,
+            )
+        side.client.failure = failure
+        return side
 
     def _async_side(self) -> AsyncRuntime:
         if self._given_async is not None:
@@ -656,6 +692,7 @@ class CacheEngine:
             self._given_async.tasks = set()
         self._async_by_loop = {}
         self._last_async = (None, None)
+        self._unreached = None
         self._flusher.stopping = threading.Event()
         self._flusher.task = None
         self.outbox.reset_after_fork(can_flush=self._flusher.sync_runtime is not None)
