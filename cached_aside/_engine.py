@@ -70,11 +70,13 @@ _Tagged = tuple[tuple[KeyTemplate, ...], PendingPattern, int, Stats]
 
 CLUSTER_SCHEME = "redis+cluster://"
 DEFAULT_PREFIX = "cache"
-# A hung Redis costs a caller at most this (plus one retry), and only until the
-# breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
+# A hung Redis costs a caller this once (a timeout is not retried), and only until
+# the breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
 DEFAULT_SOCKET_TIMEOUT = 0.25
 DEFAULT_CONNECT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 64
+# What the clients' one immediate retry is for: a connection the server closed.
+RETRIED: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError,)
 DEFAULT_POOL_TIMEOUT = 5.0
 # How long a near cache's first use waits for the listener's handshake.
 NEAR_HANDSHAKE_SECONDS = 2.0
@@ -227,10 +229,11 @@ class CacheEngine:
             **client_options,
         }
         # One immediate retry heals a pooled connection the server closed (a restart);
-        # redis-py's default backs off for seconds, which a cache must not do. The
-        # asyncio client runs only its own Retry class.
-        sync_options = {"retry": Retry(NoBackoff(), 1), **options}
-        async_options = {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **options}
+        # redis-py's default backs off for seconds, which a cache must not do. A
+        # timeout is not retried: a hung server would cost the caller a second one.
+        # The asyncio client runs only its own Retry class.
+        sync_options = {"retry": Retry(NoBackoff(), 1, RETRIED), **options}
+        async_options = {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1, RETRIED), **options}
         # Checked before the engine exists: a bad Sentinel URL fails here, not on use.
         sentinel = (
             SentinelClients(url, sync_options, async_options) if is_sentinel_url(url) else None
@@ -265,10 +268,11 @@ class CacheEngine:
             # (backoff, and a topology refresh that asks the hung node too): a cache
             # must fail open long before; one immediate retry, as for one Redis.
             engine._make_client = lambda: redis.cluster.RedisCluster.from_url(
-                node_url, **{"retry": Retry(NoBackoff(), 1), **timeouts}
+                node_url, **{"retry": Retry(NoBackoff(), 1, RETRIED), **timeouts}
             )
             engine._make_async_client = lambda: redis.asyncio.cluster.RedisCluster.from_url(
-                node_url, **{"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **timeouts}
+                node_url,
+                **{"retry": redis.asyncio.retry.Retry(NoBackoff(), 1, RETRIED), **timeouts},
             )
             return engine
         engine._owns_clients = True

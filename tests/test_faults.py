@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis
+import redis.connection
 
 from cached_aside import CacheEngine, Source, cache_aside
 
@@ -245,4 +247,44 @@ def test_fail_open_false_raises_cache_unavailable(server: RedisProcess) -> None:
     with pytest.raises(CacheUnavailableError):
         load.invalidate("a")
     assert calls == ["a"]  # the loader was not called behind the caller's back
+    engine.close()
+
+
+def test_a_call_on_a_hung_server_waits_out_one_timeout(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted, not timed: each call before the breaker opens waits out one socket
+    timeout (it waited out three or four: the held connection's, then the client's
+    and its retry's, and a reconnect's handshake); then the breaker opens after
+    `breaker_failures` of them and calls skip Redis. benchmarks/outage.py times it."""
+    timeouts: list[str] = []
+    read = redis.connection.AbstractConnection.read_response
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(self, *args, **kwargs)
+        except redis.TimeoutError:
+            timeouts.append("read")
+            raise
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", counting)
+    engine = CacheEngine.from_url(server.url, prefix="hung", socket_timeout=0.2)
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    def load(id: str) -> str:
+        return f"value-{id}"
+
+    for id in ("w1", "w2"):  # warm: the client, its pool, this thread's connection
+        load(id)
+    server.pause()
+    per_call = []
+    for i in range(engine.breaker.threshold + 2):
+        before = len(timeouts)
+        assert load(f"cold{i}") == f"value-cold{i}"  # served by the loader
+        per_call.append(len(timeouts) - before)
+    server.resume()
+    threshold = engine.breaker.threshold
+    assert per_call == [1] * threshold + [0, 0]
+    assert engine.breaker.opened == 1
+    assert load.error_kinds() == {"TimeoutError": threshold, "CircuitOpenError": 2}
     engine.close()
