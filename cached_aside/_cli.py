@@ -110,7 +110,8 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
         },
     }
     if kind == "string":
-        report.update(describe_string(client.get(key) or b""))
+        raw = client.get(key) or b""
+        report.update(describe_string(raw.encode() if isinstance(raw, str) else raw))
     elif kind == "hash":
         fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
         meta = fields.pop(META_FIELD, None)
