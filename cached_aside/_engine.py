@@ -192,7 +192,7 @@ class CacheEngine:
                 for the master of a Sentinel service (`rediss+sentinel://`: TLS).
             prefix: the first part of every key (default "cache").
             socket_timeout: seconds a command may take (default 0.25): a hung Redis
-                costs a caller this, plus one retry, until the breaker opens.
+                costs a caller this once (a timeout is not retried), until the breaker opens.
             socket_connect_timeout: seconds to connect (default 0.25).
             max_connections: connections per pool (default 64; one pool for sync
                 calls, one per event loop for async calls).
