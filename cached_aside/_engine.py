@@ -445,7 +445,9 @@ class CacheEngine:
         use, or of every master of its cluster."""
         given = [side.client for side in (self._sync, self._given_async) if side is not None]
         if self._cluster or any(isinstance(client, redis.cluster.RedisCluster) for client in given):
-            client = self.client()  # a sync cluster client: the topology, node settings
+            # A sync cluster client: the topology, node settings. The engine's own is
+            # read afresh each time: a cluster down at first use is reached later.
+            client = _CurrentSyncClient(self) if self._cluster else self.client()
             return lambda: ClusterListener(client, self.key_head)
         if any(isinstance(client, redis.asyncio.cluster.RedisCluster) for client in given):
             raise ConfigurationError(
@@ -747,6 +749,17 @@ class CacheEngine:
             breaker=self.breaker,
             outbox=self.outbox,
         )
+
+
+class _CurrentSyncClient:
+    """The engine's sync client as it is when used (a stand-in while a cluster is not
+    reached, the cluster client once it is)."""
+
+    def __init__(self, engine: CacheEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine._sync_side().client, name)
 
 
 _engines: weakref.WeakSet[CacheEngine] = weakref.WeakSet()

@@ -288,3 +288,36 @@ def test_a_call_on_a_hung_server_waits_out_one_timeout(
     assert engine.breaker.opened == 1
     assert load.error_kinds() == {"TimeoutError": threshold, "CircuitOpenError": 2}
     engine.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://no-such-host.invalid:6379/0",  # the name does not resolve
+        "redis+cluster://no-such-host.invalid:7000",  # nor the cluster node's
+        "redis+sentinel://no-such-host.invalid:26379/mymaster",  # nor the sentinel's
+    ],
+)
+async def test_a_host_that_does_not_resolve_fails_open(url: str) -> None:
+    """Sync and async calls are served by the loader, each failure counted, until the
+    breaker opens; the engine was built without error (nothing connects then)."""
+    engine = CacheEngine.from_url(url, breaker_cooldown=60)
+    loads: list[str] = []
+
+    @cache_aside(key="dns:<id>", ttl=30, engine=engine)
+    def load(id: str) -> str:
+        loads.append(id)
+        return id.upper()
+
+    @cache_aside(key="adns:<id>", ttl=30, engine=engine)
+    async def aload(id: str) -> str:
+        loads.append(id)
+        return id.upper()
+
+    for id in ("a", "b", "c", "d"):
+        assert load(id) == id.upper()
+        assert await aload(id) == id.upper()
+    assert len(loads) == 8
+    assert engine.stats().errors == 8
+    assert engine.breaker.opened >= 1
+    await engine.aclose()
