@@ -289,7 +289,9 @@ class CacheEngine:
 
     def client(self) -> Any:
         """The engine's sync Redis client (made on first use by an engine built from a
-        URL): for your own commands on the same server, with the same settings.
+        URL): for your own commands on the same server, with the same settings. While
+        a Redis Cluster cannot be reached, a stand-in whose commands raise
+        redis.ConnectionError (the real client is made once the cluster answers).
 
         Raises:
             ConfigurationError: the engine was given no sync client and has no URL.

@@ -18,6 +18,7 @@ import redis
 import redis.connection
 
 from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside._connections import Pipeline
 
 from .servers import REDIS_SERVER, RedisProcess
 
@@ -320,4 +321,38 @@ async def test_a_host_that_does_not_resolve_fails_open(url: str) -> None:
     assert len(loads) == 8
     assert engine.stats().errors == 8
     assert engine.breaker.opened >= 1
+    await engine.aclose()
+
+
+async def test_an_async_call_on_a_hung_server_loses_its_connection_once(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted, not timed: the loop's shared connection gives up once per call on a
+    hung server (it sent the command again after a timeout, and waited again)."""
+    lost: list[str] = []
+    original = Pipeline._lost
+
+    async def counting(self: Pipeline, connection: Any, exc: Exception) -> None:
+        lost.append(type(exc).__name__)
+        await original(self, connection, exc)
+
+    monkeypatch.setattr(Pipeline, "_lost", counting)
+    engine = CacheEngine.from_url(server.url, prefix="ahung", socket_timeout=0.2)
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def load(id: str) -> str:
+        return f"value-{id}"
+
+    for id in ("w1", "w2"):
+        await load(id)
+    server.pause()
+    per_call = []
+    try:
+        for i in range(engine.breaker.threshold + 2):
+            before = len(lost)
+            assert await load(f"cold{i}") == f"value-cold{i}"
+            per_call.append(len(lost) - before)
+    finally:
+        server.resume()
+    assert per_call == [1] * engine.breaker.threshold + [0, 0]
     await engine.aclose()
