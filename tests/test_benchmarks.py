@@ -240,3 +240,17 @@ def test_fleet_runs_processes_without_stale_reads_or_errors() -> None:
     assert (total["stale"], total["errors"]) == (0, 0)
     assert total["loads"] <= 2 * total["writes"] + 10  # warm: loads follow the writes
     assert total["commands"] > 0
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_outage_pauses_a_server_of_its_own() -> None:
+    """Structure only: each first call is answered (the loader's value), the breaker
+    opens once, every call up to it counted as an error; timings are the script's."""
+    from benchmarks import outage
+
+    results = outage.measure(calls=5)
+    for mode in ("sync", "async"):
+        report = results[mode]
+        assert len(report["per_call_s"]) == 5
+        assert report["breaker_opened"] == 1
+        assert report["errors"] == 5  # three timeouts, then two refusals by the breaker
