@@ -46,7 +46,7 @@ from ._results import BulkOutcome
 from ._runtime import (
     ASYNC_CLUSTER_FAILURES,
     DEFAULT_BLOCK_LIMIT_MS,
-    REDIS_FAILURES,
+    UNREACHABLE,
     AsyncRuntime,
     Background,
     SyncRuntime,
@@ -322,7 +322,7 @@ class CacheEngine:
             if self._sync is None:
                 try:
                     client = self._make_client()
-                except REDIS_FAILURES as exc:
+                except UNREACHABLE as exc:
                     # A cluster client asks the cluster for its topology when it is
                     # built: fail open until it can, trying again as the breaker lets.
                     return self._unreached_side(exc)

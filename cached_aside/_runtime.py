@@ -32,8 +32,10 @@ logger = logging.getLogger("cached_aside")
 DEFAULT_BLOCK_LIMIT_MS = 1000
 # What a failing Redis raises: RedisClusterException (no cluster node reachable) is
 # not a RedisError.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
+# What building or initializing a cluster client raises when no node can be reached;
 # OSError: a socket error redis-py let through unwrapped (a resolver's gaierror, say).
-REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+UNREACHABLE: tuple[type[BaseException], ...] = (*REDIS_FAILURES, OSError)
 # redis-py 8.1's asyncio RedisCluster also raises AttributeError ("'NoneType' object
 # has no attribute 'writelines'") when tasks use connections that a topology refresh
 # during a failover has just closed (see redis/redis-py#3835): an outage, not a bug
@@ -169,7 +171,7 @@ class AsyncRuntime(Runtime):
                 return CommandFailed(gate.refusal(), wrong_type=False, sent=False)
             try:
                 await self.client.initialize()
-            except self.failures as exc:
+            except (*self.failures, *UNREACHABLE) as exc:
                 gate.failure()
                 return failed(exc)
             except BaseException:
