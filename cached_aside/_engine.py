@@ -192,7 +192,8 @@ class CacheEngine:
                 for the master of a Sentinel service (`rediss+sentinel://`: TLS).
             prefix: the first part of every key (default "cache").
             socket_timeout: seconds a command may take (default 0.25): a hung Redis
-                costs a caller this once (a timeout is not retried), until the breaker opens.
+                costs a caller this once (a timeout is not retried), until the breaker
+                opens.
             socket_connect_timeout: seconds to connect (default 0.25).
             max_connections: connections per pool (default 64; one pool for sync
                 calls, one per event loop for async calls).
@@ -327,12 +328,12 @@ class CacheEngine:
                     # built: fail open until it can, trying again as the breaker lets.
                     return self._unreached_side(exc)
                 self._sync = self._make_sync_side(client)
-                self._unreached = None
-                gate = unrouted(self.breaker)
-                if gate.failures:
-                    gate.success()
-                if isinstance(self.breaker, NodeBreakers):
-                    self.breaker.reached()
+                if self._unreached is not None:  # the cluster answered at last
+                    gate, self._unreached = self._unreached.breaker, None
+                    if gate.failures:
+                        gate.success()
+                    if isinstance(self.breaker, NodeBreakers):
+                        self.breaker.reached()
             return self._sync
 
     def _unreached_side(self, failure: BaseException) -> SyncRuntime:

@@ -163,10 +163,10 @@ class AsyncRuntime(Runtime):
         reached (counted on the unrouted breaker, which also spaces the attempts)."""
         if self._initializing is None:
             self._initializing = asyncio.Lock()
-        gate = unrouted(self.breaker)
         async with self._initializing:
             if self.ready:
                 return None
+            gate = unrouted(self.breaker)
             if gate.open_until and not gate.allow():
                 return CommandFailed(gate.refusal(), wrong_type=False, sent=False)
             try:
@@ -209,6 +209,8 @@ class Unreached:
         return ConnectionError(f"Redis Cluster not reached: {self.failure}")
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle, hasattr of protocols: not a command
+            raise AttributeError(name)
         raise self._down()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
