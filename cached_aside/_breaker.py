@@ -15,6 +15,8 @@ from ._errors import CachedAsideError
 
 DEFAULT_FAILURES = 3
 DEFAULT_COOLDOWN_SECONDS = 0.5
+# The name NodeBreakers gives the breaker of commands that no node is known for.
+UNROUTED = "unrouted"
 
 
 class CircuitOpenError(CachedAsideError, ConnectionError):
@@ -107,6 +109,18 @@ class NodeBreakers(CircuitBreaker):
     ) -> None:
         super().__init__(failures, cooldown, clock)
         self.nodes: dict[str, CircuitBreaker] = {}
+
+    def unrouted(self) -> CircuitBreaker:
+        """The breaker of commands no node is known for: the cluster was never reached
+        (unreachable at first use), or a slot has no node mid-failover."""
+        return self.node(UNROUTED)
+
+    def reached(self) -> None:
+        """The cluster answered: what the unrouted breaker counted is over."""
+        if UNROUTED in self.nodes:
+            with self._lock:
+                self.nodes.pop(UNROUTED, None)
+            self.sum_up()
 
     def node(self, name: str) -> CircuitBreaker:
         """The breaker of one node (by redis-py's name, "host:port")."""

@@ -7,15 +7,24 @@ invalidate deleted nothing); 2 bad usage; 3 Redis unreachable or failing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import sys
 from typing import Any
 
-import msgpack
 import redis
+from redis.exceptions import RedisClusterException
 
-from ._codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
+from ._codecs import (
+    COMPRESSED_MARK,
+    META_FIELD,
+    MSGPACK_CODEC,
+    MSGPACK_NEGATIVE,
+    NEGATIVE_META,
+    SERIALIZED_MARK,
+    Found,
+)
 from ._defaults import (
     DEFAULT_URL,
     PREFIX_VARIABLE,
@@ -29,6 +38,10 @@ from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
+RAW_SHOWN = 200  # bytes of a custom serializer's payload shown by inspect
+# Everything redis-py raises when Redis cannot be reached or fails: RedisError, a
+# cluster's RedisClusterException (not a RedisError), and unwrapped socket errors.
+REDIS_FAILURES = (redis.RedisError, RedisClusterException, OSError)
 
 EPILOG = f"""\
 environment:
@@ -98,14 +111,7 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
     }
     if kind == "string":
         raw = client.get(key) or b""
-        if raw == MSGPACK_NEGATIVE:
-            report["entry"] = "negative sentinel (the loader returned None)"
-        else:
-            try:
-                report["value"] = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-                report["entry"] = "msgpack value"
-            except Exception:
-                report["entry"] = f"not msgpack: foreign or damaged ({len(raw)} bytes)"
+        report.update(describe_string(raw.encode() if isinstance(raw, str) else raw))
     elif kind == "hash":
         fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
         meta = fields.pop(META_FIELD, None)
@@ -122,6 +128,29 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
     if kind == "none" and not report["lock"]["held"]:
         return None
     return report
+
+
+def describe_string(raw: bytes) -> dict[str, Any]:
+    """A string entry in each form the library writes: the negative sentinel, msgpack,
+    compressed msgpack, or the output of a custom serializer (shown as raw bytes:
+    only the application can decode it)."""
+    if raw == MSGPACK_NEGATIVE:
+        return {"entry": "negative sentinel (the loader returned None)"}
+    compressed = raw[:2] == COMPRESSED_MARK
+    value = MSGPACK_CODEC.decode(raw)
+    if not isinstance(value, Found):
+        entry = f"msgpack value, compressed ({len(raw)} bytes stored)" if compressed else None
+        return {"entry": entry or "msgpack value", "value": value}
+    if compressed:
+        return {"entry": f"compressed msgpack whose zlib stream is damaged ({len(raw)} bytes)"}
+    if raw[:1] == SERIALIZED_MARK:
+        shown = raw[1 : 1 + RAW_SHOWN]
+        return {
+            "entry": f"written with a custom serializer ({len(raw) - 1} bytes): only the "
+            "application's serializer can decode it; its raw bytes are shown",
+            "raw": repr(shown) + ("..." if len(raw) - 1 > RAW_SHOWN else ""),
+        }
+    return {"entry": f"not msgpack: foreign or damaged ({len(raw)} bytes)"}
 
 
 def command_ping(client: redis.Redis) -> int:
@@ -203,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     except CachedAsideError as exc:
         print(f"cached-aside: {exc}", file=sys.stderr)
         return USAGE
-    except redis.RedisError as exc:
-        print(f"cached-aside: Redis failed: {exc}", file=sys.stderr)
+    except REDIS_FAILURES as exc:
+        print(f"cached-aside: Redis failed: {_one_line(exc)}", file=sys.stderr)
         return UNAVAILABLE
     finally:
         if engine is not None:
-            engine.close()
+            with contextlib.suppress(*REDIS_FAILURES):
+                engine.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def run_command(args: argparse.Namespace, client: Any) -> int:

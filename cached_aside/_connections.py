@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import math
 import os
+import socket
 import threading
 import weakref
 from collections import deque
@@ -101,6 +102,7 @@ class HeldConnections:
                 return False, []
         connection = held.connection
         memo = self._memo
+        connecting = False
         try:
             packed = [part for args in commands for part in memo.pack(connection, args)]
             # One write: redis-py's sync send_packed_command calls sendall() per item,
@@ -110,7 +112,9 @@ class HeldConnections:
                 # connect(), not send_packed_command's own reconnect, which goes back
                 # to the old address: a Sentinel connection asks where the master is
                 # now only in connect().
+                connecting = True
                 connection.connect()
+                connecting = False
             connection.send_packed_command(joined, check_health=False)
             replies: list[Any] = []
             for _ in commands:
@@ -124,10 +128,14 @@ class HeldConnections:
                         raise
                     replies.append(exc)
             return True, replies
-        except (*_LOST, AttributeError):  # AttributeError: the pool closed it meanwhile
+        except (*_LOST, AttributeError) as exc:  # AttributeError: the pool closed it
             # Whatever is left unread would answer the next command: a new socket
-            # (redis-py has usually closed it already). The client retries this one.
+            # (redis-py has usually closed it already). The client retries a socket
+            # the server closed; not a timeout, nor a new connection that failed: the
+            # server hangs or cannot be reached, and a retry would cost a caller twice.
             connection.disconnect()
+            if connecting or isinstance(exc, TimeoutError | socket.timeout):
+                raise
             return False, []
         except BaseException:
             # Interrupted between a write and its replies: the same, and no retry.
@@ -327,10 +335,12 @@ class Pipeline:
         (every command sent this way is safe to repeat), as redis-py's one immediate
         retry would; failed again, it fails (and its caller fails open)."""
         failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
+        # A timeout is not retried: the server hangs, and a caller would wait twice.
+        hung = isinstance(exc, TimeoutError | asyncio.TimeoutError | socket.timeout)
         again = [
             (packed, future)
             for packed, future in self._on_wire
-            if future not in self._retried and not future.done()
+            if not hung and future not in self._retried and not future.done()
         ]
         self._retried.update(future for _, future in again)
         self._on_wire = deque(entry for entry in self._on_wire if entry not in again)

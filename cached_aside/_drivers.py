@@ -265,7 +265,9 @@ async def aserve(
     that ask for the same key. Returns the answer, the seconds spent on Redis, and
     whether it was shared."""
     if not rt.ready:
-        await rt.prepare()
+        unreached = await rt.prepare()
+        if unreached is not None and raw is LOOK:
+            raw = unreached  # the cluster was not reached: what a failed lookup is
     if rt.outbox.active and rt.outbox.blocks(key):
         return (*(await arun(bypass(plan, key), rt, _loads(plan, loads), no_seal)), False)
     (served, seconds), joined = await rt.flights.run(
@@ -300,18 +302,20 @@ async def _aread(
         if hit is not None:
             return hit, seconds
     flow = after_miss(plan, key, raw, rt.block_limit_ms)
-    served, more = await arun(flow, rt, _loads(plan, loads), seal)
+    served, more = await arun(flow, rt, _loads(plan, loads), seal, prepared=True)
     return served, seconds + more
 
 
-async def arun(flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Seal) -> tuple[T, float]:
+async def arun(
+    flow: Flow[T], rt: AsyncRuntime, loads: Loads, seal: Seal, *, prepared: bool = False
+) -> tuple[T, float]:
     """Run a flow to its end; returns its result and the seconds spent on Redis.
 
     As run(), every Hold standing when the flow ends is released here, a cancelled
     task's too: the release runs in a task of its own, shielded from a second
-    cancellation.
+    cancellation. `prepared`: aserve tried to reach the cluster for this call already.
     """
-    if not rt.ready:
+    if not rt.ready and not prepared:
         await rt.prepare()
     redis_seconds = 0.0
     reply: Any = None

@@ -45,16 +45,21 @@ from ._outbox import Outbox, PendingPattern
 from ._results import BulkOutcome
 from ._runtime import (
     ASYNC_CLUSTER_FAILURES,
+    DEFAULT_BLOCK_LIMIT_MS,
+    UNREACHABLE,
     AsyncRuntime,
     Background,
     SyncRuntime,
+    Unreached,
     block_limit_ms,
     connection_kwargs,
+    unrouted,
     warn_if_pool_raises,
 )
 from ._scripts import ScriptName
 from ._sentinel import SentinelClients, is_sentinel_url
 from ._stats import Stats, StatsSnapshot
+from ._urls import check_keywords, check_url
 from ._validate import instance, seconds, whole
 
 logger = logging.getLogger("cached_aside")
@@ -65,11 +70,13 @@ _Tagged = tuple[tuple[KeyTemplate, ...], PendingPattern, int, Stats]
 
 CLUSTER_SCHEME = "redis+cluster://"
 DEFAULT_PREFIX = "cache"
-# A hung Redis costs a caller at most this (plus one retry), and only until the
-# breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
+# A hung Redis costs a caller this once (a timeout is not retried), and only until
+# the breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
 DEFAULT_SOCKET_TIMEOUT = 0.25
 DEFAULT_CONNECT_TIMEOUT = 0.25
 DEFAULT_MAX_CONNECTIONS = 64
+# What the clients' one immediate retry is for: a connection the server closed.
+RETRIED: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError,)
 DEFAULT_POOL_TIMEOUT = 5.0
 # How long a near cache's first use waits for the listener's handshake.
 NEAR_HANDSHAKE_SECONDS = 2.0
@@ -139,6 +146,7 @@ class CacheEngine:
         self._owns_clients = False
         self._cluster = False  # made from a redis+cluster:// URL
         self._sync: SyncRuntime | None = None
+        self._unreached: SyncRuntime | None = None  # while a cluster cannot be reached
         self._given_async: AsyncRuntime | None = None
         # Dropped by the side's closer when its loop shuts down (asyncio.run does).
         self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
@@ -184,7 +192,8 @@ class CacheEngine:
                 for the master of a Sentinel service (`rediss+sentinel://`: TLS).
             prefix: the first part of every key (default "cache").
             socket_timeout: seconds a command may take (default 0.25): a hung Redis
-                costs a caller this, plus one retry, until the breaker opens.
+                costs a caller this once (a timeout is not retried), until the breaker
+                opens.
             socket_connect_timeout: seconds to connect (default 0.25).
             max_connections: connections per pool (default 64; one pool for sync
                 calls, one per event loop for async calls).
@@ -209,6 +218,10 @@ class CacheEngine:
         whole("max_connections", max_connections)
         if client_options.get("decode_responses"):
             raise ConfigurationError("decode_responses must stay off: cached_aside reads raw bytes")
+        on_cluster = url.lower().startswith(CLUSTER_SCHEME)
+        if not is_sentinel_url(url):
+            check_url(url)  # here, not in every call: redis-py reads the URL on connect
+            check_keywords(client_options, on_cluster)
         options: dict[str, Any] = {
             "max_connections": max_connections,
             "timeout": pool_timeout,
@@ -217,14 +230,17 @@ class CacheEngine:
             **client_options,
         }
         # One immediate retry heals a pooled connection the server closed (a restart);
-        # redis-py's default backs off for seconds, which a cache must not do. The
-        # asyncio client runs only its own Retry class.
-        sync_options = {"retry": Retry(NoBackoff(), 1), **options}
-        async_options = {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **options}
+        # redis-py's default backs off for seconds, which a cache must not do. A
+        # timeout is not retried: a hung server would cost the caller a second one.
+        # The asyncio client runs only its own Retry class.
+        sync_options = {"retry": Retry(NoBackoff(), 1, RETRIED), **options}
+        async_options = {"retry": redis.asyncio.retry.Retry(NoBackoff(), 1, RETRIED), **options}
         # Checked before the engine exists: a bad Sentinel URL fails here, not on use.
         sentinel = (
             SentinelClients(url, sync_options, async_options) if is_sentinel_url(url) else None
         )
+        if sentinel is not None:
+            check_keywords(client_options, False, extra=("sentinel_kwargs",))
         engine = cls(
             prefix=prefix,
             breaker_failures=breaker_failures,
@@ -236,7 +252,7 @@ class CacheEngine:
             engine._flusher.sync_runtime = engine._sync_side
             engine._make_client, engine._make_async_client = sentinel.makers()
             return engine
-        if url.startswith(CLUSTER_SCHEME):
+        if on_cluster:
             # One node's address is enough: the client discovers the others.
             node_url = "redis" + url[len(CLUSTER_SCHEME) - len("://") :]
             timeouts = {
@@ -253,10 +269,11 @@ class CacheEngine:
             # (backoff, and a topology refresh that asks the hung node too): a cache
             # must fail open long before; one immediate retry, as for one Redis.
             engine._make_client = lambda: redis.cluster.RedisCluster.from_url(
-                node_url, **{"retry": Retry(NoBackoff(), 1), **timeouts}
+                node_url, **{"retry": Retry(NoBackoff(), 1, RETRIED), **timeouts}
             )
             engine._make_async_client = lambda: redis.asyncio.cluster.RedisCluster.from_url(
-                node_url, **{"retry": redis.asyncio.retry.Retry(NoBackoff(), 1), **timeouts}
+                node_url,
+                **{"retry": redis.asyncio.retry.Retry(NoBackoff(), 1, RETRIED), **timeouts},
             )
             return engine
         engine._owns_clients = True
@@ -273,7 +290,9 @@ class CacheEngine:
 
     def client(self) -> Any:
         """The engine's sync Redis client (made on first use by an engine built from a
-        URL): for your own commands on the same server, with the same settings.
+        URL): for your own commands on the same server, with the same settings. While
+        a Redis Cluster cannot be reached, a stand-in whose commands raise
+        redis.ConnectionError (the real client is made once the cluster answers).
 
         Raises:
             ConfigurationError: the engine was given no sync client and has no URL.
@@ -326,10 +345,41 @@ class CacheEngine:
                 "this CacheEngine has no sync client; pass client=redis.Redis(...) or use "
                 "CacheEngine.from_url(...) to call plain (non-async) functions"
             )
+        unreached = self._unreached
+        if unreached is not None and unreached.breaker.time_left():
+            return unreached  # the breaker spaces the attempts to reach the cluster
         with self._lock:
             if self._sync is None:
-                self._sync = self._make_sync_side(self._make_client())
+                try:
+                    client = self._make_client()
+                except UNREACHABLE as exc:
+                    # A cluster client asks the cluster for its topology when it is
+                    # built: fail open until it can, trying again as the breaker lets.
+                    return self._unreached_side(exc)
+                self._sync = self._make_sync_side(client)
+                if self._unreached is not None:  # the cluster answered at last
+                    gate, self._unreached = self._unreached.breaker, None
+                    if gate.failures:
+                        gate.success()
+                    if isinstance(self.breaker, NodeBreakers):
+                        self.breaker.reached()
             return self._sync
+
+    def _unreached_side(self, failure: BaseException) -> SyncRuntime:
+        """The side sync calls use while the cluster cannot be reached: every command
+        fails as Redis trouble, counted on the breaker; calls are served by loaders."""
+        side = self._unreached
+        if side is None:
+            stub = Unreached(failure)
+            side = self._unreached = SyncRuntime(
+                client=stub,
+                scripts=dict.fromkeys(ScriptName, stub),
+                block_limit_ms=DEFAULT_BLOCK_LIMIT_MS,
+                breaker=unrouted(self.breaker),
+                outbox=self.outbox,
+            )
+        side.client.failure = failure
+        return side
 
     def _async_side(self) -> AsyncRuntime:
         if self._given_async is not None:
@@ -427,7 +477,9 @@ class CacheEngine:
         use, or of every master of its cluster."""
         given = [side.client for side in (self._sync, self._given_async) if side is not None]
         if self._cluster or any(isinstance(client, redis.cluster.RedisCluster) for client in given):
-            client = self.client()  # a sync cluster client: the topology, node settings
+            # A sync cluster client: the topology, node settings. The engine's own is
+            # read afresh each time: a cluster down at first use is reached later.
+            client = _CurrentSyncClient(self) if self._cluster else self.client()
             return lambda: ClusterListener(client, self.key_head)
         if any(isinstance(client, redis.asyncio.cluster.RedisCluster) for client in given):
             raise ConfigurationError(
@@ -678,6 +730,7 @@ class CacheEngine:
             self._given_async.tasks = set()
         self._async_by_loop = {}
         self._last_async = (None, None)
+        self._unreached = None
         self._flusher.stopping = threading.Event()
         self._flusher.task = None
         self.outbox.reset_after_fork(can_flush=self._flusher.sync_runtime is not None)
@@ -728,6 +781,17 @@ class CacheEngine:
             breaker=self.breaker,
             outbox=self.outbox,
         )
+
+
+class _CurrentSyncClient:
+    """The engine's sync client as it is when used (a stand-in while a cluster is not
+    reached, the cluster client once it is)."""
+
+    def __init__(self, engine: CacheEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine._sync_side().client, name)
 
 
 _engines: weakref.WeakSet[CacheEngine] = weakref.WeakSet()

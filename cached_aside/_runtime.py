@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisClusterException, RedisError, ResponseError
 
 from ._breaker import CircuitBreaker, NodeBreakers
 from ._connections import HeldConnections, Pipeline
@@ -33,6 +33,9 @@ DEFAULT_BLOCK_LIMIT_MS = 1000
 # What a failing Redis raises: RedisClusterException (no cluster node reachable) is
 # not a RedisError.
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException)
+# What building or initializing a cluster client raises when no node can be reached;
+# OSError: a socket error redis-py let through unwrapped (a resolver's gaierror, say).
+UNREACHABLE: tuple[type[BaseException], ...] = (*REDIS_FAILURES, OSError)
 # redis-py 8.1's asyncio RedisCluster also raises AttributeError ("'NoneType' object
 # has no attribute 'writelines'") when tasks use connections that a topology refresh
 # during a failover has just closed (see redis/redis-py#3835): an outage, not a bug
@@ -114,6 +117,8 @@ class Runtime:
         breaker = self.breaker_of(key)
         if breaker.failures:
             breaker.success()
+        if type(self.breaker) is NodeBreakers:
+            self.breaker.reached()
 
     def breaker_of(self, key: str | None) -> CircuitBreaker:
         """The breaker a command on `key` goes through: its node's on a cluster."""
@@ -122,8 +127,8 @@ class Runtime:
             return breaker
         try:
             node = self.route(key)
-        except self.failures:  # no node known for the slot (mid-failover): the sum
-            return breaker
+        except self.failures:  # no node known for the slot: never reached, mid-failover
+            return breaker.unrouted()
         return breaker if node is None else breaker.node(node.name)
 
 
@@ -153,13 +158,31 @@ class AsyncRuntime(Runtime):
     closer: Any = None  # an async generator that closes the client with its loop
     _initializing: asyncio.Lock | None = None
 
-    async def prepare(self) -> None:
+    async def prepare(self) -> CommandFailed | None:
+        """Initialize the cluster client once; its failure when the cluster cannot be
+        reached (counted on the unrouted breaker, which also spaces the attempts)."""
         if self._initializing is None:
             self._initializing = asyncio.Lock()
         async with self._initializing:
-            if not self.ready:
+            if self.ready:
+                return None
+            gate = unrouted(self.breaker)
+            if gate.open_until and not gate.allow():
+                return CommandFailed(gate.refusal(), wrong_type=False, sent=False)
+            try:
                 await self.client.initialize()
-                self.ready = True
+            except (*self.failures, *UNREACHABLE) as exc:
+                gate.failure()
+                return failed(exc)
+            except BaseException:
+                gate.abandon()
+                raise
+            self.ready = True
+            if gate.failures:
+                gate.success()
+            if type(self.breaker) is NodeBreakers:
+                self.breaker.reached()
+            return None
 
     def keep(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` as a task of this loop that aclose() and asettle() wait for."""
@@ -167,6 +190,34 @@ class AsyncRuntime(Runtime):
         self.tasks.add(task)  # a task nobody references can be collected mid-run
         task.add_done_callback(self.tasks.discard)
         return task
+
+
+def unrouted(breaker: CircuitBreaker) -> CircuitBreaker:
+    """The breaker that counts a cluster's failures before any node is known."""
+    return breaker.unrouted() if type(breaker) is NodeBreakers else breaker
+
+
+class Unreached:
+    """Stands for a sync cluster client whose cluster could not be reached when it was
+    built: every command fails as Redis trouble (the call is served by its loader),
+    and the engine builds the client again once the breaker lets it."""
+
+    def __init__(self, failure: BaseException) -> None:
+        self.failure = failure
+
+    def _down(self) -> ConnectionError:
+        return ConnectionError(f"Redis Cluster not reached: {self.failure}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle, hasattr of protocols: not a command
+            raise AttributeError(name)
+        raise self._down()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._down()
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def failed(exc: BaseException) -> CommandFailed:

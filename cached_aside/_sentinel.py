@@ -14,11 +14,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
-import redis.connection
 import redis.sentinel
 from redis.exceptions import ConnectionError
 
 from ._errors import ConfigurationError
+from ._urls import query_option
 
 SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme: TLS
 DEFAULT_SENTINEL_PORT = 26379
@@ -29,11 +29,6 @@ SENTINEL_QUERY: dict[str, Callable[[str], Any]] = {
     "sentinel_password": str,
     "min_other_sentinels": int,
 }
-# Query options passed as text to the master's connections, as redis-py's from_url
-# passes them; the typed ones are read by redis-py's own parsers.
-TEXT_QUERY = frozenset(
-    {"client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile"}
-)
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -122,6 +117,8 @@ def _addresses(url: str, hosts: str) -> list[tuple[str, int]]:
             host, bracket, tail = item[1:].partition("]")
             if not bracket or (tail and not tail.startswith(":")):
                 raise _bad(url, f"bad IPv6 address {item!r}")
+            if tail == ":":
+                raise _bad(url, f"no port after the colon in {item!r}")
             port_text = tail[1:]
         else:
             host, colon, port_text = item.partition(":")
@@ -133,7 +130,8 @@ def _addresses(url: str, hosts: str) -> list[tuple[str, int]]:
             raise _bad(url, f"an empty sentinel address in {hosts!r}")
         port = DEFAULT_SENTINEL_PORT
         if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            digits = port_text.isascii() and port_text.isdigit()
+            if not digits or not 0 < int(port_text) < 65536:
                 raise _bad(url, f"bad port in {item!r}: a port is a number from 1 to 65535")
             port = int(port_text)
         addresses.append((unquote(host), port))
@@ -150,34 +148,31 @@ def _service(url: str, path: str) -> str:
 
 
 def _db(url: str, text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise _bad(url, f"the database must be a whole number >= 0, got {text!r}")
     return int(text)
 
 
 def _query(url: str, query: str, parsed: SentinelURL) -> None:
-    parsers: dict[str, Any] = redis.connection.URL_QUERY_ARGUMENT_PARSERS
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name == "db" and "db" in parsed.options:
             raise _bad(url, "the database is given twice, in the path and as ?db=")
-        convert = SENTINEL_QUERY.get(name) or parsers.get(name)
-        if convert is None and name in TEXT_QUERY:
-            convert = str
-        if convert is None:
-            known = sorted({*SENTINEL_QUERY, *parsers, *TEXT_QUERY})
-            raise _bad(url, f"unknown option {name!r} (known: {', '.join(known)})")
+        if name not in SENTINEL_QUERY:
+            try:  # the master's options: redis-py's parsers, and our rules on top
+                parsed.options[name] = query_option(name, value)
+            except ConfigurationError as exc:
+                raise _bad(url, str(exc)) from None
+            continue
         try:
-            converted = convert(value)
+            converted = SENTINEL_QUERY[name](value)
         except (TypeError, ValueError):
             converted = None
         if converted is None or (name == "min_other_sentinels" and converted < 0):
             raise _bad(url, f"bad value {value!r} for {name}")
         if name == "min_other_sentinels":
             parsed.min_other_sentinels = converted
-        elif name in SENTINEL_QUERY:
-            parsed.sentinel_options[name.removeprefix("sentinel_")] = converted
         else:
-            parsed.options[name] = converted
+            parsed.sentinel_options[name.removeprefix("sentinel_")] = converted
 
 
 class SentinelClients:

@@ -264,3 +264,16 @@ def test_dead_holder_measures_every_waiter_after_the_kill() -> None:
     assert len(result["delays_s"]) == 4  # every waiting caller answered, after the kill
     assert all(delay > 0 for delay in result["delays_s"])
     assert result["loads_after_kill"] == 1  # one of them loaded, the others waited for it
+
+
+def test_outage_pauses_a_server_of_its_own() -> None:
+    """Structure only: each first call is answered (the loader's value), the breaker
+    opens once, every call up to it counted as an error; timings are the script's."""
+    from benchmarks import outage
+
+    results = outage.measure(calls=5)
+    for mode in ("sync", "async"):
+        report = results[mode]
+        assert len(report["per_call_s"]) == 5
+        assert report["breaker_opened"] == 1
+        assert report["errors"] == 5  # three timeouts, then two refusals by the breaker

@@ -436,16 +436,18 @@ async def test_a_waiters_connection_dropped_mid_wait_is_retried_at_once(
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 async def test_engines_from_a_url_retry_once_without_backoff(mode: str) -> None:
-    """configuration.md: one immediate retry; redis-py's own default backs off for
-    seconds. Read from the pools of the engine's own clients."""
+    """configuration.md: one immediate retry, for a connection the server closed, none
+    for a timeout (a hung server would cost a caller twice); redis-py's own default
+    backs off for seconds. Read from the pools of the engine's own clients."""
     engine = CacheEngine.from_url(dead_url(), prefix=unique_prefix())
+    closed = (redis.exceptions.ConnectionError,)
     try:
         if mode == "sync":
             retry = engine.client().connection_pool.connection_kwargs["retry"]
-            assert retry == Retry(NoBackoff(), 1)
+            assert retry == Retry(NoBackoff(), 1, closed)
         else:
             retry = engine.async_client().connection_pool.connection_kwargs["retry"]
-            assert retry == redis.asyncio.retry.Retry(NoBackoff(), 1)
+            assert retry == redis.asyncio.retry.Retry(NoBackoff(), 1, closed)
     finally:
         await engine.aclose()
 

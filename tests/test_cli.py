@@ -200,3 +200,74 @@ def test_usage_and_unreachable_errors() -> None:
     code, message = cli("--url", "redis://127.0.0.1:1/0", "ping")
     assert code == 3
     assert "Redis failed" in str(message)
+
+
+class Text:
+    """A custom serializer: the command line cannot decode what it writes."""
+
+    @staticmethod
+    def dumps(value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    @staticmethod
+    def loads(data: bytes) -> object:
+        return json.loads(data)
+
+
+def test_inspect_decodes_every_entry_kind_the_library_writes(prefix: str) -> None:
+    """Compressed msgpack and a custom serializer's output were reported as "foreign
+    or damaged"; data we wrote is never called that."""
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    big = cache_aside(key="big:<id>", ttl=60, compress_over=64, engine=engine)(
+        lambda id: {"id": id, "text": "x" * 500}
+    )
+    custom = cache_aside(key="custom:<id>", ttl=60, serializer=Text(), engine=engine)(
+        lambda id: {"id": id}
+    )
+    maybe = cache_aside(key="maybe:<id>", ttl=60, engine=engine)(lambda id: None)
+    big("b")
+    custom("c")
+    maybe("m")
+    base = ("--url", REDIS_URL, "--prefix", prefix)
+    code, report = cli(*base, "inspect", "big:<id>", "b")
+    assert isinstance(report, dict)
+    assert code == 0
+    assert str(report["entry"]).startswith("msgpack value, compressed")
+    assert report["value"] == {"id": "b", "text": "x" * 500}
+    code, report = cli(*base, "inspect", "custom:<id>", "c")
+    assert isinstance(report, dict)
+    assert code == 0
+    assert str(report["entry"]).startswith("written with a custom serializer")
+    assert report["raw"] == repr(b'{"id": "c"}')
+    code, report = cli(*base, "inspect", "maybe:<id>", "m")
+    assert isinstance(report, dict)
+    assert report["entry"] == "negative sentinel (the loader returned None)"
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(f"{prefix}:{{junk:1}}", b"\xc1Znot zlib")
+    raw.set(f"{prefix}:{{junk:2}}", b"\xc7\x00")  # truncated msgpack
+    raw.close()
+    for id, entry in (("1", "compressed msgpack whose zlib"), ("2", "foreign or damaged")):
+        code, report = cli(*base, "inspect", "junk:<id>", id)
+        assert isinstance(report, dict)
+        assert entry in str(report["entry"])
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://127.0.0.1:1",  # no node of the cluster answers
+        "redis://no-such-host.invalid:6379/0",  # the name does not resolve
+        "redis://127.0.0.1:1/0",  # refused
+    ],
+)
+def test_every_connection_failure_exits_3_with_one_line(url: str) -> None:
+    """A cluster that is down printed a traceback and exited 1."""
+    for command in (("ping",), ("inspect", "cache:{k}"), ("invalidate", "cache:{k}")):
+        code, message = cli("--url", url, *command)
+        assert code == 3, message
+        assert isinstance(message, str)
+        assert message.startswith("cached-aside: Redis failed: ")
+        assert message.count("\n") == 1
+        assert "Traceback" not in message

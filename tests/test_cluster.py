@@ -632,3 +632,62 @@ def test_the_command_line_takes_a_cluster_url(cluster: RedisClusterProcesses) ->
     assert (code, report["existed"]) == (0, True)  # type: ignore[index]
     assert read.lookup("a").source is Source.LOADER
     engine.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_cluster_down_at_first_use_fails_open_then_heals(mode: str) -> None:
+    """The engine's first call finds no node of the cluster: calls are served by the
+    loader (they raised RedisClusterUnreachableError before), counted as Redis errors,
+    the breaker opens after three; once the cluster is up, calls start hitting."""
+    processes = RedisClusterProcesses(masters=3)  # ports chosen, nothing running yet
+    engine = CacheEngine.from_url(
+        f"redis+cluster://127.0.0.1:{processes.nodes[0].port}",
+        breaker_cooldown=0.05,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
+    calls: list[str] = []
+
+    def load(id: str) -> dict[str, str]:
+        calls.append(id)
+        return {"id": id}
+
+    if mode == "sync":
+        cached = cache_aside(key="down-first:<id>", ttl=30, engine=engine)(load)
+
+        def call(id: str) -> Any:
+            return cached.lookup(id)
+    else:
+
+        async def aload(id: str) -> dict[str, str]:
+            return load(id)
+
+        acached = cache_aside(key="down-first:<id>", ttl=30, engine=engine)(aload)
+        loop = asyncio.new_event_loop()
+
+        def call(id: str) -> Any:
+            return loop.run_until_complete(acached.lookup(id))
+
+    try:
+        for _ in range(5):
+            result = call("a")
+            assert (result.value, result.source) == ({"id": "a"}, Source.LOADER)
+        assert len(calls) == 5
+        assert engine.stats().errors == 5
+        assert engine.breaker.opened >= 1
+        processes.start()
+        deadline = time.monotonic() + 60  # a bound on a hang, not a speed claim
+        while call("a").source is not Source.CACHE:
+            assert time.monotonic() < deadline, "the engine never reached the cluster"
+            time.sleep(0.05)
+        before = len(calls)
+        values = [call(id).value for id in ("a", "b", "b")]
+        assert values == [{"id": "a"}, {"id": "b"}, {"id": "b"}]
+        assert len(calls) == before + 1  # "b" loaded once, then a hit
+        assert engine.breaker.state == "closed"
+    finally:
+        if mode == "async":
+            loop.run_until_complete(engine.aclose())
+            loop.close()
+        engine.close()
+        processes.stop()

@@ -150,3 +150,67 @@ def test_engine_warns_about_a_pool_that_raises_instead_of_waiting(
     with caplog.at_level("WARNING", logger="cached_aside"):
         CacheEngine(redis.Redis(connection_pool=redis.BlockingConnectionPool(max_connections=10)))
     assert caplog.text == ""
+
+
+# -- URLs and client options: checked when the engine is built ----------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("redis://h?decode_responses=true", {}, "decode_responses must stay off"),
+        ("redis://h?socket_timeout=-1", {}, "socket_timeout: give a number of seconds > 0"),
+        ("redis://h?socket_timeout=abc", {}, "'abc' for socket_timeout: give a number"),
+        ("redis://h?socket_connect_timeout=0", {}, "socket_connect_timeout"),
+        ("redis://h?timeout=inf", {}, "inf for timeout"),
+        ("redis://h?max_connections=-1", {}, "max_connections: give a whole number >= 1"),
+        ("redis://h?db=-2", {}, "db: give a whole number >= 0"),
+        ("redis://h?protocol=4", {}, "protocol: give 2 or 3"),
+        ("redis://h?socket_keepalive=maybe", {}, "give one of 1/0, t/f, true/false"),
+        ("redis://h?retry_on_error=NoSuchError", {}, "retry_on_error"),
+        ("redis://h?ssl_cert_reqs=sometimes", {}, "none or optional or required"),
+        ("redis://h?sockettimeout=1", {}, "unknown option 'sockettimeout' in the URL"),
+        ("http://h:6379", {}, "the scheme must be one of redis://"),
+        ("redis://h:70000/0", {}, "a port is a number from 1 to 65535"),
+        ("redis://h:0/0", {}, "a port is a number from 1 to 65535"),
+        ("redis://[::1]:/0", {}, "no port after the colon"),
+        ("redis://h:/0", {}, "no port after the colon"),
+        ("redis://h/zero", {}, "the path is the database"),
+        ("redis+cluster://h:99999", {}, "a port is a number from 1 to 65535"),
+        ("redis+cluster://h:7000?socket_timeout=-1", {}, "socket_timeout"),
+        ("redis://h", {"socket_timout": 1}, "unknown client option 'socket_timout'"),
+        ("redis://h", {"health_check_interval": -1}, "health_check_interval"),
+        ("redis+sentinel://h/m", {"max_conections": 5}, "did you mean max_connections"),
+    ],
+)
+def test_bad_urls_and_client_options_fail_when_the_engine_is_built(
+    url: str, options: dict[str, Any], message: str
+) -> None:
+    """Each was accepted here before and then failed in every call."""
+    with pytest.raises(ConfigurationError, match=message):
+        CacheEngine.from_url(url, **options)
+    with pytest.raises(ConfigurationError, match=message):
+        cached_aside.configure(url, **options)
+
+
+def test_a_password_in_a_refused_url_is_not_shown() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        CacheEngine.from_url("redis://user:s3cret@h:6379/0?socket_timeout=never")
+    assert "s3cret" not in str(caught.value)
+    assert "user:***@h" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("redis://h:6380/2?socket_timeout=1&client_name=app&retry_on_timeout=yes", {}),
+        ("rediss://user:pw@h?ssl_cert_reqs=none&protocol=3", {"ssl_ca_certs": "/ca.pem"}),
+        ("unix:///tmp/redis.sock?db=1", {}),
+        ("redis://[::1]:6379", {"client_name": "app", "socket_keepalive": True}),
+        ("REDIS://h", {}),
+        ("redis+cluster://h:7000", {"read_from_replicas": True}),
+    ],
+)
+def test_good_urls_and_client_options_are_accepted(url: str, options: dict[str, Any]) -> None:
+    engine = CacheEngine.from_url(url, **options)  # nothing connects before the first call
+    engine.close()

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis
+import redis.connection
 
 from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside._connections import Pipeline
 
 from .servers import REDIS_SERVER, RedisProcess
 
@@ -246,3 +249,110 @@ def test_fail_open_false_raises_cache_unavailable(server: RedisProcess) -> None:
         load.invalidate("a")
     assert calls == ["a"]  # the loader was not called behind the caller's back
     engine.close()
+
+
+def test_a_call_on_a_hung_server_waits_out_one_timeout(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted, not timed: each call before the breaker opens waits out one socket
+    timeout (it waited out three or four: the held connection's, then the client's
+    and its retry's, and a reconnect's handshake); then the breaker opens after
+    `breaker_failures` of them and calls skip Redis. benchmarks/outage.py times it."""
+    timeouts: list[str] = []
+    read = redis.connection.AbstractConnection.read_response
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(self, *args, **kwargs)
+        except redis.TimeoutError:
+            timeouts.append("read")
+            raise
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", counting)
+    engine = CacheEngine.from_url(server.url, prefix="hung", socket_timeout=0.2)
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    def load(id: str) -> str:
+        return f"value-{id}"
+
+    for id in ("w1", "w2"):  # warm: the client, its pool, this thread's connection
+        load(id)
+    server.pause()
+    per_call = []
+    for i in range(engine.breaker.threshold + 2):
+        before = len(timeouts)
+        assert load(f"cold{i}") == f"value-cold{i}"  # served by the loader
+        per_call.append(len(timeouts) - before)
+    server.resume()
+    threshold = engine.breaker.threshold
+    assert per_call == [1] * threshold + [0, 0]
+    assert engine.breaker.opened == 1
+    assert load.error_kinds() == {"TimeoutError": threshold, "CircuitOpenError": 2}
+    engine.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://no-such-host.invalid:6379/0",  # the name does not resolve
+        "redis+cluster://no-such-host.invalid:7000",  # nor the cluster node's
+        "redis+sentinel://no-such-host.invalid:26379/mymaster",  # nor the sentinel's
+    ],
+)
+async def test_a_host_that_does_not_resolve_fails_open(url: str) -> None:
+    """Sync and async calls are served by the loader, each failure counted, until the
+    breaker opens; the engine was built without error (nothing connects then)."""
+    engine = CacheEngine.from_url(url, breaker_cooldown=60)
+    loads: list[str] = []
+
+    @cache_aside(key="dns:<id>", ttl=30, engine=engine)
+    def load(id: str) -> str:
+        loads.append(id)
+        return id.upper()
+
+    @cache_aside(key="adns:<id>", ttl=30, engine=engine)
+    async def aload(id: str) -> str:
+        loads.append(id)
+        return id.upper()
+
+    for id in ("a", "b", "c", "d"):
+        assert load(id) == id.upper()
+        assert await aload(id) == id.upper()
+    assert len(loads) == 8
+    assert engine.stats().errors == 8
+    assert engine.breaker.opened >= 1
+    await engine.aclose()
+
+
+async def test_an_async_call_on_a_hung_server_loses_its_connection_once(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted, not timed: the loop's shared connection gives up once per call on a
+    hung server (it sent the command again after a timeout, and waited again)."""
+    lost: list[str] = []
+    original = Pipeline._lost
+
+    async def counting(self: Pipeline, connection: Any, exc: Exception) -> None:
+        lost.append(type(exc).__name__)
+        await original(self, connection, exc)
+
+    monkeypatch.setattr(Pipeline, "_lost", counting)
+    engine = CacheEngine.from_url(server.url, prefix="ahung", socket_timeout=0.2)
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def load(id: str) -> str:
+        return f"value-{id}"
+
+    for id in ("w1", "w2"):
+        await load(id)
+    server.pause()
+    per_call = []
+    try:
+        for i in range(engine.breaker.threshold + 2):
+            before = len(lost)
+            assert await load(f"cold{i}") == f"value-cold{i}"
+            per_call.append(len(lost) - before)
+    finally:
+        server.resume()
+    assert per_call == [1] * engine.breaker.threshold + [0, 0]
+    await engine.aclose()

@@ -12,6 +12,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -401,6 +404,45 @@ def test_settings_are_checked() -> None:
         made.close()
     finally:
         defaults_module._default_engine = previous
+
+
+START_UP = """
+import django
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+settings.configure(INSTALLED_APPS=["cached_aside.integrations.django"], CACHED_ASIDE=%r)
+try:
+    django.setup()
+except ImproperlyConfigured as exc:
+    print("ImproperlyConfigured:", exc)
+else:
+    print("started")
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"URL": "redis://127.0.0.1:6379/0", "OPTIONS": {"socket_timout": 0.5}}, "socket_timout"),
+        ({"URL": "http://127.0.0.1:6379/0"}, "the scheme must be one of redis://"),
+        ({"URL": "redis://127.0.0.1:6379/0?socket_timeout=abc"}, "'abc' for socket_timeout"),
+        ({"URL": "redis://127.0.0.1:70000/0"}, "a port is a number from 1 to 65535"),
+    ],
+)
+def test_bad_settings_stop_django_setup(config: dict[str, Any], message: str) -> None:
+    """As the Django page promises: ImproperlyConfigured at start-up, not a 500 from
+    every cached view (each of these passed django.setup() before)."""
+    completed = subprocess.run(
+        [sys.executable, "-c", START_UP % (config,)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("ImproperlyConfigured: CACHED_ASIDE: "), completed.stdout
+    assert message in completed.stdout
 
 
 # -- the documentation's example runs as written ------------------------------------

@@ -112,6 +112,12 @@ def test_sentinel_urls_are_parsed() -> None:
         ("redis+sentinel://h/mymaster?socket_timeout=soon", "bad value 'soon' for socket_timeout"),
         ("redis+sentinel://h/mymaster?min_other_sentinels=-1", "min_other_sentinels"),
         ("redis+sentinel://:secret@h:x/mymaster", "bad port"),
+        ("redis+sentinel://[::1]:/mymaster", "no port after the colon in '\\[::1\\]:'"),
+        ("redis+sentinel://h:\u00b2/mymaster", "bad port"),
+        ("redis+sentinel://h:\u0663/mymaster", "bad port"),
+        ("redis+sentinel://h/mymaster?socket_timeout=-1", "seconds > 0"),
+        ("redis+sentinel://h/mymaster?max_connections=0", "max_connections"),
+        ("redis+sentinel://h/mymaster?decode_responses=yes", "decode_responses must stay off"),
     ],
 )
 def test_bad_sentinel_urls_are_refused_when_the_engine_is_built(url: str, message: str) -> None:
