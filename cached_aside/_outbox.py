@@ -46,17 +46,14 @@ class PendingKey:
 
 @dataclass(frozen=True, slots=True)
 class PendingTag:
-    """A tag's invalidation whose entries Redis could not name: delivered by reading
-    the tag's set and invalidating each entry in it. Until then, this process does
-    not serve the keys of the functions that can carry the tag (`covers`: filled in
-    by the outbox, from the functions the engine knows, and from each function it
-    meets later)."""
+    """A tag's invalidation Redis did not take: delivered by deleting the tag's
+    version. Until then, this process does not serve the keys of the functions that
+    can carry the tag (`covers`: filled in by the outbox, from the functions the
+    engine knows, and from each function it meets later)."""
 
-    key: str  # the tag's set
+    key: str  # the tag's version key
     text: str = field(compare=False)  # the tag, as invalidate_tags() was given it
     wake_ttl_ms: int = field(compare=False)
-    # Told the key of a tag's set where foreign data stood (deleted by the script).
-    foreign: Callable[[str], None] = field(compare=False)
     covers: tuple[PendingPattern, ...] = field(default=(), compare=False)
 
 

@@ -1,0 +1,95 @@
+"""Tag versions and the stamps entries carry: the pure rules of tagged reads and writes.
+
+An entry of a function with tags= carries its stamp, the versions its tags had when
+its load began; a tag's invalidation deletes the tag's version, and a version is
+never made twice, so an entry whose stamp differs from its tags' versions now (or
+whose tags have no version) is a miss, whatever Redis kept or evicted.
+No redis, asyncio or time imports here.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from typing import Any, Final
+
+from ._codecs import STAMP_FIELD, RedisType
+from ._effects import Command, CommandFailed
+from ._keys import tag_key
+
+# A version is 16 hex digits from os.urandom: a tag's version key that was deleted
+# (invalidated, evicted, expired) and made again never gets the old value back.
+VERSION_LENGTH: Final = 16
+# Before the stamp of a string entry: 0xC1 (no msgpack value starts with it) "T". The
+# negative sentinel is 0xC1 alone, compressed values start 0xC1 "Z", serializer
+# payloads "=": a tagged entry is never read as an untagged one, nor the other way.
+STAMP_MARK: Final = b"\xc1T"
+_STAMP_FIELD_BYTES: Final = STAMP_FIELD.encode()
+
+
+class Verdict(enum.Enum):
+    """How an entry's stamp compares with its tags' versions read with it."""
+
+    CURRENT = "current"  # the stamp is the versions read: the entry may be served
+    OUTDATED = "outdated"  # a tag was invalidated (or its version lost) since the load
+    FOREIGN = "foreign"  # no stamp where one must be: not written by a tagged function
+
+
+def new_version() -> str:
+    """A version no tag has had: what a tag gets when its version key is missing."""
+    return os.urandom(VERSION_LENGTH // 2).hex()
+
+
+def version_reads(entry_key: str, texts: Sequence[str]) -> list[Command]:
+    """The GET of each tag's version key, sent with the entry's read."""
+    return [Command(("GET", tag_key(entry_key, text))) for text in texts]
+
+
+def stamp_of(replies: Sequence[Any]) -> bytes | CommandFailed | None:
+    """The stamp an entry must carry to be current, from its tags' version replies:
+    None if a version is missing or foreign (no entry is current then), a failure
+    if one could not be read."""
+    parts = []
+    for reply in replies:
+        if type(reply) is CommandFailed:
+            return reply
+        if type(reply) is not bytes or len(reply) != VERSION_LENGTH:
+            return None
+        parts.append(reply)
+    return b"".join(parts)
+
+
+def stamped(redis_type: RedisType, payload: list[Any], stamp: bytes) -> list[Any]:
+    """A store script's payload with the entry's stamp: ahead of the string, or in
+    the reserved stamp field of the hash."""
+    if redis_type == "string":
+        packed = payload[0]
+        return [STAMP_MARK + stamp + (packed if type(packed) is bytes else packed.encode())]
+    return [*payload, STAMP_FIELD, stamp]
+
+
+def unstamped(raw: Any, stamp: bytes | None) -> tuple[Any, Verdict]:
+    """An entry as read (GET bytes, HGETALL dict, or a script's flat hash list) less
+    its stamp, and how the stamp compares with `stamp`. Nothing cached is CURRENT
+    (a miss is a miss); an entry not CURRENT comes back as None."""
+    if not raw:
+        return raw, Verdict.CURRENT
+    if type(raw) is bytes:
+        if raw[:2] != STAMP_MARK:
+            return None, Verdict.FOREIGN
+        if stamp is None or raw[2 : 2 + len(stamp)] != stamp:
+            return None, Verdict.OUTDATED
+        return raw[2 + len(stamp) :], Verdict.CURRENT
+    if type(raw) is list:  # a script's reply: HGETALL as a flat list
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
+    elif type(raw) is dict:
+        raw = dict(raw)
+    else:
+        return None, Verdict.FOREIGN
+    found = raw.pop(_STAMP_FIELD_BYTES, None)
+    if found is None:
+        return None, Verdict.FOREIGN
+    if found != stamp:
+        return None, Verdict.OUTDATED
+    return raw, Verdict.CURRENT
