@@ -24,6 +24,7 @@ from cached_aside._scripts import ScriptName
 from cached_aside._stamps import VERSION_LENGTH
 
 from .conftest import REDIS_URL, Harness, needs_real_redis
+from .servers import REDIS_SERVER, RedisProcess
 from .test_flows import KEY, WHOLE, Stepper, plan
 from .test_near import near_engine, until_near  # noqa: F401  # a fixture, and its helper
 
@@ -229,6 +230,44 @@ async def test_a_damaged_stamp_is_a_miss_repaired_and_counted(h: Harness) -> Non
         assert await looked(h, each, id) is Source.LOADER
         assert await looked(h, each, id) is Source.CACHE
     assert fn.stats().corrupt >= 1
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+def test_allkeys_lru_eviction_never_makes_a_tag_miss_a_live_entry() -> None:
+    # A server of its own, full, evicting the least recently used keys: hot entries
+    # are read all the time, their tags only when they load. Whatever it evicts, an
+    # entry still in Redis after invalidate_tags() must not be served.
+    server = RedisProcess(
+        "--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru", "--maxmemory-samples", "10"
+    ).start()
+    engine = CacheEngine.from_url(server.url, prefix="ev")
+    try:
+        raw = server.admin()
+        rows = {"v": 1}
+
+        @cache_aside(key="hot:<id>", ttl=600, engine=engine, tags=("item:<id>", "all"))
+        def hot(id: int) -> dict[str, int]:
+            return {"id": id, **rows}
+
+        ids = range(40)
+        for id in ids:
+            hot(id)
+        filler = b"x" * 20_000
+        for round in range(400):  # until a tag's key went while its entries stayed
+            raw.set(f"filler:{round}", filler)
+            for id in ids:
+                hot(id)
+            kept = [id for id in ids if raw.exists(hot.key(id))]
+            if any(not raw.exists(f"ev:tag:{{item:{id}}}") for id in kept):
+                break
+        assert raw.info("stats")["evicted_keys"] > 0
+        rows["v"] = 2  # the write, then its invalidation
+        assert engine.invalidate_tags(*(f"item:{id}" for id in ids)).pending == 0
+        stale = [id for id in ids if hot(id)["v"] != 2]
+        assert not stale, f"served entries of an invalidated tag after eviction: {stale}"
+    finally:
+        engine.close()
+        server.stop()
 
 
 async def test_two_functions_of_one_name_are_both_blocked_by_a_pending_tag(
