@@ -147,7 +147,7 @@ class CacheEngine:
         # Functions with tags=, by their stats (one per decorated function: two with one
         # qualified name stay two): their tag templates, every key they own, their
         # lock ttl and their counters (a pending tag blocks their keys; its waiters'
-        # wake-ups; foreign data where a tag's set belongs is counted as theirs).
+        # wake-ups).
         self._tagged: dict[int, _Tagged] = {}
         self._listener: InvalidationListener | ClusterListener | None = None
         self.outbox = Outbox()

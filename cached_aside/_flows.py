@@ -61,7 +61,7 @@ class Plan:
     peek: bool = False
     # With stale_if_error: skips a loader that keeps failing, serving stale values.
     loader_breaker: CircuitBreaker | None = None
-    # tags=: templates over the loader's arguments; each entry joins its tags' sets.
+    # tags=: templates over the loader's arguments; each entry carries their versions.
     tags: tuple[KeyTemplate, ...] = ()
 
     @property
@@ -695,7 +695,7 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
     """fn.set(): store `value` after a write the caller made, revoking the lease of any
     load in flight (it read the row before the write). A value cache_if refuses, or
     None without negative caching, deletes the entry instead; so does a refusal to
-    add it to its tags' sets, which come first. If Redis does not take it, the
+    give it its tags' versions (its stamp), which come first. If Redis does not take it, the
     entry's invalidation goes to the outbox and the answer is PENDING."""
     kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
     if kind == DROP:

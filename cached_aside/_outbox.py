@@ -220,8 +220,8 @@ class Outbox:
             self.active = bool(self._keys or self._patterns or self._tags)
 
     def pending(self) -> list[str]:
-        """The keys, the SCAN patterns of bulk invalidations and the tags' sets still
-        waiting."""
+        """The keys, the SCAN patterns of bulk invalidations and the tags' version
+        keys still waiting."""
         with self._lock:
             return [*self._keys, *self._patterns, *self._tags]
 
