@@ -12,16 +12,17 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+import msgpack
 import pytest
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
 from cached_aside import _engine as engine_module
 from cached_aside._batches import invalidate_tags as tags_flow
-from cached_aside._effects import Batch, CommandFailed, TagsOf
-from cached_aside._flows import Plan, put, take_stamps
+from cached_aside._effects import Batch, CommandFailed, Signal, TagsOf
+from cached_aside._flows import Plan, Served, after_miss, put, read_stamped, take_stamps
 from cached_aside._keys import KeyTemplate
-from cached_aside._scripts import ScriptName
-from cached_aside._stamps import VERSION_LENGTH
+from cached_aside._scripts import AcquireStatus, ScriptName
+from cached_aside._stamps import STAMP_MARK, VERSION_LENGTH
 
 from .conftest import REDIS_URL, Harness, needs_real_redis
 from .servers import REDIS_SERVER, RedisProcess
@@ -622,3 +623,53 @@ async def test_a_negative_entry_in_its_grace_is_served_stale_and_reloaded(
     assert (stale.source, stale.value) == (Source.STALE, None)
     assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
     assert await h.run(fn, "a") == {"now": "exists"}
+
+
+# -- the tagged miss path, stepped ----------------------------------------------
+
+V1, V2 = b"1" * VERSION_LENGTH, b"2" * VERSION_LENGTH
+
+
+def test_a_hit_is_served_only_with_a_current_stamp() -> None:
+    p = tagged_plan()
+    packed = msgpack.packb({"a": 1})
+    entry = STAMP_MARK + V1 + packed
+    assert read_stamped(p, [entry, V1]) == packed
+    assert read_stamped(p, [entry, V2]) is None  # the tag was invalidated since
+    assert read_stamped(p, [entry, None]) is None  # its version is gone (evicted)
+    assert read_stamped(p, [packed, V1]) is None  # no stamp: foreign to a tagged function
+    down = CommandFailed(ConnectionError("down"), wrong_type=False)
+    assert read_stamped(p, [entry, down]) is down  # cannot tell: not a hit
+
+
+def test_an_outdated_entry_found_by_the_lock_script_is_loaded_over() -> None:
+    p = tagged_plan()
+    flow = Stepper(after_miss(p, KEY, None, 500))
+    assert type(flow.effect) is TagsOf
+    batch = flow.reply(("shop:7",))
+    acquire, version = batch.effects
+    assert (acquire.script, acquire.args[3]) == (ScriptName.ACQUIRE, "0")
+    assert version.args == ("GET", "cache:tag:{shop:7}")  # read after the entry
+    stale = STAMP_MARK + V1 + msgpack.packb({"v": 1})
+    batch = flow.reply([[AcquireStatus.FOUND, stale], V2])
+    assert batch.effects[0].args[3] == "1"  # again, ignoring the outdated entry
+    assert type(flow.reply([[AcquireStatus.OWNED], V2])) is TagsOf  # the load's stamp next
+
+
+def test_a_store_after_a_tag_invalidation_is_not_shared() -> None:
+    # The load took V1; the tag was invalidated before its store: callers who joined
+    # it must look again (lease_kept False), though its own caller gets its value.
+    p = tagged_plan()
+    flow = Stepper(after_miss(p, KEY, None, 500))
+    flow.reply(("shop:7",))
+    flow.reply([[AcquireStatus.OWNED], V1])
+    stamps = flow.reply(("shop:7",))
+    assert [effect.script for effect in stamps.effects] == [ScriptName.TAG_STAMP]
+    assert flow.reply([[V1, 0]]) is Signal.LOAD
+    assert flow.reply({"v": 1}) is Signal.SEAL
+    store = flow.reply(None)
+    assert store.effects[0].script is ScriptName.STORE
+    assert store.effects[0].args[4] == STAMP_MARK + V1 + msgpack.packb({"v": 1})
+    flow.reply([1, None])  # stored; the version is gone meanwhile
+    assert flow.result == Served({"v": 1}, Source.LOADER, lease_kept=False, shareable=False)
+    assert flow.holds == []
