@@ -38,12 +38,10 @@ from ._flows import (
     aged,
     found_in,
     guarded_load,
-    judge_stamped,
     lock_hold,
     miss,
     on_lookup,
     release_now,
-    take_stamps,
     tolerate,
     what_to_store,
 )
@@ -51,7 +49,7 @@ from ._keys import entry_keys, tag_key
 from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
 from ._results import BulkOutcome, Source
 from ._scripts import AcquireStatus, ScriptName
-from ._stamps import Verdict, stamp_of, stamped, unstamped
+from ._stamps import Verdict, judge_stamped, stamp_of, stamped, take_stamps, unstamped
 
 # Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
 SCAN_BATCH = 1000

@@ -39,12 +39,12 @@ from ._effects import (
     Spawn,
     TagsOf,
 )
-from ._flows import Plan, Served, after_miss, bypass, on_lookup, read_stamped
+from ._flows import Plan, Served, after_miss, bypass, on_lookup
 from ._loads import Loads
 from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._scripts import ScriptName
-from ._stamps import version_reads
+from ._stamps import read_stamped, version_reads
 
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,14 +35,13 @@ from ._options import Options
 from ._outbox import PendingKey, PendingPattern
 from ._results import Outcome, Source
 from ._scripts import AcquireStatus, ScriptName
-from ._stamps import Verdict, new_version, stamp_of, stamped, unstamped, version_reads
+from ._stamps import Verdict, new_version, stamp_of, stamped, take_stamps, unstamped, version_reads
 from ._stats import Stats
 
 RELEASE_ONLY = "release"
 # Store nothing and delete what is cached (under the lease): a reload whose result is
 # not to be cached must not leave the older value it was meant to replace.
 DROP = "drop"
-TAG_REPLACED_FOREIGN = 1  # TAG_STAMP's flag when it replaced foreign data
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 
@@ -121,35 +119,6 @@ def found_in(plan: Plan, raw: Any) -> Any:
     """What a lookup reply holds: a decoded value, or a Found member (a PEEK reply is
     unpacked first)."""
     return _peeked(plan, raw)[0] if plan.peek else plan.codec.decode(raw)
-
-
-def read_stamped(plan: Plan, replies: Sequence[Any]) -> Any:
-    """A tagged function's lookup (the entry's read, then its tags' versions, in one
-    pipeline) as an untagged lookup's reply: the entry less its stamp when the stamp
-    is current, else nothing cached (the miss path finds it again, and judges it);
-    a failure of any part, as the reply. The entry is read before the versions, so a
-    current stamp means no invalidation of its tags ended before the versions were
-    read."""
-    return judge_stamped(plan, replies)[0]
-
-
-def judge_stamped(plan: Plan, replies: Sequence[Any]) -> tuple[Any, Verdict]:
-    """read_stamped(), and the verdict on the entry's stamp."""
-    raw = replies[0]
-    if type(raw) is CommandFailed:
-        return raw, Verdict.CURRENT
-    stamp = stamp_of(replies[1:])
-    if isinstance(stamp, CommandFailed):
-        return stamp, Verdict.CURRENT
-    if plan.peek:
-        if len(raw) < 2:
-            return raw, Verdict.CURRENT  # nothing cached, or another type
-        value, verdict = unstamped(raw[0], stamp)
-        return ([value, raw[1]] if verdict is Verdict.CURRENT else []), verdict
-    value, verdict = unstamped(raw, stamp)
-    if verdict is Verdict.CURRENT:
-        return value, verdict
-    return (None if plan.codec.redis_type == "string" else {}), verdict
 
 
 def aged(plan: Plan, raw: Any) -> bool:
@@ -517,36 +486,6 @@ def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp
     if type(replies[0]) is CommandFailed:
         raise replies[0]
     return replies[0] if stamp_of(replies[1:]) == stamp else 0
-
-
-def take_stamps(
-    plan: Plan, entries: Sequence[tuple[str, tuple[str, ...]]]
-) -> Flow[list[bytes | CommandFailed]]:
-    """The stamp of each (entry key, its tags' texts): its tags' versions, each made
-    if missing (and its life stretched to cover the entry's), in one pipeline, one
-    TAG_STAMP script per distinct tag. An entry whose tag Redis did not answer gets
-    that failure instead: it must not be stored, as nothing could invalidate it."""
-    options = plan.options
-    alive_ms = max(options.ttl_ms, options.negative_ttl_ms) + options.keep_ms + options.lock_ttl_ms
-    tag_keys = list(dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts))
-    replies = yield Batch(
-        [RunScript(ScriptName.TAG_STAMP, (key,), (new_version(), alive_ms)) for key in tag_keys]
-    )
-    versions: dict[str, bytes | CommandFailed] = {}
-    for key, reply in zip(tag_keys, replies, strict=True):
-        if type(reply) is CommandFailed:
-            versions[key] = reply
-            continue
-        if int(reply[1]) == TAG_REPLACED_FOREIGN:
-            plan.stats.corrupt(key)
-        version = reply[0]
-        versions[key] = version if type(version) is bytes else str(version).encode()
-    stamps: list[bytes | CommandFailed] = []
-    for key, texts in entries:
-        parts = [versions[tag_key(key, text)] for text in texts]
-        failed = [part for part in parts if type(part) is CommandFailed]
-        stamps.append(failed[0] if failed else b"".join(parts))  # type: ignore[arg-type]
-    return stamps
 
 
 def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:

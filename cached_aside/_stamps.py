@@ -4,7 +4,8 @@ An entry of a function with tags= carries its stamp, the versions its tags had w
 its load began; a tag's invalidation deletes the tag's version, and a version is
 never made twice, so an entry whose stamp differs from its tags' versions now (or
 whose tags have no version) is a miss, whatever Redis kept or evicted.
-No redis, asyncio or time imports here.
+The flows that read and take stamps live here too. No redis, asyncio or time
+imports here.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._codecs import STAMP_FIELD, RedisType
-from ._effects import Command, CommandFailed
+from ._effects import Batch, Command, CommandFailed, Flow, RunScript
 from ._keys import tag_key
+from ._scripts import ScriptName
+
+if TYPE_CHECKING:
+    from ._flows import Plan
 
 # A version is 16 hex digits from os.urandom: a tag's version key that was deleted
 # (invalidated, evicted, expired) and made again never gets the old value back.
@@ -26,6 +31,7 @@ VERSION_LENGTH: Final = 16
 # payloads "=": a tagged entry is never read as an untagged one, nor the other way.
 STAMP_MARK: Final = b"\xc1T"
 _STAMP_FIELD_BYTES: Final = STAMP_FIELD.encode()
+TAG_REPLACED_FOREIGN: Final = 1  # TAG_STAMP's flag when it replaced foreign data
 
 
 class Verdict(enum.Enum):
@@ -93,3 +99,62 @@ def unstamped(raw: Any, stamp: bytes | None) -> tuple[Any, Verdict]:
     if found != stamp:
         return None, Verdict.OUTDATED
     return raw, Verdict.CURRENT
+
+
+def read_stamped(plan: Plan, replies: Sequence[Any]) -> Any:
+    """A tagged function's lookup (the entry's read, then its tags' versions, in one
+    pipeline) as an untagged lookup's reply: the entry less its stamp when the stamp
+    is current, else nothing cached (the miss path finds it again, and judges it);
+    a failure of any part, as the reply. The entry is read before the versions, so a
+    current stamp means no invalidation of its tags ended before the versions were
+    read."""
+    return judge_stamped(plan, replies)[0]
+
+
+def judge_stamped(plan: Plan, replies: Sequence[Any]) -> tuple[Any, Verdict]:
+    """read_stamped(), and the verdict on the entry's stamp."""
+    raw = replies[0]
+    if type(raw) is CommandFailed:
+        return raw, Verdict.CURRENT
+    stamp = stamp_of(replies[1:])
+    if isinstance(stamp, CommandFailed):
+        return stamp, Verdict.CURRENT
+    if plan.peek:
+        if len(raw) < 2:
+            return raw, Verdict.CURRENT  # nothing cached, or another type
+        value, verdict = unstamped(raw[0], stamp)
+        return ([value, raw[1]] if verdict is Verdict.CURRENT else []), verdict
+    value, verdict = unstamped(raw, stamp)
+    if verdict is Verdict.CURRENT:
+        return value, verdict
+    return (None if plan.codec.redis_type == "string" else {}), verdict
+
+
+def take_stamps(
+    plan: Plan, entries: Sequence[tuple[str, tuple[str, ...]]]
+) -> Flow[list[bytes | CommandFailed]]:
+    """The stamp of each (entry key, its tags' texts): its tags' versions, each made
+    if missing (and its life stretched to cover the entry's), in one pipeline, one
+    TAG_STAMP script per distinct tag. An entry whose tag Redis did not answer gets
+    that failure instead: it must not be stored, as nothing could invalidate it."""
+    options = plan.options
+    alive_ms = max(options.ttl_ms, options.negative_ttl_ms) + options.keep_ms + options.lock_ttl_ms
+    tag_keys = list(dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts))
+    replies = yield Batch(
+        [RunScript(ScriptName.TAG_STAMP, (key,), (new_version(), alive_ms)) for key in tag_keys]
+    )
+    versions: dict[str, bytes | CommandFailed] = {}
+    for key, reply in zip(tag_keys, replies, strict=True):
+        if type(reply) is CommandFailed:
+            versions[key] = reply
+            continue
+        if int(reply[1]) == TAG_REPLACED_FOREIGN:
+            plan.stats.corrupt(key)
+        version = reply[0]
+        versions[key] = version if type(version) is bytes else str(version).encode()
+    stamps: list[bytes | CommandFailed] = []
+    for key, texts in entries:
+        parts = [versions[tag_key(key, text)] for text in texts]
+        failed = [part for part in parts if type(part) is CommandFailed]
+        stamps.append(failed[0] if failed else b"".join(parts))  # type: ignore[arg-type]
+    return stamps

@@ -19,10 +19,10 @@ from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, So
 from cached_aside import _engine as engine_module
 from cached_aside._batches import invalidate_tags as tags_flow
 from cached_aside._effects import Batch, CommandFailed, Signal, TagsOf
-from cached_aside._flows import Plan, Served, after_miss, put, read_stamped, take_stamps
+from cached_aside._flows import Plan, Served, after_miss, put
 from cached_aside._keys import KeyTemplate
 from cached_aside._scripts import AcquireStatus, ScriptName
-from cached_aside._stamps import STAMP_MARK, VERSION_LENGTH
+from cached_aside._stamps import STAMP_MARK, VERSION_LENGTH, read_stamped, take_stamps
 
 from .conftest import REDIS_URL, Harness, needs_real_redis
 from .servers import REDIS_SERVER, RedisProcess
