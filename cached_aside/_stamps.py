@@ -13,15 +13,14 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
-from ._codecs import STAMP_FIELD, RedisType
+from ._codecs import STAMP_FIELD, Codec, RedisType
 from ._effects import Batch, Command, CommandFailed, Flow, RunScript
 from ._keys import tag_key
+from ._options import Options
 from ._scripts import ScriptName
-
-if TYPE_CHECKING:
-    from ._flows import Plan
+from ._stats import Stats
 
 # A version is 16 hex digits from os.urandom: a tag's version key that was deleted
 # (invalidated, evicted, expired) and made again never gets the old value back.
@@ -32,6 +31,19 @@ VERSION_LENGTH: Final = 16
 STAMP_MARK: Final = b"\xc1T"
 _STAMP_FIELD_BYTES: Final = STAMP_FIELD.encode()
 TAG_REPLACED_FOREIGN: Final = 1  # TAG_STAMP's flag when it replaced foreign data
+
+
+class Plan(Protocol):
+    """What these flows need of a function's plan (flows.Plan)."""
+
+    @property
+    def peek(self) -> bool: ...
+    @property
+    def codec(self) -> Codec: ...
+    @property
+    def options(self) -> Options: ...
+    @property
+    def stats(self) -> Stats: ...
 
 
 class Verdict(enum.Enum):
