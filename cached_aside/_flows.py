@@ -341,6 +341,9 @@ def miss(
             entry = reply[1]
             if texts:
                 stamp = stamp_of(replies[1:])
+                if isinstance(stamp, CommandFailed) and stamp.wrong_type:
+                    outdated = True  # foreign data at a tag's key: the load repairs it
+                    continue
                 if isinstance(stamp, CommandFailed):  # cannot tell whether it is current
                     yield Free(hold)
                     return (yield from _load_uncached(plan, key, stamp, load))

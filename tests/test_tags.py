@@ -673,3 +673,13 @@ def test_a_store_after_a_tag_invalidation_is_not_shared() -> None:
     flow.reply([1, None])  # stored; the version is gone meanwhile
     assert flow.result == Served({"v": 1}, Source.LOADER, lease_kept=False, shareable=False)
     assert flow.holds == []
+
+
+def test_foreign_data_at_a_tag_key_found_after_a_wait_is_loaded_over() -> None:
+    p = tagged_plan()
+    flow = Stepper(after_miss(p, KEY, None, 500))
+    flow.reply(("shop:7",))
+    entry = STAMP_MARK + V1 + msgpack.packb({"v": 1})
+    wrong = CommandFailed(ValueError("WRONGTYPE"), wrong_type=True)
+    batch = flow.reply([[AcquireStatus.FOUND, entry], wrong])
+    assert batch.effects[0].args[3] == "1"  # not served, not loaded uncached: replaced
