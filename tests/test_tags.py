@@ -25,6 +25,7 @@ from cached_aside._scripts import AcquireStatus, ScriptName
 from cached_aside._stamps import STAMP_MARK, VERSION_LENGTH, read_stamped, take_stamps
 
 from .conftest import REDIS_URL, Harness, needs_real_redis
+from .injection import counting_writes
 from .servers import REDIS_SERVER, RedisProcess
 from .test_flows import KEY, WHOLE, Stepper, plan
 from .test_near import near_engine, until_near  # noqa: F401  # a fixture, and its helper
@@ -683,3 +684,36 @@ def test_foreign_data_at_a_tag_key_found_after_a_wait_is_loaded_over() -> None:
     wrong = CommandFailed(ValueError("WRONGTYPE"), wrong_type=True)
     batch = flow.reply([[AcquireStatus.FOUND, entry], wrong])
     assert batch.effects[0].args[3] == "1"  # not served, not loaded uncached: replaced
+
+
+async def test_a_tagged_hit_is_one_round_trip_and_an_untagged_one_unchanged(
+    clients: Any,
+) -> None:
+    sync_client, async_client, _ = clients
+    counting = counting_writes(sync_client, async_client)
+    engine = CacheEngine(sync_client, async_client, prefix=f"rt-{time.monotonic_ns()}")
+    try:
+        tagged = cache_aside(key="t:<id>", ttl=30, engine=engine, tags=("shop:<id>", "all"))(
+            lambda id: {"id": id}
+        )
+        plain = cache_aside(key="p:<id>", ttl=30, engine=engine)(lambda id: {"id": id})
+        tagged_async = cache_aside(key="a:<id>", ttl=30, engine=engine, tags=("all",))(_async_row)
+        for fn in (tagged, plain):
+            fn.invalidate(7)  # the server learns the scripts (one extra round trip each)
+            fn(7)
+        await tagged_async(7)
+        counting.ops.clear()
+        assert tagged.lookup(7).source is Source.CACHE
+        assert plain.lookup(7).source is Source.CACHE
+        assert (await tagged_async.lookup(7)).source is Source.CACHE
+        assert counting.ops == ["pipeline[GET]", "GET", "pipeline[GET]"]
+        counting.ops.clear()
+        assert engine.invalidate_tags("shop:7", "all").deleted == 2
+        assert counting.ops == ["pipeline[DEL]"]
+    finally:
+        engine.invalidate_prefix()
+        await engine.aclose()
+
+
+async def _async_row(id: int) -> dict[str, int]:
+    return {"id": id}
