@@ -25,7 +25,8 @@ from ._stats import Stats
 # A version is 16 hex digits from os.urandom: a tag's version key that was deleted
 # (invalidated, evicted, expired) and made again never gets the old value back.
 VERSION_LENGTH: Final = 16
-# Before the stamp of a string entry: 0xC1 (no msgpack value starts with it) "T". The
+# Before the stamp of a string entry: 0xC1 (no msgpack value starts with it) "T", then
+# one byte, how many versions follow (so that the command line can read it). The
 # negative sentinel is 0xC1 alone, compressed values start 0xC1 "Z", serializer
 # payloads "=": a tagged entry is never read as an untagged one, nor the other way.
 STAMP_MARK: Final = b"\xc1T"
@@ -83,8 +84,27 @@ def stamped(redis_type: RedisType, payload: list[Any], stamp: bytes) -> list[Any
     the reserved stamp field of the hash."""
     if redis_type == "string":
         packed = payload[0]
-        return [STAMP_MARK + stamp + (packed if type(packed) is bytes else packed.encode())]
+        head = STAMP_MARK + _count(stamp) + stamp
+        return [head + (packed if type(packed) is bytes else packed.encode())]
     return [*payload, STAMP_FIELD, stamp]
+
+
+def _count(stamp: bytes) -> bytes:
+    """The byte that says how many versions a string entry's stamp holds."""
+    return bytes([len(stamp) // VERSION_LENGTH & 0xFF])
+
+
+def split_stamp(raw: bytes) -> tuple[list[bytes], bytes] | None:
+    """A string entry's stamp (its versions) and the payload behind it, read without
+    knowing its tags (the command line); None if it carries no stamp."""
+    if raw[:2] != STAMP_MARK or len(raw) < 3:
+        return None
+    end = 3 + raw[2] * VERSION_LENGTH
+    if len(raw) < end:
+        return None
+    stamp = raw[3:end]
+    versions = [stamp[at : at + VERSION_LENGTH] for at in range(0, len(stamp), VERSION_LENGTH)]
+    return versions, raw[end:]
 
 
 def unstamped(raw: Any, stamp: bytes | None) -> tuple[Any, Verdict]:
@@ -94,11 +114,12 @@ def unstamped(raw: Any, stamp: bytes | None) -> tuple[Any, Verdict]:
     if not raw:
         return raw, Verdict.CURRENT
     if type(raw) is bytes:
-        if raw[:2] != STAMP_MARK:
+        if raw[:2] != STAMP_MARK or len(raw) < 3:
             return None, Verdict.FOREIGN
-        if stamp is None or raw[2 : 2 + len(stamp)] != stamp:
-            return None, Verdict.OUTDATED
-        return raw[2 + len(stamp) :], Verdict.CURRENT
+        if stamp is None or raw[2 : 3 + len(stamp)] != _count(stamp) + stamp:
+            split = split_stamp(raw)
+            return None, _mismatch(b"".join(split[0]) if split else b"", stamp)
+        return raw[3 + len(stamp) :], Verdict.CURRENT
     if type(raw) is list:  # a script's reply: HGETALL as a flat list
         raw = dict(zip(raw[::2], raw[1::2], strict=True))
     elif type(raw) is dict:
@@ -109,8 +130,21 @@ def unstamped(raw: Any, stamp: bytes | None) -> tuple[Any, Verdict]:
     if found is None:
         return None, Verdict.FOREIGN
     if found != stamp:
-        return None, Verdict.OUTDATED
+        return None, _mismatch(found, stamp)
     return raw, Verdict.CURRENT
+
+
+def _mismatch(found: bytes, stamp: bytes | None) -> Verdict:
+    """A stamp that is not the current one: OUTDATED if it is versions as TAG_STAMP
+    makes them (as many as the tags, when they are known), else FOREIGN (damaged, or
+    written by another definition of the function)."""
+    if not found or len(found) % VERSION_LENGTH or (stamp and len(found) != len(stamp)):
+        return Verdict.FOREIGN
+    try:
+        bytes.fromhex(found.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return Verdict.FOREIGN
+    return Verdict.OUTDATED
 
 
 def read_stamped(plan: Plan, replies: Sequence[Any]) -> Any:

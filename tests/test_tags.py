@@ -18,6 +18,7 @@ import pytest
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
 from cached_aside import _engine as engine_module
 from cached_aside._batches import invalidate_tags as tags_flow
+from cached_aside._cli import describe
 from cached_aside._effects import Batch, CommandFailed, Signal, TagsOf
 from cached_aside._flows import Plan, Served, after_miss, put
 from cached_aside._keys import KeyTemplate
@@ -231,7 +232,12 @@ async def test_a_damaged_stamp_is_a_miss_repaired_and_counted(h: Harness) -> Non
     for each, id in ((fn, "a"), (hashed, "a"), (fn, "b")):
         assert await looked(h, each, id) is Source.LOADER
         assert await looked(h, each, id) is Source.CACHE
-    assert fn.stats().corrupt >= 1
+    assert fn.stats().corrupt == 2
+    assert hashed.stats().corrupt == 1
+    outdated = STAMP_MARK + b"\x01" + b"f" * VERSION_LENGTH + b"\xc0"  # well formed, old
+    h.raw.set(fn.key("a"), outdated)
+    assert await looked(h, fn, "a") is Source.LOADER
+    assert fn.stats().corrupt == 2  # an old stamp is no damage
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
@@ -634,7 +640,7 @@ V1, V2 = b"1" * VERSION_LENGTH, b"2" * VERSION_LENGTH
 def test_a_hit_is_served_only_with_a_current_stamp() -> None:
     p = tagged_plan()
     packed = msgpack.packb({"a": 1})
-    entry = STAMP_MARK + V1 + packed
+    entry = STAMP_MARK + b"\x01" + V1 + packed
     assert read_stamped(p, [entry, V1]) == packed
     assert read_stamped(p, [entry, V2]) is None  # the tag was invalidated since
     assert read_stamped(p, [entry, None]) is None  # its version is gone (evicted)
@@ -651,7 +657,7 @@ def test_an_outdated_entry_found_by_the_lock_script_is_loaded_over() -> None:
     acquire, version = batch.effects
     assert (acquire.script, acquire.args[3]) == (ScriptName.ACQUIRE, "0")
     assert version.args == ("GET", "cache:tag:{shop:7}")  # read after the entry
-    stale = STAMP_MARK + V1 + msgpack.packb({"v": 1})
+    stale = STAMP_MARK + b"\x01" + V1 + msgpack.packb({"v": 1})
     batch = flow.reply([[AcquireStatus.FOUND, stale], V2])
     assert batch.effects[0].args[3] == "1"  # again, ignoring the outdated entry
     assert type(flow.reply([[AcquireStatus.OWNED], V2])) is TagsOf  # the load's stamp next
@@ -670,7 +676,7 @@ def test_a_store_after_a_tag_invalidation_is_not_shared() -> None:
     assert flow.reply({"v": 1}) is Signal.SEAL
     store = flow.reply(None)
     assert store.effects[0].script is ScriptName.STORE
-    assert store.effects[0].args[4] == STAMP_MARK + V1 + msgpack.packb({"v": 1})
+    assert store.effects[0].args[4] == STAMP_MARK + b"\x01" + V1 + msgpack.packb({"v": 1})
     flow.reply([1, None])  # stored; the version is gone meanwhile
     assert flow.result == Served({"v": 1}, Source.LOADER, lease_kept=False, shareable=False)
     assert flow.holds == []
@@ -680,7 +686,7 @@ def test_foreign_data_at_a_tag_key_found_after_a_wait_is_loaded_over() -> None:
     p = tagged_plan()
     flow = Stepper(after_miss(p, KEY, None, 500))
     flow.reply(("shop:7",))
-    entry = STAMP_MARK + V1 + msgpack.packb({"v": 1})
+    entry = STAMP_MARK + b"\x01" + V1 + msgpack.packb({"v": 1})
     wrong = CommandFailed(ValueError("WRONGTYPE"), wrong_type=True)
     batch = flow.reply([[AcquireStatus.FOUND, entry], wrong])
     assert batch.effects[0].args[3] == "1"  # not served, not loaded uncached: replaced
@@ -717,3 +723,25 @@ async def test_a_tagged_hit_is_one_round_trip_and_an_untagged_one_unchanged(
 
 async def _async_row(id: int) -> dict[str, int]:
     return {"id": id}
+
+
+async def test_the_command_line_reads_a_tagged_entry_and_its_stamp(h: Harness) -> None:
+    fn = h.cached(lambda id: {"id": id}, key="cl:<id>", tags=("shop:<id>", "all"))
+    hashed = h.cached(lambda id: {"id": id}, key="ch:<id>", tags=("all",), as_hash=True)
+    await h.run(fn, "a")
+    await h.run(hashed, "a")
+    versions = [h.raw.get(tag_key(h, text)).decode() for text in ("shop:a", "all")]
+    report = describe(h.raw, fn.key("a"))
+    assert report is not None
+    assert (report["entry"], report["value"], report["stamp"]) == (
+        "msgpack value",
+        {"id": "a"},
+        versions,
+    )
+    report = describe(h.raw, hashed.key("a"))
+    assert report is not None
+    assert (report["entry"], report["value"], report["stamp"]) == (
+        "hash record",
+        {"id": "a"},
+        versions[1],
+    )
