@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import redis
 
-from ._codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META
+from ._codecs import META_FIELD, MSGPACK_NEGATIVE, NEGATIVE_META, STAMP_FIELD
 from ._defaults import (
     DEFAULT_URL,
     PREFIX_VARIABLE,
@@ -27,6 +27,7 @@ from ._engine import DEFAULT_PREFIX, CacheEngine
 from ._errors import CachedAsideError
 from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
+from ._stamps import split_stamp
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 
@@ -98,6 +99,10 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
     }
     if kind == "string":
         raw = client.get(key) or b""
+        split = split_stamp(raw)  # a tagged function's entry: its tags' versions first
+        if split is not None:
+            report["stamp"] = [_text(version) for version in split[0]]
+            raw = split[1]
         if raw == MSGPACK_NEGATIVE:
             report["entry"] = "negative sentinel (the loader returned None)"
         else:
@@ -108,6 +113,8 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
                 report["entry"] = f"not msgpack: foreign or damaged ({len(raw)} bytes)"
     elif kind == "hash":
         fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        if STAMP_FIELD in fields:
+            report["stamp"] = fields.pop(STAMP_FIELD)
         meta = fields.pop(META_FIELD, None)
         if meta == NEGATIVE_META:
             report["entry"] = "negative sentinel (the loader returned None)"
