@@ -99,7 +99,8 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
     }
     if kind == "string":
         raw = client.get(key) or b""
-        split = split_stamp(raw)  # a tagged function's entry: its tags' versions first
+        # A tagged function's entry: its tags' versions first.
+        split = split_stamp(raw) if isinstance(raw, bytes) else None
         if split is not None:
             report["stamp"] = [_text(version) for version in split[0]]
             raw = split[1]
