@@ -27,6 +27,7 @@ from ._effects import (
     Postpone,
     RunScript,
     Scan,
+    TagsOf,
 )
 from ._errors import BatchLoaderError
 from ._flows import (
@@ -37,7 +38,6 @@ from ._flows import (
     aged,
     found_in,
     guarded_load,
-    join_tags,
     leased,
     lock_hold,
     miss,
@@ -46,10 +46,11 @@ from ._flows import (
     tolerate,
     what_to_store,
 )
-from ._keys import entry_keys, split_entry_key, tag_key
+from ._keys import entry_keys, tag_key
 from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
 from ._results import BulkOutcome, Source
 from ._scripts import AcquireStatus, ScriptName
+from ._stamps import Verdict, judge_stamped, stamp_of, stamped, take_stamps, unstamped
 
 # Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
 SCAN_BATCH = 1000
@@ -66,12 +67,53 @@ def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
     return Batch([Command((plan.codec.read_command, key)) for key in keys])
 
 
+def tagged_lookups(
+    plan: Plan, keys: Sequence[str], texts: Sequence[tuple[str, ...]]
+) -> Flow[tuple[list[Any], set[int]]]:
+    """The lookups of many entries of a tagged function with their tags' versions,
+    each version read once, in one pipeline after the entries; returns each entry's
+    reply as an untagged lookup's (read_stamped), and the positions of the entries
+    found with a stamp that is not current (foreign ones counted)."""
+    reads, places = _with_versions(lookups(plan, keys).effects, keys, texts)
+    replies = yield Batch(reads)
+    raws, stale = [], set()
+    for position, place in enumerate(places):
+        raw, verdict = judge_stamped(plan, [replies[i] for i in place])
+        raws.append(raw)
+        if verdict is not Verdict.CURRENT:
+            stale.add(position)
+            if verdict is Verdict.FOREIGN:
+                plan.stats.corrupt(keys[position])
+    return raws, stale
+
+
+def _with_versions(
+    effects: Sequence[Command | RunScript], keys: Sequence[str], texts: Sequence[tuple[str, ...]]
+) -> tuple[list[Command | RunScript], list[list[int]]]:
+    """Effects followed by the GET of every distinct tag version they need; and for
+    each effect, the positions of its reply and of its tags' versions' replies."""
+    reads: list[Command | RunScript] = list(effects)
+    seen: dict[str, int] = {}
+    places = []
+    for position, (key, tags) in enumerate(zip(keys, texts, strict=True)):
+        place = [position]
+        for text in tags:
+            version_key = tag_key(key, text)
+            if version_key not in seen:
+                seen[version_key] = len(reads)
+                reads.append(Command(("GET", version_key)))
+            place.append(seen[version_key])
+        places.append(place)
+    return reads, places
+
+
 def load_batch(
     plan: Plan,
     keys: Sequence[str],
     raws: Sequence[Any],
     block_limit_ms: int,
     at: Sequence[int] | None = None,
+    stale: frozenset[int] = frozenset(),
 ) -> Flow[list[Served]]:
     """Serve the misses of a many() call through its batch loader.
 
@@ -80,6 +122,8 @@ def load_batch(
     one batch under the same lease rule as a single load. Entries another caller is
     loading are waited for one by one, as a single call would. `at` gives each
     entry's position in the many() call (its loads name those); default: in order.
+    `stale`: positions of entries found with a stamp that is not current, to be
+    loaded whatever is cached.
     """
     at = range(len(keys)) if at is None else at
     codec, options, stats = plan.codec, plan.options, plan.stats
@@ -103,27 +147,36 @@ def load_batch(
     # Armed before the lock scripts leave: a reply may be lost after Redis granted.
     attempt = Hold(tuple(r for hold in holds.values() for r in hold.releases), options.lock_ttl_ms)
     yield attempt
-    replies = yield Batch(
-        [
-            RunScript(
-                ScriptName.ACQUIRE,
-                entry_keys(keys[p])[:3],
-                (
-                    _token(holds[p]),
-                    options.lock_ttl_ms,
-                    codec.redis_type,
-                    "1" if p in corrupt else "0",
-                    options.keep_ms,
-                ),
-            )
-            for p in lockable
-        ]
-    )
+    acquires: list[Command | RunScript] = [
+        RunScript(
+            ScriptName.ACQUIRE,
+            entry_keys(keys[p])[:3],
+            (
+                _token(holds[p]),
+                options.lock_ttl_ms,
+                codec.redis_type,
+                "1" if p in corrupt or p in stale else "0",
+                options.keep_ms,
+            ),
+        )
+        for p in lockable
+    ]
+    stamps: list[Any] = []  # with tags: the stamp each entry found must carry
+    if plan.tags:
+        texts = []
+        for p in lockable:
+            texts.append((yield TagsOf(LoadOne(at[p]))))
+        reads, places = _with_versions(acquires, [keys[p] for p in lockable], texts)
+        sent = yield Batch(reads)
+        replies = sent[: len(acquires)]
+        stamps = [stamp_of([sent[i] for i in place[1:]]) for place in places]
+    else:
+        replies = yield Batch(acquires)
     owned: list[int] = []
     unsure: list[int] = []  # the lock script failed: the lock may have been granted
     held: dict[int, tuple[int, Hold] | None] = {}  # the lock's pttl and the entry's Hold
     failed: list[tuple[int, CommandFailed]] = []
-    for position, reply in zip(lockable, replies, strict=True):
+    for index, (position, reply) in enumerate(zip(lockable, replies, strict=True)):
         if type(reply) is CommandFailed:
             failed.append((position, reply))
             if reply.sent:
@@ -131,7 +184,13 @@ def load_batch(
         elif reply[0] == AcquireStatus.OWNED:
             owned.append(position)
         elif reply[0] == AcquireStatus.FOUND:
-            found = codec.decode(reply[1])
+            entry, verdict = reply[1], Verdict.CURRENT
+            if stamps:  # a stamp not current, or not read: the single path judges it
+                stamp = stamps[index]
+                verdict = Verdict.OUTDATED
+                if type(stamp) is not CommandFailed:
+                    entry, verdict = unstamped(entry, stamp)
+            found = codec.decode(entry) if verdict is Verdict.CURRENT else Found.CORRUPT
             if found is Found.NEGATIVE:
                 stats.negative_hit()
                 answers[position] = Served(None, Source.NEGATIVE)
@@ -183,7 +242,13 @@ def many(
     outbox), always take the single path, which knows how. Answers are in order,
     each with whether it was shared with another caller.
     """
-    raws = yield lookups(plan, keys)
+    if plan.tags:
+        texts = []
+        for position in range(len(keys)):
+            texts.append((yield TagsOf(LoadOne(position))))
+        raws, stale = yield from tagged_lookups(plan, keys, texts)
+    else:
+        raws, stale = (yield lookups(plan, keys)), set()
     answers: list[tuple[Served, bool] | None] = [None] * len(keys)
     to_batch: list[int] = []
     one_by_one: list[int] = []
@@ -197,7 +262,12 @@ def many(
             one_by_one.append(position)
     if to_batch:
         served = yield from load_batch(
-            plan, [keys[p] for p in to_batch], [raws[p] for p in to_batch], block_limit_ms, to_batch
+            plan,
+            [keys[p] for p in to_batch],
+            [raws[p] for p in to_batch],
+            block_limit_ms,
+            to_batch,
+            frozenset(i for i, p in enumerate(to_batch) if p in stale),
         )
         for position, answer in zip(to_batch, served, strict=True):
             answers[position] = (answer, False)
@@ -232,23 +302,32 @@ def _load_and_store_many(
     options, stats = plan.options, plan.stats
     to_load = tuple(sorted(owned + uncached))
     owning = set(owned)  # a failed lock attempt has a token too, but no lock
-    unfenced: set[int] = set()  # owned, but not in their tags' sets: loaded, not stored
+    stamps: dict[int, Any] = {}  # with tags: each owned entry's stamp, or the failure
     if plan.tags and owned:
-        unjoined = yield from join_tags(plan, [(keys[p], LoadOne(at[p])) for p in owned])
-        unfenced = {p for p in owned if keys[p] in unjoined}
+        tagged = []
+        for p in owned:
+            tagged.append((keys[p], (yield TagsOf(LoadOne(at[p])))))
+        taken = yield from take_stamps(plan, tagged)
+        stamps = dict(zip(owned, taken, strict=True))
+        for p, stamp in stamps.items():
+            if type(stamp) is CommandFailed:
+                tolerate(plan, keys[p], stamp)
     for _ in to_load:
         stats.miss()
         stats.load()
     # Through the loader breaker, as a single load: skipped while it is open.
-    locks = [(entry_keys(keys[p]), _token(holds[p]), LoadOne(at[p])) for p in owned]
-    load = yield from leased(plan, locks, LoadSome(tuple(at[p] for p in to_load)))
+    locks = [(entry_keys(keys[p]), _token(holds[p])) for p in owned]
+    load = leased(plan, locks, LoadSome(tuple(at[p] for p in to_load)))
     values = yield from guarded_load(plan, f"{len(to_load)} keys", load, NO_STALE, counted=True)
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):
         kind, ttl_ms, payload, results[position] = what_to_store(plan, value, keys[position])
-        if position in unfenced:
+        stamp = stamps.get(position)
+        if type(stamp) is CommandFailed:  # no version to stamp it with: store nothing
             kind, ttl_ms, payload = RELEASE_ONLY, 0, []
+        elif stamp is not None and kind == plan.codec.redis_type:
+            payload = stamped(kind, payload, stamp)
         if position in owning:
             store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
             stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
@@ -361,72 +440,25 @@ def invalidate_matching(
             return deleted, None
 
 
-def invalidate_tags(
-    key_head: str,
-    texts: Sequence[str],
-    wake_ttl_ms: int,
-    everything: PendingPattern,
-    foreign: Callable[[str], None],
-) -> Flow[tuple[BulkOutcome, list[str]]]:
-    """Delete every entry carrying any of these tags, on every node, without a scan:
-    read each tag's set, invalidate its entries (revoking loads in flight, as
-    invalidate() does), then take them out of the set, each only if it did not join
-    again since it was read. A load that joins a set after it was read began after
-    the write that called this, so it read the new row; it stays in the set, for the
-    next invalidation to find.
-
-    What Redis did not take goes to the outbox: an entry as a PendingKey, a tag whose
-    set could not be read as a PendingTag (blocking, here, the functions that can
-    carry it). Foreign data where a set belongs is deleted by the script and told to
-    `foreign`. Returns the outcome and the keys invalidated."""
+def invalidate_tags(key_head: str, texts: Sequence[str], wake_ttl_ms: int) -> Flow[BulkOutcome]:
+    """Retire each tag's version: one DEL per tag, in one pipeline, on every node. Every
+    entry stamped with a retired version is a miss from then on, wherever it is and
+    whatever else Redis kept or evicted; a load in flight, stamped before, stores an
+    entry that is a miss too. What Redis did not take goes to the outbox as a
+    PendingTag (blocking, here, the functions that can carry it). Returns the
+    outcome: `deleted` counts the tags that had a version."""
     tag_keys = [tag_key(key_head, text) for text in texts]
-    replies = yield Batch([RunScript(ScriptName.TAG_MEMBERS, (key,), ()) for key in tag_keys])
-    members: dict[str, list[tuple[str, bytes]]] = {}  # entry -> (tag set, score read)
-    unread: list[PendingTag] = []
+    replies = yield Batch([Command(("DEL", key)) for key in tag_keys])
+    retired = 0
+    unsent: list[PendingTag] = []
     for text, key, reply in zip(texts, tag_keys, replies, strict=True):
         if type(reply) is CommandFailed:
-            unread.append(PendingTag(key, text, wake_ttl_ms, foreign))
-            continue
-        for entry, score in _tag_members(reply, key, key_head, foreign):
-            members.setdefault(entry, []).append((key, score))
-    entries = list(members)
-    replies = yield Batch(
-        [RunScript(ScriptName.INVALIDATE, entry_keys(entry), (wake_ttl_ms,)) for entry in entries]
-    )
-    deleted = 0
-    done: dict[str, list[Any]] = {}  # tag set -> its members now invalidated, with scores
-    failed: list[PendingKey] = []
-    for entry, reply in zip(entries, replies, strict=True):
-        if type(reply) is CommandFailed:
-            failed.append(PendingKey(entry, wake_ttl_ms, everything))
-            continue
-        deleted += int(reply)
-        for key, score in members[entry]:
-            done.setdefault(key, []).extend((entry, score))
-    if done:  # tidy only: a member left behind is invalidated again, harmlessly
-        yield Batch(
-            [RunScript(ScriptName.TAG_PRUNE, (key,), tuple(gone)) for key, gone in done.items()]
-        )
-    if failed or unread:
-        yield Postpone((*failed, *unread))
-    return BulkOutcome(deleted, len(failed) + len(unread)), entries
-
-
-def _tag_members(
-    reply: Sequence[Any], key: str, key_head: str, foreign: Callable[[str], None]
-) -> list[tuple[str, bytes]]:
-    """The entries a TAG_MEMBERS reply names, with their scores; members that are
-    not value keys of the engine (`key_head`) are never trusted."""
-    if reply[0] == 1:
-        foreign(key)
-        return []
-    found = []
-    for member, score in zip(reply[1::2], reply[2::2], strict=True):
-        entry = member.decode() if isinstance(member, bytes) else str(member)
-        parts = split_entry_key(entry, key_head)
-        if parts is not None and not parts[1]:
-            found.append((entry, score))
-    return found
+            unsent.append(PendingTag(key, text, wake_ttl_ms))
+        else:
+            retired += int(reply)
+    if unsent:
+        yield Postpone(tuple(unsent))
+    return BulkOutcome(retired, len(unsent))
 
 
 def deliver(delivery: Delivery) -> Flow[Delivery]:
@@ -460,23 +492,6 @@ def deliver(delivery: Delivery) -> Flow[Delivery]:
 
 
 def _deliver_tag(tag: PendingTag) -> Flow[bool]:
-    """One pending tag: read its set and invalidate every entry in it; True if all of
-    it landed. The entries' keys are checked against the tag's own engine head."""
-    try:
-        reply = yield RunScript(ScriptName.TAG_MEMBERS, (tag.key,), ())
-    except CommandFailed:
-        return False
-    head = tag.key[: tag.key.index("tag:{")] + "{"
-    members = _tag_members(reply, tag.key, head, tag.foreign)
-    replies = yield Batch(
-        [
-            RunScript(ScriptName.INVALIDATE, entry_keys(entry), (tag.wake_ttl_ms,))
-            for entry, _ in members
-        ]
-    )
-    if any(type(reply) is CommandFailed for reply in replies):
-        return False
-    if members:
-        pairs = tuple(part for member in members for part in member)
-        yield Batch([RunScript(ScriptName.TAG_PRUNE, (tag.key,), pairs)])
-    return True
+    """One pending tag: retire its version; True if Redis took it."""
+    replies = yield Batch([Command(("DEL", tag.key))])
+    return type(replies[0]) is not CommandFailed

@@ -23,6 +23,7 @@ from ._codecs import (
     MSGPACK_NEGATIVE,
     NEGATIVE_META,
     SERIALIZED_MARK,
+    STAMP_FIELD,
     Found,
 )
 from ._defaults import (
@@ -36,6 +37,7 @@ from ._engine import DEFAULT_PREFIX, CacheEngine
 from ._errors import CachedAsideError
 from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
+from ._stamps import split_stamp
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 RAW_SHOWN = 200  # bytes of a custom serializer's payload shown by inspect
@@ -111,9 +113,17 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
     }
     if kind == "string":
         raw = client.get(key) or b""
-        report.update(describe_string(raw.encode() if isinstance(raw, str) else raw))
+        raw = raw.encode() if isinstance(raw, str) else raw
+        # A tagged function's entry: its tags' versions first.
+        split = split_stamp(raw)
+        if split is not None:
+            report["stamp"] = [_text(version) for version in split[0]]
+            raw = split[1]
+        report.update(describe_string(raw))
     elif kind == "hash":
         fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        if STAMP_FIELD in fields:
+            report["stamp"] = fields.pop(STAMP_FIELD)
         meta = fields.pop(META_FIELD, None)
         if meta == NEGATIVE_META:
             report["entry"] = "negative sentinel (the loader returned None)"

@@ -30,6 +30,8 @@ class Found(enum.Enum):
 # for the negative sentinel. It lets an empty dict be stored and a record that lost
 # a field be recognised.
 META_FIELD: Final = "__cached_aside__"
+# The reserved field of a tagged function's record: its tags' versions (_stamps.py).
+STAMP_FIELD: Final = "__cached_aside_tags__"
 NEGATIVE_META: Final = "none"
 _META_FIELD_BYTES: Final = META_FIELD.encode()
 _NEGATIVE_META_BYTES: Final = NEGATIVE_META.encode()
@@ -151,9 +153,9 @@ def check_field(field: object, where: str) -> str:
             f"{where}: hash field names must be str, got {field!r}; convert the keys to str"
         )
     _check_utf8(field, where, "field name")
-    if field == META_FIELD:
+    if field in (META_FIELD, STAMP_FIELD):
         raise UnstorableValueError(
-            f"{where}: field {META_FIELD!r} is reserved by cached_aside; rename it"
+            f"{where}: field {field!r} is reserved by cached_aside; rename it"
         )
     return field
 

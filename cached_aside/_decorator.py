@@ -100,11 +100,12 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             together. 0 (default): every entry lives exactly `ttl`.
         tags: templates over the loader's parameters, like `key`, e.g.
             `tags=("shop:<shop_id>", "catalog")`: `engine.invalidate_tags("shop:7")`
-            drops every entry carrying one, on every node, without a scan. Each tag
-            costs a load (and set(), update_field()) one more Redis command: its set
-            gains the entry before the loader runs, so an invalidation after a write
-            fences that load. Text arguments render as in keys, except that "7" and
-            7 give the same tag text ("shop:7").
+            makes every entry carrying one a miss, on every node, without a scan:
+            each entry carries its tags' versions, read with it on every hit (in
+            the same round trip), and invalidate_tags() retires the versions. A
+            load (and set()) takes the versions first: one more round trip. Text
+            arguments render as in keys, except that "7" and 7 give the same tag
+            text ("shop:7").
         compress_over: bytes; a msgpack payload longer than this is stored
             zlib-compressed (marked, so foreign data never decodes as compressed).
             None (default): never. Not with as_hash or a serializer.

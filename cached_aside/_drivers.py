@@ -46,6 +46,7 @@ from ._loads import Loads
 from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._scripts import ScriptName
+from ._stamps import read_stamped, version_reads
 
 T = TypeVar("T")
 logger = logging.getLogger("cached_aside")
@@ -67,6 +68,17 @@ def lookup(plan: Plan, key: str) -> Command | RunScript:
     return Command((plan.codec.read_command, key))
 
 
+def tagged_lookup(plan: Plan, key: str, loads: Loads | Call) -> Batch:
+    """A tagged function's lookup: the entry, then its tags' versions, in one
+    pipeline (read_stamped judges the replies)."""
+    if type(loads) is Loads:
+        texts = loads.tags(Signal.LOAD)
+    else:
+        _, args, kwargs = loads  # type: ignore[misc]
+        texts = tuple(tag.render_tag(args, kwargs) for tag in plan.tags)
+    return Batch([lookup(plan, key), *version_reads(key, texts)])
+
+
 # -- sync ---------------------------------------------------------------------------
 
 
@@ -84,10 +96,13 @@ def serve(
     while True:
         if look:
             started = perf_counter()
-            raw, failure = send(rt, lookup(plan, key))
+            if plan.tags:
+                raw = read_stamped(plan, send_batch(rt, tagged_lookup(plan, key, loads)))
+            else:
+                raw, failure = send(rt, lookup(plan, key))
+                if failure is not None:
+                    raw = _as_reply(failure)
             seconds += perf_counter() - started
-            if failure is not None:
-                raw = _as_reply(failure)
             hit = on_lookup(plan, raw)
             if hit is not None:
                 return hit, seconds, False
@@ -282,10 +297,14 @@ async def _aread(
     seconds = 0.0
     if raw is LOOK:
         started = perf_counter()
-        raw, failure = await asend(rt, lookup(plan, key))
+        if plan.tags:
+            batch = tagged_lookup(plan, key, loads)
+            raw = read_stamped(plan, await send_batch_async(rt, batch))
+        else:
+            raw, failure = await asend(rt, lookup(plan, key))
+            if failure is not None:
+                raw = _as_reply(failure)
         seconds = perf_counter() - started
-        if failure is not None:
-            raw = _as_reply(failure)
         hit = on_lookup(plan, raw)
         if hit is not None:
             return hit, seconds

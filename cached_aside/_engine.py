@@ -152,10 +152,11 @@ class CacheEngine:
         self._async_by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
         self._last_async: tuple[object, AsyncRuntime | None] = (None, None)
         self._stats: list[Stats] = []
-        # Functions with tags=, by name: their tag templates, every key they own, their
+        # Functions with tags=, by their stats (one per decorated function: two with one
+        # qualified name stay two): their tag templates, every key they own, their
         # lock ttl and their counters (a pending tag blocks their keys; its waiters'
-        # wake-ups; foreign data where a tag's set belongs is counted as theirs).
-        self._tagged: dict[str, _Tagged] = {}
+        # wake-ups).
+        self._tagged: dict[int, _Tagged] = {}
         self._listener: InvalidationListener | ClusterListener | None = None
         self.outbox = Outbox()
         self.outbox.tag_covers = self._tag_covers
@@ -528,37 +529,31 @@ class CacheEngine:
         tags=("shop:<shop_id>",) and shop_id=7 or "7"), on every node, and revoke
         their loads in flight, as invalidate() would each.
 
-        Costs one TAG_MEMBERS script per tag, one INVALIDATE script per entry and one
-        TAG_PRUNE script per tag, pipelined (per node on a Cluster); no scan. What
-        Redis did not take waits in the outbox (`pending`), and is retried until it
-        lands.
+        Costs one DEL per tag, pipelined (per node on a Cluster): each tag's version
+        is retired, and every entry stamped with it reads as a miss from then on; no
+        scan. `deleted` counts the tags that had a version. What Redis did not take
+        waits in the outbox (`pending`), and is retried until it lands.
         """
         texts = _tag_texts(tags)
         runtime = self._sync_side()
-        outcome, keys = BulkOutcome(0), list[str]()
         try:
-            outcome, keys = run(self._tags_flow(texts), runtime, NO_LOADS, no_seal)[0]
+            return run(self._tags_flow(texts), runtime, NO_LOADS, no_seal)[0]
         finally:
-            self._forget(runtime, keys, bool(outcome.pending))
-        return outcome
+            self._forget(runtime, [], True)
 
     async def ainvalidate_tags(self, *tags: str) -> BulkOutcome:
         """invalidate_tags() for async code, on this event loop's client."""
         texts = _tag_texts(tags)
         runtime = self._async_side()
-        outcome, keys = BulkOutcome(0), list[str]()
         try:
-            outcome, keys = (await arun(self._tags_flow(texts), runtime, NO_LOADS, no_seal))[0]
+            return (await arun(self._tags_flow(texts), runtime, NO_LOADS, no_seal))[0]
         finally:
-            self._forget(runtime, keys, bool(outcome.pending))
-        return outcome
+            self._forget(runtime, [], True)
 
-    def _tags_flow(self, texts: list[str]) -> Flow[tuple[BulkOutcome, list[str]]]:
+    def _tags_flow(self, texts: list[str]) -> Flow[BulkOutcome]:
         tagged = list(self._tagged.values())
         wake_ttl_ms = max((lock_ttl_ms for _, _, lock_ttl_ms, _ in tagged), default=10_000)
-        return invalidate_tags(
-            self.key_head, texts, wake_ttl_ms, self._matching(""), self._foreign_tag
-        )
+        return invalidate_tags(self.key_head, texts, wake_ttl_ms)
 
     def _carrying(self, text: str) -> list[_Tagged]:
         """The functions met so far that can carry the tag `text`."""
@@ -568,20 +563,6 @@ class CacheEngine:
     def _tag_covers(self, text: str) -> tuple[PendingPattern, ...]:
         """What a pending tag blocks: every key of each function that can carry it."""
         return tuple(whole for _, whole, _, _ in self._carrying(text))
-
-    def _foreign_tag(self, key: str) -> None:
-        """Foreign data stood where a tag's set belongs (another type; the script
-        deleted it): counted as corrupt data of each function that can carry the tag,
-        and logged once."""
-        text = key[key.index("{") + 1 : -1]
-        for _, _, _, stats in self._carrying(text):
-            stats.corrupt(key, log=False)
-        logger.warning(
-            "foreign data at %r, where the set of tag %r belongs; deleted: entries it may "
-            "have named are no longer reached by that tag until they expire",
-            key,
-            text,
-        )
 
     def _forget(self, runtime: Any, keys: list[str], everything: bool) -> None:
         """Read-your-writes after a bulk invalidation: this process's readers start
@@ -606,7 +587,7 @@ class CacheEngine:
         """A function with tags= met the engine: pending tags it can carry, queued
         before, now block its keys too (and every tag queued from now on does)."""
         with self._lock:
-            self._tagged[name] = (tags, whole, lock_ttl_ms, stats)
+            self._tagged[id(stats)] = (tags, whole, lock_ttl_ms, stats)
         self.outbox.cover_tags(lambda text: any(t.owns(text) for t in tags), whole)
 
     def settle(self, timeout: float = 5.0) -> bool:

@@ -37,16 +37,13 @@ from ._options import Options
 from ._outbox import PendingKey, PendingPattern
 from ._results import Outcome, Source
 from ._scripts import AcquireStatus, ScriptName
+from ._stamps import Verdict, new_version, stamp_of, stamped, take_stamps, unstamped, version_reads
 from ._stats import Stats
 
 RELEASE_ONLY = "release"
 # Store nothing and delete what is cached (under the lease): a reload whose result is
 # not to be cached must not leave the older value it was meant to replace.
 DROP = "drop"
-# Members of expired entries one TAG_ADD drops from a tag's set, at most: each add
-# removes more than it adds, so a busy tag's set stays bounded, at a bounded cost.
-TAG_TRIM_LIMIT = 100
-TAG_REPLACED_FOREIGN = 2  # TAG_ADD's reply when it deleted foreign data first
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 # Seconds a joiner of this process waits for its leader beyond the lease and the
@@ -68,7 +65,7 @@ class Plan:
     peek: bool = False
     # With stale_if_error: skips a loader that keeps failing, serving stale values.
     loader_breaker: CircuitBreaker | None = None
-    # tags=: templates over the loader's arguments; each entry joins its tags' sets.
+    # tags=: templates over the loader's arguments; each entry carries their versions.
     tags: tuple[KeyTemplate, ...] = ()
 
     @property
@@ -309,6 +306,8 @@ def miss(
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
     waited = False
+    outdated = False  # found an entry whose tags were invalidated since its load
+    texts: tuple[str, ...] = (yield TagsOf(load)) if plan.tags else ()
     if corrupt:
         stats.corrupt(key)
     if held is None:
@@ -331,17 +330,24 @@ def miss(
         try:
             # Look up and lock in one step: a caller that missed just before another
             # stored the value finds it here instead of loading a second time.
-            reply = yield RunScript(
+            acquire = RunScript(
                 ScriptName.ACQUIRE,
                 keys[:3],
                 (
                     token,
                     options.lock_ttl_ms,
                     codec.redis_type,
-                    "1" if corrupt or replace else "0",
+                    "1" if corrupt or replace or outdated else "0",
                     options.keep_ms,
                 ),
             )
+            if texts:  # the tags' versions, read after the entry, in the same round trip
+                replies = yield Batch([acquire, *version_reads(keys.value, texts)])
+                reply = replies[0]
+                if type(reply) is CommandFailed:
+                    raise reply
+            else:
+                reply = yield acquire
         except CommandFailed as failure:
             if not failure.sent and not waited:
                 yield Free(hold)  # refused before it left: nothing of ours in Redis
@@ -355,7 +361,20 @@ def miss(
                 yield Signal.SEAL
             return (yield from _load_and_store(plan, keys, hold, load, stale, probe=replace))
         if status == AcquireStatus.FOUND:
-            found = codec.decode(reply[1])
+            entry = reply[1]
+            if texts:
+                stamp = stamp_of(replies[1:])
+                if isinstance(stamp, CommandFailed) and stamp.wrong_type:
+                    outdated = True  # foreign data at a tag's key: the load repairs it
+                    continue
+                if isinstance(stamp, CommandFailed):  # cannot tell whether it is current
+                    yield Free(hold)
+                    return (yield from _load_uncached(plan, key, stamp, load))
+                entry, verdict = unstamped(entry, stamp)
+                if verdict is Verdict.OUTDATED:
+                    outdated = True
+                    continue
+            found = codec.decode(entry)
             if found is Found.CORRUPT or found is Found.MISS:
                 if not corrupt:
                     stats.corrupt(key)
@@ -374,7 +393,7 @@ def miss(
         if not waited:
             stats.lock_wait()
         waited = True
-        corrupt = replace = False  # the owner's store replaces whatever was there
+        corrupt = replace = outdated = False  # the owner's store replaces what was there
         try:
             yield _wait_for_wake_up(keys, token, int(reply[1]), block_limit_ms)
         except CommandFailed as failure:
@@ -400,21 +419,29 @@ def _load_and_store(
     loader even while its breaker is open, as the breaker's probe would."""
     options = plan.options
     token = hold.releases[0].args[0]
-    fenced = not plan.tags or not (yield from join_tags(plan, [(keys.value, load)]))
-    kept = yield from leased(plan, [(keys, token, load)], load)
+    texts: tuple[str, ...] = ()
+    stamp: bytes | CommandFailed = b""
+    if plan.tags:  # the tags' versions, taken before the loader reads the primary
+        texts = yield TagsOf(load)
+        stamp = (yield from take_stamps(plan, [(keys.value, texts)]))[0]
+        if type(stamp) is CommandFailed:
+            tolerate(plan, keys.value, stamp)
+    kept = leased(plan, [(keys, token)], load)
     value = yield from guarded_load(plan, keys.value, kept, stale, probe)
     if value is _STALE_SERVED:
         # This load's outcome: its joiners get the same stale answer, not a load each.
         return Served(stale, Source.STALE, shareable=True)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
-    if not fenced:  # a tag invalidation could not reach this load: store nothing
+    if isinstance(stamp, CommandFailed):  # no version to stamp it with: store nothing
         kind, ttl_ms, payload = RELEASE_ONLY, 0, []
+    elif texts and kind == plan.codec.redis_type:
+        payload = stamped(kind, payload, stamp)
     # From here on, callers in this process start their own read instead of joining
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
     try:
-        stored = yield RunScript(
-            ScriptName.STORE, keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload)
+        stored = yield from _store(
+            keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload), texts, stamp
         )
     except CommandFailed as failure:
         # The lock may still stand (an OOM or READONLY refusal, a lost reply): the
@@ -434,31 +461,21 @@ _STALE_SERVED: Final = _Stale.SERVED
 
 def leased(
     plan: Plan,
-    locks: Sequence[tuple[EntryKeys, str, Signal | LoadOne]],
+    locks: Sequence[tuple[EntryKeys, str]],
     load: Signal | LoadOne | LoadSome,
-) -> Flow[Leased]:
-    """`load`, run under the locks given (each entry's keys, its token, and the load
-    of that entry alone) with their leases kept while it runs: each lock is renewed
-    every third of lock_ttl, fenced by its token, so a slow loader still loads once
-    and a dead holder's lock lapses within one lock_ttl. A tagged entry's tag
-    memberships are renewed with its lock: the load may store later than the
-    membership taken before it covers."""
+) -> Leased:
+    """`load`, run under the locks given (each entry's keys and its token) with their
+    leases kept while it runs: each lock is renewed every third of lock_ttl, fenced
+    by its token, so a slow loader still loads once and a dead holder's lock lapses
+    within one lock_ttl. Nothing of a tagged entry's
+    needs renewing: its store reads the tags' versions again, so a version lost while
+    it loaded makes the store a miss, not a stale hit."""
     options = plan.options
-    alive_ms = options.ttl_ms + options.keep_ms + 2 * options.lock_ttl_ms
-    renewals: list[tuple[RunScript, ...]] = []
-    for keys, token, one in locks:
-        renew = RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms))
-        texts = (yield TagsOf(one)) if plan.tags else ()
-        memberships = tuple(
-            RunScript(
-                ScriptName.TAG_ADD,
-                (tag_key(keys.value, t),),
-                (keys.value, alive_ms, TAG_TRIM_LIMIT),
-            )
-            for t in texts
-        )
-        renewals.append((renew, *memberships))
-    return Leased(load, tuple(renewals), max(1, options.lock_ttl_ms // 3))
+    renewals = tuple(
+        (RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms)),)
+        for keys, token in locks
+    )
+    return Leased(load, renewals, max(1, options.lock_ttl_ms // 3))
 
 
 def guarded_load(
@@ -504,57 +521,18 @@ def guarded_load(
     return value
 
 
-def join_tags(plan: Plan, entries: list[tuple[str, Signal | LoadOne]]) -> Flow[set[str]]:
-    """Add entries about to load to their tags' sets, before the loader reads the
-    primary: an invalidate_tags() sent after a write then finds them and revokes
-    their leases. Returns the keys Redis did not add (counted, tolerated): those
-    loads must not store, since a tag invalidation could miss them."""
-    tagged: list[tuple[str, str]] = []
-    for key, load in entries:
-        tagged += [(key, text) for text in (yield TagsOf(load))]
-    refused = yield from add_to_tags(plan, tagged)
-    for key, failure in refused.items():
-        tolerate(plan, key, failure)
-    return set(refused)
-
-
-def add_to_tags(plan: Plan, tagged: list[tuple[str, str]]) -> Flow[dict[str, CommandFailed]]:
-    """Add each (entry key, tag text) to the tag's set, in one pipeline; each entry's
-    membership lasts as long as it could live if stored now (its ttl and kept time),
-    plus two leases: a load may store up to a lease after its lock's last renewal,
-    which renews the membership too, less than a lease after this one. Returns the
-    first failure of each entry Redis did not add to every one of its tags' sets."""
-    options = plan.options
-    alive_ms = options.ttl_ms + options.keep_ms + 2 * options.lock_ttl_ms
-    replies = yield Batch(
-        [
-            RunScript(ScriptName.TAG_ADD, (tag_key(key, text),), (key, alive_ms, TAG_TRIM_LIMIT))
-            for key, text in tagged
-        ]
-    )
-    refused: dict[str, CommandFailed] = {}
-    for (key, text), reply in zip(tagged, replies, strict=True):
-        if type(reply) is CommandFailed:
-            refused.setdefault(key, reply)
-        elif reply == TAG_REPLACED_FOREIGN:
-            plan.stats.corrupt(tag_key(key, text))
-    return refused
-
-
-def join_before_write(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome | None]:
-    """Before set() or update_field() writes an entry (and renews its ttl), add it to
-    its tags' sets for that long, as a load does. If Redis does not add it, the entry
-    is invalidated instead, as a tag invalidation could miss it: returns that outcome
-    (then raises, when the function does not fail open); None when the write may go."""
-    if not plan.tags:
-        return None
-    texts = yield TagsOf(Signal.LOAD)
-    refused = yield from add_to_tags(plan, [(key, text) for text in texts])
-    if not refused:
-        return None
-    outcome = yield from invalidate(plan, key, whole)
-    tolerate(plan, key, refused[key])
-    return outcome
+def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp: Any) -> Flow[Any]:
+    """The STORE script (raising its failure). For a tagged entry, the tags' versions
+    are read after it in the same round trip: if one changed since the load took
+    them, a tag invalidation came meanwhile, and the answer is 0 (as for a revoked
+    lease: the value is not handed to callers who joined the load)."""
+    store = RunScript(ScriptName.STORE, keys, args)
+    if not texts or args[1] == RELEASE_ONLY or args[1] == DROP:
+        return (yield store)
+    replies = yield Batch([store, *version_reads(keys.value, texts)])
+    if type(replies[0]) is CommandFailed:
+        raise replies[0]
+    return replies[0] if stamp_of(replies[1:]) == stamp else 0
 
 
 def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:
@@ -649,22 +627,34 @@ def update_field(
         # cache_if judges whole records, and this one is in Redis, not here: drop it
         # (the next call loads and judges the row) rather than keep what it may refuse.
         return (yield from invalidate(plan, key, whole))
-    instead = yield from join_before_write(plan, key, whole)
-    if instead is not None:
-        return instead
+    update = RunScript(
+        ScriptName.UPDATE_FIELD,
+        entry_keys(key),
+        (
+            META_FIELD,
+            field,
+            text,
+            options.ttl_ms + options.keep_ms,
+            options.lock_ttl_ms,
+            options.keep_ms,
+        ),
+    )
     try:
-        updated = yield RunScript(
-            ScriptName.UPDATE_FIELD,
-            entry_keys(key),
-            (
-                META_FIELD,
-                field,
-                text,
-                options.ttl_ms + options.keep_ms,
-                options.lock_ttl_ms,
-                options.keep_ms,
-            ),
-        )
+        if plan.tags:
+            # The record keeps its stamp; its tags' versions are made to live as long
+            # as its renewed ttl, in the same round trip (one lost is only a miss).
+            texts = yield TagsOf(Signal.LOAD)
+            alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
+            renewals = [
+                RunScript(ScriptName.TAG_STAMP, (tag_key(key, t),), (new_version(), alive_ms))
+                for t in texts
+            ]
+            replies = yield Batch([update, *renewals])
+            updated = replies[0]
+            if type(updated) is CommandFailed:
+                raise updated
+        else:
+            updated = yield update
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
     return Outcome.UPDATED if updated else Outcome.ABSENT
@@ -691,14 +681,19 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
     """fn.set(): store `value` after a write the caller made, revoking the lease of any
     load in flight (it read the row before the write). A value cache_if refuses, or
     None without negative caching, deletes the entry instead; so does a refusal to
-    add it to its tags' sets, which come first. If Redis does not take it, the
+    give it its tags' versions (its stamp), which come first. If Redis does not take it, the
     entry's invalidation goes to the outbox and the answer is PENDING."""
     kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
     if kind == DROP:
         return (yield from invalidate(plan, key, whole))
-    instead = yield from join_before_write(plan, key, whole)
-    if instead is not None:
-        return instead
+    if plan.tags:
+        texts = yield TagsOf(Signal.LOAD)
+        stamp = (yield from take_stamps(plan, [(key, texts)]))[0]
+        if type(stamp) is CommandFailed:  # unstamped, nothing could invalidate it
+            outcome = yield from invalidate(plan, key, whole)
+            tolerate(plan, key, stamp)
+            return outcome
+        payload = stamped(kind, payload, stamp)  # type: ignore[arg-type]
     try:
         yield RunScript(
             ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)

@@ -111,8 +111,8 @@ class CachedFunction(CachedBase[P, R]):
         its older result cannot overwrite it. `value` is what the loader would return
         (None: a cached "no such record"); cache_if applies. Returns Outcome.UPDATED,
         Outcome.DELETED/ABSENT when it was not storable as a value (cache_if said
-        no, or None without negative caching, or Redis did not add it to a tag's
-        set: the entry was invalidated instead), or Outcome.PENDING (Redis failed;
+        no, or None without negative caching, or Redis did not give it its tags'
+        versions: the entry was invalidated instead), or Outcome.PENDING (Redis failed;
         the invalidation waits in the outbox)."""
         return self._write(self._put(args, kwargs, value))
 
@@ -127,8 +127,7 @@ class CachedFunction(CachedBase[P, R]):
         Outcome.PENDING: Redis failed, and the entry's invalidation waits in the outbox.
         With cache_if, it invalidates instead (DELETED or ABSENT): the predicate
         judges whole records.
-        With tags=, Outcome.DELETED/ABSENT when Redis did not add the entry to a
-        tag's set: it was invalidated instead.
+        With tags=, the record keeps its stamp and its tags' versions are renewed.
         """
         return self._write(self._field_update(args, kwargs, field, value))
 

@@ -15,7 +15,7 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 from urllib.parse import quote
 
 from ._errors import ConfigurationError, KeyArgumentError, KeyTemplateError
@@ -70,11 +70,20 @@ def entry_keys(value_key: str) -> EntryKeys:
     )
 
 
+TAG_INFIX: Final = "tag:{"  # a tag's version key: "<prefix>:" TAG_INFIX text "}"
+
+
 def tag_key(entry_key: str, text: str) -> str:
-    """The set of a tag's entries, beside the engine's value keys: "<prefix>:tag:{shop:7}"
+    """The version key of a tag, beside the engine's value keys: "<prefix>:tag:{shop:7}"
     for "<prefix>:{...}" (its own hash tag: one Cluster slot per tag; outside the
-    value keys' "<prefix>:{", so bulk invalidation and client tracking skip it)."""
-    return f"{entry_key[: entry_key.index('{')]}tag:{{{text}}}"
+    value keys' "<prefix>:{", so bulk invalidation skips it)."""
+    return f"{entry_key[: entry_key.index('{')]}{TAG_INFIX}{text}}}"
+
+
+def is_tag_key(key: str) -> bool:
+    """Whether a key Redis reports changed is a tag's version key (value keys hold
+    no braces but their hash tag's, so none has ":tag:{" in it)."""
+    return ":" + TAG_INFIX in key
 
 
 def glob_escape(text: str) -> str:

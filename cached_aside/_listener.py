@@ -25,6 +25,7 @@ import redis.sentinel
 from redis.exceptions import ResponseError
 
 from ._errors import ConfigurationError
+from ._keys import tag_key
 from ._near import NearStore, TrackingState
 
 logger = logging.getLogger("cached_aside")
@@ -237,7 +238,16 @@ class InvalidationListener:
         connection.send_command("CLIENT", "ID")
         own_id = self.client_id = connection.read_response()
         connection.send_command(
-            "CLIENT", "TRACKING", "on", "REDIRECT", own_id, "BCAST", "PREFIX", self.prefix
+            "CLIENT",
+            "TRACKING",
+            "on",
+            "REDIRECT",
+            own_id,
+            "BCAST",
+            "PREFIX",
+            self.prefix,
+            "PREFIX",  # tags' version keys: invalidate_tags() empties the near caches
+            tag_key(self.prefix, "")[:-1],
         )
         connection.read_response()
         connection.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal
 
 from ._codecs import Frozen
 from ._errors import ConfigurationError
+from ._keys import is_tag_key
 from ._validate import Duration, flag, milliseconds, whole
 
 
@@ -162,7 +163,13 @@ class NearStore:
                 self._data.popitem(last=False)
 
     def drop(self, keys: Iterable[str]) -> None:
-        """Forget these keys and cancel tickets for them: Redis changed them."""
+        """Forget these keys and cancel tickets for them: Redis changed them. A tag's
+        version changed (invalidate_tags()) empties the tier: entries do not say here
+        which tags they carry."""
+        keys = list(keys)
+        if any(is_tag_key(key) for key in keys):
+            self.clear()
+            return
         with self._lock:
             for key in keys:
                 self._data.pop(key, None)

@@ -46,17 +46,14 @@ class PendingKey:
 
 @dataclass(frozen=True, slots=True)
 class PendingTag:
-    """A tag's invalidation whose entries Redis could not name: delivered by reading
-    the tag's set and invalidating each entry in it. Until then, this process does
-    not serve the keys of the functions that can carry the tag (`covers`: filled in
-    by the outbox, from the functions the engine knows, and from each function it
-    meets later)."""
+    """A tag's invalidation Redis did not take: delivered by deleting the tag's
+    version. Until then, this process does not serve the keys of the functions that
+    can carry the tag (`covers`: filled in by the outbox, from the functions the
+    engine knows, and from each function it meets later)."""
 
-    key: str  # the tag's set
+    key: str  # the tag's version key
     text: str = field(compare=False)  # the tag, as invalidate_tags() was given it
     wake_ttl_ms: int = field(compare=False)
-    # Told the key of a tag's set where foreign data stood (deleted by the script).
-    foreign: Callable[[str], None] = field(compare=False)
     covers: tuple[PendingPattern, ...] = field(default=(), compare=False)
 
 
@@ -223,8 +220,8 @@ class Outbox:
             self.active = bool(self._keys or self._patterns or self._tags)
 
     def pending(self) -> list[str]:
-        """The keys, the SCAN patterns of bulk invalidations and the tags' sets still
-        waiting."""
+        """The keys, the SCAN patterns of bulk invalidations and the tags' version
+        keys still waiting."""
         with self._lock:
             return [*self._keys, *self._patterns, *self._tags]
 

@@ -1,7 +1,7 @@
 """The Lua scripts, with their KEYS/ARGV contracts.
 
 Scripts receive keys and arguments only; their text is constant. Every key a script
-touches belongs to one entry and shares its hash tag (or is one tag's set, alone),
+touches belongs to one entry and shares its hash tag (or is one tag's version, alone),
 so each script stays in one Redis Cluster slot (the waiters' wake-up lists, named
 from the waiters set, too). The shared fragments (waking waiters, writing a value)
 are text, not separate scripts, because EVAL scripts cannot call each other.
@@ -226,83 +226,32 @@ return 1
 """
 )
 
-# The Redis clock in ms, as the scores of tags' sets: one clock for every process.
-_NOW_MS: Final = """
-local function now_ms()
-  local time = redis.call('TIME')
-  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+TAG_STAMP: Final = """
+-- KEYS[1] a tag's version key
+-- ARGV[1] a new version (16 hex digits, never used before), ARGV[2] how long the
+-- version must live from now, at least (ms): as long as an entry stamped with it
+-- could. It is given twice that, so that it is renewed (a write, which empties near
+-- caches) at most once in ARGV[2].
+-- returns {version, 0}: the tag's version, made from ARGV[1] if there was none;
+-- {version, 1} if the key held foreign data (another type, or not a version),
+-- replaced. Run before a load reads the primary (or before set() writes): the entry
+-- is stamped with the versions it returns, and read as a miss once any of them is
+-- gone (invalidate_tags() deletes it; eviction and expiry do the same, harmlessly).
+local kind = redis.call('TYPE', KEYS[1]).ok
+local version = false
+if kind == 'string' then
+  version = redis.call('GET', KEYS[1])
+  if #version ~= 16 or not string.match(version, '^%x+$') then version = false end
 end
-"""
-
-# A tag's set is a sorted set of entries' value keys, each scored by the Redis time
-# (ms) until which that entry may live. Anything else at its key is foreign data:
-# it names no entry the engine can trust, and is deleted.
-_FOREIGN_TAG: Final = """
-local function foreign_tag(key)
-  local kind = redis.call('TYPE', key).ok
-  if kind == 'zset' or kind == 'none' then return false end
-  redis.call('DEL', key)
-  return true
+if not version then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', 2 * tonumber(ARGV[2]))
+  if kind == 'none' then return {ARGV[1], 0} end
+  return {ARGV[1], 1}
 end
-"""
-
-TAG_ADD: Final = (
-    _NOW_MS
-    + _FOREIGN_TAG
-    + """
--- KEYS[1] a tag's set
--- ARGV[1] an entry's value key, ARGV[2] how long the entry may live from now, at most
--- (ms), ARGV[3] how many members of expired entries to drop, at most
--- returns 1; 2 if the key held foreign data, deleted first. Run before the entry's
--- load reads the primary (or before set() or update_field() writes it), so that a
--- tag invalidation sent after a write finds the entry, and revokes the load's lease.
--- The member's score only grows, and changes on every add (at least by 1): a tag
--- invalidation prunes what it read only if unchanged (TAG_PRUNE). Members of expired
--- entries leave a few at a time, and the set expires with its longest-lived entry.
-local foreign = foreign_tag(KEYS[1])
-local now = now_ms()
-local alive_until = now + tonumber(ARGV[2])
-local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
-if score and score >= alive_until then alive_until = score + 1 end
-redis.call('ZADD', KEYS[1], alive_until, ARGV[1])
-local dead = math.min(redis.call('ZCOUNT', KEYS[1], '-inf', now), tonumber(ARGV[3]))
-if dead > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, dead - 1) end
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
-redis.call('PEXPIREAT', KEYS[1], math.ceil(tonumber(last)))
-if foreign then return 2 end
-return 1
-"""
-)
-
-TAG_MEMBERS: Final = (
-    _NOW_MS
-    + _FOREIGN_TAG
-    + """
--- KEYS[1] a tag's set
--- returns {0, member, score, member, score, ...}: the value keys of the entries that
--- may still live, each with its score as Redis writes it (for TAG_PRUNE); {1} if the
--- key held foreign data, now deleted (no member can be trusted).
-if foreign_tag(KEYS[1]) then return {1} end
-local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_ms(), '+inf', 'WITHSCORES')
-table.insert(members, 1, 0)
-return members
-"""
-)
-
-TAG_PRUNE: Final = """
--- KEYS[1] a tag's set
--- ARGV[1], ARGV[2], ...: pairs of a member and the score TAG_MEMBERS read for it
--- returns how many members were removed. After a tag invalidation: a member whose
--- score changed since it was read joined again (a load that began after the
--- invalidation, which read the new row), and stays.
-if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then return 0 end
-local removed = 0
-for at = 1, #ARGV, 2 do
-  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[at])) == tonumber(ARGV[at + 1]) then
-    removed = removed + redis.call('ZREM', KEYS[1], ARGV[at])
-  end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
 end
-return removed
+return {version, 0}
 """
 
 
@@ -318,9 +267,7 @@ class ScriptName(enum.Enum):
     RENEW = RENEW
     PUT = PUT
     REVOKE = REVOKE
-    TAG_ADD = TAG_ADD
-    TAG_MEMBERS = TAG_MEMBERS
-    TAG_PRUNE = TAG_PRUNE
+    TAG_STAMP = TAG_STAMP
 
 
 class AcquireStatus(enum.IntEnum):

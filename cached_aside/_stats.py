@@ -37,7 +37,7 @@ class StatsSnapshot:
         stampedes_suppressed: misses that got another caller's load instead of loading.
         errors: Redis failures (the call was still answered when fail_open).
         corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten
-            (where a tag's set belongs: deleted).
+            (including a tag's version key, or an entry's stamp).
         lock_waits: misses that waited on Redis for another process's load.
         loader_errors: loader failures nobody saw raised: background reloads
             (refresh_ahead, grace), and loads answered with a stale value

@@ -493,14 +493,28 @@ async def _judge_redis(
         "invalidate_all",
         "invalidate_tags",
     )
-    if completed and invalidation and any(h.raw.exists(fn.key(id)) for id in ids):
+    # A tag's invalidation leaves its entries in Redis, stamped with a retired version.
+    tagged_invalidation = scenario.name == "invalidate_tags"
+    if completed and tagged_invalidation and h.raw.exists(f"{h.engine.prefix}:tag:{{all}}"):
+        problems.append("an invalidation that returned left its tag's version in Redis")
+    if (
+        completed
+        and invalidation
+        and not tagged_invalidation
+        and any(h.raw.exists(fn.key(id)) for id in ids)
+    ):
         problems.append("an invalidation that returned left its entry in Redis")
     # The next caller, in another process: never waits, gets the loader's row.
     as_hash = bool(scenario.options.get("as_hash"))
     other = CacheEngine(h.raw, prefix=h.engine.prefix)
     try:
         clean = cache_aside(
-            key=fn._template.text, ttl=30, lock_ttl=LOCK_TTL, as_hash=as_hash, engine=other
+            key=fn._template.text,
+            ttl=30,
+            lock_ttl=LOCK_TTL,
+            as_hash=as_hash,
+            engine=other,
+            tags=scenario.options.get("tags", ()),  # tagged entries carry a stamp
         )(lambda id: row(id, as_hash))
         for id in ids:
             result = clean.lookup(id)
