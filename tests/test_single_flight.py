@@ -40,6 +40,7 @@ class Scenario:
     prior: str  # cold, stale (in grace), expired (kept for stale_if_error), due
     outcome: str  # value, none, raises, slow
     callers: list[str]  # call (lookup), many, refresh
+    batched: bool = False  # the function has a batch_loader: many() loads through it
 
 
 @st.composite
@@ -67,7 +68,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     if prior in ("cold", "expired"):
         kinds.append("refresh")
     callers = draw(st.lists(st.sampled_from(kinds), min_size=2, max_size=8))
-    return Scenario(options, prior, draw(st.sampled_from(outcomes)), callers)
+    batched = draw(st.booleans())
+    return Scenario(options, prior, draw(st.sampled_from(outcomes)), callers, batched)
 
 
 @dataclass
@@ -176,6 +178,23 @@ def loader_for(h: Harness, scenario: Scenario, probe: Probe, gate: Gate) -> Call
             probe.end(started)
 
     return aload
+
+
+def batch_loader_for(h: Harness, single: Callable[..., Any]) -> Callable[..., Any]:
+    """The batch loader of the same primary: one run of `single` per batch (one key)."""
+    if h.mode == "sync":
+
+        def load_batch(ids: list[str]) -> list[Any]:
+            assert len(ids) == 1, ids  # every caller asks for the same key
+            return [single(ids[0])]
+
+        return load_batch
+
+    async def aload_batch(ids: list[str]) -> list[Any]:
+        assert len(ids) == 1, ids
+        return [await single(ids[0])]
+
+    return aload_batch
 
 
 def prime(h: Harness, name: str, scenario: Scenario) -> None:
@@ -319,6 +338,7 @@ async def test_one_load_per_key_at_a_time_and_one_outcome_for_its_callers(
     # A hang the loader_timeout cut before every caller had joined is another example.
     assume(probe.joined_in_time())
     event(f"prior={scenario.prior} outcome={scenario.outcome}")
+    event("many() through a batch_loader" if scenario.batched else "no batch_loader")
     event("with refresh()" if "refresh" in scenario.callers else "calls and many() only")
 
     # One load of the key at a time, whatever the options and callers.
@@ -368,7 +388,10 @@ async def run_scenario(h: Harness, scenario: Scenario) -> tuple[Probe, Outcomes]
     prime(h, name, scenario)
     loader = loader_for(h, scenario, probe, gate)
     loader.__qualname__ = f"{name}_loader"
-    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **scenario.options)(loader)
+    given = dict(scenario.options)
+    if scenario.batched:
+        given["batch_loader"] = batch_loader_for(h, loader)
+    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **given)(loader)
     try:
         return probe, await run_callers(h, fn, scenario, probe, gate)
     finally:
