@@ -570,8 +570,10 @@ async def test_a_refresh_during_a_batch_load_waits_for_it_instead_of_loading_bes
         gate.finish()
     assert probe.most_at_once == 1
     assert probe.runs == 2  # the refresh's load began after its call: once the batch's ended
-    assert got_batch[0] == "ok" and got_batch[1][0].startswith("v1:")
-    assert got_refresh[0] == "ok" and got_refresh[1].startswith("v2:")
+    assert got_batch[0] == "ok"
+    assert got_batch[1][0].startswith("v1:")
+    assert got_refresh[0] == "ok"
+    assert got_refresh[1].startswith("v2:")
 
 
 @pytest.mark.parametrize("first", ["batch", "call"])
@@ -672,6 +674,7 @@ async def test_a_failed_batch_load_raises_for_an_entry_without_a_kept_value(h: H
     finally:
         gate.finish()
     assert probe.runs == 1
-    assert got_batch[0] == "error" and isinstance(got_batch[1], LoadError)
+    assert got_batch[0] == "error"
+    assert isinstance(got_batch[1], LoadError)
     assert (got_joiner[1].value, got_joiner[1].source) == ("old", Source.STALE)
     assert fn.stats().stale >= 1
