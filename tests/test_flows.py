@@ -410,6 +410,30 @@ def test_a_failing_batch_loader_leaves_every_lock_it_took_to_the_drivers_release
     ]
 
 
+def test_a_failed_batch_answers_entries_kept_for_errors_stale_and_gives_back_its_locks() -> None:
+    p = dataclasses.replace(plan(stale_if_error=60), peek=True)
+    kept = [msgpack.packb("old"), 50_000]  # PEEK: past its ttl, kept for stale_if_error
+    flow = Stepper(load_batch(p, KEYS[:3], [kept, [], []], 500))
+    load = flow.reply([[AcquireStatus.OWNED], [AcquireStatus.OWNED], [AcquireStatus.HELD, 90]])
+    assert load == LoadSome((0, 1))  # the kept entry loads with the batch
+    failure = LookupError("primary down")
+    releases = flow.fail(failure)
+    # Every lock and the waiter's place go back now, not when many() ends.
+    assert isinstance(releases, Batch)
+    assert [(e.script, e.keys[0]) for e in releases.effects] == [  # type: ignore[union-attr]
+        (ScriptName.STORE, KEYS[0]),
+        (ScriptName.STORE, KEYS[1]),
+        (ScriptName.STORE, KEYS[2]),
+        (ScriptName.LEAVE, f"{KEYS[2]}:waiters"),
+    ]
+    flow.reply([1, 1, 1, 1])
+    assert flow.holds == []
+    # The kept value answers its entry; the entry without one gets the error; the
+    # held entry is not waited for (many() raises the error).
+    assert flow.result == [Served("old", Source.STALE, shareable=True), failure, None]
+    assert p.stats.snapshot().stale == 1
+
+
 def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
     flow = Stepper(invalidate_matching("cache:{p:*", lambda key: not key.endswith("x}")))
     assert flow.effect == Scan("cache:{p:*", None, SCAN_BATCH)
