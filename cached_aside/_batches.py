@@ -168,21 +168,26 @@ def load_batch(
     for position, failure in failed:
         tolerate(plan, keys[position], failure)
         uncached.append(position)
+    failed_load = False
     if owned or uncached:
         failed_load = yield from _load_and_store_many(
             plan, keys, owned, sorted(uncached), holds, answers, at, stale
         )
-        if failed_load:
-            # The kept values and the error answer; nothing more to wait for. Every
-            # lock and waiter's place goes back now: many() may go on serving others.
-            rest = [locked, *(wait[1] for wait in held.values() if wait is not None)]
-            for hold in rest:
-                yield Free(hold)
-            yield from release_now(
-                Hold(tuple(r for hold in rest for r in hold.releases), options.lock_ttl_ms)
-            )
+    if not failed_load:
+        yield Free(locked)
+    else:
+        # Nothing was stored: the locks go back now, and with an error to raise (an
+        # entry without a kept value) so do the waiters' places: many() may go on
+        # serving others, and nothing more is waited for.
+        erred = any(isinstance(answer, Exception) for answer in answers)
+        rest = [locked, *(w[1] for w in held.values() if erred and w is not None)]
+        for hold in rest:
+            yield Free(hold)
+        releases = tuple(r for hold in rest for r in hold.releases)
+        if releases:
+            yield from release_now(Hold(releases, options.lock_ttl_ms))
+        if erred:
             return answers
-    yield Free(locked)
     for position, wait in held.items():
         answers[position] = yield from miss(
             plan,

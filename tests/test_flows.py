@@ -434,6 +434,26 @@ def test_a_failed_batch_answers_entries_kept_for_errors_stale_and_gives_back_its
     assert p.stats.snapshot().stale == 1
 
 
+def test_a_failed_batch_whose_entries_all_had_kept_values_still_waits_for_the_held_one() -> None:
+    p = dataclasses.replace(plan(stale_if_error=60), peek=True)
+    kept = [msgpack.packb("old"), 50_000]
+    flow = Stepper(load_batch(p, KEYS[:2], [kept, []], 500))
+    assert flow.reply([[AcquireStatus.OWNED], [AcquireStatus.HELD, 90]]) == LoadSome((0,))
+    releases = flow.fail(LookupError("primary down"))
+    assert [(e.script, e.keys[0]) for e in releases.effects] == [(ScriptName.STORE, KEYS[0])]
+    wait = flow.reply([1])
+    assert isinstance(wait, Command)
+    assert wait.args[0] == "BLPOP"  # nothing to raise: the held entry is still served
+    assert flow.reply([f"{KEYS[1]}:wake", "1"]) is Signal.SEAL
+    assert flow.reply(None).script is ScriptName.ACQUIRE
+    flow.reply([AcquireStatus.FOUND, msgpack.packb("new")])
+    assert flow.result == [
+        Served("old", Source.STALE, shareable=True),
+        Served("new", Source.WAITED, shareable=True),
+    ]
+    assert flow.holds == []
+
+
 def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:
     flow = Stepper(invalidate_matching("cache:{p:*", lambda key: not key.endswith("x}")))
     assert flow.effect == Scan("cache:{p:*", None, SCAN_BATCH)
