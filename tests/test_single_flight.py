@@ -27,6 +27,10 @@ TTL = 30
 GRACE = 60  # seconds, when drawn
 STALE_IF_ERROR = 120  # longer than GRACE: an entry kept past both is "expired"
 REFRESH_AHEAD = 10
+# A caller waits this long for another's flight before it treats the leader as stuck
+# (and a refresh loads regardless): a generous bound, so that callers slow to park on a
+# loaded machine are not taken for that.
+LOCK_TTL = 10
 _examples = itertools.count()
 
 
@@ -47,6 +51,7 @@ class Scenario:
 def scenarios(draw: st.DrawFn) -> Scenario:
     options: dict[str, Any] = {
         "ttl": TTL,
+        "lock_ttl": LOCK_TTL,
         "grace": draw(st.sampled_from([None, GRACE])),
         "stale_if_error": draw(st.sampled_from([None, STALE_IF_ERROR])),
         "loader_timeout": draw(st.sampled_from([None, SLOW_TIMEOUT])),
@@ -401,6 +406,7 @@ async def run_scenario(h: Harness, scenario: Scenario) -> tuple[Probe, Outcomes]
 def options(**given: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "ttl": TTL,
+        "lock_ttl": LOCK_TTL,
         "grace": None,
         "stale_if_error": None,
         "loader_timeout": None,
