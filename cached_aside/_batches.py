@@ -22,14 +22,17 @@ from ._effects import (
     Flow,
     Free,
     Hold,
+    Land,
+    Lead,
     LoadOne,
     LoadSome,
     Postpone,
     RunScript,
     Scan,
+    Signal,
     TagsOf,
 )
-from ._errors import BatchLoaderError
+from ._errors import BatchLoaderError, CacheUnavailableError
 from ._flows import (
     NO_STALE,
     RELEASE_ONLY,
@@ -43,6 +46,7 @@ from ._flows import (
     miss,
     on_lookup,
     release_now,
+    served_aged,
     tolerate,
     what_to_store,
 )
@@ -76,15 +80,15 @@ def tagged_lookups(
     found with a stamp that is not current (foreign ones counted)."""
     reads, places = _with_versions(lookups(plan, keys).effects, keys, texts)
     replies = yield Batch(reads)
-    raws, stale = [], set()
+    raws, outdated = [], set()
     for position, place in enumerate(places):
         raw, verdict = judge_stamped(plan, [replies[i] for i in place])
         raws.append(raw)
         if verdict is not Verdict.CURRENT:
-            stale.add(position)
+            outdated.add(position)
             if verdict is Verdict.FOREIGN:
                 plan.stats.corrupt(keys[position])
-    return raws, stale
+    return raws, outdated
 
 
 def _with_versions(
@@ -113,8 +117,8 @@ def load_batch(
     raws: Sequence[Any],
     block_limit_ms: int,
     at: Sequence[int] | None = None,
-    stale: frozenset[int] = frozenset(),
-) -> Flow[list[Served]]:
+    outdated: frozenset[int] = frozenset(),
+) -> Flow[list[Served | Exception | None]]:
     """Serve the misses of a many() call through its batch loader.
 
     Locks every missing entry in one batch, calls the batch loader once for the
@@ -122,12 +126,19 @@ def load_batch(
     one batch under the same lease rule as a single load. Entries another caller is
     loading are waited for one by one, as a single call would. `at` gives each
     entry's position in the many() call (its loads name those); default: in order.
-    `stale`: positions of entries found with a stamp that is not current, to be
+    `outdated`: positions of entries found with a stamp that is not current, to be
     loaded whatever is cached.
+
+    An entry kept past its ttl for stale_if_error is loaded with the others; if the
+    batch load fails, it answers with its kept value (Source.STALE) and each entry
+    without one with the load's error (an Exception in its place), as a single call
+    would, and the entries other callers were loading are not waited for (None).
     """
     at = range(len(keys)) if at is None else at
     codec, options, stats = plan.codec, plan.options, plan.stats
-    answers: list[Served | None] = [None] * len(keys)
+    answers: list[Served | Exception | None] = [None] * len(keys)
+    stale = [found_in(plan, raw) if aged(plan, raw) else NO_STALE for raw in raws]
+    stale = [None if kept is Found.NEGATIVE else kept for kept in stale]
     uncached: list[int] = []  # Redis failed: load, but store nothing
     lockable: list[int] = []
     corrupt: set[int] = set()
@@ -155,7 +166,7 @@ def load_batch(
                 _token(holds[p]),
                 options.lock_ttl_ms,
                 codec.redis_type,
-                "1" if p in corrupt or p in stale else "0",
+                "1" if p in corrupt or p in outdated else "0",
                 options.keep_ms,
             ),
         )
@@ -216,16 +227,38 @@ def load_batch(
     for position, failure in failed:
         tolerate(plan, keys[position], failure)
         uncached.append(position)
+    failed_load = False
     if owned or uncached:
-        yield from _load_and_store_many(plan, keys, owned, sorted(uncached), holds, answers, at)
-    yield Free(locked)
+        failed_load = yield from _load_and_store_many(
+            plan, keys, owned, sorted(uncached), holds, answers, at, stale
+        )
+    if not failed_load:
+        yield Free(locked)
+    else:
+        # Nothing was stored: the locks go back now, and with an error to raise (an
+        # entry without a kept value) so do the waiters' places: many() may go on
+        # serving others, and nothing more is waited for.
+        erred = any(isinstance(answer, Exception) for answer in answers)
+        rest = [locked, *(w[1] for w in held.values() if erred and w is not None)]
+        for hold in rest:
+            yield Free(hold)
+        releases = tuple(r for hold in rest for r in hold.releases)
+        if releases:
+            yield from release_now(Hold(releases, options.lock_ttl_ms))
+        if erred:
+            return answers
     for position, wait in held.items():
         answers[position] = yield from miss(
-            plan, keys[position], False, block_limit_ms, LoadOne(at[position]), wait
+            plan,
+            keys[position],
+            False,
+            block_limit_ms,
+            LoadOne(at[position]),
+            wait,
+            stale[position],
         )
-    served = [answer for answer in answers if answer is not None]
-    assert len(served) == len(keys), "every entry of a batch is answered"
-    return served
+    assert all(answer is not None for answer in answers), "every entry of a batch is answered"
+    return answers
 
 
 def many(
@@ -246,9 +279,9 @@ def many(
         texts = []
         for position in range(len(keys)):
             texts.append((yield TagsOf(LoadOne(position))))
-        raws, stale = yield from tagged_lookups(plan, keys, texts)
+        raws, outdated = yield from tagged_lookups(plan, keys, texts)
     else:
-        raws, stale = (yield lookups(plan, keys)), set()
+        raws, outdated = (yield lookups(plan, keys)), set()
     answers: list[tuple[Served, bool] | None] = [None] * len(keys)
     to_batch: list[int] = []
     one_by_one: list[int] = []
@@ -256,10 +289,14 @@ def many(
         hit = None if position in blocked else on_lookup(plan, raw)
         if hit is not None:
             answers[position] = (hit, False)
-        elif batched and position not in blocked and not aged(plan, raw):
+        elif batched and position not in blocked and not served_aged(plan, raw):
             to_batch.append(position)
         else:
             one_by_one.append(position)
+    if to_batch:
+        to_batch, joining = yield from _lead(keys, to_batch)
+        one_by_one = sorted(one_by_one + joining)
+    error: Exception | None = None
     if to_batch:
         served = yield from load_batch(
             plan,
@@ -267,10 +304,16 @@ def many(
             [raws[p] for p in to_batch],
             block_limit_ms,
             to_batch,
-            frozenset(i for i, p in enumerate(to_batch) if p in stale),
+            frozenset(i for i, p in enumerate(to_batch) if p in outdated),
         )
+        yield Land(tuple((keys[p], answer) for p, answer in zip(to_batch, served, strict=True)))
         for position, answer in zip(to_batch, served, strict=True):
-            answers[position] = (answer, False)
+            if isinstance(answer, Exception):
+                error = error or answer
+            elif answer is not None:
+                answers[position] = (answer, False)
+        if error is not None:
+            raise error  # a load without a kept value failed: as a single call would
     if one_by_one:
         # A reply read while its key was blocked is never used: by the time the entry
         # is served the outbox may have delivered, and the reply predates that.
@@ -283,6 +326,17 @@ def many(
     return done
 
 
+def _lead(keys: Sequence[str], positions: list[int]) -> Flow[tuple[list[int], list[int]]]:
+    """Lead this process's flight of each entry about to be batched: its callers here
+    join the batch. Returns the positions led, and those whose flight (or reload) is
+    under way already: they join it through the single path instead of loading."""
+    led = yield Lead(tuple(keys[p] for p in positions))
+    return (
+        [p for p, leads in zip(positions, led, strict=True) if leads],
+        [p for p, leads in zip(positions, led, strict=True) if not leads],
+    )
+
+
 def _token(hold: Hold) -> str:
     return str(hold.releases[0].args[0])
 
@@ -293,12 +347,15 @@ def _load_and_store_many(
     owned: list[int],
     uncached: list[int],
     holds: Mapping[int, Hold],
-    answers: list[Served | None],
+    answers: list[Served | Exception | None],
     at: Sequence[int],
-) -> Flow[None]:
+    stale: Sequence[Any],
+) -> Flow[bool]:
     """Load every owned and uncached entry in one batch loader call and store the
     owned ones in one pipeline. A failure before the stores leaves the locks' Hold
-    to the driver; a store Redis did not take keeps its lock in a Hold of its own."""
+    to the driver; a store Redis did not take keeps its lock in a Hold of its own.
+    A failed load with a kept value for any entry (stale_if_error) answers each
+    entry with its kept value or the error, stores nothing, and returns True."""
     options, stats = plan.options, plan.stats
     to_load = tuple(sorted(owned + uncached))
     owning = set(owned)  # a failed lock attempt has a token too, but no lock
@@ -318,7 +375,14 @@ def _load_and_store_many(
     # Through the loader breaker, as a single load: skipped while it is open.
     locks = [(entry_keys(keys[p]), _token(holds[p])) for p in owned]
     load = leased(plan, locks, LoadSome(tuple(at[p] for p in to_load)))
-    values = yield from guarded_load(plan, f"{len(to_load)} keys", load, NO_STALE, counted=True)
+    kept_any = any(stale[p] is not NO_STALE for p in to_load)
+    try:
+        values = yield from guarded_load(plan, f"{len(to_load)} keys", load, NO_STALE, counted=True)
+    except Exception as exc:  # the loader, its timeout, or its breaker; never CancelledError
+        if not kept_any or isinstance(exc, CacheUnavailableError | CommandFailed):
+            raise
+        _serve_kept(plan, keys, to_load, stale, answers, exc)
+        return True
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
     for position, value in zip(to_load, values, strict=True):
@@ -331,6 +395,9 @@ def _load_and_store_many(
         if position in owning:
             store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
             stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
+    # As a single load: callers of this process that come from here on read for
+    # themselves, so none is handed a value stored before its call began.
+    yield Signal.SEAL
     replies = yield Batch(stores)
     refused: list[int] = []
     for position, reply in zip(owned, replies, strict=True):
@@ -340,13 +407,39 @@ def _load_and_store_many(
             tolerate(plan, keys[position], reply)
         else:
             kept = bool(reply)
-        answers[position] = Served(results[position], Source.LOADER, lease_kept=kept)
+        answers[position] = Served(
+            results[position], Source.LOADER, lease_kept=kept, shareable=kept
+        )
     if refused:  # now: this flow may go on to wait for other entries
         yield from release_now(
             Hold(tuple(holds[p].releases[0] for p in refused), options.lock_ttl_ms)
         )
     for position in uncached:
-        answers[position] = Served(results[position], Source.LOADER)
+        answers[position] = Served(results[position], Source.LOADER, shareable=True)
+    return False
+
+
+def _serve_kept(
+    plan: Plan,
+    keys: Sequence[str],
+    loaded: Sequence[int],
+    stale: Sequence[Any],
+    answers: list[Served | Exception | None],
+    error: Exception,
+) -> None:
+    """A failed batch load, as a failed single load is answered: each entry with a
+    value kept for stale_if_error gets it (Source.STALE), the others the error."""
+    served = 0
+    for position in loaded:
+        if stale[position] is NO_STALE:
+            answers[position] = error
+            continue
+        served += 1
+        plan.stats.stale()
+        answers[position] = Served(stale[position], Source.STALE, shareable=True)
+    plan.stats.loader_error(
+        f"{len(loaded)} keys", error, served=f"the kept values of {served} keys are served"
+    )
 
 
 def align(name: str, items: Sequence[Any], returned: object) -> list[Any]:

@@ -30,6 +30,8 @@ from ._effects import (
     Flow,
     Free,
     Hold,
+    Land,
+    Lead,
     Leased,
     LoadOne,
     LoadSome,
@@ -40,6 +42,7 @@ from ._effects import (
     Spawn,
     TagsOf,
 )
+from ._flights import Led
 from ._flows import Plan, Served, after_miss, bypass, on_lookup, served_aged
 from ._leases import arenew, renew
 from ._loads import Loads
@@ -145,6 +148,8 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, fl
     reply: Any = None
     failure: BaseException | None = None
     holds: list[Hold] = []
+    led: Led | None = None  # the flights of a batch's keys, led by this flow
+    ended: BaseException | None = None
     try:
         while True:
             try:
@@ -188,13 +193,25 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, fl
                     reply = loads.tags(effect.load)  # type: ignore[union-attr]
                 except Exception as exc:  # an argument that cannot be rendered
                     failure = exc
+            elif kind is Lead or kind is Land:
+                led = led or Led(rt.flights)
+                reply = _fly(effect, led)  # type: ignore[arg-type]
             else:
+                if effect is Signal.SEAL and led is not None:
+                    led.seal()
                 _perform_locally(effect, rt, holds, seal)
             if kind is Command or kind is RunScript or kind is Batch:
                 redis_seconds += perf_counter() - started
+    except BaseException as exc:
+        ended = exc
+        raise
     finally:
-        if holds:
-            _release_all(rt, holds)
+        try:
+            if holds:
+                _release_all(rt, holds)
+        finally:
+            if led is not None:
+                led.end(ended)
 
 
 def send(rt: SyncRuntime, effect: Command | RunScript) -> tuple[object, BaseException | None]:
@@ -340,6 +357,8 @@ async def arun(
     reply: Any = None
     failure: BaseException | None = None
     holds: list[Hold] = []
+    led: Led | None = None  # the flights of a batch's keys, led by this flow
+    ended: BaseException | None = None
     try:
         while True:
             try:
@@ -381,13 +400,25 @@ async def arun(
                     reply = loads.tags(effect.load)  # type: ignore[union-attr]
                 except Exception as exc:  # an argument that cannot be rendered
                     failure = exc
+            elif kind is Lead or kind is Land:
+                led = led or Led(rt.flights)
+                reply = _fly(effect, led)  # type: ignore[arg-type]
             else:
+                if effect is Signal.SEAL and led is not None:
+                    led.seal()
                 _perform_locally(effect, rt, holds, seal)
             if kind is Command or kind is RunScript or kind is Batch:
                 redis_seconds += perf_counter() - started
+    except BaseException as exc:
+        ended = exc
+        raise
     finally:
-        if holds:
-            await asyncio.shield(_release_in_task(rt, holds))
+        try:
+            if holds:
+                await asyncio.shield(_release_in_task(rt, holds))
+        finally:
+            if led is not None:
+                led.end(ended)
 
 
 async def asend(
@@ -495,6 +526,14 @@ def _perform_locally(effect: Effect, rt: Runtime, holds: list[Hold], seal: Seal)
         rt.outbox.add(effect.items)
     else:
         raise AssertionError(f"no driver performs {effect!r}")
+
+
+def _fly(effect: Lead | Land, led: Led) -> tuple[bool, ...] | None:
+    """A batch's flights in this process: lead them (Lead), or end some (Land)."""
+    if type(effect) is Lead:
+        return led.lead(effect.keys)
+    led.land(effect.outcomes)  # type: ignore[union-attr]
+    return None
 
 
 def _queue_refused(rt: Runtime, hold: Hold, replies: Sequence[object]) -> None:

@@ -92,6 +92,27 @@ class Leased:
     every_ms: int
 
 
+@dataclass(slots=True)
+class Lead:
+    """Lead this process's flight of each key (a batch about to load them): until its
+    Land, callers of the key in this process join this flow instead of loading. The
+    reply is, per key, whether this flow leads it; False: a flight or a reload of the
+    key is under way here, to be joined through the single path. A Signal.SEAL stops
+    later callers joining every flight the flow leads. However the flow ends, the
+    driver ends the flights it did not land, with the flow's error if it raised."""
+
+    keys: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Land:
+    """Hand each led key's outcome to the callers that joined its flight, and end it:
+    (key, a Served, the Exception its load raised, or None: the joiners read for
+    themselves)."""
+
+    outcomes: tuple[tuple[str, Any], ...]
+
+
 class Unread(enum.Enum):
     """An entry whose lookup is still to be sent (its raw reply, where one goes)."""
 
@@ -187,6 +208,8 @@ Effect = (
     | Each
     | TagsOf
     | Leased
+    | Lead
+    | Land
 )
 Flow = Generator[Effect, Any, T]
 

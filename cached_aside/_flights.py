@@ -70,12 +70,16 @@ class _Flight:
             self.error = exc
             raise
         finally:
-            self.registry.close(self)
-            if self.done is not None:
-                self.done.set()
-            for joined in self.joiners or ():
-                if not joined.done():
-                    joined.set_result(None)
+            self.finish()
+
+    def finish(self) -> None:
+        """Close the flight and wake its joiners (threads and tasks alike)."""
+        self.registry.close(self)
+        if self.done is not None:
+            self.done.set()
+        for joined in self.joiners or ():
+            if not joined.done():
+                joined.set_result(None)
 
     def outcome(self, *, reads_shared: bool) -> Answer | None:
         """For a joiner: the leader's answer, None to read again, or the leader's error.
@@ -192,6 +196,14 @@ class _Registry:
         self.reloading[key] = flight
         return None
 
+    def take(self, key: str) -> _Flight | None:
+        """A new flight of `key` for a batch to lead, or None while a flight or a
+        reload of the key is under way here (the batch joins it instead)."""
+        if key in self.active or key in self.reloading:
+            return None
+        flight = self.active[key] = _Flight(self, key)
+        return flight
+
     def forget(self, key: str) -> None:
         """Let later callers read afresh instead of joining a read already under way."""
         self.active.pop(key, None)
@@ -206,6 +218,47 @@ class _Registry:
         self.reloading = {}
         self.following = {}
         self.waiting = 0
+
+
+class Led:
+    """The flights one flow leads for the keys of a batch (Lead, Land effects): each
+    ends with the outcome landed for it, else as the flow ended."""
+
+    __slots__ = ("flights", "registry")
+
+    def __init__(self, registry: _Registry) -> None:
+        self.registry = registry
+        self.flights: dict[str, _Flight] = {}
+
+    def lead(self, keys: tuple[str, ...]) -> tuple[bool, ...]:
+        led = []
+        for key in keys:
+            flight = self.registry.take(key)
+            if flight is not None:
+                self.flights[key] = flight
+            led.append(flight is not None)
+        return tuple(led)
+
+    def seal(self) -> None:
+        for flight in self.flights.values():
+            self.registry.close(flight)
+
+    def land(self, outcomes: tuple[tuple[str, Any], ...]) -> None:
+        for key, outcome in outcomes:
+            flight = self.flights.pop(key)
+            if isinstance(outcome, BaseException):
+                flight.error = outcome
+            elif outcome is not None:
+                flight.answer = (outcome, 0.0)
+            flight.finish()
+
+    def end(self, error: BaseException | None) -> None:
+        """However the flow ended: the flights it did not land end with its error
+        (None: it returned, and their joiners read for themselves)."""
+        flights, self.flights = self.flights, {}
+        for flight in flights.values():
+            flight.error = error
+            flight.finish()
 
 
 class ThreadFlights(_Registry):
@@ -230,6 +283,13 @@ class ThreadFlights(_Registry):
     def end_reload(self, flight: _Reload) -> None:
         with self._lock:
             super().end_reload(flight)
+
+    def take(self, key: str) -> _Flight | None:
+        with self._lock:
+            flight = super().take(key)
+            if flight is not None:
+                flight.done = threading.Event()
+            return flight
 
     def behind(self, key: str) -> _Reload | None:
         with self._lock:

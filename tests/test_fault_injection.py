@@ -1,16 +1,16 @@
 """Every point at which a call can fail, failed on purpose.
 
 Each flow (a single call, a waiter, a background refresh, many() with and without a
-batch loader and with a held entry, invalidate, invalidate_many, invalidate_all,
-update_field, set, and the tagged ones: a miss, many(), set, update_field,
-invalidate_tags) is first run once to list the Redis operations it performs. Then, for
-each operation in turn and each kind of fault (an error reply, a refused connection,
-a lost reply, a cancellation before or after Redis acted, any BaseException), it
-runs again with that one operation failing; and once for each way its loader can
-fail. After every run, once background work settles: no lock, waiter count or
-wake-up token is left in Redis, the next caller (another engine, as another
-process) is served without waiting, what is stored is the loader's value, and a
-value the call returned is the loader's. Sync and async, real Redis and fakeredis.
+batch loader, with a held entry and with entries kept for stale_if_error, invalidate,
+invalidate_many, invalidate_all, update_field, set, and the tagged ones: a miss, many(),
+set, update_field, invalidate_tags) is first run once to list the Redis operations it
+performs. Then, for each operation in turn and each kind of fault (an error reply, a
+refused connection, a lost reply, a cancellation before or after Redis acted, any
+BaseException), it runs again with that one operation failing; and once for each way its
+loader can fail. After every run, once background work settles: no lock, waiter count or
+wake-up token is left in Redis, the next caller (another engine, as another process) is
+served without waiting, what is stored is the loader's value, and a value the call
+returned is the loader's. Sync and async, real Redis and fakeredis.
 """
 
 from __future__ import annotations
@@ -136,6 +136,17 @@ def _aged(left_ms: int) -> Callable[[Harness, Any, list[str]], Awaitable[None]]:
     return prepare
 
 
+def _aged_all(left_ms: int) -> Callable[[Harness, Any, list[str]], Awaitable[None]]:
+    """A prepare step: fill every entry, then give each `left_ms` to live."""
+
+    async def prepare(h: Harness, fn: Any, ids: list[str]) -> None:
+        await h.run(fn.many, ids)
+        for id in ids:
+            h.raw.pexpire(fn.key(id), left_ms)
+
+    return prepare
+
+
 async def _refresh_prepare(h: Harness, fn: Any, ids: list[str]) -> None:
     await h.run(fn, ids[0])
     await asyncio.sleep(0.05)  # inside the refresh window from here on
@@ -230,6 +241,15 @@ SCENARIOS = [
         batch=True,
         entries=3,
         foreign_lock=True,
+    ),
+    Scenario(
+        "many, batch loader, stale_if_error",
+        _many,
+        _aged_all(50_000),
+        options={"ttl": 30, "stale_if_error": 60},
+        batch=True,
+        entries=2,
+        stale_answers=True,
     ),
     Scenario("many, one at a time", _many, _fill_first, entries=3),
     Scenario(

@@ -359,7 +359,9 @@ def test_a_batch_locks_in_one_pipeline_loads_once_and_stores_in_one_pipeline() -
         (ScriptName.STORE, KEYS[0]),
         (ScriptName.LEAVE, f"{KEYS[2]}:waiters"),
     ]
-    stores = flow.reply(["one", None, "four"])
+    # Its callers in this process that come from here on read for themselves.
+    assert flow.reply(["one", None, "four"]) is Signal.SEAL
+    stores = flow.reply(None)
     assert isinstance(stores, Batch)
     assert [e.keys[0] for e in stores.effects] == [KEYS[0]]  # type: ignore[union-attr]
     flow.reply([0])  # the store found another token: invalidated meanwhile
@@ -367,8 +369,8 @@ def test_a_batch_locks_in_one_pipeline_loads_once_and_stores_in_one_pipeline() -
     assert flow.result == [
         Served("one", Source.LOADER, lease_kept=False),
         Served("cached", Source.CACHE),
-        Served(None, Source.LOADER),
-        Served("four", Source.LOADER),
+        Served(None, Source.LOADER, shareable=True),
+        Served("four", Source.LOADER, shareable=True),
     ]
     stats = p.stats.snapshot()
     assert (stats.loads, stats.misses, stats.hits, stats.errors) == (3, 3, 1, 2)
@@ -404,6 +406,50 @@ def test_a_failing_batch_loader_leaves_every_lock_it_took_to_the_drivers_release
         (ScriptName.STORE, KEYS[2]),  # registered as a waiter: its whole Hold stands
         (ScriptName.LEAVE, f"{KEYS[2]}:waiters"),
     ]
+
+
+def test_a_failed_batch_answers_entries_kept_for_errors_stale_and_gives_back_its_locks() -> None:
+    p = dataclasses.replace(plan(stale_if_error=60), peek=True)
+    kept = [msgpack.packb("old"), 50_000]  # PEEK: past its ttl, kept for stale_if_error
+    flow = Stepper(load_batch(p, KEYS[:3], [kept, [], []], 500))
+    load = flow.reply([[AcquireStatus.OWNED], [AcquireStatus.OWNED], [AcquireStatus.HELD, 90]])
+    assert load == LoadSome((0, 1))  # the kept entry loads with the batch
+    failure = LookupError("primary down")
+    releases = flow.fail(failure)
+    # Every lock and the waiter's place go back now, not when many() ends.
+    assert isinstance(releases, Batch)
+    assert [(e.script, e.keys[0]) for e in releases.effects] == [  # type: ignore[union-attr]
+        (ScriptName.STORE, KEYS[0]),
+        (ScriptName.STORE, KEYS[1]),
+        (ScriptName.STORE, KEYS[2]),
+        (ScriptName.LEAVE, f"{KEYS[2]}:waiters"),
+    ]
+    flow.reply([1, 1, 1, 1])
+    assert flow.holds == []
+    # The kept value answers its entry; the entry without one gets the error; the
+    # held entry is not waited for (many() raises the error).
+    assert flow.result == [Served("old", Source.STALE, shareable=True), failure, None]
+    assert p.stats.snapshot().stale == 1
+
+
+def test_a_failed_batch_whose_entries_all_had_kept_values_still_waits_for_the_held_one() -> None:
+    p = dataclasses.replace(plan(stale_if_error=60), peek=True)
+    kept = [msgpack.packb("old"), 50_000]
+    flow = Stepper(load_batch(p, KEYS[:2], [kept, []], 500))
+    assert flow.reply([[AcquireStatus.OWNED], [AcquireStatus.HELD, 90]]) == LoadSome((0,))
+    releases = flow.fail(LookupError("primary down"))
+    assert [(e.script, e.keys[0]) for e in releases.effects] == [(ScriptName.STORE, KEYS[0])]
+    wait = flow.reply([1])
+    assert isinstance(wait, Command)
+    assert wait.args[0] == "BLPOP"  # nothing to raise: the held entry is still served
+    assert flow.reply([f"{KEYS[1]}:wake", "1"]) is Signal.SEAL
+    assert flow.reply(None).script is ScriptName.ACQUIRE
+    flow.reply([AcquireStatus.FOUND, msgpack.packb("new")])
+    assert flow.result == [
+        Served("old", Source.STALE, shareable=True),
+        Served("new", Source.WAITED, shareable=True),
+    ]
+    assert flow.holds == []
 
 
 def test_invalidate_matching_pages_and_deletes_only_what_belongs() -> None:

@@ -27,6 +27,10 @@ TTL = 30
 GRACE = 60  # seconds, when drawn
 STALE_IF_ERROR = 120  # longer than GRACE: an entry kept past both is "expired"
 REFRESH_AHEAD = 10
+# A caller waits this long for another's flight before it treats the leader as stuck
+# (and a refresh loads regardless): a generous bound, so that callers slow to park on a
+# loaded machine are not taken for that.
+LOCK_TTL = 10
 _examples = itertools.count()
 
 
@@ -40,12 +44,14 @@ class Scenario:
     prior: str  # cold, stale (in grace), expired (kept for stale_if_error), due
     outcome: str  # value, none, raises, slow
     callers: list[str]  # call (lookup), many, refresh
+    batched: bool = False  # the function has a batch_loader: many() loads through it
 
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
     options: dict[str, Any] = {
         "ttl": TTL,
+        "lock_ttl": LOCK_TTL,
         "grace": draw(st.sampled_from([None, GRACE])),
         "stale_if_error": draw(st.sampled_from([None, STALE_IF_ERROR])),
         "loader_timeout": draw(st.sampled_from([None, SLOW_TIMEOUT])),
@@ -67,7 +73,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     if prior in ("cold", "expired"):
         kinds.append("refresh")
     callers = draw(st.lists(st.sampled_from(kinds), min_size=2, max_size=8))
-    return Scenario(options, prior, draw(st.sampled_from(outcomes)), callers)
+    batched = draw(st.booleans())
+    return Scenario(options, prior, draw(st.sampled_from(outcomes)), callers, batched)
 
 
 @dataclass
@@ -176,6 +183,23 @@ def loader_for(h: Harness, scenario: Scenario, probe: Probe, gate: Gate) -> Call
             probe.end(started)
 
     return aload
+
+
+def batch_loader_for(h: Harness, single: Callable[..., Any]) -> Callable[..., Any]:
+    """The batch loader of the same primary: one run of `single` per batch (one key)."""
+    if h.mode == "sync":
+
+        def load_batch(ids: list[str]) -> list[Any]:
+            assert len(ids) == 1, ids  # every caller asks for the same key
+            return [single(ids[0])]
+
+        return load_batch
+
+    async def aload_batch(ids: list[str]) -> list[Any]:
+        assert len(ids) == 1, ids
+        return [await single(ids[0])]
+
+    return aload_batch
 
 
 def prime(h: Harness, name: str, scenario: Scenario) -> None:
@@ -319,6 +343,7 @@ async def test_one_load_per_key_at_a_time_and_one_outcome_for_its_callers(
     # A hang the loader_timeout cut before every caller had joined is another example.
     assume(probe.joined_in_time())
     event(f"prior={scenario.prior} outcome={scenario.outcome}")
+    event("many() through a batch_loader" if scenario.batched else "no batch_loader")
     event("with refresh()" if "refresh" in scenario.callers else "calls and many() only")
 
     # One load of the key at a time, whatever the options and callers.
@@ -368,7 +393,10 @@ async def run_scenario(h: Harness, scenario: Scenario) -> tuple[Probe, Outcomes]
     prime(h, name, scenario)
     loader = loader_for(h, scenario, probe, gate)
     loader.__qualname__ = f"{name}_loader"
-    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **scenario.options)(loader)
+    given = dict(scenario.options)
+    if scenario.batched:
+        given["batch_loader"] = batch_loader_for(h, loader)
+    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **given)(loader)
     try:
         return probe, await run_callers(h, fn, scenario, probe, gate)
     finally:
@@ -378,6 +406,7 @@ async def run_scenario(h: Harness, scenario: Scenario) -> tuple[Probe, Outcomes]
 def options(**given: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "ttl": TTL,
+        "lock_ttl": LOCK_TTL,
         "grace": None,
         "stale_if_error": None,
         "loader_timeout": None,
@@ -468,3 +497,190 @@ async def until(h: Harness, condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.002)  # threads run on meanwhile; tasks need the loop
     raise AssertionError("the condition never held")
+
+
+# -- many() with a batch_loader: the batch leads its keys' flights -------------------
+
+
+class Started:
+    """A call running beside the test: a thread (sync) or a task (async)."""
+
+    def __init__(self, h: Harness, call: Callable[[], Any]) -> None:
+        self.mode = h.mode
+        self.got: list[tuple[str, Any]] = []
+        if h.mode == "sync":
+
+            def target() -> None:
+                try:
+                    self.got.append(("ok", call()))
+                except Exception as exc:
+                    self.got.append(("error", exc))
+
+            self.thread = threading.Thread(target=target)
+            self.thread.start()
+        else:
+            self.task = asyncio.ensure_future(call())
+
+    async def result(self) -> tuple[str, Any]:
+        if self.mode == "sync":
+            self.thread.join(HANG)
+            assert not self.thread.is_alive()
+            return self.got[0]
+        try:
+            return "ok", await asyncio.wait_for(self.task, HANG)
+        except Exception as exc:
+            return "error", exc
+
+
+def batched_function(h: Harness, scenario: Scenario, probe: Probe, gate: Gate, name: str) -> Any:
+    """A function of the scenario's options with a batch_loader: one gated run of the
+    primary per batch, whatever its size."""
+    single = loader_for(h, scenario, probe, gate)
+    if h.mode == "sync":
+
+        def load_batch(ids: list[str]) -> list[Any]:
+            return [single(ids[0])] * len(ids)
+
+        batch: Callable[..., Any] = load_batch
+    else:
+
+        async def aload_batch(ids: list[str]) -> list[Any]:
+            return [await single(ids[0])] * len(ids)
+
+        batch = aload_batch
+    single.__qualname__ = f"{name}_loader"
+    return cache_aside(key=f"{name}:<id>", engine=h.engine, batch_loader=batch, **scenario.options)(
+        single
+    )
+
+
+def side_of(h: Harness) -> Any:
+    return h.engine._sync_side() if h.mode == "sync" else h.engine._async_side()
+
+
+async def test_a_refresh_during_a_batch_load_waits_for_it_instead_of_loading_beside_it(
+    h: Harness,
+) -> None:
+    # Before: the refresh revoked the batch's lock and ran the loader beside it.
+    name = f"sf{next(_examples)}"
+    probe, gate = Probe(None), Gate(h.mode)
+    fn = batched_function(h, Scenario(options(), "cold", "value", []), probe, gate, name)
+    try:
+        batch = Started(h, lambda: fn.many(["k"]))
+        await until(h, lambda: probe.in_loader == 1)
+        refresh = Started(h, lambda: fn.refresh("k"))
+        await until(h, lambda: side_of(h).flights.waiting == 1 or probe.in_loader == 2)
+        gate.release()
+        got_batch, got_refresh = await batch.result(), await refresh.result()
+    finally:
+        gate.finish()
+    assert probe.most_at_once == 1
+    assert probe.runs == 2  # the refresh's load began after its call: once the batch's ended
+    assert got_batch[0] == "ok"
+    assert got_batch[1][0].startswith("v1:")
+    assert got_refresh[0] == "ok"
+    assert got_refresh[1].startswith("v2:")
+
+
+@pytest.mark.parametrize("first", ["batch", "call"])
+async def test_a_call_and_a_batch_that_store_nothing_share_one_load(h: Harness, first: str) -> None:
+    # Before: whichever came second waited on the Redis lock, found nothing stored
+    # (cache_if refused it) and took over: a second load right after the first.
+    name = f"sf{next(_examples)}"
+    probe, gate = Probe(None), Gate(h.mode)
+    scenario = Scenario(options(cache_if=lambda value: False), "cold", "value", [])
+    fn = batched_function(h, scenario, probe, gate, name)
+
+    def batch() -> Any:
+        return fn.many(["k"])
+
+    def call() -> Any:
+        return fn.lookup("k")
+
+    try:
+        leader = Started(h, batch if first == "batch" else call)
+        await until(h, lambda: probe.in_loader == 1)
+        joiner = Started(h, call if first == "batch" else batch)
+        await until(
+            h,
+            lambda: (
+                side_of(h).flights.waiting == 1
+                or fn.stats().lock_waits == 1
+                or probe.in_loader == 2
+            ),
+        )
+        gate.release()
+        got_leader, got_joiner = await leader.result(), await joiner.result()
+        assert h.engine.settle(HANG) if h.mode == "sync" else await h.engine.asettle(HANG)
+    finally:
+        gate.finish()
+    assert probe.runs == 1
+    results = {first: got_leader, ("call" if first == "batch" else "batch"): got_joiner}
+    assert results["batch"] == ("ok", ["v1:0"])
+    assert results["call"][0] == "ok"
+    assert (results["call"][1].value, results["call"][1].source) == (
+        "v1:0",
+        Source.LOADER if first == "call" else Source.WAITED,
+    )
+
+
+def prime_expired(h: Harness, name: str, ids: list[str]) -> None:
+    """Cache "old" for each id, expired past its grace but kept for stale_if_error."""
+
+    def old(id: str) -> str:
+        return "old"
+
+    primer = cache_aside(
+        key=f"{name}:<id>", engine=h.engine, ttl=TTL, stale_if_error=STALE_IF_ERROR
+    )(old)
+    for id in ids:
+        assert primer(id) == "old"
+        assert h.raw.pexpire(primer.key(id), STALE_IF_ERROR * 1000 - 1000)
+
+
+async def test_a_failed_batch_load_serves_each_kept_value_stale_from_one_load(
+    h: Harness,
+) -> None:
+    # Before: entries kept for stale_if_error left the batch, one load each.
+    name = f"sf{next(_examples)}"
+    probe, gate = Probe(None), Gate(h.mode)
+    prime_expired(h, name, ["a", "b"])
+    scenario = Scenario(options(stale_if_error=STALE_IF_ERROR), "expired", "raises", [])
+    fn = batched_function(h, scenario, probe, gate, name)
+    try:
+        batch = Started(h, lambda: fn.many(["a", "b"]))
+        await until(h, lambda: probe.in_loader == 1)
+        joiner = Started(h, lambda: fn.lookup("b"))
+        await until(h, lambda: side_of(h).flights.waiting == 1 or probe.in_loader == 2)
+        gate.release()
+        got_batch, got_joiner = await batch.result(), await joiner.result()
+    finally:
+        gate.finish()
+    assert probe.runs == 1
+    assert got_batch == ("ok", ["old", "old"])
+    assert got_joiner[0] == "ok"
+    assert (got_joiner[1].value, got_joiner[1].source) == ("old", Source.STALE)
+
+
+async def test_a_failed_batch_load_raises_for_an_entry_without_a_kept_value(h: Harness) -> None:
+    # The rule of a single call: without a kept value, the loader's error; a caller
+    # joined to an entry that has one still gets it, as STALE.
+    name = f"sf{next(_examples)}"
+    probe, gate = Probe(None), Gate(h.mode)
+    prime_expired(h, name, ["a"])
+    scenario = Scenario(options(stale_if_error=STALE_IF_ERROR), "expired", "raises", [])
+    fn = batched_function(h, scenario, probe, gate, name)
+    try:
+        batch = Started(h, lambda: fn.many(["a", "cold"]))
+        await until(h, lambda: probe.in_loader == 1)
+        joiner = Started(h, lambda: fn.lookup("a"))
+        await until(h, lambda: side_of(h).flights.waiting == 1 or probe.in_loader == 2)
+        gate.release()
+        got_batch, got_joiner = await batch.result(), await joiner.result()
+    finally:
+        gate.finish()
+    assert probe.runs == 1
+    assert got_batch[0] == "error"
+    assert isinstance(got_batch[1], LoadError)
+    assert (got_joiner[1].value, got_joiner[1].source) == ("old", Source.STALE)
+    assert fn.stats().stale >= 1
