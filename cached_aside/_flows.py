@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._breaker import CircuitBreaker
-from ._codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
+from ._codecs import META_FIELD, Codec, Found, HashCodec
 from ._effects import (
     Batch,
     Command,
@@ -196,7 +196,8 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
             stale = value  # past grace: load, and answer with it only if the load fails
     else:
         found = plan.codec.decode(raw)
-    return (yield from miss(plan, key, found is Found.CORRUPT, block_limit_ms, stale=stale))
+    damaged = found if found is Found.CORRUPT or found is Found.MISMATCH else False
+    return (yield from miss(plan, key, damaged, block_limit_ms, stale=stale))
 
 
 def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
@@ -271,7 +272,7 @@ def _wait_for_wake_up(
 def miss(
     plan: Plan,
     key: str,
-    corrupt: bool,
+    corrupt: bool | Found,
     block_limit_ms: int,
     load: Signal | LoadOne = Signal.LOAD,
     held: tuple[int, Hold] | None = None,
@@ -291,7 +292,7 @@ def miss(
     keys = entry_keys(key)
     waited = False
     if corrupt:
-        stats.corrupt(key)
+        stats.corrupt(key, mismatch=corrupt is Found.MISMATCH)
     if held is None:
         token = os.urandom(16).hex()
         # Armed before the lock script is sent: its reply may be lost (a timeout, a
@@ -333,9 +334,9 @@ def miss(
             return (yield from _load_and_store(plan, keys, hold, load, stale, probe=replace))
         if status == AcquireStatus.FOUND:
             found = codec.decode(reply[1])
-            if found is Found.CORRUPT or found is Found.MISS:
+            if type(found) is Found and found is not Found.NEGATIVE:  # no value to serve
                 if not corrupt:
-                    stats.corrupt(key)
+                    stats.corrupt(key, mismatch=found is Found.MISMATCH)
                 corrupt = True
                 continue
             yield Free(hold)  # the lock script took this caller off the waiters
@@ -588,7 +589,7 @@ def update_field(
             f"{plan.name}.invalidate(...) after the write instead"
         )
     where = f"{plan.name}.update_field (key {key!r})"
-    text = field_text(check_field(field, where), value, where)
+    text = plan.codec.encode_field(field, value, where)
     options = plan.options
     if options.cache_if is not None:
         # cache_if judges whole records, and this one is in Redis, not here: drop it
