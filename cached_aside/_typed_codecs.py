@@ -43,6 +43,7 @@ from ._typed import Schema, decode_hook, encode_hook
 # typed record for its own.
 SHAPE_FIELD: Final = "__cached_aside_shape__"
 _SHAPE_FIELD_BYTES: Final = SHAPE_FIELD.encode()
+_RESERVED: Final = frozenset({_META_FIELD_BYTES, _SHAPE_FIELD_BYTES})
 # What to_builtins leaves as it is: msgpack stores bytes natively.
 _KEPT: Final = (bytes, bytearray)
 # Field types whose value is text: stored as the text itself in a hash, readable.
@@ -50,7 +51,7 @@ _TEXT_KINDS: Final = frozenset(
     {str, datetime.datetime, datetime.date, datetime.time, datetime.timedelta}
     | {uuid.UUID, decimal.Decimal}
 )
-_TEXT, _BYTES, _JSON = "text", "bytes", "json"
+_TEXT, _BYTES, _FLOAT, _JSON = "text", "bytes", "float", "json"
 _DECODE_ERRORS: Final = (msgspec.MsgspecError, ValueError, TypeError)
 
 
@@ -153,13 +154,16 @@ def _field_kind(kind: Any) -> str:
         return _TEXT
     if kind is bytes:
         return _BYTES
+    if kind is float:  # as repr() text: JSON has no inf
+        return _FLOAT
     return _JSON
 
 
 class TypedHashCodec(HashCodec):
     """A record type (dataclass, pydantic model, attrs class, Struct, TypedDict) as
     one hash field per attribute: text, dates, UUIDs and Decimals as their text,
-    bytes as they are, anything else as JSON. Each field decodes to its declared type."""
+    bytes as they are, floats as repr() text, anything else as JSON. Each field
+    decodes to its declared type."""
 
     def __init__(self, schema: Schema) -> None:
         assert schema.fields is not None
@@ -176,17 +180,20 @@ class TypedHashCodec(HashCodec):
             return Found.MISS
         if type(raw) is list:  # a Lua reply: HGETALL as a flat list
             raw = dict(zip(raw[::2], raw[1::2], strict=True))
-        meta = raw.pop(_META_FIELD_BYTES, None)
+        # Read, not popped: the flows may judge the same reply twice.
+        meta = raw.get(_META_FIELD_BYTES)
         if meta is None:
             return Found.CORRUPT
         if meta == _NEGATIVE_META_BYTES:
-            return Found.NEGATIVE if not raw else Found.CORRUPT
-        if raw.pop(_SHAPE_FIELD_BYTES, None) != self._shape:
+            return Found.NEGATIVE if len(raw) == 1 else Found.CORRUPT
+        if raw.get(_SHAPE_FIELD_BYTES) != self._shape:
             return Found.MISMATCH  # another shape's record, or an untyped one
         try:
-            if int(meta) != len(raw):
+            if int(meta) != len(raw) - 2:
                 return Found.CORRUPT
-            return self._record({field.decode(): data for field, data in raw.items()})
+            return self._record(
+                {field.decode(): data for field, data in raw.items() if field not in _RESERVED}
+            )
         except (*_DECODE_ERRORS, UnicodeDecodeError):
             return Found.CORRUPT
 
@@ -200,6 +207,8 @@ class TypedHashCodec(HashCodec):
                 record[field] = data.decode() if type(data) is bytes else data
             elif kind is _BYTES:
                 record[field] = data
+            elif kind is _FLOAT:
+                record[field] = float(data)
             else:
                 record[field] = self._json.decode(data)
         return msgspec.convert(record, self.schema.kind, dec_hook=decode_hook)
@@ -212,6 +221,8 @@ class TypedHashCodec(HashCodec):
             return item
         if kind is _BYTES and isinstance(item, bytes | bytearray):
             return bytes(item)
+        if kind is _FLOAT and type(item) in (float, int) and float(item) == item:
+            return repr(float(item))
         if kind is None:
             raise UnstorableValueError(
                 f"{where}: {_type_name(self.schema.kind)} has no field {field!r}; its "
