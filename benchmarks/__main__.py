@@ -30,6 +30,7 @@ from . import (
     stampede,
     thread_sharing,
     throughput,
+    typed,
 )
 from .runner import BenchProgress, Settings, Table, console, show
 
@@ -45,6 +46,7 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "thread_sharing": thread_sharing.run,
     "compression": compression.run,
     "fleet": fleet.run,
+    "typed": typed.run,
 }
 
 

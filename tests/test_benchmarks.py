@@ -25,6 +25,7 @@ from benchmarks import (
     stampede,
     thread_sharing,
     throughput,
+    typed,
 )
 from benchmarks.__main__ import write_charts
 from benchmarks.runner import Settings, Table
@@ -240,3 +241,17 @@ def test_fleet_runs_processes_without_stale_reads_or_errors() -> None:
     assert (total["stale"], total["errors"]) == (0, 0)
     assert total["loads"] <= 2 * total["writes"] + 10  # warm: loads follow the writes
     assert total["commands"] > 0
+
+
+def test_typed_measures_every_codec_and_the_hit(settings: Settings) -> None:
+    codecs, hits = typed.run(settings)
+    assert set(rows(codecs)) == {
+        "untyped msgpack (dict)",
+        "typed (dataclass, msgspec)",
+        "pickle (dataclass)",
+        "typed (pydantic model)",
+        "pydantic model_dump/model_validate + msgpack",
+    }
+    sizes = {name: row[-1] for name, row in rows(hits).items()}
+    assert sizes["typed (dataclass)"] == sizes["untyped msgpack (dict)"] + 10  # the fingerprint
+    assert rows(hits)["untyped msgpack (dict)"][2] == 1.0
