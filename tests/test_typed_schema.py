@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,8 @@ from cached_aside._codecs import Found
 from cached_aside._typed import schema_of
 from cached_aside._typed_codecs import TypedCodec
 
-from .conftest import Harness
+from .conftest import Harness, needs_real_redis
+from .documented import fenced, marked, run_documented
 from .typed_models import Money, Product
 
 
@@ -242,3 +244,16 @@ def test_prometheus_exports_schema_mismatch() -> None:
     from cached_aside.prometheus import COUNTERS
 
     assert "schema_mismatch" in COUNTERS
+
+
+@needs_real_redis
+def test_the_typed_values_page_runs_as_written(tmp_path: Path) -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "typed-values.md"
+    completed = run_documented(
+        tmp_path,
+        fenced(marked(page, "typed"), "python"),
+        'configure(prefix="typed-docs")',
+        lambda prefix: f'configure(prefix="{prefix}")',
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "cache True 2:00:00\nTrue\nupdated 40\n"
