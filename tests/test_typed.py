@@ -225,3 +225,29 @@ async def test_money_amounts_keep_their_precision(h: Harness) -> None:
     fn = h.cached(annotated(lambda id: amount, Decimal), key="t:<id>")
     await h.run(fn, "a")
     assert str(await h.run(fn, "a")) == "0.3"
+
+
+async def test_set_and_refresh_store_the_declared_type(h: Harness) -> None:
+    fn = h.cached(annotated(lambda id: PRODUCT, Product), key="t:<id>")
+    changed = Product(**{**_fields(PRODUCT), "stock": 7})
+    assert await h.run(fn.set, "a", value=changed) is Outcome.UPDATED
+    hit, source = await served(h, fn, "a")
+    assert (source, hit) == (Source.CACHE, changed)
+    assert same(await h.run(fn.refresh, "a"), PRODUCT)
+    with pytest.raises(UnstorableValueError, match="stock"):
+        await h.run(fn.set, "a", value={**_fields(PRODUCT), "stock": "7"})
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"), [c[1:] for c in HASH_RECORDS], ids=[c[0] for c in HASH_RECORDS]
+)
+async def test_near_hits_of_a_typed_hash_give_back_the_declared_type(
+    h: Harness, kind: Any, value: Any
+) -> None:
+    near = NearCache(ttl=30, allow_untracked=True)
+    fn = h.cached(annotated(lambda id: value, kind), key="t:<id>", as_hash=True, near=near)
+    await h.run(fn, "a")
+    deadline = time.monotonic() + 10  # a bound on a hang: tracking voids early fills
+    while (outcome := await h.run(fn.lookup, "a")).source is not Source.NEAR:
+        assert time.monotonic() < deadline, "never served from the near cache"
+    assert same(outcome.value, value)
