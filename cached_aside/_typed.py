@@ -14,13 +14,22 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import functools
 import hashlib
 import inspect
 import sys
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    MutableSequence,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -52,8 +61,14 @@ _CONTAINERS: Final = {
     tuple: "tuple",
     dict: "dict",
     Sequence: "list",
+    MutableSequence: "list",
+    Collection: "list",
+    Iterable: "list",
     Mapping: "dict",
+    MutableMapping: "dict",
 }
+_SEQUENCES: Final = (list, Sequence, MutableSequence, Collection, Iterable)
+_MAPPINGS: Final = (dict, Mapping, MutableMapping)
 
 
 def pydantic_model(kind: object) -> bool:
@@ -133,8 +148,8 @@ def schema_of(
     except TypeError as exc:
         raise ConfigurationError(
             f"{name}: the declared type {_name(kind)} cannot be decoded unambiguously "
-            f"({exc}); declare one record type per function, or tag the union's members "
-            "(msgspec Struct tag=True)"
+            f"({exc}); declare one record type per function, tag the union's members "
+            "(msgspec Struct tag=True), or pass returns=typing.Any for untyped msgpack"
         ) from None
     return Schema(
         kind,
@@ -156,9 +171,9 @@ def native(kind: Any) -> bool:
         return all(native(arg) for arg in args)
     if origin is typing.Literal:
         return all(type(arg) in (str, int, bool) for arg in args)
-    if origin is list or origin is Sequence:
+    if origin in _SEQUENCES:
         return not args or native(args[0])
-    if origin is dict or origin is Mapping:
+    if origin in _MAPPINGS:
         return not args or (args[0] in (str, int, Any) and native(args[1]))
     return False
 
@@ -187,27 +202,45 @@ def record_fields(kind: Any) -> dict[str, Any] | None:
 
 
 def _return_annotation(function: Callable[..., Any], name: str) -> Any:
-    """A function's resolved return annotation, or None when it has none."""
+    """A function's resolved return annotation, or None when it has none.
+
+    Only the return annotation is evaluated: a parameter annotated with a name
+    imported under TYPE_CHECKING (a db session, say) must not break decoration.
+    """
+    target: Any = inspect.unwrap(function)
+    if isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    if not inspect.isfunction(target):
+        target = getattr(getattr(target, "__call__", None), "__func__", None)  # noqa: B004
+        if not inspect.isfunction(target):
+            return None  # a builtin or an object inspect cannot read: untyped
+    annotation = getattr(target, "__annotations__", {}).get("return", inspect.Signature.empty)
+    if annotation is inspect.Signature.empty:
+        return None
+    # A function of the loader's module that carries the return annotation alone,
+    # resolved as typing resolves annotations (nested forward references too).
+    alone = types.FunctionType(_no_code.__code__, target.__globals__)
+    alone.__annotations__ = {"return": annotation}
     try:
-        signature = inspect.signature(function, eval_str=True)
-    except (ValueError, TypeError):
-        return None  # a builtin or an object inspect cannot read: untyped
-    except NameError as exc:
+        return typing.get_type_hints(alone)["return"]
+    except Exception as exc:  # NameError, SyntaxError, TypeError: eval of the text
         raise ConfigurationError(
-            f"{name}: its return annotation cannot be resolved ({exc}); define or import "
-            "the type at module level, or pass returns=TheType (returns=typing.Any for "
-            "untyped msgpack)"
+            f"{name}: its return annotation {annotation!r} cannot be resolved ({exc}); "
+            "define or import the type at module level, or pass returns=TheType "
+            "(returns=typing.Any for untyped msgpack)"
         ) from None
-    annotation = signature.return_annotation
-    return None if annotation is inspect.Signature.empty else annotation
+
+
+def _no_code() -> None:
+    """The code object of the stand-in that carries a return annotation alone."""
 
 
 def _element(annotation: Any) -> Any:
     """The value type of a batch loader's `list[X]` or `dict[K, X]` annotation."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (list, Sequence) and args:
+    if origin in _SEQUENCES and args:
         return args[0]
-    if origin in (dict, Mapping) and len(args) == 2:
+    if origin in _MAPPINGS and len(args) == 2:
         return args[1]
     return None
 
@@ -267,8 +300,8 @@ def _shape(kind: Any, name: str, seen: set[Any], flags: set[str]) -> str:
     raise ConfigurationError(
         f"{name}: cached_aside cannot store values of the declared type {kind!r}; declare "
         "dataclasses, pydantic models, attrs classes, msgspec Structs, TypedDicts, "
-        "NamedTuples, enums, datetimes, UUIDs, Decimals and containers of them, or "
-        "pass a serializer="
+        "NamedTuples, enums, datetimes, UUIDs, Decimals and containers of them; or "
+        "pass returns=typing.Any (untyped msgpack) or a serializer="
     )
 
 

@@ -13,7 +13,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from cached_aside import NearCache, Outcome, Source, UnstorableValueError
+from cached_aside import (
+    CacheEngine,
+    NearCache,
+    Outcome,
+    Source,
+    UnstorableValueError,
+    cache_aside,
+)
 
 from .conftest import Harness
 from .typed_models import AWARE, FLAT, HASH_RECORDS, PRODUCT, ROUND_TRIPS, FlatProduct, Product
@@ -251,3 +258,19 @@ async def test_near_hits_of_a_typed_hash_give_back_the_declared_type(
     while (outcome := await h.run(fn.lookup, "a")).source is not Source.NEAR:
         assert time.monotonic() < deadline, "never served from the near cache"
     assert same(outcome.value, value)
+
+
+def load_products(ids: list[str]) -> dict[str, Product]:
+    return dict.fromkeys(ids, PRODUCT)
+
+
+async def test_the_batch_loaders_annotation_types_an_unannotated_loader(
+    engine: CacheEngine,
+) -> None:
+    fn = cache_aside(key="t:<id>", ttl=30, engine=engine, batch_loader=load_products)(
+        lambda id: PRODUCT
+    )
+    assert fn.many(["a", "b"]) == [PRODUCT, PRODUCT]
+    hits = fn.many(["a", "b"])
+    assert all(same(hit, PRODUCT) for hit in hits)
+    assert fn.stats().hits == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,26 @@ def test_an_unresolvable_annotation_is_refused_with_the_way_out() -> None:
     with pytest.raises(ConfigurationError, match="returns=TheType"):
         cache_aside(key="k:<id>", ttl=1)(load)
     cache_aside(key="k:<id>", ttl=1, returns=Any)(load)  # the way out: untyped
+
+
+def test_only_the_return_annotation_is_resolved() -> None:
+    """A parameter typed with a name imported under TYPE_CHECKING (a session) is fine."""
+
+    def load(id: str, session: NotImported) -> V1 | None:  # type: ignore[name-defined]  # noqa: F821
+        return None
+
+    fn = cache_aside(key="k:<id>", ttl=1)(load)
+    assert isinstance(fn._plan.codec, TypedCodec)
+
+    class Loader:
+        def __call__(self, id: str) -> V1 | None:
+            return None
+
+    assert isinstance(cache_aside(key="k:<id>", ttl=1)(Loader())._plan.codec, TypedCodec)
+    assert isinstance(
+        cache_aside(key="k:<id>", ttl=1)(functools.partial(load, session=None))._plan.codec,
+        TypedCodec,
+    )
 
 
 def test_returns_with_a_serializer_is_refused() -> None:
