@@ -286,7 +286,9 @@ def miss(
     held (for that many ms) and registered this caller as a waiter under the token of
     the Hold given, which stands: wait first. `stale`: the value kept past its ttl,
     the answer if the load fails (stale_if_error). `replace`: ignore what is cached
-    (fn.refresh()), unless another caller's load is waited for first.
+    (fn.refresh()), unless another caller's load is waited for first. `corrupt`: the
+    lookup found an unusable entry (True, or the Found member saying why: CORRUPT, or
+    MISMATCH for a typed entry of another shape), counted here and replaced.
     """
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
