@@ -35,6 +35,7 @@ from . import (
     stampede,
     thread_sharing,
     throughput,
+    typed,
 )
 from .runner import BenchProgress, Settings, Table, console, show
 
@@ -50,6 +51,7 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "thread_sharing": thread_sharing.run,
     "compression": compression.run,
     "fleet": fleet.run,
+    "typed": typed.run,
 }
 
 

@@ -147,8 +147,9 @@ def load_batch(
             tolerate(plan, key, raw)
             uncached.append(position)
             continue
-        if type(raw) is CommandFailed or found_in(plan, raw) is Found.CORRUPT:
-            stats.corrupt(key)
+        found = Found.CORRUPT if type(raw) is CommandFailed else found_in(plan, raw)
+        if found is Found.CORRUPT or found is Found.MISMATCH:
+            stats.corrupt(key, mismatch=found is Found.MISMATCH)
             corrupt.add(position)
         lockable.append(position)
     holds = {

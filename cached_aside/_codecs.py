@@ -24,6 +24,9 @@ class Found(enum.Enum):
     MISS = "miss"
     NEGATIVE = "negative"
     CORRUPT = "corrupt"
+    # A typed entry written for another shape of the declared type (an older or newer
+    # deploy), or an untyped one: a miss, reloaded and counted as schema_mismatch.
+    MISMATCH = "schema mismatch"
 
 
 # The reserved field of every hash record: the field count for a record, or "none"
@@ -144,6 +147,10 @@ class HashCodec:
 
     def freeze(self, value: Any) -> Frozen:
         return (_same, None) if value is None else (dict, dict(value))  # str -> str: flat
+
+    def encode_field(self, field: object, value: object, where: str) -> str:
+        """The text update_field() writes for one field."""
+        return field_text(check_field(field, where), value, where)
 
 
 def check_field(field: object, where: str) -> str:

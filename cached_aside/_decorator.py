@@ -29,6 +29,8 @@ from ._keys import KeyTemplate
 from ._near import NearCache
 from ._options import Options
 from ._stats import Stats
+from ._typed import schema_of
+from ._typed_codecs import TypedCodec, TypedHashCodec
 from ._validate import Duration, instance, whole
 
 P = ParamSpec("P")
@@ -53,8 +55,9 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             parameters, e.g. "user:<user_id>:orders:<page>". Parameters left out are
             not part of the identity (a db session, say).
         ttl: how long a value lives, in seconds (int/float) or a timedelta; > 0.
-        as_hash: store a flat mapping as a Redis hash (values come back as str)
-            instead of one msgpack string.
+        as_hash: store a record as a Redis hash, one field per attribute, instead of
+            one msgpack string: a typed record (a dataclass, say) decodes each field
+            to its declared type; an untyped mapping comes back as str values.
         negative_ttl: how long a None result is remembered; default 20% of ttl,
             at most 60 s; 0 turns negative caching off.
         lock_ttl: the lease of the single-flight lock, renewed every third of it
@@ -109,6 +112,12 @@ class cache_aside:  # lower case: a decorator, named and used like a function
         compress_over: bytes; a msgpack payload longer than this is stored
             zlib-compressed (marked, so foreign data never decodes as compressed).
             None (default): never. Not with as_hash or a serializer.
+        returns: the type of the loader's values, for a loader without a return
+            annotation (or to override it); by default the annotation is the schema.
+            A typed function stores values of that type (dataclasses, pydantic
+            models, attrs classes, msgspec Structs, datetimes, UUIDs, Decimals, sets,
+            tuples...) and gives back that type on a hit. Annotations made only of
+            msgpack's own types, and `returns=typing.Any`, store untyped msgpack.
 
     Raises:
         ConfigurationError: an option is invalid; KeyTemplateError for the key.
@@ -132,6 +141,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
     ttl_jitter: float = 0.0
     compress_over: int | None = None
     tags: tuple[str, ...] = ()
+    returns: Any = None
     _options: Options = field(init=False, repr=False)
     _codec: Codec = field(init=False, repr=False)
 
@@ -208,6 +218,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
         near = NearCache() if self.near is True else self.near
         # An engine-wide near cache turns peek on when the function first meets it.
         options = self._options
+        codec = self._typed_codec(loader, name)
         peek = options.refresh_ahead_ms > 0 or options.keep_ms > 0 or isinstance(near, NearCache)
         stats = Stats(name, fail_open=options.fail_open)
         breaker = (
@@ -215,7 +226,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             if options.stale_if_error_ms
             else None
         )
-        plan = Plan(name, self._codec, options, stats, peek, breaker, tags)
+        plan = Plan(name, codec, options, stats, peek, breaker, tags)
         is_async = inspect.iscoroutinefunction(loader)
         batch_loader = self.batch_loader
         if batch_loader is not None and inspect.iscoroutinefunction(batch_loader) != is_async:
@@ -226,6 +237,30 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             )
         wrapper = AsyncCachedFunction if is_async else CachedFunction
         return wrapper(loader, template, plan, self.engine, batch_loader, near)
+
+    def _typed_codec(self, loader: Callable[..., Any], name: str) -> Codec:
+        """The codec of a typed function (see _typed), else the one chosen from the
+        options: decided here, once, so no call inspects a type."""
+        if self.serializer is not None:
+            if self.returns is not None:
+                raise ConfigurationError(
+                    f"{name}: returns= types values stored with msgpack; a serializer= "
+                    "decides the type of its values itself: drop one of the two"
+                )
+            return self._codec
+        schema = schema_of(self.returns, loader, self.batch_loader, name)
+        if schema is None:
+            return self._codec
+        if not self._options.as_hash:
+            compress_over = getattr(self._codec, "compress_over", 0)
+            return TypedCodec(schema, compress_over)
+        if schema.fields is None:
+            raise ConfigurationError(
+                f"{name}: as_hash=True stores a record, one hash field per attribute, but "
+                f"the declared type {schema.kind!r} is not a dataclass, pydantic model, "
+                "attrs class, msgspec Struct or TypedDict; drop as_hash=True"
+            )
+        return TypedHashCodec(schema)
 
 
 def _tag_templates(tags: object, loader: Callable[..., Any], name: str) -> tuple[KeyTemplate, ...]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._breaker import CircuitBreaker
-from ._codecs import META_FIELD, Codec, Found, HashCodec, check_field, field_text
+from ._codecs import META_FIELD, Codec, Found, HashCodec
 from ._effects import (
     Batch,
     Command,
@@ -212,7 +212,8 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
             stale = value  # past grace: load, and answer with it only if the load fails
     else:
         found = plan.codec.decode(raw)
-    return (yield from miss(plan, key, found is Found.CORRUPT, block_limit_ms, stale=stale))
+    damaged = found if found is Found.CORRUPT or found is Found.MISMATCH else False
+    return (yield from miss(plan, key, damaged, block_limit_ms, stale=stale))
 
 
 def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
@@ -287,7 +288,7 @@ def _wait_for_wake_up(
 def miss(
     plan: Plan,
     key: str,
-    corrupt: bool,
+    corrupt: bool | Found,
     block_limit_ms: int,
     load: Signal | LoadOne = Signal.LOAD,
     held: tuple[int, Hold] | None = None,
@@ -301,7 +302,9 @@ def miss(
     held (for that many ms) and registered this caller as a waiter under the token of
     the Hold given, which stands: wait first. `stale`: the value kept past its ttl,
     the answer if the load fails (stale_if_error). `replace`: ignore what is cached
-    (fn.refresh()), unless another caller's load is waited for first.
+    (fn.refresh()), unless another caller's load is waited for first. `corrupt`: the
+    lookup found an unusable entry (True, or the Found member saying why: CORRUPT, or
+    MISMATCH for a typed entry of another shape), counted here and replaced.
     """
     codec, options, stats = plan.codec, plan.options, plan.stats
     keys = entry_keys(key)
@@ -309,7 +312,7 @@ def miss(
     outdated = False  # found an entry whose tags were invalidated since its load
     texts: tuple[str, ...] = (yield TagsOf(load)) if plan.tags else ()
     if corrupt:
-        stats.corrupt(key)
+        stats.corrupt(key, mismatch=corrupt is Found.MISMATCH)
     if held is None:
         token = os.urandom(16).hex()
         # Armed before the lock script is sent: its reply may be lost (a timeout, a
@@ -375,9 +378,9 @@ def miss(
                     outdated = True
                     continue
             found = codec.decode(entry)
-            if found is Found.CORRUPT or found is Found.MISS:
+            if type(found) is Found and found is not Found.NEGATIVE:  # no value to serve
                 if not corrupt:
-                    stats.corrupt(key)
+                    stats.corrupt(key, mismatch=found is Found.MISMATCH)
                 corrupt = True
                 continue
             yield Free(hold)  # the lock script took this caller off the waiters
@@ -621,7 +624,7 @@ def update_field(
             f"{plan.name}.invalidate(...) after the write instead"
         )
     where = f"{plan.name}.update_field (key {key!r})"
-    text = field_text(check_field(field, where), value, where)
+    text = plan.codec.encode_field(field, value, where)
     options = plan.options
     if options.cache_if is not None:
         # cache_if judges whole records, and this one is in Redis, not here: drop it

@@ -44,6 +44,8 @@ class StatsSnapshot:
             (stale_if_error).
         postponed: invalidations Redis did not take, queued in the engine's outbox.
         stale: calls answered with a value past its ttl (grace, stale_if_error).
+        schema_mismatch: typed entries written for another shape of the declared type
+            (an older or newer deploy; or untyped), treated as a miss and rewritten.
     """
 
     hits: int = 0
@@ -58,6 +60,7 @@ class StatsSnapshot:
     loader_errors: int = 0
     postponed: int = 0
     stale: int = 0
+    schema_mismatch: int = 0
 
     @property
     def hit_rate_pct(self) -> float:
@@ -111,6 +114,7 @@ class Stats:
         self._misses = self._negative_hits = self._loads = 0
         self._suppressed = self._errors = self._corrupt = 0
         self._lock_waits = self._loader_errors = self._postponed = self._stale = 0
+        self._schema_mismatch = 0
         self._error_burst = _Burst()
         self._loader_burst = _Burst()
         self._error_kinds: dict[str, int] = {}
@@ -142,8 +146,15 @@ class Stats:
         with self._lock:
             self._lock_waits += 1
 
-    def corrupt(self, key: str, *, log: bool = True) -> None:
-        """Count foreign or damaged data at `key`; log it unless the caller does."""
+    def corrupt(self, key: str, *, log: bool = True, mismatch: bool = False) -> None:
+        """Count foreign or damaged data at `key`; log it unless the caller does.
+        `mismatch`: a typed entry of another shape, expected while a deploy rolls out:
+        counted as schema_mismatch, logged at debug level."""
+        if mismatch:
+            with self._lock:
+                self._schema_mismatch += 1
+            logger.debug("%s: an entry of another type shape at %r; reloaded", self.name, key)
+            return
         with self._lock:
             self._corrupt += 1
         if log:
@@ -221,6 +232,7 @@ class Stats:
                 loader_errors=self._loader_errors,
                 postponed=self._postponed,
                 stale=self._stale,
+                schema_mismatch=self._schema_mismatch,
             )
 
     def loaded_in(self, seconds: float) -> None:
@@ -252,6 +264,7 @@ class Stats:
             self._misses = self._negative_hits = self._loads = 0
             self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
             self._loader_errors = self._postponed = self._stale = 0
+            self._schema_mismatch = 0
             self._error_kinds = {}
             self._load_counts = [0] * len(LOAD_BUCKETS)
             self._load_seconds = 0.0

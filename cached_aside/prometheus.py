@@ -30,6 +30,7 @@ COUNTERS = {
     "loader_errors": "Loader failures nobody saw raised (background reloads, stale answers)",
     "postponed": "Invalidations Redis did not take, queued in the engine's outbox",
     "stale": "Calls answered with a value past its ttl (grace, stale_if_error)",
+    "schema_mismatch": "Typed entries of another shape of the declared type, reloaded",
 }
 
 

@@ -1,8 +1,9 @@
 """A product repository over SQLite with cached reads.
 
-Reads go through @cache_aside (hash storage); a write to the primary is followed by
-`invalidate`; a hot counter (stock, after a sale) is patched in the cache with
-`update_field` instead of dropping the whole entry.
+Reads go through @cache_aside (hash storage, one field per attribute of the Product
+dataclass the reader is annotated to return: a hit gives back a Product); a write to
+the primary is followed by `invalidate`; a hot counter (stock, after a sale) is
+patched in the cache with `update_field` instead of dropping the whole entry.
 
     .venv/bin/python examples/repository.py    # from the repository root, after `make venv`
 
@@ -17,6 +18,7 @@ import os
 import sqlite3
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -25,6 +27,13 @@ from cached_aside import CacheEngine, cache_aside
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 engine = CacheEngine.from_url(REDIS_URL, prefix="cached_aside_example_repository")
+
+
+@dataclass
+class Product:
+    id: str
+    name: str
+    stock: int
 
 
 class ProductRepository:
@@ -46,14 +55,14 @@ class ProductRepository:
 
     # `self` is not in the key: every repository instance shares the cache entries.
     @cache_aside(key="repository:product:<product_id>", ttl=60, as_hash=True, engine=engine)
-    def get(self, product_id: str) -> dict[str, str | int] | None:
+    def get(self, product_id: str) -> Product | None:
         self.primary_reads += 1
         time.sleep(self.latency_ms / 1000)  # a real database is further away
         with self._db() as db:
             row = db.execute(
                 "SELECT id, name, stock FROM products WHERE id = ?", (product_id,)
             ).fetchone()
-        return None if row is None else {"id": row[0], "name": row[1], "stock": row[2]}
+        return None if row is None else Product(*row)
 
     def rename(self, product_id: str, name: str) -> None:
         with self._db() as db:

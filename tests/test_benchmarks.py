@@ -27,6 +27,7 @@ from benchmarks import (
     stampede,
     thread_sharing,
     throughput,
+    typed,
 )
 from benchmarks.__main__ import write_charts
 from benchmarks.runner import Settings, Table
@@ -277,3 +278,17 @@ def test_outage_pauses_a_server_of_its_own() -> None:
         assert len(report["per_call_s"]) == 5
         assert report["breaker_opened"] == 1
         assert report["errors"] == 5  # three timeouts, then two refusals by the breaker
+
+
+def test_typed_measures_every_codec_and_the_hit(settings: Settings) -> None:
+    codecs, hits = typed.run(settings)
+    assert set(rows(codecs)) == {
+        "untyped msgpack (dict)",
+        "typed (dataclass, msgspec)",
+        "pickle (dataclass)",
+        "typed (pydantic model)",
+        "pydantic model_dump/model_validate + msgpack",
+    }
+    sizes = {name: row[-1] for name, row in rows(hits).items()}
+    assert sizes["typed (dataclass)"] == sizes["untyped msgpack (dict)"] + 10  # the fingerprint
+    assert rows(hits)["untyped msgpack (dict)"][2] == 1.0

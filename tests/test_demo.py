@@ -107,7 +107,7 @@ def test_write_to_primary_invalidates(demo: str) -> None:
     )
     assert (status, reply["invalidation"], reply["value"]) == (200, "deleted", 3)
     _, after = call(demo, "GET", "/api/products/p-002")
-    assert (after["source"], after["record"]["stock"]) == ("loader", "3")
+    assert (after["source"], after["record"]["stock"]) == ("loader", 3)
 
 
 def test_hot_field_updates_the_cache_only(demo: str) -> None:
@@ -117,7 +117,7 @@ def test_hot_field_updates_the_cache_only(demo: str) -> None:
     _, reply = call(demo, "POST", "/api/products/p-003/cache", {"field": "stock", "value": 9})
     assert reply["update"] == "updated"
     _, after = call(demo, "GET", "/api/products/p-003")
-    assert (after["source"], after["record"]["stock"]) == ("cache", "9")
+    assert (after["source"], after["record"]["stock"]) == ("cache", 9)
 
 
 def test_stampede_reads_the_primary_once(demo: str) -> None:
@@ -152,13 +152,13 @@ def test_stampede_answers_the_fresh_record_and_its_restarted_ttl(demo: str) -> N
     call(demo, "GET", "/api/products/p-004")
     call(demo, "POST", "/api/products/p-004/cache", {"field": "stock", "value": 9})
     _, cached = call(demo, "GET", "/api/products/p-004")
-    assert cached["record"]["stock"] == "9"  # the cache now disagrees with the primary
+    assert cached["record"]["stock"] == 9  # the cache now disagrees with the primary
     _, reply = call(demo, "POST", "/api/stampede", {"id": "p-004", "n": 5})
     assert reply["record"] == {
         "id": "p-004",
         "name": "Ink bottle",
         "price": "8.20",
-        "stock": "64",
+        "stock": 64,
         "colour": "blue",
     }
     assert reply["primary_ms"] >= LATENCY_MS

@@ -46,7 +46,7 @@ def test_repository_example() -> None:
     out = run_example("repository.py")
     assert "first read: loader" in out
     assert "second read: cache" in out
-    assert "after rename: loader   {'id': 'p-001', 'name': 'Fountain pen, blue'" in out
+    assert "after rename: loader   Product(id='p-001', name='Fountain pen, blue', stock=41)" in out
     assert "after a sale: cache    stock 40" in out
     assert "missing id:   None then negative" in out
 

@@ -4,6 +4,7 @@ failure)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import assert_type
 
 from cached_aside import BulkOutcome, CacheResult, Outcome, cache_aside
@@ -17,6 +18,22 @@ def get_product(id: str) -> dict[str, str] | None:
 @cache_aside(key="order:<id>", ttl=30)
 async def get_order(id: int) -> list[int]:
     return [id]
+
+
+@dataclass(frozen=True)
+class Product:
+    id: str
+    stock: int
+
+
+@cache_aside(key="typed:<id>", ttl=30)
+def get_typed(id: str) -> Product | None:
+    return Product(id, 1)
+
+
+@cache_aside(key="typed-hash:<id>", ttl=30, as_hash=True, returns=Product)
+async def get_returned(id: str) -> Product:
+    return Product(id, 1)
 
 
 class Repository:
@@ -37,6 +54,11 @@ async def check() -> None:
     assert_type(get_product.invalidate_many(["a"]), BulkOutcome)
     assert_type(get_product.lookup("p-1"), CacheResult[dict[str, str] | None])
     assert_type(await get_order(1), list[int])
+    assert_type(get_typed("p-1"), Product | None)
+    assert_type(get_typed.many(["a"]), list[Product | None])
+    assert_type(get_typed.lookup("p-1"), CacheResult[Product | None])
+    assert_type(await get_returned("p-1"), Product)
+    assert_type(await get_returned.update_field("p-1", "stock", 4), Outcome)
     assert_type(await get_order.invalidate(1), Outcome)
     repo = Repository()
     assert_type(repo.find("x"), dict[str, int])

@@ -10,9 +10,11 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgspec
+
 from cached_aside import CacheEngine, CacheResult, Source, cache_aside
 
-from .catalogue import FIELDS, Catalogue, CatalogueError, checked_value
+from .catalogue import FIELDS, Catalogue, CatalogueError, Product, checked_value
 from .stampede import Timed, burst
 
 MAX_STAMPEDE = 500
@@ -21,7 +23,6 @@ META_FIELD = "__cached_aside__"
 NEGATIVE_MARK = b"none"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 Reply = tuple[int, dict[str, Any]]
-Product = dict[str, str | int]
 # One stampede caller's lookup and, when it ran the loader, the primary's time in ms.
 Read = tuple[CacheResult[Product | None], float | None]
 
@@ -82,7 +83,7 @@ class DemoApp:
         result = self.get_product.lookup(id)
         body = {
             "id": id,
-            "record": result.value,
+            "record": as_json(result.value),
             "hit": result.hit,
             "source": result.source.value,
             "redis_ms": round(result.redis_ms, 3),
@@ -178,7 +179,7 @@ class DemoApp:
                 }
                 for index, each in enumerate(timed)
             ],
-            "record": None if result is None else result.value,
+            "record": None if result is None else as_json(result.value),
             "redis_ms": None if result is None else round(result.redis_ms, 3),
             "primary_ms": None if primary_ms is None else round(primary_ms, 1),
             "key": self.get_product.key(id),
@@ -242,6 +243,11 @@ class DemoApp:
         if not self.catalogue.exists(id):
             raise Refused(404, f"no product {id!r}")
         return field, checked
+
+
+def as_json(record: Product | None) -> dict[str, Any] | None:
+    """A record as the page shows it: the price as its text, "24.50"."""
+    return None if record is None else msgspec.to_builtins(record)
 
 
 def _source(timed: Timed[Read]) -> str:

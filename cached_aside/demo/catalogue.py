@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -20,6 +21,18 @@ SEED = [
     ("p-005", "Paper clips", "1.50", 500, "silver"),
 ]
 FIELDS = ("name", "price", "stock", "colour")
+
+
+@dataclass(frozen=True)
+class Product:
+    """One row of the catalogue, as the repository returns it (and the cache too: the
+    return annotation of the cached reader is the schema of its entries)."""
+
+    id: str
+    name: str
+    price: Decimal
+    stock: int
+    colour: str
 
 
 class CatalogueError(ValueError):
@@ -48,7 +61,7 @@ class Catalogue:
         with self._connect() as db:
             return [row[0] for row in db.execute("SELECT id FROM products ORDER BY id")]
 
-    def read(self, id: str) -> dict[str, str | int] | None:
+    def read(self, id: str) -> Product | None:
         """One slow primary read."""
         with self._lock:
             self.reads += 1
@@ -59,7 +72,8 @@ class Catalogue:
             ).fetchone()
         if row is None:
             return None
-        return dict(zip(("id", *FIELDS), row, strict=True))
+        id, name, price, stock, colour = row
+        return Product(id, name, Decimal(price), stock, colour)
 
     def exists(self, id: str) -> bool:
         with self._connect() as db:
