@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -292,12 +293,13 @@ async def test_update_field_keeps_the_entry_alive_past_its_tag_set(h: Harness) -
         tags=("shop:<shop_id>",),
     )
     await h.run(fn, 7)
-    # 29.9 s later (the set outlives the entry by lock_ttl, as the load sized it):
-    assert h.raw.pexpire(fn.key(7), 100)
-    assert h.raw.pexpire(tag_set(h, "shop:7"), 300)
+    # 25 s later (the set outlives the entry by lock_ttl, as the load sized it):
+    assert h.raw.pexpire(fn.key(7), 5_000)
+    assert h.raw.pexpire(tag_set(h, "shop:7"), 5_200)
     assert await h.run(fn.update_field, 7, "name", "new") is Outcome.UPDATED
-    await asyncio.sleep(0.35)  # the set would be gone; the entry lives 30 s more
-    assert h.raw.exists(fn.key(7))
+    # the entry lives 30 s more, and the set (which had 5.2 s left) at least as long
+    assert h.raw.pttl(fn.key(7)) > 5_200
+    assert h.raw.pexpiretime(tag_set(h, "shop:7")) >= h.raw.pexpiretime(fn.key(7))
     assert (await invalidate_tags(h, "shop:7")).deleted == 1
     assert not h.raw.exists(fn.key(7)), "invalidate_tags missed an entry carrying the tag"
 
@@ -388,16 +390,36 @@ async def test_a_pending_tag_over_foreign_data_is_delivered(
 async def test_a_busy_tags_set_drops_the_members_of_expired_entries(h: Harness) -> None:
     # A tag loaded all the time renews its set's expiry for ever: its members must
     # still leave once their entries can no longer live (ttl + lock_ttl after joining).
-    fn = h.cached(lambda id: {"id": id}, key="gr:<id>", ttl=0.05, lock_ttl=0.05, tags=("all",))
-    for id in range(60):
+    # A long-lived entry keeps the set alive; the short entries' time passes on the
+    # Redis clock, waited for, so the test holds on a machine of any speed.
+    keeper = h.cached(lambda id: {"id": id}, key="gk:<id>", tags=("all",))  # ttl 30 s
+    fn = h.cached(lambda id: {"id": id}, key="gr:<id>", ttl=1, lock_ttl=1, tags=("all",))
+    await h.run(keeper, "k")
+    for id in range(60):  # 2 s for 60 loads: ample on a machine 10x slower than a laptop
         await h.run(fn, id)
-    assert h.raw.zcard(tag_set(h, "all")) == 60
-    await asyncio.sleep(0.15)  # every one of those entries has expired
+    assert h.raw.zcard(tag_set(h, "all")) == 61
+    last_short = h.raw.zscore(tag_set(h, "all"), fn.key(59))
+    await wait_for_redis_clock(h, past=last_short)  # every one of those entries has expired
     await h.run(fn, "now")
     assert sum(h.raw.exists(fn.key(id)) for id in [*range(60), "now"]) == 1
-    assert h.raw.zrange(tag_set(h, "all"), 0, -1) == [fn.key("now").encode()]
-    assert 0 < h.raw.pttl(tag_set(h, "all")) <= 100  # the set goes with its last entry
-    assert (await invalidate_tags(h, "all")).deleted == 1
+    members = h.raw.zrange(tag_set(h, "all"), 0, -1, withscores=True)
+    assert [member for member, _ in members] == [fn.key("now").encode(), keeper.key("k").encode()]
+    # the set goes with its last entry: the keeper's, not the expired entries'
+    assert h.raw.pexpiretime(tag_set(h, "all")) == math.ceil(members[-1][1])
+    assert (await invalidate_tags(h, "all")).deleted == 2
+
+
+def redis_ms(time_reply: tuple[int, int]) -> int:
+    seconds, microseconds = time_reply
+    return seconds * 1000 + microseconds // 1000
+
+
+async def wait_for_redis_clock(h: Harness, past: float, timeout: float = 30) -> None:
+    """Sleep until the Redis clock (ms, as in tags' scores) is past `past`."""
+    deadline = time.monotonic() + timeout
+    while redis_ms(h.raw.time()) <= past:
+        assert time.monotonic() < deadline, "the Redis clock never moved on"
+        await asyncio.sleep(0.05)
 
 
 def test_one_tag_add_drops_a_bounded_number_of_expired_members() -> None:
