@@ -20,7 +20,7 @@ import redis
 from cached_aside import CacheEngine, Source, cache_aside
 from cached_aside._scripts import ScriptName
 
-from .conftest import REDIS_URL, delete_prefix, unique_prefix
+from .conftest import PATIENCE, REDIS_URL, delete_prefix, unique_prefix, wait_until
 from .injection import counting_writes
 
 TRIALS = 30
@@ -144,10 +144,12 @@ def test_loader_slower_than_its_lock_cannot_store_late(engine: CacheEngine, twin
     """Fencing, not renewal: the slow owner's lock expires, another caller loads, and
     the slow owner's late write is refused."""
     other = twin()
+    loading, release = threading.Event(), threading.Event()
 
     @cache_aside(key="slow:<id>", ttl=30, lock_ttl=0.3, engine=engine)
     def slow(id: str) -> str:
-        time.sleep(0.8)
+        loading.set()
+        assert release.wait(PATIENCE)  # loads until the other caller has loaded
         return "old"
 
     @cache_aside(key="slow:<id>", ttl=30, lock_ttl=0.3, engine=other)
@@ -157,9 +159,14 @@ def test_loader_slower_than_its_lock_cannot_store_late(engine: CacheEngine, twin
     results: list[str] = []
     owner = threading.Thread(target=lambda: results.append(slow("k")))
     owner.start()
-    time.sleep(0.45)  # the owner's lock has expired; it is still loading
-    assert fast.lookup("k").source == Source.LOADER
-    owner.join()
+    try:
+        assert loading.wait(PATIENCE)
+        # the owner's lock has expired; it is still loading
+        assert wait_until(lambda: not engine.client().exists(slow.key("k") + ":lock"))
+        assert fast.lookup("k").source == Source.LOADER
+    finally:
+        release.set()
+        owner.join()
     assert results == ["old"]  # the slow caller gets what it loaded ...
     assert slow.lookup("k").value == "new"  # ... but the cache keeps the newer value
     assert (slow.stats().loads, fast.stats().loads) == (1, 1)
@@ -172,7 +179,7 @@ OWNER_SCRIPT = textwrap.dedent(
     url, prefix, marker = sys.argv[1:4]
     engine = CacheEngine.from_url(url, prefix=prefix)
 
-    @cache_aside(key="dies:<id>", ttl=30, lock_ttl=1.0, engine=engine)
+    @cache_aside(key="dies:<id>", ttl=30, lock_ttl=3.0, engine=engine)
     def load(id):
         open(marker, "w").close()
         time.sleep(60)
@@ -199,10 +206,11 @@ def test_owner_killed_mid_load_is_replaced_after_the_lock_expires(tmp_path: Path
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(10)
 
-        @cache_aside(key="dies:<id>", ttl=30, lock_ttl=1.0, engine=engine)
+        @cache_aside(key="dies:<id>", ttl=30, lock_ttl=3.0, engine=engine)
         def load(id: str) -> str:
             return "recovered"
 
+        # the dead owner's lock outlives the kill: 3 s is ample for the steps between
         assert engine.client().exists(load.key("k") + ":lock") == 1
         result = load.lookup("k")  # waits for the dead owner's lock to expire
         assert (result.value, result.source) == ("recovered", Source.LOADER)
