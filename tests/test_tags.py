@@ -135,14 +135,24 @@ async def test_a_tag_invalidated_during_a_load_stores_nothing(h: Harness) -> Non
     def load(shop_id: int) -> dict[str, int]:
         row = dict(rows)
         reading.set()
-        release.wait(5)
+        release.wait(30)
         return row
 
-    fn = h.cached(load, key="l:<shop_id>", tags=("shop:<shop_id>",))
-    loading = asyncio.ensure_future(asyncio.to_thread(fn, 7)) if h.mode == "sync" else None
-    if loading is None:
+    async def aload(shop_id: int) -> dict[str, int]:
+        row = dict(rows)
+        reading.set()
+        await asyncio.to_thread(release.wait, 30)  # held without blocking the loop
+        return row
+
+    if h.mode == "sync":
+        fn = h.cached(load, key="l:<shop_id>", tags=("shop:<shop_id>",))
+        loading = asyncio.ensure_future(asyncio.to_thread(fn, 7))
+    else:
+        fn = cache_aside(key="l:<shop_id>", ttl=30, engine=h.engine, tags=("shop:<shop_id>",))(
+            aload
+        )
         loading = asyncio.ensure_future(fn(7))
-    await asyncio.to_thread(reading.wait, 5)
+    assert await asyncio.to_thread(reading.wait, 30)
     rows["v"] = 2  # the writer: the primary first, then the tag
     assert (await invalidate_tags(h, "shop:7")).pending == 0
     release.set()
