@@ -334,18 +334,18 @@ def test_a_stalled_body_is_answered_408_and_frees_the_thread(
     impatient_demo: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     head = post_head("/api/stampede", "Content-Length: 100")
-    reply, seconds = exchange(impatient_demo, head + b'{"n": 1}  ', wait=IMPATIENCE * 10)
+    reply, seconds = exchange(impatient_demo, head + b'{"n": 1}  ', wait=IMPATIENCE * 40)
     code, body = parsed(reply)
     assert (code, body["error"]) == (408, "timed out waiting for the request body")
-    assert IMPATIENCE <= seconds < IMPATIENCE * 5  # closed by the timeout, not by us
+    assert IMPATIENCE <= seconds < IMPATIENCE * 20  # closed by the timeout, not by us
     assert "Traceback" not in capfd.readouterr().err
     assert call(impatient_demo, "GET", "/api/info")[0] == 200
 
 
 def test_stalled_headers_are_dropped_after_the_timeout(impatient_demo: str) -> None:
-    reply, seconds = exchange(impatient_demo, b"GET /api/info HTTP/1.1\r\n", wait=IMPATIENCE * 10)
+    reply, seconds = exchange(impatient_demo, b"GET /api/info HTTP/1.1\r\n", wait=IMPATIENCE * 40)
     assert reply == b""  # the server hung up without a reply
-    assert IMPATIENCE <= seconds < IMPATIENCE * 5
+    assert IMPATIENCE <= seconds < IMPATIENCE * 20
 
 
 def test_demo_falls_back_to_fakeredis_when_no_redis_answers(
