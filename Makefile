@@ -32,8 +32,12 @@ docs: venv
 docs-serve: venv
 	$(BIN)/python -m mkdocs serve --dev-addr 127.0.0.1:8001
 
+# The suite on PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a
+# time: a file's servers (a cluster, Sentinels) stay in one process.
+PYTEST_WORKERS ?= 2
+
 test: lint docs
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 demo: venv
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)
