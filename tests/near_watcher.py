@@ -38,8 +38,10 @@ def main(url: str, prefix: str, id: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit("the near cache never served a hit")
         time.sleep(0.001)
-    print("ready", flush=True)
+    # read before saying ready: a change sent after "ready" must differ from `last`
+    # (read after it, on a loaded machine the first change could already be `last`)
     last = read(id)
+    print("ready", flush=True)
     while not stop.is_set():
         value = read(id)
         if value != last:
