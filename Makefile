@@ -35,8 +35,12 @@ docs: venv
 docs-serve: venv
 	$(BIN)/python -m mkdocs serve --dev-addr 127.0.0.1:8001
 
+# The suite on PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a
+# time: a file's servers (a cluster, Sentinels) stay in one process.
+PYTEST_WORKERS ?= 2
+
 test: lint docs
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

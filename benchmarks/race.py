@@ -108,6 +108,9 @@ class Workload:
     write_pause_ms: float = 4.0
     read_pause_ms: float = 1.0  # keeps reads and writes interleaved on fast backends
     seed: int = 7
+    # Readers go on past `reads` until the writers have invalidated this often: a race
+    # run on a slow machine (or a slow disk under the primary) is still a race.
+    min_invalidations: int = 0
 
     def key_names(self) -> list[str]:
         return [f"item-{i}" for i in range(self.keys)]
@@ -133,7 +136,11 @@ def run_threads(cache_for: Callable[[int], Cache], primary: Primary, workload: W
     def reader(index: int) -> None:
         rng = random.Random(workload.seed + index)
         cache = cache_for(index)
-        for _ in range(workload.reads // workload.readers):
+        count = 0
+        while count < workload.reads // workload.readers or (
+            len(log.invalidations) < workload.min_invalidations
+        ):
+            count += 1
             key = rng.choice(keys)
             began = time.perf_counter()
             log.reads.append((key, cache.get(key), began))
@@ -262,7 +269,11 @@ async def run_ours_async(
     async def reader(index: int) -> None:
         local = random.Random(workload.seed + index)
         function = functions[index % len(functions)]
-        for _ in range(workload.reads // workload.readers):
+        count = 0
+        while count < workload.reads // workload.readers or (
+            len(log.invalidations) < workload.min_invalidations
+        ):
+            count += 1
             key = local.choice(keys)
             began = time.perf_counter()
             log.reads.append((key, int((await function(key))["version"]), began))

@@ -3,10 +3,12 @@ real Redis (when reachable) and fakeredis, under a random key prefix per test.""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import inspect
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -92,6 +94,31 @@ class Harness:
         """Call a wrapper method and await it when this harness is async."""
         result = method(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
+
+
+# A bound on a hang, never a speed: generous enough for a machine 10x slower and loaded.
+PATIENCE = 30.0
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = PATIENCE) -> bool:
+    """Poll `predicate` from a thread until it holds; False after `timeout` seconds.
+    What tests wait on instead of sleeping for a time that must be long enough."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = PATIENCE) -> bool:
+    """`wait_until` from the event loop, without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.002)
+    return True
 
 
 BACKENDS = ["redis", "fakeredis"]

@@ -33,13 +33,15 @@ def main(url: str, prefix: str, id: str) -> None:
 
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a bound on a hang, for a slow machine
     while read.lookup(id).source is not Source.NEAR:
         if time.monotonic() > deadline:
             raise SystemExit("the near cache never served a hit")
         time.sleep(0.001)
-    print("ready", flush=True)
+    # read before saying ready: a change sent after "ready" must differ from `last`
+    # (read after it, on a loaded machine the first change could already be `last`)
     last = read(id)
+    print("ready", flush=True)
     while not stop.is_set():
         value = read(id)
         if value != last:

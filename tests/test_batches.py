@@ -184,19 +184,22 @@ async def test_engine_invalidate_prefix(h: Harness) -> None:
 
 
 async def test_invalidate_all_revokes_a_load_in_flight(h: Harness) -> None:
-    started = threading.Event()
+    # The load holds until the invalidation is done: it is in flight then, however
+    # slow the machine.
+    started, release = threading.Event(), threading.Event()
 
     def slow(id: str) -> str:
         started.set()
-        time.sleep(0.3)
+        assert release.wait(30)
         return "old"
 
     if h.mode == "async":
+        released = asyncio.Event()
 
         @cache_aside(key="slow:<id>", ttl=30, engine=h.engine)
         async def slow_async(id: str) -> str:
             started.set()
-            await asyncio.sleep(0.3)  # the harness's wrapper would block the loop
+            await released.wait()  # the harness's wrapper would block the loop
             return "old"
 
         fn = slow_async
@@ -204,14 +207,18 @@ async def test_invalidate_all_revokes_a_load_in_flight(h: Harness) -> None:
         while not started.is_set():  # noqa: ASYNC110 - set by the task itself
             await asyncio.sleep(0.005)
         assert await fn.invalidate_all() == BulkOutcome(0)
+        released.set()
         assert await task == "old"  # the caller still gets its answer...
     else:
         fn = h.cached(slow, key="slow:<id>")
         thread = threading.Thread(target=fn, args=("a",))
         thread.start()
-        await asyncio.to_thread(started.wait, 5)
-        assert fn.invalidate_all() == BulkOutcome(0)
-        thread.join()
+        assert await asyncio.to_thread(started.wait, 30)
+        try:
+            assert fn.invalidate_all() == BulkOutcome(0)
+        finally:
+            release.set()
+            thread.join()
     assert h.raw.exists(fn.key("a")) == 0  # ...but its lease was revoked: nothing stored
 
 

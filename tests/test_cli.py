@@ -158,7 +158,7 @@ def test_inspect_counts_the_waiters_of_a_held_lock(prefix: str) -> None:
 
     def load(id: str) -> dict[str, str]:
         loads.append(id)
-        release.wait(10)
+        release.wait(60)  # holds the lock past the CLI's start-up, however slow
         return {"id": id}
 
     holding, waiting = (
@@ -168,7 +168,7 @@ def test_inspect_counts_the_waiters_of_a_held_lock(prefix: str) -> None:
     results: list[object] = []
     holder = threading.Thread(target=lambda: results.append(holding("p-1")))
     holder.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while not loads and time.monotonic() < deadline:
         time.sleep(0.01)
     waiter = threading.Thread(target=lambda: results.append(waiting("p-1")))

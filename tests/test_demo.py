@@ -145,7 +145,10 @@ def test_stampede_times_each_caller_on_one_axis_and_names_the_one_load(demo: str
     for caller in callers:
         if caller["source"] == "waited":
             assert caller["start_ms"] + caller["duration_ms"] >= load["start_ms"] + LATENCY_MS
-    assert reply["latency_ms"]["max"] == round(max(c["duration_ms"] for c in callers), 1)
+    # the slowest caller's time, to 0.1 ms (rounded once from the raw time, where the
+    # callers' times are rounded to 0.001 ms: 45.9496 gives 45.9 and 45.95)
+    slowest = max(c["duration_ms"] for c in callers)
+    assert reply["latency_ms"]["max"] == pytest.approx(slowest, abs=0.05 + 1e-6)
 
 
 def test_stampede_answers_the_fresh_record_and_its_restarted_ttl(demo: str) -> None:
@@ -334,18 +337,18 @@ def test_a_stalled_body_is_answered_408_and_frees_the_thread(
     impatient_demo: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     head = post_head("/api/stampede", "Content-Length: 100")
-    reply, seconds = exchange(impatient_demo, head + b'{"n": 1}  ', wait=IMPATIENCE * 10)
+    reply, seconds = exchange(impatient_demo, head + b'{"n": 1}  ', wait=IMPATIENCE * 40)
     code, body = parsed(reply)
     assert (code, body["error"]) == (408, "timed out waiting for the request body")
-    assert IMPATIENCE <= seconds < IMPATIENCE * 5  # closed by the timeout, not by us
+    assert IMPATIENCE <= seconds < IMPATIENCE * 20  # closed by the timeout, not by us
     assert "Traceback" not in capfd.readouterr().err
     assert call(impatient_demo, "GET", "/api/info")[0] == 200
 
 
 def test_stalled_headers_are_dropped_after_the_timeout(impatient_demo: str) -> None:
-    reply, seconds = exchange(impatient_demo, b"GET /api/info HTTP/1.1\r\n", wait=IMPATIENCE * 10)
+    reply, seconds = exchange(impatient_demo, b"GET /api/info HTTP/1.1\r\n", wait=IMPATIENCE * 40)
     assert reply == b""  # the server hung up without a reply
-    assert IMPATIENCE <= seconds < IMPATIENCE * 5
+    assert IMPATIENCE <= seconds < IMPATIENCE * 20
 
 
 def test_demo_falls_back_to_fakeredis_when_no_redis_answers(

@@ -20,6 +20,7 @@ import redis.connection
 from cached_aside import CacheEngine, Source, cache_aside
 from cached_aside._connections import Pipeline
 
+from .conftest import eventually, wait_until
 from .servers import REDIS_SERVER, RedisProcess
 
 pytestmark = [
@@ -27,6 +28,10 @@ pytestmark = [
     pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH"),
 ]
 KEYS = [f"k{i}" for i in range(20)]
+# Hits resume once the breaker's 0.5 s cool-down ends and a probe reconnects (about
+# 0.5 s, printed): a generous bound for a loaded machine, far below a client that
+# backs off for seconds or a breaker that never closes.
+FIRST_HIT_WITHIN = 5.0
 
 
 @pytest.fixture
@@ -73,6 +78,15 @@ class Run:
         assert hits, "no hits after Redis came back"
         return min(hits) - recovered_at
 
+    def hit_after(self, at: float) -> bool:
+        """Whether a call that started after `at` was a hit (the latest calls first)."""
+        for started, _, _, source in reversed(self.calls):
+            if started <= at:
+                return False
+            if source is Source.CACHE:
+                return True
+        return False
+
 
 def call_in_threads(
     function: Any, run: Run, stop: threading.Event, workers: int = 8
@@ -115,13 +129,14 @@ def test_killed_and_restarted_under_threads(server: RedisProcess) -> None:
     server.start()  # same port, empty
     restarted = time.monotonic()
     time.sleep(1.5)
+    assert wait_until(lambda: run.hit_after(restarted))  # a bound on a hang
     stop.set()
     for thread in threads:
         thread.join()
     to_first_hit = run.check(restarted)
     assert primary.most_at_once == 1  # one load per key per process, outage included
     assert engine.breaker.opened >= 1
-    assert to_first_hit < 1.0
+    assert to_first_hit < FIRST_HIT_WITHIN
     print(
         f"\nthreads: {len(run.calls)} calls, 0 errors seen by callers, {loads_during} loads "
         f"during the 1.5 s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
@@ -164,11 +179,12 @@ async def test_killed_and_restarted_under_tasks(server: RedisProcess) -> None:
     await asyncio.to_thread(server.start)
     restarted = time.monotonic()
     await asyncio.sleep(1.5)
+    assert await eventually(lambda: run.hit_after(restarted))  # a bound on a hang
     stopping.set()
     await asyncio.gather(*workers)
     to_first_hit = run.check(restarted)
     assert primary.most_at_once == 1
-    assert to_first_hit < 1.0
+    assert to_first_hit < FIRST_HIT_WITHIN
     print(
         f"\ntasks: {len(run.calls)} calls, 0 errors seen by callers, {loads_during} loads "
         f"during the 1.5 s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "

@@ -46,7 +46,7 @@ from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_PREFIX = unique_prefix()  # the default engine's, from CACHED_ASIDE
-WAIT_SECONDS = 5.0
+WAIT_SECONDS = 30.0  # a bound on a hang, for a loaded machine
 
 
 class Names:

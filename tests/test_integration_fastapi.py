@@ -28,7 +28,7 @@ from cached_aside.integrations.fastapi import CacheEngineDep, engine_of, lifespa
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
-START_SECONDS = 8.0
+START_SECONDS = 30.0
 
 
 @dataclass

@@ -41,7 +41,7 @@ from .conftest import needs_real_redis
 from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
-GATE_SECONDS = 5.0  # how long a gated loader or the test waits for the other side
+GATE_SECONDS = 30.0  # how long a gated loader or the test waits for the other side, at most
 
 
 class Base(DeclarativeBase):

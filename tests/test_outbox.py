@@ -107,6 +107,12 @@ def test_close_logs_what_redis_never_took(caplog: pytest.LogCaptureFixture) -> N
     assert read.key("a") in caplog.text
 
 
+# The backlog lands within about 50 ms of Redis answering again (the retries' interval;
+# measured ~3 ms, printed): a bound for a loaded machine, far below an outbox that
+# stopped retrying. Speed is the benchmarks' business.
+DELIVERED_WITHIN = 5.0
+
+
 @pytest.fixture
 def server() -> Iterator[RedisProcess]:
     if REDIS_SERVER is None:
@@ -122,7 +128,8 @@ def test_an_invalidation_sent_while_redis_is_paused_lands_when_it_resumes(
 ) -> None:
     """The issue's outage: Redis is paused with SIGSTOP, the primary changes and the
     writer invalidates; this process never serves the old row, and once Redis
-    resumes another process (an engine of its own) reads the new row within 1 s."""
+    resumes another process (an engine of its own) reads the new row: within
+    milliseconds (printed), and within DELIVERED_WITHIN on a loaded machine."""
     prefix = unique_prefix()
     here = CacheEngine.from_url(server.url, prefix=prefix)
     there = CacheEngine.from_url(server.url, prefix=prefix)
@@ -148,14 +155,14 @@ def test_an_invalidation_sent_while_redis_is_paused_lands_when_it_resumes(
         server.resume()
     resumed = time.monotonic()
     landed = seen_there = None
-    while time.monotonic() - resumed < 1.0 and (landed is None or seen_there is None):
+    while time.monotonic() - resumed < DELIVERED_WITHIN and (landed is None or seen_there is None):
         if landed is None and not here.pending_invalidations():
             landed = time.monotonic() - resumed
         if seen_there is None and read_there("a") == 2:
             seen_there = time.monotonic() - resumed
         time.sleep(0.002)
-    assert landed is not None, "the outbox did not deliver within 1 s of Redis resuming"
-    assert seen_there is not None, "another process still read the old row after 1 s"
+    assert landed is not None, "the outbox did not deliver after Redis resumed"
+    assert seen_there is not None, "another process still read the old row"
     assert read("a") == 2
     assert read.lookup("a").source is Source.CACHE
     record_property("invalidate_seconds", round(took, 3))
@@ -187,8 +194,8 @@ def test_the_flusher_delivers_within_a_retry_interval_of_redis_coming_back(
     time.sleep(0.3)  # the flusher keeps retrying, 20 times a second at most
     server.start()  # empty: a restart
     back = time.monotonic()
-    while engine.pending_invalidations() and time.monotonic() - back < 2:
+    while engine.pending_invalidations() and time.monotonic() - back < DELIVERED_WITHIN:
         time.sleep(0.002)
     assert engine.pending_invalidations() == []
-    assert time.monotonic() - back < 1.0
+    assert time.monotonic() - back < DELIVERED_WITHIN
     engine.close()

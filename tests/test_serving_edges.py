@@ -33,7 +33,14 @@ from cached_aside._loads import MAX_ABANDONED_LOADS
 from cached_aside._options import Options
 from cached_aside._stats import Stats
 
-from .conftest import REDIS_URL, Harness, delete_prefix, needs_real_redis, unique_prefix
+from .conftest import (
+    PATIENCE,
+    REDIS_URL,
+    Harness,
+    delete_prefix,
+    needs_real_redis,
+    unique_prefix,
+)
 
 
 async def test_a_cancelled_probe_does_not_keep_the_loader_breaker_open(
@@ -62,16 +69,18 @@ async def test_a_cancelled_probe_does_not_keep_the_loader_breaker_open(
     breaker = load._plan.loader_breaker
     assert breaker is not None
     breaker.cooldown = 0.05
+    now = [time.monotonic()]  # the breaker's clock moves when the test says
+    breaker.clock = lambda: now[0]
     for id in range(5):
         with pytest.raises(RuntimeError):
             await load(str(id))
     assert breaker.state == "open"
-    await asyncio.sleep(0.06)  # half-open: the next call probes
+    now[0] += 0.06  # half-open: the next call probes
     mode["now"] = "hang"
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(load("probe"), 0.1)  # the probe is cancelled
     mode["now"] = "ok"  # the primary is back
-    await asyncio.sleep(0.2)
+    now[0] += 0.2
     assert await load("after") == "ok", "the breaker stays open after a cancelled probe"
 
 
@@ -121,27 +130,29 @@ def test_a_child_forked_during_a_probe_can_load() -> None:
             raise RuntimeError("the primary is down")
         if mode["now"] == "hang":
             probing.set()
-            release.wait(5)
+            release.wait(PATIENCE)
         return "ok"
 
     breaker = load._plan.loader_breaker
     assert breaker is not None
     breaker.cooldown = 0.05
+    now = [time.monotonic()]  # the breaker's clock moves when the test says
+    breaker.clock = lambda: now[0]
     try:
         for id in range(5):
             with pytest.raises(RuntimeError):
                 load(str(id))
-        time.sleep(0.06)
+        now[0] += 0.06
         mode["now"] = "hang"
         thread = threading.Thread(target=load, args=("probe",))
         thread.start()
-        assert probing.wait(5)
+        assert probing.wait(PATIENCE)
         reading, writing = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child
             try:
                 mode["now"] = "ok"
-                time.sleep(0.1)
+                now[0] += 0.1
                 try:
                     answer = load("child")
                 except Exception as exc:
@@ -290,7 +301,8 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
     # value) before taking the lock, so its older result is refused and this
     # reload's stands.
     rows = {"v": 1}
-    read = threading.Event()
+    read, refreshed_sync = threading.Event(), threading.Event()
+    refreshed_async = asyncio.Event()
     fn: Any
     if h.mode == "async":
 
@@ -298,7 +310,7 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
             row = dict(rows)
             if not read.is_set():
                 read.set()
-                await asyncio.sleep(0.3)  # the slow first load, after its read
+                await refreshed_async.wait()  # the slow first load, after its read
             return row
 
         fn = cache_aside(key="r:<id>", ttl=30, engine=h.engine)(aload)
@@ -309,17 +321,21 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
             row = dict(rows)
             if not read.is_set():
                 read.set()
-                time.sleep(0.3)
+                refreshed_sync.wait(PATIENCE)
             return row
 
         fn = cache_aside(key="r:<id>", ttl=30, engine=h.engine)(load)
         loading = asyncio.ensure_future(asyncio.to_thread(fn, 1))
-    await asyncio.to_thread(read.wait, 5)
+    assert await asyncio.to_thread(read.wait, PATIENCE)
     rows["v"] = 2  # the write
-    if h.mode == "async":
-        refreshed = await fn.refresh(1)
-    else:
-        refreshed = await asyncio.to_thread(fn.refresh, 1)
+    try:
+        if h.mode == "async":
+            refreshed = await fn.refresh(1)
+        else:
+            refreshed = await asyncio.to_thread(fn.refresh, 1)
+    finally:  # the first load ends after the refresh, however slow the machine
+        refreshed_sync.set()
+        refreshed_async.set()
     assert await loading == {"v": 1}
     assert refreshed == {"v": 2}, "refresh() after a write returned the row read before it"
     assert await h.run(fn, 1) == {"v": 2}
@@ -343,6 +359,8 @@ async def test_the_batch_loader_goes_through_the_loader_breaker(h: Harness) -> N
         raise RuntimeError("the primary is down")
 
     fn = h.cached(load, key="bb:<id>", stale_if_error=60, batch_loader=batch)
+    frozen = time.monotonic()  # the breaker stays open however slow the machine
+    fn._plan.loader_breaker.clock = lambda: frozen
     for id in range(5):
         with pytest.raises(RuntimeError):
             await h.run(fn, str(id))

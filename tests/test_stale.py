@@ -150,16 +150,16 @@ async def test_the_loader_breaker_stops_hammering_and_then_probes(h: Harness) ->
 async def test_a_load_past_loader_timeout_fails_and_frees_the_lock(engine: CacheEngine) -> None:
     release = threading.Event()
 
-    @cache_aside(key="slow:<id>", ttl=30, loader_timeout=0.05, engine=engine)
+    @cache_aside(key="slow:<id>", ttl=30, lock_ttl=30, loader_timeout=0.05, engine=engine)
     def slow(id: str) -> str:
         if not release.is_set():
-            release.wait(5)  # abandoned by the timeout; ends when released
+            release.wait(30)  # abandoned by the timeout; ends when released
         return "ok"
 
-    @cache_aside(key="aslow:<id>", ttl=30, loader_timeout=0.05, engine=engine)
+    @cache_aside(key="aslow:<id>", ttl=30, lock_ttl=30, loader_timeout=0.05, engine=engine)
     async def aslow(id: str) -> str:
         if not release.is_set():
-            await asyncio.sleep(5)  # cancelled by the timeout
+            await asyncio.sleep(30)  # cancelled by the timeout
         return "ok"
 
     started = time.monotonic()
@@ -168,27 +168,30 @@ async def test_a_load_past_loader_timeout_fails_and_frees_the_lock(engine: Cache
     with pytest.raises(LoaderTimeoutError):
         await aslow("a")
     release.set()
-    # The locks went with the timed-out calls: nobody waits out lock_ttl (10 s).
+    # The locks went with the timed-out calls: nobody waits out lock_ttl (30 s).
     assert slow("a") == "ok"
     assert await aslow("a") == "ok"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # a bound for a slow machine
 
 
 async def test_a_load_past_loader_timeout_answers_with_the_kept_value(
     engine: CacheEngine,
 ) -> None:
-    slow_now = threading.Event()
+    slow_now, release = threading.Event(), threading.Event()
 
     @cache_aside(key="slow:<id>", ttl=30, loader_timeout=0.05, stale_if_error=60, engine=engine)
     def slow(id: str) -> str:
         if slow_now.is_set():
-            time.sleep(0.5)
+            release.wait(30)  # past loader_timeout, however slow the machine
         return "v"
 
     assert slow("a") == "v"
     slow_now.set()
     engine.client().pexpire(slow.key("a"), 50_000)  # 10 s past its ttl
-    result = slow.lookup("a")
+    try:
+        result = slow.lookup("a")
+    finally:
+        release.set()
     assert (result.source, result.value) == (Source.STALE, "v")
     assert slow.stats().loader_errors == 1
 
@@ -204,15 +207,25 @@ async def test_an_invalidation_during_a_stale_serving_reload_stores_nothing(
         row = rows(id)
         if rows.calls > 1:  # the background reload: hold it after its read
             reading.set()
-            release.wait(5)
+            release.wait(30)
         return row
 
-    fn = h.cached(loader, key="r:<id>", ttl=30, grace=10)
+    async def aloader(id: str) -> dict[str, Any]:
+        row = rows(id)
+        if rows.calls > 1:  # held without blocking the loop the test runs on
+            reading.set()
+            await asyncio.to_thread(release.wait, 30)
+        return row
+
+    if h.mode == "sync":
+        fn = h.cached(loader, key="r:<id>", ttl=30, grace=10)
+    else:
+        fn = cache_aside(key="r:<id>", ttl=30, grace=10, engine=h.engine)(aloader)
     await h.run(fn, "a")
     rows.version = 2
     age(h, fn.key("a"), 9_000)
     assert (await h.run(fn.lookup, "a")).source is Source.STALE
-    await asyncio.to_thread(reading.wait, 5)  # the reload read version 2
+    assert await asyncio.to_thread(reading.wait, 30)  # the reload read version 2
     rows.version = 3  # the writer: update the primary, then invalidate
     assert await h.run(fn.invalidate, "a") is Outcome.DELETED
     release.set()
@@ -250,11 +263,12 @@ def test_bad_stale_options_are_refused_at_decoration() -> None:
 
 @needs_real_redis
 def test_near_copies_live_no_longer_than_the_fresh_part(near_engine: CacheEngine) -> None:  # noqa: F811
-    @cache_aside(key="n:<id>", ttl=0.3, grace=30, engine=near_engine, near=NearCache())
+    # 1 s: ample to see the first near hit on a slow machine
+    @cache_aside(key="n:<id>", ttl=1, grace=30, engine=near_engine, near=NearCache())
     def read(id: str) -> dict[str, str]:
         return {"id": id}
 
     read("a")
     until_near(read, "a")
-    time.sleep(0.35)  # past the ttl: the near copy is gone, Redis serves it stale
+    time.sleep(1.05)  # past the ttl: the near copy is gone, Redis serves it stale
     assert read.lookup("a").source is Source.STALE

@@ -25,7 +25,7 @@ from cached_aside._keys import KeyTemplate
 from cached_aside._scripts import AcquireStatus, ScriptName
 from cached_aside._stamps import STAMP_MARK, VERSION_LENGTH, read_stamped, take_stamps
 
-from .conftest import REDIS_URL, Harness, needs_real_redis
+from .conftest import PATIENCE, REDIS_URL, Harness, needs_real_redis, wait_until
 from .injection import counting_writes
 from .servers import REDIS_SERVER, RedisProcess
 from .test_flows import KEY, WHOLE, Stepper, plan
@@ -138,14 +138,24 @@ async def test_a_tag_invalidated_during_a_load_makes_what_it_stores_a_miss(h: Ha
     def load(shop_id: int) -> dict[str, int]:
         row = dict(rows)
         reading.set()
-        release.wait(5)
+        release.wait(PATIENCE)
         return row
 
-    fn = h.cached(load, key="l:<shop_id>", tags=("shop:<shop_id>",))
-    loading = asyncio.ensure_future(asyncio.to_thread(fn, 7)) if h.mode == "sync" else None
-    if loading is None:
+    async def aload(shop_id: int) -> dict[str, int]:
+        row = dict(rows)
+        reading.set()
+        await asyncio.to_thread(release.wait, PATIENCE)  # held without blocking the loop
+        return row
+
+    if h.mode == "sync":
+        fn = h.cached(load, key="l:<shop_id>", tags=("shop:<shop_id>",))
+        loading = asyncio.ensure_future(asyncio.to_thread(fn, 7))
+    else:
+        fn = cache_aside(key="l:<shop_id>", ttl=30, engine=h.engine, tags=("shop:<shop_id>",))(
+            aload
+        )
         loading = asyncio.ensure_future(fn(7))
-    await asyncio.to_thread(reading.wait, 5)
+    assert await asyncio.to_thread(reading.wait, PATIENCE)
     rows["v"] = 2  # the writer: the primary first, then the tag
     assert (await invalidate_tags(h, "shop:7")).pending == 0
     release.set()
@@ -342,10 +352,7 @@ def test_a_tag_drops_near_copies_here_at_once_and_elsewhere_by_tracking(
         version["v"] = 2
         assert near_engine.invalidate_tags("shop:7").deleted == 1
         assert here(7) == {"v": 2}  # at once, in this process
-        until = time.monotonic() + 2
-        while there(7) != {"v": 2}:
-            assert time.monotonic() < until, "the other process kept its near copy"
-            time.sleep(0.005)
+        assert wait_until(lambda: there(7) == {"v": 2}), "the other process kept its near copy"
     finally:
         other.close()
 
