@@ -1,5 +1,13 @@
 """Run the benchmark suite: `python -m benchmarks [--quick] [--only NAME ...]`.
 
+`--merge` updates an existing results file instead of replacing it: the tables of the
+sections run replace that file's tables of the same sections (or titles), the others
+stay, and the file's `runs` records, per section merged, the environment of the run
+its tables came from (the top-level `environment` stays the base run's). To refresh
+some sections of the reference without re-running the rest:
+
+    python -m benchmarks --only typed tag_hits --json benchmarks/results/reference.json --merge
+
 Prints a line as each section starts and ends and its progress meanwhile (live bars
 on a terminal, plain lines in a log), a table per scenario, writes results.json, and
 with --chart a PNG of the hit-path latency distributions, plus concurrency.png (hits/s
@@ -27,12 +35,15 @@ from . import (
     batches,
     compression,
     concurrency,
+    dead_holder,
     fleet,
     hit_path,
     near,
+    outage,
     race,
     round_trips,
     stampede,
+    tag_hits,
     thread_sharing,
     throughput,
     typed,
@@ -52,6 +63,9 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "compression": compression.run,
     "fleet": fleet.run,
     "typed": typed.run,
+    "tag_hits": tag_hits.run,
+    "dead_holder": dead_holder.run,
+    "outage": outage.run,
 }
 
 
@@ -98,10 +112,11 @@ def write_charts(tables: list[Table], path: Path) -> list[Path]:
 
 def environment(url: str) -> dict[str, Any]:
     """What the figures depend on: the machine, the date, and the versions of Python,
-    redis-py, hiredis, msgpack and the server, written beside the results."""
+    redis-py, hiredis, msgpack, msgspec, pydantic and the server, written beside the
+    results."""
     server = redis.Redis.from_url(url).info("server")
     versions = {}
-    for package in ("hiredis", "msgpack", "cached_aside"):
+    for package in ("hiredis", "msgpack", "msgspec", "pydantic", "cached_aside"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -127,12 +142,37 @@ def environment(url: str) -> dict[str, Any]:
     }
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` results with `new`'s sections in place of theirs: a table of `old` goes
+    when its section (or, for files written before tables named theirs, its title) is
+    among `new`'s; `runs` says which run each merged section's tables came from."""
+    titles = {table["title"] for table in new["tables"]}
+    kept = [
+        table
+        for table in old["tables"]
+        if table.get("section") not in new["sections"] and table["title"] not in titles
+    ]
+    run = {name: new[name] for name in ("machine", "environment", "quick")}
+    return {
+        **old,
+        "sections": [*old["sections"], *(n for n in new["sections"] if n not in old["sections"])],
+        "runs": {**old.get("runs", {}), **dict.fromkeys(new["sections"], run)},
+        "tables": kept + new["tables"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--quick", action="store_true", help="small counts: about a minute")
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="scenarios to run")
     parser.add_argument("--json", type=Path, default=Path("results.json"))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="update the --json file: replace only the tables of the sections run, and "
+        "record this run's environment for them (see above)",
+    )
     parser.add_argument(
         "--chart",
         type=Path,
@@ -149,6 +189,7 @@ def main() -> None:
     )
     out.print(f"[bold]cached_aside benchmarks[/bold] on {args.url} ({machine})")
     tables: list[Table] = []
+    sections: list[str] = []  # each table's section
     names = args.only or list(SCENARIOS)
     started = time.monotonic()
     with BenchProgress(out) as progress:
@@ -165,18 +206,19 @@ def main() -> None:
             for table in results:
                 show(progress.console, table)
             tables += results
-    args.json.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "environment": about,
-                "quick": args.quick,
-                "sections": names,
-                "tables": [t.as_dict() for t in tables],
-            },
-            indent=2,
-        )
-    )
+            sections += [name] * len(results)
+    written = {
+        "machine": machine,
+        "environment": about,
+        "quick": args.quick,
+        "sections": names,
+        "tables": [
+            {**t.as_dict(), "section": name} for t, name in zip(tables, sections, strict=True)
+        ],
+    }
+    if args.merge and args.json.exists():
+        written = merged(json.loads(args.json.read_text()), written)
+    args.json.write_text(json.dumps(written, indent=2) + "\n")
     out.print(
         f"all {len(names)} section(s) in {time.monotonic() - started:.0f} s; results: {args.json}"
     )

@@ -10,6 +10,10 @@ default); with a lock that is not renewed, it is whatever the lock had left.
     python -m benchmarks.dead_holder [--trials 5] [--lock-ttl SECONDS]
         [--processes 3] [--threads 4] [--library PATH] [--out results.json]
 
+The `dead_holder` section of `python -m benchmarks` runs this checkout's library with
+the default lease and with a 10 s one (the length of the old, unrenewed lock), the
+kills of the two taking turns, and tables the delays.
+
 `--library` runs the holder and the waiters on another checkout's cached_aside
 (e.g. the main branch, for a before/after figure); this script imports none of it.
 Uses REDIS_URL (default redis://127.0.0.1:6379/0) under a random key prefix.
@@ -34,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from .runner import Settings, Table
 
 HOLDER = textwrap.dedent(
     """
@@ -148,6 +154,54 @@ def trial(args: argparse.Namespace, url: str, env: dict[str, str]) -> dict[str, 
         "delays_s": delays,
         "loads_after_kill": sum(source == "loader" for _, source, _ in answers),
     }
+
+
+# The section's contenders: a name and the lock_ttl it runs with (None: the default).
+LEASES: dict[str, float | None] = {
+    "lock_ttl 1 s (the default), renewed": None,
+    "lock_ttl 10 s, renewed": 10.0,
+}
+
+
+def run(settings: Settings) -> list[Table]:
+    """The section: `trials` kills per lease length, taking turns, 3 processes x 4
+    threads waiting; the waiters' delays from the kill to their answers."""
+    trials = settings.scaled(5, 1)
+    processes, threads = 3, 4
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    delays: dict[str, list[float]] = {name: [] for name in LEASES}
+    one_load = dict.fromkeys(LEASES, True)
+    order = list(LEASES.items())
+    progress = settings.progress
+    task = progress.add_task("dead holder kills", total=trials * len(order)) if progress else None
+    for number in range(trials):
+        for name, lock_ttl in order if number % 2 == 0 else order[::-1]:
+            args = argparse.Namespace(lock_ttl=lock_ttl, processes=processes, threads=threads)
+            result = trial(args, settings.url, env)
+            delays[name] += result["delays_s"]
+            one_load[name] = one_load[name] and result["loads_after_kill"] == 1
+            if task is not None and progress:
+                progress.advance(task)
+    table = Table(
+        "dead holder: waiters' delay after the holder's SIGKILL",
+        ["contender", "callers", "median s", "max s", "one load per kill"],
+    )
+    for name, every in delays.items():
+        table.rows.append(
+            [
+                name,
+                len(every),
+                round(statistics.median(every), 2),
+                round(max(every), 2),
+                one_load[name],
+            ]
+        )
+    table.notes = [
+        f"{trials} kill(s) per contender at a random moment of a lease, "
+        f"{processes} processes x {threads} threads waiting; the delay is from the kill "
+        "to each caller's answer"
+    ]
+    return [table]
 
 
 def main() -> None:

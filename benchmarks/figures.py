@@ -2,7 +2,8 @@
 
 The docs build (this module is an MkDocs hook, see mkdocs.yml) renders
 `{{ table: TITLE }}`, `{{ value: TITLE | ROW | COLUMN }}` and `{{ machine }}` from
-benchmarks/results/reference.json; the
+benchmarks/results/reference.json (`{{ machine: SECTION }}`: the run a section merged
+with `--merge` came from; a table of such a section is rendered with that line); the
 README, which GitHub shows unbuilt, holds its figures between `<!-- value: ... -->` and
 `<!-- /value -->`, and tests/test_figures.py fails when one differs from the file.
 `python -m benchmarks.figures --write README.md docs/*.md` rewrites those after a new
@@ -36,15 +37,30 @@ def load(path: Path = REFERENCE) -> dict[str, Any]:
     return results
 
 
-def machine(results: dict[str, Any]) -> str:
-    """One line: where and with what the figures were measured."""
-    about = results["environment"]
+def run_of(results: dict[str, Any], section: str | None = None) -> dict[str, Any]:
+    """The run `section`'s tables came from: its own when it was merged into the file
+    (`python -m benchmarks --merge`), else the file's."""
+    runs: dict[str, Any] = results.get("runs", {})
+    if section is None or section not in runs:
+        if section is not None and section not in results.get("sections", []):
+            raise FigureError(f"no section {section!r} in the results file")
+        return results
+    return dict(runs[section])
+
+
+def machine(results: dict[str, Any], section: str | None = None) -> str:
+    """One line: where and with what the figures (of `section`) were measured."""
+    run_ = run_of(results, section)
+    about = run_["environment"]
     hiredis = f", hiredis {about['hiredis']}" if about.get("hiredis") else ", no hiredis"
-    run = "a quick run (`--quick`)" if results.get("quick") else "a full run"
+    run = "a quick run (`--quick`)" if run_.get("quick") else "a full run"
+    codecs = "".join(
+        f"{name} {about[name]}, " for name in ("msgspec", "pydantic") if about.get(name)
+    )
     return (
         f"{about['date']}, {run} on {about['cpus']} CPUs ({about['machine']}, "
         f"{about['cpu']}) shared with other work: Python {about['python']}, redis-py "
-        f"{about['redis_py']}{hiredis}, msgpack {about['msgpack']}, "
+        f"{about['redis_py']}{hiredis}, msgpack {about['msgpack']}, {codecs}"
         f"{about['server']} {about['server_version']} on the same machine"
     )
 
@@ -84,6 +100,8 @@ def table(results: dict[str, Any], title: str) -> str:
     ]
     lines += ["| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in rows]
     notes = [f"- {note}" for note in found["notes"]]
+    if found.get("section") in results.get("runs", {}):
+        notes.append(f"- measured in a run of its own: {machine(results, found['section'])}")
     return "\n".join(lines + (["", *notes] if notes else []))
 
 
@@ -115,7 +133,7 @@ def render(text: str, results: dict[str, Any]) -> str:
     def placeholder(match: re.Match[str]) -> str:
         kind, argument = match.group(1), (match.group(2) or "").strip()
         if kind == "machine":
-            return machine(results)
+            return machine(results, argument or None)
         if kind == "table":
             return table(results, argument)
         return value(results, argument)

@@ -6,6 +6,8 @@ SIGSTOP, and times each of the first calls, sync and async, each on a key of its
 own: a call should wait out one socket timeout, until the breaker opens (after
 `breaker_failures` of them) and the rest skip Redis. The server is resumed and
 stopped by PID at the end.
+
+The `outage` section of `python -m benchmarks` tables the same measurement.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import redis
 import cached_aside
 from cached_aside import CacheEngine, cache_aside
 from tests.servers import RedisProcess
+
+from .runner import Settings, Table
 
 SOCKET_TIMEOUT = 0.25
 
@@ -92,8 +96,44 @@ def _report(seconds: list[float], engine: CacheEngine) -> dict[str, Any]:
         "until_breaker_opens_median_s": round(statistics.median(paying), 3),
         "after_breaker_opens_max_s": round(max(seconds[threshold:], default=0.0), 4),
         "breaker_opened": engine.breaker.opened,
+        "threshold": threshold,
         "errors": engine.stats().errors,
     }
+
+
+def run(settings: Settings) -> list[Table]:
+    """The section: the first calls on a paused server, sync and async, in one table."""
+    calls = 6
+    results = measure(calls)
+    table = Table(
+        f"hung server: the first {calls} calls on a paused redis-server",
+        [
+            "mode",
+            "calls until the breaker opens",
+            "median s until it opens",
+            "max ms after it opens",
+            "socket timeouts per paying call",
+            "breaker opened",
+        ],
+    )
+    for mode in ("sync", "async"):
+        report = results[mode]
+        paying = report["per_call_s"][: report["threshold"]]
+        table.rows.append(
+            [
+                mode,
+                report["threshold"],
+                report["until_breaker_opens_median_s"],
+                round(report["after_breaker_opens_max_s"] * 1000, 2),
+                round(statistics.median(paying) / SOCKET_TIMEOUT, 2),
+                report["breaker_opened"],
+            ]
+        )
+    table.notes = [
+        f"socket_timeout {SOCKET_TIMEOUT} s (the default of engines built from a URL); "
+        "SIGSTOP after a warm-up, each call on a key of its own"
+    ]
+    return [table]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 to the raw redis-py GET, sync and async. A tagged hit reads the entry and its tags'
 versions in one pipeline (one round trip), and checks the entry's stamp.
 
+The `tag_hits` section of `python -m benchmarks`; standalone:
+
     python -m benchmarks.tag_hits [--url redis://127.0.0.1:6379/0] [--quick]
 """
 
@@ -52,7 +54,7 @@ def run_sync(settings: Settings, prefix: str) -> Table:
     for name, function in functions.items():
         assert function.stats().loads == 1, f"{name} loaded while timing hits"
     table = latency_table(
-        "sync hit, msgpack record",
+        "tagged sync hit, msgpack record",
         measure_sync(settings, contenders, "sync tag hits"),
         "raw redis-py GET + unpackb",
     )
@@ -84,7 +86,7 @@ async def run_async(settings: Settings, prefix: str) -> Table:
     for name, function in functions.items():
         contenders[name] = lambda function=function: function("p-001")
     table = latency_table(
-        "async hit, msgpack record",
+        "tagged async hit, msgpack record",
         await measure_async(settings, contenders, "async tag hits"),
         "raw redis.asyncio GET + unpackb",
     )
@@ -92,6 +94,12 @@ async def run_async(settings: Settings, prefix: str) -> Table:
     await engine.aclose()
     await client.aclose()
     return table
+
+
+def run(settings: Settings) -> list[Table]:
+    """The section: the sync and the async table, each under a key prefix of its own."""
+    prefix = f"bench-tags-{uuid.uuid4().hex[:8]}"
+    return [run_sync(settings, prefix), asyncio.run(run_async(settings, prefix + "-async"))]
 
 
 def main() -> None:
@@ -102,10 +110,9 @@ def main() -> None:
     settings = Settings(url=arguments.url, quick=arguments.quick)
     if arguments.quick:
         settings.rounds, settings.calls = 5, 100
-    prefix = f"bench-tags-{uuid.uuid4().hex[:8]}"
     out = console()
-    show(out, run_sync(settings, prefix))
-    show(out, asyncio.run(run_async(settings, prefix + "-async")))
+    for table in run(settings):
+        show(out, table)
 
 
 if __name__ == "__main__":

@@ -292,3 +292,73 @@ def test_typed_measures_every_codec_and_the_hit(settings: Settings) -> None:
     sizes = {name: row[-1] for name, row in rows(hits).items()}
     assert sizes["typed (dataclass)"] == sizes["untyped msgpack (dict)"] + 10  # the fingerprint
     assert rows(hits)["untyped msgpack (dict)"][2] == 1.0
+
+
+def test_tag_hits_measures_each_tag_count_sync_and_async(settings: Settings) -> None:
+    from benchmarks import tag_hits
+
+    sync, async_ = tag_hits.run(settings)
+    assert sync.title == "tagged sync hit, msgpack record"
+    assert async_.title == "tagged async hit, msgpack record"
+    for table in (sync, async_):
+        names = list(rows(table))
+        assert names[1:] == ["cached_aside, no tags", "cached_aside, 1 tag", "cached_aside, 2 tags"]
+        assert rows(table)[names[0]][-1] == 1.0  # the raw GET is the baseline
+
+
+def test_dead_holder_section_tables_each_lease(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Structure only: every waiter of every kill is counted, one load per kill."""
+    from benchmarks import dead_holder
+
+    monkeypatch.setattr(dead_holder, "LEASES", {"short": 0.3, "longer": 0.6})
+    (table,) = dead_holder.run(settings)
+    assert list(rows(table)) == ["short", "longer"]
+    for callers, _median, _max, one_load in rows(table).values():
+        assert callers == 12  # 3 processes x 4 threads, one kill each (quick)
+        assert one_load is True
+
+
+def test_outage_section_tables_both_modes(settings: Settings) -> None:
+    from benchmarks import outage
+
+    (table,) = outage.run(settings)
+    assert [row[0] for row in table.rows] == ["sync", "async"]
+    for _mode, threshold, *_, opened in table.rows:
+        assert threshold == 3
+        assert opened == 1
+
+
+def test_merge_replaces_only_the_sections_run_and_says_which_run() -> None:
+    from benchmarks.__main__ import merged
+
+    old = {
+        "machine": "old",
+        "environment": {"date": "then"},
+        "quick": False,
+        "sections": ["hit_path", "typed"],
+        "tables": [
+            {"title": "sync hit", "rows": [], "notes": []},  # no section: an older file
+            {"title": "codec cost", "rows": [{"x": 1}], "notes": []},
+        ],
+    }
+    new = {
+        "machine": "new",
+        "environment": {"date": "now"},
+        "quick": True,
+        "sections": ["typed", "outage"],
+        "tables": [
+            {"title": "codec cost", "rows": [{"x": 2}], "notes": [], "section": "typed"},
+            {"title": "hung server", "rows": [], "notes": [], "section": "outage"},
+        ],
+    }
+    result = merged(old, new)
+    assert [t["title"] for t in result["tables"]] == ["sync hit", "codec cost", "hung server"]
+    assert result["tables"][1]["rows"] == [{"x": 2}]
+    assert result["sections"] == ["hit_path", "typed", "outage"]
+    assert result["environment"] == {"date": "then"}  # the base run's, for the rest
+    assert result["runs"]["typed"]["environment"] == {"date": "now"}
+    assert result["runs"]["outage"]["quick"] is True
+    again = merged(result, {**new, "sections": ["typed"], "tables": new["tables"][:1]})
+    assert [t["title"] for t in again["tables"]] == ["sync hit", "hung server", "codec cost"]

@@ -13,9 +13,8 @@ import pytest
 from benchmarks import figures
 
 ROOT = Path(__file__).resolve().parent.parent
-# The README and the docs' own pages (the integrations' pages quote measurements of
-# their own scripts, each with its setup).
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The README and every page of the docs, the integrations' included.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 # A time per call or a rate typed into the text: "33 µs", "61,306/s".
 TYPED_FIGURE = re.compile(r"\d[\d.,]*\s?µs\b|\d,\d{3}/s\b")
 
@@ -36,7 +35,7 @@ def test_the_results_file_records_where_and_with_what_it_was_measured(
     assert f"{about['server']} {about['server_version']}" in line
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_every_figure_of_a_page_is_the_results_files(page: Path, results: dict[str, Any]) -> None:
     text = page.read_text(encoding="utf-8")
     assert not figures.stale(text, results), "run python -m benchmarks.figures --write"
@@ -65,3 +64,28 @@ def test_the_performance_page_is_rendered_from_the_results(results: dict[str, An
     assert "| cached_aside (msgpack) | " in rendered
     assert f" | {hit} |" in rendered
     assert figures.machine(results) in rendered
+
+
+def test_a_section_merged_from_another_run_names_that_run(results: dict[str, Any]) -> None:
+    merged = {
+        **results,
+        "sections": [*results["sections"], "elsewhere"],
+        "runs": {
+            "elsewhere": {
+                "machine": "x",
+                "environment": {**results["environment"], "date": "1999-01-01"},
+                "quick": True,
+            }
+        },
+        "tables": [
+            *results["tables"],
+            {"title": "merged table", "rows": [{"a": 1}], "notes": [], "section": "elsewhere"},
+        ],
+    }
+    line = figures.machine(merged, "elsewhere")
+    assert line.startswith("1999-01-01, a quick run")
+    assert figures.render("{{ machine: elsewhere }}", merged) == line
+    assert line in figures.table(merged, "merged table")  # the table says where it came from
+    assert figures.machine(merged) == figures.machine(results)  # the rest: the file's run
+    with pytest.raises(figures.FigureError):
+        figures.machine(merged, "never run")
