@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import math
 import os
 import threading
@@ -25,7 +27,10 @@ import weakref
 from collections import deque
 from typing import Any
 
+import redis
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
+
+from ._timeouts import timeout as _timeout
 
 # Commands packed per key are kept up to this many; then the memo starts over.
 PACKED_MEMO_SIZE = 4096
@@ -33,6 +38,55 @@ PACKED_MEMO_SIZE = 4096
 # held connections never go back while their threads live.
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
+# The redis-py these paths are checked on (noxfile.py's cells), and what to install.
+REDIS_PY_ADVICE = "pip install 'redis>=5.0.1'"
+logger = logging.getLogger("cached_aside")
+
+
+def _connected(connection: Any) -> bool:
+    """redis-py 8's `is_connected`; before it (5.x to 7.x) a sync connection has
+    only its socket, None when closed."""
+    return bool(connection._sock is not None)
+
+
+def _is_connected(connection: Any) -> bool:
+    return bool(connection.is_connected)
+
+
+def _connection_getter(pool: Any) -> tuple[Any, ...]:
+    """What `pool.get_connection` takes: redis-py before 5.3 requires a command name
+    (any: a pool ignores it), 5.3 and later deprecate passing one."""
+    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    required = parameter is not None and parameter.default is inspect.Parameter.empty
+    return ("_",) if required else ()
+
+
+def held_path_problem(connection_class: Any = None) -> str | None:
+    """Why the held-connection path cannot run on this redis-py (None: it runs).
+    Checked once per pool; a reason is logged once per process."""
+    needed = ("pack_command", "send_packed_command", "read_response", "connect", "disconnect")
+    kind = connection_class or redis.Connection
+    missing = [name for name in needed if not hasattr(kind, name)]
+    # Before redis-py 8 a sync connection tells it is open only by its `_sock`.
+    if not hasattr(kind, "is_connected") and not issubclass(
+        kind, redis.connection.AbstractConnection
+    ):
+        missing.append("is_connected")
+    if missing:
+        return (
+            f"redis-py {redis.__version__}: {kind.__name__} has no {', '.join(missing)}; "
+            f"every call takes the client's slower path ({REDIS_PY_ADVICE})"
+        )
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(problem: str) -> None:
+    if problem not in _warned:
+        _warned.add(problem)
+        logger.warning("the held-connection hot path is off: %s", problem)
 
 
 class _Memo:
@@ -79,6 +133,16 @@ class HeldConnections:
         self.pool = pool
         self.limit = max(1, int((getattr(pool, "max_connections", None) or 2**31) * HELD_SHARE))
         self.held = 0
+        # Calls this path could not serve (the client served them): a silent
+        # fallback shows here, and in the hit-path benchmark.
+        self.fallbacks = 0
+        kind = getattr(pool, "connection_class", None) or redis.Connection
+        self.problem = held_path_problem(kind)
+        if self.problem is not None:
+            _warn_once(self.problem)
+            self.limit = 0  # never hold: the client serves every call
+        self._connected = _is_connected if hasattr(kind, "is_connected") else _connected
+        self._get_args = _connection_getter(pool)
         self._local = threading.local()
         self._memo = _Memo()
         _held_everywhere.add(self)
@@ -98,6 +162,7 @@ class HeldConnections:
         if held is None:
             held = self._hold()
             if held is None:
+                self.fallbacks += 1
                 return False, []
         connection = held.connection
         memo = self._memo
@@ -106,7 +171,7 @@ class HeldConnections:
             # One write: redis-py's sync send_packed_command calls sendall() per item,
             # which made many() of 100 hits 100 system calls (1.3 ms against 0.9 ms).
             joined = packed if len(packed) == 1 else [b"".join(packed)]
-            if not connection.is_connected:
+            if not self._connected(connection):
                 # connect(), not send_packed_command's own reconnect, which goes back
                 # to the old address: a Sentinel connection asks where the master is
                 # now only in connect().
@@ -128,6 +193,7 @@ class HeldConnections:
             # Whatever is left unread would answer the next command: a new socket
             # (redis-py has usually closed it already). The client retries this one.
             connection.disconnect()
+            self.fallbacks += 1
             return False, []
         except BaseException:
             # Interrupted between a write and its replies: the same, and no retry.
@@ -145,7 +211,7 @@ class HeldConnections:
             return None
         self.held += 1
         try:
-            connection = self.pool.get_connection()
+            connection = self.pool.get_connection(*self._get_args)
         except BaseException:
             self.held -= 1
             raise
@@ -196,9 +262,6 @@ async def _write(connection: Any, parts: list[bytes]) -> None:
     except OSError as exc:
         await connection.disconnect(nowait=True)
         raise ConnectionError(f"Error while writing to socket: {exc}") from exc
-
-
-_timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+; 3.10 takes redis-py's way
 
 
 class Pipeline:
@@ -263,7 +326,8 @@ class Pipeline:
                 self._connecting = asyncio.Lock()
             async with self._connecting:
                 if self._connection is None:
-                    self._connection = await self.pool.get_connection()
+                    getter = _connection_getter(self.pool)
+                    self._connection = await self.pool.get_connection(*getter)
         return self._connection
 
     async def _read_until(self, mine: asyncio.Future[Any] | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,8 @@ import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
+from cached_aside import CacheEngine, cache_aside
+from cached_aside import _connections as connections
 from cached_aside._connections import HeldConnections, Pipeline
 from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis
 from tests.injection import FAULTS, Abandon, counting_writes
@@ -314,3 +317,66 @@ def test_a_killed_held_connection_falls_back_then_reconnects(prefix: str) -> Non
         client.delete(f"{prefix}:k")
         client.close()
         admin.close()
+
+
+# --- the hot path never switches itself off silently ---------------------------
+
+
+@needs_real_redis
+def test_a_hit_takes_the_held_connection_on_this_redis_py(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built as the docs say (from_url): every hit is answered on the thread's held
+    connection, none by the client's slower path. A redis-py whose connections lack
+    what the path needs (is_connected before 8.0, get_connection's command name
+    before 5.3) shows here as hits served by the client."""
+    assert REDIS_URL is not None
+    answered: list[bool] = []
+    call = HeldConnections.call
+
+    def counted(self: HeldConnections, args: tuple[Any, ...]) -> tuple[bool, Any]:
+        result = call(self, args)
+        answered.append(result[0])
+        return result
+
+    monkeypatch.setattr(HeldConnections, "call", counted)
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    try:
+        read = cache_aside(key="item:<n>", ttl=30, engine=engine)(lambda n: {"n": n})
+        assert read(1) == {"n": 1}  # the miss: load and store
+        answered.clear()
+        for _ in range(100):
+            assert read(1) == {"n": 1}
+        assert read.stats().hits == 100
+        assert answered.count(True) == 100, f"{answered.count(False)} of 100 took the client"
+        held = engine._sync_side().held
+        assert held is not None
+        assert (held.problem, held.fallbacks) == (None, 0)
+    finally:
+        delete_prefix(engine.client(), prefix)
+        engine.close()
+
+
+def test_a_connection_class_the_path_cannot_drive_is_reported_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "_warned", set())
+
+    class Foreign:  # no is_connected, not one of redis-py's connections
+        def pack_command(self, *args: Any) -> list[bytes]:
+            raise AssertionError("never used")
+
+        send_packed_command = read_response = connect = disconnect = pack_command
+
+    pool = redis.ConnectionPool(connection_class=Foreign)
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        first, second = HeldConnections(pool), HeldConnections(pool)
+    assert first.problem is not None
+    assert f"redis-py {redis.__version__}" in first.problem
+    assert "is_connected" in first.problem
+    assert "pip install" in first.problem
+    assert first.call(("GET", "k")) == (False, None)  # the client serves it
+    assert second.fallbacks == 0
+    assert [r.getMessage() for r in caplog.records].count(
+        f"the held-connection hot path is off: {first.problem}"
+    ) == 1
