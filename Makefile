@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Material for MkDocs prints a banner about MkDocs 2.0 on every build; it is not ours.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv lint format test docs docs-serve bench bench-quick demo
+.PHONY: venv lint format test matrix docs docs-serve bench bench-quick demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ docs-serve: venv
 
 test: lint docs
 	$(BIN)/python -m pytest
+
+# The compatibility matrix (noxfile.py): each cell, its pytest summary, and at the end
+# every cell with its result. Cells' virtualenvs live in .nox and are reused.
+matrix: venv
+	$(BIN)/nox --no-color
 
 demo: venv
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)

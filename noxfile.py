@@ -36,7 +36,8 @@ REDIS_FLOOR = "5.0.1"
 REDIS_NEWEST = "8.2.0"
 # redis-py 8.2 requires Python 3.11; 8.1 is the newest on 3.10.
 REDIS_NEWEST_ON_310 = "8.1.0"
-PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+# msgpack's floor on each Python (pyproject's markers): its first compiled wheel there.
+MSGPACK_FLOOR = {"3.10": "1.0.3", "3.11": "1.0.3", "3.12": "1.0.6", "3.13": "1.1.0"}
 
 # The pyenv interpreters of this machine come first on PATH, so nox finds
 # `python3.10` ... without a shim (nox skips, or on CI fails, a missing one).
@@ -88,7 +89,10 @@ def _install(session: nox.Session, redis: str, hiredis: bool, *extras: str) -> N
     """The package (editable, so the cell tests this tree) and its pins. pip skips
     what is already there, so a reused venv costs a few seconds."""
     session.install("-e", f".[{','.join(extras)}]" if extras else ".")
-    session.install(*TEST_DEPENDENCIES, f"redis=={redis}")
+    pins = [f"redis=={redis}"]
+    if redis == REDIS_FLOOR:  # the floor cells take every floor
+        pins.append(f"msgpack=={MSGPACK_FLOOR[str(session.python)]}")
+    session.install(*TEST_DEPENDENCIES, *pins)
     if hiredis:
         session.install("hiredis>=2")
     else:
@@ -146,10 +150,10 @@ def cell(session: nox.Session, redis: str, hiredis: bool, server: str) -> None:
     session.run(
         "python",
         "-c",
-        "import sys, redis; from cached_aside import _connections as c; "
-        "print('python', sys.version.split()[0], 'redis-py', redis.__version__, "
-        "'hiredis', redis.utils.HIREDIS_AVAILABLE, 'held connection', c.held_path_problem() "
-        "or 'runs')",
+        "import sys, redis, msgpack; from cached_aside import _connections as c; "
+        "print('python', sys.version.split()[0], '| redis-py', redis.__version__, "
+        "'| hiredis', redis.utils.HIREDIS_AVAILABLE, '| msgpack', msgpack.version, "
+        "msgpack.Packer.__module__, '| held connection:', c.held_path_problem() or 'runs')",
     )
     # fakeredis is a double whose answers do not change with the cell; the main cell
     # runs it. Here: the real client against the real server.

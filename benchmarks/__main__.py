@@ -89,6 +89,28 @@ def write_charts(tables: list[Table], path: Path) -> list[Path]:
     return written
 
 
+def run_sections(
+    names: list[str], settings: Settings, progress: BenchProgress
+) -> tuple[list[Table], dict[str, str]]:
+    """Each section in turn, its tables shown as it ends; a section that cannot run
+    (no server of its own could start, a peer library failed) says so in one line,
+    and the others still run: (every table, {section: why it could not run})."""
+    tables: list[Table] = []
+    failed: dict[str, str] = {}
+    for number, name in enumerate(names, 1):
+        try:
+            with progress.section(f"{name} ({number} of {len(names)})"):
+                results = SCENARIOS[name](settings)
+        except Exception as exc:
+            failed[name] = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+            progress.console.print(f"{name}: could not run: {failed[name]}", highlight=False)
+            continue
+        for table in results:
+            show(progress.console, table)
+        tables += results
+    return tables, failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
@@ -110,7 +132,6 @@ def main() -> None:
         f"redis-py {redis.__version__}, Redis {server['redis_version']}"
     )
     out.print(f"[bold]cached_aside benchmarks[/bold] on {args.url} ({machine})")
-    tables: list[Table] = []
     names = args.only or list(SCENARIOS)
     started = time.monotonic()
     with BenchProgress(out) as progress:
@@ -121,15 +142,15 @@ def main() -> None:
             rounds=8 if args.quick else 30,
             calls=100 if args.quick else 200,
         )
-        for number, name in enumerate(names, 1):
-            with progress.section(f"{name} ({number} of {len(names)})"):
-                results = SCENARIOS[name](settings)
-            for table in results:
-                show(progress.console, table)
-            tables += results
+        tables, failed = run_sections(names, settings, progress)
     args.json.write_text(
         json.dumps(
-            {"machine": machine, "quick": args.quick, "tables": [t.as_dict() for t in tables]},
+            {
+                "machine": machine,
+                "quick": args.quick,
+                "tables": [t.as_dict() for t in tables],
+                "failed": failed,
+            },
             indent=2,
         )
     )
@@ -139,6 +160,8 @@ def main() -> None:
     if args.chart:
         for path in write_charts(tables, args.chart):
             out.print(f"chart: {path}")
+    if failed:
+        raise SystemExit(f"{len(failed)} section(s) could not run: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -151,7 +152,7 @@ class RedisProcess:
                 self._launch()
                 self._wait_until_answering()
                 return self
-            except (redis.ConnectionError, TimeoutError):
+            except (redis.ConnectionError, redis.TimeoutError):
                 exited = self.process is not None and self.process.poll() is not None
                 self._end_process()
                 if not (first and exited):
@@ -208,27 +209,32 @@ class RedisProcess:
             try:
                 # Closed at once: a server loading its data answers BusyLoadingError
                 # for a while, and a client per try left open is a socket leaked.
-                with self.admin() as client:
+                with self.admin(probe=True) as client:
                     # Ours, not a server that took the port before ours could.
                     if int(client.info("server")["process_id"]) != self.process.pid:
                         raise redis.ConnectionError(f"another server answers on {self.port}")
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
                 time.sleep(0.02)
 
-    def admin(self) -> redis.Redis:
-        """A plain client for the test itself (over TLS when the server speaks TLS)."""
+    def admin(self, probe: bool = False) -> redis.Redis:
+        """A plain client for the test itself (over TLS when the server speaks TLS);
+        a `probe` gives up reading after a second (something else may hold the port
+        and never answer)."""
+        timeouts: dict[str, Any] = {"socket_connect_timeout": 0.5}
+        if probe:
+            timeouts["socket_timeout"] = 1.0
         if self.tls:
             return redis.Redis(
                 host="127.0.0.1",
                 port=self.port,
-                socket_connect_timeout=0.5,
                 ssl=True,
                 ssl_ca_certs=str(self.ca_file),
+                **timeouts,
             )
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        return redis.Redis(host="127.0.0.1", port=self.port, **timeouts)
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes, with everything it held."""
