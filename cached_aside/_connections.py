@@ -117,6 +117,15 @@ class _Held:
 
     def __del__(self) -> None:
         self.owner.held -= 1
+        # Collected by a garbage collection that ran inside the pool, on a thread that
+        # holds its lock (a plain Lock before redis-py 6): releasing now would wait for
+        # that lock forever. The next thread to hold a connection takes this one.
+        lock = getattr(self.pool, "_lock", None)
+        if lock is not None and not lock.acquire(blocking=False):
+            self.owner.returned.append(self.connection)
+            return
+        if lock is not None:
+            lock.release()
         with contextlib.suppress(Exception):  # at thread or interpreter exit: nobody to tell
             self.pool.release(self.connection)
 
@@ -133,6 +142,7 @@ class HeldConnections:
         self.pool = pool
         self.limit = max(1, int((getattr(pool, "max_connections", None) or 2**31) * HELD_SHARE))
         self.held = 0
+        self.returned: deque[Any] = deque()  # held by threads gone, not yet back in the pool
         # Calls this path could not serve (the client served them): a silent
         # fallback shows here, and in the hit-path benchmark.
         self.fallbacks = 0
@@ -211,7 +221,10 @@ class HeldConnections:
             return None
         self.held += 1
         try:
-            connection = self.pool.get_connection(*self._get_args)
+            try:
+                connection = self.returned.popleft()
+            except IndexError:
+                connection = self.pool.get_connection(*self._get_args)
         except BaseException:
             self.held -= 1
             raise
@@ -222,6 +235,7 @@ class HeldConnections:
         """In a forked child: these connections are the parent's sockets."""
         self._local = threading.local()
         self.held = 0
+        self.returned = deque()
 
 
 _held_everywhere: weakref.WeakSet[HeldConnections] = weakref.WeakSet()

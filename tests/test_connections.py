@@ -391,3 +391,45 @@ def test_a_connection_class_the_path_cannot_drive_is_reported_once(
     assert [r.getMessage() for r in caplog.records].count(
         f"the held-connection hot path is off: {first.problem}"
     ) == 1
+
+
+@needs_real_redis
+def test_a_held_connection_collected_inside_its_pool_never_waits_for_the_pools_lock(
+    prefix: str,
+) -> None:
+    """A thread's held connection can be collected by a garbage collection that runs
+    while this thread is inside the pool, holding its lock (redis-py before 6 uses a
+    plain Lock: this deadlocked): it is handed to the next thread to hold one."""
+    assert REDIS_URL is not None
+    raw = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.connection_pool._lock = threading.Lock()  # as redis-py 5.x has it
+    raw.set(f"{prefix}:k", b"v")
+    held = HeldConnections(client.connection_pool)
+    done = threading.Event()
+
+    def in_a_thread() -> None:
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")
+        cycle: list[Any] = [held._local.held]
+        cycle.append(cycle)  # only a garbage collection frees it now
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert held.held == 1
+
+    def collect_inside_the_pool() -> None:
+        with client.connection_pool._lock:
+            gc.collect()
+        done.set()
+
+    threading.Thread(target=collect_inside_the_pool, daemon=True).start()
+    try:
+        assert done.wait(10), "the collection waited for the pool's lock"
+        assert (held.held, len(held.returned)) == (0, 1)
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")
+        assert not held.returned  # taken by the next hold
+        client.close()
+    finally:
+        raw.delete(f"{prefix}:k")
+        raw.close()
