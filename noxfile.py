@@ -15,7 +15,8 @@ Not every product of every axis runs every test; each cell is there for a reason
 Each cell runs the core files (CORE), which hold the scenario suite, connections,
 flows, fault injection, batches, near cache and the cluster; the integration cell
 runs the integrations' files against both databases. Virtualenvs are reused between
-runs (`reuse_venv`), and re-installed when this file's pins change.
+runs (`reuse_venv`); a cell's is named after its pins, so a changed pin makes a new
+one, and each run installs this tree and the pins again (pip skips what is there).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.servers import RedisProcess
 
 ROOT = Path(__file__).resolve().parent
 # What pyproject.toml declares, and the newest release tried.
-REDIS_FLOOR = "5.0.1"
+REDIS_FLOOR = "5.0.8"
 REDIS_NEWEST = "8.2.0"
 # redis-py 8.2 requires Python 3.11; 8.1 is the newest on 3.10.
 REDIS_NEWEST_ON_310 = "8.1.0"
@@ -166,13 +167,16 @@ def integrations(session: nox.Session) -> None:
     and PostgreSQL (127.0.0.1:5432, database `test`; each test its own schema)."""
     _install(session, REDIS_NEWEST, True, "sqlalchemy,django,fastapi,opentelemetry")
     session.install("aiosqlite>=0.19", "psycopg[binary]>=3.1", "opentelemetry-sdk>=1.30")
-    for database in ("sqlite", "postgresql"):
-        _run_tests(
-            session,
-            "redis",
-            ["tests/test_integration_sqlalchemy.py", "tests/test_integration_django.py"],
-            CACHED_ASIDE_TEST_DATABASE=database,
-        )
+    # SQLAlchemy's tests are parametrized over both databases in one process;
+    # Django's settings are configured once per process: one run per database.
+    files = ["tests/test_integration_sqlalchemy.py", "tests/test_integration_django.py"]
+    _run_tests(session, "redis", files, CACHED_ASIDE_TEST_DATABASE="sqlite")
+    _run_tests(
+        session,
+        "redis",
+        ["tests/test_integration_django.py"],
+        CACHED_ASIDE_TEST_DATABASE="postgresql",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python noxfile.py` is not how to run it

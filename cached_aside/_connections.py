@@ -39,7 +39,7 @@ PACKED_MEMO_SIZE = 4096
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
 # The redis-py these paths are checked on (noxfile.py's cells), and what to install.
-REDIS_PY_ADVICE = "pip install 'redis>=5.0.1'"
+REDIS_PY_ADVICE = "pip install 'redis>=5.0.8'"
 logger = logging.getLogger("cached_aside")
 
 

@@ -22,7 +22,7 @@ from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC
 from cached_aside._near import MISSING, NearStore
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
-from .servers import REDIS_SERVER, RedisProcess
+from .servers import REDIS_CLI, REDIS_SERVER, RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -283,7 +283,9 @@ def test_a_change_made_with_redis_cli_drops_the_copy(near_engine: CacheEngine) -
     until_near(read, "x")
     primary["v"] = "2"
     subprocess.run(
-        ["redis-cli", "-u", REDIS_URL, "DEL", read.key("x")], check=True, capture_output=True
+        [REDIS_CLI or "redis-cli", "-u", REDIS_URL, "DEL", read.key("x")],
+        check=True,
+        capture_output=True,
     )
     deadline = time.monotonic() + 1
     while read("x") != "2":
@@ -387,7 +389,7 @@ def test_another_process_sees_invalidate_update_field_and_del() -> None:
         def redis_cli_del() -> None:
             raw.set(primary, "v4")
             subprocess.run(
-                ["redis-cli", "-u", REDIS_URL, "DEL", read.key("x")],
+                [REDIS_CLI or "redis-cli", "-u", REDIS_URL, "DEL", read.key("x")],
                 check=True,
                 capture_output=True,
             )
