@@ -5,6 +5,7 @@ whatever happens between a write and its reply."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import gc
 import logging
 import threading
@@ -21,6 +22,7 @@ from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 from cached_aside import CacheEngine, cache_aside
 from cached_aside import _connections as connections
 from cached_aside._connections import HeldConnections, Pipeline
+from cached_aside._timeouts import timeout
 from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis
 from tests.injection import FAULTS, Abandon, counting_writes
 from tests.servers import RedisProcess
@@ -433,3 +435,31 @@ def test_a_held_connection_collected_inside_its_pool_never_waits_for_the_pools_l
     finally:
         raw.delete(f"{prefix}:k")
         raw.close()
+
+
+# --- asyncio.timeout, and its stand-in on Python 3.10 ----------------------------
+
+
+async def test_the_deadline_leaves_the_block_as_a_timeout_error_an_oserror() -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(builtins.TimeoutError) as raised:  # not redis-py's TimeoutError
+        async with timeout(0.05):
+            await asyncio.sleep(30)  # only the deadline ends it
+    assert isinstance(raised.value, OSError)  # what the pipeline's _LOST catches
+    assert isinstance(raised.value, asyncio.TimeoutError)
+    assert asyncio.get_running_loop().time() - started < 30
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    entered = asyncio.Event()
+
+    async def guarded() -> None:
+        async with timeout(30):
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.ensure_future(guarded())
+    await asyncio.wait_for(entered.wait(), 10)
+    task.cancel()
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
