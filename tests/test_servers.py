@@ -4,6 +4,8 @@ start; a cluster that cannot start leaves no process behind."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 from typing import Any
@@ -94,3 +96,16 @@ def test_a_cluster_that_fails_to_start_stops_every_node_it_started(
         assert node.process.poll() is not None, "a node of the failed cluster still runs"
     names = subprocess.run(["ps", "-eo", "pid"], capture_output=True, text=True).stdout.split()
     assert not {str(node.process.pid) for node in started} & set(names)
+
+
+def test_without_a_redis_to_share_the_run_starts_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from . import conftest
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setattr(conftest, "LOCAL_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing there
+    url = conftest.reachable_redis_url()
+    assert url is not None, "the tests that need a real server would be skipped"
+    assert url != conftest.LOCAL_REDIS_URL
+    with redis.Redis.from_url(url) as client:
+        pid = int(client.info("server")["process_id"])
+    os.kill(pid, signal.SIGTERM)  # ours: started for this call
