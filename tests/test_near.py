@@ -22,7 +22,7 @@ from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC
 from cached_aside._near import MISSING, NearStore
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
-from .servers import REDIS_CLI, REDIS_SERVER, RedisProcess
+from .servers import REDIS_CLI, REDIS_SERVER, RedisProcess, server_speaks_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -459,7 +459,9 @@ def test_closing_the_engine_stops_its_listener(near_engine: CacheEngine) -> None
     assert near_engine.near_state() == "off"
 
 
-@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+@pytest.mark.skipif(
+    not server_speaks_tls(), reason=f"the server ({REDIS_SERVER}) was built without TLS"
+)
 def test_the_listener_speaks_tls_and_credentials_like_the_client() -> None:
     server = RedisProcess(tls=True).start()
     try:
