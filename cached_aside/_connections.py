@@ -80,13 +80,34 @@ def held_path_problem(connection_class: Any = None) -> str | None:
     return None
 
 
+def msgpack_problem() -> str | None:
+    """Why every hit decodes slowly (None: msgpack's compiled extension is in use).
+    Without a wheel for this Python, pip builds msgpack from source, and when the
+    build fails it installs the pure-Python fallback without a word."""
+    import msgpack
+
+    if msgpack.Packer.__module__ == "msgpack.fallback":
+        version = ".".join(map(str, msgpack.version))
+        return (
+            f"msgpack {version} is its pure-Python fallback (no compiled wheel for this "
+            "Python): every hit decodes slower (pip install --force-reinstall 'msgpack>=1.1')"
+        )
+    return None
+
+
 _warned: set[str] = set()
 
 
-def _warn_once(problem: str) -> None:
+def _warn_once(problem: str, what: str = "the held-connection hot path is off") -> None:
     if problem not in _warned:
         _warned.add(problem)
-        logger.warning("the held-connection hot path is off: %s", problem)
+        logger.warning("%s: %s", what, problem)
+
+
+def _check_codec() -> None:
+    problem = msgpack_problem()
+    if problem is not None:
+        _warn_once(problem, "the hit path is slower")
 
 
 class _Memo:
@@ -153,6 +174,7 @@ class HeldConnections:
             self.limit = 0  # never hold: the client serves every call
         self._connected = _is_connected if hasattr(kind, "is_connected") else _connected
         self._get_args = _connection_getter(pool)
+        _check_codec()
         self._local = threading.local()
         self._memo = _Memo()
         _held_everywhere.add(self)
@@ -300,6 +322,7 @@ class Pipeline:
         self._reader: asyncio.Task[None] | None = None
         self._discarding: set[asyncio.Task[None]] = set()
         self._connecting: asyncio.Lock | None = None
+        _check_codec()
 
     async def call(self, args: tuple[Any, ...]) -> Any:
         """The reply to one command (an error reply raises, as redis-py's would)."""

@@ -463,3 +463,20 @@ async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     task.cancel()
     (outcome,) = await asyncio.gather(task, return_exceptions=True)
     assert isinstance(outcome, asyncio.CancelledError)
+
+
+def test_msgpacks_pure_python_fallback_is_reported_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import msgpack
+
+    assert connections.msgpack_problem() is None  # this environment's is compiled
+    monkeypatch.setattr(connections, "_warned", set())
+    fallback = type("Packer", (), {"__module__": "msgpack.fallback"})  # as pip left it
+    monkeypatch.setattr(msgpack, "Packer", fallback)
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        HeldConnections(redis.ConnectionPool())
+        Pipeline(redis.asyncio.ConnectionPool())
+    warned = [r.getMessage() for r in caplog.records if "pure-Python" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "pip install" in warned[0]
