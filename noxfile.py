@@ -151,7 +151,7 @@ def cell(session: nox.Session, redis: str, hiredis: bool, server: str) -> None:
     session.run(
         "python",
         "-c",
-        "import sys, redis, msgpack; from cached_aside import _connections as c; "
+        "import sys, redis, msgpack; from cached_aside import _compat as c; "
         "print('python', sys.version.split()[0], '| redis-py', redis.__version__, "
         "'| hiredis', redis.utils.HIREDIS_AVAILABLE, '| msgpack', msgpack.version, "
         "msgpack.Packer.__module__, '| held connection:', c.held_path_problem() or 'runs')",

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import logging
 import math
 import os
 import threading
@@ -30,6 +28,13 @@ from typing import Any
 import redis
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
+from ._compat import (
+    check_codec,
+    connection_getter,
+    connection_open_test,
+    held_path_problem,
+    warn_once,
+)
 from ._timeouts import timeout as _timeout
 
 # Commands packed per key are kept up to this many; then the memo starts over.
@@ -38,76 +43,6 @@ PACKED_MEMO_SIZE = 4096
 # held connections never go back while their threads live.
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
-# The redis-py these paths are checked on (noxfile.py's cells), and what to install.
-REDIS_PY_ADVICE = "pip install 'redis>=5.0.8'"
-logger = logging.getLogger("cached_aside")
-
-
-def _connected(connection: Any) -> bool:
-    """redis-py 8's `is_connected`; before it (5.x to 7.x) a sync connection has
-    only its socket, None when closed."""
-    return bool(connection._sock is not None)
-
-
-def _is_connected(connection: Any) -> bool:
-    return bool(connection.is_connected)
-
-
-def _connection_getter(pool: Any) -> tuple[Any, ...]:
-    """What `pool.get_connection` takes: redis-py before 5.3 requires a command name
-    (any: a pool ignores it), 5.3 and later deprecate passing one."""
-    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
-    required = parameter is not None and parameter.default is inspect.Parameter.empty
-    return ("_",) if required else ()
-
-
-def held_path_problem(connection_class: Any = None) -> str | None:
-    """Why the held-connection path cannot run on this redis-py (None: it runs).
-    Checked once per pool; a reason is logged once per process."""
-    needed = ("pack_command", "send_packed_command", "read_response", "connect", "disconnect")
-    kind = connection_class or redis.Connection
-    missing = [name for name in needed if not hasattr(kind, name)]
-    # Before redis-py 8 a sync connection tells it is open only by its `_sock`.
-    if not hasattr(kind, "is_connected") and not issubclass(
-        kind, redis.connection.AbstractConnection
-    ):
-        missing.append("is_connected")
-    if missing:
-        return (
-            f"redis-py {redis.__version__}: {kind.__name__} has no {', '.join(missing)}; "
-            f"every call takes the client's slower path ({REDIS_PY_ADVICE})"
-        )
-    return None
-
-
-def msgpack_problem() -> str | None:
-    """Why every hit decodes slowly (None: msgpack's compiled extension is in use).
-    Without a wheel for this Python, pip builds msgpack from source, and when the
-    build fails it installs the pure-Python fallback without a word."""
-    import msgpack
-
-    if msgpack.Packer.__module__ == "msgpack.fallback":
-        version = ".".join(map(str, msgpack.version))
-        return (
-            f"msgpack {version} is its pure-Python fallback (no compiled wheel for this "
-            "Python): every hit decodes slower (pip install --force-reinstall 'msgpack>=1.1')"
-        )
-    return None
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(problem: str, what: str = "the held-connection hot path is off") -> None:
-    if problem not in _warned:
-        _warned.add(problem)
-        logger.warning("%s: %s", what, problem)
-
-
-def _check_codec() -> None:
-    problem = msgpack_problem()
-    if problem is not None:
-        _warn_once(problem, "the hit path is slower")
 
 
 class _Memo:
@@ -170,11 +105,11 @@ class HeldConnections:
         kind = getattr(pool, "connection_class", None) or redis.Connection
         self.problem = held_path_problem(kind)
         if self.problem is not None:
-            _warn_once(self.problem)
+            warn_once(self.problem)
             self.limit = 0  # never hold: the client serves every call
-        self._connected = _is_connected if hasattr(kind, "is_connected") else _connected
-        self._get_args = _connection_getter(pool)
-        _check_codec()
+        self._connected = connection_open_test(kind)
+        self._get_args = connection_getter(pool)
+        check_codec()
         self._local = threading.local()
         self._memo = _Memo()
         _held_everywhere.add(self)
@@ -322,7 +257,7 @@ class Pipeline:
         self._reader: asyncio.Task[None] | None = None
         self._discarding: set[asyncio.Task[None]] = set()
         self._connecting: asyncio.Lock | None = None
-        _check_codec()
+        check_codec()
 
     async def call(self, args: tuple[Any, ...]) -> Any:
         """The reply to one command (an error reply raises, as redis-py's would)."""
@@ -363,7 +298,7 @@ class Pipeline:
                 self._connecting = asyncio.Lock()
             async with self._connecting:
                 if self._connection is None:
-                    getter = _connection_getter(self.pool)
+                    getter = connection_getter(self.pool)
                     self._connection = await self.pool.get_connection(*getter)
         return self._connection
 

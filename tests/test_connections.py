@@ -20,7 +20,7 @@ import redis.asyncio
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from cached_aside import CacheEngine, cache_aside
-from cached_aside import _connections as connections
+from cached_aside import _compat as connections
 from cached_aside._connections import HeldConnections, Pipeline
 from cached_aside._timeouts import timeout
 from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis
