@@ -62,6 +62,7 @@ TEST_DEPENDENCIES = [
     # the typed values' test models
     "pydantic>=2",
     "attrs>=23",
+    "prometheus_client>=0.17",  # test_typed_schema checks the schema_mismatch export
 ]
 CORE = [
     "tests/test_scenarios.py",
