@@ -750,5 +750,5 @@ async def test_the_command_line_reads_a_tagged_entry_and_its_stamp(h: Harness) -
     assert (report["entry"], report["value"], report["stamp"]) == (
         "hash record",
         {"id": "a"},
-        versions[1],
+        versions[1:],
     )
