@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis
 
 from cached_aside import CacheEngine, LoaderTimeoutError, Source, _leases, cache_aside
 
 from .conftest import needs_real_redis
+from .servers import REDIS_SERVER, RedisProcess
 
 LEASE = 0.3  # seconds: renewed every 0.1 s
 SLOW_LEASE = 0.5  # the slow-loader test's: renewed every 0.17 s, lost after 0.5 s unrenewed
@@ -303,7 +305,7 @@ def test_a_child_forked_during_a_load_renews_nothing_of_its_parents(
     assert _leases.running() == 1
     pid = os.fork()
     if pid == 0:  # the child: no renewal, no renewer thread; its own loads renew
-        ok = _leases.running() == 0 and _leases._renewer._thread is None
+        ok = _leases.running() == 0 and not _leases._renewers
         ok = ok and not any(t.name == "cached_aside-leases" for t in threading.enumerate())
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
@@ -311,3 +313,41 @@ def test_a_child_forked_during_a_load_renews_nothing_of_its_parents(
     owner.join(HANG)
     assert os.waitstatus_to_exitcode(status) == 0
     assert _leases.running() == 0
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+def test_a_hung_server_stalls_no_other_engines_renewals(engine: CacheEngine, clients: Any) -> None:
+    """One thread renewed every sync load's leases in the process: a renewal sent to a
+    hung server (its client without socket_timeout, as redis.Redis() is built) blocked
+    it, and the leases of loads on another engine's healthy server lapsed, so another
+    process could load the same keys at once."""
+    hung = RedisProcess().start()
+    release, loading = threading.Event(), threading.Event()
+    started: list[str] = []
+
+    def load(id: str) -> str:
+        started.append(id)
+        if len(started) == 2:
+            loading.set()
+        assert release.wait(HANG)
+        return id
+
+    client = redis.Redis.from_pool(redis.BlockingConnectionPool(port=hung.port))
+    there = CacheEngine(client, prefix=engine.prefix)
+    on_hung = cache_aside(key="h:<id>", ttl=30, lock_ttl=1, engine=there)(load)
+    healthy = cache_aside(key="h:<id>", ttl=30, lock_ttl=1, engine=engine)(load)
+    threads = [threading.Thread(target=fn, args=("a",)) for fn in (on_hung, healthy)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert loading.wait(HANG)
+        hung.pause()  # the next renewal on it waits for ever
+        Renewals(clients[2], healthy.key("a") + ":lock").wait(8)  # and none lapses here
+    finally:
+        hung.resume()
+        release.set()
+        for thread in threads:
+            thread.join(HANG)
+        there.close()
+        hung.stop()
+    until(lambda: _leases.running() == 0)
