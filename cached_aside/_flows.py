@@ -549,7 +549,10 @@ def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any]
             return codec.redis_type, negative_ttl_ms, codec.negative_payload(), None
         return DROP, 0, [], None
     payload, result = codec.encode(value, f"{plan.name} (key {key!r})")
-    if options.cache_if is not None and not options.cache_if(value):
+    # A typed function's predicate judges the declared type, what callers get (a
+    # mapping its loader returned is a record by now); an untyped one the raw result.
+    judged = result if getattr(codec, "schema", None) is not None else value
+    if options.cache_if is not None and not options.cache_if(judged):
         return DROP, 0, [], result
     return codec.redis_type, options.value_ttl_ms(), payload, result
 
