@@ -6,6 +6,7 @@ real Redis and fakeredis, sync and async."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import time
@@ -351,3 +352,61 @@ def test_a_hung_server_stalls_no_other_engines_renewals(engine: CacheEngine, cli
         there.close()
         hung.stop()
     until(lambda: _leases.running() == 0)
+
+
+@dataclasses.dataclass
+class Stock:
+    id: int
+    count: int
+
+
+def test_a_slow_tagged_typed_batch_loads_once_for_two_engines_and_its_entries_hit(
+    engine: CacheEngine, twin: Any, clients: Any
+) -> None:
+    """Leases meet batches, tags and typed values: a batch loader held for many leases
+    keeps every key's lock; single callers in two engines wait for it (no load of
+    their own), and the entries it stores carry their stamps and hit as the type."""
+    release, loading = threading.Event(), threading.Event()
+    loads: list[Any] = []
+
+    def batch(ids: list[int]) -> dict[int, Stock]:
+        loads.append(sorted(ids))
+        loading.set()
+        assert release.wait(HANG)
+        return {id: Stock(id, 1) for id in ids}
+
+    def one(id: int) -> Stock:
+        loads.append(id)
+        return Stock(id, 1)
+
+    options: dict[str, Any] = {
+        "key": "batch:<id>", "ttl": 30, "lock_ttl": SLOW_LEASE, "tags": ("shop:<id>", "all"),
+        "batch_loader": batch,
+    }  # fmt: skip
+    mine = cache_aside(engine=engine, **options)(one)
+    theirs = cache_aside(engine=twin(), **options)(one)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(mine.many([1, 2, 3])))
+    first.start()
+    assert loading.wait(HANG)
+    renewals = Renewals(clients[2], mine.key(1) + ":lock")
+    renewals.wait(4)
+    callers = [
+        threading.Thread(target=lambda fn=fn: results.append(fn(2))) for fn in [mine, theirs] * 3
+    ]
+    for caller in callers:
+        caller.start()
+    renewals.wait(4)
+    release.set()
+    for thread in [first, *callers]:
+        thread.join(HANG)
+    assert loads == [[1, 2, 3]]
+    assert results[0] == [Stock(1, 1), Stock(2, 1), Stock(3, 1)]
+    assert results[1:] == [Stock(2, 1)] * 6
+    for fn in (mine, theirs):
+        for id in (1, 2, 3):
+            outcome = fn.lookup(id)
+            assert (outcome.source, outcome.value) == (Source.CACHE, Stock(id, 1))
+    assert _leases.running() == 0
+    engine.invalidate_tags("all")
+    assert theirs.lookup(1).source is Source.LOADER
