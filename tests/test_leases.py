@@ -99,6 +99,7 @@ def test_a_slow_loader_keeps_its_lease_and_loads_once_while_many_wait(
         caller.start()
     renewals.wait(4)  # the callers wait through more leases
     assert loads == ["a"]
+    assert results == []  # every caller, in both engines, still waits for the one load
     release.set()
     for thread in [first, *callers]:
         thread.join(HANG)
