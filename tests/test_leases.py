@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ import redis
 
 from cached_aside import CacheEngine, LoaderTimeoutError, Source, _leases, cache_aside
 
-from .conftest import needs_real_redis
+from .conftest import Harness, needs_real_redis
 from .servers import REDIS_SERVER, RedisProcess
 
 LEASE = 0.3  # seconds: renewed every 0.1 s
@@ -402,8 +403,9 @@ def test_a_slow_tagged_typed_batch_loads_once_for_two_engines_and_its_entries_hi
     for thread in [first, *callers]:
         thread.join(HANG)
     assert loads == [[1, 2, 3]]
-    assert results[0] == [Stock(1, 1), Stock(2, 1), Stock(3, 1)]
-    assert results[1:] == [Stock(2, 1)] * 6
+    batches = [result for result in results if isinstance(result, list)]
+    assert batches == [[Stock(1, 1), Stock(2, 1), Stock(3, 1)]]
+    assert [result for result in results if not isinstance(result, list)] == [Stock(2, 1)] * 6
     for fn in (mine, theirs):
         for id in (1, 2, 3):
             outcome = fn.lookup(id)
@@ -411,3 +413,60 @@ def test_a_slow_tagged_typed_batch_loads_once_for_two_engines_and_its_entries_hi
     assert _leases.running() == 0
     engine.invalidate_tags("all")
     assert theirs.lookup(1).source is Source.LOADER
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "many"])
+async def test_a_tagged_load_outlasting_its_tags_versions_keeps_them_and_hits(
+    h: Harness, batched: bool
+) -> None:
+    """Leases meet tag versions: a version lives about twice its entries' ttl from the
+    load's start, and a renewed load may run longer; the version then expired under
+    it, its store was a miss, and every call loaded again (ttl=1, a 3.5 s loader: never
+    a hit). The load keeps its tags' versions alive as it keeps its lock."""
+    release = threading.Event()
+    loading = threading.Event()
+    loads: list[Any] = []
+
+    def load(id: int) -> dict[str, int]:
+        loads.append(id)
+        loading.set()
+        assert release.wait(3 * HANG)  # the test sets it, however it ends
+        return {"id": id}
+
+    def load_many(ids: list[int]) -> dict[int, dict[str, int]]:
+        return {id: load(id) for id in ids}
+
+    async def aload(id: int) -> dict[str, int]:
+        return await asyncio.to_thread(load, id)
+
+    async def aload_many(ids: list[int]) -> dict[int, dict[str, int]]:
+        return await asyncio.to_thread(load_many, ids)
+
+    sync = h.mode == "sync"
+    fn = cache_aside(
+        key="v:<id>", ttl=1, lock_ttl=LEASE, tags=("all", "item:<id>"), engine=h.engine,
+        batch_loader=(load_many if sync else aload_many) if batched else None,
+    )(load if sync else aload)  # fmt: skip
+    call = functools.partial(fn.many, [1]) if batched else functools.partial(fn, 1)
+    task = None if sync else asyncio.ensure_future(call())
+    caller = threading.Thread(target=call) if sync else None
+    if caller is not None:
+        caller.start()
+    versions = [f"{h.engine.prefix}:tag:{{{text}}}" for text in ("all", "item:1")]
+    try:
+        assert await asyncio.to_thread(loading.wait, HANG)
+        for version in versions:  # their life nearly over, as after a long load...
+            assert h.raw.pexpire(version, 1_200)
+        deadline = time.monotonic() + HANG
+        while any(h.raw.pttl(version) <= 1_200 for version in versions):
+            # ...until the load's renewal stretches them
+            assert time.monotonic() < deadline, "the load let its tags' versions expire"
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    if task is not None:
+        await asyncio.wait_for(task, HANG)
+    if caller is not None:
+        caller.join(HANG)
+    assert (await h.run(fn.lookup, 1)).source is Source.CACHE
+    assert loads == [1]
