@@ -352,6 +352,7 @@ def test_a_hung_server_stalls_no_other_engines_renewals(engine: CacheEngine, cli
         for thread in threads:
             thread.join(HANG)
         there.close()
+        client.close()  # the engine leaves a client it was given to its owner
         hung.stop()
     until(lambda: _leases.running() == 0)
 
