@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # Material for MkDocs prints a banner about MkDocs 2.0 on every build; it is not ours.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv lint format test docs docs-serve bench bench-quick demo
+.PHONY: venv lint format test matrix docs docs-serve bench bench-quick demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[demo]'
 	touch $(DEMO_STAMP)
+
+# The compatibility matrix (noxfile.py): each cell, its pytest summary, and at the end
+# every cell with its result. Cells' virtualenvs live in .nox and are reused.
+matrix: venv
+	$(BIN)/nox --no-color
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)

@@ -161,6 +161,29 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_sections(
+    names: list[str], settings: Settings, progress: BenchProgress
+) -> tuple[list[tuple[Table, str]], dict[str, str]]:
+    """Each section in turn, its tables shown as it ends; a section that cannot run
+    (no server of its own could start, a peer library failed) says so in one line,
+    and the others still run: (every table with its section, {section: why it could
+    not run})."""
+    tables: list[tuple[Table, str]] = []
+    failed: dict[str, str] = {}
+    for number, name in enumerate(names, 1):
+        try:
+            with progress.section(f"{name} ({number} of {len(names)})"):
+                results = SCENARIOS[name](settings)
+        except Exception as exc:
+            failed[name] = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+            progress.console.print(f"{name}: could not run: {failed[name]}", highlight=False)
+            continue
+        for table in results:
+            show(progress.console, table)
+        tables += [(table, name) for table in results]
+    return tables, failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--url", default="redis://127.0.0.1:6379/0")
@@ -188,8 +211,6 @@ def main() -> None:
         f"redis-py {about['redis_py']}, {about['server']} {about['server_version']}"
     )
     out.print(f"[bold]cached_aside benchmarks[/bold] on {args.url} ({machine})")
-    tables: list[Table] = []
-    sections: list[str] = []  # each table's section
     names = args.only or list(SCENARIOS)
     started = time.monotonic()
     with BenchProgress(out) as progress:
@@ -200,21 +221,14 @@ def main() -> None:
             rounds=8 if args.quick else 30,
             calls=100 if args.quick else 200,
         )
-        for number, name in enumerate(names, 1):
-            with progress.section(f"{name} ({number} of {len(names)})"):
-                results = SCENARIOS[name](settings)
-            for table in results:
-                show(progress.console, table)
-            tables += results
-            sections += [name] * len(results)
+        ran, failed = run_sections(names, settings, progress)
     written = {
         "machine": machine,
         "environment": about,
         "quick": args.quick,
-        "sections": names,
-        "tables": [
-            {**t.as_dict(), "section": name} for t, name in zip(tables, sections, strict=True)
-        ],
+        "sections": [name for name in names if name not in failed],
+        "tables": [{**table.as_dict(), "section": name} for table, name in ran],
+        "failed": failed,
     }
     if args.merge and args.json.exists():
         written = merged(json.loads(args.json.read_text()), written)
@@ -223,8 +237,10 @@ def main() -> None:
         f"all {len(names)} section(s) in {time.monotonic() - started:.0f} s; results: {args.json}"
     )
     if args.chart:
-        for path in write_charts(tables, args.chart):
+        for path in write_charts([table for table, _ in ran], args.chart):
             out.print(f"chart: {path}")
+    if failed:
+        raise SystemExit(f"{len(failed)} section(s) could not run: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,20 @@ class LoadCounter:
             raise SystemExit(f"contenders loaded more than once while timing hits: {wrong}")
 
 
+def hot_path_note(engine: CacheEngine) -> str:
+    """Which path the sync hits took: the held connection, or (on a redis-py it
+    cannot drive) the client's; a figure must say which it measured."""
+    held = engine._sync_side().held  # the engine's own connection path, read not changed
+    versions = f"redis-py {redis.__version__}"
+    if held is None:
+        return f"hot path: the client's ({versions}: no held connection for this client)"
+    if held.problem is not None:
+        return f"hot path: OFF, the client's ({held.problem})"
+    if held.fallbacks:
+        return f"hot path: held connection, {held.fallbacks} call(s) fell back ({versions})"
+    return f"hot path: held connection, every call ({versions})"
+
+
 def decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {field.decode(): value.decode() for field, value in raw.items()}
 
@@ -174,6 +188,7 @@ def run_sync(settings: Settings, prefix: str, floor_us: float | str) -> list[Tab
     )
     packed.notes = [
         *notes,
+        hot_path_note(engine),
         "raw: redis.Redis.from_url(url), defaults; cached_aside: CacheEngine.from_url(url)",
         "peers use their own client on the same server; in-process caches for scale",
         target_note(packed, "cached_aside (msgpack)", "raw redis-py GET + unpackb", "msgpack"),

@@ -179,7 +179,7 @@ def command_ping(client: redis.Redis) -> int:
             {
                 "reachable": True,
                 "redis_version": info.get("redis_version"),
-                "mode": info.get("redis_mode"),
+                "mode": info.get("redis_mode") or info.get("server_mode"),  # Valkey 8
                 "scripts": scripts,
             },
             indent=2,

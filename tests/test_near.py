@@ -30,7 +30,7 @@ from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC
 from cached_aside._near import MISSING, NearStore
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
-from .servers import REDIS_SERVER, RedisProcess
+from .servers import REDIS_CLI, REDIS_SERVER, RedisProcess, server_speaks_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -367,7 +367,9 @@ def test_a_change_made_with_redis_cli_drops_the_copy(near_engine: CacheEngine) -
     until_near(read, "x")
     primary["v"] = "2"
     subprocess.run(
-        ["redis-cli", "-u", REDIS_URL, "DEL", read.key("x")], check=True, capture_output=True
+        [REDIS_CLI or "redis-cli", "-u", REDIS_URL, "DEL", read.key("x")],
+        check=True,
+        capture_output=True,
     )
     deadline = time.monotonic() + 10  # unreported, the copy would live 30 s
     while read("x") != "2":
@@ -471,7 +473,7 @@ def test_another_process_sees_invalidate_update_field_and_del() -> None:
         def redis_cli_del() -> None:
             raw.set(primary, "v4")
             subprocess.run(
-                ["redis-cli", "-u", REDIS_URL, "DEL", read.key("x")],
+                [REDIS_CLI or "redis-cli", "-u", REDIS_URL, "DEL", read.key("x")],
                 check=True,
                 capture_output=True,
             )
@@ -542,7 +544,9 @@ def test_closing_the_engine_stops_its_listener(near_engine: CacheEngine) -> None
     assert near_engine.near_state() == "off"
 
 
-@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+@pytest.mark.skipif(
+    not server_speaks_tls(), reason=f"the server ({REDIS_SERVER}) was built without TLS"
+)
 def test_the_listener_speaks_tls_and_credentials_like_the_client() -> None:
     server = RedisProcess(tls=True).start()
     try:

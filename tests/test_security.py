@@ -12,11 +12,11 @@ import pytest
 import cached_aside
 from cached_aside import CacheEngine, Source, cache_aside
 
-from .servers import REDIS_SERVER, RedisProcess
+from .servers import REDIS_SERVER, RedisProcess, server_speaks_tls
 
 pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None or shutil.which("openssl") is None,
-    reason="needs redis-server (with TLS) and openssl on PATH",
+    not server_speaks_tls() or shutil.which("openssl") is None,
+    reason=f"needs a server built with TLS (not {REDIS_SERVER}) and openssl on PATH",
 )
 
 

