@@ -361,8 +361,8 @@ def _load_and_store_many(
     to_load = tuple(sorted(owned + uncached))
     owning = set(owned)  # a failed lock attempt has a token too, but no lock
     stamps: dict[int, Any] = {}  # with tags: each owned entry's stamp, or the failure
+    tagged: list[tuple[str, tuple[str, ...]]] = []
     if plan.tags and owned:
-        tagged = []
         for p in owned:
             tagged.append((keys[p], (yield TagsOf(LoadOne(at[p])))))
         taken = yield from take_stamps(plan, tagged)
@@ -375,7 +375,7 @@ def _load_and_store_many(
         stats.load()
     # Through the loader breaker, as a single load: skipped while it is open.
     locks = [(entry_keys(keys[p]), _token(holds[p])) for p in owned]
-    load = leased(plan, locks, LoadSome(tuple(at[p] for p in to_load)))
+    load = leased(plan, locks, LoadSome(tuple(at[p] for p in to_load)), tagged)
     kept_any = any(stale[p] is not NO_STALE for p in to_load)
     try:
         values = yield from guarded_load(plan, f"{len(to_load)} keys", load, NO_STALE, counted=True)

@@ -37,7 +37,8 @@ from ._engine import DEFAULT_PREFIX, CacheEngine
 from ._errors import CachedAsideError
 from ._keys import KeyTemplate, entry_keys, validate_prefix
 from ._scripts import INVALIDATE
-from ._stamps import split_stamp
+from ._stamps import VERSION_LENGTH, split_stamp
+from ._typed_codecs import SHAPE_FIELD
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 RAW_SHOWN = 200  # bytes of a custom serializer's payload shown by inspect
@@ -123,12 +124,19 @@ def describe(client: redis.Redis, key: str) -> dict[str, Any] | None:
     elif kind == "hash":
         fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
         if STAMP_FIELD in fields:
-            report["stamp"] = fields.pop(STAMP_FIELD)
+            stamp = fields.pop(STAMP_FIELD)  # the versions, side by side: listed as a string's
+            report["stamp"] = [
+                stamp[i : i + VERSION_LENGTH] for i in range(0, len(stamp), VERSION_LENGTH)
+            ]
         meta = fields.pop(META_FIELD, None)
+        # A typed record's shape fingerprint is a reserved field, not one of the record's.
+        shape = fields.pop(SHAPE_FIELD, None)
+        if shape is not None:
+            report["shape"] = shape
         if meta == NEGATIVE_META:
             report["entry"] = "negative sentinel (the loader returned None)"
         elif meta is not None and meta.isdigit() and int(meta) == len(fields):
-            report["entry"] = "hash record"
+            report["entry"] = "hash record" if shape is None else "typed hash record"
             report["value"] = fields
         else:
             report["entry"] = "hash without a valid field count: foreign or damaged"

@@ -82,10 +82,10 @@ class LoadOne:
 class Leased:
     """Perform `load` (a load effect) while keeping the leases of the locks it loads
     under: every `every_ms` until it ends, however it ends, the driver sends every
-    group of `renewals` in one Batch (a lock's RENEW, then whatever must last as
-    long, such as its entry's tag memberships). A group with a reply of 0 or a
-    failure is renewed no more: its lease was revoked, or may not be covered any
-    more, and then expires, so its store is refused. The reply is the load's."""
+    group of `renewals` in one Batch (a lock's RENEW; a tag's version, TAG_RENEW).
+    A group with a reply of 0 or a failure is renewed no more: its lease was revoked
+    (or its version is gone), and then expires, so its store is refused (or is a
+    miss). The reply is the load's."""
 
     load: Any  # Signal.LOAD, LoadOne or LoadSome
     renewals: tuple[tuple[RunScript, ...], ...]

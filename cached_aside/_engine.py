@@ -318,7 +318,8 @@ class CacheEngine:
         is refused. For a start-up probe: `configure(..., check=True)` runs it.
 
         Args:
-            tags: check what functions with `tags=` need too (TIME, sorted sets).
+            tags: check what functions with `tags=` need too (today nothing
+                beyond every function's commands: a tag is a version key).
             near: check the near cache's listener (CLIENT TRACKING, the invalidation
                 channel); default: when the engine has an engine-wide near cache.
 

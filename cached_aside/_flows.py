@@ -37,7 +37,16 @@ from ._options import Options
 from ._outbox import PendingKey, PendingPattern
 from ._results import Outcome, Source
 from ._scripts import AcquireStatus, ScriptName
-from ._stamps import Verdict, new_version, stamp_of, stamped, take_stamps, unstamped, version_reads
+from ._stamps import (
+    Verdict,
+    new_version,
+    stamp_of,
+    stamped,
+    take_stamps,
+    unstamped,
+    version_reads,
+    version_renewals,
+)
 from ._stats import Stats
 
 RELEASE_ONLY = "release"
@@ -429,7 +438,7 @@ def _load_and_store(
         stamp = (yield from take_stamps(plan, [(keys.value, texts)]))[0]
         if type(stamp) is CommandFailed:
             tolerate(plan, keys.value, stamp)
-    kept = leased(plan, [(keys, token)], load)
+    kept = leased(plan, [(keys, token)], load, [(keys.value, texts)])
     value = yield from guarded_load(plan, keys.value, kept, stale, probe)
     if value is _STALE_SERVED:
         # This load's outcome: its joiners get the same stale answer, not a load each.
@@ -466,18 +475,20 @@ def leased(
     plan: Plan,
     locks: Sequence[tuple[EntryKeys, str]],
     load: Signal | LoadOne | LoadSome,
+    tagged: Sequence[tuple[str, tuple[str, ...]]] = (),
 ) -> Leased:
     """`load`, run under the locks given (each entry's keys and its token) with their
     leases kept while it runs: each lock is renewed every third of lock_ttl, fenced
     by its token, so a slow loader still loads once and a dead holder's lock lapses
-    within one lock_ttl. Nothing of a tagged entry's
-    needs renewing: its store reads the tags' versions again, so a version lost while
-    it loaded makes the store a miss, not a stale hit."""
+    within one lock_ttl. The versions its `tagged` entries (key, tags' texts) were
+    stamped with are kept alive too (never made again): its store reads them back,
+    and one expired under a slow load would make the store a miss."""
     options = plan.options
-    renewals = tuple(
+    renewals: tuple[tuple[RunScript, ...], ...] = tuple(
         (RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms)),)
         for keys, token in locks
     )
+    renewals += version_renewals(plan, tagged)
     return Leased(load, renewals, max(1, options.lock_ttl_ms // 3))
 
 
@@ -549,7 +560,10 @@ def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any]
             return codec.redis_type, negative_ttl_ms, codec.negative_payload(), None
         return DROP, 0, [], None
     payload, result = codec.encode(value, f"{plan.name} (key {key!r})")
-    if options.cache_if is not None and not options.cache_if(value):
+    # A typed function's predicate judges the declared type, what callers get (a
+    # mapping its loader returned is a record by now); an untyped one the raw result.
+    judged = result if getattr(codec, "schema", None) is not None else value
+    if options.cache_if is not None and not options.cache_if(judged):
         return DROP, 0, [], result
     return codec.redis_type, options.value_ttl_ms(), payload, result
 

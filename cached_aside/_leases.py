@@ -64,14 +64,19 @@ def running() -> int:
     return len(_running)
 
 
-# -- sync: one thread renews every sync load's leases ---------------------------
+# -- sync: a thread per Redis client renews its sync loads' leases ---------------
+# One thread per runtime, not per process: a renewal waits on its Redis (a hung
+# server, a client without socket_timeout), and must not make the leases of loads on
+# another engine's healthy server lapse meanwhile. A thread ends when it has nothing
+# left to renew; the next load starts another.
 
 
 class _Renewer:
-    """A heap of renewals by when they are due, and the thread that sends them
-    (started at the first, one per process). Stopped renewals are skipped lazily."""
+    """A heap of one runtime's renewals by when they are due, and the thread that
+    sends them while any is left. Stopped renewals are skipped lazily."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: int) -> None:
+        self._key = key
         self._due: list[tuple[float, int, SyncRuntime, Renewal]] = []
         self._order = itertools.count()
         self._wake = threading.Condition(threading.Lock())
@@ -92,20 +97,35 @@ class _Renewer:
 
     def _run(self) -> None:
         while True:
-            for rt, renewals in self._next_due():
+            ready = self._next_due()
+            if ready is None and self._retire():
+                return
+            for rt, renewals in ready or ():
                 self._renew(rt, renewals)
 
-    def _next_due(self) -> list[tuple[SyncRuntime, list[Renewal]]]:
-        """Wait until renewals are due; those, by runtime."""
+    def _retire(self) -> bool:
+        """End the thread if nothing was started meanwhile (locks taken in renew's order)."""
+        with _renewers_lock, self._wake:
+            if self._due:
+                return False
+            self._thread = None
+            if _renewers.get(self._key) is self:
+                del _renewers[self._key]
+            return True
+
+    def _next_due(self) -> list[tuple[SyncRuntime, list[Renewal]]] | None:
+        """Wait until renewals are due; those, by runtime; None when none is left."""
         with self._wake:
             while True:
                 while self._due and self._due[0][3].stopped:
                     heapq.heappop(self._due)
-                self._until = self._due[0][0] if self._due else float("inf")
+                if not self._due:
+                    return None
+                self._until = self._due[0][0]
                 left = self._until - monotonic()
                 if left <= 0:
                     break
-                self._wake.wait(None if not self._due else left)
+                self._wake.wait(left)
             now = monotonic()
             ready: dict[int, tuple[SyncRuntime, list[Renewal]]] = {}
             while self._due and self._due[0][0] <= now:
@@ -132,14 +152,16 @@ class _Renewer:
             at += size
 
 
-_renewer = _Renewer()
+_renewers: dict[int, _Renewer] = {}  # by id() of the runtime (a runtime is unhashable)
+_renewers_lock = threading.Lock()
 
 
 def _forget_after_fork() -> None:
-    """A child has none of its parent's threads or loads: it starts its own renewer
+    """A child has none of its parent's threads or loads: it starts its own renewers
     when it first loads, and never renews the parent's leases."""
-    global _renewer
-    _renewer = _Renewer()
+    global _renewers_lock
+    _renewers.clear()
+    _renewers_lock = threading.Lock()  # a parent's thread may have held it
     _running.clear()
 
 
@@ -149,7 +171,12 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 def renew(rt: SyncRuntime, leased: Leased) -> Renewal:
     """Keep `leased`'s leases from a thread until the returned Renewal is stopped."""
     renewal = Renewal(leased)
-    _renewer.start(rt, renewal)
+    with _renewers_lock:
+        # A dead runtime's id may be reused: sharing its idle renewer is harmless.
+        renewer = _renewers.get(id(rt))
+        if renewer is None:
+            renewer = _renewers[id(rt)] = _Renewer(id(rt))
+        renewer.start(rt, renewal)
     return renewal
 
 

@@ -197,6 +197,23 @@ return 1
 """
 
 
+TAG_RENEW: Final = """
+-- KEYS[1] a tag's version key, whose version a load in flight was stamped with
+-- ARGV[1] how long the version must live from now, at least (ms): TAG_STAMP's ARGV[2]
+-- returns 1 if the version is still there (its life stretched to twice ARGV[1] if
+-- less than ARGV[1] was left; never shortened), 0 if it is gone (invalidated,
+-- expired): it is not made again, as a version is never made twice. Sent with the
+-- load's lock renewals, so that a load longer than its tags' versions live does
+-- not find them expired at its store (a miss, and a reload on every call).
+local left = redis.call('PTTL', KEYS[1])
+if left == -2 then return 0 end
+if left >= 0 and left < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+end
+return 1
+"""
+
+
 PEEK: Final = """
 -- KEYS[1] value key
 -- ARGV[1] expected type of the value ('hash' or 'string')
@@ -265,6 +282,7 @@ class ScriptName(enum.Enum):
     PEEK = PEEK
     LEAVE = LEAVE
     RENEW = RENEW
+    TAG_RENEW = TAG_RENEW
     PUT = PUT
     REVOKE = REVOKE
     TAG_STAMP = TAG_STAMP

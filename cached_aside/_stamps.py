@@ -176,6 +176,24 @@ def judge_stamped(plan: Plan, replies: Sequence[Any]) -> tuple[Any, Verdict]:
     return (None if plan.codec.redis_type == "string" else {}), verdict
 
 
+def version_life_ms(options: Options) -> int:
+    """How long a tag's version must live from now, at least: as long as an entry
+    stamped with it now could (TAG_STAMP and TAG_RENEW give it twice that)."""
+    return max(options.ttl_ms, options.negative_ttl_ms) + options.keep_ms + options.lock_ttl_ms
+
+
+def version_renewals(
+    plan: Plan, entries: Sequence[tuple[str, tuple[str, ...]]]
+) -> tuple[tuple[RunScript, ...], ...]:
+    """What a load in flight renews of its entries' tags (each entry key, its tags'
+    texts): each version its entries were stamped with, a group of its own, so that
+    a load slower than a version lives still stores a hit, and a version gone (its
+    tag invalidated) stops only its own renewals."""
+    life = version_life_ms(plan.options)
+    tag_keys = dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts)
+    return tuple((RunScript(ScriptName.TAG_RENEW, (key,), (life,)),) for key in tag_keys)
+
+
 def take_stamps(
     plan: Plan, entries: Sequence[tuple[str, tuple[str, ...]]]
 ) -> Flow[list[bytes | CommandFailed]]:
@@ -183,8 +201,7 @@ def take_stamps(
     if missing (and its life stretched to cover the entry's), in one pipeline, one
     TAG_STAMP script per distinct tag. An entry whose tag Redis did not answer gets
     that failure instead: it must not be stored, as nothing could invalidate it."""
-    options = plan.options
-    alive_ms = max(options.ttl_ms, options.negative_ttl_ms) + options.keep_ms + options.lock_ttl_ms
+    alive_ms = version_life_ms(plan.options)
     tag_keys = list(dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts))
     replies = yield Batch(
         [RunScript(ScriptName.TAG_STAMP, (key,), (new_version(), alive_ms)) for key in tag_keys]

@@ -18,9 +18,11 @@ import redis
 import redis.asyncio
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
+from cached_aside._check import PROBE, SCRIPT_CALLS
 from cached_aside._cli import main as cli
+from cached_aside._scripts import ScriptName
 
-from . import test_batches, test_scenarios, test_tags
+from . import test_batches, test_scenarios, test_tags, test_typed
 from .documented import fenced, marked
 from .servers import REDIS_SERVER, RedisProcess
 
@@ -95,7 +97,7 @@ async def clients(server: RedisProcess) -> AsyncIterator[tuple[Any, Any, redis.R
 def _scenarios() -> dict[str, Any]:
     """The scenario tests that need nothing but the harness (`h`), under new names."""
     chosen = {}
-    for module in (test_scenarios, test_tags, test_batches):
+    for module in (test_scenarios, test_tags, test_batches, test_typed):
         short = module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
         for name, function in vars(module).items():
             if not name.startswith("test_") or not callable(function):
@@ -184,21 +186,20 @@ def test_the_check_passes_with_the_grant_and_names_what_is_missing(
         engine.check(tags=True, near=True)  # the page's whole grant: nothing missing
     finally:
         engine.close()
-    with server.admin() as admin:  # the issue's grant: categories, but no +time
+    with server.admin() as admin:  # categories, but not +pexpire (TAG_STAMP and RENEW call it)
         admin.execute_command(
             "ACL", "SETUSER", "categories", "on", f">{PASSWORD}", f"~{TEST_PREFIXES}:*",
             "&__redis__:invalidate", "+@read", "+@write", "+@scripting", "+client|id",
-            "+client|tracking", "+subscribe", "+ping",
+            "+client|tracking", "+subscribe", "+ping", "-pexpire",
         )  # fmt: skip
     engine = CacheEngine.from_url(url(server, "categories"), prefix=f"t-{uuid.uuid4().hex[:12]}")
     try:
-        engine.check(tags=False, near=True)  # enough without tags
         with pytest.raises(ConfigurationError) as raised:
             engine.check(tags=True)
         message = str(raised.value)
         assert "'categories'" in message
-        assert "+time (tags call it" in message
-        assert "+zadd" not in message  # @write has them: only what is missing is named
+        assert "+pexpire (the scripts call it" in message
+        assert "+set" not in message  # @write has it: only what is missing is named
     finally:
         engine.close()
     other = CacheEngine.from_url(url(server), prefix="other")
@@ -243,3 +244,17 @@ def test_the_cli_works_as_its_own_acl_user(
         assert refusals(server) == []
     finally:
         app.close()
+
+
+def test_the_check_probes_exactly_what_the_scripts_call() -> None:
+    """The check tries a list of commands, not the scripts: the list outlived the
+    sorted-set tags (TIME, ZADD...), so check(tags=True) refused a user granted just
+    what the version tags (TAG_STAMP) and the lease renewal (RENEW) call."""
+    called = set()
+    for script in ScriptName:
+        called |= set(re.findall(r"redis\.call\('([A-Z]+)'", script.value))
+    probed = {name for names in SCRIPT_CALLS.values() for name in names}
+    assert called == probed
+    assert {"TYPE", "GET", "SET", "PTTL", "PEXPIRE"} <= called  # TAG_STAMP's, RENEW's
+    for name in probed:
+        assert f"{name} = function()" in PROBE, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -271,3 +272,42 @@ def test_every_connection_failure_exits_3_with_one_line(url: str) -> None:
         assert message.startswith("cached-aside: Redis failed: ")
         assert message.count("\n") == 1
         assert "Traceback" not in message
+
+
+@dataclasses.dataclass
+class Item:
+    id: str
+    stock: int
+
+
+def test_inspect_decodes_typed_and_tagged_typed_entries(prefix: str) -> None:
+    """A typed hash holds the shape's fingerprint in a reserved field: inspect called
+    every typed hash "foreign or damaged" (it counted that field as a record's)."""
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+
+    def load(id: str) -> Item:
+        return Item(id, 4)
+
+    typed = cache_aside(key="typed:<id>", ttl=60, engine=engine)(load)
+    record = cache_aside(key="record:<id>", ttl=60, as_hash=True, engine=engine)(load)
+    tagged = cache_aside(key="tagged:<id>", ttl=60, as_hash=True, tags=("shop",), engine=engine)(
+        load
+    )
+    typed("a")
+    record("a")
+    tagged("a")
+    base = ("--url", REDIS_URL, "--prefix", prefix)
+    code, report = cli(*base, "inspect", "typed:<id>", "a")
+    assert isinstance(report, dict)
+    assert (code, report["entry"]) == (0, "msgpack value")
+    for template in ("record:<id>", "tagged:<id>"):
+        code, report = cli(*base, "inspect", template, "a")
+        assert isinstance(report, dict)
+        assert (code, report["entry"]) == (0, "typed hash record"), report
+        assert report["value"] == {"id": "a", "stock": "4"}
+        assert len(str(report["shape"])) == 8
+    assert report["stamp"] == [
+        redis.Redis.from_url(REDIS_URL).get(f"{prefix}:tag:{{shop}}").decode()
+    ]
+    engine.close()

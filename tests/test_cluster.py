@@ -4,9 +4,11 @@ slot range, sync and async."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -711,3 +713,38 @@ def test_a_cluster_down_at_first_use_fails_open_then_heals(mode: str) -> None:
             loop.close()
         engine.close()
         processes.stop()
+
+
+@dataclasses.dataclass
+class Priced:
+    id: str
+    stock: int
+    price: Decimal
+
+
+def test_cluster_typed_values_with_tags_msgpack_and_hash(
+    client: redis.cluster.RedisCluster,
+) -> None:
+    """Typed values meet Cluster and tags: entries over every master hit as the declared
+    type (one and many), a typed hash takes update_field, the start-up check passes,
+    and a tag drops them all."""
+    engine = CacheEngine(client, prefix="typed")
+
+    def load(id: str) -> Priced:
+        return Priced(id, 1, Decimal("2.50"))
+
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine, tags=("all",))(load)
+    record = cache_aside(key="record:<id>", ttl=60, engine=engine, tags=("all",), as_hash=True)(
+        load
+    )
+    for fn in (read, record):
+        assert fn.many(KEYS) == [load(id) for id in KEYS]
+        hits = [fn.lookup(id) for id in KEYS]
+        assert {(hit.source, type(hit.value)) for hit in hits} == {(Source.CACHE, Priced)}
+    assert record.update_field(KEYS[0], "stock", 9) is Outcome.UPDATED
+    assert record(KEYS[0]).stock == 9
+    engine.check(tags=True)
+    assert engine.invalidate_tags("all").deleted == 1
+    assert all(read.lookup(id).source is Source.LOADER for id in KEYS)
+    assert all(record.lookup(id).source is Source.LOADER for id in KEYS)
+    engine.close()

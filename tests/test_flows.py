@@ -482,18 +482,22 @@ def test_a_load_under_a_lock_renews_its_lease_every_third_of_lock_ttl() -> None:
     assert lease.renewals == ((renew,),)  # fenced by the token; the waiters' set too
 
 
-def test_a_tagged_load_renews_its_lock_and_nothing_of_its_tags() -> None:
+def test_a_tagged_load_renews_its_lock_and_its_tags_versions() -> None:
     """A tagged store reads its tags' versions again in its own round trip, so a
-    version lost while the loader ran makes the store a miss: only the lock needs
-    keeping alive."""
+    version lost while the loader ran makes the store a miss: a load slower than a
+    version lives keeps it alive (TAG_RENEW, which never makes one), in a group of
+    its own, so a version gone stops only its own renewal, never the lock's."""
     p = dataclasses.replace(plan(), tags=(KeyTemplate("shop:<id>", lambda id: None),))
     flow = Stepper(after_miss(p, KEY, None, 500))
     flow.reply(("shop:1",))  # the lock script, the tag's version read with it
     flow.reply([[AcquireStatus.OWNED], b"0123456789abcdef"])
     flow.reply(("shop:1",))  # TAG_STAMP, before the loader reads the primary
     assert flow.reply([[b"0123456789abcdef", 0]]) is Signal.LOAD
-    ((renew,),) = flow.leases[0].renewals
+    ((renew,), (version,)) = flow.leases[0].renewals
     assert renew.script is ScriptName.RENEW
+    assert version.script is ScriptName.TAG_RENEW
+    assert version.keys == ("cache:tag:{shop:1}",)
+    assert version.args == (30_000 + 10_000,)  # ttl + lock_ttl: TAG_STAMP's life
 
 
 def test_a_batch_renews_the_lease_of_each_lock_it_owns_and_no_other() -> None:

@@ -6,6 +6,8 @@ real Redis and fakeredis, sync and async."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import os
 import threading
 import time
@@ -13,10 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis
 
 from cached_aside import CacheEngine, LoaderTimeoutError, Source, _leases, cache_aside
 
-from .conftest import needs_real_redis
+from .conftest import Harness, needs_real_redis
+from .servers import REDIS_SERVER, RedisProcess
 
 LEASE = 0.3  # seconds: renewed every 0.1 s
 SLOW_LEASE = 0.5  # the slow-loader test's: renewed every 0.17 s, lost after 0.5 s unrenewed
@@ -96,6 +100,7 @@ def test_a_slow_loader_keeps_its_lease_and_loads_once_while_many_wait(
         caller.start()
     renewals.wait(4)  # the callers wait through more leases
     assert loads == ["a"]
+    assert results == []  # every caller, in both engines, still waits for the one load
     release.set()
     for thread in [first, *callers]:
         thread.join(HANG)
@@ -303,7 +308,7 @@ def test_a_child_forked_during_a_load_renews_nothing_of_its_parents(
     assert _leases.running() == 1
     pid = os.fork()
     if pid == 0:  # the child: no renewal, no renewer thread; its own loads renew
-        ok = _leases.running() == 0 and _leases._renewer._thread is None
+        ok = _leases.running() == 0 and not _leases._renewers
         ok = ok and not any(t.name == "cached_aside-leases" for t in threading.enumerate())
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
@@ -311,3 +316,158 @@ def test_a_child_forked_during_a_load_renews_nothing_of_its_parents(
     owner.join(HANG)
     assert os.waitstatus_to_exitcode(status) == 0
     assert _leases.running() == 0
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
+def test_a_hung_server_stalls_no_other_engines_renewals(engine: CacheEngine, clients: Any) -> None:
+    """One thread renewed every sync load's leases in the process: a renewal sent to a
+    hung server (its client without socket_timeout, as redis.Redis() is built) blocked
+    it, and the leases of loads on another engine's healthy server lapsed, so another
+    process could load the same keys at once."""
+    hung = RedisProcess().start()
+    release, loading = threading.Event(), threading.Event()
+    started: list[str] = []
+
+    def load(id: str) -> str:
+        started.append(id)
+        if len(started) == 2:
+            loading.set()
+        assert release.wait(HANG)
+        return id
+
+    client = redis.Redis.from_pool(redis.BlockingConnectionPool(port=hung.port))
+    there = CacheEngine(client, prefix=engine.prefix)
+    on_hung = cache_aside(key="h:<id>", ttl=30, lock_ttl=1, engine=there)(load)
+    healthy = cache_aside(key="h:<id>", ttl=30, lock_ttl=1, engine=engine)(load)
+    threads = [threading.Thread(target=fn, args=("a",)) for fn in (on_hung, healthy)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert loading.wait(HANG)
+        hung.pause()  # the next renewal on it waits for ever
+        Renewals(clients[2], healthy.key("a") + ":lock").wait(8)  # and none lapses here
+    finally:
+        hung.resume()
+        release.set()
+        for thread in threads:
+            thread.join(HANG)
+        there.close()
+        client.close()  # the engine leaves a client it was given to its owner
+        hung.stop()
+    until(lambda: _leases.running() == 0)
+
+
+@dataclasses.dataclass
+class Stock:
+    id: int
+    count: int
+
+
+def test_a_slow_tagged_typed_batch_loads_once_for_two_engines_and_its_entries_hit(
+    engine: CacheEngine, twin: Any, clients: Any
+) -> None:
+    """Leases meet batches, tags and typed values: a batch loader held for many leases
+    keeps every key's lock; single callers in two engines wait for it (no load of
+    their own), and the entries it stores carry their stamps and hit as the type."""
+    release, loading = threading.Event(), threading.Event()
+    loads: list[Any] = []
+
+    def batch(ids: list[int]) -> dict[int, Stock]:
+        loads.append(sorted(ids))
+        loading.set()
+        assert release.wait(HANG)
+        return {id: Stock(id, 1) for id in ids}
+
+    def one(id: int) -> Stock:
+        loads.append(id)
+        return Stock(id, 1)
+
+    options: dict[str, Any] = {
+        "key": "batch:<id>", "ttl": 30, "lock_ttl": SLOW_LEASE, "tags": ("shop:<id>", "all"),
+        "batch_loader": batch,
+    }  # fmt: skip
+    mine = cache_aside(engine=engine, **options)(one)
+    theirs = cache_aside(engine=twin(), **options)(one)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(mine.many([1, 2, 3])))
+    first.start()
+    assert loading.wait(HANG)
+    renewals = Renewals(clients[2], mine.key(1) + ":lock")
+    renewals.wait(4)
+    callers = [
+        threading.Thread(target=lambda fn=fn: results.append(fn(2))) for fn in [mine, theirs] * 3
+    ]
+    for caller in callers:
+        caller.start()
+    renewals.wait(4)
+    release.set()
+    for thread in [first, *callers]:
+        thread.join(HANG)
+    assert loads == [[1, 2, 3]]
+    batches = [result for result in results if isinstance(result, list)]
+    assert batches == [[Stock(1, 1), Stock(2, 1), Stock(3, 1)]]
+    assert [result for result in results if not isinstance(result, list)] == [Stock(2, 1)] * 6
+    for fn in (mine, theirs):
+        for id in (1, 2, 3):
+            outcome = fn.lookup(id)
+            assert (outcome.source, outcome.value) == (Source.CACHE, Stock(id, 1))
+    assert _leases.running() == 0
+    engine.invalidate_tags("all")
+    assert theirs.lookup(1).source is Source.LOADER
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "many"])
+async def test_a_tagged_load_outlasting_its_tags_versions_keeps_them_and_hits(
+    h: Harness, batched: bool
+) -> None:
+    """Leases meet tag versions: a version lives about twice its entries' ttl from the
+    load's start, and a renewed load may run longer; the version then expired under
+    it, its store was a miss, and every call loaded again (ttl=1, a 3.5 s loader: never
+    a hit). The load keeps its tags' versions alive as it keeps its lock."""
+    release = threading.Event()
+    loading = threading.Event()
+    loads: list[Any] = []
+
+    def load(id: int) -> dict[str, int]:
+        loads.append(id)
+        loading.set()
+        assert release.wait(3 * HANG)  # the test sets it, however it ends
+        return {"id": id}
+
+    def load_many(ids: list[int]) -> dict[int, dict[str, int]]:
+        return {id: load(id) for id in ids}
+
+    async def aload(id: int) -> dict[str, int]:
+        return await asyncio.to_thread(load, id)
+
+    async def aload_many(ids: list[int]) -> dict[int, dict[str, int]]:
+        return await asyncio.to_thread(load_many, ids)
+
+    sync = h.mode == "sync"
+    fn = cache_aside(
+        key="v:<id>", ttl=1, lock_ttl=LEASE, tags=("all", "item:<id>"), engine=h.engine,
+        batch_loader=(load_many if sync else aload_many) if batched else None,
+    )(load if sync else aload)  # fmt: skip
+    call = functools.partial(fn.many, [1]) if batched else functools.partial(fn, 1)
+    task = None if sync else asyncio.ensure_future(call())
+    caller = threading.Thread(target=call) if sync else None
+    if caller is not None:
+        caller.start()
+    versions = [f"{h.engine.prefix}:tag:{{{text}}}" for text in ("all", "item:1")]
+    try:
+        assert await asyncio.to_thread(loading.wait, HANG)
+        for version in versions:  # their life nearly over, as after a long load...
+            assert h.raw.pexpire(version, 1_200)
+        deadline = time.monotonic() + HANG
+        while any(h.raw.pttl(version) <= 1_200 for version in versions):
+            # ...until the load's renewal stretches them
+            assert time.monotonic() < deadline, "the load let its tags' versions expire"
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    if task is not None:
+        await asyncio.wait_for(task, HANG)
+    if caller is not None:
+        caller.join(HANG)
+    assert (await h.run(fn.lookup, 1)).source is Source.CACHE
+    assert loads == [1]

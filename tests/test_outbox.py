@@ -3,6 +3,7 @@ never served around in this process, and delivered as soon as Redis answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from cached_aside import (
     BulkOutcome,
     CacheEngine,
     CacheUnavailableError,
+    NearCache,
     Outcome,
     Source,
     cache_aside,
@@ -199,3 +201,50 @@ def test_the_flusher_delivers_within_a_retry_interval_of_redis_coming_back(
     assert engine.pending_invalidations() == []
     assert time.monotonic() - back < DELIVERED_WITHIN
     engine.close()
+
+
+@pytest.mark.slow
+def test_a_tag_invalidated_while_redis_is_paused_is_never_served_around_here(
+    server: RedisProcess,
+) -> None:
+    """Fail-open meets tags and the near cache: invalidate_tags() during the outage is
+    PENDING; this process serves neither the near copy nor Redis's old entry of any
+    function carrying the tag (typed, msgpack and hash, one or many), and once Redis
+    answers the outbox retires the version, so another engine reads the new row."""
+    prefix = unique_prefix()
+    here = CacheEngine.from_url(server.url, prefix=prefix, near=NearCache(ttl=60))
+    there = CacheEngine.from_url(server.url, prefix=prefix)
+    primary = {"a": 1}
+
+    def row(id: str) -> Row:
+        return Row(id, primary[id])
+
+    tagged = {"ttl": 60, "tags": ("row:<id>",)}
+    read = cache_aside(key="row:<id>", engine=here, **tagged)(row)
+    record = cache_aside(key="record:<id>", engine=here, as_hash=True, **tagged)(row)
+    read_there = cache_aside(key="row:<id>", engine=there, **tagged)(row)
+    assert read("a") == record("a") == read_there("a") == Row("a", 1)
+    deadline = time.monotonic() + DELIVERED_WITHIN * 6  # a bound on a hang
+    while read.lookup("a").source is not Source.NEAR:
+        assert time.monotonic() < deadline, "never served from the near cache"
+    server.pause()
+    try:
+        primary["a"] = 2
+        assert here.invalidate_tags("row:a") == BulkOutcome(0, pending=1)
+        assert read("a") == record("a") == Row("a", 2)
+        assert read.many(["a"]) == [Row("a", 2)]
+    finally:
+        server.resume()
+    while here.pending_invalidations():
+        assert time.monotonic() < deadline, "the outbox did not deliver after Redis resumed"
+        time.sleep(0.002)
+    assert read_there("a") == Row("a", 2)
+    assert read("a") == record("a") == Row("a", 2)
+    here.close()
+    there.close()
+
+
+@dataclasses.dataclass
+class Row:
+    id: str
+    version: int

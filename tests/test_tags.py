@@ -750,5 +750,78 @@ async def test_the_command_line_reads_a_tagged_entry_and_its_stamp(h: Harness) -
     assert (report["entry"], report["value"], report["stamp"]) == (
         "hash record",
         {"id": "a"},
-        versions[1],
+        versions[1:],
     )
+
+
+@dataclasses.dataclass
+class Stocked:
+    shop_id: int
+    stock: int
+
+
+@pytest.mark.parametrize("as_hash", [False, True], ids=["msgpack", "hash"])
+async def test_typed_tagged_entries_hit_and_drop_with_their_tags(h: Harness, as_hash: bool) -> None:
+    """Typed values meet tags: a typed (dataclass) entry carries its stamp, hits as the
+    declared type, one or many, and a tag drops it; update_field on a typed hash whose
+    tag was invalidated patches a miss, never brings it back."""
+    loads: list[int] = []
+
+    def load(shop_id: int) -> Stocked | None:
+        loads.append(shop_id)
+        return Stocked(shop_id, 3)
+
+    def batch(ids: list[int]) -> dict[int, Stocked]:
+        loads.extend(ids)
+        return {id: Stocked(id, 3) for id in ids}
+
+    fn = h.cached(
+        load, key="ty:<shop_id>", tags=("shop:<shop_id>", "all"), as_hash=as_hash,
+        batch_loader=batch,
+    )  # fmt: skip
+    assert await h.run(fn.many, [1, 2]) == [Stocked(1, 3), Stocked(2, 3)]
+    hit = await h.run(fn.lookup, 1)
+    assert (hit.source, type(hit.value), hit.value) == (Source.CACHE, Stocked, Stocked(1, 3))
+    assert await h.run(fn.many, [1, 2]) == [Stocked(1, 3), Stocked(2, 3)]
+    assert loads == [1, 2]
+    assert (await invalidate_tags(h, "shop:1")).deleted == 1
+    if as_hash:
+        assert await h.run(fn.update_field, 1, "stock", 9) is Outcome.UPDATED
+    assert await looked(h, fn, 1) is Source.LOADER
+    assert await h.run(fn, 1) == Stocked(1, 3)
+    if as_hash:
+        assert await h.run(fn.update_field, 1, "stock", 9) is Outcome.UPDATED
+        assert (await h.run(fn.lookup, 1)).value == Stocked(1, 9)
+    assert await looked(h, fn, 2) is Source.CACHE
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["single", "many"])
+async def test_stale_if_error_never_serves_an_entry_its_tag_dropped(
+    h: Harness, batched: bool
+) -> None:
+    """stale_if_error meets tags: an entry whose tag was invalidated is still in Redis
+    (only the version went), and a failing load must not answer with it as STALE;
+    an entry of an untouched tag still is."""
+    failing = {"now": False}
+
+    def load(shop_id: int) -> dict[str, int]:
+        if failing["now"]:
+            raise RuntimeError("the primary is down")
+        return {"shop": shop_id}
+
+    def batch(ids: list[int]) -> dict[int, dict[str, int]]:
+        return {id: load(id) for id in ids}
+
+    fn = h.cached(
+        load, key="se:<shop_id>", ttl=30, stale_if_error=60, tags=("shop:<shop_id>",),
+        batch_loader=batch,
+    )  # fmt: skip
+    await h.run(fn.many, [1, 2])
+    for id in (1, 2):
+        assert h.raw.pexpire(fn.key(id), 30_000)  # past the ttl, kept for stale_if_error
+    failing["now"] = True
+    await invalidate_tags(h, "shop:1")
+    with pytest.raises(RuntimeError, match="primary is down"):
+        await h.run(fn.many, [1]) if batched else await h.run(fn, 1)
+    kept = await h.run(fn.many, [2]) if batched else [await h.run(fn, 2)]
+    assert kept == [{"shop": 2}]

@@ -274,3 +274,27 @@ async def test_the_batch_loaders_annotation_types_an_unannotated_loader(
     hits = fn.many(["a", "b"])
     assert all(same(hit, PRODUCT) for hit in hits)
     assert fn.stats().hits == 2
+
+
+async def test_cache_if_judges_the_declared_type(h: Harness) -> None:
+    """A loader may return a mapping of the declared record's fields (it becomes the
+    record); cache_if got that mapping, not the record the caller and every hit get,
+    and a predicate written for the type (`p.stock > 0`) raised on it."""
+    judged: list[type] = []
+
+    def in_stock(product: Any) -> bool:
+        judged.append(type(product))
+        return bool(product.stock > 0)
+
+    def load(id: str) -> Any:
+        return {**_fields(PRODUCT), "stock": 0 if id == "gone" else 3}
+
+    def batch(ids: list[str]) -> dict[str, Any]:
+        return {id: load(id) for id in ids}
+
+    fn = h.cached(annotated(load, Product), key="t:<id>", cache_if=in_stock, batch_loader=batch)
+    assert (await h.run(fn, "a")).stock == 3
+    assert (await h.run(fn.lookup, "a")).source is Source.CACHE
+    assert [p.stock for p in await h.run(fn.many, ["b", "gone"])] == [3, 0]
+    assert (await h.run(fn.lookup, "gone")).source is Source.LOADER  # refused: not stored
+    assert set(judged) == {Product}

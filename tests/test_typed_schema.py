@@ -278,3 +278,39 @@ def test_the_typed_values_page_runs_as_written(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == "cache True 2:00:00\nTrue\nupdated 40\n"
+
+
+@pytest.mark.parametrize("as_hash", [False, True], ids=["msgpack", "hash"])
+async def test_a_tagged_entry_of_another_shape_is_a_miss_even_kept_for_stale(
+    h: Harness, as_hash: bool
+) -> None:
+    """Schema changes meet tags and stale_if_error: the old shape's stamped entry is a
+    counted miss; with the loader failing, its kept copy is never served as the new
+    type (the caller gets the error), and a tag still drops the new entry."""
+    failing = {"now": False}
+    value = Added("a", "pen", 41, 12.5)
+
+    def load(id: str) -> Any:
+        if failing["now"]:
+            raise RuntimeError("the primary is down")
+        return value
+
+    load.__annotations__ = {"id": str, "return": Added | None}
+    options = {"key": "t:<id>", "as_hash": as_hash, "tags": ("all",), "stale_if_error": 60}
+    old = h.cached(loader_of(V1, V1_VALUE), **options)
+    new = h.cached(load, **options)
+    assert await h.run(old, "a") == V1_VALUE
+    assert h.raw.pexpire(old.key("a"), 30_000)  # past its ttl, kept for stale_if_error
+    failing["now"] = True
+    with pytest.raises(RuntimeError, match="primary is down"):
+        await h.run(new.lookup, "a")
+    failing["now"] = False
+    outcome = await h.run(new.lookup, "a")
+    assert (outcome.source, outcome.value) == (Source.LOADER, value)
+    assert new.stats().schema_mismatch >= 1
+    assert (await h.run(new.lookup, "a")).source is Source.CACHE
+    if h.mode == "async":
+        await h.engine.ainvalidate_tags("all")
+    else:
+        h.engine.invalidate_tags("all")
+    assert (await h.run(new.lookup, "a")).source is Source.LOADER
