@@ -383,8 +383,8 @@ def test_a_section_that_cannot_run_says_so_and_the_others_report(
     out = console()
     with BenchProgress(out) as progress:
         settings.progress = progress
-        tables, failed = bench_main.run_sections(["broken", "fine"], settings, progress)
-    assert [table.title for table in tables] == ["a table"]
+        ran, failed = bench_main.run_sections(["broken", "fine"], settings, progress)
+    assert [(table.title, section) for table, section in ran] == [("a table", "fine")]
     assert failed == {"broken": "ConnectionError: Error 111 connecting to 127.0.0.1:38245."}
     printed = capsys.readouterr().out
     assert "broken: could not run: ConnectionError: Error 111" in printed
