@@ -40,7 +40,7 @@ from ._flusher import Flusher
 from ._keys import KeyTemplate, glob_escape, split_entry_key, validate_prefix
 from ._listener import InvalidationListener, connection_factory
 from ._loads import NO_LOADS
-from ._near import NearCache, NearStore
+from ._near import NearBudget, NearCache, NearStore
 from ._outbox import Outbox, PendingPattern
 from ._results import BulkOutcome
 from ._runtime import (
@@ -126,8 +126,10 @@ class CacheEngine:
     ) -> None:
         self.prefix = validate_prefix(prefix)
         instance("near", near, NearCache, "a NearCache or None")
-        # The near cache of functions decorated without near= (near=False opts out).
+        # The near cache of functions decorated without near= (near=False opts out),
+        # and the one byte budget all of them share.
         self.near = near
+        self._near_budget = None if near is None else NearBudget(near.max_bytes)
         whole("breaker_failures", breaker_failures)
         seconds("breaker_cooldown", breaker_cooldown)
         # One breaker per engine (its sync and async clients talk to the same Redis),
@@ -450,7 +452,7 @@ class CacheEngine:
         Raises ConfigurationError when the server cannot track keys and the config
         does not accept TTL-only staleness.
         """
-        store = NearStore(config, codec.freeze)
+        store = NearStore(config, codec.freeze, self._near_budget if config is self.near else None)
         make = self._listener_maker()  # outside the lock: it may make the client
         with self._lock:
             if self._listener is None:

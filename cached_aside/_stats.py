@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 logger = logging.getLogger("cached_aside")
 
@@ -46,6 +47,13 @@ class StatsSnapshot:
         stale: calls answered with a value past its ttl (grace, stale_if_error).
         schema_mismatch: typed entries written for another shape of the declared type
             (an older or newer deploy; or untyped), treated as a miss and rewritten.
+        near_misses: near-cache look-ups that found nothing to serve.
+        near_evictions: near entries pushed out by the entry-count or byte bound.
+        near_admissions_refused: values read from Redis that the near cache's
+            W-TinyLFU policy did not keep (asked for less often than what they would
+            push out).
+        near_bytes: bytes the near entries take now (a gauge; see the near-cache docs
+            for what counts).
     """
 
     hits: int = 0
@@ -61,6 +69,10 @@ class StatsSnapshot:
     postponed: int = 0
     stale: int = 0
     schema_mismatch: int = 0
+    near_misses: int = 0
+    near_evictions: int = 0
+    near_admissions_refused: int = 0
+    near_bytes: int = 0
 
     @property
     def hit_rate_pct(self) -> float:
@@ -76,6 +88,15 @@ class StatsSnapshot:
     def __add__(self, other: StatsSnapshot) -> StatsSnapshot:
         mine, theirs = asdict(self), asdict(other)
         return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})
+
+
+class NearCounts(Protocol):
+    """A near cache as the stats see it."""
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(misses, evictions, admissions refused, bytes held)."""
+
+    def reset_counts(self) -> None: ...
 
 
 def _counted(counter: itertools.count[int]) -> int:
@@ -120,6 +141,12 @@ class Stats:
         self._error_kinds: dict[str, int] = {}
         self._load_counts = [0] * len(LOAD_BUCKETS)
         self._load_seconds = 0.0
+        self._near: list[NearCounts] = []
+
+    def watch_near(self, store: NearCounts) -> None:
+        """Include a near cache's counters (one per engine the function meets)."""
+        if all(known is not store for known in self._near):
+            self._near.append(store)
 
     def _start_hit_counts(self) -> None:
         """Fresh hit counters; `hit()` and `near_hit()` count one each."""
@@ -218,8 +245,15 @@ class Stats:
         self._lock = threading.Lock()
 
     def snapshot(self) -> StatsSnapshot:
+        near = [0, 0, 0, 0]
+        for store in self._near:
+            near = [total + count for total, count in zip(near, store.counts(), strict=True)]
         with self._lock:
             return StatsSnapshot(
+                near_misses=near[0],
+                near_evictions=near[1],
+                near_admissions_refused=near[2],
+                near_bytes=near[3],
                 hits=_counted(self._hit_count),
                 near_hits=_counted(self._near_hit_count),
                 misses=self._misses,
@@ -268,3 +302,5 @@ class Stats:
             self._error_kinds = {}
             self._load_counts = [0] * len(LOAD_BUCKETS)
             self._load_seconds = 0.0
+        for store in self._near:
+            store.reset_counts()

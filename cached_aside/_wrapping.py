@@ -144,6 +144,7 @@ class CachedBase(Generic[P, R]):
                     config, plan.codec, plan.name
                 )
             self._near = store
+            self._plan.stats.watch_near(store)
         engine._register_stats(self._plan.stats)
         self._whole = self._every_key(engine)
         if self._plan.tags:
