@@ -23,6 +23,8 @@ SAMPLE_FACTOR: Final = 10
 # The window takes 1% of the entries (at least one), protected 80% of the rest.
 WINDOW_SHARE: Final = 0.01
 PROTECTED_SHARE: Final = 0.8
+# The sketch's first size, in entries; it doubles as the store fills, up to max_entries.
+SKETCH_START: Final = 256
 _HALVE: Final = bytes(count >> 1 for count in range(256))
 _MASK64: Final = (1 << 64) - 1
 
@@ -35,14 +37,22 @@ class FrequencySketch:
     """
 
     def __init__(self, capacity: int) -> None:
-        width = 16
-        while width < capacity:
+        # Four counters per entry kept per row, as Caffeine's sketch has, so that the
+        # estimates of keys read once stay near zero between two agings.
+        width = 64
+        while width < capacity * 4:
             width <<= 1
+        self.capacity = capacity
         self._mask = width - 1
         self._width = width
         self._counters = bytearray(width * DEPTH)
-        self._doorkeeper = bytearray(width)  # one byte per bit: simpler, and still small
-        self._sample = width * SAMPLE_FACTOR
+        self._sample = capacity * SAMPLE_FACTOR
+        # Bits for eight times the keys one sample can bring: few false "seen before".
+        bits = 64
+        while bits < self._sample * 8:
+            bits <<= 1
+        self._bits = bits - 1
+        self._doorkeeper = bytearray(bits >> 3)
         self._recorded = 0
 
     def _cells(self, key: str) -> tuple[int, int]:
@@ -53,10 +63,7 @@ class FrequencySketch:
         """One more read of `key`."""
         low, step = self._cells(key)
         mask, width, counters = self._mask, self._width, self._counters
-        gate = low & mask, (low + step) & mask
-        if not (self._doorkeeper[gate[0]] and self._doorkeeper[gate[1]]):
-            self._doorkeeper[gate[0]] = self._doorkeeper[gate[1]] = 1
-        else:
+        if self._seen(low, step, mark=True):  # the first sighting only marks it
             for row in range(DEPTH):
                 cell = row * width + ((low + row * step) & mask)
                 if counters[cell] < MOST:
@@ -69,16 +76,25 @@ class FrequencySketch:
         """The estimate: at most the true count since the last aging, plus errors."""
         low, step = self._cells(key)
         mask, width, counters = self._mask, self._width, self._counters
-        seen = self._doorkeeper[low & mask] and self._doorkeeper[(low + step) & mask]
-        if not seen:
-            return 0
+        seen = self._seen(low, step, mark=False)
         least = min(counters[row * width + ((low + row * step) & mask)] for row in range(DEPTH))
-        return least + 1
+        return least + 1 if seen else least
+
+    def _seen(self, low: int, step: int, *, mark: bool) -> bool:
+        """Whether the doorkeeper has both of the key's bits; `mark`: set them."""
+        doorkeeper, first, second = self._doorkeeper, low & self._bits, (step >> 1) & self._bits
+        seen = bool(doorkeeper[first >> 3] & (1 << (first & 7))) and bool(
+            doorkeeper[second >> 3] & (1 << (second & 7))
+        )
+        if mark and not seen:
+            doorkeeper[first >> 3] |= 1 << (first & 7)
+            doorkeeper[second >> 3] |= 1 << (second & 7)
+        return seen
 
     def _age(self) -> None:
         """Halve every counter and forget the doorkeeper: recent reads count most."""
         self._counters = bytearray(self._counters.translate(_HALVE))
-        self._doorkeeper = bytearray(self._width)
+        self._doorkeeper = bytearray(len(self._doorkeeper))
         self._recorded //= 2
 
 
@@ -90,7 +106,10 @@ class Policy:
     """
 
     def __init__(self, capacity: int) -> None:
-        self.sketch = FrequencySketch(capacity)
+        self._capacity = capacity
+        # Sized for what is kept now and grown with it (Caffeine's ensureCapacity), so an
+        # idle near cache with a large max_entries takes little memory.
+        self.sketch = FrequencySketch(min(capacity, SKETCH_START))
         self._window_most = max(1, int(capacity * WINDOW_SHARE))
         self._protected_most = int((capacity - self._window_most) * PROTECTED_SHARE)
         # Least recently used first in each.
@@ -104,6 +123,10 @@ class Policy:
     def add(self, key: str) -> None:
         """A new key: into the window, where it builds up reads before it competes."""
         self._window[key] = None
+        sketch = self.sketch
+        if len(self) > sketch.capacity and sketch.capacity < self._capacity:
+            # Counts are lost, as in Caffeine; it happens a few times in a store's life.
+            self.sketch = FrequencySketch(min(self._capacity, sketch.capacity * 2))
 
     def touch(self, key: str) -> None:
         """A read of a kept key: a second read in probation earns it protection."""
