@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from ._outbox import PendingKey, PendingPattern, PendingTag
-from ._scripts import ScriptName
+from ._scripts import RunScript as RunScript  # an effect; built by its script's builder
 
 T = TypeVar("T")
 
@@ -24,15 +24,6 @@ class Command:
 
     args: tuple[Any, ...]
     blocks: bool = False
-
-
-@dataclass(slots=True)
-class RunScript:
-    """Run a Lua script by name (EVALSHA, reloaded by redis-py after a flush)."""
-
-    script: ScriptName
-    keys: tuple[str, ...]
-    args: tuple[Any, ...]
 
 
 @dataclass(slots=True)
