@@ -26,6 +26,9 @@ from ._effects import (
     Lead,
     LoadOne,
     LoadSome,
+    PendingKey,
+    PendingPattern,
+    PendingTag,
     Postpone,
     RunScript,
     Scan,
@@ -50,7 +53,7 @@ from ._flows import (
     what_to_store,
 )
 from ._keys import entry_keys, tag_key
-from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
+from ._outbox import Delivery
 from ._results import BulkOutcome, Source
 from ._scripts import (
     RELEASE_ONLY,
