@@ -27,6 +27,8 @@ PROTECTED_SHARE: Final = 0.8
 SKETCH_START: Final = 256
 _HALVE: Final = bytes(count >> 1 for count in range(256))
 _MASK64: Final = (1 << 64) - 1
+# One odd multiplier per row (Caffeine's seeds).
+SEEDS: Final = (0xC3A5C85C97CB3127, 0xB492B66FBE98F273, 0x9AE16A3B2F90404F, 0xCBF29CE484222325)
 
 
 class FrequencySketch:
@@ -43,7 +45,7 @@ class FrequencySketch:
         while width < capacity * 4:
             width <<= 1
         self.capacity = capacity
-        self._mask = width - 1
+        self._shift = 64 - (width.bit_length() - 1)  # the top bits of a 64-bit product
         self._width = width
         self._counters = bytearray(width * DEPTH)
         self._sample = capacity * SAMPLE_FACTOR
@@ -55,17 +57,21 @@ class FrequencySketch:
         self._doorkeeper = bytearray(bits >> 3)
         self._recorded = 0
 
-    def _cells(self, key: str) -> tuple[int, int]:
+    def _cells(self, key: str) -> tuple[int, list[int]]:
+        """The key's hash, and its counter in each row: a multiplicative hash per row,
+        so that two keys sharing one counter rarely share the others."""
         hashed = hash(key) & _MASK64
-        return hashed & 0xFFFFFFFF, (hashed >> 32) | 1
+        shift, width = self._shift, self._width
+        return hashed, [
+            row * width + (((hashed * seed) & _MASK64) >> shift) for row, seed in enumerate(SEEDS)
+        ]
 
     def record(self, key: str) -> None:
         """One more read of `key`."""
-        low, step = self._cells(key)
-        mask, width, counters = self._mask, self._width, self._counters
-        if self._seen(low, step, mark=True):  # the first sighting only marks it
-            for row in range(DEPTH):
-                cell = row * width + ((low + row * step) & mask)
+        hashed, cells = self._cells(key)
+        counters = self._counters
+        if self._seen(hashed, mark=True):  # the first sighting only marks it
+            for cell in cells:
                 if counters[cell] < MOST:
                     counters[cell] += 1
         self._recorded += 1
@@ -74,15 +80,15 @@ class FrequencySketch:
 
     def frequency(self, key: str) -> int:
         """The estimate: at most the true count since the last aging, plus errors."""
-        low, step = self._cells(key)
-        mask, width, counters = self._mask, self._width, self._counters
-        seen = self._seen(low, step, mark=False)
-        least = min(counters[row * width + ((low + row * step) & mask)] for row in range(DEPTH))
-        return least + 1 if seen else least
+        hashed, cells = self._cells(key)
+        counters = self._counters
+        least = min(counters[cell] for cell in cells)
+        return least + 1 if self._seen(hashed, mark=False) else least
 
-    def _seen(self, low: int, step: int, *, mark: bool) -> bool:
+    def _seen(self, hashed: int, *, mark: bool) -> bool:
         """Whether the doorkeeper has both of the key's bits; `mark`: set them."""
-        doorkeeper, first, second = self._doorkeeper, low & self._bits, (step >> 1) & self._bits
+        doorkeeper, bits = self._doorkeeper, self._bits
+        first, second = hashed & bits, (hashed >> 32) & bits
         seen = bool(doorkeeper[first >> 3] & (1 << (first & 7))) and bool(
             doorkeeper[second >> 3] & (1 << (second & 7))
         )
