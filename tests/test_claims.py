@@ -24,48 +24,20 @@ import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cached_aside import CacheEngine, NearCache, Outcome, Source, _runtime, _stats, cache_aside
+from cached_aside import CacheEngine, NearCache, Outcome, Source, _stats, cache_aside
 
-from .conftest import REDIS_URL, Harness, delete_prefix, needs_real_redis, unique_prefix
-from .servers import REDIS_SERVER, RedisProcess, free_port
-
-# A waiter nobody wakes sits 2.5 s in one BLPOP once `patient_waiters` lifts its 1 s
-# limit; woken, it returns within milliseconds. The bound between is generous, for a
-# slow machine.
-WOKEN_WITHIN = 1.5
-
-
-class LoaderFailedError(Exception):
-    """What the tests' failing loaders raise."""
-
-
-@pytest.fixture
-def patient_waiters(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Engines built from here on let a waiter block 2.5 s in one BLPOP (half the 5 s
-    socket timeout redis-py gives a connection by default; the lock's time at most):
-    one that returns much sooner was woken. Ask for it before the fixtures that build
-    engines."""
-    monkeypatch.setattr(_runtime, "DEFAULT_BLOCK_LIMIT_MS", 2_500)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 30.0) -> bool:
-    """Poll from a thread (a loader, a helper thread)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 30.0) -> bool:
-    """Poll from the event loop without blocking it: its background tasks run meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.002)
-    return True
+from .conftest import (
+    REDIS_URL,
+    WOKEN_WITHIN,
+    Harness,
+    LoaderFailedError,
+    delete_prefix,
+    eventually,
+    needs_real_redis,
+    unique_prefix,
+    wait_until,
+)
+from .servers import REDIS_SERVER, RedisProcess, dead_url
 
 
 async def settle(mode: str, engine: CacheEngine, timeout: float) -> bool:
@@ -73,11 +45,6 @@ async def settle(mode: str, engine: CacheEngine, timeout: float) -> bool:
     if mode == "sync":
         return engine.settle(timeout)
     return await engine.asettle(timeout)
-
-
-def dead_url() -> str:
-    """A Redis URL where nothing listens: every connection is refused at once."""
-    return f"redis://127.0.0.1:{free_port()}/0"
 
 
 @pytest.fixture

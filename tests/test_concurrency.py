@@ -187,13 +187,6 @@ async def test_pool_queues_instead_of_failing(redis_url_or_skip: str) -> None:
         cleanup.close()
 
 
-@pytest.fixture
-def redis_url_or_skip() -> str:
-    if REDIS_URL is None:
-        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
-    return REDIS_URL
-
-
 PROCESS_SCRIPT = textwrap.dedent(
     """
     import sys, threading, time

@@ -20,18 +20,10 @@ import redis
 from cached_aside import CacheEngine, Source, cache_aside
 from cached_aside._scripts import ScriptName
 
-from .conftest import REDIS_URL, delete_prefix, unique_prefix
+from .conftest import REDIS_URL, delete_prefix, run_threads, unique_prefix
 from .injection import counting_writes
 
 TRIALS = 30
-
-
-def run_threads(count: int, target: Any) -> None:
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
 
 
 def test_fifty_threads_on_two_engines_load_once_in_every_trial(

@@ -10,7 +10,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import create_engine, text
@@ -40,19 +38,11 @@ from cached_aside.integrations.sqlalchemy import (
     invalidate_on_commit,
 )
 
-from .conftest import unique_prefix
+from .conftest import fake_engine, unique_prefix
+from .servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t"  # a password fragment that must never reach an error message
-
-
-def fake_engine(prefix: str | None = None) -> CacheEngine:
-    server = fakeredis.FakeServer()
-    return CacheEngine(
-        fakeredis.FakeRedis(server=server),
-        fakeredis.FakeAsyncRedis(server=server),
-        prefix=prefix or unique_prefix(),
-    )
 
 
 class Recording:
@@ -418,12 +408,6 @@ def test_sentinel_urls_with_encoded_passwords_ipv6_and_options() -> None:
     }
     assert parsed.sentinel_options == {"password": "x"}
     assert parsed.min_other_sentinels == 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_all_sentinels_down_fails_open_and_counts_the_error() -> None:

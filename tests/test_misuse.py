@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
 
 import cached_aside._defaults
@@ -31,16 +30,10 @@ from .servers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def engine() -> Any:
-    server = fakeredis.FakeServer()
-    made = CacheEngine(fakeredis.FakeRedis(server=server), prefix="misuse")
-    yield made
-    made.close()
-
-
-def test_a_sync_function_on_a_running_loop_warns_once_naming_the_async_way(engine: Any) -> None:
-    @cache_aside(key="product:<id>", ttl=30, engine=engine)
+def test_a_sync_function_on_a_running_loop_warns_once_naming_the_async_way(
+    fakeredis_engine: Any,
+) -> None:
+    @cache_aside(key="product:<id>", ttl=30, engine=fakeredis_engine)
     def get_product(id: str) -> dict[str, str]:
         return {"id": id}
 
@@ -59,8 +52,8 @@ def test_a_sync_function_on_a_running_loop_warns_once_naming_the_async_way(engin
     asyncio.run(handler())
 
 
-def test_a_sync_function_off_the_loop_does_not_warn(engine: Any) -> None:
-    @cache_aside(key="product:<id>", ttl=30, engine=engine)
+def test_a_sync_function_off_the_loop_does_not_warn(fakeredis_engine: Any) -> None:
+    @cache_aside(key="product:<id>", ttl=30, engine=fakeredis_engine)
     def get_product(id: str) -> dict[str, str]:
         return {"id": id}
 
@@ -84,8 +77,8 @@ def test_a_sync_function_off_the_loop_does_not_warn(engine: Any) -> None:
         (lambda f: f.many([(1,)]), r"\.get_offer\(shop, id\): missing a required argument"),
     ],
 )
-def test_an_arity_error_names_the_function(engine: Any, call: Any, message: str) -> None:
-    @cache_aside(key="offer:<shop>:<id>", ttl=30, engine=engine)
+def test_an_arity_error_names_the_function(fakeredis_engine: Any, call: Any, message: str) -> None:
+    @cache_aside(key="offer:<shop>:<id>", ttl=30, engine=fakeredis_engine)
     def get_offer(shop: int, id: str) -> dict[str, str]:
         return {"id": id}
 
@@ -108,10 +101,10 @@ def test_decorators_in_the_wrong_order_say_how_to_fix_it(kind: Any) -> None:
     assert "Repository.get" in text
 
 
-def test_the_documented_order_works(engine: Any) -> None:
+def test_the_documented_order_works(fakeredis_engine: Any) -> None:
     class Repository:
         @staticmethod
-        @cache_aside(key="product:<id>", ttl=30, engine=engine)
+        @cache_aside(key="product:<id>", ttl=30, engine=fakeredis_engine)
         def get(id: str) -> dict[str, str]:
             return {"id": id}
 
@@ -216,6 +209,6 @@ def test_configure_with_check_fails_loudly_and_keeps_the_default() -> None:
     assert cached_aside._defaults._default_engine is before
 
 
-def test_check_passes_where_everything_is_allowed(engine: Any) -> None:
-    engine.check(tags=True)  # fakeredis: every command, every script call
-    assert engine.client().keys("misuse:*") == []  # the scratch keys are gone
+def test_check_passes_where_everything_is_allowed(fakeredis_engine: Any) -> None:
+    fakeredis_engine.check(tags=True)  # fakeredis: every command, every script call
+    assert fakeredis_engine.client().keys("misuse:*") == []  # the scratch keys are gone
