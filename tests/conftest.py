@@ -254,16 +254,6 @@ def redis_url_or_skip() -> str:
     return REDIS_URL
 
 
-def fake_engine(prefix: str | None = None) -> CacheEngine:
-    """An engine on a fakeredis server of its own, sync and async clients."""
-    server = fakeredis.FakeServer()
-    return CacheEngine(
-        fakeredis.FakeRedis(server=server),
-        fakeredis.FakeAsyncRedis(server=server),
-        prefix=prefix or unique_prefix(),
-    )
-
-
 @pytest.fixture
 def fakeredis_engine() -> Iterator[CacheEngine]:
     """A sync-only engine on a fakeredis server of its own, under the prefix "misuse"."""
@@ -277,7 +267,7 @@ class LoaderFailedError(Exception):
     """What the tests' failing loaders raise."""
 
 
-def run_threads(count: int, target: Any) -> None:
+def run_in_threads(count: int, target: Any) -> None:
     """Start `count` threads on `target(i)` at once and wait for all of them."""
     threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
     for thread in threads:
