@@ -123,7 +123,8 @@ class NearBudget:
     def make_room(self, store: NearStore, key: str, weight: int) -> None:
         """Back within max_bytes after `store` kept `key`, under the lock. The new
         entry competes, by frequency, with the entry worth least in the store that
-        holds the most bytes: the loser goes, until the budget holds."""
+        holds the most bytes (and has another entry): the loser goes, until the
+        budget holds."""
         most = self.max_bytes
         if most is None or self.held <= most:
             return
@@ -132,12 +133,20 @@ class NearBudget:
             return
         frequency = store._policy.sketch.frequency(key)
         while self.held > most:
-            holder = max(self._stores, key=_bytes_held)
-            victim = holder._policy.victim(spare=key if holder is store else "")
+            holder, victim = self._least_worth(store, key)
             if victim is None or frequency <= holder._policy.sketch.frequency(victim):
                 store._refuse(key)
                 return
             holder._evict(victim)
+
+    def _least_worth(self, store: NearStore, key: str) -> tuple[NearStore, str | None]:
+        """The store holding the most bytes that has an entry to give up (other than
+        `key` itself), and that entry."""
+        for holder in sorted(self._stores, key=_bytes_held, reverse=True):
+            victim = holder._policy.victim(spare=key if holder is store else "")
+            if victim is not None:
+                return holder, victim
+        return store, None
 
 
 def _bytes_held(store: NearStore) -> int:

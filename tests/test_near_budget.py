@@ -216,3 +216,16 @@ def test_a_key_that_turns_hot_gets_in() -> None:
     for _ in range(12):  # asked for again and again: it outranks the coldest entry
         read(near, "new", "new")
     assert near.get("new") == "new"
+
+
+def test_a_function_holding_one_entry_takes_room_from_the_others() -> None:
+    budget = NearBudget(7_000)
+    big, small = store(budget), store(budget)
+    for n in range(8):
+        for _ in range(3):
+            read(small, f"s{n}", "s" * 100)
+    for _ in range(5):  # asked for more often than any of small's entries
+        read(big, "only", "b" * 4_000)
+    assert big.get("only") == "b" * 4_000
+    assert budget.held <= 7_000
+    assert small.counts()[1] > 0  # evicted from the other function
