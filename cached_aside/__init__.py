@@ -1,5 +1,6 @@
 """cached_aside: the cache-aside pattern on Redis as one decorator."""
 
+from . import _lifecycle  # noqa: F401  # the one fork hook, installed on import
 from ._breaker import CircuitOpenError
 from ._decorator import cache_aside
 from ._defaults import configure, default_engine, using_engine

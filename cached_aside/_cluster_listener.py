@@ -19,9 +19,7 @@ go unreported, and it is at most that long.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from typing import Any
 
 from ._listener import InvalidationListener, connection_factory
@@ -31,23 +29,12 @@ logger = logging.getLogger("cached_aside")
 
 TOPOLOGY_SECONDS = 0.5
 
-_cluster_listeners: weakref.WeakSet[ClusterListener] = weakref.WeakSet()
-
-
-def _restart_after_fork() -> None:
-    for listener in list(_cluster_listeners):
-        listener.restart_in_child()
-
-
-os.register_at_fork(after_in_child=_restart_after_fork)
-
 
 class ClusterListener:
     """The engine's listener on a Redis Cluster; the same face as InvalidationListener
     (attach, detach, drop, clear_all, state, stop) for the engine and its stores."""
 
     def __init__(self, client: Any, prefix: str) -> None:
-        _cluster_listeners.add(self)
         self._client = client  # a sync RedisCluster: for CLUSTER SLOTS and node settings
         self.prefix = prefix
         self._stores: list[NearStore] = []

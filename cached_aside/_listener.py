@@ -12,9 +12,7 @@ the engine is off and empty.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, Protocol
@@ -94,17 +92,6 @@ def connection_factory(client: Any, **address: Any) -> Callable[[], Any]:
     return lambda: kind(**kwargs)
 
 
-_listeners: weakref.WeakSet[InvalidationListener] = weakref.WeakSet()
-
-
-def _restart_after_fork() -> None:
-    for listener in list(_listeners):
-        listener.restart_in_child()
-
-
-os.register_at_fork(after_in_child=_restart_after_fork)
-
-
 class ListenerLostError(ConnectionError):
     """The listener's connection stopped answering its PINGs."""
 
@@ -124,8 +111,6 @@ class InvalidationListener:
 
     def __init__(self, connect: Callable[[], Any], prefix: str, tier: Tier | None = None) -> None:
         self._tier = tier
-        if tier is None:
-            _listeners.add(self)  # a tier restarts its own nodes' listeners after fork
         self._connect = connect
         self.prefix = prefix
         self._stores: list[NearStore] = []

@@ -307,7 +307,7 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
     await asyncio.gather(*(reader() for _ in range(5)))
     assert sources == {Source.CACHE}
     assert len(loads) >= 4
-    assert len(engine._async_side().tasks) <= 1  # background refreshes finish
+    assert len(engine.sides.async_side().tasks) <= 1  # background refreshes finish
 
 
 def test_refresh_ahead_must_be_shorter_than_ttl() -> None:
@@ -319,7 +319,7 @@ async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: C
     @cache_aside(key="count:<id>", ttl=30, engine=engine)
     async def load(id: str) -> str:
         # Hold the load until every other task has joined, however slow the machine.
-        flight = engine._async_side().flights.active[load.key(id)]
+        flight = engine.sides.async_side().flights.active[load.key(id)]
         for _ in range(500):
             if len(flight.joiners or ()) == 499:
                 break

@@ -233,7 +233,7 @@ def test_many_never_serves_a_reply_read_while_its_key_was_blocked() -> None:
     primary = {"x": "x-v1", "y": "y-v1"}
 
     def batch(ids: list[str]) -> list[str]:
-        engine._flusher.start()  # Redis answers: the invalidation lands during the load
+        engine.deliveries.flusher.start()  # Redis answers: the invalidation lands during the load
         assert engine.settle(PATIENCE)
         return [primary[i] for i in ids]
 
@@ -284,7 +284,7 @@ async def test_aclose_of_an_async_only_engine_returns_while_redis_is_down() -> N
     started = time.monotonic()
     await asyncio.wait_for(engine.aclose(timeout=0.3), PATIENCE)
     assert time.monotonic() - started < 5  # its timeout, give or take a slow machine
-    assert not engine.outbox._flushing or engine._flusher.task is not None
+    assert not engine.outbox._flushing or engine.deliveries.flusher.task is not None
     await client.aclose()
 
 
@@ -338,7 +338,7 @@ def test_fork_resets_every_engine_even_beside_an_async_only_one() -> None:
 
     async def pending() -> None:
         assert await row.invalidate("a") is Outcome.PENDING
-        async_only._flusher.stopping.set()  # keep the work pending across the fork
+        async_only.deliveries.flusher.stopping.set()  # keep the work pending across the fork
 
     asyncio.run(pending())
     other._lock.acquire()  # a thread of the parent holds the other engine's lock

@@ -110,7 +110,7 @@ async def test_a_loaders_own_timeout_error_is_not_reported_as_loader_timeout(
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_during_a_probe_can_load() -> None:
     # Was a defect: the per-function loader breakers are not reset after
-    # fork (CacheEngine._after_fork_in_child resets the Redis breaker, flights and
+    # fork (CacheEngine.after_fork resets the Redis breaker, flights and
     # stats, not Plan.loader_breaker; _engine.py:590 at HEAD). A child forked while a
     # parent thread was the half-open probe inherits _probing=True, with no thread
     # left to clear it: every call of that function in the child without a kept
