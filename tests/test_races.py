@@ -341,17 +341,18 @@ def test_fork_resets_every_engine_even_beside_an_async_only_one() -> None:
         async_only.deliveries.flusher.stopping.set()  # keep the work pending across the fork
 
     asyncio.run(pending())
-    other._lock.acquire()  # a thread of the parent holds the other engine's lock
+    held = other.sides._lock  # a thread of the parent holds the lock its first call takes
+    held.acquire()
     try:
         report = _fork_and_report(
             lambda: {
-                "other_unlocked": not other._lock.locked(),
+                "other_unlocked": other.client() is not None,  # would hang on the held lock
                 "still_pending": async_only.pending_invalidations(),
                 "claimed": async_only.outbox._flushing,
             }
         )
     finally:
-        other._lock.release()
+        held.release()
     assert report == {
         "other_unlocked": True,
         "still_pending": [row.key("a")],
