@@ -101,13 +101,8 @@ class NodeBreakers(CircuitBreaker):
     it is open while any node's is, and counts failures while any node does; calls
     that name a key go through their node's breaker (`node`)."""
 
-    def __init__(
-        self,
-        failures: int = DEFAULT_FAILURES,
-        cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(failures, cooldown, clock)
+    def __init__(self, failures: int, cooldown: float) -> None:
+        super().__init__(failures, cooldown)
         self.nodes: dict[str, CircuitBreaker] = {}
 
     def unrouted(self) -> CircuitBreaker:
