@@ -25,8 +25,7 @@ from ._functions import (
     CachedFunction,
 )
 from ._near import NearCache
-from ._results import BulkOutcome, CacheResult, Outcome, Source
-from ._stats import StatsSnapshot
+from ._results import BulkOutcome, CacheResult, Outcome, Source, StatsSnapshot
 
 __all__ = [
     "AsyncCachedFunction",

@@ -13,8 +13,6 @@ from collections.abc import Callable
 
 from ._errors import CachedAsideError
 
-DEFAULT_FAILURES = 3
-DEFAULT_COOLDOWN_SECONDS = 0.5
 # The name NodeBreakers gives the breaker of commands that no node is known for.
 UNROUTED = "unrouted"
 
@@ -28,10 +26,7 @@ class CircuitBreaker:
     half-open: one caller probes Redis while the others keep skipping it."""
 
     def __init__(
-        self,
-        failures: int = DEFAULT_FAILURES,
-        cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
+        self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.threshold = failures
         self.cooldown = cooldown

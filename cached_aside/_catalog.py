@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ._keys import KeyTemplate
 from ._outbox import Outbox, PendingPattern
-from ._stats import Stats, StatsSnapshot
+from ._results import StatsSnapshot
+from ._stats import Stats
 
 # What a pending tag's waiters are woken after when no tagged function is known.
 DEFAULT_WAKE_TTL_MS = 10_000

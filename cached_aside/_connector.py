@@ -23,6 +23,9 @@ from ._urls import check_keywords, check_url
 from ._validate import seconds, whole
 
 CLUSTER_SCHEME = "redis+cluster://"
+# Redis failures in a row that open the breaker, and how long it then stays open.
+DEFAULT_BREAKER_FAILURES = 3
+DEFAULT_BREAKER_COOLDOWN_SECONDS = 0.5
 # A hung Redis costs a caller this once (a timeout is not retried), and only until
 # the breaker opens; a healthy local or same-zone Redis answers in well under 1 ms.
 DEFAULT_SOCKET_TIMEOUT = 0.25
@@ -77,6 +80,20 @@ class Connector:
         seconds("breaker_cooldown", cooldown)
         kind = NodeBreakers if self.on_cluster or self.async_on_cluster else CircuitBreaker
         return kind(failures, float(cooldown))
+
+    def check(
+        self,
+        client: Any,
+        prefix: str,
+        *,
+        tags: bool,
+        near: bool,
+        listener_connection: Callable[[], Any] | None,
+    ) -> None:
+        """CacheEngine.check(): that the deployment lets the engine do its work."""
+        from ._check import check  # the check's module is needed only here
+
+        check(client, prefix, tags=tags, near=near, listener_connection=listener_connection)
 
     @classmethod
     def from_url(

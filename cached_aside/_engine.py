@@ -5,18 +5,16 @@ and delegates to them; each part owns its own lifecycle (close, aclose, busy, fo
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import weakref
-from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ._breaker import DEFAULT_COOLDOWN_SECONDS, DEFAULT_FAILURES
 from ._bulk import Bulk, key_head
 from ._catalog import Catalog
 from ._connector import (
+    DEFAULT_BREAKER_COOLDOWN_SECONDS,
+    DEFAULT_BREAKER_FAILURES,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_POOL_TIMEOUT,
@@ -29,13 +27,11 @@ from ._sides import Sides
 
 if TYPE_CHECKING:  # for annotations only
     from ._near import NearCache
-    from ._results import BulkOutcome
-    from ._stats import StatsSnapshot
+    from ._results import BulkOutcome, StatsSnapshot
 
 logger = logging.getLogger("cached_aside")
 
 DEFAULT_PREFIX = "cache"
-SETTLE_POLL_SECONDS = 0.005
 # How long close() and aclose() keep trying to deliver what the outbox holds.
 CLOSE_FLUSH_SECONDS = 1.0
 
@@ -75,8 +71,8 @@ class CacheEngine:
         async_client: Any = None,
         *,
         prefix: str = DEFAULT_PREFIX,
-        breaker_failures: int = DEFAULT_FAILURES,
-        breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN_SECONDS,
         near: NearCache | None = None,
     ) -> None:
         self._assemble(
@@ -92,6 +88,7 @@ class CacheEngine:
         near: NearCache | None,
     ) -> None:
         """Build the parts, once: nothing rewires them afterwards."""
+        self._connector = connector
         self.key_head = key_head(prefix)
         self.prefix = prefix
         breaker = connector.breaker(breaker_failures, breaker_cooldown)
@@ -121,8 +118,8 @@ class CacheEngine:
         socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         pool_timeout: float = DEFAULT_POOL_TIMEOUT,
-        breaker_failures: int = DEFAULT_FAILURES,
-        breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN_SECONDS,
         near: NearCache | None = None,
         **client_options: Any,
     ) -> CacheEngine:
@@ -205,10 +202,8 @@ class CacheEngine:
             ConfigurationError: the server cannot be reached or logged in to, or the
                 user may not run a command a feature needs (each one named).
         """
-        from ._check import check  # the check's module is needed only here
-
         near = self.near is not None if near is None else near
-        check(
+        self._connector.check(
             self.client(),
             self.prefix,
             tags=tags,
@@ -277,50 +272,26 @@ class CacheEngine:
         """Wait until the engine's background work is done: refresh_ahead reloads in
         threads and the outbox's deliveries. Returns False if `timeout` seconds were
         not enough (Redis down, say). For tests and orderly shutdowns."""
-        deadline = monotonic() + timeout
-        while self._busy():
-            if monotonic() >= deadline:
-                return False
-            time.sleep(SETTLE_POLL_SECONDS)
-        return True
+        return self.sides.settle(timeout, self.deliveries.busy)
 
     async def asettle(self, timeout: float = 5.0) -> bool:
         """settle() for async code: also waits for this loop's background tasks
         (reloads, and releases after a cancellation)."""
-        deadline = monotonic() + timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            tasks = [task for task in self.sides.loop_tasks(loop) if not task.done()]
-            if tasks:
-                await asyncio.wait(tasks, timeout=max(0.0, deadline - monotonic()))
-            if not self._busy() and not any(not task.done() for task in tasks):
-                return True
-            if monotonic() >= deadline:
-                return False
-            await asyncio.sleep(SETTLE_POLL_SECONDS)
-
-    def _busy(self) -> bool:
-        return any(part.busy() for part in (self.sides, self.deliveries))
+        return await self.sides.asettle(timeout, self.deliveries.busy)
 
     def close(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
         """Try once more, for up to `timeout` seconds, to deliver the invalidations the
         outbox holds (logging those Redis never took), stop the invalidation listener,
         and close the sync client's connections if this engine created the client."""
-        self.deliveries.close(timeout)
-        self.nearby.close(timeout)
-        self.catalog.close(timeout)
-        self.sides.close(timeout)
+        for part in (self.deliveries, self.nearby, self.catalog, self.sides):
+            part.close(timeout)  # in this order: deliveries need the sync client
 
     async def aclose(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
         """Let this loop's background work finish (for up to `timeout` seconds), try
         to deliver what the outbox holds (as close()), then close the connections the
         engine made (clients you passed in stay yours to close)."""
         self.deliveries.stop_retrying()  # an async flusher hands over to the last attempt
-        loop = asyncio.get_running_loop()
-        flusher = self.deliveries.task
-        pending = [task for task in self.sides.loop_tasks(loop) if task is not flusher]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        await self.sides.drain(timeout, but=self.deliveries.task)
         await self.deliveries.aclose(timeout)
         self.close(timeout)
         await self.sides.aclose(timeout)

@@ -145,7 +145,7 @@ class Flusher:
         self._log_undelivered()
 
     def _own(self, runtime: R) -> R:
-        return dataclasses.replace(runtime, breaker=CircuitBreaker(_NEVER_OPENS))
+        return dataclasses.replace(runtime, breaker=CircuitBreaker(_NEVER_OPENS, 0.0))
 
     def _settle(self, delivery: Delivery, landed: Delivery) -> bool:
         """Record a delivery; True when all of it landed."""

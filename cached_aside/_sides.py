@@ -8,34 +8,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import weakref
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
-
-import redis.asyncio.cluster
-import redis.cluster
+from collections.abc import AsyncIterator, Callable
+from time import monotonic
+from typing import Any
 
 from ._breaker import CircuitBreaker, NodeBreakers
-from ._connections import HeldConnections, Pipeline
 from ._connector import Connector
 from ._errors import ConfigurationError
 from ._outbox import Outbox
 from ._runtime import (
-    ASYNC_CLUSTER_FAILURES,
     DEFAULT_BLOCK_LIMIT_MS,
     UNREACHABLE,
     AsyncRuntime,
     Background,
     SyncRuntime,
     Unreached,
-    block_limit_ms,
-    connection_kwargs,
+    async_runtime,
+    sync_runtime,
     unrouted,
-    warn_if_pool_raises,
 )
 from ._scripts import ScriptName
 
-R = TypeVar("R", SyncRuntime, AsyncRuntime)
+SETTLE_POLL_SECONDS = 0.005
 
 
 class Sides:
@@ -56,9 +52,9 @@ class Sides:
         self._by_loop: dict[asyncio.AbstractEventLoop, AsyncRuntime] = {}
         self._last_async: tuple[object, AsyncRuntime | None] = (None, None)
         if connector.client is not None:
-            self._sync = self._make_sync(connector.client)
+            self._sync = sync_runtime(connector.client, breaker, outbox)
         if connector.async_client is not None:
-            self._given_async = self._make_async(connector.async_client)
+            self._given_async = async_runtime(connector.async_client, breaker, outbox)
 
     # -- the sides calls run on ------------------------------------------------------
 
@@ -88,7 +84,7 @@ class Sides:
                     # A cluster client asks the cluster for its topology when it is
                     # built: fail open until it can, trying again as the breaker lets.
                     return self._unreached_side(exc)
-                self._sync = self._make_sync(client)
+                self._sync = sync_runtime(client, self._breaker, self._outbox)
                 if self._unreached is not None:  # the cluster answered at last
                     gate, self._unreached = self._unreached.breaker, None
                     if gate.failures:
@@ -119,7 +115,8 @@ class Sides:
                     "async functions"
                 )
             self._sweep_closed_loops()
-            side = self._by_loop[loop] = self._make_async(make())
+            client = make()
+            side = self._by_loop[loop] = async_runtime(client, self._breaker, self._outbox)
             _close_with_loop(self, loop, side)
         self._last_async = (loop, side)
         return side
@@ -150,6 +147,37 @@ class Sides:
         """Whether a background reload runs on any side."""
         sides = [self._sync, self._given_async, *self._by_loop.values()]
         return any(side.background.busy() for side in sides if side is not None)
+
+    def settle(self, timeout: float, busy: Callable[[], bool]) -> bool:
+        """CacheEngine.settle(): wait until no side runs background work and `busy`
+        (the engine's other work) says done; False after `timeout` seconds."""
+        deadline = monotonic() + timeout
+        while self.busy() or busy():
+            if monotonic() >= deadline:
+                return False
+            time.sleep(SETTLE_POLL_SECONDS)
+        return True
+
+    async def asettle(self, timeout: float, busy: Callable[[], bool]) -> bool:
+        """CacheEngine.asettle(): settle(), and this loop's background tasks done."""
+        deadline = monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            tasks = [task for task in self.loop_tasks(loop) if not task.done()]
+            if tasks:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - monotonic()))
+            if not (self.busy() or busy()) and all(task.done() for task in tasks):
+                return True
+            if monotonic() >= deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
+
+    async def drain(self, timeout: float, but: asyncio.Task[None] | None) -> None:
+        """Let this loop's background tasks (all `but` one) finish, for `timeout` s."""
+        loop = asyncio.get_running_loop()
+        pending = [task for task in self.loop_tasks(loop) if task is not but]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     def loop_tasks(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[None]]:
         """The background tasks (reloads, releases after a cancellation) on `loop`."""
@@ -225,36 +253,6 @@ class Sides:
             del self._by_loop[loop]
         if self._last_async[1] is side:
             self._last_async = (None, None)
-
-    def _make_sync(self, client: Any) -> SyncRuntime:
-        runtime = self._runtime(SyncRuntime, client, "client")
-        if isinstance(client, redis.cluster.RedisCluster):
-            runtime.route = client.get_node_from_key
-        elif hasattr(client, "connection_pool"):
-            runtime.held = HeldConnections(client.connection_pool)
-        return runtime
-
-    def _make_async(self, client: Any) -> AsyncRuntime:
-        runtime = self._runtime(AsyncRuntime, client, "async_client")
-        if isinstance(client, redis.asyncio.cluster.RedisCluster):
-            runtime.ready = False
-            runtime.failures = ASYNC_CLUSTER_FAILURES
-            runtime.route = client.get_node_from_key
-        elif hasattr(client, "connection_pool"):
-            runtime.pipeline = Pipeline(client.connection_pool)
-        return runtime
-
-    def _runtime(self, kind: type[R], client: Any, role: str) -> R:
-        """A runtime around `client`, after checking it suits the library."""
-        kwargs = connection_kwargs(client, role)
-        warn_if_pool_raises(client, role)
-        return kind(
-            client=client,
-            scripts={name: client.register_script(name.value) for name in ScriptName},
-            block_limit_ms=block_limit_ms(kwargs),
-            breaker=self._breaker,
-            outbox=self._outbox,
-        )
 
 
 class _CurrentSyncClient:

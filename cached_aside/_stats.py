@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+
+from ._results import StatsSnapshot as StatsSnapshot  # its old home: importers keep working
 
 logger = logging.getLogger("cached_aside")
 
@@ -22,60 +23,6 @@ logger = logging.getLogger("cached_aside")
 ERROR_LOG_INTERVAL_SECONDS = 10.0
 # Upper bounds (seconds) of the loader-latency histogram: Prometheus's defaults.
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
-
-
-@dataclass(frozen=True, slots=True)
-class StatsSnapshot:
-    """A function's (or an engine's, summed) counters at one moment.
-
-    Attributes:
-        hits: calls served a value cached in Redis.
-        near_hits: calls served by the in-process near cache.
-        misses: calls not served from the cache.
-        negative_hits: calls served a cached "no such record".
-        loads: loader calls.
-        stampedes_suppressed: misses that got another caller's load instead of loading.
-        errors: Redis failures (the call was still answered when fail_open).
-        corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten
-            (including a tag's version key, or an entry's stamp).
-        lock_waits: misses that waited on Redis for another process's load.
-        loader_errors: loader failures nobody saw raised: background reloads
-            (refresh_ahead, grace), and loads answered with a stale value
-            (stale_if_error).
-        postponed: invalidations Redis did not take, queued in the engine's outbox.
-        stale: calls answered with a value past its ttl (grace, stale_if_error).
-        schema_mismatch: typed entries written for another shape of the declared type
-            (an older or newer deploy; or untyped), treated as a miss and rewritten.
-    """
-
-    hits: int = 0
-    near_hits: int = 0
-    misses: int = 0
-    negative_hits: int = 0
-    loads: int = 0
-    stampedes_suppressed: int = 0
-    errors: int = 0
-    corrupt: int = 0
-    lock_waits: int = 0
-    loader_errors: int = 0
-    postponed: int = 0
-    stale: int = 0
-    schema_mismatch: int = 0
-
-    @property
-    def hit_rate_pct(self) -> float:
-        """(hits + near_hits + negative_hits) / (those + misses), in percent."""
-        served = self.hits + self.near_hits + self.negative_hits
-        total = served + self.misses
-        return round(100.0 * served / total, 2) if total else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """Every counter and hit_rate_pct, for metrics exporters and logs."""
-        return {**asdict(self), "hit_rate_pct": self.hit_rate_pct}
-
-    def __add__(self, other: StatsSnapshot) -> StatsSnapshot:
-        mine, theirs = asdict(self), asdict(other)
-        return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})
 
 
 def _counted(counter: itertools.count[int]) -> int:
