@@ -75,37 +75,15 @@ class CacheEngine:
         breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN_SECONDS,
         near: NearCache | None = None,
     ) -> None:
-        self._assemble(
-            Connector(client, async_client), prefix, breaker_failures, breaker_cooldown, near
-        )
+        connector = Connector(client, async_client)
+        self._adopt(_Parts(connector, prefix, breaker_failures, breaker_cooldown, near))
 
-    def _assemble(
-        self,
-        connector: Connector,
-        prefix: str,
-        breaker_failures: int,
-        breaker_cooldown: float,
-        near: NearCache | None,
-    ) -> None:
-        """Build the parts, once: nothing rewires them afterwards."""
-        self._connector = connector
-        self.key_head = key_head(prefix)
-        self.prefix = prefix
-        breaker = connector.breaker(breaker_failures, breaker_cooldown)
-        self.breaker = breaker
-        # The flusher asks for a side only once work arrives: the sides exist by then.
-        self.deliveries = Deliveries(
-            breaker,
-            (lambda: self.sides.sync_side()) if connector.has_sync else None,
-            lambda: self.sides.given_async(),
-        )
-        self.outbox = self.deliveries.outbox
-        self.catalog = Catalog(self.outbox)
-        self.sides = Sides(connector, breaker, self.outbox)
-        self.nearby = Nearby(near, self.key_head, connector, self.sides)
-        # The near cache of functions decorated without near= (near=False opts out).
-        self.near = near
-        self._bulk = Bulk(self.key_head, self.catalog, self.nearby)
+    def _adopt(self, parts: _Parts) -> None:
+        """Take the parts on, and show the ones the wrappers and exporters use."""
+        self._parts, self.prefix, self.near = parts, parts.prefix, parts.near
+        self.key_head, self.breaker, self.outbox = parts.key_head, parts.breaker, parts.outbox
+        self.sides, self.catalog, self.nearby = parts.sides, parts.catalog, parts.nearby
+        self.deliveries = parts.deliveries
         _engines.add(self)
 
     @classmethod
@@ -159,10 +137,8 @@ class CacheEngine:
             client_options=client_options,
         )
         engine = cls.__new__(cls)
-        engine._assemble(connector, prefix, breaker_failures, breaker_cooldown, near)
+        engine._adopt(_Parts(connector, prefix, breaker_failures, breaker_cooldown, near))
         return engine
-
-    # -- clients -----------------------------------------------------------------
 
     def client(self) -> Any:
         """The engine's sync Redis client (made on first use by an engine built from a
@@ -203,15 +179,13 @@ class CacheEngine:
                 user may not run a command a feature needs (each one named).
         """
         near = self.near is not None if near is None else near
-        self._connector.check(
+        self._parts.connector.check(
             self.client(),
             self.prefix,
             tags=tags,
             near=near,
             listener_connection=self.nearby.connection() if near else None,
         )
-
-    # -- bulk invalidation ---------------------------------------------------------
 
     def invalidate_prefix(self, text: str = "") -> BulkOutcome:
         """Delete every entry whose key, inside the braces, starts with `text` ("" for
@@ -220,11 +194,11 @@ class CacheEngine:
         SCAN + UNLINK: Redis is never blocked. If Redis fails part way, the rest waits
         in the outbox (`pending=1`) and is retried until it lands.
         """
-        return self._bulk.by_prefix(self.sides.sync_side(), text)
+        return self._parts.bulk.by_prefix(self.sides.sync_side(), text)
 
     async def ainvalidate_prefix(self, text: str = "") -> BulkOutcome:
         """invalidate_prefix() for async code, on this event loop's client."""
-        return await self._bulk.aby_prefix(self.sides.async_side(), text)
+        return await self._parts.bulk.aby_prefix(self.sides.async_side(), text)
 
     def invalidate_tags(self, *tags: str) -> BulkOutcome:
         """Delete every entry carrying any of these tags (as rendered: "shop:7" for
@@ -236,18 +210,16 @@ class CacheEngine:
         scan. `deleted` counts the tags that had a version. What Redis did not take
         waits in the outbox (`pending`), and is retried until it lands.
         """
-        return self._bulk.by_tags(self.sides.sync_side(), tags)
+        return self._parts.bulk.by_tags(self.sides.sync_side(), tags)
 
     async def ainvalidate_tags(self, *tags: str) -> BulkOutcome:
         """invalidate_tags() for async code, on this event loop's client."""
-        return await self._bulk.aby_tags(self.sides.async_side(), tags)
+        return await self._parts.bulk.aby_tags(self.sides.async_side(), tags)
 
     def pending_invalidations(self) -> list[str]:
         """Invalidations Redis has not taken yet (keys, and patterns of bulk ones),
         which the outbox keeps retrying; empty when all is well."""
         return self.deliveries.pending()
-
-    # -- counters and the near tier ------------------------------------------------
 
     def stats(self) -> StatsSnapshot:
         """Counters summed over every function using this engine."""
@@ -266,43 +238,34 @@ class CacheEngine:
         "starting", or "off" when no function uses a near cache."""
         return self.nearby.state()
 
-    # -- lifecycle -----------------------------------------------------------------
-
     def settle(self, timeout: float = 5.0) -> bool:
         """Wait until the engine's background work is done: refresh_ahead reloads in
         threads and the outbox's deliveries. Returns False if `timeout` seconds were
         not enough (Redis down, say). For tests and orderly shutdowns."""
-        return self.sides.settle(timeout, self.deliveries.busy)
+        return self.sides.settle(timeout, self._parts.busy)
 
     async def asettle(self, timeout: float = 5.0) -> bool:
         """settle() for async code: also waits for this loop's background tasks
         (reloads, and releases after a cancellation)."""
-        return await self.sides.asettle(timeout, self.deliveries.busy)
+        return await self.sides.asettle(timeout, self._parts.busy)
 
     def close(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
         """Try once more, for up to `timeout` seconds, to deliver the invalidations the
         outbox holds (logging those Redis never took), stop the invalidation listener,
         and close the sync client's connections if this engine created the client."""
-        for part in (self.deliveries, self.nearby, self.catalog, self.sides):
-            part.close(timeout)  # in this order: deliveries need the sync client
+        self._parts.close(timeout)
 
     async def aclose(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
         """Let this loop's background work finish (for up to `timeout` seconds), try
         to deliver what the outbox holds (as close()), then close the connections the
         engine made (clients you passed in stay yours to close)."""
-        self.deliveries.stop_retrying()  # an async flusher hands over to the last attempt
-        await self.sides.drain(timeout, but=self.deliveries.task)
-        await self.deliveries.aclose(timeout)
-        self.close(timeout)
-        await self.sides.aclose(timeout)
+        await self._parts.aclose(timeout)
 
     def after_fork(self) -> None:
         """In a forked child: reset what fork() copied but cannot work there (locks a
         thread of the parent may have held, flights whose leaders stayed behind,
         threads, event loops), part by part."""
-        self.breaker.reset_after_fork()
-        for part in (self.catalog, self.sides, self.deliveries, self.nearby):
-            part.after_fork()
+        self._parts.after_fork()
 
     def __enter__(self) -> CacheEngine:
         return self
@@ -320,6 +283,58 @@ class CacheEngine:
 
     def __repr__(self) -> str:
         return f"CacheEngine(prefix={self.prefix!r})"
+
+
+class _Parts:
+    """An engine's parts, built once from its Connector (nothing rewires them
+    afterwards), and their lifecycle walked in the order they need."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        prefix: str,
+        breaker_failures: int,
+        breaker_cooldown: float,
+        near: NearCache | None,
+    ) -> None:
+        self.connector, self.prefix, self.near = connector, prefix, near
+        self.key_head = key_head(prefix)
+        self.breaker = breaker = connector.breaker(breaker_failures, breaker_cooldown)
+        # The flusher asks for a side only once work arrives: the sides exist by then.
+        self.deliveries = Deliveries(
+            breaker,
+            (lambda: self.sides.sync_side()) if connector.has_sync else None,
+            lambda: self.sides.given_async(),
+        )
+        self.outbox = self.deliveries.outbox
+        self.catalog = Catalog(self.outbox)
+        self.sides = Sides(connector, breaker, self.outbox)
+        self.nearby = Nearby(near, self.key_head, connector, self.sides)
+        self.bulk = Bulk(self.key_head, self.catalog, self.nearby)
+
+    def close(self, timeout: float) -> None:
+        """Deliveries first (they need the sync client), the sync client last."""
+        for part in (self.deliveries, self.nearby, self.catalog, self.sides):
+            part.close(timeout)
+
+    async def aclose(self, timeout: float) -> None:
+        """This loop's background work, the last deliveries (on the async client when
+        there is no other), close(), then this loop's client."""
+        self.deliveries.stop_retrying()  # an async flusher hands over to the last attempt
+        await self.sides.drain(timeout, but=self.deliveries.task)
+        await self.deliveries.aclose(timeout)
+        self.close(timeout)
+        await self.sides.aclose(timeout)
+
+    def busy(self) -> bool:
+        """Background reloads on any side, or deliveries pending."""
+        return self.sides.busy() or self.deliveries.busy()
+
+    def after_fork(self) -> None:
+        """The breaker's lock and probe, then each part's own reset."""
+        self.breaker.reset_after_fork()
+        for part in (self.catalog, self.sides, self.deliveries, self.nearby):
+            part.after_fork()
 
 
 # Every engine alive, for the one fork hook (_lifecycle.py) to walk.

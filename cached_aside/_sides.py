@@ -149,10 +149,10 @@ class Sides:
         return any(side.background.busy() for side in sides if side is not None)
 
     def settle(self, timeout: float, busy: Callable[[], bool]) -> bool:
-        """CacheEngine.settle(): wait until no side runs background work and `busy`
-        (the engine's other work) says done; False after `timeout` seconds."""
+        """CacheEngine.settle(): wait until `busy` (the engine's parts, these sides
+        among them) says done; False after `timeout` seconds."""
         deadline = monotonic() + timeout
-        while self.busy() or busy():
+        while busy():
             if monotonic() >= deadline:
                 return False
             time.sleep(SETTLE_POLL_SECONDS)
@@ -166,7 +166,7 @@ class Sides:
             tasks = [task for task in self.loop_tasks(loop) if not task.done()]
             if tasks:
                 await asyncio.wait(tasks, timeout=max(0.0, deadline - monotonic()))
-            if not (self.busy() or busy()) and all(task.done() for task in tasks):
+            if not busy() and all(task.done() for task in tasks):
                 return True
             if monotonic() >= deadline:
                 return False
