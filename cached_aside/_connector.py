@@ -82,18 +82,14 @@ class Connector:
         return kind(failures, float(cooldown))
 
     def check(
-        self,
-        client: Any,
-        prefix: str,
-        *,
-        tags: bool,
-        near: bool,
-        listener_connection: Callable[[], Any] | None,
+        self, client: Any, prefix: str, tags: bool, listener: Callable[[], Any] | None
     ) -> None:
-        """CacheEngine.check(): that the deployment lets the engine do its work."""
+        """CacheEngine.check(): that the deployment lets the engine do its work (and
+        the near cache's listener, when `listener` makes its connection)."""
         from ._check import check  # the check's module is needed only here
 
-        check(client, prefix, tags=tags, near=near, listener_connection=listener_connection)
+        near = listener is not None
+        check(client, prefix, tags=tags, near=near, listener_connection=listener)
 
     @classmethod
     def from_url(

@@ -179,13 +179,8 @@ class CacheEngine:
                 user may not run a command a feature needs (each one named).
         """
         near = self.near is not None if near is None else near
-        self._parts.connector.check(
-            self.client(),
-            self.prefix,
-            tags=tags,
-            near=near,
-            listener_connection=self.nearby.connection() if near else None,
-        )
+        listener = self.nearby.connection() if near else None
+        self._parts.connector.check(self.client(), self.prefix, tags, listener)
 
     def invalidate_prefix(self, text: str = "") -> BulkOutcome:
         """Delete every entry whose key, inside the braces, starts with `text` ("" for
