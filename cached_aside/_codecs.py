@@ -49,6 +49,15 @@ COMPRESSION_LEVEL: Final = 6  # zlib's default: most of level 9's ratio at a thi
 MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024
 
 
+def compressed(packed: bytes, compress_over: int) -> bytes:
+    """`packed` as stored: zlib-compressed behind COMPRESSED_MARK when longer than
+    `compress_over` (0: never). Past the cap a compressed value could not be read
+    back (see _decompressed): it goes plain."""
+    if compress_over and compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
+        return COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
+    return packed
+
+
 def _decompressed(raw: bytes) -> bytes | None:
     """The packed bytes behind COMPRESSED_MARK, or None if they are not a whole,
     intact zlib stream of at most MAX_DECOMPRESSED_BYTES."""
@@ -169,10 +178,10 @@ def check_field(field: object, where: str) -> str:
 
 def field_text(field: str, item: object, where: str) -> str:
     """Hash values are flat: str, int or float, stored and returned as str."""
+    if type(item) is str:  # exactly str: a subclass (a StrEnum) is refused below
+        _check_utf8(item, where, f"field {field!r}")
+        return item
     kind = type(item)
-    if kind is str:
-        _check_utf8(item, where, f"field {field!r}")  # type: ignore[arg-type]
-        return item  # type: ignore[return-value]
     if kind is int or kind is float:
         return repr(item)
     raise UnstorableValueError(
@@ -235,10 +244,7 @@ class MsgpackCodec:
                 "dicts with str or int keys, lists, str, bytes, int, float, bool and None "
                 "only, e.g. convert datetimes with .isoformat() and objects with a to_dict()"
             ) from exc
-        # Past the cap a compressed value could not be read back: it goes plain.
-        if self.compress_over and self.compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
-            packed = COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
-        return [packed], result
+        return [compressed(packed, self.compress_over)], result
 
     def negative_payload(self) -> list[Any]:
         return [MSGPACK_NEGATIVE]

@@ -260,5 +260,5 @@ def take_stamps(
     for key, texts in entries:
         parts = [versions[tag_key(key, text)] for text in texts]
         failed = [part for part in parts if type(part) is CommandFailed]
-        stamps.append(failed[0] if failed else b"".join(parts))  # type: ignore[arg-type]
+        stamps.append(failed[0] if failed else b"".join(p for p in parts if type(p) is bytes))
     return stamps

@@ -13,7 +13,6 @@ import datetime
 import decimal
 import enum
 import uuid
-import zlib
 from typing import Any, Final
 
 import msgpack
@@ -23,8 +22,6 @@ from ._codecs import (
     _META_FIELD_BYTES,
     _NEGATIVE_META_BYTES,
     COMPRESSED_MARK,
-    COMPRESSION_LEVEL,
-    MAX_DECOMPRESSED_BYTES,
     META_FIELD,
     MSGPACK_NEGATIVE,
     Found,
@@ -34,6 +31,7 @@ from ._codecs import (
     _check_utf8,
     _decompressed,
     _same,
+    compressed,
 )
 from ._errors import UnstorableValueError
 from ._typed import Schema, decode_hook, encode_hook
@@ -125,10 +123,7 @@ class TypedCodec:
             result = self._decoder.decode(body)
         except _DECODE_ERRORS as exc:
             raise _mismatch(where, self.schema.kind, exc) from None
-        packed = self._head + body
-        if self.compress_over and self.compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
-            packed = COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
-        return [packed], result
+        return [compressed(self._head + body, self.compress_over)], result
 
     def negative_payload(self) -> list[Any]:
         return [MSGPACK_NEGATIVE]
