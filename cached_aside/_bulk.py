@@ -5,14 +5,14 @@ emptied). The flows decide; this only picks their arguments and runs them.
 
 from __future__ import annotations
 
-from ._batches import invalidate_pattern, invalidate_tags
 from ._catalog import Catalog
 from ._drivers import arun, no_seal, run
+from ._effects import PendingPattern
 from ._errors import ConfigurationError
+from ._invalidations import invalidate_pattern, invalidate_tags
 from ._keys import glob_escape, split_entry_key, validate_prefix
 from ._loads import NO_LOADS
 from ._nearby import Nearby
-from ._outbox import PendingPattern
 from ._results import BulkOutcome
 from ._runtime import AsyncRuntime, SyncRuntime
 

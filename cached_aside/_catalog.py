@@ -9,8 +9,9 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ._effects import PendingPattern
 from ._keys import KeyTemplate
-from ._outbox import Outbox, PendingPattern
+from ._outbox import Outbox
 from ._results import StatsSnapshot
 from ._stats import Stats
 
