@@ -36,22 +36,18 @@ from ._errors import BatchLoaderError, CacheUnavailableError
 from ._flows import (
     NO_STALE,
     RELEASE_ONLY,
-    Plan,
-    Served,
-    aged,
-    found_in,
     guarded_load,
     leased,
     lock_hold,
     miss,
-    on_lookup,
     release_now,
-    served_aged,
     tolerate,
     what_to_store,
 )
 from ._keys import entry_keys, tag_key
 from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
+from ._plan import Plan, Served
+from ._reads import aged, found_in, on_lookup, served_aged
 from ._results import BulkOutcome, Source
 from ._scripts import AcquireStatus, ScriptName
 from ._stamps import Verdict, judge_stamped, stamp_of, stamped, take_stamps, unstamped

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ._flows import Served
+from ._plan import Served
 
 Answer = tuple[Served, float]
 

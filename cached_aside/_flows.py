@@ -1,4 +1,5 @@
-"""The cache-aside algorithm, written once as generators that yield effects.
+"""The cache-aside algorithm of a read past its hit (lock, load, store, wait, serve an
+aged entry), written once as generators that yield effects.
 
 A driver performs each effect and sends the result back, or throws the failure in,
 so sync and async callers run the very same steps and lock release lives in one
@@ -10,11 +11,9 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
-from ._breaker import CircuitBreaker
-from ._codecs import META_FIELD, Codec, Found, HashCodec
+from ._codecs import Found
 from ._effects import (
     Batch,
     Command,
@@ -25,21 +24,19 @@ from ._effects import (
     Leased,
     LoadOne,
     LoadSome,
-    Postpone,
     RunScript,
     Signal,
     Spawn,
     TagsOf,
 )
-from ._errors import CacheUnavailableError, ConfigurationError, LoaderCircuitOpenError
-from ._keys import EntryKeys, KeyTemplate, entry_keys, tag_key
-from ._options import Options
-from ._outbox import PendingKey, PendingPattern
-from ._results import Outcome, Source
+from ._errors import CacheUnavailableError, LoaderCircuitOpenError
+from ._keys import EntryKeys, entry_keys
+from ._plan import Plan, Served
+from ._reads import Age, peeked
+from ._results import Source
 from ._scripts import AcquireStatus, ScriptName
 from ._stamps import (
     Verdict,
-    new_version,
     stamp_of,
     stamped,
     take_stamps,
@@ -47,7 +44,6 @@ from ._stamps import (
     version_reads,
     version_renewals,
 )
-from ._stats import Stats
 
 RELEASE_ONLY = "release"
 # Store nothing and delete what is cached (under the lease): a reload whose result is
@@ -55,114 +51,6 @@ RELEASE_ONLY = "release"
 DROP = "drop"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
-# Seconds a joiner of this process waits for its leader beyond the lease and the
-# loader_timeout: the leader renews its lease while it lives, so a long load is no
-# sign of a dead leader; past this bound the joiner waits through Redis instead.
-PATIENCE_FLOOR_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What the flows need to know about one decorated function."""
-
-    name: str
-    codec: Codec
-    options: Options
-    stats: Stats
-    # Look up with the PEEK script (value and ttl): refresh_ahead, grace,
-    # stale_if_error or a near cache is on.
-    peek: bool = False
-    # With stale_if_error: skips a loader that keeps failing, serving stale values.
-    loader_breaker: CircuitBreaker | None = None
-    # tags=: templates over the loader's arguments; each entry carries their versions.
-    tags: tuple[KeyTemplate, ...] = ()
-
-    @property
-    def patience(self) -> float:
-        """How long a caller waits for another caller of its process before it reads
-        by itself (and waits through Redis, as another process does). A leader renews
-        its lease while it lives, so this is not the lease: it waits as long as Redis
-        waiters would (the loader_timeout, if any), and at least PATIENCE_FLOOR_S, which
-        only keeps a stuck leader from holding its joiners for ever."""
-        options = self.options
-        return max(options.lock_ttl_ms, options.loader_timeout_ms) / 1000.0 + PATIENCE_FLOOR_S
-
-
-@dataclass(slots=True)
-class Served:
-    """A flow's answer.
-
-    lease_kept is False when an invalidation revoked the load's lease. shareable is
-    True when the value is fresh for anyone who joined this call before it was sealed:
-    a load whose lease held until the store, or a read sent after the seal.
-    """
-
-    value: Any
-    source: Source
-    lease_kept: bool = True
-    shareable: bool = False
-    ttl_ms: int = -1  # the entry's remaining ttl, when the lookup told (PEEK)
-
-
-def on_lookup(plan: Plan, raw: Any) -> Served | None:
-    """Judge the reply to the lookup: the answer on a hit, None on a miss.
-
-    This is the whole hit path: drivers send the lookup themselves and start the
-    `after_miss` flow only when this returns None (also for a hit whose entry is due
-    for a refresh_ahead reload).
-    """
-    if type(raw) is CommandFailed:
-        return None
-    if plan.peek:
-        found, age, left = _peeked(plan, raw)
-        if age is not Age.FRESH:
-            return None
-        if type(found) is not Found:
-            plan.stats.hit()
-            return Served(found, Source.CACHE, ttl_ms=left)
-        if found is Found.NEGATIVE:
-            plan.stats.negative_hit()
-            return Served(None, Source.NEGATIVE, ttl_ms=left)
-        return None
-    found = plan.codec.decode(raw)
-    if type(found) is not Found:
-        plan.stats.hit()
-        return Served(found, Source.CACHE)
-    if found is Found.NEGATIVE:
-        plan.stats.negative_hit()
-        return Served(None, Source.NEGATIVE)
-    return None
-
-
-def found_in(plan: Plan, raw: Any) -> Any:
-    """What a lookup reply holds: a decoded value, or a Found member (a PEEK reply is
-    unpacked first)."""
-    return _peeked(plan, raw)[0] if plan.peek else plan.codec.decode(raw)
-
-
-def aged(plan: Plan, raw: Any) -> bool:
-    """True when a lookup reply holds an entry that on_lookup declined for its age
-    alone (due for a refresh_ahead reload, in its grace, or kept for stale_if_error):
-    the single path knows how to serve it."""
-    return plan.peek and type(raw) is not CommandFailed and _peeked(plan, raw)[1] is not Age.FRESH
-
-
-def served_aged(plan: Plan, raw: Any) -> bool:
-    """True when after_miss answers this lookup reply from the cache at once (due for
-    a refresh_ahead reload, or in its grace) and reloads behind: no load to wait for."""
-    if not plan.peek or type(raw) is CommandFailed:
-        return False
-    age = _peeked(plan, raw)[1]
-    return age is Age.DUE or age is Age.STALE
-
-
-class Age(enum.Enum):
-    """How old a cached entry is, told by the PEEK script's pttl."""
-
-    FRESH = "fresh"
-    DUE = "due"  # fresh, inside the refresh_ahead window: serve, and reload behind
-    STALE = "stale"  # past ttl, inside grace: serve as stale, and reload behind
-    EXPIRED = "expired"  # past ttl and grace, kept for stale_if_error: a miss
 
 
 class _NoStale(enum.Enum):
@@ -170,32 +58,6 @@ class _NoStale(enum.Enum):
 
 
 NO_STALE: Final = _NoStale.NO_STALE  # a miss with no stale value to fall back on
-
-
-def _peeked(plan: Plan, raw: Any) -> tuple[Any, Age, int]:
-    """The PEEK script's reply as (decoded value or Found, its age, the ms it stays
-    fresh: -1 when it never expires, 0 when it is past its ttl).
-
-    An entry is stored for ttl + keep_ms (grace, stale_if_error): while no more than
-    keep_ms are left it is past its ttl, and how far past tells stale from expired.
-    """
-    if not raw:
-        return Found.MISS, Age.FRESH, -1
-    if len(raw) == 1:
-        return Found.CORRUPT, Age.FRESH, -1  # the key holds another Redis type
-    found = plan.codec.decode(raw[0])
-    left = raw[1]
-    if left < 0 or (type(found) is Found and found is not Found.NEGATIVE):
-        return found, Age.FRESH, left
-    options = plan.options
-    keep = options.keep_ms
-    if keep and left <= keep:
-        return found, Age.STALE if keep - left < options.grace_ms else Age.EXPIRED, 0
-    left -= keep
-    window = options.refresh_ahead_ms
-    if window and left <= window and type(found) is not Found:
-        return found, Age.DUE, left
-    return found, Age.FRESH, left
 
 
 def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Served]:
@@ -206,7 +68,7 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
         return (yield from miss(plan, key, True, block_limit_ms))
     stale: Any = NO_STALE
     if plan.peek:
-        found, age, _ = _peeked(plan, raw)
+        found, age, _ = peeked(plan, raw)
         value = None if found is Found.NEGATIVE else found
         if age is Age.DUE or age is Age.STALE:
             # Serve the cached value now; one background reload per process, and one
@@ -597,124 +459,3 @@ def tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
         raise CacheUnavailableError(
             f"{plan.name}: Redis failed for {key!r} ({failure}) and fail_open=False"
         ) from failure.cause
-
-
-def invalidate(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome]:
-    """Delete an entry and revoke any load in flight, so its older result is refused.
-
-    If Redis does not take it, the invalidation goes to the outbox (`whole` covers the
-    key should the outbox be full) and the answer is PENDING, never ABSENT.
-    """
-    try:
-        existed = yield RunScript(
-            ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,)
-        )
-    except CommandFailed as failure:
-        return (yield from postpone(plan, key, whole, failure))
-    return Outcome.DELETED if existed else Outcome.ABSENT
-
-
-def postpone(plan: Plan, key: str, whole: PendingPattern, failure: CommandFailed) -> Flow[Outcome]:
-    """Queue an invalidation Redis did not take; raises after queueing when the
-    function does not fail open."""
-    plan.stats.postponed()
-    yield Postpone((PendingKey(key, plan.options.lock_ttl_ms, whole),))
-    tolerate(plan, key, failure)
-    return Outcome.PENDING
-
-
-def update_field(
-    plan: Plan, key: str, field: object, value: object, whole: PendingPattern
-) -> Flow[Outcome]:
-    """Set one field of a cached record and refresh its ttl, only if a record is
-    cached; either way, revoke the lease of any load in flight.
-
-    If Redis does not take it, the cached record may disagree with the primary: the
-    entry's invalidation goes to the outbox instead, and the answer is PENDING.
-    """
-    if not isinstance(plan.codec, HashCodec):
-        raise ConfigurationError(
-            f"{plan.name}.update_field needs as_hash=True; with msgpack storage call "
-            f"{plan.name}.invalidate(...) after the write instead"
-        )
-    where = f"{plan.name}.update_field (key {key!r})"
-    text = plan.codec.encode_field(field, value, where)
-    options = plan.options
-    if options.cache_if is not None:
-        # cache_if judges whole records, and this one is in Redis, not here: drop it
-        # (the next call loads and judges the row) rather than keep what it may refuse.
-        return (yield from invalidate(plan, key, whole))
-    update = RunScript(
-        ScriptName.UPDATE_FIELD,
-        entry_keys(key),
-        (
-            META_FIELD,
-            field,
-            text,
-            options.ttl_ms + options.keep_ms,
-            options.lock_ttl_ms,
-            options.keep_ms,
-        ),
-    )
-    try:
-        if plan.tags:
-            # The record keeps its stamp; its tags' versions are made to live as long
-            # as its renewed ttl, in the same round trip (one lost is only a miss).
-            texts = yield TagsOf(Signal.LOAD)
-            alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
-            renewals = [
-                RunScript(ScriptName.TAG_STAMP, (tag_key(key, t),), (new_version(), alive_ms))
-                for t in texts
-            ]
-            replies = yield Batch([update, *renewals])
-            updated = replies[0]
-            if type(updated) is CommandFailed:
-                raise updated
-        else:
-            updated = yield update
-    except CommandFailed as failure:
-        return (yield from postpone(plan, key, whole, failure))
-    return Outcome.UPDATED if updated else Outcome.ABSENT
-
-
-def reload(plan: Plan, key: str, block_limit_ms: int, whole: PendingPattern) -> Flow[Served]:
-    """fn.refresh(): load now and store, whatever is cached. A load already under way
-    in another caller may have read the primary before the write that prompted this
-    refresh: its lease is revoked first (its result is refused, its waiters look
-    again), then this caller takes the lock, loads and stores. If Redis does not take
-    the revocation, the entry's invalidation goes to the outbox and the loader answers
-    alone, as for a call while an invalidation is pending."""
-    try:
-        yield RunScript(ScriptName.REVOKE, entry_keys(key), (plan.options.lock_ttl_ms,))
-    except CommandFailed as failure:
-        # The load in flight may still store what it read before the write: only an
-        # invalidation fences it now.
-        yield from postpone(plan, key, whole, failure)
-        return (yield from bypass(plan, key))
-    return (yield from miss(plan, key, False, block_limit_ms, replace=True))
-
-
-def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome]:
-    """fn.set(): store `value` after a write the caller made, revoking the lease of any
-    load in flight (it read the row before the write). A value cache_if refuses, or
-    None without negative caching, deletes the entry instead; so does a refusal to
-    give it its tags' versions (its stamp), which come first. If Redis does not take it, the
-    entry's invalidation goes to the outbox and the answer is PENDING."""
-    kind, ttl_ms, payload, _ = what_to_store(plan, value, key)
-    if kind == DROP:
-        return (yield from invalidate(plan, key, whole))
-    if plan.tags:
-        texts = yield TagsOf(Signal.LOAD)
-        stamp = (yield from take_stamps(plan, [(key, texts)]))[0]
-        if type(stamp) is CommandFailed:  # unstamped, nothing could invalidate it
-            outcome = yield from invalidate(plan, key, whole)
-            tolerate(plan, key, stamp)
-            return outcome
-        payload = stamped(kind, payload, stamp)  # type: ignore[arg-type]
-    try:
-        yield RunScript(
-            ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)
-        )
-    except CommandFailed as failure:
-        return (yield from postpone(plan, key, whole, failure))
-    return Outcome.UPDATED

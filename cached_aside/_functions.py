@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 from ._defaults import default_engine
 from ._drivers import arun, aserve, no_seal, run, serve
 from ._errors import BlockingCallWarning
-from ._flows import Served
 from ._near import MISSING
+from ._plan import Served
+from ._reads import Step, as_joiner, first_step
 from ._results import BulkOutcome, CacheResult, Outcome
 from ._stats import StatsSnapshot
 from ._wrapping import CachedBase, Write
@@ -40,6 +41,7 @@ S = TypeVar("S")  # the instance a decorated method is bound to
 T = TypeVar("T")
 Sync = TypeVar("Sync", bound="CachedFunction[Any, Any]")
 Async = TypeVar("Async", bound="AsyncCachedFunction[Any, Any]")
+NEAR = Step.NEAR  # a global, not an attribute, read on the near hit
 
 
 class CachedFunction(CachedBase[P, R]):
@@ -58,19 +60,23 @@ class CachedFunction(CachedBase[P, R]):
             else None
         ) or self._template.render(args, kwargs)
         key = engine.key_head + rendered + "}"
+        value: R
         near = self._near
         if near is not None:
-            if not engine.outbox.active:  # _near_look spelled out, for the near hit
+            # _near_look spelled out, for the near hit
+            if first_step(engine.outbox.active and engine.outbox.blocks(key), True, False) is NEAR:
                 value = near.get(key)
                 if value is not MISSING:
                     self._plan.stats.near_hit()
-                    return value  # type: ignore[no-any-return]
-            return self._serve_at(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
+                    return value
+            value = self._serve_at(engine, key, args, kwargs)[0].value
+            return value
         if _get_running_loop() is not None:
             self._on_event_loop()
         call = (self.__wrapped__, args, kwargs)
         served, _, joined = serve(self._plan, key, engine._sync_side(), call)
-        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+        value = (as_joiner(self._plan, served) if joined else served).value
+        return value
 
     def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
@@ -101,7 +107,8 @@ class CachedFunction(CachedBase[P, R]):
             (served, _), joined = runtime.flights.reload(
                 reloading.keys[0], self._plan.patience, run, *reloading.run_args(runtime)
             )
-            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+            value: R = (as_joiner(self._plan, served) if joined else served).value
+            return value
         finally:
             self._written(runtime, reloading.keys)
 
@@ -236,17 +243,21 @@ class AsyncCachedFunction(CachedBase[P, R]):
             else None
         ) or self._template.render(args, kwargs)
         key = engine.key_head + rendered + "}"
+        value: R
         near = self._near
         if near is not None:
-            if not engine.outbox.active:  # _near_look spelled out, for the near hit
+            # _near_look spelled out, for the near hit
+            if first_step(engine.outbox.active and engine.outbox.blocks(key), True, False) is NEAR:
                 value = near.get(key)
                 if value is not MISSING:
                     self._plan.stats.near_hit()
-                    return value  # type: ignore[no-any-return]
-            return (await self._serve_at(engine, key, args, kwargs))[0].value  # type: ignore[no-any-return]
+                    return value
+            value = (await self._serve_at(engine, key, args, kwargs))[0].value
+            return value
         call = (self.__wrapped__, args, kwargs)
         served, _, joined = await aserve(self._plan, key, engine._async_side(), call)
-        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+        value = (as_joiner(self._plan, served) if joined else served).value
+        return value
 
     async def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
@@ -264,7 +275,8 @@ class AsyncCachedFunction(CachedBase[P, R]):
             (served, _), joined = await runtime.flights.reload(
                 reloading.keys[0], self._plan.patience, arun, *reloading.run_args(runtime)
             )
-            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+            value: R = (as_joiner(self._plan, served) if joined else served).value
+            return value
         finally:
             self._written(runtime, reloading.keys)
 

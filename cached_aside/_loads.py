@@ -21,7 +21,7 @@ from typing import Any
 from ._batches import align
 from ._effects import LoadOne, LoadSome, Signal
 from ._errors import LoaderTimeoutError
-from ._flows import Plan
+from ._plan import Plan
 
 BatchLoader = Callable[[list[Any]], Any]
 NO_KWARGS: Mapping[str, Any] = {}

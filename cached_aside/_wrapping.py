@@ -16,14 +16,17 @@ from ._batches import invalidate_many, invalidate_pattern, many
 from ._defaults import default_engine
 from ._effects import Flow
 from ._engine import CacheEngine
-from ._flows import Plan, Served, bypass, invalidate, put, reload, update_field
+from ._flows import bypass
 from ._keys import KeyTemplate, glob_escape, split_entry_key
 from ._loads import NO_LOADS, BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
 from ._outbox import PendingPattern
+from ._plan import Plan, Served
+from ._reads import Step, as_joiner, first_step, near_keeps
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
-from ._runtime import Runtime
+from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._stats import StatsSnapshot
+from ._writes import invalidate, put, reload, update_field
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -202,7 +205,8 @@ class CachedBase(Generic[P, R]):
         """fn.refresh()'s flow and loads: bypassing the cache, like a call, while the
         key's invalidation waits in the outbox."""
         engine, key = self._locate(args, kwargs)
-        if engine.outbox.active and engine.outbox.blocks(key):
+        pending = engine.outbox.active and engine.outbox.blocks(key)
+        if first_step(pending, False, False) is Step.LOADER:
             flow = bypass(self._plan, key)
         else:
             flow = reload(self._plan, key, runtime.block_limit_ms, self._covering(engine))
@@ -218,16 +222,16 @@ class CachedBase(Generic[P, R]):
         flow = invalidate_pattern(self._covering(engine), self._plan)
         return Write(engine, flow, None)
 
-    def _written(self, runtime: Runtime, keys: Sequence[str] | None) -> None:
+    def _written(self, runtime: SyncRuntime | AsyncRuntime, keys: Sequence[str] | None) -> None:
         """After a write: no read that starts now may join a read made before it, and
         this process's near tier forgets the keys (Redis's report comes later)."""
         if keys is None:
-            runtime.flights.forget_all()  # type: ignore[attr-defined]
+            runtime.flights.forget_all()
             if self._near is not None:
                 self._near.clear()
             return
         for key in keys:
-            runtime.flights.forget(key)  # type: ignore[attr-defined]
+            runtime.flights.forget(key)
         if self._near is not None:
             self._near.drop(keys)
 
@@ -277,7 +281,8 @@ class CachedBase(Generic[P, R]):
         or while an invalidation of the key waits in the outbox (Redis never reported
         it, so another function's near tier may still hold the old value)."""
         store = self._near
-        if store is None or (engine.outbox.active and engine.outbox.blocks(key)):
+        pending = engine.outbox.active and engine.outbox.blocks(key)
+        if store is None or first_step(pending, True, False) is not Step.NEAR:
             return None, None
         value = store.get(key)
         if value is not MISSING:
@@ -290,13 +295,11 @@ class CachedBase(Generic[P, R]):
         gives its ticket back."""
         near = self._near
         if ticket is not None and near is not None:
-            if joined or served.ttl_ms <= 0:
-                near.forget(key, ticket)
-            else:
+            if near_keeps(joined, served.ttl_ms):
                 near.fill(key, ticket, served.value, served.ttl_ms)
-        if joined:
-            return self._as_joiner(served)
-        return served
+            else:
+                near.forget(key, ticket)
+        return as_joiner(self._plan, served) if joined else served
 
     def _forget_ticket(self, key: str, ticket: int | None) -> None:
         """A read that raised keeps nothing in the near tier: its ticket goes back."""
@@ -307,20 +310,6 @@ class CachedBase(Generic[P, R]):
         return CacheResult(
             served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
         )
-
-    def _as_joiner(self, served: Served) -> Served:
-        """Account for a caller that shared another caller's read, and copy its value."""
-        stats = self._plan.stats
-        if served.source is Source.CACHE:
-            stats.hit()
-        elif served.source is Source.NEGATIVE:
-            stats.negative_hit()
-        elif served.source is Source.STALE:  # a stale answer stays one for every joiner
-            stats.stale()
-        else:
-            stats.miss(suppressed=True)
-            return Served(self._plan.codec.copy(served.value), Source.WAITED)
-        return Served(self._plan.codec.copy(served.value), served.source)
 
     # -- stats and the rest --------------------------------------------------------
 
@@ -400,7 +389,11 @@ class ManyCall:
         """The flow that serves what the near tier did not, on `runtime`."""
         keys = [self.keys[p] for p in self.rest]
         outbox = runtime.outbox
-        blocked = frozenset(p for p, key in enumerate(keys) if outbox.active and outbox.blocks(key))
+        blocked = frozenset(
+            p
+            for p, key in enumerate(keys)
+            if first_step(outbox.active and outbox.blocks(key), False, True) is Step.LOADER
+        )
         batched = self.function._batch_loader is not None
         return many(self.function._plan, keys, batched, blocked, runtime.block_limit_ms)
 
