@@ -33,18 +33,9 @@ from ._effects import (
     TagsOf,
 )
 from ._errors import BatchLoaderError, CacheUnavailableError
-from ._flows import (
-    NO_STALE,
-    RELEASE_ONLY,
-    guarded_load,
-    leased,
-    lock_hold,
-    miss,
-    release_now,
-    tolerate,
-    what_to_store,
-)
+from ._flows import RELEASE_ONLY, lock_hold, miss, release_now
 from ._keys import entry_keys, tag_key
+from ._loading import NO_STALE, guarded_load, leased, tolerate, what_to_store
 from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
 from ._plan import Plan, Served
 from ._reads import aged, found_in, on_lookup, served_aged

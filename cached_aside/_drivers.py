@@ -11,18 +11,14 @@ generator round costs about a microsecond there; reads.on_lookup still decides.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from time import perf_counter
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError
-
 from ._driving import (
     LOOK,
     Call,
-    Done,
     Running,
     Seal,
     as_loads,
@@ -50,7 +46,7 @@ from ._effects import (
 from ._flows import after_miss, bypass
 from ._leases import arenew, renew
 from ._loads import Loads
-from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
+from ._pipelines import Done, asend, scan, scan_async, send, send_batch, send_batch_async
 from ._plan import Plan, Served
 from ._reads import Step, first_step, on_lookup, on_miss, served_aged
 from ._runtime import AsyncRuntime, SyncRuntime
@@ -181,33 +177,6 @@ def _perform(effect: Effect, rt: SyncRuntime, running: Running) -> Done:
             if renewal is not None:
                 renewal.stop()
     return running.locally(effect)
-
-
-def send(rt: SyncRuntime, effect: Command | RunScript) -> Done:
-    """One command or script through the breaker; returns the reply or the failure
-    (a CommandFailed, or an interrupt, which the flow gets to release its Holds)."""
-    if rt.breaker.open_until:  # one attribute read while all is well
-        refused = rt.refusal(1, key_of(effect))
-        if refused is not None:
-            return None, refused[0]
-    try:
-        answered = False
-        held = rt.held
-        if held is not None and (isinstance(effect, RunScript) or not effect.blocks):
-            with contextlib.suppress(NoScriptError):  # the client's Script loads it
-                answered, reply = held.call(wire_args(rt, effect))
-        if not answered:
-            if isinstance(effect, Command):
-                reply = rt.client.execute_command(*effect.args)
-            else:
-                reply = rt.scripts[effect.script](keys=effect.keys, args=effect.args)
-    except rt.failures as exc:
-        return None, rt.failure(exc, key_of(effect))
-    except BaseException as exc:
-        return None, exc
-    if rt.breaker.failures:
-        rt.answered(key_of(effect))
-    return reply, None
 
 
 def _one(effect: Each, entry: tuple[int, str, Any], rt: SyncRuntime, loads: Loads) -> Any:
@@ -372,36 +341,6 @@ async def _aperform(effect: Effect, rt: AsyncRuntime, running: Running) -> Done:
             if renewal is not None:
                 renewal.stop()
     return running.locally(effect)
-
-
-async def asend(rt: AsyncRuntime, effect: Command | RunScript) -> Done:
-    """As send(); a cancellation comes back as the failure, for the flow's Holds."""
-    if rt.breaker.open_until:  # one attribute read while all is well
-        refused = rt.refusal(1, key_of(effect))
-        if refused is not None:
-            return None, refused[0]
-    try:
-        pipeline = rt.pipeline
-        if pipeline is None or (isinstance(effect, Command) and effect.blocks):
-            reply = await _athrough_client(rt, effect)
-        else:
-            try:
-                reply = await pipeline.call(wire_args(rt, effect))
-            except NoScriptError:
-                reply = await _athrough_client(rt, effect)  # the client's Script loads it
-    except rt.failures as exc:
-        return None, rt.failure(exc, key_of(effect))
-    except BaseException as exc:
-        return None, exc
-    if rt.breaker.failures:
-        rt.answered(key_of(effect))
-    return reply, None
-
-
-async def _athrough_client(rt: AsyncRuntime, effect: Command | RunScript) -> object:
-    if isinstance(effect, Command):
-        return await rt.client.execute_command(*effect.args)
-    return await rt.scripts[effect.script](keys=effect.keys, args=effect.args)
 
 
 async def _aeach(effect: Each, rt: AsyncRuntime, loads: Loads) -> list[Any]:

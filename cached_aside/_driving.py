@@ -25,6 +25,7 @@ from ._effects import (
 )
 from ._flights import Led, TaskFlights, ThreadFlights
 from ._loads import Loads
+from ._pipelines import Done
 from ._plan import Plan
 from ._runtime import Runtime
 from ._scripts import ScriptName
@@ -35,7 +36,6 @@ LOOK: Final[Any] = UNREAD  # serve()'s raw when the lookup is still to be sent
 # only, so a hit does not pay for them.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 Seal = Callable[[], None]  # stops later callers of this process joining the flow
-Done = tuple[object, BaseException | None]  # an effect's reply, or what the flow is thrown
 
 
 def no_seal() -> None:

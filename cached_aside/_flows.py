@@ -8,10 +8,8 @@ place. No redis, asyncio or time imports here.
 
 from __future__ import annotations
 
-import enum
 import os
-from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 from ._codecs import Found
 from ._effects import (
@@ -21,9 +19,7 @@ from ._effects import (
     Flow,
     Free,
     Hold,
-    Leased,
     LoadOne,
-    LoadSome,
     RunScript,
     Signal,
     Spawn,
@@ -31,6 +27,15 @@ from ._effects import (
 )
 from ._errors import CacheUnavailableError, LoaderCircuitOpenError
 from ._keys import EntryKeys, entry_keys
+from ._loading import (
+    DROP,
+    NO_STALE,
+    STALE_SERVED,
+    guarded_load,
+    leased,
+    tolerate,
+    what_to_store,
+)
 from ._plan import Plan, Served
 from ._reads import Age, peeked
 from ._results import Source
@@ -42,22 +47,11 @@ from ._stamps import (
     take_stamps,
     unstamped,
     version_reads,
-    version_renewals,
 )
 
 RELEASE_ONLY = "release"
-# Store nothing and delete what is cached (under the lease): a reload whose result is
-# not to be cached must not leave the older value it was meant to replace.
-DROP = "drop"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
-
-
-class _NoStale(enum.Enum):
-    NO_STALE = "no stale value"
-
-
-NO_STALE: Final = _NoStale.NO_STALE  # a miss with no stale value to fall back on
 
 
 def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Served]:
@@ -302,7 +296,7 @@ def _load_and_store(
             tolerate(plan, keys.value, stamp)
     kept = leased(plan, [(keys, token)], load, [(keys.value, texts)])
     value = yield from guarded_load(plan, keys.value, kept, stale, probe)
-    if value is _STALE_SERVED:
+    if value is STALE_SERVED:
         # This load's outcome: its joiners get the same stale answer, not a load each.
         return Served(stale, Source.STALE, shareable=True)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
@@ -326,77 +320,6 @@ def _load_and_store(
     return Served(result, Source.LOADER, lease_kept=bool(stored), shareable=bool(stored))
 
 
-class _Stale(enum.Enum):
-    SERVED = "the load failed and the stale value answers"
-
-
-_STALE_SERVED: Final = _Stale.SERVED
-
-
-def leased(
-    plan: Plan,
-    locks: Sequence[tuple[EntryKeys, str]],
-    load: Signal | LoadOne | LoadSome,
-    tagged: Sequence[tuple[str, tuple[str, ...]]] = (),
-) -> Leased:
-    """`load`, run under the locks given (each entry's keys and its token) with their
-    leases kept while it runs: each lock is renewed every third of lock_ttl, fenced
-    by its token, so a slow loader still loads once and a dead holder's lock lapses
-    within one lock_ttl. The versions its `tagged` entries (key, tags' texts) were
-    stamped with are kept alive too (never made again): its store reads them back,
-    and one expired under a slow load would make the store a miss."""
-    options = plan.options
-    renewals: tuple[tuple[RunScript, ...], ...] = tuple(
-        (RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms)),)
-        for keys, token in locks
-    )
-    renewals += version_renewals(plan, tagged)
-    return Leased(load, renewals, max(1, options.lock_ttl_ms // 3))
-
-
-def guarded_load(
-    plan: Plan,
-    key: str,
-    load: Signal | LoadOne | LoadSome | Leased,
-    stale: Any,
-    probe: bool = False,
-    counted: bool = False,
-) -> Flow[Any]:
-    """Run the loader, through the function's loader breaker if it has one. With a
-    stale value to fall back on, a failed (or skipped) load yields _STALE_SERVED;
-    without one, the failure propagates (LoaderCircuitOpenError while skipped)."""
-    stats, breaker = plan.stats, plan.loader_breaker
-    probing = breaker is not None and breaker.open_until != 0  # half-open: a probe
-    if breaker is not None and not probe and not breaker.allow():
-        if stale is NO_STALE:
-            raise LoaderCircuitOpenError(
-                f"{plan.name}: the loader is skipped for {breaker.time_left():.1f} s more "
-                f"after {breaker.failures} failures in a row, and no stale value of "
-                f"{key!r} is left to serve"
-            )
-        stats.stale()
-        return _STALE_SERVED
-    if not counted:  # a batch counts one load per entry itself
-        stats.load()
-    try:
-        value = yield load
-    except Exception as exc:  # the loader failed (or timed out); never CancelledError
-        if breaker is not None:
-            breaker.failure()
-        if stale is NO_STALE:
-            raise
-        stats.loader_error(key, exc, served="the stale value is served (stale_if_error)")
-        stats.stale()
-        return _STALE_SERVED
-    except BaseException:  # cancelled: no verdict, but the next caller may probe
-        if probing and breaker is not None:
-            breaker.abandon()
-        raise
-    if breaker is not None and (breaker.failures or breaker.open_until):
-        breaker.success()
-    return value
-
-
 def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp: Any) -> Flow[Any]:
     """The STORE script (raising its failure). For a tagged entry, the tags' versions
     are read after it in the same round trip: if one changed since the load took
@@ -409,25 +332,6 @@ def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp
     if type(replies[0]) is CommandFailed:
         raise replies[0]
     return replies[0] if stamp_of(replies[1:]) == stamp else 0
-
-
-def what_to_store(plan: Plan, value: Any, key: str) -> tuple[str, int, list[Any], Any]:
-    """What a load's result becomes in Redis: (the store script's kind, ttl in ms,
-    payload, the value callers get). The one place that applies negative caching,
-    cache_if, ttl_jitter and the time kept past the ttl, for single and batch loads."""
-    codec, options = plan.codec, plan.options
-    if value is None:
-        if options.negative_ttl_ms:
-            negative_ttl_ms = options.negative_ttl_ms + options.keep_ms
-            return codec.redis_type, negative_ttl_ms, codec.negative_payload(), None
-        return DROP, 0, [], None
-    payload, result = codec.encode(value, f"{plan.name} (key {key!r})")
-    # A typed function's predicate judges the declared type, what callers get (a
-    # mapping its loader returned is a record by now); an untyped one the raw result.
-    judged = result if getattr(codec, "schema", None) is not None else value
-    if options.cache_if is not None and not options.cache_if(judged):
-        return DROP, 0, [], result
-    return codec.redis_type, options.value_ttl_ms(), payload, result
 
 
 def _load_uncached(
@@ -451,11 +355,3 @@ def bypass(plan: Plan, key: str, load: Signal | LoadOne = Signal.LOAD) -> Flow[S
     """Serve `key` from the loader alone while its invalidation waits in the outbox:
     Redis may still hold the value it meant to delete."""
     return _load_uncached(plan, key, None, load)
-
-
-def tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
-    plan.stats.error(key, failure)
-    if not plan.options.fail_open:
-        raise CacheUnavailableError(
-            f"{plan.name}: Redis failed for {key!r} ({failure}) and fail_open=False"
-        ) from failure.cause

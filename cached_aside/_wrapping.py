@@ -29,6 +29,7 @@ from ._stats import StatsSnapshot
 from ._writes import invalidate, put, reload, update_field
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -348,6 +349,41 @@ class CachedBase(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
+
+
+class Bound(Generic[Q, R]):
+    """What bound sync and async methods share: the instance goes first."""
+
+    def __init__(self, function: CachedBase[..., R], instance: object) -> None:
+        self._shared = function
+        self._instance = instance
+        self.__name__: str = getattr(function, "__name__", type(function).__name__)
+        self.__qualname__: str = getattr(function, "__qualname__", self.__name__)
+        self.__doc__ = function.__doc__
+        self.__wrapped__ = function.__wrapped__
+
+    def key(self, *args: Q.args, **kwargs: Q.kwargs) -> str:
+        """The Redis key these arguments map to, for redis-cli and debugging."""
+        return self._shared.key(self._instance, *args, **kwargs)
+
+    def _items(self, items: Iterable[Any]) -> list[tuple[Any, ...]]:
+        """Batch items with the instance prepended to each."""
+        return [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
+
+    def stats(self) -> StatsSnapshot:
+        """The method's counters (shared by every instance)."""
+        return self._shared.stats()
+
+    def error_kinds(self) -> dict[str, int]:
+        """The method's Redis errors by exception type."""
+        return self._shared.error_kinds()
+
+    def reset_stats(self) -> None:
+        """Set the method's counters back to zero."""
+        self._shared.reset_stats()
+
+    def __repr__(self) -> str:
+        return f"<bound {self._shared!r} of {self._instance!r}>"
 
 
 class ManyCall:

@@ -10,8 +10,9 @@ from typing import Any
 from ._codecs import META_FIELD, HashCodec
 from ._effects import Batch, CommandFailed, Flow, Postpone, RunScript, Signal, TagsOf
 from ._errors import ConfigurationError
-from ._flows import DROP, bypass, miss, tolerate, what_to_store
+from ._flows import bypass, miss
 from ._keys import entry_keys, tag_key
+from ._loading import DROP, tolerate, what_to_store
 from ._outbox import PendingKey, PendingPattern
 from ._plan import Plan, Served
 from ._results import Outcome
