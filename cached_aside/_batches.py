@@ -38,7 +38,7 @@ from ._keys import entry_keys, tag_key
 from ._loading import NO_STALE, guarded_load, leased, tolerate, what_to_store
 from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
 from ._plan import Plan, Served
-from ._reads import aged, found_in, on_lookup, served_aged
+from ._reads import ANSWER, BATCH, aged, batch_step, found_in, on_lookup, served_aged
 from ._results import BulkOutcome, Source
 from ._scripts import AcquireStatus, ScriptName
 from ._stamps import Verdict, judge_stamped, stamp_of, stamped, take_stamps, unstamped
@@ -274,10 +274,12 @@ def many(
     to_batch: list[int] = []
     one_by_one: list[int] = []
     for position, raw in enumerate(raws):
-        hit = None if position in blocked else on_lookup(plan, raw)
-        if hit is not None:
+        pending = position in blocked
+        hit = None if pending else on_lookup(plan, raw)
+        step = batch_step(pending, hit is not None, batched, hit is None and served_aged(plan, raw))
+        if hit is not None and step is ANSWER:
             answers[position] = (hit, False)
-        elif batched and position not in blocked and not served_aged(plan, raw):
+        elif step is BATCH:
             to_batch.append(position)
         else:
             one_by_one.append(position)

@@ -17,7 +17,6 @@ from time import perf_counter
 from typing import Any, TypeVar
 
 from ._driving import (
-    LOOK,
     Call,
     Running,
     Seal,
@@ -29,6 +28,7 @@ from ._driving import (
     tagged_lookup,
 )
 from ._effects import (
+    UNREAD,
     Batch,
     Command,
     Each,
@@ -48,7 +48,7 @@ from ._leases import arenew, renew
 from ._loads import Loads
 from ._pipelines import Done, asend, scan, scan_async, send, send_batch, send_batch_async
 from ._plan import Plan, Served
-from ._reads import Step, first_step, on_lookup, on_miss, served_aged
+from ._reads import LOADER, LOOK, WAIT, first_step, on_lookup, on_miss, served_aged
 from ._runtime import AsyncRuntime, SyncRuntime
 from ._stamps import read_stamped
 
@@ -62,7 +62,7 @@ logger = logging.getLogger("cached_aside")
 
 
 def serve(
-    plan: Plan, key: str, rt: SyncRuntime, loads: Loads | Call, raw: object = LOOK
+    plan: Plan, key: str, rt: SyncRuntime, loads: Loads | Call, raw: object = UNREAD
 ) -> tuple[Served, float, bool]:
     """Serve one call from a thread: the lookup (unless `raw` is its reply already),
     then, on a miss, the miss flow shared with the other threads of this process
@@ -71,13 +71,13 @@ def serve(
     step = first_step(
         rt.outbox.active and rt.outbox.blocks(key),
         False,
-        raw is not LOOK or key in rt.flights.active,  # join the thread loading it
+        raw is not UNREAD or key in rt.flights.active,  # join the thread loading it
     )
-    if step is Step.LOADER:
+    if step is LOADER:
         return (*run(bypass(plan, key), rt, as_loads(plan, loads), no_seal), False)
     seconds = 0.0
     while True:
-        if step is Step.LOOK:
+        if step is LOOK:
             started = perf_counter()
             if plan.tags:
                 raw = read_stamped(plan, send_batch(rt, tagged_lookup(plan, key, loads)))
@@ -95,7 +95,7 @@ def serve(
         if shared is not None:
             (served, more), joined = shared
             return served, seconds + more, joined
-        step = Step.LOOK  # the flight's answer was not ours to take: look for ourselves
+        step = LOOK  # the flight's answer was not ours to take: look for ourselves
 
 
 def _miss(
@@ -103,7 +103,7 @@ def _miss(
 ) -> tuple[Served, float]:
     seconds = 0.0
     refresh = rt.flights.refreshing(key)
-    if on_miss(refresh is not None, raw is not LOOK and served_aged(plan, raw)) is Step.WAIT:
+    if on_miss(refresh is not None, raw is not UNREAD and served_aged(plan, raw)) is WAIT:
         assert refresh is not None
         rt.flights.wait_for(refresh, plan.patience)
         started = perf_counter()
@@ -114,7 +114,7 @@ def _miss(
         hit = on_lookup(plan, raw)
         if hit is not None:
             return hit, seconds
-    flow = after_miss(plan, key, None if raw is LOOK else raw, rt.block_limit_ms)
+    flow = after_miss(plan, key, None if raw is UNREAD else raw, rt.block_limit_ms)
     served, more = run(flow, rt, loads, seal)
     return served, seconds + more
 
@@ -223,7 +223,7 @@ def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
 
 
 async def aserve(
-    plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call, raw: object = LOOK
+    plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call, raw: object = UNREAD
 ) -> tuple[Served, float, bool]:
     """Serve one call from a task: the lookup (unless `raw` is its reply already)
     and, on a miss, the miss flow, both shared with the tasks of this event loop
@@ -231,9 +231,9 @@ async def aserve(
     whether it was shared."""
     if not rt.ready:
         unreached = await rt.prepare()
-        if unreached is not None and raw is LOOK:
+        if unreached is not None and raw is UNREAD:
             raw = unreached  # the cluster was not reached: what a failed lookup is
-    if first_step(rt.outbox.active and rt.outbox.blocks(key), False, True) is Step.LOADER:
+    if first_step(rt.outbox.active and rt.outbox.blocks(key), False, True) is LOADER:
         return (*(await arun(bypass(plan, key), rt, as_loads(plan, loads), no_seal)), False)
     (served, seconds), joined = await rt.flights.run(
         key, plan.patience, _aread, plan, key, rt, raw, loads
@@ -245,7 +245,7 @@ async def _aread(
     plan: Plan, key: str, rt: AsyncRuntime, raw: object, loads: Loads | Call, seal: Seal
 ) -> tuple[Served, float]:
     seconds = 0.0
-    if raw is LOOK:
+    if raw is UNREAD:
         started = perf_counter()
         if plan.tags:
             batch = tagged_lookup(plan, key, loads)
@@ -259,7 +259,7 @@ async def _aread(
         if hit is not None:
             return hit, seconds
     refresh = rt.flights.refreshing(key)
-    if on_miss(refresh is not None, served_aged(plan, raw)) is Step.WAIT:
+    if on_miss(refresh is not None, served_aged(plan, raw)) is WAIT:
         assert refresh is not None
         await rt.flights.wait_for(refresh, plan.patience)  # as in _miss
         started = perf_counter()

@@ -6,10 +6,9 @@ run's bookkeeping. No redis, asyncio or thread imports here: only the drivers wa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from ._effects import (
-    UNREAD,
     Batch,
     Command,
     CommandFailed,
@@ -31,7 +30,6 @@ from ._runtime import Runtime
 from ._scripts import ScriptName
 from ._stamps import version_reads
 
-LOOK: Final[Any] = UNREAD  # serve()'s raw when the lookup is still to be sent
 # A single call's loader, arguments and keyword arguments: made into Loads on a miss
 # only, so a hit does not pay for them.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]

@@ -19,7 +19,7 @@ from ._drivers import arun, aserve, no_seal, run, serve
 from ._errors import BlockingCallWarning
 from ._near import MISSING
 from ._plan import Served
-from ._reads import Step, as_joiner, first_step
+from ._reads import NEAR, as_joiner, first_step
 from ._results import BulkOutcome, CacheResult, Outcome
 from ._wrapping import Bound, CachedBase, Write
 
@@ -40,7 +40,6 @@ S = TypeVar("S")  # the instance a decorated method is bound to
 T = TypeVar("T")
 Sync = TypeVar("Sync", bound="CachedFunction[Any, Any]")
 Async = TypeVar("Async", bound="AsyncCachedFunction[Any, Any]")
-NEAR = Step.NEAR  # a global, not an attribute, read on the near hit
 
 
 class CachedFunction(CachedBase[P, R]):

@@ -7,7 +7,7 @@ and perform the answer. No redis, asyncio or time imports here.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Final
 
 from ._codecs import Found
 from ._effects import CommandFailed
@@ -32,6 +32,18 @@ class Step(enum.Enum):
     ANSWER = "answer"  # the reply in hand answers the call
 
 
+# The steps as module globals: reading an Enum member as a class attribute costs
+# about 50 ns on Python 3.11, and the rule is asked on every hit.
+LOADER: Final = Step.LOADER
+NEAR: Final = Step.NEAR
+LOOK: Final = Step.LOOK
+FLIGHT: Final = Step.FLIGHT
+WAIT: Final = Step.WAIT
+MISS: Final = Step.MISS
+BATCH: Final = Step.BATCH
+ANSWER: Final = Step.ANSWER
+
+
 def first_step(pending: bool, near: bool, shared: bool) -> Step:
     """Where a call's read begins.
 
@@ -43,10 +55,10 @@ def first_step(pending: bool, near: bool, shared: bool) -> Step:
             a reply in hand (many()'s pipeline) needs no lookup.
     """
     if pending:
-        return Step.LOADER
+        return LOADER
     if near:
-        return Step.NEAR
-    return Step.FLIGHT if shared else Step.LOOK
+        return NEAR
+    return FLIGHT if shared else LOOK
 
 
 def on_miss(refreshing: bool, aged: bool) -> Step:
@@ -55,7 +67,7 @@ def on_miss(refreshing: bool, aged: bool) -> Step:
     result, not a load beside it: the refresh revoked the lock this would take),
     unless the reply is an entry after_miss serves at once (`aged`: due for a
     refresh_ahead reload, or in its grace). After that wait, the miss flow."""
-    return Step.WAIT if refreshing and not aged else Step.MISS
+    return WAIT if refreshing and not aged else MISS
 
 
 def batch_step(pending: bool, hit: bool, batched: bool, aged: bool) -> Step:
@@ -64,10 +76,10 @@ def batch_step(pending: bool, hit: bool, batched: bool, aged: bool) -> Step:
     the batch loader when there is one, and an aged entry (served at once, reloaded
     behind) goes the single way, which knows how."""
     if pending:
-        return Step.LOADER
+        return LOADER
     if hit:
-        return Step.ANSWER
-    return Step.BATCH if batched and not aged else Step.FLIGHT
+        return ANSWER
+    return BATCH if batched and not aged else FLIGHT
 
 
 def near_keeps(joined: bool, ttl_ms: int) -> bool:

@@ -22,7 +22,7 @@ from ._loads import NO_LOADS, BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
 from ._outbox import PendingPattern
 from ._plan import Plan, Served
-from ._reads import Step, as_joiner, first_step, near_keeps
+from ._reads import LOADER, NEAR, as_joiner, first_step, near_keeps
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._stats import StatsSnapshot
@@ -207,7 +207,7 @@ class CachedBase(Generic[P, R]):
         key's invalidation waits in the outbox."""
         engine, key = self._locate(args, kwargs)
         pending = engine.outbox.active and engine.outbox.blocks(key)
-        if first_step(pending, False, False) is Step.LOADER:
+        if first_step(pending, False, False) is LOADER:
             flow = bypass(self._plan, key)
         else:
             flow = reload(self._plan, key, runtime.block_limit_ms, self._covering(engine))
@@ -283,7 +283,7 @@ class CachedBase(Generic[P, R]):
         it, so another function's near tier may still hold the old value)."""
         store = self._near
         pending = engine.outbox.active and engine.outbox.blocks(key)
-        if store is None or first_step(pending, True, False) is not Step.NEAR:
+        if store is None or first_step(pending, True, False) is not NEAR:
             return None, None
         value = store.get(key)
         if value is not MISSING:
@@ -428,7 +428,7 @@ class ManyCall:
         blocked = frozenset(
             p
             for p, key in enumerate(keys)
-            if first_step(outbox.active and outbox.blocks(key), False, True) is Step.LOADER
+            if first_step(outbox.active and outbox.blocks(key), False, True) is LOADER
         )
         batched = self.function._batch_loader is not None
         return many(self.function._plan, keys, batched, blocked, runtime.block_limit_ms)
