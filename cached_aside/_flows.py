@@ -9,6 +9,7 @@ place. No redis, asyncio or time imports here.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from ._codecs import Found
@@ -209,13 +210,8 @@ def miss(
                     options.keep_ms,
                 ),
             )
-            if texts:  # the tags' versions, read after the entry, in the same round trip
-                replies = yield Batch([acquire, *version_reads(keys.value, texts)])
-                reply = replies[0]
-                if type(reply) is CommandFailed:
-                    raise reply
-            else:
-                reply = yield acquire
+            # The tags' versions, if any, read after the entry in the same round trip.
+            reply, versions = yield from together(acquire, version_reads(keys.value, texts))
         except CommandFailed as failure:
             if not failure.sent and not waited:
                 yield Free(hold)  # refused before it left: nothing of ours in Redis
@@ -231,7 +227,7 @@ def miss(
         if status == AcquireStatus.FOUND:
             entry = reply[1]
             if texts:
-                stamp = stamp_of(replies[1:])
+                stamp = stamp_of(versions)
                 if isinstance(stamp, CommandFailed) and stamp.wrong_type:
                     outdated = True  # foreign data at a tag's key: the load repairs it
                     continue
@@ -328,10 +324,19 @@ def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp
     store = RunScript(ScriptName.STORE, keys, args)
     if not texts or args[1] == RELEASE_ONLY or args[1] == DROP:
         return (yield store)
-    replies = yield Batch([store, *version_reads(keys.value, texts)])
+    stored, versions = yield from together(store, version_reads(keys.value, texts))
+    return stored if stamp_of(versions) == stamp else 0
+
+
+def together(first: RunScript, rest: Sequence[Command | RunScript]) -> Flow[tuple[Any, list[Any]]]:
+    """`first`, and `rest` after it in the same round trip: first's reply (its failure
+    raised, as when sent alone) and the replies of the rest (failures in place)."""
+    if not rest:
+        return (yield first), []
+    replies = yield Batch([first, *rest])
     if type(replies[0]) is CommandFailed:
         raise replies[0]
-    return replies[0] if stamp_of(replies[1:]) == stamp else 0
+    return replies[0], replies[1:]
 
 
 def _load_uncached(

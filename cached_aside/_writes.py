@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from ._codecs import META_FIELD, HashCodec
-from ._effects import Batch, CommandFailed, Flow, Postpone, RunScript, Signal, TagsOf
+from ._effects import CommandFailed, Flow, Postpone, RunScript, Signal, TagsOf
 from ._errors import ConfigurationError
-from ._flows import bypass, miss
+from ._flows import bypass, miss, together
 from ._keys import entry_keys, tag_key
 from ._loading import DROP, tolerate, what_to_store
 from ._outbox import PendingKey, PendingPattern
@@ -87,12 +87,9 @@ def update_field(
                 RunScript(ScriptName.TAG_STAMP, (tag_key(key, t),), (new_version(), alive_ms))
                 for t in texts
             ]
-            replies = yield Batch([update, *renewals])
-            updated = replies[0]
-            if type(updated) is CommandFailed:
-                raise updated
         else:
-            updated = yield update
+            renewals = []
+        updated, _ = yield from together(update, renewals)
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
     return Outcome.UPDATED if updated else Outcome.ABSENT
@@ -127,11 +124,11 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
     if plan.tags:
         texts = yield TagsOf(Signal.LOAD)
         stamp = (yield from take_stamps(plan, [(key, texts)]))[0]
-        if type(stamp) is CommandFailed:  # unstamped, nothing could invalidate it
+        if isinstance(stamp, CommandFailed):  # unstamped, nothing could invalidate it
             outcome = yield from invalidate(plan, key, whole)
             tolerate(plan, key, stamp)
             return outcome
-        payload = stamped(kind, payload, stamp)  # type: ignore[arg-type]
+        payload = stamped(plan.codec.redis_type, payload, stamp)  # kind: not DROP
     try:
         yield RunScript(
             ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)
