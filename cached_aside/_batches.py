@@ -26,6 +26,9 @@ from ._effects import (
     Lead,
     LoadOne,
     LoadSome,
+    PendingKey,
+    PendingPattern,
+    PendingTag,
     Postpone,
     RunScript,
     Scan,
@@ -33,14 +36,21 @@ from ._effects import (
     TagsOf,
 )
 from ._errors import BatchLoaderError, CacheUnavailableError
-from ._flows import RELEASE_ONLY, lock_hold, miss, release_now
+from ._flows import lock_hold, miss, release_now
 from ._keys import entry_keys, tag_key
 from ._loading import NO_STALE, guarded_load, leased, tolerate, what_to_store
-from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
+from ._outbox import Delivery
 from ._plan import Plan, Served
 from ._reads import ANSWER, BATCH, aged, batch_step, found_in, on_lookup, served_aged
 from ._results import BulkOutcome, Source
-from ._scripts import AcquireStatus, ScriptName
+from ._scripts import (
+    RELEASE_ONLY,
+    AcquireStatus,
+    acquire_call,
+    invalidate_call,
+    peek_call,
+    store_call,
+)
 from ._stamps import Verdict, judge_stamped, stamp_of, stamped, take_stamps, unstamped
 
 # Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
@@ -53,8 +63,8 @@ MAX_CONCURRENT_MISSES = 32
 def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
     """The lookups of many entries, replied to exactly like single lookups."""
     if plan.peek:
-        kind = (plan.codec.redis_type,)
-        return Batch([RunScript(ScriptName.PEEK, (key,), kind) for key in keys])
+        kind = plan.codec.redis_type
+        return Batch([peek_call(key, redis_type=kind) for key in keys])
     return Batch([Command((plan.codec.read_command, key)) for key in keys])
 
 
@@ -147,16 +157,13 @@ def load_batch(
     attempt = Hold(tuple(r for hold in holds.values() for r in hold.releases), options.lock_ttl_ms)
     yield attempt
     acquires: list[Command | RunScript] = [
-        RunScript(
-            ScriptName.ACQUIRE,
-            entry_keys(keys[p])[:3],
-            (
-                _token(holds[p]),
-                options.lock_ttl_ms,
-                codec.redis_type,
-                "1" if p in corrupt or p in outdated else "0",
-                options.keep_ms,
-            ),
+        acquire_call(
+            entry_keys(keys[p]),
+            token=_token(holds[p]),
+            lock_ttl_ms=options.lock_ttl_ms,
+            redis_type=codec.redis_type,
+            ignore_cached=p in corrupt or p in outdated,
+            keep_ms=options.keep_ms,
         )
         for p in lockable
     ]
@@ -383,8 +390,15 @@ def _load_and_store_many(
         elif stamp is not None and kind == plan.codec.redis_type:
             payload = stamped(kind, payload, stamp)
         if position in owning:
-            store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
-            stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
+            store = store_call(
+                entry_keys(keys[position]),
+                token=_token(holds[position]),
+                kind=kind,
+                ttl_ms=ttl_ms,
+                wake_ttl_ms=options.lock_ttl_ms,
+                payload=payload,
+            )
+            stores.append(store)
     # As a single load: callers of this process that come from here on read for
     # themselves, so none is handed a value stored before its call began.
     yield Signal.SEAL
@@ -459,7 +473,7 @@ def invalidate_many(plan: Plan, keys: Sequence[str], whole: PendingPattern) -> F
     go to the outbox; raises after queueing them when the function does not fail open."""
     wake_ttl_ms = plan.options.lock_ttl_ms
     replies = yield Batch(
-        [RunScript(ScriptName.INVALIDATE, entry_keys(key), (wake_ttl_ms,)) for key in keys]
+        [invalidate_call(entry_keys(key), wake_ttl_ms=wake_ttl_ms) for key in keys]
     )
     existed = 0
     failed: list[tuple[str, CommandFailed]] = []
@@ -549,7 +563,7 @@ def deliver(delivery: Delivery) -> Flow[Delivery]:
     pattern; returns what landed."""
     landed = Delivery([], [], [], delivery.sequence)
     effects: list[Command | RunScript] = [
-        RunScript(ScriptName.INVALIDATE, entry_keys(item.key), (item.wake_ttl_ms,))
+        invalidate_call(entry_keys(item.key), wake_ttl_ms=item.wake_ttl_ms)
         for item in delivery.keys
     ]
     effects += [release.effect for release in delivery.releases]

@@ -27,7 +27,7 @@ from ._loads import Loads
 from ._pipelines import Done
 from ._plan import Plan
 from ._runtime import Runtime
-from ._scripts import ScriptName
+from ._scripts import peek_call
 from ._stamps import version_reads
 
 # A single call's loader, arguments and keyword arguments: made into Loads on a miss
@@ -43,7 +43,7 @@ def no_seal() -> None:
 def lookup(plan: Plan, key: str) -> Command | RunScript:
     """The effect that looks an entry up: its read command, or PEEK (value and ttl)."""
     if plan.peek:
-        return RunScript(ScriptName.PEEK, (key,), (plan.codec.redis_type,))
+        return peek_call(key, redis_type=plan.codec.redis_type)
     return Command((plan.codec.read_command, key))
 
 

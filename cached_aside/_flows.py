@@ -29,7 +29,6 @@ from ._effects import (
 from ._errors import CacheUnavailableError, LoaderCircuitOpenError
 from ._keys import EntryKeys, entry_keys
 from ._loading import (
-    DROP,
     NO_STALE,
     STALE_SERVED,
     guarded_load,
@@ -40,7 +39,14 @@ from ._loading import (
 from ._plan import Plan, Served
 from ._reads import Age, peeked
 from ._results import Source
-from ._scripts import AcquireStatus, ScriptName
+from ._scripts import (
+    DROP,
+    RELEASE_ONLY,
+    AcquireStatus,
+    acquire_call,
+    leave_call,
+    store_call,
+)
 from ._stamps import (
     Verdict,
     stamp_of,
@@ -50,7 +56,6 @@ from ._stamps import (
     version_reads,
 )
 
-RELEASE_ONLY = "release"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 
@@ -91,10 +96,12 @@ def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
     yield hold
     try:
         # Ignore the cached value: it is the one being replaced.
-        reply = yield RunScript(
-            ScriptName.ACQUIRE,
-            keys[:3],
-            (token, plan.options.lock_ttl_ms, plan.codec.redis_type, "1"),
+        reply = yield acquire_call(
+            keys,
+            token=token,
+            lock_ttl_ms=plan.options.lock_ttl_ms,
+            redis_type=plan.codec.redis_type,
+            ignore_cached=True,
         )
         if reply[0] == AcquireStatus.OWNED:
             try:
@@ -122,8 +129,10 @@ def lock_hold(plan: Plan, keys: EntryKeys, token: str) -> Hold:
     gives back the lock if it has it, and its place among the waiters and its
     wake-up token if the lock script registered it as a waiter."""
     options = plan.options
-    release = RunScript(ScriptName.STORE, keys, (token, RELEASE_ONLY, 0, options.lock_ttl_ms))
-    leave = RunScript(ScriptName.LEAVE, (keys.waiters, keys.wake_list(token)), (token,))
+    release = store_call(
+        keys, token=token, kind=RELEASE_ONLY, ttl_ms=0, wake_ttl_ms=options.lock_ttl_ms
+    )
+    leave = leave_call(keys, token=token)
     return Hold((release, leave), options.lock_ttl_ms)
 
 
@@ -199,16 +208,13 @@ def miss(
         try:
             # Look up and lock in one step: a caller that missed just before another
             # stored the value finds it here instead of loading a second time.
-            acquire = RunScript(
-                ScriptName.ACQUIRE,
-                keys[:3],
-                (
-                    token,
-                    options.lock_ttl_ms,
-                    codec.redis_type,
-                    "1" if corrupt or replace or outdated else "0",
-                    options.keep_ms,
-                ),
+            acquire = acquire_call(
+                keys,
+                token=token,
+                lock_ttl_ms=options.lock_ttl_ms,
+                redis_type=codec.redis_type,
+                ignore_cached=bool(corrupt or replace or outdated),
+                keep_ms=options.keep_ms,
             )
             # The tags' versions, if any, read after the entry in the same round trip.
             reply, versions = yield from together(acquire, version_reads(keys.value, texts))
@@ -304,9 +310,15 @@ def _load_and_store(
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
     try:
-        stored = yield from _store(
-            keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload), texts, stamp
+        store = store_call(
+            keys,
+            token=token,
+            kind=kind,
+            ttl_ms=ttl_ms,
+            wake_ttl_ms=options.lock_ttl_ms,
+            payload=payload,
         )
+        stored = yield from _store(keys, store, texts, stamp)
     except CommandFailed as failure:
         # The lock may still stand (an OOM or READONLY refusal, a lost reply): the
         # Hold stays, and the driver releases it when this flow returns.
@@ -316,13 +328,12 @@ def _load_and_store(
     return Served(result, Source.LOADER, lease_kept=bool(stored), shareable=bool(stored))
 
 
-def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp: Any) -> Flow[Any]:
+def _store(keys: EntryKeys, store: RunScript, texts: tuple[str, ...], stamp: Any) -> Flow[Any]:
     """The STORE script (raising its failure). For a tagged entry, the tags' versions
     are read after it in the same round trip: if one changed since the load took
     them, a tag invalidation came meanwhile, and the answer is 0 (as for a revoked
     lease: the value is not handed to callers who joined the load)."""
-    store = RunScript(ScriptName.STORE, keys, args)
-    if not texts or args[1] == RELEASE_ONLY or args[1] == DROP:
+    if not texts or store.args[1] == RELEASE_ONLY or store.args[1] == DROP:
         return (yield store)
     stored, versions = yield from together(store, version_reads(keys.value, texts))
     return stored if stamp_of(versions) == stamp else 0

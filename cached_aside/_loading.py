@@ -13,12 +13,8 @@ from ._effects import CommandFailed, Flow, Leased, LoadOne, LoadSome, RunScript,
 from ._errors import CacheUnavailableError, LoaderCircuitOpenError
 from ._keys import EntryKeys
 from ._plan import Plan
-from ._scripts import ScriptName
+from ._scripts import DROP, renew_call
 from ._stamps import version_renewals
-
-# Store nothing and delete what is cached (under the lease): a reload whose result is
-# not to be cached must not leave the older value it was meant to replace.
-DROP = "drop"
 
 
 class _NoStale(enum.Enum):
@@ -49,8 +45,7 @@ def leased(
     and one expired under a slow load would make the store a miss."""
     options = plan.options
     renewals: tuple[tuple[RunScript, ...], ...] = tuple(
-        (RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms)),)
-        for keys, token in locks
+        (renew_call(keys, token=token, lease_ms=options.lock_ttl_ms),) for keys, token in locks
     )
     renewals += version_renewals(plan, tagged)
     return Leased(load, renewals, max(1, options.lock_ttl_ms // 3))

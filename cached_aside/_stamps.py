@@ -19,7 +19,7 @@ from ._codecs import STAMP_FIELD, Codec, RedisType
 from ._effects import Batch, Command, CommandFailed, Flow, RunScript
 from ._keys import tag_key
 from ._options import Options
-from ._scripts import ScriptName
+from ._scripts import tag_renew_call, tag_stamp_call
 from ._stats import Stats
 
 # A version is 16 hex digits from os.urandom: a tag's version key that was deleted
@@ -191,7 +191,7 @@ def version_renewals(
     tag invalidated) stops only its own renewals."""
     life = version_life_ms(plan.options)
     tag_keys = dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts)
-    return tuple((RunScript(ScriptName.TAG_RENEW, (key,), (life,)),) for key in tag_keys)
+    return tuple((tag_renew_call(key, life_ms=life),) for key in tag_keys)
 
 
 def take_stamps(
@@ -204,7 +204,7 @@ def take_stamps(
     alive_ms = version_life_ms(plan.options)
     tag_keys = list(dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts))
     replies = yield Batch(
-        [RunScript(ScriptName.TAG_STAMP, (key,), (new_version(), alive_ms)) for key in tag_keys]
+        [tag_stamp_call(key, version=new_version(), life_ms=alive_ms) for key in tag_keys]
     )
     versions: dict[str, bytes | CommandFailed] = {}
     for key, reply in zip(tag_keys, replies, strict=True):

@@ -14,13 +14,12 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._batches import invalidate_many, invalidate_pattern, many
 from ._defaults import default_engine
-from ._effects import Flow
+from ._effects import Flow, PendingPattern
 from ._engine import CacheEngine
 from ._flows import bypass
 from ._keys import KeyTemplate, glob_escape, split_entry_key
 from ._loads import NO_LOADS, BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
-from ._outbox import PendingPattern
 from ._plan import Plan, Served
 from ._reads import LOADER, NEAR, as_joiner, first_step, near_keeps
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source

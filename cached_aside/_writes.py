@@ -8,15 +8,21 @@ from __future__ import annotations
 from typing import Any
 
 from ._codecs import META_FIELD, HashCodec
-from ._effects import CommandFailed, Flow, Postpone, RunScript, Signal, TagsOf
+from ._effects import CommandFailed, Flow, PendingKey, PendingPattern, Postpone, Signal, TagsOf
 from ._errors import ConfigurationError
 from ._flows import bypass, miss, together
 from ._keys import entry_keys, tag_key
-from ._loading import DROP, tolerate, what_to_store
-from ._outbox import PendingKey, PendingPattern
+from ._loading import tolerate, what_to_store
 from ._plan import Plan, Served
 from ._results import Outcome
-from ._scripts import ScriptName
+from ._scripts import (
+    DROP,
+    invalidate_call,
+    put_call,
+    revoke_call,
+    tag_stamp_call,
+    update_field_call,
+)
 from ._stamps import new_version, stamped, take_stamps
 
 
@@ -27,9 +33,7 @@ def invalidate(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome]:
     key should the outbox be full) and the answer is PENDING, never ABSENT.
     """
     try:
-        existed = yield RunScript(
-            ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,)
-        )
+        existed = yield invalidate_call(entry_keys(key), wake_ttl_ms=plan.options.lock_ttl_ms)
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
     return Outcome.DELETED if existed else Outcome.ABSENT
@@ -65,17 +69,14 @@ def update_field(
         # cache_if judges whole records, and this one is in Redis, not here: drop it
         # (the next call loads and judges the row) rather than keep what it may refuse.
         return (yield from invalidate(plan, key, whole))
-    update = RunScript(
-        ScriptName.UPDATE_FIELD,
+    update = update_field_call(
         entry_keys(key),
-        (
-            META_FIELD,
-            field,
-            text,
-            options.ttl_ms + options.keep_ms,
-            options.lock_ttl_ms,
-            options.keep_ms,
-        ),
+        meta_field=META_FIELD,
+        field=field,
+        value=text,
+        ttl_ms=options.ttl_ms + options.keep_ms,
+        wake_ttl_ms=options.lock_ttl_ms,
+        keep_ms=options.keep_ms,
     )
     try:
         if plan.tags:
@@ -84,7 +85,7 @@ def update_field(
             texts = yield TagsOf(Signal.LOAD)
             alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
             renewals = [
-                RunScript(ScriptName.TAG_STAMP, (tag_key(key, t),), (new_version(), alive_ms))
+                tag_stamp_call(tag_key(key, t), version=new_version(), life_ms=alive_ms)
                 for t in texts
             ]
         else:
@@ -103,7 +104,7 @@ def reload(plan: Plan, key: str, block_limit_ms: int, whole: PendingPattern) -> 
     the revocation, the entry's invalidation goes to the outbox and the loader answers
     alone, as for a call while an invalidation is pending."""
     try:
-        yield RunScript(ScriptName.REVOKE, entry_keys(key), (plan.options.lock_ttl_ms,))
+        yield revoke_call(entry_keys(key), wake_ttl_ms=plan.options.lock_ttl_ms)
     except CommandFailed as failure:
         # The load in flight may still store what it read before the write: only an
         # invalidation fences it now.
@@ -130,8 +131,12 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
             return outcome
         payload = stamped(plan.codec.redis_type, payload, stamp)  # kind: not DROP
     try:
-        yield RunScript(
-            ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)
+        yield put_call(
+            entry_keys(key),
+            kind=kind,
+            ttl_ms=ttl_ms,
+            wake_ttl_ms=plan.options.lock_ttl_ms,
+            payload=payload,
         )
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
