@@ -48,7 +48,7 @@ from ._leases import arenew, renew
 from ._loads import Loads
 from ._pipelines import Done, asend, scan, scan_async, send, send_batch, send_batch_async
 from ._plan import Plan, Served
-from ._reads import LOADER, LOOK, WAIT, first_step, on_lookup, on_miss, served_aged
+from ._reads import FIRST_STEPS, LOADER, LOOK, WAIT, on_lookup, on_miss, served_aged
 from ._runtime import AsyncRuntime, SyncRuntime
 from ._stamps import read_stamped
 
@@ -68,11 +68,9 @@ def serve(
     then, on a miss, the miss flow shared with the other threads of this process
     that miss the same key. Returns the answer, the seconds spent on Redis, and
     whether it was shared. A Call is made into Loads only on a miss."""
-    step = first_step(
-        rt.outbox.active and rt.outbox.blocks(key),
-        False,
-        raw is not UNREAD or key in rt.flights.active,  # join the thread loading it
-    )
+    pending = rt.outbox.active and rt.outbox.blocks(key)
+    # Shared: the reply is in hand, or another thread of this process reads the key.
+    step = FIRST_STEPS[pending][False][raw is not UNREAD or key in rt.flights.active]
     if step is LOADER:
         return (*run(bypass(plan, key), rt, as_loads(plan, loads), no_seal), False)
     seconds = 0.0
@@ -149,7 +147,7 @@ def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, fl
 
 def _perform(effect: Effect, rt: SyncRuntime, running: Running) -> Done:
     """One effect, with the I/O of threads; the rest is Running's."""
-    if isinstance(effect, Command | RunScript | Batch):
+    if isinstance(effect, (Command, RunScript, Batch)):
         started = perf_counter()
         done = send(rt, effect) if not isinstance(effect, Batch) else (send_batch(rt, effect), None)
         running.seconds += perf_counter() - started
@@ -167,7 +165,7 @@ def _perform(effect: Effect, rt: SyncRuntime, running: Running) -> Done:
                 target=_background, args=(effect, rt, running.loads), daemon=True
             ).start()
         return None, None
-    if effect is Signal.LOAD or isinstance(effect, LoadSome | LoadOne | Leased):
+    if effect is Signal.LOAD or isinstance(effect, (LoadSome, LoadOne, Leased)):
         renewal = renew(rt, effect) if isinstance(effect, Leased) else None
         try:
             return running.loads.run(effect.load if isinstance(effect, Leased) else effect), None
@@ -233,7 +231,7 @@ async def aserve(
         unreached = await rt.prepare()
         if unreached is not None and raw is UNREAD:
             raw = unreached  # the cluster was not reached: what a failed lookup is
-    if first_step(rt.outbox.active and rt.outbox.blocks(key), False, True) is LOADER:
+    if FIRST_STEPS[rt.outbox.active and rt.outbox.blocks(key)][False][True] is LOADER:
         return (*(await arun(bypass(plan, key), rt, as_loads(plan, loads), no_seal)), False)
     (served, seconds), joined = await rt.flights.run(
         key, plan.patience, _aread, plan, key, rt, raw, loads
@@ -310,7 +308,7 @@ async def arun(
 
 async def _aperform(effect: Effect, rt: AsyncRuntime, running: Running) -> Done:
     """One effect, with the I/O of tasks; the rest is Running's."""
-    if isinstance(effect, Command | RunScript | Batch):
+    if isinstance(effect, (Command, RunScript, Batch)):
         started = perf_counter()
         if isinstance(effect, Batch):
             done: Done = (await send_batch_async(rt, effect), None)
@@ -329,7 +327,7 @@ async def _aperform(effect: Effect, rt: AsyncRuntime, running: Running) -> Done:
         if rt.background.claim(effect.key):
             rt.keep(_abackground(effect, rt, running.loads))
         return None, None
-    if effect is Signal.LOAD or isinstance(effect, LoadSome | LoadOne | Leased):
+    if effect is Signal.LOAD or isinstance(effect, (LoadSome, LoadOne, Leased)):
         renewal = arenew(rt, effect) if isinstance(effect, Leased) else None
         try:
             return await running.loads.arun(

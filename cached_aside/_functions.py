@@ -19,7 +19,7 @@ from ._drivers import arun, aserve, no_seal, run, serve
 from ._errors import BlockingCallWarning
 from ._near import MISSING
 from ._plan import Served
-from ._reads import NEAR, as_joiner, first_step
+from ._reads import FIRST_STEPS, NEAR, as_joiner
 from ._results import BulkOutcome, CacheResult, Outcome
 from ._wrapping import Bound, CachedBase, Write
 
@@ -62,7 +62,7 @@ class CachedFunction(CachedBase[P, R]):
         near = self._near
         if near is not None:
             # _near_look spelled out, for the near hit
-            if first_step(engine.outbox.active and engine.outbox.blocks(key), True, False) is NEAR:
+            if FIRST_STEPS[engine.outbox.active and engine.outbox.blocks(key)][True][False] is NEAR:
                 value = near.get(key)
                 if value is not MISSING:
                     self._plan.stats.near_hit()
@@ -242,7 +242,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         near = self._near
         if near is not None:
             # _near_look spelled out, for the near hit
-            if first_step(engine.outbox.active and engine.outbox.blocks(key), True, False) is NEAR:
+            if FIRST_STEPS[engine.outbox.active and engine.outbox.blocks(key)][True][False] is NEAR:
                 value = near.get(key)
                 if value is not MISSING:
                     self._plan.stats.near_hit()

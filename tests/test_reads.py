@@ -11,6 +11,7 @@ import msgpack
 import pytest
 
 from cached_aside._plan import Served
+from cached_aside._reads import FIRST_STEPS as TABLE
 from cached_aside._reads import (
     Step,
     as_joiner,
@@ -41,6 +42,8 @@ FIRST_STEPS = [
 @pytest.mark.parametrize(("facts", "step"), FIRST_STEPS)
 def test_where_a_read_begins(facts: tuple[bool, bool, bool], step: Step) -> None:
     assert first_step(*facts) is step
+    pending, near, shared = facts
+    assert TABLE[pending][near][shared] is step  # the hit path's copy of the rule
 
 
 # (refreshing, aged) -> after a lookup that did not answer
