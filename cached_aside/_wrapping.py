@@ -184,7 +184,7 @@ class CachedBase(Generic[P, R]):
     def _field_update(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], field: Any, value: Any
     ) -> Write[Outcome]:
-        loader_args, field, value = self._split_update(args, field, value)
+        loader_args, field, value = split_update(self._plan.name, args, field, value)
         engine, key = self._locate(loader_args, kwargs)
         flow = update_field(self._plan, key, field, value, self._covering(engine))
         return Write(engine, flow, (key,), self._call_of(loader_args, kwargs))
@@ -325,27 +325,6 @@ class CachedBase(Generic[P, R]):
         """Set this function's counters back to zero."""
         self._plan.stats.reset()
 
-    def _split_update(
-        self, args: tuple[Any, ...], field: Any, value: Any
-    ) -> tuple[tuple[Any, ...], Any, Any]:
-        """The loader's arguments, the field and the value of an update_field call:
-        `field=` and `value=` keywords, or else its last two positional arguments.
-        (None cannot be either: a hash field holds text.)"""
-        given = (field is not None) + (value is not None)
-        if given == 2:
-            return args, field, value
-        if given == 1:
-            raise TypeError(
-                f"{self._plan.name}.update_field takes field= and value= together, or the "
-                "field name and value as its last two positional arguments"
-            )
-        if len(args) < 2:
-            raise TypeError(
-                f"{self._plan.name}.update_field(*loader_args, field, value) needs the "
-                "field name and value after the loader's arguments"
-            )
-        return args[:-2], args[-2], args[-1]
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
 
@@ -383,6 +362,28 @@ class Bound(Generic[Q, R]):
 
     def __repr__(self) -> str:
         return f"<bound {self._shared!r} of {self._instance!r}>"
+
+
+def split_update(
+    name: str, args: tuple[Any, ...], field: Any, value: Any
+) -> tuple[tuple[Any, ...], Any, Any]:
+    """The loader's arguments, the field and the value of an update_field call:
+    `field=` and `value=` keywords, or else its last two positional arguments.
+    (None cannot be either: a hash field holds text.)"""
+    given = (field is not None) + (value is not None)
+    if given == 2:
+        return args, field, value
+    if given == 1:
+        raise TypeError(
+            f"{name}.update_field takes field= and value= together, or the "
+            "field name and value as its last two positional arguments"
+        )
+    if len(args) < 2:
+        raise TypeError(
+            f"{name}.update_field(*loader_args, field, value) needs the "
+            "field name and value after the loader's arguments"
+        )
+    return args[:-2], args[-2], args[-1]
 
 
 class ManyCall:
