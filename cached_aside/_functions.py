@@ -72,7 +72,7 @@ class CachedFunction(CachedBase[P, R]):
         if _get_running_loop() is not None:
             self._on_event_loop()
         call = (self.__wrapped__, args, kwargs)
-        served, _, joined = serve(self._plan, key, engine._sync_side(), call)
+        served, _, joined = serve(self._plan, key, engine.sides.sync_side(), call)
         value = (as_joiner(self._plan, served) if joined else served).value
         return value
 
@@ -99,7 +99,7 @@ class CachedFunction(CachedBase[P, R]):
         while a load of the key runs here waits for it to end, then loads."""
         if _get_running_loop() is not None:
             self._on_event_loop()
-        runtime = self._engine_in_use()._sync_side()
+        runtime = self._engine_in_use().sides.sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
             (served, _), joined = runtime.flights.reload(
@@ -147,7 +147,7 @@ class CachedFunction(CachedBase[P, R]):
         if _get_running_loop() is not None:
             self._on_event_loop()
         call = self._many(items)
-        runtime = call.engine._sync_side()
+        runtime = call.engine.sides.sync_side()
         return call.values(run(call.flow(runtime), runtime, call.loads, no_seal)[0])
 
     def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
@@ -184,7 +184,7 @@ class CachedFunction(CachedBase[P, R]):
             return hit, 0.0
         if _get_running_loop() is not None:
             self._on_event_loop()
-        runtime = engine._sync_side()
+        runtime = engine.sides.sync_side()
         try:
             served, seconds, joined = serve(
                 self._plan, key, runtime, (self.__wrapped__, args, kwargs)
@@ -197,7 +197,7 @@ class CachedFunction(CachedBase[P, R]):
     def _write(self, write: Write[T]) -> T:
         if _get_running_loop() is not None:
             self._on_event_loop()
-        runtime = write.engine._sync_side()
+        runtime = write.engine.sides.sync_side()
         try:
             return run(write.flow, runtime, write.loads, no_seal)[0]
         finally:
@@ -250,7 +250,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
             value = (await self._serve_at(engine, key, args, kwargs))[0].value
             return value
         call = (self.__wrapped__, args, kwargs)
-        served, _, joined = await aserve(self._plan, key, engine._async_side(), call)
+        served, _, joined = await aserve(self._plan, key, engine.sides.async_side(), call)
         value = (as_joiner(self._plan, served) if joined else served).value
         return value
 
@@ -264,7 +264,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Load now and store, whatever is cached; as CachedFunction.refresh."""
-        runtime = self._engine_in_use()._async_side()
+        runtime = self._engine_in_use().sides.async_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
             (served, _), joined = await runtime.flights.reload(
@@ -289,7 +289,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         """Values for many calls at once; as CachedFunction.many, with the misses
         loaded concurrently (at most 32 at a time) when there is no batch_loader."""
         call = self._many(items)
-        runtime = call.engine._async_side()
+        runtime = call.engine.sides.async_side()
         return call.values((await arun(call.flow(runtime), runtime, call.loads, no_seal))[0])
 
     async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
@@ -318,7 +318,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0
-        runtime = engine._async_side()
+        runtime = engine.sides.async_side()
         call = (self.__wrapped__, args, kwargs)
         try:
             served, seconds, joined = await aserve(self._plan, key, runtime, call)
@@ -328,7 +328,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         return self._answer(key, ticket, served, joined), seconds
 
     async def _write(self, write: Write[T]) -> T:
-        runtime = write.engine._async_side()
+        runtime = write.engine.sides.async_side()
         try:
             return (await arun(write.flow, runtime, write.loads, no_seal))[0]
         finally:

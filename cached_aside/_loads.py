@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -151,14 +150,11 @@ _abandoned: dict[int, int] = {}
 _abandoned_lock = threading.Lock()
 
 
-def _forget_abandoned_after_fork() -> None:
+def forget_abandoned_after_fork() -> None:
     """A child has none of its parent's threads, so none of their abandoned loads."""
     global _abandoned_lock
     _abandoned.clear()
     _abandoned_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_abandoned_after_fork)
 
 
 def _within(call: Callable[[], Any], timeout: float, name: str, owner: object) -> Any:

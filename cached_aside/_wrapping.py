@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -41,16 +40,13 @@ decorated: weakref.WeakSet[CachedBase[Any, Any]] = weakref.WeakSet()
 on_decorated: list[Callable[[CachedBase[Any, Any]], None]] = []
 
 
-def _reset_loader_breakers_after_fork() -> None:
+def reset_loader_breakers_after_fork() -> None:
     """A child forked while a thread probed a loader breaker would wait for ever for
     that probe's verdict: no thread of its own is probing."""
     for function in list(decorated):
         breaker = function._plan.loader_breaker
         if breaker is not None:
             breaker.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_loader_breakers_after_fork)
 
 
 class Write(Generic[T]):
@@ -130,7 +126,7 @@ class CachedBase(Generic[P, R]):
     def _register(self, engine: CacheEngine) -> None:
         """Meet `engine`: its near tier for this function, and its stats. Once per
         engine, however many threads make their first call at once."""
-        with engine._meeting:
+        with engine.catalog.meeting:
             if engine is not self._registered_with:
                 self._meet(engine)
 
@@ -143,17 +139,18 @@ class CachedBase(Generic[P, R]):
             plan = self._plan
             store = self._near_stores.get(engine)  # met before: the same tier again
             if store is None:
-                store = self._near_stores[engine] = engine._near_store(
+                store = self._near_stores[engine] = engine.nearby.store(
                     config, plan.codec, plan.name
                 )
             self._near = store
-        engine._register_stats(self._plan.stats)
         self._whole = self._every_key(engine)
-        if self._plan.tags:
-            lock_ttl_ms = self._plan.options.lock_ttl_ms
-            engine._register_tagged(
-                self._plan.name, self._plan.tags, self._whole, lock_ttl_ms, self._plan.stats
-            )
+        engine.catalog.join(
+            name=self._plan.name,
+            stats=self._plan.stats,
+            tags=self._plan.tags,
+            covers=self._whole,
+            lock_ttl_ms=self._plan.options.lock_ttl_ms,
+        )
         self._registered_with = engine
 
     def _every_key(self, engine: CacheEngine) -> PendingPattern:

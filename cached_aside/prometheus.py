@@ -54,7 +54,8 @@ class CacheCollector(Collector):
         latency = HistogramMetricFamily(
             f"{self.namespace}_loader_seconds", "Loader call duration", labels=["function"]
         )
-        for stats in self.engine._tracked():
+        for function in self.engine.catalog:
+            stats = function.stats
             snapshot = stats.snapshot().as_dict()
             for name, family in families.items():
                 family.add_metric([stats.name], snapshot[name])

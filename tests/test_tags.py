@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
-from cached_aside import _engine as engine_module
+from cached_aside import _bulk as bulk_module
 from cached_aside._batches import invalidate_tags as tags_flow
 from cached_aside._cli import describe
 from cached_aside._effects import Batch, CommandFailed, Signal, TagsOf
@@ -89,7 +89,7 @@ def intercept_tag_flow(
             except BaseException as exc:
                 failure = exc
 
-    monkeypatch.setattr(engine_module, "invalidate_tags", wrapped)
+    monkeypatch.setattr(bulk_module, "invalidate_tags", wrapped)
 
 
 def products(h: Harness, reads: list[str]) -> tuple[Any, Any]:
