@@ -28,18 +28,16 @@ _running: set[Renewal] = set()  # renewals started and not yet stopped, for test
 class Renewal:
     """The renewal of one Leased load's locks: the groups still renewed."""
 
-    __slots__ = ("effects", "every", "groups", "stopped")
+    __slots__ = ("every", "groups", "stopped")
 
     def __init__(self, leased: Leased) -> None:
+        self.groups: list[tuple[RunScript, ...]] = list(leased.renewals)
         self.every = leased.every_ms / 1000.0
         self.stopped = False
-        self._keep(list(leased.renewals))
         _running.add(self)
 
-    def _keep(self, groups: list[tuple[RunScript, ...]]) -> None:
-        """The groups still renewed, and the effects that renew them, in one batch."""
-        self.groups = groups
-        self.effects: list[Command | RunScript] = [e for group in groups for e in group]
+    def batch(self) -> list[Command | RunScript]:
+        return [effect for group in self.groups for effect in group]
 
     def settle(self, replies: list[Any]) -> bool:
         """Keep the groups Redis renewed in full; True while one is left to renew."""
@@ -49,7 +47,7 @@ class Renewal:
             at += len(group)
             if all(type(answer) is not CommandFailed and answer for answer in answers):
                 kept.append(group)
-        self._keep(kept)
+        self.groups = kept
         if not kept:
             self.stop()
         return bool(kept)
@@ -138,15 +136,14 @@ class _Renewer:
 
     def _renew(self, rt: SyncRuntime, renewals: list[Renewal]) -> None:
         sent = monotonic()
-        effects = [e for r in renewals for e in r.effects]
         try:
-            replies = send_batch(rt, Batch(effects))
+            replies = send_batch(rt, Batch([e for r in renewals for e in r.batch()]))
         except BaseException:  # a thread has nobody to raise to: these stop
             logger.debug("renewing leases failed", exc_info=True)
-            replies = [None] * len(effects)
+            replies = [None] * sum(len(r.batch()) for r in renewals)
         at = 0
         for renewal in renewals:
-            size = len(renewal.effects)
+            size = len(renewal.batch())
             if renewal.settle(replies[at : at + size]) and not renewal.stopped:
                 with self._wake:
                     due = sent + renewal.every
@@ -204,12 +201,12 @@ class AsyncRenewal(Renewal):
             sent = loop.time()
             self._sending = True
             try:
-                replies = await send_batch_async(self._rt, Batch(self.effects))
+                replies = await send_batch_async(self._rt, Batch(self.batch()))
             except asyncio.CancelledError:
                 raise
             except BaseException:  # nobody awaits this task: these leases stop
                 logger.debug("renewing leases failed", exc_info=True)
-                replies = [None] * len(self.effects)
+                replies = [None] * len(self.batch())
             finally:
                 self._sending = False
             if self.stopped or not self.settle(replies):
