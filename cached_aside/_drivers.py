@@ -78,8 +78,8 @@ def serve(
         if step is LOOK:
             started = perf_counter()
             if plan.tags:
-                raw = read_stamped(plan, send_batch(rt, tagged_lookup(plan, key, loads)))
-            else:
+                raw = _look(plan, key, rt, loads)
+            else:  # the hit path: one call fewer
                 raw, failure = send(rt, lookup(plan, key))
                 if failure is not None:
                     raw = as_reply(failure)
@@ -105,16 +105,23 @@ def _miss(
         assert refresh is not None
         rt.flights.wait_for(refresh, plan.patience)
         started = perf_counter()
-        raw, failure = send(rt, lookup(plan, key))
+        raw = _look(plan, key, rt, loads)  # tagged: with its versions, as the first look
         seconds = perf_counter() - started
-        if failure is not None:
-            raw = as_reply(failure)
         hit = on_lookup(plan, raw)
         if hit is not None:
             return hit, seconds
     flow = after_miss(plan, key, None if raw is UNREAD else raw, rt.block_limit_ms)
     served, more = run(flow, rt, loads, seal)
     return served, seconds + more
+
+
+def _look(plan: Plan, key: str, rt: SyncRuntime, loads: Loads | Call) -> object:
+    """The lookup's reply, a failure as its reply; a tagged entry read with its tags'
+    versions (stamp checked), so every look of a key is judged the same way."""
+    if plan.tags:
+        return read_stamped(plan, send_batch(rt, tagged_lookup(plan, key, loads)))
+    raw, failure = send(rt, lookup(plan, key))
+    return raw if failure is None else as_reply(failure)
 
 
 def run(flow: Flow[T], rt: SyncRuntime, loads: Loads, seal: Seal) -> tuple[T, float]:
@@ -239,6 +246,14 @@ async def aserve(
     return served, seconds, joined
 
 
+async def _alook(plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call) -> object:
+    """As _look, from a task."""
+    if plan.tags:
+        return read_stamped(plan, await send_batch_async(rt, tagged_lookup(plan, key, loads)))
+    raw, failure = await asend(rt, lookup(plan, key))
+    return raw if failure is None else as_reply(failure)
+
+
 async def _aread(
     plan: Plan, key: str, rt: AsyncRuntime, raw: object, loads: Loads | Call, seal: Seal
 ) -> tuple[Served, float]:
@@ -246,9 +261,8 @@ async def _aread(
     if raw is UNREAD:
         started = perf_counter()
         if plan.tags:
-            batch = tagged_lookup(plan, key, loads)
-            raw = read_stamped(plan, await send_batch_async(rt, batch))
-        else:
+            raw = await _alook(plan, key, rt, loads)
+        else:  # the hit path: one coroutine fewer
             raw, failure = await asend(rt, lookup(plan, key))
             if failure is not None:
                 raw = as_reply(failure)
@@ -261,10 +275,8 @@ async def _aread(
         assert refresh is not None
         await rt.flights.wait_for(refresh, plan.patience)  # as in _miss
         started = perf_counter()
-        raw, failure = await asend(rt, lookup(plan, key))
+        raw = await _alook(plan, key, rt, loads)  # as in _miss
         seconds += perf_counter() - started
-        if failure is not None:
-            raw = as_reply(failure)
         hit = on_lookup(plan, raw)
         if hit is not None:
             return hit, seconds

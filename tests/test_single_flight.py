@@ -512,6 +512,34 @@ async def test_a_refresh_waits_for_the_reload_behind_instead_of_loading_beside_i
     assert value.startswith("v2:")
 
 
+async def test_a_call_waiting_for_a_refresh_of_a_tagged_key_reads_it_with_its_tags(
+    h: Harness,
+) -> None:
+    # Before: after waiting for the refresh, the call looked the key up without its tags'
+    # versions, judged the stamped entry corrupt and loaded the key a second time.
+    scenario = Scenario(options(tags=("shop:<id>",)), "cold", "value", ["refresh", "call"])
+    name = f"sf{next(_examples)}"
+    probe, gate = Probe(None), Gate(h.mode)
+    loader = loader_for(h, scenario, probe, gate)
+    fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **scenario.options)(loader)
+    side = h.engine.sides.sync_side() if h.mode == "sync" else h.engine.sides.async_side()
+    try:
+        refresh = Started(h, lambda: fn.refresh("k"))
+        await until(h, lambda: probe.in_loader == 1)
+        call = Started(h, lambda: fn.lookup("k"))
+        await until(h, lambda: side.flights.waiting == 1 or probe.in_loader == 2)
+        gate.release()
+        refreshed, looked = await refresh.result(), await call.result()
+    finally:
+        gate.finish()
+    assert refreshed[0] == "ok"
+    assert looked[0] == "ok"
+    assert looked[1].value == refreshed[1]
+    assert looked[1].source is Source.CACHE  # read from Redis after the wait, not loaded
+    assert probe.runs == 1
+    assert fn.stats().corrupt == 0
+
+
 async def until(h: Harness, condition: Callable[[], bool]) -> None:
     """Wait (a generous bound, never a speed claim) until `condition` holds."""
     for _ in range(int(HANG / 0.002)):
