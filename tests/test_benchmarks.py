@@ -56,6 +56,7 @@ def rows(table: Table) -> dict[str, list[Any]]:
 @pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
 def test_hit_path_has_every_contender(settings: Settings) -> None:
     tables = {t.title: t for t in hit_path.run(settings)}
+    against_c = tables.pop("hit path against the C client (same run)")
     packed = rows(tables["sync hit, msgpack record"])
     assert packed["raw redis-py GET + unpackb"][2] == 1.0  # the baseline's ratio
     # The figure says which path it measured: the held connection, every call.
@@ -80,7 +81,24 @@ def test_hit_path_has_every_contender(settings: Settings) -> None:
     floors = [note for t in tables.values() for note in t.notes if note.startswith("floor: C")]
     assert len(floors) == 2  # sync and async msgpack: a figure, or why there is none
     if shutil.which("redis-benchmark"):
-        assert all(" µs per GET (" in note for note in floors)
+        assert all(" µs per GET, median of its " in note for note in floors)
+    # Every msgpack contender, sync and async, against the C client of the same run,
+    # with its CPU per call; the C client's row when it ran.
+    versus = rows(against_c)
+    assert {f"sync: {name}" for name in packed} | {
+        f"async: {name}" for name in async_packed
+    } == set(versus) - {"C client (redis-benchmark)"}
+    assert versus["sync: raw redis-py GET + unpackb"][2] == 1.0  # to its own mode's raw call
+    assert versus["async: raw redis.asyncio GET + unpackb"][2] == 1.0
+    assert all(row[3] > 0 for row in versus.values())  # CPU per call
+    if shutil.which("redis-benchmark"):
+        c_client = versus["C client (redis-benchmark)"]
+        assert c_client[0] > 0
+        assert c_client[3] > 0
+        assert c_client[1] == c_client[4] == 1.0
+        # One C round before each Python round, sync and async: 2 x settings.rounds.
+        assert f"median over {2 * settings.rounds} rounds" in against_c.notes[0]
+        assert all(isinstance(row[1], float) for row in versus.values())
 
 
 def test_round_trips_per_operation(settings: Settings) -> None:
