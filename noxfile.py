@@ -65,7 +65,7 @@ TEST_DEPENDENCIES = [
     "prometheus_client>=0.17",  # test_typed_schema checks the schema_mismatch export
 ]
 CORE = [
-    "tests/test_scenarios.py",
+    "tests/test_cache_aside.py",
     "tests/test_flows.py",
     "tests/test_fault_injection.py",
     "tests/test_connections.py",
@@ -189,12 +189,12 @@ def integrations(session: nox.Session) -> None:
     session.install("aiosqlite>=0.19", "psycopg[binary]>=3.1", "opentelemetry-sdk>=1.30")
     # SQLAlchemy's tests are parametrized over both databases in one process;
     # Django's settings are configured once per process: one run per database.
-    files = ["tests/test_integration_sqlalchemy.py", "tests/test_integration_django.py"]
+    files = ["tests/test_integrations_sqlalchemy.py", "tests/test_integrations_django.py"]
     _run_tests(session, "redis", files, CACHED_ASIDE_TEST_DATABASE="sqlite")
     _run_tests(
         session,
         "redis",
-        ["tests/test_integration_django.py"],
+        ["tests/test_integrations_django.py"],
         CACHED_ASIDE_TEST_DATABASE="postgresql",
     )
 

@@ -80,7 +80,12 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     counts = {"reads": 0, "writes": 0, "stale_in_window": 0, "stale": 0, "errors": 0}
     lock = threading.Lock()
     kinds: list[str] = []  # the first few errors, for the log
-    start_at = config["start_at"]
+    # Connected before the start (the connection, not the first read, is made here),
+    # then one start time for the fleet from the parent: however slowly this process
+    # started, it runs its full `seconds` with the others.
+    engine.client().ping()
+    print("ready", flush=True)
+    start_at = float(sys.stdin.readline())
     deadline = start_at + config["seconds"]
 
     def run(seed: int) -> None:
@@ -200,7 +205,6 @@ def one_run(
         # The versions whose invalidation returned, and when: a file every worker maps.
         published = Path(folder) / "published"
         published.write_bytes(bytes(2 * KEYS * SLOT))
-        start_at = time.time() + 1.5  # every process imported and connected by then
         base = {
             "url": url,
             "prefix": prefix,
@@ -208,7 +212,6 @@ def one_run(
             "memory": str(published),
             "threads": threads,
             "seconds": seconds,
-            "start_at": start_at,
         }
         workers = [
             subprocess.Popen(
@@ -219,11 +222,23 @@ def one_run(
                     "--worker",
                     json.dumps({**base, "seed": n + 1}),
                 ],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
             for n in range(processes)
         ]
+        # A barrier, not a guess at start-up time: each worker says "ready" once
+        # connected, and all are given one start time a moment later.
+        for w in workers:
+            said = w.stdout.readline().strip() if w.stdout else ""
+            if said != "ready":
+                raise RuntimeError(f"a fleet worker did not start (said {said!r})")
+        start_at = time.time() + 0.05
+        for w in workers:
+            if w.stdin:
+                w.stdin.write(f"{start_at}\n")
+                w.stdin.flush()
         time.sleep(max(0.0, start_at - time.time()))
         before = commands(server_urls)
         if during is not None:

@@ -1,15 +1,13 @@
-"""Flows for many entries at once: many() with a batch loader, invalidate_many, and
-dropping every entry whose key matches a pattern.
+"""Flows for many entries at once: many() (one pipeline of lookups) and its misses
+through the batch loader (one lock batch, one loader call, one store batch).
 
-Each step sends one Batch (a pipeline: one round trip per node) instead of one
-command per entry; the per-entry rules are the ones in flows.py. No redis, asyncio
-or time imports here.
+The per-entry rules are the ones in flows.py. No redis, asyncio or time imports here.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._codecs import Found
@@ -26,16 +24,13 @@ from ._effects import (
     Lead,
     LoadOne,
     LoadSome,
-    Postpone,
     RunScript,
-    Scan,
     Signal,
     TagsOf,
 )
 from ._errors import BatchLoaderError, CacheUnavailableError
 from ._flows import (
     NO_STALE,
-    RELEASE_ONLY,
     Plan,
     Served,
     aged,
@@ -50,14 +45,34 @@ from ._flows import (
     tolerate,
     what_to_store,
 )
-from ._keys import entry_keys, tag_key
-from ._outbox import Delivery, PendingKey, PendingPattern, PendingTag
-from ._results import BulkOutcome, Source
-from ._scripts import AcquireStatus, ScriptName
-from ._stamps import Verdict, judge_stamped, stamp_of, stamped, take_stamps, unstamped
 
-# Keys deleted per pipeline by invalidate_matching; SCAN is asked for as many.
-SCAN_BATCH = 1000
+# Bulk invalidation lives in _invalidations; these names stay importable from here for
+# the modules that still do (engine, wrapping, flusher and tests) until they move.
+from ._invalidations import SCAN_BATCH as SCAN_BATCH
+from ._invalidations import deliver as deliver
+from ._invalidations import invalidate_many as invalidate_many
+from ._invalidations import invalidate_matching as invalidate_matching
+from ._invalidations import invalidate_pattern as invalidate_pattern
+from ._invalidations import invalidate_tags as invalidate_tags
+from ._keys import entry_keys
+from ._results import Source
+from ._scripts import (
+    RELEASE_ONLY,
+    AcquireStatus,
+    acquire_call,
+    peek_call,
+    store_call,
+)
+from ._stamps import (
+    Verdict,
+    stamp_of,
+    stamped,
+    tagged_lookups,
+    take_stamps,
+    unstamped,
+    version_reads_after,
+)
+
 # Misses of one async many() call loaded at once without a batch loader: enough to
 # overlap loads, few enough not to drain the connection pool or flood the primary.
 MAX_CONCURRENT_MISSES = 32
@@ -66,49 +81,9 @@ MAX_CONCURRENT_MISSES = 32
 def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
     """The lookups of many entries, replied to exactly like single lookups."""
     if plan.peek:
-        kind = (plan.codec.redis_type,)
-        return Batch([RunScript(ScriptName.PEEK, (key,), kind) for key in keys])
+        kind = plan.codec.redis_type
+        return Batch([peek_call(key, redis_type=kind) for key in keys])
     return Batch([Command((plan.codec.read_command, key)) for key in keys])
-
-
-def tagged_lookups(
-    plan: Plan, keys: Sequence[str], texts: Sequence[tuple[str, ...]]
-) -> Flow[tuple[list[Any], set[int]]]:
-    """The lookups of many entries of a tagged function with their tags' versions,
-    each version read once, in one pipeline after the entries; returns each entry's
-    reply as an untagged lookup's (read_stamped), and the positions of the entries
-    found with a stamp that is not current (foreign ones counted)."""
-    reads, places = _with_versions(lookups(plan, keys).effects, keys, texts)
-    replies = yield Batch(reads)
-    raws, outdated = [], set()
-    for position, place in enumerate(places):
-        raw, verdict = judge_stamped(plan, [replies[i] for i in place])
-        raws.append(raw)
-        if verdict is not Verdict.CURRENT:
-            outdated.add(position)
-            if verdict is Verdict.FOREIGN:
-                plan.stats.corrupt(keys[position])
-    return raws, outdated
-
-
-def _with_versions(
-    effects: Sequence[Command | RunScript], keys: Sequence[str], texts: Sequence[tuple[str, ...]]
-) -> tuple[list[Command | RunScript], list[list[int]]]:
-    """Effects followed by the GET of every distinct tag version they need; and for
-    each effect, the positions of its reply and of its tags' versions' replies."""
-    reads: list[Command | RunScript] = list(effects)
-    seen: dict[str, int] = {}
-    places = []
-    for position, (key, tags) in enumerate(zip(keys, texts, strict=True)):
-        place = [position]
-        for text in tags:
-            version_key = tag_key(key, text)
-            if version_key not in seen:
-                seen[version_key] = len(reads)
-                reads.append(Command(("GET", version_key)))
-            place.append(seen[version_key])
-        places.append(place)
-    return reads, places
 
 
 def load_batch(
@@ -160,16 +135,13 @@ def load_batch(
     attempt = Hold(tuple(r for hold in holds.values() for r in hold.releases), options.lock_ttl_ms)
     yield attempt
     acquires: list[Command | RunScript] = [
-        RunScript(
-            ScriptName.ACQUIRE,
-            entry_keys(keys[p])[:3],
-            (
-                _token(holds[p]),
-                options.lock_ttl_ms,
-                codec.redis_type,
-                "1" if p in corrupt or p in outdated else "0",
-                options.keep_ms,
-            ),
+        acquire_call(
+            entry_keys(keys[p]),
+            token=_token(holds[p]),
+            lock_ttl_ms=options.lock_ttl_ms,
+            redis_type=codec.redis_type,
+            ignore_cached=p in corrupt or p in outdated,
+            keep_ms=options.keep_ms,
         )
         for p in lockable
     ]
@@ -178,7 +150,7 @@ def load_batch(
         texts = []
         for p in lockable:
             texts.append((yield TagsOf(LoadOne(at[p]))))
-        reads, places = _with_versions(acquires, [keys[p] for p in lockable], texts)
+        reads, places = version_reads_after(acquires, [keys[p] for p in lockable], texts)
         sent = yield Batch(reads)
         replies = sent[: len(acquires)]
         stamps = [stamp_of([sent[i] for i in place[1:]]) for place in places]
@@ -280,7 +252,7 @@ def many(
         texts = []
         for position in range(len(keys)):
             texts.append((yield TagsOf(LoadOne(position))))
-        raws, outdated = yield from tagged_lookups(plan, keys, texts)
+        raws, outdated = yield from tagged_lookups(plan, lookups(plan, keys), keys, texts)
     else:
         raws, outdated = (yield lookups(plan, keys)), set()
     answers: list[tuple[Served, bool] | None] = [None] * len(keys)
@@ -394,8 +366,15 @@ def _load_and_store_many(
         elif stamp is not None and kind == plan.codec.redis_type:
             payload = stamped(kind, payload, stamp)
         if position in owning:
-            store_args = (_token(holds[position]), kind, ttl_ms, options.lock_ttl_ms, *payload)
-            stores.append(RunScript(ScriptName.STORE, entry_keys(keys[position]), store_args))
+            store = store_call(
+                entry_keys(keys[position]),
+                token=_token(holds[position]),
+                kind=kind,
+                ttl_ms=ttl_ms,
+                wake_ttl_ms=options.lock_ttl_ms,
+                payload=payload,
+            )
+            stores.append(store)
     # As a single load: callers of this process that come from here on read for
     # themselves, so none is handed a value stored before its call began.
     yield Signal.SEAL
@@ -463,129 +442,3 @@ def align(name: str, items: Sequence[Any], returned: object) -> list[Any]:
         f"{name}: the batch_loader returned {type(returned).__qualname__}; return a list "
         "with one value per item, in order, or a dict keyed by item"
     )
-
-
-def invalidate_many(plan: Plan, keys: Sequence[str], whole: PendingPattern) -> Flow[BulkOutcome]:
-    """Delete many entries and revoke their loads in flight. Those Redis did not take
-    go to the outbox; raises after queueing them when the function does not fail open."""
-    wake_ttl_ms = plan.options.lock_ttl_ms
-    replies = yield Batch(
-        [RunScript(ScriptName.INVALIDATE, entry_keys(key), (wake_ttl_ms,)) for key in keys]
-    )
-    existed = 0
-    failed: list[tuple[str, CommandFailed]] = []
-    for key, reply in zip(keys, replies, strict=True):
-        if type(reply) is CommandFailed:
-            failed.append((key, reply))
-        else:
-            existed += int(reply)
-    if failed:
-        for _ in failed:
-            plan.stats.postponed()
-        yield Postpone(tuple(PendingKey(key, wake_ttl_ms, whole) for key, _ in failed))
-        for key, failure in failed:
-            tolerate(plan, key, failure)
-    return BulkOutcome(existed, len(failed))
-
-
-def invalidate_pattern(pattern: PendingPattern, plan: Plan | None = None) -> Flow[BulkOutcome]:
-    """invalidate_matching() for a function (`plan`) or a whole engine; what Redis
-    did not finish goes to the outbox, and with a plan that does not fail open,
-    raises after queueing."""
-    deleted, failure = yield from invalidate_matching(pattern.match, pattern.belongs)
-    if failure is None:
-        return BulkOutcome(deleted)
-    yield Postpone((pattern,))
-    if plan is not None:
-        plan.stats.postponed()
-        tolerate(plan, pattern.name or pattern.match, failure)
-    return BulkOutcome(deleted, 1)
-
-
-def invalidate_matching(
-    match: str, belongs: Callable[[str], bool]
-) -> Flow[tuple[int, CommandFailed | None]]:
-    """UNLINK every key that matches the glob and `belongs`, a batch at a time; returns
-    how many value keys were deleted, and the failure that stopped it part way.
-
-    SCAN never blocks Redis the way KEYS does, and UNLINK frees memory off the main
-    thread. The entries' locks go too, which revokes the leases of loads in flight.
-
-    Why not a generation number in every key: a hit would need the current
-    generation first, either one more round trip on every hit or a per-process copy
-    that other processes' bumps leave stale. Bulk invalidation is rare; hits are not.
-    """
-    deleted = 0
-    position: Any = None
-    while True:
-        try:
-            position, found = yield Scan(match, position, SCAN_BATCH)
-        except CommandFailed as failure:
-            return deleted, failure
-        doomed = [key for key in found if belongs(key)]
-        if doomed:
-            replies = yield Batch([Command(("UNLINK", key)) for key in doomed])
-            for key, reply in zip(doomed, replies, strict=True):
-                if type(reply) is CommandFailed:
-                    return deleted, reply
-                if key.endswith("}"):
-                    deleted += int(reply)
-        if position is None:
-            return deleted, None
-
-
-def invalidate_tags(key_head: str, texts: Sequence[str], wake_ttl_ms: int) -> Flow[BulkOutcome]:
-    """Retire each tag's version: one DEL per tag, in one pipeline, on every node. Every
-    entry stamped with a retired version is a miss from then on, wherever it is and
-    whatever else Redis kept or evicted; a load in flight, stamped before, stores an
-    entry that is a miss too. What Redis did not take goes to the outbox as a
-    PendingTag (blocking, here, the functions that can carry it). Returns the
-    outcome: `deleted` counts the tags that had a version."""
-    tag_keys = [tag_key(key_head, text) for text in texts]
-    replies = yield Batch([Command(("DEL", key)) for key in tag_keys])
-    retired = 0
-    unsent: list[PendingTag] = []
-    for text, key, reply in zip(texts, tag_keys, replies, strict=True):
-        if type(reply) is CommandFailed:
-            unsent.append(PendingTag(key, text, wake_ttl_ms))
-        else:
-            retired += int(reply)
-    if unsent:
-        yield Postpone(tuple(unsent))
-    return BulkOutcome(retired, len(unsent))
-
-
-def deliver(delivery: Delivery) -> Flow[Delivery]:
-    """Send what the outbox holds, keys and releases in one pipeline, then each
-    pattern; returns what landed."""
-    landed = Delivery([], [], [], delivery.sequence)
-    effects: list[Command | RunScript] = [
-        RunScript(ScriptName.INVALIDATE, entry_keys(item.key), (item.wake_ttl_ms,))
-        for item in delivery.keys
-    ]
-    effects += [release.effect for release in delivery.releases]
-    if effects:
-        replies = yield Batch(effects)
-        for item, reply in zip(delivery.keys, replies, strict=False):
-            if type(reply) is not CommandFailed:
-                landed.keys.append(item)
-        for release, reply in zip(delivery.releases, replies[len(delivery.keys) :], strict=True):
-            if type(reply) is not CommandFailed:
-                landed.releases.append(release)
-    for pattern in delivery.patterns:
-        _, failure = yield from invalidate_matching(pattern.match, pattern.belongs)
-        if failure is not None:
-            return landed  # Redis is failing again: the rest waits for the next attempt
-        landed.patterns.append(pattern)
-    for tag in delivery.tags:
-        if (yield from _deliver_tag(tag)):
-            landed.tags.append(tag)
-        else:
-            break
-    return landed
-
-
-def _deliver_tag(tag: PendingTag) -> Flow[bool]:
-    """One pending tag: retire its version; True if Redis took it."""
-    replies = yield Batch([Command(("DEL", tag.key))])
-    return type(replies[0]) is not CommandFailed

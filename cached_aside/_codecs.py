@@ -36,8 +36,8 @@ META_FIELD: Final = "__cached_aside__"
 # The reserved field of a tagged function's record: its tags' versions (_stamps.py).
 STAMP_FIELD: Final = "__cached_aside_tags__"
 NEGATIVE_META: Final = "none"
-_META_FIELD_BYTES: Final = META_FIELD.encode()
-_NEGATIVE_META_BYTES: Final = NEGATIVE_META.encode()
+META_FIELD_BYTES: Final = META_FIELD.encode()
+NEGATIVE_META_BYTES: Final = NEGATIVE_META.encode()
 
 # 0xC1 is the one byte the msgpack format never uses, so no packed value starts with it.
 MSGPACK_NEGATIVE: Final = b"\xc1"
@@ -49,7 +49,16 @@ COMPRESSION_LEVEL: Final = 6  # zlib's default: most of level 9's ratio at a thi
 MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024
 
 
-def _decompressed(raw: bytes) -> bytes | None:
+def compressed(packed: bytes, compress_over: int) -> bytes:
+    """`packed` as stored: zlib-compressed behind COMPRESSED_MARK when longer than
+    `compress_over` (0: never). Past the cap a compressed value could not be read
+    back (see decompressed): it goes plain."""
+    if compress_over and compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
+        return COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
+    return packed
+
+
+def decompressed(raw: bytes) -> bytes | None:
     """The packed bytes behind COMPRESSED_MARK, or None if they are not a whole,
     intact zlib stream of at most MAX_DECOMPRESSED_BYTES."""
     inflater = zlib.decompressobj()
@@ -71,7 +80,7 @@ Frozen = tuple[Callable[[Any], Any], Any]
 calls one on the other, so the choice of copy is made once, at the fill."""
 
 
-def _same(value: Any) -> Any:
+def same(value: Any) -> Any:
     """The copy of an immutable value is the value."""
     return value
 
@@ -113,10 +122,10 @@ class HashCodec:
             return Found.MISS
         if type(raw) is list:  # a Lua reply: HGETALL as a flat list
             raw = dict(zip(raw[::2], raw[1::2], strict=True))
-        meta = raw.pop(_META_FIELD_BYTES, None)
+        meta = raw.pop(META_FIELD_BYTES, None)
         if meta is None:
             return Found.CORRUPT
-        if meta == _NEGATIVE_META_BYTES:
+        if meta == NEGATIVE_META_BYTES:
             return Found.NEGATIVE if not raw else Found.CORRUPT
         try:
             record = {field.decode(): value.decode() for field, value in raw.items()}
@@ -146,7 +155,7 @@ class HashCodec:
         return None if value is None else dict(value)
 
     def freeze(self, value: Any) -> Frozen:
-        return (_same, None) if value is None else (dict, dict(value))  # str -> str: flat
+        return (same, None) if value is None else (dict, dict(value))  # str -> str: flat
 
     def encode_field(self, field: object, value: object, where: str) -> str:
         """The text update_field() writes for one field."""
@@ -159,7 +168,7 @@ def check_field(field: object, where: str) -> str:
         raise UnstorableValueError(
             f"{where}: hash field names must be str, got {field!r}; convert the keys to str"
         )
-    _check_utf8(field, where, "field name")
+    check_utf8(field, where, "field name")
     if field in (META_FIELD, STAMP_FIELD):
         raise UnstorableValueError(
             f"{where}: field {field!r} is reserved by cached_aside; rename it"
@@ -169,10 +178,10 @@ def check_field(field: object, where: str) -> str:
 
 def field_text(field: str, item: object, where: str) -> str:
     """Hash values are flat: str, int or float, stored and returned as str."""
+    if type(item) is str:  # exactly str: a subclass (a StrEnum) is refused below
+        check_utf8(item, where, f"field {field!r}")
+        return item
     kind = type(item)
-    if kind is str:
-        _check_utf8(item, where, f"field {field!r}")  # type: ignore[arg-type]
-        return item  # type: ignore[return-value]
     if kind is int or kind is float:
         return repr(item)
     raise UnstorableValueError(
@@ -182,7 +191,7 @@ def field_text(field: str, item: object, where: str) -> str:
     )
 
 
-def _check_utf8(text: str, where: str, what: str) -> None:
+def check_utf8(text: str, where: str, what: str) -> None:
     """Redis receives UTF-8: a lone surrogate (as os.fsdecode makes of bad bytes)
     cannot be sent, and must be refused before the store, not inside redis-py."""
     if not text.isascii():
@@ -215,7 +224,7 @@ class MsgpackCodec:
                 return Found.NEGATIVE
             if raw[:2] != COMPRESSED_MARK:
                 return Found.CORRUPT
-            raw = _decompressed(raw)
+            raw = decompressed(raw)
             if raw is None:
                 return Found.CORRUPT
         try:
@@ -235,10 +244,7 @@ class MsgpackCodec:
                 "dicts with str or int keys, lists, str, bytes, int, float, bool and None "
                 "only, e.g. convert datetimes with .isoformat() and objects with a to_dict()"
             ) from exc
-        # Past the cap a compressed value could not be read back: it goes plain.
-        if self.compress_over and self.compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
-            packed = COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
-        return [packed], result
+        return [compressed(packed, self.compress_over)], result
 
     def negative_payload(self) -> list[Any]:
         return [MSGPACK_NEGATIVE]
@@ -253,7 +259,7 @@ class MsgpackCodec:
     def freeze(self, value: Any) -> Frozen:
         kind = type(value)
         if value is None or kind in _IMMUTABLE:
-            return _same, value
+            return same, value
         # A flat record (the common case) is fully copied by a shallow copy, which
         # costs a tenth of unpacking it again.
         if kind is dict and all(v is None or type(v) in _IMMUTABLE for v in value.values()):
@@ -318,9 +324,7 @@ class SerializerCodec:
 
     def freeze(self, value: Any) -> Frozen:
         return (
-            (_same, None)
-            if value is None
-            else (self.serializer.loads, self.serializer.dumps(value))
+            (same, None) if value is None else (self.serializer.loads, self.serializer.dumps(value))
         )
 
 

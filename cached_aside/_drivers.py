@@ -48,7 +48,7 @@ from ._leases import arenew, renew
 from ._loads import Loads
 from ._pipelines import key_of, scan, scan_async, send_batch, send_batch_async, wire_args
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime
-from ._scripts import ScriptName
+from ._scripts import peek_call
 from ._stamps import read_stamped, version_reads
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def no_seal() -> None:
 def lookup(plan: Plan, key: str) -> Command | RunScript:
     """The effect that looks an entry up: its read command, or PEEK (value and ttl)."""
     if plan.peek:
-        return RunScript(ScriptName.PEEK, (key,), (plan.codec.redis_type,))
+        return peek_call(key, redis_type=plan.codec.redis_type)
     return Command((plan.codec.read_command, key))
 
 

@@ -7,12 +7,11 @@ No redis, asyncio or time imports here.
 from __future__ import annotations
 
 import enum
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from ._outbox import PendingKey, PendingPattern, PendingTag
-from ._scripts import ScriptName
+from ._scripts import RunScript as RunScript  # an effect; built by its script's builder
 
 T = TypeVar("T")
 
@@ -24,15 +23,6 @@ class Command:
 
     args: tuple[Any, ...]
     blocks: bool = False
-
-
-@dataclass(slots=True)
-class RunScript:
-    """Run a Lua script by name (EVALSHA, reloaded by redis-py after a flush)."""
-
-    script: ScriptName
-    keys: tuple[str, ...]
-    args: tuple[Any, ...]
 
 
 @dataclass(slots=True)
@@ -167,6 +157,38 @@ class Free:
     """The Hold given no longer stands: its lock was consumed or never taken."""
 
     hold: Hold
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPattern:
+    """Every key of a function, or under a prefix: delivered with SCAN + UNLINK."""
+
+    start: str  # every key it covers starts with this text
+    match: str  # the SCAN MATCH glob that finds them
+    belongs: Callable[[str], bool] = field(compare=False)  # which matches it covers
+    name: str = field(default="", compare=False)  # for logs and pending_invalidations()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingKey:
+    """One entry's invalidation: delivered with the INVALIDATE script."""
+
+    key: str
+    wake_ttl_ms: int = field(compare=False)
+    whole: PendingPattern = field(compare=False)  # covers it when the outbox is full
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTag:
+    """A tag's invalidation Redis did not take: delivered by deleting the tag's
+    version. Until then, this process does not serve the keys of the functions that
+    can carry the tag (`covers`: filled in by the outbox, from the functions the
+    engine knows, and from each function it meets later)."""
+
+    key: str  # the tag's version key
+    text: str = field(compare=False)  # the tag, as invalidate_tags() was given it
+    wake_ttl_ms: int = field(compare=False)
+    covers: tuple[PendingPattern, ...] = field(default=(), compare=False)
 
 
 @dataclass(slots=True)

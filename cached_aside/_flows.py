@@ -36,7 +36,20 @@ from ._keys import EntryKeys, KeyTemplate, entry_keys, tag_key
 from ._options import Options
 from ._outbox import PendingKey, PendingPattern
 from ._results import Outcome, Source
-from ._scripts import AcquireStatus, ScriptName
+from ._scripts import (
+    DROP,
+    RELEASE_ONLY,
+    AcquireStatus,
+    acquire_call,
+    invalidate_call,
+    leave_call,
+    put_call,
+    renew_call,
+    revoke_call,
+    store_call,
+    tag_stamp_call,
+    update_field_call,
+)
 from ._stamps import (
     Verdict,
     new_version,
@@ -49,10 +62,6 @@ from ._stamps import (
 )
 from ._stats import Stats
 
-RELEASE_ONLY = "release"
-# Store nothing and delete what is cached (under the lease): a reload whose result is
-# not to be cached must not leave the older value it was meant to replace.
-DROP = "drop"
 # A waiter never blocks for less than this, so a lock about to expire is not polled hot.
 MIN_WAIT_MS = 5
 # Seconds a joiner of this process waits for its leader beyond the lease and the
@@ -234,10 +243,12 @@ def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
     yield hold
     try:
         # Ignore the cached value: it is the one being replaced.
-        reply = yield RunScript(
-            ScriptName.ACQUIRE,
-            keys[:3],
-            (token, plan.options.lock_ttl_ms, plan.codec.redis_type, "1"),
+        reply = yield acquire_call(
+            keys,
+            token=token,
+            lock_ttl_ms=plan.options.lock_ttl_ms,
+            redis_type=plan.codec.redis_type,
+            ignore_cached=True,
         )
         if reply[0] == AcquireStatus.OWNED:
             try:
@@ -265,8 +276,10 @@ def lock_hold(plan: Plan, keys: EntryKeys, token: str) -> Hold:
     gives back the lock if it has it, and its place among the waiters and its
     wake-up token if the lock script registered it as a waiter."""
     options = plan.options
-    release = RunScript(ScriptName.STORE, keys, (token, RELEASE_ONLY, 0, options.lock_ttl_ms))
-    leave = RunScript(ScriptName.LEAVE, (keys.waiters, keys.wake_list(token)), (token,))
+    release = store_call(
+        keys, token=token, kind=RELEASE_ONLY, ttl_ms=0, wake_ttl_ms=options.lock_ttl_ms
+    )
+    leave = leave_call(keys, token=token)
     return Hold((release, leave), options.lock_ttl_ms)
 
 
@@ -342,16 +355,13 @@ def miss(
         try:
             # Look up and lock in one step: a caller that missed just before another
             # stored the value finds it here instead of loading a second time.
-            acquire = RunScript(
-                ScriptName.ACQUIRE,
-                keys[:3],
-                (
-                    token,
-                    options.lock_ttl_ms,
-                    codec.redis_type,
-                    "1" if corrupt or replace or outdated else "0",
-                    options.keep_ms,
-                ),
+            acquire = acquire_call(
+                keys,
+                token=token,
+                lock_ttl_ms=options.lock_ttl_ms,
+                redis_type=codec.redis_type,
+                ignore_cached=bool(corrupt or replace or outdated),
+                keep_ms=options.keep_ms,
             )
             if texts:  # the tags' versions, read after the entry, in the same round trip
                 replies = yield Batch([acquire, *version_reads(keys.value, texts)])
@@ -452,9 +462,15 @@ def _load_and_store(
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
     try:
-        stored = yield from _store(
-            keys, (token, kind, ttl_ms, options.lock_ttl_ms, *payload), texts, stamp
+        store = store_call(
+            keys,
+            token=token,
+            kind=kind,
+            ttl_ms=ttl_ms,
+            wake_ttl_ms=options.lock_ttl_ms,
+            payload=payload,
         )
+        stored = yield from _store(keys, store, texts, stamp)
     except CommandFailed as failure:
         # The lock may still stand (an OOM or READONLY refusal, a lost reply): the
         # Hold stays, and the driver releases it when this flow returns.
@@ -485,8 +501,7 @@ def leased(
     and one expired under a slow load would make the store a miss."""
     options = plan.options
     renewals: tuple[tuple[RunScript, ...], ...] = tuple(
-        (RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, options.lock_ttl_ms)),)
-        for keys, token in locks
+        (renew_call(keys, token=token, lease_ms=options.lock_ttl_ms),) for keys, token in locks
     )
     renewals += version_renewals(plan, tagged)
     return Leased(load, renewals, max(1, options.lock_ttl_ms // 3))
@@ -535,13 +550,12 @@ def guarded_load(
     return value
 
 
-def _store(keys: EntryKeys, args: tuple[Any, ...], texts: tuple[str, ...], stamp: Any) -> Flow[Any]:
+def _store(keys: EntryKeys, store: RunScript, texts: tuple[str, ...], stamp: Any) -> Flow[Any]:
     """The STORE script (raising its failure). For a tagged entry, the tags' versions
     are read after it in the same round trip: if one changed since the load took
     them, a tag invalidation came meanwhile, and the answer is 0 (as for a revoked
     lease: the value is not handed to callers who joined the load)."""
-    store = RunScript(ScriptName.STORE, keys, args)
-    if not texts or args[1] == RELEASE_ONLY or args[1] == DROP:
+    if not texts or store.args[1] == RELEASE_ONLY or store.args[1] == DROP:
         return (yield store)
     replies = yield Batch([store, *version_reads(keys.value, texts)])
     if type(replies[0]) is CommandFailed:
@@ -606,9 +620,7 @@ def invalidate(plan: Plan, key: str, whole: PendingPattern) -> Flow[Outcome]:
     key should the outbox be full) and the answer is PENDING, never ABSENT.
     """
     try:
-        existed = yield RunScript(
-            ScriptName.INVALIDATE, entry_keys(key), (plan.options.lock_ttl_ms,)
-        )
+        existed = yield invalidate_call(entry_keys(key), wake_ttl_ms=plan.options.lock_ttl_ms)
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))
     return Outcome.DELETED if existed else Outcome.ABSENT
@@ -644,17 +656,14 @@ def update_field(
         # cache_if judges whole records, and this one is in Redis, not here: drop it
         # (the next call loads and judges the row) rather than keep what it may refuse.
         return (yield from invalidate(plan, key, whole))
-    update = RunScript(
-        ScriptName.UPDATE_FIELD,
+    update = update_field_call(
         entry_keys(key),
-        (
-            META_FIELD,
-            field,
-            text,
-            options.ttl_ms + options.keep_ms,
-            options.lock_ttl_ms,
-            options.keep_ms,
-        ),
+        meta_field=META_FIELD,
+        field=field,
+        value=text,
+        ttl_ms=options.ttl_ms + options.keep_ms,
+        wake_ttl_ms=options.lock_ttl_ms,
+        keep_ms=options.keep_ms,
     )
     try:
         if plan.tags:
@@ -663,7 +672,7 @@ def update_field(
             texts = yield TagsOf(Signal.LOAD)
             alive_ms = options.ttl_ms + options.keep_ms + options.lock_ttl_ms
             renewals = [
-                RunScript(ScriptName.TAG_STAMP, (tag_key(key, t),), (new_version(), alive_ms))
+                tag_stamp_call(tag_key(key, t), version=new_version(), life_ms=alive_ms)
                 for t in texts
             ]
             replies = yield Batch([update, *renewals])
@@ -685,7 +694,7 @@ def reload(plan: Plan, key: str, block_limit_ms: int, whole: PendingPattern) -> 
     the revocation, the entry's invalidation goes to the outbox and the loader answers
     alone, as for a call while an invalidation is pending."""
     try:
-        yield RunScript(ScriptName.REVOKE, entry_keys(key), (plan.options.lock_ttl_ms,))
+        yield revoke_call(entry_keys(key), wake_ttl_ms=plan.options.lock_ttl_ms)
     except CommandFailed as failure:
         # The load in flight may still store what it read before the write: only an
         # invalidation fences it now.
@@ -712,8 +721,12 @@ def put(plan: Plan, key: str, value: Any, whole: PendingPattern) -> Flow[Outcome
             return outcome
         payload = stamped(kind, payload, stamp)  # type: ignore[arg-type]
     try:
-        yield RunScript(
-            ScriptName.PUT, entry_keys(key), (kind, ttl_ms, plan.options.lock_ttl_ms, *payload)
+        yield put_call(
+            entry_keys(key),
+            kind=kind,
+            ttl_ms=ttl_ms,
+            wake_ttl_ms=plan.options.lock_ttl_ms,
+            payload=payload,
         )
     except CommandFailed as failure:
         return (yield from postpone(plan, key, whole, failure))

@@ -157,9 +157,9 @@ def render_argument(value: object, *, typed: bool = True) -> str:
     ever invalidated together, so a tag need not tell them apart; and a tag is then
     the text a caller writes ("shop:7"), whatever type its id had.
     """
+    if type(value) is str:  # exactly str: subclasses and enums are reduced below
+        return _escape_text(value) if typed else _quoted(value)
     kind = type(value)
-    if kind is str:
-        return _escape_text(value) if typed else _quoted(value)  # type: ignore[arg-type]
     if kind is int:
         return str(value)
     if value is None or kind is bool:

@@ -15,46 +15,19 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._effects import RunScript
+# The pending invalidations are effects (Postpone's items), defined with them so the
+# outbox imports the effects and never the other way; named here as well for the
+# modules that still import them from the outbox (engine, flows, wrapping, tests).
+from ._effects import PendingKey as PendingKey
+from ._effects import PendingPattern as PendingPattern
+from ._effects import PendingTag as PendingTag
+from ._scripts import RunScript
 
 logger = logging.getLogger("cached_aside")
 
 DEFAULT_LIMIT = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class PendingPattern:
-    """Every key of a function, or under a prefix: delivered with SCAN + UNLINK."""
-
-    start: str  # every key it covers starts with this text
-    match: str  # the SCAN MATCH glob that finds them
-    belongs: Callable[[str], bool] = field(compare=False)  # which matches it covers
-    name: str = field(default="", compare=False)  # for logs and pending_invalidations()
-
-
-@dataclass(frozen=True, slots=True)
-class PendingKey:
-    """One entry's invalidation: delivered with the INVALIDATE script."""
-
-    key: str
-    wake_ttl_ms: int = field(compare=False)
-    whole: PendingPattern = field(compare=False)  # covers it when the outbox is full
-
-
-@dataclass(frozen=True, slots=True)
-class PendingTag:
-    """A tag's invalidation Redis did not take: delivered by deleting the tag's
-    version. Until then, this process does not serve the keys of the functions that
-    can carry the tag (`covers`: filled in by the outbox, from the functions the
-    engine knows, and from each function it meets later)."""
-
-    key: str  # the tag's version key
-    text: str = field(compare=False)  # the tag, as invalidate_tags() was given it
-    wake_ttl_ms: int = field(compare=False)
-    covers: tuple[PendingPattern, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

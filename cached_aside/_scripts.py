@@ -4,13 +4,30 @@ Scripts receive keys and arguments only; their text is constant. Every key a scr
 touches belongs to one entry and shares its hash tag (or is one tag's version, alone),
 so each script stays in one Redis Cluster slot (the waiters' wake-up lists, named
 from the waiters set, too). The shared fragments (waking waiters, writing a value)
-are text, not separate scripts, because EVAL scripts cannot call each other.
+are text, not separate scripts, because EVAL scripts cannot call each other. Each
+script's builder, just after it, is the one place that lays out its KEYS and ARGV.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Final
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from ._keys import EntryKeys
+
+
+@dataclass(slots=True)
+class RunScript:
+    """Run a Lua script by name (EVALSHA, reloaded by redis-py after a flush). Made by
+    the script's builder below, never by hand; flows yield it as an effect."""
+
+    script: ScriptName
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
 
 # Wake every registered waiter: one token on each waiter's own wake-up list (KEYS[4]
 # .. ':' .. its token, in the entry's hash slot), which expires so a token nobody
@@ -65,6 +82,23 @@ redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return {2, redis.call('PTTL', KEYS[2])}
 """
 
+
+def acquire_call(
+    keys: EntryKeys,
+    *,
+    token: str,
+    lock_ttl_ms: int,
+    redis_type: str,
+    ignore_cached: bool,
+    keep_ms: int | None = None,
+) -> RunScript:
+    """ACQUIRE for one entry; `keep_ms` left out, no cached value counts as stale."""
+    args: tuple[Any, ...] = (token, lock_ttl_ms, redis_type, "1" if ignore_cached else "0")
+    if keep_ms is not None:
+        args += (keep_ms,)
+    return RunScript(ScriptName.ACQUIRE, (keys.value, keys.lock, keys.waiters), args)
+
+
 # Write an entry: 'string' (one payload argument) or 'hash' (field/value pairs from
 # ARGV[first] on, replacing the whole record), with its ttl. Anything else writes
 # nothing.
@@ -106,6 +140,26 @@ return 1
 """
 )
 
+# STORE's ARGV[2] besides a Redis type: give up the lock only, or delete what is cached.
+RELEASE_ONLY: Final = "release"
+# Store nothing and delete what is cached (under the lease): a reload whose result is
+# not to be cached must not leave the older value it was meant to replace.
+DROP: Final = "drop"
+
+
+def store_call(
+    keys: EntryKeys,
+    *,
+    token: str,
+    kind: str,
+    ttl_ms: int,
+    wake_ttl_ms: int,
+    payload: Sequence[Any] = (),
+) -> RunScript:
+    """STORE: `kind` is a Redis type to write `payload`, RELEASE_ONLY or DROP."""
+    return RunScript(ScriptName.STORE, tuple(keys), (token, kind, ttl_ms, wake_ttl_ms, *payload))
+
+
 INVALIDATE: Final = (
     _WAKE_WAITERS
     + """
@@ -121,6 +175,11 @@ wake_waiters(KEYS[3], KEYS[4], ARGV[1])
 return existed
 """
 )
+
+
+def invalidate_call(keys: EntryKeys, *, wake_ttl_ms: int) -> RunScript:
+    return RunScript(ScriptName.INVALIDATE, tuple(keys), (wake_ttl_ms,))
+
 
 UPDATE_FIELD: Final = (
     _WAKE_WAITERS
@@ -152,6 +211,21 @@ return 1
 """
 )
 
+
+def update_field_call(
+    keys: EntryKeys,
+    *,
+    meta_field: str,
+    field: object,
+    value: object,
+    ttl_ms: int,
+    wake_ttl_ms: int,
+    keep_ms: int,
+) -> RunScript:
+    args = (meta_field, field, value, ttl_ms, wake_ttl_ms, keep_ms)
+    return RunScript(ScriptName.UPDATE_FIELD, tuple(keys), args)
+
+
 PUT: Final = (
     _WAKE_WAITERS
     + _WRITE_VALUE
@@ -170,6 +244,13 @@ return 1
 """
 )
 
+
+def put_call(
+    keys: EntryKeys, *, kind: str, ttl_ms: int, wake_ttl_ms: int, payload: Sequence[Any]
+) -> RunScript:
+    return RunScript(ScriptName.PUT, tuple(keys), (kind, ttl_ms, wake_ttl_ms, *payload))
+
+
 LEAVE: Final = """
 -- KEYS[1] waiters set, KEYS[2] this waiter's wake-up list
 -- ARGV[1] the waiter's token
@@ -180,6 +261,10 @@ redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 return 1
 """
+
+
+def leave_call(keys: EntryKeys, *, token: str) -> RunScript:
+    return RunScript(ScriptName.LEAVE, (keys.waiters, keys.wake_list(token)), (token,))
 
 
 RENEW: Final = """
@@ -195,6 +280,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
+
+
+def renew_call(keys: EntryKeys, *, token: str, lease_ms: int) -> RunScript:
+    return RunScript(ScriptName.RENEW, (keys.lock, keys.waiters), (token, lease_ms))
 
 
 TAG_RENEW: Final = """
@@ -214,6 +303,10 @@ return 1
 """
 
 
+def tag_renew_call(version_key: str, *, life_ms: int) -> RunScript:
+    return RunScript(ScriptName.TAG_RENEW, (version_key,), (life_ms,))
+
+
 PEEK: Final = """
 -- KEYS[1] value key
 -- ARGV[1] expected type of the value ('hash' or 'string')
@@ -226,6 +319,10 @@ if kind ~= ARGV[1] then return {false} end
 if kind == 'hash' then return {redis.call('HGETALL', KEYS[1]), redis.call('PTTL', KEYS[1])} end
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
+
+
+def peek_call(value_key: str, *, redis_type: str) -> RunScript:
+    return RunScript(ScriptName.PEEK, (value_key,), (redis_type,))
 
 
 REVOKE: Final = (
@@ -242,6 +339,11 @@ wake_waiters(KEYS[3], KEYS[4], ARGV[1])
 return 1
 """
 )
+
+
+def revoke_call(keys: EntryKeys, *, wake_ttl_ms: int) -> RunScript:
+    return RunScript(ScriptName.REVOKE, tuple(keys), (wake_ttl_ms,))
+
 
 TAG_STAMP: Final = """
 -- KEYS[1] a tag's version key
@@ -270,6 +372,10 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
 end
 return {version, 0}
 """
+
+
+def tag_stamp_call(version_key: str, *, version: str, life_ms: int) -> RunScript:
+    return RunScript(ScriptName.TAG_STAMP, (version_key,), (version, life_ms))
 
 
 class ScriptName(enum.Enum):

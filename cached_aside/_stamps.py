@@ -19,7 +19,7 @@ from ._codecs import STAMP_FIELD, Codec, RedisType
 from ._effects import Batch, Command, CommandFailed, Flow, RunScript
 from ._keys import tag_key
 from ._options import Options
-from ._scripts import ScriptName
+from ._scripts import tag_renew_call, tag_stamp_call
 from ._stats import Stats
 
 # A version is 16 hex digits from os.urandom: a tag's version key that was deleted
@@ -63,6 +63,27 @@ def new_version() -> str:
 def version_reads(entry_key: str, texts: Sequence[str]) -> list[Command]:
     """The GET of each tag's version key, sent with the entry's read."""
     return [Command(("GET", tag_key(entry_key, text))) for text in texts]
+
+
+def version_reads_after(
+    effects: Sequence[Command | RunScript], keys: Sequence[str], texts: Sequence[tuple[str, ...]]
+) -> tuple[list[Command | RunScript], list[list[int]]]:
+    """Effects of many entries (one each, `keys` and their tags' `texts` in the same
+    order) followed by the GET of every distinct tag version they need, each read
+    once; and for each effect, the positions of its reply and its versions' replies."""
+    reads: list[Command | RunScript] = list(effects)
+    seen: dict[str, int] = {}
+    places = []
+    for position, (key, tags) in enumerate(zip(keys, texts, strict=True)):
+        place = [position]
+        for text in tags:
+            version_key = tag_key(key, text)
+            if version_key not in seen:
+                seen[version_key] = len(reads)
+                reads.append(Command(("GET", version_key)))
+            place.append(seen[version_key])
+        places.append(place)
+    return reads, places
 
 
 def stamp_of(replies: Sequence[Any]) -> bytes | CommandFailed | None:
@@ -176,6 +197,26 @@ def judge_stamped(plan: Plan, replies: Sequence[Any]) -> tuple[Any, Verdict]:
     return (None if plan.codec.redis_type == "string" else {}), verdict
 
 
+def tagged_lookups(
+    plan: Plan, lookups: Batch, keys: Sequence[str], texts: Sequence[tuple[str, ...]]
+) -> Flow[tuple[list[Any], set[int]]]:
+    """The `lookups` of many entries of a tagged function with their tags' versions,
+    each version read once, in one pipeline after the entries; returns each entry's
+    reply as an untagged lookup's (read_stamped), and the positions of the entries
+    found with a stamp that is not current (foreign ones counted)."""
+    reads, places = version_reads_after(lookups.effects, keys, texts)
+    replies = yield Batch(reads)
+    raws, outdated = [], set()
+    for position, place in enumerate(places):
+        raw, verdict = judge_stamped(plan, [replies[i] for i in place])
+        raws.append(raw)
+        if verdict is not Verdict.CURRENT:
+            outdated.add(position)
+            if verdict is Verdict.FOREIGN:
+                plan.stats.corrupt(keys[position])
+    return raws, outdated
+
+
 def version_life_ms(options: Options) -> int:
     """How long a tag's version must live from now, at least: as long as an entry
     stamped with it now could (TAG_STAMP and TAG_RENEW give it twice that)."""
@@ -191,7 +232,7 @@ def version_renewals(
     tag invalidated) stops only its own renewals."""
     life = version_life_ms(plan.options)
     tag_keys = dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts)
-    return tuple((RunScript(ScriptName.TAG_RENEW, (key,), (life,)),) for key in tag_keys)
+    return tuple((tag_renew_call(key, life_ms=life),) for key in tag_keys)
 
 
 def take_stamps(
@@ -204,7 +245,7 @@ def take_stamps(
     alive_ms = version_life_ms(plan.options)
     tag_keys = list(dict.fromkeys(tag_key(key, text) for key, texts in entries for text in texts))
     replies = yield Batch(
-        [RunScript(ScriptName.TAG_STAMP, (key,), (new_version(), alive_ms)) for key in tag_keys]
+        [tag_stamp_call(key, version=new_version(), life_ms=alive_ms) for key in tag_keys]
     )
     versions: dict[str, bytes | CommandFailed] = {}
     for key, reply in zip(tag_keys, replies, strict=True):
@@ -219,5 +260,5 @@ def take_stamps(
     for key, texts in entries:
         parts = [versions[tag_key(key, text)] for text in texts]
         failed = [part for part in parts if type(part) is CommandFailed]
-        stamps.append(failed[0] if failed else b"".join(parts))  # type: ignore[arg-type]
+        stamps.append(failed[0] if failed else b"".join(p for p in parts if type(p) is bytes))
     return stamps

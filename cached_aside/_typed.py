@@ -31,7 +31,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Protocol, TypeGuard
 
 import msgspec
 
@@ -71,7 +71,16 @@ _SEQUENCES: Final = (list, Sequence, MutableSequence, Collection, Iterable)
 _MAPPINGS: Final = (dict, Mapping, MutableMapping)
 
 
-def pydantic_model(kind: object) -> bool:
+class _PydanticModel(Protocol):
+    """What this module uses of a pydantic v2 model class (pydantic is optional)."""
+
+    model_fields: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def model_validate(cls, obj: Any) -> Any: ...
+
+
+def pydantic_model(kind: object) -> TypeGuard[type[_PydanticModel]]:
     """True for a pydantic v2 model class (without importing pydantic)."""
     module = sys.modules.get("pydantic")
     return (
@@ -93,7 +102,7 @@ def encode_hook(value: Any) -> Any:
 def decode_hook(kind: type, data: Any) -> Any:
     """The declared pydantic model, validated from its fields; nothing else."""
     if pydantic_model(kind):
-        return kind.model_validate(data)  # type: ignore[attr-defined]
+        return kind.model_validate(data)
     raise NotImplementedError(f"cannot decode {kind!r}")
 
 
@@ -184,10 +193,7 @@ def record_fields(kind: Any) -> dict[str, Any] | None:
     if not isinstance(kind, type):
         return None
     if pydantic_model(kind):
-        return {
-            info.alias or field: info.annotation
-            for field, info in kind.model_fields.items()  # type: ignore[attr-defined]
-        }
+        return {info.alias or field: info.annotation for field, info in kind.model_fields.items()}
     if issubclass(kind, msgspec.Struct):
         return {info.encode_name: info.type for info in msgspec.structs.fields(kind)}
     if typing.is_typeddict(kind):

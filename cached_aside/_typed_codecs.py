@@ -13,27 +13,25 @@ import datetime
 import decimal
 import enum
 import uuid
-import zlib
 from typing import Any, Final
 
 import msgpack
 import msgspec
 
 from ._codecs import (
-    _META_FIELD_BYTES,
-    _NEGATIVE_META_BYTES,
     COMPRESSED_MARK,
-    COMPRESSION_LEVEL,
-    MAX_DECOMPRESSED_BYTES,
     META_FIELD,
+    META_FIELD_BYTES,
     MSGPACK_NEGATIVE,
+    NEGATIVE_META_BYTES,
     Found,
     Frozen,
     HashCodec,
     RedisType,
-    _check_utf8,
-    _decompressed,
-    _same,
+    check_utf8,
+    compressed,
+    decompressed,
+    same,
 )
 from ._errors import UnstorableValueError
 from ._typed import Schema, decode_hook, encode_hook
@@ -43,7 +41,7 @@ from ._typed import Schema, decode_hook, encode_hook
 # typed record for its own.
 SHAPE_FIELD: Final = "__cached_aside_shape__"
 _SHAPE_FIELD_BYTES: Final = SHAPE_FIELD.encode()
-_RESERVED: Final = frozenset({_META_FIELD_BYTES, _SHAPE_FIELD_BYTES})
+_RESERVED: Final = frozenset({META_FIELD_BYTES, _SHAPE_FIELD_BYTES})
 # What to_builtins leaves as it is: msgpack stores bytes natively.
 _KEPT: Final = (bytes, bytearray)
 # Field types whose value is text: stored as the text itself in a hash, readable.
@@ -96,7 +94,7 @@ class TypedCodec:
         if raw == MSGPACK_NEGATIVE:
             return Found.NEGATIVE
         if raw[:2] == COMPRESSED_MARK:
-            packed = _decompressed(raw)
+            packed = decompressed(raw)
             if packed is None or packed[:1] == MSGPACK_NEGATIVE:
                 return Found.CORRUPT
             return self.decode(packed)
@@ -125,10 +123,7 @@ class TypedCodec:
             result = self._decoder.decode(body)
         except _DECODE_ERRORS as exc:
             raise _mismatch(where, self.schema.kind, exc) from None
-        packed = self._head + body
-        if self.compress_over and self.compress_over < len(packed) <= MAX_DECOMPRESSED_BYTES:
-            packed = COMPRESSED_MARK + zlib.compress(packed, COMPRESSION_LEVEL)
-        return [packed], result
+        return [compressed(self._head + body, self.compress_over)], result
 
     def negative_payload(self) -> list[Any]:
         return [MSGPACK_NEGATIVE]
@@ -140,7 +135,7 @@ class TypedCodec:
 
     def freeze(self, value: Any) -> Frozen:
         if value is None:
-            return _same, None
+            return same, None
         return self._decoder.decode, self.body(value, "near cache")  # decoding: a deep copy
 
 
@@ -181,10 +176,10 @@ class TypedHashCodec(HashCodec):
         if type(raw) is list:  # a Lua reply: HGETALL as a flat list
             raw = dict(zip(raw[::2], raw[1::2], strict=True))
         # Read, not popped: the flows may judge the same reply twice.
-        meta = raw.get(_META_FIELD_BYTES)
+        meta = raw.get(META_FIELD_BYTES)
         if meta is None:
             return Found.CORRUPT
-        if meta == _NEGATIVE_META_BYTES:
+        if meta == NEGATIVE_META_BYTES:
             return Found.NEGATIVE if len(raw) == 1 else Found.CORRUPT
         if raw.get(_SHAPE_FIELD_BYTES) != self._shape:
             return Found.MISMATCH  # another shape's record, or an untyped one
@@ -217,7 +212,7 @@ class TypedHashCodec(HashCodec):
         """What one field's builtin value is stored as."""
         kind = self._kinds.get(field)
         if kind is _TEXT and type(item) is str:
-            _check_utf8(item, where, f"field {field!r}")
+            check_utf8(item, where, f"field {field!r}")
             return item
         if kind is _BYTES and isinstance(item, bytes | bytearray):
             return bytes(item)

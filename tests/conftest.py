@@ -9,6 +9,7 @@ import functools
 import gc
 import inspect
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from cached_aside import CacheEngine, cache_aside
+from cached_aside import CacheEngine, _runtime, cache_aside
 
 from .servers import REDIS_SERVER, RedisProcess
 
@@ -229,3 +230,47 @@ async def h(
     request: pytest.FixtureRequest, backend: str, engine: CacheEngine, clients: Any
 ) -> Harness:
     return Harness(str(request.param), backend, engine, clients[2])
+
+
+# A waiter nobody wakes sits 2.5 s in one BLPOP once `patient_waiters` lifts its 1 s
+# limit; woken, it returns within milliseconds. The bound between is generous, for a
+# slow machine.
+WOKEN_WITHIN = 1.5
+
+
+@pytest.fixture
+def patient_waiters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines built from here on let a waiter block 2.5 s in one BLPOP (half the 5 s
+    socket timeout redis-py gives a connection by default; the lock's time at most):
+    one that returns much sooner was woken. Ask for it before the fixtures that build
+    engines."""
+    monkeypatch.setattr(_runtime, "DEFAULT_BLOCK_LIMIT_MS", 2_500)
+
+
+@pytest.fixture
+def redis_url_or_skip() -> str:
+    if REDIS_URL is None:
+        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
+    return REDIS_URL
+
+
+@pytest.fixture
+def fakeredis_engine() -> Iterator[CacheEngine]:
+    """A sync-only engine on a fakeredis server of its own, under the prefix "misuse"."""
+    server = fakeredis.FakeServer()
+    made = CacheEngine(fakeredis.FakeRedis(server=server), prefix="misuse")
+    yield made
+    made.close()
+
+
+class LoaderFailedError(Exception):
+    """What the tests' failing loaders raise."""
+
+
+def run_in_threads(count: int, target: Any) -> None:
+    """Start `count` threads on `target(i)` at once and wait for all of them."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

@@ -107,6 +107,11 @@ def free_port(*, bus: bool = False) -> int:
         return port
 
 
+def dead_url() -> str:
+    """A Redis URL where nothing listens: every connection is refused at once."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
 class ServerStartError(RuntimeError):
     """A server did not start on any port it tried."""
 

@@ -22,7 +22,7 @@ from cached_aside._check import PROBE, SCRIPT_CALLS
 from cached_aside._cli import main as cli
 from cached_aside._scripts import ScriptName
 
-from . import test_batches, test_scenarios, test_tags, test_typed
+from . import test_batches, test_cache_aside, test_tags, test_typed
 from .documented import fenced, marked
 from .servers import REDIS_SERVER, RedisProcess
 
@@ -97,7 +97,7 @@ async def clients(server: RedisProcess) -> AsyncIterator[tuple[Any, Any, redis.R
 def _scenarios() -> dict[str, Any]:
     """The scenario tests that need nothing but the harness (`h`), under new names."""
     chosen = {}
-    for module in (test_scenarios, test_tags, test_batches, test_typed):
+    for module in (test_cache_aside, test_tags, test_batches, test_typed):
         short = module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
         for name, function in vars(module).items():
             if not name.startswith("test_") or not callable(function):

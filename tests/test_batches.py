@@ -4,6 +4,7 @@ scenario sync and async, against real Redis and fakeredis."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import Counter
@@ -22,7 +23,9 @@ from cached_aside import (
     cache_aside,
 )
 
-from .conftest import Harness
+from .conftest import (
+    Harness,
+)
 from .injection import counting_writes
 
 
@@ -385,3 +388,33 @@ async def test_two_processes_batching_overlapping_keys_load_each_once_async(
     )
     assert results == [[id.upper() for id in ids[n * 5 : n * 5 + 20]] for n in range(3)]
     assert set(loads.values()) == {1}  # every key loaded once, across all three engines
+
+
+async def test_invalidate_all_keeps_another_templates_long_keys(h: Harness) -> None:
+    doc = h.cached(lambda url: {"url": url[:10]}, key="doc:<url>")
+    reviews = h.cached(lambda url: ["good"], key="doc:<url>:reviews")
+    url = "https://example.com/" + "x" * 260  # shortened to a head and a digest
+    await h.run(doc, url)
+    await h.run(reviews, url)
+    assert await h.run(doc.invalidate_all) == BulkOutcome(1)
+    assert h.raw.exists(doc.key(url)) == 0
+    assert h.raw.exists(reviews.key(url)) == 1  # same head, another template
+
+
+async def test_a_batch_on_a_peek_function_judges_misses_as_misses(
+    h: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """refresh_ahead (or a near cache) looks entries up with PEEK: its replies must
+    be unpacked before they are judged, or every miss looks corrupt."""
+    rows = {"a": {"id": "a"}, "b": {"id": "b"}}
+
+    def load(id: str) -> dict[str, str]:
+        return rows[id]
+
+    fn = h.cached(
+        load, key="peek:<id>", refresh_ahead=1, batch_loader=lambda ids: [rows[i] for i in ids]
+    )
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        assert await h.run(fn.many, ["a", "b"]) == [{"id": "a"}, {"id": "b"}]
+    assert fn.stats().corrupt == 0
+    assert "foreign or damaged" not in caplog.text

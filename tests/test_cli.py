@@ -9,14 +9,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
+import redis.asyncio.retry
 
 from cached_aside import CacheEngine, cache_aside
 from cached_aside._keys import entry_keys
 
-from .conftest import REDIS_URL, delete_prefix, unique_prefix
+from .conftest import (
+    REDIS_URL,
+    delete_prefix,
+    needs_real_redis,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.skipif(REDIS_URL is None, reason="no Redis server reachable")
 
@@ -311,3 +318,56 @@ def test_inspect_decodes_typed_and_tagged_typed_entries(prefix: str) -> None:
         redis.Redis.from_url(REDIS_URL).get(f"{prefix}:tag:{{shop}}").decode()
     ]
     engine.close()
+
+
+@pytest.fixture
+async def redis_engine() -> AsyncIterator[CacheEngine]:
+    """An engine on the shared real Redis, under a prefix of its own."""
+    if REDIS_URL is None:
+        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
+    engine = CacheEngine.from_url(REDIS_URL, prefix=unique_prefix())
+    yield engine
+    await engine.aclose()
+    cleanup = redis.Redis.from_url(REDIS_URL)
+    delete_prefix(cleanup, engine.prefix)
+    cleanup.close()
+
+
+@needs_real_redis
+def test_the_command_line_invalidate_revokes_a_load_in_flight(redis_engine: CacheEngine) -> None:
+    """operations.md, "The command line": `cached-aside invalidate` deletes and revokes
+    loads in flight: a load that began before it cannot store its value after it."""
+    assert REDIS_URL is not None
+    raw = redis_engine.client()
+    primary = {"a": "v1"}
+    loading, release = threading.Event(), threading.Event()
+
+    @cache_aside(key="cli:<id>", ttl=30, engine=redis_engine)
+    def load(id: str) -> str:
+        value = primary[id]
+        loading.set()
+        assert release.wait(60)
+        return value
+
+    answers: list[str] = []
+    reader = threading.Thread(target=lambda: answers.append(load("a")))
+    reader.start()
+    try:
+        assert loading.wait(5)
+        assert raw.exists(load.key("a") + ":lock") == 1
+        primary["a"] = "v2"
+        completed = subprocess.run(
+            [sys.executable, "-m", "cached_aside", "--url", REDIS_URL, "invalidate", load.key("a")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert json.loads(completed.stdout) == {"key": load.key("a"), "existed": False}
+        assert raw.exists(load.key("a") + ":lock") == 0
+    finally:
+        release.set()
+        reader.join(10)
+    assert answers == ["v1"]  # began before the invalidation: its own answer
+    assert raw.exists(load.key("a")) == 0  # but never stored
+    assert load("a") == "v2"

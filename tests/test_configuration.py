@@ -1,19 +1,40 @@
 """Every bad option is refused at decoration or construction time, with a message
-that says what to change; engines and the default engine."""
+that says what to change; the options' defaults; engines and the default engine,
+configure() in the processes it starts, and the opt-in start-up check."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
 import redis
+import redis.asyncio.retry
 
 import cached_aside
 import cached_aside._defaults
-from cached_aside import CacheEngine, ConfigurationError, KeyTemplateError, cache_aside
+from cached_aside import (
+    CacheEngine,
+    ConfigurationError,
+    ConfigurationWarning,
+    KeyTemplateError,
+    cache_aside,
+    configure,
+)
 from cached_aside._defaults import url_from_environment
+
+from .conftest import (
+    Harness,
+)
+from .servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_product(id: str) -> dict[str, str]:
@@ -214,3 +235,140 @@ def test_a_password_in_a_refused_url_is_not_shown() -> None:
 def test_good_urls_and_client_options_are_accepted(url: str, options: dict[str, Any]) -> None:
     engine = CacheEngine.from_url(url, **options)  # nothing connects before the first call
     engine.close()
+
+
+async def test_negative_ttl_defaults_to_a_fifth_of_ttl_at_most_60_s(h: Harness) -> None:
+    """guide.md: `negative_ttl` default: 20% of `ttl`, at most 60 s."""
+
+    def absent(id: str) -> None:
+        return None
+
+    short = h.cached(absent, key="absent-short:<id>", ttl=100)
+    long = h.cached(absent, key="absent-long:<id>", ttl=1000)
+    assert await h.run(short, "a") is None
+    assert await h.run(long, "a") is None
+    assert 19_000 < h.raw.pttl(short.key("a")) <= 20_000
+    assert 59_000 < h.raw.pttl(long.key("a")) <= 60_000
+
+
+async def test_lock_ttl_defaults_to_1_s(h: Harness) -> None:
+    """guide.md: `lock_ttl`: the lease of the single-flight lock, default 1 s."""
+    seen: list[int] = []
+
+    def load(id: str) -> str:
+        seen.append(h.raw.pttl(fn.key(id) + ":lock"))  # while the load is in flight
+        return id
+
+    fn = h.cached(load, key="locked:<id>")
+    assert await h.run(fn, "a") == "a"
+    assert len(seen) == 1
+    assert 500 < seen[0] <= 1_000
+
+
+def test_durations_redis_cannot_expire_are_refused_at_decoration() -> None:
+    with pytest.raises(ConfigurationError, match="longer than Redis can expire"):
+        cache_aside(key="k:<id>", ttl=sys.maxsize)
+    with pytest.raises(ConfigurationError, match="lock_ttl"):
+        cache_aside(key="k:<id>", ttl=1, lock_ttl=1e12)
+
+
+SPAWNED_WORKER = textwrap.dedent(
+    """
+    import multiprocessing
+    import warnings
+
+    import cached_aside
+    from cached_aside import default_engine
+
+
+    def worker(configure_too):
+        if configure_too:
+            cached_aside.configure(url="redis://127.0.0.1:1/0", prefix="shop")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = default_engine()
+        return engine.prefix, [str(w.message) for w in caught]
+
+
+    if __name__ == "__main__":
+        import sys
+
+        cached_aside.configure(url="redis://127.0.0.1:1/0", prefix="shop")
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(1) as pool:
+            print(repr(pool.apply(worker, (sys.argv[1] == "yes",))))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("configure_too", [False, True])
+def test_a_spawned_worker_that_never_configured_warns(tmp_path: Path, configure_too: bool) -> None:
+    script = tmp_path / "workers.py"
+    script.write_text(SPAWNED_WORKER, encoding="utf-8")
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "CACHED_ASIDE_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    completed = subprocess.run(
+        [sys.executable, str(script), "yes" if configure_too else "no"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    prefix, warned = eval(completed.stdout)
+    if configure_too:
+        assert (prefix, warned) == ("shop", [])
+    else:
+        assert prefix == "cache"
+        assert len(warned) == 1
+        assert "prefix 'shop'" in warned[0]
+        assert "configure()" in warned[0]
+
+
+def test_configure_tells_the_processes_it_starts_without_the_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = cached_aside._defaults._default_engine
+    try:
+        configure(url="redis://:s3cret@127.0.0.1:1/0", prefix="told")
+        told = json.loads(cached_aside._defaults.os.environ["CACHED_ASIDE_CONFIGURED"])
+        assert told["prefix"] == "told"
+        assert "s3cret" not in json.dumps(told)
+        # The same settings from the environment: no warning.
+        monkeypatch.setenv("CACHED_ASIDE_REDIS_URL", "redis://:s3cret@127.0.0.1:1/0")
+        monkeypatch.setenv("CACHED_ASIDE_PREFIX", "told")
+        cached_aside._defaults._default_engine = None
+        cached_aside._defaults.default_engine().close()
+        # Another URL, the same prefix: a warning naming the URL.
+        monkeypatch.setenv("CACHED_ASIDE_REDIS_URL", "redis://127.0.0.1:2/0")
+        cached_aside._defaults._default_engine = None
+        with pytest.warns(ConfigurationWarning, match="Redis URL"):
+            cached_aside._defaults.default_engine().close()
+    finally:
+        cached_aside._defaults._default_engine = before
+
+
+def test_check_names_an_unreachable_server() -> None:
+    engine = CacheEngine.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix="checked")
+    try:
+        with pytest.raises(ConfigurationError, match=r"could not reach Redis.*check the URL"):
+            engine.check()
+    finally:
+        engine.close()
+
+
+def test_configure_with_check_fails_loudly_and_keeps_the_default() -> None:
+    before = cached_aside._defaults._default_engine
+    with pytest.raises(ConfigurationError, match="could not reach Redis"):
+        configure(url=f"redis://127.0.0.1:{free_port()}/0", prefix="checked", check=True)
+    assert cached_aside._defaults._default_engine is before
+
+
+def test_check_passes_where_everything_is_allowed(fakeredis_engine: Any) -> None:
+    fakeredis_engine.check(tags=True)  # fakeredis: every command, every script call
+    assert fakeredis_engine.client().keys("misuse:*") == []  # the scratch keys are gone

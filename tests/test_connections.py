@@ -1,6 +1,7 @@
 """The connection-level path (cached_aside/_connections.py) on its own: what it
 shares, what it hands back, and that a reply can never answer another command,
-whatever happens between a write and its reply."""
+whatever happens between a write and its reply; and an engine's blocking pool, which
+queues callers instead of failing them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from cached_aside import CacheEngine, cache_aside
 from cached_aside import _compat as connections
 from cached_aside._connections import HeldConnections, Pipeline
 from cached_aside._timeouts import timeout
-from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis
+from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 from tests.injection import FAULTS, Abandon, counting_writes
 from tests.servers import RedisProcess
 
@@ -482,3 +483,23 @@ def test_msgpacks_pure_python_fallback_is_reported_once(
     warned = [r.getMessage() for r in caplog.records if "pure-Python" in r.getMessage()]
     assert len(warned) == 1, warned
     assert "pip install" in warned[0]
+
+
+async def test_pool_queues_instead_of_failing(redis_url_or_skip: str) -> None:
+    prefix = unique_prefix()
+    engine = CacheEngine.from_url(redis_url_or_skip, prefix=prefix, max_connections=4)
+
+    @cache_aside(key="pool:<id>", ttl=30, engine=engine)
+    async def load(id: int) -> int:
+        await asyncio.sleep(0.01)
+        return id
+
+    try:
+        results = await asyncio.gather(*(load(i) for i in range(500)))
+        assert results == list(range(500))
+        assert engine.async_client().connection_pool.max_connections == 4
+    finally:
+        await engine.aclose()
+        cleanup = redis.Redis.from_url(redis_url_or_skip)
+        delete_prefix(cleanup, prefix)
+        cleanup.close()

@@ -1,335 +1,245 @@
-"""The holes of textbook cache-aside, each closed and proven: repeated stampedes,
-owner failure and death, loaders slower than their lock, refresh-ahead."""
+"""No stale reads (docs/consistency.md): what a load or a read saw before an invalidation
+or an update_field is never stored nor handed to a caller who came after it; and the
+randomized race against a real SQLite file, run on the plain algorithm too to show the
+checker can fail."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import textwrap
+import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from cached_aside import CacheEngine, Source, cache_aside
+from benchmarks.race import Workload, run_ours, run_ours_async, run_plain
+from cached_aside import (
+    CacheEngine,
+    Outcome,
+    cache_aside,
+)
 from cached_aside._scripts import ScriptName
 
-from .conftest import REDIS_URL, delete_prefix, unique_prefix
-from .injection import counting_writes
 
-TRIALS = 30
+class GatedJson:
+    """A JSON serializer whose loads() holds one thread on its second call: user code
+    running inside that thread's read, between Redis's reply and the read's end."""
+
+    def __init__(self) -> None:
+        self.held: threading.Thread | None = None
+        self.held_calls = 0
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def dumps(self, value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    def loads(self, data: bytes) -> Any:
+        if threading.current_thread() is self.held:
+            self.held_calls += 1
+            if self.held_calls == 2:  # the first decodes the lookup, the second in the read
+                self.inside.set()
+                assert self.release.wait(10)
+        return json.loads(data)
 
 
-def run_threads(count: int, target: Any) -> None:
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
-def test_fifty_threads_on_two_engines_load_once_in_every_trial(
-    engine: CacheEngine, twin: Any
+def test_a_thread_never_takes_another_threads_plain_read(
+    engine: CacheEngine, twin: Any, clients: Any
 ) -> None:
-    engines = [engine, twin()]
-    loads: list[str] = []
-    functions = []
-    for each in engines:
+    """consistency.md, "What a shared call may hand over": if the other thread merely
+    read a value that was already in Redis, the joiner looks for itself (a thread can
+    lose the GIL between a reply and its return, long enough for another process's
+    invalidation to complete). A refresh_ahead hit is such a read. Here the leader is
+    held between Redis's reply (v1) and its return, another process invalidates, and a
+    second thread joins the leader's read: it must not be handed v1. (_flights.py:
+    "Threads share only the miss path, and only answers sealed against staleness".)"""
+    raw = clients[2]
+    primary = {"k": "v1"}
+    serializer = GatedJson()
 
-        @cache_aside(key="trial:<id>", ttl=30, engine=each)
-        def load(id: str) -> str:
-            loads.append(id)
-            time.sleep(0.02)
-            return id
+    def read(id: str) -> str:
+        return primary[id]
 
-        functions.append(load)
-    for trial in range(TRIALS):
-        results: list[str] = []
-
-        def call(i: int, key: str = f"k{trial}", out: list[str] = results) -> None:
-            out.append(functions[i % 2](key))
-
-        run_threads(50, call)
-        assert results == [f"k{trial}"] * 50
-    assert sorted(loads) == sorted(f"k{t}" for t in range(TRIALS))  # one load per trial
-
-
-async def test_five_hundred_tasks_load_once_in_every_trial(engine: CacheEngine) -> None:
-    loads: list[str] = []
-
-    @cache_aside(key="trial:<id>", ttl=30, engine=engine)
-    async def load(id: str) -> str:
-        loads.append(id)
-        await asyncio.sleep(0.01)
-        return id
-
-    for trial in range(TRIALS):
-        assert await asyncio.gather(*(load(f"k{trial}") for _ in range(500))) == [f"k{trial}"] * 500
-    assert loads == [f"k{t}" for t in range(TRIALS)]
-
-
-def test_two_hundred_waiters_finish_after_one_load(engine: CacheEngine, twin: Any) -> None:
-    engines = [
-        engine,
-        twin(),
-        twin(),
-        twin(),
-    ]
-    loaded_at: list[float] = []
-    functions = []
-    for each in engines:
-
-        @cache_aside(key="wait:<id>", ttl=30, engine=each)
-        def load(id: str) -> str:
-            time.sleep(0.1)
-            loaded_at.append(time.monotonic())
-            return "value"
-
-        functions.append(load)
-    finished: list[tuple[float, Source]] = []
-    barrier = threading.Barrier(200)
-
-    def call(i: int) -> None:
-        barrier.wait()
-        result = functions[i % 4].lookup("k")
-        finished.append((time.monotonic(), result.source))
-
-    run_threads(200, call)
-    sources = [source for _, source in finished]
-    assert len(loaded_at) == 1
-    assert len(finished) == 200
-    assert sources.count(Source.LOADER) == 1
-    # Everyone else waited for that load, or (a slow starter) found it already stored.
-    assert set(sources) - {Source.LOADER} <= {Source.WAITED, Source.CACHE}
-    assert all(at >= loaded_at[0] for at, _ in finished)
-    suppressed = sum(f.stats().stampedes_suppressed for f in functions)
-    assert suppressed == sources.count(Source.WAITED)
-
-
-async def test_owner_failure_hands_the_load_to_a_waiting_task(
-    engine: CacheEngine, twin: Any
-) -> None:
-    other = twin()
-    started = asyncio.Event()
-    calls: list[str] = []
-
-    @cache_aside(key="fail:<id>", ttl=30, lock_ttl=60, engine=engine)
-    async def failing(id: str) -> str:
-        calls.append("owner")
-        started.set()
-        await asyncio.sleep(0.1)
-        raise RuntimeError("primary timeout")
-
-    @cache_aside(key="fail:<id>", ttl=30, lock_ttl=60, engine=other)
-    async def healthy(id: str) -> str:
-        calls.append("waiter")
-        return "fresh"
-
-    owner = asyncio.create_task(failing("k"))
-    await started.wait()
-    waiter = await healthy.lookup("k")  # woken at once, long before the 60 s lock ttl
-    with pytest.raises(RuntimeError, match="primary timeout"):
-        await owner
-    assert (waiter.value, waiter.source) == ("fresh", Source.LOADER)
-    assert calls == ["owner", "waiter"]
-
-
-OWNER_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    from cached_aside import CacheEngine, cache_aside
-    url, prefix, marker = sys.argv[1:4]
-    engine = CacheEngine.from_url(url, prefix=prefix)
-
-    @cache_aside(key="dies:<id>", ttl=30, lock_ttl=3.0, engine=engine)
-    def load(id):
-        open(marker, "w").close()
-        time.sleep(60)
-        return "never"
-
-    load("k")
-    """
-)
-
-
-def test_owner_killed_mid_load_is_replaced_after_the_lock_expires(tmp_path: Path) -> None:
-    if REDIS_URL is None:
-        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
-    prefix = unique_prefix()
-    marker = tmp_path / "loading"
-    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT, REDIS_URL, prefix, str(marker)])
-    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    fn = cache_aside(
+        key="plain:<id>", ttl=30, refresh_ahead=5, serializer=serializer, engine=engine
+    )(read)
+    writer = cache_aside(key="plain:<id>", ttl=30, engine=twin())(read)
+    assert fn("k") == "v1"
+    raw.pexpire(fn.key("k"), 3_000)  # inside the window: a hit that starts a reload
+    answers: dict[str, str] = {}
+    leader = threading.Thread(target=lambda: answers.update(leader=fn("k")))
+    joiner = threading.Thread(target=lambda: answers.update(joiner=fn("k")))
+    serializer.held = leader
+    leader.start()
     try:
-        deadline = time.monotonic() + 20
-        while not marker.exists():
-            assert owner.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        # While it lives, the owner renews its 1 s lease: seen rising, twice.
-        lock, last, rises = engine.key_head + "dies:k}:lock", None, 0
-        while rises < 2:
-            assert time.monotonic() < deadline, "the owner's lease was not renewed"
-            left = engine.client().pttl(lock)
-            assert left > 0, "the owner's lock lapsed while it lived"
-            rises += last is not None and left > last
-            last = left
-            time.sleep(0.02)
-        os.kill(owner.pid, signal.SIGKILL)
-        owner.wait(10)
-
-        @cache_aside(key="dies:<id>", ttl=30, lock_ttl=3.0, engine=engine)
-        def load(id: str) -> str:
-            return "recovered"
-
-        # the dead owner's lock outlives the kill: 3 s is ample for the steps between
-        assert engine.client().exists(load.key("k") + ":lock") == 1
-        result = load.lookup("k")  # waits for the dead owner's lock to expire
-        assert (result.value, result.source) == ("recovered", Source.LOADER)
-        assert load.stats().loads == 1
+        assert serializer.inside.wait(5), "the leader never decoded inside its read"
+        primary["k"] = "v2"
+        assert writer.invalidate("k") is Outcome.DELETED  # completes while v1 is held
+        joiner.start()
+        time.sleep(0.2)  # the joiner joins the leader's read, still in flight
     finally:
-        if owner.poll() is None:
-            owner.kill()
-        delete_prefix(engine.client(), prefix)
-        engine.close()
+        serializer.release.set()
+        leader.join(10)
+        if joiner.ident is not None:
+            joiner.join(10)
+    assert engine.settle()
+    assert answers == {"leader": "v1", "joiner": "v2"}
 
 
-PROCESS_TRIALS_SCRIPT = textwrap.dedent(
-    """
-    import sys, threading, time
-    from cached_aside import CacheEngine, cache_aside
-    url, prefix, log, start, trials = sys.argv[1:6]
-    engine = CacheEngine.from_url(url, prefix=prefix)
+def test_update_field_fences_a_load_that_read_the_old_row(engine: CacheEngine) -> None:
+    """The load read stock 1; the writer set stock 2 in the primary and patched the
+    cache (nothing cached yet: ABSENT). The load's older row must not be stored."""
+    primary = {"stock": "1"}
+    read_row, go = threading.Event(), threading.Event()
 
-    @cache_aside(key="trial:<id>", ttl=30, engine=engine)
-    def load(id):
-        with open(log, "a") as out:
-            out.write(id + "\\n")
-        time.sleep(0.05)
-        return id
+    @cache_aside(key="item:<id>", ttl=30, as_hash=True, engine=engine)
+    def item(id: str) -> dict[str, str]:
+        row = dict(primary)
+        read_row.set()
+        go.wait(5)
+        return row
 
-    for trial in range(int(trials)):
-        time.sleep(max(0.0, float(start) + trial * 0.25 - time.time()))
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(load(f"k{trial}")))
-                   for _ in range(20)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        assert results == [f"k{trial}"] * 20, results
-    """
-)
+    answers: list[dict[str, str]] = []
+    loader = threading.Thread(target=lambda: answers.append(item("p")))
+    loader.start()
+    read_row.wait(5)
+    primary["stock"] = "2"
+    assert item.update_field("p", field="stock", value="2") is Outcome.ABSENT
+    go.set()
+    loader.join()
+    assert answers == [{"stock": "1"}]  # its caller gets what it read...
+    assert item("p") == {"stock": "2"}  # ...but the cache never held the older row
+
+
+def test_update_field_fences_a_refresh_in_flight(engine: CacheEngine, clients: Any) -> None:
+    primary = {"stock": "1"}
+    reloading, read_row, go = threading.Event(), threading.Event(), threading.Event()
+
+    @cache_aside(key="item:<id>", ttl=30, refresh_ahead=29.9, as_hash=True, engine=engine)
+    def item(id: str) -> dict[str, str]:
+        row = dict(primary)
+        if reloading.is_set():
+            read_row.set()
+            go.wait(5)
+        return row
+
+    assert item("p") == {"stock": "1"}
+    time.sleep(0.15)  # inside the refresh window
+    reloading.set()
+    assert item("p") == {"stock": "1"}  # served at once; a reload starts
+    read_row.wait(5)
+    primary["stock"] = "2"
+    assert item.update_field("p", "stock", "2") is Outcome.UPDATED
+    go.set()
+    assert engine.settle()  # the reload has finished
+    assert clients[2].hget(item.key("p"), "stock") == b"2"  # not overwritten by the reload
+
+
+# Readers go on until 60 invalidations: the race is run on a machine of any speed.
+WORKLOAD = Workload(reads=1500, seed=11, min_invalidations=60)
 
 
 @pytest.mark.slow
-def test_four_processes_of_twenty_threads_load_once_in_every_trial(tmp_path: Path) -> None:
-    if REDIS_URL is None:
-        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
-    prefix = unique_prefix()
-    log = tmp_path / "loads.txt"
-    start = time.time() + 2.0
-    argv = [
-        sys.executable,
-        "-c",
-        PROCESS_TRIALS_SCRIPT,
-        REDIS_URL,
-        prefix,
-        str(log),
-        str(start),
-        str(TRIALS),
-    ]
-    processes = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+def test_plain_cache_aside_serves_stale_reads(clients: Any, tmp_path: Path) -> None:
+    outcome = run_plain(clients[2], WORKLOAD, tmp_path)
+    assert outcome.invalidations > 50
+    assert outcome.stale_reads > 0  # the checker catches the textbook algorithm
+
+
+@pytest.mark.slow
+def test_no_stale_reads_with_threads(
+    engine: CacheEngine, more_clients: Any, tmp_path: Path
+) -> None:
+    other = CacheEngine(*more_clients(), prefix=engine.prefix)  # "another process"
+    outcome = run_ours([engine, other], WORKLOAD, tmp_path)
+    assert outcome.invalidations > 50
+    assert (outcome.stale_reads, outcome.stale_entries) == (0, 0)
+
+
+@pytest.mark.slow
+async def test_no_stale_reads_with_tasks(
+    engine: CacheEngine, more_clients: Any, tmp_path: Path
+) -> None:
+    other = CacheEngine(*more_clients(), prefix=engine.prefix)
+    outcome = await run_ours_async([engine, other], WORKLOAD, tmp_path)
+    assert outcome.invalidations > 50
+    assert (outcome.stale_reads, outcome.stale_entries) == (0, 0)
+
+
+def test_invalidation_during_a_load_refuses_the_stale_write(
+    engine: CacheEngine, clients: Any
+) -> None:
+    primary = {"k": "v1"}
+    loading = threading.Event()
+    proceed = threading.Event()
+
+    @cache_aside(key="lease:<id>", ttl=30, engine=engine)
+    def read(id: str) -> str:
+        value = primary[id]
+        loading.set()
+        assert proceed.wait(5)
+        return value
+
+    results: list[str] = []
+    reader = threading.Thread(target=lambda: results.append(read("k")))
+    reader.start()
+    assert loading.wait(5)
+    primary["k"] = "v2"  # the writer updates the primary ...
+    assert read.invalidate("k") is Outcome.ABSENT  # ... and invalidates while the read loads
+    proceed.set()
+    reader.join()
+    assert results == ["v1"]  # the reader began before the write: v1 is its answer
+    assert clients[2].exists(read.key("k")) == 0  # but v1 was never stored
+    assert read("k") == "v2"
+
+
+async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_lookup(
+    engine: CacheEngine,
+) -> None:
+    """A lookup that Redis answered before the delete may serve the read that made it,
+    but never a read that starts after invalidate() has returned."""
+    version = {"v": 1}
+
+    @cache_aside(key="order:<id>", ttl=30, engine=engine)
+    async def read(id: str) -> int:
+        return version["v"]
+
+    assert await read("k") == 1  # cached: v1
+    side = engine._async_side()
+    assert side.pipeline is not None  # commands that answer at once share its connection
+    real_call = side.pipeline.call
+    invalidate_sha = side.scripts[ScriptName.INVALIDATE].sha
+    send_invalidation = asyncio.Event()
+    lookup_answered = asyncio.Event()
+    deliver_lookup = asyncio.Event()
+    hold_lookups = False
+
+    async def held(args: tuple[Any, ...]) -> Any:
+        if args[0] == "EVALSHA" and args[1] == invalidate_sha:
+            await send_invalidation.wait()
+        reply = await real_call(args)
+        if args[0] == "GET" and hold_lookups:
+            lookup_answered.set()
+            await deliver_lookup.wait()  # Redis answered v1; the reply is still in flight
+        return reply
+
+    side.pipeline.call = held  # type: ignore[method-assign]
     try:
-        errors = [process.communicate(timeout=120)[1] for process in processes]
-        assert all(p.returncode == 0 for p in processes), errors
-        assert sorted(log.read_text().split()) == sorted(f"k{t}" for t in range(TRIALS))
-    finally:
-        cleanup = redis.Redis.from_url(REDIS_URL)
-        delete_prefix(cleanup, prefix)
-        cleanup.close()
-
-
-def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, twin: Any) -> None:
-    engines = [engine, twin()]
-    versions = iter(range(1, 1000))
-    loads: list[int] = []
-    functions = []
-    for each in engines:
-
-        @cache_aside(key="hot:<id>", ttl=1.0, refresh_ahead=0.6, engine=each)
-        def load(id: str) -> int:
-            version = next(versions)
-            loads.append(version)
-            time.sleep(0.02)
-            return version
-
-        functions.append(load)
-    assert functions[0]("k") == 1
-    seen: list[tuple[Source, int]] = []
-    stop = time.monotonic() + 2.5  # more than two ttls: without refreshes it would expire
-
-    def reader(i: int) -> None:
-        while time.monotonic() < stop:
-            result = functions[i % 2].lookup("k")
-            seen.append((result.source, result.value))
-            time.sleep(0.005)
-
-    run_threads(4, reader)
-    assert {source for source, _ in seen} == {Source.CACHE}  # no reader ever missed
-    assert len(loads) >= 4  # refreshed about every 0.4 s
-    # Each refresh loaded once and its value was served: no load was wasted.
-    assert {version for _, version in seen} | {1} == set(loads)
-    assert loads == sorted(loads)
-
-
-async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
-    loads: list[int] = []
-
-    @cache_aside(key="hot:<id>", ttl=0.6, refresh_ahead=0.4, engine=engine)
-    async def load(id: str) -> int:
-        loads.append(len(loads) + 1)
+        version["v"] = 2  # the writer updated the primary and now invalidates
+        invalidation = asyncio.create_task(read.invalidate("k"))
+        await asyncio.sleep(0)
+        hold_lookups = True
+        early = asyncio.create_task(read("k"))  # starts while the invalidation is under way
+        await lookup_answered.wait()
+        hold_lookups = False
+        send_invalidation.set()
+        assert await invalidation is Outcome.DELETED
+        late = asyncio.create_task(read("k"))  # starts after invalidate() returned
         await asyncio.sleep(0.01)
-        return loads[-1]
-
-    await load("k")
-    sources: set[Source] = set()
-    stop = time.monotonic() + 1.5
-
-    async def reader() -> None:
-        while time.monotonic() < stop:
-            sources.add((await load.lookup("k")).source)
-            await asyncio.sleep(0.005)
-
-    await asyncio.gather(*(reader() for _ in range(5)))
-    assert sources == {Source.CACHE}
-    assert len(loads) >= 4
-    assert len(engine._async_side().tasks) <= 1  # background refreshes finish
-
-
-def test_refresh_ahead_must_be_shorter_than_ttl() -> None:
-    with pytest.raises(ValueError, match="refresh_ahead"):
-        cache_aside(key="x:<id>", ttl=1, refresh_ahead=1)
-
-
-async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: CacheEngine) -> None:
-    @cache_aside(key="count:<id>", ttl=30, engine=engine)
-    async def load(id: str) -> str:
-        # Hold the load until every other task has joined, however slow the machine.
-        flight = engine._async_side().flights.active[load.key(id)]
-        for _ in range(500):
-            if len(flight.joiners or ()) == 499:
-                break
-            await asyncio.sleep(0.01)
-        return id
-
-    for script in ScriptName:  # known to the server: no NOSCRIPT round trips counted
-        await engine.async_client().script_load(script.value)
-    counted = counting_writes(engine.async_client())
-    assert await asyncio.gather(*(load("k") for _ in range(500))) == ["k"] * 500
-    sent = counted.ops
-    assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1), sent
-    assert load.stats().loads == 1
+        deliver_lookup.set()
+        assert await early == 1  # began before the invalidation returned: a fair answer
+        assert await late == 2
+    finally:
+        side.pipeline.call = real_call  # type: ignore[method-assign]

@@ -3,6 +3,7 @@ and compress_over; each sync and async, on real Redis and fakeredis."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import zlib
 from typing import Any
@@ -18,9 +19,16 @@ from cached_aside import (
     UnstorableValueError,
     cache_aside,
 )
-from cached_aside._codecs import COMPRESSED_MARK
+from cached_aside._codecs import (
+    COMPRESSED_MARK,
+    MAX_DECOMPRESSED_BYTES,
+    MsgpackCodec,
+)
 
-from .conftest import Harness
+from .conftest import (
+    PATIENCE,
+    Harness,
+)
 
 
 class Rows:
@@ -167,3 +175,90 @@ def test_bad_control_options_are_refused_at_decoration() -> None:
     for options, message in cases:
         with pytest.raises(ConfigurationError, match=message):
             cache_aside(key="k:<id>", ttl=30, **options)(load)
+
+
+async def test_a_reload_whose_result_is_not_storable_does_not_leave_the_old_value(
+    h: Harness,
+) -> None:
+    # Was a defect: what_to_store answers RELEASE_ONLY for a result that is not to
+    # be stored (cache_if says no; None with negative_ttl=0; _flows.py:460-467), and
+    # the store script then only gives the lock back: whatever was cached stays.
+    # For a plain miss nothing was cached, but a reload REPLACES an entry:
+    # fn.refresh() (documented "reload now and store, whatever is cached") returns
+    # "no such record" and leaves the deleted row cached and fresh for its ttl; a
+    # grace reload leaves the stale value served to the end of the grace (and
+    # every hit starts another load whose answer is dropped). fn.set() gets this
+    # right: it invalidates instead. Fix: a STORE kind that deletes the value under
+    # the lease ('delete': DEL KEYS[1] if the lock is still ours) for reloads
+    # (replace=True and _refresh) and for loads that had a kept value.
+    rows: dict[str, Any] = {"a": {"v": 1}}
+    fn = h.cached(lambda id: rows.get(id), key="rr:<id>", ttl=30, negative_ttl=0)
+    assert await h.run(fn, "a") == {"v": 1}
+    del rows["a"]  # the row is deleted; the writer refreshes the entry
+    assert await h.run(fn.refresh, "a") is None
+    assert await h.run(fn, "a") is None, "refresh() left the deleted row cached"
+
+
+def test_a_value_past_the_decompression_cap_is_stored_plain() -> None:
+    """Compressed, a value over the 64 MiB cap on decompression (a guard against
+    foreign bombs) would be stored and never read back: every call a corrupt miss."""
+    codec = MsgpackCodec(compress_over=1024)
+    big = "x" * (MAX_DECOMPRESSED_BYTES + 16)
+    payload, _ = codec.encode(big, "t")
+    assert not payload[0].startswith(COMPRESSED_MARK)
+    assert codec.decode(payload[0]) == big
+    small, _ = codec.encode("y" * 4096, "t")
+    assert small[0].startswith(COMPRESSED_MARK)  # under the cap: compressed as before
+
+
+async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
+    h: Harness,
+) -> None:
+    # Was a defect: fn.refresh() is documented "after a change you know of", but
+    # when a load is in flight (it read the row BEFORE the write) refresh() waits for
+    # it and takes its value (miss(replace=True) -> HELD -> woken -> FOUND,
+    # _flows.py:343-353 and :554-557): it returns the old row and leaves it cached
+    # for a whole ttl, though the caller had written the new one first. set() and
+    # invalidate() revoke such a lease; refresh() does not. Fix: reload revokes the
+    # lease of the load in flight (DEL the lock and wake its waiters, keeping the
+    # value) before taking the lock, so its older result is refused and this
+    # reload's stands.
+    rows = {"v": 1}
+    read, refreshed_sync = threading.Event(), threading.Event()
+    refreshed_async = asyncio.Event()
+    fn: Any
+    if h.mode == "async":
+
+        async def aload(id: int) -> dict[str, int]:
+            row = dict(rows)
+            if not read.is_set():
+                read.set()
+                await refreshed_async.wait()  # the slow first load, after its read
+            return row
+
+        fn = cache_aside(key="r:<id>", ttl=30, engine=h.engine)(aload)
+        loading = asyncio.ensure_future(fn(1))
+    else:
+
+        def load(id: int) -> dict[str, int]:
+            row = dict(rows)
+            if not read.is_set():
+                read.set()
+                refreshed_sync.wait(PATIENCE)
+            return row
+
+        fn = cache_aside(key="r:<id>", ttl=30, engine=h.engine)(load)
+        loading = asyncio.ensure_future(asyncio.to_thread(fn, 1))
+    assert await asyncio.to_thread(read.wait, PATIENCE)
+    rows["v"] = 2  # the write
+    try:
+        if h.mode == "async":
+            refreshed = await fn.refresh(1)
+        else:
+            refreshed = await asyncio.to_thread(fn.refresh, 1)
+    finally:  # the first load ends after the refresh, however slow the machine
+        refreshed_sync.set()
+        refreshed_async.set()
+    assert await loading == {"v": 1}
+    assert refreshed == {"v": 2}, "refresh() after a write returned the row read before it"
+    assert await h.run(fn, 1) == {"v": 2}

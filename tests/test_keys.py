@@ -9,7 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cached_aside import KeyArgumentError, KeyTemplateError
+from cached_aside import (
+    KeyArgumentError,
+    KeyTemplateError,
+    cache_aside,
+)
 from cached_aside._keys import (
     MAX_RENDERED_LENGTH,
     KeyTemplate,
@@ -158,3 +162,9 @@ def test_keys_remembered_by_text_match_rendering_and_stay_bounded() -> None:
     pair = KeyTemplate("p:<a>", two)
     pair.render(("x", "y"), {})
     assert pair.by_text == {}  # a call of one argument could not mean the same key
+
+
+def test_a_key_argument_that_is_not_valid_text_is_a_key_error() -> None:
+    fn = cache_aside(key="file:<name>", ttl=1)(lambda name: name)
+    with pytest.raises(KeyArgumentError, match="not valid text"):
+        fn.key("report\udcff.pdf")  # as os.fsdecode makes of undecodable bytes

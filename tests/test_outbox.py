@@ -3,8 +3,10 @@ never served around in this process, and delivered as soon as Redis answers."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +24,14 @@ from cached_aside import (
 )
 from cached_aside._outbox import Outbox, PendingKey, PendingPattern
 
-from .conftest import unique_prefix
+from .conftest import (
+    PATIENCE,
+    REDIS_URL,
+    delete_prefix,
+    eventually,
+    needs_real_redis,
+    unique_prefix,
+)
 from .servers import REDIS_SERVER, RedisProcess
 
 DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every command fails at once
@@ -248,3 +257,148 @@ def test_a_tag_invalidated_while_redis_is_paused_is_never_served_around_here(
 class Row:
     id: str
     version: int
+
+
+def open_breaker(engine: CacheEngine) -> None:
+    """As after a burst of Redis failures: calls skip Redis for a while."""
+    for _ in range(engine.breaker.threshold):
+        engine.breaker.failure()
+
+
+def test_what_is_queued_while_a_pattern_is_delivered_survives_its_landing() -> None:
+    outbox = Outbox()
+    outbox.start_flusher = lambda: None
+    whole = pattern("c:{row:")
+    outbox.add((whole,))
+    delivery = outbox.take()  # the SCAN of c:{row:* is under way...
+    outbox.add((PendingKey("c:{row:7}", 1000, whole),))  # ...the scan may be past it
+    outbox.landed(delivery)
+    assert outbox.pending() == ["c:{row:7}"]
+    outbox.landed(outbox.take())
+    outbox.add((whole,))
+    delivery = outbox.take()
+    outbox.add((whole,))  # invalidate_all() failed again during the delivery
+    outbox.landed(delivery)
+    assert outbox.pending() == ["c:{row:*"]
+    outbox.landed(outbox.take())
+    assert outbox.pending() == []
+
+
+def test_a_full_outbox_drops_the_release_whose_lock_expires_first() -> None:
+    from cached_aside._effects import RunScript
+    from cached_aside._scripts import ScriptName
+
+    outbox = Outbox(limit=2)
+    outbox.start_flusher = lambda: None
+    long, short, newer = (
+        RunScript(ScriptName.LEAVE, (f"k{n}:waiters", f"k{n}:wake:t"), ("t",)) for n in range(3)
+    )
+    outbox.add_release(long, 60_000)
+    outbox.add_release(short, 100)
+    outbox.add_release(newer, 60_000)
+    assert [r.effect for r in outbox.peek().releases] == [long, newer]
+
+
+def test_racing_adds_always_leave_a_flusher_to_deliver_them(engine: CacheEngine) -> None:
+    """add() from many threads while the flusher takes and lands: nothing waits
+    behind a flusher that gave up its turn on a stale read."""
+    read = cache_aside(key="row:<id>", ttl=30, engine=engine)(lambda id: id)
+    whole = read._every_key(engine)
+    keys = [f"{engine.prefix}:{{row:{n}}}" for n in range(400)]
+
+    def add(part: list[str]) -> None:
+        for key in part:
+            engine.outbox.add((PendingKey(key, 1000, whole),))
+
+    threads = [threading.Thread(target=add, args=(keys[n::8],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine.settle(5), engine.pending_invalidations()[:5]
+
+
+@needs_real_redis
+def test_a_release_still_pending_when_its_loop_ends_reaches_redis() -> None:
+    """One event loop per request: the call is cancelled during its load and the
+    handler returns; asyncio.run() cancels the release task before it ran. It goes to
+    the outbox instead, and the next caller does not wait out lock_ttl."""
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=unique_prefix())
+
+    loading = threading.Event()
+
+    @cache_aside(key="item:<id>", ttl=60, lock_ttl=30, engine=engine)
+    async def get(id: str) -> str:
+        loading.set()
+        await asyncio.sleep(60)
+        return id
+
+    async def handler() -> None:
+        task = asyncio.create_task(get("a"))
+        assert await eventually(loading.is_set)  # it holds the lock and loads
+        task.cancel()  # a timeout in the web handler
+        await asyncio.sleep(0)  # its release task is created, not yet run
+
+    asyncio.run(handler())
+    assert engine.settle(PATIENCE)
+    assert engine.client().exists(get.key("a") + ":lock") == 0
+    other = cache_aside(key="item:<id>", ttl=60, lock_ttl=30, engine=engine)(lambda id: id)
+    started = time.monotonic()
+    assert other.lookup("a").source is Source.LOADER
+    assert time.monotonic() - started < 10.0  # not the 30 s of lock_ttl
+    delete_prefix(engine.client(), engine.prefix)
+    engine.close()
+
+
+@needs_real_redis
+async def test_a_pending_invalidation_blocks_every_functions_near_tier() -> None:
+    assert REDIS_URL is not None
+    prefix = unique_prefix()
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix, near=NearCache(ttl=30))
+    engine.outbox.start_flusher = lambda: None  # Redis stays out of reach for the outbox
+    primary = {"a": "v1"}
+    row = cache_aside(key="row:<id>", ttl=60, engine=engine)(lambda id: primary[id])
+
+    @cache_aside(key="row:<id>", ttl=60, engine=engine)
+    async def arow(id: str) -> str:
+        return primary[id]
+
+    assert row("a") == await arow("a") == "v1"
+    deadline = time.monotonic() + PATIENCE  # our own store's report voids first fills
+    while (await arow.lookup("a")).source is not Source.NEAR:
+        assert time.monotonic() < deadline, "never served from the near cache"
+    primary["a"] = "v2"
+    open_breaker(engine)
+    assert row.invalidate("a") is Outcome.PENDING
+    result = await arow.lookup("a")  # the other function's near tier held v1
+    assert (result.value, result.source) == ("v2", Source.LOADER)
+    engine.breaker.success()
+    delete_prefix(engine.client(), prefix)
+    await engine.aclose()
+
+
+@needs_real_redis
+def test_many_never_serves_a_reply_read_while_its_key_was_blocked() -> None:
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=unique_prefix())
+    primary = {"x": "x-v1", "y": "y-v1"}
+
+    def batch(ids: list[str]) -> list[str]:
+        engine._flusher.start()  # Redis answers: the invalidation lands during the load
+        assert engine.settle(PATIENCE)
+        return [primary[i] for i in ids]
+
+    row = cache_aside(key="row:<id>", ttl=10, refresh_ahead=9.9, engine=engine, batch_loader=batch)(
+        lambda id: primary[id]
+    )
+    assert row("y") == "y-v1"
+    time.sleep(0.15)  # y is due for a refresh from now on
+    engine.outbox.start_flusher = lambda: None  # the delivery waits for the batch load
+    primary["y"] = "y-v2"
+    open_breaker(engine)
+    assert row.invalidate("y") is Outcome.PENDING
+    engine.breaker.success()
+    assert row.many(["x", "y"]) == ["x-v1", "y-v2"]
+    delete_prefix(engine.client(), engine.prefix)
+    engine.close()

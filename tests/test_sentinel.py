@@ -21,16 +21,24 @@ import pytest
 import redis.asyncio.sentinel
 import redis.sentinel
 
-from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
+from cached_aside import (
+    CacheEngine,
+    ConfigurationError,
+    NearCache,
+    Outcome,
+    Source,
+    cache_aside,
+)
 from cached_aside._sentinel import parse_sentinel_url
 
-from .conftest import PATIENCE, eventually, wait_until
+from .conftest import PATIENCE, eventually, unique_prefix, wait_until
 from .servers import (
     REDIS_SENTINEL,
     REDIS_SERVER,
     RedisProcess,
     RedisSentinelProcesses,
     SentinelProcess,
+    free_port,
 )
 from .test_cli import cli
 
@@ -629,3 +637,85 @@ def test_the_command_line_takes_a_sentinel_url(sentinels: RedisSentinelProcesses
     assert (code, report["existed"]) == (0, True)  # type: ignore[index]
     assert read.lookup("a").source is Source.LOADER
     engine.close()
+
+
+SECRET = "s3cr3t"  # a password fragment that must never reach an error message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # "@" in a password is accepted by the parser (the last "@" ends the userinfo)
+        # but the redaction stops at the first: the rest of the password shows.
+        f"redis+sentinel://:p@{SECRET}@127.0.0.1:26379/mymaster/0/extra",
+        # A "/" in a password (base64 secrets have them) ends the netloc: nothing is
+        # redacted and the whole URL, password included, is in the message.
+        f"redis+sentinel://:ab/{SECRET}@127.0.0.1:26379/mymaster",
+        # A "#" starts a fragment, which the message quotes.
+        f"redis+sentinel://:ab#{SECRET}@127.0.0.1:26379/mymaster",
+        # "?" starts the query: the password is then read as a port, and quoted.
+        f"redis+sentinel://user:{SECRET}?x@127.0.0.1:26379/mymaster",
+    ],
+)
+def test_sentinel_url_errors_never_show_the_password(url: str) -> None:
+    """Was a defect: a Sentinel URL with an unencoded
+    `@ / # ?` in its password is refused (fine), but the ConfigurationError quotes
+    the URL or the part of it where the password went, unredacted: exceptions end up
+    in logs and crash reports.
+
+    Fix: redact by the same split the parser uses (everything before the last "@" of
+    the text after "://", up to the first "/" after that "@"), and never quote
+    fragments, query names or addresses from a URL whose userinfo may be mangled:
+    say what is wrong without echoing it.
+    """
+    with pytest.raises(ConfigurationError) as caught:
+        CacheEngine.from_url(url)
+    assert SECRET not in str(caught.value)
+
+
+def test_sentinel_urls_with_encoded_passwords_ipv6_and_options() -> None:
+    """Percent-encoded `@ : / # ?` in a password, an IPv6 sentinel with and without
+    a port, a username, a db in the path and typed query options all parse."""
+    from cached_aside._sentinel import parse_sentinel_url
+
+    parsed = parse_sentinel_url(
+        "redis+sentinel://me:p%40s%3As%2Fw%23d%3F@[::1]:26380,[fe80::1],host/svc/3"
+        "?socket_timeout=0.5&sentinel_password=x&min_other_sentinels=1"
+    )
+    assert parsed.sentinels == [("::1", 26380), ("fe80::1", 26379), ("host", 26379)]
+    assert parsed.service == "svc"
+    assert parsed.options == {
+        "username": "me",
+        "password": "p@s:s/w#d?",
+        "db": 3,
+        "socket_timeout": 0.5,
+    }
+    assert parsed.sentinel_options == {"password": "x"}
+    assert parsed.min_other_sentinels == 1
+
+
+async def test_all_sentinels_down_fails_open_and_counts_the_error() -> None:
+    """Every sentinel refusing connections: calls are answered by the loader (sync
+    and async), the error is counted as MasterNotFoundError until the breaker opens,
+    and closing the engine leaks no socket (the suite's filterwarnings=error and gc
+    would say so)."""
+    engine = CacheEngine.from_url(
+        f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/mymaster",
+        prefix=unique_prefix(),
+    )
+
+    @cache_aside(key="down:<item>", ttl=5, engine=engine)
+    def load(item: int) -> int:
+        return item * 2
+
+    @cache_aside(key="adown:<item>", ttl=5, engine=engine)
+    async def aload(item: int) -> int:
+        return item * 3
+
+    try:
+        assert [load(number) for number in range(4)] == [0, 2, 4, 6]
+        assert [await aload(number) for number in range(3)] == [0, 3, 6]
+        assert load.error_kinds().get("MasterNotFoundError", 0) >= 1
+        assert load.stats().errors == 4
+    finally:
+        await engine.aclose()

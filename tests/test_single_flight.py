@@ -7,19 +7,41 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio
+import redis.asyncio.retry
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from cached_aside import LoaderTimeoutError, Source, cache_aside
+from cached_aside import (
+    CacheEngine,
+    LoaderTimeoutError,
+    Source,
+    cache_aside,
+)
+from cached_aside._scripts import ScriptName
 
-from .conftest import Harness
+from .conftest import (
+    REDIS_URL,
+    Harness,
+    LoaderFailedError,
+    delete_prefix,
+    needs_real_redis,
+    run_in_threads,
+    unique_prefix,
+)
+from .injection import counting_writes
 
 HANG = 30.0  # a generous bound on a hang, never a speed claim
 SLOW_TIMEOUT = 0.5  # loader_timeout of the "slow" loaders
@@ -684,3 +706,304 @@ async def test_a_failed_batch_load_raises_for_an_entry_without_a_kept_value(h: H
     assert isinstance(got_batch[1], LoadError)
     assert (got_joiner[1].value, got_joiner[1].source) == ("old", Source.STALE)
     assert fn.stats().stale >= 1
+
+
+def test_threads_sharing_a_failed_load_all_get_its_exception(engine: CacheEngine) -> None:
+    """consistency.md, "Owner failure": callers in the loader's own process that were
+    sharing its call get its exception."""
+    calls: list[str] = []
+
+    @cache_aside(key="shared-failure:<id>", ttl=30, engine=engine)
+    def load(id: str) -> str:
+        calls.append(id)
+        time.sleep(0.3)
+        raise LoaderFailedError(f"primary down for {id}")
+
+    start = threading.Barrier(8)
+    outcomes: list[object] = []
+
+    def call() -> None:
+        start.wait()
+        try:
+            outcomes.append(load("k"))
+        except LoaderFailedError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert calls == ["k"]  # one load, whose failure every caller got
+    assert len(outcomes) == 8
+    assert all(isinstance(o, LoaderFailedError) for o in outcomes)
+    assert {str(o) for o in outcomes} == {"primary down for k"}
+
+
+async def test_tasks_sharing_a_failed_load_all_get_its_exception(engine: CacheEngine) -> None:
+    """The same for asyncio tasks of one event loop."""
+    calls: list[str] = []
+
+    @cache_aside(key="shared-failure:<id>", ttl=30, engine=engine)
+    async def load(id: str) -> str:
+        calls.append(id)
+        await asyncio.sleep(0.3)
+        raise LoaderFailedError(f"primary down for {id}")
+
+    outcomes = await asyncio.gather(*(load("k") for _ in range(8)), return_exceptions=True)
+    assert calls == ["k"]
+    assert all(isinstance(o, LoaderFailedError) for o in outcomes)
+    assert {str(o) for o in outcomes} == {"primary down for k"}
+
+
+def test_fifty_threads_on_a_cold_key_load_once(engine: CacheEngine) -> None:
+    calls = []
+
+    @cache_aside(key="cold:<id>", ttl=30, engine=engine)
+    def slow(id: str) -> dict[str, str]:
+        calls.append(id)
+        time.sleep(0.1)
+        return {"id": id}
+
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(slow("k"))) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["k"]
+    assert results == [{"id": "k"}] * 50
+    stats = slow.stats()
+    assert stats.loads == 1
+    # the others waited for that load, or (late starters) found it stored
+    assert stats.stampedes_suppressed + stats.hits == 49
+    assert stats.misses == stats.stampedes_suppressed + 1
+
+
+async def test_five_hundred_tasks_on_a_cold_key_load_once(engine: CacheEngine) -> None:
+    calls = []
+
+    @cache_aside(key="cold:<id>", ttl=30, engine=engine)
+    async def slow(id: str) -> list[str]:
+        calls.append(id)
+        await asyncio.sleep(0.1)
+        return [id]
+
+    results = await asyncio.gather(*(slow("k") for _ in range(500)))
+    assert calls == ["k"]
+    assert results == [["k"]] * 500
+    assert slow.stats().stampedes_suppressed == 499
+
+
+async def test_joined_callers_get_independent_copies(engine: CacheEngine) -> None:
+    @cache_aside(key="copy:<id>", ttl=30, engine=engine)
+    async def load(id: str) -> dict[str, list[int]]:
+        await asyncio.sleep(0.05)
+        return {"items": [1, 2]}
+
+    first, second = await asyncio.gather(load("a"), load("a"))
+    first["items"].append(3)
+    assert second == {"items": [1, 2]}
+
+
+def test_engines_sharing_only_redis_load_once(engine: CacheEngine, twin: Any) -> None:
+    engines = [engine, *(twin() for _ in range(3))]
+    calls = []
+    functions = []
+    for each in engines:
+
+        @cache_aside(key="shared:<id>", ttl=30, engine=each)
+        def slow(id: str) -> str:
+            calls.append(id)
+            time.sleep(0.2)
+            return id.upper()
+
+        functions.append(slow)
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda f=f: results.append(f.lookup("x")))
+        for f in functions
+        for _ in range(5)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["x"]
+    assert [r.value for r in results] == ["X"] * 20
+    # Everyone else waited for that load, or read it once it was stored (threads take
+    # a shared answer only when it is a load, never a plain read).
+    stats = [f.stats() for f in functions]
+    assert sum(s.stampedes_suppressed + s.hits for s in stats) == 19
+    assert sum(s.loads for s in stats) == 1
+
+
+PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from cached_aside import CacheEngine, cache_aside
+    url, prefix, log = sys.argv[1:4]
+    engine = CacheEngine.from_url(url, prefix=prefix)
+
+    @cache_aside(key="multi:<id>", ttl=30, engine=engine)
+    def load(id):
+        with open(log, "a") as out:
+            out.write("load\\n")
+        time.sleep(0.3)
+        return {"id": id}
+
+    start = float(sys.argv[4])
+    time.sleep(max(0.0, start - time.time()))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(load("k"))) for _ in range(20)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == [{"id": "k"}] * 20, results
+    stats = load.stats()
+    print(stats.stampedes_suppressed + stats.hits)  # callers served without loading
+    """
+)
+
+
+@needs_real_redis
+@pytest.mark.slow
+def test_processes_share_one_load(tmp_path: Path) -> None:
+    assert REDIS_URL is not None
+    prefix = unique_prefix()
+    log = tmp_path / "loads.txt"
+    start = time.time() + 1.5  # let every interpreter start before the stampede
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROCESS_SCRIPT, REDIS_URL, prefix, str(log), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=60) for process in processes]
+    try:
+        assert all(p.returncode == 0 for p in processes), outputs
+        assert log.read_text().splitlines() == ["load"]
+        assert sum(int(out) for out, _ in outputs) == 79
+    finally:
+        cleanup = redis.Redis.from_url(REDIS_URL)
+        delete_prefix(cleanup, prefix)
+        cleanup.close()
+
+
+TRIALS = 30
+
+
+def test_fifty_threads_on_two_engines_load_once_in_every_trial(
+    engine: CacheEngine, twin: Any
+) -> None:
+    engines = [engine, twin()]
+    loads: list[str] = []
+    functions = []
+    for each in engines:
+
+        @cache_aside(key="trial:<id>", ttl=30, engine=each)
+        def load(id: str) -> str:
+            loads.append(id)
+            time.sleep(0.02)
+            return id
+
+        functions.append(load)
+    for trial in range(TRIALS):
+        results: list[str] = []
+
+        def call(i: int, key: str = f"k{trial}", out: list[str] = results) -> None:
+            out.append(functions[i % 2](key))
+
+        run_in_threads(50, call)
+        assert results == [f"k{trial}"] * 50
+    assert sorted(loads) == sorted(f"k{t}" for t in range(TRIALS))  # one load per trial
+
+
+async def test_five_hundred_tasks_load_once_in_every_trial(engine: CacheEngine) -> None:
+    loads: list[str] = []
+
+    @cache_aside(key="trial:<id>", ttl=30, engine=engine)
+    async def load(id: str) -> str:
+        loads.append(id)
+        await asyncio.sleep(0.01)
+        return id
+
+    for trial in range(TRIALS):
+        assert await asyncio.gather(*(load(f"k{trial}") for _ in range(500))) == [f"k{trial}"] * 500
+    assert loads == [f"k{t}" for t in range(TRIALS)]
+
+
+PROCESS_TRIALS_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from cached_aside import CacheEngine, cache_aside
+    url, prefix, log, start, trials = sys.argv[1:6]
+    engine = CacheEngine.from_url(url, prefix=prefix)
+
+    @cache_aside(key="trial:<id>", ttl=30, engine=engine)
+    def load(id):
+        with open(log, "a") as out:
+            out.write(id + "\\n")
+        time.sleep(0.05)
+        return id
+
+    for trial in range(int(trials)):
+        time.sleep(max(0.0, float(start) + trial * 0.25 - time.time()))
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(load(f"k{trial}")))
+                   for _ in range(20)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert results == [f"k{trial}"] * 20, results
+    """
+)
+
+
+@pytest.mark.slow
+def test_four_processes_of_twenty_threads_load_once_in_every_trial(tmp_path: Path) -> None:
+    if REDIS_URL is None:
+        pytest.skip("no Redis server reachable at REDIS_URL or 127.0.0.1:6379")
+    prefix = unique_prefix()
+    log = tmp_path / "loads.txt"
+    start = time.time() + 2.0
+    argv = [
+        sys.executable,
+        "-c",
+        PROCESS_TRIALS_SCRIPT,
+        REDIS_URL,
+        prefix,
+        str(log),
+        str(start),
+        str(TRIALS),
+    ]
+    processes = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        errors = [process.communicate(timeout=120)[1] for process in processes]
+        assert all(p.returncode == 0 for p in processes), errors
+        assert sorted(log.read_text().split()) == sorted(f"k{t}" for t in range(TRIALS))
+    finally:
+        cleanup = redis.Redis.from_url(REDIS_URL)
+        delete_prefix(cleanup, prefix)
+        cleanup.close()
+
+
+async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: CacheEngine) -> None:
+    @cache_aside(key="count:<id>", ttl=30, engine=engine)
+    async def load(id: str) -> str:
+        # Hold the load until every other task has joined, however slow the machine.
+        flight = engine._async_side().flights.active[load.key(id)]
+        for _ in range(500):
+            if len(flight.joiners or ()) == 499:
+                break
+            await asyncio.sleep(0.01)
+        return id
+
+    for script in ScriptName:  # known to the server: no NOSCRIPT round trips counted
+        await engine.async_client().script_load(script.value)
+    counted = counting_writes(engine.async_client())
+    assert await asyncio.gather(*(load("k") for _ in range(500))) == ["k"] * 500
+    sent = counted.ops
+    assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1), sent
+    assert load.stats().loads == 1

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import msgpack
 import pytest
 
 from cached_aside import (
@@ -22,6 +23,13 @@ from cached_aside import (
     Source,
     cache_aside,
 )
+from cached_aside._codecs import (
+    MSGPACK_CODEC,
+)
+from cached_aside._flows import Age, Plan, _peeked
+from cached_aside._loads import MAX_ABANDONED_LOADS
+from cached_aside._options import Options
+from cached_aside._stats import Stats
 
 from .conftest import Harness, needs_real_redis
 from .test_near import near_engine, until_near  # noqa: F401  # a fixture, and its helper
@@ -272,3 +280,166 @@ def test_near_copies_live_no_longer_than_the_fresh_part(near_engine: CacheEngine
     until_near(read, "a")
     time.sleep(1.05)  # past the ttl: the near copy is gone, Redis serves it stale
     assert read.lookup("a").source is Source.STALE
+
+
+async def test_a_cancelled_probe_does_not_keep_the_loader_breaker_open(
+    engine: CacheEngine,
+) -> None:
+    # Was a defect: in the breaker's half-open state, allow()
+    # lets one call probe and sets _probing (_breaker.py:56). _guarded_load
+    # (_flows.py:418-431) calls success()/failure() only when the loader returns or
+    # raises an Exception; a CancelledError (asyncio.wait_for/timeouts in a web
+    # handler, a client disconnect) or any BaseException in the probe leaves
+    # _probing True for ever: allow() then refuses every later call, so the loader
+    # is skipped until a fn.refresh() succeeds: every call without a kept value
+    # raises LoaderCircuitOpenError, every other gets stale data, indefinitely.
+    # Fix: in _guarded_load, `except BaseException` (re-raised) releases the probe
+    # (a `breaker.abandon()` that clears _probing and leaves the state open).
+    mode = {"now": "fail"}
+
+    @cache_aside(key="b:<id>", ttl=30, stale_if_error=60, engine=engine)
+    async def load(id: str) -> str:
+        if mode["now"] == "fail":
+            raise RuntimeError("the primary is down")
+        if mode["now"] == "hang":
+            await asyncio.sleep(5)
+        return "ok"
+
+    breaker = load._plan.loader_breaker
+    assert breaker is not None
+    breaker.cooldown = 0.05
+    now = [time.monotonic()]  # the breaker's clock moves when the test says
+    breaker.clock = lambda: now[0]
+    for id in range(5):
+        with pytest.raises(RuntimeError):
+            await load(str(id))
+    assert breaker.state == "open"
+    now[0] += 0.06  # half-open: the next call probes
+    mode["now"] = "hang"
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(load("probe"), 0.1)  # the probe is cancelled
+    mode["now"] = "ok"  # the primary is back
+    now[0] += 0.2
+    assert await load("after") == "ok", "the breaker stays open after a cancelled probe"
+
+
+async def test_a_loaders_own_timeout_error_is_not_reported_as_loader_timeout(
+    h: Harness,
+) -> None:
+    # Was a defect: on Python 3.11+ asyncio.TimeoutError and
+    # concurrent.futures.TimeoutError ARE the builtin TimeoutError, so the
+    # `except asyncio.TimeoutError` around wait_for (_loads.py:94) and `except
+    # FutureTimeoutError` around future.result (_loads.py:152) also catch a
+    # TimeoutError the loader raised itself at once (a DB driver's statement or
+    # socket timeout): it is reported as "ran past loader_timeout (5 s)" and, with
+    # `from None`, the loader's own exception and traceback are lost. Fix: tell the
+    # two apart (sync: `outcome.done()` after the wait; async: asyncio.timeout()
+    # and check whether the deadline expired) and re-raise the loader's own error.
+    def load(id: str) -> str:
+        raise TimeoutError("database statement timeout")
+
+    fn = h.cached(load, key="t:<id>", loader_timeout=5)
+    with pytest.raises(TimeoutError) as raised:
+        await h.run(fn, "a")
+    assert not isinstance(raised.value, LoaderTimeoutError), str(raised.value)
+    assert "database statement timeout" in str(raised.value)
+
+
+async def test_a_grace_reload_refused_by_cache_if_does_not_keep_serving_the_old_value(
+    h: Harness,
+) -> None:
+    # Was the same defect through grace: the background reload's result fails cache_if
+    # (an order that is no longer final), so it is not stored, and the old value
+    # keeps being served as "stale" until the grace runs out.
+    rows = {"a": {"status": "final", "v": 1}}
+    loads = []
+
+    def load(id: str) -> dict[str, Any]:
+        loads.append(id)
+        return dict(rows[id])
+
+    fn = h.cached(load, key="rc:<id>", ttl=30, grace=10, cache_if=lambda o: o["status"] == "final")
+    await h.run(fn, "a")
+    rows["a"] = {"status": "reopened", "v": 2}
+    assert h.raw.pexpire(fn.key("a"), 9_000)  # 1 s into its grace
+    assert (await h.run(fn.lookup, "a")).source is Source.STALE
+    assert await h.engine.asettle() if h.mode == "async" else h.engine.settle()
+    result = await h.run(fn.lookup, "a")
+    assert result.value == {"status": "reopened", "v": 2}, "the refused reload left it stale"
+
+
+@pytest.mark.parametrize(("options", "age"), [({"refresh_ahead": 5}, Age.DUE), ({}, Age.FRESH)])
+def test_an_entry_with_under_a_millisecond_left_is_not_past_its_ttl(
+    options: dict[str, int], age: Age
+) -> None:
+    """PTTL 0 means under 1 ms left. With nothing kept past the ttl (no grace, no
+    stale_if_error) that entry is still fresh: taken for expired, a loader error
+    was answered with it as stale, on a function that never asked for that."""
+    plan = Plan(
+        "get_product",
+        MSGPACK_CODEC,
+        Options.of(cache_aside(key="product:<id>", ttl=30, **options)),
+        Stats("get_product"),
+        peek=True,
+    )
+    found, seen, left = _peeked(plan, [msgpack.packb({"v": 1}), 0])
+    assert (found, seen, left) == ({"v": 1}, age, 0)
+
+
+async def test_the_batch_loader_goes_through_the_loader_breaker(h: Harness) -> None:
+    # Was a defect: with stale_if_error, "after 5 failures in a row the loader is
+    # skipped for 1 s". many()'s batch path calls the batch loader directly
+    # (_batches.py:239, LoadSome), never through _guarded_load: it neither counts
+    # its failures nor respects an open breaker, so a failing primary keeps being
+    # hammered by every many() call. Fix: route LoadSome through the breaker too
+    # (skip: raise LoaderCircuitOpenError for the misses; count failures/successes).
+    calls = {"single": 0, "batch": 0}
+
+    def load(id: str) -> str:
+        calls["single"] += 1
+        raise RuntimeError("the primary is down")
+
+    def batch(ids: list[str]) -> list[str]:
+        calls["batch"] += 1
+        raise RuntimeError("the primary is down")
+
+    fn = h.cached(load, key="bb:<id>", stale_if_error=60, batch_loader=batch)
+    frozen = time.monotonic()  # the breaker stays open however slow the machine
+    fn._plan.loader_breaker.clock = lambda: frozen
+    for id in range(5):
+        with pytest.raises(RuntimeError):
+            await h.run(fn, str(id))
+    assert fn._plan.loader_breaker.state == "open"
+    with pytest.raises(LoaderCircuitOpenError):
+        await h.run(fn.many, ["x", "y"])
+    assert calls["batch"] == 0, "the batch loader was called while the breaker was open"
+
+
+def test_a_hung_primary_does_not_pile_up_abandoned_loader_threads(engine: CacheEngine) -> None:
+    # Was a defect: loader_timeout runs each sync load in a
+    # new thread (_loads.py:_within, :149) and abandons it on timeout. Exactly when
+    # loader_timeout matters (the primary hangs), every call starts one more thread
+    # that stays blocked in the driver: nothing bounds them (without stale_if_error
+    # there is no loader breaker either), so a busy service accumulates thousands
+    # of stuck threads (and DB connections) and dies of it. Fix: bound the
+    # abandoned loads per function (a counter/semaphore: past N still running,
+    # fail at once with LoaderTimeoutError instead of starting another thread), or
+    # run them on a bounded executor.
+    hung = threading.Event()
+
+    @cache_aside(key="h:<id>", ttl=30, loader_timeout=0.01, engine=engine)
+    def load(id: int) -> str:
+        hung.wait(5)
+        return "late"
+
+    def ours() -> int:
+        return sum(t.name.startswith("cached_aside loader") for t in threading.enumerate())
+
+    before = ours()
+    try:
+        for id in range(40):
+            with pytest.raises(LoaderTimeoutError):
+                load(id)
+        assert ours() - before <= MAX_ABANDONED_LOADS, f"{ours() - before} loader threads left"
+    finally:
+        hung.set()

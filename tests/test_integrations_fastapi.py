@@ -23,6 +23,7 @@ import redis
 from fastapi import FastAPI
 
 from cached_aside import CacheEngine, ConfigurationError, default_engine, using_engine
+from cached_aside import _defaults as defaults_module
 from cached_aside.integrations.fastapi import CacheEngineDep, engine_of, lifespan
 
 from .conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
@@ -182,12 +183,12 @@ class RecordingEngine(CacheEngine):
         await super().aclose(timeout)
 
 
-def fake_engine() -> RecordingEngine:
+def fake_engine(prefix: str | None = None) -> RecordingEngine:
     server = fakeredis.FakeServer()
     return RecordingEngine(
         fakeredis.FakeRedis(server=server),
         fakeredis.FakeAsyncRedis(server=server),
-        prefix=unique_prefix(),
+        prefix=prefix or unique_prefix(),
     )
 
 
@@ -252,3 +253,35 @@ async def test_the_dependency_gives_the_engine_and_explains_a_missing_lifespan()
         async with app.router.lifespan_context(app):
             assert (await client.get("/prefix")).json() == engine.prefix
     assert engine.closed == 1
+
+
+async def test_lifespans_stopped_out_of_order_leave_the_right_default_engine() -> None:
+    """Was a defect: `lifespan(factory)` makes its engine the default through
+    `using_engine`, a save-and-restore of one global. Two apps in one process whose
+    lifespans do not end in reverse order (two test fixtures, or two servers started
+    in one process) corrupt it: when app A stops first, app B's undecorated functions
+    go to the engine from before both; when B stops, the default becomes A's engine,
+    of an app that has shut down.
+
+    Fix: keep the overrides in a stack (a list of tokens); leaving one removes its
+    own entry, and the default is the newest remaining override, else the engine
+    configured before any.
+    """
+    previous = defaults_module._default_engine
+    original, first, second = fake_engine("orig"), fake_engine("a"), fake_engine("b")
+    defaults_module._default_engine = original
+    try:
+        app_a = lifespan(lambda: first)(FastAPI())
+        app_b = lifespan(lambda: second)(FastAPI())
+        await app_a.__aenter__()
+        await app_b.__aenter__()
+        assert default_engine() is second
+        await app_a.__aexit__(None, None, None)
+        seen_while_b_runs = default_engine().prefix
+        await app_b.__aexit__(None, None, None)
+        seen_after = default_engine().prefix
+    finally:
+        defaults_module._default_engine = previous
+        for engine in (original, first, second):
+            await engine.aclose()
+    assert (seen_while_b_runs, seen_after) == ("b", "orig")

@@ -6,6 +6,7 @@ raise out of commit, and fence a load that read the old row before the commit.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
 import threading
@@ -14,11 +15,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
-from sqlalchemy import String, create_engine, event, select
+from sqlalchemy import String, create_engine, event, select, text
+from sqlalchemy.event import registry
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -37,7 +45,7 @@ from cached_aside.integrations.sqlalchemy import (
     invalidate_on_commit,
 )
 
-from .conftest import needs_real_redis
+from .conftest import needs_real_redis, unique_prefix
 from .databases import postgres_missing, postgres_schema, sqlalchemy_url
 from .documented import fenced, marked, run_documented
 
@@ -604,3 +612,219 @@ def test_the_documented_example_runs(tmp_path: Path) -> None:
         "committed: {'name': 'Fountain pen, blue', 'stock': 41}\n"
     )
     assert completed.stderr == ""
+
+
+def fake_engine(prefix: str | None = None) -> CacheEngine:
+    server = fakeredis.FakeServer()
+    return CacheEngine(
+        fakeredis.FakeRedis(server=server),
+        fakeredis.FakeAsyncRedis(server=server),
+        prefix=prefix or unique_prefix(),
+    )
+
+
+class Recording:
+    """Stands for a decorated function: counts the invalidations that reach it."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def key(self, item: Any) -> str:
+        return f"recording:{item}"
+
+    def invalidate(self, item: Any) -> Outcome:
+        self.calls.append(item)
+        return Outcome.DELETED
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Any]:
+    made = create_engine(f"sqlite:///{tmp_path / 'review.db'}")
+    with made.begin() as connection:
+        connection.execute(text("create table t (x integer)"))
+    yield made
+    made.dispose()
+
+
+async def test_sqlalchemy_sync_helper_refuses_an_async_function_at_the_write(
+    database: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was a defect: `invalidate_on_commit(session, async_fn, ...)` is accepted. The
+    invalidation at the write comes back as an un-awaited coroutine, and the one after
+    the commit, the one correctness rests on, is dropped with only a log line
+    (`run_all` closes the coroutine). The key is rendered at registration precisely so
+    that mistakes raise where the caller sees them; the function's kind should too.
+
+    Fix: in `invalidate_on_commit`/`invalidate_many_on_commit` (and Django's), raise
+    TypeError when `fn` is an AsyncCachedFunction / BoundAsyncCachedFunction (or its
+    `invalidate` is a coroutine function), naming `ainvalidate_on_commit`.
+    """
+    engine = fake_engine()
+
+    @cache_aside(key="review:<item>", ttl=30, engine=engine)
+    async def load(item: str) -> str:
+        return item
+
+    session = Session(database)
+    session.execute(text("insert into t values (1)"))
+    try:
+        returned = invalidate_on_commit(session, load, "a")  # type: ignore[arg-type]
+    except TypeError:
+        session.rollback()
+        return
+    finally:
+        await engine.aclose()
+    if inspect.iscoroutine(returned):
+        returned.close()
+    with caplog.at_level(logging.ERROR, logger="cached_aside.integrations"):
+        session.commit()
+    session.close()
+    pytest.fail(
+        "an async function was registered with the sync helper: the invalidation after "
+        f"the commit never ran; the log only says {caplog.messages!r}"
+    )
+
+
+async def test_sqlalchemy_async_helper_takes_an_async_scoped_session(tmp_path: Path) -> None:
+    """Was a defect: the sync helper takes a `scoped_session` (its current session),
+    but `ainvalidate_on_commit` reads `session.sync_session`, which
+    `async_scoped_session` does not proxy: AttributeError, and not even the
+    invalidation at the write happens.
+
+    Fix: in the async helpers, `session = session() if isinstance(session,
+    async_scoped_session) else session`, as `_current` does for `scoped_session`.
+    """
+    database = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'scoped.db'}")
+    scoped = async_scoped_session(async_sessionmaker(database), scopefunc=asyncio.current_task)
+    recording = Recording()
+
+    class AsyncRecording:
+        key = staticmethod(recording.key)
+
+        async def invalidate(self, item: Any) -> Outcome:
+            return recording.invalidate(item)
+
+    try:
+        await scoped.execute(text("select 1"))
+        await ainvalidate_on_commit(scoped, AsyncRecording(), "a")  # type: ignore[arg-type]
+        await scoped.commit()
+        assert recording.calls == ["a", "a"]
+    finally:
+        await scoped.remove()
+        await database.dispose()
+
+
+def test_sqlalchemy_listeners_and_state_do_not_pile_up(database: Any) -> None:
+    """Per-session listeners are registered once per session and go with it: 200
+    sessions that each register, commit and close leave SQLAlchemy's event registry
+    as it was, and one session reused for many transactions keeps one listener set
+    and an empty holding."""
+    recording = Recording()
+
+    def sessions(count: int) -> tuple[int, int]:
+        for number in range(count):
+            with Session(database) as session:
+                session.execute(text("insert into t values (:x)"), {"x": number})
+                invalidate_on_commit(session, recording, number)  # type: ignore[arg-type]
+                session.commit()
+        gc.collect()
+        return len(registry._key_to_collection), len(registry._collection_to_key)
+
+    before = sessions(5)  # SQLAlchemy's own first-use listeners are in place by now
+    assert sessions(200) == before
+    assert len(recording.calls) == 410
+    with Session(database) as session:
+        for number in range(50):
+            session.execute(text("insert into t values (:x)"), {"x": number})
+            invalidate_on_commit(session, recording, number)  # type: ignore[arg-type]
+            session.commit()
+        assert session.info[HELD].by_transaction == {}
+
+
+def test_sqlalchemy_savepoints_inside_begin(database: Any) -> None:
+    """`begin_nested` inside `begin`: a released savepoint's invalidation runs with the
+    commit; `session.commit()` with a savepoint still open releases it and runs it;
+    a savepoint rolled back inside a released one drops only its own; a released
+    savepoint dies with an outer rollback."""
+    recording = Recording()
+    session = Session(database)
+    with session.begin():
+        savepoint = session.begin_nested()
+        invalidate_on_commit(session, recording, "released")  # type: ignore[arg-type]
+        savepoint.commit()
+    assert recording.calls == ["released", "released"]
+
+    recording.calls.clear()
+    session.begin()
+    session.begin_nested()
+    invalidate_on_commit(session, recording, "open")  # type: ignore[arg-type]
+    session.commit()
+    assert recording.calls == ["open", "open"]
+
+    recording.calls.clear()
+    session.begin()
+    outer = session.begin_nested()
+    invalidate_on_commit(session, recording, "kept")  # type: ignore[arg-type]
+    inner = session.begin_nested()
+    invalidate_on_commit(session, recording, "dropped")  # type: ignore[arg-type]
+    inner.rollback()
+    outer.commit()
+    session.commit()
+    assert recording.calls == ["kept", "dropped", "kept"]
+
+    recording.calls.clear()
+    session.begin()
+    savepoint = session.begin_nested()
+    invalidate_on_commit(session, recording, "gone")  # type: ignore[arg-type]
+    savepoint.commit()
+    session.rollback()
+    assert recording.calls == ["gone"]
+    assert session.info[HELD].by_transaction == {}
+    session.close()
+
+
+async def test_a_cancelled_async_commit_leaves_the_session_usable(tmp_path: Path) -> None:
+    """A task cancelled while its commit awaits the invalidations after it: they
+    complete once (not again at the session's next commit), and the session is not
+    left in a committed-but-open state: the next statement and commit work."""
+    database = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'cancel.db'}")
+    async with database.begin() as connection:
+        await connection.execute(text("create table t (x integer)"))
+    started, proceed = asyncio.Event(), asyncio.Event()
+
+    class Slow:
+        calls = 0
+
+        def key(self, item: Any) -> str:
+            return f"slow:{item}"
+
+        async def invalidate(self, item: Any) -> Outcome:
+            self.calls += 1
+            if self.calls == 2:
+                started.set()
+                await proceed.wait()
+            return Outcome.DELETED
+
+    slow = Slow()
+    session = AsyncSession(database)
+
+    async def write() -> None:
+        await session.execute(text("insert into t values (1)"))
+        await ainvalidate_on_commit(session, slow, 1)  # type: ignore[arg-type]
+        await session.commit()
+
+    task = asyncio.ensure_future(write())
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proceed.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert slow.calls == 2
+    assert not session.in_transaction()
+    assert (await session.execute(text("select count(*) from t"))).scalar() == 1
+    await session.commit()
+    assert slow.calls == 2
+    await session.close()
+    await database.dispose()

@@ -4,16 +4,30 @@ Redis and fakeredis."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgpack
 import pytest
 
-from cached_aside import ConfigurationError, Outcome, Source, UnstorableValueError
+from cached_aside import (
+    CacheEngine,
+    ConfigurationError,
+    Outcome,
+    Source,
+    UnstorableValueError,
+    cache_aside,
+)
 from cached_aside._codecs import META_FIELD, MSGPACK_NEGATIVE
 
-from .conftest import Harness
+from .conftest import (
+    Harness,
+    delete_prefix,
+    unique_prefix,
+)
 
 
 class Loader:
@@ -368,3 +382,78 @@ def test_serializer_options_are_checked() -> None:
         cache_aside(key="x:<id>", ttl=1, as_hash=True, serializer=JsonSerializer())
     with pytest.raises(ConfigurationError, match="dumps"):
         cache_aside(key="x:<id>", ttl=1, serializer=object())  # type: ignore[arg-type]
+
+
+async def test_update_field_does_not_make_a_kept_entry_fresh(h: Harness) -> None:
+    # Was a defect: with stale_if_error (or grace), an entry past its ttl stays in
+    # Redis for the kept time; UPDATE_FIELD (_scripts.py:122-143) updates any
+    # record it finds and PEXPIREs it to ttl + kept (_flows.py:547), so a record
+    # older than its ttl (its other fields possibly out of date: ttl is the bound on
+    # staleness for writes nobody invalidated) is served as FRESH for another ttl.
+    # Without a kept time the same call answers ABSENT and the next call loads. Fix:
+    # UPDATE_FIELD takes the kept time (ARGV) and, when PTTL <= kept, deletes the
+    # entry (or leaves it as it is) and answers ABSENT; never renews a kept entry.
+    rows = {"name": "x", "price": "1"}
+    fn = h.cached(lambda id: dict(rows), key="k:<id>", as_hash=True, ttl=30, stale_if_error=60)
+    await h.run(fn, "a")
+    assert h.raw.pexpire(fn.key("a"), 50_000)  # 10 s past its ttl: kept for errors only
+    rows.update(name="y", price="2")  # the write, then the field update
+    await h.run(fn.update_field, "a", "name", "y")
+    result = await h.run(fn.lookup, "a")
+    assert result.source is not Source.CACHE, "a record past its ttl was made fresh again"
+    assert result.value == {"name": "y", "price": "2"}
+
+
+async def test_update_field_does_not_cache_a_record_cache_if_refuses(h: Harness) -> None:
+    # Was a defect: set() applies cache_if (what_to_store), update_field()
+    # does not (_flows.py:526-551): updating a field so that the record fails the
+    # predicate (an order that is no longer final) leaves it cached, and served as
+    # fresh for a whole ttl, though cache_if says such records are never cached.
+    # Fix: for a function with cache_if, update_field checks the updated record
+    # (HGETALL + check, or simply invalidates instead of updating).
+    rows = {"a": {"status": "final", "total": "10"}}
+    fn = h.cached(
+        lambda id: dict(rows[id]),
+        key="uc:<id>",
+        as_hash=True,
+        cache_if=lambda order: order["status"] == "final",
+    )
+    await h.run(fn, "a")
+    rows["a"]["status"] = "reopened"  # the write, then the field update
+    await h.run(fn.update_field, "a", "status", "reopened")
+    result = await h.run(fn.lookup, "a")
+    assert result.source is not Source.CACHE, "cache_if refuses this record, yet it is cached"
+
+
+def test_a_value_stored_by_another_process_is_a_hit(redis_url_or_skip: str) -> None:
+    prefix = unique_prefix()
+    script = textwrap.dedent(
+        """
+        import sys
+        from cached_aside import CacheEngine, cache_aside
+        engine = CacheEngine.from_url(sys.argv[1], prefix=sys.argv[2])
+        @cache_aside(key="product:<id>", ttl=30, as_hash=True, engine=engine)
+        def get_product(id):
+            return {"id": id, "stock": 7}
+        print(get_product.lookup("p-1").source.value)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, redis_url_or_skip, prefix],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    assert out.strip() == "loader"
+    engine = CacheEngine.from_url(redis_url_or_skip, prefix=prefix)
+
+    @cache_aside(key="product:<id>", ttl=30, as_hash=True, engine=engine)
+    def get_product(id: str) -> dict[str, str]:
+        raise AssertionError("must not load: the other process cached it")
+
+    try:
+        assert get_product("p-1") == {"id": "p-1", "stock": "7"}
+    finally:
+        delete_prefix(engine.client(), prefix)
+        engine.close()

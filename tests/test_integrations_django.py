@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -495,3 +496,66 @@ def test_the_documented_example_runs(tmp_path: Path) -> None:
         "committed: {'name': 'Fountain pen, blue', 'stock': 41}\n"
     )
     assert completed.stderr == ""
+
+
+DJANGO_ASYNC_SCRIPT = """
+import asyncio, inspect, logging, sys
+import django, fakeredis
+from django.conf import settings
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    INSTALLED_APPS=[], LOGGING_CONFIG=None,
+)
+django.setup()
+from django.db import transaction
+from cached_aside import CacheEngine, cache_aside
+from cached_aside.integrations.django import invalidate_on_commit
+
+logging.basicConfig(level=logging.ERROR, stream=sys.stdout, format="LOG %(message)s")
+server = fakeredis.FakeServer()
+engine = CacheEngine(fakeredis.FakeRedis(server=server), fakeredis.FakeAsyncRedis(server=server),
+                     prefix="review")
+
+@cache_aside(key="review:<item>", ttl=30, engine=engine)
+async def load(item):
+    return item
+
+try:
+    with transaction.atomic():
+        returned = invalidate_on_commit(load, "a")
+        if inspect.iscoroutine(returned):
+            returned.close()
+except TypeError as exc:
+    print("REFUSED", exc)
+else:
+    print("ACCEPTED")
+engine.close()
+"""
+
+
+def test_django_helper_refuses_an_async_function_at_the_write(tmp_path: Path) -> None:
+    """Was a defect: Django's `invalidate_on_commit(async_fn, ...)` is accepted
+    inside `atomic()`; the invalidation after the commit is then dropped with only an
+    error log, which points to an `ainvalidate_on_commit` that the Django module does
+    not have. A Django (ASGI) project with `async def` loaders has no
+    invalidate-after-commit at all, and learns it only from the logs.
+
+    Fix: raise TypeError at registration for an async function (as for SQLAlchemy),
+    and either offer a Django variant that schedules the async invalidation on the
+    loop (`asgiref.sync.async_to_sync` in the on_commit callback) or say in the docs
+    and the message that Django's helper takes plain functions only.
+    """
+    script = tmp_path / "django_async.py"
+    script.write_text(textwrap.dedent(DJANGO_ASYNC_SCRIPT), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "REFUSED" in done.stdout, (
+        "registered an async function with Django's helper; after the commit: "
+        + done.stdout.strip()
+    )
