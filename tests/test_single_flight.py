@@ -942,7 +942,9 @@ PROCESS_TRIALS_SCRIPT = textwrap.dedent(
     url, prefix, log, start, trials = sys.argv[1:6]
     engine = CacheEngine.from_url(url, prefix=prefix)
 
-    @cache_aside(key="trial:<id>", ttl=30, engine=engine)
+    # A lock far longer than any stall of a CPU-starved process: this proves single
+    # flight, not lease renewal (the 1 s default lapsed before its renewal ran).
+    @cache_aside(key="trial:<id>", ttl=30, lock_ttl=60, engine=engine)
     def load(id):
         with open(log, "a") as out:
             out.write(id + "\\n")
