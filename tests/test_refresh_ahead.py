@@ -21,6 +21,7 @@ from cached_aside import (
 )
 
 from .conftest import (
+    PATIENCE,
     Harness,
     eventually,
     run_in_threads,
@@ -184,8 +185,8 @@ def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, tw
     loads: list[int] = []
     functions = []
     for each in engines:
-
-        @cache_aside(key="hot:<id>", ttl=1.0, refresh_ahead=0.6, engine=each)
+        # Refreshes are due 0.2 s after each store, and the entry outlives a 1 s stall.
+        @cache_aside(key="hot:<id>", ttl=1.2, refresh_ahead=1.0, engine=each)
         def load(id: str) -> int:
             version = next(versions)
             loads.append(version)
@@ -196,16 +197,24 @@ def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, tw
     assert functions[0]("k") == 1
     seen: list[tuple[Source, int]] = []
     stop = time.monotonic() + 2.5  # more than two ttls: without refreshes it would expire
+    hang = time.monotonic() + PATIENCE
+
+    served: set[int] = set()
+
+    def reading() -> bool:  # past `stop`, until the last load's value was served
+        done = len(loads) >= 4 and loads[-1] in served
+        return time.monotonic() < hang and (time.monotonic() < stop or not done)
 
     def reader(i: int) -> None:
-        while time.monotonic() < stop:
+        while reading():
             result = functions[i % 2].lookup("k")
             seen.append((result.source, result.value))
+            served.add(result.value)
             time.sleep(0.005)
 
     run_in_threads(4, reader)
     assert {source for source, _ in seen} == {Source.CACHE}  # no reader ever missed
-    assert len(loads) >= 4  # refreshed about every 0.4 s
+    assert len(loads) >= 4  # refreshed about every 0.2 s
     # Each refresh loaded once and its value was served: no load was wasted.
     assert {version for _, version in seen} | {1} == set(loads)
     assert loads == sorted(loads)
@@ -214,7 +223,8 @@ def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, tw
 async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
     loads: list[int] = []
 
-    @cache_aside(key="hot:<id>", ttl=0.6, refresh_ahead=0.4, engine=engine)
+    # Refreshes are due 0.2 s after each store, and the entry outlives a 1 s stall.
+    @cache_aside(key="hot:<id>", ttl=1.2, refresh_ahead=1.0, engine=engine)
     async def load(id: str) -> int:
         loads.append(len(loads) + 1)
         await asyncio.sleep(0.01)
@@ -222,10 +232,11 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
 
     await load("k")
     sources: set[Source] = set()
-    stop = time.monotonic() + 1.5
+    stop = time.monotonic() + 2.5  # more than two ttls: without refreshes it would expire
+    hang = time.monotonic() + PATIENCE
 
     async def reader() -> None:
-        while time.monotonic() < stop:
+        while time.monotonic() < hang and (time.monotonic() < stop or len(loads) < 4):
             sources.add((await load.lookup("k")).source)
             await asyncio.sleep(0.005)
 
