@@ -240,7 +240,7 @@ def test_cluster_a_slow_tagged_batch_renews_its_leases(
         return [{"id": id} for id in items]
 
     @cache_aside(
-        key="r:<id>", ttl=60, lock_ttl=0.3, engine=engine, batch_loader=rows, tags=("all",)
+        key="r:<id>", ttl=60, lock_ttl=2.0, engine=engine, batch_loader=rows, tags=("all",)
     )
     def read(id: str) -> dict[str, str]:
         return {"id": id}
