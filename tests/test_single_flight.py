@@ -40,6 +40,7 @@ from .conftest import (
     needs_real_redis,
     run_in_threads,
     unique_prefix,
+    wait_until,
 )
 from .injection import counting_writes
 
@@ -716,7 +717,8 @@ def test_threads_sharing_a_failed_load_all_get_its_exception(engine: CacheEngine
     @cache_aside(key="shared-failure:<id>", ttl=30, engine=engine)
     def load(id: str) -> str:
         calls.append(id)
-        time.sleep(0.3)
+        # Fails once the 7 others share this load, however late a thread starts.
+        assert wait_until(lambda: engine._sync_side().flights.waiting == 7, HANG)
         raise LoaderFailedError(f"primary down for {id}")
 
     start = threading.Barrier(8)
@@ -811,8 +813,8 @@ def test_engines_sharing_only_redis_load_once(engine: CacheEngine, twin: Any) ->
     calls = []
     functions = []
     for each in engines:
-
-        @cache_aside(key="shared:<id>", ttl=30, engine=each)
+        # A lock far above any stall: this proves single flight, not lease renewal.
+        @cache_aside(key="shared:<id>", ttl=30, lock_ttl=60, engine=each)
         def slow(id: str) -> str:
             calls.append(id)
             time.sleep(0.2)
@@ -845,7 +847,8 @@ PROCESS_SCRIPT = textwrap.dedent(
     url, prefix, log = sys.argv[1:4]
     engine = CacheEngine.from_url(url, prefix=prefix)
 
-    @cache_aside(key="multi:<id>", ttl=30, engine=engine)
+    # A lock far above any stall: this proves single flight, not lease renewal.
+    @cache_aside(key="multi:<id>", ttl=30, lock_ttl=60, engine=engine)
     def load(id):
         with open(log, "a") as out:
             out.write("load\\n")
@@ -902,8 +905,8 @@ def test_fifty_threads_on_two_engines_load_once_in_every_trial(
     loads: list[str] = []
     functions = []
     for each in engines:
-
-        @cache_aside(key="trial:<id>", ttl=30, engine=each)
+        # A lock far above any stall: this proves single flight, not lease renewal.
+        @cache_aside(key="trial:<id>", ttl=30, lock_ttl=60, engine=each)
         def load(id: str) -> str:
             loads.append(id)
             time.sleep(0.02)
