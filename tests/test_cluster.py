@@ -303,7 +303,8 @@ def test_cluster_many_in_three_processes_loads_each_key_once(
     clients = [redis.cluster.RedisCluster.from_url(cluster.url) for _ in range(3)]
     engines = [CacheEngine(c, prefix="manyx") for c in clients]  # three "processes"
     functions = [
-        cache_aside(key="w:<id>", ttl=30, engine=e, batch_loader=slow_batch)(_upper)
+        # lock_ttl far above any stall: one load per key is the point, not renewal.
+        cache_aside(key="w:<id>", ttl=30, lock_ttl=60, engine=e, batch_loader=slow_batch)(_upper)
         for e in engines
     ]
     results: list[list[str]] = []
