@@ -45,7 +45,10 @@ from .conftest import (
 from .injection import counting_writes
 
 HANG = 30.0  # a generous bound on a hang, never a speed claim
-SLOW_TIMEOUT = 0.5  # loader_timeout of the "slow" loaders
+# loader_timeout of the "slow" loaders. A run counts as live for half of it (Probe), which
+# must cover a loader thread's start on a loaded machine: its timeout is counted from
+# before the thread runs, and 0.25 s of start-up made a run and its successor overlap.
+SLOW_TIMEOUT = 2.0
 TTL = 30
 GRACE = 60  # seconds, when drawn
 STALE_IF_ERROR = 120  # longer than GRACE: an entry kept past both is "expired"
