@@ -114,7 +114,7 @@ class LoadCounter:
 def hot_path_note(engine: CacheEngine) -> str:
     """Which path the sync hits took: the held connection, or (on a redis-py it
     cannot drive) the client's; a figure must say which it measured."""
-    held = engine._sync_side().held  # the engine's own connection path, read not changed
+    held = engine.sides.sync_side().held  # the engine's own connection path, read not changed
     versions = f"redis-py {redis.__version__}"
     if held is None:
         return f"hot path: the client's ({versions}: no held connection for this client)"

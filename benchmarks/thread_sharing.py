@@ -195,7 +195,7 @@ def run(settings: Settings) -> list[Table]:
     patched_engine = CacheEngine.from_url(settings.url, prefix=prefix)
     patched_shared = SharedConnection(settings.url)
     patched_engine.client()  # makes its sync side, whose held connections are swapped:
-    patched_engine._sync_side().held = SharingHeld(patched_shared)  # type: ignore[assignment]
+    patched_engine.sides.sync_side().held = SharingHeld(patched_shared)  # type: ignore[assignment]
     patched = cache_aside(key="s:<key>", ttl=600, engine=patched_engine)(lambda key: dict(RECORD))
     packed: dict[str, bytes] = {}
     try:

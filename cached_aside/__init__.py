@@ -1,5 +1,6 @@
 """cached_aside: the cache-aside pattern on Redis as one decorator."""
 
+from . import _lifecycle  # noqa: F401  # the one fork hook, installed on import
 from ._breaker import CircuitOpenError
 from ._decorator import cache_aside
 from ._defaults import configure, default_engine, using_engine
@@ -24,8 +25,7 @@ from ._functions import (
     CachedFunction,
 )
 from ._near import NearCache
-from ._results import BulkOutcome, CacheResult, Outcome, Source
-from ._stats import StatsSnapshot
+from ._results import BulkOutcome, CacheResult, Outcome, Source, StatsSnapshot
 
 __all__ = [
     "AsyncCachedFunction",

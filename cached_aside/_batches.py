@@ -29,22 +29,7 @@ from ._effects import (
     TagsOf,
 )
 from ._errors import BatchLoaderError, CacheUnavailableError
-from ._flows import (
-    NO_STALE,
-    Plan,
-    Served,
-    aged,
-    found_in,
-    guarded_load,
-    leased,
-    lock_hold,
-    miss,
-    on_lookup,
-    release_now,
-    served_aged,
-    tolerate,
-    what_to_store,
-)
+from ._flows import lock_hold, miss, release_now
 
 # Bulk invalidation lives in _invalidations; these names stay importable from here for
 # the modules that still do (engine, wrapping, flusher and tests) until they move.
@@ -55,6 +40,9 @@ from ._invalidations import invalidate_matching as invalidate_matching
 from ._invalidations import invalidate_pattern as invalidate_pattern
 from ._invalidations import invalidate_tags as invalidate_tags
 from ._keys import entry_keys
+from ._loading import NO_STALE, guarded_load, leased, tolerate, what_to_store
+from ._plan import Plan, Served
+from ._reads import ANSWER, BATCH, aged, batch_step, found_in, on_lookup, served_aged
 from ._results import Source
 from ._scripts import (
     RELEASE_ONLY,
@@ -259,10 +247,12 @@ def many(
     to_batch: list[int] = []
     one_by_one: list[int] = []
     for position, raw in enumerate(raws):
-        hit = None if position in blocked else on_lookup(plan, raw)
-        if hit is not None:
+        pending = position in blocked
+        hit = None if pending else on_lookup(plan, raw)
+        step = batch_step(pending, hit is not None, batched, hit is None and served_aged(plan, raw))
+        if hit is not None and step is ANSWER:
             answers[position] = (hit, False)
-        elif batched and position not in blocked and not served_aged(plan, raw):
+        elif step is BATCH:
             to_batch.append(position)
         else:
             one_by_one.append(position)

@@ -13,8 +13,6 @@ from collections.abc import Callable
 
 from ._errors import CachedAsideError
 
-DEFAULT_FAILURES = 3
-DEFAULT_COOLDOWN_SECONDS = 0.5
 # The name NodeBreakers gives the breaker of commands that no node is known for.
 UNROUTED = "unrouted"
 
@@ -28,10 +26,7 @@ class CircuitBreaker:
     half-open: one caller probes Redis while the others keep skipping it."""
 
     def __init__(
-        self,
-        failures: int = DEFAULT_FAILURES,
-        cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
+        self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.threshold = failures
         self.cooldown = cooldown
@@ -101,13 +96,8 @@ class NodeBreakers(CircuitBreaker):
     it is open while any node's is, and counts failures while any node does; calls
     that name a key go through their node's breaker (`node`)."""
 
-    def __init__(
-        self,
-        failures: int = DEFAULT_FAILURES,
-        cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(failures, cooldown, clock)
+    def __init__(self, failures: int, cooldown: float) -> None:
+        super().__init__(failures, cooldown)
         self.nodes: dict[str, CircuitBreaker] = {}
 
     def unrouted(self) -> CircuitBreaker:

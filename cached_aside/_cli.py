@@ -83,13 +83,22 @@ def resolve_key(prefix: str, key_or_template: str, arguments: list[str]) -> str:
             f"{key_or_template!r} has {len(names)} placeholder(s), got {len(arguments)} value(s)"
         )
 
-    def signature_holder(*args: Any) -> None: ...
-
     parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-    signature_holder.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    template = KeyTemplate(key_or_template, signature_holder)
+    template = KeyTemplate(key_or_template, _Placeholders(inspect.Signature(parameters)))
     rendered = template.render(tuple(parse_argument(a) for a in arguments), {})
     return f"{prefix}:{{{rendered}}}"
+
+
+class _Placeholders:
+    """A stand-in loader whose signature is the template's placeholders, in order:
+    what a KeyTemplate binds the command line's values to."""
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.__signature__ = signature
+        self.__qualname__ = "key"  # how a KeyTemplate names its function in errors
+
+    def __call__(self, *args: Any) -> None:
+        """Never called: only its signature is read."""
 
 
 def _text(data: bytes | str) -> str:

@@ -19,47 +19,29 @@ go unreported, and it is at most that long.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from typing import Any
 
-from ._listener import InvalidationListener, connection_factory
-from ._near import NearStore, TrackingState
+from ._listener import InvalidationListener, StoreListener, connection_factory
+from ._near import TrackingState
 
 logger = logging.getLogger("cached_aside")
 
 TOPOLOGY_SECONDS = 0.5
 
-_cluster_listeners: weakref.WeakSet[ClusterListener] = weakref.WeakSet()
 
-
-def _restart_after_fork() -> None:
-    for listener in list(_cluster_listeners):
-        listener.restart_in_child()
-
-
-os.register_at_fork(after_in_child=_restart_after_fork)
-
-
-class ClusterListener:
+class ClusterListener(StoreListener):
     """The engine's listener on a Redis Cluster; the same face as InvalidationListener
     (attach, detach, drop, clear_all, state, stop) for the engine and its stores."""
 
+    THREAD_NAME = "cached_aside-cluster-topology"
+
     def __init__(self, client: Any, prefix: str) -> None:
-        _cluster_listeners.add(self)
+        super().__init__(prefix)
         self._client = client  # a sync RedisCluster: for CLUSTER SLOTS and node settings
-        self.prefix = prefix
-        self._stores: list[NearStore] = []
-        self._lock = threading.Lock()
         self._judging = threading.Lock()  # one verdict at a time, from any thread
         self._nodes: dict[str, InvalidationListener] = {}  # by "host:port"
         self._masters: frozenset[str] = frozenset()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._settled = threading.Event()
-        self.state: TrackingState = "starting"
-        self.reason = ""
         self.topology_changes = 0
 
     @property
@@ -71,40 +53,8 @@ class ClusterListener:
         """The listener of each master, by "host:port" (for tests and diagnostics)."""
         return dict(self._nodes)
 
-    def attach(self, store: NearStore) -> None:
-        with self._lock:
-            self._stores.append(store)
-            if self.state == "tracking":
-                store.switch(True)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._watch, name="cached_aside-cluster-topology", daemon=True
-                )
-                self._thread.start()
-
-    def detach(self, store: NearStore) -> None:
-        with self._lock:
-            if store in self._stores:
-                self._stores.remove(store)
-
-    def clear_all(self) -> None:
-        for store in self._attached():
-            store.clear()
-
-    def drop(self, keys: list[str]) -> None:
-        for store in self._attached():
-            store.drop(keys)
-
-    def wait_settled(self, timeout: float) -> TrackingState:
-        """Wait until every master's listener has tried once; the state it left."""
-        self._settled.wait(timeout)
-        return self.state
-
     def stop(self) -> None:
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
+        self._stop_thread()
         for node in list(self._nodes.values()):
             node.stop()
         self._nodes.clear()
@@ -116,18 +66,11 @@ class ClusterListener:
         self._judge()
 
     def invalidate(self, keys: list[bytes] | None) -> None:
-        stores = self._attached()
-        if keys is None:  # FLUSHALL on a master: its slots are empty
-            for store in stores:
-                store.clear()
-            return
-        names = [key.decode("utf-8", "replace") for key in keys]
-        for store in stores:
-            store.drop(names)
+        self._report(keys)  # None: FLUSHALL on a master, its slots are empty
 
     # -- the topology --------------------------------------------------------------
 
-    def _watch(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 masters = self._discover()
@@ -202,24 +145,7 @@ class ClusterListener:
         if changed and state == "down" and reason != "stopped":
             logger.warning("near cache off on the cluster: %s", reason)
 
-    def _attached(self) -> list[NearStore]:
-        with self._lock:
-            return list(self._stores)
-
-    def restart_in_child(self) -> None:
-        """After fork(): no thread came along; empty the caches and listen anew."""
-        self._lock = threading.Lock()
+    def _forget_in_child(self) -> None:
         self._judging = threading.Lock()
-        self._stop = threading.Event()
-        self._settled = threading.Event()
-        self.state, self.reason = "starting", "forked"
         self._nodes = {}
         self._masters = frozenset()
-        for store in self._stores:
-            store.reset_after_fork()
-        self._thread = None
-        if self._stores:
-            self._thread = threading.Thread(
-                target=self._watch, name="cached_aside-cluster-topology", daemon=True
-            )
-            self._thread.start()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import socket
 import threading
 import weakref
@@ -113,7 +112,6 @@ class HeldConnections:
         check_codec()
         self._local = threading.local()
         self._memo = _Memo()
-        _held_everywhere.add(self)
 
     def call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         """(True, reply) when answered here; (False, None) to use the client. An
@@ -201,17 +199,6 @@ class HeldConnections:
         self._local = threading.local()
         self.held = 0
         self.returned = deque()
-
-
-_held_everywhere: weakref.WeakSet[HeldConnections] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for connections in list(_held_everywhere):
-        connections.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 async def _write(connection: Any, parts: list[bytes]) -> None:

@@ -23,11 +23,11 @@ from ._codecs import (
 )
 from ._engine import CacheEngine
 from ._errors import ConfigurationError, KeyTemplateError
-from ._flows import Plan
 from ._functions import AsyncCachedFunction, CachedFunction
 from ._keys import KeyTemplate
 from ._near import NearCache
 from ._options import Options
+from ._plan import Plan
 from ._stats import Stats
 from ._typed import schema_of
 from ._typed_codecs import TypedCodec, TypedHashCodec

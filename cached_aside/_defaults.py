@@ -76,13 +76,10 @@ _default_engine: CacheEngine | None = None
 _default_lock = threading.Lock()
 
 
-def _reset_lock_after_fork() -> None:
+def reset_lock_after_fork() -> None:
     """A thread inside configure() at fork() time stays behind, holding the lock."""
     global _default_lock
     _default_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 def configure(

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ._flows import Served
+from ._plan import Served
 
 Answer = tuple[Served, float]
 
@@ -73,8 +73,12 @@ class _Flight:
             self.finish()
 
     def finish(self) -> None:
-        """Close the flight and wake its joiners (threads and tasks alike)."""
+        """Close the flight and wake its joiners."""
         self.registry.close(self)
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the flight's joiners, threads and tasks alike."""
         if self.done is not None:
             self.done.set()
         for joined in self.joiners or ():
@@ -118,23 +122,11 @@ class _Reload(_Flight):
     def seal(self) -> None:
         self.open = False
 
-    @contextmanager
-    def leading(self) -> Iterator[None]:
+    def finish(self) -> None:
         """As a read's, but the registry forgets the reload before its joiners wake,
-        so that a refresh woken to take its turn finds the key free. (Not shared with
-        _Flight.leading, which every async call runs, hits included.)"""
-        try:
-            yield
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.registry.end_reload(self)
-            if self.done is not None:
-                self.done.set()
-            for joined in self.joiners or ():
-                if not joined.done():
-                    joined.set_result(None)
+        so that a refresh woken to take its turn finds the key free."""
+        self.registry.end_reload(self)
+        self.wake()
 
 
 class _Registry:

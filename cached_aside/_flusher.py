@@ -16,9 +16,9 @@ from collections.abc import Callable
 from time import monotonic
 from typing import TypeVar
 
-from ._batches import deliver
 from ._breaker import CircuitBreaker
 from ._drivers import arun, no_seal, run
+from ._invalidations import deliver
 from ._loads import NO_LOADS
 from ._outbox import Delivery, Outbox
 from ._runtime import AsyncRuntime, SyncRuntime
@@ -145,7 +145,7 @@ class Flusher:
         self._log_undelivered()
 
     def _own(self, runtime: R) -> R:
-        return dataclasses.replace(runtime, breaker=CircuitBreaker(_NEVER_OPENS))
+        return dataclasses.replace(runtime, breaker=CircuitBreaker(_NEVER_OPENS, 0.0))
 
     def _settle(self, delivery: Delivery, landed: Delivery) -> bool:
         """Record a delivery; True when all of it landed."""

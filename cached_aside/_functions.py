@@ -12,16 +12,16 @@ from __future__ import annotations
 import warnings
 from asyncio import _get_running_loop  # no exception when none: cheap on every call
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._defaults import default_engine
 from ._drivers import arun, aserve, no_seal, run, serve
 from ._errors import BlockingCallWarning
-from ._flows import Served
 from ._near import MISSING
+from ._plan import Served
+from ._reads import FIRST_STEPS, NEAR, as_joiner
 from ._results import BulkOutcome, CacheResult, Outcome
-from ._stats import StatsSnapshot
-from ._wrapping import CachedBase, Write
+from ._wrapping import Bound, CachedBase, Write
 
 if TYPE_CHECKING:
     from ._engine import CacheEngine
@@ -48,7 +48,7 @@ class CachedFunction(CachedBase[P, R]):
     _warned_of_loop = False
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        # _serve spelled out: the hit path, where each Python call costs ~0.1 µs.
+        # _locate and _serve_at spelled out: the hit path, where each Python call costs ~0.1 µs.
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
@@ -58,23 +58,27 @@ class CachedFunction(CachedBase[P, R]):
             else None
         ) or self._template.render(args, kwargs)
         key = engine.key_head + rendered + "}"
+        value: R
         near = self._near
         if near is not None:
-            if not engine.outbox.active:  # _near_look spelled out, for the near hit
+            # _near_look spelled out, for the near hit
+            if FIRST_STEPS[engine.outbox.active and engine.outbox.blocks(key)][True][False] is NEAR:
                 value = near.get(key)
                 if value is not MISSING:
                     self._plan.stats.near_hit()
-                    return value  # type: ignore[no-any-return]
-            return self._serve_at(engine, key, args, kwargs)[0].value  # type: ignore[no-any-return]
+                    return value
+            value = self._serve_at(engine, key, args, kwargs)[0].value
+            return value
         if _get_running_loop() is not None:
             self._on_event_loop()
         call = (self.__wrapped__, args, kwargs)
-        served, _, joined = serve(self._plan, key, engine._sync_side(), call)
-        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+        served, _, joined = serve(self._plan, key, engine.sides.sync_side(), call)
+        value = (as_joiner(self._plan, served) if joined else served).value
+        return value
 
     def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
-        return self._result(*self._serve(args, kwargs))
+        return self._result(*self._serve_at(*self._locate(args, kwargs), args, kwargs))
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
         """Delete the entry (value or negative sentinel) and fence loads in flight.
@@ -95,13 +99,14 @@ class CachedFunction(CachedBase[P, R]):
         while a load of the key runs here waits for it to end, then loads."""
         if _get_running_loop() is not None:
             self._on_event_loop()
-        runtime = self._engine_in_use()._sync_side()
+        runtime = self._engine_in_use().sides.sync_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
             (served, _), joined = runtime.flights.reload(
                 reloading.keys[0], self._plan.patience, run, *reloading.run_args(runtime)
             )
-            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+            value: R = (as_joiner(self._plan, served) if joined else served).value
+            return value
         finally:
             self._written(runtime, reloading.keys)
 
@@ -142,7 +147,7 @@ class CachedFunction(CachedBase[P, R]):
         if _get_running_loop() is not None:
             self._on_event_loop()
         call = self._many(items)
-        runtime = call.engine._sync_side()
+        runtime = call.engine.sides.sync_side()
         return call.values(run(call.flow(runtime), runtime, call.loads, no_seal)[0])
 
     def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
@@ -171,9 +176,6 @@ class CachedFunction(CachedBase[P, R]):
         """Decorating a method: bind the instance like a function would."""
         return self if instance is None else BoundCachedFunction(self, instance)
 
-    def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
-        return self._serve_at(*self._locate(args, kwargs), args, kwargs)
-
     def _serve_at(
         self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Served, float]:
@@ -182,7 +184,7 @@ class CachedFunction(CachedBase[P, R]):
             return hit, 0.0
         if _get_running_loop() is not None:
             self._on_event_loop()
-        runtime = engine._sync_side()
+        runtime = engine.sides.sync_side()
         try:
             served, seconds, joined = serve(
                 self._plan, key, runtime, (self.__wrapped__, args, kwargs)
@@ -195,7 +197,7 @@ class CachedFunction(CachedBase[P, R]):
     def _write(self, write: Write[T]) -> T:
         if _get_running_loop() is not None:
             self._on_event_loop()
-        runtime = write.engine._sync_side()
+        runtime = write.engine.sides.sync_side()
         try:
             return run(write.flow, runtime, write.loads, no_seal)[0]
         finally:
@@ -226,7 +228,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
     coroutine, as CachedFunction's."""
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        # _serve spelled out, as in CachedFunction.__call__.
+        # Spelled out, as in CachedFunction.__call__.
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
@@ -236,21 +238,25 @@ class AsyncCachedFunction(CachedBase[P, R]):
             else None
         ) or self._template.render(args, kwargs)
         key = engine.key_head + rendered + "}"
+        value: R
         near = self._near
         if near is not None:
-            if not engine.outbox.active:  # _near_look spelled out, for the near hit
+            # _near_look spelled out, for the near hit
+            if FIRST_STEPS[engine.outbox.active and engine.outbox.blocks(key)][True][False] is NEAR:
                 value = near.get(key)
                 if value is not MISSING:
                     self._plan.stats.near_hit()
-                    return value  # type: ignore[no-any-return]
-            return (await self._serve_at(engine, key, args, kwargs))[0].value  # type: ignore[no-any-return]
+                    return value
+            value = (await self._serve_at(engine, key, args, kwargs))[0].value
+            return value
         call = (self.__wrapped__, args, kwargs)
-        served, _, joined = await aserve(self._plan, key, engine._async_side(), call)
-        return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+        served, _, joined = await aserve(self._plan, key, engine.sides.async_side(), call)
+        value = (as_joiner(self._plan, served) if joined else served).value
+        return value
 
     async def lookup(self, *args: P.args, **kwargs: P.kwargs) -> CacheResult[R]:
         """Like calling, but also tells how the value was served and the Redis time."""
-        return self._result(*(await self._serve(args, kwargs)))
+        return self._result(*(await self._serve_at(*self._locate(args, kwargs), args, kwargs)))
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Outcome:
         """Delete the entry and fence loads in flight; as CachedFunction.invalidate."""
@@ -258,13 +264,14 @@ class AsyncCachedFunction(CachedBase[P, R]):
 
     async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Load now and store, whatever is cached; as CachedFunction.refresh."""
-        runtime = self._engine_in_use()._async_side()
+        runtime = self._engine_in_use().sides.async_side()
         reloading = self._reload(args, kwargs, runtime)
         try:
             (served, _), joined = await runtime.flights.reload(
                 reloading.keys[0], self._plan.patience, arun, *reloading.run_args(runtime)
             )
-            return (self._as_joiner(served) if joined else served).value  # type: ignore[no-any-return]
+            value: R = (as_joiner(self._plan, served) if joined else served).value
+            return value
         finally:
             self._written(runtime, reloading.keys)
 
@@ -282,7 +289,7 @@ class AsyncCachedFunction(CachedBase[P, R]):
         """Values for many calls at once; as CachedFunction.many, with the misses
         loaded concurrently (at most 32 at a time) when there is no batch_loader."""
         call = self._many(items)
-        runtime = call.engine._async_side()
+        runtime = call.engine.sides.async_side()
         return call.values((await arun(call.flow(runtime), runtime, call.loads, no_seal))[0])
 
     async def invalidate_many(self, items: Iterable[Any]) -> BulkOutcome:
@@ -305,16 +312,13 @@ class AsyncCachedFunction(CachedBase[P, R]):
         """Decorating a method: bind the instance like a function would."""
         return self if instance is None else BoundAsyncCachedFunction(self, instance)
 
-    async def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Served, float]:
-        return await self._serve_at(*self._locate(args, kwargs), args, kwargs)
-
     async def _serve_at(
         self, engine: CacheEngine, key: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Served, float]:
         hit, ticket = self._near_look(engine, key)
         if hit is not None:
             return hit, 0.0
-        runtime = engine._async_side()
+        runtime = engine.sides.async_side()
         call = (self.__wrapped__, args, kwargs)
         try:
             served, seconds, joined = await aserve(self._plan, key, runtime, call)
@@ -324,49 +328,14 @@ class AsyncCachedFunction(CachedBase[P, R]):
         return self._answer(key, ticket, served, joined), seconds
 
     async def _write(self, write: Write[T]) -> T:
-        runtime = write.engine._async_side()
+        runtime = write.engine.sides.async_side()
         try:
             return (await arun(write.flow, runtime, write.loads, no_seal))[0]
         finally:
             self._written(runtime, write.keys)
 
 
-class _Bound(Generic[Q, R]):
-    """What bound sync and async methods share: the instance goes first."""
-
-    def __init__(self, function: CachedBase[..., R], instance: object) -> None:
-        self._shared = function
-        self._instance = instance
-        self.__name__: str = getattr(function, "__name__", type(function).__name__)
-        self.__qualname__: str = getattr(function, "__qualname__", self.__name__)
-        self.__doc__ = function.__doc__
-        self.__wrapped__ = function.__wrapped__
-
-    def key(self, *args: Q.args, **kwargs: Q.kwargs) -> str:
-        """The Redis key these arguments map to, for redis-cli and debugging."""
-        return self._shared.key(self._instance, *args, **kwargs)
-
-    def _items(self, items: Iterable[Any]) -> list[tuple[Any, ...]]:
-        """Batch items with the instance prepended to each."""
-        return [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
-
-    def stats(self) -> StatsSnapshot:
-        """The method's counters (shared by every instance)."""
-        return self._shared.stats()
-
-    def error_kinds(self) -> dict[str, int]:
-        """The method's Redis errors by exception type."""
-        return self._shared.error_kinds()
-
-    def reset_stats(self) -> None:
-        """Set the method's counters back to zero."""
-        self._shared.reset_stats()
-
-    def __repr__(self) -> str:
-        return f"<bound {self._shared!r} of {self._instance!r}>"
-
-
-class BoundCachedFunction(_Bound[Q, R]):
+class BoundCachedFunction(Bound[Q, R]):
     """A CachedFunction decorated as a method, bound to one instance: the same API,
     without the instance in the arguments."""
 
@@ -415,7 +384,7 @@ class BoundCachedFunction(_Bound[Q, R]):
         return self._function.invalidate_all()
 
 
-class BoundAsyncCachedFunction(_Bound[Q, R]):
+class BoundAsyncCachedFunction(Bound[Q, R]):
     """An AsyncCachedFunction decorated as a method, bound to one instance."""
 
     def __init__(self, function: AsyncCachedFunction[..., R], instance: object) -> None:

@@ -22,9 +22,10 @@ from ._effects import (
     RunScript,
     Scan,
 )
-from ._flows import Plan, tolerate
 from ._keys import entry_keys, tag_key
+from ._loading import tolerate
 from ._outbox import Delivery
+from ._plan import Plan
 from ._results import BulkOutcome
 from ._scripts import invalidate_call
 

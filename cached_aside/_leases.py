@@ -12,7 +12,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-import os
 import threading
 from time import monotonic
 from typing import Any
@@ -156,16 +155,13 @@ _renewers: dict[int, _Renewer] = {}  # by id() of the runtime (a runtime is unha
 _renewers_lock = threading.Lock()
 
 
-def _forget_after_fork() -> None:
+def forget_after_fork() -> None:
     """A child has none of its parent's threads or loads: it starts its own renewers
     when it first loads, and never renews the parent's leases."""
     global _renewers_lock
     _renewers.clear()
     _renewers_lock = threading.Lock()  # a parent's thread may have held it
     _running.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def renew(rt: SyncRuntime, leased: Leased) -> Renewal:

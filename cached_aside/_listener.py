@@ -12,9 +12,7 @@ the engine is off and empty.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, Protocol
@@ -94,17 +92,6 @@ def connection_factory(client: Any, **address: Any) -> Callable[[], Any]:
     return lambda: kind(**kwargs)
 
 
-_listeners: weakref.WeakSet[InvalidationListener] = weakref.WeakSet()
-
-
-def _restart_after_fork() -> None:
-    for listener in list(_listeners):
-        listener.restart_in_child()
-
-
-os.register_at_fork(after_in_child=_restart_after_fork)
-
-
 class ListenerLostError(ConnectionError):
     """The listener's connection stopped answering its PINGs."""
 
@@ -118,15 +105,15 @@ class Tier(Protocol):
     def invalidate(self, keys: list[bytes] | None) -> None: ...
 
 
-class InvalidationListener:
-    """Tracks one key prefix for the near caches attached to it; or, for a cluster's
-    listener (`tier`), on one node, reporting to the tier, which owns the caches."""
+class StoreListener:
+    """What every listener of an engine does for the near stores attached to it:
+    keep them, switch them on and off, start its thread on first use (and again in
+    a forked child), and pass on what Redis reports changed. Subclasses say what
+    the thread runs (`_loop`) and when a store may serve (`_serves`)."""
 
-    def __init__(self, connect: Callable[[], Any], prefix: str, tier: Tier | None = None) -> None:
-        self._tier = tier
-        if tier is None:
-            _listeners.add(self)  # a tier restarts its own nodes' listeners after fork
-        self._connect = connect
+    THREAD_NAME = "cached_aside-invalidations"
+
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._stores: list[NearStore] = []
         self._lock = threading.Lock()
@@ -135,61 +122,108 @@ class InvalidationListener:
         self._settled = threading.Event()  # the first attempt ended, one way or another
         self.state: TrackingState = "starting"
         self.reason = ""
-        self.connections = 0  # times tracking was (re-)established
-        self.client_id: int | None = None  # the connection's CLIENT ID, for CLIENT KILL
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _serves(self, store: NearStore) -> bool:
+        """Whether `store` may serve from memory in the listener's present state."""
+        return self.state == "tracking"
 
     def attach(self, store: NearStore) -> None:
         """Serve `store` from now on, starting the listener on first use."""
         with self._lock:
             self._stores.append(store)
-            if self.state == "tracking" or (
-                self.state == "unsupported" and store.config.allow_untracked
-            ):
+            if self._serves(store):
                 store.switch(True)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="cached_aside-invalidations", daemon=True
-                )
-                self._thread.start()
+            self._start_locked()
 
-    def start(self) -> None:
-        """Listen for a tier (which attaches no stores)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="cached_aside-invalidations", daemon=True
-                )
-                self._thread.start()
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
+            self._thread.start()
 
     def detach(self, store: NearStore) -> None:
         with self._lock:
             if store in self._stores:
                 self._stores.remove(store)
 
+    def _attached(self) -> list[NearStore]:
+        with self._lock:
+            return list(self._stores)
+
     def clear_all(self) -> None:
         """Empty every attached near cache: a bulk invalidation by this process."""
-        with self._lock:
-            stores = list(self._stores)
-        for store in stores:
+        for store in self._attached():
             store.clear()
 
     def drop(self, keys: list[str]) -> None:
         """Drop these keys from every attached store: this process changed them."""
-        with self._lock:
-            stores = list(self._stores)
-        for store in stores:
+        for store in self._attached():
             store.drop(keys)
 
     def wait_settled(self, timeout: float) -> TrackingState:
-        """Wait for the first connection attempt to end; the state it left."""
+        """Wait for the first attempt to end; the state it left."""
         self._settled.wait(timeout)
         return self.state
 
-    def stop(self) -> None:
+    def _stop_thread(self) -> None:
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
+
+    def _report(self, keys: list[bytes] | None) -> None:
+        """What Redis reported changed, to every attached store (None: everything)."""
+        stores = self._attached()
+        if keys is None:  # FLUSHALL / FLUSHDB: everything is gone
+            for store in stores:
+                store.clear()
+            return
+        names = [key.decode("utf-8", "replace") for key in keys]
+        for store in stores:
+            store.drop(names)
+
+    def _forget_in_child(self) -> None:
+        """What else of the parent's a subclass forgets after fork()."""
+
+    def restart_in_child(self) -> None:
+        """After fork(): the thread did not come along, and the caches were filled
+        while the parent's connection vouched for them. Empty them and listen anew."""
+        self._lock = threading.Lock()  # it may have been held by a thread now gone
+        self._stop = threading.Event()
+        self._settled = threading.Event()
+        self.state, self.reason = "starting", "forked"
+        self._forget_in_child()
+        for store in self._stores:
+            store.reset_after_fork()
+        self._thread = None
+        if self._stores:
+            self._start_locked()
+
+
+class InvalidationListener(StoreListener):
+    """Tracks one key prefix for the near caches attached to it; or, for a cluster's
+    listener (`tier`), on one node, reporting to the tier, which owns the caches."""
+
+    def __init__(self, connect: Callable[[], Any], prefix: str, tier: Tier | None = None) -> None:
+        super().__init__(prefix)
+        self._tier = tier
+        self._connect = connect
+        self.connections = 0  # times tracking was (re-)established
+        self.client_id: int | None = None  # the connection's CLIENT ID, for CLIENT KILL
+
+    def _serves(self, store: NearStore) -> bool:
+        untracked = self.state == "unsupported" and store.config.allow_untracked
+        return self.state == "tracking" or untracked
+
+    def start(self) -> None:
+        """Listen for a tier (which attaches no stores)."""
+        with self._lock:
+            self._start_locked()
+
+    def stop(self) -> None:
+        self._stop_thread()
         self._switch("down", "stopped")
 
     def _switch(self, state: TrackingState, reason: str = "") -> None:
@@ -208,7 +242,7 @@ class InvalidationListener:
                 "near cache off: the invalidation listener lost Redis (%s); reconnecting", reason
             )
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         delay = FIRST_RETRY_SECONDS
         while not self._stop.is_set():
             connection = None
@@ -276,32 +310,8 @@ class InvalidationListener:
                 if awaiting_pong_since is None:
                     awaiting_pong_since = now
 
-    def restart_in_child(self) -> None:
-        """After fork(): the thread did not come along, and the caches were filled
-        while the parent's connection vouched for them. Empty them and listen anew."""
-        self._lock = threading.Lock()  # it may have been held by a thread now gone
-        self._stop = threading.Event()
-        self._settled = threading.Event()
-        self.state, self.reason = "starting", "forked"
-        for store in self._stores:
-            store.reset_after_fork()
-        self._thread = None
-        if self._stores:
-            self._thread = threading.Thread(
-                target=self._run, name="cached_aside-invalidations", daemon=True
-            )
-            self._thread.start()
-
     def _invalidate(self, keys: list[bytes] | None) -> None:
         if self._tier is not None:
             self._tier.invalidate(keys)
             return
-        with self._lock:
-            stores = list(self._stores)
-        if keys is None:  # FLUSHALL / FLUSHDB: everything is gone
-            for store in stores:
-                store.clear()
-            return
-        names = [key.decode("utf-8", "replace") for key in keys]
-        for store in stores:
-            store.drop(names)
+        self._report(keys)

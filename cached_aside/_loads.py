@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -21,7 +20,7 @@ from typing import Any
 from ._batches import align
 from ._effects import LoadOne, LoadSome, Signal
 from ._errors import LoaderTimeoutError
-from ._flows import Plan
+from ._plan import Plan
 
 BatchLoader = Callable[[list[Any]], Any]
 NO_KWARGS: Mapping[str, Any] = {}
@@ -74,7 +73,7 @@ class Loads:
                     self._loader, *self._calls[self.position], **self._kwargs
                 )
             else:
-                call = functools.partial(self._batch_loader, self._chosen(effect))  # type: ignore[arg-type, misc]
+                call = functools.partial(self._batching(), self._chosen(effect))
             timeout = self._timeout()
             returned = (
                 call() if timeout is None else _within(call, timeout, self._name(), self._plan)
@@ -87,7 +86,7 @@ class Loads:
             if effect is Signal.LOAD:
                 loading = self._loader(*self._calls[self.position], **self._kwargs)
             else:
-                loading = self._batch_loader(self._chosen(effect))  # type: ignore[misc]
+                loading = self._batching()(self._chosen(effect))
             timeout = self._timeout()
             if timeout is None:
                 returned = await loading
@@ -108,7 +107,8 @@ class Loads:
         if load is Signal.LOAD:
             args, kwargs = self._calls[self.position], self._kwargs
         else:
-            args, kwargs = self._calls[load.position], NO_KWARGS  # type: ignore[union-attr]
+            assert isinstance(load, LoadOne)
+            args, kwargs = self._calls[load.position], NO_KWARGS
         return tuple(tag.render_tag(args, kwargs) for tag in self._plan.tags)
 
     def _timeout(self) -> float | None:
@@ -119,6 +119,11 @@ class Loads:
 
     def _name(self) -> str:
         return "?" if self._plan is None else self._plan.name
+
+    def _batching(self) -> BatchLoader:
+        """The batch loader, which a LoadOne or LoadSome is only ever asked of."""
+        assert self._batch_loader is not None
+        return self._batch_loader
 
     def _chosen(self, effect: Any) -> list[Any]:
         """The items of a LoadOne or LoadSome, for the batch loader."""
@@ -145,14 +150,11 @@ _abandoned: dict[int, int] = {}
 _abandoned_lock = threading.Lock()
 
 
-def _forget_abandoned_after_fork() -> None:
+def forget_abandoned_after_fork() -> None:
     """A child has none of its parent's threads, so none of their abandoned loads."""
     global _abandoned_lock
     _abandoned.clear()
     _abandoned_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_abandoned_after_fork)
 
 
 def _within(call: Callable[[], Any], timeout: float, name: str, owner: object) -> Any:

@@ -1,5 +1,6 @@
-"""Performing the bulk effects: a Batch as one pipeline (one round trip per node, on a
-Redis Cluster too) and a Scan page, with redis-py's sync and asyncio clients.
+"""Sending effects to Redis through the breakers: one command or script (send), a
+Batch as one pipeline (one round trip per node, on a Redis Cluster too) and a Scan
+page, with redis-py's sync and asyncio clients.
 
 Sync and async twins side by side, as in _drivers.py; failures come back as
 CommandFailed values in place of their replies, because in a batch some entries
@@ -8,6 +9,7 @@ may succeed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from itertools import islice
 from typing import Any
@@ -16,6 +18,36 @@ from redis.exceptions import NoScriptError
 
 from ._effects import Batch, Command, RunScript, Scan
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime, failed
+
+Done = tuple[object, BaseException | None]  # an effect's reply, or what the flow is thrown
+
+
+def send(rt: SyncRuntime, effect: Command | RunScript) -> Done:
+    """One command or script through the breaker; returns the reply or the failure
+    (a CommandFailed, or an interrupt, which the flow gets to release its Holds)."""
+    if rt.breaker.open_until:  # one attribute read while all is well
+        refused = rt.refusal(1, key_of(effect))
+        if refused is not None:
+            return None, refused[0]
+    try:
+        answered = False
+        held = rt.held
+        # type() is, not isinstance(): this is the hit path, and isinstance() costs more
+        if held is not None and not (type(effect) is Command and effect.blocks):
+            with contextlib.suppress(NoScriptError):  # the client's Script loads it
+                answered, reply = held.call(wire_args(rt, effect))
+        if not answered:
+            if isinstance(effect, Command):
+                reply = rt.client.execute_command(*effect.args)
+            else:
+                reply = rt.scripts[effect.script](keys=effect.keys, args=effect.args)
+    except rt.failures as exc:
+        return None, rt.failure(exc, key_of(effect))
+    except BaseException as exc:
+        return None, exc
+    if rt.breaker.failures:
+        rt.answered(key_of(effect))
+    return reply, None
 
 
 def send_batch(rt: SyncRuntime, batch: Batch) -> list[Any]:
@@ -40,7 +72,7 @@ def _send_batch(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list
         replies = _send_together(rt, effects)
         unknown = _unknown_scripts(replies)
         if unknown:  # the server restarted or flushed its scripts: load, send those again
-            for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
+            for name in _script_names(effects, unknown):
                 rt.client.script_load(name.value)
             again = _send_together(rt, [effects[i] for i in unknown])
             for i, reply in zip(unknown, again, strict=True):
@@ -57,6 +89,36 @@ def _send_together(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> l
         if answered:
             return replies
     return list(_pipeline(rt, effects).execute(raise_on_error=False))
+
+
+async def asend(rt: AsyncRuntime, effect: Command | RunScript) -> Done:
+    """As send(); a cancellation comes back as the failure, for the flow's Holds."""
+    if rt.breaker.open_until:  # one attribute read while all is well
+        refused = rt.refusal(1, key_of(effect))
+        if refused is not None:
+            return None, refused[0]
+    try:
+        pipeline = rt.pipeline
+        if pipeline is None or (type(effect) is Command and effect.blocks):
+            reply = await _athrough_client(rt, effect)
+        else:
+            try:
+                reply = await pipeline.call(wire_args(rt, effect))
+            except NoScriptError:
+                reply = await _athrough_client(rt, effect)  # the client's Script loads it
+    except rt.failures as exc:
+        return None, rt.failure(exc, key_of(effect))
+    except BaseException as exc:
+        return None, exc
+    if rt.breaker.failures:
+        rt.answered(key_of(effect))
+    return reply, None
+
+
+async def _athrough_client(rt: AsyncRuntime, effect: Command | RunScript) -> object:
+    if isinstance(effect, Command):
+        return await rt.client.execute_command(*effect.args)
+    return await rt.scripts[effect.script](keys=effect.keys, args=effect.args)
 
 
 async def send_batch_async(rt: AsyncRuntime, batch: Batch) -> list[Any]:
@@ -81,7 +143,7 @@ async def _send_batch_async(rt: AsyncRuntime, effects: Sequence[Command | RunScr
         replies = await _asend_together(rt, effects)
         unknown = _unknown_scripts(replies)
         if unknown:
-            for name in {effects[i].script for i in unknown}:  # type: ignore[union-attr]
+            for name in _script_names(effects, unknown):
                 await rt.client.script_load(name.value)
             again = await _asend_together(rt, [effects[i] for i in unknown])
             for i, reply in zip(unknown, again, strict=True):
@@ -102,9 +164,13 @@ async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScrip
 def key_of(effect: Command | RunScript) -> str:
     """The key a command or script works on (every command sent names its key
     first), for the breaker of its node on a cluster."""
-    if type(effect) is Command:
-        return effect.args[1]  # type: ignore[no-any-return]
-    return effect.keys[0]  # type: ignore[union-attr]
+    key: str = effect.args[1] if isinstance(effect, Command) else effect.keys[0]
+    return key
+
+
+def _script_names(effects: Sequence[Command | RunScript], unknown: list[int]) -> set[Any]:
+    """The scripts Redis did not know (it restarted, or flushed them)."""
+    return {e.script for i in unknown if isinstance(e := effects[i], RunScript)}
 
 
 def _refused_by_node(rt: Runtime, effects: Sequence[Command | RunScript]) -> dict[int, Any]:
@@ -131,10 +197,10 @@ def _failed_together(
 
 def wire_args(rt: Runtime, effect: Command | RunScript) -> tuple[Any, ...]:
     """The arguments of the command that performs `effect`: a script by its sha."""
-    if type(effect) is Command:
-        return effect.args
-    script = rt.scripts[effect.script]  # type: ignore[union-attr]
-    return ("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args)  # type: ignore[union-attr]
+    if type(effect) is RunScript:
+        script = rt.scripts[effect.script]
+        return ("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args)
+    return effect.args
 
 
 def scan(rt: SyncRuntime, effect: Scan) -> tuple[Any, list[str]]:

@@ -1,4 +1,5 @@
-"""What callers get back: where a value came from, and what a write to the cache did.
+"""What callers get back: where a value came from, what a write to the cache did, and
+the counters of a function or an engine.
 
 A failure never looks like a normal answer: an invalidation Redis did not take is
 PENDING, never the ABSENT that means "nothing was cached". No I/O here.
@@ -7,7 +8,7 @@ PENDING, never the ABSENT that means "nothing was cached". No I/O here.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -97,3 +98,68 @@ class BulkOutcome:
     def complete(self) -> bool:
         """True when nothing is left for the outbox to deliver."""
         return self.pending == 0
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """A function's (or an engine's, summed) counters at one moment.
+
+    Attributes:
+        hits: calls served a value cached in Redis.
+        near_hits: calls served by the in-process near cache.
+        misses: calls not served from the cache.
+        negative_hits: calls served a cached "no such record".
+        loads: loader calls.
+        stampedes_suppressed: misses that got another caller's load instead of loading.
+        errors: Redis failures (the call was still answered when fail_open).
+        corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten
+            (including a tag's version key, or an entry's stamp).
+        lock_waits: misses that waited on Redis for another process's load.
+        loader_errors: loader failures nobody saw raised: background reloads
+            (refresh_ahead, grace), and loads answered with a stale value
+            (stale_if_error).
+        postponed: invalidations Redis did not take, queued in the engine's outbox.
+        stale: calls answered with a value past its ttl (grace, stale_if_error).
+        schema_mismatch: typed entries written for another shape of the declared type
+            (an older or newer deploy; or untyped), treated as a miss and rewritten.
+        near_misses: near-cache look-ups that found nothing to serve.
+        near_evictions: near entries pushed out by the entry-count or byte bound.
+        near_admissions_refused: values read from Redis that the near cache's
+            W-TinyLFU policy did not keep (asked for less often than what they would
+            push out).
+        near_bytes: bytes the near entries take now (a gauge; see the near-cache docs
+            for what counts).
+    """
+
+    hits: int = 0
+    near_hits: int = 0
+    misses: int = 0
+    negative_hits: int = 0
+    loads: int = 0
+    stampedes_suppressed: int = 0
+    errors: int = 0
+    corrupt: int = 0
+    lock_waits: int = 0
+    loader_errors: int = 0
+    postponed: int = 0
+    stale: int = 0
+    schema_mismatch: int = 0
+    near_misses: int = 0
+    near_evictions: int = 0
+    near_admissions_refused: int = 0
+    near_bytes: int = 0
+
+    @property
+    def hit_rate_pct(self) -> float:
+        """(hits + near_hits + negative_hits) / (those + misses), in percent."""
+        served = self.hits + self.near_hits + self.negative_hits
+        total = served + self.misses
+        return round(100.0 * served / total, 2) if total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Every counter and hit_rate_pct, for metrics exporters and logs."""
+        return {**asdict(self), "hit_rate_pct": self.hit_rate_pct}
+
+    def __add__(self, other: StatsSnapshot) -> StatsSnapshot:
+        mine, theirs = asdict(self), asdict(other)
+        return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})

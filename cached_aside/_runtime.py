@@ -12,10 +12,12 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError, ResponseError
 
 from ._breaker import CircuitBreaker, NodeBreakers
@@ -45,6 +47,7 @@ ASYNC_CLUSTER_FAILURES = (*REDIS_FAILURES, AttributeError)
 # a primary that keeps failing is not asked again on every hit.
 REFRESH_RETRY_SECONDS = 1.0
 _MAX_RESTING_KEYS = 10_000
+R = TypeVar("R", "SyncRuntime", "AsyncRuntime")
 
 
 class Background:
@@ -257,3 +260,40 @@ def block_limit_ms(connection_kwargs: Mapping[str, Any]) -> int:
     if not timeout:
         return DEFAULT_BLOCK_LIMIT_MS
     return max(1, min(DEFAULT_BLOCK_LIMIT_MS, int(timeout * 500)))
+
+
+def sync_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> SyncRuntime:
+    """The sync runtime around `client` (checked), with a cluster's router or the
+    pool's held connections."""
+    runtime = _runtime(SyncRuntime, client, "client", breaker, outbox)
+    if isinstance(client, redis.cluster.RedisCluster):
+        runtime.route = client.get_node_from_key
+    elif hasattr(client, "connection_pool"):
+        runtime.held = HeldConnections(client.connection_pool)
+    return runtime
+
+
+def async_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> AsyncRuntime:
+    """The async runtime around `client` (checked), with a cluster's router or the
+    loop's shared connection."""
+    runtime = _runtime(AsyncRuntime, client, "async_client", breaker, outbox)
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        runtime.ready = False
+        runtime.failures = ASYNC_CLUSTER_FAILURES
+        runtime.route = client.get_node_from_key
+    elif hasattr(client, "connection_pool"):
+        runtime.pipeline = Pipeline(client.connection_pool)
+    return runtime
+
+
+def _runtime(kind: type[R], client: Any, role: str, breaker: CircuitBreaker, outbox: Outbox) -> R:
+    """A runtime around `client`, after checking it suits the library."""
+    kwargs = connection_kwargs(client, role)
+    warn_if_pool_raises(client, role)
+    return kind(
+        client=client,
+        scripts={name: client.register_script(name.value) for name in ScriptName},
+        block_limit_ms=block_limit_ms(kwargs),
+        breaker=breaker,
+        outbox=outbox,
+    )

@@ -241,9 +241,6 @@ class SentinelClients:
         )
         return client
 
-    def makers(self) -> tuple[Callable[[], redis.Redis], Callable[[], redis.asyncio.Redis]]:
-        return self.client, self.async_client
-
 
 def _moved(connection: Any) -> bool:
     """The connection is to a server its pool no longer knows as the master: the
@@ -260,7 +257,7 @@ def _moved_error(connection: Any) -> ConnectionError:
     return ConnectionError(f"the master moved to {host}:{port} (Sentinel failover)")
 
 
-class _AsksTheSentinels:
+class _AsksTheSentinels(redis.sentinel.SentinelManagedConnection):
     """A Sentinel-managed connection that asks the sentinels where the master is
     whenever it connects, and drops its socket once its pool has learnt of another
     master.
@@ -283,27 +280,31 @@ class _AsksTheSentinels:
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("connection_pool", self.pool_proxy)
-        super().__init__(**kwargs)
+        base: Any = super()  # redis-py's sync connections carry no annotations
+        base.__init__(**kwargs)
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self.is_connected:  # type: ignore[attr-defined]
-            self.connect()  # type: ignore[attr-defined]
-        elif _moved(self):
-            self.disconnect()  # type: ignore[attr-defined]
-            raise _moved_error(self)
-        super().send_packed_command(command, check_health)  # type: ignore[misc]
+        connection: Any = self  # as above: typed as redis-py leaves them
+        if not connection.is_connected:
+            connection.connect()
+        elif _moved(connection):
+            connection.disconnect()
+            raise _moved_error(connection)
+        base: Any = super()
+        base.send_packed_command(command, check_health)
 
 
-class _AsyncAsksTheSentinels:
+class _AsyncAsksTheSentinels(redis.asyncio.sentinel.SentinelManagedConnection):
     """_AsksTheSentinels for redis.asyncio's Sentinel-managed connections."""
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if not self.is_connected:  # type: ignore[attr-defined]
-            await self.connect()  # type: ignore[attr-defined]
+        if not self.is_connected:
+            connect: Any = self.connect  # redis-py leaves it unannotated
+            await connect()
         elif _moved(self):
-            await self.disconnect()  # type: ignore[attr-defined]
+            await self.disconnect()
             raise _moved_error(self)
-        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        await super().send_packed_command(command, check_health)
 
 
 class _Connection(_AsyncAsksTheSentinels, redis.asyncio.sentinel.SentinelManagedConnection):
@@ -330,7 +331,8 @@ class BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.Blocking
         # (by the listener) finds the pool.
         kind: Any = type(base.__name__, (_AsksTheSentinels, base), {})
         kwargs["connection_class"] = kind
-        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        parent: Any = super()  # redis-py's Sentinel pools carry no annotations
+        parent.__init__(service_name, sentinel_manager, **kwargs)
         kind.pool_proxy = self.proxy
 
     def disconnect(self, inuse_connections: bool = True) -> None:
@@ -346,7 +348,8 @@ class AsyncBlockingSentinelPool(
 
     def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
         kwargs["connection_class"] = _SSLConnection if kwargs.pop("ssl", False) else _Connection
-        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        parent: Any = super()  # redis-py's Sentinel pools carry no annotations
+        parent.__init__(service_name, sentinel_manager, **kwargs)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)

@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from ._results import StatsSnapshot as StatsSnapshot  # its old home: importers keep working
 
 logger = logging.getLogger("cached_aside")
 
@@ -22,60 +24,6 @@ logger = logging.getLogger("cached_aside")
 ERROR_LOG_INTERVAL_SECONDS = 10.0
 # Upper bounds (seconds) of the loader-latency histogram: Prometheus's defaults.
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
-
-
-@dataclass(frozen=True, slots=True)
-class StatsSnapshot:
-    """A function's (or an engine's, summed) counters at one moment.
-
-    Attributes:
-        hits: calls served a value cached in Redis.
-        near_hits: calls served by the in-process near cache.
-        misses: calls not served from the cache.
-        negative_hits: calls served a cached "no such record".
-        loads: loader calls.
-        stampedes_suppressed: misses that got another caller's load instead of loading.
-        errors: Redis failures (the call was still answered when fail_open).
-        corrupt: foreign or damaged data found in Redis, treated as a miss and rewritten
-            (including a tag's version key, or an entry's stamp).
-        lock_waits: misses that waited on Redis for another process's load.
-        loader_errors: loader failures nobody saw raised: background reloads
-            (refresh_ahead, grace), and loads answered with a stale value
-            (stale_if_error).
-        postponed: invalidations Redis did not take, queued in the engine's outbox.
-        stale: calls answered with a value past its ttl (grace, stale_if_error).
-        schema_mismatch: typed entries written for another shape of the declared type
-            (an older or newer deploy; or untyped), treated as a miss and rewritten.
-    """
-
-    hits: int = 0
-    near_hits: int = 0
-    misses: int = 0
-    negative_hits: int = 0
-    loads: int = 0
-    stampedes_suppressed: int = 0
-    errors: int = 0
-    corrupt: int = 0
-    lock_waits: int = 0
-    loader_errors: int = 0
-    postponed: int = 0
-    stale: int = 0
-    schema_mismatch: int = 0
-
-    @property
-    def hit_rate_pct(self) -> float:
-        """(hits + near_hits + negative_hits) / (those + misses), in percent."""
-        served = self.hits + self.near_hits + self.negative_hits
-        total = served + self.misses
-        return round(100.0 * served / total, 2) if total else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """Every counter and hit_rate_pct, for metrics exporters and logs."""
-        return {**asdict(self), "hit_rate_pct": self.hit_rate_pct}
-
-    def __add__(self, other: StatsSnapshot) -> StatsSnapshot:
-        mine, theirs = asdict(self), asdict(other)
-        return StatsSnapshot(**{name: mine[name] + theirs[name] for name in mine})
 
 
 def _counted(counter: itertools.count[int]) -> int:
@@ -101,6 +49,25 @@ class _Burst:
         return count
 
 
+# The counters kept under the lock: every StatsSnapshot field but the hits.
+# The near cache's own counters, read from its stores (Stats.watch_near).
+NEAR_COUNTERS = ("near_misses", "near_evictions", "near_admissions_refused", "near_bytes")
+_LOCKED_COUNTERS = tuple(
+    name
+    for name in StatsSnapshot.__dataclass_fields__
+    if name not in ("hits", "near_hits", *NEAR_COUNTERS)
+)
+
+
+class NearCounts(Protocol):
+    """A near cache as the stats see it."""
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(misses, evictions, admissions refused, bytes held)."""
+
+    def reset_counts(self) -> None: ...
+
+
 class Stats:
     """Live counters of one decorated function."""
 
@@ -110,53 +77,56 @@ class Stats:
             "callers are served by the loader" if fail_open else "callers get CacheUnavailableError"
         )
         self._lock = threading.Lock()
-        self._start_hit_counts()
-        self._misses = self._negative_hits = self._loads = 0
-        self._suppressed = self._errors = self._corrupt = 0
-        self._lock_waits = self._loader_errors = self._postponed = self._stale = 0
-        self._schema_mismatch = 0
         self._error_burst = _Burst()
         self._loader_burst = _Burst()
-        self._error_kinds: dict[str, int] = {}
-        self._load_counts = [0] * len(LOAD_BUCKETS)
-        self._load_seconds = 0.0
+        self._near: list[NearCounts] = []
+        self._start()
 
-    def _start_hit_counts(self) -> None:
-        """Fresh hit counters; `hit()` and `near_hit()` count one each."""
+    def watch_near(self, store: NearCounts) -> None:
+        """Include a near cache's counters (one per engine the function meets)."""
+        if all(known is not store for known in self._near):
+            self._near.append(store)
+
+    def _start(self) -> None:
+        """Every counter at zero. Hits count on their own (see the module's docstring);
+        the rest, by StatsSnapshot's field names, under the lock."""
         self._hit_count = itertools.count()
         self._near_hit_count = itertools.count()
         self.hit: Callable[[], int] = self._hit_count.__next__
         self.near_hit: Callable[[], int] = self._near_hit_count.__next__
+        self._counts = dict.fromkeys(_LOCKED_COUNTERS, 0)
+        self._error_kinds: dict[str, int] = {}
+        self._load_counts = [0] * len(LOAD_BUCKETS)
+        self._load_seconds = 0.0
+
+    def _add(self, counter: str) -> None:
+        with self._lock:
+            self._counts[counter] += 1
 
     def negative_hit(self) -> None:
-        with self._lock:
-            self._negative_hits += 1
+        self._add("negative_hits")
 
     def miss(self, *, suppressed: bool = False) -> None:
         with self._lock:
-            self._misses += 1
-            self._suppressed += suppressed
+            self._counts["misses"] += 1
+            self._counts["stampedes_suppressed"] += suppressed
 
     def load(self) -> None:
-        with self._lock:
-            self._loads += 1
+        self._add("loads")
 
     def lock_wait(self) -> None:
         """A caller began waiting on Redis for another caller's load."""
-        with self._lock:
-            self._lock_waits += 1
+        self._add("lock_waits")
 
     def corrupt(self, key: str, *, log: bool = True, mismatch: bool = False) -> None:
         """Count foreign or damaged data at `key`; log it unless the caller does.
         `mismatch`: a typed entry of another shape, expected while a deploy rolls out:
         counted as schema_mismatch, logged at debug level."""
         if mismatch:
-            with self._lock:
-                self._schema_mismatch += 1
+            self._add("schema_mismatch")
             logger.debug("%s: an entry of another type shape at %r; reloaded", self.name, key)
             return
-        with self._lock:
-            self._corrupt += 1
+        self._add("corrupt")
         if log:
             logger.warning(
                 "%s: foreign or damaged data at %r; treated as a miss and rewritten",
@@ -169,7 +139,7 @@ class Stats:
         cause = getattr(failure, "cause", failure)
         kind = type(cause).__name__
         with self._lock:
-            self._errors += 1
+            self._counts["errors"] += 1
             self._error_kinds[kind] = self._error_kinds.get(kind, 0) + 1
             count = self._error_burst.due(time.monotonic())
         if count:
@@ -192,7 +162,7 @@ class Stats:
         answered with a stale value); log it like Redis errors, once per burst, with
         its traceback. `served` says what callers got instead."""
         with self._lock:
-            self._loader_errors += 1
+            self._counts["loader_errors"] += 1
             count = self._loader_burst.due(time.monotonic())
         if count:
             logger.warning(
@@ -206,33 +176,25 @@ class Stats:
             )
 
     def postponed(self) -> None:
-        with self._lock:
-            self._postponed += 1
+        self._add("postponed")
 
     def stale(self) -> None:
-        with self._lock:
-            self._stale += 1
+        self._add("stale")
 
     def reset_after_fork(self) -> None:
         """In a forked child: the lock may have been held by a thread now gone."""
         self._lock = threading.Lock()
 
     def snapshot(self) -> StatsSnapshot:
+        near = [0, 0, 0, 0]
+        for store in self._near:
+            near = [total + count for total, count in zip(near, store.counts(), strict=True)]
         with self._lock:
             return StatsSnapshot(
                 hits=_counted(self._hit_count),
                 near_hits=_counted(self._near_hit_count),
-                misses=self._misses,
-                negative_hits=self._negative_hits,
-                loads=self._loads,
-                stampedes_suppressed=self._suppressed,
-                errors=self._errors,
-                corrupt=self._corrupt,
-                lock_waits=self._lock_waits,
-                loader_errors=self._loader_errors,
-                postponed=self._postponed,
-                stale=self._stale,
-                schema_mismatch=self._schema_mismatch,
+                **self._counts,
+                **dict(zip(NEAR_COUNTERS, near, strict=True)),
             )
 
     def loaded_in(self, seconds: float) -> None:
@@ -260,11 +222,6 @@ class Stats:
     def reset(self) -> None:
         """Every counter back to zero."""
         with self._lock:
-            self._start_hit_counts()
-            self._misses = self._negative_hits = self._loads = 0
-            self._suppressed = self._errors = self._corrupt = self._lock_waits = 0
-            self._loader_errors = self._postponed = self._stale = 0
-            self._schema_mismatch = 0
-            self._error_kinds = {}
-            self._load_counts = [0] * len(LOAD_BUCKETS)
-            self._load_seconds = 0.0
+            self._start()
+        for store in self._near:
+            store.reset_counts()

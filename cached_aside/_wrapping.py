@@ -7,25 +7,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from ._batches import invalidate_many, invalidate_pattern, many
 from ._defaults import default_engine
-from ._effects import Flow
+from ._effects import Flow, PendingPattern
 from ._engine import CacheEngine
-from ._flows import Plan, Served, bypass, invalidate, put, reload, update_field
+from ._flows import bypass
 from ._keys import KeyTemplate, glob_escape, split_entry_key
 from ._loads import NO_LOADS, BatchLoader, Loads
 from ._near import MISSING, NearCache, NearStore
-from ._outbox import PendingPattern
+from ._plan import Plan, Served
+from ._reads import LOADER, NEAR, as_joiner, first_step, near_keeps
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
-from ._runtime import Runtime
+from ._runtime import AsyncRuntime, Runtime, SyncRuntime
 from ._stats import StatsSnapshot
+from ._writes import invalidate, put, reload, update_field
 
 P = ParamSpec("P")
+Q = ParamSpec("Q")
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -38,16 +40,13 @@ decorated: weakref.WeakSet[CachedBase[Any, Any]] = weakref.WeakSet()
 on_decorated: list[Callable[[CachedBase[Any, Any]], None]] = []
 
 
-def _reset_loader_breakers_after_fork() -> None:
+def reset_loader_breakers_after_fork() -> None:
     """A child forked while a thread probed a loader breaker would wait for ever for
     that probe's verdict: no thread of its own is probing."""
     for function in list(decorated):
         breaker = function._plan.loader_breaker
         if breaker is not None:
             breaker.reset_after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_loader_breakers_after_fork)
 
 
 class Write(Generic[T]):
@@ -127,7 +126,7 @@ class CachedBase(Generic[P, R]):
     def _register(self, engine: CacheEngine) -> None:
         """Meet `engine`: its near tier for this function, and its stats. Once per
         engine, however many threads make their first call at once."""
-        with engine._meeting:
+        with engine.catalog.meeting:
             if engine is not self._registered_with:
                 self._meet(engine)
 
@@ -140,17 +139,19 @@ class CachedBase(Generic[P, R]):
             plan = self._plan
             store = self._near_stores.get(engine)  # met before: the same tier again
             if store is None:
-                store = self._near_stores[engine] = engine._near_store(
+                store = self._near_stores[engine] = engine.nearby.store(
                     config, plan.codec, plan.name
                 )
             self._near = store
-        engine._register_stats(self._plan.stats)
+            self._plan.stats.watch_near(store)
         self._whole = self._every_key(engine)
-        if self._plan.tags:
-            lock_ttl_ms = self._plan.options.lock_ttl_ms
-            engine._register_tagged(
-                self._plan.name, self._plan.tags, self._whole, lock_ttl_ms, self._plan.stats
-            )
+        engine.catalog.join(
+            name=self._plan.name,
+            stats=self._plan.stats,
+            tags=self._plan.tags,
+            covers=self._whole,
+            lock_ttl_ms=self._plan.options.lock_ttl_ms,
+        )
         self._registered_with = engine
 
     def _every_key(self, engine: CacheEngine) -> PendingPattern:
@@ -181,7 +182,7 @@ class CachedBase(Generic[P, R]):
     def _field_update(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], field: Any, value: Any
     ) -> Write[Outcome]:
-        loader_args, field, value = self._split_update(args, field, value)
+        loader_args, field, value = split_update(self._plan.name, args, field, value)
         engine, key = self._locate(loader_args, kwargs)
         flow = update_field(self._plan, key, field, value, self._covering(engine))
         return Write(engine, flow, (key,), self._call_of(loader_args, kwargs))
@@ -202,7 +203,8 @@ class CachedBase(Generic[P, R]):
         """fn.refresh()'s flow and loads: bypassing the cache, like a call, while the
         key's invalidation waits in the outbox."""
         engine, key = self._locate(args, kwargs)
-        if engine.outbox.active and engine.outbox.blocks(key):
+        pending = engine.outbox.active and engine.outbox.blocks(key)
+        if first_step(pending, False, False) is LOADER:
             flow = bypass(self._plan, key)
         else:
             flow = reload(self._plan, key, runtime.block_limit_ms, self._covering(engine))
@@ -218,16 +220,16 @@ class CachedBase(Generic[P, R]):
         flow = invalidate_pattern(self._covering(engine), self._plan)
         return Write(engine, flow, None)
 
-    def _written(self, runtime: Runtime, keys: Sequence[str] | None) -> None:
+    def _written(self, runtime: SyncRuntime | AsyncRuntime, keys: Sequence[str] | None) -> None:
         """After a write: no read that starts now may join a read made before it, and
         this process's near tier forgets the keys (Redis's report comes later)."""
         if keys is None:
-            runtime.flights.forget_all()  # type: ignore[attr-defined]
+            runtime.flights.forget_all()
             if self._near is not None:
                 self._near.clear()
             return
         for key in keys:
-            runtime.flights.forget(key)  # type: ignore[attr-defined]
+            runtime.flights.forget(key)
         if self._near is not None:
             self._near.drop(keys)
 
@@ -277,7 +279,8 @@ class CachedBase(Generic[P, R]):
         or while an invalidation of the key waits in the outbox (Redis never reported
         it, so another function's near tier may still hold the old value)."""
         store = self._near
-        if store is None or (engine.outbox.active and engine.outbox.blocks(key)):
+        pending = engine.outbox.active and engine.outbox.blocks(key)
+        if store is None or first_step(pending, True, False) is not NEAR:
             return None, None
         value = store.get(key)
         if value is not MISSING:
@@ -290,13 +293,11 @@ class CachedBase(Generic[P, R]):
         gives its ticket back."""
         near = self._near
         if ticket is not None and near is not None:
-            if joined or served.ttl_ms <= 0:
-                near.forget(key, ticket)
-            else:
+            if near_keeps(joined, served.ttl_ms):
                 near.fill(key, ticket, served.value, served.ttl_ms)
-        if joined:
-            return self._as_joiner(served)
-        return served
+            else:
+                near.forget(key, ticket)
+        return as_joiner(self._plan, served) if joined else served
 
     def _forget_ticket(self, key: str, ticket: int | None) -> None:
         """A read that raised keeps nothing in the near tier: its ticket goes back."""
@@ -307,20 +308,6 @@ class CachedBase(Generic[P, R]):
         return CacheResult(
             served.value, served.source in HIT_SOURCES, served.source, seconds * 1000.0
         )
-
-    def _as_joiner(self, served: Served) -> Served:
-        """Account for a caller that shared another caller's read, and copy its value."""
-        stats = self._plan.stats
-        if served.source is Source.CACHE:
-            stats.hit()
-        elif served.source is Source.NEGATIVE:
-            stats.negative_hit()
-        elif served.source is Source.STALE:  # a stale answer stays one for every joiner
-            stats.stale()
-        else:
-            stats.miss(suppressed=True)
-            return Served(self._plan.codec.copy(served.value), Source.WAITED)
-        return Served(self._plan.codec.copy(served.value), served.source)
 
     # -- stats and the rest --------------------------------------------------------
 
@@ -336,29 +323,65 @@ class CachedBase(Generic[P, R]):
         """Set this function's counters back to zero."""
         self._plan.stats.reset()
 
-    def _split_update(
-        self, args: tuple[Any, ...], field: Any, value: Any
-    ) -> tuple[tuple[Any, ...], Any, Any]:
-        """The loader's arguments, the field and the value of an update_field call:
-        `field=` and `value=` keywords, or else its last two positional arguments.
-        (None cannot be either: a hash field holds text.)"""
-        given = (field is not None) + (value is not None)
-        if given == 2:
-            return args, field, value
-        if given == 1:
-            raise TypeError(
-                f"{self._plan.name}.update_field takes field= and value= together, or the "
-                "field name and value as its last two positional arguments"
-            )
-        if len(args) < 2:
-            raise TypeError(
-                f"{self._plan.name}.update_field(*loader_args, field, value) needs the "
-                "field name and value after the loader's arguments"
-            )
-        return args[:-2], args[-2], args[-1]
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._plan.name} key={self._template.text!r}>"
+
+
+class Bound(Generic[Q, R]):
+    """What bound sync and async methods share: the instance goes first."""
+
+    def __init__(self, function: CachedBase[..., R], instance: object) -> None:
+        self._shared = function
+        self._instance = instance
+        self.__name__: str = getattr(function, "__name__", type(function).__name__)
+        self.__qualname__: str = getattr(function, "__qualname__", self.__name__)
+        self.__doc__ = function.__doc__
+        self.__wrapped__ = function.__wrapped__
+
+    def key(self, *args: Q.args, **kwargs: Q.kwargs) -> str:
+        """The Redis key these arguments map to, for redis-cli and debugging."""
+        return self._shared.key(self._instance, *args, **kwargs)
+
+    def _items(self, items: Iterable[Any]) -> list[tuple[Any, ...]]:
+        """Batch items with the instance prepended to each."""
+        return [(self._instance, *(i if type(i) is tuple else (i,))) for i in items]
+
+    def stats(self) -> StatsSnapshot:
+        """The method's counters (shared by every instance)."""
+        return self._shared.stats()
+
+    def error_kinds(self) -> dict[str, int]:
+        """The method's Redis errors by exception type."""
+        return self._shared.error_kinds()
+
+    def reset_stats(self) -> None:
+        """Set the method's counters back to zero."""
+        self._shared.reset_stats()
+
+    def __repr__(self) -> str:
+        return f"<bound {self._shared!r} of {self._instance!r}>"
+
+
+def split_update(
+    name: str, args: tuple[Any, ...], field: Any, value: Any
+) -> tuple[tuple[Any, ...], Any, Any]:
+    """The loader's arguments, the field and the value of an update_field call:
+    `field=` and `value=` keywords, or else its last two positional arguments.
+    (None cannot be either: a hash field holds text.)"""
+    given = (field is not None) + (value is not None)
+    if given == 2:
+        return args, field, value
+    if given == 1:
+        raise TypeError(
+            f"{name}.update_field takes field= and value= together, or the "
+            "field name and value as its last two positional arguments"
+        )
+    if len(args) < 2:
+        raise TypeError(
+            f"{name}.update_field(*loader_args, field, value) needs the "
+            "field name and value after the loader's arguments"
+        )
+    return args[:-2], args[-2], args[-1]
 
 
 class ManyCall:
@@ -400,7 +423,11 @@ class ManyCall:
         """The flow that serves what the near tier did not, on `runtime`."""
         keys = [self.keys[p] for p in self.rest]
         outbox = runtime.outbox
-        blocked = frozenset(p for p, key in enumerate(keys) if outbox.active and outbox.blocks(key))
+        blocked = frozenset(
+            p
+            for p, key in enumerate(keys)
+            if first_step(outbox.active and outbox.blocks(key), False, True) is LOADER
+        )
         batched = self.function._batch_loader is not None
         return many(self.function._plan, keys, batched, blocked, runtime.block_limit_ms)
 

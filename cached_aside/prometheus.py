@@ -31,6 +31,9 @@ COUNTERS = {
     "postponed": "Invalidations Redis did not take, queued in the engine's outbox",
     "stale": "Calls answered with a value past its ttl (grace, stale_if_error)",
     "schema_mismatch": "Typed entries of another shape of the declared type, reloaded",
+    "near_misses": "Near-cache look-ups that found nothing to serve",
+    "near_evictions": "Near entries pushed out by the entry-count or byte bound",
+    "near_admissions_refused": "Values read from Redis the near cache's W-TinyLFU did not keep",
 }
 
 
@@ -51,13 +54,20 @@ class CacheCollector(Collector):
             "Redis errors, by exception type",
             labels=["function", "kind"],
         )
+        near_bytes = GaugeMetricFamily(
+            f"{self.namespace}_near_bytes",
+            "Bytes the near cache's entries take (key, value and a fixed overhead each)",
+            labels=["function"],
+        )
         latency = HistogramMetricFamily(
             f"{self.namespace}_loader_seconds", "Loader call duration", labels=["function"]
         )
-        for stats in self.engine._tracked():
+        for function in self.engine.catalog:
+            stats = function.stats
             snapshot = stats.snapshot().as_dict()
             for name, family in families.items():
                 family.add_metric([stats.name], snapshot[name])
+            near_bytes.add_metric([stats.name], snapshot["near_bytes"])
             for kind, count in stats.error_kinds().items():
                 errors.add_metric([stats.name, kind], count)
             buckets, total = stats.load_histogram()
@@ -71,6 +81,7 @@ class CacheCollector(Collector):
             )
         yield from families.values()
         yield errors
+        yield near_bytes
         yield latency
         breaker = self.engine.breaker
         state = GaugeMetricFamily(

@@ -442,7 +442,7 @@ async def test_failover_async_callers_keep_correct_answers_and_hits_resume() -> 
             return {"id": id}
 
         assert await read.many(KEYS) == [{"id": id} for id in KEYS]
-        side = engine._async_side()
+        side = engine.sides.async_side()
         # A master other than the URL's own node: redis-py 5.0.8's asyncio cluster client
         # rediscovers only through the node it was made from (seen in the floor cell:
         # with that one killed it never reached the cluster again; calls failed open).
@@ -575,7 +575,7 @@ def test_near_cache_on_a_cluster_tracks_every_master(cluster: RedisClusterProces
             read(id)
             _until(lambda id=id: read.lookup(id).source is Source.NEAR, what="near fill")
         assert here.near_state() == "tracking"
-        assert len(here._listener.nodes()) == 3  # type: ignore[union-attr]
+        assert len(here.nearby.listener.nodes()) == 3  # type: ignore[union-attr]
         version["v"] = 2
         for id in ids:
             assert other.invalidate(id) is Outcome.DELETED
@@ -601,7 +601,7 @@ def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
     try:
         read(KEYS[0])
         _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, what="near fill")
-        listener = engine._listener
+        listener = engine.nearby.listener
         name, node = next(iter(listener.nodes().items()))  # type: ignore[union-attr]
         host, port = name.rsplit(":", 1)
         killer = redis.Redis(host=host, port=int(port))
@@ -635,13 +635,13 @@ def test_near_cache_on_a_cluster_follows_a_failover() -> None:
         read, write = make(engine), make(writer)
         read(KEYS[0])
         _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, what="near fill")
-        before = set(engine._listener.nodes())  # type: ignore[union-attr]
+        before = set(engine.nearby.listener.nodes())  # type: ignore[union-attr]
         victim = _victim(cluster, engine, read.key(KEYS[0]))
         killed_at = time.monotonic()
         victim.kill()
         _until(lambda: engine.near_state() != "tracking", 30, "near off after the kill")
         assert read(KEYS[0])["v"] == 1  # answered: Redis or the loader, never stuck
-        _until(lambda: set(engine._listener.nodes()) != before, 60, "the new master")  # type: ignore[union-attr]
+        _until(lambda: set(engine.nearby.listener.nodes()) != before, 60, "the new master")  # type: ignore[union-attr]
         back = _until(lambda: engine.near_state() == "tracking", 60, "tracking again")
         _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, 30, "near again")
         version["v"] = 2

@@ -365,7 +365,7 @@ def test_a_hit_takes_the_held_connection_on_this_redis_py(
             assert read(1) == {"n": 1}
         assert read.stats().hits == 100
         assert answered.count(True) == 100, f"{answered.count(False)} of 100 took the client"
-        held = engine._sync_side().held
+        held = engine.sides.sync_side().held
         assert held is not None
         assert (held.problem, held.fallbacks) == (None, 0)
     finally:

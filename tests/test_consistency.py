@@ -207,7 +207,7 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
         return version["v"]
 
     assert await read("k") == 1  # cached: v1
-    side = engine._async_side()
+    side = engine.sides.async_side()
     assert side.pipeline is not None  # commands that answer at once share its connection
     real_call = side.pipeline.call
     invalidate_sha = side.scripts[ScriptName.INVALIDATE].sha

@@ -4,12 +4,15 @@ parent's held)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import json
 import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,12 +22,17 @@ import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import cached_aside
 from cached_aside import (
     CacheEngine,
     Outcome,
     _defaults,
     cache_aside,
 )
+from cached_aside._catalog import Catalog
+from cached_aside._lifecycle import PARTS
+from cached_aside._outbox import Outbox
+from cached_aside._stats import Stats
 
 from .conftest import (
     PATIENCE,
@@ -59,7 +67,7 @@ async def test_engines_from_a_url_retry_once_without_backoff(mode: str) -> None:
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_during_a_probe_can_load() -> None:
     # Was a defect: the per-function loader breakers are not reset after
-    # fork (CacheEngine._after_fork_in_child resets the Redis breaker, flights and
+    # fork (CacheEngine.after_fork resets the Redis breaker, flights and
     # stats, not Plan.loader_breaker; _engine.py:590 at HEAD). A child forked while a
     # parent thread was the half-open probe inherits _probing=True, with no thread
     # left to clear it: every call of that function in the child without a kept
@@ -201,7 +209,7 @@ async def test_aclose_of_an_async_only_engine_returns_while_redis_is_down() -> N
     started = time.monotonic()
     await asyncio.wait_for(engine.aclose(timeout=0.3), PATIENCE)
     assert time.monotonic() - started < 5  # its timeout, give or take a slow machine
-    assert not engine.outbox._flushing or engine._flusher.task is not None
+    assert not engine.outbox._flushing or engine.deliveries.flusher.task is not None
     await client.aclose()
 
 
@@ -255,20 +263,21 @@ def test_fork_resets_every_engine_even_beside_an_async_only_one() -> None:
 
     async def pending() -> None:
         assert await row.invalidate("a") is Outcome.PENDING
-        async_only._flusher.stopping.set()  # keep the work pending across the fork
+        async_only.deliveries.flusher.stopping.set()  # keep the work pending across the fork
 
     asyncio.run(pending())
-    other._lock.acquire()  # a thread of the parent holds the other engine's lock
+    held = other.sides._lock  # a thread of the parent holds the lock its first call takes
+    held.acquire()
     try:
         report = _fork_and_report(
             lambda: {
-                "other_unlocked": not other._lock.locked(),
+                "other_unlocked": other.client() is not None,  # would hang on the held lock
                 "still_pending": async_only.pending_invalidations(),
                 "claimed": async_only.outbox._flushing,
             }
         )
     finally:
-        other._lock.release()
+        held.release()
     assert report == {
         "other_unlocked": True,
         "still_pending": [row.key("a")],
@@ -284,3 +293,92 @@ def test_a_child_forked_during_configure_can_configure() -> None:
             lambda: bool(_defaults.configure(url=DOWN, prefix=unique_prefix()).close(0.01) or True)
         )
     assert finished is True
+
+
+# -- the parts: each alone, and the one fork hook ---------------------------------
+
+PACKAGE = Path(cached_aside.__file__).parent
+
+
+def test_the_package_has_one_fork_hook() -> None:
+    calls = [
+        f"{path.name}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute) and node.attr == "register_at_fork"
+    ]
+    assert len(calls) == 1, calls
+    assert calls[0].startswith("_lifecycle.py:"), calls
+
+
+def test_every_part_follows_the_lifecycle() -> None:
+    for part in PARTS:
+        assert inspect.iscoroutinefunction(part.aclose), part
+        for name in ("close", "busy", "after_fork"):
+            assert callable(getattr(part, name)), (part, name)
+
+
+def _join(catalog: Catalog, name: str, stats: Stats) -> None:
+    covers: Any = None  # no tags: nothing reads what a function covers
+    catalog.join(name=name, stats=stats, tags=(), covers=covers, lock_ttl_ms=1000)
+
+
+def test_the_catalog_keeps_two_functions_of_one_name_apart() -> None:
+    catalog = Catalog(Outbox())
+    first, second = Stats("fn"), Stats("fn")
+    _join(catalog, "fn", first)
+    _join(catalog, "fn", second)
+    _join(catalog, "fn", first)  # met again (another engine in between): still one
+    first.miss()
+    second.miss()
+    second.miss()
+    assert [function.stats for function in catalog] == [first, second]
+    assert catalog.total().misses == 3
+    catalog.reset()
+    assert catalog.total().misses == 0
+
+
+@needs_real_redis
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_resets_every_part_a_parent_thread_held() -> None:
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=unique_prefix())
+    row = cache_aside(key="row:<id>", ttl=60, engine=engine)(lambda id: id)
+    assert row("a") == "a"
+    held = engine.sides.sync_side().held
+    assert held is not None
+    locks = [engine.catalog._lock, engine.sides._lock, engine.nearby._lock]
+    for lock in locks:  # as if threads of the parent were inside them at fork time
+        lock.acquire()
+    try:
+
+        def child() -> dict[str, Any]:
+            parents = held.held  # the parent's connections are not the child's
+            other = cache_aside(key="other:<id>", ttl=60, engine=engine)(lambda id: id)
+            return {
+                "held": parents,
+                "served": [row("a"), other("b")],  # joins the catalog: its lock is new
+                "functions": len(engine.catalog),
+            }
+
+        report = _fork_and_report(child)
+    finally:
+        for lock in locks:
+            lock.release()
+    assert held.held == 1  # this thread's connection, kept for its next command
+    assert report == {"held": 0, "served": ["a", "b"], "functions": 2}
+    engine.invalidate_prefix("")
+    engine.close()
+
+
+def test_an_engine_closes_its_parts_in_order_and_twice_is_harmless() -> None:
+    engine = CacheEngine.from_url("redis://127.0.0.1:1/0", prefix=unique_prefix())
+    engine.close(timeout=0.01)
+    engine.close(timeout=0.01)
+    assert engine.near_state() == "off"
+    assert engine.pending_invalidations() == []
+
+    async def closing() -> None:
+        await engine.aclose(timeout=0.01)
+
+    asyncio.run(closing())

@@ -25,21 +25,16 @@ from cached_aside._effects import (
     Scan,
     Signal,
 )
-from cached_aside._flows import (
-    Plan,
-    Served,
-    after_miss,
-    invalidate,
-    on_lookup,
-    reload,
-    update_field,
-)
+from cached_aside._flows import after_miss
 from cached_aside._keys import KeyTemplate
 from cached_aside._options import Options
 from cached_aside._outbox import PendingKey, PendingPattern
+from cached_aside._plan import Plan, Served
+from cached_aside._reads import on_lookup
 from cached_aside._results import Outcome, Source
 from cached_aside._scripts import AcquireStatus, ScriptName
 from cached_aside._stats import Stats
+from cached_aside._writes import invalidate, reload, update_field
 
 KEY = "cache:{product:1}"
 

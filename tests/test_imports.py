@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import cached_aside
 
 PACKAGE = Path(cached_aside.__file__).parent
@@ -108,9 +106,6 @@ def test_the_effects_import_nothing_that_performs_them() -> None:
     assert graph["cached_aside._scripts"] <= {"cached_aside._keys"}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 25 item 1: CacheEngine becomes a thin front ('engine' task)"
-)
 def test_the_engine_imports_only_a_few_package_modules() -> None:
     imported = import_graph()["cached_aside._engine"]
     assert len(imported) <= ENGINE_LIMIT, sorted(imported)

@@ -388,7 +388,7 @@ def test_listener_killed_the_tier_empties_and_refills_without_stale_reads(
 
     read("x")
     until_near(read, "x")
-    listener = near_engine._listener
+    listener = near_engine.nearby.listener
     assert listener is not None
     connections = listener.connections
     admin = redis.Redis.from_url(REDIS_URL or "")
@@ -428,8 +428,8 @@ async def test_async_functions_share_the_engines_listener(near_engine: CacheEngi
     version["v"] = 2
     await read.invalidate("x")
     assert await read("x") == {"v": 2}
-    assert near_engine._listener is not None
-    assert len(near_engine._listener._stores) == 2  # one listener, both functions
+    assert near_engine.nearby.listener is not None
+    assert len(near_engine.nearby.listener._stores) == 2  # one listener, both functions
     await near_engine.aclose()
 
 
@@ -536,7 +536,7 @@ def test_a_forked_child_starts_empty_and_listens_for_itself(near_engine: CacheEn
 def test_closing_the_engine_stops_its_listener(near_engine: CacheEngine) -> None:
     fn = cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())(lambda id: id)
     fn("x")
-    listener = near_engine._listener
+    listener = near_engine.nearby.listener
     assert listener is not None
     assert listener._thread is not None
     near_engine.close()

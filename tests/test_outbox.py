@@ -385,7 +385,7 @@ def test_many_never_serves_a_reply_read_while_its_key_was_blocked() -> None:
     primary = {"x": "x-v1", "y": "y-v1"}
 
     def batch(ids: list[str]) -> list[str]:
-        engine._flusher.start()  # Redis answers: the invalidation lands during the load
+        engine.deliveries.flusher.start()  # Redis answers: the invalidation lands during the load
         assert engine.settle(PATIENCE)
         return [primary[i] for i in ids]
 

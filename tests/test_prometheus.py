@@ -62,3 +62,38 @@ def test_errors_by_kind_and_breaker() -> None:
     assert "cached_aside_pending_invalidations 1.0" in text
     assert 'cached_aside_postponed_total{function="' in text
     engine.close(timeout=0.05)
+
+
+def test_near_cache_counters_and_bytes() -> None:
+    from cached_aside import NearCache
+    from cached_aside.prometheus import register
+
+    engine = CacheEngine(
+        fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+        prefix="metrics",
+        near=NearCache(ttl=30, allow_untracked=True, max_entries=2),
+    )
+    registry = prometheus_client.CollectorRegistry()
+    register(engine, registry)
+
+    @cache_aside(key="p:<id>", ttl=30, engine=engine)
+    def get_product(id: str) -> str:
+        return id * 100
+
+    for id in ("a", "a", "b", "b", "c", "c", "d", "d", "d"):  # load, then kept near
+        get_product(id)
+    snapshot = engine.stats()
+    assert snapshot.near_hits > 0
+    assert snapshot.near_bytes > 0
+    assert snapshot.near_evictions + snapshot.near_admissions_refused > 0
+    text = prometheus_client.generate_latest(registry).decode()
+    name = 'function="test_near_cache_counters_and_bytes.<locals>.get_product"'
+    for metric, value in (
+        ("near_hits_total", snapshot.near_hits),
+        ("near_misses_total", snapshot.near_misses),
+        ("near_evictions_total", snapshot.near_evictions),
+        ("near_admissions_refused_total", snapshot.near_admissions_refused),
+        ("near_bytes", snapshot.near_bytes),
+    ):
+        assert f"cached_aside_{metric}{{{name}}} {float(value)}" in text
+    engine.close()

@@ -245,7 +245,7 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
     await asyncio.gather(*(reader() for _ in range(5)))
     assert sources == {Source.CACHE}
     assert len(loads) >= 4
-    assert len(engine._async_side().tasks) <= 1  # background refreshes finish
+    assert len(engine.sides.async_side().tasks) <= 1  # background refreshes finish
 
 
 def test_refresh_ahead_must_be_shorter_than_ttl() -> None:

@@ -267,7 +267,7 @@ def parked(h: Harness, fn: Any, scenario: Scenario, probe: Probe, finished: int)
     loader, or has its answer: the moment to open the gate."""
     if scenario.prior in ("stale", "due"):
         return finished == len(scenario.callers)  # answered from the cache, reloads behind
-    side = h.engine._sync_side() if h.mode == "sync" else h.engine._async_side()
+    side = h.engine.sides.sync_side() if h.mode == "sync" else h.engine.sides.async_side()
     busy = side.flights.waiting + fn.stats().lock_waits + probe.in_loader
     return finished + busy >= len(scenario.callers)
 
@@ -492,7 +492,7 @@ async def test_a_refresh_waits_for_the_reload_behind_instead_of_loading_beside_i
     prime(h, name, scenario)
     loader = loader_for(h, scenario, probe, gate)
     fn = cache_aside(key=f"{name}:<id>", engine=h.engine, **scenario.options)(loader)
-    side = h.engine._sync_side() if h.mode == "sync" else h.engine._async_side()
+    side = h.engine.sides.sync_side() if h.mode == "sync" else h.engine.sides.async_side()
     try:
         assert (await h.run(fn.lookup, "k")).source is Source.STALE  # and reloads behind
         await until(h, lambda: probe.in_loader == 1)
@@ -581,7 +581,7 @@ def batched_function(h: Harness, scenario: Scenario, probe: Probe, gate: Gate, n
 
 
 def side_of(h: Harness) -> Any:
-    return h.engine._sync_side() if h.mode == "sync" else h.engine._async_side()
+    return h.engine.sides.sync_side() if h.mode == "sync" else h.engine.sides.async_side()
 
 
 async def test_a_refresh_during_a_batch_load_waits_for_it_instead_of_loading_beside_it(
@@ -1001,7 +1001,7 @@ async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: C
     @cache_aside(key="count:<id>", ttl=30, engine=engine)
     async def load(id: str) -> str:
         # Hold the load until every other task has joined, however slow the machine.
-        flight = engine._async_side().flights.active[load.key(id)]
+        flight = engine.sides.async_side().flights.active[load.key(id)]
         for _ in range(500):
             if len(flight.joiners or ()) == 499:
                 break

@@ -26,9 +26,10 @@ from cached_aside import (
 from cached_aside._codecs import (
     MSGPACK_CODEC,
 )
-from cached_aside._flows import Age, Plan, _peeked
 from cached_aside._loads import MAX_ABANDONED_LOADS
 from cached_aside._options import Options
+from cached_aside._plan import Plan
+from cached_aside._reads import Age, peeked
 from cached_aside._stats import Stats
 
 from .conftest import Harness, needs_real_redis
@@ -382,7 +383,7 @@ def test_an_entry_with_under_a_millisecond_left_is_not_past_its_ttl(
         Stats("get_product"),
         peek=True,
     )
-    found, seen, left = _peeked(plan, [msgpack.packb({"v": 1}), 0])
+    found, seen, left = peeked(plan, [msgpack.packb({"v": 1}), 0])
     assert (found, seen, left) == ({"v": 1}, age, 0)
 
 

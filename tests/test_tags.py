@@ -16,14 +16,16 @@ import msgpack
 import pytest
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Outcome, Source, cache_aside
-from cached_aside import _engine as engine_module
+from cached_aside import _bulk as bulk_module
 from cached_aside._batches import invalidate_tags as tags_flow
 from cached_aside._cli import describe
 from cached_aside._effects import Batch, CommandFailed, Signal, TagsOf
-from cached_aside._flows import Plan, Served, after_miss, put
+from cached_aside._flows import after_miss
 from cached_aside._keys import KeyTemplate
+from cached_aside._plan import Plan, Served
 from cached_aside._scripts import AcquireStatus, ScriptName
 from cached_aside._stamps import STAMP_MARK, VERSION_LENGTH, read_stamped, take_stamps
+from cached_aside._writes import put
 
 from .conftest import PATIENCE, REDIS_URL, Harness, needs_real_redis, wait_until
 from .injection import counting_writes
@@ -87,7 +89,7 @@ def intercept_tag_flow(
             except BaseException as exc:
                 failure = exc
 
-    monkeypatch.setattr(engine_module, "invalidate_tags", wrapped)
+    monkeypatch.setattr(bulk_module, "invalidate_tags", wrapped)
 
 
 def products(h: Harness, reads: list[str]) -> tuple[Any, Any]:

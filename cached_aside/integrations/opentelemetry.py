@@ -26,8 +26,8 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer, TracerProvider
 
 from .. import _wrapping
 from .._functions import AsyncCachedFunction, CachedFunction
-from .._results import CacheResult, Source
-from .._stats import LOAD_BUCKETS, Stats, StatsSnapshot
+from .._results import CacheResult, Source, StatsSnapshot
+from .._stats import LOAD_BUCKETS, Stats
 from .._wrapping import CachedBase
 
 __all__ = [

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 # Django ships no type hints (and django-stubs needs a mypy plugin): its names are Any.
-from django.db import DEFAULT_DB_ALIAS, connections, transaction  # type: ignore[import-untyped]
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from ..._results import BulkOutcome, Outcome
 from .._deferred import (

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 # Django ships no type hints (and django-stubs needs a mypy plugin): its names are Any.
-from django.apps import AppConfig  # type: ignore[import-untyped]
-from django.conf import settings  # type: ignore[import-untyped]
-from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from ..._defaults import configure
 from ..._engine import CacheEngine

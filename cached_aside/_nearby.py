@@ -1,0 +1,135 @@
+"""Nearby: the near caches of an engine's functions and the one invalidation
+listener they share (of one server, or of every master of a cluster), started with
+the first near cache and stopped when the engine closes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis.asyncio.cluster
+import redis.cluster
+
+from ._cluster_listener import ClusterListener
+from ._codecs import Codec
+from ._connector import Connector
+from ._errors import ConfigurationError
+from ._listener import InvalidationListener, connection_factory
+from ._near import NearBudget, NearCache, NearStore
+from ._sides import Sides
+from ._validate import instance
+
+# How long a near cache's first use waits for the listener's handshake.
+NEAR_HANDSHAKE_SECONDS = 2.0
+
+
+class Nearby:
+    """The listener's lifecycle and the near stores attached to it. `default` is the
+    near cache of functions decorated without near= (checked here)."""
+
+    def __init__(
+        self, default: NearCache | None, key_head: str, connector: Connector, sides: Sides
+    ) -> None:
+        instance("near", default, NearCache, "a NearCache or None")
+        self.default = default
+        # The one byte budget of every function using the default near cache.
+        self._budget = None if default is None else NearBudget(default.max_bytes)
+        self._key_head = key_head
+        self._connector, self._sides = connector, sides
+        self._lock = threading.Lock()
+        self.listener: InvalidationListener | ClusterListener | None = None
+
+    def store(self, config: NearCache, codec: Codec, name: str) -> NearStore:
+        """A near cache for one function, attached to the listener (started on first
+        use).
+
+        Raises:
+            ConfigurationError: the server cannot track keys and the config does not
+                accept TTL-only staleness.
+        """
+        store = NearStore(config, codec.freeze, self._budget if config is self.default else None)
+        make = self._listener_maker()  # outside the lock: it may make the client
+        with self._lock:
+            if self.listener is None:
+                self.listener = make()
+            listener = self.listener
+        listener.attach(store)
+        state = listener.wait_settled(NEAR_HANDSHAKE_SECONDS)
+        if state == "unsupported" and not config.allow_untracked:
+            listener.detach(store)
+            raise ConfigurationError(
+                f"{name}: near cache refused: this Redis cannot track keys for it "
+                f"({listener.reason}), so another process's change would go unseen "
+                "until the entry expires. Use a Redis 6+ server that allows CLIENT "
+                "TRACKING, or accept that with NearCache(ttl=..., allow_untracked=True)"
+            )
+        return store
+
+    def state(self) -> str:
+        """The listener's state, or "off" when no function uses a near cache."""
+        listener = self.listener
+        return "off" if listener is None else listener.state
+
+    def drop(self, keys: Iterable[str]) -> None:
+        """Read-your-writes: Redis's reports of these deletions arrive a moment later."""
+        keys = list(keys)
+        if self.listener is not None and keys:
+            self.listener.drop(keys)
+
+    def clear(self) -> None:
+        """As drop(), for every key."""
+        if self.listener is not None:
+            self.listener.clear_all()
+
+    def connection(self) -> Callable[[], Any]:
+        """Makes the listener's connection, to the server the engine's clients use."""
+        return connection_factory(self._sides.listener_client())
+
+    def _listener_maker(self) -> Callable[[], InvalidationListener | ClusterListener]:
+        """Makes the listener: of the server the engine's clients use, or of every
+        master of its cluster."""
+        given = self._sides.given_clients()
+        if self._connector.cluster or any(
+            isinstance(client, redis.cluster.RedisCluster) for client in given
+        ):
+            # A sync cluster client: the topology, node settings. The engine's own is
+            # read afresh each time: a cluster down at first use is reached later.
+            client = (
+                self._sides.current_sync_client()
+                if self._connector.cluster
+                else self._sides.sync_side().client
+            )
+            return lambda: ClusterListener(client, self._key_head)
+        if any(isinstance(client, redis.asyncio.cluster.RedisCluster) for client in given):
+            raise ConfigurationError(
+                "a near cache on Redis Cluster reads the cluster's topology with a sync "
+                "client: build the engine with CacheEngine.from_url('redis+cluster://...') "
+                "or give it a redis.cluster.RedisCluster too"
+            )
+        connect = self.connection()
+        return lambda: InvalidationListener(connect, self._key_head)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self, timeout: float) -> None:
+        """Stop the listener (a near cache used again starts another)."""
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.stop()
+
+    async def aclose(self, timeout: float) -> None:
+        """As close(); the listener is a thread."""
+        self.close(timeout)
+
+    def busy(self) -> bool:
+        """Never: the listener is not work to wait for."""
+        return False
+
+    def after_fork(self) -> None:
+        """No listener thread came along, and the stores were filled while the
+        parent's connection vouched for them: empty them and listen anew."""
+        self._lock = threading.Lock()
+        if self.listener is not None:
+            self.listener.restart_in_child()
