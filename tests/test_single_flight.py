@@ -721,7 +721,7 @@ def test_threads_sharing_a_failed_load_all_get_its_exception(engine: CacheEngine
     def load(id: str) -> str:
         calls.append(id)
         # Fails once the 7 others share this load, however late a thread starts.
-        assert wait_until(lambda: engine._sync_side().flights.waiting == 7, HANG)
+        assert wait_until(lambda: engine.sides.sync_side().flights.waiting == 7, HANG)
         raise LoaderFailedError(f"primary down for {id}")
 
     start = threading.Barrier(8)
