@@ -22,9 +22,11 @@ from cached_aside import CacheEngine, LoaderTimeoutError, Source, _leases, cache
 from .conftest import Harness, needs_real_redis
 from .servers import REDIS_SERVER, RedisProcess
 
-LEASE = 0.3  # seconds: renewed every 0.1 s
-SLOW_LEASE = 0.5  # the slow-loader test's: renewed every 0.17 s, lost after 0.5 s unrenewed
-HANG = 10.0  # seconds: a generous upper bound on a hang, never reached when all is well
+# Leases long enough that a process starved of CPU for a second still renews in time
+# (0.3 s lapsed on a loaded machine): these tests observe renewals, they never time them.
+LEASE = 2.0  # seconds: renewed every 0.67 s
+SLOW_LEASE = 2.0  # the slow-loader test's: renewed every 0.67 s, lost after 2 s unrenewed
+HANG = 30.0  # seconds: a generous upper bound on a hang, never reached when all is well
 
 
 class Renewals:
@@ -71,7 +73,7 @@ def until(condition: Callable[[], bool]) -> None:
 def test_a_slow_loader_keeps_its_lease_and_loads_once_while_many_wait(
     engine: CacheEngine, twin: Any, clients: Any
 ) -> None:
-    """The loader runs for many leases (8 renewals of a 0.5 s lease, then more while
+    """The loader runs for many leases (8 renewals of a 2 s lease, then more while
     the callers pile up); 12 callers in two engines (two processes, as far as Redis
     can tell) wait for its one load."""
     other = twin()
@@ -191,7 +193,8 @@ def test_renewal_stops_however_the_load_ends(
 ) -> None:
     raw = clients[2]
     give_up = threading.Event()
-    options: dict[str, Any] = {"loader_timeout": 0.6} if ending == "times out" else {}
+    # The loader sees a renewal before the caller gives up on it, however slow the machine.
+    options: dict[str, Any] = {"loader_timeout": 2 * LEASE} if ending == "times out" else {}
 
     @cache_aside(key="ends:<id>", ttl=30, lock_ttl=LEASE, engine=engine, **options)
     def load(id: str) -> str:
@@ -231,7 +234,7 @@ async def test_async_renewal_stops_however_the_load_ends(
     ending: str, engine: CacheEngine, clients: Any
 ) -> None:
     raw = clients[2]
-    options: dict[str, Any] = {"loader_timeout": 0.6} if ending == "times out" else {}
+    options: dict[str, Any] = {"loader_timeout": 2 * LEASE} if ending == "times out" else {}
     renewing = asyncio.Event()
 
     @cache_aside(key="ends:<id>", ttl=30, lock_ttl=LEASE, engine=engine, **options)
@@ -337,8 +340,8 @@ def test_a_hung_server_stalls_no_other_engines_renewals(engine: CacheEngine, cli
 
     client = redis.Redis.from_pool(redis.BlockingConnectionPool(port=hung.port))
     there = CacheEngine(client, prefix=engine.prefix)
-    on_hung = cache_aside(key="h:<id>", ttl=30, lock_ttl=1, engine=there)(load)
-    healthy = cache_aside(key="h:<id>", ttl=30, lock_ttl=1, engine=engine)(load)
+    on_hung = cache_aside(key="h:<id>", ttl=30, lock_ttl=LEASE, engine=there)(load)
+    healthy = cache_aside(key="h:<id>", ttl=30, lock_ttl=LEASE, engine=engine)(load)
     threads = [threading.Thread(target=fn, args=("a",)) for fn in (on_hung, healthy)]
     try:
         for thread in threads:
@@ -456,10 +459,13 @@ async def test_a_tagged_load_outlasting_its_tags_versions_keeps_them_and_hits(
     versions = [f"{h.engine.prefix}:tag:{{{text}}}" for text in ("all", "item:1")]
     try:
         assert await asyncio.to_thread(loading.wait, HANG)
+        # A version must live ttl + lock_ttl (3 s) from now; left with 2 s, more than
+        # a renewal's period and a stall, it is stretched at the next renewal.
+        nearly_over = int(LEASE * 1000)
         for version in versions:  # their life nearly over, as after a long load...
-            assert h.raw.pexpire(version, 1_200)
+            assert h.raw.pexpire(version, nearly_over)
         deadline = time.monotonic() + HANG
-        while any(h.raw.pttl(version) <= 1_200 for version in versions):
+        while any(h.raw.pttl(version) <= nearly_over for version in versions):
             # ...until the load's renewal stretches them
             assert time.monotonic() < deadline, "the load let its tags' versions expire"
             await asyncio.sleep(0.01)

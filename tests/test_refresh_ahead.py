@@ -21,6 +21,7 @@ from cached_aside import (
 )
 
 from .conftest import (
+    PATIENCE,
     Harness,
     eventually,
     run_in_threads,
@@ -61,7 +62,7 @@ def versions(mode: str, calls: list[str], hold: Callable[[int], Any]) -> Callabl
 def until(mode: str, event: threading.Event) -> Any:
     """Wait for `event`: blocking in a thread, or polling in a task."""
     if mode == "sync":
-        assert event.wait(5)
+        assert event.wait(PATIENCE)
         return None
     return eventually(event.is_set)
 
@@ -79,7 +80,7 @@ async def test_hits_in_the_refresh_window_start_one_reload_per_process(h: Harnes
         if number == 1:
             return None
         if h.mode == "sync":
-            assert hits_done.wait(5)
+            assert hits_done.wait(PATIENCE)
             time.sleep(0.1)  # room for any other refresh of this key to reach Redis
             waiting.append(h.raw.scard(fn.key("k") + ":waiters"))
             return None
@@ -91,15 +92,15 @@ async def test_hits_in_the_refresh_window_start_one_reload_per_process(h: Harnes
 
         return later()
 
-    fn = cache_aside(key="hot:<id>", ttl=30, refresh_ahead=5, engine=h.engine)(
+    fn = cache_aside(key="hot:<id>", ttl=30, refresh_ahead=20, engine=h.engine)(
         versions(h.mode, calls, hold)
     )
     assert await h.run(fn, "k") == "v1"
-    h.raw.pexpire(fn.key("k"), 3_000)  # inside the 5 s window
+    h.raw.pexpire(fn.key("k"), 15_000)  # inside the 20 s window, far from expiry
     answers = [await h.run(fn.lookup, "k") for _ in range(50)]
     hits_done.set()
     assert all((a.value, a.source) == ("v1", Source.CACHE) for a in answers)
-    assert await settle(h.mode, h.engine, 5)
+    assert await settle(h.mode, h.engine, PATIENCE)
     assert calls == ["k", "k"]  # one reload
     assert waiting == [0]  # and no other refresh of this process waiting on its lock
     assert h.raw.pttl(fn.key("k")) > 20_000
@@ -120,15 +121,17 @@ async def test_a_process_losing_the_refresh_race_waits_for_the_winners_store(
     def hold(number: int) -> Any:
         return until(h.mode, go) if number > 1 else None
 
-    winner = cache_aside(key="race:<id>", ttl=30, refresh_ahead=5, engine=h.engine)(
+    # A lock far above any stall: the loser must wait for the winner, not outlive it.
+    options: dict[str, Any] = {"ttl": 30, "refresh_ahead": 20, "lock_ttl": 60}
+    winner = cache_aside(key="race:<id>", engine=h.engine, **options)(
         versions(h.mode, winner_calls, hold)
     )
-    loser = cache_aside(key="race:<id>", ttl=30, refresh_ahead=5, engine=loser_engine)(
+    loser = cache_aside(key="race:<id>", engine=loser_engine, **options)(
         versions(h.mode, loser_calls, lambda number: None)
     )
     waiters = winner.key("k") + ":waiters"
     assert await h.run(winner, "k") == "v1"
-    h.raw.pexpire(winner.key("k"), 3_000)  # inside the 5 s window
+    h.raw.pexpire(winner.key("k"), 15_000)  # inside the 20 s window, far from expiry
     try:
         assert (await h.run(winner.lookup, "k")).source is Source.CACHE  # starts the reload
         assert await eventually(lambda: len(winner_calls) == 2)  # loading, under the lock
@@ -140,8 +143,8 @@ async def test_a_process_losing_the_refresh_race_waits_for_the_winners_store(
         assert h.raw.scard(waiters) == 1
     finally:
         go.set()
-    assert await settle(h.mode, loser_engine, 5)  # woken by the winner's store
-    assert await settle(h.mode, h.engine, 5)
+    assert await settle(h.mode, loser_engine, PATIENCE)  # woken by the winner's store
+    assert await settle(h.mode, h.engine, PATIENCE)
     assert (len(winner_calls), loser_calls) == (2, [])  # one reload across both
     again = await h.run(loser.lookup, "k")
     assert (again.value, again.source) == ("v2", Source.CACHE)
@@ -184,8 +187,8 @@ def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, tw
     loads: list[int] = []
     functions = []
     for each in engines:
-
-        @cache_aside(key="hot:<id>", ttl=1.0, refresh_ahead=0.6, engine=each)
+        # Refreshes are due 0.2 s after each store, and the entry outlives a 1 s stall.
+        @cache_aside(key="hot:<id>", ttl=1.2, refresh_ahead=1.0, engine=each)
         def load(id: str) -> int:
             version = next(versions)
             loads.append(version)
@@ -196,16 +199,24 @@ def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, tw
     assert functions[0]("k") == 1
     seen: list[tuple[Source, int]] = []
     stop = time.monotonic() + 2.5  # more than two ttls: without refreshes it would expire
+    hang = time.monotonic() + PATIENCE
+
+    served: set[int] = set()
+
+    def reading() -> bool:  # past `stop`, until the last load's value was served
+        done = len(loads) >= 4 and loads[-1] in served
+        return time.monotonic() < hang and (time.monotonic() < stop or not done)
 
     def reader(i: int) -> None:
-        while time.monotonic() < stop:
+        while reading():
             result = functions[i % 2].lookup("k")
             seen.append((result.source, result.value))
+            served.add(result.value)
             time.sleep(0.005)
 
     run_in_threads(4, reader)
     assert {source for source, _ in seen} == {Source.CACHE}  # no reader ever missed
-    assert len(loads) >= 4  # refreshed about every 0.4 s
+    assert len(loads) >= 4  # refreshed about every 0.2 s
     # Each refresh loaded once and its value was served: no load was wasted.
     assert {version for _, version in seen} | {1} == set(loads)
     assert loads == sorted(loads)
@@ -214,7 +225,8 @@ def test_refresh_ahead_keeps_a_hot_key_from_ever_missing(engine: CacheEngine, tw
 async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
     loads: list[int] = []
 
-    @cache_aside(key="hot:<id>", ttl=0.6, refresh_ahead=0.4, engine=engine)
+    # Refreshes are due 0.2 s after each store, and the entry outlives a 1 s stall.
+    @cache_aside(key="hot:<id>", ttl=1.2, refresh_ahead=1.0, engine=engine)
     async def load(id: str) -> int:
         loads.append(len(loads) + 1)
         await asyncio.sleep(0.01)
@@ -222,10 +234,11 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
 
     await load("k")
     sources: set[Source] = set()
-    stop = time.monotonic() + 1.5
+    stop = time.monotonic() + 2.5  # more than two ttls: without refreshes it would expire
+    hang = time.monotonic() + PATIENCE
 
     async def reader() -> None:
-        while time.monotonic() < stop:
+        while time.monotonic() < hang and (time.monotonic() < stop or len(loads) < 4):
             sources.add((await load.lookup("k")).source)
             await asyncio.sleep(0.005)
 

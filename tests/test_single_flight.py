@@ -40,11 +40,15 @@ from .conftest import (
     needs_real_redis,
     run_in_threads,
     unique_prefix,
+    wait_until,
 )
 from .injection import counting_writes
 
 HANG = 30.0  # a generous bound on a hang, never a speed claim
-SLOW_TIMEOUT = 0.5  # loader_timeout of the "slow" loaders
+# loader_timeout of the "slow" loaders. A run counts as live for half of it (Probe), which
+# must cover a loader thread's start on a loaded machine: its timeout is counted from
+# before the thread runs, and 0.25 s of start-up made a run and its successor overlap.
+SLOW_TIMEOUT = 2.0
 TTL = 30
 GRACE = 60  # seconds, when drawn
 STALE_IF_ERROR = 120  # longer than GRACE: an entry kept past both is "expired"
@@ -744,7 +748,8 @@ def test_threads_sharing_a_failed_load_all_get_its_exception(engine: CacheEngine
     @cache_aside(key="shared-failure:<id>", ttl=30, engine=engine)
     def load(id: str) -> str:
         calls.append(id)
-        time.sleep(0.3)
+        # Fails once the 7 others share this load, however late a thread starts.
+        assert wait_until(lambda: engine.sides.sync_side().flights.waiting == 7, HANG)
         raise LoaderFailedError(f"primary down for {id}")
 
     start = threading.Barrier(8)
@@ -839,8 +844,8 @@ def test_engines_sharing_only_redis_load_once(engine: CacheEngine, twin: Any) ->
     calls = []
     functions = []
     for each in engines:
-
-        @cache_aside(key="shared:<id>", ttl=30, engine=each)
+        # A lock far above any stall: this proves single flight, not lease renewal.
+        @cache_aside(key="shared:<id>", ttl=30, lock_ttl=60, engine=each)
         def slow(id: str) -> str:
             calls.append(id)
             time.sleep(0.2)
@@ -873,7 +878,8 @@ PROCESS_SCRIPT = textwrap.dedent(
     url, prefix, log = sys.argv[1:4]
     engine = CacheEngine.from_url(url, prefix=prefix)
 
-    @cache_aside(key="multi:<id>", ttl=30, engine=engine)
+    # A lock far above any stall: this proves single flight, not lease renewal.
+    @cache_aside(key="multi:<id>", ttl=30, lock_ttl=60, engine=engine)
     def load(id):
         with open(log, "a") as out:
             out.write("load\\n")
@@ -930,8 +936,8 @@ def test_fifty_threads_on_two_engines_load_once_in_every_trial(
     loads: list[str] = []
     functions = []
     for each in engines:
-
-        @cache_aside(key="trial:<id>", ttl=30, engine=each)
+        # A lock far above any stall: this proves single flight, not lease renewal.
+        @cache_aside(key="trial:<id>", ttl=30, lock_ttl=60, engine=each)
         def load(id: str) -> str:
             loads.append(id)
             time.sleep(0.02)
@@ -970,7 +976,9 @@ PROCESS_TRIALS_SCRIPT = textwrap.dedent(
     url, prefix, log, start, trials = sys.argv[1:6]
     engine = CacheEngine.from_url(url, prefix=prefix)
 
-    @cache_aside(key="trial:<id>", ttl=30, engine=engine)
+    # A lock far longer than any stall of a CPU-starved process: this proves single
+    # flight, not lease renewal (the 1 s default lapsed before its renewal ran).
+    @cache_aside(key="trial:<id>", ttl=30, lock_ttl=60, engine=engine)
     def load(id):
         with open(log, "a") as out:
             out.write(id + "\\n")

@@ -419,7 +419,7 @@ async def test_update_field_keeps_the_tag_version_alive_with_the_entry(h: Harnes
         key="u:<shop_id>",
         as_hash=True,
         ttl=30,
-        lock_ttl=0.2,
+        lock_ttl=2,  # short (the version's life is ttl + lock_ttl), yet above a stall
         tags=("shop:<shop_id>",),
     )
     await h.run(fn, 7)
