@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # Material for MkDocs prints a banner about MkDocs 2.0 on every build; it is not ours.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv lint format test matrix docs docs-serve bench bench-quick demo
+.PHONY: venv lint format test matrix docs docs-serve bench bench-quick instructions demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,9 +55,16 @@ matrix: venv
 demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo_server.py $(DEMO_ARGS)
 
-# bench: results.json, benchmarks/hit_path.png, and beside it concurrency.png and fleet.png.
+# bench: results.json, benchmarks/hit_path.png, and beside it concurrency.png and fleet.png;
+# then the cost meter's check.
 bench: venv
 	$(BIN)/python -m benchmarks --chart benchmarks/hit_path.png
+	$(BIN)/python -m benchmarks.instructions --check
+
+# The cost meter (needs valgrind): instructions per call counted by callgrind, failing on
+# a rise of more than 5% over benchmarks/results/instructions.json (--record rewrites it).
+instructions: venv
+	$(BIN)/python -m benchmarks.instructions --check
 
 bench-quick: venv
 	$(BIN)/python -m benchmarks --quick

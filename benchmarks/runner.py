@@ -285,38 +285,63 @@ def _order(contenders: dict[str, Any], round_number: int) -> list[tuple[str, Any
 
 
 def measure_sync(
-    settings: Settings, contenders: dict[str, Callable[[], Any]], label: str
+    settings: Settings,
+    contenders: dict[str, Callable[[], Any]],
+    label: str,
+    cpu: dict[str, list[float]] | None = None,
+    each_round: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Per-call latencies in microseconds, interleaved in rounds."""
+    """Per-call latencies in microseconds, interleaved in rounds; with `cpu`, each
+    contender's CPU time (user + system, this process) per call of each round, in µs;
+    `each_round` runs at the start of every round (another contender's turn)."""
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     task = settings.progress.add_task(label, total=settings.rounds) if settings.progress else None
-    clock = time.perf_counter_ns
+    clock, cpu_clock = time.perf_counter_ns, time.process_time_ns
     for round_number in range(settings.rounds):
+        if each_round is not None:
+            each_round()
         for name, call in _order(contenders, round_number):
             sink = samples[name]
+            cpu_started = cpu_clock()
             for _ in range(settings.calls):
                 started = clock()
                 call()
                 sink.append((clock() - started) / 1000.0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(
+                    (cpu_clock() - cpu_started) / 1000.0 / settings.calls
+                )
         if task is not None and settings.progress:
             settings.progress.advance(task)
     return samples
 
 
 async def measure_async(
-    settings: Settings, contenders: dict[str, Callable[[], Awaitable[Any]]], label: str
+    settings: Settings,
+    contenders: dict[str, Callable[[], Awaitable[Any]]],
+    label: str,
+    cpu: dict[str, list[float]] | None = None,
+    each_round: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Per-call latencies in microseconds, interleaved in rounds."""
+    """Per-call latencies in microseconds, interleaved in rounds; `cpu` and
+    `each_round` as measure_sync's (`each_round` blocks the loop, between rounds)."""
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     task = settings.progress.add_task(label, total=settings.rounds) if settings.progress else None
-    clock = time.perf_counter_ns
+    clock, cpu_clock = time.perf_counter_ns, time.process_time_ns
     for round_number in range(settings.rounds):
+        if each_round is not None:
+            each_round()
         for name, call in _order(contenders, round_number):
             sink = samples[name]
+            cpu_started = cpu_clock()
             for _ in range(settings.calls):
                 started = clock()
                 await call()
                 sink.append((clock() - started) / 1000.0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(
+                    (cpu_clock() - cpu_started) / 1000.0 / settings.calls
+                )
         if task is not None and settings.progress:
             settings.progress.advance(task)
     return samples

@@ -56,6 +56,7 @@ def rows(table: Table) -> dict[str, list[Any]]:
 @pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
 def test_hit_path_has_every_contender(settings: Settings) -> None:
     tables = {t.title: t for t in hit_path.run(settings)}
+    against_c = tables.pop("hit path against the C client (same run)")
     packed = rows(tables["sync hit, msgpack record"])
     assert packed["raw redis-py GET + unpackb"][2] == 1.0  # the baseline's ratio
     # The figure says which path it measured: the held connection, every call.
@@ -80,7 +81,24 @@ def test_hit_path_has_every_contender(settings: Settings) -> None:
     floors = [note for t in tables.values() for note in t.notes if note.startswith("floor: C")]
     assert len(floors) == 2  # sync and async msgpack: a figure, or why there is none
     if shutil.which("redis-benchmark"):
-        assert all(" µs per GET (" in note for note in floors)
+        assert all(" µs per GET, median of its " in note for note in floors)
+    # Every msgpack contender, sync and async, against the C client of the same run,
+    # with its CPU per call; the C client's row when it ran.
+    versus = rows(against_c)
+    assert {f"sync: {name}" for name in packed} | {
+        f"async: {name}" for name in async_packed
+    } == set(versus) - {"C client (redis-benchmark)"}
+    assert versus["sync: raw redis-py GET + unpackb"][2] == 1.0  # to its own mode's raw call
+    assert versus["async: raw redis.asyncio GET + unpackb"][2] == 1.0
+    assert all(row[3] > 0 for row in versus.values())  # CPU per call
+    if shutil.which("redis-benchmark"):
+        c_client = versus["C client (redis-benchmark)"]
+        assert c_client[0] > 0
+        assert c_client[3] > 0
+        assert c_client[1] == c_client[4] == 1.0
+        # One C round before each Python round, sync and async: 2 x settings.rounds.
+        assert f"median over {2 * settings.rounds} rounds" in against_c.notes[0]
+        assert all(isinstance(row[1], float) for row in versus.values())
 
 
 def test_round_trips_per_operation(settings: Settings) -> None:
@@ -389,3 +407,107 @@ def test_a_section_that_cannot_run_says_so_and_the_others_report(
     printed = capsys.readouterr().out
     assert "broken: could not run: ConnectionError: Error 111" in printed
     assert "Traceback" not in printed
+
+
+CALLGRIND_OUTPUT = """# callgrind format
+version: 1
+creator: callgrind-3.19.0
+cmd:  python -c ...
+events: Ir
+summary: 1431517163
+fn=(1) main
+0 12
+totals: 1431517163
+"""
+
+
+def test_the_meter_reads_callgrind_and_takes_the_difference_over_the_calls() -> None:
+    from benchmarks import instructions
+
+    assert instructions.totals(CALLGRIND_OUTPUT) == 1431517163
+    with pytest.raises(ValueError, match="no totals"):
+        instructions.totals("events: Ir\n")
+    # 2000 more calls cost 128,116,000 more instructions: start-up cancels.
+    assert instructions.per_operation(1_430_000_000, 1_558_116_000, 2000) == 64_058
+    with pytest.raises(ValueError, match="counted no more"):
+        instructions.per_operation(1_430_000_000, 1_430_000_000, 2000)
+
+
+def _meter_figures(environment: dict[str, Any], **per_operation: float) -> dict[str, Any]:
+    return {
+        "environment": environment,
+        "source": {"path": "/x", "commit": "90dff68", "dirty": False},
+        "operations": {
+            name: {"label": name, "count": 10, "per_operation": figure}
+            for name, figure in per_operation.items()
+        },
+    }
+
+
+def test_the_meter_check_fails_on_a_rise_over_five_percent_and_only_then() -> None:
+    from benchmarks import instructions
+
+    about = {name: f"{name} 1" for name in instructions.VERSIONS}
+    recorded = _meter_figures(about, sync_hit=100_000, miss=500_000)
+    same = instructions.check(recorded, _meter_figures(about, sync_hit=104_900, miss=500_100))
+    assert same.ok
+    assert not any(line.startswith("WARNING") for line in same.lines)
+    risen = instructions.check(recorded, _meter_figures(about, sync_hit=105_100, miss=500_000))
+    assert not risen.ok
+    assert "sync_hit: 105,100 instructions, recorded 100,000 (+5.10%): FAILED: over 5%" in (
+        risen.lines
+    )
+    fell = instructions.check(recorded, _meter_figures(about, sync_hit=90_000, miss=500_000))
+    assert fell.ok
+    assert any("re-record (--record)" in line for line in fell.lines)
+    new = instructions.check(recorded, _meter_figures(about, near_hit=9_000))
+    assert new.ok
+    assert new.lines == ["near_hit: 9,000, no recorded figure (--record)"]
+
+
+def test_the_meter_check_names_each_version_that_differs_and_widens_its_margin() -> None:
+    from benchmarks import instructions
+
+    about = {name: f"{name} 1" for name in instructions.VERSIONS}
+    elsewhere = {**about, "python": "3.12.1", "hiredis": None}
+    recorded = _meter_figures(about, sync_hit=100_000)
+    wider = instructions.check(recorded, _meter_figures(elsewhere, sync_hit=120_000))
+    assert wider.ok  # a 20% rise passes, but not silently:
+    warnings = [line for line in wider.lines if line.startswith("WARNING")]
+    assert "25% margin instead of 5%" in warnings[0]
+    assert warnings[1:] == [
+        "WARNING:   python: recorded 'python 1', now '3.12.1'",
+        "WARNING:   hiredis: recorded 'hiredis 1', now None",
+    ]
+    gross = instructions.check(recorded, _meter_figures(elsewhere, sync_hit=126_000))
+    assert not gross.ok
+    assert instructions.differences(about, about) == {}
+
+
+def test_the_committed_instruction_figures_are_those_the_docs_render() -> None:
+    from benchmarks import figures, instructions
+
+    committed = json.loads(instructions.RECORDED.read_text())
+    assert set(committed["operations"]) == {op.name for op in instructions.OPERATIONS}
+    for name in ("python", "python_build", "redis_py", "hiredis", "valgrind", "cpu"):
+        assert committed["environment"][name], name
+    rendered = figures.table(figures.load(), instructions.TITLE)
+    for figure in committed["operations"].values():
+        assert f"| {figure['label']} | {round(figure['per_operation']):,} |" in rendered
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+@pytest.mark.timeout(600)  # two Python start-ups under valgrind: a bound on a hang
+def test_the_meter_counts_a_sync_hit_under_callgrind() -> None:
+    """One real pair of runs, few calls: the figure is of the order recorded (a
+    refactor may move it; the 5% check is `make bench`'s, on the full counts)."""
+    from benchmarks import instructions
+
+    assert REDIS_URL is not None
+    measured = instructions.measure(REDIS_URL, ROOT, ["sync_hit"], jobs=2, scale=0.05)
+    figure = measured["operations"]["sync_hit"]
+    assert figure["count"] == 100
+    assert figure["cached_aside"] == str(ROOT / "cached_aside" / "__init__.py")
+    recorded = json.loads(instructions.RECORDED.read_text())["operations"]["sync_hit"]
+    assert 0.5 < figure["per_operation"] / recorded["per_operation"] < 2
+    assert measured["source"]["path"] == str(ROOT)
