@@ -140,7 +140,7 @@ class ClusterListener(StoreListener):
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
-            stores = list(self._stores) if changed else []
+            stores = list(self._stores) if changed or reason == "stopped" else []
         self._turn(stores, state, reason)
         if changed and state == "down" and reason != "stopped":
             logger.warning("near cache off on the cluster: %s", reason)

@@ -79,7 +79,11 @@ def revalidate(
     a batch whose read fails drops its keys, and so do the batches after it."""
     try:
         for store, keys in rereads:
-            _revalidate_store(store, keys, register)
+            try:
+                _revalidate_store(store, keys, register)
+            except Exception:  # a bug, not Redis: nothing set aside may linger
+                logger.exception("near cache: revalidation failed; the tier is emptied")
+                store.clear()
     finally:
         done()
 

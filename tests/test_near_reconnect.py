@@ -166,6 +166,36 @@ def test_a_failed_reread_drops_its_batch_and_the_rest() -> None:
     assert near.counts()[4:] == (0, len(keys))
 
 
+def test_a_reread_of_the_wrong_length_drops_rather_than_misplaces() -> None:
+    near = filled(["a", "b"])
+    near.suspend()
+    near.reread = lambda keys: [("a", LONG_MS)]  # one answer for two keys
+    revalidate([(near, near.resume())], lambda: None)
+    assert (near.get("a"), near.get("b")) == (MISSING, MISSING)
+    assert near.counts()[4:] == (0, 2)
+
+
+def test_an_unexpected_failure_empties_the_tier_and_still_reports_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def freeze(value: Any) -> Any:
+        if value == "unfreezable":
+            raise RuntimeError("a codec bug")
+        return MSGPACK_CODEC.freeze(value)
+
+    near = NearStore(NearCache(), freeze)
+    near.switch(True)
+    near.fill("a", near.expect("a"), "a", LONG_MS)
+    near.suspend()
+    near.reread = lambda keys: [("unfreezable", LONG_MS)] * len(keys)
+    done = threading.Event()
+    revalidate([(near, near.resume())], done.set)
+    assert done.is_set()
+    assert near.size() == 0
+    assert near.held == 0
+    assert "revalidation failed" in caplog.text
+
+
 def test_a_forked_child_forgets_what_was_set_aside() -> None:
     near = filled(["a"])
     near.suspend()
