@@ -91,25 +91,35 @@ def revalidate(
 def _revalidate_store(store: NearStore, keys: list[str], register: Register | None) -> None:
     failed = store.reread is None
     for first in range(0, len(keys), BATCH_KEYS):
-        taken = store.vouch(keys[first : first + BATCH_KEYS])
+        batch = keys[first : first + BATCH_KEYS]
+        if not failed and register is not None:
+            # Registered before the tickets are taken: a ticket then vouches for its read.
+            try:
+                register(batch)
+            except Exception as exc:
+                failed = _failed(len(batch), exc)
+        taken = store.vouch(batch)
         if not taken:  # tracking dropped again: the keys wait for the next reconnect
             continue
         names = [key for key, _ in taken]
         found: list[Reread] = [None] * len(taken)
         if not failed and store.reread is not None:
             try:
-                if register is not None:
-                    register(names)
                 found = store.reread(names)
                 if len(found) != len(names):
                     raise ValueError(f"{len(found)} rereads for {len(names)} keys")
-            except Exception as exc:  # nothing vouches for them: they go
-                logger.warning(
-                    "near cache: rereading %d entries after a reconnect failed (%r); "
-                    "they and the rest are dropped",
-                    len(names),
-                    exc,
-                )
-                failed, found = True, [None] * len(taken)
+            except Exception as exc:
+                failed, found = _failed(len(names), exc), [None] * len(taken)
         for (key, ticket), entry in zip(taken, found, strict=True):
             store.restore(key, ticket, entry)
+
+
+def _failed(count: int, exc: Exception) -> bool:
+    """Say so: nothing vouches for these keys, nor for the rest (they are dropped)."""
+    logger.warning(
+        "near cache: rereading %d entries after a reconnect failed (%r); "
+        "they and the rest are dropped",
+        count,
+        exc,
+    )
+    return True

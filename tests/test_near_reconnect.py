@@ -196,6 +196,27 @@ def test_an_unexpected_failure_empties_the_tier_and_still_reports_the_end(
     assert "revalidation failed" in caplog.text
 
 
+def test_per_key_registration_comes_before_the_tickets_and_its_failure_drops() -> None:
+    near = filled(["a", "b"])
+    near.suspend()
+    near.reread = reread_as({"a": ("a", LONG_MS), "b": ("b", LONG_MS)})
+    seen: list[tuple[list[str], int]] = []
+
+    def register(keys: list[str]) -> None:  # per-key tracking's hook
+        seen.append((keys, near.size()))
+
+    revalidate([(near, near.resume())], lambda: None, register)
+    assert seen == [(["a", "b"], 0)]  # no ticket taken yet: each read is vouched for
+    assert (near.get("a"), near.get("b")) == ("a", "b")
+
+    def refused(keys: list[str]) -> None:
+        raise ConnectionError("the registrar's connection went")
+
+    near.suspend()
+    revalidate([(near, near.resume())], lambda: None, refused)
+    assert (near.get("a"), near.get("b")) == (MISSING, MISSING)
+
+
 def test_a_forked_child_forgets_what_was_set_aside() -> None:
     near = filled(["a"])
     near.suspend()
