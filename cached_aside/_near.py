@@ -384,7 +384,8 @@ class NearStore:
 
     def resume(self) -> list[str]:
         """On again (tracking is back): the keys set aside, still within their
-        ttl, to reread; the others go, and all go after a long outage."""
+        ttl, to reread, those the policy ranks highest first; the others go, and
+        all go after a long outage."""
         with self._budget.lock:
             self.enabled = True
             since, self._suspended_at = self._suspended_at, None
@@ -396,7 +397,7 @@ class NearStore:
             for key in [key for key, entry in self._suspect.items() if entry[0] <= now]:
                 self._remove(key)
                 self.unverified += 1
-            return list(self._suspect)
+            return [key for key in self._policy.ranked() if key in self._suspect]
 
     def vouch(self, keys: list[str]) -> list[tuple[str, int]]:
         """Tickets for the rereads of these keys, those still set aside; none while
