@@ -49,6 +49,16 @@ class ClusterListener(StoreListener):
         """Times tracking was (re-)established, over every master's listener."""
         return sum(node.connections for node in list(self._nodes.values()))
 
+    @property
+    def messages(self) -> int:
+        """Invalidation messages received, over every master's listener."""
+        return sum(node.messages for node in list(self._nodes.values()))
+
+    @property
+    def keys_reported(self) -> int:
+        """Keys those messages named, over every master's listener."""
+        return sum(node.keys_reported for node in list(self._nodes.values()))
+
     def nodes(self) -> dict[str, InvalidationListener]:
         """The listener of each master, by "host:port" (for tests and diagnostics)."""
         return dict(self._nodes)

@@ -212,6 +212,8 @@ class InvalidationListener(StoreListener):
         self._connect = connect
         self.connections = 0  # times tracking was (re-)established
         self.client_id: int | None = None  # the connection's CLIENT ID, for CLIENT KILL
+        self.messages = 0  # invalidation messages received (a FLUSHALL's null one too)
+        self.keys_reported = 0  # keys those messages named
 
     def _serves(self, store: NearStore) -> bool:
         untracked = self.state == "unsupported" and store.config.allow_untracked
@@ -296,6 +298,8 @@ class InvalidationListener(StoreListener):
                 if message[0] == b"pong":
                     awaiting_pong_since = None
                 elif message[0] == b"message" and message[1] == INVALIDATION_CHANNEL:
+                    self.messages += 1
+                    self.keys_reported += len(message[2] or ())
                     self._invalidate(message[2])
                 continue
             now = monotonic()
