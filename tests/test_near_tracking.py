@@ -1,0 +1,241 @@
+"""Per-key tracking (`NearCache(tracking="keys")`) beside BCAST: the rule of when a
+read may fill, stepped by hand with a registrar the test answers; then against a
+real Redis, what each mode is told and what losing the registrar does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
+from cached_aside._codecs import MSGPACK_CODEC
+from cached_aside._listener import InvalidationListener
+from cached_aside._near import MISSING, NearStore
+
+from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
+
+# -- the rule, stepped by hand ----------------------------------------------------
+
+
+class Registrar:
+    """Registrations the test confirms (or not) when it chooses."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+
+    def __call__(self, store: NearStore, key: str, number: int) -> None:
+        self.requests.append((key, number))
+
+
+def keys_store(**config: Any) -> tuple[NearStore, Registrar]:
+    store = NearStore(NearCache(tracking="keys", **config), MSGPACK_CODEC.freeze)
+    registrar = Registrar()
+    store.register = registrar
+    store.switch(True)
+    return store, registrar
+
+
+def read(store: NearStore, key: str) -> int:
+    """A read from Redis: its ticket, taken before it was sent."""
+    ticket = store.expect(key)
+    assert ticket is not None
+    return ticket
+
+
+def test_a_value_read_before_its_registration_was_confirmed_is_not_kept() -> None:
+    store, registrar = keys_store()
+    first = read(store, "k")
+    store.fill("k", first, "v1", 30_000)
+    assert store.get("k") is MISSING  # never registered: a later write would go unseen
+    assert [key for key, _ in registrar.requests] == ["k"]
+    racing = read(store, "k")  # sent before Redis's reply arrived
+    store.registered(registrar.requests)
+    store.fill("k", racing, "v1", 30_000)
+    assert store.get("k") is MISSING  # a write between it and the registration: unseen
+    assert len(registrar.requests) == 1  # tracked already: no second registration
+    after = read(store, "k")
+    store.fill("k", after, "v1", 30_000)
+    assert store.get("k") == "v1"
+
+
+def test_a_change_after_confirmation_drops_the_entry_and_its_registration() -> None:
+    store, registrar = keys_store()
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    store.registered(registrar.requests)
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    assert store.get("k") == "v1"
+    store.drop(["k"])  # Redis reported it, and stopped tracking it
+    assert store.get("k") is MISSING
+    store.fill("k", read(store, "k"), "v2", 30_000)
+    assert store.get("k") is MISSING  # registered again first
+    assert [key for key, _ in registrar.requests] == ["k", "k"]
+
+
+def test_a_reply_overtaken_by_a_report_of_the_key_confirms_nothing() -> None:
+    """Redis processed the registration, then a write (reported, untracked again);
+    the report reached us before the registrar's reply did."""
+    store, registrar = keys_store()
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    store.drop(["k"])
+    store.registered(registrar.requests)
+    store.fill("k", read(store, "k"), "v2", 30_000)
+    assert store.get("k") is MISSING
+
+
+@pytest.mark.parametrize("lost", ["switched off", "flushed", "forked"])
+def test_losing_a_connection_forgets_every_registration(lost: str) -> None:
+    store, registrar = keys_store()
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    store.registered(registrar.requests)
+    if lost == "switched off":
+        store.switch(False)
+        store.switch(True)
+    elif lost == "flushed":
+        store.clear(registrations=True)
+    else:
+        store.reset_after_fork()
+        store.switch(True)
+    assert store.registrations is not None
+    assert len(store.registrations) == 0
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    assert store.get("k") is MISSING  # nothing served that Redis does not track
+
+
+def test_a_refused_registration_is_asked_again() -> None:
+    store, registrar = keys_store()
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    store.unregistered(registrar.requests)  # MOVED, say
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    assert [key for key, _ in registrar.requests] == ["k", "k"]
+
+
+def test_registrations_stay_within_max_entries() -> None:
+    store, registrar = keys_store(max_entries=3)
+    for index in range(10):
+        key = f"k{index}"
+        store.fill(key, read(store, key), "v", 30_000)
+        store.registered(registrar.requests[-1:])
+    assert store.registrations is not None
+    assert len(store.registrations) == 3
+
+
+def test_bcast_stores_keep_the_first_read_and_register_nothing() -> None:
+    store = NearStore(NearCache(), MSGPACK_CODEC.freeze)
+    store.switch(True)
+    store.fill("k", read(store, "k"), "v1", 30_000)
+    assert store.get("k") == "v1"
+    assert store.registrations is None
+
+
+def test_bad_tracking_modes_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"NearCache\(tracking=...\) must be"):
+        NearCache(tracking="per-key")  # type: ignore[arg-type]
+
+
+# -- against real Redis ------------------------------------------------------------
+
+
+@pytest.fixture
+def engines() -> Iterator[Callable[[], CacheEngine]]:
+    """Makes engines on one prefix, each with a listener of its own (as another
+    process's)."""
+    if REDIS_URL is None:
+        pytest.skip("client tracking needs a real Redis server")
+    url, prefix = REDIS_URL, unique_prefix()
+    made: list[CacheEngine] = []
+
+    def make() -> CacheEngine:
+        made.append(CacheEngine.from_url(url, prefix=prefix))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+    raw = redis.Redis.from_url(url)
+    delete_prefix(raw, prefix)
+    raw.close()
+
+
+def until(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE  # a bound on a hang, no speed claim
+    while not predicate():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.005)
+
+
+@needs_real_redis
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
+def test_only_keys_this_process_read_are_reported_in_keys_mode(
+    engines: Callable[[], CacheEngine], tracking: Any
+) -> None:
+    here, writer = engines(), engines()
+
+    @cache_aside(key="p:<id>", ttl=30, engine=here, near=NearCache(tracking=tracking))
+    def read(id: str) -> str:
+        return "v"
+
+    write = cache_aside(key="p:<id>", ttl=30, engine=writer)(lambda id: "v")
+    read("held")
+    until(lambda: read.lookup("held").source is Source.NEAR, "a near hit")
+    listener = here.nearby.listener
+    assert isinstance(listener, InvalidationListener)
+    reported = listener.keys_reported
+    write("never-read")  # a key this process never read changes...
+    write.invalidate("never-read")
+    write.invalidate("held")  # ...then one it holds; reports arrive in order
+    until(lambda: read.lookup("held").source is not Source.NEAR, "the report of 'held'")
+    until(lambda: listener.keys_reported > reported, "the report counted")
+    told = listener.keys_reported - reported
+    if tracking == "keys":
+        assert told == 1  # 'held' alone
+    else:
+        assert told >= 3  # every change under the prefix: 'never-read' twice, 'held'
+
+
+@needs_real_redis
+def test_the_registrar_lost_empties_the_tier_and_nothing_unverified_is_served(
+    engines: Callable[[], CacheEngine],
+) -> None:
+    engine = engines()
+    primary = {"v": "1"}
+
+    @cache_aside(key="p:<id>", ttl=30, engine=engine, near=NearCache(tracking="keys"))
+    def read(id: str) -> str:
+        return primary["v"]
+
+    read("x")
+    until(lambda: read.lookup("x").source is Source.NEAR, "a near hit")
+    listener = engine.nearby.listener
+    assert isinstance(listener, InvalidationListener)
+    assert listener.registrar is not None
+    connections = listener.connections
+    admin = redis.Redis.from_url(REDIS_URL or "")
+    try:
+        admin.client_kill_filter(_id=listener.registrar.client_id)
+        # Redis forgot what the registrar tracked: this change is reported to no one.
+        primary["v"] = "2"
+        admin.delete(read.key("x"))
+        until(lambda: listener.connections > connections, "both connections back")
+        assert read("x") == "2"  # emptied when the registrar was lost: no stale read
+        until(lambda: read.lookup("x").source is Source.NEAR, "refilled, registered anew")
+        primary["v"] = "3"
+        admin.delete(read.key("x"))  # tracked by the new registrar: reported
+        until(lambda: read("x") == "3", "the change reported")
+    finally:
+        admin.close()
+
+
+@needs_real_redis
+def test_one_engine_refuses_two_tracking_modes(engines: Callable[[], CacheEngine]) -> None:
+    engine = engines()
+    keys = cache_aside(key="a:<id>", ttl=30, engine=engine, near=NearCache(tracking="keys"))(
+        lambda id: id
+    )
+    bcast = cache_aside(key="b:<id>", ttl=30, engine=engine, near=NearCache())(lambda id: id)
+    assert keys("x") == "x"
+    with pytest.raises(ConfigurationError, match=r"tracking='bcast'.*already track 'keys'"):
+        bcast("x")
