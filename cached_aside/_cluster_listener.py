@@ -96,7 +96,7 @@ class ClusterListener(StoreListener):
         if 0 <= index < len(owners) and slot <= owners[index][0]:
             node = self._nodes.get(owners[index][1])
         if node is None:
-            store.unregistered([(key, number)])
+            store.registered([(key, number)], processed=False)
         else:
             node.register(store, key, number)
 

@@ -305,7 +305,7 @@ class InvalidationListener(StoreListener):
     def register(self, store: NearStore, key: str, number: int) -> None:
         registrar = self.registrar
         if registrar is None:
-            store.unregistered([(key, number)])
+            store.registered([(key, number)], processed=False)
         else:
             registrar.submit(store, key, number)
 

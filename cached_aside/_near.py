@@ -390,22 +390,16 @@ class NearStore:
 
     # -- per-key tracking: the registrar's replies, and a hook for revalidation ----
 
-    def registered(self, keys: Iterable[tuple[str, int]]) -> None:
-        """Redis processed these registrations (key, request number): reads sent
-        from now on may fill."""
+    def registered(self, keys: Iterable[tuple[str, int]], processed: bool = True) -> None:
+        """The registrar's answer to these registrations (key, request number):
+        processed, reads sent from now on may fill; or not (refused, never sent),
+        the next fill asks again."""
         registrations = self.registrations
         if registrations is not None:
+            answer = registrations.confirm if processed else registrations.abandon
             with self._budget.lock:
                 for key, number in keys:
-                    registrations.confirm(key, number)
-
-    def unregistered(self, keys: Iterable[tuple[str, int]]) -> None:
-        """These registrations were refused or never sent: the next fill asks again."""
-        registrations = self.registrations
-        if registrations is not None:
-            with self._budget.lock:
-                for key, number in keys:
-                    registrations.abandon(key, number)
+                    answer(key, number)
 
     def request_registration(self, keys: Iterable[str]) -> None:
         """Ask Redis to track these keys (per-key mode; nothing in BCAST mode),

@@ -106,7 +106,7 @@ class Registrar:
                 self._queue.append((store, key, number))
                 self._wake.notify()
                 return
-        store.unregistered([(key, number)])
+        store.registered([(key, number)], processed=False)
 
     # -- the thread ------------------------------------------------------------------
 
@@ -127,8 +127,7 @@ class Registrar:
             connection.disconnect()
             with self._wake:
                 left, self._queue = self._queue, []
-            for store, key, number in left:
-                store.unregistered([(key, number)])
+            self._answer(left, processed=False)
 
     def _take(self) -> list[Request]:
         with self._wake:
@@ -146,19 +145,20 @@ class Registrar:
             for requests in groups.values():
                 connection.send_command("EXISTS", *{key: None for _, key, _ in requests})
         except BaseException:
-            self._give_back(batch)
+            self._answer(batch, processed=False)
             raise
         self.batches += 1
         for index, requests in enumerate(groups.values()):
             try:
                 self._read(connection)
             except ResponseError:  # not this node's slot any more, say: not tracked
-                self._give_back(requests)
+                self._answer(requests, processed=False)
             except BaseException:
-                self._give_back([r for group in list(groups.values())[index:] for r in group])
+                unanswered = list(groups.values())[index:]
+                self._answer([r for group in unanswered for r in group], processed=False)
                 raise
             else:
-                self._tell(requests)
+                self._answer(requests, processed=True)
 
     def _read(self, connection: Any) -> Any:
         if not connection.can_read(timeout=REPLY_DEADLINE_SECONDS):
@@ -166,14 +166,10 @@ class Registrar:
         return connection.read_response()
 
     @staticmethod
-    def _tell(requests: list[Request]) -> None:
+    def _answer(requests: list[Request], processed: bool) -> None:
+        """Tell each store what became of its requests."""
         by_store: dict[NearStore, list[tuple[str, int]]] = defaultdict(list)
         for store, key, number in requests:
             by_store[store].append((key, number))
-        for store, confirmed in by_store.items():
-            store.registered(confirmed)
-
-    @staticmethod
-    def _give_back(requests: list[Request]) -> None:
-        for store, key, number in requests:
-            store.unregistered([(key, number)])
+        for store, keys in by_store.items():
+            store.registered(keys, processed)
