@@ -4,24 +4,27 @@ real Redis, what each mode is told and what losing the registrar does."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import ResponseError
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
 from cached_aside._codecs import MSGPACK_CODEC
 from cached_aside._listener import InvalidationListener
 from cached_aside._near import MISSING, NearStore
+from cached_aside._registrar import Registrar, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 
 # -- the rule, stepped by hand ----------------------------------------------------
 
 
-class Registrar:
+class Requests:
     """Registrations the test confirms (or not) when it chooses."""
 
     def __init__(self) -> None:
@@ -31,9 +34,9 @@ class Registrar:
         self.requests.append((key, number))
 
 
-def keys_store(**config: Any) -> tuple[NearStore, Registrar]:
+def keys_store(**config: Any) -> tuple[NearStore, Requests]:
     store = NearStore(NearCache(tracking="keys", **config), MSGPACK_CODEC.freeze)
-    registrar = Registrar()
+    registrar = Requests()
     store.register = registrar
     store.switch(True)
     return store, registrar
@@ -134,6 +137,96 @@ def test_bcast_stores_keep_the_first_read_and_register_nothing() -> None:
 def test_bad_tracking_modes_are_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"NearCache\(tracking=...\) must be"):
         NearCache(tracking="per-key")  # type: ignore[arg-type]
+
+
+# -- the registrar, with a scripted connection ----------------------------------
+
+
+class ScriptedConnection:
+    """Answers as Redis would; refuses EXISTS naming a key in `refused` (MOVED, say);
+    fails every command once `broken` is set."""
+
+    def __init__(self, refused: frozenset[str] = frozenset()) -> None:
+        self.refused = refused
+        self.sent: list[tuple[Any, ...]] = []
+        self.replies: list[Any] = []
+        self.broken = threading.Event()
+
+    def connect(self) -> None: ...
+
+    def disconnect(self) -> None: ...
+
+    def send_command(self, *args: Any) -> None:
+        if self.broken.is_set():
+            raise ConnectionError("connection reset")
+        self.sent.append(args)
+        if args[:2] == ("CLIENT", "ID"):
+            self.replies.append(41)
+        elif args[0] == "EXISTS" and self.refused & set(args[1:]):
+            self.replies.append(ResponseError("MOVED 1 127.0.0.1:7001"))
+        else:
+            self.replies.append(b"OK")
+
+    def can_read(self, timeout: float) -> bool:
+        return bool(self.replies)
+
+    def read_response(self) -> Any:
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+class Answers:
+    """Stands for a store: what the registrar told it."""
+
+    def __init__(self, expected: int) -> None:
+        self.processed: list[str] = []
+        self.refused: list[str] = []
+        self._expected = expected
+        self.all_in = threading.Event()
+
+    def registered(self, keys: list[tuple[str, int]], processed: bool = True) -> None:
+        (self.processed if processed else self.refused).extend(key for key, _ in keys)
+        if len(self.processed) + len(self.refused) >= self._expected:
+            self.all_in.set()
+
+
+def test_the_registrar_sends_one_exists_per_slot_and_abandons_the_refused() -> None:
+    keys = ["{a}:1", "{a}:2", "{b}:1"]
+    connection = ScriptedConnection(refused=frozenset({"{b}:1"}))
+    registrar = Registrar(lambda: connection, on_lost=lambda reason: None, group=slot_of)
+    answers = Answers(expected=len(keys))
+    registrar.open(redirect=7)
+    try:
+        assert connection.sent[1] == ("CLIENT", "TRACKING", "on", "REDIRECT", 7)
+        with registrar._wake:  # one batch: all queued before its thread looks
+            for number, key in enumerate(keys):
+                registrar.submit(answers, key, number)  # type: ignore[arg-type]
+        assert answers.all_in.wait(PATIENCE)
+    finally:
+        registrar.close()
+    assert sorted(answers.processed) == ["{a}:1", "{a}:2"]
+    assert answers.refused == ["{b}:1"]
+    exists = sorted(args for args in connection.sent if args[0] == "EXISTS")
+    assert exists == [("EXISTS", "{a}:1", "{a}:2"), ("EXISTS", "{b}:1")]
+
+
+def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
+    connection = ScriptedConnection()
+    lost: list[str] = []
+    registrar = Registrar(lambda: connection, on_lost=lost.append)
+    registrar.open(redirect=7)
+    connection.broken.set()  # its next PING fails
+    try:
+        assert registrar.lost.wait(PATIENCE)
+    finally:
+        registrar.close()
+    assert len(lost) == 1
+    assert "registrar lost" in lost[0]
+    answers = Answers(expected=1)
+    registrar.submit(answers, "k", 1)  # type: ignore[arg-type]
+    assert answers.refused == ["k"]  # abandoned at once: the next fill asks again
 
 
 # -- against real Redis ------------------------------------------------------------
