@@ -143,7 +143,7 @@ class StoreListener:
         with self._lock:
             self._stores.append(store)
             if self._serves(store):
-                store.switch(True)
+                store.switch(True, untracked=self.state == "unsupported")
             self._start_locked()
 
     def _start_locked(self) -> None:
@@ -255,7 +255,7 @@ class InvalidationListener(StoreListener):
             self.state, self.reason = state, reason
             for store in self._stores:
                 untracked = state == "unsupported" and store.config.allow_untracked
-                store.switch(state == "tracking" or untracked)
+                store.switch(state == "tracking" or untracked, untracked)
         if changed and state == "down" and reason != "stopped":
             logger.warning(
                 "near cache off: the invalidation listener lost Redis (%s); reconnecting", reason

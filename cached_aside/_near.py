@@ -359,13 +359,12 @@ class NearStore:
         version changed (invalidate_tags()) empties the tier: entries do not say here
         which tags they carry."""
         keys = list(keys)
-        if self.registrations is not None:  # Redis tracks none of them any more
-            with self._budget.lock:
-                self.registrations.forget(keys)
-        if any(is_tag_key(key) for key in keys):
-            self.clear()
-            return
         with self._budget.lock:
+            if self.registrations is not None:  # Redis tracks none of them any more
+                self.registrations.forget(keys)
+            if any(is_tag_key(key) for key in keys):
+                self._empty()
+                return
             for key in keys:
                 self._remove(key)
                 self._tickets.pop(key, None)
@@ -378,14 +377,17 @@ class NearStore:
             if registrations and self.registrations is not None:
                 self.registrations.clear()
 
-    def switch(self, on: bool) -> None:
+    def switch(self, on: bool, untracked: bool = False) -> None:
         """Turn the tier on (tracking confirmed) or off (emptied: nothing vouches for it).
         Either way the connections that registered keys are new or gone: so are
-        their registrations."""
+        their registrations. On `untracked` (allow_untracked, a server that cannot
+        track) there is nothing to register with: the ttl alone bounds staleness."""
         with self._budget.lock:
             self.enabled = on
             self._empty()
-            if self.registrations is not None:
+            if untracked:
+                self.registrations = None
+            elif self.registrations is not None:
                 self.registrations.clear()
 
     # -- per-key tracking: the registrar's replies, and a hook for revalidation ----

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 from redis.exceptions import ResponseError
@@ -132,6 +133,16 @@ def test_bcast_stores_keep_the_first_read_and_register_nothing() -> None:
     store.fill("k", read(store, "k"), "v1", 30_000)
     assert store.get("k") == "v1"
     assert store.registrations is None
+
+
+def test_where_nothing_can_track_allow_untracked_fills_without_registering() -> None:
+    engine = CacheEngine(fakeredis.FakeRedis(), prefix="near-fake-keys")
+    near = NearCache(ttl=0.2, allow_untracked=True, tracking="keys")
+    untracked = cache_aside(key="q:<id>", ttl=30, engine=engine, near=near)(lambda id: [id])
+    assert untracked("a") == ["a"]
+    assert [untracked.lookup("a").source for _ in range(2)] == [Source.CACHE, Source.NEAR]
+    assert engine.near_state() == "unsupported"
+    engine.close()
 
 
 def test_bad_tracking_modes_are_refused() -> None:
