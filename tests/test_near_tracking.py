@@ -343,3 +343,43 @@ def test_one_engine_refuses_two_tracking_modes(engines: Callable[[], CacheEngine
     assert keys("x") == "x"
     with pytest.raises(ConfigurationError, match=r"tracking='bcast'.*already track 'keys'"):
         bcast("x")
+
+
+@needs_real_redis
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
+def test_readers_racing_another_processs_writes_end_on_the_last_value(
+    engines: Callable[[], CacheEngine], tracking: Any
+) -> None:
+    """Reads race changes in another process; once the changes stop, the near cache
+    serves the last value (a fill kept without a registration would keep an old one
+    for the whole ttl)."""
+    here, writer = engines(), engines()
+    primary = {"v": 0}
+
+    @cache_aside(key="p:<id>", ttl=60, engine=here, near=NearCache(tracking=tracking))
+    def read(id: str) -> int:
+        return primary["v"]
+
+    other = cache_aside(key="p:<id>", ttl=60, engine=writer)(lambda id: primary["v"])
+    done = threading.Event()
+    reads = [0]
+
+    def reader() -> None:
+        while not done.is_set():
+            read("x")
+            reads[0] += 1
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for version in range(1, 100):
+            primary["v"] = version
+            other.invalidate("x")
+            seen = reads[0]  # let the reader read, and fill, between changes
+            until(lambda seen=seen: reads[0] >= seen + 3, "the reader reading")
+    finally:
+        done.set()
+        thread.join()
+    until(lambda: read("x") == 99, "the last value")
+    until(lambda: read.lookup("x").source is Source.NEAR, "a near hit")
+    assert {read("x") for _ in range(100)} == {99}
