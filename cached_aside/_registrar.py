@@ -73,8 +73,14 @@ class Registrar:
         self.client_id: int | None = None  # the connection's CLIENT ID, for CLIENT KILL
 
     def open(self, redirect: int) -> None:
-        """Connect and enable tracking towards `redirect` (raising as connect does:
-        a ResponseError means the server cannot), then serve from a thread."""
+        """Connect and enable tracking towards `redirect`, then serve from a thread.
+
+        Raises:
+            RegistrarLostError: tracking refused: the listener that opened it just
+                tracked, so its connection is gone (no such client to redirect to)
+                or this reached another server (a failover): worth another try.
+            ConnectionError: as connecting raises it.
+        """
         connection = self._connect()
         try:
             connection.connect()
@@ -82,6 +88,9 @@ class Registrar:
             self.client_id = connection.read_response()
             connection.send_command("CLIENT", "TRACKING", "on", "REDIRECT", redirect)
             connection.read_response()
+        except ResponseError as exc:
+            connection.disconnect()
+            raise RegistrarLostError(f"tracking refused to the registrar: {exc}") from exc
         except BaseException:
             connection.disconnect()
             raise

@@ -18,7 +18,7 @@ from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cac
 from cached_aside._codecs import MSGPACK_CODEC
 from cached_aside._listener import InvalidationListener
 from cached_aside._near import MISSING, NearStore
-from cached_aside._registrar import Registrar, slot_of
+from cached_aside._registrar import Registrar, RegistrarLostError, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 
@@ -173,6 +173,8 @@ class ScriptedConnection:
         self.sent.append(args)
         if args[:2] == ("CLIENT", "ID"):
             self.replies.append(41)
+        elif args[0] == "CLIENT" and "REDIRECT" in self.refused:
+            self.replies.append(ResponseError("The client ID you want redirect to does not exist"))
         elif args[0] == "EXISTS" and self.refused & set(args[1:]):
             self.replies.append(ResponseError("MOVED 1 127.0.0.1:7001"))
         else:
@@ -221,6 +223,16 @@ def test_the_registrar_sends_one_exists_per_slot_and_abandons_the_refused() -> N
     assert answers.refused == ["{b}:1"]
     exists = sorted(args for args in connection.sent if args[0] == "EXISTS")
     assert exists == [("EXISTS", "{a}:1", "{a}:2"), ("EXISTS", "{b}:1")]
+
+
+def test_a_registrar_refused_tracking_is_a_failure_to_retry_not_unsupported() -> None:
+    """The listener's connection went between its own handshake and the registrar's:
+    no client to redirect to. A ResponseError would turn the near cache off for good."""
+    connection = ScriptedConnection(refused=frozenset({"REDIRECT"}))
+    registrar = Registrar(lambda: connection, on_lost=lambda reason: None)
+    with pytest.raises(RegistrarLostError, match="does not exist"):
+        registrar.open(redirect=7)
+    assert isinstance(RegistrarLostError(), ConnectionError)
 
 
 def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
