@@ -403,6 +403,12 @@ class NearStore:
                 for key, number in keys:
                     answer(key, number)
 
+    def forget_registrations(self) -> None:
+        """The registrar's connection closed: Redis tracks none of its keys now."""
+        if self.registrations is not None:
+            with self._budget.lock:
+                self.registrations.clear()
+
     def request_registration(self, keys: Iterable[str]) -> None:
         """Ask Redis to track these keys (per-key mode; nothing in BCAST mode),
         e.g. entries kept across a reconnect: a value read after the reply

@@ -14,6 +14,7 @@ registration forgotten) until both connections are back.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,8 @@ class Registrar:
         self._on_lost = on_lost
         self._group = group
         self._queue: list[Request] = []
+        # The stores it registered keys for: they forget them when it is done.
+        self._served: weakref.WeakSet[NearStore] = weakref.WeakSet()
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -112,6 +115,7 @@ class Registrar:
         """Queue a registration; abandoned at once when this registrar is done."""
         with self._wake:
             if not (self._stop.is_set() or self.lost.is_set()):
+                self._served.add(store)
                 self._queue.append((store, key, number))
                 self._wake.notify()
                 return
@@ -137,6 +141,10 @@ class Registrar:
             with self._wake:
                 left, self._queue = self._queue, []
             self._answer(left, processed=False)
+            # Redis forgot what this connection tracked, however the stores were
+            # switched meanwhile: what it confirmed vouches for nothing any more.
+            for store in list(self._served):
+                store.forget_registrations()
 
     def _take(self) -> list[Request]:
         with self._wake:

@@ -198,6 +198,10 @@ class Answers:
         self.refused: list[str] = []
         self._expected = expected
         self.all_in = threading.Event()
+        self.forgotten = False
+
+    def forget_registrations(self) -> None:
+        self.forgotten = True
 
     def registered(self, keys: list[tuple[str, int]], processed: bool = True) -> None:
         (self.processed if processed else self.refused).extend(key for key, _ in keys)
@@ -219,6 +223,7 @@ def test_the_registrar_sends_one_exists_per_slot_and_abandons_the_refused() -> N
         assert answers.all_in.wait(PATIENCE)
     finally:
         registrar.close()
+    assert answers.forgotten  # closed: Redis tracks none of its keys now
     assert sorted(answers.processed) == ["{a}:1", "{a}:2"]
     assert answers.refused == ["{b}:1"]
     exists = sorted(args for args in connection.sent if args[0] == "EXISTS")
@@ -240,6 +245,10 @@ def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
     lost: list[str] = []
     registrar = Registrar(lambda: connection, on_lost=lost.append)
     registrar.open(redirect=7)
+    store, _ = keys_store()
+    store.register = registrar.submit
+    store.fill("k", read(store, "k"), "v", 30_000)
+    until(lambda: store.vouches("k", 1 << 62), "the registration confirmed")
     connection.broken.set()  # its next PING fails
     try:
         assert registrar.lost.wait(PATIENCE)
@@ -247,6 +256,8 @@ def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
         registrar.close()
     assert len(lost) == 1
     assert "registrar lost" in lost[0]
+    assert store.registrations is not None
+    assert len(store.registrations) == 0  # whatever the listener did with the store
     answers = Answers(expected=1)
     registrar.submit(answers, "k", 1)  # type: ignore[arg-type]
     assert answers.refused == ["k"]  # abandoned at once: the next fill asks again
