@@ -21,6 +21,7 @@ from cached_aside._near import MISSING, NearStore
 from cached_aside._registrar import Registrar, RegistrarLostError, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
+from .servers import RedisProcess
 
 # -- the rule, stepped by hand ----------------------------------------------------
 
@@ -406,3 +407,32 @@ def test_readers_racing_another_processs_writes_end_on_the_last_value(
     until(lambda: read("x") == 99, "the last value")
     until(lambda: read.lookup("x").source is Source.NEAR, "a near hit")
     assert {read("x") for _ in range(100)} == {99}
+
+
+def test_keys_pushed_out_of_redis_tracking_table_are_dropped_not_kept_stale() -> None:
+    """tracking-table-max-keys: Redis stops tracking the oldest keys and reports them
+    as changed; the same path as a change drops them, so none stays unseen."""
+    server = RedisProcess("--tracking-table-max-keys", "2").start()
+    engine = CacheEngine.from_url(server.url, prefix="table")
+    admin = redis.Redis.from_url(server.url)
+    version = {"v": 1}
+    try:
+        near = NearCache(tracking="keys")
+        read = cache_aside(key="p:<id>", ttl=60, engine=engine, near=near)(lambda id: version["v"])
+        ids = [str(index) for index in range(5)]
+        for id in ids:
+            read(id)
+            until(lambda id=id: read.lookup(id).source is Source.NEAR, "a near hit")
+        listener = engine.nearby.listener
+        assert isinstance(listener, InvalidationListener)
+        until(lambda: listener.keys_reported >= len(ids) - 2, "the table's evictions")
+        for id in ids:  # back in the near cache: registered again first
+            until(lambda id=id: read.lookup(id).source is Source.NEAR, "a near hit again")
+        version["v"] = 2
+        admin.delete(*(read.key(id) for id in ids))  # reported only for tracked keys
+        for id in ids:
+            until(lambda id=id: read(id) == 2, f"key {id} read anew")
+    finally:
+        engine.close()
+        admin.close()
+        server.stop()
