@@ -3,7 +3,7 @@ are reread from Redis, a batch per pipelined round trip, off the callers' thread
 and served again only if no change was reported since their tickets were taken.
 
 `reread` is the flow (pure, the lookups `many()` sends); `revalidate` is run on a
-short-lived thread by the listener once tracking is back. No redis, asyncio or time
+short-lived thread by the listener once tracking is back. No redis or asyncio
 imports here.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from time import monotonic, sleep
 from typing import Final
 
 from ._batches import lookups
@@ -27,9 +28,10 @@ logger = logging.getLogger("cached_aside")
 BATCH_KEYS: Final = 500
 THREAD_NAME: Final = "cached_aside-revalidation"
 
-# Registers keys with the server's tracking before they are reread (per-key
-# tracking); BCAST tracking covers the whole prefix and needs none.
-Register = Callable[[list[str]], None]
+# Per-key tracking: how long a batch waits for the registrar's replies before it is
+# reread (a key unconfirmed by then is dropped, not trusted), and how often it looks.
+REGISTRATION_SECONDS: Final = 1.0
+REGISTRATION_POLL_SECONDS: Final = 0.002
 
 
 def reread(plan: Plan, keys: Sequence[str]) -> Flow[list[Reread]]:
@@ -58,11 +60,10 @@ def _judged(plan: Plan, raw: object) -> Reread:
 def start(
     rereads: list[tuple[NearStore, list[str]]],
     done: Callable[[], None],
-    register: Register | None = None,
 ) -> threading.Thread:
     """Revalidate each store's keys on a thread of its own; `done` is called at the end."""
     thread = threading.Thread(
-        target=revalidate, args=(rereads, done, register), name=THREAD_NAME, daemon=True
+        target=revalidate, args=(rereads, done), name=THREAD_NAME, daemon=True
     )
     thread.start()
     return thread
@@ -71,16 +72,16 @@ def start(
 def revalidate(
     rereads: list[tuple[NearStore, list[str]]],
     done: Callable[[], None],
-    register: Register | None = None,
 ) -> None:
     """Reread every store's keys set aside, a batch at a time. A key is served again
     only with its fresh value and ttl, and only if its ticket, taken before the read
-    (tracking was back already), was not cancelled by a change or clear. Fail safe:
-    a batch whose read fails drops its keys, and so do the batches after it."""
+    (tracking was back already; in per-key mode, after its registration with the new
+    connection was confirmed), was not cancelled by a change or clear. Fail safe: a
+    batch whose read fails drops its keys, and so do the batches after it."""
     try:
         for store, keys in rereads:
             try:
-                _revalidate_store(store, keys, register)
+                _revalidate_store(store, keys)
             except Exception:  # a bug, not Redis: nothing set aside may linger
                 logger.exception("near cache: revalidation failed; the tier is emptied")
                 store.clear()
@@ -88,14 +89,13 @@ def revalidate(
         done()
 
 
-def _revalidate_store(store: NearStore, keys: list[str], register: Register | None) -> None:
+def _revalidate_store(store: NearStore, keys: list[str]) -> None:
     failed = store.reread is None
     for first in range(0, len(keys), BATCH_KEYS):
         batch = keys[first : first + BATCH_KEYS]
-        if not failed and register is not None:
-            # Registered before the tickets are taken: a ticket then vouches for its read.
+        if not failed and store.registrations is not None:
             try:
-                register(batch)
+                _register(store, batch)
             except Exception as exc:
                 failed = _failed(len(batch), exc)
         taken = store.vouch(batch)
@@ -112,6 +112,16 @@ def _revalidate_store(store: NearStore, keys: list[str], register: Register | No
                 failed, found = _failed(len(names), exc), [None] * len(taken)
         for (key, ticket), entry in zip(taken, found, strict=True):
             store.restore(key, ticket, entry)
+
+
+def _register(store: NearStore, keys: list[str]) -> None:
+    """Per-key tracking: have the new registrar register `keys`, and wait (a
+    bounded time) for its replies, before the batch's tickets are taken: a ticket
+    taken after a key's confirmation vouches for its read (`NearStore.vouches`)."""
+    store.request_registration(keys)
+    deadline = monotonic() + REGISTRATION_SECONDS
+    while store.awaiting_registration(keys) and monotonic() < deadline:
+        sleep(REGISTRATION_POLL_SECONDS)
 
 
 def _failed(count: int, exc: Exception) -> bool:
