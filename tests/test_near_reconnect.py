@@ -12,12 +12,12 @@ from typing import Any
 import msgpack
 import pytest
 
-from cached_aside import CacheEngine, NearCache, Source, cache_aside
+from cached_aside import CacheEngine, NearCache, Source, _revalidation, cache_aside
 from cached_aside._codecs import MSGPACK_CODEC, MSGPACK_NEGATIVE
 from cached_aside._effects import Batch, CommandFailed
 from cached_aside._keys import KeyTemplate
 from cached_aside._listener import InvalidationListener
-from cached_aside._near import MAX_OUTAGE_SECONDS, MISSING, NearStore, Reread
+from cached_aside._near import MAX_OUTAGE_SECONDS, MISSING, NearStore, Reread, Tracking
 from cached_aside._revalidation import BATCH_KEYS, reread, revalidate
 from cached_aside._stats import Stats
 
@@ -212,25 +212,50 @@ def test_an_unexpected_failure_empties_the_tier_and_still_reports_the_end(
     assert "revalidation failed" in caplog.text
 
 
-def test_per_key_registration_comes_before_the_tickets_and_its_failure_drops() -> None:
-    near = filled(["a", "b"])
+def keyed(keys: list[str]) -> tuple[NearStore, list[tuple[str, int]]]:
+    """A per-key store serving `keys`, whose registrar confirms at once (and the
+    requests it was sent, with the store's size then: its tickets, with no values)."""
+    near = NearStore(NearCache(tracking="keys"), MSGPACK_CODEC.freeze)
+    sent: list[tuple[str, int]] = []
+
+    def register(store: NearStore, key: str, number: int) -> None:
+        sent.append((key, store.size()))
+        store.registered([(key, number)])
+
+    near.register = register
+    near.switch(True)
+    for _ in range(2):  # the first read registers the key, the second one fills
+        for key in keys:
+            near.fill(key, near.expect(key), key, LONG_MS)
+    assert [near.get(key) for key in keys] == keys
+    sent.clear()
+    return near, sent
+
+
+def test_per_key_entries_are_registered_again_before_their_tickets() -> None:
+    near, sent = keyed(["a", "b"])
     near.suspend()
+    near.forget_registrations()  # the registrar's connection went with the listener's
     near.reread = reread_as({"a": ("a", LONG_MS), "b": ("b", LONG_MS)})
-    seen: list[tuple[list[str], int]] = []
-
-    def register(keys: list[str]) -> None:  # per-key tracking's hook
-        seen.append((keys, near.size()))
-
-    revalidate([(near, near.resume())], lambda: None, register)
-    assert seen == [(["b", "a"], 0)]  # no ticket taken yet: each read is vouched for
+    revalidate([(near, near.resume())], lambda: None)
+    assert sorted(sent) == [("a", 0), ("b", 0)]  # registered before any ticket
     assert (near.get("a"), near.get("b")) == ("a", "b")
+    assert near.counts()[4:] == (2, 0)
 
-    def refused(keys: list[str]) -> None:
-        raise ConnectionError("the registrar's connection went")
 
+def test_a_per_key_entry_whose_registration_is_not_confirmed_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_revalidation, "REGISTRATION_SECONDS", 0.0)  # no reply will come
+    near, sent = keyed(["a", "b"])
+    near.register = lambda store, key, number: sent.append((key, number))
     near.suspend()
-    revalidate([(near, near.resume())], lambda: None, refused)
-    assert (near.get("a"), near.get("b")) == (MISSING, MISSING)
+    near.forget_registrations()
+    near.reread = reread_as({"a": ("a", LONG_MS), "b": ("b", LONG_MS)})
+    revalidate([(near, near.resume())], lambda: None)
+    assert sorted(key for key, _ in sent) == ["a", "b"]
+    assert (near.get("a"), near.get("b")) == (MISSING, MISSING)  # untracked: not served
+    assert near.counts()[4:] == (0, 2)
 
 
 def test_a_forked_child_forgets_what_was_set_aside() -> None:
@@ -285,7 +310,10 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-def test_after_an_outage_the_tier_is_reread_not_emptied_and_never_stale() -> None:
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
+def test_after_an_outage_the_tier_is_reread_not_emptied_and_never_stale(
+    tracking: Tracking,
+) -> None:
     server = RedisProcess().start()
     prefix = unique_prefix()
     engine = CacheEngine.from_url(server.url, prefix=prefix)
@@ -294,7 +322,7 @@ def test_after_an_outage_the_tier_is_reread_not_emptied_and_never_stale() -> Non
         primary = {str(number): f"v{number}" for number in range(1_000)}
         ids = list(primary)
 
-        @cache_aside(key="p:<id>", ttl=60, engine=engine, near=NearCache())
+        @cache_aside(key="p:<id>", ttl=60, engine=engine, near=NearCache(tracking=tracking))
         def read(id: str) -> str:
             return primary[id]
 
