@@ -511,9 +511,10 @@ class NearStore:
             copier, frozen = self._freeze(found[0])
             entry = (monotonic() + lifetime, copier, frozen, weigh(key, frozen))
         with self._budget.lock:
-            valid = self.enabled and self._tickets.get(key) == ticket and self.vouches(key, ticket)
-            if valid:
+            ours = self._tickets.get(key) == ticket
+            if ours:
                 self._tickets.pop(key, None)
+            valid = ours and self.enabled and self.vouches(key, ticket)
             old = self._suspect.pop(key, None)
             if old is None:
                 return False
@@ -530,6 +531,7 @@ class NearStore:
 
     def _empty(self) -> None:
         self._suspect.clear()
+        self._suspended_at = None
         self._data.clear()
         self._policy.clear()
         self._tickets.clear()
@@ -540,7 +542,7 @@ class NearStore:
         """Off and empty, with a fresh lock: called in a forked child."""
         self._budget.reset_after_fork()
         self.enabled = False
-        self._suspended_at = None
+        self._suspended_at = None  # as _empty(), which the budget's reset rules out
         self._suspect.clear()
         self._data.clear()
         self._policy.clear()

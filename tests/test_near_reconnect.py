@@ -256,6 +256,7 @@ def test_a_per_key_entry_whose_registration_is_not_confirmed_goes(
     assert sorted(key for key, _ in sent) == ["a", "b"]
     assert (near.get("a"), near.get("b")) == (MISSING, MISSING)  # untracked: not served
     assert near.counts()[4:] == (0, 2)
+    assert near.size() == 0  # the rereads' tickets went with them
 
 
 def test_a_forked_child_forgets_what_was_set_aside() -> None:
