@@ -3,6 +3,7 @@ structure and counts (one load, one round trip per hit), never timings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import re
@@ -338,7 +339,11 @@ def test_dead_holder_section_tables_each_lease(
     from benchmarks import dead_holder
 
     monkeypatch.setattr(dead_holder, "LEASES", {"short": 0.3, "longer": 0.6})
-    (table,) = dead_holder.run(settings)
+    # A socket timeout on a starved machine is a Redis failure, answered by the loader
+    # (fail open): a second load that says nothing of the leases this test is about.
+    separator = "&" if "?" in settings.url else "?"
+    patient = f"{settings.url}{separator}socket_timeout=5&socket_connect_timeout=5"
+    (table,) = dead_holder.run(dataclasses.replace(settings, url=patient))
     assert list(rows(table)) == ["short", "longer"]
     for callers, _median, _max, one_load in rows(table).values():
         assert callers == 12  # 3 processes x 4 threads, one kill each (quick)
