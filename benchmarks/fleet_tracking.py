@@ -7,6 +7,7 @@ until it is back to RECOVERED of its level before. Configuration and arithmetic 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from typing import Any
 
@@ -129,12 +130,15 @@ def recovery_row(server: str, tracking: str, total: dict[str, Any]) -> list[Any]
     times = [one["recovered"] for one in found]
     done = [time for time in times if time is not None]
     slowest = max(done) if len(done) == len(times) else None
+    reconnects = [one["reconnect"] for one in found]
+    if None in reconnects:  # a listener still down at the end: no recovery to time
+        reconnects = [float("inf")]
     return [
         server,
         tracking,
         round(100 * statistics.median(one["before"] for one in found), 1),
         round(100 * statistics.median(one["cut"] for one in found), 1),
-        round(statistics.median(one["reconnect"] for one in found), 2),
+        round(statistics.median(reconnects), 2),
         round(100 * statistics.median(one["after"] for one in found), 1),
         "-" if len(done) * 2 <= len(times) else round(statistics.median(done), 2),
         "-" if slowest is None else round(slowest, 2),
@@ -164,12 +168,13 @@ def recovery(timeline: list[list[Any]], outage: dict[str, float]) -> dict[str, A
     if reconnect is None:
         return result
     result["after"] = ratio(timeline, reconnect, reconnect + AFTER_S)
-    start = reconnect
-    while start + BUCKET_S <= timeline[-1][0]:
-        if ratio(timeline, start, start + BUCKET_S) >= RECOVERED * before:
-            result["recovered"] = start + BUCKET_S - reconnect
+    for bucket in itertools.count(1):
+        end = reconnect + bucket * BUCKET_S
+        if end > timeline[-1][0]:
             break
-        start += BUCKET_S
+        if ratio(timeline, end - BUCKET_S, end) >= RECOVERED * before:
+            result["recovered"] = end - reconnect
+            break
     return result
 
 
