@@ -42,6 +42,8 @@ PER_PROCESS = ("timeline", "outage")
 # copy a lock some thread of it holds; eight fresh interpreters cost seconds).
 FORKS = multiprocessing.get_context("forkserver")
 FORKS.set_forkserver_preload(["benchmarks.fleet_worker"])
+# The chart's panel of the near-hit ratio around a listener outage (one process's).
+RECOVERY_PANEL = "near-hit ratio around a listener cut (one process)"
 # How long a worker may take to start, and to report after its run.
 START_TIMEOUT_S = 120.0
 
@@ -172,6 +174,7 @@ def row(label: str, processes: int, total: dict[str, Any]) -> list[Any]:
         round(100 * total["near_hits"] / max(1, total["reads"]), 1),
         total["stale"],
         total["stale_in_window"],
+        round(1000 * total["stale_age_max"], 1),
         round(total["commands"] / seconds),
         total["errors"],
     ]
@@ -196,6 +199,7 @@ def run(settings: Settings) -> list[Table]:
             "near-hit %",
             "stale reads",
             f"stale < {TRACKING_WINDOW_S * 1000:.0f} ms",
+            "oldest stale read ms",
             "Redis commands/s",
             "caller errors",
         ],
@@ -231,6 +235,10 @@ def run(settings: Settings) -> list[Table]:
                 each=lambda n, mode=mode: fleet_tracking.cut_off(mode, cut_at),
             )
             recovery.rows.append(fleet_tracking.recovery_row(label, mode, total))
+            first = total["processes"][0]
+            recovery.curves.setdefault(RECOVERY_PANEL, {})[f"{label}, {mode}"] = (
+                fleet_tracking.curve(first["timeline"], first["outage"])
+            )
 
     server = RedisProcess().start()
     try:
@@ -265,7 +273,8 @@ def run(settings: Settings) -> list[Table]:
         "(each write makes the next read of that key load once in the whole fleet; a write "
         "racing a load of the same key fences it, and that read loads again)",
         f"stale reads: a version older than one invalidated before the read began, later than "
-        f"{TRACKING_WINDOW_S * 1000:.0f} ms after; must be 0",
+        f"{TRACKING_WINDOW_S * 1000:.0f} ms after; must be 0. oldest stale read: how long "
+        "after the invalidation returned the latest of them began",
         "Redis commands/s: INFO commandstats summed over the masters at the start (a "
         "killed master's are not counted, a promoted replica's are not either)",
     ]
@@ -273,16 +282,19 @@ def run(settings: Settings) -> list[Table]:
 
 
 def chart(tables: list[Table], path: Path) -> bool:
-    """hits/s and primary reads per write against the number of processes."""
+    """hits/s and primary reads per write against the number of processes; and, when
+    the recovery ran, one process's near-hit ratio around its listener's cut."""
     fleet_table = next((t for t in tables if t.title.startswith("fleet:")), None)
     if fleet_table is None or len(fleet_table.columns) < 3:
         return False
+    lines = next((t.curves[RECOVERY_PANEL] for t in tables if RECOVERY_PANEL in t.curves), {})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (rates, reads) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 3 if lines else 2, figsize=(15 if lines else 10, 4))
+    rates, reads = axes[0], axes[1]
     for server in ("one Redis", "3-master cluster"):
         rows = [row for row in fleet_table.rows if row[0] == server]
         if not rows:
@@ -294,8 +306,19 @@ def chart(tables: list[Table], path: Path) -> bool:
     reads.set_title("primary reads per invalidating write", fontsize=10)
     for axis in (rates, reads):
         axis.set_xlabel("processes")
+    if lines:
+        around = axes[2]
+        for name, points in lines.items():
+            around.plot([x for x, _ in points], [y for _, y in points], label=name)
+        around.axvspan(0, fleet_tracking.OUTAGE_S, alpha=0.15, color="grey")
+        around.set_title(
+            f"{RECOVERY_PANEL}, per {fleet_tracking.BUCKET_S * 1000:.0f} ms", fontsize=10
+        )
+        around.set_xlabel("seconds since the cut (shaded: reconnections refused)")
+    for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
     return True

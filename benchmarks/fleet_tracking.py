@@ -71,8 +71,8 @@ def tracking_table(threads: int) -> Table:
             "Redis CPU: INFO cpu used_cpu_user + used_cpu_sys of the private server(s) "
             "over the run, per second and per invalidating write",
             f"stale reads: later than {TRACKING_WINDOW_S * 1000:.0f} ms after the "
-            "invalidation returned; must be 0. oldest stale read: the latest, after the "
-            "invalidation returned, that a read answered the older version",
+            "invalidation returned; must be 0. oldest stale read: how long after the "
+            "invalidation returned the latest of them began",
         ],
     )
 
@@ -145,6 +145,18 @@ def recovery_row(server: str, tracking: str, total: dict[str, Any]) -> list[Any]
         total["stale"],
         total["errors"],
     ]
+
+
+def curve(timeline: list[list[Any]], outage: dict[str, float]) -> list[tuple[float, float]]:
+    """The near-hit ratio of each BUCKET_S of a timeline, against seconds since the cut."""
+    cut, end = outage["cut"], timeline[-1][0]
+    points = []
+    for bucket in itertools.count(1):
+        moment = bucket * BUCKET_S
+        if moment > end:
+            break
+        points.append((round(moment - cut, 3), ratio(timeline, moment - BUCKET_S, moment)))
+    return points
 
 
 def recovery(timeline: list[list[Any]], outage: dict[str, float]) -> dict[str, Any]:
