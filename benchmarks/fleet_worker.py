@@ -173,7 +173,7 @@ def worker(config: dict[str, Any], ready: Callable[[], float]) -> dict[str, Any]
         return {"id": id, "v": version}
 
     counts = {"reads": 0, "writes": 0, "stale_in_window": 0, "stale": 0, "errors": 0}
-    ages: list[float] = []  # of the stale reads, seconds after the invalidation returned
+    ages: list[float] = []  # stale reads began this long after the invalidation returned
     lock = threading.Lock()
     kinds: list[str] = []  # the first few errors, for the log
     # Connected and tracking before the start (the first call meets the near cache),
@@ -213,12 +213,13 @@ def worker(config: dict[str, Any], ready: Callable[[], float]) -> dict[str, Any]
                         published_at[id] = time.time()
                     mine["writes"] += 1
                     continue
+                began = time.time()
                 before, since = versions[id], published_at[id]
                 value = get(id)
                 next(reads)
                 mine["reads"] += 1
                 if value["v"] < before:
-                    late = time.time() - since
+                    late = began - since
                     late_ones.append(late)
                     mine["stale_in_window" if late < TRACKING_WINDOW_S else "stale"] += 1
             except Exception as exc:  # a caller's error: the fleet must see none
