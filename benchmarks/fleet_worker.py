@@ -209,8 +209,9 @@ def worker(config: dict[str, Any], ready: Callable[[], float]) -> dict[str, Any]
                         ).fetchone()
                     get.invalidate(id)
                     if versions[id] < version:
-                        versions[id] = version
+                        # The time first: a reader that sees the version sees its time.
                         published_at[id] = time.time()
+                        versions[id] = version
                     mine["writes"] += 1
                     continue
                 began = time.time()
