@@ -187,7 +187,7 @@ def run(settings: Settings) -> list[Table]:
         return [table]
     counts = (1, 2) if settings.quick else (1, 2, 4)
     threads = 4 if settings.quick else 16
-    seconds = 1.5 if settings.quick else 5.0
+    seconds = 1.5 if settings.quick else 4.0
     table = Table(
         f"fleet: processes x {threads} threads, Zipf({ZIPF_S}) over {KEYS:,} keys, "
         f"{WRITE_SHARE:.0%} writes that invalidate, near cache on",
@@ -206,10 +206,10 @@ def run(settings: Settings) -> list[Table]:
     )
     # The tracking modes: 8 processes on slices of the keys; the listener outage.
     modes = tracking_modes()
-    sliced_threads, sliced_seconds = (2, 1.5) if settings.quick else (4, 4.0)
+    sliced_threads, sliced_seconds = (2, 1.5) if settings.quick else (4, 3.0)
     tracking = fleet_tracking.tracking_table(sliced_threads)
     cut_processes, cut_threads = (2, 2) if settings.quick else (4, 4)
-    cut_at, cut_seconds = (0.8, 3.5) if settings.quick else (1.5, 5.0)
+    cut_at, cut_seconds = (0.8, 3.5) if settings.quick else (1.2, 4.5)
     recovery = fleet_tracking.recovery_table(cut_processes, cut_threads)
 
     def tracking_rows(label: str, url: str, servers: list[str]) -> None:
