@@ -209,7 +209,7 @@ def run(settings: Settings) -> list[Table]:
     sliced_threads, sliced_seconds = (2, 1.5) if settings.quick else (4, 3.0)
     tracking = fleet_tracking.tracking_table(sliced_threads)
     cut_processes, cut_threads = (2, 2) if settings.quick else (4, 4)
-    cut_at, cut_seconds = (0.8, 3.5) if settings.quick else (1.2, 4.5)
+    cut_at, cut_seconds = (0.8, 3.5) if settings.quick else (2.0, 5.0)
     recovery = fleet_tracking.recovery_table(cut_processes, cut_threads)
 
     def tracking_rows(label: str, url: str, servers: list[str]) -> None:

@@ -148,14 +148,16 @@ def recovery_row(server: str, tracking: str, total: dict[str, Any]) -> list[Any]
 
 
 def curve(timeline: list[list[Any]], outage: dict[str, float]) -> list[tuple[float, float]]:
-    """The near-hit ratio of each BUCKET_S of a timeline, against seconds since the cut."""
+    """The near-hit ratio of each BUCKET_S of a timeline in which reads ended, against
+    seconds since the cut."""
     cut, end = outage["cut"], timeline[-1][0]
     points = []
     for bucket in itertools.count(1):
         moment = bucket * BUCKET_S
         if moment > end:
             break
-        points.append((round(moment - cut, 3), ratio(timeline, moment - BUCKET_S, moment)))
+        if _at(timeline, moment)[1] > _at(timeline, moment - BUCKET_S)[1]:  # any reads
+            points.append((round(moment - cut, 3), ratio(timeline, moment - BUCKET_S, moment)))
     return points
 
 
