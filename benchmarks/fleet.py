@@ -33,7 +33,7 @@ from cached_aside import CacheEngine, cache_aside
 from tests.servers import REDIS_SERVER, RedisClusterProcesses, RedisProcess
 
 from . import fleet_tracking, fleet_worker
-from .fleet_worker import KEYS, SLOT, TRACKING_WINDOW_S, WRITE_SHARE, ZIPF_S, tracking_modes
+from .fleet_worker import KEYS, SLOT, TRACKING_MODES, TRACKING_WINDOW_S, WRITE_SHARE, ZIPF_S
 from .runner import Settings, Table
 
 # What a run's total keeps per process rather than summing.
@@ -205,7 +205,7 @@ def run(settings: Settings) -> list[Table]:
         ],
     )
     # The tracking modes: 8 processes on slices of the keys; the listener outage.
-    modes = tracking_modes()
+    modes = TRACKING_MODES
     sliced_threads, sliced_seconds = (2, 1.5) if settings.quick else (4, 3.0)
     tracking = fleet_tracking.tracking_table(sliced_threads)
     cut_processes, cut_threads = (2, 2) if settings.quick else (4, 4)

@@ -10,7 +10,6 @@ once (`serve`), so that eight processes do not each pay Python's and redis-py's 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import itertools
 import mmap
 import random
@@ -60,40 +59,13 @@ def key_sampler(config: dict[str, Any], seed: int) -> Callable[[], int]:
     return lambda: shared() if rng.random() < share else first + own()
 
 
-def near_cache(tracking: str | None) -> NearCache:
-    """The near cache in the tracking mode asked for (None: the default)."""
-    if tracking is None:
-        return NearCache()
-    if "tracking" not in {field.name for field in dataclasses.fields(NearCache)}:
-        if tracking != "bcast":  # what the near cache did before it had modes
-            raise ValueError(f"this cached_aside has no tracking mode {tracking!r}")
-        return NearCache()
-    return NearCache(tracking=tracking)  # type: ignore[call-arg]
-
-
-def tracking_modes() -> tuple[str, ...]:
-    """The tracking modes this cached_aside offers (BCAST only, before per-key)."""
-    if "tracking" not in {field.name for field in dataclasses.fields(NearCache)}:
-        return ("bcast",)
-    return ("bcast", "keys")
+# The near cache's tracking modes (NearCache(tracking=...)), each run by the fleet.
+TRACKING_MODES = ("bcast", "keys")
 
 
 def message_counter(listener: Any) -> Callable[[], tuple[int, int]]:
     """(invalidation messages, keys they named) the listener received so far."""
-    if hasattr(listener, "messages"):
-        return lambda: (listener.messages, listener.keys_reported)
-    # A cached_aside whose listener does not count them: count what it reports.
-    counted = [0, 0]
-    name = "invalidate" if hasattr(listener, "nodes") else "_invalidate"
-    report = getattr(listener, name)
-
-    def counting(keys: list[bytes] | None) -> None:
-        counted[0] += 1
-        counted[1] += len(keys or ())
-        report(keys)
-
-    setattr(listener, name, counting)
-    return lambda: (counted[0], counted[1])
+    return lambda: (listener.messages, listener.keys_reported)
 
 
 def listeners(listener: Any, url: str) -> list[tuple[redis.Redis, Any]]:
@@ -154,7 +126,9 @@ def worker(config: dict[str, Any], ready: Callable[[], float]) -> dict[str, Any]
     versions = view[: KEYS * SLOT].cast("q")
     published_at = view[KEYS * SLOT : 2 * KEYS * SLOT].cast("d")
     engine = CacheEngine.from_url(
-        config["url"], prefix=config["prefix"], near=near_cache(config.get("tracking"))
+        config["url"],
+        prefix=config["prefix"],
+        near=NearCache(tracking=config.get("tracking", "bcast")),
     )
     loads = itertools.count()
     reads = itertools.count()

@@ -595,3 +595,27 @@ def test_fleet_recovery_cuts_each_listener_and_sees_it_reconnect() -> None:
         assert found["after"] > 0  # near hits again after the reconnect
     row = fleet_tracking.recovery_row("one Redis", "bcast", total)
     assert len(row) == len(fleet_tracking.recovery_table(2, 2).columns)
+
+
+def test_fleet_per_key_tracking_tells_fewer_processes_of_a_write_than_bcast() -> None:
+    """8 processes on slices of their own: BCAST tells every one of every write,
+    per-key tracking only those that registered the key (mostly the writer alone)."""
+    server = fleet.RedisProcess().start()
+    per_write = {}
+    try:
+        for mode in fleet_worker.TRACKING_MODES:
+            total = fleet.one_run(
+                server.url,
+                [server.url],
+                fleet_tracking.PROCESSES,
+                1,
+                1.0,
+                each=lambda n, mode=mode: fleet_tracking.sliced(n, mode),
+            )
+            assert (total["stale"], total["errors"]) == (0, 0)
+            assert total["writes"] > 0
+            per_write[mode] = total["messages"] / total["writes"]
+    finally:
+        server.stop()
+    assert per_write["bcast"] >= fleet_tracking.PROCESSES  # each write reaches all 8
+    assert per_write["keys"] * 3 < per_write["bcast"]
