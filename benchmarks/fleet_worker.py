@@ -89,7 +89,7 @@ def cut(listener: Any, url: str, seconds: float) -> None:
     cut_off = listeners(listener, url)
     saved = [(node, node._connect) for _, node in cut_off]
     for node, _ in saved:
-        node._connect = lambda: redis.connection.Connection.from_url(closed, protocol=2)  # type: ignore[attr-defined]
+        node._connect = lambda: redis.connection.Connection.from_url(closed, protocol=2)
     try:
         for admin, node in cut_off:
             admin.client_kill_filter(_id=node.client_id)
