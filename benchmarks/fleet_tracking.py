@@ -108,6 +108,8 @@ def recovery_table(processes: int, threads: int) -> Table:
             f"near-hit % first {AFTER_S:g} s after reconnect",
             f"back to {RECOVERED:.0%} s after reconnect",
             "slowest process s",
+            "entries reread",
+            "entries dropped unverified",
             "stale reads",
             "caller errors",
         ],
@@ -119,6 +121,9 @@ def recovery_table(processes: int, threads: int) -> Table:
             f"{BUCKET_S * 1000:.0f} ms in which the near-hit ratio is at least "
             f"{RECOVERED:.0%} of its level over the {LEVEL_S:g} s before the cut; the "
             "median over the processes, then the slowest; '-' if not within the run",
+            "entries reread: near entries kept aside while cut and served again after a "
+            "reread (stats near_revalidated), over the processes; dropped unverified: "
+            "those dropped instead (near_unverified)",
             f"stale reads: later than {TRACKING_WINDOW_S * 1000:.0f} ms after the "
             "invalidation returned; must be 0",
         ],
@@ -142,6 +147,8 @@ def recovery_row(server: str, tracking: str, total: dict[str, Any]) -> list[Any]
         round(100 * statistics.median(one["after"] for one in found), 1),
         "-" if len(done) * 2 <= len(times) else round(statistics.median(done), 2),
         "-" if slowest is None else round(slowest, 2),
+        total["near_revalidated"],
+        total["near_unverified"],
         total["stale"],
         total["errors"],
     ]

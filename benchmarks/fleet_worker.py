@@ -251,6 +251,8 @@ def worker(config: dict[str, Any], ready: Callable[[], float]) -> dict[str, Any]
         "loads": int(repr(loads)[6:-1]),
         "near_hits": stats.near_hits,
         "hits": stats.hits,
+        "near_revalidated": stats.near_revalidated,
+        "near_unverified": stats.near_unverified,
         "messages": messages - messages_before[0],
         "keys_reported": keys_reported - messages_before[1],
         "stale_age_max": max(ages, default=0.0),

@@ -585,6 +585,7 @@ def test_fleet_recovery_cuts_each_listener_and_sees_it_reconnect() -> None:
     finally:
         server.stop()
     assert (total["stale"], total["errors"]) == (0, 0)
+    assert total["near_revalidated"] > 0  # kept aside while cut, reread after
     for process in total["processes"]:
         assert process["outage"]["restored"] > process["outage"]["cut"]
         found = fleet_tracking.recovery(process["timeline"], process["outage"])
