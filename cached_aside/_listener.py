@@ -25,7 +25,8 @@ from redis.exceptions import ResponseError
 
 from ._errors import ConfigurationError
 from ._keys import tag_key
-from ._near import NearStore, Tracking, TrackingState
+from ._near import Tracking, TrackingState
+from ._near_store import NearStore
 from ._registrar import Registrar, one_group
 from ._revalidation import start
 

@@ -18,7 +18,8 @@ from typing import Final
 from ._batches import lookups
 from ._codecs import Found
 from ._effects import CommandFailed, Flow
-from ._near import NearStore, Reread
+from ._near import Reread
+from ._near_store import NearStore
 from ._plan import Plan
 from ._reads import Age, peeked
 

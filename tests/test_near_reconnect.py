@@ -17,7 +17,8 @@ from cached_aside._codecs import MSGPACK_CODEC, MSGPACK_NEGATIVE
 from cached_aside._effects import Batch, CommandFailed
 from cached_aside._keys import KeyTemplate
 from cached_aside._listener import InvalidationListener
-from cached_aside._near import MAX_OUTAGE_SECONDS, MISSING, NearStore, Reread, Tracking
+from cached_aside._near import MISSING, Reread, Tracking
+from cached_aside._near_store import MAX_OUTAGE_SECONDS, NearStore
 from cached_aside._revalidation import BATCH_KEYS, reread, revalidate
 from cached_aside._stats import Stats
 

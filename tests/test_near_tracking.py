@@ -17,7 +17,8 @@ from redis.exceptions import ResponseError
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
 from cached_aside._codecs import MSGPACK_CODEC
 from cached_aside._listener import InvalidationListener
-from cached_aside._near import MISSING, NearStore
+from cached_aside._near import MISSING
+from cached_aside._near_store import NearStore
 from cached_aside._registrar import Registrar, RegistrarLostError, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
