@@ -149,9 +149,9 @@ class StoreListener:
         rereads = []
         for store in stores:
             if state == "tracking":
-                rereads.append((store, store.resume()))
+                rereads.append((store, store.aside.resume()))
             elif state == "down" and reason != "stopped":
-                store.suspend()
+                store.aside.suspend()
             else:
                 store.switch(
                     self._serves(store), state == "unsupported" and store.config.allow_untracked
@@ -165,7 +165,7 @@ class StoreListener:
     def attach(self, store: NearStore) -> None:
         """Serve `store` from now on, starting the listener on first use."""
         if store.registrations is not None:
-            store.register = self.register
+            store.registrations.register = self.register
         with self._lock:
             self._stores.append(store)
             if self._serves(store):

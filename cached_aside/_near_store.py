@@ -8,6 +8,7 @@ unserved, until `_revalidation` rereads them. No redis or asyncio imports here.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from time import monotonic
@@ -18,7 +19,7 @@ from ._codecs import Frozen
 from ._keys import is_tag_key
 from ._near import MISSING, NearCache, Reread
 from ._near_budget import NearBudget, weigh
-from ._registrations import Registrations
+from ._near_keys import TrackedKeys
 from ._stats import _counted
 
 # Reads (hits and misses) waiting to be told to the policy; a ring that drops the
@@ -27,6 +28,8 @@ READ_BUFFER: Final = 512
 # Entries set aside when tracking dropped are reread when it comes back, unless the
 # outage lasted longer than this: then the tier starts empty, as a new one would.
 MAX_OUTAGE_SECONDS: Final = 60.0
+# key -> (expires at, copier, frozen, bytes): a hit hands out copier(frozen).
+Entry = tuple[float, Callable[[Any], Any], Any, int]
 
 
 class NearStore:
@@ -52,8 +55,7 @@ class NearStore:
         self._ttl = config.ttl_seconds
         self._budget = NearBudget(config.max_bytes) if budget is None else budget
         self._budget.join(self)
-        # key -> (expires at, copier, frozen, bytes): a hit hands out copier(frozen).
-        self._data: dict[str, tuple[float, Callable[[Any], Any], Any, int]] = {}
+        self._data: dict[str, Entry] = {}
         self._policy = Policy(config.max_entries)
         self._reads: deque[str] = deque(maxlen=READ_BUFFER)
         # key -> ticket, oldest first; written without the lock (one atomic step each)
@@ -64,17 +66,14 @@ class NearStore:
         self._evictions = self._refusals = 0
         # Off until the engine's listener confirms that Redis reports changes.
         self.enabled = False
-        # Per-key tracking: what Redis tracks for this store, and how to ask it to
-        # (set by the listener the store is attached to; see `_registrations`).
-        self.registrations = (
-            Registrations(self._numbers, config.max_entries) if config.tracking == "keys" else None
+        # Per-key tracking: what Redis tracks for this store, and how to ask it to.
+        self.registrations: TrackedKeys[NearStore] | None = (
+            TrackedKeys(self._numbers, config.max_entries, self._budget)
+            if config.tracking == "keys"
+            else None
         )
-        self.register: Callable[[NearStore, str, int], None] | None = None
-        # Entries kept while tracking was down (never served from here; their bytes
-        # and policy standing still count), since when, and what their rereads made.
-        self._suspect: dict[str, tuple[float, Callable[[Any], Any], Any, int]] = {}
-        self._suspended_at: float | None = None
-        self.revalidated = self.unverified = 0
+        # Its entries while tracking is down, until they are reread.
+        self.aside = SetAside(self)
         # How the wrapper rereads keys for `_revalidation` (None: drop them instead).
         self.reread: Callable[[list[str]], list[Reread]] | None = None
 
@@ -121,13 +120,13 @@ class NearStore:
             self._evictions,
             self._refusals,
             self.held,
-            self.revalidated,
-            self.unverified,
+            self.aside.revalidated,
+            self.aside.unverified,
         )
 
     def reset_counts(self) -> None:
         self._miss_count = itertools.count()
-        self._evictions = self._refusals = self.revalidated = self.unverified = 0
+        self._evictions = self._refusals = self.aside.revalidated = self.aside.unverified = 0
 
     def _shrink(self) -> None:
         """Back within max_entries: the oldest tickets first (losing one costs a
@@ -162,16 +161,16 @@ class NearStore:
             registrations = self.registrations
             if registrations is None or registrations.vouches(key, ticket):
                 self._keep(key, copier, frozen, weight, lifetime)
-            elif self.register is not None:
-                request = registrations.request(key)
-        if request is not None and self.register is not None:
-            self.register(self, key, request)  # outside the lock: the registrar's queue
+            else:
+                request = registrations.claim(key)
+        if request is not None and registrations is not None:
+            registrations.send(self, key, request)  # outside the lock: the registrar's queue
 
     def _keep(
         self, key: str, copier: Callable[[Any], Any], frozen: Any, weight: int, lifetime: float
     ) -> None:
         """Under the lock: the entry in, and the bounds kept."""
-        if key in self._suspect:  # read afresh before its reread: this one wins
+        if key in self.aside.entries:  # read afresh before its reread: this one wins
             self._remove(key)
         self._drain()
         old = self._data.get(key)
@@ -218,7 +217,7 @@ class NearStore:
         self._budget.held += change
 
     def _discard(self, key: str) -> None:
-        entry = self._data.pop(key, None) or self._suspect.pop(key, None)
+        entry = self._data.pop(key, None) or self.aside.entries.pop(key, None)
         if entry is not None:
             self._count_bytes(-entry[3])
 
@@ -278,140 +277,133 @@ class NearStore:
             elif self.registrations is not None:
                 self.registrations.clear()
 
-    # -- per-key tracking: the registrar's replies, and a hook for revalidation ----
+    # -- per-key tracking: the registrar's calls (`TrackedKeys` does the work) ------
 
     def registered(self, keys: Iterable[tuple[str, int]], processed: bool = True) -> None:
-        """The registrar's answer to these registrations (key, request number):
-        processed, reads sent from now on may fill; or not (refused, never sent),
-        the next fill asks again."""
-        registrations = self.registrations
-        if registrations is not None:
-            answer = registrations.confirm if processed else registrations.abandon
-            with self._budget.lock:
-                for key, number in keys:
-                    answer(key, number)
+        """The registrar's answer to these registrations: see `TrackedKeys.registered`."""
+        if self.registrations is not None:
+            self.registrations.registered(keys, processed)
 
     def forget_registrations(self) -> None:
         """The registrar's connection closed: Redis tracks none of its keys now."""
         if self.registrations is not None:
-            with self._budget.lock:
-                self.registrations.clear()
+            self.registrations.forget_all()
 
-    def request_registration(self, keys: Iterable[str]) -> None:
-        """Ask Redis to track these keys (per-key mode; nothing in BCAST mode),
-        e.g. entries kept across a reconnect: a value read after the reply
-        (`vouches`) may be kept."""
-        registrations, register = self.registrations, self.register
-        if registrations is None or register is None:
-            return
-        with self._budget.lock:
-            requests = [(key, registrations.request(key)) for key in keys]
-        for key, number in requests:
-            if number is not None:
-                register(self, key, number)
-
-    def awaiting_registration(self, keys: Iterable[str]) -> bool:
-        """Whether a registration of any of these keys is on its way (per-key mode)."""
-        registrations = self.registrations
-        if registrations is None:
-            return False
-        with self._budget.lock:
-            return registrations.awaiting(keys)
-
-    def vouches(self, key: str, ticket: int) -> bool:
-        """Whether Redis reports any change of `key` made after the read that took
-        `ticket` was sent: always in BCAST mode, in per-key mode once registered."""
-        registrations = self.registrations
-        return registrations is None or registrations.vouches(key, ticket)
-
-    # -- a reconnect: set aside, then reread (`_revalidation` drives these) ----------
-
-    def suspend(self) -> None:
-        """Off, the entries set aside unserved (the hit path finds none), tickets
-        cancelled: tracking dropped, and may come back."""
-        with self._budget.lock:
-            self.enabled = False
-            self._suspect.update(self._data)
-            self._data = {}
-            self._tickets.clear()
-            if self._suspended_at is None:
-                self._suspended_at = monotonic()
-
-    def resume(self) -> list[str]:
-        """On again (tracking is back): the keys set aside, still within their
-        ttl, to reread, those the policy ranks highest first; the others go, and
-        all go after a long outage."""
-        with self._budget.lock:
-            self.enabled = True
-            since, self._suspended_at = self._suspended_at, None
-            now = monotonic()
-            if since is None or now - since > MAX_OUTAGE_SECONDS:
-                self.unverified += len(self._suspect)
-                self._empty()
-                return []
-            for key in [key for key, entry in self._suspect.items() if entry[0] <= now]:
-                self._remove(key)
-                self.unverified += 1
-            return [key for key in self._policy.ranked() if key in self._suspect]
-
-    def vouch(self, keys: list[str]) -> list[tuple[str, int]]:
-        """Tickets for the rereads of these keys, those still set aside; none while
-        off. A change or clear reported from now on cancels them."""
-        with self._budget.lock:
-            if not self.enabled:
-                return []
-            taken = [(key, next(self._numbers)) for key in keys if key in self._suspect]
-            self._tickets.update(taken)
-            return taken
-
-    def restore(self, key: str, ticket: int, found: Reread) -> bool:
-        """Serve a set-aside key again with what its reread found, if its ticket
-        still holds; else it goes. Its policy standing is kept."""
-        entry = None
-        if found is not None and found[1] > 0:
-            lifetime = found[1] / 1000.0
-            if self._ttl is not None and self._ttl < lifetime:
-                lifetime = self._ttl
-            copier, frozen = self._freeze(found[0])
-            entry = (monotonic() + lifetime, copier, frozen, weigh(key, frozen))
-        with self._budget.lock:
-            ours = self._tickets.get(key) == ticket
-            if ours:
-                self._tickets.pop(key, None)
-            valid = ours and self.enabled and self.vouches(key, ticket)
-            old = self._suspect.pop(key, None)
-            if old is None:
-                return False
-            self._count_bytes(-old[3])
-            if entry is None or not valid:
-                self._policy.remove(key)
-                self.unverified += 1
-                return False
-            self._data[key] = entry
-            self._count_bytes(entry[3])
-            self.revalidated += 1
-            self._budget.make_room(self, key, entry[3])
-            return True
-
-    def _empty(self) -> None:
-        self._suspect.clear()
-        self._suspended_at = None
+    def _empty(self, counted: bool = True) -> None:
+        """Nothing kept, set aside or in flight; its bytes given back to the budget
+        unless it was reset (`counted=False`)."""
+        self.aside.clear()
         self._data.clear()
         self._policy.clear()
         self._tickets.clear()
         self._reads.clear()
-        self._count_bytes(-self.held)
+        if counted:
+            self._count_bytes(-self.held)
+        self.held = 0
 
     def reset_after_fork(self) -> None:
         """Off and empty, with a fresh lock: called in a forked child."""
         self._budget.reset_after_fork()
         self.enabled = False
-        self._suspended_at = None  # as _empty(), which the budget's reset rules out
-        self._suspect.clear()
-        self._data.clear()
-        self._policy.clear()
-        self._tickets.clear()
-        self._reads.clear()
-        self.held = 0
+        self._empty(counted=False)
         if self.registrations is not None:
             self.registrations.clear()
+
+
+class SetAside:
+    """A store's entries while tracking is down: never served (the hit path finds
+    none), their bytes and policy standing still counted, until `_revalidation`
+    rereads them; since when, and what the rereads made. The listener and
+    `_revalidation` drive it; it works on its store's table under the store's lock."""
+
+    def __init__(self, store: NearStore) -> None:
+        self._owner = weakref.ref(store)  # no cycle: the store owns this
+        self.entries: dict[str, Entry] = {}
+        self.since: float | None = None
+        self.revalidated = self.unverified = 0
+
+    def clear(self) -> None:
+        """Under the lock: none set aside any more."""
+        self.entries.clear()
+        self.since = None
+
+    def _store(self) -> NearStore:
+        store = self._owner()
+        if store is None:  # only its store calls it, or holds it for callers
+            raise ReferenceError("the near store of these entries is gone")
+        return store
+
+    def suspend(self) -> None:
+        """Off, the entries set aside unserved (the hit path finds none), tickets
+        cancelled: tracking dropped, and may come back."""
+        store = self._store()
+        with store._budget.lock:
+            store.enabled = False
+            self.entries.update(store._data)
+            store._data = {}
+            store._tickets.clear()
+            if self.since is None:
+                self.since = monotonic()
+
+    def resume(self) -> list[str]:
+        """On again (tracking is back): the keys set aside, still within their
+        ttl, to reread, those the policy ranks highest first; the others go, and
+        all go after a long outage."""
+        store = self._store()
+        with store._budget.lock:
+            store.enabled = True
+            since, self.since = self.since, None
+            now = monotonic()
+            if since is None or now - since > MAX_OUTAGE_SECONDS:
+                self.unverified += len(self.entries)
+                store._empty()
+                return []
+            for key in [key for key, entry in self.entries.items() if entry[0] <= now]:
+                store._remove(key)
+                self.unverified += 1
+            return [key for key in store._policy.ranked() if key in self.entries]
+
+    def vouch(self, keys: list[str]) -> list[tuple[str, int]]:
+        """Tickets for the rereads of these keys, those still set aside; none while
+        off. A change or clear reported from now on cancels them."""
+        store = self._store()
+        with store._budget.lock:
+            if not store.enabled:
+                return []
+            taken = [(key, next(store._numbers)) for key in keys if key in self.entries]
+            store._tickets.update(taken)
+            return taken
+
+    def restore(self, key: str, ticket: int, found: Reread) -> bool:
+        """Serve a set-aside key again with what its reread found, if its ticket
+        still holds; else it goes. Its policy standing is kept."""
+        store, entry = self._store(), None
+        if found is not None and found[1] > 0:
+            lifetime = found[1] / 1000.0
+            if store._ttl is not None and store._ttl < lifetime:
+                lifetime = store._ttl
+            copier, frozen = store._freeze(found[0])
+            entry = (monotonic() + lifetime, copier, frozen, weigh(key, frozen))
+        with store._budget.lock:
+            ours = store._tickets.get(key) == ticket
+            if ours:
+                store._tickets.pop(key, None)
+            registrations = store.registrations
+            valid = (
+                ours
+                and store.enabled
+                and (registrations is None or registrations.vouches(key, ticket))
+            )
+            old = self.entries.pop(key, None)
+            if old is None:
+                return False
+            store._count_bytes(-old[3])
+            if entry is None or not valid:
+                store._policy.remove(key)
+                self.unverified += 1
+                return False
+            store._data[key] = entry
+            store._count_bytes(entry[3])
+            self.revalidated += 1
+            store._budget.make_room(store, key, entry[3])
+            return True

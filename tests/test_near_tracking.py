@@ -40,7 +40,8 @@ class Requests:
 def keys_store(**config: Any) -> tuple[NearStore, Requests]:
     store = NearStore(NearCache(tracking="keys", **config), MSGPACK_CODEC.freeze)
     registrar = Requests()
-    store.register = registrar
+    assert store.registrations is not None
+    store.registrations.register = registrar
     store.switch(True)
     return store, registrar
 
@@ -248,9 +249,11 @@ def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
     registrar = Registrar(lambda: connection, on_lost=lost.append)
     registrar.open(redirect=7)
     store, _ = keys_store()
-    store.register = registrar.submit
+    registrations = store.registrations
+    assert registrations is not None
+    registrations.register = registrar.submit
     store.fill("k", read(store, "k"), "v", 30_000)
-    until(lambda: store.vouches("k", 1 << 62), "the registration confirmed")
+    until(lambda: registrations.vouches("k", 1 << 62), "the registration confirmed")
     connection.broken.set()  # its next PING fails
     try:
         assert registrar.lost.wait(PATIENCE)
