@@ -33,6 +33,7 @@ from ._loading import (
     STALE_SERVED,
     guarded_load,
     leased,
+    load_store,
     tolerate,
     what_to_store,
 )
@@ -302,6 +303,8 @@ def _load_and_store(
         # This load's outcome: its joiners get the same stale answer, not a load each.
         return Served(stale, Source.STALE, shareable=True)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
+    # XFetch: the load time goes beside the entry, for every process that reads it.
+    load_ms = (yield Signal.LOAD_TIME) if plan.options.xfetch_beta else None
     if isinstance(stamp, CommandFailed):  # no version to stamp it with: store nothing
         kind, ttl_ms, payload = RELEASE_ONLY, 0, []
     elif texts and kind == plan.codec.redis_type:
@@ -310,13 +313,14 @@ def _load_and_store(
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
     try:
-        store = store_call(
+        store = load_store(
             keys,
             token=token,
             kind=kind,
             ttl_ms=ttl_ms,
             wake_ttl_ms=options.lock_ttl_ms,
             payload=payload,
+            load_ms=load_ms,
         )
         stored = yield from _store(keys, store, texts, stamp)
     except CommandFailed as failure:
