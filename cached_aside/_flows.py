@@ -74,7 +74,7 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
         if age is Age.DUE or age is Age.STALE:
             # Serve the cached value now; one background reload per process, and one
             # across processes through the lock, replaces it.
-            yield Spawn(key, _refresh(plan, key, block_limit_ms))
+            yield Spawn(key, _refresh(plan, key, block_limit_ms, raw[1]))
             if age is Age.DUE:
                 plan.stats.hit()
                 return Served(value, Source.CACHE)
@@ -88,22 +88,29 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
     return (yield from miss(plan, key, damaged, block_limit_ms, stale=stale))
 
 
-def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
-    """Reload an entry in the background; False when its loader failed (callers keep
-    getting the cached value, and the driver waits before trying again)."""
+def _refresh(plan: Plan, key: str, block_limit_ms: int, seen_ms: int) -> Flow[bool]:
+    """Reload an entry in the background, the one a lookup found with `seen_ms` left
+    to live; False when its loader failed (callers keep getting the cached value, and
+    the driver waits before trying again)."""
     keys = entry_keys(key)
     token = os.urandom(16).hex()
     hold = lock_hold(plan, keys, token)
     yield hold
     try:
-        # Ignore the cached value: it is the one being replaced.
+        # The entry seen counts as not cached (it is the one being replaced), and one
+        # with longer to live is a newer store: a process whose lookup came just
+        # before another's refresh stored does not reload it a second time.
         reply = yield acquire_call(
             keys,
             token=token,
             lock_ttl_ms=plan.options.lock_ttl_ms,
             redis_type=plan.codec.redis_type,
-            ignore_cached=True,
+            ignore_cached=False,
+            keep_ms=max(seen_ms, 1),
         )
+        if reply[0] == AcquireStatus.FOUND:
+            yield Free(hold)  # the lock script took this caller off the waiters
+            return True
         if reply[0] == AcquireStatus.OWNED:
             try:
                 yield from _load_and_store(plan, keys, hold)
