@@ -23,6 +23,7 @@ from ._admission import Policy
 from ._codecs import Frozen
 from ._errors import ConfigurationError
 from ._keys import is_tag_key
+from ._registrations import Registrations
 from ._stats import _counted
 from ._validate import Duration, flag, milliseconds, whole
 
@@ -38,6 +39,8 @@ DEFAULT_MAX_ENTRIES = 10_000
 # sketch. tracemalloc measured 249-299 bytes from 1,000 to 140,000 entries on CPython
 # 3.11 (dicts grow in steps); tests/test_near_budget.py checks it stays below this.
 ENTRY_OVERHEAD_BYTES: Final = 320
+Tracking = Literal["keys", "bcast"]
+TRACKING_MODES: Final = ("keys", "bcast")
 # Reads (hits and misses) waiting to be told to the policy; a ring that drops the
 # oldest when full, so that a hit costs one append and no lock (Caffeine's read buffer).
 READ_BUFFER: Final = 512
@@ -61,14 +64,24 @@ class NearCache:
         allow_untracked: where the server cannot track keys (fakeredis, some managed
             services), serve near entries anyway, accepting that another process's
             change is seen only when the entry expires. Needs a `ttl`.
+        tracking: how Redis tells this process of changes. "bcast": of every change
+            under the engine's prefix, whether or not this process holds the key.
+            "keys": only of keys this process registered (a key's first read from
+            Redis registers it and is not kept; the next one is). One engine's near
+            caches all use the same mode.
     """
 
     max_entries: int = DEFAULT_MAX_ENTRIES
     ttl: Duration | None = None
     allow_untracked: bool = False
     max_bytes: int | None = None
+    tracking: Tracking = "bcast"
 
     def __post_init__(self) -> None:
+        if self.tracking not in TRACKING_MODES:
+            raise ConfigurationError(
+                f'NearCache(tracking=...) must be "keys" or "bcast", not {self.tracking!r}'
+            )
         whole("NearCache(max_entries=...)", self.max_entries)
         if self.max_bytes is not None:
             whole("NearCache(max_bytes=...)", self.max_bytes)
@@ -188,6 +201,12 @@ class NearStore:
         self._evictions = self._refusals = 0
         # Off until the engine's listener confirms that Redis reports changes.
         self.enabled = False
+        # Per-key tracking: what Redis tracks for this store, and how to ask it to
+        # (set by the listener the store is attached to; see `_registrations`).
+        self.registrations = (
+            Registrations(self._numbers, config.max_entries) if config.tracking == "keys" else None
+        )
+        self.register: Callable[[NearStore, str, int], None] | None = None
 
     def get(self, key: str) -> Any:
         """The value (a fresh copy), or MISSING."""
@@ -257,21 +276,34 @@ class NearStore:
         copier, frozen = self._freeze(value)
         weight = weigh(key, frozen)
         budget = self._budget
+        request = None
         with budget.lock:
             if not self.enabled or self._tickets.get(key) != ticket:
                 return
             self._tickets.pop(key, None)
-            self._drain()
-            old = self._data.get(key)
-            if old is None:
-                self._policy.add(key)
-            else:
-                self._count_bytes(-old[3])
-            self._data[key] = (monotonic() + lifetime, copier, frozen, weight)
-            self._count_bytes(weight)
-            self._cut(self.config.max_entries - len(self._tickets))
-            if key in self._data:
-                budget.make_room(self, key, weight)
+            registrations = self.registrations
+            if registrations is None or registrations.vouches(key, ticket):
+                self._keep(key, copier, frozen, weight, lifetime)
+            elif self.register is not None:
+                request = registrations.request(key)
+        if request is not None and self.register is not None:
+            self.register(self, key, request)  # outside the lock: the registrar's queue
+
+    def _keep(
+        self, key: str, copier: Callable[[Any], Any], frozen: Any, weight: int, lifetime: float
+    ) -> None:
+        """Under the lock: the entry in, and the bounds kept."""
+        self._drain()
+        old = self._data.get(key)
+        if old is None:
+            self._policy.add(key)
+        else:
+            self._count_bytes(-old[3])
+        self._data[key] = (monotonic() + lifetime, copier, frozen, weight)
+        self._count_bytes(weight)
+        self._cut(self.config.max_entries - len(self._tickets))
+        if key in self._data:
+            self._budget.make_room(self, key, weight)
 
     def _drain(self) -> None:
         """Tell the policy the reads queued since the last fill; drop the expired
@@ -327,23 +359,74 @@ class NearStore:
         version changed (invalidate_tags()) empties the tier: entries do not say here
         which tags they carry."""
         keys = list(keys)
-        if any(is_tag_key(key) for key in keys):
-            self.clear()
-            return
         with self._budget.lock:
+            if self.registrations is not None:  # Redis tracks none of them any more
+                self.registrations.forget(keys)
+            if any(is_tag_key(key) for key in keys):
+                self._empty()
+                return
             for key in keys:
                 self._remove(key)
                 self._tickets.pop(key, None)
 
-    def clear(self) -> None:
+    def clear(self, registrations: bool = False) -> None:
+        """Empty the tier; and forget what Redis tracked for it (`registrations`)
+        when Redis forgot it too (FLUSHALL)."""
         with self._budget.lock:
             self._empty()
+            if registrations and self.registrations is not None:
+                self.registrations.clear()
 
-    def switch(self, on: bool) -> None:
-        """Turn the tier on (tracking confirmed) or off (emptied: nothing vouches for it)."""
+    def switch(self, on: bool, untracked: bool = False) -> None:
+        """Turn the tier on (tracking confirmed) or off (emptied: nothing vouches for it).
+        Either way the connections that registered keys are new or gone: so are
+        their registrations. On `untracked` (allow_untracked, a server that cannot
+        track) there is nothing to register with: the ttl alone bounds staleness."""
         with self._budget.lock:
             self.enabled = on
             self._empty()
+            if untracked:
+                self.registrations = None
+            elif self.registrations is not None:
+                self.registrations.clear()
+
+    # -- per-key tracking: the registrar's replies, and a hook for revalidation ----
+
+    def registered(self, keys: Iterable[tuple[str, int]], processed: bool = True) -> None:
+        """The registrar's answer to these registrations (key, request number):
+        processed, reads sent from now on may fill; or not (refused, never sent),
+        the next fill asks again."""
+        registrations = self.registrations
+        if registrations is not None:
+            answer = registrations.confirm if processed else registrations.abandon
+            with self._budget.lock:
+                for key, number in keys:
+                    answer(key, number)
+
+    def forget_registrations(self) -> None:
+        """The registrar's connection closed: Redis tracks none of its keys now."""
+        if self.registrations is not None:
+            with self._budget.lock:
+                self.registrations.clear()
+
+    def request_registration(self, keys: Iterable[str]) -> None:
+        """Ask Redis to track these keys (per-key mode; nothing in BCAST mode),
+        e.g. entries kept across a reconnect: a value read after the reply
+        (`vouches`) may be kept."""
+        registrations, register = self.registrations, self.register
+        if registrations is None or register is None:
+            return
+        with self._budget.lock:
+            requests = [(key, registrations.request(key)) for key in keys]
+        for key, number in requests:
+            if number is not None:
+                register(self, key, number)
+
+    def vouches(self, key: str, ticket: int) -> bool:
+        """Whether Redis reports any change of `key` made after the read that took
+        `ticket` was sent: always in BCAST mode, in per-key mode once registered."""
+        registrations = self.registrations
+        return registrations is None or registrations.vouches(key, ticket)
 
     def _empty(self) -> None:
         self._data.clear()
@@ -361,6 +444,8 @@ class NearStore:
         self._tickets.clear()
         self._reads.clear()
         self.held = 0
+        if self.registrations is not None:
+            self.registrations.clear()
 
 
 TrackingState = Literal["starting", "tracking", "down", "unsupported"]

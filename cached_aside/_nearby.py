@@ -17,7 +17,7 @@ from ._codecs import Codec
 from ._connector import Connector
 from ._errors import ConfigurationError
 from ._listener import InvalidationListener, connection_factory
-from ._near import NearBudget, NearCache, NearStore
+from ._near import NearBudget, NearCache, NearStore, Tracking
 from ._sides import Sides
 from ._validate import instance
 
@@ -50,11 +50,17 @@ class Nearby:
                 accept TTL-only staleness.
         """
         store = NearStore(config, codec.freeze, self._budget if config is self.default else None)
-        make = self._listener_maker()  # outside the lock: it may make the client
+        make = self._listener_maker(config.tracking)  # outside the lock: it may make the client
         with self._lock:
             if self.listener is None:
                 self.listener = make()
             listener = self.listener
+        if listener.tracking != config.tracking:
+            raise ConfigurationError(
+                f"{name}: NearCache(tracking={config.tracking!r}) on an engine whose near "
+                f"caches already track {listener.tracking!r}: one engine's listener "
+                "tracks one way; give every NearCache on this engine the same tracking="
+            )
         listener.attach(store)
         state = listener.wait_settled(NEAR_HANDSHAKE_SECONDS)
         if state == "unsupported" and not config.allow_untracked:
@@ -87,7 +93,9 @@ class Nearby:
         """Makes the listener's connection, to the server the engine's clients use."""
         return connection_factory(self._sides.listener_client())
 
-    def _listener_maker(self) -> Callable[[], InvalidationListener | ClusterListener]:
+    def _listener_maker(
+        self, tracking: Tracking
+    ) -> Callable[[], InvalidationListener | ClusterListener]:
         """Makes the listener: of the server the engine's clients use, or of every
         master of its cluster."""
         given = self._sides.given_clients()
@@ -101,7 +109,7 @@ class Nearby:
                 if self._connector.cluster
                 else self._sides.sync_side().client
             )
-            return lambda: ClusterListener(client, self._key_head)
+            return lambda: ClusterListener(client, self._key_head, tracking)
         if any(isinstance(client, redis.asyncio.cluster.RedisCluster) for client in given):
             raise ConfigurationError(
                 "a near cache on Redis Cluster reads the cluster's topology with a sync "
@@ -109,7 +117,7 @@ class Nearby:
                 "or give it a redis.cluster.RedisCluster too"
             )
         connect = self.connection()
-        return lambda: InvalidationListener(connect, self._key_head)
+        return lambda: InvalidationListener(connect, self._key_head, tracking=tracking)
 
     # -- lifecycle -----------------------------------------------------------------------
 
