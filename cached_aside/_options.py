@@ -141,6 +141,11 @@ def _refresh_ahead(given: object, ttl: object, ttl_ms: int) -> tuple[int, float]
     """refresh_ahead as (its window in ms, XFetch's beta or 0.0 for a fixed window)."""
     if given is None:
         return 0, 0.0
+    if given is XFetch:
+        raise ConfigurationError(
+            "refresh_ahead=XFetch needs its parentheses: refresh_ahead=XFetch() (or "
+            "XFetch(beta=1.0)) for probabilistic early refresh"
+        )
     if not isinstance(given, XFetch):
         window_ms = milliseconds("refresh_ahead", given)
         if window_ms >= ttl_ms:

@@ -169,9 +169,8 @@ STORE_TIMED: Final = (
 -- ARGV[1] lock token, ARGV[2] what to do, as STORE's ARGV[2], ARGV[3] value ttl
 -- (ms), ARGV[4] wake-up list ttl (ms), ARGV[5] how long the load took (ms),
 -- ARGV[6..] the payload: one string, or field/value pairs
--- returns 1 or 0, as STORE. STORE for functions with refresh_ahead=XFetch(): a value
--- written gets its load time beside it, for as long as it lives, where every
--- process's PEEK_TIMED reads it. Other functions' entries never get one.
+-- returns 1 or 0, as STORE. For refresh_ahead=XFetch(): a value written gets its load
+-- time beside it, as long as it lives, for every process's PEEK_TIMED.
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 write_value(KEYS[1], ARGV[2], ARGV[3], 6)
 if ARGV[2] == 'string' or ARGV[2] == 'hash' then
@@ -367,17 +366,14 @@ def peek_call(value_key: str, *, redis_type: str) -> RunScript:
 PEEK_TIMED: Final = """
 -- KEYS[1] value key, KEYS[2] the entry's load time key
 -- ARGV[1] expected type of the value ('hash' or 'string')
--- returns as PEEK, with the entry's load time (ms) third: {value, pttl, load ms},
--- false for the load ms when unknown (never stored, expired). The lookup of
--- functions with refresh_ahead=XFetch(), which needs it; one round trip still.
+-- returns as PEEK, with the load time (ms) third: {value, pttl, load ms}, false for
+-- it when unknown. The lookup of refresh_ahead=XFetch(): one round trip still.
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'none' then return {} end
 if kind ~= ARGV[1] then return {false} end
-local loaded = redis.call('GET', KEYS[2])
-if kind == 'hash' then
-  return {redis.call('HGETALL', KEYS[1]), redis.call('PTTL', KEYS[1]), loaded}
-end
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1]), loaded}
+local read = 'GET'
+if kind == 'hash' then read = 'HGETALL' end
+return {redis.call(read, KEYS[1]), redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[2])}
 """
 
 

@@ -159,6 +159,11 @@ def test_beta_must_be_a_finite_positive_number(beta: Any) -> None:
         cache_aside(key="x:<id>", ttl=10, refresh_ahead=XFetch(beta=beta))
 
 
+def test_the_class_itself_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match=r"refresh_ahead=XFetch\(\)"):
+        cache_aside(key="x:<id>", ttl=10, refresh_ahead=XFetch)
+
+
 @pytest.mark.parametrize("window", [10, 11, -1, "5"])
 def test_the_window_must_be_a_duration_shorter_than_ttl(window: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"refresh_ahead=XFetch\(window="):
