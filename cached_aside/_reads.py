@@ -228,9 +228,12 @@ def _draw(raw: list[Any]) -> float:
     """The reply's one draw in (0, 1]: taken at its first judgement and kept with it
     (its fourth element), so every later judgement of the same reply (the driver's
     routing, after_miss) agrees. A test passes a reply with its draw in place."""
-    if len(raw) < 4:
-        raw.append(1.0 - random.random())
-    return float(raw[3])
+    if len(raw) > 3:
+        return float(raw[3])
+    draw = 1.0 - random.random()
+    if type(raw) is list:  # as every client parses a script's reply
+        raw.append(draw)
+    return draw
 
 
 def peek_lookup(plan: Plan, key: str) -> RunScript:
