@@ -60,14 +60,16 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     """One process: reads every hot key in turn until the run ends; returns each call's
     start and latency, and how many did not get a cached value."""
     url, prefix = config["url"], config["prefix"]
-    engine = CacheEngine.from_url(url, prefix=prefix)
+    # Timeouts and a lock far above any stall of a starved process: this is about
+    # early refresh, not fail-open loads or lease renewal.
+    engine = CacheEngine.from_url(url, prefix=prefix, socket_timeout=10, socket_connect_timeout=10)
     raw = redis.Redis.from_url(url)
 
-    # A lock far above any stall of a starved process: this is about early refresh.
     @cache_aside(
         key="hot:<id>",
         ttl=TTL_S,
         lock_ttl=60,
+        fail_open=False,
         refresh_ahead=option(config["refresh_ahead"]),
         engine=engine,
     )
