@@ -3,7 +3,7 @@ write instead (`redis.Redis.from_url(url)` / `redis.asyncio.Redis.from_url(url)`
 redis-py's defaults), vs peer libraries on the same server and record, and against
 the floor: the C client (`redis-benchmark -c 1 -P 1`, when it is installed) reading
 the same record, a round of it before each round of the Python contenders, with its
-round trip and CPU per GET beside this process's CPU per call.
+round trip and CPU per GET beside this process's CPU per call (benchmarks/c_client.py).
 cached_aside is built as its docs say, with `CacheEngine.from_url(url)`.
 
     python -m benchmarks --only hit_path
