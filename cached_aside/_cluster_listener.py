@@ -6,10 +6,11 @@ others. So every master gets its own listener (an InvalidationListener of one no
 BCAST with the engine's prefix), and the near caches are on only while the set of
 listeners is exactly the set of masters and every one of them is tracking. Any loss
 (a listener's connection, a failover, a master added or gone, a topology nobody can
-tell) empties every near cache of the engine and keeps them off until tracking
-covers every master again: a value is never served from process memory unless the
-node that owns its slot is tracking us. Coarse (one lost master empties the slots of
-all), but simple enough to be right.
+tell) switches every near cache of the engine off, its entries set aside unserved,
+until tracking covers every master again; then they are reread and kept only if
+unchanged (`_revalidation`): a value is never served from process memory unless the
+node that owns its slot is tracking us. Coarse (one lost master sets aside the slots
+of all), but simple enough to be right.
 
 The topology is read every TOPOLOGY_SECONDS with CLUSTER SLOTS: a master added to
 the cluster and given slots in between is the one window in which a change could
@@ -18,12 +19,16 @@ go unreported, and it is at most that long.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from typing import Any
 
+from redis.crc import key_slot
+
 from ._listener import InvalidationListener, StoreListener, connection_factory
-from ._near import TrackingState
+from ._near import NearStore, Tracking, TrackingState
+from ._registrar import slot_of
 
 logger = logging.getLogger("cached_aside")
 
@@ -36,18 +41,32 @@ class ClusterListener(StoreListener):
 
     THREAD_NAME = "cached_aside-cluster-topology"
 
-    def __init__(self, client: Any, prefix: str) -> None:
-        super().__init__(prefix)
+    def __init__(self, client: Any, prefix: str, tracking: Tracking = "bcast") -> None:
+        super().__init__(prefix, tracking)
         self._client = client  # a sync RedisCluster: for CLUSTER SLOTS and node settings
         self._judging = threading.Lock()  # one verdict at a time, from any thread
         self._nodes: dict[str, InvalidationListener] = {}  # by "host:port"
         self._masters: frozenset[str] = frozenset()
+        # Per-key tracking: the first slot of each range, and its master, from the
+        # last CLUSTER SLOTS (a registration goes to the master owning the key).
+        # ([first slot of each range], [(its last slot, "host:port")]), replaced whole
+        self._slots: tuple[list[int], list[tuple[int, str]]] = ([], [])
         self.topology_changes = 0
 
     @property
     def connections(self) -> int:
         """Times tracking was (re-)established, over every master's listener."""
         return sum(node.connections for node in list(self._nodes.values()))
+
+    @property
+    def messages(self) -> int:
+        """Invalidation messages received, over every master's listener."""
+        return sum(node.messages for node in list(self._nodes.values()))
+
+    @property
+    def keys_reported(self) -> int:
+        """Keys those messages named, over every master's listener."""
+        return sum(node.keys_reported for node in list(self._nodes.values()))
 
     def nodes(self) -> dict[str, InvalidationListener]:
         """The listener of each master, by "host:port" (for tests and diagnostics)."""
@@ -68,6 +87,20 @@ class ClusterListener(StoreListener):
     def invalidate(self, keys: list[bytes] | None) -> None:
         self._report(keys)  # None: FLUSHALL on a master, its slots are empty
 
+    def register(self, store: NearStore, key: str, number: int) -> None:
+        """To the listener of the master that owns the key's slot; if the slot
+        moved since, that master refuses the EXISTS and the key stays unregistered."""
+        slot = key_slot(key.encode())
+        starts, owners = self._slots
+        index = bisect.bisect_right(starts, slot) - 1
+        node = None
+        if 0 <= index < len(owners) and slot <= owners[index][0]:
+            node = self._nodes.get(owners[index][1])
+        if node is None:
+            store.registered([(key, number)], processed=False)
+        else:
+            node.register(store, key, number)
+
     # -- the topology --------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -87,10 +120,14 @@ class ClusterListener(StoreListener):
     def _discover(self) -> dict[str, tuple[str, int]]:
         """The masters serving slots now, by "host:port"."""
         masters: dict[str, tuple[str, int]] = {}
+        ranges: list[tuple[int, int, str]] = []
         for entry in self._client.execute_command("CLUSTER", "SLOTS"):
             host, port = entry[2][0], int(entry[2][1])
             host = host.decode() if isinstance(host, bytes) else str(host)
             masters[f"{host}:{port}"] = (host, port)
+            ranges.append((int(entry[0]), int(entry[1]), f"{host}:{port}"))
+        ranges.sort()
+        self._slots = ([first for first, _, _ in ranges], [(last, n) for _, last, n in ranges])
         return masters
 
     def _follow(self, masters: dict[str, tuple[str, int]]) -> None:
@@ -106,7 +143,9 @@ class ClusterListener(StoreListener):
         for name, (host, port) in masters.items():
             if name not in self._nodes:
                 connect = connection_factory(template, host=host, port=port)
-                node = InvalidationListener(connect, self.prefix, tier=self)
+                node = InvalidationListener(
+                    connect, self.prefix, tier=self, tracking=self.tracking, group=slot_of
+                )
                 self._nodes[name] = node
                 node.start()
 
@@ -134,14 +173,13 @@ class ClusterListener(StoreListener):
                 self._settled.set()
 
     def _set(self, state: TrackingState, reason: str = "") -> None:
-        """Switch the caches on or off when the verdict changes (each switch empties
-        them, so an unchanged verdict must not switch again)."""
+        """Switch the caches on or off when the verdict changes (a switch on rereads
+        what was set aside, so an unchanged verdict must not switch again)."""
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
-            stores = list(self._stores) if changed else []
-        for store in stores:
-            store.switch(state == "tracking")
+            stores = list(self._stores) if changed or reason == "stopped" else []
+        self._turn(stores, state, reason)
         if changed and state == "down" and reason != "stopped":
             logger.warning("near cache off on the cluster: %s", reason)
 

@@ -6,7 +6,8 @@ and subscribes to `__redis__:invalidate` (RESP2, so Redis 6 and 7 both speak it)
 Any change by anyone reaches it: invalidate, update_field, expiry, eviction, a DEL
 typed into redis-cli. One daemon thread serves sync and async functions alike.
 Correctness first: whenever it is not connected and tracking, every near cache of
-the engine is off and empty.
+the engine is off, its entries set aside unserved; once tracking is back, they are
+reread (`_revalidation`) and served again only if unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from redis.exceptions import ResponseError
 
 from ._errors import ConfigurationError
 from ._keys import tag_key
-from ._near import NearStore, TrackingState
+from ._near import NearStore, Tracking, TrackingState
+from ._registrar import Registrar, one_group
+from ._revalidation import start
 
 logger = logging.getLogger("cached_aside")
 
@@ -113,8 +116,9 @@ class StoreListener:
 
     THREAD_NAME = "cached_aside-invalidations"
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, tracking: Tracking = "bcast") -> None:
         self.prefix = prefix
+        self.tracking: Tracking = tracking  # every store attached to it uses this mode
         self._stores: list[NearStore] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -122,20 +126,49 @@ class StoreListener:
         self._settled = threading.Event()  # the first attempt ended, one way or another
         self.state: TrackingState = "starting"
         self.reason = ""
+        # time.monotonic() when the last revalidation after a reconnect ended
+        self.revalidated_at: float | None = None
 
     def _loop(self) -> None:
+        raise NotImplementedError
+
+    def register(self, store: NearStore, key: str, number: int) -> None:
+        """Per-key tracking: have Redis track `key` for `store` (request `number`)."""
         raise NotImplementedError
 
     def _serves(self, store: NearStore) -> bool:
         """Whether `store` may serve from memory in the listener's present state."""
         return self.state == "tracking"
 
+    def _turn(self, stores: list[NearStore], state: TrackingState, reason: str) -> None:
+        """Switch `stores` for the state just entered: tracking is back, so reread
+        what was set aside (a thread of its own, after tracking is in place: a change
+        after a reread is reported); tracking lost, so set the entries aside; else
+        (unsupported, stopped) on or off, and empty."""
+        rereads = []
+        for store in stores:
+            if state == "tracking":
+                rereads.append((store, store.resume()))
+            elif state == "down" and reason != "stopped":
+                store.suspend()
+            else:
+                store.switch(
+                    self._serves(store), state == "unsupported" and store.config.allow_untracked
+                )
+        if any(keys for _, keys in rereads):
+            start(rereads, self._revalidated)
+
+    def _revalidated(self) -> None:
+        self.revalidated_at = monotonic()
+
     def attach(self, store: NearStore) -> None:
         """Serve `store` from now on, starting the listener on first use."""
+        if store.registrations is not None:
+            store.register = self.register
         with self._lock:
             self._stores.append(store)
             if self._serves(store):
-                store.switch(True)
+                store.switch(True, untracked=self.state == "unsupported")
             self._start_locked()
 
     def _start_locked(self) -> None:
@@ -176,9 +209,9 @@ class StoreListener:
     def _report(self, keys: list[bytes] | None) -> None:
         """What Redis reported changed, to every attached store (None: everything)."""
         stores = self._attached()
-        if keys is None:  # FLUSHALL / FLUSHDB: everything is gone
+        if keys is None:  # FLUSHALL / FLUSHDB: everything is gone, tracked keys too
             for store in stores:
-                store.clear()
+                store.clear(registrations=True)
             return
         names = [key.decode("utf-8", "replace") for key in keys]
         for store in stores:
@@ -206,12 +239,23 @@ class InvalidationListener(StoreListener):
     """Tracks one key prefix for the near caches attached to it; or, for a cluster's
     listener (`tier`), on one node, reporting to the tier, which owns the caches."""
 
-    def __init__(self, connect: Callable[[], Any], prefix: str, tier: Tier | None = None) -> None:
-        super().__init__(prefix)
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        prefix: str,
+        tier: Tier | None = None,
+        tracking: Tracking = "bcast",
+        group: Callable[[str], int] = one_group,
+    ) -> None:
+        super().__init__(prefix, tracking)
         self._tier = tier
         self._connect = connect
+        self._group = group  # which keys one EXISTS of the registrar may name together
+        self.registrar: Registrar | None = None  # per-key mode, while connected
         self.connections = 0  # times tracking was (re-)established
         self.client_id: int | None = None  # the connection's CLIENT ID, for CLIENT KILL
+        self.messages = 0  # invalidation messages received (a FLUSHALL's null one too)
+        self.keys_reported = 0  # keys those messages named
 
     def _serves(self, store: NearStore) -> bool:
         untracked = self.state == "unsupported" and store.config.allow_untracked
@@ -234,9 +278,7 @@ class InvalidationListener(StoreListener):
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
-            for store in self._stores:
-                untracked = state == "unsupported" and store.config.allow_untracked
-                store.switch(state == "tracking" or untracked)
+            self._turn(self._stores, state, reason)
         if changed and state == "down" and reason != "stopped":
             logger.warning(
                 "near cache off: the invalidation listener lost Redis (%s); reconnecting", reason
@@ -245,11 +287,15 @@ class InvalidationListener(StoreListener):
     def _loop(self) -> None:
         delay = FIRST_RETRY_SECONDS
         while not self._stop.is_set():
-            connection = None
+            connection = registrar = None
             try:
                 connection = self._connect()
                 connection.connect()
                 self._track(connection)
+                if self.tracking == "keys":
+                    registrar = Registrar(self._connect, self._registrar_lost, self._group)
+                    registrar.open(self.client_id or 0)
+                    self.registrar = registrar
                 self.connections += 1
                 self._switch("tracking")
                 self._settled.set()
@@ -263,26 +309,37 @@ class InvalidationListener(StoreListener):
                 self._switch("down", f"{type(exc).__name__}: {exc}")
                 self._settled.set()
             finally:
+                self.registrar = None
+                if registrar is not None:
+                    registrar.close()
                 if connection is not None:
                     connection.disconnect()
             self._stop.wait(delay)
             delay = min(MAX_RETRY_SECONDS, delay * 2)
 
+    def _forget_in_child(self) -> None:
+        self.registrar = None  # its thread stayed in the parent
+
+    def _registrar_lost(self, reason: str) -> None:
+        """From the registrar's thread: Redis forgot the keys it tracked, so nothing
+        vouches for the caches; the listener's loop reconnects both."""
+        self._switch("down", reason)
+
+    def register(self, store: NearStore, key: str, number: int) -> None:
+        registrar = self.registrar
+        if registrar is None:
+            store.registered([(key, number)], processed=False)
+        else:
+            registrar.submit(store, key, number)
+
     def _track(self, connection: Any) -> None:
         connection.send_command("CLIENT", "ID")
         own_id = self.client_id = connection.read_response()
-        connection.send_command(
-            "CLIENT",
-            "TRACKING",
-            "on",
-            "REDIRECT",
-            own_id,
-            "BCAST",
-            "PREFIX",
-            self.prefix,
-            "PREFIX",  # tags' version keys: invalidate_tags() empties the near caches
-            tag_key(self.prefix, "")[:-1],
-        )
+        # tags' version keys, always: invalidate_tags() empties the near caches
+        prefixes = ["PREFIX", tag_key(self.prefix, "")[:-1]]
+        if self.tracking == "bcast":  # per-key: the registrar's keys, redirected here
+            prefixes = ["PREFIX", self.prefix, *prefixes]
+        connection.send_command("CLIENT", "TRACKING", "on", "REDIRECT", own_id, "BCAST", *prefixes)
         connection.read_response()
         connection.send_command("SUBSCRIBE", INVALIDATION_CHANNEL)
         connection.read_response()
@@ -290,12 +347,17 @@ class InvalidationListener(StoreListener):
     def _listen(self, connection: Any) -> None:
         last_ping = monotonic()
         awaiting_pong_since: float | None = None
+        registrar = self.registrar
         while not self._stop.is_set():
+            if registrar is not None and registrar.lost.is_set():
+                raise ListenerLostError("its registrar's connection was lost")
             if connection.can_read(timeout=POLL_SECONDS):
                 message = connection.read_response()
                 if message[0] == b"pong":
                     awaiting_pong_since = None
                 elif message[0] == b"message" and message[1] == INVALIDATION_CHANNEL:
+                    self.messages += 1
+                    self.keys_reported += len(message[2] or ())
                     self._invalidate(message[2])
                 continue
             now = monotonic()

@@ -2,8 +2,9 @@
 
 Frozen values bounded by entry count and by a byte budget, chosen by W-TinyLFU
 (`_admission`), each expiring no later than its Redis entry. The engine's
-invalidation listener drops entries the moment Redis reports a change, and empties
-the whole tier whenever it cannot vouch for that. No redis or asyncio imports here.
+invalidation listener drops entries the moment Redis reports a change; while it cannot
+vouch for that, the entries wait aside, unserved, until `_revalidation` rereads them.
+No redis or asyncio imports here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ._admission import Policy
 from ._codecs import Frozen
 from ._errors import ConfigurationError
 from ._keys import is_tag_key
+from ._registrations import Registrations
 from ._stats import _counted
 from ._validate import Duration, flag, milliseconds, whole
 
@@ -38,9 +40,17 @@ DEFAULT_MAX_ENTRIES = 10_000
 # sketch. tracemalloc measured 249-299 bytes from 1,000 to 140,000 entries on CPython
 # 3.11 (dicts grow in steps); tests/test_near_budget.py checks it stays below this.
 ENTRY_OVERHEAD_BYTES: Final = 320
+Tracking = Literal["keys", "bcast"]
+TRACKING_MODES: Final = ("keys", "bcast")
 # Reads (hits and misses) waiting to be told to the policy; a ring that drops the
 # oldest when full, so that a hit costs one append and no lock (Caffeine's read buffer).
 READ_BUFFER: Final = 512
+# Entries set aside when tracking dropped are reread when it comes back, unless the
+# outage lasted longer than this: then the tier starts empty, as a new one would.
+MAX_OUTAGE_SECONDS: Final = 60.0
+# What a reread of one key found: its value and the ms its Redis entry has left, or
+# None when the key cannot be vouched for (gone, changed type, aged, a failure).
+Reread = tuple[Any, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +71,24 @@ class NearCache:
         allow_untracked: where the server cannot track keys (fakeredis, some managed
             services), serve near entries anyway, accepting that another process's
             change is seen only when the entry expires. Needs a `ttl`.
+        tracking: how Redis tells this process of changes. "bcast": of every change
+            under the engine's prefix, whether or not this process holds the key.
+            "keys": only of keys this process registered (a key's first read from
+            Redis registers it and is not kept; the next one is). One engine's near
+            caches all use the same mode.
     """
 
     max_entries: int = DEFAULT_MAX_ENTRIES
     ttl: Duration | None = None
     allow_untracked: bool = False
     max_bytes: int | None = None
+    tracking: Tracking = "bcast"
 
     def __post_init__(self) -> None:
+        if self.tracking not in TRACKING_MODES:
+            raise ConfigurationError(
+                f'NearCache(tracking=...) must be "keys" or "bcast", not {self.tracking!r}'
+            )
         whole("NearCache(max_entries=...)", self.max_entries)
         if self.max_bytes is not None:
             whole("NearCache(max_bytes=...)", self.max_bytes)
@@ -188,6 +208,19 @@ class NearStore:
         self._evictions = self._refusals = 0
         # Off until the engine's listener confirms that Redis reports changes.
         self.enabled = False
+        # Per-key tracking: what Redis tracks for this store, and how to ask it to
+        # (set by the listener the store is attached to; see `_registrations`).
+        self.registrations = (
+            Registrations(self._numbers, config.max_entries) if config.tracking == "keys" else None
+        )
+        self.register: Callable[[NearStore, str, int], None] | None = None
+        # Entries kept while tracking was down (never served from here; their bytes
+        # and policy standing still count), since when, and what their rereads made.
+        self._suspect: dict[str, tuple[float, Callable[[Any], Any], Any, int]] = {}
+        self._suspended_at: float | None = None
+        self.revalidated = self.unverified = 0
+        # How the wrapper rereads keys for `_revalidation` (None: drop them instead).
+        self.reread: Callable[[list[str]], list[Reread]] | None = None
 
     def get(self, key: str) -> Any:
         """The value (a fresh copy), or MISSING."""
@@ -224,13 +257,21 @@ class NearStore:
         """What the tier keeps: values and the tickets of reads in flight."""
         return len(self._data) + len(self._tickets)
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """(misses, evictions, admissions refused, bytes held), for the stats."""
-        return _counted(self._miss_count), self._evictions, self._refusals, self.held
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """(misses, evictions, admissions refused, bytes held, entries revalidated
+        and entries dropped unverified after a reconnect), for the stats."""
+        return (
+            _counted(self._miss_count),
+            self._evictions,
+            self._refusals,
+            self.held,
+            self.revalidated,
+            self.unverified,
+        )
 
     def reset_counts(self) -> None:
         self._miss_count = itertools.count()
-        self._evictions = self._refusals = 0
+        self._evictions = self._refusals = self.revalidated = self.unverified = 0
 
     def _shrink(self) -> None:
         """Back within max_entries: the oldest tickets first (losing one costs a
@@ -257,21 +298,36 @@ class NearStore:
         copier, frozen = self._freeze(value)
         weight = weigh(key, frozen)
         budget = self._budget
+        request = None
         with budget.lock:
             if not self.enabled or self._tickets.get(key) != ticket:
                 return
             self._tickets.pop(key, None)
-            self._drain()
-            old = self._data.get(key)
-            if old is None:
-                self._policy.add(key)
-            else:
-                self._count_bytes(-old[3])
-            self._data[key] = (monotonic() + lifetime, copier, frozen, weight)
-            self._count_bytes(weight)
-            self._cut(self.config.max_entries - len(self._tickets))
-            if key in self._data:
-                budget.make_room(self, key, weight)
+            registrations = self.registrations
+            if registrations is None or registrations.vouches(key, ticket):
+                self._keep(key, copier, frozen, weight, lifetime)
+            elif self.register is not None:
+                request = registrations.request(key)
+        if request is not None and self.register is not None:
+            self.register(self, key, request)  # outside the lock: the registrar's queue
+
+    def _keep(
+        self, key: str, copier: Callable[[Any], Any], frozen: Any, weight: int, lifetime: float
+    ) -> None:
+        """Under the lock: the entry in, and the bounds kept."""
+        if key in self._suspect:  # read afresh before its reread: this one wins
+            self._remove(key)
+        self._drain()
+        old = self._data.get(key)
+        if old is None:
+            self._policy.add(key)
+        else:
+            self._count_bytes(-old[3])
+        self._data[key] = (monotonic() + lifetime, copier, frozen, weight)
+        self._count_bytes(weight)
+        self._cut(self.config.max_entries - len(self._tickets))
+        if key in self._data:
+            self._budget.make_room(self, key, weight)
 
     def _drain(self) -> None:
         """Tell the policy the reads queued since the last fill; drop the expired
@@ -306,7 +362,7 @@ class NearStore:
         self._budget.held += change
 
     def _discard(self, key: str) -> None:
-        entry = self._data.pop(key, None)
+        entry = self._data.pop(key, None) or self._suspect.pop(key, None)
         if entry is not None:
             self._count_bytes(-entry[3])
 
@@ -327,25 +383,155 @@ class NearStore:
         version changed (invalidate_tags()) empties the tier: entries do not say here
         which tags they carry."""
         keys = list(keys)
-        if any(is_tag_key(key) for key in keys):
-            self.clear()
-            return
         with self._budget.lock:
+            if self.registrations is not None:  # Redis tracks none of them any more
+                self.registrations.forget(keys)
+            if any(is_tag_key(key) for key in keys):
+                self._empty()
+                return
             for key in keys:
                 self._remove(key)
                 self._tickets.pop(key, None)
 
-    def clear(self) -> None:
+    def clear(self, registrations: bool = False) -> None:
+        """Empty the tier; and forget what Redis tracked for it (`registrations`)
+        when Redis forgot it too (FLUSHALL)."""
         with self._budget.lock:
             self._empty()
+            if registrations and self.registrations is not None:
+                self.registrations.clear()
 
-    def switch(self, on: bool) -> None:
-        """Turn the tier on (tracking confirmed) or off (emptied: nothing vouches for it)."""
+    def switch(self, on: bool, untracked: bool = False) -> None:
+        """Turn the tier on (tracking confirmed) or off (emptied: nothing vouches for it).
+        Either way the connections that registered keys are new or gone: so are
+        their registrations. On `untracked` (allow_untracked, a server that cannot
+        track) there is nothing to register with: the ttl alone bounds staleness."""
         with self._budget.lock:
             self.enabled = on
             self._empty()
+            if untracked:
+                self.registrations = None
+            elif self.registrations is not None:
+                self.registrations.clear()
+
+    # -- per-key tracking: the registrar's replies, and a hook for revalidation ----
+
+    def registered(self, keys: Iterable[tuple[str, int]], processed: bool = True) -> None:
+        """The registrar's answer to these registrations (key, request number):
+        processed, reads sent from now on may fill; or not (refused, never sent),
+        the next fill asks again."""
+        registrations = self.registrations
+        if registrations is not None:
+            answer = registrations.confirm if processed else registrations.abandon
+            with self._budget.lock:
+                for key, number in keys:
+                    answer(key, number)
+
+    def forget_registrations(self) -> None:
+        """The registrar's connection closed: Redis tracks none of its keys now."""
+        if self.registrations is not None:
+            with self._budget.lock:
+                self.registrations.clear()
+
+    def request_registration(self, keys: Iterable[str]) -> None:
+        """Ask Redis to track these keys (per-key mode; nothing in BCAST mode),
+        e.g. entries kept across a reconnect: a value read after the reply
+        (`vouches`) may be kept."""
+        registrations, register = self.registrations, self.register
+        if registrations is None or register is None:
+            return
+        with self._budget.lock:
+            requests = [(key, registrations.request(key)) for key in keys]
+        for key, number in requests:
+            if number is not None:
+                register(self, key, number)
+
+    def awaiting_registration(self, keys: Iterable[str]) -> bool:
+        """Whether a registration of any of these keys is on its way (per-key mode)."""
+        registrations = self.registrations
+        if registrations is None:
+            return False
+        with self._budget.lock:
+            return registrations.awaiting(keys)
+
+    def vouches(self, key: str, ticket: int) -> bool:
+        """Whether Redis reports any change of `key` made after the read that took
+        `ticket` was sent: always in BCAST mode, in per-key mode once registered."""
+        registrations = self.registrations
+        return registrations is None or registrations.vouches(key, ticket)
+
+    # -- a reconnect: set aside, then reread (`_revalidation` drives these) ----------
+
+    def suspend(self) -> None:
+        """Off, the entries set aside unserved (the hit path finds none), tickets
+        cancelled: tracking dropped, and may come back."""
+        with self._budget.lock:
+            self.enabled = False
+            self._suspect.update(self._data)
+            self._data = {}
+            self._tickets.clear()
+            if self._suspended_at is None:
+                self._suspended_at = monotonic()
+
+    def resume(self) -> list[str]:
+        """On again (tracking is back): the keys set aside, still within their
+        ttl, to reread, those the policy ranks highest first; the others go, and
+        all go after a long outage."""
+        with self._budget.lock:
+            self.enabled = True
+            since, self._suspended_at = self._suspended_at, None
+            now = monotonic()
+            if since is None or now - since > MAX_OUTAGE_SECONDS:
+                self.unverified += len(self._suspect)
+                self._empty()
+                return []
+            for key in [key for key, entry in self._suspect.items() if entry[0] <= now]:
+                self._remove(key)
+                self.unverified += 1
+            return [key for key in self._policy.ranked() if key in self._suspect]
+
+    def vouch(self, keys: list[str]) -> list[tuple[str, int]]:
+        """Tickets for the rereads of these keys, those still set aside; none while
+        off. A change or clear reported from now on cancels them."""
+        with self._budget.lock:
+            if not self.enabled:
+                return []
+            taken = [(key, next(self._numbers)) for key in keys if key in self._suspect]
+            self._tickets.update(taken)
+            return taken
+
+    def restore(self, key: str, ticket: int, found: Reread) -> bool:
+        """Serve a set-aside key again with what its reread found, if its ticket
+        still holds; else it goes. Its policy standing is kept."""
+        entry = None
+        if found is not None and found[1] > 0:
+            lifetime = found[1] / 1000.0
+            if self._ttl is not None and self._ttl < lifetime:
+                lifetime = self._ttl
+            copier, frozen = self._freeze(found[0])
+            entry = (monotonic() + lifetime, copier, frozen, weigh(key, frozen))
+        with self._budget.lock:
+            ours = self._tickets.get(key) == ticket
+            if ours:
+                self._tickets.pop(key, None)
+            valid = ours and self.enabled and self.vouches(key, ticket)
+            old = self._suspect.pop(key, None)
+            if old is None:
+                return False
+            self._count_bytes(-old[3])
+            if entry is None or not valid:
+                self._policy.remove(key)
+                self.unverified += 1
+                return False
+            self._data[key] = entry
+            self._count_bytes(entry[3])
+            self.revalidated += 1
+            self._budget.make_room(self, key, entry[3])
+            return True
 
     def _empty(self) -> None:
+        self._suspect.clear()
+        self._suspended_at = None
         self._data.clear()
         self._policy.clear()
         self._tickets.clear()
@@ -356,11 +542,15 @@ class NearStore:
         """Off and empty, with a fresh lock: called in a forked child."""
         self._budget.reset_after_fork()
         self.enabled = False
+        self._suspended_at = None  # as _empty(), which the budget's reset rules out
+        self._suspect.clear()
         self._data.clear()
         self._policy.clear()
         self._tickets.clear()
         self._reads.clear()
         self.held = 0
+        if self.registrations is not None:
+            self.registrations.clear()
 
 
 TrackingState = Literal["starting", "tracking", "down", "unsupported"]

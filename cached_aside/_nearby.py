@@ -15,9 +15,13 @@ import redis.cluster
 from ._cluster_listener import ClusterListener
 from ._codecs import Codec
 from ._connector import Connector
+from ._drivers import no_seal, run
 from ._errors import ConfigurationError
 from ._listener import InvalidationListener, connection_factory
-from ._near import NearBudget, NearCache, NearStore
+from ._loads import NO_LOADS
+from ._near import NearBudget, NearCache, NearStore, Reread, Tracking
+from ._plan import Plan
+from ._revalidation import reread
 from ._sides import Sides
 from ._validate import instance
 
@@ -41,20 +45,31 @@ class Nearby:
         self._lock = threading.Lock()
         self.listener: InvalidationListener | ClusterListener | None = None
 
-    def store(self, config: NearCache, codec: Codec, name: str) -> NearStore:
+    def store(
+        self, config: NearCache, codec: Codec, name: str, plan: Plan | None = None
+    ) -> NearStore:
         """A near cache for one function, attached to the listener (started on first
-        use).
+        use); given the function's `plan`, its entries are reread after a reconnect
+        (else dropped).
 
         Raises:
             ConfigurationError: the server cannot track keys and the config does not
                 accept TTL-only staleness.
         """
         store = NearStore(config, codec.freeze, self._budget if config is self.default else None)
-        make = self._listener_maker()  # outside the lock: it may make the client
+        if plan is not None:
+            store.reread = self._rereader(plan)
+        make = self._listener_maker(config.tracking)  # outside the lock: it may make the client
         with self._lock:
             if self.listener is None:
                 self.listener = make()
             listener = self.listener
+        if listener.tracking != config.tracking:
+            raise ConfigurationError(
+                f"{name}: NearCache(tracking={config.tracking!r}) on an engine whose near "
+                f"caches already track {listener.tracking!r}: one engine's listener "
+                "tracks one way; give every NearCache on this engine the same tracking="
+            )
         listener.attach(store)
         state = listener.wait_settled(NEAR_HANDSHAKE_SECONDS)
         if state == "unsupported" and not config.allow_untracked:
@@ -67,10 +82,33 @@ class Nearby:
             )
         return store
 
+    def _rereader(self, plan: Plan) -> Callable[[list[str]], list[Reread]]:
+        """Rereads keys of `plan`'s function on the engine's sync side, as lookups
+        (never loading); a key whose invalidation waits in the outbox is not vouched
+        for (Redis may still hold the old value)."""
+
+        def reread_keys(keys: list[str]) -> list[Reread]:
+            side = self._sides.sync_side()
+            found = run(reread(plan, keys), side, NO_LOADS, no_seal)[0]
+            outbox = side.outbox
+            if not outbox.active:
+                return found
+            return [
+                None if outbox.blocks(key) else entry
+                for key, entry in zip(keys, found, strict=True)
+            ]
+
+        return reread_keys
+
     def state(self) -> str:
         """The listener's state, or "off" when no function uses a near cache."""
         listener = self.listener
         return "off" if listener is None else listener.state
+
+    def revalidated_at(self) -> float | None:
+        """time.monotonic() when the last revalidation after a reconnect ended."""
+        listener = self.listener
+        return None if listener is None else listener.revalidated_at
 
     def drop(self, keys: Iterable[str]) -> None:
         """Read-your-writes: Redis's reports of these deletions arrive a moment later."""
@@ -87,7 +125,9 @@ class Nearby:
         """Makes the listener's connection, to the server the engine's clients use."""
         return connection_factory(self._sides.listener_client())
 
-    def _listener_maker(self) -> Callable[[], InvalidationListener | ClusterListener]:
+    def _listener_maker(
+        self, tracking: Tracking
+    ) -> Callable[[], InvalidationListener | ClusterListener]:
         """Makes the listener: of the server the engine's clients use, or of every
         master of its cluster."""
         given = self._sides.given_clients()
@@ -101,7 +141,7 @@ class Nearby:
                 if self._connector.cluster
                 else self._sides.sync_side().client
             )
-            return lambda: ClusterListener(client, self._key_head)
+            return lambda: ClusterListener(client, self._key_head, tracking)
         if any(isinstance(client, redis.asyncio.cluster.RedisCluster) for client in given):
             raise ConfigurationError(
                 "a near cache on Redis Cluster reads the cluster's topology with a sync "
@@ -109,7 +149,7 @@ class Nearby:
                 "or give it a redis.cluster.RedisCluster too"
             )
         connect = self.connection()
-        return lambda: InvalidationListener(connect, self._key_head)
+        return lambda: InvalidationListener(connect, self._key_head, tracking=tracking)
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Another process with a near cache, for tests and benchmarks: it reads one entry as
 fast as it can and reports every change of value it sees.
 
-    python -m tests.near_watcher URL PREFIX ID
+    python -m tests.near_watcher URL PREFIX ID [TRACKING]
 
 The loader reads the primary from the Redis key `primary-<PREFIX>:<ID>` (outside the
 engine's prefix). Prints "ready" once the value is served from the near cache, then
@@ -22,11 +22,13 @@ import redis
 from cached_aside import CacheEngine, NearCache, Source, cache_aside
 
 
-def main(url: str, prefix: str, id: str) -> None:
+def main(url: str, prefix: str, id: str, tracking: Any = "bcast") -> None:
     primary = redis.Redis.from_url(url)
     engine = CacheEngine.from_url(url, prefix=prefix)
 
-    @cache_aside(key="item:<id>", ttl=60, as_hash=True, engine=engine, near=NearCache())
+    @cache_aside(
+        key="item:<id>", ttl=60, as_hash=True, engine=engine, near=NearCache(tracking=tracking)
+    )
     def read(id: str) -> dict[str, Any]:
         value = primary.get(f"primary-{prefix}:{id}")
         return {"v": (value or b"").decode()}
@@ -55,4 +57,4 @@ def main(url: str, prefix: str, id: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

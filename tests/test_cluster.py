@@ -17,6 +17,7 @@ import redis.cluster
 
 from cached_aside import BulkOutcome, CacheEngine, NearCache, Outcome, Source, cache_aside
 from cached_aside._keys import entry_keys
+from cached_aside._near import Tracking
 
 from .conftest import PATIENCE, wait_until
 from .servers import REDIS_SERVER, RedisClusterProcesses
@@ -555,10 +556,14 @@ def _until(predicate: Any, seconds: float = 30.0, what: str = "") -> float:
     return time.monotonic() - started
 
 
-def test_near_cache_on_a_cluster_tracks_every_master(cluster: RedisClusterProcesses) -> None:
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
+def test_near_cache_on_a_cluster_tracks_every_master(
+    cluster: RedisClusterProcesses, tracking: Tracking
+) -> None:
     url = cluster.url.replace("redis://", "redis+cluster://")
-    here = CacheEngine.from_url(url, prefix="near", near=NearCache())
-    there = CacheEngine.from_url(url, prefix="near", near=NearCache())  # another process
+    prefix = f"near-{tracking}"
+    here = CacheEngine.from_url(url, prefix=prefix, near=NearCache(tracking=tracking))
+    there = CacheEngine.from_url(url, prefix=prefix, near=NearCache(tracking=tracking))
     version = {"v": 1}
 
     def make(engine: CacheEngine) -> Any:
@@ -581,17 +586,30 @@ def test_near_cache_on_a_cluster_tracks_every_master(cluster: RedisClusterProces
             assert other.invalidate(id) is Outcome.DELETED
         # Every master reports to this process: no near copy of the old value survives.
         took = max(_until(lambda id=id: read(id)["v"] == 2, 10, "report") for id in ids)
-        print(f"\ncluster near cache: reports from 3 masters within {took * 1000:.1f} ms")
+        print(
+            f"\ncluster near cache ({tracking}): reports from 3 masters within {took * 1000:.1f} ms"
+        )
+        listener = here.nearby.listener
+        assert listener is not None
+        # Per-key: only the keys this process read are reported (the tag prefix is
+        # broadcast in both modes, and no tag changed here).
+        assert listener.keys_reported >= len(ids)
+        if tracking == "keys":
+            assert listener.keys_reported == len(ids)
     finally:
         here.close()
         there.close()
 
 
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
 def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
-    cluster: RedisClusterProcesses, client: redis.cluster.RedisCluster
+    cluster: RedisClusterProcesses, client: redis.cluster.RedisCluster, tracking: Tracking
 ) -> None:
+    """In per-key mode the connection killed is the registrar's: Redis forgets the
+    keys it tracked, which is as bad as losing the listener."""
     url = cluster.url.replace("redis://", "redis+cluster://")
-    engine = CacheEngine.from_url(url, prefix="nearkill", near=NearCache())
+    near = NearCache(tracking=tracking)
+    engine = CacheEngine.from_url(url, prefix=f"nearkill-{tracking}", near=near)
     version = {"v": 1}
 
     @cache_aside(key="item:<id>", ttl=60, engine=engine)
@@ -599,20 +617,28 @@ def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
         return {"id": id, **version}
 
     try:
-        read(KEYS[0])
-        _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, what="near fill")
+        ids = KEYS[:30]  # on all three masters
+        for id in ids:
+            read(id)
+            _until(lambda id=id: read.lookup(id).source is Source.NEAR, what="near fill")
         listener = engine.nearby.listener
         name, node = next(iter(listener.nodes().items()))  # type: ignore[union-attr]
         host, port = name.rsplit(":", 1)
         killer = redis.Redis(host=host, port=int(port))
-        killer.client_kill_filter(_id=node.client_id)
+        victim = node.client_id if node.registrar is None else node.registrar.client_id
+        killer.client_kill_filter(_id=victim)
         killer.close()
         _until(lambda: engine.near_state() == "down", 15, "near off after the kill")
-        assert read.lookup(KEYS[0]).source is not Source.NEAR  # emptied at once
+        assert read.lookup(KEYS[0]).source is not Source.NEAR  # set aside at once
         version["v"] = 2
         client.delete(read.key(KEYS[0]))  # a change nobody may miss
         _until(lambda: engine.near_state() == "tracking", 30, "tracking again")
         assert read(KEYS[0])["v"] == 2
+        # The entries of every master were reread, not thrown away: served from
+        # process memory again without a load.
+        _until(lambda: engine.near_revalidated_at() is not None, 30, "rereads done")
+        assert {read.lookup(id).source for id in ids[1:]} == {Source.NEAR}
+        assert read.stats().near_revalidated >= len(ids) - 1
     finally:
         engine.close()
 

@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import subprocess
 import sys
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -28,6 +30,7 @@ from cached_aside import (
     AsyncCachedFunction,
     CachedFunction,
     CacheEngine,
+    NearCache,
     Source,
     cache_aside,
 )
@@ -35,6 +38,7 @@ from cached_aside import _wrapping as wrapping_module
 from cached_aside._stats import LOAD_BUCKETS
 from cached_aside.integrations.opentelemetry import (
     COUNTERS,
+    GAUGES,
     LOADER_DURATION,
     TracedAsyncCachedFunction,
     TracedCachedFunction,
@@ -43,7 +47,14 @@ from cached_aside.integrations.opentelemetry import (
     uninstrument,
 )
 
-from .conftest import Harness, needs_real_redis
+from .conftest import (
+    PATIENCE,
+    REDIS_URL,
+    Harness,
+    delete_prefix,
+    needs_real_redis,
+    unique_prefix,
+)
 from .documented import fenced, marked, run_documented
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,6 +305,46 @@ async def test_metric_values_match_the_stats(h: Harness, telemetry: Telemetry) -
 
     await h.run(fn, "p-1")  # read at collection time: the next collection sees it
     assert telemetry.points(fn)["cached_aside.hits"].value == 3
+
+
+@needs_real_redis
+def test_the_near_caches_counters_and_bytes_are_exported(telemetry: Telemetry) -> None:
+    """Hits, misses, evictions, refused admissions and bytes held: what the stats and
+    Prometheus export, OpenTelemetry exports too."""
+    assert REDIS_URL is not None
+    engine = CacheEngine.from_url(REDIS_URL, prefix=unique_prefix())
+    try:
+
+        @cache_aside(key="p:<id>", ttl=30, engine=engine, near=NearCache(max_entries=4))
+        def read(id: str) -> str:
+            return id * 100
+
+        deadline = time.monotonic() + PATIENCE
+        while read.lookup("hot").source is not Source.NEAR:  # tracking confirms a moment later
+            assert time.monotonic() < deadline, "never served from the near cache"
+        for _ in range(3):
+            read("hot")
+        for round in range(3):  # more keys than max_entries: some go, some are refused
+            for id in ("a", "b", "c", "d", "e", "f"):
+                read(f"{id}{round}")  # loaded
+                read(f"{id}{round}")  # read from Redis: offered to the near cache
+        stats = read.stats()
+        assert stats.near_hits >= 4
+        assert stats.near_misses > 0
+        assert stats.near_bytes > 0
+        assert stats.near_evictions + stats.near_admissions_refused > 0
+
+        points = telemetry.points(read)
+        for name in ("near_hits", "near_misses", "near_evictions", "near_admissions_refused"):
+            assert name in COUNTERS
+            assert points[f"cached_aside.{name}"].value == getattr(stats, name), name
+        assert set(GAUGES) == {"near_bytes"}
+        assert points["cached_aside.near_bytes"].value == stats.near_bytes
+    finally:
+        engine.close()
+        raw = redis.Redis.from_url(REDIS_URL)
+        delete_prefix(raw, engine.prefix)
+        raw.close()
 
 
 async def test_functions_of_one_name_are_summed(engine: CacheEngine, telemetry: Telemetry) -> None:

@@ -27,7 +27,7 @@ from cached_aside import (
     cache_aside,
 )
 from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC
-from cached_aside._near import MISSING, NearStore
+from cached_aside._near import MISSING, NearStore, Tracking
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 from .servers import REDIS_CLI, REDIS_SERVER, RedisProcess, server_speaks_tls
@@ -244,6 +244,13 @@ def near_engine() -> Iterator[CacheEngine]:
     raw.close()
 
 
+@pytest.fixture(params=["bcast", "keys"])
+def tracking(request: pytest.FixtureRequest) -> Tracking:
+    """Both tracking modes pass the coherence tests."""
+    mode: Tracking = request.param
+    return mode
+
+
 def until_near(fn: Any, *args: Any) -> None:
     """Read until served from the near cache (our own store's tracking reports
     arrive a moment after it, and void the first fills)."""
@@ -253,10 +260,12 @@ def until_near(fn: Any, *args: Any) -> None:
 
 
 @needs_real_redis
-def test_near_hits_are_counted_apart_and_return_copies(near_engine: CacheEngine) -> None:
+def test_near_hits_are_counted_apart_and_return_copies(
+    near_engine: CacheEngine, tracking: Tracking
+) -> None:
     loads: list[str] = []
 
-    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())
+    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache(tracking=tracking))
     def read(id: str) -> dict[str, Any]:
         loads.append(id)
         return {"id": id, "tags": ["a"]}
@@ -297,10 +306,14 @@ def test_near_hits_from_many_threads_are_all_counted_and_reset(near_engine: Cach
 
 
 @needs_real_redis
-def test_this_processes_own_changes_are_seen_at_once(near_engine: CacheEngine) -> None:
+def test_this_processes_own_changes_are_seen_at_once(
+    near_engine: CacheEngine, tracking: Tracking
+) -> None:
     version = {"v": "1"}
 
-    @cache_aside(key="p:<id>", ttl=30, as_hash=True, engine=near_engine, near=NearCache())
+    @cache_aside(
+        key="p:<id>", ttl=30, as_hash=True, engine=near_engine, near=NearCache(tracking=tracking)
+    )
     def read(id: str) -> dict[str, str]:
         return dict(version)
 
@@ -356,10 +369,12 @@ def test_near_ttl_bounds_staleness_below_the_redis_ttl(
 
 
 @needs_real_redis
-def test_a_change_made_with_redis_cli_drops_the_copy(near_engine: CacheEngine) -> None:
+def test_a_change_made_with_redis_cli_drops_the_copy(
+    near_engine: CacheEngine, tracking: Tracking
+) -> None:
     primary = {"v": "1"}
 
-    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())
+    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache(tracking=tracking))
     def read(id: str) -> str:
         return primary["v"]
 
@@ -378,11 +393,11 @@ def test_a_change_made_with_redis_cli_drops_the_copy(near_engine: CacheEngine) -
 
 @needs_real_redis
 def test_listener_killed_the_tier_empties_and_refills_without_stale_reads(
-    near_engine: CacheEngine,
+    near_engine: CacheEngine, tracking: Tracking
 ) -> None:
     primary = {"v": "1"}
 
-    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())
+    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache(tracking=tracking))
     def read(id: str) -> str:
         return primary["v"]
 
@@ -408,14 +423,16 @@ def test_listener_killed_the_tier_empties_and_refills_without_stale_reads(
 
 
 @needs_real_redis
-async def test_async_functions_share_the_engines_listener(near_engine: CacheEngine) -> None:
+async def test_async_functions_share_the_engines_listener(
+    near_engine: CacheEngine, tracking: Tracking
+) -> None:
     version = {"v": 1}
 
-    @cache_aside(key="a:<id>", ttl=30, engine=near_engine, near=NearCache())
+    @cache_aside(key="a:<id>", ttl=30, engine=near_engine, near=NearCache(tracking=tracking))
     async def read(id: str) -> dict[str, int]:
         return dict(version)
 
-    @cache_aside(key="s:<id>", ttl=30, engine=near_engine, near=NearCache())
+    @cache_aside(key="s:<id>", ttl=30, engine=near_engine, near=NearCache(tracking=tracking))
     def read_sync(id: str) -> int:
         return 1
 
@@ -435,7 +452,7 @@ async def test_async_functions_share_the_engines_listener(near_engine: CacheEngi
 
 @needs_real_redis
 @pytest.mark.slow
-def test_another_process_sees_invalidate_update_field_and_del() -> None:
+def test_another_process_sees_invalidate_update_field_and_del(tracking: Tracking) -> None:
     assert REDIS_URL is not None
     prefix = unique_prefix()
     raw = redis.Redis.from_url(REDIS_URL)
@@ -449,7 +466,7 @@ def test_another_process_sees_invalidate_update_field_and_del() -> None:
     primary = f"primary-{prefix}:x"
     raw.set(primary, "v1")
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "tests.near_watcher", REDIS_URL, prefix, "x"],
+        [sys.executable, "-m", "tests.near_watcher", REDIS_URL, prefix, "x", tracking],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -505,8 +522,10 @@ def test_another_process_sees_invalidate_update_field_and_del() -> None:
 
 
 @needs_real_redis
-def test_a_forked_child_starts_empty_and_listens_for_itself(near_engine: CacheEngine) -> None:
-    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache())
+def test_a_forked_child_starts_empty_and_listens_for_itself(
+    near_engine: CacheEngine, tracking: Tracking
+) -> None:
+    @cache_aside(key="p:<id>", ttl=30, engine=near_engine, near=NearCache(tracking=tracking))
     def read(id: str) -> str:
         return "v"
 

@@ -330,8 +330,10 @@ def test_bad_tags_are_refused_early(engine: CacheEngine) -> None:
 
 
 @needs_real_redis
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
 def test_a_tag_drops_near_copies_here_at_once_and_elsewhere_by_tracking(
     near_engine: CacheEngine,  # noqa: F811
+    tracking: Any,
 ) -> None:
     assert REDIS_URL is not None
     version = {"v": 1}
@@ -339,7 +341,11 @@ def test_a_tag_drops_near_copies_here_at_once_and_elsewhere_by_tracking(
 
     def make(engine: CacheEngine) -> Any:
         @cache_aside(
-            key="n:<shop_id>", ttl=30, engine=engine, near=NearCache(), tags=("shop:<shop_id>",)
+            key="n:<shop_id>",
+            ttl=30,
+            engine=engine,
+            near=NearCache(tracking=tracking),
+            tags=("shop:<shop_id>",),
         )
         def read(shop_id: int) -> dict[str, int]:
             return dict(version)

@@ -32,6 +32,7 @@ from .._wrapping import CachedBase
 
 __all__ = [
     "COUNTERS",
+    "GAUGES",
     "LOADER_DURATION",
     "TracedAsyncCachedFunction",
     "TracedCachedFunction",
@@ -49,6 +50,14 @@ SCOPE = "cached_aside"  # the instrumentation scope of the tracer and the meter
 COUNTERS = {
     "hits": ("{call}", "Calls served a cached value by Redis"),
     "near_hits": ("{call}", "Calls served by the in-process near cache"),
+    "near_misses": ("{call}", "Near-cache look-ups that found nothing to serve"),
+    "near_evictions": ("{entry}", "Near entries pushed out by the entry-count or byte bound"),
+    "near_admissions_refused": (
+        "{entry}",
+        "Values read from Redis that the near cache's W-TinyLFU did not keep",
+    ),
+    "near_revalidated": ("{entry}", "Near entries set aside while untracked, reread and kept"),
+    "near_unverified": ("{entry}", "Near entries set aside while untracked, then dropped"),
     "negative_hits": ("{call}", "Calls served a cached 'no such record'"),
     "misses": ("{call}", "Calls not served from the cache"),
     "loads": ("{load}", "Loader calls"),
@@ -59,6 +68,10 @@ COUNTERS = {
     "corrupt": ("{entry}", "Foreign or damaged entries found, treated as misses and rewritten"),
     "loader_errors": ("{error}", "Loader failures nobody saw raised (background, stale)"),
     "postponed": ("{invalidation}", "Invalidations Redis did not take, queued in the outbox"),
+}
+# Observable gauges, read like the counters: name -> (unit, text).
+GAUGES = {
+    "near_bytes": ("By", "Bytes the near cache's entries take (key, value and a fixed overhead)"),
 }
 # A histogram recorded at each load (the Metrics API has no observable histogram).
 LOADER_DURATION = "cached_aside.loader.duration"
@@ -144,6 +157,10 @@ class _Metrics:
         self.loader_duration = _loader_histogram(meter)
         for name, (unit, description) in COUNTERS.items():
             meter.create_observable_counter(
+                f"cached_aside.{name}", [self._observer(name)], unit, description
+            )
+        for name, (unit, description) in GAUGES.items():
+            meter.create_observable_gauge(
                 f"cached_aside.{name}", [self._observer(name)], unit, description
             )
 
