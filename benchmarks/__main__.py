@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.utils
 
 from . import (
     batches,
+    cells,
     compression,
     concurrency,
     dead_holder,
@@ -53,6 +55,7 @@ from .runner import BenchProgress, Settings, Table, console, show
 
 SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "hit_path": hit_path.run,
+    "cells": cells.run,
     "round_trips": round_trips.run,
     "stampede": stampede.scenario,
     "throughput": throughput.run,
@@ -123,6 +126,8 @@ def environment(url: str) -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    if not redis.utils.HIREDIS_AVAILABLE:  # installed, but hidden (benchmarks/__init__.py)
+        versions["hiredis"] = None
     cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
