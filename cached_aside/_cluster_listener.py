@@ -89,16 +89,21 @@ class ClusterListener(StoreListener):
     def register(self, store: NearStore, key: str, number: int) -> None:
         """To the listener of the master that owns the key's slot; if the slot
         moved since, that master refuses the EXISTS and the key stays unregistered."""
-        slot = key_slot(key.encode())
-        starts, owners = self._slots
-        index = bisect.bisect_right(starts, slot) - 1
-        node = None
-        if 0 <= index < len(owners) and slot <= owners[index][0]:
-            node = self._nodes.get(owners[index][1])
+        owner = self.owner(key)
+        node = None if owner is None else self._nodes.get(owner)
         if node is None:
             store.registered([(key, number)], processed=False)
         else:
             node.register(store, key, number)
+
+    def owner(self, key: str) -> str | None:
+        """The master ("host:port") owning the key's slot in the last CLUSTER SLOTS."""
+        slot = key_slot(key.encode())
+        starts, owners = self._slots
+        index = bisect.bisect_right(starts, slot) - 1
+        if 0 <= index < len(owners) and slot <= owners[index][0]:
+            return owners[index][1]
+        return None
 
     # -- the topology --------------------------------------------------------------
 

@@ -15,13 +15,14 @@ import redis
 from redis.exceptions import ResponseError
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
+from cached_aside._cluster_listener import ClusterListener
 from cached_aside._codecs import MSGPACK_CODEC
 from cached_aside._listener import InvalidationListener
 from cached_aside._near import MISSING, NearStore
 from cached_aside._registrar import Registrar, RegistrarLostError, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
-from .servers import RedisProcess
+from .servers import RedisClusterProcesses, RedisProcess
 
 # -- the rule, stepped by hand ----------------------------------------------------
 
@@ -436,3 +437,48 @@ def test_keys_pushed_out_of_redis_tracking_table_are_dropped_not_kept_stale() ->
         engine.close()
         admin.close()
         server.stop()
+
+
+def test_a_registration_on_a_slots_old_master_vouches_for_nothing_after_the_slot_moved() -> None:
+    """A key registered while absent: Redis tracks it on the master that owned its
+    slot. The slot moves (no key to migrate, so no report); the key is then written
+    on its new master, which tracks nothing for us. The old registration must not
+    let a read from the new master fill: no change there would ever be reported."""
+    cluster = RedisClusterProcesses(masters=3).start()
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    here = CacheEngine.from_url(url, prefix="moved", near=NearCache(tracking="keys"))
+    there = CacheEngine.from_url(url, prefix="moved")
+    version = {"v": 1}
+    try:
+        read = cache_aside(key="p:<id>", ttl=60, engine=here)(lambda id: version["v"])
+        write = cache_aside(key="p:<id>", ttl=60, engine=there)(lambda id: version["v"])
+        read("warm")  # the near tier and its listener, tracking every master
+        until(lambda: here.near_state() == "tracking", "tracking")
+        store, key = read._near, read.key("x")
+        assert store is not None
+        store.request_registration([key])  # while the key is absent
+        until(lambda: store.vouches(key, 1 << 62), "the registration confirmed")
+        listener = here.nearby.listener
+        assert isinstance(listener, ClusterListener)
+        slot = slot_of(key)
+        admins = {node.port: node.admin() for node in cluster.nodes}
+        ids = {port: admin.execute_command("CLUSTER", "MYID") for port, admin in admins.items()}
+        old = int(str(listener.owner(key)).rsplit(":", 1)[1])
+        assert admins[old].execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        new = next(port for port in admins if port != old)  # any other master
+        admins[new].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[old])
+        admins[old].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[new])
+        for admin in admins.values():
+            admin.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[new])
+        until(lambda: listener.owner(key) == f"127.0.0.1:{new}", "the move seen")
+        until(lambda: here.near_state() == "tracking", "tracking")
+        write("x")  # the key, on its new master
+        read("x")
+        until(lambda: read.lookup("x").source is Source.NEAR, "kept")
+        version["v"] = 2
+        write.invalidate("x")  # reported only if the new master tracks the key for us
+        until(lambda: read("x") == 2, "the change reported")
+    finally:
+        here.close()
+        there.close()
+        cluster.stop()
