@@ -13,7 +13,8 @@ all), but simple enough to be right.
 
 The topology is read every TOPOLOGY_SECONDS with CLUSTER SLOTS: a master added to
 the cluster and given slots in between is the one window in which a change could
-go unreported, and it is at most that long.
+go unreported, and it is at most that long. In per-key mode a slot moving to another
+master is treated the same way (its new master tracks none of our keys).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class ClusterListener(StoreListener):
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            slots = self._slots
             try:
                 masters = self._discover()
             except Exception as exc:  # no node answers: nothing vouches for the caches
@@ -118,6 +120,8 @@ class ClusterListener(StoreListener):
                 continue
             if frozenset(masters) != self._masters:
                 self._follow(masters)
+            elif self._slots != slots and self.tracking == "keys":
+                self._moved()
             self._judge()
             self._stop.wait(TOPOLOGY_SECONDS)
 
@@ -133,6 +137,14 @@ class ClusterListener(StoreListener):
         ranges.sort()
         self._slots = ([first for first, _, _ in ranges], [(last, n) for _, last, n in ranges])
         return masters
+
+    def _moved(self) -> None:
+        """Per-key mode: a slot changed masters. A key registered on its old master
+        while absent was not reported when the slot moved (no key to migrate), and
+        the new one tracks nothing for us: so off and on again, registrations
+        forgotten, as for a new master (the same window: until CLUSTER SLOTS shows it)."""
+        self.topology_changes += 1
+        self._set("down", "a slot moved to another master")
 
     def _follow(self, masters: dict[str, tuple[str, int]]) -> None:
         """A listener for each master, none for a node that is no master any more.
