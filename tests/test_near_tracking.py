@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,6 +110,42 @@ def test_losing_a_connection_forgets_every_registration(lost: str) -> None:
     assert len(store.registrations) == 0
     store.fill("k", read(store, "k"), "v1", 30_000)
     assert store.get("k") is MISSING  # nothing served that Redis does not track
+
+
+class SwitchedOffMidTicket(OrderedDict[str, int]):
+    """A store's tickets, where the listener switches the tier off while a reader
+    is inside expect(): after it saw the tier on, before its ticket is written."""
+
+    def __init__(self, store: NearStore) -> None:
+        super().__init__()
+        self.store: NearStore | None = store
+
+    def pop(self, key: str, *default: Any) -> Any:
+        store, self.store = self.store, None
+        if store is not None:
+            store.switch(False)  # the listener lost Redis right then
+        return super().pop(key, *default)
+
+
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
+def test_a_ticket_taken_as_the_tier_switched_off_fills_nothing_once_back_on(
+    tracking: Any,
+) -> None:
+    """The read behind that ticket was sent while nothing tracked the key: a write
+    then went unreported, so its value may not be kept once tracking is back."""
+    store = NearStore(NearCache(tracking=tracking), MSGPACK_CODEC.freeze)
+    registrar = Requests()
+    store.register = registrar
+    store.switch(True)
+    store._tickets = SwitchedOffMidTicket(store)
+    ticket = store.expect("k")
+    assert ticket is not None  # it saw the tier on
+    assert not store.enabled
+    store.switch(True)  # tracking again (per-key: the key registered anew, too)
+    store.request_registration(["k"])
+    store.registered(registrar.requests)
+    store.fill("k", ticket, "v-before-an-unreported-write", 30_000)
+    assert store.get("k") is MISSING
 
 
 def test_a_refused_registration_is_asked_again() -> None:
