@@ -6,10 +6,11 @@ others. So every master gets its own listener (an InvalidationListener of one no
 BCAST with the engine's prefix), and the near caches are on only while the set of
 listeners is exactly the set of masters and every one of them is tracking. Any loss
 (a listener's connection, a failover, a master added or gone, a topology nobody can
-tell) empties every near cache of the engine and keeps them off until tracking
-covers every master again: a value is never served from process memory unless the
-node that owns its slot is tracking us. Coarse (one lost master empties the slots of
-all), but simple enough to be right.
+tell) switches every near cache of the engine off, its entries set aside unserved,
+until tracking covers every master again; then they are reread and kept only if
+unchanged (`_revalidation`): a value is never served from process memory unless the
+node that owns its slot is tracking us. Coarse (one lost master sets aside the slots
+of all), but simple enough to be right.
 
 The topology is read every TOPOLOGY_SECONDS with CLUSTER SLOTS: a master added to
 the cluster and given slots in between is the one window in which a change could
@@ -189,14 +190,13 @@ class ClusterListener(StoreListener):
                 self._settled.set()
 
     def _set(self, state: TrackingState, reason: str = "") -> None:
-        """Switch the caches on or off when the verdict changes (each switch empties
-        them, so an unchanged verdict must not switch again)."""
+        """Switch the caches on or off when the verdict changes (a switch on rereads
+        what was set aside, so an unchanged verdict must not switch again)."""
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
-            stores = list(self._stores) if changed else []
-        for store in stores:
-            store.switch(state == "tracking")
+            stores = list(self._stores) if changed or reason == "stopped" else []
+        self._turn(stores, state, reason)
         if changed and state == "down" and reason != "stopped":
             logger.warning("near cache off on the cluster: %s", reason)
 

@@ -2,8 +2,9 @@
 
 Frozen values bounded by entry count and by a byte budget, chosen by W-TinyLFU
 (`_admission`), each expiring no later than its Redis entry. The engine's
-invalidation listener drops entries the moment Redis reports a change, and empties
-the whole tier whenever it cannot vouch for that. No redis or asyncio imports here.
+invalidation listener drops entries the moment Redis reports a change; while it cannot
+vouch for that, the entries wait aside, unserved, until `_revalidation` rereads them.
+No redis or asyncio imports here.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ TRACKING_MODES: Final = ("keys", "bcast")
 # Reads (hits and misses) waiting to be told to the policy; a ring that drops the
 # oldest when full, so that a hit costs one append and no lock (Caffeine's read buffer).
 READ_BUFFER: Final = 512
+# Entries set aside when tracking dropped are reread when it comes back, unless the
+# outage lasted longer than this: then the tier starts empty, as a new one would.
+MAX_OUTAGE_SECONDS: Final = 60.0
+# What a reread of one key found: its value and the ms its Redis entry has left, or
+# None when the key cannot be vouched for (gone, changed type, aged, a failure).
+Reread = tuple[Any, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +214,13 @@ class NearStore:
             Registrations(self._numbers, config.max_entries) if config.tracking == "keys" else None
         )
         self.register: Callable[[NearStore, str, int], None] | None = None
+        # Entries kept while tracking was down (never served from here; their bytes
+        # and policy standing still count), since when, and what their rereads made.
+        self._suspect: dict[str, tuple[float, Callable[[Any], Any], Any, int]] = {}
+        self._suspended_at: float | None = None
+        self.revalidated = self.unverified = 0
+        # How the wrapper rereads keys for `_revalidation` (None: drop them instead).
+        self.reread: Callable[[list[str]], list[Reread]] | None = None
 
     def get(self, key: str) -> Any:
         """The value (a fresh copy), or MISSING."""
@@ -243,13 +257,21 @@ class NearStore:
         """What the tier keeps: values and the tickets of reads in flight."""
         return len(self._data) + len(self._tickets)
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """(misses, evictions, admissions refused, bytes held), for the stats."""
-        return _counted(self._miss_count), self._evictions, self._refusals, self.held
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """(misses, evictions, admissions refused, bytes held, entries revalidated
+        and entries dropped unverified after a reconnect), for the stats."""
+        return (
+            _counted(self._miss_count),
+            self._evictions,
+            self._refusals,
+            self.held,
+            self.revalidated,
+            self.unverified,
+        )
 
     def reset_counts(self) -> None:
         self._miss_count = itertools.count()
-        self._evictions = self._refusals = 0
+        self._evictions = self._refusals = self.revalidated = self.unverified = 0
 
     def _shrink(self) -> None:
         """Back within max_entries: the oldest tickets first (losing one costs a
@@ -293,6 +315,8 @@ class NearStore:
         self, key: str, copier: Callable[[Any], Any], frozen: Any, weight: int, lifetime: float
     ) -> None:
         """Under the lock: the entry in, and the bounds kept."""
+        if key in self._suspect:  # read afresh before its reread: this one wins
+            self._remove(key)
         self._drain()
         old = self._data.get(key)
         if old is None:
@@ -338,7 +362,7 @@ class NearStore:
         self._budget.held += change
 
     def _discard(self, key: str) -> None:
-        entry = self._data.pop(key, None)
+        entry = self._data.pop(key, None) or self._suspect.pop(key, None)
         if entry is not None:
             self._count_bytes(-entry[3])
 
@@ -422,13 +446,92 @@ class NearStore:
             if number is not None:
                 register(self, key, number)
 
+    def awaiting_registration(self, keys: Iterable[str]) -> bool:
+        """Whether a registration of any of these keys is on its way (per-key mode)."""
+        registrations = self.registrations
+        if registrations is None:
+            return False
+        with self._budget.lock:
+            return registrations.awaiting(keys)
+
     def vouches(self, key: str, ticket: int) -> bool:
         """Whether Redis reports any change of `key` made after the read that took
         `ticket` was sent: always in BCAST mode, in per-key mode once registered."""
         registrations = self.registrations
         return registrations is None or registrations.vouches(key, ticket)
 
+    # -- a reconnect: set aside, then reread (`_revalidation` drives these) ----------
+
+    def suspend(self) -> None:
+        """Off, the entries set aside unserved (the hit path finds none), tickets
+        cancelled: tracking dropped, and may come back."""
+        with self._budget.lock:
+            self.enabled = False
+            self._suspect.update(self._data)
+            self._data = {}
+            self._tickets.clear()
+            if self._suspended_at is None:
+                self._suspended_at = monotonic()
+
+    def resume(self) -> list[str]:
+        """On again (tracking is back): the keys set aside, still within their
+        ttl, to reread, those the policy ranks highest first; the others go, and
+        all go after a long outage."""
+        with self._budget.lock:
+            self.enabled = True
+            since, self._suspended_at = self._suspended_at, None
+            now = monotonic()
+            if since is None or now - since > MAX_OUTAGE_SECONDS:
+                self.unverified += len(self._suspect)
+                self._empty()
+                return []
+            for key in [key for key, entry in self._suspect.items() if entry[0] <= now]:
+                self._remove(key)
+                self.unverified += 1
+            return [key for key in self._policy.ranked() if key in self._suspect]
+
+    def vouch(self, keys: list[str]) -> list[tuple[str, int]]:
+        """Tickets for the rereads of these keys, those still set aside; none while
+        off. A change or clear reported from now on cancels them."""
+        with self._budget.lock:
+            if not self.enabled:
+                return []
+            taken = [(key, next(self._numbers)) for key in keys if key in self._suspect]
+            self._tickets.update(taken)
+            return taken
+
+    def restore(self, key: str, ticket: int, found: Reread) -> bool:
+        """Serve a set-aside key again with what its reread found, if its ticket
+        still holds; else it goes. Its policy standing is kept."""
+        entry = None
+        if found is not None and found[1] > 0:
+            lifetime = found[1] / 1000.0
+            if self._ttl is not None and self._ttl < lifetime:
+                lifetime = self._ttl
+            copier, frozen = self._freeze(found[0])
+            entry = (monotonic() + lifetime, copier, frozen, weigh(key, frozen))
+        with self._budget.lock:
+            ours = self._tickets.get(key) == ticket
+            if ours:
+                self._tickets.pop(key, None)
+            valid = ours and self.enabled and self.vouches(key, ticket)
+            old = self._suspect.pop(key, None)
+            if old is None:
+                return False
+            self._count_bytes(-old[3])
+            if entry is None or not valid:
+                self._policy.remove(key)
+                self.unverified += 1
+                return False
+            self._data[key] = entry
+            self._count_bytes(entry[3])
+            self.revalidated += 1
+            self._budget.make_room(self, key, entry[3])
+            return True
+
     def _empty(self) -> None:
+        self._suspect.clear()
+        self._suspended_at = None
         self._data.clear()
         self._policy.clear()
         self._tickets.clear()
@@ -439,6 +542,8 @@ class NearStore:
         """Off and empty, with a fresh lock: called in a forked child."""
         self._budget.reset_after_fork()
         self.enabled = False
+        self._suspended_at = None  # as _empty(), which the budget's reset rules out
+        self._suspect.clear()
         self._data.clear()
         self._policy.clear()
         self._tickets.clear()

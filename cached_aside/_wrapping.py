@@ -140,7 +140,7 @@ class CachedBase(Generic[P, R]):
             store = self._near_stores.get(engine)  # met before: the same tier again
             if store is None:
                 store = self._near_stores[engine] = engine.nearby.store(
-                    config, plan.codec, plan.name
+                    config, plan.codec, plan.name, plan
                 )
             self._near = store
             self._plan.stats.watch_near(store)
