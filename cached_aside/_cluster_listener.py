@@ -146,6 +146,14 @@ class ClusterListener(StoreListener):
         forgotten, as for a new master (the same window: until CLUSTER SLOTS shows it)."""
         self.topology_changes += 1
         self._set("down", "a slot moved to another master")
+        self._forget_registrations()
+
+    def _forget_registrations(self) -> None:
+        """Slots changed masters: what any master confirmed vouches for nothing now
+        (going down sets entries aside, and keeps registrations, for a reconnect of
+        the same connections; here the keys' masters changed)."""
+        for store in self._attached():
+            store.forget_registrations()
 
     def _follow(self, masters: dict[str, tuple[str, int]]) -> None:
         """A listener for each master, none for a node that is no master any more.
@@ -154,6 +162,7 @@ class ClusterListener(StoreListener):
         with self._lock:
             self._masters = frozenset(masters)
         self._set("down", "the cluster's masters changed")
+        self._forget_registrations()
         for name in [name for name in self._nodes if name not in masters]:
             self._nodes.pop(name).stop()
         template = self._client.get_primaries()[0].redis_connection
