@@ -1,7 +1,8 @@
 """Per-key tracking against a model of Redis's tracking table: a hypothesis state
 machine interleaves reads, writes, the registrar's requests and replies, reports,
 table evictions, FLUSHALL and lost connections in any order Redis and the network
-allow, and checks that the near cache never holds a key Redis will not report."""
+allow, then rereads what a reconnect set aside, and checks that the near cache never
+holds a key Redis will not report."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class Tracking(RuleBasedStateMachine):
         self.queue: list[tuple[str, int]] = []  # registrations not yet sent
         self.replies: list[tuple[str, int, bool]] = []  # processed, reply on its way
         self.reports: list[str | None] = []  # on their way to the listener
-        self.reads: list[tuple[str, int, int]] = []  # (key, ticket, value read)
+        self.reads: list[tuple[str, int, int, bool]] = []  # (key, ticket, value read, a reread?)
+        self.set_aside: list[str] = []  # keys to reread after a reconnect
         self.lost = False  # a connection is gone and the listener does not know yet
 
     def _submit(self, store: NearStore, key: str, number: int) -> None:
@@ -52,7 +54,7 @@ class Tracking(RuleBasedStateMachine):
         """A ticket, then the read sent and answered (its value on its way back)."""
         ticket = self.store.expect(key)
         if ticket is not None:
-            self.reads.append((key, ticket, self.version[key]))
+            self.reads.append((key, ticket, self.version[key], False))
 
     @rule(key=st.sampled_from(KEYS))
     def read_then_a_write(self, key: str) -> None:
@@ -64,8 +66,11 @@ class Tracking(RuleBasedStateMachine):
     @precondition(lambda self: self.reads)
     @rule(data=st.data())
     def a_read_fills(self, data: st.DataObject) -> None:
-        key, ticket, value = self.reads.pop(data.draw(st.integers(0, len(self.reads) - 1)))
-        self.store.fill(key, ticket, value, TTL_MS)
+        key, ticket, value, reread = self.reads.pop(data.draw(st.integers(0, len(self.reads) - 1)))
+        if reread:
+            self.store.restore(key, ticket, (value, TTL_MS))
+        else:
+            self.store.fill(key, ticket, value, TTL_MS)
 
     # -- Redis ---------------------------------------------------------------------
 
@@ -138,15 +143,31 @@ class Tracking(RuleBasedStateMachine):
     @precondition(lambda self: self.lost)
     @rule()
     def listener_notices(self) -> None:
-        """As the listener's loop and the registrar's thread do it: off, what was
-        queued abandoned, registrations forgotten, both connections anew, on."""
-        self.store.switch(False)
+        """As the listener's loop and the registrar's thread do it: entries set
+        aside, what was queued abandoned, registrations forgotten; both connections
+        anew, and the keys set aside to reread."""
+        self.store.suspend()
         queued, self.queue = self.queue, []
         self.store.registered(queued, processed=False)
         self.store.forget_registrations()
         self.tracked.clear()  # the old registrar's connection is closed
         self.lost = False
-        self.store.switch(True)
+        self.set_aside = self.store.resume()
+
+    @precondition(lambda self: self.set_aside)
+    @rule()
+    def revalidation_registers(self) -> None:
+        """Revalidation asks the new registrar to track what was set aside."""
+        self.store.request_registration(self.set_aside)
+
+    @precondition(lambda self: self.set_aside)
+    @rule()
+    def revalidation_rereads(self) -> None:
+        """Its tickets, then the rereads sent and answered: when the replies came,
+        or when it stopped waiting for them."""
+        keys, self.set_aside = self.set_aside, []
+        for key, ticket in self.store.vouch(keys):
+            self.reads.append((key, ticket, self.version[key], True))
 
     # -- the guarantee ---------------------------------------------------------------
 
