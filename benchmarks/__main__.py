@@ -11,8 +11,8 @@ some sections of the reference without re-running the rest:
 Prints a line as each section starts and ends and its progress meanwhile (live bars
 on a terminal, plain lines in a log), a table per scenario, writes results.json, and
 with --chart a PNG of the hit-path latency distributions, plus concurrency.png (hits/s
-against tasks and threads) and fleet.png (hits/s and primary reads against processes)
-beside it (needs matplotlib, in the bench extra).
+against tasks and threads) and fleet.png (hits/s and primary reads against processes,
+the near-hit ratio around a listener outage) beside it (needs matplotlib, in the bench extra).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from typing import Any
 from redis.crc import key_slot
 
 from ._listener import InvalidationListener, StoreListener, connection_factory
-from ._near import NearStore, Tracking, TrackingState
+from ._near import Tracking, TrackingState
+from ._near_store import NearStore
 from ._registrar import slot_of
 
 logger = logging.getLogger("cached_aside")

@@ -25,7 +25,8 @@ from redis.exceptions import ResponseError
 
 from ._errors import ConfigurationError
 from ._keys import tag_key
-from ._near import NearStore, Tracking, TrackingState
+from ._near import Tracking, TrackingState
+from ._near_store import NearStore
 from ._registrar import Registrar, one_group
 from ._revalidation import start
 
@@ -148,9 +149,9 @@ class StoreListener:
         rereads = []
         for store in stores:
             if state == "tracking":
-                rereads.append((store, store.resume()))
+                rereads.append((store, store.aside.resume()))
             elif state == "down" and reason != "stopped":
-                store.suspend()
+                store.aside.suspend()
             else:
                 store.switch(
                     self._serves(store), state == "unsupported" and store.config.allow_untracked
@@ -164,7 +165,7 @@ class StoreListener:
     def attach(self, store: NearStore) -> None:
         """Serve `store` from now on, starting the listener on first use."""
         if store.registrations is not None:
-            store.register = self.register
+            store.registrations.register = self.register
         with self._lock:
             self._stores.append(store)
             if self._serves(store):

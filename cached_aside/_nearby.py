@@ -19,7 +19,9 @@ from ._drivers import no_seal, run
 from ._errors import ConfigurationError
 from ._listener import InvalidationListener, connection_factory
 from ._loads import NO_LOADS
-from ._near import NearBudget, NearCache, NearStore, Reread, Tracking
+from ._near import NearCache, Reread, Tracking
+from ._near_budget import NearBudget
+from ._near_store import NearStore
 from ._plan import Plan
 from ._revalidation import reread
 from ._sides import Sides

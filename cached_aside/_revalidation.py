@@ -18,7 +18,9 @@ from typing import Final
 from ._batches import lookups
 from ._codecs import Found
 from ._effects import CommandFailed, Flow
-from ._near import NearStore, Reread
+from ._near import Reread
+from ._near_keys import TrackedKeys
+from ._near_store import NearStore
 from ._plan import Plan
 from ._reads import Age, peeked
 
@@ -95,10 +97,10 @@ def _revalidate_store(store: NearStore, keys: list[str]) -> None:
         batch = keys[first : first + BATCH_KEYS]
         if not failed and store.registrations is not None:
             try:
-                _register(store, batch)
+                _register(store, store.registrations, batch)
             except Exception as exc:
                 failed = _failed(len(batch), exc)
-        taken = store.vouch(batch)
+        taken = store.aside.vouch(batch)
         if not taken:  # tracking dropped again: the keys wait for the next reconnect
             continue
         names = [key for key, _ in taken]
@@ -111,16 +113,16 @@ def _revalidate_store(store: NearStore, keys: list[str]) -> None:
             except Exception as exc:
                 failed, found = _failed(len(names), exc), [None] * len(taken)
         for (key, ticket), entry in zip(taken, found, strict=True):
-            store.restore(key, ticket, entry)
+            store.aside.restore(key, ticket, entry)
 
 
-def _register(store: NearStore, keys: list[str]) -> None:
+def _register(store: NearStore, registrations: TrackedKeys[NearStore], keys: list[str]) -> None:
     """Per-key tracking: have the new registrar register `keys`, and wait (a
     bounded time) for its replies, before the batch's tickets are taken: a ticket
-    taken after a key's confirmation vouches for its read (`NearStore.vouches`)."""
-    store.request_registration(keys)
+    taken after a key's confirmation vouches for its read (`TrackedKeys.vouches`)."""
+    registrations.request(store, keys)
     deadline = monotonic() + REGISTRATION_SECONDS
-    while store.awaiting_registration(keys) and monotonic() < deadline:
+    while registrations.awaiting(keys) and monotonic() < deadline:
         sleep(REGISTRATION_POLL_SECONDS)
 
 

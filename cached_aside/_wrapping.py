@@ -18,7 +18,8 @@ from ._engine import CacheEngine
 from ._flows import bypass
 from ._keys import KeyTemplate, glob_escape, split_entry_key
 from ._loads import NO_LOADS, BatchLoader, Loads
-from ._near import MISSING, NearCache, NearStore
+from ._near import MISSING, NearCache
+from ._near_store import NearStore
 from ._plan import Plan, Served
 from ._reads import LOADER, NEAR, as_joiner, first_step, near_keeps
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source

@@ -17,7 +17,8 @@ from cached_aside._codecs import MSGPACK_CODEC, MSGPACK_NEGATIVE
 from cached_aside._effects import Batch, CommandFailed
 from cached_aside._keys import KeyTemplate
 from cached_aside._listener import InvalidationListener
-from cached_aside._near import MAX_OUTAGE_SECONDS, MISSING, NearStore, Reread, Tracking
+from cached_aside._near import MISSING, Reread, Tracking
+from cached_aside._near_store import MAX_OUTAGE_SECONDS, NearStore
 from cached_aside._revalidation import BATCH_KEYS, reread, revalidate
 from cached_aside._stats import Stats
 
@@ -48,11 +49,11 @@ def reread_as(answers: dict[str, Reread]) -> Callable[[list[str]], list[Reread]]
 def test_set_aside_entries_are_not_served_and_reads_fill_nothing() -> None:
     near = filled(["a", "b"])
     ticket = near.expect("c")
-    near.suspend()
+    near.aside.suspend()
     assert (near.get("a"), near.get("b")) == (MISSING, MISSING)
     assert near.expect("d") is None
     near.fill("c", ticket, "c", LONG_MS)  # its ticket was cancelled with the outage
-    assert sorted(near.resume()) == ["a", "b"]  # what is set aside is what gets reread
+    assert sorted(near.aside.resume()) == ["a", "b"]  # what is set aside is what gets reread
     assert near.get("c") is MISSING
 
 
@@ -62,8 +63,8 @@ def test_reread_entries_are_served_with_their_fresh_value_and_standing() -> None
         assert near.get("hot") == "hot"
     near.fill("x", near.expect("x"), "x", LONG_MS)  # drains the reads into the policy
     frequency = near._policy.sketch.frequency("hot")
-    near.suspend()
-    keys = near.resume()
+    near.aside.suspend()
+    keys = near.aside.resume()
     near.reread = reread_as(
         {"hot": ("hot, changed", LONG_MS), "cold": ("cold", LONG_MS), "x": ("x", LONG_MS)}
     )
@@ -84,7 +85,7 @@ def test_the_hot_set_is_reread_first() -> None:
     near = filled(["a", "hot", "b", "c"], max_entries=100)  # a window of one entry
     near.get("hot")  # read again in probation: protected
     near.fill("x", near.expect("x"), "x", LONG_MS)  # drains the reads into the policy
-    near.suspend()
+    near.aside.suspend()
     order: list[str] = []
 
     def reread_in_order(keys: list[str]) -> list[Reread]:
@@ -92,29 +93,29 @@ def test_the_hot_set_is_reread_first() -> None:
         return [(key, LONG_MS) for key in keys]
 
     near.reread = reread_in_order
-    revalidate([(near, near.resume())], lambda: None)
+    revalidate([(near, near.aside.resume())], lambda: None)
     assert order == ["hot", "c", "b", "a", "x"]  # protected, probation, window
 
 
 def test_a_change_reported_after_the_ticket_voids_the_reread() -> None:
     near = filled(["a", "b"])
-    near.suspend()
-    keys = near.resume()
-    taken = dict(near.vouch(keys))
+    near.aside.suspend()
+    keys = near.aside.resume()
+    taken = dict(near.aside.vouch(keys))
     near.drop(["a"])  # reported while the reread was in flight
-    assert near.restore("a", taken["a"], ("old", LONG_MS)) is False
-    assert near.restore("b", taken["b"], ("b", LONG_MS)) is True
+    assert near.aside.restore("a", taken["a"], ("old", LONG_MS)) is False
+    assert near.aside.restore("b", taken["b"], ("b", LONG_MS)) is True
     assert (near.get("a"), near.get("b")) == (MISSING, "b")
 
 
 def test_a_caller_reading_the_key_first_wins_over_the_reread() -> None:
     near = filled(["a"])
-    near.suspend()
-    keys = near.resume()
-    ((key, ticket),) = near.vouch(keys)
+    near.aside.suspend()
+    keys = near.aside.resume()
+    ((key, ticket),) = near.aside.vouch(keys)
     fresh = near.expect("a")  # a caller's miss: its ticket replaces the reread's
     near.fill("a", fresh, "from the caller", LONG_MS)
-    assert near.restore(key, ticket, ("from the reread", LONG_MS)) is False
+    assert near.aside.restore(key, ticket, ("from the reread", LONG_MS)) is False
     assert near.get("a") == "from the caller"
     assert near.size() == 1
     assert len(near._policy) == 1
@@ -122,20 +123,20 @@ def test_a_caller_reading_the_key_first_wins_over_the_reread() -> None:
 
 def test_tracking_lost_again_during_the_rereads_keeps_them_aside() -> None:
     near = filled(["a", "b"])
-    near.suspend()
-    keys = near.resume()
-    taken = dict(near.vouch(keys))
-    near.suspend()  # lost again before the replies were kept
-    assert near.restore("a", taken["a"], ("a", LONG_MS)) is False
+    near.aside.suspend()
+    keys = near.aside.resume()
+    taken = dict(near.aside.vouch(keys))
+    near.aside.suspend()  # lost again before the replies were kept
+    assert near.aside.restore("a", taken["a"], ("a", LONG_MS)) is False
     assert near.get("a") is MISSING
-    assert near.resume() == ["b"]  # the next reconnect rereads what is left
+    assert near.aside.resume() == ["b"]  # the next reconnect rereads what is left
 
 
 def test_a_local_write_during_the_outage_drops_the_set_aside_copy() -> None:
     near = filled(["a", "b"])
-    near.suspend()
+    near.aside.suspend()
     near.drop(["a"])  # this process invalidated it meanwhile
-    assert near.resume() == ["b"]
+    assert near.aside.resume() == ["b"]
     assert near.held == near._budget.held > 0
     near.clear()
     assert near.held == 0
@@ -143,9 +144,9 @@ def test_a_local_write_during_the_outage_drops_the_set_aside_copy() -> None:
 
 def test_a_long_outage_empties_the_tier(near_clock: list[float]) -> None:
     near = filled(["a", "b"])
-    near.suspend()
+    near.aside.suspend()
     near_clock[0] += MAX_OUTAGE_SECONDS + 1
-    assert near.resume() == []
+    assert near.aside.resume() == []
     assert near.size() == 0
     assert near.held == 0
     assert len(near._policy) == 0
@@ -157,15 +158,15 @@ def test_entries_past_their_ttl_are_not_reread(near_clock: list[float]) -> None:
     near.switch(True)
     near.fill("short", near.expect("short"), 1, 1_000)
     near.fill("long", near.expect("long"), 2, LONG_MS)
-    near.suspend()
+    near.aside.suspend()
     near_clock[0] += 2
-    assert near.resume() == ["long"]
+    assert near.aside.resume() == ["long"]
 
 
 def test_a_failed_reread_drops_its_batch_and_the_rest() -> None:
     keys = [f"k{number}" for number in range(BATCH_KEYS + 10)]
     near = filled(keys)
-    near.suspend()
+    near.aside.suspend()
     calls: list[int] = []
 
     def failing(batch: list[str]) -> list[Reread]:
@@ -174,7 +175,7 @@ def test_a_failed_reread_drops_its_batch_and_the_rest() -> None:
 
     near.reread = failing
     done = threading.Event()
-    revalidate([(near, near.resume())], done.set)
+    revalidate([(near, near.aside.resume())], done.set)
     assert done.is_set()
     assert calls == [BATCH_KEYS]
     assert near.size() == 0
@@ -184,9 +185,9 @@ def test_a_failed_reread_drops_its_batch_and_the_rest() -> None:
 
 def test_a_reread_of_the_wrong_length_drops_rather_than_misplaces() -> None:
     near = filled(["a", "b"])
-    near.suspend()
+    near.aside.suspend()
     near.reread = lambda keys: [("a", LONG_MS)]  # one answer for two keys
-    revalidate([(near, near.resume())], lambda: None)
+    revalidate([(near, near.aside.resume())], lambda: None)
     assert (near.get("a"), near.get("b")) == (MISSING, MISSING)
     assert near.counts()[4:] == (0, 2)
 
@@ -202,10 +203,10 @@ def test_an_unexpected_failure_empties_the_tier_and_still_reports_the_end(
     near = NearStore(NearCache(), freeze)
     near.switch(True)
     near.fill("a", near.expect("a"), "a", LONG_MS)
-    near.suspend()
+    near.aside.suspend()
     near.reread = lambda keys: [("unfreezable", LONG_MS)] * len(keys)
     done = threading.Event()
-    revalidate([(near, near.resume())], done.set)
+    revalidate([(near, near.aside.resume())], done.set)
     assert done.is_set()
     assert near.size() == 0
     assert near.held == 0
@@ -222,7 +223,8 @@ def keyed(keys: list[str]) -> tuple[NearStore, list[tuple[str, int]]]:
         sent.append((key, store.size()))
         store.registered([(key, number)])
 
-    near.register = register
+    assert near.registrations is not None
+    near.registrations.register = register
     near.switch(True)
     for _ in range(2):  # the first read registers the key, the second one fills
         for key in keys:
@@ -234,10 +236,10 @@ def keyed(keys: list[str]) -> tuple[NearStore, list[tuple[str, int]]]:
 
 def test_per_key_entries_are_registered_again_before_their_tickets() -> None:
     near, sent = keyed(["a", "b"])
-    near.suspend()
+    near.aside.suspend()
     near.forget_registrations()  # the registrar's connection went with the listener's
     near.reread = reread_as({"a": ("a", LONG_MS), "b": ("b", LONG_MS)})
-    revalidate([(near, near.resume())], lambda: None)
+    revalidate([(near, near.aside.resume())], lambda: None)
     assert sorted(sent) == [("a", 0), ("b", 0)]  # registered before any ticket
     assert (near.get("a"), near.get("b")) == ("a", "b")
     assert near.counts()[4:] == (2, 0)
@@ -248,11 +250,12 @@ def test_a_per_key_entry_whose_registration_is_not_confirmed_goes(
 ) -> None:
     monkeypatch.setattr(_revalidation, "REGISTRATION_SECONDS", 0.0)  # no reply will come
     near, sent = keyed(["a", "b"])
-    near.register = lambda store, key, number: sent.append((key, number))
-    near.suspend()
+    assert near.registrations is not None
+    near.registrations.register = lambda store, key, number: sent.append((key, number))
+    near.aside.suspend()
     near.forget_registrations()
     near.reread = reread_as({"a": ("a", LONG_MS), "b": ("b", LONG_MS)})
-    revalidate([(near, near.resume())], lambda: None)
+    revalidate([(near, near.aside.resume())], lambda: None)
     assert sorted(key for key, _ in sent) == ["a", "b"]
     assert (near.get("a"), near.get("b")) == (MISSING, MISSING)  # untracked: not served
     assert near.counts()[4:] == (0, 2)
@@ -261,10 +264,10 @@ def test_a_per_key_entry_whose_registration_is_not_confirmed_goes(
 
 def test_a_forked_child_forgets_what_was_set_aside() -> None:
     near = filled(["a"])
-    near.suspend()
+    near.aside.suspend()
     near.reset_after_fork()
     near.switch(True)
-    assert near.resume() == []
+    assert near.aside.resume() == []
     assert near.get("a") is MISSING
 
 

@@ -19,7 +19,8 @@ from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cac
 from cached_aside._cluster_listener import ClusterListener
 from cached_aside._codecs import MSGPACK_CODEC
 from cached_aside._listener import InvalidationListener
-from cached_aside._near import MISSING, NearStore
+from cached_aside._near import MISSING
+from cached_aside._near_store import NearStore
 from cached_aside._registrar import Registrar, RegistrarLostError, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
@@ -41,7 +42,8 @@ class Requests:
 def keys_store(**config: Any) -> tuple[NearStore, Requests]:
     store = NearStore(NearCache(tracking="keys", **config), MSGPACK_CODEC.freeze)
     registrar = Requests()
-    store.register = registrar
+    assert store.registrations is not None
+    store.registrations.register = registrar
     store.switch(True)
     return store, registrar
 
@@ -285,9 +287,11 @@ def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
     registrar = Registrar(lambda: connection, on_lost=lost.append)
     registrar.open(redirect=7)
     store, _ = keys_store()
-    store.register = registrar.submit
+    registrations = store.registrations
+    assert registrations is not None
+    registrations.register = registrar.submit
     store.fill("k", read(store, "k"), "v", 30_000)
-    until(lambda: store.vouches("k", 1 << 62), "the registration confirmed")
+    until(lambda: registrations.vouches("k", 1 << 62), "the registration confirmed")
     connection.broken.set()  # its next PING fails
     try:
         assert registrar.lost.wait(PATIENCE)
