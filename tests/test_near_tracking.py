@@ -137,15 +137,17 @@ def test_a_ticket_taken_as_the_tier_switched_off_fills_nothing_once_back_on(
     then went unreported, so its value may not be kept once tracking is back."""
     store = NearStore(NearCache(tracking=tracking), MSGPACK_CODEC.freeze)
     registrar = Requests()
-    store.register = registrar
+    if store.registrations is not None:
+        store.registrations.register = registrar
     store.switch(True)
     store._tickets = SwitchedOffMidTicket(store)
     ticket = store.expect("k")
     assert ticket is not None  # it saw the tier on
     assert not store.enabled
     store.switch(True)  # tracking again (per-key: the key registered anew, too)
-    store.request_registration(["k"])
-    store.registered(registrar.requests)
+    if store.registrations is not None:
+        store.registrations.request(store, ["k"])
+        store.registrations.registered(registrar.requests, processed=True)
     store.fill("k", ticket, "v-before-an-unreported-write", 30_000)
     assert store.get("k") is MISSING
 
@@ -497,8 +499,10 @@ def test_a_registration_on_a_slots_old_master_vouches_for_nothing_after_the_slot
         until(lambda: here.near_state() == "tracking", "tracking")
         store, key = read._near, read.key("x")
         assert store is not None
-        store.request_registration([key])  # while the key is absent
-        until(lambda: store.vouches(key, 1 << 62), "the registration confirmed")
+        registrations = store.registrations
+        assert registrations is not None
+        registrations.request(store, [key])  # while the key is absent
+        until(lambda: registrations.vouches(key, 1 << 62), "the registration confirmed")
         listener = here.nearby.listener
         assert isinstance(listener, ClusterListener)
         slot = slot_of(key)

@@ -17,7 +17,8 @@ from hypothesis.stateful import (
 )
 
 from cached_aside._codecs import MSGPACK_CODEC
-from cached_aside._near import MISSING, NearCache, NearStore
+from cached_aside._near import MISSING, NearCache
+from cached_aside._near_store import NearStore
 
 KEYS = ("a", "b")
 MAX_ENTRIES = 2  # small: tickets and registrations pushed out too
@@ -39,7 +40,8 @@ class Tracking(RuleBasedStateMachine):
         self.store = NearStore(
             NearCache(tracking="keys", max_entries=MAX_ENTRIES), MSGPACK_CODEC.freeze
         )
-        self.store.register = self._submit
+        assert self.store.registrations is not None
+        self.store.registrations.register = self._submit
         self.store.switch(True)
         self.version = dict.fromkeys(KEYS, 0)  # what Redis holds
         self.tracked: set[str] = set()  # keys Redis tracks for the registrar
@@ -87,7 +89,7 @@ class Tracking(RuleBasedStateMachine):
     def _fill(self, index: int) -> None:
         key, ticket, value, reread = self.reads.pop(index)
         if reread:
-            self.store.restore(key, ticket, (value, TTL_MS))
+            self.store.aside.restore(key, ticket, (value, TTL_MS))
         else:
             self.store.fill(key, ticket, value, TTL_MS)
 
@@ -165,19 +167,20 @@ class Tracking(RuleBasedStateMachine):
         """As the listener's loop and the registrar's thread do it: entries set
         aside, what was queued abandoned, registrations forgotten; both connections
         anew, and the keys set aside to reread."""
-        self.store.suspend()
+        self.store.aside.suspend()
         queued, self.queue = self.queue, []
         self.store.registered(queued, processed=False)
         self.store.forget_registrations()
         self.tracked.clear()  # the old registrar's connection is closed
         self.lost = False
-        self.set_aside = self.store.resume()
+        self.set_aside = self.store.aside.resume()
 
     @precondition(lambda self: self.set_aside)
     @rule()
     def revalidation_registers(self) -> None:
         """Revalidation asks the new registrar to track what was set aside."""
-        self.store.request_registration(self.set_aside)
+        assert self.store.registrations is not None
+        self.store.registrations.request(self.store, self.set_aside)
 
     @precondition(lambda self: self.set_aside)
     @rule(then_a_write=st.booleans())
@@ -186,7 +189,7 @@ class Tracking(RuleBasedStateMachine):
         or when it stopped waiting for them; and maybe another process's write
         right after them."""
         keys, self.set_aside = self.set_aside, []
-        for key, ticket in self.store.vouch(keys):
+        for key, ticket in self.store.aside.vouch(keys):
             self.reads.append((key, ticket, self.version[key], True))
             if then_a_write:
                 self.write(key, "theirs")
