@@ -36,6 +36,7 @@ from . import (
     compression,
     concurrency,
     dead_holder,
+    early_refresh,
     fleet,
     hit_path,
     near,
@@ -66,6 +67,7 @@ SCENARIOS: dict[str, Callable[[Settings], list[Table]]] = {
     "tag_hits": tag_hits.run,
     "dead_holder": dead_holder.run,
     "outage": outage.run,
+    "early_refresh": early_refresh.run,
 }
 
 

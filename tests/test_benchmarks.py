@@ -279,6 +279,26 @@ def test_fleet_runs_processes_without_stale_reads_or_errors() -> None:
     assert total["commands"] > 0
 
 
+def test_early_refresh_measures_leads_without_overlapping_loads() -> None:
+    """Structure, and what holds by design whatever the timing: no two loads of a key
+    at once; with no early refresh a reload starts only once its entry expired; with
+    the fixed window, never before the window."""
+    from benchmarks import early_refresh
+
+    assert REDIS_URL is not None
+    none, fixed = (
+        early_refresh.summary(early_refresh.trial(REDIS_URL, mode, 2, 1.5))
+        for mode in (None, early_refresh.WINDOW_S)
+    )
+    for figures in (none, fixed):
+        assert figures["overlapping loads"] == 0
+        assert figures["calls"] > 0
+        assert figures["served late"] >= early_refresh.HOT_KEYS  # the first loads
+        assert figures["loads per ttl"] > 0
+    assert none["lead max ms"] <= 0
+    assert fixed["lead max ms"] <= early_refresh.WINDOW_S * 1000 + 50
+
+
 def test_dead_holder_measures_every_waiter_after_the_kill() -> None:
     import argparse
     import os

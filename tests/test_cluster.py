@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 import redis.cluster
 
-from cached_aside import BulkOutcome, CacheEngine, NearCache, Outcome, Source, cache_aside
+from cached_aside import (
+    BulkOutcome,
+    CacheEngine,
+    NearCache,
+    Outcome,
+    Source,
+    XFetch,
+    _reads,
+    cache_aside,
+)
 from cached_aside._keys import entry_keys
 from cached_aside._near import Tracking
 
@@ -282,6 +291,30 @@ def test_cluster_grace_stale_if_error_set_and_refresh(client: redis.cluster.Redi
     rows[KEYS[0]] = 8
     assert read.refresh(KEYS[0]) == 8
     assert read.lookup(KEYS[0]).source is Source.CACHE
+    read.invalidate_all()
+
+
+def test_cluster_xfetch_keeps_the_load_time_in_the_entrys_slot(
+    client: redis.cluster.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORE_TIMED and PEEK_TIMED touch the entry and its load time: one slot each, on
+    every master; a due hit is served and reloaded behind."""
+    engine = CacheEngine(client, prefix="xfetch")
+    rows = dict.fromkeys(KEYS, 1)
+
+    # beta so large that any entry with a known load time is due, with the draw e^-1.
+    @cache_aside(key="item:<id>", ttl=30, refresh_ahead=XFetch(beta=1e6), engine=engine)
+    def read(id: str) -> int:
+        return rows[id]
+
+    assert [read(id) for id in KEYS[:30]] == [1] * 30
+    assert all(int(client.get(read.key(id) + ":load_ms")) >= 1 for id in KEYS[:30])
+    monkeypatch.setattr(_reads, "random", type("Fixed", (), {"random": lambda: 1 - 0.3679}))
+    for id in KEYS[:30]:
+        rows[id] = 2
+    assert [read.lookup(id).value for id in KEYS[:30]] == [1] * 30  # served, then reloaded
+    assert engine.settle()
+    assert [client.get(read.key(id)) for id in KEYS[:30]] == [b"\x02"] * 30  # msgpack's 2
     read.invalidate_all()
 
 
