@@ -670,8 +670,18 @@ def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
         # The entries of every master were reread, not thrown away: served from
         # process memory again without a load.
         _until(lambda: engine.near_revalidated_at() is not None, 30, "rereads done")
-        assert {read.lookup(id).source for id in ids[1:]} == {Source.NEAR}
-        assert read.stats().near_revalidated >= len(ids) - 1
+        _until(
+            lambda: read.stats().near_revalidated >= len(ids) - 1,
+            30,
+            "every master's entries reread",
+        )
+        # On a starved machine a listener may miss a PONG and go down once more,
+        # setting the entries aside again: they come back by the next reread.
+        _until(
+            lambda: {read.lookup(id).source for id in ids[1:]} == {Source.NEAR},
+            30,
+            "served from memory again",
+        )
     finally:
         engine.close()
 
