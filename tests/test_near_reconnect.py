@@ -320,7 +320,10 @@ def test_after_an_outage_the_tier_is_reread_not_emptied_and_never_stale(
 ) -> None:
     server = RedisProcess().start()
     prefix = unique_prefix()
-    engine = CacheEngine.from_url(server.url, prefix=prefix)
+    # Generous timeouts: on a starved machine a reread that times out is rightly
+    # dropped (fail safe), which is not what this test counts.
+    patient = f"{server.url}?socket_timeout=5&socket_connect_timeout=5"
+    engine = CacheEngine.from_url(patient, prefix=prefix)
     other = CacheEngine.from_url(server.url, prefix=prefix)  # another process's writes
     try:
         primary = {str(number): f"v{number}" for number in range(1_000)}
@@ -357,13 +360,22 @@ def test_after_an_outage_the_tier_is_reread_not_emptied_and_never_stale(
         admin.delete(read.key("2"))
         reconnect.set()
         wait_for(lambda: engine.near_revalidated_at() is not None, "never revalidated")
-        stats = read.stats()
-        assert (stats.near_revalidated, stats.near_unverified) == (len(ids) - 1, 1)
+        # Exactly these counts, unless a starved listener missed a PONG and the tier
+        # went down and was reread once more (then at least these).
+        wait_for(lambda: read.stats().near_revalidated >= len(ids) - 1, "not all reread")
+        assert read.stats().near_unverified >= 1  # the key deleted during the outage
+        if listener.connections == 2:  # no second outage: exactly these
+            stats = read.stats()
+            assert (stats.near_revalidated, stats.near_unverified) == (len(ids) - 1, 1)
         assert read.lookup("1").value == "changed"  # the change made during the outage
         assert read.lookup("2").value == "v2"
-        read.reset_stats()
-        assert read.many(ids) == [primary[id] for id in ids]
-        assert read.stats().near_hits >= 0.9 * len(ids)
+
+        def mostly_near() -> bool:
+            read.reset_stats()
+            assert read.many(ids) == [primary[id] for id in ids]  # never stale
+            return read.stats().near_hits >= 0.9 * len(ids)
+
+        wait_for(mostly_near, "the reread entries were not served from memory")
         admin.close()
     finally:
         engine.close()
