@@ -36,31 +36,12 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import timeout as _timeout
+from ._wire import Memo, lean, read, read_async, write
 
-# Commands packed per key are kept up to this many; then the memo starts over.
-PACKED_MEMO_SIZE = 4096
 # A thread may hold a connection while at least this share of the pool stays free:
 # held connections never go back while their threads live.
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
-
-
-class _Memo:
-    """Packed commands by their arguments: a hot key's command is packed once."""
-
-    __slots__ = ("_packed",)
-
-    def __init__(self) -> None:
-        self._packed: dict[tuple[Any, ...], list[bytes]] = {}
-
-    def pack(self, connection: Any, args: tuple[Any, ...]) -> list[bytes]:
-        packed = self._packed.get(args)
-        if packed is None:
-            packed = connection.pack_command(*args)
-            if len(self._packed) >= PACKED_MEMO_SIZE:
-                self._packed.clear()
-            self._packed[args] = packed
-        return packed
 
 
 class _Held:
@@ -111,7 +92,7 @@ class HeldConnections:
         self._get_args = connection_getter(pool)
         check_codec()
         self._local = threading.local()
-        self._memo = _Memo()
+        self._memo = Memo()
 
     def call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         """(True, reply) when answered here; (False, None) to use the client. An
@@ -145,16 +126,21 @@ class HeldConnections:
                 connecting = True
                 connection.connect()
                 connecting = False
-            connection.send_packed_command(joined, check_health=False)
+            if lean(connection):
+                write(connection, joined[0])
+                reading: Any = read
+            else:
+                connection.send_packed_command(joined, check_health=False)
+                reading = type(connection).read_response
             replies: list[Any] = []
             for _ in commands:
                 try:
-                    replies.append(connection.read_response())
+                    replies.append(reading(connection))
                 except _LOST:
                     raise
                 except Exception as exc:  # an error reply: consumed, the stream is fine
                     if raise_error:
-                        self._drain(connection, len(commands) - len(replies) - 1)
+                        self._drain(connection, reading, len(commands) - len(replies) - 1)
                         raise
                     replies.append(exc)
             return True, replies
@@ -174,10 +160,10 @@ class HeldConnections:
             raise
 
     @staticmethod
-    def _drain(connection: Any, count: int) -> None:
+    def _drain(connection: Any, reading: Any, count: int) -> None:
         for _ in range(count):
             with contextlib.suppress(Exception):
-                connection.read_response()
+                reading(connection)
 
     def _hold(self) -> _Held | None:
         if self.held >= self.limit:
@@ -244,7 +230,7 @@ class Pipeline:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self._connection: Any = None
-        self._memo = _Memo()
+        self._memo = Memo()
         self._queued: list[tuple[list[bytes], asyncio.Future[Any]]] = []
         self._on_wire: deque[tuple[list[bytes], asyncio.Future[Any]]] = deque()
         self._retried: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
@@ -321,7 +307,10 @@ class Pipeline:
                 raise
             try:
                 if _timeout is None or not connection.socket_timeout:
-                    reply = await connection.read_response()
+                    if lean(connection):
+                        reply = await read_async(connection)
+                    else:
+                        reply = await connection.read_response()
                     self._settle_first(reply, None)
                 else:
                     await self._read_wire(connection)
@@ -342,10 +331,14 @@ class Pipeline:
         down for every reply, which under load is a tenth of what a reply costs. An
         error reply is its own caller's alone; a failure of the connection propagates
         (what is still on the wire is then retried or failed by _lost)."""
+        straight = lean(connection)
         async with _timeout(connection.socket_timeout):
             for _ in range(len(self._on_wire)):
                 try:
-                    reply = await connection.read_response(timeout=math.inf)
+                    if straight:
+                        reply = await read_async(connection)
+                    else:
+                        reply = await connection.read_response(timeout=math.inf)
                 except _LOST:
                     raise
                 except Exception as exc:
