@@ -350,9 +350,11 @@ class Pipeline:
         """The connection failed: what it carried goes out once more on a new socket
         (every command sent this way is safe to repeat), as redis-py's one immediate
         retry would; failed again, it fails (and its caller fails open)."""
-        failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
         # A timeout is not retried: the server hangs, and a caller would wait twice.
         hung = isinstance(exc, TimeoutError | asyncio.TimeoutError | socket.timeout)
+        failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
+        if hung and not isinstance(exc, RedisError):  # the wire's deadline: say so
+            failure = TimeoutError("Timeout reading from socket")
         again = [
             (packed, future)
             for packed, future in self._on_wire
