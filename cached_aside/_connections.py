@@ -36,7 +36,7 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import timeout as _timeout
-from ._wire import Memo, lean, read, read_async, write
+from ._wire import Memo, lean, read, read_async, write, write_async
 
 # A thread may hold a connection while at least this share of the pool stays free:
 # held connections never go back while their threads live.
@@ -97,8 +97,27 @@ class HeldConnections:
     def call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         """(True, reply) when answered here; (False, None) to use the client. An
         error reply raises, as redis-py's would."""
-        answered, replies = self.call_many([args], raise_error=True)
-        return answered, replies[0] if answered else None
+        held = getattr(self._local, "held", None)
+        connection = held and held.connection
+        # The hit: an open connection on the lean wire, one write and one read. Else
+        # (first call, closed, another kind of connection) call_many's general way.
+        if connection is None or connection._sock is None or not lean(connection):
+            answered, replies = self.call_many([args], raise_error=True)
+            return answered, replies[0] if answered else None
+        try:
+            write(connection, self._memo.joined(connection, args))
+            return True, read(connection)
+        except (*_LOST, AttributeError) as exc:  # as in call_many
+            connection.disconnect()
+            if isinstance(exc, TimeoutError | socket.timeout):
+                raise
+            self.fallbacks += 1
+            return False, None
+        except Exception:  # an error reply: consumed, the stream is fine
+            raise
+        except BaseException:  # interrupted between the write and its reply
+            connection.disconnect()
+            raise
 
     def call_many(
         self, commands: list[tuple[Any, ...]], raise_error: bool = False
@@ -187,35 +206,6 @@ class HeldConnections:
         self.returned = deque()
 
 
-async def _write(connection: Any, parts: list[bytes]) -> None:
-    """Hand the bytes to the connection's stream. redis-py's send_packed_command
-    wraps every write in asyncio.wait_for (a task per call: ~25 µs here); a write to
-    a socket that has room does not wait, so only a write that must wait for room
-    is bounded by the socket timeout, as redis-py bounds it."""
-    writer = getattr(connection, "_writer", None)
-    if writer is None and not connection.is_connected:
-        # As in HeldConnections.call_many: a Sentinel connection finds the current
-        # master only in connect().
-        await connection.connect()
-        writer = getattr(connection, "_writer", None)
-    if _timeout is None or not isinstance(writer, asyncio.StreamWriter) or writer.is_closing():
-        # Not connected (send_packed_command connects), or another kind of stream
-        # (fakeredis's): redis-py's way.
-        await connection.send_packed_command(parts, check_health=False)
-        return
-    try:
-        writer.writelines(parts)
-        if writer.transport.get_write_buffer_size():
-            async with _timeout(connection.socket_timeout):
-                await writer.drain()
-    except asyncio.TimeoutError:
-        await connection.disconnect(nowait=True)
-        raise TimeoutError("Timeout writing to socket") from None
-    except OSError as exc:
-        await connection.disconnect(nowait=True)
-        raise ConnectionError(f"Error while writing to socket: {exc}") from exc
-
-
 class Pipeline:
     """The round trips of one event loop's tasks, shared on one connection.
 
@@ -298,7 +288,7 @@ class Pipeline:
                 if self._queued:
                     batch, self._queued = self._queued, []
                     self._on_wire.extend(batch)
-                    await _write(connection, [part for packed, _ in batch for part in packed])
+                    await write_async(connection, [part for packed, _ in batch for part in packed])
             except Exception as exc:  # nothing, or part, went out: all on the wire is lost
                 await self._lost(connection, exc)
                 continue

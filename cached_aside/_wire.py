@@ -1,8 +1,8 @@
 """Replies parsed by hiredis straight off an established redis-py connection (its
-socket for threads, its stream for event loops) and commands written straight to
-its socket: the per-reply layers of redis-py (read_response, its parser's
+socket for threads, its stream for event loops), and commands written straight to
+the socket or stream: the per-call layers of redis-py (read_response, its parser's
 wrappers, send_packed_command) skipped, everything once per connection (connect,
-TLS, AUTH, HELLO) left to redis-py.
+TLS, AUTH, HELLO) left to redis-py. Commands are packed once per key (Memo).
 
 A connection this cannot drive (no hiredis, another parser, a class that reads or
 writes its own way, such as Sentinel's or an instrumented one) goes through its own
@@ -12,6 +12,7 @@ raised here but an error reply (a RedisError that is no ConnectionError).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from typing import Any
 
@@ -20,6 +21,7 @@ import redis.asyncio
 from redis import exceptions
 
 from ._compat import warn_once
+from ._timeouts import timeout as _timeout
 
 
 def _module(name: str) -> Any:
@@ -56,10 +58,21 @@ _decided: dict[tuple[type, type], bool] = {}
 class Memo:
     """Packed commands by their arguments: a hot key's command is packed once."""
 
-    __slots__ = ("_packed",)
+    __slots__ = ("_joined", "_packed")
 
     def __init__(self) -> None:
         self._packed: dict[tuple[Any, ...], list[bytes]] = {}
+        self._joined: dict[tuple[Any, ...], bytes] = {}
+
+    def joined(self, connection: Any, args: tuple[Any, ...]) -> bytes:
+        """The command as one write."""
+        joined = self._joined.get(args)
+        if joined is None:
+            joined = b"".join(connection.pack_command(*args))
+            if len(self._joined) >= PACKED_MEMO_SIZE:
+                self._joined.clear()
+            self._joined[args] = joined
+        return joined
 
     def pack(self, connection: Any, args: tuple[Any, ...]) -> list[bytes]:
         packed = self._packed.get(args)
@@ -173,6 +186,35 @@ async def read_async(connection: Any) -> Any:
             return reply
         else:
             return _checked(reply)
+
+
+async def write_async(connection: Any, parts: list[bytes]) -> None:
+    """Hand the bytes to the connection's stream. redis-py's send_packed_command
+    wraps every write in asyncio.wait_for (a task per call: ~25 µs here); a write to
+    a socket that has room does not wait, so only a write that must wait for room
+    is bounded by the socket timeout, as redis-py bounds it."""
+    writer = getattr(connection, "_writer", None)
+    if writer is None and not connection.is_connected:
+        # As in HeldConnections.call_many: a Sentinel connection finds the current
+        # master only in connect().
+        await connection.connect()
+        writer = getattr(connection, "_writer", None)
+    if _timeout is None or not isinstance(writer, asyncio.StreamWriter) or writer.is_closing():
+        # Not connected (send_packed_command connects), or another kind of stream
+        # (fakeredis's): redis-py's way.
+        await connection.send_packed_command(parts, check_health=False)
+        return
+    try:
+        writer.writelines(parts)
+        if writer.transport.get_write_buffer_size():
+            async with _timeout(connection.socket_timeout):
+                await writer.drain()
+    except asyncio.TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise exceptions.TimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        await connection.disconnect(nowait=True)
+        raise exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
 def _checked(reply: Any) -> Any:

@@ -60,8 +60,10 @@ def _commands(buffer: bytearray) -> Iterator[list[bytes]]:
 
 
 class ScriptedServer:
-    """Answers +OK to everything but GET, whose reply the test scripts per connection:
-    `plan[n]` for the n-th connection ("whole", "half-close", "half-hang")."""
+    """Answers +OK to everything but GET, whose replies the test scripts per
+    connection: `plan[n]` for the n-th connection (the last for any later), its GETs
+    in turn ("whole,half-close": one whole reply, then half of one and a close; the
+    last step repeats). Steps: "whole", "half-close", "half-hang"."""
 
     def __init__(self, plan: list[str]) -> None:
         self.plan = plan
@@ -87,11 +89,12 @@ class ScriptedServer:
                 continue
             except OSError:
                 return
-            script = self.plan[min(self.connections, len(self.plan) - 1)]
+            plan = self.plan[min(self.connections, len(self.plan) - 1)]
             self.connections += 1
-            threading.Thread(target=self._talk, args=(conn, script), daemon=True).start()
+            threading.Thread(target=self._talk, args=(conn, plan), daemon=True).start()
 
-    def _talk(self, conn: socket.socket, script: str) -> None:
+    def _talk(self, conn: socket.socket, plan: str) -> None:
+        steps = plan.split(",")
         buffer = bytearray()
         conn.settimeout(0.05)
         with conn:
@@ -108,8 +111,12 @@ class ScriptedServer:
                 buffer += data
                 for args in _commands(buffer):
                     name = args[0].upper()
-                    if name != b"GET" or script == "whole":
-                        conn.sendall(WHOLE if name == b"GET" else ANSWERS.get(name, b"+OK\r\n"))
+                    if name != b"GET":
+                        conn.sendall(ANSWERS.get(name, b"+OK\r\n"))
+                        continue
+                    script = steps.pop(0) if len(steps) > 1 else steps[0]
+                    if script == "whole":
+                        conn.sendall(WHOLE)
                         continue
                     conn.sendall(HALF)
                     self.cut.set()
@@ -156,8 +163,9 @@ def _lean_connection(held: HeldConnections) -> Any:
 def test_a_reply_cut_by_a_close_fails_over_and_the_next_call_reads_a_new_socket(
     scripted: Any, protocol: int
 ) -> None:
-    server = scripted("half-close", "whole")
+    server = scripted("whole,half-close", "whole")
     pool, held = _held(server.url, protocol)
+    assert held.call(("GET", "k")) == (True, VALUE)  # the connection is held now
     assert held.call(("GET", "k")) == (False, None)  # the client's retry serves it
     assert held.fallbacks == 1
     _lean_connection(held)
@@ -170,8 +178,9 @@ def test_a_reply_cut_by_a_close_fails_over_and_the_next_call_reads_a_new_socket(
 def test_a_reply_cut_by_a_hang_times_out_and_never_answers_the_next_call(
     scripted: Any, protocol: int
 ) -> None:
-    server = scripted("half-hang", "whole")
+    server = scripted("whole,half-hang", "whole")
     pool, held = _held(server.url, protocol)
+    assert held.call(("GET", "k")) == (True, VALUE)  # the connection is held now
     with pytest.raises(TimeoutError):  # raised, not retried: the server hangs
         held.call(("GET", "k"))
     assert server.closed_by_client.wait(PATIENCE)  # the half-read socket was dropped
