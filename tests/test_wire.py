@@ -26,7 +26,7 @@ from cached_aside import CacheEngine, cache_aside
 from cached_aside import _wire as wire
 from cached_aside._connections import HeldConnections, Pipeline
 from tests.conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
-from tests.servers import free_port
+from tests.servers import REDIS_SERVER, RedisProcess, free_port, server_speaks_tls
 
 VALUE = b"0123456789abcdef"
 WHOLE = b"$%d\r\n%s\r\n" % (len(VALUE), VALUE)
@@ -252,6 +252,32 @@ def test_a_forked_child_reads_on_a_socket_of_its_own() -> None:
     assert load("k") == f"k-from-{parent}"  # the parent's connection is still its own
     delete_prefix(engine.client(), prefix)
     engine.close()
+
+
+@pytest.mark.skipif(
+    not server_speaks_tls(), reason=f"the server ({REDIS_SERVER}) was built without TLS"
+)
+async def test_tls_connections_ride_the_lean_wire() -> None:
+    """An SSL socket (sync) and an SSL stream (async) are read by hiredis straight."""
+    server = RedisProcess(tls=True).start()
+    try:
+        options = {"ssl_ca_certs": str(server.ca_file), "max_connections": 4}
+        pool = redis.BlockingConnectionPool.from_url(server.url, **options)
+        held = HeldConnections(pool)
+        assert held.call(("SET", "k", VALUE)) == (True, b"OK")
+        assert held.call(("GET", "k")) == (True, VALUE)  # the held connection's own path
+        assert held.fallbacks == 0
+        _lean_connection(held)
+        assert type(held._local.held.connection) is redis.SSLConnection
+        async_pool = redis.asyncio.BlockingConnectionPool.from_url(server.url, **options)
+        pipeline = Pipeline(async_pool)
+        assert await pipeline.call(("GET", "k")) == VALUE
+        assert wire.lean(pipeline._connection)
+        await pipeline.close()
+        await async_pool.aclose()
+        pool.disconnect()
+    finally:
+        server.stop()
 
 
 # --- event loops: the shared connection -----------------------------------------
