@@ -104,7 +104,7 @@ def _decide(connection: Any) -> bool:
         base: Any = redis.asyncio.connection.AbstractConnection
         parser_kind = getattr(_parsers, "_AsyncHiredisParser", None)
         parts: tuple[str, ...] = _ASYNC_PARTS
-        names: tuple[str, ...] = ("read_response",)  # async writes go out in _connections
+        names: tuple[str, ...] = ("read_response",)  # write_async checks its stream
     else:
         base = redis.connection.AbstractConnection
         parser_kind, parts = getattr(_parsers, "_HiredisParser", None), _SYNC_PARTS
@@ -118,6 +118,13 @@ def _decide(connection: Any) -> bool:
         problem = f"{kind.__name__} parses with {type(parser).__name__}, not hiredis's reader"
     elif any(getattr(kind, name, None) is not getattr(base, name) for name in names):
         problem = f"{kind.__name__} reads or writes its own way; its methods serve every call"
+    elif hasattr(parser, "_next_response"):
+        # Some redis-py releases' parser sets a reply aside in can_read(), for its
+        # read_response to return next: reading past it would lose that reply.
+        problem = (
+            f"redis-py {redis.__version__}'s hiredis parser can set a reply aside; "
+            "its read_response serves every call"
+        )
     else:
         return True
     warn_once(problem, "the lean reply path is off")

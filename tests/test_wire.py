@@ -365,3 +365,22 @@ def test_a_connection_class_with_its_own_reading_is_served_by_it(
     assert wire.lean(redis.Connection(host="127.0.0.1", port=free_port())) == bool(
         redis.utils.HIREDIS_AVAILABLE
     )
+
+
+def test_a_parser_that_sets_replies_aside_is_left_to_redis_py(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Some redis-py releases' hiredis parser keeps a reply that can_read() took
+    (_next_response) for its read_response: reading past it would lose that reply."""
+
+    class Plain(redis.Connection):  # redis-py's reading, a class of its own to decide
+        pass
+
+    connection = Plain(host="127.0.0.1", port=free_port())
+    if not redis.utils.HIREDIS_AVAILABLE:
+        assert not wire.lean(connection)
+        return
+    connection._parser._next_response = object()
+    with caplog.at_level("WARNING", logger="cached_aside"):
+        assert not wire.lean(connection)
+    assert "hiredis parser can set a reply aside" in caplog.text
