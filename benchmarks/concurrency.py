@@ -40,6 +40,8 @@ CACHED = "cached_aside"
 # The issue's targets: at 200 tasks on distinct keys, this many times the blocking
 # pool's hits/s with a p99 no worse; at 500 tasks, no MaxConnectionsError.
 TARGET_RATIO = 4.0
+# Issue 27's, on the same wire as the lean hit path: twice the first target.
+WIRE_TARGET_RATIO = 8.0
 TARGET_TASKS = 200
 MOST_TASKS = 500
 
@@ -293,17 +295,18 @@ async def run_async(settings: Settings, prefix: str) -> list[Table]:
 
 
 def target_notes(distinct: Table, hot: Table) -> list[str]:
-    """The issue's two targets, judged on this run's figures."""
+    """The issues' targets, judged on this run's figures."""
     notes = []
     by_name = {(row[0], row[1]): row for row in distinct.rows}
     ours, theirs = by_name.get((CACHED, TARGET_TASKS)), by_name.get((RAW_BLOCKING, TARGET_TASKS))
-    if ours and theirs:
-        met = ours[7] >= TARGET_RATIO and ours[4] <= theirs[4]
-        notes.append(
-            f"target: {TARGET_TASKS} tasks, distinct keys: >= {TARGET_RATIO:g}x the "
-            f"blocking pool with a p99 no worse: {ours[7]:.2f}x, p99 {ours[4]:,.0f} vs "
-            f"{theirs[4]:,.0f} µs, {'met' if met else 'missed'}"
-        )
+    for ratio in (TARGET_RATIO, WIRE_TARGET_RATIO):
+        if ours and theirs:
+            met = ours[7] >= ratio and ours[4] <= theirs[4]
+            notes.append(
+                f"target: {TARGET_TASKS} tasks, distinct keys: >= {ratio:g}x the "
+                f"blocking pool with a p99 no worse: {ours[7]:.2f}x, p99 {ours[4]:,.0f} vs "
+                f"{theirs[4]:,.0f} µs, {'met' if met else 'missed'}"
+            )
     ours_most = [row for row in distinct.rows + hot.rows if row[:2] == [CACHED, MOST_TASKS]]
     if ours_most:
         # The kinds are in the notes; any error at all fails this target.

@@ -2,7 +2,9 @@
 set through one cached function with a near cache, while 1% of operations write the
 primary (a SQLite database on disk, shared by all) and invalidate. Run on a private
 Redis and on a private 3-master cluster (with a master killed mid-run on the
-cluster, replicas promoted), for 1, 2 and 4 processes.
+cluster, replicas promoted), for 1, 2 and 4 processes; then the tracking modes with 8
+processes that each read their own slice of the keys, and the recovery after a
+listener outage (`fleet_tracking`). The processes are `fleet_worker`.
 
 Reported per run: hits/s (near and Redis), primary reads per invalidation, the
 near-hit share, stale reads, Redis commands/s (INFO commandstats on the private
@@ -12,140 +14,38 @@ TRACKING_WINDOW_S of that return are counted apart (another process's near cache
 hears of a change a moment later: the documented tracking window), the rest must be 0.
 
     python -m benchmarks --only fleet
-    python -m benchmarks.fleet --worker CONFIG_JSON   (internal)
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import json
-import mmap
-import random
+import multiprocessing
 import sqlite3
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from cached_aside import CacheEngine, NearCache, cache_aside
+from cached_aside import CacheEngine, cache_aside
 from tests.servers import REDIS_SERVER, RedisClusterProcesses, RedisProcess
 
+from . import fleet_tracking, fleet_worker
+from .fleet_worker import KEYS, SLOT, TRACKING_MODES, TRACKING_WINDOW_S, WRITE_SHARE, ZIPF_S
 from .runner import Settings, Table
 
-KEYS = 10_000
-ZIPF_S = 1.1
-WRITE_SHARE = 0.01
-TRACKING_WINDOW_S = 0.05
-SLOT = 8  # bytes per int64 / float64 in the shared arrays
-
-
-def zipf_sampler(n: int, s: float, seed: int) -> Any:
-    """Draws ids 0..n-1 with probability proportional to 1 / (rank + 1) ** s."""
-    weights = list(itertools.accumulate(1.0 / (rank + 1) ** s for rank in range(n)))
-    total = weights[-1]
-    rng = random.Random(seed)
-    return lambda: bisect.bisect_left(weights, rng.random() * total)
-
-
-def worker(config: dict[str, Any]) -> dict[str, Any]:
-    """One process of the fleet; prints its counts as JSON."""
-    with open(config["memory"], "r+b") as file:
-        memory = mmap.mmap(file.fileno(), 2 * KEYS * SLOT)
-    view = memoryview(memory)
-    versions = view[: KEYS * SLOT].cast("q")
-    published_at = view[KEYS * SLOT : 2 * KEYS * SLOT].cast("d")
-    engine = CacheEngine.from_url(config["url"], prefix=config["prefix"], near=NearCache())
-    loads = itertools.count()
-    local = threading.local()
-
-    def db() -> sqlite3.Connection:
-        connection = getattr(local, "db", None)
-        if connection is None:
-            connection = local.db = sqlite3.connect(config["db"], timeout=30)
-        return connection
-
-    @cache_aside(key="row:<id>", ttl=60, engine=engine)
-    def get(id: int) -> dict[str, int]:
-        next(loads)
-        (version,) = db().execute("SELECT v FROM rows WHERE id = ?", (id,)).fetchone()
-        return {"id": id, "v": version}
-
-    counts = {"reads": 0, "writes": 0, "stale_in_window": 0, "stale": 0, "errors": 0}
-    lock = threading.Lock()
-    kinds: list[str] = []  # the first few errors, for the log
-    # Connected before the start (the connection, not the first read, is made here),
-    # then one start time for the fleet from the parent: however slowly this process
-    # started, it runs its full `seconds` with the others.
-    engine.client().ping()
-    print("ready", flush=True)
-    start_at = float(sys.stdin.readline())
-    deadline = start_at + config["seconds"]
-
-    def run(seed: int) -> None:
-        draw = zipf_sampler(KEYS, ZIPF_S, seed)
-        rng = random.Random(seed)
-        mine = dict.fromkeys(counts, 0)
-        while time.time() < start_at:
-            time.sleep(0.001)
-        while time.time() < deadline:
-            id = draw()
-            try:
-                if rng.random() < WRITE_SHARE:
-                    connection = db()
-                    with connection:
-                        connection.execute("UPDATE rows SET v = v + 1 WHERE id = ?", (id,))
-                        (version,) = connection.execute(
-                            "SELECT v FROM rows WHERE id = ?", (id,)
-                        ).fetchone()
-                    get.invalidate(id)
-                    if versions[id] < version:
-                        versions[id] = version
-                        published_at[id] = time.time()
-                    mine["writes"] += 1
-                    continue
-                before, since = versions[id], published_at[id]
-                value = get(id)
-                mine["reads"] += 1
-                if value["v"] < before:
-                    late = time.time() - since
-                    mine["stale_in_window" if late < TRACKING_WINDOW_S else "stale"] += 1
-            except Exception as exc:  # a caller's error: the fleet must see none
-                mine["errors"] += 1
-                if len(kinds) < 5:
-                    kinds.append(f"{type(exc).__name__}: {exc}"[:200])
-        with lock:
-            for name, count in mine.items():
-                counts[name] += count
-
-    threads = [
-        threading.Thread(target=run, args=(config["seed"] * 1000 + n,))
-        for n in range(config["threads"])
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    stats = get.stats()
-    result = {
-        **counts,
-        "loads": int(repr(loads)[6:-1]),
-        "near_hits": stats.near_hits,
-        "hits": stats.hits,
-    }
-    if kinds:
-        print("fleet worker errors:", *kinds, sep="\n  ", file=sys.stderr)
-    engine.close()
-    for shared in (versions, published_at, view):
-        shared.release()
-    memory.close()
-    return result
+# What a run's total keeps per process rather than summing.
+PER_PROCESS = ("timeline", "outage")
+# Workers fork from a server that imported them once (a fork of this process could
+# copy a lock some thread of it holds; eight fresh interpreters cost seconds).
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(["benchmarks.fleet_worker"])
+# The chart's panel of the near-hit ratio around a listener outage (one process's).
+RECOVERY_PANEL = "near-hit ratio around a listener cut (one process)"
+# How long a worker may take to start, and to report after its run.
+START_TIMEOUT_S = 120.0
 
 
 def warm(url: str, prefix: str, path: Path) -> None:
@@ -169,19 +69,22 @@ def warm(url: str, prefix: str, path: Path) -> None:
     engine.close()
 
 
-def commands(urls: list[str]) -> dict[str, int]:
-    """Commands each server has run (INFO commandstats); a server that does not answer
-    (a killed master) is left out."""
-    counted: dict[str, int] = {}
+def server_counts(urls: list[str]) -> dict[str, tuple[int, float]]:
+    """Commands each server has run (INFO commandstats) and the CPU seconds it has
+    used (INFO cpu, user + system); a server that does not answer (a killed master)
+    is left out."""
+    counted: dict[str, tuple[int, float]] = {}
     for url in urls:
         client = redis.Redis.from_url(url, socket_timeout=1)
         try:
             stats = client.info("commandstats")
+            cpu = client.info("cpu")
         except redis.RedisError:
             continue
         finally:
             client.close()
-        counted[url] = sum(entry["calls"] for entry in stats.values())
+        calls = sum(entry["calls"] for entry in stats.values())
+        counted[url] = (calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
     return counted
 
 
@@ -192,8 +95,10 @@ def one_run(
     threads: int,
     seconds: float,
     during: Any = None,
+    each: Callable[[int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Start `processes` workers at once on a fresh database; sum what they saw."""
+    """Start `processes` workers at once on a fresh database; sum what they saw.
+    `each(n)` adds to process n's configuration (its slice, tracking mode, outage)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "primary.sqlite"
         with sqlite3.connect(path) as connection:
@@ -213,41 +118,47 @@ def one_run(
             "threads": threads,
             "seconds": seconds,
         }
-        workers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.fleet",
-                    "--worker",
-                    json.dumps({**base, "seed": n + 1}),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for n in range(processes)
-        ]
+        configs = [{**base, "seed": n + 1, **(each(n) if each else {})} for n in range(processes)]
+        pipes = []
+        for config in configs:
+            pipe, child_end = FORKS.Pipe()
+            FORKS.Process(target=fleet_worker.serve, args=(config, child_end), daemon=True).start()
+            child_end.close()
+            pipes.append(pipe)
         # A barrier, not a guess at start-up time: each worker says "ready" once
-        # connected, and all are given one start time a moment later.
-        for w in workers:
-            said = w.stdout.readline().strip() if w.stdout else ""
+        # connected and tracking, and all are given one start time a moment later.
+        for pipe in pipes:
+            said = pipe.recv() if pipe.poll(START_TIMEOUT_S) else "nothing"
             if said != "ready":
                 raise RuntimeError(f"a fleet worker did not start (said {said!r})")
         start_at = time.time() + 0.05
-        for w in workers:
-            if w.stdin:
-                w.stdin.write(f"{start_at}\n")
-                w.stdin.flush()
+        for pipe in pipes:
+            pipe.send(start_at)
         time.sleep(max(0.0, start_at - time.time()))
-        before = commands(server_urls)
+        before = server_counts(server_urls)
         if during is not None:
             time.sleep(seconds / 3)
             during()
-        outputs = [json.loads(w.communicate(timeout=seconds + 120)[0]) for w in workers]
-        after = commands(server_urls)
-    total = {name: sum(out[name] for out in outputs) for name in outputs[0]}
-    total["commands"] = sum(after[url] - before[url] for url in after if url in before)
+        outputs = []
+        for pipe in pipes:
+            output = pipe.recv() if pipe.poll(seconds + START_TIMEOUT_S) else "nothing"
+            if not isinstance(output, dict):
+                raise RuntimeError(f"a fleet worker did not finish (said {output!r})")
+            outputs.append(output)
+            pipe.close()
+        after = server_counts(server_urls)
+    total = {
+        name: sum(out[name] for out in outputs)
+        for name in outputs[0]
+        if name not in PER_PROCESS and name != "stale_age_max"
+    }
+    total["stale_age_max"] = max(out["stale_age_max"] for out in outputs)
+    total["processes"] = [
+        {name: out[name] for name in PER_PROCESS if name in out} for out in outputs
+    ]
+    counted = [url for url in after if url in before]
+    total["commands"] = sum(after[url][0] - before[url][0] for url in counted)
+    total["redis_cpu"] = sum(after[url][1] - before[url][1] for url in counted)
     total["seconds"] = seconds
     return total
 
@@ -263,6 +174,7 @@ def row(label: str, processes: int, total: dict[str, Any]) -> list[Any]:
         round(100 * total["near_hits"] / max(1, total["reads"]), 1),
         total["stale"],
         total["stale_in_window"],
+        round(1000 * total["stale_age_max"], 1),
         round(total["commands"] / seconds),
         total["errors"],
     ]
@@ -275,7 +187,7 @@ def run(settings: Settings) -> list[Table]:
         return [table]
     counts = (1, 2) if settings.quick else (1, 2, 4)
     threads = 4 if settings.quick else 16
-    seconds = 1.5 if settings.quick else 5.0
+    seconds = 1.5 if settings.quick else 4.0
     table = Table(
         f"fleet: processes x {threads} threads, Zipf({ZIPF_S}) over {KEYS:,} keys, "
         f"{WRITE_SHARE:.0%} writes that invalidate, near cache on",
@@ -287,15 +199,54 @@ def run(settings: Settings) -> list[Table]:
             "near-hit %",
             "stale reads",
             f"stale < {TRACKING_WINDOW_S * 1000:.0f} ms",
+            "oldest stale read ms",
             "Redis commands/s",
             "caller errors",
         ],
     )
+    # The tracking modes: 8 processes on slices of the keys; the listener outage.
+    modes = TRACKING_MODES
+    sliced_threads, sliced_seconds = (2, 1.5) if settings.quick else (4, 3.0)
+    tracking = fleet_tracking.tracking_table(sliced_threads)
+    cut_processes, cut_threads = (2, 2) if settings.quick else (4, 4)
+    cut_at, cut_seconds = (0.8, 3.5) if settings.quick else (2.0, 5.0)
+    recovery = fleet_tracking.recovery_table(cut_processes, cut_threads)
+
+    def tracking_rows(label: str, url: str, servers: list[str]) -> None:
+        for mode in modes:
+            total = one_run(
+                url,
+                servers,
+                fleet_tracking.PROCESSES,
+                sliced_threads,
+                sliced_seconds,
+                each=lambda n, mode=mode: fleet_tracking.sliced(n, mode),
+            )
+            tracking.rows.append(fleet_tracking.tracking_row(label, mode, total))
+
+    def recovery_rows(label: str, url: str, servers: list[str]) -> None:
+        for mode in modes:
+            total = one_run(
+                url,
+                servers,
+                cut_processes,
+                cut_threads,
+                cut_seconds,
+                each=lambda n, mode=mode: fleet_tracking.cut_off(mode, cut_at),
+            )
+            recovery.rows.append(fleet_tracking.recovery_row(label, mode, total))
+            first = total["processes"][0]
+            recovery.curves.setdefault(RECOVERY_PANEL, {})[f"{label}, {mode}"] = (
+                fleet_tracking.curve(first["timeline"], first["outage"])
+            )
+
     server = RedisProcess().start()
     try:
         for processes in counts:
             total = one_run(server.url, [server.url], processes, threads, seconds)
             table.rows.append(row("one Redis", processes, total))
+        tracking_rows("one Redis", server.url, [server.url])
+        recovery_rows("one Redis", server.url, [server.url])
     finally:
         server.stop()
     cluster = RedisClusterProcesses(masters=3, replicas=1).start()
@@ -309,6 +260,9 @@ def run(settings: Settings) -> list[Table]:
         for processes in counts:
             total = one_run(url, masters, processes, threads, seconds)
             table.rows.append(row("3-master cluster", processes, total))
+        if not settings.quick:
+            tracking_rows("3-master cluster", url, masters)
+            recovery_rows("3-master cluster", url, masters)
         victim = next(node for node in cluster.nodes if node.url == masters[0])
         total = one_run(url, masters, counts[-1], threads, seconds, during=victim.kill)
         table.rows.append(row("cluster, a master killed mid-run", counts[-1], total))
@@ -319,28 +273,28 @@ def run(settings: Settings) -> list[Table]:
         "(each write makes the next read of that key load once in the whole fleet; a write "
         "racing a load of the same key fences it, and that read loads again)",
         f"stale reads: a version older than one invalidated before the read began, later than "
-        f"{TRACKING_WINDOW_S * 1000:.0f} ms after; must be 0",
+        f"{TRACKING_WINDOW_S * 1000:.0f} ms after; must be 0. oldest stale read: how long "
+        "after the invalidation returned the latest of them began",
         "Redis commands/s: INFO commandstats summed over the masters at the start (a "
         "killed master's are not counted, a promoted replica's are not either)",
     ]
-    return [table]
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    print(json.dumps(worker(json.loads(sys.argv[2]))))
+    return [table, tracking, recovery]
 
 
 def chart(tables: list[Table], path: Path) -> bool:
-    """hits/s and primary reads per write against the number of processes."""
+    """hits/s and primary reads per write against the number of processes; and, when
+    the recovery ran, one process's near-hit ratio around its listener's cut."""
     fleet_table = next((t for t in tables if t.title.startswith("fleet:")), None)
     if fleet_table is None or len(fleet_table.columns) < 3:
         return False
+    lines = next((t.curves[RECOVERY_PANEL] for t in tables if RECOVERY_PANEL in t.curves), {})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (rates, reads) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 3 if lines else 2, figsize=(15 if lines else 10, 4))
+    rates, reads = axes[0], axes[1]
     for server in ("one Redis", "3-master cluster"):
         rows = [row for row in fleet_table.rows if row[0] == server]
         if not rows:
@@ -352,8 +306,19 @@ def chart(tables: list[Table], path: Path) -> bool:
     reads.set_title("primary reads per invalidating write", fontsize=10)
     for axis in (rates, reads):
         axis.set_xlabel("processes")
+    if lines:
+        around = axes[2]
+        for name, points in lines.items():
+            around.plot([x for x, _ in points], [y for _, y in points], label=name)
+        around.axvspan(0, fleet_tracking.OUTAGE_S, alpha=0.15, color="grey")
+        around.set_title(
+            f"{RECOVERY_PANEL}, per {fleet_tracking.BUCKET_S * 1000:.0f} ms", fontsize=10
+        )
+        around.set_xlabel("seconds since the cut (shaded: reconnections refused)")
+    for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
     return True

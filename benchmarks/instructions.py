@@ -42,6 +42,7 @@ REFERENCE = HERE / "results" / "reference.json"
 SECTION = "instructions"
 TITLE = "instructions per operation (callgrind)"
 MARGIN = 0.05
+BATCH_SIZE = 100  # operations.py's BATCH: keys per many() call
 MISMATCH_MARGIN = 0.25
 # What instruction counts depend on: a difference in any widens the check's margin.
 VERSIONS = (
@@ -70,6 +71,9 @@ OPERATIONS = [
     Operation("miss", "miss (loader returns at once)", 200),
     Operation("many_hits", "many() of 100, all hits", 25),
     Operation("near_hit", "near hit", 10000),
+    # The near hit's yardstick (issue 27: within 1.2x of cachetools' TTLCache).
+    Operation("ttl_cache_item", "cachetools TTLCache cache[key] hit", 10000),
+    Operation("ttl_cache_cached", "cachetools @cached(TTLCache) hit", 10000),
 ]
 
 
@@ -157,8 +161,28 @@ def table(measured: dict[str, Any]) -> dict[str, Any]:
             "those of N calls) / N, each run a fresh process, so start-up cancels",
             f"cached_aside at {source['commit'] or 'an unknown commit'}"
             + (" with uncommitted changes" if source["dirty"] else ""),
+            *comparisons(measured["operations"]),
         ],
     }
+
+
+def comparisons(operations: dict[str, Any]) -> list[str]:
+    """Issue 27's item 4 in instructions: many() of 100 against 100 sync hits, the
+    near hit against cachetools' TTLCache (both ways of reading one)."""
+    cost = {name: figure["per_operation"] for name, figure in operations.items()}
+    lines = []
+    if "many_hits" in cost and "sync_hit" in cost:
+        ratio = cost["many_hits"] / (BATCH_SIZE * cost["sync_hit"])
+        lines.append(
+            f"many() of {BATCH_SIZE}: {ratio:.3f}x the instructions of {BATCH_SIZE} sync hits"
+        )
+    for peer in ("ttl_cache_item", "ttl_cache_cached"):
+        if "near_hit" in cost and peer in cost:
+            label = next(o.label for o in OPERATIONS if o.name == peer)
+            lines.append(
+                f"near hit: {cost['near_hit'] / cost[peer]:.2f}x the instructions of a {label}"
+            )
+    return lines
 
 
 def _version(command: list[str]) -> str | None:

@@ -1,6 +1,7 @@
 """The operations the instruction meter counts, run as a script (under callgrind): one
 operation COUNT times after its setup. Standard library, msgpack and the public API of
-cached_aside only, so it measures whichever checkout PYTHONPATH puts first.
+cached_aside only (and cachetools, for the peer the near hit is judged against), so it
+measures whichever checkout PYTHONPATH puts first.
 
     python benchmarks/operations.py OPERATION COUNT URL PREFIX
 """
@@ -79,6 +80,24 @@ def near_hit(engine: CacheEngine, loads: Loads, count: int) -> None:
     repeat(lambda: get("p-001"), count)
 
 
+def ttl_cache_item(engine: CacheEngine, loads: Loads, count: int) -> None:
+    """The near hit's yardstick: a cachetools TTLCache hit, `cache[key]`."""
+    from cachetools import TTLCache
+
+    cache: TTLCache[str, dict[str, str]] = TTLCache(maxsize=1024, ttl=600)
+    cache["p-001"] = loads("p-001")
+    repeat(lambda: cache["p-001"], count)
+
+
+def ttl_cache_cached(engine: CacheEngine, loads: Loads, count: int) -> None:
+    """A cachetools `@cached(TTLCache)` hit: the decorator's key building included,
+    as a near hit's is."""
+    from cachetools import TTLCache, cached
+
+    get = cached(TTLCache(maxsize=1024, ttl=600))(loads)
+    repeat(lambda: get("p-001"), count)
+
+
 def repeat(call: Callable[[], Any], count: int) -> None:
     for _ in range(WARM_UP):
         call()
@@ -95,7 +114,14 @@ async def async_hit(engine: CacheEngine, loads: Loads, count: int) -> None:
     await engine.aclose()
 
 
-SYNC = {"sync_hit": sync_hit, "miss": miss, "many_hits": many_hits, "near_hit": near_hit}
+SYNC = {
+    "sync_hit": sync_hit,
+    "miss": miss,
+    "many_hits": many_hits,
+    "near_hit": near_hit,
+    "ttl_cache_item": ttl_cache_item,
+    "ttl_cache_cached": ttl_cache_cached,
+}
 OPERATIONS = [*SYNC, "async_hit"]
 
 

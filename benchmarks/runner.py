@@ -376,12 +376,16 @@ def show(console: Console, table: Table) -> None:
     for index, column in enumerate(table.columns):
         rich_table.add_column(column, justify="left" if index == 0 else "right")
     for row in table.rows:
+        # Escaped: a name such as `cache[key]` is text, not Rich markup.
         rich_table.add_row(
-            *(cell_text(cell, column) for cell, column in zip(row, table.columns, strict=True))
+            *(
+                escape(cell_text(cell, column))
+                for cell, column in zip(row, table.columns, strict=True)
+            )
         )
     console.print(rich_table)
     for note in table.notes:
-        console.print(f"  [dim]{note}[/dim]")
+        console.print(f"  [dim]{escape(note)}[/dim]")
 
 
 def console() -> Console:

@@ -25,6 +25,7 @@ from ._functions import (
     CachedFunction,
 )
 from ._near import NearCache
+from ._options import XFetch
 from ._results import BulkOutcome, CacheResult, Outcome, Source, StatsSnapshot
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "Source",
     "StatsSnapshot",
     "UnstorableValueError",
+    "XFetch",
     "cache_aside",
     "configure",
     "default_engine",

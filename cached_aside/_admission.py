@@ -152,6 +152,15 @@ class Policy:
             if segment.pop(key, False) is None:
                 return
 
+    def ranked(self) -> list[str]:
+        """Every key, those worth most first: protected, then probation, then the
+        window, each most recently read first."""
+        return [
+            key
+            for segment in (self._protected, self._probation, self._window)
+            for key in reversed(segment)
+        ]
+
     def clear(self) -> None:
         self._window.clear()
         self._probation.clear()

@@ -40,16 +40,23 @@ from ._invalidations import invalidate_matching as invalidate_matching
 from ._invalidations import invalidate_pattern as invalidate_pattern
 from ._invalidations import invalidate_tags as invalidate_tags
 from ._keys import entry_keys
-from ._loading import NO_STALE, guarded_load, leased, tolerate, what_to_store
+from ._loading import NO_STALE, guarded_load, leased, load_store, tolerate, what_to_store
 from ._plan import Plan, Served
-from ._reads import ANSWER, BATCH, aged, batch_step, found_in, on_lookup, served_aged
+from ._reads import (
+    ANSWER,
+    BATCH,
+    aged,
+    batch_step,
+    found_in,
+    on_lookup,
+    peek_lookup,
+    served_aged,
+)
 from ._results import Source
 from ._scripts import (
     RELEASE_ONLY,
     AcquireStatus,
     acquire_call,
-    peek_call,
-    store_call,
 )
 from ._stamps import (
     Verdict,
@@ -69,8 +76,7 @@ MAX_CONCURRENT_MISSES = 32
 def lookups(plan: Plan, keys: Sequence[str]) -> Batch:
     """The lookups of many entries, replied to exactly like single lookups."""
     if plan.peek:
-        kind = plan.codec.redis_type
-        return Batch([peek_call(key, redis_type=kind) for key in keys])
+        return Batch([peek_lookup(plan, key) for key in keys])
     return Batch([Command((plan.codec.read_command, key)) for key in keys])
 
 
@@ -348,6 +354,8 @@ def _load_and_store_many(
         return True
     stores: list[Command | RunScript] = []
     results: dict[int, Any] = {}
+    # XFetch: each entry's load time is the batch's (it loaded them all at once).
+    load_ms = (yield Signal.LOAD_TIME) if options.xfetch_beta else None
     for position, value in zip(to_load, values, strict=True):
         kind, ttl_ms, payload, results[position] = what_to_store(plan, value, keys[position])
         stamp = stamps.get(position)
@@ -356,13 +364,14 @@ def _load_and_store_many(
         elif stamp is not None and kind == plan.codec.redis_type:
             payload = stamped(kind, payload, stamp)
         if position in owning:
-            store = store_call(
+            store = load_store(
                 entry_keys(keys[position]),
                 token=_token(holds[position]),
                 kind=kind,
                 ttl_ms=ttl_ms,
                 wake_ttl_ms=options.lock_ttl_ms,
                 payload=payload,
+                load_ms=load_ms,
             )
             stores.append(store)
     # As a single load: callers of this process that come from here on read for

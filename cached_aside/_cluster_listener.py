@@ -6,14 +6,16 @@ others. So every master gets its own listener (an InvalidationListener of one no
 BCAST with the engine's prefix), and the near caches are on only while the set of
 listeners is exactly the set of masters and every one of them is tracking. Any loss
 (a listener's connection, a failover, a master added or gone, a topology nobody can
-tell) empties every near cache of the engine and keeps them off until tracking
-covers every master again: a value is never served from process memory unless the
-node that owns its slot is tracking us. Coarse (one lost master empties the slots of
-all), but simple enough to be right.
+tell) switches every near cache of the engine off, its entries set aside unserved,
+until tracking covers every master again; then they are reread and kept only if
+unchanged (`_revalidation`): a value is never served from process memory unless the
+node that owns its slot is tracking us. Coarse (one lost master sets aside the slots
+of all), but simple enough to be right.
 
 The topology is read every TOPOLOGY_SECONDS with CLUSTER SLOTS: a master added to
 the cluster and given slots in between is the one window in which a change could
-go unreported, and it is at most that long.
+go unreported, and it is at most that long. In per-key mode a slot moving to another
+master is treated the same way (its new master tracks none of our keys).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 from redis.crc import key_slot
 
 from ._listener import InvalidationListener, StoreListener, connection_factory
-from ._near import NearStore, Tracking, TrackingState
+from ._near import Tracking, TrackingState
+from ._near_store import NearStore
 from ._registrar import slot_of
 
 logger = logging.getLogger("cached_aside")
@@ -89,21 +92,27 @@ class ClusterListener(StoreListener):
     def register(self, store: NearStore, key: str, number: int) -> None:
         """To the listener of the master that owns the key's slot; if the slot
         moved since, that master refuses the EXISTS and the key stays unregistered."""
-        slot = key_slot(key.encode())
-        starts, owners = self._slots
-        index = bisect.bisect_right(starts, slot) - 1
-        node = None
-        if 0 <= index < len(owners) and slot <= owners[index][0]:
-            node = self._nodes.get(owners[index][1])
+        owner = self.owner(key)
+        node = None if owner is None else self._nodes.get(owner)
         if node is None:
             store.registered([(key, number)], processed=False)
         else:
             node.register(store, key, number)
 
+    def owner(self, key: str) -> str | None:
+        """The master ("host:port") owning the key's slot in the last CLUSTER SLOTS."""
+        slot = key_slot(key.encode())
+        starts, owners = self._slots
+        index = bisect.bisect_right(starts, slot) - 1
+        if 0 <= index < len(owners) and slot <= owners[index][0]:
+            return owners[index][1]
+        return None
+
     # -- the topology --------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            slots = self._slots
             try:
                 masters = self._discover()
             except Exception as exc:  # no node answers: nothing vouches for the caches
@@ -113,6 +122,8 @@ class ClusterListener(StoreListener):
                 continue
             if frozenset(masters) != self._masters:
                 self._follow(masters)
+            elif self._slots != slots and self.tracking == "keys":
+                self._moved()
             self._judge()
             self._stop.wait(TOPOLOGY_SECONDS)
 
@@ -129,6 +140,22 @@ class ClusterListener(StoreListener):
         self._slots = ([first for first, _, _ in ranges], [(last, n) for _, last, n in ranges])
         return masters
 
+    def _moved(self) -> None:
+        """Per-key mode: a slot changed masters. A key registered on its old master
+        while absent was not reported when the slot moved (no key to migrate), and
+        the new one tracks nothing for us: so off and on again, registrations
+        forgotten, as for a new master (the same window: until CLUSTER SLOTS shows it)."""
+        self.topology_changes += 1
+        self._set("down", "a slot moved to another master")
+        self._forget_registrations()
+
+    def _forget_registrations(self) -> None:
+        """Slots changed masters: what any master confirmed vouches for nothing now
+        (going down sets entries aside, and keeps registrations, for a reconnect of
+        the same connections; here the keys' masters changed)."""
+        for store in self._attached():
+            store.forget_registrations()
+
     def _follow(self, masters: dict[str, tuple[str, int]]) -> None:
         """A listener for each master, none for a node that is no master any more.
         Off until all of them track (the verdict that follows says so)."""
@@ -136,6 +163,7 @@ class ClusterListener(StoreListener):
         with self._lock:
             self._masters = frozenset(masters)
         self._set("down", "the cluster's masters changed")
+        self._forget_registrations()
         for name in [name for name in self._nodes if name not in masters]:
             self._nodes.pop(name).stop()
         template = self._client.get_primaries()[0].redis_connection
@@ -172,14 +200,13 @@ class ClusterListener(StoreListener):
                 self._settled.set()
 
     def _set(self, state: TrackingState, reason: str = "") -> None:
-        """Switch the caches on or off when the verdict changes (each switch empties
-        them, so an unchanged verdict must not switch again)."""
+        """Switch the caches on or off when the verdict changes (a switch on rereads
+        what was set aside, so an unchanged verdict must not switch again)."""
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
-            stores = list(self._stores) if changed else []
-        for store in stores:
-            store.switch(state == "tracking")
+            stores = list(self._stores) if changed or reason == "stopped" else []
+        self._turn(stores, state, reason)
         if changed and state == "down" and reason != "stopped":
             logger.warning("near cache off on the cluster: %s", reason)
 

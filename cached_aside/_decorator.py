@@ -26,7 +26,7 @@ from ._errors import ConfigurationError, KeyTemplateError
 from ._functions import AsyncCachedFunction, CachedFunction
 from ._keys import KeyTemplate
 from ._near import NearCache
-from ._options import Options
+from ._options import Options, XFetch
 from ._plan import Plan
 from ._stats import Stats
 from ._typed import schema_of
@@ -70,6 +70,9 @@ class cache_aside:  # lower case: a decorator, named and used like a function
             inside it still returns the cached value at once, and one caller reloads
             the entry in the background, so hot keys never expire into a miss. Costs
             a Lua lookup (value and ttl in one round trip) instead of a plain read.
+            `XFetch(beta=1.0)` instead: each hit is due with a probability that grows
+            as expiry nears, scaled by how long the entry's last load took (stored
+            beside it), so processes sharing a hot key refresh it at spread moments.
         serializer: an object with dumps(value) -> bytes and loads(bytes), used instead
             of msgpack. Its loads() runs on whatever Redis holds: never plug in one that
             executes code (pickle) unless you trust everyone who can write to Redis.
@@ -130,7 +133,7 @@ class cache_aside:  # lower case: a decorator, named and used like a function
     lock_ttl: Duration | None = None
     engine: CacheEngine | None = None
     fail_open: bool = True
-    refresh_ahead: Duration | None = None
+    refresh_ahead: Duration | XFetch | None = None
     serializer: Serializer | None = None
     batch_loader: Callable[[list[Any]], Any] | None = None
     near: NearCache | bool | None = None

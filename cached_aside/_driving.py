@@ -26,6 +26,7 @@ from ._flights import Led, TaskFlights, ThreadFlights
 from ._loads import Loads
 from ._pipelines import Done
 from ._plan import Plan
+from ._reads import peek_lookup
 from ._runtime import Runtime
 from ._scripts import peek_call
 from ._stamps import version_reads
@@ -43,6 +44,8 @@ def no_seal() -> None:
 def lookup(plan: Plan, key: str) -> Command | RunScript:
     """The effect that looks an entry up: its read command, or PEEK (value and ttl)."""
     if plan.peek:
+        if plan.options.xfetch_beta:  # with the entry's load time
+            return peek_lookup(plan, key)
         return peek_call(key, redis_type=plan.codec.redis_type)
     return Command((plan.codec.read_command, key))
 
@@ -97,6 +100,8 @@ class Running:
             if self.led is not None:
                 self.led.seal()
             self.seal()
+        elif effect is Signal.LOAD_TIME:
+            return self.loads.last_ms, None
         elif isinstance(effect, Hold):
             self.holds.append(effect)
         elif isinstance(effect, Free):

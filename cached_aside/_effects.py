@@ -213,6 +213,7 @@ class Signal(enum.Enum):
 
     LOAD = "load"  # call the user's loader with the call's arguments
     SEAL = "seal"  # later callers in this process must not join this call any more
+    LOAD_TIME = "load time"  # the whole ms this run's last load took (XFetch stores it)
 
 
 Effect = (

@@ -233,6 +233,12 @@ class CacheEngine:
         "starting", or "off" when no function uses a near cache."""
         return self.nearby.state()
 
+    def near_revalidated_at(self) -> float | None:
+        """`time.monotonic()` when the near cache last finished rereading the entries
+        it set aside while its listener was not tracking (see the near-cache docs),
+        or None if it never had to."""
+        return self.nearby.revalidated_at()
+
     def settle(self, timeout: float = 5.0) -> bool:
         """Wait until the engine's background work is done: refresh_ahead reloads in
         threads and the outbox's deliveries. Returns False if `timeout` seconds were

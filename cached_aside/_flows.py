@@ -33,6 +33,7 @@ from ._loading import (
     STALE_SERVED,
     guarded_load,
     leased,
+    load_store,
     tolerate,
     what_to_store,
 )
@@ -73,7 +74,7 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
         if age is Age.DUE or age is Age.STALE:
             # Serve the cached value now; one background reload per process, and one
             # across processes through the lock, replaces it.
-            yield Spawn(key, _refresh(plan, key, block_limit_ms))
+            yield Spawn(key, _refresh(plan, key, block_limit_ms, raw[1]))
             if age is Age.DUE:
                 plan.stats.hit()
                 return Served(value, Source.CACHE)
@@ -87,22 +88,29 @@ def after_miss(plan: Plan, key: str, raw: Any, block_limit_ms: int) -> Flow[Serv
     return (yield from miss(plan, key, damaged, block_limit_ms, stale=stale))
 
 
-def _refresh(plan: Plan, key: str, block_limit_ms: int) -> Flow[bool]:
-    """Reload an entry in the background; False when its loader failed (callers keep
-    getting the cached value, and the driver waits before trying again)."""
+def _refresh(plan: Plan, key: str, block_limit_ms: int, seen_ms: int) -> Flow[bool]:
+    """Reload an entry in the background, the one a lookup found with `seen_ms` left
+    to live; False when its loader failed (callers keep getting the cached value, and
+    the driver waits before trying again)."""
     keys = entry_keys(key)
     token = os.urandom(16).hex()
     hold = lock_hold(plan, keys, token)
     yield hold
     try:
-        # Ignore the cached value: it is the one being replaced.
+        # The entry seen counts as not cached (it is the one being replaced), and one
+        # with longer to live is a newer store: a process whose lookup came just
+        # before another's refresh stored does not reload it a second time.
         reply = yield acquire_call(
             keys,
             token=token,
             lock_ttl_ms=plan.options.lock_ttl_ms,
             redis_type=plan.codec.redis_type,
-            ignore_cached=True,
+            ignore_cached=False,
+            keep_ms=max(seen_ms, 1),
         )
+        if reply[0] == AcquireStatus.FOUND:
+            yield Free(hold)  # the lock script took this caller off the waiters
+            return True
         if reply[0] == AcquireStatus.OWNED:
             try:
                 yield from _load_and_store(plan, keys, hold)
@@ -302,6 +310,8 @@ def _load_and_store(
         # This load's outcome: its joiners get the same stale answer, not a load each.
         return Served(stale, Source.STALE, shareable=True)
     kind, ttl_ms, payload, result = what_to_store(plan, value, keys.value)
+    # XFetch: the load time goes beside the entry, for every process that reads it.
+    load_ms = (yield Signal.LOAD_TIME) if plan.options.xfetch_beta else None
     if isinstance(stamp, CommandFailed):  # no version to stamp it with: store nothing
         kind, ttl_ms, payload = RELEASE_ONLY, 0, []
     elif texts and kind == plan.codec.redis_type:
@@ -310,13 +320,14 @@ def _load_and_store(
     # this one, so none of them is handed a value stored before its call began.
     yield Signal.SEAL
     try:
-        store = store_call(
+        store = load_store(
             keys,
             token=token,
             kind=kind,
             ttl_ms=ttl_ms,
             wake_ttl_ms=options.lock_ttl_ms,
             payload=payload,
+            load_ms=load_ms,
         )
         stored = yield from _store(keys, store, texts, stamp)
     except CommandFailed as failure:

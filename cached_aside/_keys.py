@@ -23,7 +23,11 @@ from ._errors import ConfigurationError, KeyArgumentError, KeyTemplateError
 LOCK_SUFFIX = "lock"
 WAITERS_SUFFIX = "waiters"
 WAKE_SUFFIX = "wake"
-_INTERNAL_SUFFIXES = frozenset(f":{s}" for s in (LOCK_SUFFIX, WAITERS_SUFFIX, WAKE_SUFFIX))
+# Beside an entry of a function with refresh_ahead=XFetch(): how long its last load took.
+LOAD_MS_SUFFIX = "load_ms"
+_INTERNAL_SUFFIXES = frozenset(
+    f":{s}" for s in (LOCK_SUFFIX, WAITERS_SUFFIX, WAKE_SUFFIX, LOAD_MS_SUFFIX)
+)
 _WAITER_WAKE = re.compile(rf":{WAKE_SUFFIX}:[0-9a-f]+").fullmatch
 
 # Rendered keys longer than this are shortened to a readable head plus a digest.
@@ -59,6 +63,17 @@ class EntryKeys(NamedTuple):
         """The wake-up list of the waiter with this token."""
         return f"{self.wake}:{token}"
 
+    @property
+    def load_ms(self) -> str:
+        """Where XFetch keeps the entry's last load time (not one of the tuple's keys:
+        only the scripts of XFetch functions are given it)."""
+        return load_ms_key(self.value)
+
+
+def load_ms_key(value_key: str) -> str:
+    """The key beside an entry that holds how long its last load took (XFetch)."""
+    return f"{value_key}:{LOAD_MS_SUFFIX}"
+
 
 def entry_keys(value_key: str) -> EntryKeys:
     """Derive the internal keys of an entry; they end in a suffix, value keys end in '}'."""
@@ -93,7 +108,8 @@ def glob_escape(text: str) -> str:
 
 def split_entry_key(key: str, key_head: str) -> tuple[str, str] | None:
     """(rendered, suffix) of one of an engine's keys, or None for a foreign key; the
-    suffix is '' for a value key, else ':lock', ':waiters' or a waiter's ':wake:<token>'."""
+    suffix is '' for a value key, else ':lock', ':waiters', ':load_ms' or a waiter's
+    ':wake:<token>'."""
     if not key.startswith(key_head):
         return None
     end = key.find("}", len(key_head))

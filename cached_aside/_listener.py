@@ -6,7 +6,8 @@ and subscribes to `__redis__:invalidate` (RESP2, so Redis 6 and 7 both speak it)
 Any change by anyone reaches it: invalidate, update_field, expiry, eviction, a DEL
 typed into redis-cli. One daemon thread serves sync and async functions alike.
 Correctness first: whenever it is not connected and tracking, every near cache of
-the engine is off and empty.
+the engine is off, its entries set aside unserved; once tracking is back, they are
+reread (`_revalidation`) and served again only if unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from redis.exceptions import ResponseError
 
 from ._errors import ConfigurationError
 from ._keys import tag_key
-from ._near import NearStore, Tracking, TrackingState
+from ._near import Tracking, TrackingState
+from ._near_store import NearStore
 from ._registrar import Registrar, one_group
+from ._revalidation import start
 
 logger = logging.getLogger("cached_aside")
 
@@ -124,6 +127,8 @@ class StoreListener:
         self._settled = threading.Event()  # the first attempt ended, one way or another
         self.state: TrackingState = "starting"
         self.reason = ""
+        # time.monotonic() when the last revalidation after a reconnect ended
+        self.revalidated_at: float | None = None
 
     def _loop(self) -> None:
         raise NotImplementedError
@@ -136,10 +141,31 @@ class StoreListener:
         """Whether `store` may serve from memory in the listener's present state."""
         return self.state == "tracking"
 
+    def _turn(self, stores: list[NearStore], state: TrackingState, reason: str) -> None:
+        """Switch `stores` for the state just entered: tracking is back, so reread
+        what was set aside (a thread of its own, after tracking is in place: a change
+        after a reread is reported); tracking lost, so set the entries aside; else
+        (unsupported, stopped) on or off, and empty."""
+        rereads = []
+        for store in stores:
+            if state == "tracking":
+                rereads.append((store, store.aside.resume()))
+            elif state == "down" and reason != "stopped":
+                store.aside.suspend()
+            else:
+                store.switch(
+                    self._serves(store), state == "unsupported" and store.config.allow_untracked
+                )
+        if any(keys for _, keys in rereads):
+            start(rereads, self._revalidated)
+
+    def _revalidated(self) -> None:
+        self.revalidated_at = monotonic()
+
     def attach(self, store: NearStore) -> None:
         """Serve `store` from now on, starting the listener on first use."""
         if store.registrations is not None:
-            store.register = self.register
+            store.registrations.register = self.register
         with self._lock:
             self._stores.append(store)
             if self._serves(store):
@@ -253,9 +279,7 @@ class InvalidationListener(StoreListener):
         with self._lock:
             changed = state != self.state
             self.state, self.reason = state, reason
-            for store in self._stores:
-                untracked = state == "unsupported" and store.config.allow_untracked
-                store.switch(state == "tracking" or untracked, untracked)
+            self._turn(self._stores, state, reason)
         if changed and state == "down" and reason != "stopped":
             logger.warning(
                 "near cache off: the invalidation listener lost Redis (%s); reconnecting", reason

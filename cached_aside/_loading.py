@@ -13,7 +13,7 @@ from ._effects import CommandFailed, Flow, Leased, LoadOne, LoadSome, RunScript,
 from ._errors import CacheUnavailableError, LoaderCircuitOpenError
 from ._keys import EntryKeys
 from ._plan import Plan
-from ._scripts import DROP, renew_call
+from ._scripts import DROP, renew_call, store_call, timed_store_call
 from ._stamps import version_renewals
 
 
@@ -119,3 +119,30 @@ def tolerate(plan: Plan, key: str, failure: CommandFailed) -> None:
         raise CacheUnavailableError(
             f"{plan.name}: Redis failed for {key!r} ({failure}) and fail_open=False"
         ) from failure.cause
+
+
+def load_store(
+    keys: EntryKeys,
+    *,
+    token: str,
+    kind: str,
+    ttl_ms: int,
+    wake_ttl_ms: int,
+    payload: Sequence[Any],
+    load_ms: int | None,
+) -> RunScript:
+    """The store of a load's result under its lock: STORE, or with `load_ms` (an
+    XFetch function's, from Signal.LOAD_TIME) STORE_TIMED, which keeps it beside."""
+    if load_ms is None:
+        return store_call(
+            keys, token=token, kind=kind, ttl_ms=ttl_ms, wake_ttl_ms=wake_ttl_ms, payload=payload
+        )
+    return timed_store_call(
+        keys,
+        token=token,
+        kind=kind,
+        ttl_ms=ttl_ms,
+        wake_ttl_ms=wake_ttl_ms,
+        load_ms=load_ms,
+        payload=payload,
+    )

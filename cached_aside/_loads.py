@@ -27,13 +27,23 @@ NO_KWARGS: Mapping[str, Any] = {}
 
 
 class Loads:
-    """The loader, the arguments of each entry of an operation, and the batch loader.
+    """The loader, the arguments of each entry of an operation, and the batch loader;
+    `last_ms` is how long the last load took.
 
     `position` is the entry Signal.LOAD loads: 0 for a single call, and the entry's
     own for each entry of a many() call served one by one (see `at`).
     """
 
-    __slots__ = ("_batch_loader", "_calls", "_items", "_kwargs", "_loader", "_plan", "position")
+    __slots__ = (
+        "_batch_loader",
+        "_calls",
+        "_items",
+        "_kwargs",
+        "_loader",
+        "_plan",
+        "last_ms",
+        "position",
+    )
 
     def __init__(
         self,
@@ -52,6 +62,7 @@ class Loads:
         self._batch_loader = batch_loader
         self._items = items
         self.position = position
+        self.last_ms = 0  # how long the last load took, in whole ms (Signal.LOAD_TIME)
 
     def at(self, position: int) -> Loads:
         """The same loads, with Signal.LOAD meaning entry `position`."""
@@ -139,8 +150,10 @@ class Loads:
         try:
             yield
         finally:
+            took = perf_counter() - started
+            self.last_ms = max(1, round(took * 1000))  # never 0, which means "unknown"
             if self._plan is not None:
-                self._plan.stats.loaded_in(perf_counter() - started)
+                self._plan.stats.loaded_in(took)
 
 
 # Loader threads left running past their loader_timeout, per function (by id of its

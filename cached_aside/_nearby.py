@@ -15,9 +15,15 @@ import redis.cluster
 from ._cluster_listener import ClusterListener
 from ._codecs import Codec
 from ._connector import Connector
+from ._drivers import no_seal, run
 from ._errors import ConfigurationError
 from ._listener import InvalidationListener, connection_factory
-from ._near import NearBudget, NearCache, NearStore, Tracking
+from ._loads import NO_LOADS
+from ._near import NearCache, Reread, Tracking
+from ._near_budget import NearBudget
+from ._near_store import NearStore
+from ._plan import Plan
+from ._revalidation import reread
 from ._sides import Sides
 from ._validate import instance
 
@@ -41,15 +47,20 @@ class Nearby:
         self._lock = threading.Lock()
         self.listener: InvalidationListener | ClusterListener | None = None
 
-    def store(self, config: NearCache, codec: Codec, name: str) -> NearStore:
+    def store(
+        self, config: NearCache, codec: Codec, name: str, plan: Plan | None = None
+    ) -> NearStore:
         """A near cache for one function, attached to the listener (started on first
-        use).
+        use); given the function's `plan`, its entries are reread after a reconnect
+        (else dropped).
 
         Raises:
             ConfigurationError: the server cannot track keys and the config does not
                 accept TTL-only staleness.
         """
         store = NearStore(config, codec.freeze, self._budget if config is self.default else None)
+        if plan is not None:
+            store.reread = self._rereader(plan)
         make = self._listener_maker(config.tracking)  # outside the lock: it may make the client
         with self._lock:
             if self.listener is None:
@@ -73,10 +84,33 @@ class Nearby:
             )
         return store
 
+    def _rereader(self, plan: Plan) -> Callable[[list[str]], list[Reread]]:
+        """Rereads keys of `plan`'s function on the engine's sync side, as lookups
+        (never loading); a key whose invalidation waits in the outbox is not vouched
+        for (Redis may still hold the old value)."""
+
+        def reread_keys(keys: list[str]) -> list[Reread]:
+            side = self._sides.sync_side()
+            found = run(reread(plan, keys), side, NO_LOADS, no_seal)[0]
+            outbox = side.outbox
+            if not outbox.active:
+                return found
+            return [
+                None if outbox.blocks(key) else entry
+                for key, entry in zip(keys, found, strict=True)
+            ]
+
+        return reread_keys
+
     def state(self) -> str:
         """The listener's state, or "off" when no function uses a near cache."""
         listener = self.listener
         return "off" if listener is None else listener.state
+
+    def revalidated_at(self) -> float | None:
+        """time.monotonic() when the last revalidation after a reconnect ended."""
+        listener = self.listener
+        return None if listener is None else listener.revalidated_at
 
     def drop(self, keys: Iterable[str]) -> None:
         """Read-your-writes: Redis's reports of these deletions arrive a moment later."""

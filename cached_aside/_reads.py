@@ -7,12 +7,16 @@ and perform the answer. No redis, asyncio or time imports here.
 from __future__ import annotations
 
 import enum
+import math
+import random
 from typing import Any, Final
 
 from ._codecs import Found
 from ._effects import CommandFailed
+from ._keys import load_ms_key
 from ._plan import Plan, Served
 from ._results import Source
+from ._scripts import RunScript, peek_call, timed_peek_call
 
 
 class Step(enum.Enum):
@@ -196,5 +200,44 @@ def peeked(plan: Plan, raw: Any) -> tuple[Any, Age, int]:
     left -= keep
     window = options.refresh_ahead_ms
     if window and left <= window and type(found) is not Found:
-        return found, Age.DUE, left
+        beta = options.xfetch_beta
+        if not beta or xfetch_due(left, _load_ms(raw), beta, _draw(raw)):
+            return found, Age.DUE, left
     return found, Age.FRESH, left
+
+
+def xfetch_due(left_ms: int, load_ms: int, beta: float, draw: float) -> bool:
+    """XFetch's rule (Vattani, Chierichetti and Lowenstein, VLDB 2015): an entry with
+    `left_ms` of freshness whose last load took `load_ms` is due for a reload when
+    -load_ms * beta * ln(draw) >= left_ms, for a draw uniform in (0, 1]. Its chance
+    is exp(-left_ms / (load_ms * beta)): nil far from expiry, certain at it. An
+    unknown load time (0: never stored, or the entry was written by set()) makes
+    it never due early: the entry expires, and the load that follows is timed."""
+    if load_ms <= 0:
+        return False
+    return -load_ms * beta * math.log(draw) >= left_ms
+
+
+def _load_ms(raw: list[Any]) -> int:
+    """The entry's last load time in a timed PEEK reply; 0 when unknown."""
+    held = raw[2] if len(raw) > 2 else None
+    return int(held) if held else 0
+
+
+def _draw(raw: list[Any]) -> float:
+    """The reply's one draw in (0, 1]: taken at its first judgement and kept with it
+    (its fourth element), so every later judgement of the same reply (the driver's
+    routing, after_miss) agrees. A test passes a reply with its draw in place."""
+    if len(raw) > 3:
+        return float(raw[3])
+    draw = 1.0 - random.random()
+    if type(raw) is list:  # as every client parses a script's reply
+        raw.append(draw)
+    return draw
+
+
+def peek_lookup(plan: Plan, key: str) -> RunScript:
+    """The PEEK lookup of an entry; an XFetch function's reads its load time too."""
+    if plan.options.xfetch_beta:
+        return timed_peek_call(key, load_ms_key(key), redis_type=plan.codec.redis_type)
+    return peek_call(key, redis_type=plan.codec.redis_type)

@@ -23,7 +23,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
-    from ._near import NearStore
+    from ._near_store import NearStore
 
 # The registrar's connection is proved alive as the listener's is: a PING when idle
 # this long, answered within the deadline (an EXISTS reply too).

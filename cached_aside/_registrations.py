@@ -62,6 +62,11 @@ class Registrations:
         if self._pending.get(key) == number:
             del self._pending[key]
 
+    def awaiting(self, keys: Iterable[str]) -> bool:
+        """Whether the registration of any of these keys is on its way."""
+        pending = self._pending
+        return any(key in pending for key in keys)
+
     def forget(self, keys: Iterable[str]) -> None:
         """Redis reported these keys changed, and stopped tracking them when it did;
         a registration on its way may have been processed before the change."""

@@ -129,6 +129,11 @@ class StatsSnapshot:
             push out).
         near_bytes: bytes the near entries take now (a gauge; see the near-cache docs
             for what counts).
+        near_revalidated: near entries set aside while the invalidation listener
+            was not tracking, reread from Redis once it was again, and kept.
+        near_unverified: near entries set aside likewise and dropped instead: gone
+            or changed in Redis, expired, reported changed meanwhile, unreadable,
+            or the outage outlasted the bound (see the near-cache docs).
     """
 
     hits: int = 0
@@ -148,6 +153,8 @@ class StatsSnapshot:
     near_evictions: int = 0
     near_admissions_refused: int = 0
     near_bytes: int = 0
+    near_revalidated: int = 0
+    near_unverified: int = 0
 
     @property
     def hit_rate_pct(self) -> float:

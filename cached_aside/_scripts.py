@@ -160,6 +160,44 @@ def store_call(
     return RunScript(ScriptName.STORE, tuple(keys), (token, kind, ttl_ms, wake_ttl_ms, *payload))
 
 
+STORE_TIMED: Final = (
+    _WAKE_WAITERS
+    + _WRITE_VALUE
+    + """
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] waiters set, KEYS[4] wake-up lists'
+-- prefix, KEYS[5] the entry's load time key
+-- ARGV[1] lock token, ARGV[2] what to do, as STORE's ARGV[2], ARGV[3] value ttl
+-- (ms), ARGV[4] wake-up list ttl (ms), ARGV[5] how long the load took (ms),
+-- ARGV[6..] the payload: one string, or field/value pairs
+-- returns 1 or 0, as STORE. For refresh_ahead=XFetch(): a value written gets its load
+-- time beside it, as long as it lives, for every process's PEEK_TIMED.
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+write_value(KEYS[1], ARGV[2], ARGV[3], 6)
+if ARGV[2] == 'string' or ARGV[2] == 'hash' then
+  redis.call('SET', KEYS[5], ARGV[5], 'PX', ARGV[3])
+end
+redis.call('DEL', KEYS[2])
+wake_waiters(KEYS[3], KEYS[4], ARGV[4])
+return 1
+"""
+)
+
+
+def timed_store_call(
+    keys: EntryKeys,
+    *,
+    token: str,
+    kind: str,
+    ttl_ms: int,
+    wake_ttl_ms: int,
+    load_ms: int,
+    payload: Sequence[Any] = (),
+) -> RunScript:
+    """STORE_TIMED: store_call's, with how long the load took."""
+    args = (token, kind, ttl_ms, wake_ttl_ms, load_ms, *payload)
+    return RunScript(ScriptName.STORE_TIMED, (*keys, keys.load_ms), args)
+
+
 INVALIDATE: Final = (
     _WAKE_WAITERS
     + """
@@ -325,6 +363,24 @@ def peek_call(value_key: str, *, redis_type: str) -> RunScript:
     return RunScript(ScriptName.PEEK, (value_key,), (redis_type,))
 
 
+PEEK_TIMED: Final = """
+-- KEYS[1] value key, KEYS[2] the entry's load time key
+-- ARGV[1] expected type of the value ('hash' or 'string')
+-- returns as PEEK, with the load time (ms) third: {value, pttl, load ms}, false for
+-- it when unknown. The lookup of refresh_ahead=XFetch(): one round trip still.
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'none' then return {} end
+if kind ~= ARGV[1] then return {false} end
+local read = 'GET'
+if kind == 'hash' then read = 'HGETALL' end
+return {redis.call(read, KEYS[1]), redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[2])}
+"""
+
+
+def timed_peek_call(value_key: str, load_ms_key: str, *, redis_type: str) -> RunScript:
+    return RunScript(ScriptName.PEEK_TIMED, (value_key, load_ms_key), (redis_type,))
+
+
 REVOKE: Final = (
     _WAKE_WAITERS
     + """
@@ -383,9 +439,11 @@ class ScriptName(enum.Enum):
 
     ACQUIRE = ACQUIRE
     STORE = STORE
+    STORE_TIMED = STORE_TIMED
     INVALIDATE = INVALIDATE
     UPDATE_FIELD = UPDATE_FIELD
     PEEK = PEEK
+    PEEK_TIMED = PEEK_TIMED
     LEAVE = LEAVE
     RENEW = RENEW
     TAG_RENEW = TAG_RENEW

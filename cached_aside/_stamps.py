@@ -190,7 +190,8 @@ def judge_stamped(plan: Plan, replies: Sequence[Any]) -> tuple[Any, Verdict]:
         if len(raw) < 2:
             return raw, Verdict.CURRENT  # nothing cached, or another type
         value, verdict = unstamped(raw[0], stamp)
-        return ([value, raw[1]] if verdict is Verdict.CURRENT else []), verdict
+        # raw[2:]: an XFetch entry's load time (and its draw), kept with the value
+        return ([value, *raw[1:]] if verdict is Verdict.CURRENT else []), verdict
     value, verdict = unstamped(raw, stamp)
     if verdict is Verdict.CURRENT:
         return value, verdict

@@ -51,7 +51,14 @@ class _Burst:
 
 # The counters kept under the lock: every StatsSnapshot field but the hits.
 # The near cache's own counters, read from its stores (Stats.watch_near).
-NEAR_COUNTERS = ("near_misses", "near_evictions", "near_admissions_refused", "near_bytes")
+NEAR_COUNTERS = (
+    "near_misses",
+    "near_evictions",
+    "near_admissions_refused",
+    "near_bytes",
+    "near_revalidated",
+    "near_unverified",
+)
 _LOCKED_COUNTERS = tuple(
     name
     for name in StatsSnapshot.__dataclass_fields__
@@ -62,8 +69,8 @@ _LOCKED_COUNTERS = tuple(
 class NearCounts(Protocol):
     """A near cache as the stats see it."""
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """(misses, evictions, admissions refused, bytes held)."""
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """(misses, evictions, admissions refused, bytes held, revalidated, unverified)."""
 
     def reset_counts(self) -> None: ...
 
@@ -186,7 +193,7 @@ class Stats:
         self._lock = threading.Lock()
 
     def snapshot(self) -> StatsSnapshot:
-        near = [0, 0, 0, 0]
+        near = [0] * len(NEAR_COUNTERS)
         for store in self._near:
             near = [total + count for total, count in zip(near, store.counts(), strict=True)]
         with self._lock:

@@ -18,7 +18,8 @@ from ._engine import CacheEngine
 from ._flows import bypass
 from ._keys import KeyTemplate, glob_escape, split_entry_key
 from ._loads import NO_LOADS, BatchLoader, Loads
-from ._near import MISSING, NearCache, NearStore
+from ._near import MISSING, NearCache
+from ._near_store import NearStore
 from ._plan import Plan, Served
 from ._reads import LOADER, NEAR, as_joiner, first_step, near_keeps
 from ._results import HIT_SOURCES, BulkOutcome, CacheResult, Outcome, Source
@@ -140,7 +141,7 @@ class CachedBase(Generic[P, R]):
             store = self._near_stores.get(engine)  # met before: the same tier again
             if store is None:
                 store = self._near_stores[engine] = engine.nearby.store(
-                    config, plan.codec, plan.name
+                    config, plan.codec, plan.name, plan
                 )
             self._near = store
             self._plan.stats.watch_near(store)

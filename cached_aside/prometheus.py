@@ -34,6 +34,8 @@ COUNTERS = {
     "near_misses": "Near-cache look-ups that found nothing to serve",
     "near_evictions": "Near entries pushed out by the entry-count or byte bound",
     "near_admissions_refused": "Values read from Redis the near cache's W-TinyLFU did not keep",
+    "near_revalidated": "Near entries set aside while tracking was down, reread and kept",
+    "near_unverified": "Near entries set aside while tracking was down and dropped unverified",
 }
 
 

@@ -3,7 +3,9 @@ structure and counts (one load, one round trip per hit), never timings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import platform
 import re
 import shutil
@@ -14,13 +16,17 @@ from typing import Any
 
 import pytest
 import redis
+import redis.utils
 
 from benchmarks import __main__ as bench_main
 from benchmarks import (
     batches,
+    cells,
     compression,
     concurrency,
     fleet,
+    fleet_tracking,
+    fleet_worker,
     hit_path,
     near,
     race,
@@ -101,6 +107,71 @@ def test_hit_path_has_every_contender(settings: Settings) -> None:
         assert all(isinstance(row[1], float) for row in versus.values())
 
 
+def _cell_results(hiredis: str | None) -> dict[str, Any]:
+    """A hit-path results file as a cell's run writes it, figures chosen."""
+    figures = {
+        cells.C_CLIENT: (20.0, 1.0, 0.4, 10.0, 1.0),
+        cells.SYNC_HIT: (25.0, 1.25, 0.5, 14.0, 1.4),
+        cells.ASYNC_HIT: (32.0, 1.6, 0.7, 19.0, 1.9),
+    }
+    columns = (
+        "median µs",
+        "ratio to C client",
+        "ratio to raw redis-py",
+        "CPU µs per call",
+        "CPU ratio to C client",
+    )
+    rows = [
+        {"contender": name, **dict(zip(columns, row, strict=True))} for name, row in figures.items()
+    ]
+    return {
+        "environment": {"server": "Valkey", "server_version": "8.1.8", "hiredis": hiredis},
+        "tables": [{"title": cells.AGAINST_C, "rows": rows, "notes": []}],
+    }
+
+
+def test_a_cell_is_judged_against_the_c_client_of_its_own_run() -> None:
+    row = cells.summary(_cell_results(None))
+    assert row[:3] == ["Valkey 8.1.8, redis-py's parser", 20.0, 10.0]
+    assert row[3:] == [25.0, 1.25, 1.4, 0.5, 32.0, 1.6, 1.9, 0.7]
+    assert cells.summary(_cell_results("3.5.0"))[0] == "Valkey 8.1.8, hiredis 3.5.0"
+    table = Table(cells.TITLE, [], rows=[row])
+    # Sync within 1.3x round trip and 1.5x CPU; async within 1.5x and 2x: 1.6x misses.
+    assert cells.verdicts(table) == [
+        "target: Valkey 8.1.8, redis-py's parser, sync hit <= 1.3x the C client's round "
+        "trip and <= 1.5x its CPU: 1.25x, 1.40x, met",
+        "target: Valkey 8.1.8, redis-py's parser, async hit <= 1.5x the C client's round "
+        "trip and <= 2.0x its CPU: 1.60x, 1.90x, missed",
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
+def test_a_cell_without_hiredis_runs_the_hit_path_on_redis_pys_parser(tmp_path: Path) -> None:
+    assert REDIS_URL is not None
+    found = cells.run_cell(REDIS_URL, hiredis=False, quick=True, folder=tmp_path)
+    assert found["environment"]["hiredis"] is None  # hidden, though installed here
+    row = cells.summary(found)
+    assert row[0].endswith(", redis-py's parser")
+    assert all(isinstance(cell, float) and cell > 0 for cell in row[3:])
+    notes = [note for table in found["tables"] for note in table["notes"]]
+    assert "hot path: held connection, every call (redis-py " + redis.__version__ + ")" in notes
+
+
+def test_hiding_hiredis_makes_redis_py_use_its_own_parser() -> None:
+    probe = "import benchmarks, redis.utils; print(redis.utils.HIREDIS_AVAILABLE)"
+    for hidden, expected in (("1", "False"), ("0", str(redis.utils.HIREDIS_AVAILABLE))):
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "CACHED_ASIDE_BENCH_NO_HIREDIS": hidden},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert done.stdout.strip() == expected
+
+
 def test_round_trips_per_operation(settings: Settings) -> None:
     commands, memory = round_trips.run(settings)
     sent = {name: row[0] for name, row in rows(commands).items()}
@@ -131,6 +202,9 @@ def test_batches_compare_many_with_sequential_calls(settings: Settings) -> None:
         {"100 sequential calls", "many() of 100"},
         {"100 sequential awaits", "await many() of 100"},
     ]
+    for table in tables:  # issue 27's target, judged in each table
+        (target,) = [note for note in table.notes if note.startswith("target: many() of 100")]
+        assert re.search(r": \d+\.\d{3}, (met|missed by \d+\.\d\dx)$", target), target
     entries, _, _, per_second, *pings = batches.invalidate_all_timing(REDIS_URL, 1500)
     assert entries == 1500  # invalidate_all deleted every one (asserted inside too)
     assert per_second > 0
@@ -139,8 +213,16 @@ def test_batches_compare_many_with_sequential_calls(settings: Settings) -> None:
 
 def test_near_cache_scenario_measures_hits_and_propagation(settings: Settings) -> None:
     assert REDIS_URL is not None
-    hits = rows(near.near_hit(settings))
-    assert {"cachetools @cached(TTLCache) hit", "cached_aside near hit (copy per hit)"} <= set(hits)
+    table = near.near_hit(settings)
+    hits = rows(table)
+    assert {near.CACHED_TTL, near.ITEM_TTL, near.NEAR} <= set(hits)
+    # Issue 27's target, judged against both ways of reading a TTLCache.
+    targets = [note for note in table.notes if note.startswith("target: near hit <= 1.2x")]
+    assert [note.split(": ")[1] for note in targets] == [
+        f"near hit <= 1.2x {near.CACHED_TTL}",
+        f"near hit <= 1.2x {near.ITEM_TTL}",
+    ]
+    assert all(note.endswith((", met", ", missed")) for note in targets)
     (spread,) = near.propagation(REDIS_URL, changes=5).rows
     assert spread[0] == 5  # every change reached the other process (asserted per change)
     assert spread[4] > 0  # which was answering from its near cache in between
@@ -215,7 +297,9 @@ def test_concurrency_measures_every_contender_and_draws(
             if name == concurrency.RAW_BLOCKING:
                 assert errors == 0
                 assert connections <= 50  # its bound
-    assert any(note.startswith("target: 200 tasks") for note in distinct.notes)
+    # Judged at both ratios: the first issue's 4x and issue 27's 8x.
+    targets = [note for note in distinct.notes if note.startswith("target: 200 tasks")]
+    assert [note.split(": ")[2].split(" the")[0] for note in targets] == [">= 4x", ">= 8x"]
     assert (
         "target: 500 tasks never see MaxConnectionsError: cached_aside 0 error(s) "
         "(distinct and hot key), met"
@@ -274,6 +358,26 @@ def test_fleet_runs_processes_without_stale_reads_or_errors() -> None:
     assert (total["stale"], total["errors"]) == (0, 0)
     assert total["loads"] <= 2 * total["writes"] + 10  # warm: loads follow the writes
     assert total["commands"] > 0
+
+
+def test_early_refresh_measures_leads_without_overlapping_loads() -> None:
+    """Structure, and what holds by design whatever the timing: no two loads of a key
+    at once; with no early refresh a reload starts only once its entry expired; with
+    the fixed window, never before the window."""
+    from benchmarks import early_refresh
+
+    assert REDIS_URL is not None
+    none, fixed = (
+        early_refresh.summary(early_refresh.trial(REDIS_URL, mode, 2, 1.5))
+        for mode in (None, early_refresh.WINDOW_S)
+    )
+    for figures in (none, fixed):
+        assert figures["overlapping loads"] == 0
+        assert figures["calls"] > 0
+        assert figures["served late"] >= early_refresh.HOT_KEYS  # the first loads
+        assert figures["loads per ttl"] > 0
+    assert none["lead max ms"] <= 0
+    assert fixed["lead max ms"] <= early_refresh.WINDOW_S * 1000 + 50
 
 
 def test_dead_holder_measures_every_waiter_after_the_kill() -> None:
@@ -338,7 +442,11 @@ def test_dead_holder_section_tables_each_lease(
     from benchmarks import dead_holder
 
     monkeypatch.setattr(dead_holder, "LEASES", {"short": 0.3, "longer": 0.6})
-    (table,) = dead_holder.run(settings)
+    # A socket timeout on a starved machine is a Redis failure, answered by the loader
+    # (fail open): a second load that says nothing of the leases this test is about.
+    separator = "&" if "?" in settings.url else "?"
+    patient = f"{settings.url}{separator}socket_timeout=5&socket_connect_timeout=5"
+    (table,) = dead_holder.run(dataclasses.replace(settings, url=patient))
     assert list(rows(table)) == ["short", "longer"]
     for callers, _median, _max, one_load in rows(table).values():
         assert callers == 12  # 3 processes x 4 threads, one kill each (quick)
@@ -466,6 +574,26 @@ def test_the_meter_check_fails_on_a_rise_over_five_percent_and_only_then() -> No
     assert new.lines == ["near_hit: 9,000, no recorded figure (--record)"]
 
 
+def test_the_meter_table_sets_many_and_the_near_hit_against_their_yardsticks() -> None:
+    from benchmarks import instructions
+
+    measured = _meter_figures(
+        {},
+        sync_hit=60_000,
+        many_hits=4_800_000,
+        near_hit=10_000,
+        ttl_cache_item=5_000,
+        ttl_cache_cached=8_000,
+    )
+    notes = instructions.table(measured)["notes"]
+    assert notes[2:] == [
+        "many() of 100: 0.800x the instructions of 100 sync hits",
+        "near hit: 2.00x the instructions of a cachetools TTLCache cache[key] hit",
+        "near hit: 1.25x the instructions of a cachetools @cached(TTLCache) hit",
+    ]
+    assert instructions.comparisons(_meter_figures({}, sync_hit=1)["operations"]) == []
+
+
 def test_the_meter_check_names_each_version_that_differs_and_widens_its_margin() -> None:
     from benchmarks import instructions
 
@@ -512,3 +640,109 @@ def test_the_meter_counts_a_sync_hit_under_callgrind() -> None:
     recorded = json.loads(instructions.RECORDED.read_text())["operations"]["sync_hit"]
     assert 0.5 < figure["per_operation"] / recorded["per_operation"] < 2
     assert measured["source"]["path"] == str(ROOT)
+
+
+def test_fleet_slices_keep_each_process_to_its_own_keys_and_the_shared_ones() -> None:
+    for n in range(fleet_tracking.PROCESSES):
+        config = fleet_tracking.sliced(n, "bcast")
+        first, count = config["slice"]
+        draw = fleet_worker.key_sampler(config, seed=n)
+        drawn = {draw() for _ in range(2000)}
+        shared = {id for id in drawn if id < fleet_tracking.SHARED_KEYS}
+        assert shared  # both kinds are read
+        assert drawn - shared
+        assert all(first <= id < first + count for id in drawn - shared)
+
+
+def test_fleet_tracking_counts_every_listener_s_messages_and_redis_cpu() -> None:
+    server = fleet.RedisProcess().start()
+    try:
+        total = fleet.one_run(
+            server.url,
+            [server.url],
+            fleet_tracking.PROCESSES,
+            1,
+            1.0,
+            each=lambda n: fleet_tracking.sliced(n, "bcast"),
+        )
+    finally:
+        server.stop()
+    assert total["writes"] > 0
+    assert total["near_hits"] > 0
+    # BCAST: every process's listener hears of every write (and of the reload after it).
+    assert total["messages"] >= total["writes"]
+    assert total["keys_reported"] >= total["messages"]
+    assert total["redis_cpu"] > 0
+    assert (total["stale"], total["errors"]) == (0, 0)
+    row = fleet_tracking.tracking_row("one Redis", "bcast", total)
+    assert len(row) == len(fleet_tracking.tracking_table(1).columns)
+
+
+def test_fleet_recovery_reads_the_reconnect_and_the_refill_off_a_timeline() -> None:
+    """A made-up timeline (each sample counts the reads of the 10 ms up to it): 80%
+    near hits, none from the cut (1.0 s) to the reconnect (2.0 s), none for 0.2 s
+    more, then 80% again."""
+    timeline: list[list[Any]] = []
+    reads = near = 0
+    for step in range(301):
+        moment = step / 100
+        reads += 10
+        near += 8 if moment <= 1.0 or moment > 2.2 else 0
+        timeline.append([moment, reads, near, not 1.0 < moment < 2.0])
+    found = fleet_tracking.recovery(timeline, {"cut": 1.0, "restored": 2.0})
+    assert found["before"] == pytest.approx(0.8)
+    assert found["cut"] == 0.0
+    assert found["reconnect"] == pytest.approx(1.0)
+    assert found["recovered"] == pytest.approx(0.25)  # the first 50 ms at 80% ends then
+    assert 0.5 < found["after"] < 0.8
+
+
+def test_fleet_recovery_cuts_each_listener_and_sees_it_reconnect() -> None:
+    server = fleet.RedisProcess().start()
+    try:
+        total = fleet.one_run(
+            server.url,
+            [server.url],
+            2,
+            2,
+            4.0,
+            each=lambda n: fleet_tracking.cut_off("bcast", 0.5),
+        )
+    finally:
+        server.stop()
+    assert (total["stale"], total["errors"]) == (0, 0)
+    assert total["near_revalidated"] > 0  # kept aside while cut, reread after
+    for process in total["processes"]:
+        assert process["outage"]["restored"] > process["outage"]["cut"]
+        found = fleet_tracking.recovery(process["timeline"], process["outage"])
+        assert found["before"] > 0.3  # a warm near cache before the cut
+        assert found["cut"] < 0.05  # nothing served from memory while cut off
+        assert found["reconnect"] is not None
+        assert found["reconnect"] >= fleet_tracking.OUTAGE_S  # refused until then
+        assert found["after"] > 0  # near hits again after the reconnect
+    row = fleet_tracking.recovery_row("one Redis", "bcast", total)
+    assert len(row) == len(fleet_tracking.recovery_table(2, 2).columns)
+
+
+def test_fleet_per_key_tracking_tells_fewer_processes_of_a_write_than_bcast() -> None:
+    """8 processes on slices of their own: BCAST tells every one of every write,
+    per-key tracking only those that registered the key (mostly the writer alone)."""
+    server = fleet.RedisProcess().start()
+    per_write = {}
+    try:
+        for mode in fleet_worker.TRACKING_MODES:
+            total = fleet.one_run(
+                server.url,
+                [server.url],
+                fleet_tracking.PROCESSES,
+                1,
+                1.0,
+                each=lambda n, mode=mode: fleet_tracking.sliced(n, mode),
+            )
+            assert (total["stale"], total["errors"]) == (0, 0)
+            assert total["writes"] > 0
+            per_write[mode] = total["messages"] / total["writes"]
+    finally:
+        server.stop()
+    assert per_write["bcast"] >= fleet_tracking.PROCESSES  # each write reaches all 8
+    assert per_write["keys"] * 3 < per_write["bcast"]

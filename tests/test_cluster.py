@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 import redis.cluster
 
-from cached_aside import BulkOutcome, CacheEngine, NearCache, Outcome, Source, cache_aside
+from cached_aside import (
+    BulkOutcome,
+    CacheEngine,
+    NearCache,
+    Outcome,
+    Source,
+    XFetch,
+    _reads,
+    cache_aside,
+)
 from cached_aside._keys import entry_keys
 from cached_aside._near import Tracking
 
@@ -282,6 +291,30 @@ def test_cluster_grace_stale_if_error_set_and_refresh(client: redis.cluster.Redi
     rows[KEYS[0]] = 8
     assert read.refresh(KEYS[0]) == 8
     assert read.lookup(KEYS[0]).source is Source.CACHE
+    read.invalidate_all()
+
+
+def test_cluster_xfetch_keeps_the_load_time_in_the_entrys_slot(
+    client: redis.cluster.RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORE_TIMED and PEEK_TIMED touch the entry and its load time: one slot each, on
+    every master; a due hit is served and reloaded behind."""
+    engine = CacheEngine(client, prefix="xfetch")
+    rows = dict.fromkeys(KEYS, 1)
+
+    # beta so large that any entry with a known load time is due, with the draw e^-1.
+    @cache_aside(key="item:<id>", ttl=30, refresh_ahead=XFetch(beta=1e6), engine=engine)
+    def read(id: str) -> int:
+        return rows[id]
+
+    assert [read(id) for id in KEYS[:30]] == [1] * 30
+    assert all(int(client.get(read.key(id) + ":load_ms")) >= 1 for id in KEYS[:30])
+    monkeypatch.setattr(_reads, "random", type("Fixed", (), {"random": lambda: 1 - 0.3679}))
+    for id in KEYS[:30]:
+        rows[id] = 2
+    assert [read.lookup(id).value for id in KEYS[:30]] == [1] * 30  # served, then reloaded
+    assert engine.settle()
+    assert [client.get(read.key(id)) for id in KEYS[:30]] == [b"\x02"] * 30  # msgpack's 2
     read.invalidate_all()
 
 
@@ -617,8 +650,10 @@ def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
         return {"id": id, **version}
 
     try:
-        read(KEYS[0])
-        _until(lambda: read.lookup(KEYS[0]).source is Source.NEAR, what="near fill")
+        ids = KEYS[:30]  # on all three masters
+        for id in ids:
+            read(id)
+            _until(lambda id=id: read.lookup(id).source is Source.NEAR, what="near fill")
         listener = engine.nearby.listener
         name, node = next(iter(listener.nodes().items()))  # type: ignore[union-attr]
         host, port = name.rsplit(":", 1)
@@ -627,11 +662,16 @@ def test_near_cache_on_a_cluster_turns_off_when_a_masters_listener_dies(
         killer.client_kill_filter(_id=victim)
         killer.close()
         _until(lambda: engine.near_state() == "down", 15, "near off after the kill")
-        assert read.lookup(KEYS[0]).source is not Source.NEAR  # emptied at once
+        assert read.lookup(KEYS[0]).source is not Source.NEAR  # set aside at once
         version["v"] = 2
         client.delete(read.key(KEYS[0]))  # a change nobody may miss
         _until(lambda: engine.near_state() == "tracking", 30, "tracking again")
         assert read(KEYS[0])["v"] == 2
+        # The entries of every master were reread, not thrown away: served from
+        # process memory again without a load.
+        _until(lambda: engine.near_revalidated_at() is not None, 30, "rereads done")
+        assert {read.lookup(id).source for id in ids[1:]} == {Source.NEAR}
+        assert read.stats().near_revalidated >= len(ids) - 1
     finally:
         engine.close()
 

@@ -29,6 +29,7 @@ from cached_aside import (
     Outcome,
     Source,
     UnstorableValueError,
+    XFetch,
     _leases,
     cache_aside,
 )
@@ -164,6 +165,15 @@ SCENARIOS = [
         _call,
         _refresh_prepare,
         options={"ttl": 30, "refresh_ahead": 29.99},
+        background=True,
+    ),
+    Scenario(
+        "XFetch reload",
+        _call,
+        _fill_first,
+        # A beta so large that the timed entry is due whatever the draw (but u = 1,
+        # a chance of 2**-53, or a lead under 30 s, about 3e-8).
+        options={"ttl": 30, "refresh_ahead": XFetch(beta=1e12)},
         background=True,
     ),
     Scenario(

@@ -23,11 +23,12 @@ from cached_aside import (
     NearCache,
     Outcome,
     Source,
-    _near,
+    _near_store,
     cache_aside,
 )
 from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC
-from cached_aside._near import MISSING, NearStore, Tracking
+from cached_aside._near import MISSING, Tracking
+from cached_aside._near_store import NearStore
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 from .servers import REDIS_CLI, REDIS_SERVER, RedisProcess, server_speaks_tls
@@ -44,7 +45,7 @@ def near_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     (`near_clock[0] += seconds`): a near entry's own expiry, told apart from time
     a slow machine takes."""
     now = [time.monotonic()]
-    monkeypatch.setattr(_near, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_near_store, "monotonic", lambda: now[0])
     return now
 
 

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, cache_aside
 from cached_aside._codecs import MSGPACK_CODEC
-from cached_aside._near import ENTRY_OVERHEAD_BYTES, MISSING, NearBudget, NearStore, weigh
+from cached_aside._near import MISSING
+from cached_aside._near_budget import ENTRY_OVERHEAD_BYTES, NearBudget, weigh
+from cached_aside._near_store import NearStore
 
 TTL_MS = 60_000
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,13 +16,15 @@ import redis
 from redis.exceptions import ResponseError
 
 from cached_aside import CacheEngine, ConfigurationError, NearCache, Source, cache_aside
+from cached_aside._cluster_listener import ClusterListener
 from cached_aside._codecs import MSGPACK_CODEC
 from cached_aside._listener import InvalidationListener
-from cached_aside._near import MISSING, NearStore
+from cached_aside._near import MISSING
+from cached_aside._near_store import NearStore
 from cached_aside._registrar import Registrar, RegistrarLostError, slot_of
 
 from .conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
-from .servers import RedisProcess
+from .servers import RedisClusterProcesses, RedisProcess
 
 # -- the rule, stepped by hand ----------------------------------------------------
 
@@ -39,7 +42,8 @@ class Requests:
 def keys_store(**config: Any) -> tuple[NearStore, Requests]:
     store = NearStore(NearCache(tracking="keys", **config), MSGPACK_CODEC.freeze)
     registrar = Requests()
-    store.register = registrar
+    assert store.registrations is not None
+    store.registrations.register = registrar
     store.switch(True)
     return store, registrar
 
@@ -108,6 +112,44 @@ def test_losing_a_connection_forgets_every_registration(lost: str) -> None:
     assert len(store.registrations) == 0
     store.fill("k", read(store, "k"), "v1", 30_000)
     assert store.get("k") is MISSING  # nothing served that Redis does not track
+
+
+class SwitchedOffMidTicket(OrderedDict[str, int]):
+    """A store's tickets, where the listener switches the tier off while a reader
+    is inside expect(): after it saw the tier on, before its ticket is written."""
+
+    def __init__(self, store: NearStore) -> None:
+        super().__init__()
+        self.store: NearStore | None = store
+
+    def pop(self, key: str, *default: Any) -> Any:
+        store, self.store = self.store, None
+        if store is not None:
+            store.switch(False)  # the listener lost Redis right then
+        return super().pop(key, *default)
+
+
+@pytest.mark.parametrize("tracking", ["bcast", "keys"])
+def test_a_ticket_taken_as_the_tier_switched_off_fills_nothing_once_back_on(
+    tracking: Any,
+) -> None:
+    """The read behind that ticket was sent while nothing tracked the key: a write
+    then went unreported, so its value may not be kept once tracking is back."""
+    store = NearStore(NearCache(tracking=tracking), MSGPACK_CODEC.freeze)
+    registrar = Requests()
+    if store.registrations is not None:
+        store.registrations.register = registrar
+    store.switch(True)
+    store._tickets = SwitchedOffMidTicket(store)
+    ticket = store.expect("k")
+    assert ticket is not None  # it saw the tier on
+    assert not store.enabled
+    store.switch(True)  # tracking again (per-key: the key registered anew, too)
+    if store.registrations is not None:
+        store.registrations.request(store, ["k"])
+        store.registrations.registered(registrar.requests, processed=True)
+    store.fill("k", ticket, "v-before-an-unreported-write", 30_000)
+    assert store.get("k") is MISSING
 
 
 def test_a_refused_registration_is_asked_again() -> None:
@@ -247,9 +289,11 @@ def test_a_failed_registrar_says_so_once_and_abandons_what_it_holds() -> None:
     registrar = Registrar(lambda: connection, on_lost=lost.append)
     registrar.open(redirect=7)
     store, _ = keys_store()
-    store.register = registrar.submit
+    registrations = store.registrations
+    assert registrations is not None
+    registrations.register = registrar.submit
     store.fill("k", read(store, "k"), "v", 30_000)
-    until(lambda: store.vouches("k", 1 << 62), "the registration confirmed")
+    until(lambda: registrations.vouches("k", 1 << 62), "the registration confirmed")
     connection.broken.set()  # its next PING fails
     try:
         assert registrar.lost.wait(PATIENCE)
@@ -436,3 +480,50 @@ def test_keys_pushed_out_of_redis_tracking_table_are_dropped_not_kept_stale() ->
         engine.close()
         admin.close()
         server.stop()
+
+
+def test_a_registration_on_a_slots_old_master_vouches_for_nothing_after_the_slot_moved() -> None:
+    """A key registered while absent: Redis tracks it on the master that owned its
+    slot. The slot moves (no key to migrate, so no report); the key is then written
+    on its new master, which tracks nothing for us. The old registration must not
+    let a read from the new master fill: no change there would ever be reported."""
+    cluster = RedisClusterProcesses(masters=3).start()
+    url = cluster.url.replace("redis://", "redis+cluster://")
+    here = CacheEngine.from_url(url, prefix="moved", near=NearCache(tracking="keys"))
+    there = CacheEngine.from_url(url, prefix="moved")
+    version = {"v": 1}
+    try:
+        read = cache_aside(key="p:<id>", ttl=60, engine=here)(lambda id: version["v"])
+        write = cache_aside(key="p:<id>", ttl=60, engine=there)(lambda id: version["v"])
+        read("warm")  # the near tier and its listener, tracking every master
+        until(lambda: here.near_state() == "tracking", "tracking")
+        store, key = read._near, read.key("x")
+        assert store is not None
+        registrations = store.registrations
+        assert registrations is not None
+        registrations.request(store, [key])  # while the key is absent
+        until(lambda: registrations.vouches(key, 1 << 62), "the registration confirmed")
+        listener = here.nearby.listener
+        assert isinstance(listener, ClusterListener)
+        slot = slot_of(key)
+        admins = {node.port: node.admin() for node in cluster.nodes}
+        ids = {port: admin.execute_command("CLUSTER", "MYID") for port, admin in admins.items()}
+        old = int(str(listener.owner(key)).rsplit(":", 1)[1])
+        assert admins[old].execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        new = next(port for port in admins if port != old)  # any other master
+        admins[new].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[old])
+        admins[old].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[new])
+        for admin in admins.values():
+            admin.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[new])
+        until(lambda: listener.owner(key) == f"127.0.0.1:{new}", "the move seen")
+        until(lambda: here.near_state() == "tracking", "tracking")
+        write("x")  # the key, on its new master
+        read("x")
+        until(lambda: read.lookup("x").source is Source.NEAR, "kept")
+        version["v"] = 2
+        write.invalidate("x")  # reported only if the new master tracks the key for us
+        until(lambda: read("x") == 2, "the change reported")
+    finally:
+        here.close()
+        there.close()
+        cluster.stop()

@@ -38,6 +38,20 @@ CALLS: dict[ScriptName, list[Callable[[], RunScript]]] = {
             KEYS, token=TOKEN, kind=_scripts.RELEASE_ONLY, ttl_ms=0, wake_ttl_ms=2
         ),
     ],
+    ScriptName.STORE_TIMED: [
+        lambda: _scripts.timed_store_call(
+            KEYS,
+            token=TOKEN,
+            kind="string",
+            ttl_ms=1,
+            wake_ttl_ms=2,
+            load_ms=3,
+            payload=[b"a", b"b"],
+        ),
+        lambda: _scripts.timed_store_call(
+            KEYS, token=TOKEN, kind=_scripts.RELEASE_ONLY, ttl_ms=0, wake_ttl_ms=2, load_ms=3
+        ),
+    ],
     ScriptName.INVALIDATE: [lambda: _scripts.invalidate_call(KEYS, wake_ttl_ms=1)],
     ScriptName.UPDATE_FIELD: [
         lambda: _scripts.update_field_call(
@@ -45,6 +59,9 @@ CALLS: dict[ScriptName, list[Callable[[], RunScript]]] = {
         )
     ],
     ScriptName.PEEK: [lambda: _scripts.peek_call(KEYS.value, redis_type="hash")],
+    ScriptName.PEEK_TIMED: [
+        lambda: _scripts.timed_peek_call(KEYS.value, KEYS.load_ms, redis_type="hash")
+    ],
     ScriptName.LEAVE: [lambda: _scripts.leave_call(KEYS, token=TOKEN)],
     ScriptName.RENEW: [lambda: _scripts.renew_call(KEYS, token=TOKEN, lease_ms=1)],
     ScriptName.TAG_RENEW: [lambda: _scripts.tag_renew_call(TAG, life_ms=1)],
@@ -62,6 +79,7 @@ ROLES = {
     KEYS.waiters: "waiters set",
     KEYS.wake: "wake-up lists' prefix",
     KEYS.wake_list(TOKEN): "this waiter's wake-up list",
+    KEYS.load_ms: "the entry's load time key",
     TAG: "a tag's version key",
 }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import assert_type
 
-from cached_aside import BulkOutcome, CacheResult, Outcome, cache_aside
+from cached_aside import BulkOutcome, CacheResult, Outcome, XFetch, cache_aside
 
 
 @cache_aside(key="product:<id>", ttl=30, as_hash=True)
@@ -18,6 +18,11 @@ def get_product(id: str) -> dict[str, str] | None:
 @cache_aside(key="order:<id>", ttl=30)
 async def get_order(id: int) -> list[int]:
     return [id]
+
+
+@cache_aside(key="price:<sku>", ttl=60, refresh_ahead=XFetch(beta=1.0, window=5))
+def get_price(sku: str) -> int:
+    return 1999
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Repository:
 
 async def check() -> None:
     assert_type(get_product("p-1"), dict[str, str] | None)
+    assert_type(get_price("a-1"), int)
     assert_type(get_product.invalidate("p-1"), Outcome)
     assert_type(get_product.update_field("p-1", "stock", "4"), Outcome)
     assert_type(get_product.many(["a"]), list[dict[str, str] | None])

@@ -56,6 +56,8 @@ COUNTERS = {
         "{entry}",
         "Values read from Redis that the near cache's W-TinyLFU did not keep",
     ),
+    "near_revalidated": ("{entry}", "Near entries set aside while untracked, reread and kept"),
+    "near_unverified": ("{entry}", "Near entries set aside while untracked, then dropped"),
     "negative_hits": ("{call}", "Calls served a cached 'no such record'"),
     "misses": ("{call}", "Calls not served from the cache"),
     "loads": ("{load}", "Loader calls"),
