@@ -36,31 +36,12 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import timeout as _timeout
+from ._wire import Memo, lean, read, read_async, write, write_async
 
-# Commands packed per key are kept up to this many; then the memo starts over.
-PACKED_MEMO_SIZE = 4096
 # A thread may hold a connection while at least this share of the pool stays free:
 # held connections never go back while their threads live.
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
-
-
-class _Memo:
-    """Packed commands by their arguments: a hot key's command is packed once."""
-
-    __slots__ = ("_packed",)
-
-    def __init__(self) -> None:
-        self._packed: dict[tuple[Any, ...], list[bytes]] = {}
-
-    def pack(self, connection: Any, args: tuple[Any, ...]) -> list[bytes]:
-        packed = self._packed.get(args)
-        if packed is None:
-            packed = connection.pack_command(*args)
-            if len(self._packed) >= PACKED_MEMO_SIZE:
-                self._packed.clear()
-            self._packed[args] = packed
-        return packed
 
 
 class _Held:
@@ -111,13 +92,32 @@ class HeldConnections:
         self._get_args = connection_getter(pool)
         check_codec()
         self._local = threading.local()
-        self._memo = _Memo()
+        self._memo = Memo()
 
     def call(self, args: tuple[Any, ...]) -> tuple[bool, Any]:
         """(True, reply) when answered here; (False, None) to use the client. An
         error reply raises, as redis-py's would."""
-        answered, replies = self.call_many([args], raise_error=True)
-        return answered, replies[0] if answered else None
+        held = getattr(self._local, "held", None)
+        connection = held and held.connection
+        # The hit: an open connection on the lean wire, one write and one read. Else
+        # (first call, closed, another kind of connection) call_many's general way.
+        if connection is None or connection._sock is None or not lean(connection):
+            answered, replies = self.call_many([args], raise_error=True)
+            return answered, replies[0] if answered else None
+        try:
+            write(connection, self._memo.joined(connection, args))
+            return True, read(connection)
+        except (*_LOST, AttributeError) as exc:  # as in call_many
+            connection.disconnect()
+            if isinstance(exc, TimeoutError | socket.timeout):
+                raise
+            self.fallbacks += 1
+            return False, None
+        except Exception:  # an error reply: consumed, the stream is fine
+            raise
+        except BaseException:  # interrupted between the write and its reply
+            connection.disconnect()
+            raise
 
     def call_many(
         self, commands: list[tuple[Any, ...]], raise_error: bool = False
@@ -145,16 +145,21 @@ class HeldConnections:
                 connecting = True
                 connection.connect()
                 connecting = False
-            connection.send_packed_command(joined, check_health=False)
+            if lean(connection):
+                write(connection, joined[0])
+                reading: Any = read
+            else:
+                connection.send_packed_command(joined, check_health=False)
+                reading = type(connection).read_response
             replies: list[Any] = []
             for _ in commands:
                 try:
-                    replies.append(connection.read_response())
+                    replies.append(reading(connection))
                 except _LOST:
                     raise
                 except Exception as exc:  # an error reply: consumed, the stream is fine
                     if raise_error:
-                        self._drain(connection, len(commands) - len(replies) - 1)
+                        self._drain(connection, reading, len(commands) - len(replies) - 1)
                         raise
                     replies.append(exc)
             return True, replies
@@ -174,10 +179,10 @@ class HeldConnections:
             raise
 
     @staticmethod
-    def _drain(connection: Any, count: int) -> None:
+    def _drain(connection: Any, reading: Any, count: int) -> None:
         for _ in range(count):
             with contextlib.suppress(Exception):
-                connection.read_response()
+                reading(connection)
 
     def _hold(self) -> _Held | None:
         if self.held >= self.limit:
@@ -201,35 +206,6 @@ class HeldConnections:
         self.returned = deque()
 
 
-async def _write(connection: Any, parts: list[bytes]) -> None:
-    """Hand the bytes to the connection's stream. redis-py's send_packed_command
-    wraps every write in asyncio.wait_for (a task per call: ~25 µs here); a write to
-    a socket that has room does not wait, so only a write that must wait for room
-    is bounded by the socket timeout, as redis-py bounds it."""
-    writer = getattr(connection, "_writer", None)
-    if writer is None and not connection.is_connected:
-        # As in HeldConnections.call_many: a Sentinel connection finds the current
-        # master only in connect().
-        await connection.connect()
-        writer = getattr(connection, "_writer", None)
-    if _timeout is None or not isinstance(writer, asyncio.StreamWriter) or writer.is_closing():
-        # Not connected (send_packed_command connects), or another kind of stream
-        # (fakeredis's): redis-py's way.
-        await connection.send_packed_command(parts, check_health=False)
-        return
-    try:
-        writer.writelines(parts)
-        if writer.transport.get_write_buffer_size():
-            async with _timeout(connection.socket_timeout):
-                await writer.drain()
-    except asyncio.TimeoutError:
-        await connection.disconnect(nowait=True)
-        raise TimeoutError("Timeout writing to socket") from None
-    except OSError as exc:
-        await connection.disconnect(nowait=True)
-        raise ConnectionError(f"Error while writing to socket: {exc}") from exc
-
-
 class Pipeline:
     """The round trips of one event loop's tasks, shared on one connection.
 
@@ -244,7 +220,7 @@ class Pipeline:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
         self._connection: Any = None
-        self._memo = _Memo()
+        self._memo = Memo()
         self._queued: list[tuple[list[bytes], asyncio.Future[Any]]] = []
         self._on_wire: deque[tuple[list[bytes], asyncio.Future[Any]]] = deque()
         self._retried: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
@@ -312,7 +288,7 @@ class Pipeline:
                 if self._queued:
                     batch, self._queued = self._queued, []
                     self._on_wire.extend(batch)
-                    await _write(connection, [part for packed, _ in batch for part in packed])
+                    await write_async(connection, [part for packed, _ in batch for part in packed])
             except Exception as exc:  # nothing, or part, went out: all on the wire is lost
                 await self._lost(connection, exc)
                 continue
@@ -321,7 +297,10 @@ class Pipeline:
                 raise
             try:
                 if _timeout is None or not connection.socket_timeout:
-                    reply = await connection.read_response()
+                    if lean(connection):
+                        reply = await read_async(connection)
+                    else:
+                        reply = await connection.read_response()
                     self._settle_first(reply, None)
                 else:
                     await self._read_wire(connection)
@@ -342,10 +321,14 @@ class Pipeline:
         down for every reply, which under load is a tenth of what a reply costs. An
         error reply is its own caller's alone; a failure of the connection propagates
         (what is still on the wire is then retried or failed by _lost)."""
+        straight = lean(connection)
         async with _timeout(connection.socket_timeout):
             for _ in range(len(self._on_wire)):
                 try:
-                    reply = await connection.read_response(timeout=math.inf)
+                    if straight:
+                        reply = await read_async(connection)
+                    else:
+                        reply = await connection.read_response(timeout=math.inf)
                 except _LOST:
                     raise
                 except Exception as exc:
@@ -357,9 +340,11 @@ class Pipeline:
         """The connection failed: what it carried goes out once more on a new socket
         (every command sent this way is safe to repeat), as redis-py's one immediate
         retry would; failed again, it fails (and its caller fails open)."""
-        failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
         # A timeout is not retried: the server hangs, and a caller would wait twice.
         hung = isinstance(exc, TimeoutError | asyncio.TimeoutError | socket.timeout)
+        failure = exc if isinstance(exc, RedisError) else ConnectionError(str(exc))
+        if hung and not isinstance(exc, RedisError):  # the wire's deadline: say so
+            failure = TimeoutError("Timeout reading from socket")
         again = [
             (packed, future)
             for packed, future in self._on_wire
