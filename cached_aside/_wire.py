@@ -114,8 +114,14 @@ def _decide(connection: Any) -> bool:
             "hiredis is not installed: replies are parsed by redis-py's pure-Python "
             "parser (pip install hiredis)"
         )
-    elif type(parser) is not parser_kind or not all(hasattr(parser, p) for p in parts):
+    elif type(parser) is not parser_kind:
         problem = f"{kind.__name__} parses with {type(parser).__name__}, not hiredis's reader"
+    elif not all(hasattr(parser, part) for part in parts):
+        missing = ", ".join(part for part in parts if not hasattr(parser, part))
+        problem = (
+            f"redis-py {redis.__version__}'s {type(parser).__name__} has no {missing}, "
+            "which the lean path reads"
+        )
     elif any(getattr(kind, name, None) is not getattr(base, name) for name in names):
         problem = f"{kind.__name__} reads or writes its own way; its methods serve every call"
     elif hasattr(parser, "_next_response"):
