@@ -141,12 +141,16 @@ def write(connection: Any, data: bytes) -> None:
     """Send `data` on a sync connection's socket (connected), as redis-py would."""
     try:
         connection._sock.sendall(data)
-    except TimeoutError as exc:  # socket_timeout elapsed; an errno: the OS gave up
-        if exc.errno is None:
-            raise exceptions.TimeoutError("Timeout writing to socket") from None
-        raise exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
     except OSError as exc:
-        raise exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        raise _socket_failure(exc, "writing to") from exc
+
+
+def _socket_failure(exc: OSError, doing: str) -> exceptions.RedisError:
+    """redis-py's error for a failed socket call: a TimeoutError when socket_timeout
+    elapsed (no errno), else a ConnectionError (with an errno, the OS gave up)."""
+    if isinstance(exc, TimeoutError) and exc.errno is None:
+        return exceptions.TimeoutError(f"Timeout {doing} socket")
+    return exceptions.ConnectionError(f"Error while {doing} socket: {exc}")
 
 
 def read(connection: Any) -> Any:
@@ -162,12 +166,8 @@ def read(connection: Any) -> Any:
             buffer = parser._buffer
             try:
                 count = parser._sock.recv_into(buffer)
-            except TimeoutError as exc:  # socket_timeout elapsed; an errno: the OS gave up
-                if exc.errno is None:
-                    raise exceptions.TimeoutError("Timeout reading from socket") from None
-                raise exceptions.ConnectionError(f"Error while reading from socket: {exc}") from exc
             except OSError as exc:
-                raise exceptions.ConnectionError(f"Error while reading from socket: {exc}") from exc
+                raise _socket_failure(exc, "reading from") from exc
             if not count:
                 raise exceptions.ConnectionError(_CLOSED)
             reader.feed(buffer, 0, count)
