@@ -21,6 +21,8 @@ from typing import Any
 from tests.servers import RedisProcess, _embedded
 
 from . import NO_HIREDIS
+from .hit_path import ASYNC_BARE, SYNC_BARE
+from .placement import Placement, client_environment, pin_server, placements
 from .runner import Settings, Table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +43,17 @@ def servers() -> dict[str, str | None]:
     return {"Redis": shutil.which("redis-server"), "Valkey": _embedded("valkey-server")}
 
 
-def run_cell(url: str, hiredis: bool, quick: bool, folder: Path) -> dict[str, Any]:
-    """One hit-path run on `url`, hiredis hidden unless `hiredis`: its results file."""
+def run_cell(
+    url: str, hiredis: bool, quick: bool, folder: Path, placement: Placement | None = None
+) -> dict[str, Any]:
+    """One hit-path run on `url`, hiredis hidden unless `hiredis`, pinned to the
+    client CPUs of `placement` (the server's are pinned by the caller): its results."""
     results = folder / f"cell-{'hiredis' if hiredis else 'resp'}-{os.getpid()}.json"
     command = [sys.executable, "-m", "benchmarks", "--only", "hit_path", "--url", url]
     command += ["--json", str(results), *(["--quick"] if quick else [])]
     environ = {**os.environ, "PYTHONPATH": str(ROOT), NO_HIREDIS: "0" if hiredis else "1"}
+    if placement is not None:
+        environ.update(client_environment(placement))
     done = subprocess.run(
         command,
         cwd=ROOT,
@@ -62,16 +69,17 @@ def run_cell(url: str, hiredis: bool, quick: bool, folder: Path) -> dict[str, An
     return found
 
 
-def summary(found: dict[str, Any]) -> list[Any]:
+def summary(found: dict[str, Any], placement: str = "not pinned") -> list[Any]:
     """A cell's row from its results file: the C client's round trip and CPU, then
     for sync and async the hit's µs, its ratios to the C client (round trip, CPU)
-    and to the raw redis-py call of its mode."""
+    and to the raw redis-py call of its mode, then the bare Python floors' ratios to
+    the C client (round trip, CPU)."""
     about = found["environment"]
     parser = f"hiredis {about['hiredis']}" if about.get("hiredis") else "redis-py's parser"
     table = next(t for t in found["tables"] if t["title"] == AGAINST_C)
     rows = {row["contender"]: row for row in table["rows"]}
     c_client = rows.get(C_CLIENT)
-    row: list[Any] = [f"{about['server']} {about['server_version']}, {parser}"]
+    row: list[Any] = [f"{about['server']} {about['server_version']}, {parser}", placement]
     row += [c_client["median µs"], c_client["CPU µs per call"]] if c_client else ["-", "-"]
     for hit in (SYNC_HIT, ASYNC_HIT):
         ours = rows[hit]
@@ -81,6 +89,9 @@ def summary(found: dict[str, Any]) -> list[Any]:
             ours["CPU ratio to C client"],
             ours["ratio to raw redis-py"],
         ]
+    for floor in (f"sync: {SYNC_BARE}", f"async: {ASYNC_BARE}"):
+        bare = rows.get(floor)
+        row += [bare["ratio to C client"], bare["CPU ratio to C client"]] if bare else ["-", "-"]
     return row
 
 
@@ -88,17 +99,30 @@ def verdicts(table: Table) -> list[str]:
     """Issue 27's targets judged on each cell's row: met or missed, by how much."""
     lines = []
     for row in table.rows:
-        for mode, first in (("sync", 4), ("async", 8)):
+        cell = f"{row[0]}, {row[1]}"
+        for mode, first, floor in (("sync", 5, 12), ("async", 9, 14)):
             round_trip, cpu = row[first], row[first + 1]
             if not isinstance(round_trip, float) or not isinstance(cpu, float):
-                lines.append(f"target: {row[0]}, {mode}: no C client figure to judge by")
+                lines.append(f"target: {cell}, {mode}: no C client figure to judge by")
                 continue
             most_round_trip, most_cpu = TARGETS[mode]
             met = round_trip <= most_round_trip and cpu <= most_cpu
+            bare_round_trip, bare_cpu = row[floor], row[floor + 1]
+            below = ""
+            if isinstance(bare_round_trip, float) and isinstance(bare_cpu, float):
+                below = (
+                    f" (the bare {mode} Python floor: {bare_round_trip:.2f}x, {bare_cpu:.2f}x"
+                    + (
+                        ", itself above the target"
+                        if bare_round_trip > most_round_trip or bare_cpu > most_cpu
+                        else ""
+                    )
+                    + ")"
+                )
             lines.append(
-                f"target: {row[0]}, {mode} hit <= {most_round_trip}x the C client's round "
+                f"target: {cell}, {mode} hit <= {most_round_trip}x the C client's round "
                 f"trip and <= {most_cpu}x its CPU: {round_trip:.2f}x, {cpu:.2f}x, "
-                f"{'met' if met else 'missed'}"
+                f"{'met' if met else 'missed'}{below}"
             )
     return lines
 
@@ -108,6 +132,7 @@ def run(settings: Settings) -> list[Table]:
         TITLE,
         [
             "cell",
+            "placement",
             "C client µs",
             "C client CPU µs",
             "sync hit µs",
@@ -118,6 +143,10 @@ def run(settings: Settings) -> list[Table]:
             "async ratio to C client",
             "async CPU ratio to C client",
             "async ratio to raw redis-py",
+            "bare sync ratio to C client",
+            "bare sync CPU ratio to C client",
+            "bare async ratio to C client",
+            "bare async CPU ratio to C client",
         ],
     )
     with tempfile.TemporaryDirectory(prefix="cached_aside_cells_") as name:
@@ -127,9 +156,15 @@ def run(settings: Settings) -> list[Table]:
                 continue
             process = RedisProcess(binary=binary).start()
             try:
-                for hiredis in (True, False):
-                    found = run_cell(process.url, hiredis, settings.quick, Path(name))
-                    table.rows.append(summary(found))
+                for placement in placements() or [None]:
+                    if placement is not None:
+                        pin_server(process.process.pid, placement)
+                    for hiredis in (True, False):
+                        found = run_cell(
+                            process.url, hiredis, settings.quick, Path(name), placement
+                        )
+                        where = placement.name if placement else "not pinned"
+                        table.rows.append(summary(found, where))
             finally:
                 process.stop()
     table.notes += [
@@ -139,6 +174,13 @@ def run(settings: Settings) -> list[Table]:
         "-c 1 -P 1) a round before each Python round",
         "ratios to the C client and to the raw redis-py call of the same mode, in the same "
         "cell's run; cells ran one after another, so compare ratios, not µs, across cells",
+        "placement: the server and the cell's run (the C client, its child, too) pinned to "
+        "one CPU, or to two (client on one, server on the other); on a VM a round trip "
+        "across CPUs wakes an idle CPU for each reply and costs several times one within "
+        "a CPU, so each placement is a cell of its own (benchmarks/placement.py)",
+        "bare: the least Python spends on the same GET (benchmarks/bare.py): a blocking "
+        "socket, or an asyncio Protocol with one future per call; what a contender spends "
+        "above it is its own",
         *verdicts(table),
     ]
     return [table]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -24,7 +24,9 @@ import redis.asyncio
 
 from cached_aside import CacheEngine, cache_aside
 
+from . import bare
 from .c_client import CClient, Measured, c_client_table, floor_note
+from .placement import pin_from_environment
 from .runner import (
     Settings,
     Table,
@@ -48,6 +50,8 @@ BENCH_EXTRA = "pip install 'cached_aside[bench]'"
 # Every contender's entries outlive the run (seconds): a timed call that found its
 # entry expired would be a miss (and a raw GET of an expired key fails to unpack).
 TTL = 3600
+SYNC_BARE = "bare socket GET + unpackb (Python's floor)"
+ASYNC_BARE = "bare asyncio Protocol GET + unpackb (asyncio's floor)"
 # The targets, as ratios to the raw call (median, from the same run).
 TARGETS = {"msgpack": 0.85, "hash": 0.90}
 
@@ -143,6 +147,7 @@ def run_sync(settings: Settings, prefix: str, c_client: CClient, measured: Measu
     hash_key, packed_key = get_product.key("p-001"), get_packed.key("p-001")
     c_client.key = packed_key
     peers, notes = sync_peers(settings, prefix, counter)
+    bare_get, bare_close = bare.sync_get(settings.url, packed_key)
     cpu: dict[str, list[float]] = {}
     packed = latency_table(
         "sync hit, msgpack record",
@@ -151,6 +156,7 @@ def run_sync(settings: Settings, prefix: str, c_client: CClient, measured: Measu
             {
                 "raw redis-py GET + unpackb": lambda: msgpack.unpackb(client.get(packed_key)),
                 "cached_aside (msgpack)": lambda: get_packed("p-001"),
+                SYNC_BARE: bare_get,
                 **peers,
             },
             "sync hit, msgpack",
@@ -164,6 +170,8 @@ def run_sync(settings: Settings, prefix: str, c_client: CClient, measured: Measu
         hot_path_note(engine),
         "raw: redis.Redis.from_url(url), defaults; cached_aside: CacheEngine.from_url(url)",
         "peers use their own client on the same server; in-process caches for scale",
+        f"{SYNC_BARE}: one GET on a socket of its own, its reply unpacked, nothing else "
+        "(benchmarks/bare.py): the least Python spends",
         target_note(packed, "cached_aside (msgpack)", "raw redis-py GET + unpackb", "msgpack"),
         floor_note(packed, "raw redis-py GET + unpackb", c_client),
     ]
@@ -186,6 +194,7 @@ def run_sync(settings: Settings, prefix: str, c_client: CClient, measured: Measu
         target_note(hashed, "cached_aside (as_hash=True)", "raw redis-py HGETALL", "hash"),
     ]
     counter.check()
+    bare_close()
     client.close()
     engine.close()
     return [packed, hashed]
@@ -246,6 +255,8 @@ async def run_async(
     except ImportError:
         notes.append(f"aiocache not installed ({BENCH_EXTRA})")
 
+    bare_get, bare_close = await bare.async_get(settings.url, packed_key)
+    closers.append(_as_coroutine(bare_close))
     cpu: dict[str, list[float]] = {}
 
     async def raw_packed() -> Any:
@@ -262,6 +273,7 @@ async def run_async(
                 {
                     "raw redis.asyncio GET + unpackb": raw_packed,
                     "cached_aside (msgpack)": lambda: get_packed("p-001"),
+                    ASYNC_BARE: bare_get,
                     **peers,
                 },
                 "async hit, msgpack",
@@ -274,6 +286,8 @@ async def run_async(
             *notes,
             "raw: redis.asyncio.Redis.from_url(url), defaults; cached_aside: "
             "CacheEngine.from_url(url)",
+            f"{ASYNC_BARE}: one GET on an asyncio Protocol of its own, one future per call, "
+            "its reply unpacked, nothing else (benchmarks/bare.py): the least asyncio spends",
             target_note(
                 packed, "cached_aside (msgpack)", "raw redis.asyncio GET + unpackb", "msgpack"
             ),
@@ -305,14 +319,24 @@ async def run_async(
     return [packed, hashed]
 
 
+def _as_coroutine(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def closing() -> None:
+        close()
+
+    return closing
+
+
 def run(settings: Settings) -> list[Table]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    placement = pin_from_environment()
     try:
         c_client = CClient(settings.url, settings.scaled(5000, 1000))
         measured: Measured = []
         tables = run_sync(settings, prefix, c_client, measured)
         tables += asyncio.run(run_async(settings, prefix, c_client, measured))
-        return [*tables, c_client_table(c_client, measured)]
+        against_c = c_client_table(c_client, measured)
+        against_c.notes.append(placement)
+        return [*tables, against_c]
     finally:
         cleanup = blocking_client(settings.url)
         for key in cleanup.scan_iter(match=f"{prefix}:*"):

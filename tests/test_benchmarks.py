@@ -37,6 +37,7 @@ from benchmarks import (
     typed,
 )
 from benchmarks.__main__ import write_charts
+from benchmarks.placement import placements
 from benchmarks.runner import BenchProgress, Settings, Table, console
 
 from .conftest import REDIS_URL
@@ -113,6 +114,8 @@ def _cell_results(hiredis: str | None) -> dict[str, Any]:
         cells.C_CLIENT: (20.0, 1.0, 0.4, 10.0, 1.0),
         cells.SYNC_HIT: (25.0, 1.25, 0.5, 14.0, 1.4),
         cells.ASYNC_HIT: (32.0, 1.6, 0.7, 19.0, 1.9),
+        f"sync: {cells.SYNC_BARE}": (22.0, 1.1, 0.4, 9.0, 0.9),
+        f"async: {cells.ASYNC_BARE}": (34.0, 1.7, 0.6, 21.0, 2.1),
     }
     columns = (
         "median µs",
@@ -131,28 +134,41 @@ def _cell_results(hiredis: str | None) -> dict[str, Any]:
 
 
 def test_a_cell_is_judged_against_the_c_client_of_its_own_run() -> None:
-    row = cells.summary(_cell_results(None))
-    assert row[:3] == ["Valkey 8.1.8, redis-py's parser", 20.0, 10.0]
-    assert row[3:] == [25.0, 1.25, 1.4, 0.5, 32.0, 1.6, 1.9, 0.7]
-    assert cells.summary(_cell_results("3.5.0"))[0] == "Valkey 8.1.8, hiredis 3.5.0"
+    row = cells.summary(_cell_results(None), "one CPU")
+    assert row[:4] == ["Valkey 8.1.8, redis-py's parser", "one CPU", 20.0, 10.0]
+    assert row[4:12] == [25.0, 1.25, 1.4, 0.5, 32.0, 1.6, 1.9, 0.7]
+    assert row[12:] == [1.1, 0.9, 1.7, 2.1]  # the bare floors, sync then async
+    assert cells.summary(_cell_results("3.5.0"))[:2] == [
+        "Valkey 8.1.8, hiredis 3.5.0",
+        "not pinned",
+    ]
     table = Table(cells.TITLE, [], rows=[row])
-    # Sync within 1.3x round trip and 1.5x CPU; async within 1.5x and 2x: 1.6x misses.
+    # Sync within 1.3x round trip and 1.5x CPU; async within 1.5x and 2x: 1.6x misses,
+    # and the bare asyncio floor (1.7x, 2.1x) is itself above the target.
     assert cells.verdicts(table) == [
-        "target: Valkey 8.1.8, redis-py's parser, sync hit <= 1.3x the C client's round "
-        "trip and <= 1.5x its CPU: 1.25x, 1.40x, met",
-        "target: Valkey 8.1.8, redis-py's parser, async hit <= 1.5x the C client's round "
-        "trip and <= 2.0x its CPU: 1.60x, 1.90x, missed",
+        "target: Valkey 8.1.8, redis-py's parser, one CPU, sync hit <= 1.3x the C client's "
+        "round trip and <= 1.5x its CPU: 1.25x, 1.40x, met (the bare sync Python floor: "
+        "1.10x, 0.90x)",
+        "target: Valkey 8.1.8, redis-py's parser, one CPU, async hit <= 1.5x the C client's "
+        "round trip and <= 2.0x its CPU: 1.60x, 1.90x, missed (the bare async Python floor: "
+        "1.70x, 2.10x, itself above the target)",
     ]
 
 
 @pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
 def test_a_cell_without_hiredis_runs_the_hit_path_on_redis_pys_parser(tmp_path: Path) -> None:
     assert REDIS_URL is not None
-    found = cells.run_cell(REDIS_URL, hiredis=False, quick=True, folder=tmp_path)
+    placement = placements()[0]  # client and server on one CPU
+    found = cells.run_cell(
+        REDIS_URL, hiredis=False, quick=True, folder=tmp_path, placement=placement
+    )
     assert found["environment"]["hiredis"] is None  # hidden, though installed here
+    (against_c,) = [table for table in found["tables"] if table["title"] == cells.AGAINST_C]
+    cpu = min(placement.client)
+    assert f"placement: this process and its C client pinned to CPU {cpu}" in against_c["notes"]
     row = cells.summary(found)
     assert row[0].endswith(", redis-py's parser")
-    assert all(isinstance(cell, float) and cell > 0 for cell in row[3:])
+    assert all(isinstance(cell, float) and cell > 0 for cell in row[4:])
     notes = [note for table in found["tables"] for note in table["notes"]]
     assert "hot path: held connection, every call (redis-py " + redis.__version__ + ")" in notes
 
