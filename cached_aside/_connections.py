@@ -35,6 +35,7 @@ from ._compat import (
     held_path_problem,
     warn_once,
 )
+from ._timeouts import Watchdog
 from ._timeouts import timeout as _timeout
 from ._wire import Memo, lean, read, read_async, write, write_async
 
@@ -228,11 +229,19 @@ class Pipeline:
         self._reader: asyncio.Task[None] | None = None
         self._discarding: set[asyncio.Task[None]] = set()
         self._connecting: asyncio.Lock | None = None
+        self._watchdog = Watchdog()
         check_codec()
 
     async def call(self, args: tuple[Any, ...]) -> Any:
-        """The reply to one command (an error reply raises, as redis-py's would)."""
-        return (await self.call_many([args], raise_error=True))[0]
+        """The reply to one command (an error reply raises, as redis-py's would).
+        call_many's way for one command, with nothing more than it needs: this is
+        every async hit."""
+        connection = self._connection or await self._connect()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((self._memo.pack(connection, args), future))
+        if not self._reading:
+            await self._lead(future)
+        return await future
 
     async def call_many(
         self, commands: list[tuple[Any, ...]], raise_error: bool = False
@@ -247,19 +256,24 @@ class Pipeline:
             self._queued.append((self._memo.pack(connection, args), future))
             futures.append(future)
         if not self._reading:
-            self._reading = True
-            try:
-                await self._read_until(futures[-1])
-            except BaseException:
-                self._hand_over()
-                raise
-            if self._queued or self._on_wire:
-                self._hand_over()
-            else:
-                self._reading = False
+            await self._lead(futures[-1])
         if raise_error:
             return [await future for future in futures]
         return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    async def _lead(self, mine: asyncio.Future[Any]) -> None:
+        """Read until `mine` has its reply; then, if others still wait, a task reads
+        for them."""
+        self._reading = True
+        try:
+            await self._read_until(mine)
+        except BaseException:
+            self._hand_over()
+            raise
+        if self._queued or self._on_wire:
+            self._hand_over()
+        else:
+            self._reading = False
 
     async def _connect(self) -> Any:
         """The pipeline's one connection: taken from the pool once, by one caller at
@@ -280,7 +294,7 @@ class Pipeline:
             if mine is not None and mine.done():
                 return
             try:
-                connection = await self._connect()
+                connection = self._connection or await self._connect()
             except Exception as exc:  # Redis cannot be reached: all that waits fails
                 self._fail_everything(exc)
                 continue
@@ -288,7 +302,12 @@ class Pipeline:
                 if self._queued:
                     batch, self._queued = self._queued, []
                     self._on_wire.extend(batch)
-                    await write_async(connection, [part for packed, _ in batch for part in packed])
+                    parts = (
+                        batch[0][0]
+                        if len(batch) == 1
+                        else [part for packed, _ in batch for part in packed]
+                    )
+                    await write_async(connection, parts)
             except Exception as exc:  # nothing, or part, went out: all on the wire is lost
                 await self._lost(connection, exc)
                 continue
@@ -317,12 +336,15 @@ class Pipeline:
 
     async def _read_wire(self, connection: Any) -> None:
         """Read the replies to everything on the wire, settling each caller in order,
-        under one deadline for them all: redis-py would set a timeout up and tear it
-        down for every reply, which under load is a tenth of what a reply costs. An
+        under one deadline for them all, kept by the pipeline's one Watchdog: redis-py
+        sets a timeout up and tears it down for every reply (as asyncio.timeout would
+        per batch), a tenth of what a reply costs. An
         error reply is its own caller's alone; a failure of the connection propagates
         (what is still on the wire is then retried or failed by _lost)."""
         straight = lean(connection)
-        async with _timeout(connection.socket_timeout):
+        watchdog = self._watchdog
+        watchdog.bound(asyncio.get_running_loop(), connection.socket_timeout)
+        try:
             for _ in range(len(self._on_wire)):
                 try:
                     if straight:
@@ -335,6 +357,12 @@ class Pipeline:
                     self._settle_first(None, exc)
                     continue
                 self._settle_first(reply, None)
+        except asyncio.CancelledError:
+            if watchdog.expired():
+                raise TimeoutError("Timeout reading from socket") from None
+            raise
+        finally:
+            watchdog.unbound()
 
     async def _lost(self, connection: Any, exc: Exception) -> None:
         """The connection failed: what it carried goes out once more on a new socket
@@ -419,6 +447,7 @@ class Pipeline:
 
     async def close(self) -> None:
         """Give the connection back (the loop is closing)."""
+        self._watchdog.close()
         reader, self._reader = self._reader, None
         if reader is not None and not reader.done():
             reader.cancel()  # it drops (and hands back) the connection it reads from

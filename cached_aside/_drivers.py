@@ -216,7 +216,7 @@ def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
         if flight is None:  # fn.refresh() is reloading the key already
             ok = True
             return
-        with flight.leading():
+        with flight:
             ok = run(effect.flow, rt, loads, no_seal)[0] is not False
     except BaseException:  # a thread has nobody to raise to
         logger.warning("background work on %r failed", effect.key, exc_info=True)
@@ -402,7 +402,7 @@ async def _abackground(effect: Spawn, rt: AsyncRuntime, loads: Loads) -> None:
         if flight is None:  # fn.refresh() is reloading the key already
             ok = True
             return
-        with flight.leading():
+        with flight:
             ok = (await arun(effect.flow, rt, loads, no_seal))[0] is not False
     except Exception:
         logger.warning("background work on %r failed", effect.key, exc_info=True)

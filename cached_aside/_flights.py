@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._plan import Served
@@ -60,17 +59,19 @@ class _Flight:
     def seal(self) -> None:
         self.registry.close(self)
 
-    @contextmanager
-    def leading(self) -> Iterator[None]:
-        """The leader's read: its error is kept for the joiners, and however it ends,
-        the flight closes and its joiners wake (threads and tasks alike)."""
-        try:
-            yield
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.finish()
+    # `with flight:` is the leader's read: its error is kept for the joiners, and
+    # however it ends, the flight closes and its joiners wake (threads and tasks
+    # alike). Methods rather than a @contextmanager: this is on every hit, and a
+    # generator-based one costs a generator and two more calls.
+    def __enter__(self) -> _Flight:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: object
+    ) -> None:
+        if error is not None:
+            self.error = error
+        self.finish()
 
     def finish(self) -> None:
         """Close the flight and wake its joiners."""
@@ -330,7 +331,7 @@ class ThreadFlights(_Registry):
             # answers that are fresh for anyone who joined before the seal.
             answer = current.outcome(reads_shared=False)
             return None if answer is None else (answer, True)
-        with flight.leading():
+        with flight:
             flight.answer = serve(*args, flight.seal)
         return flight.answer, False
 
@@ -353,7 +354,7 @@ class ThreadFlights(_Registry):
                 if answer is not None:
                     return answer, True
                 continue
-            with flight.leading():
+            with flight:
                 while before is not None and self._wait(before, patience):
                     with self._lock:
                         before = self._take_turn(flight)
@@ -393,7 +394,7 @@ class TaskFlights(_Registry):
             if answer is not None:
                 return answer, True
         flight = self.active[key] = _Flight(self, key)
-        with flight.leading():
+        with flight:
             flight.answer = await serve(*args, flight.seal)
         return flight.answer, False
 
@@ -410,7 +411,7 @@ class TaskFlights(_Registry):
                 if answer is not None:
                     return answer, True
                 continue
-            with flight.leading():
+            with flight:
                 while before is not None and await self._wait(before, patience):
                     before = self._take_turn(flight)
                 if before is not None:  # stuck past the lock's ttl: go ahead regardless

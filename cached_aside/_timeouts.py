@@ -47,3 +47,64 @@ else:  # pragma: no cover
                 self._handle.cancel()
             if self._expired and kind is asyncio.CancelledError:
                 raise DeadlineError("the deadline passed") from exc
+
+
+class Watchdog:
+    """One timer for a stream of short bounded waits, one at a time: asyncio.timeout
+    schedules and cancels a timer per wait (on a hit, a tenth of its cost), this one
+    re-arms lazily. `bound()` marks a wait's start and deadline, `unbound()` its end;
+    the timer fires at most once per `seconds` while waits keep coming: it cancels a
+    wait past its deadline, else moves on to the current one's. A wait cancelled
+    this way ends as a TimeoutError (`expired()` tells the waiter); a cancellation
+    from outside stays a cancellation."""
+
+    __slots__ = ("_due", "_fired", "_handle", "_loop", "_task")
+
+    def __init__(self) -> None:
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._due = 0.0
+        self._fired = False
+
+    def bound(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """The current task's wait starts now, and may last `seconds`."""
+        self._task = asyncio.current_task(loop)
+        self._fired = False
+        self._due = due = loop.time() + seconds
+        handle = self._handle
+        if handle is None or self._loop is not loop or handle.when() > due:
+            if handle is not None:
+                handle.cancel()
+            self._loop = loop
+            self._handle = loop.call_at(due, self._check)
+
+    def unbound(self) -> None:
+        self._task = None
+
+    def expired(self) -> bool:
+        """Whether the cancellation being handled came from this watchdog (once)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        task = asyncio.current_task()
+        if task is not None and sys.version_info >= (3, 11):
+            task.uncancel()
+        return True
+
+    def close(self) -> None:
+        """Stop the timer (the loop is closing)."""
+        handle, self._handle, self._task = self._handle, None, None
+        if handle is not None:
+            handle.cancel()
+
+    def _check(self) -> None:
+        self._handle = None
+        task, loop = self._task, self._loop
+        if task is None or loop is None:
+            return  # no wait now: the timer lapses until the next one
+        if loop.time() < self._due:
+            self._handle = loop.call_at(self._due, self._check)
+            return
+        self._task = None
+        self._fired = task.cancel()
