@@ -9,6 +9,7 @@ import asyncio
 import builtins
 import gc
 import logging
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 from cached_aside import CacheEngine, cache_aside
 from cached_aside import _compat as connections
 from cached_aside._connections import HeldConnections, Pipeline
-from cached_aside._timeouts import timeout
+from cached_aside._timeouts import Watchdog, timeout
 from tests.conftest import REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 from tests.injection import FAULTS, Abandon, counting_writes
 from tests.servers import RedisProcess
@@ -466,6 +467,83 @@ async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
     task.cancel()
     (outcome,) = await asyncio.gather(task, return_exceptions=True)
     assert isinstance(outcome, asyncio.CancelledError)
+
+
+# --- the pipeline's Watchdog: one timer for a stream of bounded waits -------------
+
+
+async def test_the_watchdog_cancels_a_wait_past_its_deadline_and_says_it_did() -> None:
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog()
+    never: asyncio.Future[None] = loop.create_future()
+    watchdog.bound(loop, 0.01)
+    with pytest.raises(asyncio.CancelledError):
+        await never  # only the deadline ends it
+    assert watchdog.expired()
+    assert not watchdog.expired()  # told once
+    task = asyncio.current_task()
+    assert task is not None
+    if sys.version_info >= (3, 11):
+        assert task.cancelling() == 0  # uncancelled: the task is not left cancelling
+    watchdog.unbound()
+
+
+async def test_the_watchdog_arms_one_timer_for_many_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    armed: list[float] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        armed.append(when)
+        return call_at(when, callback, *args)
+
+    monkeypatch.setattr(loop, "call_at", counting)
+    watchdog = Watchdog()
+    for _ in range(1000):  # back-to-back waits, each well inside its deadline
+        watchdog.bound(loop, 60)
+        await asyncio.sleep(0)
+        watchdog.unbound()
+    assert len(armed) == 1  # asyncio.timeout would have armed 1,000
+    watchdog.bound(loop, 0.5)  # a shorter deadline than the armed timer's: re-armed
+    assert len(armed) == 2
+    assert armed[1] < armed[0]
+    watchdog.close()
+
+
+async def test_a_wait_cancelled_from_outside_is_no_timeout() -> None:
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog()
+    entered = asyncio.Event()
+    seen: list[bool] = []
+
+    async def bounded() -> None:
+        watchdog.bound(loop, 60)
+        try:
+            entered.set()
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append(watchdog.expired())
+            raise
+        finally:
+            watchdog.unbound()
+
+    task = asyncio.ensure_future(bounded())
+    await asyncio.wait_for(entered.wait(), 10)
+    task.cancel()
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert seen == [False]
+    watchdog.close()
+
+
+async def test_a_wait_that_ended_before_its_deadline_is_never_cancelled() -> None:
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog()
+    watchdog.bound(loop, 0.01)
+    watchdog.unbound()  # the wait ended in time; the timer still fires later
+    await asyncio.sleep(0.05)  # past the deadline: the timer lapses, cancelling nothing
+    await asyncio.sleep(0)  # would raise CancelledError had the task been cancelled
+    assert not watchdog.expired()
 
 
 def test_msgpacks_pure_python_fallback_is_reported_once(
