@@ -159,11 +159,7 @@ class HeldConnections:
                 except _LOST:
                     raise
                 except Exception as exc:  # an error reply: consumed, the stream is fine
-                    if raise_error:
-                        self._drain(connection, reading, len(commands) - len(replies) - 1)
-                        raise
                     replies.append(exc)
-            return True, replies
         except (*_LOST, AttributeError) as exc:  # AttributeError: the pool closed it
             # Whatever is left unread would answer the next command: a new socket
             # (redis-py has usually closed it already). The client retries a socket
@@ -178,12 +174,11 @@ class HeldConnections:
             # Interrupted between a write and its replies: the same, and no retry.
             connection.disconnect()
             raise
-
-    @staticmethod
-    def _drain(connection: Any, reading: Any, count: int) -> None:
-        for _ in range(count):
-            with contextlib.suppress(Exception):
-                reading(connection)
+        if raise_error:  # raised once every reply is read: the connection stays in step
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return True, replies
 
     def _hold(self) -> _Held | None:
         if self.held >= self.limit:
