@@ -3,7 +3,8 @@ held connection's socket, and an event loop's shared connection's stream. Driven
 against a scripted server on a free port that cuts a reply in half (then closes, or
 hangs), against Redis in RESP3 with a push frame before a reply, across a fork, and
 with a cancellation mid-reply: a reply is never lost silently, and never answers
-another command."""
+another command. The memo of packed commands keeps a hit's command, not a stored
+value."""
 
 from __future__ import annotations
 
