@@ -51,6 +51,9 @@ _ASYNC_PARTS = ("_stream", "_read_size", "handle_push_response")
 
 # Commands packed per key are kept up to this many; then the memo starts over.
 PACKED_MEMO_SIZE = 4096
+# ...and only those up to this size: a hit's command is a few dozen bytes, while a
+# store's carries its value (and a token never sent twice), kept for nothing.
+PACKED_MEMO_BYTES = 1024
 # (connection class, parser class) -> whether this module reads its replies.
 _decided: dict[tuple[type, type], bool] = {}
 
@@ -69,18 +72,20 @@ class Memo:
         joined = self._joined.get(args)
         if joined is None:
             joined = b"".join(connection.pack_command(*args))
-            if len(self._joined) >= PACKED_MEMO_SIZE:
-                self._joined.clear()
-            self._joined[args] = joined
+            if len(joined) <= PACKED_MEMO_BYTES:
+                if len(self._joined) >= PACKED_MEMO_SIZE:
+                    self._joined.clear()
+                self._joined[args] = joined
         return joined
 
     def pack(self, connection: Any, args: tuple[Any, ...]) -> list[bytes]:
         packed = self._packed.get(args)
         if packed is None:
             packed = connection.pack_command(*args)
-            if len(self._packed) >= PACKED_MEMO_SIZE:
-                self._packed.clear()
-            self._packed[args] = packed
+            if sum(map(len, packed)) <= PACKED_MEMO_BYTES:
+                if len(self._packed) >= PACKED_MEMO_SIZE:
+                    self._packed.clear()
+                self._packed[args] = packed
         return packed
 
 

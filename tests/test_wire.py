@@ -3,7 +3,8 @@ held connection's socket, and an event loop's shared connection's stream. Driven
 against a scripted server on a free port that cuts a reply in half (then closes, or
 hangs), against Redis in RESP3 with a push frame before a reply, across a fork, and
 with a cancellation mid-reply: a reply is never lost silently, and never answers
-another command."""
+another command. The memo of packed commands keeps a hit's command, not a stored
+value."""
 
 from __future__ import annotations
 
@@ -384,3 +385,21 @@ def test_a_parser_that_sets_replies_aside_is_left_to_redis_py(
     with caplog.at_level("WARNING", logger="cached_aside"):
         assert not wire.lean(connection)
     assert "hiredis parser can set a reply aside" in caplog.text
+
+
+def test_the_memo_keeps_a_hits_command_not_a_stored_value() -> None:
+    """A hot key's command is packed once; a store's command carries its value (and a
+    token never sent twice): kept, a memo of 4096 commands held 4096 values (100 misses
+    of 1 MiB values kept 100 MiB)."""
+    memo = wire.Memo()
+    connection = redis.Connection(host="127.0.0.1", port=free_port())
+    hit = ("GET", "prefix:{item:1}")
+    assert memo.joined(connection, hit) is memo.joined(connection, hit)
+    assert memo.pack(connection, hit) is memo.pack(connection, hit)
+    for token in range(3):
+        store = ("EVALSHA", "0" * 40, 1, "prefix:{item:1}", str(token), os.urandom(1 << 20))
+        assert memo.joined(connection, store) == b"".join(connection.pack_command(*store))
+        assert b"".join(memo.pack(connection, store)) == b"".join(connection.pack_command(*store))
+    kept = [*memo._joined.values(), *(b"".join(parts) for parts in memo._packed.values())]
+    assert len(kept) == 2
+    assert sum(map(len, kept)) < 1024
