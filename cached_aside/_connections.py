@@ -36,7 +36,6 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import Watchdog
-from ._timeouts import timeout as _timeout
 from ._wire import Memo, lean, read, read_async, write, write_async
 
 # A thread may hold a connection while at least this share of the pool stays free:
@@ -309,54 +308,44 @@ class Pipeline:
             except BaseException:
                 self._drop(connection, ConnectionError("the writing task was cancelled"))
                 raise
+            # Every reply on the wire, each settling its caller in order, under one
+            # deadline for them all kept by the pipeline's one Watchdog: redis-py sets a
+            # timeout up and tears it down per reply (asyncio.timeout, per batch), a
+            # tenth of what a reply costs. An error reply is its own caller's alone.
+            watchdog = self._watchdog
             try:
-                if _timeout is None or not connection.socket_timeout:
-                    if lean(connection):
-                        reply = await read_async(connection)
-                    else:
-                        reply = await connection.read_response()
+                if connection.socket_timeout:
+                    watchdog.bound(asyncio.get_running_loop(), connection.socket_timeout)
+                straight = lean(connection)
+                for _ in range(len(self._on_wire)):
+                    try:
+                        if straight:
+                            reply = await read_async(connection)
+                        else:
+                            reply = await connection.read_response(timeout=math.inf)
+                    except _LOST:
+                        raise
+                    except Exception as exc:
+                        self._settle_first(None, exc)
+                        continue
                     self._settle_first(reply, None)
-                else:
-                    await self._read_wire(connection)
-            except _LOST as exc:  # also the wire's deadline (a TimeoutError, an OSError)
+            except _LOST as exc:  # what is still on the wire is retried or failed
+                watchdog.unbound()
                 await self._lost(connection, exc)
                 continue
-            except Exception as exc:  # an error reply: the first caller's on the wire alone
-                self._settle_first(None, exc)
-                continue
-            except BaseException:
+            except asyncio.CancelledError:
+                deadline = watchdog.expired()
+                watchdog.unbound()
+                if deadline:
+                    await self._lost(connection, TimeoutError("Timeout reading from socket"))
+                    continue
                 # Cancelled mid-read: where the stream stands is unknown. Drop it all.
                 self._drop(connection, ConnectionError("the reading task was cancelled"))
                 raise
-
-    async def _read_wire(self, connection: Any) -> None:
-        """Read the replies to everything on the wire, settling each caller in order,
-        under one deadline for them all, kept by the pipeline's one Watchdog: redis-py
-        sets a timeout up and tears it down for every reply (as asyncio.timeout would
-        per batch), a tenth of what a reply costs. An
-        error reply is its own caller's alone; a failure of the connection propagates
-        (what is still on the wire is then retried or failed by _lost)."""
-        straight = lean(connection)
-        watchdog = self._watchdog
-        watchdog.bound(asyncio.get_running_loop(), connection.socket_timeout)
-        try:
-            for _ in range(len(self._on_wire)):
-                try:
-                    if straight:
-                        reply = await read_async(connection)
-                    else:
-                        reply = await connection.read_response(timeout=math.inf)
-                except _LOST:
-                    raise
-                except Exception as exc:
-                    self._settle_first(None, exc)
-                    continue
-                self._settle_first(reply, None)
-        except asyncio.CancelledError:
-            if watchdog.expired():
-                raise TimeoutError("Timeout reading from socket") from None
-            raise
-        finally:
+            except BaseException:
+                watchdog.unbound()
+                self._drop(connection, ConnectionError("the reading task was cancelled"))
+                raise
             watchdog.unbound()
 
     async def _lost(self, connection: Any, exc: Exception) -> None:
