@@ -15,8 +15,6 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     MovedError,
-    RedisClusterException,
-    RedisError,
     TimeoutError,
     TryAgainError,
 )
@@ -28,22 +26,19 @@ REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 # The node could not be reached or hung: its next call goes through the cluster client,
 # so that the client, which learns a new topology only from its own commands, does.
 _UNREACHED = (ConnectionError, TimeoutError, OSError)
-_UNROUTED = (RedisError, RedisClusterException)  # no node known for the slot
-
-
-def _key(args: tuple[Any, ...]) -> Any:
-    """The key of a command as sent: a script's first key (wire_args), else the
-    command's first argument (every command sent names its key first)."""
-    return args[3] if args[0] == "EVALSHA" else args[1]
+# Keys whose slot is remembered; past this many the memo starts over.
+SLOT_MEMO_SIZE = 4096
 
 
 class _Nodes:
-    """What both twins share: the cluster client, the node of a key, counters, and
-    the nodes whose next call goes through the client."""
+    """What both twins share: the cluster client, the master of a key (redis-py's
+    slot table), counters, and the nodes whose next call goes through the client."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.route = client.get_node_from_key
+        self.manager = client.nodes_manager
+        # A key's slot never changes (its owner does): computed once per key.
+        self.slots: dict[Any, int] = {}
         # Calls a node answered with a redirect (or TRYAGAIN, CLUSTERDOWN): the client
         # served them.
         self.redirects = 0
@@ -53,10 +48,17 @@ class _Nodes:
     def node(self, args: tuple[Any, ...]) -> Any:
         """The master of the command's key, or None when the client should serve it
         (no node known for the slot, or the node failed on its last call here)."""
-        try:
-            node = self.route(_key(args))
-        except _UNROUTED:
+        # As sent (wire_args): a script's first key, else the first argument.
+        key = args[3] if args[0] == "EVALSHA" else args[1]
+        slot = self.slots.get(key)
+        if slot is None:
+            if len(self.slots) >= SLOT_MEMO_SIZE:
+                self.slots.clear()
+            slot = self.slots[key] = self.client.keyslot(key)
+        owners = self.manager.slots_cache.get(slot)
+        if not owners:  # not covered (mid-failover): the client finds out
             return None
+        node = owners[0]
         if self.suspect and node.name in self.suspect:
             self.suspect.discard(node.name)
             return None
@@ -64,7 +66,7 @@ class _Nodes:
 
     def known(self) -> set[str]:
         """The names of the nodes the client knows now."""
-        return set(self.client.nodes_manager.nodes_cache)
+        return set(self.manager.nodes_cache)
 
 
 class NodeConnections(_Nodes):
