@@ -16,6 +16,7 @@ from cached_aside import CacheEngine, Source, cache_aside
 from cached_aside._keys import entry_keys
 from cached_aside._node_connections import NodeConnections, NodePipelines
 
+from .conftest import wait_until
 from .servers import REDIS_SERVER, RedisClusterProcesses
 
 pytestmark = [
@@ -293,3 +294,44 @@ async def test_async_a_moved_slot_is_followed_then_hits_go_to_the_new_master(
     finally:
         await engine.aclose()
         await client.aclose()
+
+
+def test_after_a_master_hangs_hits_resume_on_its_promoted_replica() -> None:
+    """Nothing but hits on the hung master's key, each timing out on the lean path:
+    redis-py learns a new topology only from its own commands, so a node the lean
+    path failed on sends its next call through the client (which asks for a
+    refresh), or hits would never find the replica promoted in its place."""
+    cluster = RedisClusterProcesses(masters=3, replicas=1).start()
+    client = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=1.0)
+    engine = CacheEngine(client, prefix=f"wire-{uuid.uuid4().hex[:8]}")
+    try:
+        loads: list[str] = []
+        read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+        seed = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+        id = next(id for id in IDS if client.get_node_from_key(read.key(id)).port != seed)
+        port = client.get_node_from_key(read.key(id)).port
+        assert wait_until(lambda: read.lookup(id).source is Source.CACHE)  # stored
+        victim = next(node for node in cluster.nodes if node.port == port)
+        assert wait_until(lambda: replicated(cluster, victim.port, read.key(id)))
+        victim.pause()
+        # A bound on a hang, not a speed: the replica's election, the breaker's cooldown.
+        assert wait_until(lambda: read.lookup(id).source is Source.CACHE, 90)
+        assert client.get_node_from_key(read.key(id)).port != port
+    finally:
+        engine.close()
+        client.close()
+        cluster.stop()
+
+
+def replicated(cluster: RedisClusterProcesses, master: int, key: str) -> bool:
+    """Whether the master's replica has `key`."""
+    for node in cluster.nodes:
+        admin = node.admin()
+        try:
+            info = admin.info("replication")
+            if info["role"] == "slave" and info["master_port"] == master:
+                admin.execute_command("READONLY")
+                return bool(admin.exists(key))
+        finally:
+            admin.close()
+    return False
