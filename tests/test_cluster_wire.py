@@ -335,3 +335,52 @@ def replicated(cluster: RedisClusterProcesses, master: int, key: str) -> bool:
         finally:
             admin.close()
     return False
+
+
+async def test_async_an_ask_and_a_killed_connection_are_served_by_the_client(
+    cluster: RedisClusterProcesses, prefix: str
+) -> None:
+    client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+    engine = CacheEngine(async_client=client, prefix=prefix)
+    loads: list[str] = []
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def read(id: str) -> dict[str, str]:
+        loads.append(id)
+        return {"id": id}
+
+    try:
+        for id in ("a", "c"):
+            assert await read(id) == {"id": id}
+            assert await read(id) == {"id": id}
+        pipelines = engine.sides.async_side().pipeline
+        assert isinstance(pipelines, NodePipelines)
+        key = entry_keys(read.key("a")).value
+        slot = Slot(cluster, client, key)
+        try:
+            slot.migrate()  # the key on the new master, the slot still the old one's
+            counted = Counted(client)
+            for _ in range(2):
+                result = await read.lookup("a")
+                assert (result.value, result.source) == ({"id": "a"}, Source.CACHE)
+            assert (pipelines.redirects, len(counted.calls)) == (2, 2)
+        finally:
+            slot.assign()
+            slot.close()
+            await client.delete(key)
+        node = client.get_node_from_key(read.key("c"))
+        admin = next(n for n in cluster.nodes if n.port == node.port).admin()
+        try:
+            assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+        finally:
+            admin.close()
+        counted = Counted(client)
+        for _ in range(3):  # the first goes out again on a new socket (the Pipeline's retry)
+            result = await read.lookup("c")
+            assert (result.value, result.source) == ({"id": "c"}, Source.CACHE)
+        assert counted.calls == []
+        assert loads == ["a", "c"]
+        await client.delete(read.key("c"))
+    finally:
+        await engine.aclose()
+        await client.aclose()
