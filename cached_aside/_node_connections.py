@@ -88,12 +88,17 @@ class NodeConnections(_Nodes):
         if node is None:
             return False, None
         held = self.nodes.get(node.name)
-        if held is None or held.pool is not node.redis_connection.connection_pool:
+        server = node.redis_connection  # None while redis-py makes it: the client's call
+        if held is None or server is None or held.pool is not server.connection_pool:
             held = self._add(node)
+            if held is None:
+                return False, None
         try:
             return held.call(args)
         except REDIRECTS:  # an error reply: consumed, the connection stays
             self.redirects += 1
+            with self.lock:
+                self._forget_gone()
             return False, None
         except _UNREACHED:
             self.suspect.add(node.name)
@@ -104,19 +109,26 @@ class NodeConnections(_Nodes):
         per node)."""
         return False, []
 
-    def _add(self, node: Any) -> HeldConnections:
+    def _add(self, node: Any) -> HeldConnections | None:
         """The node's held connections, made on its first call (or when redis-py gave
-        it a new pool); nodes that left the topology are forgotten."""
+        it a new pool); None while it has no pool."""
         with self.lock:
-            known = self.known()
-            for name in [name for name in self.nodes if name not in known]:
-                del self.nodes[name]  # their connections go back as their threads end
-            pool = node.redis_connection.connection_pool
+            self._forget_gone()
+            server = node.redis_connection
+            if server is None:
+                return None
             held = self.nodes.get(node.name)
-            if held is None or held.pool is not pool:
-                held = self.nodes[node.name] = HeldConnections(pool)
+            if held is None or held.pool is not server.connection_pool:
+                held = self.nodes[node.name] = HeldConnections(server.connection_pool)
                 self.problem = self.problem or held.problem
             return held
+
+    def _forget_gone(self) -> None:
+        """Forget the nodes that left the topology (under the lock): their held
+        connections go back as their threads end."""
+        known = self.known()
+        for name in [name for name in self.nodes if name not in known]:
+            del self.nodes[name]
 
     def reset_after_fork(self) -> None:
         """In a forked child: these connections are the parent's sockets."""

@@ -384,3 +384,38 @@ async def test_async_an_ask_and_a_killed_connection_are_served_by_the_client(
     finally:
         await engine.aclose()
         await client.aclose()
+
+
+def test_nodes_gone_from_the_topology_are_forgotten_and_one_without_a_pool_skipped() -> None:
+    """Bookkeeping alone (no server: nothing is sent)."""
+
+    class Node:
+        def __init__(self, name: str, pooled: bool = True) -> None:
+            self.name = name
+            self.redis_connection = (
+                redis.Redis(connection_pool=redis.ConnectionPool(port=1)) if pooled else None
+            )
+
+    class Manager:
+        def __init__(self) -> None:
+            self.nodes_cache: dict[str, Node] = {}
+            self.slots_cache: dict[int, list[Node]] = {}
+
+    class Client:
+        def __init__(self) -> None:
+            self.nodes_manager = Manager()
+
+        def keyslot(self, key: str) -> int:
+            return int(key)
+
+    client = Client()
+    one, two, unpooled = Node("one"), Node("two"), Node("unpooled", pooled=False)
+    client.nodes_manager.nodes_cache = {"one": one, "unpooled": unpooled}
+    client.nodes_manager.slots_cache = {1: [one], 3: [unpooled]}
+    held = NodeConnections(client)
+    assert held.call(("GET", "3")) == (False, None)  # no pool yet: the client serves it
+    assert held.call(("GET", "2")) == (False, None)  # a slot no node covers
+    assert held._add(one) is held.nodes["one"]
+    client.nodes_manager.nodes_cache = {"two": two}  # "one" left the cluster
+    assert held._add(two) is held.nodes["two"]
+    assert set(held.nodes) == {"two"}
