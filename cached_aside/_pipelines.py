@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from ._connections import Pipeline
 from ._effects import Batch, Command, RunScript, Scan
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime, failed
 
@@ -156,7 +157,7 @@ async def _send_batch_async(rt: AsyncRuntime, effects: Sequence[Command | RunScr
 async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
     """Through the loop's shared connection (with whatever else goes out), else
     through a client pipeline (a cluster's, one per node)."""
-    if rt.pipeline is not None:
+    if isinstance(rt.pipeline, Pipeline):  # not a cluster's: a batch spans its nodes
         return await rt.pipeline.call_many([wire_args(rt, effect) for effect in effects])
     return list(await _pipeline(rt, effects).execute(raise_on_error=False))
 

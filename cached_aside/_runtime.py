@@ -25,6 +25,7 @@ from ._connections import HeldConnections, Pipeline
 from ._effects import CommandFailed
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
+from ._node_connections import NodeConnections, NodePipelines
 from ._outbox import Outbox
 from ._scripts import ScriptName
 
@@ -141,7 +142,7 @@ class SyncRuntime(Runtime):
     threads hold for commands that answer at once (None: through the client)."""
 
     flights: ThreadFlights = field(default_factory=ThreadFlights)
-    held: HeldConnections | None = None
+    held: HeldConnections | NodeConnections | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -151,7 +152,7 @@ class AsyncRuntime(Runtime):
     flights: TaskFlights = field(default_factory=TaskFlights)
     # The loop's shared connection for commands that answer at once (None: through
     # the client).
-    pipeline: Pipeline | None = None
+    pipeline: Pipeline | NodePipelines | None = None
     # Background work of this loop (refreshes, releases after a cancellation): held
     # here because a task nobody references can be collected mid-run.
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -263,24 +264,26 @@ def block_limit_ms(connection_kwargs: Mapping[str, Any]) -> int:
 
 
 def sync_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> SyncRuntime:
-    """The sync runtime around `client` (checked), with a cluster's router or the
-    pool's held connections."""
+    """The sync runtime around `client` (checked), with the pool's held connections
+    (on a cluster, a cluster's router and held connections per node)."""
     runtime = _runtime(SyncRuntime, client, "client", breaker, outbox)
     if isinstance(client, redis.cluster.RedisCluster):
         runtime.route = client.get_node_from_key
+        runtime.held = NodeConnections(client)
     elif hasattr(client, "connection_pool"):
         runtime.held = HeldConnections(client.connection_pool)
     return runtime
 
 
 def async_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> AsyncRuntime:
-    """The async runtime around `client` (checked), with a cluster's router or the
-    loop's shared connection."""
+    """The async runtime around `client` (checked), with the loop's shared connection
+    (on a cluster, a cluster's router and a shared connection per node)."""
     runtime = _runtime(AsyncRuntime, client, "async_client", breaker, outbox)
     if isinstance(client, redis.asyncio.cluster.RedisCluster):
         runtime.ready = False
         runtime.failures = ASYNC_CLUSTER_FAILURES
         runtime.route = client.get_node_from_key
+        runtime.pipeline = NodePipelines(client)
     elif hasattr(client, "connection_pool"):
         runtime.pipeline = Pipeline(client.connection_pool)
     return runtime
