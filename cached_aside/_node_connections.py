@@ -19,6 +19,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from ._compat import warn_once
 from ._connections import HeldConnections, Pipeline
 
 # Replies that send a command elsewhere (or later): the cluster client follows them.
@@ -44,6 +45,15 @@ class _Nodes:
         self.redirects = 0
         self.suspect: set[str] = set()
         self.lock = threading.Lock()
+        if getattr(client, "read_from_replicas", False) or getattr(
+            client, "load_balancing_strategy", None
+        ):
+            # The user asked for replica reads; hits read masters: say so, once.
+            warn_once(
+                "the cluster client reads from replicas, but cache hits read each key's "
+                "master (a replica may still hold an entry its master just invalidated)",
+                "read_from_replicas applies to the cluster client's own commands only",
+            )
 
     def node(self, args: tuple[Any, ...]) -> Any:
         """The master of the command's key, or None when the client should serve it

@@ -4,6 +4,7 @@ cluster client, a killed connection falls over once; sync and async."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import redis.asyncio.cluster
 import redis.cluster
 
-from cached_aside import CacheEngine, Source, cache_aside
+from cached_aside import CacheEngine, Source, _compat, cache_aside
 from cached_aside._keys import entry_keys
 from cached_aside._node_connections import NodeConnections, NodePipelines
 
@@ -419,3 +420,29 @@ def test_nodes_gone_from_the_topology_are_forgotten_and_one_without_a_pool_skipp
     client.nodes_manager.nodes_cache = {"two": two}  # "one" left the cluster
     assert held._add(two) is held.nodes["two"]
     assert set(held.nodes) == {"two"}
+
+
+def test_replica_reads_asked_of_the_cluster_client_are_said_once_to_skip_hits(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hits read masters (an invalidation is seen at once); a user who asked the
+    client for replica reads is told, once, not left to find out."""
+    monkeypatch.setattr(_compat, "_warned", set())
+
+    class Manager:
+        def __init__(self) -> None:
+            self.nodes_cache: dict[str, Any] = {}
+            self.slots_cache: dict[int, list[Any]] = {}
+
+    class Client:
+        def __init__(self) -> None:
+            self.nodes_manager = Manager()
+            self.read_from_replicas = True
+
+    with caplog.at_level(logging.WARNING, logger="cached_aside"):
+        NodeConnections(Client())
+        NodeConnections(Client())
+    said = [r.getMessage() for r in caplog.records if "replica" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "read_from_replicas" in said[0]
+    assert "master" in said[0]
