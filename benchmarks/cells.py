@@ -32,7 +32,7 @@ SYNC_RAW = "sync: raw redis-py GET + unpackb"
 ASYNC_RAW = "async: raw redis.asyncio GET + unpackb"
 SYNC_HIT = "sync: cached_aside (msgpack)"
 ASYNC_HIT = "async: cached_aside (msgpack)"
-C_CLIENT = "C client (redis-benchmark)"
+C_CLIENT = "C client"
 # Issue 27's "done means", as ratios to the C client: (round trip, CPU per GET).
 TARGETS = {"sync": (1.3, 1.5), "async": (1.5, 2.0)}
 CELL_SECONDS = 1800  # a bound on a hang of one cell's run, not a speed
@@ -170,8 +170,8 @@ def run(settings: Settings) -> list[Table]:
     table.notes += [
         "each cell: a hit-path run of its own (`python -m benchmarks --only hit_path`) on a "
         "fresh server of its own, hiredis hidden (CACHED_ASIDE_BENCH_NO_HIREDIS=1) in the "
-        "cells without it; medians over interleaved rounds, the C client (redis-benchmark "
-        "-c 1 -P 1) a round before each Python round",
+        "cells without it; medians over interleaved rounds, the C client (benchmarks/c_client.c) "
+        "a round before each Python round",
         "ratios to the C client and to the raw redis-py call of the same mode, in the same "
         "cell's run; cells ran one after another, so compare ratios, not µs, across cells",
         "placement: the server and the cell's run (the C client, its child, too) pinned to "

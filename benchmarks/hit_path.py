@@ -1,7 +1,7 @@
 """Hit path: a decorated call on a cached key vs the raw redis-py call a user would
 write instead (`redis.Redis.from_url(url)` / `redis.asyncio.Redis.from_url(url)` with
 redis-py's defaults), vs peer libraries on the same server and record, and against
-the floor: the C client (`redis-benchmark -c 1 -P 1`, when it is installed) reading
+the floor: the C client (benchmarks/c_client.c, compiled for the run) reading
 the same record, a round of it before each round of the Python contenders, with its
 round trip and CPU per GET beside this process's CPU per call (benchmarks/c_client.py).
 cached_aside is built as its docs say, with `CacheEngine.from_url(url)`.
@@ -329,8 +329,8 @@ def _as_coroutine(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
 def run(settings: Settings) -> list[Table]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     placement = pin_from_environment()
+    c_client = CClient(settings.url, settings.scaled(5000, 1000))
     try:
-        c_client = CClient(settings.url, settings.scaled(5000, 1000))
         measured: Measured = []
         tables = run_sync(settings, prefix, c_client, measured)
         tables += asyncio.run(run_async(settings, prefix, c_client, measured))
@@ -338,6 +338,7 @@ def run(settings: Settings) -> list[Table]:
         against_c.notes.append(placement)
         return [*tables, against_c]
     finally:
+        c_client.close()
         cleanup = blocking_client(settings.url)
         for key in cleanup.scan_iter(match=f"{prefix}:*"):
             cleanup.delete(key)

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import redis.utils
 from benchmarks import __main__ as bench_main
 from benchmarks import (
     batches,
+    c_client,
     cells,
     compression,
     concurrency,
@@ -87,25 +89,57 @@ def test_hit_path_has_every_contender(settings: Settings) -> None:
         assert target.endswith((", met", ", missed"))
     floors = [note for t in tables.values() for note in t.notes if note.startswith("floor: C")]
     assert len(floors) == 2  # sync and async msgpack: a figure, or why there is none
-    if shutil.which("redis-benchmark"):
+    if shutil.which("cc") or shutil.which("redis-benchmark"):
         assert all(" µs per GET, median of its " in note for note in floors)
     # Every msgpack contender, sync and async, against the C client of the same run,
     # with its CPU per call; the C client's row when it ran.
     versus = rows(against_c)
     assert {f"sync: {name}" for name in packed} | {
         f"async: {name}" for name in async_packed
-    } == set(versus) - {"C client (redis-benchmark)"}
+    } == set(versus) - {"C client"}
     assert versus["sync: raw redis-py GET + unpackb"][2] == 1.0  # to its own mode's raw call
     assert versus["async: raw redis.asyncio GET + unpackb"][2] == 1.0
     assert all(row[3] > 0 for row in versus.values())  # CPU per call
-    if shutil.which("redis-benchmark"):
-        c_client = versus["C client (redis-benchmark)"]
+    if shutil.which("cc") or shutil.which("redis-benchmark"):
+        c_client = versus["C client"]
         assert c_client[0] > 0
         assert c_client[3] > 0
         assert c_client[1] == c_client[4] == 1.0
         # One C round before each Python round, sync and async: 2 x settings.rounds.
         assert f"median over {2 * settings.rounds} rounds" in against_c.notes[0]
         assert all(isinstance(row[1], float) for row in versus.values())
+
+
+def test_the_c_client_times_each_get_and_falls_back_to_redis_benchmark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert REDIS_URL is not None
+    key = f"bench-test-{uuid.uuid4().hex[:8]}:c-client"
+    writer = redis.Redis.from_url(REDIS_URL)
+    writer.set(key, b"x" * 100, ex=60)
+    try:
+        compiled = c_client.CClient(REDIS_URL, 200)
+        compiled.key = key
+        compiled.round()
+        assert compiled.binary is not None  # this machine has a C compiler
+        round_trip, cpu = compiled.figures()  # type: ignore[misc]
+        assert round_trip > 0
+        assert cpu > 0
+        assert "benchmarks/c_client.c" in compiled.describe()
+        assert "CLOCK_MONOTONIC" in compiled.how_measured()
+        compiled.close()
+        monkeypatch.setattr(c_client, "compiled", lambda folder: None)  # no compiler
+        fallback = c_client.CClient(REDIS_URL, 200)
+        fallback.key = key
+        fallback.round()
+        assert fallback.problem is None
+        assert fallback.figures()[0] > 0  # type: ignore[index]
+        assert "redis-benchmark" in fallback.describe()
+        assert "several µs wide" in fallback.how_measured()  # its p50 is coarse: said
+        fallback.close()
+    finally:
+        writer.delete(key)
+        writer.close()
 
 
 def _cell_results(hiredis: str | None) -> dict[str, Any]:
