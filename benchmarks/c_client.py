@@ -5,7 +5,7 @@ table of every contender as a ratio to its round trip and CPU.
 The C client is benchmarks/c_client.c, compiled for the run (`cc -O2`): plain socket
 calls, each GET timed, so its median is exact. Where no C compiler is found,
 `redis-benchmark -c 1 -P 1` stands in, and the notes say its round trip is read from a
-histogram whose buckets near 10 µs are several µs wide.
+histogram whose buckets near a one-CPU round trip are several µs wide.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class CClient:
             )
         return (
             "its µs per GET is redis-benchmark's p50, read from a histogram whose buckets "
-            "near 10 µs are several µs wide (no C compiler for benchmarks/c_client.c); its "
+            "near a one-CPU round trip are several µs wide (no C compiler for benchmarks/c_client.c); its "
             f"CPU from getrusage of the child, less its start-up ({self.start_up_us:.0f} µs, "
             "the median of runs of one GET)"
         )
