@@ -153,7 +153,8 @@ class CClient:
             )
         return (
             "its µs per GET is redis-benchmark's p50, read from a histogram whose buckets "
-            "near a one-CPU round trip are several µs wide (no C compiler for benchmarks/c_client.c); its "
+            "near a one-CPU round trip are several µs wide (no C compiler for "
+            "benchmarks/c_client.c); its "
             f"CPU from getrusage of the child, less its start-up ({self.start_up_us:.0f} µs, "
             "the median of runs of one GET)"
         )
