@@ -68,6 +68,8 @@ class Operation:
 OPERATIONS = [
     Operation("sync_hit", "sync hit, msgpack record", 2000),
     Operation("async_hit", "async hit, msgpack record", 600),
+    # The same on uvloop's event loop (the bench extra): what the loop itself costs.
+    Operation("async_hit_uvloop", "async hit on uvloop, msgpack record", 600),
     Operation("miss", "miss (loader returns at once)", 200),
     Operation("many_hits", "many() of 100, all hits", 25),
     Operation("near_hit", "near hit", 10000),

@@ -122,7 +122,7 @@ SYNC = {
     "ttl_cache_item": ttl_cache_item,
     "ttl_cache_cached": ttl_cache_cached,
 }
-OPERATIONS = [*SYNC, "async_hit"]
+OPERATIONS = [*SYNC, "async_hit", "async_hit_uvloop"]
 
 
 def main(argv: list[str]) -> None:
@@ -135,6 +135,10 @@ def main(argv: list[str]) -> None:
     loads = Loads()
     if operation == "async_hit":
         asyncio.run(async_hit(engine, loads, count))
+    elif operation == "async_hit_uvloop":
+        import uvloop  # the bench extra's
+
+        uvloop.run(async_hit(engine, loads, count))
     else:
         SYNC[operation](engine, loads, count)
         engine.close()

@@ -403,3 +403,56 @@ def test_the_memo_keeps_a_hits_command_not_a_stored_value() -> None:
     kept = [*memo._joined.values(), *(b"".join(parts) for parts in memo._packed.values())]
     assert len(kept) == 2
     assert sum(map(len, kept)) < 1024
+
+
+# --- the same on uvloop's event loop ------------------------------------------------
+# uvloop (the bench extra) gives the pipeline its own transports and timers: the
+# pipeline's scenarios above run again on it, each in a loop of its own.
+
+UVLOOP_SCENARIOS = [
+    test_an_async_reply_cut_by_a_close_goes_out_once_more_on_a_new_socket,
+    test_an_async_reply_cut_twice_fails_its_caller,
+    test_an_async_reply_cut_by_a_hang_times_out_and_never_answers_another,
+    test_a_caller_cancelled_mid_reply_leaves_nothing_for_the_next,
+]
+
+
+@pytest.mark.parametrize("scenario", UVLOOP_SCENARIOS, ids=lambda scenario: scenario.__name__)
+def test_the_pipelines_scenarios_hold_on_uvloop(scripted: Any, scenario: Any) -> None:
+    import uvloop
+
+    uvloop.run(scenario(scripted))
+
+
+@needs_real_redis
+def test_async_hits_ride_the_lean_wire_on_uvloop() -> None:
+    import uvloop
+
+    assert REDIS_URL is not None
+    prefix = unique_prefix()
+    engine = CacheEngine.from_url(REDIS_URL, prefix=prefix)
+    loads: list[str] = []
+
+    @cache_aside(key="uv:<id>", ttl=60, engine=engine)
+    async def load(id: str) -> dict[str, str]:
+        loads.append(id)
+        return {"id": id}
+
+    async def scenario() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        for _ in range(50):
+            assert await load("a") == {"id": "a"}
+        pipeline = engine.sides.async_side().pipeline
+        assert isinstance(pipeline, Pipeline)
+        assert wire.lean(pipeline._connection)  # hits read straight off its stream
+        await load.invalidate("a")
+        assert await load("a") == {"id": "a"}
+        await engine.aclose()
+
+    try:
+        uvloop.run(scenario())
+        assert loads == ["a", "a"]  # once, and once more after the invalidation
+    finally:
+        cleanup = redis.Redis.from_url(REDIS_URL)
+        delete_prefix(cleanup, prefix)
+        cleanup.close()
