@@ -394,8 +394,18 @@ class TaskFlights(_Registry):
             if answer is not None:
                 return answer, True
         flight = self.active[key] = _Flight(self, key)
-        with flight:
+        # `with flight:` spelled out, as every async hit comes here: a plain flight of
+        # tasks (no lock to take, no reload to end), closed, then its joiners woken.
+        try:
             flight.answer = await serve(*args, flight.seal)
+        except BaseException as error:
+            flight.error = error
+            raise
+        finally:
+            if self.active.get(key) is flight:
+                del self.active[key]
+            if flight.joiners:
+                flight.wake()
         return flight.answer, False
 
     async def reload(

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._breaker import CircuitBreaker
@@ -35,16 +35,18 @@ class Plan:
     loader_breaker: CircuitBreaker | None = None
     # tags=: templates over the loader's arguments; each entry carries their versions.
     tags: tuple[KeyTemplate, ...] = ()
+    # How long a caller waits for another caller of its process before it reads by
+    # itself (and waits through Redis, as another process does). A leader renews its
+    # lease while it lives, so this is not the lease: it waits as long as Redis
+    # waiters would (the loader_timeout, if any), and at least PATIENCE_FLOOR_S, which
+    # only keeps a stuck leader from holding its joiners for ever. Computed once: every
+    # call reads it.
+    patience: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def patience(self) -> float:
-        """How long a caller waits for another caller of its process before it reads
-        by itself (and waits through Redis, as another process does). A leader renews
-        its lease while it lives, so this is not the lease: it waits as long as Redis
-        waiters would (the loader_timeout, if any), and at least PATIENCE_FLOOR_S, which
-        only keeps a stuck leader from holding its joiners for ever."""
+    def __post_init__(self) -> None:
         options = self.options
-        return max(options.lock_ttl_ms, options.loader_timeout_ms) / 1000.0 + PATIENCE_FLOOR_S
+        seconds = max(options.lock_ttl_ms, options.loader_timeout_ms) / 1000.0
+        object.__setattr__(self, "patience", seconds + PATIENCE_FLOOR_S)
 
 
 @dataclass(slots=True)
