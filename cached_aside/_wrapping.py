@@ -260,9 +260,12 @@ class CachedBase(Generic[P, R]):
         distinct_items: list[Any] = []
         where: dict[str, int] = {}
         positions: list[int] = []
+        by_text, render = self._by_text, self._template.render
         for item in items:
             args = item if type(item) is tuple else (item,)
-            key = f"{head}{self._template.render(args, {})}}}"
+            # As a call renders its key: a str already seen skips render().
+            rendered = (by_text.get(item) if type(item) is str else None) or render(args, {})
+            key = f"{head}{rendered}}}"
             position = where.get(key)
             if position is None:
                 position = where[key] = len(keys)
@@ -405,29 +408,38 @@ class ManyCall:
         self.found: dict[int, Served] = {}
         self.rest: list[int] = []  # positions that must ask Redis...
         self.tickets: list[int | None] = []  # ...with their near tickets
-        for position, key in enumerate(keys):
-            hit, ticket = function._near_look(engine, key)
-            if hit is not None:
-                self.found[position] = hit
-            else:
-                self.rest.append(position)
-                self.tickets.append(ticket)
+        if function._near is None:  # no tier to ask: every key asks Redis, no ticket
+            self.rest = list(range(len(keys)))
+            self.tickets = [None] * len(keys)
+        else:
+            for position, key in enumerate(keys):
+                hit, ticket = function._near_look(engine, key)
+                if hit is not None:
+                    self.found[position] = hit
+                else:
+                    self.rest.append(position)
+                    self.tickets.append(ticket)
+        everything = not self.found
         self.loads = Loads(
             function._plan,
             function.__wrapped__,
-            [calls[p] for p in self.rest],
+            calls if everything else [calls[p] for p in self.rest],
             batch_loader=function._batch_loader,
-            items=[items[p] for p in self.rest],
+            items=items if everything else [items[p] for p in self.rest],
         )
 
     def flow(self, runtime: Runtime) -> Flow[list[Answer]]:
         """The flow that serves what the near tier did not, on `runtime`."""
-        keys = [self.keys[p] for p in self.rest]
+        keys = self.keys if not self.found else [self.keys[p] for p in self.rest]
         outbox = runtime.outbox
-        blocked = frozenset(
-            p
-            for p, key in enumerate(keys)
-            if first_step(outbox.active and outbox.blocks(key), False, True) is LOADER
+        blocked = (
+            frozenset(
+                p
+                for p, key in enumerate(keys)
+                if first_step(outbox.blocks(key), False, True) is LOADER
+            )
+            if outbox.active
+            else frozenset()  # nothing waits in the outbox: no key is blocked
         )
         batched = self.function._batch_loader is not None
         return many(self.function._plan, keys, batched, blocked, runtime.block_limit_ms)
@@ -436,6 +448,12 @@ class ManyCall:
         """Each item's value, in order; Redis hits are kept in the near tier, and an
         item repeated in the batch gets its own copy."""
         function = self.function
+        if function._near is None and len(self.positions) == len(self.keys):
+            # No near tier, no item twice: each answer is its item's, in order.
+            plan = function._plan
+            return [
+                (as_joiner(plan, served) if joined else served).value for served, joined in answers
+            ]
         served_at = dict(self.found)
         for number, (position, (served, joined)) in enumerate(zip(self.rest, answers, strict=True)):
             ticket = self.tickets[number]
