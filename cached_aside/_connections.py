@@ -23,6 +23,7 @@ import socket
 import threading
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -201,6 +202,15 @@ class HeldConnections:
         self.returned = deque()
 
 
+def _abandon(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Their caller is gone (cancelled, or raised on an earlier reply): each future is
+    cancelled, or, if it already holds a failure, that failure is marked seen, which
+    asyncio would otherwise log as never retrieved."""
+    for future in futures:
+        if not future.cancel() and not future.cancelled():
+            future.exception()
+
+
 class Pipeline:
     """The round trips of one event loop's tasks, shared on one connection.
 
@@ -234,7 +244,11 @@ class Pipeline:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((self._memo.pack(connection, args), future))
         if not self._reading:
-            await self._lead(future)
+            try:
+                await self._lead(future)
+            except BaseException:
+                _abandon((future,))
+                raise
         return await future
 
     async def call_many(
@@ -249,11 +263,24 @@ class Pipeline:
             future: asyncio.Future[Any] = loop.create_future()
             self._queued.append((self._memo.pack(connection, args), future))
             futures.append(future)
-        if not self._reading:
-            await self._lead(futures[-1])
-        if raise_error:
-            return [await future for future in futures]
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+        # Settled in order (a batch shares its fate on the wire): awaiting each in turn
+        # mostly finds it done, where asyncio.gather would add a callback and a task
+        # wake-up per future (a third of many()'s cost per key).
+        replies: list[Any] = []
+        try:
+            if not self._reading:
+                await self._lead(futures[-1])
+            for future in futures:
+                try:
+                    replies.append(await future)
+                except Exception as exc:  # an error reply, or the connection's failure
+                    if raise_error:
+                        raise
+                    replies.append(exc)
+        except BaseException:
+            _abandon(futures)
+            raise
+        return replies
 
     async def _lead(self, mine: asyncio.Future[Any]) -> None:
         """Read until `mine` has its reply; then, if others still wait, a task reads

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import gc
 import json
 import os
 import socket
@@ -405,6 +406,23 @@ def test_the_memo_keeps_a_hits_command_not_a_stored_value() -> None:
     assert sum(map(len, kept)) < 1024
 
 
+async def test_a_batch_whose_caller_is_cancelled_leaves_no_future_behind(
+    scripted: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = scripted("half-hang", "whole")
+    pool, pipeline = _pipeline(server.url)
+    batch = asyncio.create_task(pipeline.call_many([("GET", "k"), ("GET", "k"), ("GET", "k")]))
+    assert await asyncio.to_thread(server.cut.wait, PATIENCE)  # half the first reply is in
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    assert await pipeline.call(("GET", "k")) == VALUE  # its own reply, on a new socket
+    await pipeline.close()
+    await pool.aclose()
+    gc.collect()  # a future failed after its caller left would log when collected
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
 # --- the same on uvloop's event loop ------------------------------------------------
 # uvloop (the bench extra) gives the pipeline its own transports and timers: the
 # pipeline's scenarios above run again on it, each in a loop of its own.
@@ -422,6 +440,14 @@ def test_the_pipelines_scenarios_hold_on_uvloop(scripted: Any, scenario: Any) ->
     import uvloop
 
     uvloop.run(scenario(scripted))
+
+
+def test_a_cancelled_batch_leaves_no_future_behind_on_uvloop(
+    scripted: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import uvloop
+
+    uvloop.run(test_a_batch_whose_caller_is_cancelled_leaves_no_future_behind(scripted, caplog))
 
 
 @needs_real_redis
