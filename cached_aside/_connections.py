@@ -23,7 +23,7 @@ import socket
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -43,6 +43,8 @@ from ._wire import Memo, lean, read, read_async, write, write_async
 # held connections never go back while their threads live.
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
+# A batch written on a held connection: the connection, and how its replies are read.
+Sent = tuple[Any, Callable[[Any], Any]]
 
 
 class _Held:
@@ -125,12 +127,25 @@ class HeldConnections:
     ) -> tuple[bool, list[Any]]:
         """Several commands in one write: (True, replies in order, an error reply's
         exception in its place), or (False, []) to use the client's pipeline."""
+        sent = self.send(commands)
+        if sent is None:
+            return False, []
+        answered, replies = self.receive(sent, len(commands))
+        if answered and raise_error:  # raised once every reply is read: in step
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return answered, replies
+
+    def send(self, commands: list[tuple[Any, ...]]) -> Sent | None:
+        """Write `commands` in one write on the thread's connection: what `receive`
+        reads their replies with, or None to use the client (nothing was sent)."""
         held = getattr(self._local, "held", None)
         if held is None:
             held = self._hold()
             if held is None:
                 self.fallbacks += 1
-                return False, []
+                return None
         connection = held.connection
         memo = self._memo
         connecting = False
@@ -148,18 +163,9 @@ class HeldConnections:
                 connecting = False
             if lean(connection):
                 write(connection, joined[0])
-                reading: Any = read
-            else:
-                connection.send_packed_command(joined, check_health=False)
-                reading = type(connection).read_response
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(reading(connection))
-                except _LOST:
-                    raise
-                except Exception as exc:  # an error reply: consumed, the stream is fine
-                    replies.append(exc)
+                return connection, read
+            connection.send_packed_command(joined, check_health=False)
+            return connection, type(connection).read_response
         except (*_LOST, AttributeError) as exc:  # AttributeError: the pool closed it
             # Whatever is left unread would answer the next command: a new socket
             # (redis-py has usually closed it already). The client retries a socket
@@ -169,15 +175,34 @@ class HeldConnections:
             if connecting or isinstance(exc, TimeoutError | socket.timeout):
                 raise
             self.fallbacks += 1
+            return None
+        except BaseException:
+            # Interrupted mid-write: the same, and no retry.
+            connection.disconnect()
+            raise
+
+    def receive(self, sent: Sent, count: int) -> tuple[bool, list[Any]]:
+        """The replies of the `count` commands `send` wrote, as call_many's."""
+        connection, reading = sent
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(reading(connection))
+                except _LOST:
+                    raise
+                except Exception as exc:  # an error reply: consumed, the stream is fine
+                    replies.append(exc)
+        except (*_LOST, AttributeError) as exc:  # as in send
+            connection.disconnect()
+            if isinstance(exc, TimeoutError | socket.timeout):
+                raise
+            self.fallbacks += 1
             return False, []
         except BaseException:
             # Interrupted between a write and its replies: the same, and no retry.
             connection.disconnect()
             raise
-        if raise_error:  # raised once every reply is read: the connection stays in step
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
         return True, replies
 
     def _hold(self) -> _Held | None:

@@ -7,6 +7,7 @@ cluster client, which follows it and updates its slot table for the next call.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -15,12 +16,14 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     MovedError,
+    RedisClusterException,
+    RedisError,
     TimeoutError,
     TryAgainError,
 )
 
 from ._compat import warn_once
-from ._connections import HeldConnections, Pipeline
+from ._connections import HeldConnections, Pipeline, Sent
 
 # Replies that send a command elsewhere (or later): the cluster client follows them.
 REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
@@ -29,6 +32,48 @@ REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 _UNREACHED = (ConnectionError, TimeoutError, OSError)
 # Keys whose slot is remembered; past this many the memo starts over.
 SLOT_MEMO_SIZE = 4096
+# What the cluster client's pipeline raises for a whole share it sent.
+_CLIENT_FAILURES = (RedisError, RedisClusterException, OSError)
+
+
+def _key(args: tuple[Any, ...]) -> str:
+    """The key of a command as sent (wire_args): a script's first key, else the
+    first argument."""
+    key: str = args[3] if args[0] == "EVALSHA" else args[1]
+    return key
+
+
+def _client_pipeline(
+    client: Any, commands: list[tuple[Any, ...]], replies: list[Any]
+) -> tuple[Any, list[int]]:
+    """A cluster client's pipeline of `commands`, each sent to its key's node, and
+    the positions it holds; a command whose slot no node covers (mid-failover) gets
+    that failure in `replies` instead."""
+    pipe = client.pipeline(transaction=False)
+    sent: list[int] = []
+    for i, args in enumerate(commands):
+        try:
+            node = client.get_node_from_key(_key(args))
+        except _CLIENT_FAILURES as exc:
+            replies[i] = exc
+            continue
+        # Named: redis-py's sync cluster pipeline otherwise asks the server (COMMAND
+        # GETKEYS) where each EVALSHA goes.
+        pipe.execute_command(*args, target_nodes=node)
+        sent.append(i)
+    return pipe, sent
+
+
+class _Share:
+    """The commands of a batch bound for one node, on that node's held connection."""
+
+    __slots__ = ("held", "node", "positions", "sent")
+
+    def __init__(self, node: Any, held: HeldConnections) -> None:
+        self.node = node
+        self.held = held
+        self.positions: list[int] = []
+        self.sent: Sent | None = None  # written, replies not yet read
 
 
 class _Nodes:
@@ -58,8 +103,7 @@ class _Nodes:
     def node(self, args: tuple[Any, ...]) -> Any:
         """The master of the command's key, or None when the client should serve it
         (no node known for the slot, or the node failed on its last call here)."""
-        # As sent (wire_args): a script's first key, else the first argument.
-        key = args[3] if args[0] == "EVALSHA" else args[1]
+        key = _key(args)
         slot = self.slots.get(key)
         if slot is None:
             if len(self.slots) >= SLOT_MEMO_SIZE:
@@ -97,12 +141,9 @@ class NodeConnections(_Nodes):
         node = self.node(args)
         if node is None:
             return False, None
-        held = self.nodes.get(node.name)
-        server = node.redis_connection  # None while redis-py makes it: the client's call
-        if held is None or server is None or held.pool is not server.connection_pool:
-            held = self._add(node)
-            if held is None:
-                return False, None
+        held = self._held(node)
+        if held is None:  # redis-py is making the node's connection: the client's call
+            return False, None
         try:
             return held.call(args)
         except REDIRECTS:  # an error reply: consumed, the connection stays
@@ -115,9 +156,100 @@ class NodeConnections(_Nodes):
             raise
 
     def call_many(self, commands: list[tuple[Any, ...]]) -> tuple[bool, list[Any]]:
-        """A batch spans nodes: redis-py's cluster pipeline sends it (one round trip
-        per node)."""
-        return False, []
+        """A batch across masters: each node's share written on that node's held
+        connection, every share before any reply is read (one round trip for the
+        batch, as redis-py's cluster pipeline); (True, replies in order, an error
+        reply's exception in its place). What the lean wire cannot serve (no node
+        known, no connection to spare, a connection lost, a redirect) goes through
+        the cluster client's pipeline; a node that fails or hangs gets its failure in
+        place of its share's replies, and the other nodes' replies stand."""
+        replies: list[Any] = [None] * len(commands)
+        aside: list[int] = []
+        shares: dict[str, _Share] = {}
+        for i, args in enumerate(commands):
+            node = self.node(args)
+            share = shares.get(node.name) if node is not None else None
+            if share is None and node is not None:
+                held = self._held(node)
+                if held is not None:
+                    share = shares[node.name] = _Share(node, held)
+            if share is None:
+                aside.append(i)
+            else:
+                share.positions.append(i)
+        try:
+            for share in shares.values():
+                try:
+                    share.sent = share.held.send([commands[i] for i in share.positions])
+                except _UNREACHED as exc:
+                    self._failed(share, exc, replies)
+                    continue
+                if share.sent is None:  # nothing sent: the client sends it
+                    aside.extend(share.positions)
+            for share in shares.values():
+                if share.sent is None:
+                    continue
+                sent, share.sent = share.sent, None
+                try:
+                    answered, got = share.held.receive(sent, len(share.positions))
+                except _UNREACHED as exc:
+                    self._failed(share, exc, replies)
+                    continue
+                if not answered:
+                    aside.extend(share.positions)
+                    continue
+                for i, reply in zip(share.positions, got, strict=True):
+                    if isinstance(reply, REDIRECTS):  # not run there: the client follows
+                        self.redirects += 1
+                        aside.append(i)
+                    else:
+                        replies[i] = reply
+        except BaseException:
+            # Interrupted with replies unread on other nodes' connections: they would
+            # answer those connections' next commands, so the sockets go.
+            for share in shares.values():
+                if share.sent is not None:
+                    share.sent[0].disconnect()
+            raise
+        if aside:
+            if self.redirects:
+                with self.lock:
+                    self._forget_gone()
+            aside.sort()
+            for i, reply in zip(
+                aside, self._through_client([commands[i] for i in aside]), strict=True
+            ):
+                replies[i] = reply
+        return True, replies
+
+    def _held(self, node: Any) -> HeldConnections | None:
+        """The node's held connections (None while redis-py makes its connection)."""
+        held = self.nodes.get(node.name)
+        server = node.redis_connection
+        if held is None or server is None or held.pool is not server.connection_pool:
+            return self._add(node)
+        return held
+
+    def _failed(self, share: _Share, exc: BaseException, replies: list[Any]) -> None:
+        """The node could not be reached or hung: its failure in place of its share's
+        replies, and its next call goes through the client."""
+        self.suspect.add(share.node.name)
+        for i in share.positions:
+            replies[i] = exc
+
+    def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Through the cluster client's pipeline, which follows redirects; a failure
+        in place of each reply it could not get."""
+        replies: list[Any] = [None] * len(commands)
+        pipe, sent = _client_pipeline(self.client, commands, replies)
+        if sent:
+            try:
+                got = list(pipe.execute(raise_on_error=False))
+            except _CLIENT_FAILURES as exc:
+                got = [exc] * len(sent)
+            for i, reply in zip(sent, got, strict=True):
+                replies[i] = reply
+        return replies
 
     def _add(self, node: Any) -> HeldConnections | None:
         """The node's held connections, made on its first call (or when redis-py gave
@@ -183,6 +315,64 @@ class NodePipelines(_Nodes):
         except _UNREACHED:
             self.suspect.add(node.name)
             raise
+
+    async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """As NodeConnections.call_many: each node's share on that node's pipeline,
+        the nodes at once; what the lean wire cannot serve through the client's
+        pipeline; a node's failure in place of its share's replies."""
+        replies: list[Any] = [None] * len(commands)
+        aside: list[int] = []
+        shares: dict[str, tuple[Any, Pipeline, list[int]]] = {}
+        for i, args in enumerate(commands):
+            node = self.node(args)
+            if node is None:
+                aside.append(i)
+                continue
+            share = shares.get(node.name)
+            if share is None:
+                pipeline = self.nodes.get(node.name)
+                if pipeline is None or pipeline.pool.node is not node:
+                    pipeline = await self._add(node)
+                share = shares[node.name] = (node, pipeline, [])
+            share[2].append(i)
+
+        async def serve(node: Any, pipeline: Pipeline, positions: list[int]) -> None:
+            try:
+                got = await pipeline.call_many([commands[i] for i in positions])
+            except _UNREACHED as exc:
+                self.suspect.add(node.name)
+                got = [exc] * len(positions)
+            for i, reply in zip(positions, got, strict=True):
+                if isinstance(reply, REDIRECTS):  # not run there: the client follows
+                    self.redirects += 1
+                    aside.append(i)
+                else:
+                    replies[i] = reply
+
+        if len(shares) == 1:
+            await serve(*next(iter(shares.values())))
+        elif shares:
+            await asyncio.gather(*(serve(*share) for share in shares.values()))
+        if aside:
+            aside.sort()
+            for i, reply in zip(
+                aside, await self._through_client([commands[i] for i in aside]), strict=True
+            ):
+                replies[i] = reply
+        return replies
+
+    async def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """As NodeConnections._through_client, on the asyncio cluster client."""
+        replies: list[Any] = [None] * len(commands)
+        pipe, sent = _client_pipeline(self.client, commands, replies)
+        if sent:
+            try:
+                got = list(await pipe.execute(raise_on_error=False))
+            except _CLIENT_FAILURES as exc:
+                got = [exc] * len(sent)
+            for i, reply in zip(sent, got, strict=True):
+                replies[i] = reply
+        return replies
 
     async def _add(self, node: Any) -> Pipeline:
         """The node's pipeline; those of nodes gone (or replaced) are closed."""

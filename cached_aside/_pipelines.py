@@ -16,7 +16,6 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from ._connections import Pipeline
 from ._effects import Batch, Command, RunScript, Scan
 from ._runtime import AsyncRuntime, Runtime, SyncRuntime, failed
 
@@ -155,9 +154,9 @@ async def _send_batch_async(rt: AsyncRuntime, effects: Sequence[Command | RunScr
 
 
 async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
-    """Through the loop's shared connection (with whatever else goes out), else
-    through a client pipeline (a cluster's, one per node)."""
-    if isinstance(rt.pipeline, Pipeline):  # not a cluster's: a batch spans its nodes
+    """Through the loop's shared connection (with whatever else goes out; on a
+    cluster, each node's), else through a client pipeline."""
+    if rt.pipeline is not None:
         return await rt.pipeline.call_many([wire_args(rt, effect) for effect in effects])
     return list(await _pipeline(rt, effects).execute(raise_on_error=False))
 

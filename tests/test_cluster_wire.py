@@ -4,6 +4,7 @@ cluster client, a killed connection falls over once; sync and async."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Iterator
@@ -446,3 +447,247 @@ def test_replica_reads_asked_of_the_cluster_client_are_said_once_to_skip_hits(
     assert len(said) == 1, said
     assert "read_from_replicas" in said[0]
     assert "master" in said[0]
+
+
+# --- batches: many() across masters ------------------------------------------------
+# Each node's share of a batch goes out on that node's own connection, every share
+# before any reply is read; what a node redirects, or what the lean wire cannot serve,
+# goes through the cluster client's pipeline; a node that fails or hangs costs only
+# its own share.
+
+
+class Piped:
+    """Counts the pipelines redis-py's cluster client made for us."""
+
+    def __init__(self, client: Any) -> None:
+        self.made = 0
+        inner = client.pipeline
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.made += 1
+            return inner(*args, **kwargs)
+
+        client.pipeline = counting
+
+
+def expected(ids: list[str]) -> list[dict[str, str]]:
+    return [{"id": id} for id in ids]
+
+
+def test_a_batch_across_masters_goes_out_on_each_nodes_held_connection(
+    client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    try:
+        assert read.many(IDS) == expected(IDS)  # stored
+        counted, piped = Counted(client), Piped(client)
+        assert read.many(IDS) == expected(IDS)  # hits
+        assert sorted(loads) == sorted(IDS)  # each loaded once
+        assert (counted.calls, piped.made) == ([], 0)  # nothing through the client
+        held = node_connections(engine)
+        assert len({client.get_node_from_key(read.key(id)).name for id in IDS}) == 3
+        assert len(held.nodes) == 3
+        assert (held.fallbacks, held.redirects) == (0, 0)
+    finally:
+        client.delete(*(read.key(id) for id in IDS))
+        engine.close()
+
+
+def test_a_batch_sends_what_a_node_redirects_through_the_client_and_the_rest_direct(
+    client: redis.cluster.RedisCluster, cluster: RedisClusterProcesses, prefix: str
+) -> None:
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    assert read.many(IDS) == expected(IDS)
+    key = entry_keys(read.key(IDS[0])).value
+    slot = Slot(cluster, client, key)
+    held = node_connections(engine)
+    try:
+        piped = Piped(client)
+        slot.migrate()  # ASK for IDS[0]: the client asks the new master, once per batch
+        for _ in range(2):
+            assert read.many(IDS) == expected(IDS)
+        assert (held.redirects, piped.made) == (2, 2)
+        assert client.get_node_from_key(key).port == slot.old  # an ASK moves no slot
+        slot.assign()  # MOVED: the client follows it and learns the slot's new master
+        assert read.many(IDS) == expected(IDS)
+        assert (held.redirects, piped.made) == (3, 3)
+        assert client.get_node_from_key(key).port == slot.new
+        assert read.many(IDS) == expected(IDS)  # all direct again
+        assert (held.redirects, piped.made) == (3, 3)
+        assert sorted(loads) == sorted(IDS)  # never a load: every key was a hit
+        assert held.fallbacks == held.redirects  # no connection failed
+    finally:
+        slot.close()
+        client.delete(*(read.key(id) for id in IDS))
+        engine.close()
+
+
+def test_a_batch_after_a_nodes_connection_was_killed_sends_that_share_through_the_client(
+    client: redis.cluster.RedisCluster, cluster: RedisClusterProcesses, prefix: str
+) -> None:
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    assert read.many(IDS) == expected(IDS)
+    assert read.many(IDS) == expected(IDS)
+    held = node_connections(engine)
+    node = client.get_node_from_key(read.key(IDS[0]))
+    admin = next(n for n in cluster.nodes if n.port == node.port).admin()
+    try:
+        assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+        piped = Piped(client)
+        assert read.many(IDS) == expected(IDS)
+        assert (held.fallbacks, piped.made) == (1, 1)  # that node's share, once
+        for _ in range(2):
+            assert read.many(IDS) == expected(IDS)
+        assert (held.fallbacks, piped.made) == (1, 1)  # reconnected, direct again
+        assert sorted(loads) == sorted(IDS)
+    finally:
+        admin.close()
+        client.delete(*(read.key(id) for id in IDS))
+        engine.close()
+
+
+def test_a_batch_interrupted_mid_reply_leaves_no_node_a_reply_behind(
+    client: redis.cluster.RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every share written, the first reply interrupted: the other nodes' replies are
+    still on their sockets, and would answer those connections' next commands; so
+    every connection the batch wrote on is closed, and the next batch is right."""
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    other = cache_aside(key="other:<id>", ttl=60, engine=engine)(lambda id: {"other": id})
+    assert read.many(IDS) == expected(IDS)
+    assert other.many(IDS) == [{"other": id} for id in IDS]
+    held = node_connections(engine)
+    assert len(held.nodes) == 3
+    from cached_aside import _connections
+
+    reads = _connections.read
+
+    def interrupted(connection: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_connections, "read", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            read.many(IDS)
+        monkeypatch.setattr(_connections, "read", reads)
+        sockets = [nodes._local.held.connection._sock for nodes in held.nodes.values()]
+        assert sockets == [None, None, None]
+        assert other.many(IDS) == [{"other": id} for id in IDS]  # its own replies
+        assert read.many(IDS) == expected(IDS)
+        assert sorted(loads) == sorted(IDS)
+    finally:
+        client.delete(*(read.key(id) for id in IDS), *(other.key(id) for id in IDS))
+        engine.close()
+
+
+async def test_async_a_batch_across_masters_shares_each_nodes_connection_and_follows_a_move(
+    cluster: RedisClusterProcesses, prefix: str
+) -> None:
+    client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+    engine = CacheEngine(async_client=client, prefix=prefix)
+    loads: list[str] = []
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def read(id: str) -> dict[str, str]:
+        loads.append(id)
+        return {"id": id}
+
+    try:
+        assert await read.many(IDS) == expected(IDS)
+        counted, piped = Counted(client), Piped(client)
+        assert await read.many(IDS) == expected(IDS)
+        assert (counted.calls, piped.made) == ([], 0)
+        pipelines = engine.sides.async_side().pipeline
+        assert isinstance(pipelines, NodePipelines)
+        assert len(pipelines.nodes) == 3
+        key = entry_keys(read.key(IDS[0])).value
+        slot = Slot(cluster, client, key)
+        try:
+            slot.migrate()
+            slot.assign()
+            assert await read.many(IDS) == expected(IDS)
+            assert (pipelines.redirects, piped.made) == (1, 1)
+            # redis-py's async cluster pipeline may follow the MOVED by a call of the
+            # client's own: for that key alone
+            followed = list(counted.calls)
+            assert {args[1] for args in followed} <= {key}
+            assert await read.many(IDS) == expected(IDS)
+            assert (pipelines.redirects, piped.made) == (1, 1)  # the new master, direct
+            assert f"127.0.0.1:{slot.new}" in pipelines.nodes
+        finally:
+            slot.close()
+        node = client.get_node_from_key(read.key(IDS[1]))
+        admin = next(n for n in cluster.nodes if n.port == node.port).admin()
+        try:
+            assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+        finally:
+            admin.close()
+        for _ in range(2):  # the Pipeline sends a share again on a new socket
+            assert await read.many(IDS) == expected(IDS)
+        assert (counted.calls, piped.made) == (followed, 1)
+        assert sorted(loads) == sorted(IDS)
+        await client.delete(*(read.key(id) for id in IDS))
+    finally:
+        await engine.aclose()
+        await client.aclose()
+
+
+def test_a_hung_master_costs_a_batch_only_its_own_share() -> None:
+    """One master hangs (SIGSTOP): a batch's share bound for it times out and those
+    keys fail open to the loader; the other masters' keys are still hits, sync and
+    async. (redis-py's cluster pipeline fails the whole batch on a node's timeout.)"""
+    cluster = RedisClusterProcesses(masters=3).start()
+    try:
+        for node in cluster.nodes:  # the healthy masters keep serving their slots
+            node.admin().config_set("cluster-require-full-coverage", "no")
+        sync_client = redis.cluster.RedisCluster.from_url(cluster.url, socket_timeout=0.5)
+        async_client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url, socket_timeout=0.5)
+        engine = CacheEngine(sync_client, async_client=async_client, prefix="wire-hung")
+        loads: list[str] = []
+        read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+
+        @cache_aside(key="item:<id>", ttl=60, engine=engine)
+        async def aread(id: str) -> dict[str, str]:
+            loads.append(id)
+            return {"id": id}
+
+        assert read.many(IDS) == expected(IDS)
+        # Not the node the clients start from: the async client meets the cluster
+        # while the victim hangs.
+        seed = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+        port = next(
+            port for id in IDS if (port := sync_client.get_node_from_key(read.key(id)).port) != seed
+        )
+        victim = next(node for node in cluster.nodes if node.port == port)
+        on_victim = [id for id in IDS if sync_client.get_node_from_key(read.key(id)).port == port]
+        assert 0 < len(on_victim) < len(IDS)
+        loads.clear()
+        victim.pause()
+        try:
+            assert read.many(IDS) == expected(IDS)
+            assert sorted(loads) == sorted(on_victim)  # the others were hits
+            loads.clear()
+
+            async def batch() -> list[dict[str, str]]:
+                try:
+                    return await aread.many(IDS)
+                finally:
+                    await engine.aclose()
+                    await async_client.aclose()
+
+            assert asyncio.run(batch()) == expected(IDS)
+            assert sorted(loads) == sorted(on_victim)
+        finally:
+            victim.resume()
+        engine.close()
+        sync_client.close()
+    finally:
+        cluster.stop()
