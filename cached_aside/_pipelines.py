@@ -9,7 +9,6 @@ may succeed.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from itertools import islice
 from typing import Any
@@ -34,8 +33,10 @@ def send(rt: SyncRuntime, effect: Command | RunScript) -> Done:
         held = rt.held
         # type() is, not isinstance(): this is the hit path, and isinstance() costs more
         if held is not None and not (type(effect) is Command and effect.blocks):
-            with contextlib.suppress(NoScriptError):  # the client's Script loads it
+            try:  # not contextlib.suppress, which costs three calls more per hit
                 answered, reply = held.call(wire_args(rt, effect))
+            except NoScriptError:
+                answered = False  # the client's Script loads it
         if not answered:
             if isinstance(effect, Command):
                 reply = rt.client.execute_command(*effect.args)
