@@ -43,25 +43,33 @@ def _key(args: tuple[Any, ...]) -> str:
     return key
 
 
-def _client_pipeline(
-    client: Any, commands: list[tuple[Any, ...]], replies: list[Any]
-) -> tuple[Any, list[int]]:
-    """A cluster client's pipeline of `commands`, each sent to its key's node, and
-    the positions it holds; a command whose slot no node covers (mid-failover) gets
-    that failure in `replies` instead."""
-    pipe = client.pipeline(transaction=False)
-    sent: list[int] = []
+def _client_pipelines(client: Any, commands: list[tuple[Any, ...]]) -> list[tuple[Any, list[int]]]:
+    """The cluster client's pipelines of `commands`, each with the positions it
+    holds: one naming each command's node; and one for the commands whose slot the
+    client's table does not cover (mid-failover), routed by the client itself, which
+    refreshes its table for them as for a single command (never sent, they would
+    fail until some other command refreshed it)."""
+    named: list[tuple[int, Any]] = []
+    routed: list[int] = []
     for i, args in enumerate(commands):
         try:
-            node = client.get_node_from_key(_key(args))
-        except _CLIENT_FAILURES as exc:
-            replies[i] = exc
-            continue
-        # Named: redis-py's sync cluster pipeline otherwise asks the server (COMMAND
-        # GETKEYS) where each EVALSHA goes.
-        pipe.execute_command(*args, target_nodes=node)
-        sent.append(i)
-    return pipe, sent
+            named.append((i, client.get_node_from_key(_key(args))))
+        except _CLIENT_FAILURES:
+            routed.append(i)
+    pipelines: list[tuple[Any, list[int]]] = []
+    if named:
+        pipe = client.pipeline(transaction=False)
+        for i, node in named:
+            # Named: redis-py's sync cluster pipeline otherwise asks the server (COMMAND
+            # GETKEYS) where each EVALSHA goes.
+            pipe.execute_command(*commands[i], target_nodes=node)
+        pipelines.append((pipe, [i for i, _ in named]))
+    if routed:
+        pipe = client.pipeline(transaction=False)
+        for i in routed:
+            pipe.execute_command(*commands[i])
+        pipelines.append((pipe, routed))
+    return pipelines
 
 
 class _Share:
@@ -241,8 +249,7 @@ class NodeConnections(_Nodes):
         """Through the cluster client's pipeline, which follows redirects; a failure
         in place of each reply it could not get."""
         replies: list[Any] = [None] * len(commands)
-        pipe, sent = _client_pipeline(self.client, commands, replies)
-        if sent:
+        for pipe, sent in _client_pipelines(self.client, commands):
             try:
                 got = list(pipe.execute(raise_on_error=False))
             except _CLIENT_FAILURES as exc:
@@ -340,8 +347,12 @@ class NodePipelines(_Nodes):
             try:
                 got = await pipeline.call_many([commands[i] for i in positions])
             except _UNREACHED as exc:
-                self.suspect.add(node.name)
                 got = [exc] * len(positions)
+            # A Pipeline puts its connection's failure in place of each reply, never
+            # raises it: the node is suspect all the same, or the client (which learns
+            # a failover only from its own commands) would never be asked.
+            if any(isinstance(reply, _UNREACHED) for reply in got):
+                self.suspect.add(node.name)
             for i, reply in zip(positions, got, strict=True):
                 if isinstance(reply, REDIRECTS):  # not run there: the client follows
                     self.redirects += 1
@@ -364,8 +375,7 @@ class NodePipelines(_Nodes):
     async def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """As NodeConnections._through_client, on the asyncio cluster client."""
         replies: list[Any] = [None] * len(commands)
-        pipe, sent = _client_pipeline(self.client, commands, replies)
-        if sent:
+        for pipe, sent in _client_pipelines(self.client, commands):
             try:
                 got = list(await pipe.execute(raise_on_error=False))
             except _CLIENT_FAILURES as exc:

@@ -1,0 +1,544 @@
+"""Cluster batches on the lean wire (`NodeConnections.call_many`,
+`NodePipelines.call_many`) under faults: a share interrupted, cancelled or timing out
+mid-reply leaves no reply behind; a master that hangs, a slot the client does not
+cover and scripts a master forgot are each found again by batches alone; threads,
+a forked child, one node, no command; and `HeldConnections.call_many`'s raise_error
+after its split into send and receive."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio.cluster
+import redis.cluster
+
+from cached_aside import CacheEngine, _connections, cache_aside
+from cached_aside._connections import HeldConnections
+from cached_aside._keys import entry_keys
+from cached_aside._node_connections import NodeConnections, NodePipelines
+
+from .conftest import REDIS_URL, eventually
+from .servers import REDIS_SERVER, RedisClusterProcesses
+from .test_cluster_wire import replicated
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH"),
+]
+IDS = [f"id{i}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterProcesses]:
+    processes = RedisClusterProcesses(masters=3).start()
+    yield processes
+    processes.stop()
+
+
+@pytest.fixture
+def client(cluster: RedisClusterProcesses) -> Iterator[redis.cluster.RedisCluster]:
+    node = redis.cluster.RedisCluster.from_url(cluster.url)
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"faults-{uuid.uuid4().hex[:8]}"
+
+
+def loaded(loads: list[str], tag: str = "id") -> Callable[[str], dict[str, str]]:
+    def load(id: str) -> dict[str, str]:
+        loads.append(id)
+        return {tag: id}
+
+    return load
+
+
+def expected(ids: list[str], tag: str = "id") -> list[dict[str, str]]:
+    return [{tag: id} for id in ids]
+
+
+def node_connections(engine: CacheEngine) -> NodeConnections:
+    held = engine.sides.sync_side().held
+    assert isinstance(held, NodeConnections)
+    return held
+
+
+def port_of(client: Any, key: str) -> int:
+    return int(client.get_node_from_key(key).port)
+
+
+# --- interrupted, cancelled or timed out mid-batch ---------------------------------
+
+
+def test_a_batch_interrupted_mid_write_closes_what_it_wrote_and_the_next_is_right(
+    client: redis.cluster.RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first node's share written, the second's write interrupted: the first
+    node's replies are on its socket, unread; its connection must go."""
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    other = cache_aside(key="other:<id>", ttl=60, engine=engine)(loaded([], "other"))
+    try:
+        assert read.many(IDS) == expected(IDS)
+        assert other.many(IDS) == expected(IDS, "other")
+        held = node_connections(engine)
+        writes = _connections.write
+        written: list[int] = []
+
+        def interrupted(connection: Any, data: bytes) -> None:
+            if written:
+                raise KeyboardInterrupt
+            written.append(connection.port)
+            writes(connection, data)
+
+        monkeypatch.setattr(_connections, "write", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            read.many(IDS)
+        monkeypatch.setattr(_connections, "write", writes)
+        closed = {
+            name: nodes._local.held.connection._sock is None for name, nodes in held.nodes.items()
+        }
+        assert closed[f"127.0.0.1:{written[0]}"]  # its replies were never read
+        for _ in range(2):
+            assert other.many(IDS) == expected(IDS, "other")  # its own replies
+            assert read.many(IDS) == expected(IDS)
+        assert sorted(loads) == sorted(IDS)  # never a load after the first
+    finally:
+        client.delete(*(read.key(id) for id in IDS), *(other.key(id) for id in IDS))
+        engine.close()
+
+
+def test_a_share_timing_out_mid_reply_fails_only_its_keys_and_leaves_no_reply_behind(
+    client: redis.cluster.RedisCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One node's share times out after its first reply: its keys fail open to the
+    loader (never another command's reply), the node's next share goes through the
+    client, and its socket, which held the rest of its replies, is gone. (The breaker
+    kept shut: the keys after the timeout are what is tested, not its cooldown.)"""
+    engine = CacheEngine(client, prefix=prefix, breaker_failures=1000)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    other = cache_aside(key="other:<id>", ttl=60, engine=engine)(loaded([], "other"))
+    try:
+        assert read.many(IDS) == expected(IDS)
+        assert other.many(IDS) == expected(IDS, "other")
+        held = node_connections(engine)
+        victim = port_of(client, read.key(IDS[0]))
+        on_victim = [id for id in IDS if port_of(client, read.key(id)) == victim]
+        assert len(on_victim) > 1  # a reply read, the others left on the socket
+        reads = _connections.read
+        count = [0]
+
+        def timing_out(connection: Any) -> Any:
+            if connection.port == victim:
+                count[0] += 1
+                if count[0] == 2:
+                    raise redis.TimeoutError("Timeout reading from socket")
+            return reads(connection)
+
+        monkeypatch.setattr(_connections, "read", timing_out)
+        loads.clear()
+        assert read.many(IDS) == expected(IDS)
+        assert sorted(loads) == sorted(on_victim)  # failed open, the others hits
+        assert f"127.0.0.1:{victim}" in held.suspect
+        monkeypatch.setattr(_connections, "read", reads)
+        loads.clear()
+        for _ in range(2):
+            assert other.many(IDS) == expected(IDS, "other")
+            assert read.many(IDS) == expected(IDS)
+        assert loads == []
+    finally:
+        client.delete(*(read.key(id) for id in IDS), *(other.key(id) for id in IDS))
+        engine.close()
+
+
+async def test_async_a_batch_cancelled_with_one_share_mid_reply_leaves_no_reply_behind(
+    cluster: RedisClusterProcesses, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two nodes' shares answered, the third's cancelled after its first reply: its
+    other replies are still on its socket and must answer nobody."""
+    client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+    engine = CacheEngine(async_client=client, prefix=prefix)
+    loads: list[str] = []
+
+    @cache_aside(key="item:<id>", ttl=60, engine=engine)
+    async def read(id: str) -> dict[str, str]:
+        loads.append(id)
+        return {"id": id}
+
+    @cache_aside(key="other:<id>", ttl=60, engine=engine)
+    async def other(id: str) -> dict[str, str]:
+        return {"other": id}
+
+    try:
+        assert await read.many(IDS) == expected(IDS)
+        assert await other.many(IDS) == expected(IDS, "other")
+        pipelines = engine.sides.async_side().pipeline
+        assert isinstance(pipelines, NodePipelines)
+        assert len(pipelines.nodes) == 3
+        victim = port_of(client, read.key(IDS[0]))
+        elsewhere = len([id for id in IDS if port_of(client, read.key(id)) != victim])
+        reads = _connections.read_async
+        stuck = asyncio.Event()
+        count = [0, 0]  # the victim's replies read, the other nodes'
+
+        async def stalling(connection: Any) -> Any:
+            if connection.port == victim:
+                count[0] += 1
+                if count[0] == 2:
+                    stuck.set()
+                    await asyncio.Event().wait()  # until cancelled
+            reply = await reads(connection)
+            if connection.port != victim:
+                count[1] += 1
+            return reply
+
+        monkeypatch.setattr(_connections, "read_async", stalling)
+        task = asyncio.ensure_future(read.many(IDS))
+        await asyncio.wait_for(stuck.wait(), 30)
+        assert await eventually(lambda: count[1] == elsewhere)  # the other shares, done
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(_connections, "read_async", reads)
+        for _ in range(2):
+            assert await other.many(IDS) == expected(IDS, "other")
+            assert await read.many(IDS) == expected(IDS)
+            assert [await other(id) for id in IDS[:3]] == expected(IDS[:3], "other")
+        assert sorted(loads) == sorted(IDS)  # never a load after the first
+        await client.delete(*(read.key(id) for id in IDS), *(other.key(id) for id in IDS))
+    finally:
+        await engine.aclose()
+        await client.aclose()
+
+
+# --- found again by batches alone --------------------------------------------------
+
+
+def test_async_after_a_master_hangs_batches_alone_resume_on_its_promoted_replica() -> None:
+    """Nothing but async batches: a share's timeout comes back in place of its
+    replies (a Pipeline never raises it), and must make the node suspect all the
+    same, so that a command of its next share goes through the cluster client,
+    which alone learns the failover; else every batch times out on the hung master
+    for good."""
+    cluster = RedisClusterProcesses(masters=3, replicas=1).start()
+    try:
+
+        async def batches() -> bool:
+            client = redis.asyncio.cluster.RedisCluster.from_url(cluster.url, socket_timeout=1.0)
+            engine = CacheEngine(async_client=client, prefix="faults-hung")
+            loads: list[str] = []
+
+            @cache_aside(key="item:<id>", ttl=60, engine=engine)
+            async def read(id: str) -> dict[str, str]:
+                loads.append(id)
+                return {"id": id}
+
+            try:
+                assert await read.many(IDS) == expected(IDS)
+                seed = int(cluster.url.rsplit(":", 1)[1].split("/")[0])
+                port = next(p for id in IDS if (p := port_of(client, read.key(id))) != seed)
+                on_victim = [id for id in IDS if port_of(client, read.key(id)) == port]
+                victim = next(node for node in cluster.nodes if node.port == port)
+                assert await eventually(
+                    lambda: all(replicated(cluster, port, read.key(id)) for id in on_victim)
+                )
+                victim.pause()
+                try:
+                    # A bound on a hang, not a speed: the replica's election, the breaker.
+                    deadline = time.monotonic() + 40
+                    while time.monotonic() < deadline:
+                        loads.clear()
+                        assert await read.many(IDS) == expected(IDS)
+                        if not loads:
+                            return port_of(client, read.key(on_victim[0])) != port
+                        await asyncio.sleep(0.05)
+                    return False
+                finally:
+                    victim.resume()
+            finally:
+                await engine.aclose()
+                await client.aclose()
+
+        assert asyncio.run(batches())
+    finally:
+        cluster.stop()
+
+
+def test_a_slot_the_client_does_not_cover_is_found_again_by_a_batch(
+    cluster: RedisClusterProcesses, client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    """The client's slot table lost a slot (a refresh mid-failover read it uncovered):
+    its keys fail open, and the client is asked to find the slot again, as a single
+    command through it would (redis-py refreshes its table on SlotNotCoveredError);
+    never sent, a batch's keys of that slot would fail for good."""
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    try:
+        assert read.many(IDS) == expected(IDS)
+        slot = client.keyslot(read.key(IDS[0]))
+        client.nodes_manager.slots_cache.pop(slot)
+        loads.clear()
+        assert read.many(IDS) == expected(IDS)
+        assert loads == []  # found at once, and a hit
+        assert client.nodes_manager.slots_cache.get(slot)
+
+        async def batches() -> None:
+            aclient = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+            aengine = CacheEngine(async_client=aclient, prefix=prefix)
+
+            @cache_aside(key="item:<id>", ttl=60, engine=aengine)
+            async def aread(id: str) -> dict[str, str]:
+                loads.append(id)
+                return {"id": id}
+
+            try:
+                assert await aread.many(IDS) == expected(IDS)
+                aclient.nodes_manager.slots_cache.pop(slot)
+                assert await aread.many(IDS) == expected(IDS)
+                assert loads == []
+                assert aclient.nodes_manager.slots_cache.get(slot)
+            finally:
+                await aengine.aclose()
+                await aclient.aclose()
+
+        asyncio.run(batches())
+    finally:
+        client.delete(*(read.key(id) for id in IDS))
+        engine.close()
+
+
+def test_scripts_a_master_forgot_are_reloaded_for_a_batch(
+    cluster: RedisClusterProcesses, client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    """SCRIPT FLUSH on every master between batches of misses (acquires and stores
+    are scripts), sync and async, and for invalidate_many(): each NOSCRIPT entry is
+    sent again once its script is loaded; every value is stored, no lock is left."""
+    admins = [node.admin() for node in cluster.nodes]
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+
+    def flush() -> None:
+        for admin in admins:
+            admin.script_flush()
+
+    def locks() -> list[Any]:
+        return [id for id in IDS if client.exists(entry_keys(read.key(id)).lock)]
+
+    try:
+        assert read.many(IDS[:2]) == expected(IDS[:2])  # the scripts loaded once
+        flush()
+        assert read.many(IDS) == expected(IDS)
+        assert read.many(IDS) == expected(IDS)  # stored: hits
+        assert sorted(loads) == sorted(IDS)
+        assert locks() == []
+        flush()
+        read.invalidate_many(IDS)
+        assert client.exists(*(read.key(id) for id in IDS)) == 0
+        loads.clear()
+
+        async def batches() -> None:
+            aclient = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+            aengine = CacheEngine(async_client=aclient, prefix=prefix)
+
+            @cache_aside(key="item:<id>", ttl=60, engine=aengine)
+            async def aread(id: str) -> dict[str, str]:
+                loads.append(id)
+                return {"id": id}
+
+            try:
+                assert await aread.many(IDS[:2]) == expected(IDS[:2])
+                flush()
+                assert await aread.many(IDS) == expected(IDS)
+                assert await aread.many(IDS) == expected(IDS)
+                assert sorted(loads) == sorted(IDS)
+                flush()
+                await aread.invalidate_many(IDS)
+                assert await aclient.exists(*(read.key(id) for id in IDS)) == 0
+            finally:
+                await aengine.aclose()
+                await aclient.aclose()
+
+        asyncio.run(batches())
+        assert locks() == []
+    finally:
+        for admin in admins:
+            admin.close()
+        client.delete(*(read.key(id) for id in IDS))
+        engine.close()
+
+
+# --- threads, fork, one node, no command -------------------------------------------
+
+
+def test_threads_batching_on_one_engine_each_get_their_own_replies(
+    client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    """Several threads batch on one engine, each its own function (its own values):
+    a reply given to another thread's command would show as the wrong value."""
+    engine = CacheEngine(client, prefix=prefix)
+    functions = [
+        cache_aside(key=f"t{n}:<id>", ttl=60, engine=engine)(loaded([], f"t{n}")) for n in range(4)
+    ]
+    wrong: list[Any] = []
+    start = threading.Barrier(len(functions))
+    made: list[Any] = []
+    inner = client.pipeline
+    client.pipeline = lambda *args, **kwargs: made.append(args) or inner(*args, **kwargs)  # type: ignore[method-assign]
+
+    def batches(n: int) -> None:
+        start.wait()
+        for _ in range(20):
+            got = functions[n].many(IDS)
+            if got != expected(IDS, f"t{n}"):
+                wrong.append(got)
+
+    try:
+        threads = [threading.Thread(target=batches, args=(n,)) for n in range(len(functions))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert wrong == []
+        held = node_connections(engine)
+        assert (len(held.nodes), held.fallbacks, made) == (3, 0, [])  # all on the lean wire
+    finally:
+        client.delete(*(f.key(id) for f in functions for id in IDS))
+        engine.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_batches_on_sockets_of_its_own(
+    client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    other = cache_aside(key="other:<id>", ttl=60, engine=engine)(loaded([], "other"))
+    try:
+        assert read.many(IDS) == expected(IDS)
+        assert other.many(IDS) == expected(IDS, "other")
+        held = node_connections(engine)
+        parents = {id(nodes._local.held.connection._sock) for nodes in held.nodes.values()}
+        assert len(parents) == 3
+        pid = os.fork()
+        if pid == 0:  # the child: never the parent's sockets
+            code = 1
+            try:
+                ok = all(
+                    [
+                        read.many(IDS) == expected(IDS),
+                        other.many(IDS) == expected(IDS, "other"),
+                        len(held.nodes) == 3,
+                        not parents
+                        & {id(nodes._local.held.connection._sock) for nodes in held.nodes.values()},
+                    ]
+                )
+                code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for _ in range(2):  # the parent's sockets still in step
+            assert read.many(IDS) == expected(IDS)
+            assert other.many(IDS) == expected(IDS, "other")
+        assert {id(nodes._local.held.connection._sock) for nodes in held.nodes.values()} == parents
+        assert sorted(loads) == sorted(IDS)
+    finally:
+        client.delete(*(read.key(id) for id in IDS), *(other.key(id) for id in IDS))
+        engine.close()
+
+
+def test_a_batch_on_one_node_and_an_empty_batch(
+    cluster: RedisClusterProcesses, client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    engine = CacheEngine(client, prefix=prefix)
+    loads: list[str] = []
+    read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
+    ids = [f"n{i}" for i in range(200)]
+    port = port_of(client, read.key(ids[0]))
+    ids = [id for id in ids if port_of(client, read.key(id)) == port][:20]
+    try:
+        assert read.many([]) == []
+        read.invalidate_many([])
+        assert read.many(ids) == expected(ids)
+        assert read.many(ids) == expected(ids)
+        assert sorted(loads) == sorted(ids)
+        held = node_connections(engine)
+        assert list(held.nodes) == [f"127.0.0.1:{port}"]
+        assert held.fallbacks == 0
+
+        async def batches() -> None:
+            aclient = redis.asyncio.cluster.RedisCluster.from_url(cluster.url)
+            aengine = CacheEngine(async_client=aclient, prefix=prefix)
+
+            @cache_aside(key="item:<id>", ttl=60, engine=aengine)
+            async def aread(id: str) -> dict[str, str]:
+                loads.append(id)
+                return {"id": id}
+
+            try:
+                assert await aread.many([]) == []
+                await aread.invalidate_many([])
+                assert await aread.many(ids) == expected(ids)
+                pipelines = aengine.sides.async_side().pipeline
+                assert isinstance(pipelines, NodePipelines)
+                assert list(pipelines.nodes) == [f"127.0.0.1:{port}"]
+            finally:
+                await aengine.aclose()
+                await aclient.aclose()
+
+        asyncio.run(batches())
+        assert sorted(loads) == sorted(ids)
+    finally:
+        client.delete(*(read.key(id) for id in ids))
+        engine.close()
+
+
+# --- HeldConnections.call_many after its split (one Redis) -------------------------
+
+
+@pytest.mark.skipif(REDIS_URL is None, reason="no Redis server reachable")
+def test_held_call_many_raises_an_error_reply_after_reading_every_reply() -> None:
+    assert REDIS_URL is not None
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"faults-{uuid.uuid4().hex[:8]}"
+    held = HeldConnections(client.connection_pool)
+    try:
+        assert held.call_many([("SET", key, "1")]) == (True, [b"OK"])
+        commands = [("GET", key), ("HGET", key, "f"), ("GET", key)]
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            held.call_many(commands, raise_error=True)
+        assert held.call_many([("GET", key)], raise_error=True) == (True, [b"1"])  # in step
+        answered, replies = held.call_many(commands)
+        assert answered
+        assert replies[0] == replies[2] == b"1"
+        assert isinstance(replies[1], redis.ResponseError)
+        connection = held._local.held.connection
+        killer = redis.Redis.from_url(REDIS_URL)
+        try:
+            own = held.call_many([("CLIENT", "ID")])[1][0]
+            assert killer.client_kill_filter(_id=own) == 1
+        finally:
+            killer.close()
+        # Lost: no reply, nothing raised, even with raise_error; the next is right.
+        assert held.call_many(commands, raise_error=True) == (False, [])
+        assert connection._sock is None
+        assert held.call_many([("GET", key)], raise_error=True) == (True, [b"1"])
+    finally:
+        client.delete(key)
+        client.close()
