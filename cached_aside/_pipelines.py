@@ -191,9 +191,18 @@ def _failed_together(
     """The whole batch failed: held against the node when the batch had one (or
     there are no nodes), never against healthy nodes a mixed batch also touched."""
     keys = {key_of(effect) for effect in effects}
-    nodes = {getattr(rt.route(key), "name", None) for key in keys} if rt.route else set()
+    nodes = {_node_name(rt, key) for key in keys} if rt.route else set()
     failure = rt.failure(exc, next(iter(keys)) if len(nodes) <= 1 else None)
     return [failure] * len(effects)
+
+
+def _node_name(rt: Runtime, key: str) -> str | None:
+    """The name of `key`'s node on a cluster; None when no node covers its slot."""
+    assert rt.route is not None
+    try:
+        return getattr(rt.route(key), "name", None)
+    except rt.failures:  # mid-failover: no node known for the slot
+        return None
 
 
 def wire_args(rt: Runtime, effect: Command | RunScript) -> tuple[Any, ...]:
@@ -266,9 +275,15 @@ def _settled(rt: Runtime, effects: Sequence[Command | RunScript], replies: list[
             for r in replies
         ]
     settled = []
+    # A node that failed has its one failure in place of each reply of its share:
+    # counted once on its breaker, as a batch that failed whole is, not once per key.
+    counted: dict[int, Any] = {}
     for effect, reply in zip(effects, replies, strict=True):
         if isinstance(reply, rt.failures):
-            reply = rt.failure(reply, key_of(effect))
+            failure = counted.get(id(reply))
+            if failure is None:
+                failure = counted[id(reply)] = rt.failure(reply, key_of(effect))
+            reply = failure
         elif isinstance(reply, OSError):
             reply = failed(reply)
         else:

@@ -124,9 +124,10 @@ def test_a_share_timing_out_mid_reply_fails_only_its_keys_and_leaves_no_reply_be
 ) -> None:
     """One node's share times out after its first reply: its keys fail open to the
     loader (never another command's reply), the node's next share goes through the
-    client, and its socket, which held the rest of its replies, is gone. (The breaker
-    kept shut: the keys after the timeout are what is tested, not its cooldown.)"""
-    engine = CacheEngine(client, prefix=prefix, breaker_failures=1000)
+    client, and its socket, which held the rest of its replies, is gone. The timeout
+    counts once on the node's breaker (not once per key of the share), so one slow
+    reply does not open it."""
+    engine = CacheEngine(client, prefix=prefix)
     loads: list[str] = []
     read = cache_aside(key="item:<id>", ttl=60, engine=engine)(loaded(loads))
     other = cache_aside(key="other:<id>", ttl=60, engine=engine)(loaded([], "other"))
@@ -151,7 +152,9 @@ def test_a_share_timing_out_mid_reply_fails_only_its_keys_and_leaves_no_reply_be
         loads.clear()
         assert read.many(IDS) == expected(IDS)
         assert sorted(loads) == sorted(on_victim)  # failed open, the others hits
-        assert f"127.0.0.1:{victim}" in held.suspect
+        name = f"127.0.0.1:{victim}"
+        assert name in held.suspect
+        assert engine.breaker.nodes[name].state == "closed"  # one timeout, counted once
         monkeypatch.setattr(_connections, "read", reads)
         loads.clear()
         for _ in range(2):
@@ -542,3 +545,36 @@ def test_held_call_many_raises_an_error_reply_after_reading_every_reply() -> Non
     finally:
         client.delete(key)
         client.close()
+
+
+def test_a_batch_failing_whole_on_a_slot_no_node_covers_fails_open_not_raising() -> None:
+    """Bookkeeping alone: a whole batch failed, and one of its keys' slots is in no
+    node's hands (mid-failover). Finding the nodes to hold the failure against must
+    not raise in turn (it did: the slot table's SlotNotCoveredError escaped the
+    handler), so every entry gets the failure and the caller its fail-open answer."""
+    from redis.exceptions import RedisClusterException, RedisError, SlotNotCoveredError
+
+    from cached_aside._effects import Command
+    from cached_aside._pipelines import _failed_together
+    from cached_aside._runtime import failed
+
+    counted: list[str | None] = []
+
+    def route(key: str) -> Any:
+        raise SlotNotCoveredError(f"no node covers {key}'s slot")
+
+    def failure(exc: BaseException, key: str | None = None) -> Any:
+        counted.append(key)
+        return failed(exc)
+
+    rt: Any = type(
+        "Runtime",
+        (),
+        {"route": staticmethod(route), "failures": (RedisError, RedisClusterException)},
+    )()
+    rt.failure = failure
+    effects = [Command(("GET", "a")), Command(("GET", "b"))]
+    outage = redis.ConnectionError("the cluster is down")
+    replies = _failed_together(rt, effects, outage)
+    assert [reply.cause for reply in replies] == [outage, outage]
+    assert len(counted) == 1  # the batch's one failure, counted once

@@ -98,6 +98,7 @@ class ScriptedServer:
     def _talk(self, conn: socket.socket, plan: str) -> None:
         steps = plan.split(",")
         buffer = bytearray()
+        hung = False
         conn.settimeout(0.05)
         with conn:
             while not self._stop.is_set():
@@ -110,21 +111,29 @@ class ScriptedServer:
                 if not data:
                     self.closed_by_client.set()
                     return
+                if hung:  # a reply was left half sent: nothing more, whatever comes
+                    continue
                 buffer += data
-                for args in _commands(buffer):
-                    name = args[0].upper()
-                    if name != b"GET":
-                        conn.sendall(ANSWERS.get(name, b"+OK\r\n"))
-                        continue
-                    script = steps.pop(0) if len(steps) > 1 else steps[0]
-                    if script == "whole":
-                        conn.sendall(WHOLE)
-                        continue
-                    conn.sendall(HALF)
-                    self.cut.set()
-                    if script == "half-close":
-                        return
-                    # half-hang: send nothing more; wait for the client to give up
+                try:
+                    for args in _commands(buffer):
+                        name = args[0].upper()
+                        if name != b"GET":
+                            conn.sendall(ANSWERS.get(name, b"+OK\r\n"))
+                            continue
+                        script = steps.pop(0) if len(steps) > 1 else steps[0]
+                        if script == "whole":
+                            conn.sendall(WHOLE)
+                            continue
+                        conn.sendall(HALF)
+                        self.cut.set()
+                        if script == "half-close":
+                            return
+                        # half-hang: send nothing more (not even to the commands queued
+                        # behind it); wait for the client to give up
+                        hung = True
+                        break
+                except OSError:  # the client closed meanwhile: nobody to answer
+                    return
 
     def stop(self) -> None:
         self._stop.set()
