@@ -57,6 +57,12 @@ class _Held:
 
     def __del__(self) -> None:
         self.owner.held -= 1
+        # Its socket closed here, at the thread's end, not left to whoever collects the
+        # pool: with the connection in a reference cycle, a collection may finalize the
+        # socket before the connection closes it (an unclosed-socket ResourceWarning,
+        # seen on redis-py 8.1). The pool reconnects it for its next user.
+        with contextlib.suppress(Exception):
+            self.connection.disconnect()
         # Collected by a garbage collection that ran inside the pool, on a thread that
         # holds its lock (a plain Lock before redis-py 6): releasing now would wait for
         # that lock forever. The next thread to hold a connection takes this one.

@@ -296,7 +296,11 @@ class _NodePool:
         return self.node.acquire_connection()
 
     async def release(self, connection: Any) -> None:
-        self.node.release(connection)
+        release = getattr(self.node, "release", None)
+        if release is not None:
+            release(connection)
+        else:  # redis-py before 8.1: what its own calls do with a connection they used
+            self.node._free.append(connection)
 
 
 class NodePipelines(_Nodes):

@@ -255,6 +255,34 @@ def test_a_thread_holds_one_connection(sync_client: Any, prefix: str) -> None:
     assert held.held == 1
 
 
+def test_a_thread_that_ends_closes_its_connections_socket_and_gives_it_back(
+    sync_client: Any, prefix: str
+) -> None:
+    """Closed at the thread's end, not left for the collector to finalize after the
+    pool goes (a ResourceWarning on redis-py 8.1); the pool reconnects it."""
+    sync_client.set(f"{prefix}:k", b"v")
+    pool = sync_client.connection_pool
+    held = HeldConnections(pool)
+    kept: list[Any] = []
+
+    def call() -> None:
+        assert held.call(("GET", f"{prefix}:k")) == (True, b"v")
+        kept.append(held._local.held.connection)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+    del thread
+    gc.collect()
+    (connection,) = kept
+    assert held.held == 0
+    assert connection._sock is None  # closed, by us
+    queue = getattr(pool, "pool", None)  # a BlockingConnectionPool's free ones
+    free = list(queue.queue) if queue is not None else pool._available_connections
+    assert connection in free  # and back in the pool
+    assert held.call(("GET", f"{prefix}:k")) == (True, b"v")  # reconnected for the next
+
+
 def test_threads_hold_at_most_half_the_pool(sync_client: Any, prefix: str) -> None:
     held = HeldConnections(sync_client.connection_pool)  # a pool of 4: 2 may be held
     answers: list[tuple[bool, Any]] = []
