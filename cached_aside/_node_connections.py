@@ -286,21 +286,38 @@ class NodeConnections(_Nodes):
         self.lock = threading.Lock()
 
 
+def node_pipelines_problem() -> str | None:
+    """Why an asyncio cluster's hits cannot share a connection per node here, or
+    None: redis-py before 8.1 lends a ClusterNode's connections without a release()
+    (its own calls put them back by hand, and it may collect a node with one open)."""
+    from redis.asyncio.cluster import ClusterNode
+
+    if not hasattr(ClusterNode, "release"):
+        return (
+            "redis-py before 8.1: an asyncio ClusterNode has no release(); async calls "
+            "on a Redis Cluster go through the cluster client (upgrade redis-py for "
+            "the lean wire there)"
+        )
+    return None
+
+
 class _NodePool:
     """An asyncio ClusterNode as the pool a Pipeline takes its connection from."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Any, manager: Any) -> None:
         self.node = node
+        self.manager = manager
 
     async def get_connection(self) -> Any:
         return self.node.acquire_connection()
 
     async def release(self, connection: Any) -> None:
-        release = getattr(self.node, "release", None)
-        if release is not None:
-            release(connection)
-        else:  # redis-py before 8.1: what its own calls do with a connection they used
-            self.node._free.append(connection)
+        if self.manager.nodes_cache.get(self.node.name) is not self.node:
+            # The node left the topology (a failover): redis-py closes what it knows
+            # of, not a connection it lent out; a node collected with a connection
+            # open warns (redis-py 5).
+            await connection.disconnect()
+        self.node.release(connection)
 
 
 class NodePipelines(_Nodes):
@@ -402,7 +419,7 @@ class NodePipelines(_Nodes):
                 await old.close()
         pipeline = self.nodes.get(node.name)
         if pipeline is None:  # another task may have made it meanwhile
-            pipeline = self.nodes[node.name] = Pipeline(_NodePool(node))
+            pipeline = self.nodes[node.name] = Pipeline(_NodePool(node, self.manager))
         return pipeline
 
     async def close(self) -> None:

@@ -21,11 +21,12 @@ import redis.cluster
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError, ResponseError
 
 from ._breaker import CircuitBreaker, NodeBreakers
+from ._compat import warn_once
 from ._connections import HeldConnections, Pipeline
 from ._effects import CommandFailed
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
-from ._node_connections import NodeConnections, NodePipelines
+from ._node_connections import NodeConnections, NodePipelines, node_pipelines_problem
 from ._outbox import Outbox
 from ._scripts import ScriptName
 
@@ -283,7 +284,11 @@ def async_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> Async
         runtime.ready = False
         runtime.failures = ASYNC_CLUSTER_FAILURES
         runtime.route = client.get_node_from_key
-        runtime.pipeline = NodePipelines(client)
+        problem = node_pipelines_problem()
+        if problem is None:
+            runtime.pipeline = NodePipelines(client)
+        else:
+            warn_once(problem, "the lean wire is off for async cluster calls")
     elif hasattr(client, "connection_pool"):
         runtime.pipeline = Pipeline(client.connection_pool)
     return runtime
