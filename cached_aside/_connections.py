@@ -461,6 +461,12 @@ class Pipeline:
             pool = self.pool
 
             async def discard() -> None:
+                # Aborted, not closed: a transport closed with a write the server never
+                # read waits for it to drain, for ever (its socket left open, "closing").
+                writer = getattr(connection, "_writer", None)
+                transport = getattr(writer, "transport", None)
+                if transport is not None:
+                    transport.abort()
                 await connection.disconnect(nowait=True)
                 await pool.release(connection)
 
