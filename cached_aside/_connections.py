@@ -37,7 +37,7 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import Watchdog
-from ._wire import Memo, lean, read, read_async, write, write_async
+from ._wire import Memo, drop_async, lean, read, read_async, write, write_async
 
 # A thread may hold a connection while at least this share of the pool stays free:
 # held connections never go back while their threads live.
@@ -461,13 +461,7 @@ class Pipeline:
             pool = self.pool
 
             async def discard() -> None:
-                # Aborted, not closed: a transport closed with a write the server never
-                # read waits for it to drain, for ever (its socket left open, "closing").
-                writer = getattr(connection, "_writer", None)
-                transport = getattr(writer, "transport", None)
-                if transport is not None:
-                    transport.abort()
-                await connection.disconnect(nowait=True)
+                await drop_async(connection)
                 await pool.release(connection)
 
             task = asyncio.get_running_loop().create_task(discard())

@@ -228,11 +228,21 @@ async def write_async(connection: Any, parts: list[bytes]) -> None:
             async with _timeout(connection.socket_timeout):
                 await writer.drain()
     except asyncio.TimeoutError:
-        await connection.disconnect(nowait=True)
+        await drop_async(connection)
         raise exceptions.TimeoutError("Timeout writing to socket") from None
     except OSError as exc:
-        await connection.disconnect(nowait=True)
+        await drop_async(connection)
         raise exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+async def drop_async(connection: Any) -> None:
+    """Disconnect an asyncio connection given up on, its transport aborted: closed, it
+    would wait for its unsent writes to drain, for ever if the server stopped reading
+    (its socket left open, "closing"), and a half-sent command could still go out."""
+    transport = getattr(getattr(connection, "_writer", None), "transport", None)
+    if transport is not None:
+        transport.abort()
+    await connection.disconnect(nowait=True)
 
 
 def _checked(reply: Any) -> Any:
