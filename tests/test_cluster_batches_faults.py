@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,11 +23,11 @@ import redis.cluster
 from cached_aside import CacheEngine, _connections, cache_aside
 from cached_aside._connections import HeldConnections
 from cached_aside._keys import entry_keys
-from cached_aside._node_connections import NodeConnections, NodePipelines
+from cached_aside._node_connections import NodePipelines
 
 from .conftest import REDIS_URL, eventually
 from .servers import REDIS_SERVER, RedisClusterProcesses
-from .test_cluster_wire import replicated
+from .test_cluster_wire import expected, loaded, node_connections, replicated
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,24 +53,6 @@ def client(cluster: RedisClusterProcesses) -> Iterator[redis.cluster.RedisCluste
 @pytest.fixture
 def prefix() -> str:
     return f"faults-{uuid.uuid4().hex[:8]}"
-
-
-def loaded(loads: list[str], tag: str = "id") -> Callable[[str], dict[str, str]]:
-    def load(id: str) -> dict[str, str]:
-        loads.append(id)
-        return {tag: id}
-
-    return load
-
-
-def expected(ids: list[str], tag: str = "id") -> list[dict[str, str]]:
-    return [{tag: id} for id in ids]
-
-
-def node_connections(engine: CacheEngine) -> NodeConnections:
-    held = engine.sides.sync_side().held
-    assert isinstance(held, NodeConnections)
-    return held
 
 
 def port_of(client: Any, key: str) -> int:

@@ -109,10 +109,10 @@ class Slot:
             admin.close()
 
 
-def loaded(loads: list[str]) -> Callable[[str], dict[str, str]]:
+def loaded(loads: list[str], tag: str = "id") -> Callable[[str], dict[str, str]]:
     def load(id: str) -> dict[str, str]:
         loads.append(id)
-        return {"id": id}
+        return {tag: id}
 
     return load
 
@@ -470,8 +470,8 @@ class Piped:
         client.pipeline = counting
 
 
-def expected(ids: list[str]) -> list[dict[str, str]]:
-    return [{"id": id} for id in ids]
+def expected(ids: list[str], tag: str = "id") -> list[dict[str, str]]:
+    return [{tag: id} for id in ids]
 
 
 def test_a_batch_across_masters_goes_out_on_each_nodes_held_connection(
