@@ -8,7 +8,10 @@ cluster client, which follows it and updates its slot table for the next call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
+from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import (
@@ -32,6 +35,9 @@ REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 _UNREACHED = (ConnectionError, TimeoutError, OSError)
 # Keys whose slot is remembered; past this many the memo starts over.
 SLOT_MEMO_SIZE = 4096
+# A batch with keys of a slot the client's table lost asks the cluster for its slots
+# again, at most this often (seconds): while a slot stays uncovered, not every batch.
+SLOTS_REFRESH_INTERVAL = 0.5
 # What the cluster client's pipeline raises for a whole share it sent.
 _CLIENT_FAILURES = (RedisError, RedisClusterException, OSError)
 
@@ -43,32 +49,50 @@ def _key(args: tuple[Any, ...]) -> str:
     return key
 
 
-def _client_pipelines(client: Any, commands: list[tuple[Any, ...]]) -> list[tuple[Any, list[int]]]:
-    """The cluster client's pipelines of `commands`, each with the positions it
-    holds: one naming each command's node; and one for the commands whose slot the
-    client's table does not cover (mid-failover), routed by the client itself, which
-    refreshes its table for them as for a single command (never sent, they would
-    fail until some other command refreshed it)."""
+def _owners(
+    client: Any, commands: list[tuple[Any, ...]], positions: Iterable[int]
+) -> tuple[list[tuple[int, Any]], list[int]]:
+    """Each command's node by the client's slot table, with its position; and the
+    positions of those whose slot the table does not cover (mid-failover)."""
     named: list[tuple[int, Any]] = []
-    routed: list[int] = []
-    for i, args in enumerate(commands):
+    uncovered: list[int] = []
+    for i in positions:
         try:
-            named.append((i, client.get_node_from_key(_key(args))))
+            named.append((i, client.get_node_from_key(_key(commands[i]))))
         except _CLIENT_FAILURES:
-            routed.append(i)
+            uncovered.append(i)
+    return named, uncovered
+
+
+def _client_pipelines(
+    client: Any,
+    commands: list[tuple[Any, ...]],
+    named: list[tuple[int, Any]],
+    uncovered: list[int],
+    per_node: bool = False,
+) -> list[tuple[Any, list[int]]]:
+    """The cluster client's pipelines of `commands`, each with the positions it
+    holds: one naming each command's node (with `per_node`, one per node: a node
+    that fails costs only its own share, where redis-py's pipeline fails whole);
+    and one for the commands whose slot the client's table does not cover, routed
+    by the client itself (it fails them there, or on redis-py 8.2 and later
+    refreshes its table first)."""
     pipelines: list[tuple[Any, list[int]]] = []
-    if named:
+    groups: dict[str, list[tuple[int, Any]]] = {}
+    for i, node in named:
+        groups.setdefault(node.name if per_node else "", []).append((i, node))
+    for group in groups.values():
         pipe = client.pipeline(transaction=False)
-        for i, node in named:
+        for i, node in group:
             # Named: redis-py's sync cluster pipeline otherwise asks the server (COMMAND
             # GETKEYS) where each EVALSHA goes.
             pipe.execute_command(*commands[i], target_nodes=node)
-        pipelines.append((pipe, [i for i, _ in named]))
-    if routed:
+        pipelines.append((pipe, [i for i, _ in group]))
+    if uncovered:
         pipe = client.pipeline(transaction=False)
-        for i in routed:
+        for i in uncovered:
             pipe.execute_command(*commands[i])
-        pipelines.append((pipe, routed))
+        pipelines.append((pipe, uncovered))
     return pipelines
 
 
@@ -98,6 +122,9 @@ class _Nodes:
         self.redirects = 0
         self.suspect: set[str] = set()
         self.lock = threading.Lock()
+        self.clock = time.monotonic
+        self.refreshed_at = -SLOTS_REFRESH_INTERVAL
+        self.refreshes = 0  # slot tables asked for because a batch met an uncovered slot
         if getattr(client, "read_from_replicas", False) or getattr(
             client, "load_balancing_strategy", None
         ):
@@ -129,6 +156,19 @@ class _Nodes:
     def known(self) -> set[str]:
         """The names of the nodes the client knows now."""
         return set(self.manager.nodes_cache)
+
+    def refresh_due(self) -> bool:
+        """Whether a batch that met an uncovered slot asks for the slot table now:
+        the client's single commands do on redis-py 8.1, its pipelines only from 8.2,
+        and neither on 5.0 (never asked, those keys would fail open for good); once
+        per SLOTS_REFRESH_INTERVAL, whoever asks first."""
+        with self.lock:
+            now = self.clock()
+            if now - self.refreshed_at < SLOTS_REFRESH_INTERVAL:
+                return False
+            self.refreshed_at = now
+            self.refreshes += 1
+            return True
 
 
 class NodeConnections(_Nodes):
@@ -247,15 +287,30 @@ class NodeConnections(_Nodes):
 
     def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Through the cluster client's pipeline, which follows redirects; a failure
-        in place of each reply it could not get."""
+        in place of each reply it could not get. A slot the client's table lost, and
+        a node that failed, have it ask the cluster for its slots (refresh_due)."""
         replies: list[Any] = [None] * len(commands)
-        for pipe, sent in _client_pipelines(self.client, commands):
+        named, uncovered = _owners(self.client, commands, range(len(commands)))
+        if uncovered and self.refresh_due():
+            with contextlib.suppress(*_CLIENT_FAILURES):  # those keys fail open
+                self.manager.initialize()
+            # Every node again: the refresh may have replaced (and closed) those named.
+            named, uncovered = _owners(self.client, commands, range(len(commands)))
+        unreached = False
+        for pipe, sent in _client_pipelines(self.client, commands, named, uncovered):
             try:
                 got = list(pipe.execute(raise_on_error=False))
             except _CLIENT_FAILURES as exc:
                 got = [exc] * len(sent)
+            unreached = unreached or any(isinstance(reply, _UNREACHED) for reply in got)
             for i, reply in zip(sent, got, strict=True):
                 replies[i] = reply
+        if unreached and self.refresh_due():
+            # A node hung or went away: where its slots are now, the client learns
+            # from its single commands' failures, and redis-py 8.1's pipelines do not
+            # ask: asked here, or batches alone would never find a promoted replica.
+            with contextlib.suppress(*_CLIENT_FAILURES):  # asked at the next failure
+                self.manager.initialize()
         return replies
 
     def _add(self, node: Any) -> HeldConnections | None:
@@ -324,12 +379,16 @@ class NodePipelines(_Nodes):
     """A Pipeline per master of an asyncio RedisCluster, for one event loop; `call`
     as Pipeline.call, the client serving what a node redirects."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, lean: bool = True) -> None:
         super().__init__(client)
         self.nodes: dict[str, Pipeline] = {}
+        # False where the node's connections cannot be lent (node_pipelines_problem):
+        # every call through the client, a batch through its pipelines as call_many's
+        # aside (a node's failure costs only its share; an uncovered slot found again).
+        self.lean = lean
 
     async def call(self, args: tuple[Any, ...]) -> Any:
-        node = self.node(args)
+        node = self.node(args) if self.lean else None
         if node is None:
             return await self.client.execute_command(*args)
         pipeline = self.nodes.get(node.name)
@@ -348,6 +407,8 @@ class NodePipelines(_Nodes):
         """As NodeConnections.call_many: each node's share on that node's pipeline,
         the nodes at once; what the lean wire cannot serve through the client's
         pipeline; a node's failure in place of its share's replies."""
+        if not self.lean:
+            return await self._through_client(commands)
         replies: list[Any] = [None] * len(commands)
         aside: list[int] = []
         shares: dict[str, tuple[Any, Pipeline, list[int]]] = {}
@@ -394,15 +455,34 @@ class NodePipelines(_Nodes):
         return replies
 
     async def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """As NodeConnections._through_client, on the asyncio cluster client."""
+        """As NodeConnections._through_client, on the asyncio cluster client, one
+        pipeline per node, the nodes at once (a node's failure costs its share)."""
         replies: list[Any] = [None] * len(commands)
-        for pipe, sent in _client_pipelines(self.client, commands):
+        named, uncovered = _owners(self.client, commands, range(len(commands)))
+        if uncovered and self.refresh_due():
+            with contextlib.suppress(*_CLIENT_FAILURES):
+                await self.manager.initialize()
+            named, uncovered = _owners(self.client, commands, range(len(commands)))
+        unreached = False
+
+        async def execute(pipe: Any, sent: list[int]) -> None:
+            nonlocal unreached
             try:
                 got = list(await pipe.execute(raise_on_error=False))
             except _CLIENT_FAILURES as exc:
                 got = [exc] * len(sent)
+            unreached = unreached or any(isinstance(reply, _UNREACHED) for reply in got)
             for i, reply in zip(sent, got, strict=True):
                 replies[i] = reply
+
+        pipelines = _client_pipelines(self.client, commands, named, uncovered, per_node=True)
+        if len(pipelines) == 1:
+            await execute(*pipelines[0])
+        else:  # the nodes at once, each failing alone
+            await asyncio.gather(*(execute(pipe, sent) for pipe, sent in pipelines))
+        if unreached and self.refresh_due():
+            with contextlib.suppress(*_CLIENT_FAILURES):
+                await self.manager.initialize()
         return replies
 
     async def _add(self, node: Any) -> Pipeline:

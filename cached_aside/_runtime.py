@@ -285,9 +285,8 @@ def async_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> Async
         runtime.failures = ASYNC_CLUSTER_FAILURES
         runtime.route = client.get_node_from_key
         problem = node_pipelines_problem()
-        if problem is None:
-            runtime.pipeline = NodePipelines(client)
-        else:
+        runtime.pipeline = NodePipelines(client, lean=problem is None)
+        if problem is not None:
             warn_once(problem, "the lean wire is off for async cluster calls")
     elif hasattr(client, "connection_pool"):
         runtime.pipeline = Pipeline(client.connection_pool)
