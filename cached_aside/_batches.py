@@ -255,10 +255,11 @@ def many(
     for position, raw in enumerate(raws):
         pending = position in blocked
         hit = None if pending else on_lookup(plan, raw)
-        step = batch_step(pending, hit is not None, batched, hit is None and served_aged(plan, raw))
-        if hit is not None and step is ANSWER:
+        if hit is not None:  # batch_step(False, True, ...): a hit answers
             answers[position] = (hit, False)
-        elif step is BATCH:
+            continue
+        step = batch_step(pending, False, batched, served_aged(plan, raw))
+        if step is BATCH:
             to_batch.append(position)
         else:
             one_by_one.append(position)

@@ -156,10 +156,15 @@ class HeldConnections:
         memo = self._memo
         connecting = False
         try:
-            packed = [part for args in commands for part in memo.pack(connection, args)]
             # One write: redis-py's sync send_packed_command calls sendall() per item,
             # which made many() of 100 hits 100 system calls (1.3 ms against 0.9 ms).
-            joined = packed if len(packed) == 1 else [b"".join(packed)]
+            if len(commands) == 1:
+                joined = [memo.joined(connection, commands[0])]
+            else:
+                known = memo.known
+                joined = [
+                    b"".join([known(args) or memo.joined(connection, args) for args in commands])
+                ]
             if not self._connected(connection):
                 # connect(), not send_packed_command's own reconnect, which goes back
                 # to the old address: a Sentinel connection asks where the master is

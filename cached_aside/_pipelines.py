@@ -86,7 +86,10 @@ def _send_batch(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list
 def _send_together(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
     """In one write on the thread's held connection, else through a client pipeline."""
     if rt.held is not None:
-        answered, replies = rt.held.call_many([wire_args(rt, effect) for effect in effects])
+        # wire_args spelled out for a Command: a many() of hits sends one per key.
+        answered, replies = rt.held.call_many(
+            [e.args if type(e) is Command else wire_args(rt, e) for e in effects]
+        )
         if answered:
             return replies
     return list(_pipeline(rt, effects).execute(raise_on_error=False))
@@ -158,7 +161,9 @@ async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScrip
     """Through the loop's shared connection (with whatever else goes out; on a
     cluster, each node's), else through a client pipeline."""
     if rt.pipeline is not None:
-        return await rt.pipeline.call_many([wire_args(rt, effect) for effect in effects])
+        return await rt.pipeline.call_many(
+            [e.args if type(e) is Command else wire_args(rt, e) for e in effects]
+        )
     return list(await _pipeline(rt, effects).execute(raise_on_error=False))
 
 
@@ -266,9 +271,12 @@ def _settled(rt: Runtime, effects: Sequence[Command | RunScript], replies: list[
     """Each reply as the flow sees it; each failure held against its own node."""
     if rt.route is None:
         rt.answered()
+        failures = rt.failures
         return [
-            rt.failure(r)
-            if isinstance(r, rt.failures)
+            r
+            if type(r) is bytes  # a lookup's reply, most of a batch: no failure to look for
+            else rt.failure(r)
+            if isinstance(r, failures)
             else failed(r)
             if isinstance(r, OSError)
             else r

@@ -67,6 +67,12 @@ class Memo:
         self._packed: dict[tuple[Any, ...], list[bytes]] = {}
         self._joined: dict[tuple[Any, ...], bytes] = {}
 
+    @property
+    def known(self) -> Any:
+        """The command as one write if packed before, else None: `joined` without a
+        Python call, for a batch's commands."""
+        return self._joined.get
+
     def joined(self, connection: Any, args: tuple[Any, ...]) -> bytes:
         """The command as one write."""
         joined = self._joined.get(args)

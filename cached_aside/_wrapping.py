@@ -255,17 +255,22 @@ class CachedBase(Generic[P, R]):
             )
         engine = self._engine_in_use()
         head = engine.key_head
+        by_text, render = self._by_text, self._template.render
+        every = items if type(items) is list else list(items)
+        every_call = [item if type(item) is tuple else (item,) for item in every]
+        # As a call renders its key: a str already seen skips render().
+        every_key = [
+            f"{head}{(by_text.get(item) if type(item) is str else None) or render(args, {})}}}"
+            for item, args in zip(every, every_call, strict=True)
+        ]
+        if len(set(every_key)) == len(every_key):  # no item twice: each its own key
+            return engine, every_key, every_call, every, list(range(len(every_key)))
         keys: list[str] = []
         calls: list[tuple[Any, ...]] = []
         distinct_items: list[Any] = []
         where: dict[str, int] = {}
         positions: list[int] = []
-        by_text, render = self._by_text, self._template.render
-        for item in items:
-            args = item if type(item) is tuple else (item,)
-            # As a call renders its key: a str already seen skips render().
-            rendered = (by_text.get(item) if type(item) is str else None) or render(args, {})
-            key = f"{head}{rendered}}}"
+        for item, args, key in zip(every, every_call, every_key, strict=True):
             position = where.get(key)
             if position is None:
                 position = where[key] = len(keys)
