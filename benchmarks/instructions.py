@@ -72,6 +72,7 @@ OPERATIONS = [
     Operation("async_hit_uvloop", "async hit on uvloop, msgpack record", 600),
     Operation("miss", "miss (loader returns at once)", 200),
     Operation("many_hits", "many() of 100, all hits", 25),
+    Operation("async_many_hits", "async many() of 100, all hits", 25),
     Operation("near_hit", "near hit", 10000),
     # The near hit's yardstick (issue 27: within 1.2x of cachetools' TTLCache).
     Operation("ttl_cache_item", "cachetools TTLCache cache[key] hit", 10000),
@@ -173,11 +174,16 @@ def comparisons(operations: dict[str, Any]) -> list[str]:
     near hit against cachetools' TTLCache (both ways of reading one)."""
     cost = {name: figure["per_operation"] for name, figure in operations.items()}
     lines = []
-    if "many_hits" in cost and "sync_hit" in cost:
-        ratio = cost["many_hits"] / (BATCH_SIZE * cost["sync_hit"])
-        lines.append(
-            f"many() of {BATCH_SIZE}: {ratio:.3f}x the instructions of {BATCH_SIZE} sync hits"
-        )
+    for many, hit, kind in (
+        ("many_hits", "sync_hit", "sync"),
+        ("async_many_hits", "async_hit", "async"),
+    ):
+        if many in cost and hit in cost:
+            ratio = cost[many] / (BATCH_SIZE * cost[hit])
+            lines.append(
+                f"{kind} many() of {BATCH_SIZE}: {ratio:.3f}x the instructions of "
+                f"{BATCH_SIZE} {kind} hits"
+            )
     for peer in ("ttl_cache_item", "ttl_cache_cached"):
         if "near_hit" in cost and peer in cost:
             label = next(o.label for o in OPERATIONS if o.name == peer)
@@ -284,7 +290,7 @@ def expected_loads(operation: str, calls: int) -> int:
     would be a miss counted as a hit."""
     from .operations import BATCH, WARM_UP
 
-    return {"miss": WARM_UP + calls, "many_hits": BATCH}.get(operation, 1)
+    return {"miss": WARM_UP + calls, "many_hits": BATCH, "async_many_hits": BATCH}.get(operation, 1)
 
 
 def measure(

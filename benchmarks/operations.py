@@ -115,6 +115,17 @@ async def async_hit(engine: CacheEngine, loads: Loads, count: int) -> None:
     await engine.aclose()
 
 
+async def async_many_hits(engine: CacheEngine, loads: Loads, count: int) -> None:
+    get = cache_aside(key="many:<id>", ttl=600, engine=engine)(loads.load_async)
+    ids = [f"{number:06d}" for number in range(BATCH)]
+    await get.many(ids)
+    for _ in range(WARM_UP):
+        await get.many(ids)
+    for _ in range(count):
+        await get.many(ids)
+    await engine.aclose()
+
+
 SYNC = {
     "sync_hit": sync_hit,
     "miss": miss,
@@ -123,7 +134,7 @@ SYNC = {
     "ttl_cache_item": ttl_cache_item,
     "ttl_cache_cached": ttl_cache_cached,
 }
-OPERATIONS = [*SYNC, "async_hit", "async_hit_uvloop"]
+OPERATIONS = [*SYNC, "async_hit", "async_hit_uvloop", "async_many_hits"]
 
 
 def main(argv: list[str]) -> None:
@@ -142,6 +153,8 @@ def main(argv: list[str]) -> None:
     gc.freeze()
     if operation == "async_hit":
         asyncio.run(async_hit(engine, loads, count))
+    elif operation == "async_many_hits":
+        asyncio.run(async_many_hits(engine, loads, count))
     elif operation == "async_hit_uvloop":
         import uvloop  # the bench extra's
 

@@ -37,7 +37,7 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import Watchdog
-from ._wire import Memo, drop_async, lean, read, read_async, write, write_async
+from ._wire import UNREAD, Memo, drop_async, lean, read, read_async, write, write_async
 
 # A thread may hold a connection while at least this share of the pool stays free:
 # held connections never go back while their threads live.
@@ -380,10 +380,16 @@ class Pipeline:
                 if connection.socket_timeout:
                     watchdog.bound(asyncio.get_running_loop(), connection.socket_timeout)
                 straight = lean(connection)
+                parser = connection._parser
                 for _ in range(len(self._on_wire)):
                     try:
                         if straight:
-                            reply = await read_async(connection)
+                            # A reply already read whole needs no coroutine: the
+                            # replies of a batch, of tasks' hits, come in one read.
+                            # (_wire.buffered spelled out: a call more per lone hit.)
+                            reply = parser._reader.gets() if parser._connected else UNREAD
+                            if type(reply) is not bytes:
+                                reply = await read_async(connection, reply)
                         else:
                             reply = await connection.read_response(timeout=math.inf)
                     except _LOST:

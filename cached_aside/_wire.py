@@ -190,15 +190,21 @@ def read(connection: Any) -> Any:
             return _checked(reply)
 
 
-async def read_async(connection: Any) -> Any:
+UNREAD: Any = object()  # read_async's reply when its caller has not asked the reader
+
+
+async def read_async(connection: Any, reply: Any = UNREAD) -> Any:
     """The next reply on an asyncio connection (no deadline of its own: the caller
-    bounds it); an error reply raises."""
+    bounds it); an error reply raises. `reply`: what the caller's own
+    `connection._parser._reader.gets()` gave while connected (a reply already read
+    whole needs no coroutine: Pipeline takes those itself), else UNREAD."""
     parser = connection._parser
     if not parser._connected:
         raise exceptions.ConnectionError(_CLOSED)
     reader = parser._reader
-    while True:
+    if reply is UNREAD:
         reply = reader.gets()
+    while True:
         if reply is _NOT_ENOUGH_DATA:
             data = await parser._stream.read(parser._read_size)
             if not data:
@@ -210,6 +216,7 @@ async def read_async(connection: Any) -> Any:
             return reply
         else:
             return _checked(reply)
+        reply = reader.gets()
 
 
 async def write_async(connection: Any, parts: list[bytes]) -> None:

@@ -631,13 +631,16 @@ def test_the_meter_table_sets_many_and_the_near_hit_against_their_yardsticks() -
         {},
         sync_hit=60_000,
         many_hits=4_800_000,
+        async_hit=100_000,
+        async_many_hits=5_000_000,
         near_hit=10_000,
         ttl_cache_item=5_000,
         ttl_cache_cached=8_000,
     )
     notes = instructions.table(measured)["notes"]
     assert notes[2:] == [
-        "many() of 100: 0.800x the instructions of 100 sync hits",
+        "sync many() of 100: 0.800x the instructions of 100 sync hits",
+        "async many() of 100: 0.500x the instructions of 100 async hits",
         "near hit: 2.00x the instructions of a cachetools TTLCache cache[key] hit",
         "near hit: 1.25x the instructions of a cachetools @cached(TTLCache) hit",
     ]

@@ -20,7 +20,7 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 
-from cached_aside import CacheEngine, _connections, cache_aside
+from cached_aside import CacheEngine, _connections, _wire, cache_aside
 from cached_aside._connections import HeldConnections
 from cached_aside._keys import entry_keys
 from cached_aside._node_connections import SLOTS_REFRESH_INTERVAL, NodePipelines
@@ -187,29 +187,48 @@ async def test_async_a_batch_cancelled_with_one_share_mid_reply_leaves_no_reply_
         assert len(pipelines.nodes) == 3
         victim = port_of(client, read.key(IDS[0]))
         elsewhere = len([id for id in IDS if port_of(client, read.key(id)) != victim])
-        reads = _connections.read_async
         stuck = asyncio.Event()
-        count = [0, 0]  # the victim's replies read, the other nodes'
+        stalled = [True]
+        given = [0]  # replies the other nodes' readers gave
 
-        async def stalling(connection: Any) -> Any:
-            if connection.port == victim:
-                count[0] += 1
-                if count[0] == 2:
+        class Reader:
+            """A node connection's reply reader, counting the replies it gives; the
+            victim's gives its first, then says the rest has not arrived (so its
+            reader awaits the socket, where nothing more comes: stuck mid-share)."""
+
+            def __init__(self, reader: Any, on_victim: bool) -> None:
+                self.reader, self.on_victim, self.count = reader, on_victim, 0
+
+            def gets(self, *args: Any) -> Any:
+                if self.on_victim and self.count == 1 and stalled[0]:
                     stuck.set()
-                    await asyncio.Event().wait()  # until cancelled
-            reply = await reads(connection)
-            if connection.port != victim:
-                count[1] += 1
-            return reply
+                    return _wire._NOT_ENOUGH_DATA
+                reply = self.reader.gets(*args)
+                if reply is not _wire._NOT_ENOUGH_DATA:
+                    self.count += 1
+                    given[0] += 0 if self.on_victim else 1
+                return reply
 
-        monkeypatch.setattr(_connections, "read_async", stalling)
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.reader, name)
+
+        parsers = {
+            name: pipeline._connection._parser for name, pipeline in pipelines.nodes.items()
+        }
+        for name, parser in parsers.items():
+            parser._reader = Reader(parser._reader, name == f"127.0.0.1:{victim}")
         task = asyncio.ensure_future(read.many(IDS))
         await asyncio.wait_for(stuck.wait(), 30)
-        assert await eventually(lambda: count[1] == elsewhere)  # the other shares, done
+        assert await eventually(lambda: given[0] == elsewhere)  # the other shares, done
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        monkeypatch.setattr(_connections, "read_async", reads)
+        # The rest of the victim's share "arrives" (its pipeline's reader reads on for
+        # nobody, as with a slow reply), and every connection reads with its own
+        # reader again.
+        stalled[0] = False
+        for parser in parsers.values():
+            parser._reader = parser._reader.reader
         for _ in range(2):
             assert await other.many(IDS) == expected(IDS, "other")
             assert await read.many(IDS) == expected(IDS)
