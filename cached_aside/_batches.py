@@ -43,7 +43,6 @@ from ._keys import entry_keys
 from ._loading import NO_STALE, guarded_load, leased, load_store, tolerate, what_to_store
 from ._plan import Plan, Served
 from ._reads import (
-    ANSWER,
     BATCH,
     aged,
     batch_step,

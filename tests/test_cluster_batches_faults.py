@@ -20,7 +20,7 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 
-from cached_aside import CacheEngine, _connections, _wire, cache_aside
+from cached_aside import CacheEngine, _wire, cache_aside
 from cached_aside._connections import HeldConnections
 from cached_aside._keys import entry_keys
 from cached_aside._node_connections import SLOTS_REFRESH_INTERVAL, NodePipelines
@@ -212,9 +212,7 @@ async def test_async_a_batch_cancelled_with_one_share_mid_reply_leaves_no_reply_
             def __getattr__(self, name: str) -> Any:
                 return getattr(self.reader, name)
 
-        parsers = {
-            name: pipeline._connection._parser for name, pipeline in pipelines.nodes.items()
-        }
+        parsers = {name: pipeline._connection._parser for name, pipeline in pipelines.nodes.items()}
         for name, parser in parsers.items():
             parser._reader = Reader(parser._reader, name == f"127.0.0.1:{victim}")
         task = asyncio.ensure_future(read.many(IDS))
