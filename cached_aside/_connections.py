@@ -238,6 +238,11 @@ class HeldConnections:
         self.returned = deque()
 
 
+# A Pipeline's entry: the packed command(s), the caller's future, and None for one
+# call's command or the number of a batch's commands.
+_Entry = tuple[list[bytes], "asyncio.Future[Any]", int | None]
+
+
 def _abandon(futures: Iterable[asyncio.Future[Any]]) -> None:
     """Their caller is gone (cancelled, or raised on an earlier reply): each future is
     cancelled, or, if it already holds a failure, that failure is marked seen, which
@@ -262,8 +267,12 @@ class Pipeline:
         self.pool = pool
         self._connection: Any = None
         self._memo = Memo()
-        self._queued: list[tuple[list[bytes], asyncio.Future[Any]]] = []
-        self._on_wire: deque[tuple[list[bytes], asyncio.Future[Any]]] = deque()
+        # What waits to go out, and what is out, in order: each entry the packed
+        # command(s), the caller's future, and None for one call's command (the
+        # future gets its reply) or the number of a batch's commands (it gets their
+        # replies, an error reply's exception in its place).
+        self._queued: list[_Entry] = []
+        self._on_wire: deque[_Entry] = deque()
         self._retried: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._reading = False
         self._reader: asyncio.Task[None] | None = None
@@ -278,7 +287,7 @@ class Pipeline:
         every async hit."""
         connection = self._connection or await self._connect()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((self._memo.pack(connection, args), future))
+        self._queued.append((self._memo.pack(connection, args), future, None))
         if not self._reading:
             try:
                 await self._lead(future)
@@ -292,30 +301,31 @@ class Pipeline:
     ) -> list[Any]:
         """Replies to several commands sent together, in order; an error reply's
         exception stands in its place (or raises, with `raise_error`)."""
+        if not commands:
+            return []
         connection = self._connection or await self._connect()
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Any]] = []
-        for args in commands:
-            future: asyncio.Future[Any] = loop.create_future()
-            self._queued.append((self._memo.pack(connection, args), future))
-            futures.append(future)
-        # Settled in order (a batch shares its fate on the wire): awaiting each in turn
-        # mostly finds it done, where asyncio.gather would add a callback and a task
-        # wake-up per future (a third of many()'s cost per key).
-        replies: list[Any] = []
+        memo = self._memo
+        known = memo.known
+        # One entry, one future for the batch: its replies are read in one go, where
+        # a future per command cost a callback, a set_result and an await per key.
+        packed = [b"".join([known(args) or memo.joined(connection, args) for args in commands])]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((packed, future, len(commands)))
         try:
             if not self._reading:
-                await self._lead(futures[-1])
-            for future in futures:
-                try:
-                    replies.append(await future)
-                except Exception as exc:  # an error reply, or the connection's failure
-                    if raise_error:
-                        raise
-                    replies.append(exc)
+                await self._lead(future)
+            replies: list[Any] = await future
+        except Exception as exc:  # the connection failed: each command's failure
+            if raise_error:
+                raise
+            return [exc] * len(commands)
         except BaseException:
-            _abandon(futures)
+            _abandon((future,))
             raise
+        if raise_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         return replies
 
     async def _lead(self, mine: asyncio.Future[Any]) -> None:
@@ -362,7 +372,7 @@ class Pipeline:
                     parts = (
                         batch[0][0]
                         if len(batch) == 1
-                        else [part for packed, _ in batch for part in packed]
+                        else [part for packed, _, _ in batch for part in packed]
                     )
                     await write_async(connection, parts)
             except Exception as exc:  # nothing, or part, went out: all on the wire is lost
@@ -382,22 +392,39 @@ class Pipeline:
                 straight = lean(connection)
                 parser = connection._parser
                 for _ in range(len(self._on_wire)):
-                    try:
-                        if straight:
-                            # A reply already read whole needs no coroutine: the
-                            # replies of a batch, of tasks' hits, come in one read.
-                            # (_wire.buffered spelled out: a call more per lone hit.)
-                            reply = parser._reader.gets() if parser._connected else UNREAD
-                            if type(reply) is not bytes:
-                                reply = await read_async(connection, reply)
-                        else:
-                            reply = await connection.read_response(timeout=math.inf)
-                    except _LOST:
-                        raise
-                    except Exception as exc:
-                        self._settle_first(None, exc)
+                    many = self._on_wire[0][2]
+                    if many is None:  # a call's one reply (an error reply its failure)
+                        try:
+                            if straight:
+                                # A reply already read whole needs no coroutine: the
+                                # replies of tasks' hits, of a batch, come in one read.
+                                # (The reader's gets() spelled out: a call more per hit.)
+                                reply = parser._reader.gets() if parser._connected else UNREAD
+                                if type(reply) is not bytes:
+                                    reply = await read_async(connection, reply)
+                            else:
+                                reply = await connection.read_response(timeout=math.inf)
+                        except _LOST:
+                            raise
+                        except Exception as exc:
+                            reply = exc
+                        self._settle_first(reply)
                         continue
-                    self._settle_first(reply, None)
+                    replies: list[Any] = []  # a batch's: each error reply in its place
+                    for _ in range(many):
+                        try:
+                            if straight:  # as above
+                                reply = parser._reader.gets() if parser._connected else UNREAD
+                                if type(reply) is not bytes:
+                                    reply = await read_async(connection, reply)
+                            else:
+                                reply = await connection.read_response(timeout=math.inf)
+                        except _LOST:
+                            raise
+                        except Exception as exc:
+                            reply = exc
+                        replies.append(reply)
+                    self._settle_first(replies)
             except _LOST as exc:  # what is still on the wire is retried or failed
                 watchdog.unbound()
                 await self._lost(connection, exc)
@@ -427,11 +454,11 @@ class Pipeline:
         if hung and not isinstance(exc, RedisError):  # the wire's deadline: say so
             failure = TimeoutError("Timeout reading from socket")
         again = [
-            (packed, future)
-            for packed, future in self._on_wire
-            if not hung and future not in self._retried and not future.done()
+            entry
+            for entry in self._on_wire
+            if not hung and entry[1] not in self._retried and not entry[1].done()
         ]
-        self._retried.update(future for _, future in again)
+        self._retried.update(future for _, future, _ in again)
         self._on_wire = deque(entry for entry in self._on_wire if entry not in again)
         self._fail_on_wire(failure)
         self._queued[:0] = again
@@ -447,20 +474,22 @@ class Pipeline:
         self._queued = []
         self._fail_on_wire(failure)
 
-    def _settle_first(self, reply: Any, error: BaseException | None) -> None:
-        _, future = self._on_wire.popleft()
+    def _settle_first(self, reply: Any) -> None:
+        """The first entry's reply (a call's error reply raises in its caller; a
+        batch's list holds each error in its place)."""
+        _, future, _ = self._on_wire.popleft()
         if future.done():  # its caller was cancelled meanwhile: the reply goes unread
             return
-        if error is None:
+        if type(reply) is bytes or not isinstance(reply, Exception):
             future.set_result(reply)
         else:
-            future.set_exception(error)
+            future.set_exception(reply)
 
     def _fail_on_wire(self, exc: BaseException) -> None:
         """What the connection carried is lost (it failed, or the loop closes)."""
         self._connection = None
         while self._on_wire:
-            _, future = self._on_wire.popleft()
+            _, future, _ = self._on_wire.popleft()
             if not future.done():
                 future.set_exception(exc)
 
@@ -493,7 +522,7 @@ class Pipeline:
             self._reading = False
             if self._queued or self._on_wire:  # cancelled itself (loop shutdown)
                 self._drop(self._connection, ConnectionError("the loop closed"))
-                for _, future in self._queued:
+                for _, future, _ in self._queued:
                     if not future.done():
                         future.set_exception(ConnectionError("the loop closed"))
                 self._queued = []

@@ -120,6 +120,42 @@ async def test_an_error_reply_fails_only_its_own_caller(async_client: Any, prefi
     await pipeline.close()
 
 
+async def test_calls_and_batches_sharing_the_wire_each_get_their_own_replies(
+    async_client: Any, prefix: str
+) -> None:
+    """Tasks' calls and batches of different sizes queued together go out in one write
+    and are read in order: each gets exactly its own replies, an error reply in its
+    place (or raised, with raise_error, after the batch's every reply was read)."""
+    keys = [f"{prefix}:{n}" for n in range(40)]
+    await async_client.mset({key: key.encode() for key in keys})
+    await async_client.hset(f"{prefix}:hash", "f", "v")
+    pipeline = Pipeline(async_client.connection_pool)
+    wrong = ("GET", f"{prefix}:hash")
+
+    async def batch(size: int, start: int) -> list[Any]:
+        chosen = [("GET", key) for key in keys[start : start + size]]
+        return await pipeline.call_many([*chosen, wrong])
+
+    for _ in range(3):
+        work = [
+            *(pipeline.call(("GET", key)) for key in keys[:10]),
+            *(batch(size, start) for size, start in ((1, 0), (5, 3), (17, 20), (3, 37))),
+            pipeline.call(wrong),
+            pipeline.call_many([("GET", keys[0]), wrong, ("GET", keys[1])], raise_error=True),
+        ]
+        answers = await asyncio.gather(*work, return_exceptions=True)
+        assert answers[:10] == [key.encode() for key in keys[:10]]
+        for (size, start), got in zip(
+            ((1, 0), (5, 3), (17, 20), (3, 37)), answers[10:14], strict=True
+        ):
+            assert got[:-1] == [key.encode() for key in keys[start : start + size]]
+            assert isinstance(got[-1], ResponseError)
+        assert isinstance(answers[14], ResponseError)
+        assert isinstance(answers[15], ResponseError)
+        assert await pipeline.call(("GET", keys[5])) == keys[5].encode()  # in step
+    await pipeline.close()
+
+
 async def test_a_cancelled_caller_never_lets_its_reply_answer_another(
     async_client: Any, prefix: str, backend: str
 ) -> None:

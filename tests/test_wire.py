@@ -432,6 +432,33 @@ async def test_a_batch_whose_caller_is_cancelled_leaves_no_future_behind(
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
+async def test_a_batch_cut_mid_reply_goes_out_once_more_whole_on_a_new_socket(
+    scripted: Any,
+) -> None:
+    """A batch is one entry on the wire: its first reply came whole, its second was cut
+    by a close; the whole batch goes out again on a new socket and every command gets
+    its own reply (never the first socket's leftovers, never one reply twice)."""
+    server = scripted("whole,half-close", "whole")
+    pool, pipeline = _pipeline(server.url)
+    assert await pipeline.call_many([("GET", "k")] * 3) == [VALUE] * 3
+    assert server.connections == 2
+    assert await pipeline.call_many([("GET", "k"), ("SET", "k", "v")]) == [VALUE, b"OK"]
+    await pipeline.close()
+    await pool.aclose()
+
+
+async def test_a_batch_cut_twice_fails_each_of_its_commands(scripted: Any) -> None:
+    server = scripted("whole,half-close")
+    pool, pipeline = _pipeline(server.url)
+    replies = await pipeline.call_many([("GET", "k")] * 3)
+    assert len(replies) == 3
+    assert all(isinstance(reply, ConnectionError) for reply in replies)  # none half read
+    with pytest.raises(ConnectionError):
+        await pipeline.call_many([("GET", "k")] * 2, raise_error=True)
+    await pipeline.close()
+    await pool.aclose()
+
+
 # --- the same on uvloop's event loop ------------------------------------------------
 # uvloop (the bench extra) gives the pipeline its own transports and timers: the
 # pipeline's scenarios above run again on it, each in a loop of its own.
