@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError, InvalidResponse, RedisError, TimeoutError
 
 from ._compat import (
     check_codec,
@@ -43,6 +43,9 @@ from ._wire import UNREAD, Memo, drop_async, lean, read, read_async, write, writ
 # held connections never go back while their threads live.
 HELD_SHARE = 0.5
 _LOST = (ConnectionError, TimeoutError, OSError)  # the connection itself failed
+# ...or its stream: a reply hiredis cannot parse leaves its reader refusing every
+# later one (redis-py's read_response drops the connection then too).
+_BROKEN = (*_LOST, InvalidResponse)
 # A batch written on a held connection: the connection, and how its replies are read.
 Sent = tuple[Any, Callable[[Any], Any]]
 
@@ -404,7 +407,7 @@ class Pipeline:
                                     reply = await read_async(connection, reply)
                             else:
                                 reply = await connection.read_response(timeout=math.inf)
-                        except _LOST:
+                        except _BROKEN:
                             raise
                         except Exception as exc:
                             reply = exc
@@ -419,13 +422,13 @@ class Pipeline:
                                     reply = await read_async(connection, reply)
                             else:
                                 reply = await connection.read_response(timeout=math.inf)
-                        except _LOST:
+                        except _BROKEN:
                             raise
                         except Exception as exc:
                             reply = exc
                         replies.append(reply)
                     self._settle_first(replies)
-            except _LOST as exc:  # what is still on the wire is retried or failed
+            except _BROKEN as exc:  # what is still on the wire is retried or failed
                 watchdog.unbound()
                 await self._lost(connection, exc)
                 continue
