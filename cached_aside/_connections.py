@@ -125,6 +125,9 @@ class HeldConnections:
                 raise
             self.fallbacks += 1
             return False, None
+        except InvalidResponse:  # as in receive
+            connection.disconnect()
+            raise
         except Exception:  # an error reply: consumed, the stream is fine
             raise
         except BaseException:  # interrupted between the write and its reply
@@ -203,10 +206,15 @@ class HeldConnections:
             for _ in range(count):
                 try:
                     replies.append(reading(connection))
-                except _LOST:
+                except _BROKEN:
                     raise
                 except Exception as exc:  # an error reply: consumed, the stream is fine
                     replies.append(exc)
+        except InvalidResponse:
+            # A reply the reader could not parse: it refuses every later one, so the
+            # socket goes (redis-py's read_response drops it too), and the caller fails.
+            connection.disconnect()
+            raise
         except (*_LOST, AttributeError) as exc:  # as in send
             connection.disconnect()
             if isinstance(exc, TimeoutError | socket.timeout):

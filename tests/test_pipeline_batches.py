@@ -1,7 +1,9 @@
-"""Review of the async Pipeline's batch entries (one future per call_many): random
-interleavings of calls, batches, cancellations at any await point and connections
-killed mid-stream, against a real Redis; each caller gets exactly its own replies
-(or fails), never another's, and no future's failure goes unretrieved."""
+"""The async Pipeline's batch entries (one entry and one future per call_many) under
+random interleavings of calls, batches, cancellations at any await point and
+connections killed mid-stream, against a real Redis: each caller gets exactly its own
+replies (or fails), never another's, and no future's failure goes unretrieved. And a
+reply the reader cannot parse: its connection goes, on the pipeline and on a thread's
+held connection, instead of refusing every later reply."""
 
 from __future__ import annotations
 
@@ -18,9 +20,15 @@ import redis
 import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
+from redis.exceptions import (
+    ConnectionError,
+    InvalidResponse,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
 
-from cached_aside._connections import Pipeline
+from cached_aside._connections import HeldConnections, Pipeline
 from tests.conftest import REDIS_URL, needs_real_redis
 
 pytestmark = needs_real_redis
@@ -501,4 +509,25 @@ async def test_a_garbled_reply_in_a_batch_never_poisons_the_connection_for_good(
     finally:
         await pipeline.close()
         await pool.aclose()
+        server.stop()
+
+
+def test_a_garbled_reply_never_poisons_a_threads_held_connection() -> None:
+    """The same on a sync held connection: the reply the reader cannot parse fails its
+    caller, its socket goes, and the thread's next calls and batches read their own
+    replies on a new one."""
+    server = GarbleServer()
+    pool = redis.ConnectionPool.from_url(server.url, socket_timeout=5)
+    held = HeldConnections(pool)
+    try:
+        assert held.call(("GET", "a")) == (True, b"a")
+        with pytest.raises(InvalidResponse):
+            held.call(("GET", "b?"))
+        assert held.call(("GET", "x")) == (True, b"x")
+        with pytest.raises(InvalidResponse):
+            held.call_many([("GET", "a"), ("GET", "b?"), ("GET", "c")])
+        assert held.call_many([("GET", "d"), ("GET", "e")]) == (True, [b"d", b"e"])
+        assert held.call(("GET", "y")) == (True, b"y")
+    finally:
+        pool.disconnect()
         server.stop()
