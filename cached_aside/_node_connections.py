@@ -479,7 +479,12 @@ class NodePipelines(_Nodes):
         if len(pipelines) == 1:
             await execute(*pipelines[0])
         else:  # the nodes at once, each failing alone
-            await asyncio.gather(*(execute(pipe, sent) for pipe, sent in pipelines))
+            outcomes = await asyncio.gather(
+                *(execute(pipe, sent) for pipe, sent in pipelines), return_exceptions=True
+            )
+            for outcome in outcomes:  # none left running, none unretrieved; then raised
+                if isinstance(outcome, BaseException):
+                    raise outcome
         if unreached and self.refresh_due():
             with contextlib.suppress(*_CLIENT_FAILURES):
                 await self.manager.initialize()
