@@ -206,7 +206,7 @@ def seeded() -> Any:
 
 @pytest.mark.parametrize("loop_factory", _loops())
 @settings(
-    max_examples=150,
+    max_examples=75,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
