@@ -159,18 +159,11 @@ class HeldConnections:
                 self.fallbacks += 1
                 return None
         connection = held.connection
-        memo = self._memo
         connecting = False
         try:
             # One write: redis-py's sync send_packed_command calls sendall() per item,
             # which made many() of 100 hits 100 system calls (1.3 ms against 0.9 ms).
-            if len(commands) == 1:
-                joined = [memo.joined(connection, commands[0])]
-            else:
-                known = memo.known
-                joined = [
-                    b"".join([known(args) or memo.joined(connection, args) for args in commands])
-                ]
+            joined = [self._memo.batch(connection, commands)]
             if not self._connected(connection):
                 # connect(), not send_packed_command's own reconnect, which goes back
                 # to the old address: a Sentinel connection asks where the master is
@@ -315,11 +308,9 @@ class Pipeline:
         if not commands:
             return []
         connection = self._connection or await self._connect()
-        memo = self._memo
-        known = memo.known
         # One entry, one future for the batch: its replies are read in one go, where
         # a future per command cost a callback, a set_result and an await per key.
-        packed = [b"".join([known(args) or memo.joined(connection, args) for args in commands])]
+        packed = [self._memo.batch(connection, commands)]
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((packed, future, len(commands)))
         try:
@@ -403,8 +394,13 @@ class Pipeline:
                 straight = lean(connection)
                 parser = connection._parser
                 for _ in range(len(self._on_wire)):
+                    # A call's entry takes one reply (an error reply its failure); a
+                    # batch's `many`, each error reply in its place in a list.
                     many = self._on_wire[0][2]
-                    if many is None:  # a call's one reply (an error reply its failure)
+                    replies: list[Any] | None = None if many is None else []
+                    left = many or 1
+                    while left:
+                        left -= 1
                         try:
                             if straight:
                                 # A reply already read whole needs no coroutine: the
@@ -419,23 +415,9 @@ class Pipeline:
                             raise
                         except Exception as exc:
                             reply = exc
-                        self._settle_first(reply)
-                        continue
-                    replies: list[Any] = []  # a batch's: each error reply in its place
-                    for _ in range(many):
-                        try:
-                            if straight:  # as above
-                                reply = parser._reader.gets() if parser._connected else UNREAD
-                                if type(reply) is not bytes:
-                                    reply = await read_async(connection, reply)
-                            else:
-                                reply = await connection.read_response(timeout=math.inf)
-                        except _BROKEN:
-                            raise
-                        except Exception as exc:
-                            reply = exc
-                        replies.append(reply)
-                    self._settle_first(replies)
+                        if replies is not None:
+                            replies.append(reply)
+                    self._settle_first(reply if replies is None else replies)
             except _BROKEN as exc:  # what is still on the wire is retried or failed
                 watchdog.unbound()
                 await self._lost(connection, exc)

@@ -124,7 +124,7 @@ class _Nodes:
         self.lock = threading.Lock()
         self.clock = time.monotonic
         self.refreshed_at = -SLOTS_REFRESH_INTERVAL
-        self.refreshes = 0  # slot tables asked for because a batch met an uncovered slot
+        self.refreshes = 0  # slot tables a batch asked for (refresh_due)
         if getattr(client, "read_from_replicas", False) or getattr(
             client, "load_balancing_strategy", None
         ):
@@ -158,10 +158,10 @@ class _Nodes:
         return set(self.manager.nodes_cache)
 
     def refresh_due(self) -> bool:
-        """Whether a batch that met an uncovered slot asks for the slot table now:
-        the client's single commands do on redis-py 8.1, its pipelines only from 8.2,
-        and neither on 5.0 (never asked, those keys would fail open for good); once
-        per SLOTS_REFRESH_INTERVAL, whoever asks first."""
+        """Whether a batch that met an uncovered slot, or a node that failed, asks for
+        the slot table now: redis-py's pipelines do so only from 8.2 (and 5.0's single
+        commands never find a lost slot), so unasked, those keys would fail open for
+        good; once per SLOTS_REFRESH_INTERVAL, whoever asks first."""
         with self.lock:
             now = self.clock()
             if now - self.refreshed_at < SLOTS_REFRESH_INTERVAL:

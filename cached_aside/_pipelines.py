@@ -86,10 +86,7 @@ def _send_batch(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list
 def _send_together(rt: SyncRuntime, effects: Sequence[Command | RunScript]) -> list[Any]:
     """In one write on the thread's held connection, else through a client pipeline."""
     if rt.held is not None:
-        # wire_args spelled out for a Command: a many() of hits sends one per key.
-        answered, replies = rt.held.call_many(
-            [e.args if type(e) is Command else wire_args(rt, e) for e in effects]
-        )
+        answered, replies = rt.held.call_many(batch_args(rt, effects))
         if answered:
             return replies
     return list(_pipeline(rt, effects).execute(raise_on_error=False))
@@ -161,9 +158,7 @@ async def _asend_together(rt: AsyncRuntime, effects: Sequence[Command | RunScrip
     """Through the loop's shared connection (with whatever else goes out; on a
     cluster, each node's), else through a client pipeline."""
     if rt.pipeline is not None:
-        return await rt.pipeline.call_many(
-            [e.args if type(e) is Command else wire_args(rt, e) for e in effects]
-        )
+        return await rt.pipeline.call_many(batch_args(rt, effects))
     return list(await _pipeline(rt, effects).execute(raise_on_error=False))
 
 
@@ -216,6 +211,12 @@ def wire_args(rt: Runtime, effect: Command | RunScript) -> tuple[Any, ...]:
         script = rt.scripts[effect.script]
         return ("EVALSHA", script.sha, len(effect.keys), *effect.keys, *effect.args)
     return effect.args
+
+
+def batch_args(rt: Runtime, effects: Sequence[Command | RunScript]) -> list[tuple[Any, ...]]:
+    """wire_args of each effect of a batch, a Command's spelled out: a many() of hits
+    sends one per key."""
+    return [e.args if type(e) is Command else wire_args(rt, e) for e in effects]
 
 
 def scan(rt: SyncRuntime, effect: Scan) -> tuple[Any, list[str]]:

@@ -67,11 +67,10 @@ class Memo:
         self._packed: dict[tuple[Any, ...], list[bytes]] = {}
         self._joined: dict[tuple[Any, ...], bytes] = {}
 
-    @property
-    def known(self) -> Any:
-        """The command as one write if packed before, else None: `joined` without a
-        Python call, for a batch's commands."""
-        return self._joined.get
+    def batch(self, connection: Any, commands: list[tuple[Any, ...]]) -> bytes:
+        """Several commands as one write; those packed before without a call each."""
+        known = self._joined.get
+        return b"".join([known(args) or self.joined(connection, args) for args in commands])
 
     def joined(self, connection: Any, args: tuple[Any, ...]) -> bytes:
         """The command as one write."""
