@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import redis.asyncio.cluster
+import redis.cluster
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -94,6 +96,46 @@ def _client_pipelines(
             pipe.execute_command(*commands[i])
         pipelines.append((pipe, uncovered))
     return pipelines
+
+
+def startup_addresses(client: Any) -> tuple[tuple[str, int], ...]:
+    """Where a cluster client starts from (its URL's node, or the nodes it was
+    given): what restore_startup_nodes falls back on."""
+    return tuple(
+        (node.host, int(node.port)) for node in client.nodes_manager.startup_nodes.values()
+    )
+
+
+def restore_startup_nodes(client: Any, seeds: tuple[tuple[str, int], ...]) -> bool:
+    """Give a cluster client whose startup nodes are all gone the nodes of its last
+    slot table again (or, if it has none, those it started from); whether it had to.
+    redis-py before 8 drops a node from its startup nodes on each connection error
+    and puts them back only when a refresh succeeds: during a failover, callers at
+    once (each error a refresh, which closes every node's connections, which fails
+    the calls in flight elsewhere) can drop every one, and the client never reaches
+    the cluster again ("Redis Cluster cannot be connected ...: None"), every call
+    failing open for good."""
+    manager = client.nodes_manager
+    if manager.startup_nodes:
+        return False
+    if manager.nodes_cache:
+        manager.startup_nodes.update(manager.nodes_cache)
+    elif seeds:
+        for host, port in seeds:
+            node: Any
+            if isinstance(client, redis.asyncio.cluster.RedisCluster):
+                node = redis.asyncio.cluster.ClusterNode(host, port, **manager.connection_kwargs)
+            else:
+                node = redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+            manager.startup_nodes[node.name] = node
+    else:
+        return False
+    warn_once(
+        "the cluster client had no startup node left after connection errors; given "
+        "back those of its last slot table, or else those it started from",
+        "the cluster client was stranded",
+    )
+    return True
 
 
 class _Share:

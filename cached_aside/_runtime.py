@@ -26,7 +26,13 @@ from ._connections import HeldConnections, Pipeline
 from ._effects import CommandFailed
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
-from ._node_connections import NodeConnections, NodePipelines, node_pipelines_problem
+from ._node_connections import (
+    NodeConnections,
+    NodePipelines,
+    node_pipelines_problem,
+    restore_startup_nodes,
+    startup_addresses,
+)
 from ._outbox import Outbox
 from ._scripts import ScriptName
 
@@ -100,6 +106,7 @@ class Runtime:
     background: Background = field(default_factory=Background)
     failures: tuple[type[BaseException], ...] = REDIS_FAILURES
     route: Callable[[str], Any] | None = None  # a cluster's key -> node, for pipelines
+    seeds: tuple[tuple[str, int], ...] = ()  # a cluster client's startup nodes, at first
 
     def refusal(self, count: int = 1, key: str | None = None) -> list[CommandFailed] | None:
         """While the breaker (of `key`'s node, on a cluster) is open: a refusal for
@@ -115,6 +122,8 @@ class Runtime:
         failure = failed(exc)
         if not failure.wrong_type:
             self.breaker_of(key).failure()
+            if self.route is not None and not self.client.nodes_manager.startup_nodes:
+                restore_startup_nodes(self.client, self.seeds)  # stranded (redis-py < 8)
         return failure
 
     def answered(self, key: str | None = None) -> None:
@@ -270,6 +279,7 @@ def sync_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> SyncRu
     runtime = _runtime(SyncRuntime, client, "client", breaker, outbox)
     if isinstance(client, redis.cluster.RedisCluster):
         runtime.route = client.get_node_from_key
+        runtime.seeds = startup_addresses(client)
         runtime.held = NodeConnections(client)
     elif hasattr(client, "connection_pool"):
         runtime.held = HeldConnections(client.connection_pool)
@@ -284,6 +294,7 @@ def async_runtime(client: Any, breaker: CircuitBreaker, outbox: Outbox) -> Async
         runtime.ready = False
         runtime.failures = ASYNC_CLUSTER_FAILURES
         runtime.route = client.get_node_from_key
+        runtime.seeds = startup_addresses(client)
         problem = node_pipelines_problem()
         runtime.pipeline = NodePipelines(client, lean=problem is None)
         if problem is not None:
