@@ -49,6 +49,10 @@ else:  # pragma: no cover
                 raise DeadlineError("the deadline passed") from exc
 
 
+# Python 3.11+ counts the cancellations asked of a task (Task.cancelling()).
+COUNTS_CANCELS = sys.version_info >= (3, 11)
+
+
 class Watchdog:
     """One timer for a stream of short bounded waits, one at a time: asyncio.timeout
     schedules and cancels a timer per wait (on a hit, a tenth of its cost), this one
@@ -58,7 +62,7 @@ class Watchdog:
     this way ends as a TimeoutError (`expired()` tells the waiter); a cancellation
     from outside stays a cancellation."""
 
-    __slots__ = ("_due", "_fired", "_handle", "_loop", "_task")
+    __slots__ = ("_cancelling", "_due", "_fired", "_handle", "_loop", "_task")
 
     def __init__(self) -> None:
         self._handle: asyncio.TimerHandle | None = None
@@ -66,10 +70,15 @@ class Watchdog:
         self._task: asyncio.Task[Any] | None = None
         self._due = 0.0
         self._fired = False
+        self._cancelling = 0
 
     def bound(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         """The current task's wait starts now, and may last `seconds`."""
-        self._task = asyncio.current_task(loop)
+        self._task = task = asyncio.current_task(loop)
+        if COUNTS_CANCELS and task is not None:
+            # What is asked of the task already: a cancellation asked from outside
+            # while the deadline fires stays a cancellation (as asyncio.timeout's).
+            self._cancelling = task.cancelling()
         self._fired = False
         self._due = due = loop.time() + seconds
         handle = self._handle
@@ -83,13 +92,16 @@ class Watchdog:
         self._task = None
 
     def expired(self) -> bool:
-        """Whether the cancellation being handled came from this watchdog (once)."""
+        """Whether the cancellation being handled came from this watchdog alone
+        (once): if a cancellation was asked from outside too, before the deadline or
+        with it, that one stands (Python 3.11+; 3.10 counts no cancellations, so
+        there the deadline's TimeoutError wins)."""
         if not self._fired:
             return False
         self._fired = False
         task = asyncio.current_task()
-        if task is not None and sys.version_info >= (3, 11):
-            task.uncancel()
+        if task is not None and COUNTS_CANCELS:
+            return task.uncancel() <= self._cancelling
         return True
 
     def close(self) -> None:

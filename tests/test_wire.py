@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 from cached_aside import CacheEngine, cache_aside
 from cached_aside import _wire as wire
 from cached_aside._connections import HeldConnections, Pipeline
+from cached_aside._timeouts import COUNTS_CANCELS, Watchdog
 from tests.conftest import PATIENCE, REDIS_URL, delete_prefix, needs_real_redis, unique_prefix
 from tests.servers import REDIS_SERVER, RedisProcess, free_port, server_speaks_tls
 
@@ -335,6 +336,42 @@ async def test_an_async_reply_cut_by_a_hang_times_out_and_never_answers_another(
     # The server thread sees the close when it next polls its socket: waited for, not
     # assumed (a loaded machine lags).
     assert await asyncio.to_thread(server.closed_by_client.wait, PATIENCE)
+    await pipeline.close()
+    await pool.aclose()
+
+
+@pytest.mark.parametrize("outside", ["just before", "with"])
+async def test_a_cancellation_from_outside_as_the_deadline_fires_stays_a_cancellation(
+    scripted: Any, outside: str
+) -> None:
+    """A reply hangs; its deadline fires in the same loop step as a cancellation from
+    outside (asked just before the deadline's, or just after it): the caller ends
+    cancelled, as asyncio.timeout leaves it, not with the deadline's TimeoutError (the
+    outside cancellation was swallowed before). Python 3.10 counts no cancellations:
+    there the deadline's TimeoutError wins."""
+    server = scripted("half-hang", "whole")
+    pool, pipeline = _pipeline(server.url)
+    loop = asyncio.get_running_loop()
+    caller: asyncio.Task[Any] | None = None
+    cancelled = []
+
+    class Racing(Watchdog):  # cancels the caller in the step the deadline fires
+        def _check(self) -> None:
+            firing = self._task is caller and loop.time() >= self._due
+            if firing and outside == "just before":
+                cancelled.append(caller.cancel())  # type: ignore[union-attr]
+            super()._check()
+            if firing and outside == "with":
+                cancelled.append(caller.cancel())  # type: ignore[union-attr]
+
+    pipeline._watchdog = Racing()
+    caller = asyncio.create_task(pipeline.call(("GET", "k")))
+    expected = asyncio.CancelledError if COUNTS_CANCELS else TimeoutError
+    with pytest.raises(expected):
+        await caller
+    assert cancelled == [True]
+    assert server.connections == 1  # not sent again as a timed-out read is
+    assert await pipeline.call(("GET", "k")) == VALUE  # the next call, on a new socket
     await pipeline.close()
     await pool.aclose()
 
