@@ -287,8 +287,16 @@ def _settled(rt: Runtime, effects: Sequence[Command | RunScript], replies: list[
     # A node that failed has its one failure in place of each reply of its share:
     # counted once on its breaker, as a batch that failed whole is, not once per key.
     counted: dict[int, Any] = {}
+    # While no node's breaker counts failures an answer changes none (asend's rule):
+    # its key is not routed again (a CRC16 and a slot lookup per key of a batch).
+    counting = rt.breaker.failures
+    reached = False
     for effect, reply in zip(effects, replies, strict=True):
-        if isinstance(reply, rt.failures):
+        if type(reply) is bytes:  # a lookup's reply, most of a batch
+            reached = True
+            if counting:
+                rt.answered(key_of(effect))
+        elif isinstance(reply, rt.failures):
             failure = counted.get(id(reply))
             if failure is None:
                 failure = counted[id(reply)] = rt.failure(reply, key_of(effect))
@@ -296,8 +304,12 @@ def _settled(rt: Runtime, effects: Sequence[Command | RunScript], replies: list[
         elif isinstance(reply, OSError):
             reply = failed(reply)
         else:
-            rt.answered(key_of(effect))
+            reached = True
+            if counting:
+                rt.answered(key_of(effect))
         settled.append(reply)
+    if reached and not counting:
+        rt.reached()
     return settled
 
 

@@ -131,6 +131,10 @@ class Runtime:
         breaker = self.breaker_of(key)
         if breaker.failures:
             breaker.success()
+        self.reached()
+
+    def reached(self) -> None:
+        """A cluster answered: what its unrouted breaker counted is over."""
         if type(self.breaker) is NodeBreakers:
             self.breaker.reached()
 

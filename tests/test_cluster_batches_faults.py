@@ -651,3 +651,47 @@ def test_a_batch_failing_whole_on_a_slot_no_node_covers_fails_open_not_raising()
     replies = _failed_together(rt, effects, outage)
     assert [reply.cause for reply in replies] == [outage, outage]
     assert len(counted) == 1  # the batch's one failure, counted once
+
+
+def test_a_batchs_answers_route_no_key_while_no_breaker_counts_and_keep_a_failing_nodes_count() -> (
+    None
+):
+    """Bookkeeping of a batch's replies on a cluster (_settled): while no node's
+    breaker counts failures, answers route no key again (a CRC16 and a slot lookup
+    per key, most of a cluster batch's cost) and make no breaker; a node whose share
+    failed has its failure counted once, and the other nodes' answers in the same
+    batch do not wipe it; once a node counts failures, its answers reset it."""
+    from types import SimpleNamespace
+
+    from cached_aside._breaker import NodeBreakers
+    from cached_aside._effects import Command
+    from cached_aside._pipelines import _settled
+    from cached_aside._runtime import SyncRuntime
+
+    routed: list[str] = []
+
+    def route(key: str) -> Any:
+        routed.append(key)
+        return SimpleNamespace(name=f"node-{key[0]}")  # keys "a..." on node-a, "b..." on node-b
+
+    client = SimpleNamespace(nodes_manager=SimpleNamespace(startup_nodes={"seed": object()}))
+    breaker = NodeBreakers(3, 1.0)
+    rt = SyncRuntime(
+        client=client, scripts={}, block_limit_ms=1000, breaker=breaker, outbox=None, route=route
+    )  # type: ignore[arg-type]
+    effects = [Command(("GET", key)) for key in ("a1", "b1", "a2", "b2")]
+
+    assert _settled(rt, effects, [b"1", b"2", b"3", None]) == [b"1", b"2", b"3", None]
+    assert routed == []
+    assert breaker.nodes == {}
+
+    outage = redis.TimeoutError("node-a hangs")  # one failure for node-a's whole share
+    settled = _settled(rt, effects, [outage, b"2", outage, b"4"])
+    assert [type(reply).__name__ for reply in settled] == ["CommandFailed", "bytes"] * 2
+    assert breaker.nodes["node-a"].failures == 1  # counted once, kept
+    assert "node-b" not in breaker.nodes or breaker.nodes["node-b"].failures == 0
+    assert breaker.failures == 1
+
+    assert _settled(rt, effects, [b"1", b"2", b"3", b"4"]) == [b"1", b"2", b"3", b"4"]
+    assert breaker.nodes["node-a"].failures == 0  # node-a answered: its count is over
+    assert breaker.failures == 0
