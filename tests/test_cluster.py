@@ -922,6 +922,83 @@ def test_a_cluster_client_stranded_without_startup_nodes_finds_the_cluster_again
                     node.redis_connection.close()
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_cluster_client_left_only_unreachable_startup_nodes_finds_the_cluster_again(
+    cluster: RedisClusterProcesses, mode: str
+) -> None:
+    """The stranding above, one pop short: the callers' errors drop every reachable
+    node from the startup nodes but one that is gone (its own callers' errors not
+    among the last: the breaker was refusing them). Each refresh then asks only that
+    node, fails ("Redis Cluster cannot be connected"), and on redis-py 5.0.8's
+    asyncio client comes before any command, so nothing is dropped again: the startup
+    nodes never empty, and a rule that waits for them to empty never gives the
+    client its nodes back; every call fails open for good."""
+    engine = CacheEngine.from_url(
+        cluster.url.replace("redis://", "redis+cluster://"), breaker_cooldown=0.01
+    )
+
+    def load(id: str) -> dict[str, str]:
+        return {"id": id}
+
+    if mode == "sync":
+        cached = cache_aside(key="left-sync:<id>", ttl=30, engine=engine)(load)
+        key = cached.key("a")
+        client: Any = engine.sides.sync_side().client
+
+        def call(id: str) -> Any:
+            return cached.lookup(id)
+
+        left, gone = (
+            redis.cluster.ClusterNode("127.0.0.1", free_port(), "primary") for _ in range(2)
+        )
+    else:
+
+        async def aload(id: str) -> dict[str, str]:
+            return load(id)
+
+        acached = cache_aside(key="left-async:<id>", ttl=30, engine=engine)(aload)
+        key = acached.key("a")
+        loop = asyncio.new_event_loop()
+
+        def call(id: str) -> Any:
+            return loop.run_until_complete(acached.lookup(id))
+
+        client = loop.run_until_complete(_async_side(engine)).client
+        left, gone = (
+            redis.asyncio.cluster.ClusterNode(
+                "127.0.0.1", free_port(), "primary", **client.nodes_manager.connection_kwargs
+            )
+            for _ in range(2)
+        )
+
+    try:
+        assert call("a").source is Source.LOADER
+        assert call("a").source is Source.CACHE
+        manager = client.nodes_manager
+        if mode == "async":  # what the test drops is closed, not left to the collector
+            kept = {id(node) for node in manager.nodes_cache.values()}
+            dropped = [n for n in manager.startup_nodes.values() if id(n) not in kept]
+            loop.run_until_complete(_disconnect(dropped))
+        manager.startup_nodes.clear()
+        manager.startup_nodes[left.name] = left  # the one startup node left: gone
+        manager.slots_cache[client.keyslot(key)] = [gone]  # the last error's node
+        errors = engine.stats().errors
+        result = call("a")  # its master cannot be reached: served by the loader
+        assert (result.value, result.source) == ({"id": "a"}, Source.LOADER)
+        assert engine.stats().errors > errors
+        deadline = time.monotonic() + 30  # a bound on a hang, not a speed claim
+        while (result := call("a")).source is not Source.CACHE:
+            assert result.value == {"id": "a"}
+            assert time.monotonic() < deadline, "the client never found the cluster again"
+            time.sleep(0.02)
+    finally:
+        if mode == "async":
+            loop.run_until_complete(engine.aclose())
+            loop.close()
+        engine.close()
+        _collect_what_redis_py_dropped()
+
+
 async def _async_side(engine: CacheEngine) -> Any:
     return engine.sides.async_side()
 
