@@ -106,36 +106,64 @@ def startup_addresses(client: Any) -> tuple[tuple[str, int], ...]:
     )
 
 
-def restore_startup_nodes(client: Any, seeds: tuple[tuple[str, int], ...]) -> bool:
-    """Give a cluster client whose startup nodes are all gone the nodes of its last
-    slot table again (or, if it has none, those it started from); whether it had to.
-    redis-py before 8 drops a node from its startup nodes on each connection error
-    and puts them back only when a refresh succeeds: during a failover, callers at
-    once (each error a refresh, which closes every node's connections, which fails
-    the calls in flight elsewhere) can drop every one, and the client never reaches
-    the cluster again ("Redis Cluster cannot be connected ...: None"), every call
-    failing open for good."""
+def restore_startup_nodes(
+    client: Any, seeds: tuple[tuple[str, int], ...], exc: BaseException
+) -> bool:
+    """After a failure, give a cluster client back the startup nodes it lost: the
+    nodes of its last slot table it lacks (or, if it cannot be connected and that
+    adds none, those it started from; with dynamic_startup_nodes=False, only those);
+    whether any was given. redis-py before 8 drops a node from its startup nodes on
+    each connection error and puts them back only when a refresh succeeds: during a
+    failover, callers at once (each error a refresh, which closes every node's
+    connections, which fails the calls in flight elsewhere) can drop every reachable
+    one, leaving none, or only the master that is gone. Each refresh then asks only
+    that one and fails ("Redis Cluster cannot be connected") before any command, so
+    nothing is dropped again and the startup nodes never empty: the client never
+    reaches the cluster again, every call failing open for good."""
     manager = client.nodes_manager
-    if manager.startup_nodes:
-        return False
-    if manager.nodes_cache:
-        manager.startup_nodes.update(manager.nodes_cache)
-    elif seeds:
+    startup = manager.startup_nodes
+    unreachable = isinstance(exc, RedisClusterException)
+    # With dynamic startup nodes a refresh makes them its slot table's nodes; without,
+    # they stay those the client was given.
+    dynamic = getattr(manager, "_dynamic_startup_nodes", True)
+    known = manager.nodes_cache if dynamic else {}
+    if startup and not unreachable and startup.keys() >= known.keys():
+        return False  # the usual failure: nothing lost
+    given = _give(startup, list(known.values()))
+    if not given and dynamic:
+        # On a sync client the slot table's nodes are the startup nodes' dict, dropped
+        # with them; its slots still name them, each with its connections (new nodes
+        # in their place would leave those to the collector, unclosed).
+        slots = list(manager.slots_cache.values())
+        given = _give(startup, [node for owners in slots for node in owners])
+    if not given:  # none left, or none that answers: those it started from
         for host, port in seeds:
-            node: Any
+            if f"{host}:{port}" in startup:
+                continue
+            seed: Any
             if isinstance(client, redis.asyncio.cluster.RedisCluster):
-                node = redis.asyncio.cluster.ClusterNode(host, port, **manager.connection_kwargs)
+                seed = redis.asyncio.cluster.ClusterNode(host, port, **manager.connection_kwargs)
             else:
-                node = redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
-            manager.startup_nodes[node.name] = node
-    else:
-        return False
-    warn_once(
-        "the cluster client had no startup node left after connection errors; given "
-        "back those of its last slot table, or else those it started from",
-        "the cluster client was stranded",
-    )
-    return True
+                seed = redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+            startup[seed.name] = seed
+            given = True
+    if given:
+        warn_once(
+            "the cluster client had lost startup nodes after connection errors; given "
+            "back those of its last slot table, or else those it started from",
+            "cluster startup nodes given back",
+        )
+    return given
+
+
+def _give(startup: dict[str, Any], nodes: list[Any]) -> bool:
+    """Put each of `nodes` a client's startup nodes lack among them; whether any."""
+    given = False
+    for node in nodes:
+        if node.name not in startup:
+            startup[node.name] = node
+            given = True
+    return given
 
 
 class _Share:

@@ -122,8 +122,8 @@ class Runtime:
         failure = failed(exc)
         if not failure.wrong_type:
             self.breaker_of(key).failure()
-            if self.route is not None and not self.client.nodes_manager.startup_nodes:
-                restore_startup_nodes(self.client, self.seeds)  # stranded (redis-py < 8)
+            if self.route is not None:  # none left, or none reachable (redis-py < 8)
+                restore_startup_nodes(self.client, self.seeds, exc)
         return failure
 
     def answered(self, key: str | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio.cluster
 import redis.cluster
+from redis.exceptions import ConnectionError, RedisClusterException
 
 from cached_aside import (
     BulkOutcome,
@@ -30,6 +31,7 @@ from cached_aside import (
 )
 from cached_aside._keys import entry_keys
 from cached_aside._near import Tracking
+from cached_aside._node_connections import restore_startup_nodes, startup_addresses
 
 from .conftest import PATIENCE, wait_until
 from .servers import REDIS_SERVER, RedisClusterProcesses, free_port
@@ -997,6 +999,28 @@ def test_a_cluster_client_left_only_unreachable_startup_nodes_finds_the_cluster_
             loop.close()
         engine.close()
         _collect_what_redis_py_dropped()
+
+
+def test_a_cluster_client_without_dynamic_startup_nodes_keeps_its_own(
+    cluster: RedisClusterProcesses,
+) -> None:
+    """A client told to keep the startup nodes it was given (dynamic_startup_nodes=
+    False: a load balancer's address, say) keeps them through failures: the engine
+    gives back what was lost, never the slot table's nodes in their place."""
+    client = redis.cluster.RedisCluster.from_url(cluster.url, dynamic_startup_nodes=False)
+    try:
+        manager = client.nodes_manager
+        given = set(manager.startup_nodes)
+        assert set(manager.nodes_cache) - given  # the slot table knows more nodes
+        seeds = startup_addresses(client)
+        assert not restore_startup_nodes(client, seeds, ConnectionError("a node failed"))
+        assert not restore_startup_nodes(client, seeds, RedisClusterException("no node"))
+        assert set(manager.startup_nodes) == given
+        manager.startup_nodes.clear()  # all dropped (redis-py before 8): its own again
+        assert restore_startup_nodes(client, seeds, RedisClusterException("no node"))
+        assert set(manager.startup_nodes) == given
+    finally:
+        client.close()
 
 
 async def _async_side(engine: CacheEngine) -> Any:
