@@ -674,7 +674,8 @@ def test_a_batchs_answers_route_no_key_while_no_breaker_counts_and_keep_a_failin
         routed.append(key)
         return SimpleNamespace(name=f"node-{key[0]}")  # keys "a..." on node-a, "b..." on node-b
 
-    client = SimpleNamespace(nodes_manager=SimpleNamespace(startup_nodes={"seed": object()}))
+    manager = SimpleNamespace(startup_nodes={"seed": object()}, nodes_cache={}, slots_cache={})
+    client = SimpleNamespace(nodes_manager=manager)
     breaker = NodeBreakers(3, 1.0)
     rt = SyncRuntime(
         client=client, scripts={}, block_limit_ms=1000, breaker=breaker, outbox=None, route=route
