@@ -37,17 +37,7 @@ from ._compat import (
     warn_once,
 )
 from ._timeouts import Watchdog
-from ._wire import (
-    UNREAD,
-    Memo,
-    drop_async,
-    kernel_timed,
-    lean,
-    read,
-    read_async,
-    write,
-    write_async,
-)
+from ._wire import UNREAD, Memo, drop_async, lean, read, read_async, write, write_async
 
 # A thread may hold a connection while at least this share of the pool stays free:
 # held connections never go back while their threads live.
@@ -182,8 +172,6 @@ class HeldConnections:
                 connection.connect()
                 connecting = False
             if lean(connection):
-                if connection._sock.gettimeout():  # a new socket: no poll per call
-                    kernel_timed(connection._sock)
                 write(connection, joined[0])
                 return connection, read
             connection.send_packed_command(joined, check_health=False)

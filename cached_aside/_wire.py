@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import socket
-import struct
-import sys
 from typing import Any
 
 import redis
@@ -150,30 +147,6 @@ def _decide(connection: Any) -> bool:
     return False
 
 
-# Where the kernel keeps a socket's timeouts (SO_RCVTIMEO, SO_SNDTIMEO as a timeval):
-# Linux and macOS.
-KERNEL_TIMEOUTS = sys.platform.startswith(("linux", "darwin"))
-
-
-def kernel_timed(sock: Any) -> bool:
-    """Have the kernel keep a sync socket's timeout, the socket blocking; whether it
-    now does. Python keeps a socket's timeout by polling before each send and each
-    receive: two system calls of a hit's four (a C client makes two in all). With
-    SO_RCVTIMEO and SO_SNDTIMEO a send or receive still gives up after the timeout
-    (EAGAIN, which _socket_failure makes redis-py's TimeoutError) with no poll. A
-    TLS socket (its reads may need writes) and a socket without a timeout stay."""
-    seconds = sock.gettimeout()
-    if not KERNEL_TIMEOUTS or not seconds or type(sock) is not socket.socket:
-        return False
-    whole = int(seconds)
-    micro = int((seconds - whole) * 1_000_000) or (0 if whole else 1)  # zero: no timeout
-    timeval = struct.pack("ll", whole, micro)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    sock.settimeout(None)
-    return True
-
-
 def write(connection: Any, data: bytes) -> None:
     """Send `data` on a sync connection's socket (connected), as redis-py would."""
     try:
@@ -185,8 +158,7 @@ def write(connection: Any, data: bytes) -> None:
 def _socket_failure(exc: OSError, doing: str) -> exceptions.RedisError:
     """redis-py's error for a failed socket call: a TimeoutError when socket_timeout
     elapsed (no errno), else a ConnectionError (with an errno, the OS gave up)."""
-    if (isinstance(exc, TimeoutError) and exc.errno is None) or isinstance(exc, BlockingIOError):
-        # BlockingIOError: a kernel-timed socket's timeout (kernel_timed)
+    if isinstance(exc, TimeoutError) and exc.errno is None:
         return exceptions.TimeoutError(f"Timeout {doing} socket")
     return exceptions.ConnectionError(f"Error while {doing} socket: {exc}")
 
