@@ -283,33 +283,34 @@ def _settled(rt: Runtime, effects: Sequence[Command | RunScript], replies: list[
             else r
             for r in replies
         ]
-    settled = []
+    settled: list[Any] = []
     # A node that failed has its one failure in place of each reply of its share:
     # counted once on its breaker, as a batch that failed whole is, not once per key.
     counted: dict[int, Any] = {}
     # While no node's breaker counts failures an answer changes none (asend's rule):
     # its key is not routed again (a CRC16 and a slot lookup per key of a batch).
     counting = rt.breaker.failures
-    reached = False
+    # Failures are counted once every answer is in: an answer ends the unrouted
+    # breaker's count (reached), which must not wipe what this same batch counted
+    # there (a slot no node covers), whatever the order of its replies.
+    failing: list[int] = []
     for effect, reply in zip(effects, replies, strict=True):
         if type(reply) is bytes:  # a lookup's reply, most of a batch
-            reached = True
             if counting:
                 rt.answered(key_of(effect))
         elif isinstance(reply, rt.failures):
-            failure = counted.get(id(reply))
-            if failure is None:
-                failure = counted[id(reply)] = rt.failure(reply, key_of(effect))
-            reply = failure
+            failing.append(len(settled))
         elif isinstance(reply, OSError):
             reply = failed(reply)
-        else:
-            reached = True
-            if counting:
-                rt.answered(key_of(effect))
+        elif counting:
+            rt.answered(key_of(effect))
         settled.append(reply)
-    if reached and not counting:
-        rt.reached()
+    for i in failing:
+        reply = settled[i]
+        failure = counted.get(id(reply))
+        if failure is None:
+            failure = counted[id(reply)] = rt.failure(reply, key_of(effects[i]))
+        settled[i] = failure
     return settled
 
 

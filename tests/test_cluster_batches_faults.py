@@ -696,3 +696,43 @@ def test_a_batchs_answers_route_no_key_while_no_breaker_counts_and_keep_a_failin
     assert _settled(rt, effects, [b"1", b"2", b"3", b"4"]) == [b"1", b"2", b"3", b"4"]
     assert breaker.nodes["node-a"].failures == 0  # node-a answered: its count is over
     assert breaker.failures == 0
+
+
+def test_a_batchs_answers_keep_the_count_of_a_slot_no_node_covers_in_the_same_batch() -> None:
+    """A batch whose keys on covered slots answer while a key on a slot no node covers
+    (mid-failover) fails: that failure is counted on the unrouted breaker and stands,
+    as it does when the answers come first in the batch, and as a single call's
+    answer leaves it (asend's rule: no breaker counts, nothing to reset). The answers
+    must not wipe a count their own batch made, whatever the order of its replies:
+    else a slot left uncovered never opens its breaker from batches."""
+    from types import SimpleNamespace
+
+    from cached_aside._breaker import UNROUTED, NodeBreakers
+    from cached_aside._effects import Command
+    from cached_aside._pipelines import _settled
+    from cached_aside._runtime import SyncRuntime
+
+    def route(key: str) -> Any:
+        if key.startswith("x"):  # "x...": a slot no node covers
+            raise redis.exceptions.SlotNotCoveredError(f"no node covers {key}'s slot")
+        return SimpleNamespace(name=f"node-{key[0]}")
+
+    manager = SimpleNamespace(startup_nodes={"seed": object()}, nodes_cache={}, slots_cache={})
+    client = SimpleNamespace(nodes_manager=manager)
+    for keys in (("x1", "a1"), ("a1", "x1")):
+        breaker = NodeBreakers(3, 1.0)
+        rt = SyncRuntime(
+            client=client,
+            scripts={},
+            block_limit_ms=1000,
+            breaker=breaker,
+            outbox=None,  # type: ignore[arg-type]
+            route=route,
+        )
+        effects = [Command(("GET", key)) for key in keys]
+        lost = redis.exceptions.SlotNotCoveredError("no node covers the slot")
+        replies = [lost if key.startswith("x") else b"1" for key in keys]
+        _settled(rt, effects, replies)
+        assert UNROUTED in breaker.nodes, keys
+        assert breaker.nodes[UNROUTED].failures == 1, keys
+        assert breaker.failures == 1, keys
