@@ -269,6 +269,29 @@ async def test_a_write_that_cannot_drain_times_out_and_drops_the_socket() -> Non
         server.stop()
 
 
+@needs_real_redis
+def test_a_held_write_that_cannot_drain_times_out_and_drops_the_socket() -> None:
+    """The same for a thread's held connection: the write gives up after the socket
+    timeout, a TimeoutError as redis-py's, and the next call has a new socket."""
+    server = RedisProcess().start()
+    pool = redis.BlockingConnectionPool.from_url(server.url, socket_timeout=0.3)
+    try:
+        held = HeldConnections(pool)
+        assert held.call(("PING",))[1] in (b"PONG", True)
+        first = held._local.held.connection._sock
+        server.pause()
+        big = b"x" * (64 << 20)  # more than the kernel buffers hold
+        with pytest.raises(TimeoutError):
+            held.call(("SET", "big", big))
+        server.resume()
+        assert held.call(("GET", "nothing-here")) == (True, None)
+        assert held._local.held.connection._sock is not first
+    finally:
+        server.resume()
+        pool.disconnect()
+        server.stop()
+
+
 async def test_close_hands_the_connection_back(async_client: Any, prefix: str) -> None:
     pool = async_client.connection_pool
     pipeline = Pipeline(pool)
