@@ -230,20 +230,41 @@ def _background(effect: Spawn, rt: SyncRuntime, loads: Loads) -> None:
 async def aserve(
     plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call, raw: object = UNREAD
 ) -> tuple[Served, float, bool]:
-    """Serve one call from a task: the lookup (unless `raw` is its reply already)
-    and, on a miss, the miss flow, both shared with the tasks of this event loop
-    that ask for the same key. Returns the answer, the seconds spent on Redis, and
-    whether it was shared."""
+    """Serve one call from a task: the lookup (unless `raw` is its reply already,
+    or another task of this event loop misses the key now), then, on a miss, the miss
+    flow shared with the tasks of this loop that miss the same key. Returns the
+    answer, the seconds spent on Redis, and whether it was shared. As serve() for
+    threads: a lookup is never shared, as its reply may predate a caller that joined
+    after it went out (an invalidation completed in between)."""
     if not rt.ready:
         unreached = await rt.prepare()
         if unreached is not None and raw is UNREAD:
             raw = unreached  # the cluster was not reached: what a failed lookup is
-    if FIRST_STEPS[rt.outbox.active and rt.outbox.blocks(key)][False][True] is LOADER:
+    pending = rt.outbox.active and rt.outbox.blocks(key)
+    step = FIRST_STEPS[pending][False][raw is not UNREAD or key in rt.flights.active]
+    if step is LOADER:
         return (*(await arun(bypass(plan, key), rt, as_loads(plan, loads), no_seal)), False)
-    (served, seconds), joined = await rt.flights.run(
-        key, plan.patience, _aread, plan, key, rt, raw, loads
-    )
-    return served, seconds, joined
+    seconds = 0.0
+    while True:
+        if step is LOOK:
+            started = perf_counter()
+            if plan.tags:
+                raw = await _alook(plan, key, rt, loads)
+            else:  # the hit path: one coroutine fewer
+                raw, failure = await asend(rt, lookup(plan, key))
+                if failure is not None:
+                    raw = as_reply(failure)
+            seconds += perf_counter() - started
+            hit = on_lookup(plan, raw)
+            if hit is not None:
+                return hit, seconds, False
+        shared = await rt.flights.run(
+            key, plan.patience, _amiss, plan, key, rt, raw, as_loads(plan, loads)
+        )
+        if shared is not None:
+            (served, more), joined = shared
+            return served, seconds + more, joined
+        step = LOOK  # the flight's answer was not ours to take: look for ourselves
 
 
 async def _alook(plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call) -> object:
@@ -254,34 +275,23 @@ async def _alook(plan: Plan, key: str, rt: AsyncRuntime, loads: Loads | Call) ->
     return raw if failure is None else as_reply(failure)
 
 
-async def _aread(
-    plan: Plan, key: str, rt: AsyncRuntime, raw: object, loads: Loads | Call, seal: Seal
+async def _amiss(
+    plan: Plan, key: str, rt: AsyncRuntime, raw: object, loads: Loads, seal: Seal
 ) -> tuple[Served, float]:
+    """As _miss, from a task."""
     seconds = 0.0
-    if raw is UNREAD:
+    refresh = rt.flights.refreshing(key)
+    if on_miss(refresh is not None, raw is not UNREAD and served_aged(plan, raw)) is WAIT:
+        assert refresh is not None
+        await rt.flights.wait_for(refresh, plan.patience)
         started = perf_counter()
-        if plan.tags:
-            raw = await _alook(plan, key, rt, loads)
-        else:  # the hit path: one coroutine fewer
-            raw, failure = await asend(rt, lookup(plan, key))
-            if failure is not None:
-                raw = as_reply(failure)
+        raw = await _alook(plan, key, rt, loads)  # tagged: with its versions, as the first look
         seconds = perf_counter() - started
         hit = on_lookup(plan, raw)
         if hit is not None:
             return hit, seconds
-    refresh = rt.flights.refreshing(key)
-    if on_miss(refresh is not None, served_aged(plan, raw)) is WAIT:
-        assert refresh is not None
-        await rt.flights.wait_for(refresh, plan.patience)  # as in _miss
-        started = perf_counter()
-        raw = await _alook(plan, key, rt, loads)  # as in _miss
-        seconds += perf_counter() - started
-        hit = on_lookup(plan, raw)
-        if hit is not None:
-            return hit, seconds
-    flow = after_miss(plan, key, raw, rt.block_limit_ms)
-    served, more = await arun(flow, rt, as_loads(plan, loads), seal, prepared=True)
+    flow = after_miss(plan, key, None if raw is UNREAD else raw, rt.block_limit_ms)
+    served, more = await arun(flow, rt, loads, seal, prepared=True)
     return served, seconds + more
 
 

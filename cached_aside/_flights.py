@@ -15,13 +15,12 @@ waits for a refresh under way, then looks again. So a process runs at most one l
 per key at a time (background reloads included), and every caller joined to a load
 gets its outcome.
 
-Threads share only the miss path, and only answers sealed against staleness (a
-load whose lease held, or a read sent after the flight stopped taking joiners): a
-hit costs one command either way, and any other read may predate an invalidation
-that completed while the reading thread waited for the GIL. Tasks
-of one event loop share the lookup too: each redis.asyncio call costs ~0.2 ms of
-CPU, a dict entry is all that sharing costs, and a task holds the loop from its
-reply to the end of its flight.
+Threads and tasks share only the miss path, and only answers sealed against
+staleness (a load whose lease held, or a read sent after the flight stopped taking
+joiners): a hit costs one command either way (tasks' commands go out together on
+the loop's shared connection), and any other read may predate an invalidation that
+completed before the joiner began: a thread's while it waited for the GIL, a
+task's while its reply waited in the socket for the loop to read it.
 """
 
 from __future__ import annotations
@@ -376,26 +375,22 @@ class TaskFlights(_Registry):
 
     async def run(
         self, key: str, patience: float, serve: Callable[..., Awaitable[Answer]], *args: Any
-    ) -> tuple[Answer, bool]:
-        """Lead (awaiting `serve(*args, seal)`) or join the read of `key`.
+    ) -> tuple[Answer, bool] | None:
+        """Lead (awaiting `serve(*args, seal)`) or join the miss of `key`.
 
-        Returns the answer and whether it was joined. A joiner whose leader takes
+        Returns the answer and whether it was joined, or None when the caller must
+        read for itself: the leader's answer was not a load it can share (a read
+        may predate the joiner: its reply can wait in the socket while an
+        invalidation completes and the joiner begins). A joiner whose leader takes
         longer than `patience` seconds reads alone.
         """
-        while True:
-            current = self.active.get(key)
-            if current is None:
-                break
+        current = self.active.get(key)
+        if current is not None:
             if not await self._wait(current, patience):
                 return await serve(*args, _no_seal), False
-            # No await lies between the leader's reply and the end of its flight, so
-            # a shared read is as fresh as the reply itself.
-            answer = current.outcome(reads_shared=True)
-            if answer is not None:
-                return answer, True
+            answer = current.outcome(reads_shared=False)
+            return None if answer is None else (answer, True)
         flight = self.active[key] = _Flight(self, key)
-        # `with flight:` spelled out, as every async hit comes here: a plain flight of
-        # tasks (no lock to take, no reload to end), closed, then its joiners woken.
         try:
             flight.answer = await serve(*args, flight.seal)
         except BaseException as error:

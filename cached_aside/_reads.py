@@ -54,9 +54,9 @@ def first_step(pending: bool, near: bool, shared: bool) -> Step:
     Args:
         pending: an invalidation of the key waits in the outbox.
         near: the function has a near tier this call has not asked yet.
-        shared: the read goes through this process's flights at once: tasks share
-            their lookup, a thread joins a flight of the key already under way, and
-            a reply in hand (many()'s pipeline) needs no lookup.
+        shared: the read goes through this process's flights at once: a thread or
+            task joins a miss of the key already under way, and a reply in hand
+            (many()'s pipeline) needs no lookup.
     """
     if pending:
         return LOADER

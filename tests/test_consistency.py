@@ -243,3 +243,51 @@ async def test_a_read_starting_after_invalidate_returns_never_joins_an_older_loo
         assert await late == 2
     finally:
         side.pipeline.call = real_call  # type: ignore[method-assign]
+
+
+async def test_a_task_starting_after_another_process_invalidates_never_joins_an_older_lookup(
+    engine: CacheEngine, twin: Any
+) -> None:
+    """The same across processes, where this one hears nothing of the invalidation:
+    a task's lookup is answered v1 by Redis and its reply waits (in the socket, for
+    the loop to read it: held here in hand) while another process invalidates, and a
+    task that begins once that invalidation returned must not be handed v1. Tasks
+    joined such a lookup before (the randomized race under load caught one stale read
+    in ~3000): now, as threads, they share only the miss path."""
+    primary = {"k": 1}
+
+    async def load(id: str) -> int:
+        return primary[id]
+
+    read = cache_aside(key="joined:<id>", ttl=30, engine=engine)(load)
+    writer = cache_aside(key="joined:<id>", ttl=30, engine=twin())(load)
+    assert await read("k") == 1  # cached: v1
+    side = engine.sides.async_side()
+    assert side.pipeline is not None
+    real_call = side.pipeline.call
+    answered = asyncio.Event()
+    deliver = asyncio.Event()
+    held: list[Any] = []
+
+    async def hold_the_first_lookup(args: tuple[Any, ...]) -> Any:
+        reply = await real_call(args)
+        if args[0] == "GET" and not held:
+            held.append(reply)
+            answered.set()
+            await deliver.wait()  # Redis answered v1; this process has not read it yet
+        return reply
+
+    side.pipeline.call = hold_the_first_lookup  # type: ignore[method-assign]
+    try:
+        early = asyncio.create_task(read("k"))
+        await answered.wait()
+        primary["k"] = 2
+        assert await writer.invalidate("k") is Outcome.DELETED  # another process's
+        late = asyncio.create_task(read("k"))  # begins after that invalidation returned
+        for _ in range(10):
+            await asyncio.sleep(0)  # the late task has run up to its own wait
+        deliver.set()
+        assert await early == 1  # began before the invalidation: a fair answer
+        assert await late == 2
+    finally:
+        side.pipeline.call = real_call  # type: ignore[method-assign]

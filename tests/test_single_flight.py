@@ -1025,7 +1025,14 @@ def test_four_processes_of_twenty_threads_load_once_in_every_trial(tmp_path: Pat
         cleanup.close()
 
 
-async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: CacheEngine) -> None:
+async def test_five_hundred_tasks_cost_a_few_round_trips_and_one_lock_attempt(
+    engine: CacheEngine,
+) -> None:
+    """Each task looks for itself (a lookup is never shared: its reply may predate a
+    task that began after another process's invalidation), but their lookups go out
+    together on the loop's shared connection, and only the first miss takes the lock
+    and loads: the others join it."""
+
     @cache_aside(key="count:<id>", ttl=30, engine=engine)
     async def load(id: str) -> str:
         # Hold the load until every other task has joined, however slow the machine.
@@ -1041,5 +1048,8 @@ async def test_five_hundred_tasks_cost_one_lookup_and_one_lock_attempt(engine: C
     counted = counting_writes(engine.async_client())
     assert await asyncio.gather(*(load("k") for _ in range(500))) == ["k"] * 500
     sent = counted.ops
-    assert (sent.count("GET"), sent.count("ACQUIRE")) == (1, 1), sent
+    # the first lookup alone, the 499 others in one write (with the lock attempt, or
+    # just before it), the store: never a round trip per task
+    assert len(sent) <= 4, sent
+    assert sum("ACQUIRE" in op for op in sent) == 1, sent
     assert load.stats().loads == 1
