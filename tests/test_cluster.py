@@ -10,7 +10,7 @@ import gc
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -857,37 +857,9 @@ def test_a_cluster_client_stranded_without_startup_nodes_finds_the_cluster_again
     engine = CacheEngine.from_url(
         cluster.url.replace("redis://", "redis+cluster://"), breaker_cooldown=0.01
     )
-    calls: list[str] = []
-
-    def load(id: str) -> dict[str, str]:
-        calls.append(id)
-        return {"id": id}
-
-    if mode == "sync":
-        cached = cache_aside(key="stranded-sync:<id>", ttl=30, engine=engine)(load)
-        key = cached.key("a")
-        client: Any = engine.sides.sync_side().client
-
-        def call(id: str) -> Any:
-            return cached.lookup(id)
-
-        gone = redis.cluster.ClusterNode("127.0.0.1", free_port(), "primary")
-    else:
-
-        async def aload(id: str) -> dict[str, str]:
-            return load(id)
-
-        acached = cache_aside(key="stranded-async:<id>", ttl=30, engine=engine)(aload)
-        key = acached.key("a")
-        loop = asyncio.new_event_loop()
-
-        def call(id: str) -> Any:
-            return loop.run_until_complete(acached.lookup(id))
-
-        client = loop.run_until_complete(_async_side(engine)).client
-        gone = redis.asyncio.cluster.ClusterNode(
-            "127.0.0.1", free_port(), "primary", **client.nodes_manager.connection_kwargs
-        )
+    stranded = _Stranded.of(engine, mode, "stranded")
+    call, key, client = stranded.call, stranded.key, stranded.client
+    gone = stranded.gone()
 
     dropped: list[Any] = []
     try:
@@ -896,28 +868,15 @@ def test_a_cluster_client_stranded_without_startup_nodes_finds_the_cluster_again
         manager = client.nodes_manager
         # What the test drops is closed by it, not left to the collector.
         if mode == "async":
-            kept = {id(node) for node in manager.nodes_cache.values()}
-            dropped = [n for n in manager.startup_nodes.values() if id(n) not in kept]
-            loop.run_until_complete(_disconnect(dropped))
+            stranded.disconnect_dropped()
         else:  # closed at the end: redis-py may share them with its slot table
             dropped = [*manager.startup_nodes.values(), *manager.nodes_cache.values()]
         manager.startup_nodes.clear()
         manager.slots_cache[client.keyslot(key)] = [gone]
-        errors = engine.stats().errors
-        result = call("a")  # its master cannot be reached: served by the loader
-        assert (result.value, result.source) == ({"id": "a"}, Source.LOADER)
-        assert engine.stats().errors > errors
-        deadline = time.monotonic() + 30  # a bound on a hang, not a speed claim
-        while (result := call("a")).source is not Source.CACHE:
-            assert result.value == {"id": "a"}
-            assert time.monotonic() < deadline, "the client never found the cluster again"
-            time.sleep(0.02)
+        stranded.fails_open_then_hits_again(engine)
         assert manager.startup_nodes
     finally:
-        if mode == "async":
-            loop.run_until_complete(engine.aclose())
-            loop.close()
-        engine.close()
+        stranded.close(engine)
         if mode == "sync":
             for node in dropped:
                 if node.redis_connection is not None:
@@ -938,66 +897,22 @@ def test_a_cluster_client_left_only_unreachable_startup_nodes_finds_the_cluster_
     engine = CacheEngine.from_url(
         cluster.url.replace("redis://", "redis+cluster://"), breaker_cooldown=0.01
     )
-
-    def load(id: str) -> dict[str, str]:
-        return {"id": id}
-
-    if mode == "sync":
-        cached = cache_aside(key="left-sync:<id>", ttl=30, engine=engine)(load)
-        key = cached.key("a")
-        client: Any = engine.sides.sync_side().client
-
-        def call(id: str) -> Any:
-            return cached.lookup(id)
-
-        left, gone = (
-            redis.cluster.ClusterNode("127.0.0.1", free_port(), "primary") for _ in range(2)
-        )
-    else:
-
-        async def aload(id: str) -> dict[str, str]:
-            return load(id)
-
-        acached = cache_aside(key="left-async:<id>", ttl=30, engine=engine)(aload)
-        key = acached.key("a")
-        loop = asyncio.new_event_loop()
-
-        def call(id: str) -> Any:
-            return loop.run_until_complete(acached.lookup(id))
-
-        client = loop.run_until_complete(_async_side(engine)).client
-        left, gone = (
-            redis.asyncio.cluster.ClusterNode(
-                "127.0.0.1", free_port(), "primary", **client.nodes_manager.connection_kwargs
-            )
-            for _ in range(2)
-        )
+    stranded = _Stranded.of(engine, mode, "left")
+    call, key, client = stranded.call, stranded.key, stranded.client
+    left, gone = stranded.gone(), stranded.gone()
 
     try:
         assert call("a").source is Source.LOADER
         assert call("a").source is Source.CACHE
         manager = client.nodes_manager
-        if mode == "async":  # what the test drops is closed, not left to the collector
-            kept = {id(node) for node in manager.nodes_cache.values()}
-            dropped = [n for n in manager.startup_nodes.values() if id(n) not in kept]
-            loop.run_until_complete(_disconnect(dropped))
+        if mode == "async":
+            stranded.disconnect_dropped()
         manager.startup_nodes.clear()
         manager.startup_nodes[left.name] = left  # the one startup node left: gone
         manager.slots_cache[client.keyslot(key)] = [gone]  # the last error's node
-        errors = engine.stats().errors
-        result = call("a")  # its master cannot be reached: served by the loader
-        assert (result.value, result.source) == ({"id": "a"}, Source.LOADER)
-        assert engine.stats().errors > errors
-        deadline = time.monotonic() + 30  # a bound on a hang, not a speed claim
-        while (result := call("a")).source is not Source.CACHE:
-            assert result.value == {"id": "a"}
-            assert time.monotonic() < deadline, "the client never found the cluster again"
-            time.sleep(0.02)
+        stranded.fails_open_then_hits_again(engine)
     finally:
-        if mode == "async":
-            loop.run_until_complete(engine.aclose())
-            loop.close()
-        engine.close()
+        stranded.close(engine)
         _collect_what_redis_py_dropped()
 
 
@@ -1021,6 +936,73 @@ def test_a_cluster_client_without_dynamic_startup_nodes_keeps_its_own(
         assert set(manager.startup_nodes) == given
     finally:
         client.close()
+
+
+@dataclasses.dataclass
+class _Stranded:
+    """What the stranded-client tests share: a cached function of an engine, called
+    from a thread or an event loop of its own (`mode`), its key for "a", and its
+    cluster client."""
+
+    call: Callable[[str], Any]
+    key: str
+    client: Any
+    loop: asyncio.AbstractEventLoop | None
+
+    @classmethod
+    def of(cls, engine: CacheEngine, mode: str, name: str) -> _Stranded:
+        def load(id: str) -> dict[str, str]:
+            return {"id": id}
+
+        if mode == "sync":
+            cached = cache_aside(key=f"{name}-sync:<id>", ttl=30, engine=engine)(load)
+            client = engine.sides.sync_side().client
+            return cls(cached.lookup, cached.key("a"), client, None)
+
+        async def aload(id: str) -> dict[str, str]:
+            return load(id)
+
+        acached = cache_aside(key=f"{name}-async:<id>", ttl=30, engine=engine)(aload)
+        loop = asyncio.new_event_loop()
+        client = loop.run_until_complete(_async_side(engine)).client
+        return cls(
+            lambda id: loop.run_until_complete(acached.lookup(id)), acached.key("a"), client, loop
+        )
+
+    def gone(self) -> Any:
+        """A master at a free port, nothing listening: one that is gone."""
+        if self.loop is None:
+            return redis.cluster.ClusterNode("127.0.0.1", free_port(), "primary")
+        kwargs = self.client.nodes_manager.connection_kwargs
+        return redis.asyncio.cluster.ClusterNode("127.0.0.1", free_port(), "primary", **kwargs)
+
+    def disconnect_dropped(self) -> None:
+        """Close the asyncio startup nodes the test is about to drop (those not also
+        in the slot table), not leave them to the collector."""
+        assert self.loop is not None
+        manager = self.client.nodes_manager
+        kept = {id(node) for node in manager.nodes_cache.values()}
+        dropped = [n for n in manager.startup_nodes.values() if id(n) not in kept]
+        self.loop.run_until_complete(_disconnect(dropped))
+
+    def fails_open_then_hits_again(self, engine: CacheEngine) -> None:
+        """Stranded: "a" is served by the loader, the failure counted; then, the
+        client given its nodes back, hits resume."""
+        errors = engine.stats().errors
+        result = self.call("a")  # its master cannot be reached: served by the loader
+        assert (result.value, result.source) == ({"id": "a"}, Source.LOADER)
+        assert engine.stats().errors > errors
+        deadline = time.monotonic() + 30  # a bound on a hang, not a speed claim
+        while (result := self.call("a")).source is not Source.CACHE:
+            assert result.value == {"id": "a"}
+            assert time.monotonic() < deadline, "the client never found the cluster again"
+            time.sleep(0.02)
+
+    def close(self, engine: CacheEngine) -> None:
+        if self.loop is not None:
+            self.loop.run_until_complete(engine.aclose())
+            self.loop.close()
+        engine.close()
 
 
 async def _async_side(engine: CacheEngine) -> Any:
