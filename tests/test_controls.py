@@ -19,6 +19,7 @@ from cached_aside import (
     UnstorableValueError,
     cache_aside,
 )
+from cached_aside import _plan
 from cached_aside._codecs import (
     COMPRESSED_MARK,
     MAX_DECOMPRESSED_BYTES,
@@ -211,18 +212,26 @@ def test_a_value_past_the_decompression_cap_is_stored_plain() -> None:
     assert small[0].startswith(COMPRESSED_MARK)  # under the cap: compressed as before
 
 
+@pytest.mark.parametrize("where", ["elsewhere", "here"])
 async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
-    h: Harness,
+    h: Harness, where: str, twin: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Was a defect: fn.refresh() is documented "after a change you know of", but
-    # when a load is in flight (it read the row BEFORE the write) refresh() waits for
-    # it and takes its value (miss(replace=True) -> HELD -> woken -> FOUND,
-    # _flows.py:343-353 and :554-557): it returns the old row and leaves it cached
-    # for a whole ttl, though the caller had written the new one first. set() and
-    # invalidate() revoke such a lease; refresh() does not. Fix: reload revokes the
-    # lease of the load in flight (DEL the lock and wake its waiters, keeping the
-    # value) before taking the lock, so its older result is refused and this
-    # reload's stands.
+    # when a load is in flight (it read the row BEFORE the write) refresh() waited
+    # for it and took its value (miss(replace=True) -> HELD -> woken -> FOUND): it
+    # returned the old row and left it cached for a whole ttl, though the caller had
+    # written the new one first. set() and invalidate() revoke such a lease. Fix:
+    # reload revokes the lease of the load in flight (DEL the lock and wake its
+    # waiters, keeping the value) before taking the lock, so its older result is
+    # refused and this reload's stands.
+    # "elsewhere": the slow load is another process's (a twin engine), which the
+    # refresh does not wait for. "here": it is this engine's own, which the refresh
+    # waits for (one load per key in a process) until its patience runs out, the load
+    # still running: the patience is shortened to the lock's ttl, as every
+    # loader, however slow, must not hold the test for the 10 s floor.
+    if where == "here":
+        monkeypatch.setattr(_plan, "PATIENCE_FLOOR_S", 0.0)
+    loading_engine = twin() if where == "elsewhere" else h.engine
     rows = {"v": 1}
     read, refreshed_sync = threading.Event(), threading.Event()
     refreshed_async = asyncio.Event()
@@ -237,7 +246,8 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
             return row
 
         fn = cache_aside(key="r:<id>", ttl=30, engine=h.engine)(aload)
-        loading = asyncio.ensure_future(fn(1))
+        slow = cache_aside(key="r:<id>", ttl=30, engine=loading_engine)(aload)
+        loading = asyncio.ensure_future(slow(1))
     else:
 
         def load(id: int) -> dict[str, int]:
@@ -248,7 +258,8 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
             return row
 
         fn = cache_aside(key="r:<id>", ttl=30, engine=h.engine)(load)
-        loading = asyncio.ensure_future(asyncio.to_thread(fn, 1))
+        slow = cache_aside(key="r:<id>", ttl=30, engine=loading_engine)(load)
+        loading = asyncio.ensure_future(asyncio.to_thread(slow, 1))
     assert await asyncio.to_thread(read.wait, PATIENCE)
     rows["v"] = 2  # the write
     try:
@@ -262,3 +273,4 @@ async def test_refresh_after_a_write_does_not_take_a_load_that_read_before_it(
     assert await loading == {"v": 1}
     assert refreshed == {"v": 2}, "refresh() after a write returned the row read before it"
     assert await h.run(fn, 1) == {"v": 2}
+    assert await h.run(slow, 1) == {"v": 2}, "the older load's result was stored"
