@@ -136,6 +136,15 @@ async def eventually(predicate: Callable[[], Any], timeout: float = PATIENCE) ->
 BACKENDS = ["redis", "fakeredis"]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Everything imported or made by collection (Django, SQLAlchemy, hypothesis,
+    every test module: about 100,000 objects) lives until the session ends: frozen
+    (gc.freeze), the collector no longer walks it. Each test's gc.collect() below took
+    ~47 ms walking it, half of a typical test's time; it now walks what tests made."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def collect_garbage_after_each_test() -> Iterator[None]:
     """A socket dropped without being closed warns when the garbage collector finds
