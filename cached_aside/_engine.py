@@ -251,15 +251,18 @@ class CacheEngine:
         return await self.sides.asettle(timeout, self._parts.busy)
 
     def close(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
-        """Try once more, for up to `timeout` seconds, to deliver the invalidations the
-        outbox holds (logging those Redis never took), stop the invalidation listener,
-        and close the sync client's connections if this engine created the client."""
+        """Let refresh_ahead reloads running in threads finish (each would keep its
+        key's lock past an exit), then try once more, each for up to `timeout` seconds,
+        to deliver the invalidations the outbox holds (logging those Redis never took),
+        stop the invalidation listener, and close the sync client's connections if
+        this engine created the client."""
         self._parts.close(timeout)
 
     async def aclose(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
-        """Let this loop's background work finish (for up to `timeout` seconds), try
-        to deliver what the outbox holds (as close()), then close the connections the
-        engine made (clients you passed in stay yours to close)."""
+        """Let this loop's background work and the reloads in threads finish (for up
+        to `timeout` seconds), try to deliver what the outbox holds (as close()), then
+        close the connections the engine made (clients you passed in stay yours to
+        close)."""
         await self._parts.aclose(timeout)
 
     def after_fork(self) -> None:
@@ -314,17 +317,24 @@ class _Parts:
         self.bulk = Bulk(self.key_head, self.catalog, self.nearby)
 
     def close(self, timeout: float) -> None:
+        """Reloads in threads first (left running, one would hold its key's lock past
+        the close: at interpreter exit, till the lock's ttl), then the parts."""
+        self.sides.settle(timeout, self.sides.reloading)
+        self._close_parts(timeout)
+
+    def _close_parts(self, timeout: float) -> None:
         """Deliveries first (they need the sync client), the sync client last."""
         for part in (self.deliveries, self.nearby, self.catalog, self.sides):
             part.close(timeout)
 
     async def aclose(self, timeout: float) -> None:
-        """This loop's background work, the last deliveries (on the async client when
-        there is no other), close(), then this loop's client."""
+        """This loop's background work and the reloads in threads, the last deliveries
+        (on the async client when there is no other), the parts, this loop's client."""
         self.deliveries.stop_retrying()  # an async flusher hands over to the last attempt
         await self.sides.drain(timeout, but=self.deliveries.task)
+        await self.sides.reloads_done(timeout)
         await self.deliveries.aclose(timeout)
-        self.close(timeout)
+        self._close_parts(timeout)
         await self.sides.aclose(timeout)
 
     def busy(self) -> bool:

@@ -172,6 +172,20 @@ class Sides:
                 return False
             await asyncio.sleep(SETTLE_POLL_SECONDS)
 
+    def reloading(self) -> bool:
+        """Whether a background reload (refresh_ahead) runs in a thread."""
+        side = self._sync
+        return side is not None and side.background.busy()
+
+    async def reloads_done(self, timeout: float) -> bool:
+        """From a task: wait until no reload runs in a thread; False after `timeout` s."""
+        deadline = monotonic() + timeout
+        while self.reloading():
+            if monotonic() >= deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
+        return True
+
     async def drain(self, timeout: float, but: asyncio.Task[None] | None) -> None:
         """Let this loop's background tasks (all `but` one) finish, for `timeout` s."""
         loop = asyncio.get_running_loop()

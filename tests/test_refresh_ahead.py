@@ -251,3 +251,40 @@ async def test_refresh_ahead_with_tasks(engine: CacheEngine) -> None:
 def test_refresh_ahead_must_be_shorter_than_ttl() -> None:
     with pytest.raises(ValueError, match="refresh_ahead"):
         cache_aside(key="x:<id>", ttl=1, refresh_ahead=1)
+
+
+@pytest.mark.parametrize("closing", ["close", "aclose"])
+async def test_closing_lets_a_reload_in_a_thread_finish_and_release_its_lock(
+    engine: CacheEngine, clients: Any, closing: str
+) -> None:
+    """Was a gap: close() returned while a refresh_ahead reload ran in its thread, which
+    kept the key's lock; at interpreter exit the daemon thread dies with it held, and
+    other processes' callers of the key wait out the lock's ttl (test_xfetch's eight
+    processes once waited 60 s, then flagged a load beside the dead one). close() and
+    aclose() now let such reloads finish first (for up to `timeout`)."""
+    raw = clients[2]
+    calls: list[str] = []
+    reloading, closing_started = threading.Event(), threading.Event()
+
+    def load(id: str) -> str:
+        calls.append(id)
+        if len(calls) == 2:  # the reload behind a hit in the refresh window
+            reloading.set()
+            assert closing_started.wait(PATIENCE)
+            time.sleep(0.1)  # the close has begun: it must wait for this
+        return f"v{len(calls)}"
+
+    fn = cache_aside(key="hot:<id>", ttl=30, refresh_ahead=20, lock_ttl=60, engine=engine)(load)
+    assert fn("k") == "v1"
+    assert raw.pexpire(fn.key("k"), 15_000)  # inside the window
+    assert fn("k") == "v1"  # served at once, the reload starts behind
+    assert await asyncio.to_thread(reloading.wait, PATIENCE)
+    closing_started.set()
+    if closing == "close":
+        await asyncio.to_thread(engine.close, PATIENCE)
+    else:
+        await engine.aclose(PATIENCE)
+    assert calls == ["k", "k"]
+    assert raw.exists(fn.key("k") + ":lock") == 0, "the reload still held its lock"
+    assert raw.pttl(fn.key("k")) > 20_000  # its value stored
+    assert engine.settle(0)
