@@ -17,9 +17,9 @@ from cached_aside import (
     Outcome,
     Source,
     UnstorableValueError,
+    _plan,
     cache_aside,
 )
-from cached_aside import _plan
 from cached_aside._codecs import (
     COMPRESSED_MARK,
     MAX_DECOMPRESSED_BYTES,

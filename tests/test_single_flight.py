@@ -455,11 +455,13 @@ async def test_eight_callers_of_an_expired_key_share_the_stale_answer_of_one_fai
 ) -> None:
     # Before: each joiner, handed a stale answer it could not take, loaded again in
     # turn (the loader ran 5 times for 8 threads).
-    probe, results = await run_scenario(
-        h, Scenario(options(**given), "expired", outcome, ["call"] * 8)
-    )
-    if not probe.joined_in_time():
-        pytest.skip(f"8 callers took over loader_timeout ({SLOW_TIMEOUT} s) to join")
+    for _ in range(3):  # a hanging load cut before the 8 callers joined proves nothing
+        probe, results = await run_scenario(
+            h, Scenario(options(**given), "expired", outcome, ["call"] * 8)
+        )
+        if probe.joined_in_time():
+            break
+    assert probe.joined_in_time(), f"8 callers took over {SLOW_TIMEOUT} s to join, 3 times"
     assert probe.runs == 1
     assert [got for _, _, got in results] == [("ok", "old", Source.STALE)] * 8
 
