@@ -63,6 +63,17 @@ class Deliveries:
             await self.flusher.aflush(side, timeout)
         self.flusher.stopping.clear()
 
+    def at_exit(self, timeout: float) -> None:
+        """Interpreter exit without close(): a last attempt, as close(), when a sync
+        client can make it (an async-only engine's loop is gone by now); whatever is
+        left is logged, never dropped in silence."""
+        if not self.outbox.pending_any():
+            return
+        if self.flusher.sync_runtime is not None:
+            self.close(timeout)
+        else:
+            self.flusher.log_undelivered()
+
     def after_fork(self) -> None:
         """No flusher came along; start one if the engine can (a sync client), else
         the next add() does. The pending work stays: the child must not serve it."""

@@ -337,6 +337,13 @@ class _Parts:
         self._close_parts(timeout)
         await self.sides.aclose(timeout)
 
+    def at_exit(self, timeout: float) -> None:
+        """Interpreter exit, the engine not closed: what its daemon threads would lose
+        (a reload holding its key's lock, invalidations in the outbox) is finished or
+        logged, each for up to `timeout` seconds. Connections are left to exit."""
+        self.sides.settle(timeout, self.sides.reloading)
+        self.deliveries.at_exit(timeout)
+
     def busy(self) -> bool:
         """Background reloads on any side, or deliveries pending."""
         return self.sides.busy() or self.deliveries.busy()

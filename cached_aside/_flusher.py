@@ -124,7 +124,7 @@ class Flusher:
             if landed is None or self._settle(delivery, landed):
                 break
             self.stopping.wait(MAX_RETRY_SECONDS)
-        self._log_undelivered()
+        self.log_undelivered()
 
     async def aflush(self, given: AsyncRuntime, timeout: float) -> None:
         """aclose() of an engine with only an async client: as flush()."""
@@ -142,7 +142,7 @@ class Flusher:
             if not delivery or self._settle(delivery, landed):
                 break
             await asyncio.sleep(MAX_RETRY_SECONDS)
-        self._log_undelivered()
+        self.log_undelivered()
 
     def _own(self, runtime: R) -> R:
         return dataclasses.replace(runtime, breaker=CircuitBreaker(_NEVER_OPENS, 0.0))
@@ -160,7 +160,7 @@ class Flusher:
             self.breaker.success()  # Redis answers: callers need not wait for a probe
         return complete
 
-    def _log_undelivered(self) -> None:
+    def log_undelivered(self) -> None:
         left = self.outbox.pending()
         if left:
             logger.error(

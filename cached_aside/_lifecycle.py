@@ -4,6 +4,7 @@ and the one fork hook: the single place that says what a forked child resets.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Protocol
@@ -11,7 +12,7 @@ from typing import Protocol
 from . import _defaults, _leases, _loads, _wrapping
 from ._catalog import Catalog
 from ._deliveries import Deliveries
-from ._engine import engines
+from ._engine import CLOSE_FLUSH_SECONDS, engines
 from ._nearby import Nearby
 from ._sides import Sides
 
@@ -56,3 +57,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    """Interpreter exit: daemon threads die with the interpreter, so an engine nobody
+    closed would lose a reload's lock release (other processes then wait out the
+    lock's ttl) and the invalidations its outbox holds. Each engine finishes or logs
+    them (only those with such work wait, for up to CLOSE_FLUSH_SECONDS each)."""
+    for engine in engines():
+        try:
+            engine._parts.at_exit(CLOSE_FLUSH_SECONDS)
+        except Exception:  # one engine's trouble must not keep the others from theirs
+            logger.exception("finishing %r at exit failed", engine)
+
+
+atexit.register(_at_exit)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +35,7 @@ from .conftest import (
     needs_real_redis,
     unique_prefix,
 )
-from .servers import REDIS_SERVER, RedisProcess
+from .servers import REDIS_SERVER, RedisProcess, dead_url
 
 DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every command fails at once
 
@@ -402,3 +405,34 @@ def test_many_never_serves_a_reply_read_while_its_key_was_blocked() -> None:
     assert row.many(["x", "y"]) == ["x-v1", "y-v2"]
     delete_prefix(engine.client(), engine.prefix)
     engine.close()
+
+
+EXITING_WITH_PENDING = textwrap.dedent(
+    """
+    import sys
+    from cached_aside import CacheEngine, Outcome, cache_aside
+    engine = CacheEngine.from_url(sys.argv[1], prefix="exiting")
+
+    @cache_aside(key="r:<id>", ttl=30, engine=engine)
+    def load(id):
+        return {"id": id}
+
+    assert load.invalidate("a") is Outcome.PENDING  # nothing listens at the URL
+    print("pending", flush=True)  # and the script ends, its engine unclosed
+    """
+)
+
+
+def test_an_exit_without_close_logs_the_invalidations_redis_never_took() -> None:
+    """Daemon threads die at interpreter exit, the outbox's flusher with them: the exit
+    hook makes the last attempt close() would, and logs what is left (here all: nothing
+    listens), where before the process ended without a word."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_WITH_PENDING, dead_url()],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "pending\n"
+    assert "closing with 1 invalidation(s) Redis never took (exiting:{r:a})" in done.stderr

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from cached_aside import (
     CacheEngine,
@@ -22,9 +26,12 @@ from cached_aside import (
 
 from .conftest import (
     PATIENCE,
+    REDIS_URL,
     Harness,
+    delete_prefix,
     eventually,
     run_in_threads,
+    unique_prefix,
 )
 
 
@@ -288,3 +295,49 @@ async def test_closing_lets_a_reload_in_a_thread_finish_and_release_its_lock(
     assert raw.exists(fn.key("k") + ":lock") == 0, "the reload still held its lock"
     assert raw.pttl(fn.key("k")) > 20_000  # its value stored
     assert engine.settle(0)
+
+
+EXITING_MID_RELOAD = textwrap.dedent(
+    """
+    import sys, time
+    from cached_aside import CacheEngine, cache_aside
+    url, prefix = sys.argv[1:3]
+    engine = CacheEngine.from_url(url, prefix=prefix)
+    calls = []
+
+    @cache_aside(key="hot:<id>", ttl=30, refresh_ahead=20, lock_ttl=60, engine=engine)
+    def load(id):
+        calls.append(id)
+        if len(calls) == 2:
+            time.sleep(0.3)  # the reload: still running when the script ends
+        return f"v{len(calls)}"
+
+    assert load("k") == "v1"
+    assert engine.client().pexpire(load.key("k"), 15_000)
+    assert load("k") == "v1"  # the reload starts behind; the script ends, unclosed
+    print(load.key("k"))
+    """
+)
+
+
+def test_an_exit_without_close_lets_a_reload_in_a_thread_finish_and_release_its_lock() -> None:
+    """A script that never closes its engine: at interpreter exit the reload's daemon
+    thread would die holding the key's lock (60 s here, other processes waiting it
+    out); the exit hook lets it finish and release."""
+    assert REDIS_URL is not None
+    prefix = unique_prefix()
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_MID_RELOAD, REDIS_URL, prefix],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert raw.exists(key + ":lock") == 0, "the reload died holding its lock"
+        assert raw.pttl(key) > 20_000  # its value stored
+    finally:
+        delete_prefix(raw, prefix)
+        raw.close()
