@@ -676,17 +676,25 @@ def test_a_batch_gives_back_a_refused_lock_before_it_waits_on_other_entries(
 ) -> None:
     """many(['a', 'b']): 'a' is ours, 'b' is another process's slow load. The store of
     'a' is refused (out of memory for an instant); its lock goes back at once, not
-    after this call has waited out 'b', so another caller of 'a' does not wait."""
+    after this call has waited out 'b', so another caller of 'a' does not wait.
+    'b' loads until the caller of 'a' has its answer (10 s at most, as long as it
+    slept before): the batch ends only after that answer, whether or not 'a' waited."""
     admin = small_server.admin()
     prefix = unique_prefix()
     mine, owner, third = (CacheEngine.from_url(small_server.url, prefix=prefix) for _ in range(3))
     waited: list[float] = []
     memory_back = threading.Event()
+    a_answered = threading.Event()
 
     def ask_for_a() -> None:
         started = time.monotonic()
         cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=third)(lambda id: id)("a")
         waited.append(time.monotonic() - started)
+        a_answered.set()
+
+    def load_b(id: str) -> str:
+        a_answered.wait(10)
+        return id
 
     def batch(ids: list[str]) -> list[str]:
         admin.config_set("maxmemory", 1)  # the store that follows is refused
@@ -703,15 +711,14 @@ def test_a_batch_gives_back_a_refused_lock_before_it_waits_on_other_entries(
     row = cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=mine, batch_loader=batch)(
         lambda id: id
     )
-    slow = cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=owner)(
-        lambda id: time.sleep(10) or id
-    )
+    slow = cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=owner)(load_b)
     threading.Thread(target=slow, args=("b",), daemon=True).start()
     assert wait_until(lambda: admin.exists(slow.key("b") + ":lock"))  # b is loading
-    assert row.many(["a", "b"]) == ["a", "b"]  # waited out b's lock (3 s)
+    assert row.many(["a", "b"]) == ["a", "b"]  # waited for b's load (its lease renewed)
     assert memory_back.is_set()
     assert wait_until(lambda: waited)
-    # at once, not when this call's 3 s wait for b was over (a bound for a slow machine)
+    # at once, not when the lock's 3 s ttl or this call's wait for b was over (a bound
+    # for a slow machine)
     assert waited[0] < 2.0, f"the caller of 'a' waited {waited[0]:.2f} s"
     for engine in (mine, owner, third):
         engine.close(timeout=0.1)
