@@ -233,7 +233,7 @@ async def run_async(settings: Settings, prefix: str) -> list[Table]:
     makers, notes = contenders()
     levels = QUICK_TASKS if settings.quick else TASKS
     rounds = 1 if settings.quick else 3
-    seconds = 0.25 if settings.quick else 1.0
+    seconds = settings.timed(1.0, 0.25)
     counter = ConnectionCounter(settings.url)
     await fill(settings.url, prefix, ["hot", *(f"k{n}" for n in range(max(levels)))], makers)
     tables = []
@@ -321,7 +321,7 @@ def target_notes(distinct: Table, hot: Table) -> list[str]:
 def run_threads(settings: Settings, prefix: str) -> Table:
     levels = THREADS
     rounds = 1 if settings.quick else 3
-    seconds = 0.25 if settings.quick else 1.0
+    seconds = settings.timed(1.0, 0.25)
     client = redis.Redis.from_url(settings.url)  # redis-py's defaults
     engine = CacheEngine.from_url(settings.url, prefix=prefix)
     get = cache_aside(key="t:<key>", ttl=600, engine=engine)(lambda key: dict(RECORD))

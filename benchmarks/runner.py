@@ -140,8 +140,17 @@ class Settings:
     rounds: int = 30
     calls: int = 200
     progress: Progress | None = None
+    # A contender's timed run, where a scenario times one: None for the scenario's own
+    # (shorter when quick); the tests run the harness for less, measuring nothing.
+    seconds: float | None = None
 
     def scaled(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def timed(self, full: float, quick: float) -> float:
+        """Seconds a contender's timed run lasts: `seconds` if set, else the scenario's."""
+        if self.seconds is not None:
+            return self.seconds
         return quick if self.quick else full
 
 

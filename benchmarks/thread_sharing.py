@@ -186,7 +186,7 @@ class SharingHeld:
 def run(settings: Settings) -> list[Table]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     rounds = 1 if settings.quick else 5
-    seconds = 0.25 if settings.quick else 1.0
+    seconds = settings.timed(1.0, 0.25)
     raw = redis.Redis.from_url(settings.url)  # redis-py's defaults
     engine = CacheEngine.from_url(settings.url, prefix=prefix)
     get = cache_aside(key="s:<key>", ttl=600, engine=engine)(lambda key: dict(RECORD))

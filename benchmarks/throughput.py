@@ -44,7 +44,7 @@ def worker(kind: str, url: str, prefix: str, seconds: float) -> int:
 
 def run(settings: Settings) -> list[Table]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    seconds = 1.0 if settings.quick else 3.0
+    seconds = settings.timed(3.0, 1.0)
     rounds = 1 if settings.quick else 3
     engine = CacheEngine(blocking_client(settings.url), prefix=prefix)
     cache_aside(key="packed:<id>", ttl=300, engine=engine)(lambda id: dict(RECORD))("p-001")

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # Each start tries this many ports before it gives up.
 START_ATTEMPTS = 5
@@ -244,10 +246,13 @@ class RedisProcess:
     def admin(self, probe: bool = False) -> redis.Redis:
         """A plain client for the test itself (over TLS when the server speaks TLS);
         a `probe` gives up reading after a second (something else may hold the port
-        and never answer)."""
+        and never answer), and does not retry: its caller's loop does, watching the
+        process, where redis-py's own retries (ten on 8.x) read the silent port for
+        15 s."""
         timeouts: dict[str, Any] = {"socket_connect_timeout": 0.5}
         if probe:
             timeouts["socket_timeout"] = 1.0
+            timeouts["retry"] = Retry(NoBackoff(), 0)
         if self.tls:
             return redis.Redis(
                 host="127.0.0.1",

@@ -83,6 +83,18 @@ class Primary:
 class Run:
     calls: list[tuple[float, str, Any, Source]] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
+    # Each key's latest hit, by when its call started: what the phases wait on.
+    last_hit: dict[str, float] = field(default_factory=dict)
+
+    def record(self, started: float, id: str, result: Any) -> None:
+        self.calls.append((started, id, result.value, result.source))
+        if result.source is Source.CACHE:
+            self.last_hit[id] = max(started, self.last_hit.get(id, started))
+
+    def every_key_hit_after(self, at: float) -> bool:
+        """Whether each key was a hit in a call that started after `at` (the cache
+        warm again, every key reloaded)."""
+        return len(self.last_hit) == len(KEYS) and min(self.last_hit.values()) > at
 
     def check(self, recovered_at: float) -> float:
         """Assert every answer was right; returns seconds to the first hit after recovery."""
@@ -94,15 +106,6 @@ class Run:
         ]
         assert hits, "no hits after Redis came back"
         return min(hits) - recovered_at
-
-    def hit_after(self, at: float) -> bool:
-        """Whether a call that started after `at` was a hit (the latest calls first)."""
-        for started, _, _, source in reversed(self.calls):
-            if started <= at:
-                return False
-            if source is Source.CACHE:
-                return True
-        return False
 
 
 def call_in_threads(
@@ -118,7 +121,7 @@ def call_in_threads(
             except Exception as exc:  # the test is that this never happens
                 run.errors.append(exc)
                 continue
-            run.calls.append((started, id, result.value, result.source))
+            run.record(started, id, result)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     for thread in threads:
@@ -138,15 +141,19 @@ def test_killed_and_restarted_under_threads(server: RedisProcess) -> None:
 
     run, stop = Run(), threading.Event()
     threads = call_in_threads(load, run, stop)
-    time.sleep(0.8)
+    assert wait_until(lambda: run.every_key_hit_after(0.0))  # warm
     server.kill()
+    killed = time.monotonic()
     loads_before = sum(primary.loads.values())
-    time.sleep(1.5)
+    # Down until the breaker opened, and opened again when its probe found Redis
+    # still gone: every state of the outage passed, the callers answered throughout.
+    assert wait_until(lambda: engine.breaker.opened >= 2)  # a bound on a hang
     loads_during = sum(primary.loads.values()) - loads_before
+    outage = time.monotonic() - killed
     server.start()  # same port, empty
     restarted = time.monotonic()
-    time.sleep(1.5)
-    assert wait_until(lambda: run.hit_after(restarted))  # a bound on a hang
+    # Until every key was reloaded (one load per key per process) and hit again.
+    assert wait_until(lambda: run.every_key_hit_after(restarted))  # a bound on a hang
     stop.set()
     for thread in threads:
         thread.join()
@@ -156,7 +163,7 @@ def test_killed_and_restarted_under_threads(server: RedisProcess) -> None:
     assert to_first_hit < FIRST_HIT_WITHIN
     print(
         f"\nthreads: {len(run.calls)} calls, 0 errors seen by callers, {loads_during} loads "
-        f"during the 1.5 s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
+        f"during the {outage:.1f} s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
         f"Redis errors by kind {load.error_kinds()}"
     )
     engine.close()
@@ -184,19 +191,23 @@ async def test_killed_and_restarted_under_tasks(server: RedisProcess) -> None:
             except Exception as exc:  # the test is that this never happens
                 run.errors.append(exc)
                 continue
-            run.calls.append((started, id, result.value, result.source))
+            run.record(started, id, result)
             await asyncio.sleep(0)
 
     workers = [asyncio.create_task(worker(i)) for i in range(50)]
-    await asyncio.sleep(0.8)
+    assert await eventually(lambda: run.every_key_hit_after(0.0))  # warm
     server.kill()
+    killed = time.monotonic()
     loads_before = sum(primary.loads.values())
-    await asyncio.sleep(1.5)
+    # Down until the breaker opened, and opened again when its probe found Redis
+    # still gone: every state of the outage passed, the callers answered throughout.
+    assert await eventually(lambda: engine.breaker.opened >= 2)  # a bound on a hang
     loads_during = sum(primary.loads.values()) - loads_before
+    outage = time.monotonic() - killed
     await asyncio.to_thread(server.start)
     restarted = time.monotonic()
-    await asyncio.sleep(1.5)
-    assert await eventually(lambda: run.hit_after(restarted))  # a bound on a hang
+    # Until every key was reloaded (one load per key per process) and hit again.
+    assert await eventually(lambda: run.every_key_hit_after(restarted))  # a bound on a hang
     stopping.set()
     await asyncio.gather(*workers)
     to_first_hit = run.check(restarted)
@@ -204,7 +215,7 @@ async def test_killed_and_restarted_under_tasks(server: RedisProcess) -> None:
     assert to_first_hit < FIRST_HIT_WITHIN
     print(
         f"\ntasks: {len(run.calls)} calls, 0 errors seen by callers, {loads_during} loads "
-        f"during the 1.5 s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
+        f"during the {outage:.1f} s outage, first hit {to_first_hit * 1000:.0f} ms after restart, "
         f"Redis errors by kind {load.error_kinds()}"
     )
     await engine.aclose()
@@ -221,13 +232,13 @@ def test_paused_server_costs_callers_a_few_timeouts_then_nothing(server: RedisPr
 
     run, stop = Run(), threading.Event()
     threads = call_in_threads(load, run, stop)
-    time.sleep(0.5)
+    assert wait_until(lambda: run.every_key_hit_after(0.0))  # warm
     server.pause()
     paused = time.monotonic()
-    time.sleep(2.0)
+    time.sleep(2.0)  # the pause: long enough for calls skipping Redis to outnumber timeouts
     server.resume()
     resumed = time.monotonic()
-    time.sleep(1.0)
+    assert wait_until(lambda: run.every_key_hit_after(resumed))  # a bound on a hang
     stop.set()
     for thread in threads:
         thread.join()
@@ -280,7 +291,7 @@ def test_fail_open_false_raises_cache_unavailable(server: RedisProcess) -> None:
     with pytest.raises(CacheUnavailableError):
         load.invalidate("a")
     assert calls == ["a"]  # the loader was not called behind the caller's back
-    engine.close()
+    engine.close(timeout=0)  # its last try at the invalidation would wait 1 s on a dead server
 
 
 def test_a_call_on_a_hung_server_waits_out_one_timeout(
@@ -676,17 +687,25 @@ def test_a_batch_gives_back_a_refused_lock_before_it_waits_on_other_entries(
 ) -> None:
     """many(['a', 'b']): 'a' is ours, 'b' is another process's slow load. The store of
     'a' is refused (out of memory for an instant); its lock goes back at once, not
-    after this call has waited out 'b', so another caller of 'a' does not wait."""
+    after this call has waited out 'b', so another caller of 'a' does not wait.
+    'b' loads until the caller of 'a' has its answer (10 s at most, as long as it
+    slept before): the batch ends only after that answer, whether or not 'a' waited."""
     admin = small_server.admin()
     prefix = unique_prefix()
     mine, owner, third = (CacheEngine.from_url(small_server.url, prefix=prefix) for _ in range(3))
     waited: list[float] = []
     memory_back = threading.Event()
+    a_answered = threading.Event()
 
     def ask_for_a() -> None:
         started = time.monotonic()
         cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=third)(lambda id: id)("a")
         waited.append(time.monotonic() - started)
+        a_answered.set()
+
+    def load_b(id: str) -> str:
+        a_answered.wait(10)
+        return id
 
     def batch(ids: list[str]) -> list[str]:
         admin.config_set("maxmemory", 1)  # the store that follows is refused
@@ -703,15 +722,14 @@ def test_a_batch_gives_back_a_refused_lock_before_it_waits_on_other_entries(
     row = cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=mine, batch_loader=batch)(
         lambda id: id
     )
-    slow = cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=owner)(
-        lambda id: time.sleep(10) or id
-    )
+    slow = cache_aside(key="row:<id>", ttl=60, lock_ttl=3, engine=owner)(load_b)
     threading.Thread(target=slow, args=("b",), daemon=True).start()
     assert wait_until(lambda: admin.exists(slow.key("b") + ":lock"))  # b is loading
-    assert row.many(["a", "b"]) == ["a", "b"]  # waited out b's lock (3 s)
+    assert row.many(["a", "b"]) == ["a", "b"]  # waited for b's load (its lease renewed)
     assert memory_back.is_set()
     assert wait_until(lambda: waited)
-    # at once, not when this call's 3 s wait for b was over (a bound for a slow machine)
+    # at once, not when the lock's 3 s ttl or this call's wait for b was over (a bound
+    # for a slow machine)
     assert waited[0] < 2.0, f"the caller of 'a' waited {waited[0]:.2f} s"
     for engine in (mine, owner, third):
         engine.close(timeout=0.1)

@@ -282,7 +282,7 @@ PROCESS_SCRIPT = textwrap.dedent(
     import sys, time
     import redis
     from cached_aside import CacheEngine, XFetch, cache_aside
-    url, prefix, start, run_s, ttl, window, keys = sys.argv[1:8]
+    url, prefix, run_s, ttl, window, keys = sys.argv[1:7]
     # Timeouts and a lock far above any stall of a starved process: this is about
     # single flight and XFetch, not lease renewal; and a Redis failure raises here
     # (fail_open=False) instead of loading beside the lock.
@@ -301,7 +301,9 @@ PROCESS_SCRIPT = textwrap.dedent(
         raw.decr(f"{prefix}:inflight:{id}")
         return id
 
-    time.sleep(max(0.0, float(start) - time.time()))
+    print("ready", flush=True)  # started and imported: the test gives one start time
+    start = float(sys.stdin.readline())
+    time.sleep(max(0.0, start - time.time()))
     stop = time.time() + float(run_s)
     calls = 0
     while time.time() < stop:
@@ -322,25 +324,36 @@ def test_xfetch_refreshes_once_per_key_under_8_concurrent_processes() -> None:
     key per expiry window, however the draws and the machine's load fall."""
     assert REDIS_URL is not None
     prefix = unique_prefix()
-    start = time.time() + 2.0  # let every interpreter start first
     argv = [
         sys.executable,
         "-c",
         PROCESS_SCRIPT,
         REDIS_URL,
         prefix,
-        str(start),
         str(RUN_S),
         str(TTL_S),
         str(WINDOW_S),
         str(HOT_KEYS),
     ]
     processes = [
-        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(PROCESSES)
     ]
     raw = redis.Redis.from_url(REDIS_URL)
     try:
+        # A barrier, not a guess at start-up time: every process has started when it
+        # says so, and all are given one start a moment later.
+        for process in processes:
+            assert process.stdout is not None
+            said = process.stdout.readline().strip()
+            assert said == "ready", (said, process.communicate(timeout=120))
+        start = time.time() + 0.05
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write(f"{start}\n")
+            process.stdin.flush()
         outputs = [process.communicate(timeout=120) for process in processes]
         assert all(p.returncode == 0 for p in processes), outputs
         assert sum(int(out) for out, _ in outputs) > PROCESSES * HOT_KEYS
