@@ -12,7 +12,7 @@ import gc
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -204,18 +204,6 @@ def seeded() -> Any:
     _cleanup(prefix)
 
 
-@pytest.fixture
-def frozen_heap() -> Iterator[None]:
-    """What existed before the test is moved out of the collector's sight (gc.freeze):
-    each example's gc.collect() then walks only what the example made (its loop,
-    futures and tasks, which it still collects) instead of the whole test run's heap,
-    which cost nine tenths of the example's time."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
 @pytest.mark.parametrize("loop_factory", _loops())
 @settings(
     max_examples=75,
@@ -224,7 +212,7 @@ def frozen_heap() -> Iterator[None]:
 )
 @given(steps=st.lists(step, min_size=1, max_size=12))
 def test_each_caller_gets_its_own_replies_whatever_the_interleaving(
-    seeded: str, frozen_heap: None, loop_factory: Any, steps: list[Any]
+    seeded: str, loop_factory: Any, steps: list[Any]
 ) -> None:
     handler = _run(seeded, steps, None, loop_factory)
     assert not [m for m in handler.messages() if "never retrieved" in m], handler.seen
