@@ -27,6 +27,10 @@ from .servers import REDIS_SERVER, RedisProcess
 LEASE = 2.0  # seconds: renewed every 0.67 s
 SLOW_LEASE = 2.0  # the slow-loader test's: renewed every 0.67 s, lost after 2 s unrenewed
 HANG = 30.0  # seconds: a generous upper bound on a hang, never reached when all is well
+# Renewals watched once a caller waits on a lock: over 3 periods (2 s) after it was
+# told the lock's pttl (2 s at most), it waited that out and waits again; and the
+# loader held its lock for more than a lease.
+WAITED = 4
 
 
 class Renewals:
@@ -73,9 +77,9 @@ def until(condition: Callable[[], bool]) -> None:
 def test_a_slow_loader_keeps_its_lease_and_loads_once_while_many_wait(
     engine: CacheEngine, twin: Any, clients: Any
 ) -> None:
-    """The loader runs for many leases (8 renewals of a 2 s lease, then more while
-    the callers pile up); 12 callers in two engines (two processes, as far as Redis
-    can tell) wait for its one load."""
+    """The loader runs for more than a lease (4 renewals of a 2 s lease); 12 callers
+    in two engines (two processes, as far as Redis can tell) wait for its one load,
+    the other engine's past its wait's bound (the lock's pttl) and again."""
     other = twin()
     release, loading = threading.Event(), threading.Event()
     loads: list[str] = []
@@ -92,15 +96,14 @@ def test_a_slow_loader_keeps_its_lease_and_loads_once_while_many_wait(
     first = threading.Thread(target=lambda: results.append(mine.lookup("a")))
     first.start()
     assert loading.wait(HANG)
-    renewals = Renewals(clients[2], mine.key("a") + ":lock")
-    renewals.wait(4)
     callers = [
         threading.Thread(target=lambda fn=fn: results.append(fn.lookup("a")))
         for fn in [mine, theirs] * 6
     ]
     for caller in callers:
         caller.start()
-    renewals.wait(4)  # the callers wait through more leases
+    until(lambda: theirs.stats().lock_waits > 0)  # the other engine waits on the lock
+    Renewals(clients[2], mine.key("a") + ":lock").wait(WAITED)
     assert loads == ["a"]
     assert results == []  # every caller, in both engines, still waits for the one load
     release.set()
@@ -130,10 +133,12 @@ async def test_a_slow_async_loader_keeps_its_lease_and_loads_once_while_many_wai
     theirs = cache_aside(key="slow:<id>", ttl=30, lock_ttl=SLOW_LEASE, engine=other)(load)
     first = asyncio.create_task(mine.lookup("a"))
     await asyncio.wait_for(loading.wait(), HANG)
-    renewals = Renewals(clients[2], mine.key("a") + ":lock")
-    await renewals.await_(4)
     callers = [asyncio.create_task(fn.lookup("a")) for fn in [mine, theirs] * 6]
-    await renewals.await_(4)
+    deadline = time.monotonic() + HANG
+    while not theirs.stats().lock_waits:  # until the other engine waits on the lock
+        assert time.monotonic() < deadline, "the other engine never waited"
+        await asyncio.sleep(0.005)
+    await Renewals(clients[2], mine.key("a") + ":lock").await_(WAITED)
     assert loads == ["a"]
     release.set()
     results = await asyncio.wait_for(asyncio.gather(first, *callers), HANG)
@@ -347,8 +352,9 @@ def test_a_hung_server_stalls_no_other_engines_renewals(engine: CacheEngine, cli
         for thread in threads:
             thread.start()
         assert loading.wait(HANG)
-        hung.pause()  # the next renewal on it waits for ever
-        Renewals(clients[2], healthy.key("a") + ":lock").wait(8)  # and none lapses here
+        hung.pause()  # the next renewal on it waits for ever (due with the first here)
+        # and none lapses here: renewed for a lease after the hung one was due
+        Renewals(clients[2], healthy.key("a") + ":lock").wait(4)
     finally:
         hung.resume()
         release.set()
@@ -395,14 +401,13 @@ def test_a_slow_tagged_typed_batch_loads_once_for_two_engines_and_its_entries_hi
     first = threading.Thread(target=lambda: results.append(mine.many([1, 2, 3])))
     first.start()
     assert loading.wait(HANG)
-    renewals = Renewals(clients[2], mine.key(1) + ":lock")
-    renewals.wait(4)
     callers = [
         threading.Thread(target=lambda fn=fn: results.append(fn(2))) for fn in [mine, theirs] * 3
     ]
     for caller in callers:
         caller.start()
-    renewals.wait(4)
+    until(lambda: theirs.stats().lock_waits > 0)  # the other engine waits on key 2's lock
+    Renewals(clients[2], mine.key(1) + ":lock").wait(WAITED)
     release.set()
     for thread in [first, *callers]:
         thread.join(HANG)
