@@ -73,8 +73,9 @@ class _Flight:
         self.finish()
 
     def finish(self) -> None:
-        """Close the flight and wake its joiners."""
+        """Close the flight, forget it as running, and wake its joiners."""
         self.registry.close(self)
+        self.registry.ended(self)
         self.wake()
 
     def wake(self) -> None:
@@ -132,6 +133,11 @@ class _Reload(_Flight):
 class _Registry:
     def __init__(self) -> None:
         self.active: dict[str, _Flight] = {}  # the flight a caller of the key joins
+        # Every call's flight from its start to its end, sealed or forgotten ones too
+        # (a sealed flight may still load: a waiter woken looks again and may take the
+        # lock), for refreshes to wait for: a refresh revokes the lock, so the Redis
+        # lock cannot keep it from loading beside a load of this process.
+        self.running: dict[str, list[_Flight]] = {}
         self.reloading: dict[str, _Reload] = {}  # a refresh in progress, until it ends
         self.following: dict[str, _Reload] = {}  # the refresh to run after the flight
         self.waiting = 0  # callers waiting for another's flight now (for observers)
@@ -145,13 +151,28 @@ class _Registry:
             if place.get(flight.key) is flight:
                 del place[flight.key]
 
+    def started(self, flight: _Flight) -> None:
+        self.running.setdefault(flight.key, []).append(flight)
+
+    def ended(self, flight: _Flight) -> None:
+        flights = self.running.get(flight.key)
+        if flights is not None and flight in flights:
+            flights.remove(flight)
+            if not flights:
+                del self.running[flight.key]
+
+    def _in_progress(self, key: str) -> _Flight | None:
+        """A refresh in progress, else a call's flight running (the first)."""
+        flights = self.running.get(key)
+        return self.reloading.get(key) or (flights[0] if flights else None)
+
     def _reload_turn(self, key: str) -> tuple[str, _Reload, _Flight | None]:
         """What a refresh of `key` does now: ("join", the reload to join, None), or
         ("lead", its new reload, the flight to wait for first, if any)."""
         current = self.reloading.get(key)
         if current is not None and current.open:
             return "join", current, None  # its load has not begun: it is fresh for us
-        before = current or self.active.get(key)
+        before = current or self._in_progress(key)
         if before is None:
             flight = self.reloading[key] = _Reload(self, key)
             return "lead", flight, None
@@ -180,7 +201,7 @@ class _Registry:
         """The reload `flight` starts if no flight of its key runs: None; else the
         flight to wait for first."""
         key = flight.key
-        before = self.reloading.get(key) or self.active.get(key)
+        before = self._in_progress(key)
         if before is not None and before is not flight:
             return before
         if self.following.get(key) is flight:
@@ -194,6 +215,7 @@ class _Registry:
         if key in self.active or key in self.reloading:
             return None
         flight = self.active[key] = _Flight(self, key)
+        self.started(flight)
         return flight
 
     def forget(self, key: str) -> None:
@@ -207,6 +229,7 @@ class _Registry:
     def reset_after_fork(self) -> None:
         """In a forked child: the leaders of these flights did not come along."""
         self.active = {}
+        self.running = {}
         self.reloading = {}
         self.following = {}
         self.waiting = 0
@@ -276,6 +299,10 @@ class ThreadFlights(_Registry):
         with self._lock:
             super().end_reload(flight)
 
+    def ended(self, flight: _Flight) -> None:
+        with self._lock:
+            super().ended(flight)
+
     def take(self, key: str) -> _Flight | None:
         with self._lock:
             flight = super().take(key)
@@ -322,6 +349,8 @@ class ThreadFlights(_Registry):
         flight.done = threading.Event()
         with self._lock:  # a refresh may be taking its turn (_reload_turn) right now
             current = self.active.setdefault(key, flight)
+            if current is flight:
+                self.started(flight)
         if current is not flight:
             if not self._wait(current, patience):
                 return serve(*args, _no_seal), False
@@ -391,6 +420,7 @@ class TaskFlights(_Registry):
             answer = current.outcome(reads_shared=False)
             return None if answer is None else (answer, True)
         flight = self.active[key] = _Flight(self, key)
+        self.started(flight)
         try:
             flight.answer = await serve(*args, flight.seal)
         except BaseException as error:
@@ -399,6 +429,7 @@ class TaskFlights(_Registry):
         finally:
             if self.active.get(key) is flight:
                 del self.active[key]
+            self.ended(flight)
             if flight.joiners:
                 flight.wake()
         return flight.answer, False

@@ -30,6 +30,8 @@ from cached_aside import (
     Source,
     cache_aside,
 )
+from cached_aside._flights import TaskFlights, ThreadFlights
+from cached_aside._plan import Served
 from cached_aside._scripts import ScriptName
 
 from .conftest import (
@@ -1055,3 +1057,70 @@ async def test_five_hundred_tasks_cost_a_few_round_trips_and_one_lock_attempt(
     assert len(sent) <= 4, sent
     assert sum("ACQUIRE" in op for op in sent) == 1, sent
     assert load.stats().loads == 1
+
+
+# -- a refresh waits for every call's load of its process -----------------------------
+
+
+def _served() -> tuple[Any, float]:
+    return Served(value="v", source=Source.LOADER), 0.0
+
+
+@pytest.mark.parametrize("gone", ["forgotten", "sealed"])
+def test_a_refresh_waits_for_a_calls_flight_that_no_longer_takes_joiners(gone: str) -> None:
+    """Was a defect (the property test above found it: two loads of a key at once): a
+    refresh ending calls forget() on the key, so that no later caller joins a read
+    from before it; a call's flight waiting on that refresh was forgotten, yet woke
+    and loaded, and the next refresh, finding no flight of the key, revoked the lock
+    and loaded beside it. A sealed flight (a waiter woken looks again and may take
+    the lock) is no different. Such flights are still running: a refresh waits for
+    them."""
+    flights = ThreadFlights()
+    inside, release = threading.Event(), threading.Event()
+
+    def serve(seal: Callable[[], None]) -> tuple[Any, float]:
+        if gone == "sealed":
+            seal()
+        else:
+            flights.forget("k")
+        inside.set()
+        assert release.wait(HANG)
+        return _served()
+
+    call = threading.Thread(target=flights.run, args=("k", HANG, serve))
+    call.start()
+    try:
+        assert inside.wait(HANG)
+        with flights._lock:  # a refresh arriving while the call loads
+            role, reload, before = flights._reload_turn("k")
+        assert role == "lead"
+        assert before is not None, "the refresh would load beside the call's load"
+        assert not flights.active  # no caller joins the flight, though
+    finally:
+        release.set()
+        call.join(HANG)
+    assert flights._take_turn(reload) is None  # the call's flight ended: its turn
+    assert flights.running == {}
+
+
+async def test_a_task_refresh_waits_for_a_forgotten_calls_flight() -> None:
+    """As above, for tasks."""
+    flights = TaskFlights()
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def serve(seal: Callable[[], None]) -> tuple[Any, float]:
+        flights.forget("k")
+        inside.set()
+        await release.wait()
+        return _served()
+
+    call = asyncio.ensure_future(flights.run("k", HANG, serve))
+    try:
+        await asyncio.wait_for(inside.wait(), HANG)
+        role, reload, before = flights._reload_turn("k")
+        assert (role, before is not None) == ("lead", True)
+    finally:
+        release.set()
+        await asyncio.wait_for(call, HANG)
+    assert flights._take_turn(reload) is None
+    assert flights.running == {}
