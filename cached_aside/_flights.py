@@ -335,6 +335,16 @@ class ThreadFlights(_Registry):
             with self._lock:
                 self.waiting -= 1
 
+    def _alone(self, key: str, serve: Callable[..., Answer], args: tuple[Any, ...]) -> Answer:
+        """A read by itself, its patience with another's flight out: nobody joins it,
+        but it may load (or revoke the lock, a refresh's), so refreshes wait for it."""
+        flight = _Flight(self, key)
+        flight.done = threading.Event()
+        with flight:
+            with self._lock:
+                self.started(flight)
+            return serve(*args, _no_seal)
+
     def run(
         self, key: str, patience: float, serve: Callable[..., Answer], *args: Any
     ) -> tuple[Answer, bool] | None:
@@ -353,7 +363,7 @@ class ThreadFlights(_Registry):
                 self.started(flight)
         if current is not flight:
             if not self._wait(current, patience):
-                return serve(*args, _no_seal), False
+                return self._alone(key, serve, args), False
             # A thread can lose the GIL for milliseconds between a reply and its
             # return, long enough for an invalidation elsewhere to complete: take only
             # answers that are fresh for anyone who joined before the seal.
@@ -377,7 +387,7 @@ class ThreadFlights(_Registry):
             if role == "join":
                 # Twice the patience: its leader may wait for the flight before it first.
                 if not self._wait(flight, 2 * patience):
-                    return serve(*args, _no_seal), False
+                    return self._alone(key, serve, args), False
                 answer = flight.outcome(reads_shared=False)
                 if answer is not None:
                     return answer, True
@@ -416,7 +426,7 @@ class TaskFlights(_Registry):
         current = self.active.get(key)
         if current is not None:
             if not await self._wait(current, patience):
-                return await serve(*args, _no_seal), False
+                return await self._alone(key, serve, args), False
             answer = current.outcome(reads_shared=False)
             return None if answer is None else (answer, True)
         flight = self.active[key] = _Flight(self, key)
@@ -442,7 +452,7 @@ class TaskFlights(_Registry):
             role, flight, before = self._reload_turn(key)
             if role == "join":
                 if not await self._wait(flight, 2 * patience):
-                    return await serve(*args, _no_seal), False
+                    return await self._alone(key, serve, args), False
                 answer = flight.outcome(reads_shared=False)
                 if answer is not None:
                     return answer, True
@@ -459,6 +469,15 @@ class TaskFlights(_Registry):
     async def wait_for(self, flight: _Flight, patience: float) -> bool:
         """Wait for `flight` to end; False when `patience` ran out first."""
         return await self._wait(flight, patience)
+
+    async def _alone(
+        self, key: str, serve: Callable[..., Awaitable[Answer]], args: tuple[Any, ...]
+    ) -> Answer:
+        """As ThreadFlights._alone, for tasks."""
+        flight = _Flight(self, key)
+        self.started(flight)
+        with flight:
+            return await serve(*args, _no_seal)
 
     async def _wait(self, flight: _Flight, patience: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ import redis.asyncio.retry
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+import cached_aside._plan
 from cached_aside import (
     CacheEngine,
     LoaderTimeoutError,
@@ -1122,5 +1123,195 @@ async def test_a_task_refresh_waits_for_a_forgotten_calls_flight() -> None:
     finally:
         release.set()
         await asyncio.wait_for(call, HANG)
+    assert flights._take_turn(reload) is None
+    assert flights.running == {}
+
+
+def test_a_refresh_waits_for_a_joiner_that_gave_up_on_its_leader_and_reads_alone() -> None:
+    """Was a defect: a joiner whose patience ran out reads by itself, and that read
+    may load (its leader failed meanwhile and freed the lock), yet it was no flight of
+    the registry; once the leader ended, a refresh found the key free, revoked the
+    lock and loaded beside it. A read alone runs as a flight too."""
+    flights = ThreadFlights()
+    leading, leader_goes = threading.Event(), threading.Event()
+    alone, alone_goes = threading.Event(), threading.Event()
+
+    def lead(seal: Callable[[], None]) -> tuple[Any, float]:
+        leading.set()
+        assert leader_goes.wait(HANG)
+        return _served()
+
+    def read_alone(seal: Callable[[], None]) -> tuple[Any, float]:
+        alone.set()
+        assert alone_goes.wait(HANG)
+        return _served()
+
+    leader = threading.Thread(target=flights.run, args=("k", HANG, lead))
+    leader.start()
+    # No patience at all: the joiner gives up on the leader at once.
+    joiner = threading.Thread(target=flights.run, args=("k", 0.0, read_alone))
+    try:
+        assert leading.wait(HANG)
+        joiner.start()
+        assert alone.wait(HANG)
+        leader_goes.set()
+        leader.join(HANG)
+        assert not leader.is_alive()
+        with flights._lock:  # a refresh arriving while only the lone read loads
+            role, reload, before = flights._reload_turn("k")
+        assert role == "lead"
+        assert before is not None, "the refresh would load beside the lone read"
+    finally:
+        leader_goes.set()
+        alone_goes.set()
+        leader.join(HANG)
+        joiner.join(HANG)
+    assert flights._take_turn(reload) is None
+    assert flights.running == {}
+
+
+def test_a_refresh_waits_for_a_refresh_that_gave_up_on_the_one_it_joined() -> None:
+    """As above, for a refresh that joined another's reload and, its patience out,
+    reloads by itself: once the reload it joined ended, the next refresh loaded
+    beside it."""
+    flights = ThreadFlights()
+    leading, leader_goes = threading.Event(), threading.Event()
+    alone, alone_goes = threading.Event(), threading.Event()
+
+    def lead(seal: Callable[[], None]) -> tuple[Any, float]:
+        leading.set()  # not sealed: its load has not begun, later refreshes join it
+        assert leader_goes.wait(HANG)
+        return _served()
+
+    def reload_alone(seal: Callable[[], None]) -> tuple[Any, float]:
+        alone.set()
+        assert alone_goes.wait(HANG)
+        return _served()
+
+    leader = threading.Thread(target=flights.reload, args=("k", HANG, lead))
+    leader.start()
+    joiner = threading.Thread(target=flights.reload, args=("k", 0.0, reload_alone))
+    try:
+        assert leading.wait(HANG)
+        joiner.start()
+        assert alone.wait(HANG)
+        leader_goes.set()
+        leader.join(HANG)
+        assert not leader.is_alive()
+        with flights._lock:
+            role, reload, before = flights._reload_turn("k")
+        assert role == "lead"
+        assert before is not None, "the refresh would load beside the lone reload"
+    finally:
+        leader_goes.set()
+        alone_goes.set()
+        leader.join(HANG)
+        joiner.join(HANG)
+    assert flights._take_turn(reload) is None
+    assert flights.running == {}
+
+
+def test_a_refresh_waits_for_a_joiner_that_loads_alone_after_its_leader_failed(
+    engine: CacheEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defect above, end to end (the loader ran twice at once before): a joiner
+    gives up on its hanging leader and waits on the Redis lock; the leader fails and
+    frees the lock, the joiner takes it and loads; a refresh arriving then waits for
+    that load instead of revoking its lock and loading beside it."""
+    monkeypatch.setattr(cached_aside._plan, "PATIENCE_FLOOR_S", 0.0)  # patience: lock_ttl
+    guard = threading.Lock()
+    runs, at_once, most = 0, 0, 0
+    first_in, first_goes = threading.Event(), threading.Event()
+    second_in, second_goes = threading.Event(), threading.Event()
+    third_in = threading.Event()
+
+    def load(id: str) -> str:
+        nonlocal runs, at_once, most
+        with guard:
+            runs += 1
+            run, at_once = runs, at_once + 1
+            most = max(most, at_once)
+        try:
+            if run == 1:
+                first_in.set()
+                assert first_goes.wait(HANG)
+                raise LoadError("the primary failed")
+            if run == 2:
+                second_in.set()
+                assert second_goes.wait(HANG)
+            else:
+                third_in.set()
+            return f"v{run}"
+        finally:
+            with guard:
+                at_once -= 1
+
+    fn = cache_aside(key="alone:<id>", ttl=TTL, lock_ttl=1, engine=engine)(load)
+    flights = engine.sides.sync_side().flights
+    results: dict[str, Any] = {}
+
+    def caller(name: str, call: Callable[[], Any]) -> None:
+        results[name] = outcome_of(lambda: (call(), None))
+
+    threads = [
+        threading.Thread(target=caller, args=("leader", lambda: fn("k"))),
+        threading.Thread(target=caller, args=("joiner", lambda: fn("k"))),
+        threading.Thread(target=caller, args=("refresh", lambda: fn.refresh("k"))),
+    ]
+    try:
+        threads[0].start()
+        assert first_in.wait(HANG)
+        threads[1].start()
+        assert wait_until(lambda: fn.stats().lock_waits >= 1, HANG)  # gave up: on Redis
+        first_goes.set()
+        threads[0].join(HANG)
+        assert second_in.wait(HANG)  # the joiner loads alone
+        threads[2].start()
+        assert wait_until(lambda: third_in.is_set() or flights.waiting >= 1, HANG)
+    finally:
+        first_goes.set()
+        second_goes.set()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join(HANG)
+    assert most == 1, "two loads of the key at once"
+    assert results == {
+        "leader": ("error", LoadError, "the primary failed"),
+        "joiner": ("ok", "v2", None),
+        "refresh": ("ok", "v3", None),
+    }
+
+
+@pytest.mark.parametrize("join", ["run", "reload"])
+async def test_a_task_refresh_waits_for_a_joiner_that_gave_up_and_reads_alone(join: str) -> None:
+    """As above, for tasks: a call's joiner and a refresh's joiner reading alone."""
+    flights = TaskFlights()
+    leading, leader_goes = asyncio.Event(), asyncio.Event()
+    alone, alone_goes = asyncio.Event(), asyncio.Event()
+
+    async def lead(seal: Callable[[], None]) -> tuple[Any, float]:
+        leading.set()
+        await leader_goes.wait()
+        return _served()
+
+    async def read_alone(seal: Callable[[], None]) -> tuple[Any, float]:
+        alone.set()
+        await alone_goes.wait()
+        return _served()
+
+    way = flights.run if join == "run" else flights.reload
+    leader = asyncio.ensure_future(way("k", HANG, lead))
+    await asyncio.wait_for(leading.wait(), HANG)
+    joiner = asyncio.ensure_future(way("k", 0.0, read_alone))  # gives up at once
+    try:
+        await asyncio.wait_for(alone.wait(), HANG)
+        leader_goes.set()
+        await asyncio.wait_for(leader, HANG)
+        role, reload, before = flights._reload_turn("k")
+        assert (role, before is not None) == ("lead", True)
+    finally:
+        leader_goes.set()
+        alone_goes.set()
+        await asyncio.wait_for(asyncio.gather(leader, joiner), HANG)
     assert flights._take_turn(reload) is None
     assert flights.running == {}
