@@ -1127,17 +1127,22 @@ async def test_a_task_refresh_waits_for_a_forgotten_calls_flight() -> None:
     assert flights.running == {}
 
 
-def test_a_refresh_waits_for_a_joiner_that_gave_up_on_its_leader_and_reads_alone() -> None:
-    """Was a defect: a joiner whose patience ran out reads by itself, and that read
-    may load (its leader failed meanwhile and freed the lock), yet it was no flight of
-    the registry; once the leader ended, a refresh found the key free, revoked the
-    lock and loaded beside it. A read alone runs as a flight too."""
+@pytest.mark.parametrize("method", ["run", "reload"])
+def test_a_refresh_waits_for_a_joiner_that_gave_up_on_its_leader_and_reads_alone(
+    method: str,
+) -> None:
+    """Was a defect: a joiner whose patience ran out reads by itself (a call's joiner,
+    or a refresh that joined another's reload), and that read may load (its leader
+    failed meanwhile and freed the lock), yet it was no flight of the registry; once
+    the leader ended, a refresh found the key free, revoked the lock and loaded
+    beside it. A read alone runs as a flight too."""
     flights = ThreadFlights()
+    start = getattr(flights, method)
     leading, leader_goes = threading.Event(), threading.Event()
     alone, alone_goes = threading.Event(), threading.Event()
 
     def lead(seal: Callable[[], None]) -> tuple[Any, float]:
-        leading.set()
+        leading.set()  # not sealed: a reload's load has not begun, refreshes join it
         assert leader_goes.wait(HANG)
         return _served()
 
@@ -1146,10 +1151,10 @@ def test_a_refresh_waits_for_a_joiner_that_gave_up_on_its_leader_and_reads_alone
         assert alone_goes.wait(HANG)
         return _served()
 
-    leader = threading.Thread(target=flights.run, args=("k", HANG, lead))
+    leader = threading.Thread(target=start, args=("k", HANG, lead))
     leader.start()
     # No patience at all: the joiner gives up on the leader at once.
-    joiner = threading.Thread(target=flights.run, args=("k", 0.0, read_alone))
+    joiner = threading.Thread(target=start, args=("k", 0.0, read_alone))
     try:
         assert leading.wait(HANG)
         joiner.start()
@@ -1161,47 +1166,6 @@ def test_a_refresh_waits_for_a_joiner_that_gave_up_on_its_leader_and_reads_alone
             role, reload, before = flights._reload_turn("k")
         assert role == "lead"
         assert before is not None, "the refresh would load beside the lone read"
-    finally:
-        leader_goes.set()
-        alone_goes.set()
-        leader.join(HANG)
-        joiner.join(HANG)
-    assert flights._take_turn(reload) is None
-    assert flights.running == {}
-
-
-def test_a_refresh_waits_for_a_refresh_that_gave_up_on_the_one_it_joined() -> None:
-    """As above, for a refresh that joined another's reload and, its patience out,
-    reloads by itself: once the reload it joined ended, the next refresh loaded
-    beside it."""
-    flights = ThreadFlights()
-    leading, leader_goes = threading.Event(), threading.Event()
-    alone, alone_goes = threading.Event(), threading.Event()
-
-    def lead(seal: Callable[[], None]) -> tuple[Any, float]:
-        leading.set()  # not sealed: its load has not begun, later refreshes join it
-        assert leader_goes.wait(HANG)
-        return _served()
-
-    def reload_alone(seal: Callable[[], None]) -> tuple[Any, float]:
-        alone.set()
-        assert alone_goes.wait(HANG)
-        return _served()
-
-    leader = threading.Thread(target=flights.reload, args=("k", HANG, lead))
-    leader.start()
-    joiner = threading.Thread(target=flights.reload, args=("k", 0.0, reload_alone))
-    try:
-        assert leading.wait(HANG)
-        joiner.start()
-        assert alone.wait(HANG)
-        leader_goes.set()
-        leader.join(HANG)
-        assert not leader.is_alive()
-        with flights._lock:
-            role, reload, before = flights._reload_turn("k")
-        assert role == "lead"
-        assert before is not None, "the refresh would load beside the lone reload"
     finally:
         leader_goes.set()
         alone_goes.set()
