@@ -64,10 +64,11 @@ class Deliveries:
         self.flusher.stopping.clear()
 
     def at_exit(self, timeout: float) -> None:
-        """Interpreter exit without close(): a last attempt, as close(), when a sync
-        client can make it (an async-only engine's loop is gone by now); whatever is
-        left is logged, never dropped in silence."""
-        if not self.outbox.pending_any():
+        """Interpreter exit: a last attempt, as close(), when a sync client can make
+        it (an async-only engine's loop is gone by now); whatever is left is logged,
+        never dropped in silence. Nothing new since a close() logged what was left
+        (the Django integration closes at exit too): that was the last attempt."""
+        if not self.outbox.pending_any() or set(self.outbox.pending()) <= self.flusher.told:
             return
         if self.flusher.sync_runtime is not None:
             self.close(timeout)

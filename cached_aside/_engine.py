@@ -302,7 +302,6 @@ class _Parts:
         near: NearCache | None,
     ) -> None:
         self.connector, self.prefix, self.near = connector, prefix, near
-        self.closed = False  # close() or aclose() was called
         self.key_head = key_head(prefix)
         self.breaker = breaker = connector.breaker(breaker_failures, breaker_cooldown)
         # The flusher asks for a side only once work arrives: the sides exist by then.
@@ -320,7 +319,6 @@ class _Parts:
     def close(self, timeout: float) -> None:
         """Reloads in threads first (left running, one would hold its key's lock past
         the close: at interpreter exit, till the lock's ttl), then the parts."""
-        self.closed = True
         self.sides.settle(timeout, self.sides.reloading)
         self._close_parts(timeout)
 
@@ -332,7 +330,6 @@ class _Parts:
     async def aclose(self, timeout: float) -> None:
         """This loop's background work and the reloads in threads, the last deliveries
         (on the async client when there is no other), the parts, this loop's client."""
-        self.closed = True
         self.deliveries.stop_retrying()  # an async flusher hands over to the last attempt
         await self.sides.drain(timeout, but=self.deliveries.task)
         await self.sides.reloads_done(timeout)
@@ -344,10 +341,7 @@ class _Parts:
         """Interpreter exit, the engine not closed: what its daemon threads would lose
         (a reload holding its key's lock, invalidations in the outbox) is finished or
         logged, each for up to `timeout` seconds. Connections are left to exit. An
-        engine closed already (the Django integration closes at exit too) has had
-        its last attempt and its log."""
-        if self.closed:
-            return
+        engine closed and not used since has nothing left to do here."""
         self.sides.settle(timeout, self.sides.reloading)
         self.deliveries.at_exit(timeout)
 

@@ -51,6 +51,7 @@ class Flusher:
         self.async_runtime = async_runtime
         self.stopping = threading.Event()  # close(): stop retrying
         self.task: asyncio.Task[None] | None = None  # the async flusher, if one runs
+        self.told: frozenset[str] = frozenset()  # what the last close logged as left
         outbox.start_flusher = self.start
 
     def start(self) -> None:
@@ -162,6 +163,7 @@ class Flusher:
 
     def log_undelivered(self) -> None:
         left = self.outbox.pending()
+        self.told = frozenset(left)
         if left:
             logger.error(
                 "closing with %d invalidation(s) Redis never took (%s%s); those entries "

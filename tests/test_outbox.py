@@ -419,19 +419,22 @@ EXITING_WITH_PENDING = textwrap.dedent(
 
     assert load.invalidate("a") is Outcome.PENDING  # nothing listens at the URL
     print("pending", flush=True)
-    if sys.argv[2] == "close":
+    if sys.argv[2] != "unclosed":
         engine.close()
+    if sys.argv[2] == "close, then used":
+        assert load.invalidate("b") is Outcome.PENDING
     # and the script ends
     """
 )
 
 
-@pytest.mark.parametrize("closing", ["unclosed", "close"])
+@pytest.mark.parametrize("closing", ["unclosed", "close", "close, then used"])
 def test_an_exit_without_close_logs_the_invalidations_redis_never_took(closing: str) -> None:
     """Daemon threads die at interpreter exit, the outbox's flusher with them: the exit
     hook makes the last attempt close() would, and logs what is left (here all: nothing
     listens), where before the process ended without a word. An engine closed before
-    the exit had its attempt and its log: once, not again."""
+    the exit had its attempt and its log: once, not again; one used after its close
+    has it again at exit, with what it queued since."""
     done = subprocess.run(
         [sys.executable, "-c", EXITING_WITH_PENDING, dead_url(), closing],
         capture_output=True,
@@ -442,3 +445,5 @@ def test_an_exit_without_close_logs_the_invalidations_redis_never_took(closing: 
     assert done.stdout == "pending\n"
     said = "closing with 1 invalidation(s) Redis never took (exiting:{r:a})"
     assert done.stderr.count(said) == 1, done.stderr
+    again = "closing with 2 invalidation(s) Redis never took (exiting:{r:"
+    assert done.stderr.count(again) == (closing == "close, then used"), done.stderr
