@@ -331,6 +331,8 @@ def scenario(settings: Settings, reads: int | None = None) -> list[Table]:
     for key in client.scan_iter(match=f"{prefix}*"):
         client.delete(key)
     client.close()
+    for engine in engines:  # clients given to the engines: ours to close
+        engine.client().close()
     table = Table(
         "stale reads under concurrent writes",
         ["algorithm", "reads", "writes", "stale reads", "stale entries left"],

@@ -46,7 +46,8 @@ def run(settings: Settings) -> list[Table]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     seconds = settings.timed(3.0, 1.0)
     rounds = 1 if settings.quick else 3
-    engine = CacheEngine(blocking_client(settings.url), prefix=prefix)
+    client = blocking_client(settings.url)  # given to the engine: ours to close
+    engine = CacheEngine(client, prefix=prefix)
     cache_aside(key="packed:<id>", ttl=300, engine=engine)(lambda id: dict(RECORD))("p-001")
     results: dict[tuple[str, int], list[float]] = {}
     task = settings.progress.add_task("throughput", total=rounds * 4) if settings.progress else None
@@ -70,8 +71,9 @@ def run(settings: Settings) -> list[Table]:
             results.setdefault((kind, processes), []).append(total / seconds)
             if task is not None and settings.progress:
                 settings.progress.advance(task)
-    engine.client().delete(f"{prefix}:{{packed:p-001}}")
+    client.delete(f"{prefix}:{{packed:p-001}}")
     engine.close()
+    client.close()
     table = Table(
         "throughput, cached calls per second (sync)",
         ["contender", "1 process", "2 processes", "ratio (1 process)"],
