@@ -7,10 +7,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cached_aside import CacheUnavailableError, cache_aside
 from cached_aside._batches import SCAN_BATCH, invalidate_matching, load_batch
-from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec
+from cached_aside._codecs import HASH_CODEC, MSGPACK_CODEC, MSGPACK_NEGATIVE, Codec, Found
 from cached_aside._effects import (
     Batch,
     Command,
@@ -109,6 +111,71 @@ def test_misses_corruption_and_outages_leave_the_hit_path(raw: Any) -> None:
     p = plan()
     assert on_lookup(p, raw) is None
     assert p.stats.snapshot().hits == 0
+
+
+def _typed(value: Any) -> Any:
+    """`value` with the type of every part spelled out: 1, 1.0 and True are equal."""
+    if isinstance(value, dict):
+        return ("dict", [(_typed(k), _typed(v)) for k, v in value.items()])
+    if isinstance(value, list):
+        return ("list", [_typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text() | st.integers() | st.binary() | st.none(), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(_values)
+def test_the_msgpack_codec_reads_back_what_msgpack_itself_would(value: Any) -> None:
+    """Hits are read by msgspec's decoder: for everything encode() stores, the same
+    values and types as msgpack.unpackb(raw=False, strict_map_key=False), and the
+    same as the miss that stored it handed its caller."""
+    payload, result = MSGPACK_CODEC.encode(value, "f")
+    expected = msgpack.unpackb(payload[0], raw=False, strict_map_key=False)
+    assert _typed(MSGPACK_CODEC.decode(payload[0])) == _typed(expected) == _typed(result)
+    assert _typed(MSGPACK_CODEC.copy(result)) == _typed(result)
+
+
+def test_the_msgpack_codec_keeps_what_msgpack_alone_reads_its_own_way() -> None:
+    """An ext type comes back as msgpack's ExtType on a hit as on the miss; a key
+    msgpack would read as an unhashable list is refused at the store, as before."""
+    ext = {"e": msgpack.ExtType(5, b"ab")}
+    payload, result = MSGPACK_CODEC.encode(ext, "f")
+    assert result == MSGPACK_CODEC.decode(payload[0]) == ext
+    assert type(MSGPACK_CODEC.decode(payload[0])["e"]) is msgpack.ExtType
+    with pytest.raises(TypeError, match="msgpack cannot store"):
+        MSGPACK_CODEC.encode({(1, 2): "x"}, "f")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        msgpack.packb(1) + b"\x01",  # trailing bytes
+        b"\x92\x01",  # cut short
+        b"\xa2\xff\xfe",  # not UTF-8
+        b"\xdd\xff\xff\xff\xff",  # an array longer than the data
+        b"\x91" * 100_000 + b"\x01",  # nested past any recursion limit
+        b"\xd7\xff" + b"\xff" * 8,  # a timestamp whose nanoseconds are out of range
+    ],
+)
+def test_damaged_msgpack_is_corrupt(raw: bytes) -> None:
+    assert MSGPACK_CODEC.decode(raw) is Found.CORRUPT
 
 
 def test_miss_locks_loads_seals_and_stores() -> None:
