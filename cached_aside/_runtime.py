@@ -26,13 +26,8 @@ from ._connections import HeldConnections, Pipeline
 from ._effects import CommandFailed
 from ._errors import ConfigurationError
 from ._flights import TaskFlights, ThreadFlights
-from ._node_connections import (
-    NodeConnections,
-    NodePipelines,
-    node_pipelines_problem,
-    restore_startup_nodes,
-    startup_addresses,
-)
+from ._node_connections import NodeConnections, restore_startup_nodes, startup_addresses
+from ._node_pipelines import NodePipelines, node_pipelines_problem
 from ._outbox import Outbox
 from ._scripts import ScriptName
 

@@ -23,7 +23,8 @@ import redis.cluster
 from cached_aside import CacheEngine, _wire, cache_aside
 from cached_aside._connections import HeldConnections
 from cached_aside._keys import entry_keys
-from cached_aside._node_connections import SLOTS_REFRESH_INTERVAL, NodePipelines
+from cached_aside._node_connections import SLOTS_REFRESH_INTERVAL
+from cached_aside._node_pipelines import NodePipelines
 
 from .conftest import REDIS_URL, eventually
 from .servers import REDIS_SERVER, RedisClusterProcesses

@@ -16,7 +16,8 @@ import redis.cluster
 
 from cached_aside import CacheEngine, Source, _compat, _connections, _wire, cache_aside
 from cached_aside._keys import entry_keys
-from cached_aside._node_connections import NodeConnections, NodePipelines
+from cached_aside._node_connections import NodeConnections
+from cached_aside._node_pipelines import NodePipelines
 
 from .conftest import wait_until
 from .servers import REDIS_SERVER, RedisClusterProcesses
