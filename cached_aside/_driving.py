@@ -22,7 +22,8 @@ from ._effects import (
     Signal,
     TagsOf,
 )
-from ._flights import Led, TaskFlights, ThreadFlights
+from ._flight_registry import Led
+from ._flights import TaskFlights, ThreadFlights
 from ._loads import Loads
 from ._pipelines import Done
 from ._plan import Plan

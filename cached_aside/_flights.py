@@ -30,9 +30,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ._plan import Served
-
-Answer = tuple[Served, float]
+from ._flight_registry import Answer, Flight, Registry, Reload
 
 
 def _no_seal() -> None:
@@ -42,248 +40,14 @@ def _no_seal() -> None:
 _EXPIRED = "expired"  # a task joiner's patience ran out
 
 
-class _Flight:
-    """One read in progress; `seal` stops later callers from joining it."""
-
-    __slots__ = ("answer", "done", "error", "joiners", "key", "registry")
-
-    def __init__(self, registry: _Registry, key: str) -> None:
-        self.registry = registry
-        self.key = key
-        self.answer: Answer | None = None
-        self.error: BaseException | None = None
-        self.done: threading.Event | None = None  # set when the leader is done (threads)
-        self.joiners: list[asyncio.Future[Any]] | None = None  # (tasks)
-
-    def seal(self) -> None:
-        self.registry.close(self)
-
-    # `with flight:` is the leader's read: its error is kept for the joiners, and
-    # however it ends, the flight closes and its joiners wake (threads and tasks
-    # alike). Methods rather than a @contextmanager: this is on every hit, and a
-    # generator-based one costs a generator and two more calls.
-    def __enter__(self) -> _Flight:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: object
-    ) -> None:
-        if error is not None:
-            self.error = error
-        self.finish()
-
-    def finish(self) -> None:
-        """Close the flight, forget it as running, and wake its joiners."""
-        self.registry.close(self)
-        self.registry.ended(self)
-        self.wake()
-
-    def wake(self) -> None:
-        """Wake the flight's joiners, threads and tasks alike."""
-        if self.done is not None:
-            self.done.set()
-        for joined in self.joiners or ():
-            if not joined.done():
-                joined.set_result(None)
-
-    def outcome(self, *, reads_shared: bool) -> Answer | None:
-        """For a joiner: the leader's answer, None to read again, or the leader's error.
-
-        A shareable answer (a load whose lease held until the store, or a read sent
-        after the flight was sealed) is fresh for every joiner. Any other read is
-        handed over only when `reads_shared`: it may predate the joiner.
-        """
-        error = self.error
-        if error is not None:
-            if isinstance(error, Exception):
-                raise error
-            return None  # the leader was cancelled or interrupted
-        answer = self.answer
-        if answer is None or not answer[0].lease_kept:
-            return None
-        if not reads_shared and not answer[0].shareable:
-            return None
-        return answer
-
-
-class _Reload(_Flight):
-    """An fn.refresh() flight: joinable by other refreshes until its load begins (it
-    seals itself then), and known to its registry until it ends, so later refreshes
-    wait for it. Plain calls never join it, as they keep outcomes of their own (a
-    stale value on a failure, say): a call about to load waits for it (refreshing)
-    and then looks again."""
-
-    __slots__ = ("open", "refresh")
-
-    def __init__(self, registry: _Registry, key: str) -> None:
-        super().__init__(registry, key)
-        self.open = True
-        self.refresh = True  # False: a background reload
-
-    def seal(self) -> None:
-        self.open = False
-
-    def finish(self) -> None:
-        """As a read's, but the registry forgets the reload before its joiners wake,
-        so that a refresh woken to take its turn finds the key free."""
-        self.registry.end_reload(self)
-        self.wake()
-
-
-class _Registry:
-    def __init__(self) -> None:
-        self.active: dict[str, _Flight] = {}  # the flight a caller of the key joins
-        # Every call's flight from its start to its end, sealed or forgotten ones too
-        # (a sealed flight may still load: a waiter woken looks again and may take the
-        # lock), for refreshes to wait for: a refresh revokes the lock, so the Redis
-        # lock cannot keep it from loading beside a load of this process.
-        self.running: dict[str, list[_Flight]] = {}
-        self.reloading: dict[str, _Reload] = {}  # a refresh in progress, until it ends
-        self.following: dict[str, _Reload] = {}  # the refresh to run after the flight
-        self.waiting = 0  # callers waiting for another's flight now (for observers)
-
-    def close(self, flight: _Flight) -> None:
-        if self.active.get(flight.key) is flight:
-            self.active.pop(flight.key, None)
-
-    def end_reload(self, flight: _Reload) -> None:
-        for place in (self.reloading, self.following):
-            if place.get(flight.key) is flight:
-                del place[flight.key]
-
-    def started(self, flight: _Flight) -> None:
-        self.running.setdefault(flight.key, []).append(flight)
-
-    def ended(self, flight: _Flight) -> None:
-        flights = self.running.get(flight.key)
-        if flights is not None and flight in flights:
-            flights.remove(flight)
-            if not flights:
-                del self.running[flight.key]
-
-    def _in_progress(self, key: str) -> _Flight | None:
-        """A refresh in progress, else a call's flight running (the first)."""
-        flights = self.running.get(key)
-        return self.reloading.get(key) or (flights[0] if flights else None)
-
-    def _reload_turn(self, key: str) -> tuple[str, _Reload, _Flight | None]:
-        """What a refresh of `key` does now: ("join", the reload to join, None), or
-        ("lead", its new reload, the flight to wait for first, if any)."""
-        current = self.reloading.get(key)
-        if current is not None and current.open:
-            return "join", current, None  # its load has not begun: it is fresh for us
-        before = current or self._in_progress(key)
-        if before is None:
-            flight = self.reloading[key] = _Reload(self, key)
-            return "lead", flight, None
-        following = self.following.get(key)
-        if following is not None:
-            return "join", following, None
-        following = self.following[key] = _Reload(self, key)
-        return "lead", following, before
-
-    def behind(self, key: str) -> _Reload | None:
-        """A background reload (refresh_ahead, grace) of `key`, known until it ends so
-        that fn.refresh() waits for it; None while a refresh is under way instead."""
-        if key in self.reloading or key in self.following:
-            return None
-        flight = self.reloading[key] = _Reload(self, key)
-        flight.open = flight.refresh = False  # nothing to join: it reloads for nobody
-        return flight
-
-    def refreshing(self, key: str) -> _Reload | None:
-        """The fn.refresh() of `key` under way, which a call about to load waits for
-        (then looks again) rather than load beside it."""
-        flight = self.reloading.get(key)
-        return flight if flight is not None and flight.refresh else None
-
-    def _take_turn(self, flight: _Reload) -> _Flight | None:
-        """The reload `flight` starts if no flight of its key runs: None; else the
-        flight to wait for first."""
-        key = flight.key
-        before = self._in_progress(key)
-        if before is not None and before is not flight:
-            return before
-        if self.following.get(key) is flight:
-            del self.following[key]
-        self.reloading[key] = flight
-        return None
-
-    def take(self, key: str) -> _Flight | None:
-        """A new flight of `key` for a batch to lead, or None while a flight or a
-        reload of the key is under way here (the batch joins it instead)."""
-        if key in self.active or key in self.reloading:
-            return None
-        flight = self.active[key] = _Flight(self, key)
-        self.started(flight)
-        return flight
-
-    def forget(self, key: str) -> None:
-        """Let later callers read afresh instead of joining a read already under way."""
-        self.active.pop(key, None)
-
-    def forget_all(self) -> None:
-        """forget() for every key: after a bulk invalidation."""
-        self.active.clear()
-
-    def reset_after_fork(self) -> None:
-        """In a forked child: the leaders of these flights did not come along."""
-        self.active = {}
-        self.running = {}
-        self.reloading = {}
-        self.following = {}
-        self.waiting = 0
-
-
-class Led:
-    """The flights one flow leads for the keys of a batch (Lead, Land effects): each
-    ends with the outcome landed for it, else as the flow ended."""
-
-    __slots__ = ("flights", "registry")
-
-    def __init__(self, registry: _Registry) -> None:
-        self.registry = registry
-        self.flights: dict[str, _Flight] = {}
-
-    def lead(self, keys: tuple[str, ...]) -> tuple[bool, ...]:
-        led = []
-        for key in keys:
-            flight = self.registry.take(key)
-            if flight is not None:
-                self.flights[key] = flight
-            led.append(flight is not None)
-        return tuple(led)
-
-    def seal(self) -> None:
-        for flight in self.flights.values():
-            self.registry.close(flight)
-
-    def land(self, outcomes: tuple[tuple[str, Any], ...]) -> None:
-        for key, outcome in outcomes:
-            flight = self.flights.pop(key)
-            if isinstance(outcome, BaseException):
-                flight.error = outcome
-            elif outcome is not None:
-                flight.answer = (outcome, 0.0)
-            flight.finish()
-
-    def end(self, error: BaseException | None) -> None:
-        """However the flow ended: the flights it did not land end with its error
-        (None: it returned, and their joiners read for themselves)."""
-        flights, self.flights = self.flights, {}
-        for flight in flights.values():
-            flight.error = error
-            flight.finish()
-
-
-class ThreadFlights(_Registry):
+class ThreadFlights(Registry):
     """Coalesces calls made from threads."""
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
 
-    def close(self, flight: _Flight) -> None:
+    def close(self, flight: Flight) -> None:
         with self._lock:  # compare-and-delete: never remove a newer flight
             super().close(flight)
 
@@ -295,22 +59,22 @@ class ThreadFlights(_Registry):
         with self._lock:
             super().forget_all()
 
-    def end_reload(self, flight: _Reload) -> None:
+    def end_reload(self, flight: Reload) -> None:
         with self._lock:
             super().end_reload(flight)
 
-    def ended(self, flight: _Flight) -> None:
+    def ended(self, flight: Flight) -> None:
         with self._lock:
             super().ended(flight)
 
-    def take(self, key: str) -> _Flight | None:
+    def take(self, key: str) -> Flight | None:
         with self._lock:
             flight = super().take(key)
             if flight is not None:
                 flight.done = threading.Event()
             return flight
 
-    def behind(self, key: str) -> _Reload | None:
+    def behind(self, key: str) -> Reload | None:
         with self._lock:
             flight = super().behind(key)
             if flight is not None:
@@ -321,11 +85,11 @@ class ThreadFlights(_Registry):
         self._lock = threading.Lock()  # it may have been held by a thread now gone
         super().reset_after_fork()
 
-    def wait_for(self, flight: _Flight, patience: float) -> bool:
+    def wait_for(self, flight: Flight, patience: float) -> bool:
         """Wait for `flight` to end; False when `patience` ran out first."""
         return self._wait(flight, patience)
 
-    def _wait(self, flight: _Flight, patience: float) -> bool:
+    def _wait(self, flight: Flight, patience: float) -> bool:
         assert flight.done is not None
         with self._lock:
             self.waiting += 1
@@ -338,7 +102,7 @@ class ThreadFlights(_Registry):
     def _alone(self, key: str, serve: Callable[..., Answer], args: tuple[Any, ...]) -> Answer:
         """A read by itself, its patience with another's flight out: nobody joins it,
         but it may load (or revoke the lock, a refresh's), so refreshes wait for it."""
-        flight = _Flight(self, key)
+        flight = Flight(self, key)
         flight.done = threading.Event()
         with flight:
             with self._lock:
@@ -354,7 +118,7 @@ class ThreadFlights(_Registry):
         read for itself: the leader's answer was not a load it can share. A joiner
         whose leader takes longer than `patience` seconds reads alone.
         """
-        flight = _Flight(self, key)
+        flight = Flight(self, key)
         # An Event wakes every joiner at once; a held lock would hand over one by one.
         flight.done = threading.Event()
         with self._lock:  # a refresh may be taking its turn (_reload_turn) right now
@@ -409,7 +173,7 @@ def _expire(joined: asyncio.Future[Any]) -> None:
         joined.set_result(_EXPIRED)
 
 
-class TaskFlights(_Registry):
+class TaskFlights(Registry):
     """Coalesces calls made from asyncio tasks of one event loop (one thread)."""
 
     async def run(
@@ -429,7 +193,7 @@ class TaskFlights(_Registry):
                 return await self._alone(key, serve, args), False
             answer = current.outcome(reads_shared=False)
             return None if answer is None else (answer, True)
-        flight = self.active[key] = _Flight(self, key)
+        flight = self.active[key] = Flight(self, key)
         self.started(flight)
         try:
             flight.answer = await serve(*args, flight.seal)
@@ -466,7 +230,7 @@ class TaskFlights(_Registry):
                 flight.answer = await serve(*args, flight.seal)
             return flight.answer, False
 
-    async def wait_for(self, flight: _Flight, patience: float) -> bool:
+    async def wait_for(self, flight: Flight, patience: float) -> bool:
         """Wait for `flight` to end; False when `patience` ran out first."""
         return await self._wait(flight, patience)
 
@@ -474,12 +238,12 @@ class TaskFlights(_Registry):
         self, key: str, serve: Callable[..., Awaitable[Answer]], args: tuple[Any, ...]
     ) -> Answer:
         """As ThreadFlights._alone, for tasks."""
-        flight = _Flight(self, key)
+        flight = Flight(self, key)
         self.started(flight)
         with flight:
             return await serve(*args, _no_seal)
 
-    async def _wait(self, flight: _Flight, patience: float) -> bool:
+    async def _wait(self, flight: Flight, patience: float) -> bool:
         loop = asyncio.get_running_loop()
         joined: asyncio.Future[Any] = loop.create_future()
         if flight.joiners is None:
