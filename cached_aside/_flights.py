@@ -121,21 +121,25 @@ class ThreadFlights(Registry):
         flight = Flight(self, key)
         # An Event wakes every joiner at once; a held lock would hand over one by one.
         flight.done = threading.Event()
-        with self._lock:  # a refresh may be taking its turn (_reload_turn) right now
-            current = self.active.setdefault(key, flight)
-            if current is flight:
-                self.started(flight)
-        if current is not flight:
-            if not self._wait(current, patience):
-                return self._alone(key, serve, args), False
-            # A thread can lose the GIL for milliseconds between a reply and its
-            # return, long enough for an invalidation elsewhere to complete: take only
-            # answers that are fresh for anyone who joined before the seal.
-            answer = current.outcome(reads_shared=False)
-            return None if answer is None else (answer, True)
+        # Registered inside `with flight:`, so that it ends however the call ends: a
+        # KeyboardInterrupt lands at any Python call, started() and __enter__
+        # included, and would have left it in `active` for good. Not ours to lead,
+        # it ends here having been nobody's (nothing to close, nobody to wake).
         with flight:
-            flight.answer = serve(*args, flight.seal)
-        return flight.answer, False
+            with self._lock:  # a refresh may be taking its turn (_reload_turn) now
+                current = self.active.setdefault(key, flight)
+                if current is flight:
+                    self.started(flight)
+            if current is flight:
+                flight.answer = serve(*args, flight.seal)
+                return flight.answer, False
+        if not self._wait(current, patience):
+            return self._alone(key, serve, args), False
+        # A thread can lose the GIL for milliseconds between a reply and its return,
+        # long enough for an invalidation elsewhere to complete: take only answers
+        # that are fresh for anyone who joined before the seal.
+        answer = current.outcome(reads_shared=False)
+        return None if answer is None else (answer, True)
 
     def reload(
         self, key: str, patience: float, serve: Callable[..., Answer], *args: Any
@@ -144,28 +148,37 @@ class ThreadFlights(Registry):
         next one once the key's flight in progress has ended. Returns the answer and
         whether it was joined."""
         while True:
-            with self._lock:
-                role, flight, before = self._reload_turn(key)
-                if flight.done is None:
-                    flight.done = threading.Event()
-            if role == "join":
-                # Twice the patience: its leader may wait for the flight before it first.
-                if not self._wait(flight, 2 * patience):
-                    return self._alone(key, serve, args), False
-                answer = flight.outcome(reads_shared=False)
-                if answer is not None:
-                    return answer, True
-                continue
-            with flight:
-                while before is not None and self._wait(before, patience):
-                    with self._lock:
-                        before = self._take_turn(flight)
-                if before is not None:  # stuck past the lock's ttl: go ahead regardless
-                    with self._lock:
-                        self.following.pop(key, None)
-                        self.reloading[key] = flight
-                flight.answer = serve(*args, flight.seal)
-            return flight.answer, False
+            led: Reload | None = None
+            try:  # a reload this call leads ends however the call ends (as run's)
+                with self._lock:
+                    role, flight, before = self._reload_turn(key)
+                    if role == "lead":  # no Python call in between: no interrupt lands
+                        led = flight
+                    if flight.done is None:
+                        flight.done = threading.Event()
+                if led is not None:
+                    while before is not None and self._wait(before, patience):
+                        with self._lock:
+                            before = self._take_turn(led)
+                    if before is not None:  # stuck past the lock's ttl: go ahead anyway
+                        with self._lock:
+                            self.following.pop(key, None)
+                            self.reloading[key] = led
+                    led.answer = serve(*args, led.seal)
+                    return led.answer, False
+            except BaseException as error:
+                if led is not None:
+                    led.error = error  # as `with flight:` keeps it, for the joiners
+                raise
+            finally:
+                if led is not None:
+                    led.finish()
+            # Twice the patience: its leader may wait for the flight before it first.
+            if not self._wait(flight, 2 * patience):
+                return self._alone(key, serve, args), False
+            answer = flight.outcome(reads_shared=False)
+            if answer is not None:
+                return answer, True
 
 
 def _expire(joined: asyncio.Future[Any]) -> None:

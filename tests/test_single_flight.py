@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import redis.asyncio.retry
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+import cached_aside._flights
 import cached_aside._plan
 from cached_aside import (
     CacheEngine,
@@ -1279,3 +1281,56 @@ async def test_a_task_refresh_waits_for_a_joiner_that_gave_up_and_reads_alone(jo
         await asyncio.wait_for(asyncio.gather(leader, joiner), HANG)
     assert flights._take_turn(reload) is None
     assert flights.running == {}
+
+
+class _Interrupt(BaseException):
+    """Stands for a KeyboardInterrupt, which lands at any Python call of the main
+    thread (pytest would take a real one as the user's)."""
+
+
+def test_a_call_interrupted_as_it_registers_its_flight_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Was a defect: an interrupt landing in started() (a Python call, where the
+    interpreter delivers a KeyboardInterrupt) left the flight in `active`, so every
+    later caller of the key joined it and waited its patience out, and after a fork
+    nothing ever ended it. Registered inside `with flight:`, it ends with the call."""
+    flights = ThreadFlights()
+    monkeypatch.setattr(
+        flights, "started", lambda flight: (_ for _ in ()).throw(_Interrupt()), raising=False
+    )
+    with pytest.raises(_Interrupt):
+        flights.run("k", HANG, lambda seal: _served())
+    assert flights.active == {}
+    assert flights.running == {}
+    monkeypatch.undo()
+    assert flights.run("k", HANG, lambda seal: _served()) == (_served(), False)  # led at once
+
+
+def test_a_refresh_interrupted_as_it_takes_its_turn_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for fn.refresh(): an interrupt landing as its reload gets its Event
+    (a Python call, after _reload_turn registered the reload) left the reload in
+    `reloading` for good: every later refresh joined it and waited twice its
+    patience, and every call about to load waited for it first."""
+    flights = ThreadFlights()
+    made = 0
+
+    class Interrupting(threading.Event):
+        def __init__(self) -> None:
+            nonlocal made
+            made += 1
+            raise _Interrupt()
+
+    # This module's threading only: other threads of the test run make Events too.
+    only_here = types.SimpleNamespace(Event=Interrupting, Lock=threading.Lock)
+    monkeypatch.setattr(cached_aside._flights, "threading", only_here)
+    with pytest.raises(_Interrupt):
+        flights.reload("k", HANG, lambda seal: _served())
+    monkeypatch.undo()
+    assert made == 1
+    assert flights.reloading == {}
+    assert flights.following == {}
+    assert flights.running == {}
+    assert flights.reload("k", HANG, lambda seal: _served()) == (_served(), False)
