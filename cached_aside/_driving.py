@@ -32,6 +32,9 @@ from ._runtime import Runtime
 from ._scripts import peek_call
 from ._stamps import version_reads
 
+# Lookups remembered per function (Plan.lookups); past this many the memo starts over.
+LOOKUP_MEMO_SIZE = 1024
+
 # A single call's loader, arguments and keyword arguments: made into Loads on a miss
 # only, so a hit does not pay for them.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -48,7 +51,13 @@ def lookup(plan: Plan, key: str) -> Command | RunScript:
         if plan.options.xfetch_beta:  # with the entry's load time
             return peek_lookup(plan, key)
         return peek_call(key, redis_type=plan.codec.redis_type)
-    return Command((plan.codec.read_command, key))
+    lookups = plan.lookups
+    command: Command | None = lookups.get(key)
+    if command is None:
+        if len(lookups) >= LOOKUP_MEMO_SIZE:
+            lookups.clear()
+        command = lookups[key] = Command((plan.codec.read_command, key))
+    return command
 
 
 def tagged_lookup(plan: Plan, key: str, loads: Loads | Call) -> Batch:
