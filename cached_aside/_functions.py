@@ -52,12 +52,12 @@ class CachedFunction(CachedBase[P, R]):
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
-        rendered = (
-            self._by_text.get(args[0])
-            if len(args) == 1 and not kwargs and type(args[0]) is str
+        known_engine, known = self._keys
+        key = (
+            known.get(args[0])
+            if known_engine is engine and len(args) == 1 and not kwargs and type(args[0]) is str
             else None
-        ) or self._template.render(args, kwargs)
-        key = engine.key_head + rendered + "}"
+        ) or self._key_at(engine, args, kwargs)
         value: R
         near = self._near
         if near is not None:
@@ -232,12 +232,12 @@ class AsyncCachedFunction(CachedBase[P, R]):
         engine = self._engine or default_engine()
         if engine is not self._registered_with:
             self._register(engine)
-        rendered = (
-            self._by_text.get(args[0])
-            if len(args) == 1 and not kwargs and type(args[0]) is str
+        known_engine, known = self._keys
+        key = (
+            known.get(args[0])
+            if known_engine is engine and len(args) == 1 and not kwargs and type(args[0]) is str
             else None
-        ) or self._template.render(args, kwargs)
-        key = engine.key_head + rendered + "}"
+        ) or self._key_at(engine, args, kwargs)
         value: R
         near = self._near
         if near is not None:

@@ -149,6 +149,9 @@ def test_configure_sets_the_default_engine(monkeypatch: pytest.MonkeyPatch) -> N
     other = CacheEngine(fakeredis.FakeRedis(server=server), prefix="other")
     assert cached_aside.configure(engine=other) is cached_aside.default_engine() is other
     assert fn.key("a") == "other:{p:a}"
+    # A call's key is remembered per engine: the new default's prefix, not the last one's.
+    assert fn("a") == {"id": "a"}
+    assert fakeredis.FakeRedis(server=server).exists("other:{p:a}") == 1
 
 
 def test_default_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

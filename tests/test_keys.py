@@ -168,3 +168,34 @@ def test_a_key_argument_that_is_not_valid_text_is_a_key_error() -> None:
     fn = cache_aside(key="file:<name>", ttl=1)(lambda name: name)
     with pytest.raises(KeyArgumentError, match="not valid text"):
         fn.key("report\udcff.pdf")  # as os.fsdecode makes of undecodable bytes
+
+
+def test_a_calls_remembered_key_is_the_rendered_one_for_every_argument() -> None:
+    """The hit path remembers a str argument's whole key (per engine): a call must
+    reach the entry fn.key() names, for text, for what equals text without being
+    str (a str enum), for numbers that equal each other, and for a long text."""
+    import fakeredis
+
+    from cached_aside import CacheEngine
+
+    class Colour(str, enum.Enum):
+        RED = "red"
+
+    server = fakeredis.FakeServer()
+    engine = CacheEngine(fakeredis.FakeRedis(server=server), prefix="keys")
+    seen: list[object] = []
+
+    @cache_aside(key="item:<id>", ttl=30, engine=engine)
+    def item(id: object) -> str:
+        seen.append(id)
+        return repr(id)
+
+    arguments: list[object] = ["red", Colour.RED, 1, True, 1.0, "x" * 300, "red"]
+    for argument in arguments:
+        assert item(argument) == repr(argument) or argument == "red"
+    raw = fakeredis.FakeRedis(server=server)
+    for argument in arguments:
+        assert raw.exists(item.key(argument)) == 1, argument
+    # Each distinct key loaded once; "red" twice from its memo, a hit the second time.
+    assert len(seen) == len({item.key(argument) for argument in arguments})
+    engine.close()
