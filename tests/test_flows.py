@@ -135,7 +135,11 @@ _values = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.tuples(inner, inner)
-        | st.dictionaries(st.text() | st.integers() | st.binary() | st.none(), inner, max_size=4)
+        | st.dictionaries(
+            st.text() | st.integers(-(2**63), 2**64 - 1) | st.binary() | st.none(),
+            inner,
+            max_size=4,
+        )
     ),
     max_leaves=20,
 )
