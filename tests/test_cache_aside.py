@@ -457,3 +457,25 @@ def test_a_value_stored_by_another_process_is_a_hit(redis_url_or_skip: str) -> N
     finally:
         delete_prefix(engine.client(), prefix)
         engine.close()
+
+
+def test_msgpack_timestamps_come_back_as_timestamps_on_every_path() -> None:
+    """Was a defect (found in review): hits read by msgspec's decoder turned a msgpack
+    Timestamp into a datetime, which the copies a near fill, a repeated many() item and
+    a joiner get could not pack again (TypeError to the caller)."""
+    import fakeredis
+
+    from cached_aside import NearCache
+
+    engine = CacheEngine(fakeredis.FakeRedis(), prefix=unique_prefix())
+    stamp = msgpack.Timestamp(1, 0)
+    near = cache_aside(
+        key="t:<id>", ttl=30, engine=engine, near=NearCache(ttl=5, allow_untracked=True)
+    )(lambda id: [stamp])
+    plain = cache_aside(key="u:<id>", ttl=30, engine=engine)(lambda id: [stamp])
+    assert near("a") == near("a") == [stamp]  # a miss, then a hit that fills the near tier
+    assert near("a") == [stamp]
+    assert plain.many(["a", "a"]) == [[stamp], [stamp]]  # an item twice: a copy
+    assert plain("a") == [stamp]
+    assert type(plain("a")[0]) is msgpack.Timestamp
+    engine.close()
