@@ -245,8 +245,17 @@ def threads_level(
     beyond those before the threads started."""
     samples: list[list[float]] = [[] for _ in range(threads)]
     errors: list[str] = []
-    barrier = threading.Barrier(threads + 1, timeout=60)
     deadline = [0.0]
+    ended = [0.0] * threads
+
+    def start() -> None:  # once every thread is ready: the run's seconds begin now
+        deadline[0] = time.perf_counter() + seconds
+
+    barrier = threading.Barrier(threads + 1, action=start, timeout=60)
+    # A thread's connection closes when the thread ends (cached_aside's held ones do):
+    # each stays until the connections are counted, so the count sees them all however
+    # late the count comes on a slow machine.
+    counted = threading.Event()
 
     def loop(n: int) -> None:
         key, sink, clock = f"k{n}", samples[n], time.perf_counter
@@ -263,21 +272,25 @@ def threads_level(
                 errors.append(type(exc).__name__)
                 continue
             sink.append((clock() - began) * 1e6)
+        ended[n] = clock()
+        counted.wait(60)
 
     before = counter.count() if counter else 0
     workers = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
     for worker in workers:
         worker.start()
-    deadline[0] = time.perf_counter() + seconds + 0.01
-    barrier.wait()
-    began = time.perf_counter()
-    peak = before
-    if counter:
-        time.sleep(seconds / 2)
-        peak = counter.count()
-    for worker in workers:
-        worker.join()
-    elapsed = time.perf_counter() - began
+    try:
+        barrier.wait()
+        began = deadline[0] - seconds
+        peak = before
+        if counter:
+            time.sleep(seconds / 2)
+            peak = counter.count()
+    finally:
+        counted.set()
+        for worker in workers:
+            worker.join()
+    elapsed = max(ended) - began  # the last call's end: a thread waiting to be counted is idle
     every = [value for sink in samples for value in sink]
     return {
         "hits_per_s": len(every) / elapsed,

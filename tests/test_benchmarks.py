@@ -801,3 +801,45 @@ def test_fleet_per_key_tracking_tells_fewer_processes_of_a_write_than_bcast() ->
         server.stop()
     assert per_write["bcast"] >= fleet_tracking.PROCESSES  # each write reaches all 8
     assert per_write["keys"] * 3 < per_write["bcast"]
+
+
+def test_a_threads_level_counts_every_threads_connection_however_slow_the_start() -> None:
+    """Was a flake (a fresh-clone CI run: cached_aside at 8 threads counted 0
+    connections): the run's deadline was set before the threads were ready, so when
+    their first calls (each opening a connection) took longer than the run, they
+    stopped at once, and a thread's held connection closes when the thread ends, all
+    before the mid-run count. The run now starts when every thread is ready, and a
+    thread waits to be counted before it ends."""
+    import threading
+    import time
+
+    from benchmarks.runner import threads_level
+
+    class Connections:  # a connection per thread, closed when its thread ends
+        open = 0
+        lock = threading.Lock()
+
+        def __init__(self) -> None:
+            with Connections.lock:
+                Connections.open += 1
+
+        def __del__(self) -> None:
+            with Connections.lock:
+                Connections.open -= 1
+
+        @staticmethod
+        def count() -> int:
+            return Connections.open
+
+    held = threading.local()
+    seconds = 0.05
+
+    def call(key: str) -> None:
+        if getattr(held, "connection", None) is None:
+            time.sleep(4 * seconds)  # a first call slower than the whole run
+            held.connection = Connections()
+
+    result = threads_level(call, 4, seconds, Connections)  # type: ignore[arg-type]  # count() alone
+    assert result["connections"] == 4
+    assert result["hits_per_s"] > 0
+    assert Connections.open == 0  # every thread ended, its connection with it
