@@ -182,7 +182,7 @@ def cell(session: nox.Session, redis: str, hiredis: bool, server: str) -> None:
     node_pipelines = session.run(
         "python",
         "-c",
-        "from cached_aside._node_connections import node_pipelines_problem as p; "
+        "from cached_aside._node_pipelines import node_pipelines_problem as p; "
         "print(p() or 'runs')",
         silent=True,
     )
