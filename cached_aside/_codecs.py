@@ -247,9 +247,7 @@ class MsgpackCodec:
             if raw is None:
                 return Found.CORRUPT
         try:
-            if 0xFF in raw and any(head in raw for head in _TIMESTAMP_HEADS):
-                return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-            return _decode(raw)  # _unpack spelled out: the hit path
+            return _unpack(raw)
         except Exception:  # msgpack and msgspec raise several unrelated types for bad input
             return Found.CORRUPT
 

@@ -332,7 +332,7 @@ class _Parts:
         (on the async client when there is no other), the parts, this loop's client."""
         self.deliveries.stop_retrying()  # an async flusher hands over to the last attempt
         await self.sides.drain(timeout, but=self.deliveries.task)
-        await self.sides.reloads_done(timeout)
+        await self.sides.settled(timeout, self.sides.reloading)
         await self.deliveries.aclose(timeout)
         self._close_parts(timeout)
         await self.sides.aclose(timeout)

@@ -207,14 +207,9 @@ class Nodes:
     def node(self, args: tuple[Any, ...]) -> Any:
         """The master of the command's key, or None when the client should serve it
         (no node known for the slot, or the node failed on its last call here)."""
-        key = _key(args)
-        slot = self.slots.get(key)
-        if slot is None:
-            slot = self._slot(key)
-        owners = self.manager.slots_cache.get(slot)
-        if not owners:  # not covered (mid-failover): the client finds out
+        node = self._master(_key(args))
+        if node is None:  # not covered (mid-failover): the client finds out
             return None
-        node = owners[0]
         if self.suspect and node.name in self.suspect:
             self.suspect.discard(node.name)
             return None
@@ -224,21 +219,17 @@ class Nodes:
         self, commands: list[tuple[Any, ...]]
     ) -> tuple[dict[str, tuple[Any, list[int]]], list[int]]:
         """node() of every command of a batch: each node's name, the node and the
-        positions bound for it; and the positions the client serves. A call of node()
-        per key cost a tenth of a many() of hits."""
-        slots, owned, suspect = self.slots, self.manager.slots_cache, self.suspect
+        positions bound for it; and the positions the client serves. node()'s rules
+        (_master, then a suspect node's first command goes to the client), once per
+        batch for what node() did per key."""
+        master, suspect = self._master, self.suspect
         shares: dict[str, tuple[Any, list[int]]] = {}
         aside: list[int] = []
         for i, args in enumerate(commands):
-            key = args[3] if args[0] == "EVALSHA" else args[1]  # _key spelled out
-            slot = slots.get(key)
-            if slot is None:
-                slot = self._slot(key)
-            owners = owned.get(slot)
-            if not owners:  # not covered (mid-failover): the client finds out
+            node = master(args[3] if args[0] == "EVALSHA" else args[1])  # _key spelled out
+            if node is None:  # not covered (mid-failover): the client finds out
                 aside.append(i)
                 continue
-            node = owners[0]
             share = shares.get(node.name)
             if share is None:
                 if suspect and node.name in suspect:  # as node(): this call only
@@ -249,13 +240,16 @@ class Nodes:
             share[1].append(i)
         return shares, aside
 
-    def _slot(self, key: str) -> int:
-        """The key's slot, remembered."""
-        if len(self.slots) >= SLOT_MEMO_SIZE:
-            self.slots.clear()
-        slot: int = self.client.keyslot(key)
-        self.slots[key] = slot
-        return slot
+    def _master(self, key: str) -> Any:
+        """The master of `key`'s slot by the client's table (the slot remembered per
+        key), or None when no node covers it."""
+        slot = self.slots.get(key)
+        if slot is None:
+            if len(self.slots) >= SLOT_MEMO_SIZE:
+                self.slots.clear()
+            slot = self.slots[key] = self.client.keyslot(key)
+        owners = self.manager.slots_cache.get(slot)
+        return owners[0] if owners else None
 
     def known(self) -> set[str]:
         """The names of the nodes the client knows now."""

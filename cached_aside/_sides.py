@@ -177,10 +177,10 @@ class Sides:
         side = self._sync
         return side is not None and side.background.busy()
 
-    async def reloads_done(self, timeout: float) -> bool:
-        """From a task: wait until no reload runs in a thread; False after `timeout` s."""
+    async def settled(self, timeout: float, busy: Callable[[], bool]) -> bool:
+        """settle() from a task: wait until `busy` says done; False after `timeout` s."""
         deadline = monotonic() + timeout
-        while self.reloading():
+        while busy():
             if monotonic() >= deadline:
                 return False
             await asyncio.sleep(SETTLE_POLL_SECONDS)

@@ -126,7 +126,7 @@ class CachedBase(Generic[P, R]):
     def _locate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[CacheEngine, str]:
         """The engine to use and the entry's key; the first step of every call."""
         engine = self._engine_in_use()
-        return engine, f"{engine.key_head}{self._template.render(args, kwargs)}}}"
+        return engine, self._key_at(engine, args, kwargs)
 
     def _key_at(self, engine: CacheEngine, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The entry's key on `engine`. A str argument's is remembered while `engine`
